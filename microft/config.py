@@ -1,0 +1,304 @@
+"""Configuration: model shapes and presets, the run config, batch plans and recipes.
+
+Plain pydantic models; this module never imports torch so the CLI stays fast and the
+config can be validated (and printed with --dry-run) before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from microft.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+GPT2_VOCAB_SIZE = 50257
+EOT_TOKEN = 50256
+IGNORE_INDEX = -100
+
+
+class ModelConfig(BaseModel):
+    """Shape of a GPT-2 model. `padded_vocab_size` is internal: checkpoints keep `vocab_size`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    vocab_size: int = Field(GPT2_VOCAB_SIZE, gt=0)
+    n_positions: int = Field(1024, gt=0)
+    n_embd: int = Field(768, gt=0)
+    n_layer: int = Field(12, gt=0)
+    n_head: int = Field(12, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_norm_eps: float = 1e-5
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of 64 so the LM-head matmul is aligned."""
+        return 64 * math.ceil(self.vocab_size / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def num_params(self) -> int:
+        """Parameter count as GPT-2 reports it (tied embeddings counted once, unpadded vocab)."""
+        c, L = self.n_embd, self.n_layer
+        per_block = 2 * 2 * c + (3 * c * c + 3 * c) + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
+        return self.vocab_size * c + self.n_positions * c + L * per_block + 2 * c
+
+    @classmethod
+    def from_preset(cls, name: str) -> ModelConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(name=name, **PRESETS[name])
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
+        """Build from a Hugging Face GPT-2 `config.json` dict."""
+        model_type = hf.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ConfigError(f"only GPT-2 checkpoints can be loaded (config.json says model_type={model_type!r})")
+        try:
+            return cls(
+                name=name,
+                vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE),
+                n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                n_embd=hf["n_embd"],
+                n_layer=hf["n_layer"],
+                n_head=hf["n_head"],
+                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            )
+        except (KeyError, ValidationError) as e:
+            raise ConfigError(f"config.json is not a valid GPT-2 config: {e}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` for this shape."""
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_ctx": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "layer_norm_epsilon": self.layer_norm_eps,
+            "initializer_range": 0.02,
+            "bos_token_id": EOT_TOKEN,
+            "eos_token_id": EOT_TOKEN,
+            "tie_word_embeddings": True,
+        }
+
+
+PRESETS: dict[str, dict[str, int]] = {
+    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
+    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=256, n_positions=512),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
+}
+
+Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
+OptimizerName = Literal["adamw", "sgd", "adafactor", "adamw-8bit"]
+Schedule = Literal["cosine", "linear", "constant"]
+LogFormat = Literal["auto", "rich", "plain", "json"]
+
+
+class RunConfig(BaseModel):
+    """Everything a training run needs. Recipes and flags both resolve into this one object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # what to train on
+    model: str | None = None
+    data: str | None = None
+    val_data: str | None = None
+    out: str = "runs/microft"
+    # batch plan: any two of the three; the third is derived
+    micro_bs: int | Literal["auto"] | None = None
+    accum: int | None = None
+    global_bs: int | None = None
+    max_seq_len: int | None = None
+    # schedule
+    max_steps: int | None = None
+    epochs: float | None = None
+    lr: float = 3e-4
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup: float = Field(0.0, ge=0.0)  # < 1: fraction of total steps; >= 1: steps
+    schedule: Schedule = "cosine"
+    # optimizer
+    optimizer: OptimizerName = "adamw"
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    momentum: float = 0.9
+    max_grad_norm: float | None = 1.0
+    # numerics and memory
+    precision: Precision = "auto"
+    grad_ckpt: bool = False
+    grad_ckpt_every: int = Field(1, ge=1)
+    compile: bool = False
+    dropout: float | None = None
+    seed: int = 1337
+    device: str = "auto"
+    # evaluation and saving
+    eval_every: int = Field(0, ge=0)
+    eval_batches: int = Field(20, ge=1)
+    val_frac: float = Field(0.1, ge=0.0, lt=1.0)
+    patience: int | None = None
+    save_every: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    resume: str | None = None
+    log_format: LogFormat = "auto"
+    log_every: int = Field(1, ge=1)
+    # fine-tuning
+    template: str = "alpaca"
+    mask_prompt: bool = True
+    test_frac: float = Field(0.0, ge=0.0, lt=1.0)
+    skip_bad: bool = False
+    group_by_length: bool = True
+    predict: bool = False
+    sample_every_eval: int = Field(3, ge=0)
+    lora: bool = False
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = 16.0
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_targets: str = "qkv,proj"
+    # scale-out
+    devices: int = Field(1, ge=1)
+    shard: Literal["none", "ddp", "fsdp"] = "none"
+
+    @model_validator(mode="after")
+    def _positive(self) -> RunConfig:
+        for name in ("accum", "global_bs", "max_steps", "max_seq_len"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if isinstance(self.micro_bs, int) and self.micro_bs <= 0:
+            raise ValueError(f"micro_bs must be positive or 'auto', got {self.micro_bs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        return self
+
+
+def _fmt_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a recipe TOML into a flat dict of RunConfig fields (dashes become underscores)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {p} is not valid TOML: {e}") from None
+    flat: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):  # allow [train] / [lora] style tables
+            flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
+        else:
+            flat[k.replace("-", "_")] = v
+    return flat
+
+
+def resolve_config(recipe: str | None = None, **flags: Any) -> RunConfig:
+    """Merge recipe values with flags (flags win; None means 'not given') and validate once."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return RunConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(_fmt_validation(e)) from None
+
+
+class BatchPlan(BaseModel):
+    """How one optimizer step's global batch is split: global = micro × accum × world."""
+
+    micro_bs: int
+    accum: int
+    world_size: int = 1
+
+    @property
+    def global_bs(self) -> int:
+        return self.micro_bs * self.accum * self.world_size
+
+    def describe(self) -> str:
+        return (
+            f"{self.global_bs} = {self.micro_bs} (micro) × {self.accum} (accum) × {self.world_size} "
+            f"(device{'s' if self.world_size > 1 else ''})"
+        )
+
+
+def _nearest_divisible(target: int, unit: int) -> list[int]:
+    lo = max(unit, (target // unit) * unit)
+    hi = lo if lo >= target else lo + unit
+    return sorted({lo, hi})
+
+
+def resolve_batch_plan(
+    micro_bs: int | None, accum: int | None, global_bs: int | None, world_size: int = 1
+) -> BatchPlan:
+    """Give any two of micro-batch, accumulation and global batch; derive the third.
+
+    Defaults when fewer than two are given: micro-batch 1, then accumulation 1.
+    """
+    if micro_bs is not None and accum is not None and global_bs is not None:
+        if micro_bs * accum * world_size != global_bs:
+            raise ConfigError(
+                f"--micro-bs {micro_bs} × --accum {accum} × {world_size} device(s) = "
+                f"{micro_bs * accum * world_size}, not --global-bs {global_bs}; give only two of the three"
+            )
+        return BatchPlan(micro_bs=micro_bs, accum=accum, world_size=world_size)
+    if global_bs is not None:
+        if micro_bs is None and accum is None:
+            micro_bs = 1
+        if micro_bs is not None:
+            unit = micro_bs * world_size
+            if global_bs % unit:
+                near = " or ".join(str(x) for x in _nearest_divisible(global_bs, unit))
+                raise ConfigError(
+                    f"--global-bs {global_bs} is not divisible by --micro-bs {micro_bs} × {world_size} device(s); "
+                    f"nearest valid global batch: {near}"
+                )
+            return BatchPlan(micro_bs=micro_bs, accum=global_bs // unit, world_size=world_size)
+        assert accum is not None
+        unit = accum * world_size
+        if global_bs % unit:
+            near = " or ".join(str(x) for x in _nearest_divisible(global_bs, unit))
+            raise ConfigError(
+                f"--global-bs {global_bs} is not divisible by --accum {accum} × {world_size} device(s); "
+                f"nearest valid global batch: {near}"
+            )
+        return BatchPlan(micro_bs=global_bs // unit, accum=accum, world_size=world_size)
+    return BatchPlan(micro_bs=micro_bs or 1, accum=accum or 1, world_size=world_size)
+
+
+def config_to_json(cfg: BaseModel) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True)

@@ -1,0 +1,152 @@
+"""Training data: text packing, the step sampler, micro-batch splitting and collation.
+
+A *sample* is `{"input_ids": [...], "labels": [...], "weight": float}` with labels already
+shifted (labels[t] is the target after input_ids[:t+1]; -100 is ignored). Which samples form
+an optimizer step depends only on the seed, the epoch and the global batch size; the step is
+then split into micro-batches, so the micro-batch size never changes what a step sees.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microft.config import EOT_TOKEN, IGNORE_INDEX
+from microft.errors import DataError
+
+Sample = dict[str, Any]
+
+
+def read_text_corpus(path: str | Path) -> list[str]:
+    """Documents from a text file (one document) or a directory of `.txt` files (sorted, recursive)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+        if not files:
+            raise DataError(f"no .txt files in directory {p}")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise DataError(f"data not found: {p}")
+    docs = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f}: not UTF-8 text (byte {e.start}); convert it with iconv first") from None
+        except OSError as e:
+            raise DataError(f"cannot read {f}: {e.strerror}") from None
+        if text.strip():
+            docs.append(text)
+    if not docs:
+        raise DataError(f"{p}: no text (all files are empty)")
+    return docs
+
+
+class TokenBlocks(Sequence):
+    """Fixed-length language-modelling samples over one token stream (documents joined by <|endoftext|>)."""
+
+    def __init__(self, tokens: torch.Tensor, block_size: int):
+        self.tokens, self.block_size = tokens, block_size
+        self.n = (len(tokens) - 1) // block_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        chunk = self.tokens[i * self.block_size : (i + 1) * self.block_size + 1]
+        return {"input_ids": chunk[:-1], "labels": chunk[1:], "weight": 1.0}
+
+
+def pack_documents(docs: list[str], encode: Callable[[str], list[int]], block_size: int) -> TokenBlocks:
+    """Tokenise documents, join them with <|endoftext|>, and cut the stream into blocks."""
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(encode(doc))
+        ids.append(EOT_TOKEN)
+    if len(ids) < block_size + 1:
+        raise DataError(f"corpus has {len(ids)} tokens, fewer than one block of {block_size + 1}; "
+                        f"use a smaller --max-seq-len or more text")
+    return TokenBlocks(torch.tensor(ids, dtype=torch.long), block_size)
+
+
+class Subset(Sequence):
+    def __init__(self, base: Sequence, indices: list[int]):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.base[self.indices[i]]
+
+
+def split_indices(n: int, val_frac: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded train/val split of range(n); at least one val item when val_frac > 0."""
+    perm = list(range(n))
+    random.Random(seed).shuffle(perm)
+    n_val = 0 if val_frac <= 0 else max(1, round(n * val_frac))
+    if n_val >= n:
+        raise DataError(f"only {n} samples: too few to hold out a validation split of {val_frac:.0%}")
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def sample_length(s: Sample) -> int:
+    return len(s["input_ids"])
+
+
+def epoch_batches(n: int, global_bs: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """The global batches of one epoch (sample indices), from the seed, epoch and global batch only.
+
+    With `lengths`, samples are grouped by length: a shuffled pool of 16 global batches is
+    sorted by length and cut into batches, and the batch order is shuffled again, so steps
+    carry similar lengths (little padding) while staying random across the epoch.
+    """
+    rng = random.Random(f"{seed}-{epoch}")
+    perm = list(range(n))
+    rng.shuffle(perm)
+    if lengths is not None:
+        pool = 16 * global_bs
+        perm = [i for s in range(0, n, pool) for i in sorted(perm[s : s + pool], key=lambda i: -lengths[i])]
+    batches = [perm[s : s + global_bs] for s in range(0, n - global_bs + 1, global_bs)]
+    if lengths is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+def micro_batches(step_indices: list[int], lengths: list[int], micro_bs: int) -> list[list[int]]:
+    """Split one step's samples into micro-batches of similar length (longest first)."""
+    order = sorted(step_indices, key=lambda i: (-lengths[i], i))
+    return [order[s : s + micro_bs] for s in range(0, len(order), micro_bs)]
+
+
+def collate(samples: list[Sample], pad_id: int = EOT_TOKEN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad a micro-batch: (input_ids, labels, per-token weights or None when all weights are 1)."""
+    T = max(sample_length(s) for s in samples)
+    B = len(samples)
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    y = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    weighted = any(float(s.get("weight", 1.0)) != 1.0 for s in samples)
+    w = torch.ones((B, T), dtype=torch.float32) if weighted else None
+    for b, s in enumerate(samples):
+        n = sample_length(s)
+        x[b, :n] = torch.as_tensor(s["input_ids"])
+        y[b, :n] = torch.as_tensor(s["labels"])
+        if w is not None:
+            w[b] = float(s.get("weight", 1.0))
+    return x, y, w
+
+
+def target_weight(samples: list[Sample]) -> float:
+    """Sum of token weights over target (non-ignored) positions: the step's loss denominator."""
+    total = 0.0
+    for s in samples:
+        labels = torch.as_tensor(s["labels"])
+        total += float(s.get("weight", 1.0)) * int((labels != IGNORE_INDEX).sum())
+    return total

@@ -1,0 +1,143 @@
+"""Text generation: greedy or sampled decoding with a KV cache, and UTF-8-safe streaming.
+
+The prompt is run through the model once (prefill) and every new token costs one position.
+Generation stops after `max_new_tokens`, at `<|endoftext|>` (not yielded), or when prompt plus
+output fill the model's context: there is no sliding window, so every token is produced with
+its full history, as the model was trained. Sampling happens on the CPU with its own seeded
+`torch.Generator`, so a seed gives the same text on every run (on the same device).
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from microft.config import EOT_TOKEN
+from microft.errors import ConfigError
+from microft.model import GPT, KVCache
+from microft.tokenizer import encode, get_encoding
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ConfigError for sampling settings that mean nothing."""
+    if temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
+    """Pick a token from one position's logits (V,): argmax at temperature 0, else a sample
+    from the temperature-scaled distribution cut to the top-k tokens, then to the top-p mass."""
+    if temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits.detach().to("cpu", torch.float32) / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (keeps the first)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def generate(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eot: bool = True,
+) -> Iterator[int]:
+    """An iterator of new token ids, each yielded as soon as it is produced.
+
+    An empty prompt starts from `<|endoftext|>`, as GPT-2's unconditional samples do. Bad
+    settings raise ConfigError here, before anything runs. The model is put in eval mode while
+    the iterator runs and restored when it finishes or is closed. Runs in the model's dtype;
+    iterate inside `torch.autocast` for mixed precision.
+    """
+    check_sampling(temperature, top_k, top_p)
+    cfg = model.config
+    ids = list(prompt_ids) or [EOT_TOKEN]
+    if len(ids) >= cfg.n_positions:
+        raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {cfg.n_positions}, "
+                          "so it must be shorter")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ConfigError(f"prompt token {bad[0]} is outside the model's vocabulary of {cfg.vocab_size}")
+    steps = min(max_new_tokens, cfg.n_positions - len(ids))
+    gen = torch.Generator()  # CPU: the same seed samples the same tokens whatever the model's device
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return _decode(model, ids, steps, temperature, top_k, top_p, gen, stop_at_eot)
+
+
+@torch.inference_mode()  # on a generator function torch enters the mode around each step only
+def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: int | None,
+            top_p: float | None, gen: torch.Generator, stop_at_eot: bool) -> Iterator[int]:
+    if steps <= 0:
+        return
+    cfg = model.config
+    weight = model.wte.weight
+    device = weight.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+    # the last generated token is never fed back, so the cache needs one position less
+    cache = KVCache.empty(cfg, 1, len(ids) + steps - 1, device, dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        for i in range(steps):
+            h = model.hidden(x, cache)[0, -1]  # only the last position's logits are needed: (V,)
+            logits = F.linear(h, weight[: cfg.vocab_size].to(h.dtype))
+            tok = next_token(logits, temperature, top_k, top_p, gen)
+            if stop_at_eot and tok == EOT_TOKEN:
+                return
+            yield tok
+            if i + 1 < steps:
+                x = torch.tensor([[tok]], dtype=torch.long, device=device)
+    finally:
+        model.train(was_training)
+
+
+def stream_text(token_ids: Iterable[int]) -> Iterator[str]:
+    """Decode tokens incrementally, yielding only complete characters.
+
+    A GPT-2 token can end in the middle of a multi-byte UTF-8 character; those bytes wait for
+    the next token. Invalid bytes become U+FFFD, as `tokenizer.decode` does.
+    """
+    enc = get_encoding()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for tok in token_ids:
+        try:
+            data = enc.decode_single_token_bytes(tok)
+        except KeyError:  # ids beyond GPT-2's vocabulary (a custom model's added tokens)
+            data = "\ufffd".encode()
+        if text := decoder.decode(data):
+            yield text
+    if tail := decoder.decode(b"", final=True):
+        yield tail
+
+
+def generate_text(model: GPT, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The completion of `prompt` as one string; `kwargs` go to `generate`."""
+    return "".join(stream_text(generate(model, encode(prompt), max_new_tokens, **kwargs)))

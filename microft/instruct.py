@@ -1,0 +1,381 @@
+"""Instruction data: read and validate records, turn them into masked training samples, split them.
+
+Accepted inputs (a file of any name, or a directory of `.json` / `.jsonl` files read in name order):
+  - a JSON array of Alpaca records: {"instruction": str, "input": str (optional), "output": str}
+  - JSONL with one such record per line
+  - chat JSONL (or a JSON array): {"messages": [{"role": "system|user|assistant", "content": str}, ...]}
+Every record may carry `"weight": <positive number>`, a multiplier on its token losses. Other keys are
+ignored. Everything is validated before training starts; a problem is one line naming the file, the
+record (line for JSONL, 0-based index for JSON arrays) and what is wrong.
+
+A sample is {"input_ids", "labels", "weight", "prompt", "response", "source"}: labels[t] is the target
+for position t (already shifted), IGNORE_INDEX where no loss is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from microft.config import EOT_TOKEN, IGNORE_INDEX
+from microft.errors import DataError
+from microft.templates import ROLES, Segment, Template, load_template
+
+Sample = dict[str, Any]
+Encode = Callable[[str], list[int]]
+_BOM = b"\xef\xbb\xbf"
+
+
+class Message(NamedTuple):
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated example: an instruction record, or a chat when `messages` is non-empty."""
+
+    instruction: str = ""
+    input: str = ""
+    output: str = ""
+    messages: tuple[Message, ...] = ()
+    weight: float = 1.0
+    source: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.messages)
+
+    @property
+    def response(self) -> str:
+        """The reference answer: the output, or the last assistant turn of a chat."""
+        return self.messages[-1].content if self.messages else self.output
+
+
+@dataclass
+class ReadResult:
+    records: list[Record]
+    n_skipped: int = 0
+    problems: list[str] = field(default_factory=list)  # one line each, for the skipped records
+
+
+# --------------------------------------------------------------------------- reading and validation
+
+
+class _Bad(Exception):
+    """A problem with one record (skippable with skip_bad)."""
+
+
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
+
+
+def _get_str(obj: Mapping[str, Any], key: str, where: str = "", optional: bool = False) -> str:
+    if key not in obj:
+        if optional:
+            return ""
+        raise _Bad(f"missing key {where}{key!r}")
+    v = obj[key]
+    if v is None and optional:
+        return ""
+    if not isinstance(v, str):
+        raise _Bad(f"{where}{key!r} must be a string, got {_json_type(v)}")
+    return v
+
+
+def _weight(obj: Mapping[str, Any]) -> float:
+    if "weight" not in obj:
+        return 1.0
+    w = obj["weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+        raise _Bad(f"'weight' must be a positive number, got {_json_type(w)}")
+    if not math.isfinite(w) or w <= 0:
+        raise _Bad(f"'weight' must be a positive number, got {w}")
+    return float(w)
+
+
+def parse_record(obj: object, source: str = "") -> Record:
+    """Validate one decoded JSON value as a record; raises DataError (message without location)."""
+    try:
+        return _parse(obj, source)
+    except _Bad as e:
+        raise DataError(str(e)) from None
+
+
+def _parse(obj: object, source: str) -> Record:
+    if not isinstance(obj, dict):
+        raise _Bad(f"a record must be a JSON object, got {_json_type(obj)}")
+    weight = _weight(obj)
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise _Bad(f"'messages' must be a non-empty array, got {_json_type(msgs)}"
+                       + (" (empty)" if isinstance(msgs, list) else ""))
+        parsed = []
+        for i, m in enumerate(msgs):
+            where = f"messages[{i}]."
+            if not isinstance(m, dict):
+                raise _Bad(f"messages[{i}] must be an object with 'role' and 'content', got {_json_type(m)}")
+            role, content = _get_str(m, "role", where), _get_str(m, "content", where)
+            if role not in ROLES:
+                raise _Bad(f"messages[{i}]: unknown role {role!r} (expected system, user or assistant)")
+            parsed.append(Message(role, content))
+        if parsed[-1].role != "assistant":
+            raise _Bad("the last message must be from the assistant (it is the response to learn)")
+        if not parsed[-1].content.strip():
+            raise _Bad(f"messages[{len(parsed) - 1}]: the final assistant message is empty")
+        return Record(messages=tuple(parsed), weight=weight, source=source)
+    if "instruction" not in obj and "output" not in obj:
+        keys = ", ".join(sorted(obj)) or "none"
+        raise _Bad(f"expected 'instruction' and 'output' (Alpaca) or 'messages' (chat); keys found: {keys}")
+    instruction = _get_str(obj, "instruction")
+    inp = _get_str(obj, "input", optional=True)
+    output = _get_str(obj, "output")
+    if not instruction.strip():
+        raise _Bad("'instruction' is empty")
+    if not output.strip():
+        raise _Bad("'output' is empty")
+    return Record(instruction=instruction, input=inp, output=output, weight=weight, source=source)
+
+
+def _decode_error(raw: bytes, e: UnicodeDecodeError) -> str:
+    line = raw.count(b"\n", 0, e.start) + 1
+    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col})"
+
+
+def _read_file(path: Path, name: str, problems: list[str]) -> list[Record]:
+    """Records of one file; record-level problems go to `problems`, file-level ones raise DataError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{name}: can't read ({e.strerror})") from None
+    if raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+    if not raw.strip():
+        raise DataError(f"{name}: file is empty")
+    if raw.lstrip()[:1] == b"[":  # a JSON array: one document, so any syntax error is fatal
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: {_decode_error(raw, e)}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{name}: line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
+        if not data:
+            raise DataError(f"{name}: the JSON array is empty")
+        out = []
+        for i, obj in enumerate(data):
+            try:
+                out.append(_parse(obj, f"{name}[{i}]"))
+            except _Bad as e:
+                problems.append(f"{name}: record {i}: {e}")
+        return out
+    if raw.lstrip()[:1] == b"{":  # one (possibly pretty-printed) object is a one-record file
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None  # several lines of JSONL, or bad lines reported one by one below
+        if isinstance(obj, dict):
+            try:
+                return [_parse(obj, f"{name}:1")]
+            except _Bad as e:
+                problems.append(f"{name}: line 1: {e}")
+                return []
+    out = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            col = e.start + 1
+            problems.append(f"{name}: line {n}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {col})")
+            continue
+        except json.JSONDecodeError as e:
+            problems.append(f"{name}: line {n}: invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        try:
+            out.append(_parse(obj, f"{name}:{n}"))
+        except _Bad as e:
+            problems.append(f"{name}: line {n}: {e}")
+    return out
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files `read_records` reads for `path`: the file itself, or a directory's .json/.jsonl files."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir()
+                       if f.is_file() and f.suffix.lower() in (".json", ".jsonl") and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"{p}: directory has no .json or .jsonl files")
+        return files
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    return [p]
+
+
+def read_records(path: str | Path, skip_bad: bool = False) -> ReadResult:
+    """Read and validate every record under `path`.
+
+    Without `skip_bad` any bad record raises DataError naming the first problem and how many more
+    there are. With it, bad records are dropped and counted. A file-level problem (empty file,
+    broken JSON array, unreadable file) is always an error, as is ending up with no records.
+    """
+    problems: list[str] = []
+    records: list[Record] = []
+    for f in data_files(path):
+        records.extend(_read_file(f, str(f), problems))
+    if problems and not skip_bad:
+        more = f" (and {len(problems) - 1} more bad record{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad to skip bad records")
+    if not records:
+        raise DataError(f"{path}: no usable records ({len(problems)} bad record(s) skipped)")
+    return ReadResult(records, len(problems), problems)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class BuildStats:
+    """What `build_samples` did. `n_truncated` counts kept samples that were cut to max_seq_len;
+    `n_dropped` counts samples removed because truncation left none of their response."""
+
+    n_records: int = 0
+    n_samples: int = 0
+    n_truncated: int = 0
+    n_dropped: int = 0
+    n_tokens: int = 0  # input positions over all kept samples
+    n_target_tokens: int = 0  # positions with a label
+    max_len: int = 0
+
+    @property
+    def mean_len(self) -> float:
+        return self.n_tokens / self.n_samples if self.n_samples else 0.0
+
+
+def record_segments(record: Record, template: Template) -> list[Segment]:
+    """The record rendered by `template` as (text, is_target) pieces; the final piece is the response."""
+    if record.is_chat:
+        return template.chat_segments(record.messages)
+    return template.instruction_segments(record.instruction, record.input, record.output)
+
+
+def build_sample(record: Record, template: Template, encode: Encode, max_seq_len: int,
+                 mask_prompt: bool = True) -> tuple[Sample | None, bool]:
+    """One sample (or None when truncation removes its whole response) and whether it was truncated."""
+    segs = record_segments(record, template)
+    tokens: list[int] = []
+    is_target: list[bool] = []
+    for text, target in segs:
+        ids = encode(text)
+        tokens.extend(ids)
+        is_target.extend([target] * len(ids))
+    tokens.append(EOT_TOKEN)
+    is_target.append(True)
+    truncated = len(tokens) - 1 > max_seq_len
+    if truncated:
+        tokens, is_target = tokens[: max_seq_len + 1], is_target[: max_seq_len + 1]
+    if not any(is_target[1:]):
+        return None, truncated
+    labels = [t if (keep or not mask_prompt) else IGNORE_INDEX for t, keep in zip(tokens[1:], is_target[1:])]
+    sample = {
+        "input_ids": tokens[:-1],
+        "labels": labels,
+        "weight": record.weight,
+        "prompt": "".join(text for text, _ in segs[:-1]),
+        "response": record.response,
+        "source": record.source,
+    }
+    return sample, truncated
+
+
+def build_samples(records: Iterable[Record], template: Template | str, encode: Encode | None,
+                  max_seq_len: int, mask_prompt: bool = True) -> tuple[list[Sample], BuildStats]:
+    """Tokenise records into training samples with the prompt masked (labels IGNORE_INDEX).
+
+    Inputs longer than `max_seq_len` are cut at the right; a sample whose response is cut away
+    entirely is dropped. `encode=None` uses the GPT-2 tokenizer.
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    if encode is None:
+        from microft.tokenizer import encode
+    template = load_template(template)
+    samples: list[Sample] = []
+    stats = BuildStats()
+    for record in records:
+        stats.n_records += 1
+        sample, truncated = build_sample(record, template, encode, max_seq_len, mask_prompt)
+        if sample is None:
+            stats.n_dropped += 1
+            continue
+        stats.n_truncated += truncated
+        samples.append(sample)
+        n = len(sample["input_ids"])
+        stats.n_tokens += n
+        stats.n_target_tokens += sum(lab != IGNORE_INDEX for lab in sample["labels"])
+        stats.max_len = max(stats.max_len, n)
+    stats.n_samples = len(samples)
+    return samples, stats
+
+
+# --------------------------------------------------------------------------- splits and predictions
+
+
+class Split(NamedTuple):
+    train: list[Record]
+    val: list[Record]
+    test: list[Record]
+
+
+def split_records(records: Sequence[Record], val_frac: float, test_frac: float, seed: int) -> Split:
+    """Seeded, deterministic split into train / val / test; each part keeps the original order.
+
+    A non-zero fraction holds out at least one record. Pass val_frac=0 when a separate
+    validation file is given.
+    """
+    n = len(records)
+    n_val = max(1, round(n * val_frac)) if val_frac > 0 else 0
+    n_test = max(1, round(n * test_frac)) if test_frac > 0 else 0
+    if n_val + n_test >= n:
+        raise DataError(f"only {n} record(s): too few to hold out {n_val} for validation and {n_test} for test; "
+                        "lower --val-frac/--test-frac or pass --val-data")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx, test_idx = set(order[:n_val]), set(order[n_val:n_val + n_test])
+    split = Split([], [], [])
+    for i, r in enumerate(records):
+        (split.val if i in val_idx else split.test if i in test_idx else split.train).append(r)
+    return split
+
+
+def write_predictions(path: str | Path, items: Iterable[Mapping[str, Any]]) -> int:
+    """Write `--predict` output as JSONL (prompt, reference, prediction, plus any extra keys); returns rows."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for item in items:
+            missing = [k for k in ("prompt", "reference", "prediction") if k not in item]
+            if missing:
+                raise ValueError(f"prediction item lacks {', '.join(missing)}")
+            row = {"prompt": item["prompt"], "reference": item["reference"], "prediction": item["prediction"]}
+            row.update({k: v for k, v in item.items() if k not in row})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(p)
+    return n

@@ -1,0 +1,236 @@
+"""GPT-2, exactly: learned positions, pre-LN blocks, tanh-GELU MLP, SDPA attention, tied embeddings.
+
+Internally the token embedding is padded to a multiple of 64 rows (aligned LM-head matmuls);
+the padded rows are zero, never a target, masked out of every softmax and never saved.
+The loss is a chunked, fused cross-entropy that never holds fp32 logits for a whole micro-batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from microft.config import IGNORE_INDEX, ModelConfig
+
+CE_CHUNK_BYTES = 64 * 2**20  # fp32 logits held at once by the fused loss
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values for generation; `length` positions are filled."""
+
+    k: torch.Tensor  # (L, B, nh, T_max, hs)
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_dim)
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask, causal = None, True
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+            if start > 0:  # new queries see the whole prefix plus themselves, causally
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.grad_ckpt = False  # recompute this block's activations in backward
+
+    def _forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x, cache, layer)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 × n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # LayerNorm gains
+                p.fill_(1.0)
+            elif name.endswith("c_proj.weight"):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                p.normal_(0.0, 0.02)
+        self.wte.weight[self.config.vocab_size :].zero_()
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) after ln_f."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.n_positions:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) without labels; with labels the fp32 *sum* of token losses.
+
+        The sum (not mean) lets the trainer divide by the target count of the whole global
+        batch, which makes gradient accumulation exact. `weights` (B, T) scales each token.
+        """
+        h = self.hidden(idx, cache)
+        if labels is None:
+            return F.linear(h, self.wte.weight[: self.config.vocab_size])
+        w = None if weights is None else weights.reshape(-1)
+        return fused_cross_entropy(h.reshape(-1, h.size(-1)), self.wte.weight, labels.reshape(-1), w,
+                                   self.config.vocab_size)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Parameters as GPT-2 counts them (the padded embedding rows excluded)."""
+        pad = (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        total = 0
+        for p in self.parameters():
+            if not trainable_only or p.requires_grad:
+                total += p.numel() - (pad if p is self.wte.weight else 0)
+        return total
+
+
+def set_grad_checkpointing(model: GPT, enabled: bool = True, every: int = 1) -> int:
+    """Turn on non-reentrant activation checkpointing for every `every`-th block; returns how many."""
+    n = 0
+    for i, block in enumerate(model.h):
+        block.grad_ckpt = enabled and i % every == 0
+        n += block.grad_ckpt
+    return n
+
+
+def ce_chunk_rows(padded_vocab: int) -> int:
+    """Rows of the flattened batch the fused loss processes at once."""
+    return max(16, CE_CHUNK_BYTES // (4 * padded_vocab))
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Sum of (weighted) token cross-entropies of h @ W.T, with gradients computed in forward.
+
+    Each chunk's logits are built, reduced to the loss and turned into gradients at once, so
+    neither the fp32 logits nor the softmax of the whole micro-batch ever exist together.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, token_w, vocab_size, need_grads):
+        need_h, need_w = need_grads
+        device_type = h.device.type
+        dt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        with torch.autocast(device_type, enabled=False):
+            W = weight.to(dt)
+            valid = targets != IGNORE_INDEX
+            tw = valid.to(torch.float32) if token_w is None else token_w.float() * valid
+            safe_t = torch.where(valid, targets, 0).unsqueeze(1)
+            grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+            grad_w = torch.zeros(W.shape, dtype=dt, device=h.device) if need_w else None
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            rows = ce_chunk_rows(W.size(0))
+            for s in range(0, h.size(0), rows):
+                hc = h[s : s + rows].to(dt)
+                logits = (hc @ W.t()).float()  # (n, Vp) fp32: the loss is computed in fp32
+                if W.size(0) > vocab_size:
+                    logits[:, vocab_size:] = float("-inf")
+                lse = torch.logsumexp(logits, dim=1)
+                wc = tw[s : s + rows]
+                loss += ((lse - logits.gather(1, safe_t[s : s + rows]).squeeze(1)) * wc).sum()
+                if not (need_h or need_w):
+                    continue
+                probs = logits.sub_(lse.unsqueeze(1)).exp_().mul_(wc.unsqueeze(1))  # d loss / d logits
+                probs.scatter_add_(1, safe_t[s : s + rows], -wc.unsqueeze(1))
+                g = probs.to(dt)
+                del logits, probs
+                if need_h:
+                    grad_h[s : s + rows] = g @ W
+                if need_w:
+                    grad_w.addmm_(g.t(), hc)
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None
+
+
+def fused_cross_entropy(h, weight, targets, token_w=None, vocab_size: int | None = None) -> torch.Tensor:
+    """fp32 sum over tokens of weight × CE(h @ weight.T, target); targets of -100 are ignored."""
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and h.requires_grad, grad_on and weight.requires_grad)
+    return _FusedCrossEntropy.apply(h, weight, targets, token_w, vocab_size or weight.size(0), need)
