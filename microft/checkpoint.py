@@ -70,11 +70,14 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Weights in microft naming with the vocabulary unpadded, contiguous, on CPU."""
+def model_state_dict(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Weights in microft naming with the vocabulary unpadded, contiguous, on CPU.
+
+    `state`: the model's full state dict when gathered elsewhere (FSDP shards, see distributed.py).
+    """
     vocab = model.config.vocab_size
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in (model.state_dict() if state is None else state).items():
         if "lora_" in k:
             continue
         k = k.replace(".base.", ".")  # LoRA-wrapped linears keep their base weights under .base
@@ -113,9 +116,10 @@ def save_model(directory: str | Path, model: GPT, extra: dict[str, Any] | None =
     return Path(directory)
 
 
-def write_model_files(directory: Path, model: GPT, extra: dict[str, Any] | None = None) -> None:
-    """Write the weights and config into an existing (temporary) directory."""
-    save_file(model_state_dict(model), str(directory / WEIGHTS), metadata={"format": "microft"})
+def write_model_files(directory: Path, model: GPT, extra: dict[str, Any] | None = None,
+                      state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the weights (`state`: a gathered full state dict) and config into an existing directory."""
+    save_file(model_state_dict(model, state), str(directory / WEIGHTS), metadata={"format": "microft"})
     cfg = {"format": "microft", "model": model.config.model_dump(), **(extra or {})}
     (directory / CONFIG).write_text(json.dumps(cfg, indent=2))
 

@@ -126,8 +126,12 @@ def micro_batches(step_indices: list[int], lengths: list[int], micro_bs: int) ->
     return [order[s : s + micro_bs] for s in range(0, len(order), micro_bs)]
 
 
-def collate(samples: list[Sample], pad_id: int = EOT_TOKEN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Right-pad a micro-batch: (input_ids, labels, per-token weights or None when all weights are 1)."""
+def collate(samples: list[Sample], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-pad a micro-batch: (input_ids, labels, per-token weights or None when all weights are 1).
+
+    Padding sits after every real token and is never a target, so under causal attention its
+    value can't affect the loss; token 0 is valid for any vocabulary.
+    """
     T = max(sample_length(s) for s in samples)
     B = len(samples)
     x = torch.full((B, T), pad_id, dtype=torch.long)

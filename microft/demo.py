@@ -6,9 +6,11 @@ fixed hash of the item (about one item in five is held out), so held-out items n
 training whatever seeds are used: the held-out score measures generalisation, not recall.
 
 Tasks (answers are a few tokens; inputs use words that are single GPT-2 tokens):
-  add, sub   "What is 47 + 8?" -> "55"              reverse  "apple river stone" -> "stone river apple"
-  sort       "42 7 19" -> "7 19 42"                 passive  "The cat chased the dog." ->
-  upper      "garden" -> "GARDEN"                              "The dog was chased by the cat."
+  add, sub  "What is 47 + 8?" -> "55"
+  reverse   "apple river stone" -> "stone river apple"
+  sort      "42 7 19" -> "7 19 42"
+  passive   "The cat chased the dog." -> "The dog was chased by the cat."
+  upper     "stone garden" -> "STONE GARDEN"
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ def _passive(rng: random.Random) -> Item:
 
 
 def _upper(rng: random.Random) -> Item:
-    word = rng.choice(WORDS)
-    return "Write this word in capital letters.", word, word.upper()
+    words = " ".join(rng.sample(WORDS, rng.randint(1, 2)))
+    return "Write these words in capital letters.", words, words.upper()
 
 
 TASKS: dict[str, Callable[[random.Random], Item]] = {
@@ -136,7 +138,7 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
         return 0.0
-    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
+    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
 def exact_match_by_task(predictions: Sequence[str], records: Sequence[Record]) -> dict[str, float]:

@@ -47,13 +47,31 @@ def next_token(
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass (keeps the first)
-        drop = probs.cumsum(-1) - probs >= top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
+        logits = _nucleus(logits, top_p)
     probs = F.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # inverse-CDF draw with one uniform number: much cheaper than torch.multinomial on CPU
+    cdf = probs.double().cumsum(0)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    tok = int(torch.searchsorted(cdf, u, right=True))
+    return min(tok, int((cdf < cdf[-1]).sum()))  # rounding can put u at the very end of the CDF
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens until they hold `top_p` of the mass (always at least one).
+
+    The nucleus is usually a few tokens, so it is found with growing `topk`s: a full sort of
+    50k logits costs tens of milliseconds on a CPU.
+    """
+    probs = F.softmax(logits, dim=-1)
+    k = min(logits.numel(), 256)
+    while True:
+        top, order = torch.topk(probs, k)  # descending
+        mass_before = top.cumsum(0) - top
+        if mass_before[-1] + top[-1] >= top_p or k == logits.numel():
+            break
+        k = min(logits.numel(), 8 * k)
+    keep = order[mass_before < top_p]  # a token stays if the tokens above it hold less than top_p
+    return torch.full_like(logits, float("-inf")).index_copy_(0, keep, logits[keep])
 
 
 def generate(
@@ -74,6 +92,8 @@ def generate(
     iterate inside `torch.autocast` for mixed precision.
     """
     check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     cfg = model.config
     ids = list(prompt_ids) or [EOT_TOKEN]
     if len(ids) >= cfg.n_positions:

@@ -39,7 +39,9 @@ def _read_raw(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     if pt.exists():
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which runs pickled code
+            raise CheckpointError(f"corrupt weights file {pt}: not a plain PyTorch state dict of tensors") from None
+        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"corrupt weights file {pt}: {_one_line(e)}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{pt} does not hold a state dict")
@@ -50,7 +52,8 @@ def _read_raw(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def load_hf_state(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -91,10 +94,12 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 def export_hf(model: GPT, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained` loads.
 
-    LoRA layers must be merged first (`model_state_dict` skips adapter weights). Refuses to
-    replace a non-empty `out_dir` unless `overwrite`.
+    LoRA adapters must be merged first. Refuses to replace a non-empty `out_dir` unless
+    `overwrite` (the CLI's `--force`); the directory is written atomically.
     """
     out_dir = Path(out_dir)
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        raise CheckpointError("the model has unmerged LoRA adapters; merge them before exporting")
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

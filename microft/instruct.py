@@ -20,11 +20,14 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from microft.config import EOT_TOKEN, IGNORE_INDEX
 from microft.errors import DataError
 from microft.templates import ROLES, Segment, Template, load_template
+
+if TYPE_CHECKING:
+    from microft.config import RunConfig
 
 Sample = dict[str, Any]
 Encode = Callable[[str], list[int]]
@@ -290,7 +293,7 @@ def build_sample(record: Record, template: Template, encode: Encode, max_seq_len
         tokens, is_target = tokens[: max_seq_len + 1], is_target[: max_seq_len + 1]
     if not any(is_target[1:]):
         return None, truncated
-    labels = [t if (keep or not mask_prompt) else IGNORE_INDEX for t, keep in zip(tokens[1:], is_target[1:])]
+    labels = [t if (keep or not mask_prompt) else IGNORE_INDEX for t, keep in zip(tokens[1:], is_target[1:], strict=True)]
     sample = {
         "input_ids": tokens[:-1],
         "labels": labels,
@@ -379,3 +382,58 @@ def write_predictions(path: str | Path, items: Iterable[Mapping[str, Any]]) -> i
             n += 1
     tmp.replace(p)
     return n
+
+
+# --------------------------------------------------------------------------- one call for the CLI
+
+
+@dataclass
+class InstructData:
+    """Samples for each split, with what was read, skipped and cut on the way."""
+
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    stats: dict[str, BuildStats]  # "train" / "val" / "test"
+    template: Template
+    n_skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+    demo: bool = False
+
+    @property
+    def eval_samples(self) -> list[Sample]:
+        """What --predict and exact-match scoring use: the test split, else the validation split."""
+        return self.test or self.val
+
+
+def load_instruct_data(cfg: RunConfig, max_seq_len: int, encode: Encode | None = None) -> InstructData:
+    """Read, validate, split and tokenise `cfg.data` (and `cfg.val_data`) as `finetune` needs them.
+
+    With no `cfg.data` the built-in demo set is used: training items from `demo_records` and the
+    held-out items from `demo_heldout` as the validation split.
+    """
+    template = load_template(cfg.template)
+    n_skipped, problems = 0, []
+    if cfg.data is None:
+        from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
+
+        parts = Split(demo_records(DEMO_TRAIN_SIZE, cfg.seed), demo_heldout(DEMO_HELDOUT_SIZE, cfg.seed), [])
+    else:
+        read = read_records(cfg.data, cfg.skip_bad)
+        n_skipped, problems = read.n_skipped, list(read.problems)
+        if cfg.val_data is not None:
+            val_read = read_records(cfg.val_data, cfg.skip_bad)
+            n_skipped += val_read.n_skipped
+            problems += val_read.problems
+            parts = split_records(read.records, 0.0, cfg.test_frac, cfg.seed)._replace(val=val_read.records)
+        else:
+            parts = split_records(read.records, cfg.val_frac, cfg.test_frac, cfg.seed)
+    out: dict[str, list[Sample]] = {}
+    stats: dict[str, BuildStats] = {}
+    for name, recs in parts._asdict().items():
+        out[name], stats[name] = build_samples(recs, template, encode, max_seq_len, cfg.mask_prompt)
+    if not out["train"]:
+        raise DataError(f"no training samples left: all {stats['train'].n_dropped} were cut away by "
+                        f"max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")
+    return InstructData(out["train"], out["val"], out["test"], stats, template, n_skipped, problems,
+                        demo=cfg.data is None)

@@ -191,7 +191,12 @@ def lora_settings(model: GPT) -> dict[str, Any]:
     drop = lin.lora_dropout.p if isinstance(lin.lora_dropout, nn.Dropout) else 0.0
     paths = {p.split(".", 2)[2] for p, _ in mods}  # "attn.c_attn", ...
     targets = [t for t, (parent, name) in TARGETS.items() if f"{parent}.{name}" in paths]
-    return {"r": lin.lora_A.out_features, "lora_alpha": lin.lora_alpha, "lora_dropout": drop, "targets": targets}
+    return {
+        "r": lin.lora_A.out_features,
+        "lora_alpha": lin.lora_alpha,
+        "lora_dropout": drop,
+        "targets": targets,
+    }
 
 
 def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -279,7 +284,9 @@ def _check_supported(cfg: dict[str, Any], source: Path) -> None:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise CheckpointError(f"{source}: adapter uses LoRA options microft does not support: {', '.join(bad)}")
+        raise CheckpointError(
+            f"{source}: adapter uses LoRA options microft does not support: {', '.join(bad)}"
+        )
 
 
 def load_adapter(model: GPT, directory: str | Path) -> GPT:
@@ -313,11 +320,15 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
+        what = (f"missing {missing[:3]}" if missing else "") + (
+            f" unexpected {unexpected[:3]}" if unexpected else ""
+        )
         raise CheckpointError(f"adapter {d} does not match the model: {what.strip()}")
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            raise CheckpointError(f"adapter {d}: {k} has shape {tuple(state[k].shape)}, model expects {shape}")
+            raise CheckpointError(
+                f"adapter {d}: {k} has shape {tuple(state[k].shape)}, model expects {shape}"
+            )
 
     apply_lora(model, r, alpha, dropout, targets)
     with torch.no_grad():

@@ -29,14 +29,20 @@ def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
 
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
+    import torch
+
     from microft.checkpoint import load_model
     from microft.data import Subset, pack_documents, read_text_corpus, split_indices
+    from microft.distributed import distributed, main_only
     from microft.tokenizer import encode
     from microft.trainer import train
 
+    torch.manual_seed(cfg.seed)  # a preset's init depends on --seed alone, the same on every rank
     model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
     block = seq_len_for(cfg, model.config.n_positions)
     blocks = pack_documents(read_text_corpus(cfg.data), encode, block)
     train_idx, val_idx = split_indices(len(blocks), cfg.val_frac, cfg.seed)
-    plan = batch_plan(cfg)
-    return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan, on_event)
+    with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
+        plan = batch_plan(cfg, dist.world_size)
+        return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
+                     main_only(on_event, dist), dist=dist)

@@ -15,7 +15,6 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,16 @@ import torch
 from microft import checkpoint as ckpt
 from microft.config import BatchPlan, RunConfig
 from microft.data import collate, epoch_batches, micro_batches, sample_length, target_weight
+from microft.distributed import (
+    Dist,
+    full_model_state,
+    full_optim_state,
+    grad_sync,
+    load_optim_state,
+    load_weights,
+    rank0_float,
+    reduce_step,
+)
 from microft.errors import CheckpointError, ConfigError, MicroftError, TrainingError
 from microft.model import GPT, set_grad_checkpointing
 from microft.optim import autocast_context, build_optimizer, lr_lambda, make_scaler, resolve_precision, warmup_steps
@@ -39,19 +48,6 @@ class Interrupted(MicroftError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class Dist:
-    """Distributed context: rank 0 of 1 unless launched under torchrun."""
-
-    rank: int = 0
-    world_size: int = 1
-    ddp: Any = None  # the DDP/FSDP-wrapped module, when distributed
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 @dataclass
@@ -99,6 +95,30 @@ def step_plan(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int,
     indices = batches[step % spe]
     mbs = micro_batches(indices, lengths, plan.micro_bs)
     return mbs[rank :: plan.world_size], indices
+
+
+def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, denom: float,
+               autocast: Callable, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum."""
+    with autocast():
+        loss_sum = runner(x, y, w)
+    scaler.scale(loss_sum / max(denom, 1e-12)).backward()
+    return loss_sum.detach()
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global grad norm of the trainable parameters, clipped to `max_norm` when given."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Step (skipped by the fp16 scaler on overflow), then free the gradients. Returns True if skipped."""
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale_before is not None and scaler.get_scale() < scale_before
 
 
 def capture_rng() -> dict[str, Any]:
@@ -194,7 +214,7 @@ def train(
     """
     dist = dist or Dist()
     out = Path(cfg.out)
-    device = resolve_device(cfg.device)
+    device = dist.device or resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -222,7 +242,7 @@ def train(
         resume_dir = find_latest_checkpoint(out) if cfg.resume == "auto" else Path(cfg.resume)
         if resume_dir is None and cfg.resume != "auto":
             raise CheckpointError(f"no checkpoint at {cfg.resume}")
-    elif dist.is_main and ((out / "final").exists() or find_latest_checkpoint(out)):
+    elif (out / "final").exists() or find_latest_checkpoint(out):  # on every rank, or the others would wait
         raise ConfigError(f"{out} already holds a run; continue it with --resume auto, or choose a new --out")
     if resume_dir is not None:
         ts = ckpt.load_train_state(resume_dir)
@@ -230,10 +250,10 @@ def train(
             raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with another model shape")
         if ts["global_bs"] != plan.global_bs:
             raise CheckpointError(f"cannot resume from {resume_dir}: global batch was {ts['global_bs']}, now {plan.global_bs}")
-        ckpt.load_state_into(model, ckpt.read_safetensors(resume_dir / ckpt.WEIGHTS), str(resume_dir))
+        load_weights(model, ckpt.read_safetensors(resume_dir / ckpt.WEIGHTS), dist, str(resume_dir))
         if ts.get("adapter") is not None:
             model.load_state_dict(ts["adapter"], strict=False)
-        optimizer.load_state_dict(ts["optimizer"])
+        load_optim_state(model, optimizer, ts["optimizer"], dist)
         scheduler.load_state_dict(ts["scheduler"])
         scaler.load_state_dict(ts["scaler"])
         restore_rng(ts["rng"])
@@ -256,16 +276,18 @@ def train(
     # --- the loop -------------------------------------------------------------------------
     def save(kind: str, rng: dict[str, Any] | None = None) -> Path:
         target = out / ("final" if kind == "final" else "best" if kind == "best" else f"checkpoints/step-{state.step:07d}")
+        weights = full_model_state(model, dist)  # collectives under FSDP: every rank takes part
+        optim_state = full_optim_state(model, optimizer, dist) if kind == "step" else None
         if not dist.is_main:
             return target
         with ckpt.atomic_dir(target) as tmp:
-            ckpt.write_model_files(tmp, model, {"step": state.step})
+            ckpt.write_model_files(tmp, model, {"step": state.step}, state=weights)
             if save_extra:
                 save_extra(tmp)
             if kind == "step":
-                adapter = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+                adapter = {k: v for k, v in weights.items() if "lora_" in k}
                 ckpt.save_train_state(tmp, {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng or capture_rng(), "state": state.__dict__,
                     "model_config": model.config.model_dump(), "global_bs": plan.global_bs,
                     "plan": plan.model_dump(), "config": cfg.model_dump(mode="json"),
@@ -279,13 +301,12 @@ def train(
     def do_eval() -> None:
         if not val_set or cfg.eval_every <= 0:
             return
-        val_loss = evaluate(runner, val_set, plan.micro_bs, cfg.eval_batches, device, autocast)
+        val_loss = rank0_float(evaluate(runner, val_set, plan.micro_bs, cfg.eval_batches, device, autocast), dist)
         rec = {"kind": "eval", "step": state.step, "val_loss": val_loss}
         state.history.append({"step": state.step, "val_loss": val_loss})
         if val_loss < state.best_val:
             state.best_val, state.best_step, state.evals_since_best = val_loss, state.step, 0
-            if state.step > 0:
-                save("best")
+            save("best")
         else:
             state.evals_since_best += 1
         write_metric(rec)
@@ -329,16 +350,14 @@ def train(
                 for m, mb in enumerate(mbs):
                     x, y, w = (t.to(device, non_blocking=True) if t is not None else None
                                for t in collate([train_set[i] for i in mb]))
-                    sync = m == len(mbs) - 1 or dist.ddp is None
-                    with (nullcontext() if sync else runner.no_sync()):
-                        phase = "forward"
-                        with autocast():
-                            micro_loss = runner(x, y, w)
-                        phase = "backward"
-                        scaler.scale(micro_loss / max(denom, 1e-12)).backward()
-                    loss_sum += micro_loss.detach()
-                    if flag:
+                    with grad_sync(dist, m == len(mbs) - 1):
+                        phase = "forward/backward"
+                        loss_sum += micro_step(runner, x, y, w, denom, autocast, scaler)
+                    if flag and dist.world_size == 1:  # ranks finish the step together
                         break
+                loss_sum, stop = reduce_step(loss_sum, bool(flag), dist)
+                if stop:
+                    flag.setdefault("sig", signal.SIGTERM)
                 if flag:
                     optimizer.zero_grad(set_to_none=True)
                     path = save("step", rng=rng_at_step_start)
@@ -347,21 +366,13 @@ def train(
                                       f"microft <command> ... --out {out} --resume auto", code)
                 phase = "optimizer step"
                 scaler.unscale_(optimizer)
-                clip = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], clip, foreach=True)
-                if dist.world_size > 1:
-                    torch.distributed.all_reduce(loss_sum)
+                grad_norm = clip_gradients(model, cfg.max_grad_norm)
                 loss = float(loss_sum) / (denom * dist.world_size)  # the one host sync of the step
                 if not math.isfinite(loss) and not scaler.is_enabled():
                     raise TrainingError(
                         f"loss became {loss} at step {state.step + 1}; stopped. Last good checkpoint: "
                         f"{find_latest_checkpoint(out) or 'none'}. Try a lower --lr or --precision fp32")
-                scale_before = scaler.get_scale() if scaler.is_enabled() else None
-                scaler.step(optimizer)
-                scaler.update()
-                skipped = scale_before is not None and scaler.get_scale() < scale_before
-                optimizer.zero_grad(set_to_none=True)
+                skipped = optimizer_step(optimizer, scaler)
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingError(

@@ -1,0 +1,5 @@
+"""`python -m microft …` (and `torchrun … -m microft …`) runs the CLI."""
+
+from microft.cli import main
+
+main()

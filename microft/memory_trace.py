@@ -1,0 +1,405 @@
+"""Trace engine: microft's real training step run twice on fake tensors, live bytes counted.
+
+The model is built on the meta device, materialised as `FakeTensorMode` tensors (shapes,
+dtypes and strides, no data, no memory), and driven through `trainer.micro_step` × accum,
+`trainer.clip_gradients` and `trainer.optimizer_step` for two optimizer steps. A
+`TorchDispatchMode` sees every op's outputs; each output's storage is counted once, rounded
+up to the CUDA caching allocator's 512-byte blocks, and dropped from the live total when the
+storage dies (polled through weak storage references before every op). The maximum of the
+live total over the run is the peak `torch.cuda.max_memory_allocated` would report, less
+what this process cannot see (kernel workspaces, the CUDA context).
+
+Fake CUDA tensors cannot run autograd on a CPU-only build, so the trace runs on fake CPU
+tensors and emulates the CUDA differences that change memory (see `CUDA_EMULATION`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from microft.config import ModelConfig, RunConfig
+from microft.model import GPT, set_grad_checkpointing
+
+CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this
+
+CUDA_EMULATION = [
+    "allocations rounded up to 512-byte blocks, as the CUDA caching allocator does",
+    "SDPA traced with the CPU flash kernel; its saved logsumexp is resized to what CUDA's kernel keeps "
+    "(flash for bf16/fp16: (B, nh, T); memory-efficient for fp32: T padded to a multiple of 32)",
+    "autocast with the CPU op lists, which give microft's block the same dtypes as CUDA's "
+    "(linear and SDPA in low precision, layer norm and the loss in fp32)",
+    "fp16-mixed: the GradScaler runs but never skips a step (the overflow check needs data)",
+    "adamw-8bit: bitsandbytes' state layout (uint8 moments, fp32 absmax per 256 values, fp32 state "
+    "below 4096 values), updated in place as its fused kernel does",
+]
+
+# trace categories, in display order
+CATEGORIES = (
+    "weights", "gradients", "optimizer state", "activations", "autocast weight copies",
+    "recomputed activations", "loss (fused cross-entropy)", "backward transients", "optimizer transients",
+    "batch", "other",
+)
+
+
+def cuda_bytes(nbytes: int) -> int:
+    """Bytes the CUDA caching allocator reserves for a request of `nbytes`."""
+    return 0 if nbytes <= 0 else -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
+
+
+@dataclass
+class _Rec:
+    ref: StorageWeakRef
+    nbytes: int
+    label: str
+    serial: int
+
+
+@dataclass
+class TraceResult:
+    """Peak of live tensor bytes over two traced optimizer steps, by category."""
+
+    peak_bytes: int
+    peak_phase: str  # coarse: forward, loss, start of backward, backward, end of backward, clip, optimizer step
+    peak_where: str  # fine: "step 2, micro-step 1, backward of block 11"
+    components: dict[str, int]
+    step_peaks: list[int]
+    emulated: list[str]
+    seconds: float
+    timeline: list[tuple[str, str, int]] = field(default_factory=list)  # (where, op, live bytes) if asked
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of live storages seen as op outputs (each storage once, CUDA-rounded)."""
+
+    def __init__(self, keep_timeline: bool = False):
+        super().__init__()
+        self.recs: dict[int, _Rec] = {}
+        self.live = 0
+        self.peak = 0
+        self.peak_serials: list[int] = []
+        self.peak_where = ""
+        self.peak_phase = ""
+        self.where = "setup"
+        self.phase = "setup"
+        self.label = "other"  # label given to new storages
+        self.labels_by_serial: dict[int, str] = {}
+        self.sizes_by_serial: dict[int, int] = {}
+        self.serial = 0
+        self.size_override: Callable[[Any, Any, torch.Tensor, int], int] | None = None
+        self.workspaces: dict[Any, int] = {}  # op -> scratch bytes the CUDA kernel allocates inside it
+        self.step_peak = 0
+        self.keep_timeline = keep_timeline
+        self.timeline: list[tuple[str, str, int]] = []
+
+    # --- bookkeeping ----------------------------------------------------------------------
+    def _sweep(self) -> None:
+        dead = [k for k, r in self.recs.items() if r.ref.expired()]
+        for k in dead:
+            self.live -= self.recs.pop(k).nbytes
+
+    def track(self, t: torch.Tensor, label: str | None = None, nbytes: int | None = None) -> None:
+        """Count `t`'s storage if it is new; relabel it when `label` is given."""
+        if t.layout != torch.strided:
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        rec = self.recs.get(key)
+        if rec is not None and rec.ref.expired():  # address reused by a new storage
+            self.live -= self.recs.pop(key).nbytes
+            rec = None
+        if rec is None:
+            n = cuda_bytes(st.nbytes() if nbytes is None else nbytes)
+            self.serial += 1
+            rec = _Rec(StorageWeakRef(st), n, label or self.label, self.serial)
+            self.recs[key] = rec
+            self.live += n
+            self.labels_by_serial[rec.serial] = rec.label
+            self.sizes_by_serial[rec.serial] = n
+        elif label is not None:
+            rec.label = label
+            self.labels_by_serial[rec.serial] = label
+
+    def relabel(self, t: torch.Tensor, label: str) -> None:
+        rec = self.recs.get(t.untyped_storage()._cdata)
+        if rec is not None and not rec.ref.expired():
+            rec.label = label
+            self.labels_by_serial[rec.serial] = label
+
+    def _check_peak(self, op: str) -> None:
+        if self.keep_timeline:
+            self.timeline.append((self.where, op, self.live))
+        self.step_peak = max(self.step_peak, self.live)
+        if self.live > self.peak:
+            self.peak = self.live
+            self.peak_serials = [r.serial for r in self.recs.values()]
+            self.peak_where = self.where
+            self.peak_phase = self.phase
+
+    def mark(self, where: str, phase: str | None = None, label: str | None = None) -> None:
+        self.where = where
+        if phase is not None:
+            self.phase = phase
+        if label is not None:
+            self.label = label
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if not tensors:
+            return out
+        self._sweep()  # the inputs are still referenced by `args` here
+        label = None
+        if (func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter)
+                and self.label in ("activations", "recomputed activations")):
+            label = "autocast weight copies"
+        before = self.live
+        for t in tensors:
+            n = self.size_override(func, args, t, t.untyped_storage().nbytes()) if self.size_override else None
+            self.track(t, label, n)
+        if self.live != before or not self.keep_timeline:
+            op = str(func.overloadpacket.__name__)
+            if self.keep_timeline:
+                op += f" {[tuple(t.shape) for t in tensors]} {[str(t.dtype)[6:] for t in tensors]}"
+            self._check_peak(op)
+        extra = self.workspaces.get(func, 0)
+        if extra:  # scratch allocated (and freed) inside the CUDA kernel
+            self.live += extra
+            self._check_peak(f"{func.overloadpacket.__name__} workspace")
+            self.live -= extra
+        return out
+
+    def components_at_peak(self) -> dict[str, int]:
+        comp: dict[str, int] = defaultdict(int)
+        for s in self.peak_serials:
+            comp[self.labels_by_serial[s]] += self.sizes_by_serial[s]
+        return {c: comp[c] for c in CATEGORIES if comp.get(c)}
+
+
+def _materialise_fake(model: nn.Module, fake_mode, device: torch.device) -> None:
+    """Replace every (meta) parameter and buffer by a fake tensor of the same shape and dtype."""
+    with fake_mode:
+        for mod in model.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    fake = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=device)
+                    mod._parameters[name] = nn.Parameter(fake, requires_grad=p.requires_grad)
+            for name, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=device)
+
+
+class _TraceScaler(torch.amp.GradScaler):
+    """A GradScaler whose data-dependent reads are replaced by constants (no step is ever skipped)."""
+
+    def get_scale(self) -> float:
+        return 65536.0 if self._enabled else 1.0
+
+    def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+        return optimizer.step(*args, **kwargs)
+
+
+def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) -> list:
+    """Forward/backward hooks that tell the tracker where in the step it is."""
+    handles = []
+    n = len(model.h)
+
+    def fwd_pre(_m, _a):
+        tracker.mark(f"{state['at']}, forward", "forward", "activations")
+
+    def ln_f_post(_m, _a, _out):
+        tracker.mark(f"{state['at']}, loss", "loss", "loss (fused cross-entropy)")
+
+    def fwd_post(_m, _a, _out):
+        tracker.mark(f"{state['at']}, backward of the loss", "start of backward", "backward transients")
+
+    def block_post(i):
+        def hook(_m, _a, out):
+            if out.requires_grad and torch.is_grad_enabled():
+                def on_grad(_g):
+                    phase = "start of backward" if i == n - 1 else "backward"
+                    tracker.mark(f"{state['at']}, backward of block {i}", phase, "backward transients")
+                out.register_hook(on_grad)
+        return hook
+
+    def block0_pre(_m, args):
+        x = args[0]
+        if x.requires_grad and torch.is_grad_enabled():
+            x.register_hook(lambda _g: tracker.mark(f"{state['at']}, backward of the embeddings",
+                                                    "end of backward", "backward transients"))
+
+    def recompute_pre(_m, _a):
+        if tracker.label == "backward transients":
+            tracker.mark(tracker.where, None, "recomputed activations")
+
+    def recompute_post(_m, _a, _out):
+        if tracker.label == "recomputed activations":
+            tracker.mark(tracker.where, None, "backward transients")
+
+    handles.append(model.register_forward_pre_hook(fwd_pre))
+    handles.append(model.ln_f.register_forward_hook(ln_f_post))
+    handles.append(model.register_forward_hook(fwd_post))
+    handles.append(model.h[0].register_forward_pre_hook(block0_pre))
+    for i, block in enumerate(model.h):
+        handles.append(block.register_forward_hook(block_post(i)))
+        handles.append(block.ln_1.register_forward_pre_hook(recompute_pre))
+        handles.append(block.mlp.register_forward_hook(recompute_post))
+    return handles
+
+
+class EmulatedAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes AdamW8bit's memory, for tracing without CUDA: the same state, updated in place."""
+
+    def __init__(self, params, lr: float = 1e-3, min_8bit_size: int = 4096, block: int = 256):
+        super().__init__(params, dict(lr=lr))
+        self.min_8bit_size, self.block = min_8bit_size, block
+        self.qmaps: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    if p.numel() < self.min_8bit_size:
+                        st["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                        st["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                    else:
+                        if not self.qmaps:
+                            self.qmaps = [torch.zeros(256, device=p.device) for _ in range(2)]
+                        blocks = -(-p.numel() // self.block)
+                        st["state1"] = torch.zeros_like(p, dtype=torch.uint8)
+                        st["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+                        st["qmap1"], st["qmap2"] = self.qmaps
+                        st["absmax1"] = torch.zeros(blocks, device=p.device)
+                        st["absmax2"] = torch.zeros(blocks, device=p.device)
+                st["step"] += 1
+                p.add_(p.grad, alpha=0.0)  # stands in for the fused in-place update
+        return None
+
+
+def _trace_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    from microft.optim import build_optimizer, param_groups
+
+    if cfg.optimizer == "adamw-8bit":
+        return EmulatedAdamW8bit(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    return build_optimizer(model, cfg, torch.device("cpu"))
+
+
+def _sdpa_override(precision: str):
+    """Resize CPU-flash outputs to what the CUDA kernel of this precision allocates."""
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    low = precision in ("bf16-mixed", "fp16-mixed", "bf16-true")
+
+    def override(func, args, t: torch.Tensor, nbytes: int) -> int | None:
+        if func is fwd and t.dim() == 3 and t.dtype == torch.float32:  # logsumexp (B, nh, T)
+            B, nh, T = t.shape
+            return B * nh * (T if low else -(-T // 32) * 32) * 4
+        return None
+
+    return override
+
+
+def sdpa_backward_workspace(B: int, nh: int, T: int, hs: int, low: bool) -> int:
+    """CUDA SDPA backward scratch (allocator-rounded): flash's fp32 dq accumulator and softmax_d,
+    or the memory-efficient kernel's delta."""
+    Tr = -(-T // 128) * 128
+    if low:
+        hsr = -(-hs // 32) * 32 if hs <= 192 else 256
+        dq_accum = B * Tr * nh * hsr * 4 if T > (64 if hs > 64 else 128) else 0
+        return cuda_bytes(dq_accum) + cuda_bytes(B * nh * Tr * 4)
+    return cuda_bytes(B * nh * -(-T // 32) * 32 * 4)
+
+
+def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
+                   accum: int = 1, steps: int = 2, keep_timeline: bool = False) -> TraceResult:
+    """Trace `steps` optimizer steps of microft's training step on fake tensors; see the module doc."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from microft.trainer import clip_gradients, micro_step, optimizer_step
+
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    for block in model.h:
+        block.attn.dropout = 0.0  # CUDA's flash kernel keeps no attention mask; the CPU one would
+    if cfg.lora:
+        from microft.lora import apply_lora
+
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if precision == "bf16-true":
+        model.to(dtype=torch.bfloat16)
+    device = torch.device("cpu")
+    fake_mode = FakeTensorMode()
+    _materialise_fake(model, fake_mode, device)
+    model.train()
+    if cfg.grad_ckpt:
+        set_grad_checkpointing(model, True, cfg.grad_ckpt_every)
+
+    tracker = LiveBytes(keep_timeline)
+    tracker.size_override = _sdpa_override(precision)
+    low = precision != "fp32"
+    hs = model_cfg.head_dim
+    sdpa_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+    workspace = sdpa_backward_workspace(micro_bs, model_cfg.n_head, seq_len, hs, low)
+    state = {"at": "setup"}
+    handles = _install_phase_hooks(model, tracker, state)
+    params = [p for p in model.parameters()]
+    for p in params:
+        tracker.track(p, "weights")
+        if p.requires_grad:
+            handles.append(p.register_post_accumulate_grad_hook(lambda q: tracker.relabel(q.grad, "gradients")))
+
+    if precision in ("bf16-mixed", "fp16-mixed"):
+        dt = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+        autocast = lambda: torch.autocast("cpu", dtype=dt)  # noqa: E731
+    else:
+        from contextlib import nullcontext as autocast
+    step_peaks = []
+    tracker.workspaces[sdpa_bwd] = workspace
+    try:
+        with fake_mode:
+            scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
+            optimizer = _trace_optimizer(model, cfg)
+            with tracker:
+                for step in range(1, steps + 1):
+                    tracker.step_peak = tracker.live
+                    for m in range(1, accum + 1):
+                        state["at"] = f"step {step}, micro-step {m}"
+                        tracker.mark(f"{state['at']}, batch", "forward", "batch")
+                        x = torch.zeros(micro_bs, seq_len, dtype=torch.long, device=device)
+                        y = torch.zeros(micro_bs, seq_len, dtype=torch.long, device=device)
+                        micro_step(model, x, y, None, float(micro_bs * seq_len * accum), autocast, scaler)
+                        del x, y
+                    tracker.mark(f"step {step}, clip", "clip", "optimizer transients")
+                    scaler.unscale_(optimizer)
+                    clip_gradients(model, cfg.max_grad_norm)
+                    tracker.mark(f"step {step}, optimizer step", "optimizer step", "optimizer transients")
+                    optimizer_step(optimizer, scaler)
+                    for st in optimizer.state.values():
+                        for v in st.values():
+                            if isinstance(v, torch.Tensor):
+                                tracker.relabel(v, "optimizer state")
+                    for v in getattr(optimizer, "qmaps", []):
+                        tracker.relabel(v, "optimizer state")
+                    step_peaks.append(tracker.step_peak)
+    finally:
+        for h in handles:
+            h.remove()
+    return TraceResult(
+        peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, peak_where=tracker.peak_where,
+        components=tracker.components_at_peak(), step_peaks=step_peaks, emulated=list(CUDA_EMULATION),
+        seconds=time.perf_counter() - t0, timeline=tracker.timeline,
+    )

@@ -1,0 +1,166 @@
+"""The trainer's core claims: exact accumulation, exact resume, checkpointing, precision, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from microft.config import BatchPlan
+from microft.errors import ConfigError
+from microft.model import set_grad_checkpointing
+from microft.trainer import Interrupted, train
+from tests.helpers import TINY, flat_params, masked_samples, run_config, tiny_model
+
+
+def _train(tmp_path, samples, micro_bs, accum, steps=3, **kw):
+    model = tiny_model()
+    cfg = run_config(tmp_path, max_steps=steps, **kw)
+    events: list[dict] = []
+    train(model, samples, None, cfg, BatchPlan(micro_bs=micro_bs, accum=accum), events.append)
+    return model, events
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_any_split_of_the_global_batch_gives_the_same_weights(tmp_path, weights):
+    samples = masked_samples(64, seed=1, weights=weights)
+    results = {}
+    for mb, acc in [(1, 8), (2, 4), (8, 1)]:
+        model, events = _train(tmp_path / f"{mb}x{acc}", samples, mb, acc, lr=1e-3)
+        results[(mb, acc)] = (flat_params(model), [e["loss"] for e in events if e["kind"] == "step"])
+    ref_w, ref_loss = results[(8, 1)]
+    for key, (w, losses) in results.items():
+        assert losses == pytest.approx(ref_loss, abs=1e-5), key
+        for name in ref_w:
+            assert torch.allclose(w[name], ref_w[name], atol=1e-5, rtol=0), (key, name)
+
+
+def test_step_loss_is_the_token_mean_not_the_mean_of_micro_batch_means(tmp_path):
+    samples = masked_samples(8, seed=2)
+    model = tiny_model()
+    with torch.no_grad():
+        total = sum(float(model(torch.tensor([s["input_ids"]]), torch.tensor([s["labels"]]))) for s in samples)
+        n_tokens = sum(sum(t != -100 for t in s["labels"]) for s in samples)
+    _, events = _train(tmp_path, samples, 2, 4, steps=1, lr=1e-9)
+    step = next(e for e in events if e["kind"] == "step")
+    assert step["loss"] == pytest.approx(total / n_tokens, rel=1e-5)
+
+
+def test_resume_after_sigint_matches_an_uninterrupted_run(tmp_path):
+    samples = masked_samples(48, seed=3)
+    ref_model, ref_events = _train(tmp_path / "ref", samples, 2, 2, steps=6, dropout=None)
+    ref_state = torch.load(tmp_path / "ref" / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)
+
+    out = tmp_path / "cut"
+    model = tiny_model()
+    cfg = run_config(out, max_steps=6)
+
+    def interrupt_at_3(e):
+        if e["kind"] == "step" and e["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as info:
+        train(model, samples, None, cfg, BatchPlan(micro_bs=2, accum=2), interrupt_at_3)
+    assert info.value.exit_code == 130 and "--resume auto" in str(info.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003"]
+
+    resumed = tiny_model(seed=99)  # different init: everything must come from the checkpoint
+    events: list[dict] = []
+    train(resumed, samples, None, cfg.model_copy(update={"resume": "auto"}), BatchPlan(micro_bs=2, accum=2),
+          events.append)
+    assert [e["step"] for e in events if e["kind"] == "step"] == [4, 5, 6]
+    ref_losses = [e["loss"] for e in ref_events if e["kind"] == "step"][3:]
+    assert [e["loss"] for e in events if e["kind"] == "step"] == ref_losses
+    for k, v in flat_params(ref_model).items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    state = torch.load(out / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)
+    for pid, s in ref_state["optimizer"]["state"].items():
+        for name, t in s.items():
+            assert torch.equal(t, state["optimizer"]["state"][pid][name]), (pid, name)
+    steps_logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_another_global_batch_or_model(tmp_path):
+    samples = masked_samples(32, seed=4)
+    _train(tmp_path, samples, 2, 2, steps=2)
+    cfg = run_config(tmp_path, max_steps=4, resume="auto")
+    from microft.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="global batch"):
+        train(tiny_model(), samples, None, cfg, BatchPlan(micro_bs=2, accum=4))
+    other = TINY.model_copy(update={"n_layer": 3})
+    with pytest.raises(CheckpointError, match="model shape"):
+        train(tiny_model(cfg=other), samples, None, cfg, BatchPlan(micro_bs=2, accum=2))
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    samples = masked_samples(16, seed=5)
+    _train(tmp_path, samples, 2, 2, steps=1)
+    before = (tmp_path / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _train(tmp_path, samples, 2, 2, steps=1)
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_gradient_checkpointing_gives_equal_losses_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randint(0, 500, (3, 24))
+    y = torch.randint(0, 500, (3, 24))
+    grads = {}
+    for ckpt in (False, True):
+        model = tiny_model()
+        model.train()
+        assert set_grad_checkpointing(model, ckpt) == (TINY.n_layer if ckpt else 0)
+        loss = model(x, y)
+        loss.backward()
+        grads[ckpt] = (float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[True][0] == pytest.approx(grads[False][0], abs=1e-6)
+    for n, g in grads[False][1].items():
+        assert torch.allclose(g, grads[True][1][n], atol=1e-6), n
+
+
+def test_bf16_mixed_trains_close_to_fp32(tmp_path):
+    samples = masked_samples(64, seed=6, vocab=50)
+    finals = {}
+    for precision in ("fp32", "bf16-mixed"):
+        _, events = _train(tmp_path / precision, samples, 4, 2, steps=24, precision=precision, lr=3e-3)
+        losses = [e["loss"] for e in events if e["kind"] == "step"]
+        finals[precision] = sum(losses[-4:]) / 4
+        assert losses[-1] < losses[0] - 1.0  # it learns
+    assert finals["bf16-mixed"] == pytest.approx(finals["fp32"], rel=0.03)
+
+
+def test_outputs_land_where_scripts_expect_them(tmp_path):
+    samples = masked_samples(40, seed=7)
+    val = masked_samples(8, seed=8)
+    out = tmp_path / "deep" / "nested" / "out"
+    cfg = run_config(out, max_steps=4, eval_every=2, save_every=2, keep_last=1)
+    events: list[dict] = []
+    summary = train(tiny_model(), samples, val, cfg, BatchPlan(micro_bs=2, accum=2), events.append)
+    assert (out / "final" / "model.safetensors").exists() and (out / "final" / "config.json").exists()
+    assert (out / "best" / "model.safetensors").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000004"]  # keep_last=1
+    assert not list(out.glob(".tmp-*"))
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec"} <= set(recs[1])
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 2, 4]
+    assert summary["steps"] == 4 and summary["best_val_loss"] is not None and summary["verdict"]
+    banner = events[0]
+    assert banner["kind"] == "banner" and banner["effective_batch"] == "4 = 2 (micro) × 2 (accum) × 1 (device)"
+
+
+def test_non_finite_loss_stops_with_the_step_named(tmp_path):
+    samples = masked_samples(16, seed=9)
+    model = tiny_model()
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    from microft.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="at step 1"):
+        train(model, samples, None, run_config(tmp_path, max_steps=2), BatchPlan(micro_bs=2, accum=1))
+    assert not (tmp_path / "final").exists()
