@@ -129,7 +129,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     spec = str(path)
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
-    p = Path(spec)
+    p = Path(spec).expanduser()
     if p.is_dir():
         p = p / CONFIG
     if not p.exists():
@@ -153,7 +153,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: fl
         cfg = cfg.model_copy(update={"dropout": dropout})
     if str(spec) in PRESETS:
         return GPT(cfg).to(device)
-    d = Path(spec) if Path(spec).is_dir() else Path(spec).parent
+    p = Path(spec).expanduser()
+    d = p if p.is_dir() else p.parent
     raw = json.loads((d / CONFIG).read_text(encoding="utf-8"))
     if raw.get("format") == "microft":
         state = read_safetensors(d / WEIGHTS)

@@ -10,12 +10,14 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from microft.config import RunConfig, config_to_json, resolve_batch_plan, resolve_config
 from microft.errors import MicroftError
+
+if TYPE_CHECKING:
+    from microft.config import RunConfig
 
 app = typer.Typer(
     name="microft",
@@ -106,6 +108,8 @@ def common_flags(**kw: Any) -> dict[str, Any]:
 
 
 def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
+    from microft.config import config_to_json, resolve_batch_plan
+
     mb = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
     plan = resolve_batch_plan(mb, cfg.accum, cfg.global_bs, world)
     print(config_to_json(cfg))
@@ -141,6 +145,8 @@ def pretrain(
     """
     with user_errors():
         flags = common_flags(**{k: v for k, v in locals().items() if k not in ("dry_run",)})
+        from microft.config import resolve_config
+
         cfg = resolve_config(str(recipe) if recipe else None, **flags)
         cfg = cfg.model_copy(update={"model": cfg.model or "gpt2-tiny", "group_by_length": False})
         if dry_run:
@@ -160,6 +166,184 @@ def pretrain(
             run_pretrain(cfg, reporter)
         finally:
             reporter.close()
+
+
+# finetune-only options
+ValData = Annotated[Optional[str], typer.Option("--val-data", help="Validation data (else a seeded split of --data).")]
+TestFrac = Annotated[Optional[float], typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
+Template = Annotated[Optional[str], typer.Option("--template", help="alpaca | chatml | plain | a template file (TOML/JSON).")]
+MaskPrompt = Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
+SkipBad = Annotated[Optional[bool], typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
+GroupByLength = Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
+Predict = Annotated[Optional[bool], typer.Option("--predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
+Lora = Annotated[Optional[bool], typer.Option("--lora", help="Train LoRA adapters; the base stays frozen.")]
+LoraR = Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank.")]
+LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
+LoraDropout = Annotated[Optional[float], typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
+LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
+
+
+@app.command()
+def finetune(
+    model: Model = None, data: Data = None, out: Out = None, micro_bs: MicroBS = None, accum: Accum = None,
+    global_bs: GlobalBS = None, max_steps: MaxSteps = None, epochs: Epochs = None, lr: LR = None,
+    max_seq_len: MaxSeqLen = None, precision: Precision = None, grad_ckpt: GradCkpt = None,
+    grad_ckpt_every: GradCkptEvery = None, seed: Seed = None, resume: Resume = None, recipe: Recipe = None,
+    eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
+    optimizer: Optim = None, schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None,
+    max_grad_norm: MaxGradNorm = None, weight_decay: WeightDecay = None, device: Device = None,
+    val_frac: ValFrac = None, patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None,
+    dropout: Dropout = None, devices: Devices = None, shard: Shard = None, val_data: ValData = None,
+    test_frac: TestFrac = None, template: Template = None, mask_prompt: MaskPrompt = None,
+    skip_bad: SkipBad = None, group_by_length: GroupByLength = None, predict: Predict = None,
+    lora: Lora = None, lora_r: LoraR = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
+    lora_targets: LoraTargets = None, dry_run: DryRun = False,
+) -> None:
+    """Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo.
+
+    Data: Alpaca-style JSON/JSONL (instruction, input, output), chat JSONL (messages), or a directory.
+    """
+    with user_errors():
+        flags = common_flags(**{k: v for k, v in locals().items() if k not in ("dry_run",)})
+        base = {}
+        if recipe is None and model is None and data is None:
+            from microft.demo import DEMO_RUN
+
+            base = dict(DEMO_RUN)
+        from microft.config import resolve_config
+
+        cfg = resolve_config(str(recipe) if recipe else None, **{**base, **{k: v for k, v in flags.items() if v is not None}})
+        if dry_run:
+            dry_run_output(cfg)
+            return
+        if maybe_relaunch(cfg):
+            return
+        from microft.runs import run_finetune
+        from microft.ui import TrainReporter
+
+        reporter = TrainReporter(cfg.log_format)
+        try:
+            run_finetune(cfg, reporter)
+        finally:
+            reporter.close()
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option("--model", help="microft checkpoint, HF GPT-2 directory, LoRA adapter directory, or preset.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 100,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+    seed: Seed = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, file).")] = None,
+    device: Device = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+) -> None:
+    """Generate text from a checkpoint, streaming tokens as they are produced (KV cache)."""
+    with user_errors():
+        from microft.errors import ConfigError
+
+        if prompt_file is not None:
+            try:
+                text = prompt_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"cannot read prompt file {prompt_file}: {e}") from None
+        elif prompt is None or prompt == "-":
+            if sys.stdin.isatty():
+                raise ConfigError("give --prompt TEXT, --prompt-file FILE, or pipe the prompt on stdin")
+            text = sys.stdin.read()
+        else:
+            text = prompt
+        from microft.generate import generate as gen_tokens
+        from microft.generate import stream_text
+        from microft.runs import load_any
+        from microft.tokenizer import encode
+        from microft.trainer import resolve_device
+
+        tmpl = None
+        if template:
+            from microft.templates import load_template
+
+            tmpl = load_template(template)
+            text = tmpl.render_prompt(text.strip())
+        net = load_any(model, str(resolve_device(device or "auto")))
+        pieces = stream_text(gen_tokens(net, encode(text), max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seed=seed))
+        if json_out:
+            import json
+
+            completion = "".join(pieces)
+            print(json.dumps({"prompt": text, "completion": tmpl.clean(completion) if tmpl else completion}))
+            return
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Option("--model", help="microft checkpoint (or LoRA run directory) to export.")],
+    out: Annotated[str, typer.Option("--out", help="Directory to write.")],
+    format: Annotated[str, typer.Option("--format", help="hf: a transformers GPT2LMHeadModel directory.")] = "hf",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
+) -> None:
+    """Export weights for other tools (LoRA adapters are merged first)."""
+    with user_errors():
+        from microft.errors import ConfigError
+
+        if format != "hf":
+            raise ConfigError(f"unknown export format {format!r}; supported: hf")
+        from microft.hf import export_hf
+        from microft.lora import lora_modules, merge_lora
+        from microft.runs import load_any
+
+        net = load_any(model)
+        if lora_modules(net):
+            merge_lora(net)
+        path = export_hf(net, out, overwrite=force)
+        print(f"exported {model} -> {path} (transformers GPT2LMHeadModel)")
+
+
+@app.command()
+def merge(
+    model: Annotated[str, typer.Option("--model", help="LoRA adapter directory (or run dir with adapter files).")],
+    out: Annotated[str, typer.Option("--out", help="Directory for the merged microft checkpoint.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the adapter doesn't name it.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
+) -> None:
+    """Fold LoRA adapters into the base weights and save a plain microft checkpoint."""
+    with user_errors():
+        from microft.checkpoint import load_model, save_model
+        from microft.errors import ConfigError
+        from microft.lora import is_adapter_dir, load_adapter, merge_lora
+        from microft.runs import load_any
+
+        if not is_adapter_dir(model):
+            raise ConfigError(f"{model} holds no adapter_config.json: nothing to merge")
+        if Path(out).exists() and any(Path(out).iterdir()) and not force:
+            raise ConfigError(f"{out} exists and is not empty; pass --force to replace it")
+        net = load_adapter(load_model(base), model) if base else load_any(model)
+        merge_lora(net)
+        save_model(out, net)
+        print(f"merged {model} -> {out}")
+
+
+@app.command()
+def download(
+    name: Annotated[str, typer.Argument(help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl")],
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where models are stored (default ~/.cache/microft/models or $MICROFT_CACHE).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co).")] = None,
+) -> None:
+    """Fetch GPT-2 weights from the Hugging Face hub (resumable, size- and hash-checked)."""
+    with user_errors():
+        from microft.download import download as fetch
+
+        path = fetch(name, cache_dir=cache_dir, endpoint=endpoint)
+        print(path)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -126,11 +126,26 @@ def micro_batches(step_indices: list[int], lengths: list[int], micro_bs: int) ->
     return [order[s : s + micro_bs] for s in range(0, len(order), micro_bs)]
 
 
-def collate(samples: list[Sample], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Right-pad a micro-batch: (input_ids, labels, per-token weights or None when all weights are 1).
+class Batch(NamedTuple):
+    """A collated micro-batch. `target_pos` lists the flat positions that are targets when they
+    are sparse (prompt-masked data), so the loss head runs on those rows only."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor | None
+    target_pos: torch.Tensor | None
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
+
+
+def collate(samples: list[Sample], pad_id: int = 0, sparse_below: float = 0.9) -> Batch:
+    """Right-pad a micro-batch; per-token weights only when some weight isn't 1.
 
     Padding sits after every real token and is never a target, so under causal attention its
-    value can't affect the loss; token 0 is valid for any vocabulary.
+    value can't affect the loss; token 0 is valid for any vocabulary. When fewer than
+    `sparse_below` of the positions are targets, their flat indices are computed here, on the
+    host, so the model can skip the rest without a device sync.
     """
     T = max(sample_length(s) for s in samples)
     B = len(samples)
@@ -144,7 +159,9 @@ def collate(samples: list[Sample], pad_id: int = 0) -> tuple[torch.Tensor, torch
         y[b, :n] = torch.as_tensor(s["labels"])
         if w is not None:
             w[b] = float(s.get("weight", 1.0))
-    return x, y, w
+    valid = (y != IGNORE_INDEX).view(-1)
+    pos = valid.nonzero().squeeze(1) if valid.sum() < sparse_below * valid.numel() else None
+    return Batch(x, y, w, pos)
 
 
 def target_weight(samples: list[Sample]) -> float:

@@ -224,12 +224,17 @@ def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str,
     }
 
 
+def write_adapter_files(directory: Path, model: GPT, base_model_name_or_path: str | None = None) -> None:
+    """Write the adapter files into an existing directory (a checkpoint being assembled)."""
+    cfg = adapter_config(model, base_model_name_or_path)
+    save_file(lora_state_dict(model), str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (Path(directory) / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+
+
 def save_adapter(directory: str | Path, model: GPT, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` atomically into `directory`."""
-    cfg = adapter_config(model, base_model_name_or_path)
     with atomic_dir(directory) as tmp:
-        save_file(lora_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
+        write_adapter_files(tmp, model, base_model_name_or_path)
     return Path(directory)
 
 

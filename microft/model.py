@@ -141,18 +141,23 @@ class GPT(nn.Module):
         labels: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        target_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) without labels; with labels the fp32 *sum* of token losses.
 
         The sum (not mean) lets the trainer divide by the target count of the whole global
         batch, which makes gradient accumulation exact. `weights` (B, T) scales each token.
+        `target_pos` (flat positions of the targets) lets the loss head skip masked positions.
         """
         h = self.hidden(idx, cache)
         if labels is None:
             return F.linear(h, self.wte.weight[: self.config.vocab_size])
+        h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
         w = None if weights is None else weights.reshape(-1)
-        return fused_cross_entropy(h.reshape(-1, h.size(-1)), self.wte.weight, labels.reshape(-1), w,
-                                   self.config.vocab_size)
+        if target_pos is not None:
+            h, labels = h.index_select(0, target_pos), labels.index_select(0, target_pos)
+            w = None if w is None else w.index_select(0, target_pos)
+        return fused_cross_entropy(h, self.wte.weight, labels, w, self.config.vocab_size)
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameters as GPT-2 counts them (the padded embedding rows excluded)."""

@@ -46,3 +46,108 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         plan = batch_plan(cfg, dist.world_size)
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
                      main_only(on_event, dist), dist=dist)
+
+
+def _respond(model, template, prompt: str, max_new_tokens: int) -> str:
+    from microft.generate import generate_text
+
+    return template.clean(generate_text(model, prompt, max_new_tokens, temperature=0.0))
+
+
+def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64) -> list[str]:
+    """Greedy responses for each sample's prompt (what --predict and the demo score use)."""
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        return [_respond(model, template, s["prompt"], max_new_tokens) for s in samples]
+
+
+def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
+    """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
+    from microft.checkpoint import load_model
+    from microft.instruct import load_instruct_data, write_predictions
+    from microft.tokenizer import encode
+    from microft.trainer import resolve_device, train
+
+    demo = cfg.data is None
+    model = load_model(cfg.model or "gpt2-mini", dropout=cfg.dropout)
+    max_len = seq_len_for(cfg, model.config.n_positions)
+    data = load_instruct_data(cfg, max_len, encode)
+    for problem in data.problems:
+        on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
+    st = data.stats["train"]
+    stats_line = (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples; "
+                  f"{st.n_truncated} truncated, {st.n_dropped} dropped (response cut away), "
+                  f"{data.n_skipped} bad records skipped")
+    save_extra = None
+    if cfg.lora:
+        from microft.lora import apply_lora, write_adapter_files
+
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+
+        def save_extra(d):  # adapters beside the (unchanged) base weights
+            write_adapter_files(d, model, cfg.model or "gpt2-mini")
+
+    device = resolve_device(cfg.device)
+    sample_prompts = data.val[: cfg.sample_every_eval]
+
+    def on_eval(m, step: int) -> list[Event]:
+        outs = respond_all(m, data.template, sample_prompts, 32)
+        m.train()
+        return [{"kind": "sample", "step": step, "prompt": s["prompt"][-60:], "output": o}
+                for s, o in zip(sample_prompts, outs)]
+
+    def accuracy(tag: str) -> float:
+        model.to(device)
+        preds = respond_all(model, data.template, data.eval_samples, 32)
+        from microft.demo import exact_match
+
+        acc = exact_match(preds, [s["response"] for s in data.eval_samples])
+        on_event({"kind": "note", "text": f"demo held-out exact match {tag}: {100 * acc:.1f}% "
+                                          f"({len(data.eval_samples)} items)"})
+        return acc
+
+    banner = {"data_stats": stats_line}
+    if demo:
+        banner["demo"] = ("built-in demo: a randomly initialised gpt2-mini learns small checkable tasks "
+                          "(arithmetic, reversal, sorting, passive voice). Use --model gpt2 --data FILE, "
+                          "or a recipe (recipes/*.toml), for real runs.")
+    acc_before = accuracy("before training") if demo and not cfg.resume else None
+    plan = batch_plan(cfg)
+    summary = train(model, data.train, data.val or None, cfg, plan, on_event, save_extra=save_extra,
+                    on_eval=on_eval if cfg.sample_every_eval and data.val else None, banner_extra=banner)
+    if demo:
+        summary["demo_accuracy_before"] = acc_before
+        summary["demo_accuracy_after"] = accuracy("after training")
+    if cfg.predict and data.eval_samples:
+        preds = respond_all(model, data.template, data.eval_samples, 128)
+        path = f"{cfg.out}/predictions.jsonl"
+        write_predictions(path, [{"prompt": s["prompt"], "reference": s["response"], "prediction": p}
+                                 for s, p in zip(data.eval_samples, preds)])
+        on_event({"kind": "note", "text": f"wrote {len(preds)} predictions to {path}"})
+        summary["predictions"] = path
+    return summary
+
+
+def load_any(spec: str, device: str = "cpu"):
+    """A model for inference: preset, microft checkpoint, HF directory, or a LoRA adapter directory.
+
+    A directory with adapter files loads its base (the weights beside it, or the adapter's
+    `base_model_name_or_path`) and applies the adapter.
+    """
+    from pathlib import Path
+
+    from microft.checkpoint import CONFIG, load_model
+    from microft.errors import CheckpointError
+    from microft.lora import is_adapter_dir, load_adapter, read_adapter_config
+
+    if not is_adapter_dir(spec):
+        return load_model(spec, device)
+    if (Path(spec) / CONFIG).exists():
+        base = spec
+    else:
+        base = read_adapter_config(spec).get("base_model_name_or_path")
+        if not base:
+            raise CheckpointError(f"{spec}: adapter_config.json names no base model; pass the base with --model")
+    return load_adapter(load_model(base, device), spec)

@@ -98,10 +98,11 @@ def step_plan(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int,
 
 
 def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, denom: float,
-               autocast: Callable, scaler: torch.amp.GradScaler) -> torch.Tensor:
+               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum."""
     with autocast():
-        loss_sum = runner(x, y, w)
+        loss_sum = runner(x, y, w, target_pos=target_pos)
     scaler.scale(loss_sum / max(denom, 1e-12)).backward()
     return loss_sum.detach()
 
@@ -146,9 +147,9 @@ def evaluate(model: torch.nn.Module, val: Sequence, micro_bs: int, max_batches: 
     n = min(len(val), micro_bs * max_batches)
     for s in range(0, n, micro_bs):
         samples = [val[i] for i in range(s, min(n, s + micro_bs))]
-        x, y, w = (t.to(device) if t is not None else None for t in collate(samples))
+        b = collate(samples).to(device)
         with autocast():
-            total += model(x, y, w).double()
+            total += model(b.input_ids, b.labels, b.weights, target_pos=b.target_pos).double()
         count += target_weight(samples)
     model.train(was_training)
     return float(total) / max(count, 1.0)
@@ -348,11 +349,11 @@ def train(
             phase = "forward"
             try:
                 for m, mb in enumerate(mbs):
-                    x, y, w = (t.to(device, non_blocking=True) if t is not None else None
-                               for t in collate([train_set[i] for i in mb]))
+                    b = collate([train_set[i] for i in mb]).to(device)
                     with grad_sync(dist, m == len(mbs) - 1):
                         phase = "forward/backward"
-                        loss_sum += micro_step(runner, x, y, w, denom, autocast, scaler)
+                        loss_sum += micro_step(runner, b.input_ids, b.labels, b.weights, denom, autocast, scaler,
+                                               b.target_pos)
                     if flag and dist.world_size == 1:  # ranks finish the step together
                         break
                 loss_sum, stop = reduce_step(loss_sum, bool(flag), dist)

@@ -142,3 +142,10 @@ def _is_utf8(data: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_runs_under_bf16_autocast_and_in_bf16(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache takes the autocast dtype
+        assert len(list(generate(model, PROMPT, 4, stop_at_eot=False))) == 4
+    bf16 = GPT(ModelConfig(**SHAPE)).to(torch.bfloat16).eval()
+    assert len(list(generate(bf16, PROMPT, 4, temperature=1.0, seed=0, stop_at_eot=False))) == 4
