@@ -19,6 +19,13 @@ def batch_plan(cfg: RunConfig, world_size: int = 1) -> BatchPlan:
     return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
 
 
+def seed_init(seed: int) -> None:
+    """Seed before the model is built, so a preset's random init follows --seed."""
+    import torch
+
+    torch.manual_seed(seed)
+
+
 def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
     if cfg.max_seq_len is None:
         return n_positions
@@ -71,6 +78,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     from microft.trainer import resolve_device, train
 
     demo = cfg.data is None
+    seed_init(cfg.seed)
     model = load_model(cfg.model or "gpt2-mini", dropout=cfg.dropout)
     max_len = seq_len_for(cfg, model.config.n_positions)
     data = load_instruct_data(cfg, max_len, encode)
