@@ -39,6 +39,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device | None = None  # this rank's device; None: resolve from the config
     shard: str = "none"  # "ddp" or "fsdp" when distributed
+    owns_group: bool = False  # setup_distributed created the process group (teardown destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -72,10 +73,14 @@ def launch(n: int, argv: list[str]) -> int:
     env = dict(os.environ)
     # torchrun would pin every process to 1 thread (with a warning); share the cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:  # torchrun forwards the signal; the ranks save and exit
-        return 130
+    proc = subprocess.Popen(cmd, env=env)
+    interrupted = False
+    while True:
+        try:
+            code = proc.wait()
+            return 130 if interrupted and code else code
+        except KeyboardInterrupt:  # torchrun forwards it to the ranks: wait while they finish the step and save
+            interrupted = True
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -117,7 +122,8 @@ def setup_distributed(cfg: RunConfig, model: torch.nn.Module) -> Dist:
         raise ConfigError("--shard fsdp does not support --lora (adapters are small); use --shard ddp")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
+    owns_group = not torch.distributed.is_initialized()  # a caller's own group is reused, and kept
+    if owns_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     if resolve_precision(cfg.precision, device) == "bf16-true":
@@ -138,24 +144,29 @@ def setup_distributed(cfg: RunConfig, model: torch.nn.Module) -> Dist:
     else:
         from torch.nn.parallel import DistributedDataParallel
 
-        # DDP broadcasts rank 0's weights at construction
-        wrapped = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    return Dist(rank=rank, world_size=world, ddp=wrapped, local_rank=local_rank, device=device, shard=shard)
+        # DDP broadcasts rank 0's weights at construction; gradients live in its buckets (no second copy)
+        wrapped = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
+    return Dist(rank=rank, world_size=world, ddp=wrapped, local_rank=local_rank, device=device, shard=shard,
+                owns_group=owns_group)
 
 
-def teardown() -> None:
-    """Leave the process group (a no-op outside torchrun)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def teardown(dist: Dist) -> None:
+    """Leave the process group if `setup_distributed` joined it (a no-op outside torchrun)."""
+    if dist.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
 def distributed(cfg: RunConfig, model: torch.nn.Module) -> Iterator[Dist]:
     """`with distributed(cfg, model) as dist:` — setup_distributed, then teardown however it ends."""
+    dist = setup_distributed(cfg, model)
     try:
-        yield setup_distributed(cfg, model)
+        yield dist
+        if dist.world_size > 1:
+            torch.distributed.barrier()  # no rank returns before rank 0 has written the run's files
     finally:
-        teardown()
+        teardown(dist)
 
 
 def main_only(on_event: Callable[[Event], None], dist: Dist) -> Callable[[Event], None]:
@@ -191,11 +202,6 @@ def reduce_step(loss_sum: torch.Tensor, stop: bool, dist: Dist) -> tuple[torch.T
     both = torch.stack([loss_sum.float(), torch.tensor(float(stop), device=loss_sum.device)])
     torch.distributed.all_reduce(both)
     return both[0], bool(both[1] > 0)
-
-
-def plain_norm(norm: torch.Tensor) -> torch.Tensor:
-    """A grad norm as a plain tensor (FSDP2's clipping returns a replicated DTensor)."""
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def rank0_float(value: float, dist: Dist) -> float:
@@ -241,8 +247,8 @@ def full_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
     if not dist.is_main:
         return {}
     index = {n: i for i, n in enumerate(_param_order(model, optimizer))}
-    return {"state": {index[n]: s for n, s in full["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]}
+    local = optimizer.state_dict()  # its param_groups are the same on every rank, already index-keyed
+    return {"state": {index[n]: s for n, s in full["state"].items()}, "param_groups": local["param_groups"]}
 
 
 def load_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
@@ -257,6 +263,8 @@ def load_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     named = {"state": {order[i]: s for i, s in state["state"].items()},
              "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):  # exact types (betas)
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dist: Dist, source: str) -> None:

@@ -36,15 +36,13 @@ def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
 
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
-    import torch
-
     from microft.checkpoint import load_model
     from microft.data import Subset, pack_documents, read_text_corpus, split_indices
     from microft.distributed import distributed, main_only
     from microft.tokenizer import encode
     from microft.trainer import train
 
-    torch.manual_seed(cfg.seed)  # a preset's init depends on --seed alone, the same on every rank
+    seed_init(cfg.seed)  # the same init on every rank
     model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
     block = seq_len_for(cfg, model.config.n_positions)
     blocks = pack_documents(read_text_corpus(cfg.data), encode, block)
@@ -97,44 +95,50 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         def save_extra(d):  # adapters beside the (unchanged) base weights
             write_adapter_files(d, model, cfg.model or "gpt2-mini")
 
-    device = resolve_device(cfg.device)
-    sample_prompts = data.val[: cfg.sample_every_eval]
+    from microft.distributed import distributed, main_only
 
-    def on_eval(m, step: int) -> list[Event]:
-        outs = respond_all(m, data.template, sample_prompts, 32)
-        m.train()
-        return [{"kind": "sample", "step": step, "prompt": s["prompt"][-60:], "output": o}
-                for s, o in zip(sample_prompts, outs)]
+    with distributed(cfg, model) as dist:
+        device = dist.device or resolve_device(cfg.device)
+        # under FSDP every forward must run on all ranks alike: no per-eval generation there
+        talk = dist.is_main and not dist.fsdp
+        sample_prompts = data.val[: cfg.sample_every_eval] if talk else []
+        emit = main_only(on_event, dist)
 
-    def accuracy(tag: str) -> float:
-        model.to(device)
-        preds = respond_all(model, data.template, data.eval_samples, 32)
-        from microft.demo import exact_match
+        def on_eval(m, step: int) -> list[Event]:
+            outs = respond_all(m, data.template, sample_prompts, 32)
+            m.train()
+            return [{"kind": "sample", "step": step, "prompt": s["prompt"][-60:], "output": o}
+                    for s, o in zip(sample_prompts, outs, strict=True)]
 
-        acc = exact_match(preds, [s["response"] for s in data.eval_samples])
-        on_event({"kind": "note", "text": f"demo held-out exact match {tag}: {100 * acc:.1f}% "
+        def accuracy(tag: str) -> float:
+            from microft.demo import exact_match
+
+            model.to(device)
+            preds = respond_all(model, data.template, data.eval_samples, 32)
+            acc = exact_match(preds, [s["response"] for s in data.eval_samples])
+            emit({"kind": "note", "text": f"demo held-out exact match {tag}: {100 * acc:.1f}% "
                                           f"({len(data.eval_samples)} items)"})
-        return acc
+            return acc
 
-    banner = {"data_stats": stats_line}
-    if demo:
-        banner["demo"] = ("built-in demo: a randomly initialised gpt2-mini learns small checkable tasks "
-                          "(arithmetic, reversal, sorting, passive voice). Use --model gpt2 --data FILE, "
-                          "or a recipe (recipes/*.toml), for real runs.")
-    acc_before = accuracy("before training") if demo and not cfg.resume else None
-    plan = batch_plan(cfg)
-    summary = train(model, data.train, data.val or None, cfg, plan, on_event, save_extra=save_extra,
-                    on_eval=on_eval if cfg.sample_every_eval and data.val else None, banner_extra=banner)
-    if demo:
-        summary["demo_accuracy_before"] = acc_before
-        summary["demo_accuracy_after"] = accuracy("after training")
-    if cfg.predict and data.eval_samples:
-        preds = respond_all(model, data.template, data.eval_samples, 128)
-        path = f"{cfg.out}/predictions.jsonl"
-        write_predictions(path, [{"prompt": s["prompt"], "reference": s["response"], "prediction": p}
-                                 for s, p in zip(data.eval_samples, preds)])
-        on_event({"kind": "note", "text": f"wrote {len(preds)} predictions to {path}"})
-        summary["predictions"] = path
+        banner = {"data_stats": stats_line}
+        if demo:
+            banner["demo"] = ("built-in demo: a randomly initialised gpt2-mini learns small checkable tasks "
+                              "(arithmetic, reversal, sorting, passive voice). Use --model DIR --data FILE, "
+                              "or a recipe (recipes/*.toml), for real runs.")
+        acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
+        plan = batch_plan(cfg, dist.world_size)
+        summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
+                        on_eval=on_eval if sample_prompts else None, banner_extra=banner)
+        if demo and talk:
+            summary["demo_accuracy_before"] = acc_before
+            summary["demo_accuracy_after"] = accuracy("after training")
+        if cfg.predict and data.eval_samples and talk:
+            preds = respond_all(model, data.template, data.eval_samples, 128)
+            path = f"{cfg.out}/predictions.jsonl"
+            write_predictions(path, [{"prompt": s["prompt"], "reference": s["response"], "prediction": p}
+                                     for s, p in zip(data.eval_samples, preds, strict=True)])
+            emit({"kind": "note", "text": f"wrote {len(preds)} predictions to {path}"})
+            summary["predictions"] = path
     return summary
 
 

@@ -8,11 +8,13 @@ step is the exact token mean over the global batch, whatever the micro-batch siz
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import random
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +38,18 @@ from microft.distributed import (
 )
 from microft.errors import CheckpointError, ConfigError, MicroftError, TrainingError
 from microft.model import GPT, set_grad_checkpointing
-from microft.optim import autocast_context, build_optimizer, lr_lambda, make_scaler, resolve_precision, warmup_steps
+from microft.optim import (
+    autocast_context,
+    build_optimizer,
+    lr_lambda,
+    make_scaler,
+    resolve_precision,
+    warmup_steps,
+)
 from microft.perf import device_peak_flops, flops_per_token, memory_stats
 
 Event = dict[str, Any]
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
 
 
 class Interrupted(MicroftError):
@@ -72,6 +82,22 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda given but no CUDA GPU is available")
     return dev
+
+
+def keep_freed_memory() -> bool:
+    """Linux/glibc: serve large CPU tensors from the heap and keep freed memory for reuse.
+
+    By default glibc maps every allocation over 32 MiB afresh and unmaps it on free, so each
+    micro-step pays the kernel's page faults and zeroing again for its logits, gradients and
+    casts (~10-15 % of a 124M CPU step). Process-wide; returns whether it took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
+        return False
 
 
 def schedule_length(n_train: int, plan: BatchPlan, cfg: RunConfig) -> tuple[int, int]:
@@ -217,6 +243,8 @@ def train(
     out = Path(cfg.out)
     device = dist.device or resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
