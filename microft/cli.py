@@ -10,7 +10,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -36,40 +36,40 @@ def _root() -> None:
 
 
 # --- options shared by the commands (stable names: scripts depend on them) -------------------
-Model = Annotated[Optional[str], typer.Option("--model", help="Preset (gpt2, gpt2-medium, …, gpt2-tiny, gpt2-mini), HF GPT-2 directory, or microft checkpoint.")]
-Data = Annotated[Optional[str], typer.Option("--data", help="Training data: a file or a directory.")]
-Out = Annotated[Optional[str], typer.Option("--out", help="Output directory (created with its parents).")]
-MicroBS = Annotated[Optional[str], typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto'.")]
-Accum = Annotated[Optional[int], typer.Option("--accum", help="Micro-steps accumulated per optimizer step.")]
-GlobalBS = Annotated[Optional[int], typer.Option("--global-bs", help="Samples per optimizer step (micro × accum × devices).")]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs).")]
-Epochs = Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data (default 1).")]
-LR = Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")]
-MaxSeqLen = Annotated[Optional[int], typer.Option("--max-seq-len", help="Tokens per sample (≤ the model's context).")]
-Precision = Annotated[Optional[str], typer.Option("--precision", help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true.")]
-GradCkpt = Annotated[Optional[bool], typer.Option("--grad-ckpt/--no-grad-ckpt", help="Recompute block activations in backward.")]
-GradCkptEvery = Annotated[Optional[int], typer.Option("--grad-ckpt-every", help="Checkpoint every N-th block (with --grad-ckpt).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for init, data order and sampling.")]
-Resume = Annotated[Optional[str], typer.Option("--resume", help="Checkpoint directory, or 'auto' for the latest under --out.")]
-Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="A recipes/*.toml file; flags override its values.")]
-EvalEvery = Annotated[Optional[int], typer.Option("--eval-every", help="Validate every N steps (0: never).")]
-SaveEvery = Annotated[Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (0: only at the end).")]
-LogFormat = Annotated[Optional[str], typer.Option("--log-format", help="auto | rich | plain | json.")]
-Optim = Annotated[Optional[str], typer.Option("--optimizer", help="adamw | sgd | adafactor | adamw-8bit.")]
-Schedule = Annotated[Optional[str], typer.Option("--schedule", help="cosine | linear | constant.")]
-Warmup = Annotated[Optional[float], typer.Option("--warmup", help="Warmup steps (≥ 1) or fraction of the run (< 1).")]
-MinLR = Annotated[Optional[float], typer.Option("--min-lr-ratio", help="Final lr as a fraction of the peak.")]
-MaxGradNorm = Annotated[Optional[float], typer.Option("--max-grad-norm", help="Clip the global grad norm (0: off).")]
-WeightDecay = Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")]
-Device = Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
-ValFrac = Annotated[Optional[float], typer.Option("--val-frac", help="Fraction held out for validation.")]
-Patience = Annotated[Optional[int], typer.Option("--patience", help="Stop after N evaluations without improvement.")]
-KeepLast = Annotated[Optional[int], typer.Option("--keep-last", help="Step checkpoints to keep.")]
-Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")]
-Dropout = Annotated[Optional[float], typer.Option("--dropout", help="Dropout probability (default 0).")]
+Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, …, gpt2-tiny, gpt2-mini), HF GPT-2 directory, or microft checkpoint.")]
+Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory.")]
+Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
+MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto'.")]
+Accum = Annotated[int | None, typer.Option("--accum", help="Micro-steps accumulated per optimizer step.")]
+GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (micro × accum × devices).")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs).")]
+Epochs = Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (default 1).")]
+LR = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
+MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per sample (≤ the model's context).")]
+Precision = Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true.")]
+GradCkpt = Annotated[bool | None, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Recompute block activations in backward.")]
+GradCkptEvery = Annotated[int | None, typer.Option("--grad-ckpt-every", help="Checkpoint every N-th block (with --grad-ckpt).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for init, data order and sampling.")]
+Resume = Annotated[str | None, typer.Option("--resume", help="Checkpoint directory, or 'auto' for the latest under --out.")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", help="A recipes/*.toml file; flags override its values.")]
+EvalEvery = Annotated[int | None, typer.Option("--eval-every", help="Validate every N steps (0: never).")]
+SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0: only at the end).")]
+LogFormat = Annotated[str | None, typer.Option("--log-format", help="auto | rich | plain | json.")]
+Optim = Annotated[str | None, typer.Option("--optimizer", help="adamw | sgd | adafactor | adamw-8bit.")]
+Schedule = Annotated[str | None, typer.Option("--schedule", help="cosine | linear | constant.")]
+Warmup = Annotated[float | None, typer.Option("--warmup", help="Warmup steps (≥ 1) or fraction of the run (< 1).")]
+MinLR = Annotated[float | None, typer.Option("--min-lr-ratio", help="Final lr as a fraction of the peak.")]
+MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help="Clip the global grad norm (0: off).")]
+WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")]
+Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held out for validation.")]
+Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement.")]
+KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoints to keep.")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
+Dropout = Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and batch plan, then exit.")]
-Devices = Annotated[Optional[int], typer.Option("--devices", help="Processes to launch with torchrun (one per device).")]
-Shard = Annotated[Optional[str], typer.Option("--shard", help="none | ddp | fsdp (with --devices > 1).")]
+Devices = Annotated[int | None, typer.Option("--devices", help="Processes to launch with torchrun (one per device).")]
+Shard = Annotated[str | None, typer.Option("--shard", help="none | ddp | fsdp (with --devices > 1).")]
 
 
 @contextlib.contextmanager
@@ -169,18 +169,18 @@ def pretrain(
 
 
 # finetune-only options
-ValData = Annotated[Optional[str], typer.Option("--val-data", help="Validation data (else a seeded split of --data).")]
-TestFrac = Annotated[Optional[float], typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
-Template = Annotated[Optional[str], typer.Option("--template", help="alpaca | chatml | plain | a template file (TOML/JSON).")]
-MaskPrompt = Annotated[Optional[bool], typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
-SkipBad = Annotated[Optional[bool], typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
-GroupByLength = Annotated[Optional[bool], typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
-Predict = Annotated[Optional[bool], typer.Option("--predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
-Lora = Annotated[Optional[bool], typer.Option("--lora", help="Train LoRA adapters; the base stays frozen.")]
-LoraR = Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank.")]
-LoraAlpha = Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
-LoraDropout = Annotated[Optional[float], typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
-LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
+ValData = Annotated[str | None, typer.Option("--val-data", help="Validation data (else a seeded split of --data).")]
+TestFrac = Annotated[float | None, typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
+Template = Annotated[str | None, typer.Option("--template", help="alpaca | chatml | plain | a template file (TOML/JSON).")]
+MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
+SkipBad = Annotated[bool | None, typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
+GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
+Predict = Annotated[bool | None, typer.Option("--predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
+Lora = Annotated[bool | None, typer.Option("--lora", help="Train LoRA adapters; the base stays frozen.")]
+LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
+LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
+LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
+LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
 
 
 @app.command()
@@ -231,14 +231,14 @@ def finetune(
 @app.command()
 def generate(
     model: Annotated[str, typer.Option("--model", help="microft checkpoint, HF GPT-2 directory, LoRA adapter directory, or preset.")],
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,
-    prompt_file: Annotated[Optional[Path], typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 100,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
     seed: Seed = None,
-    template: Annotated[Optional[str], typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, file).")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, file).")] = None,
     device: Device = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
 ) -> None:
@@ -312,7 +312,7 @@ def export(
 def merge(
     model: Annotated[str, typer.Option("--model", help="LoRA adapter directory (or run dir with adapter files).")],
     out: Annotated[str, typer.Option("--out", help="Directory for the merged microft checkpoint.")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model, when the adapter doesn't name it.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model, when the adapter doesn't name it.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
 ) -> None:
     """Fold LoRA adapters into the base weights and save a plain microft checkpoint."""
@@ -335,8 +335,8 @@ def merge(
 @app.command()
 def download(
     name: Annotated[str, typer.Argument(help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl")],
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Where models are stored (default ~/.cache/microft/models or $MICROFT_CACHE).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where models are stored (default ~/.cache/microft/models or $MICROFT_CACHE).")] = None,
+    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co).")] = None,
 ) -> None:
     """Fetch GPT-2 weights from the Hugging Face hub (resumable, size- and hash-checked)."""
     with user_errors():
@@ -344,6 +344,128 @@ def download(
 
         path = fetch(name, cache_dir=cache_dir, endpoint=endpoint)
         print(path)
+
+
+SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
+Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (GPT-2; seconds).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the estimate (and plan) as JSON.")]
+GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a verdict and a plan.")]
+
+
+@app.command("estimate-mem")
+def estimate_mem(
+    model: Model = None, recipe: Recipe = None, micro_bs: MicroBS = None, accum: Accum = None,
+    global_bs: GlobalBS = None, seq_len: SeqLen = None, max_seq_len: MaxSeqLen = None, precision: Precision = None,
+    grad_ckpt: GradCkpt = None, grad_ckpt_every: GradCkptEvery = None, optimizer: Optim = None,
+    weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, dropout: Dropout = None,
+    lora: Lora = None, lora_r: LoraR = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
+    lora_targets: LoraTargets = None, devices: Devices = None, shard: Shard = None, gpu_mem: GpuMem = None,
+    trace: Trace = False, json_out: JsonOut = False,
+    data: Data = None, out: Out = None, val_data: ValData = None, max_steps: MaxSteps = None, epochs: Epochs = None,
+    lr: LR = None, seed: Seed = None, device: Device = None, template: Template = None, resume: Resume = None,
+    eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
+    schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None, val_frac: ValFrac = None,
+    patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, test_frac: TestFrac = None,
+    mask_prompt: MaskPrompt = None, skip_bad: SkipBad = None, group_by_length: GroupByLength = None,
+    predict: Predict = None,
+) -> None:
+    """Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.
+
+    Takes finetune's recipe and flags, so `estimate-mem --recipe X` estimates `finetune --recipe X`; flags that do not change memory (--data, --lr, ...) are accepted and ignored. --model also takes a Llama/Mistral/Qwen-style config.json for planning.
+
+    The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; GPT-2). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
+
+    Exit codes: 0 fits (or no budget given), 3 does not fit the budget, 2 bad input.
+    """
+    given = dict(locals())
+    with user_errors():
+        from microft import memory
+        from microft.config import resolve_batch_plan, resolve_config
+        from microft.errors import ConfigError
+
+        flags = common_flags(**{k: v for k, v in given.items() if k not in ("gpu_mem", "trace", "json_out", "seq_len")})
+        if seq_len is not None:
+            flags["max_seq_len"] = seq_len
+        cfg = resolve_config(str(recipe) if recipe else None, **flags)
+        if not cfg.model:
+            raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a recipe")
+        arch = memory.load_arch(cfg.model, cfg.dropout)
+        budget = memory.parse_budget(gpu_mem) if gpu_mem else None
+        world, world_shard = memory.scale_out(cfg)
+        prec = memory.resolve_precision(cfg.precision, budget)
+        base = memory.setup_for(cfg, arch, 1, precision=prec)
+        gbs = cfg.global_bs
+        result_plan = None
+        if budget is not None:
+            if gbs is None and isinstance(cfg.micro_bs, int) and cfg.accum:
+                gbs = cfg.micro_bs * cfg.accum * world
+            result_plan = memory.plan(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
+        if cfg.micro_bs == "auto":
+            if result_plan is None or result_plan.tree[0].micro_bs == 0:
+                raise ConfigError("--micro-bs auto needs a --gpu-mem budget that fits micro-batch 1 with your settings")
+            mb, acc = result_plan.tree[0].micro_bs, result_plan.tree[0].accum
+        else:
+            bp = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
+            mb, acc = bp.micro_bs, bp.accum
+        from dataclasses import replace
+
+        setup = replace(base, micro_bs=mb, accum=min(acc, 2))
+        engine = memory.trace if trace else memory.estimate
+        kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}
+        est = engine(arch, setup, budget, world, world_shard, **kw)
+        if cfg.compile:
+            est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save less)")
+        if json_out:
+            import json
+
+            print(json.dumps({**est.to_dict(), "accum": acc, "plan": result_plan.to_dict() if result_plan else None}, indent=2))
+        else:
+            _render_estimate(est, acc, result_plan)
+        if est.fits is False:
+            raise typer.Exit(3)
+
+
+def _render_estimate(est: Any, accum: int, plan: Any) -> None:
+    from microft.ui import fmt_bytes, print_kv, print_table
+
+    s, a = est.setup, est.arch
+    what = (f"{a.name}: micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, {s.optimizer}"
+            f"{', grad ckpt' if s.grad_ckpt else ''}{f', LoRA r={s.lora_r}' if s.lora else ''}"
+            f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
+    rows = [[k, fmt_bytes(v), f"{100 * v / est.peak_bytes:.1f}%"] for k, v in est.components.items()]
+    rows.append(["peak (tensors)", fmt_bytes(est.peak_bytes), "100%"])
+    print_table(f"Peak training memory ({est.engine}) — {what}", ["component", "bytes", "share of peak"], rows)
+    info = [("peak phase", f"{est.peak_phase} ({est.peak_where})")]
+    if len(est.step_peaks) > 1:
+        info.append(("per step", ", ".join(f"step {i + 1}: {fmt_bytes(p)}" for i, p in enumerate(est.step_peaks))
+                     + " (step 1 creates the optimizer state)"))
+    info.append(("runtime overhead", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in est.overhead.items())
+                 + " (not in the peak)"))
+    info.append(("total", fmt_bytes(est.total_bytes)))
+    if est.budget is not None:
+        spare = est.budget.bytes - est.total_bytes
+        verdict = (f"fits in {est.budget.label} ({fmt_bytes(est.budget.bytes)}): {fmt_bytes(spare)} to spare"
+                   if est.fits else f"does NOT fit in {est.budget.label} ({fmt_bytes(est.budget.bytes)}): "
+                   f"{fmt_bytes(-spare)} over")
+        info.append(("verdict", verdict))
+    info += [("details", ", ".join(f"{k} {v:,}" if "parameters" in k else f"{k} {fmt_bytes(v)}"
+                                   for k, v in est.details.items()))] if est.details else []
+    info += [("note", n) for n in est.notes]
+    print_kv("Where and why", info)
+    if plan is None:
+        return
+    gbs = f"global batch {plan.global_bs}" if plan.global_bs else "no --global-bs: largest micro-batch"
+    prow = [[r.strategy, str(r.micro_bs) if r.fits else "-", str(r.accum) if r.fits else "-",
+             fmt_bytes(r.total_bytes), f"{r.rel_cost:.2f}×" if r.fits else "-", "yes" if r.fits else "no"]
+            for r in plan.rows]
+    print_table(f"Plan for {plan.budget.label} ({fmt_bytes(plan.budget.bytes)}, {gbs})",
+                ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits"], prow)
+    tree = " → ".join(f"{r.strategy}: {'micro-bs ' + str(r.micro_bs) + ' × accum ' + str(r.accum) if r.fits else 'no'}"
+                      for r in plan.tree)
+    rec = plan.recommended
+    print_kv("Recommendation", [("decision tree", tree),
+                                ("recommended", f"{rec.strategy}: --micro-bs {rec.micro_bs} --accum {rec.accum}"
+                                 if rec else "nothing fits this budget, not even LoRA at micro-batch 1")])
 
 
 def main() -> None:

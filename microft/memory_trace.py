@@ -5,9 +5,9 @@ dtypes and strides, no data, no memory), and driven through `trainer.micro_step`
 `trainer.clip_gradients` and `trainer.optimizer_step` for two optimizer steps. A
 `TorchDispatchMode` sees every op's outputs; each output's storage is counted once, rounded
 up to the CUDA caching allocator's 512-byte blocks, and dropped from the live total when the
-storage dies (polled through weak storage references before every op). The maximum of the
-live total over the run is the peak `torch.cuda.max_memory_allocated` would report, less
-what this process cannot see (kernel workspaces, the CUDA context).
+storage dies (checked through weak storage references whenever the running total could be a
+new peak). The maximum over the run is the peak `torch.cuda.max_memory_allocated` would
+report for the same step, less the cuBLAS workspace (listed as runtime overhead).
 
 Fake CUDA tensors cannot run autograd on a CPU-only build, so the trace runs on fake CPU
 tensors and emulates the CUDA differences that change memory (see `CUDA_EMULATION`).
@@ -16,6 +16,7 @@ tensors and emulates the CUDA differences that change memory (see `CUDA_EMULATIO
 from __future__ import annotations
 
 import time
+import types
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,19 +29,25 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from microft.config import ModelConfig, RunConfig
+from microft.memory_sim import cuda_bytes
+from microft.memory_step import sdpa_workspace
 from microft.model import GPT, set_grad_checkpointing
-
-CUDA_BLOCK = 512  # the caching allocator rounds every allocation up to this
 
 CUDA_EMULATION = [
     "allocations rounded up to 512-byte blocks, as the CUDA caching allocator does",
-    "SDPA traced with the CPU flash kernel; its saved logsumexp is resized to what CUDA's kernel keeps "
-    "(flash for bf16/fp16: (B, nh, T); memory-efficient for fp32: T padded to a multiple of 32)",
-    "autocast with the CPU op lists, which give microft's block the same dtypes as CUDA's "
-    "(linear and SDPA in low precision, layer norm and the loss in fp32)",
+    "SDPA runs the CPU flash kernel; its saved logsumexp is sized as CUDA's kernel keeps it (flash for "
+    "bf16/fp16: (B, nh, T); memory-efficient for fp32: T padded to 32), and the backward scratch CUDA "
+    "allocates inside the kernel (flash's fp32 dq accumulator, or the memory-efficient delta) is added",
+    "attention dropout: CUDA's flash kernel keeps no mask (the CPU path would fall back to the math kernel)",
+    "dropout uses the fused kernel (a bool mask), as on CUDA; layer-norm statistics are fp32, as on CUDA",
+    "clip_grad_norm_'s per-tensor norms are one allocation, as CUDA's foreach norm makes them",
+    "autocast uses the CPU op lists, which give microft's block the dtypes CUDA's do (linear and SDPA in "
+    "low precision, layer norm and the loss in fp32); the analytical engine, written for CUDA, agrees",
     "fp16-mixed: the GradScaler runs but never skips a step (the overflow check needs data)",
-    "adamw-8bit: bitsandbytes' state layout (uint8 moments, fp32 absmax per 256 values, fp32 state "
-    "below 4096 values), updated in place as its fused kernel does",
+    "adamw-8bit: bitsandbytes' state layout (uint8 moments, fp32 absmax per 256 values, fp32 state below "
+    "4096 values) updated in place; Adafactor's step counters live on the CPU, as on CUDA",
+    "not modelled: CUDA's embedding backward sorts indices and keeps partial sums (scratch up to "
+    "micro-batch × seq × n_embd × 4 bytes at the end of backward)",
 ]
 
 # trace categories, in display order
@@ -49,11 +56,6 @@ CATEGORIES = (
     "recomputed activations", "loss (fused cross-entropy)", "backward transients", "optimizer transients",
     "batch", "other",
 )
-
-
-def cuda_bytes(nbytes: int) -> int:
-    """Bytes the CUDA caching allocator reserves for a request of `nbytes`."""
-    return 0 if nbytes <= 0 else -(-nbytes // CUDA_BLOCK) * CUDA_BLOCK
 
 
 @dataclass
@@ -95,15 +97,19 @@ class LiveBytes(TorchDispatchMode):
         self.labels_by_serial: dict[int, str] = {}
         self.sizes_by_serial: dict[int, int] = {}
         self.serial = 0
-        self.size_override: Callable[[Any, Any, torch.Tensor, int], int] | None = None
+        self.size_override: Callable[[Any, list[torch.Tensor]], list[int | None] | None] | None = None
         self.workspaces: dict[Any, int] = {}  # op -> scratch bytes the CUDA kernel allocates inside it
+        self.seen: set = set()  # ops dispatched
         self.step_peak = 0
+        self.extra = 0  # kernel scratch counted in `live` right now
+        self.peak_extra = 0
         self.keep_timeline = keep_timeline
         self.timeline: list[tuple[str, str, int]] = []
 
     # --- bookkeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
-        dead = [k for k, r in self.recs.items() if r.ref.expired()]
+        expired = torch.UntypedStorage._expired
+        dead = [k for k, r in self.recs.items() if expired(r.ref.cdata)]
         for k in dead:
             self.live -= self.recs.pop(k).nbytes
 
@@ -136,11 +142,17 @@ class LiveBytes(TorchDispatchMode):
             self.labels_by_serial[rec.serial] = label
 
     def _check_peak(self, op: str) -> None:
+        """`live` counts storages not yet swept, so it bounds the true total from above; only a
+        bound above a peak so far needs the (costly) sweep to decide."""
+        if self.live <= self.step_peak and not self.keep_timeline:
+            return
+        self._sweep()
         if self.keep_timeline:
             self.timeline.append((self.where, op, self.live))
         self.step_peak = max(self.step_peak, self.live)
         if self.live > self.peak:
             self.peak = self.live
+            self.peak_extra = self.extra
             self.peak_serials = [r.serial for r in self.recs.values()]
             self.peak_where = self.where
             self.peak_phase = self.phase
@@ -153,19 +165,21 @@ class LiveBytes(TorchDispatchMode):
             self.label = label
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(): fake tensors hold no data
+            return False if args[0].dtype == torch.bool else 1 if not args[0].is_floating_point() else 1.0
+        self.seen.add(func)
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if not tensors:
             return out
-        self._sweep()  # the inputs are still referenced by `args` here
         label = None
         if (func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter)
                 and self.label in ("activations", "recomputed activations")):
             label = "autocast weight copies"
         before = self.live
-        for t in tensors:
-            n = self.size_override(func, args, t, t.untyped_storage().nbytes()) if self.size_override else None
-            self.track(t, label, n)
+        sizes = self.size_override(func, tensors) if self.size_override else None
+        for k, t in enumerate(tensors):
+            self.track(t, label, sizes[k] if sizes else None)
         if self.live != before or not self.keep_timeline:
             op = str(func.overloadpacket.__name__)
             if self.keep_timeline:
@@ -174,15 +188,22 @@ class LiveBytes(TorchDispatchMode):
         extra = self.workspaces.get(func, 0)
         if extra:  # scratch allocated (and freed) inside the CUDA kernel
             self.live += extra
+            self.extra = extra
             self._check_peak(f"{func.overloadpacket.__name__} workspace")
             self.live -= extra
+            self.extra = 0
         return out
 
     def components_at_peak(self) -> dict[str, int]:
         comp: dict[str, int] = defaultdict(int)
         for s in self.peak_serials:
             comp[self.labels_by_serial[s]] += self.sizes_by_serial[s]
+        comp["backward transients"] += self.peak_extra
         return {c: comp[c] for c in CATEGORIES if comp.get(c)}
+
+
+def _fused_dropout(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    return torch.native_dropout(x, self.p, self.training)[0] if self.training else x
 
 
 def _materialise_fake(model: nn.Module, fake_mode, device: torch.device) -> None:
@@ -298,29 +319,26 @@ def _trace_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return build_optimizer(model, cfg, torch.device("cpu"))
 
 
-def _sdpa_override(precision: str):
-    """Resize CPU-flash outputs to what the CUDA kernel of this precision allocates."""
-    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-    low = precision in ("bf16-mixed", "fp16-mixed", "bf16-true")
+def _cuda_sizes(precision: str, tracker: LiveBytes, cpu_steps: bool):
+    """Storage sizes CUDA would allocate where the CPU kernels differ (see CUDA_EMULATION)."""
+    aten = torch.ops.aten
+    sdpa = aten._scaled_dot_product_flash_attention_for_cpu.default
+    low = precision != "fp32"
 
-    def override(func, args, t: torch.Tensor, nbytes: int) -> int | None:
-        if func is fwd and t.dim() == 3 and t.dtype == torch.float32:  # logsumexp (B, nh, T)
-            B, nh, T = t.shape
-            return B * nh * (T if low else -(-T // 32) * 32) * 4
+    def sizes(func, outs: list[torch.Tensor]) -> list[int | None] | None:
+        if func is sdpa:  # (out, logsumexp (B, nh, T))
+            B, nh, T = outs[1].shape
+            return [None, B * nh * (T if low else -(-T // 32) * 32) * 4]
+        if func is aten.native_layer_norm.default:  # CUDA keeps mean and rstd in fp32
+            return [None] + [t.numel() * 4 for t in outs[1:]]
+        if func is aten._foreach_norm.Scalar:  # CUDA: one (n,) tensor, the norms are views of it
+            return [len(outs) * 4] + [0] * (len(outs) - 1)
+        if cpu_steps and tracker.phase == "optimizer step" and func in (aten.lift_fresh_copy.default,
+                                                                          aten.lift_fresh.default):
+            return [0] * len(outs)  # Adafactor's step counters are CPU tensors
         return None
 
-    return override
-
-
-def sdpa_backward_workspace(B: int, nh: int, T: int, hs: int, low: bool) -> int:
-    """CUDA SDPA backward scratch (allocator-rounded): flash's fp32 dq accumulator and softmax_d,
-    or the memory-efficient kernel's delta."""
-    Tr = -(-T // 128) * 128
-    if low:
-        hsr = -(-hs // 32) * 32 if hs <= 192 else 256
-        dq_accum = B * Tr * nh * hsr * 4 if T > (64 if hs > 64 else 128) else 0
-        return cuda_bytes(dq_accum) + cuda_bytes(B * nh * Tr * 4)
-    return cuda_bytes(B * nh * -(-T // 32) * 32 * 4)
+    return sizes
 
 
 def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
@@ -331,6 +349,8 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     from microft.trainer import clip_gradients, micro_step, optimizer_step
 
     t0 = time.perf_counter()
+    if cfg.dropout is not None:
+        model_cfg = model_cfg.model_copy(update={"dropout": cfg.dropout})
     with torch.device("meta"):
         model = GPT(model_cfg)
     for block in model.h:
@@ -339,6 +359,9 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
         from microft.lora import apply_lora
 
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    for mod in model.modules():  # CUDA's fused dropout keeps a bool mask; the CPU path a float one
+        if isinstance(mod, nn.Dropout) and mod.p > 0:
+            mod.forward = types.MethodType(_fused_dropout, mod)
     if precision == "bf16-true":
         model.to(dtype=torch.bfloat16)
     device = torch.device("cpu")
@@ -349,11 +372,11 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
         set_grad_checkpointing(model, True, cfg.grad_ckpt_every)
 
     tracker = LiveBytes(keep_timeline)
-    tracker.size_override = _sdpa_override(precision)
+    tracker.size_override = _cuda_sizes(precision, tracker, cfg.optimizer == "adafactor")
     low = precision != "fp32"
     hs = model_cfg.head_dim
     sdpa_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-    workspace = sdpa_backward_workspace(micro_bs, model_cfg.n_head, seq_len, hs, low)
+    workspace = sdpa_workspace(micro_bs, model_cfg.n_head, seq_len, hs, low)
     state = {"at": "setup"}
     handles = _install_phase_hooks(model, tracker, state)
     params = [p for p in model.parameters()]
@@ -375,6 +398,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
             optimizer = _trace_optimizer(model, cfg)
             with tracker:
                 for step in range(1, steps + 1):
+                    tracker._sweep()
                     tracker.step_peak = tracker.live
                     for m in range(1, accum + 1):
                         state["at"] = f"step {step}, micro-step {m}"
@@ -398,8 +422,12 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     finally:
         for h in handles:
             h.remove()
+    emulated = list(CUDA_EMULATION)
+    if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in tracker.seen:
+        emulated.append("WARNING: SDPA fell back to the CPU math kernel, which saves the attention matrix; "
+                        "CUDA's flash/memory-efficient kernels do not, so this trace overcounts")
     return TraceResult(
         peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, peak_where=tracker.peak_where,
-        components=tracker.components_at_peak(), step_peaks=step_peaks, emulated=list(CUDA_EMULATION),
+        components=tracker.components_at_peak(), step_peaks=step_peaks, emulated=emulated,
         seconds=time.perf_counter() - t0, timeline=tracker.timeline,
     )

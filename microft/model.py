@@ -201,7 +201,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
             tw = valid.to(torch.float32) if token_w is None else token_w.float() * valid
             safe_t = torch.where(valid, targets, 0).unsqueeze(1)
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-            grad_w = torch.zeros(W.shape, dtype=dt, device=h.device) if need_w else None
+            grad_w = None  # the first chunk's product initialises it: no zero-filled 77 MB pass at GPT-2's vocab
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             rows = ce_chunk_rows(W.size(0))
             for s in range(0, h.size(0), rows):
@@ -221,7 +221,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s : s + rows] = g @ W
                 if need_w:
-                    grad_w.addmm_(g.t(), hc)
+                    grad_w = g.t() @ hc if grad_w is None else grad_w.addmm_(g.t(), hc)
             ctx.save_for_backward(grad_h, grad_w)
             ctx.weight_dtype = weight.dtype
         return loss
@@ -230,7 +230,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_out
-        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        gw = None
+        if grad_w is not None:  # widen first, then scale in place: one (Vp, C) temporary fewer at backward's peak
+            gw = grad_w.to(ctx.weight_dtype)
+            gw = gw.mul_(grad_out) if gw is not grad_w else gw * grad_out
         return gh, gw, None, None, None, None
 
 

@@ -14,9 +14,40 @@ from microft.errors import ConfigError
 Event = dict[str, Any]
 
 
-def batch_plan(cfg: RunConfig, world_size: int = 1) -> BatchPlan:
+def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None) -> BatchPlan:
+    """The run's batch plan; `--micro-bs auto` asks the memory planner for the largest micro-batch."""
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
-    return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
+    if cfg.micro_bs != "auto" or model_cfg is None:
+        return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
+    from microft.memory_plan import plan_micro_batch
+
+    budget, where = memory_budget(cfg)
+    micro = plan_micro_batch(cfg, model_cfg, budget)
+    if cfg.global_bs is not None:  # keep the global batch: largest divisor of the per-device share
+        share = cfg.global_bs // world_size
+        micro = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
+        plan = resolve_batch_plan(micro, None, cfg.global_bs, world_size)
+    else:
+        plan = resolve_batch_plan(micro, cfg.accum, None, world_size)
+    if on_event:
+        on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
+    return plan
+
+
+def memory_budget(cfg: RunConfig) -> tuple[int, str]:
+    """Bytes a run may use: the GPU's total memory, or the memory available on this machine."""
+    import torch
+
+    from microft.trainer import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.total_memory, f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
+    import os
+
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return avail, f"this machine's free memory ({avail / 2**30:.1f} GiB)"
 
 
 def seed_init(seed: int) -> None:
@@ -48,7 +79,7 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     blocks = pack_documents(read_text_corpus(cfg.data), encode, block)
     train_idx, val_idx = split_indices(len(blocks), cfg.val_frac, cfg.seed)
     with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
-        plan = batch_plan(cfg, dist.world_size)
+        plan = batch_plan(cfg, dist.world_size, model.config, on_event)
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
                      main_only(on_event, dist), dist=dist)
 
@@ -126,7 +157,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                               "(arithmetic, reversal, sorting, passive voice). Use --model DIR --data FILE, "
                               "or a recipe (recipes/*.toml), for real runs.")
         acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
-        plan = batch_plan(cfg, dist.world_size)
+        plan = batch_plan(cfg, dist.world_size, model.config, emit)
         summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
                         on_eval=on_eval if sample_prompts else None, banner_extra=banner)
         if demo and talk:

@@ -288,6 +288,7 @@ def train(
         restore_rng(ts["rng"])
         state = TrainState(**ts["state"])
 
+    estimate = memory_estimate(cfg, model, plan, precision)
     n_trainable = model.num_params(trainable_only=True)
     fpt = flops_per_token(model.config, max(lengths), n_trainable / max(1, model.num_params()))
     tokens_per_step = plan.global_bs * max(lengths)
@@ -299,6 +300,7 @@ def train(
         "effective_batch": plan.describe(), "tokens_per_step": tokens_per_step, "steps_per_epoch": spe,
         "total_steps": total_steps, "train_samples": len(train_set), "val_samples": len(val_set or []),
         "resumed_from": str(resume_dir) if resume_dir else None, "start_step": state.step, "out": str(out),
+        "estimated_peak": estimate,
         **(banner_extra or {}),
     })
 
@@ -363,6 +365,7 @@ def train(
     if state.step == 0 and resume_dir is None:
         do_eval()
     t_start = time.perf_counter() - state.elapsed
+    start_step = state.step
     last_loss = None
     try:
         while state.step < total_steps:
@@ -404,10 +407,15 @@ def train(
                 skipped = optimizer_step(optimizer, scaler)
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if cfg.micro_bs == "auto" and plan.micro_bs > 1 and state.step == start_step:
+                    plan = halve_micro_batch(plan)  # same samples per step, so the retry is exact
+                    on_event({"kind": "note", "text": f"out of memory: retrying with {plan.describe()}"})
+                    continue
                 raise TrainingError(
                     f"out of memory in the {phase} of step {state.step + 1} with {plan.describe()}; "
-                    f"try a smaller --micro-bs with a larger --accum, --grad-ckpt, --precision bf16-mixed, "
-                    f"or --lora (see `microft estimate-mem`)") from None
+                    f"{oom_advice(cfg, model, device)}") from None
             state.skipped_steps += skipped
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -442,6 +450,7 @@ def train(
     peak_flops, peak_src = device_peak_flops(device, precision)
     tps = state.tokens / max(elapsed, 1e-9)
     summary = {
+        "traced_peak": traced_peak(cfg, model, plan, precision) if device.type == "cpu" else None,
         "kind": "summary", "steps": state.step, "time_s": elapsed, "tokens": state.tokens, "tokens_per_sec": tps,
         "final_loss": last_loss, "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
         "best_step": state.best_step if state.best_step >= 0 else None, "skipped_steps": state.skipped_steps,
@@ -455,6 +464,46 @@ def train(
             summary["plot"] = str(plot)
     on_event(summary)
     return summary
+
+
+def memory_estimate(cfg: RunConfig, model: GPT, plan: BatchPlan, precision: str) -> str | None:
+    """The estimator's one-line peak for the banner (None where it can't model the run)."""
+    try:
+        from microft.memory_plan import estimate_for_run
+
+        return estimate_for_run(cfg, model.config, plan, precision)["summary"]
+    except MicroftError:
+        return None
+
+
+def traced_peak(cfg: RunConfig, model: GPT, plan: BatchPlan, precision: str) -> int | None:
+    """On CPU there is no allocator peak to read: trace the step on fake tensors instead."""
+    try:
+        from microft.memory_plan import estimate_for_run
+
+        return estimate_for_run(cfg, model.config, plan, precision, engine="trace")["peak_bytes"]
+    except MicroftError:
+        return None
+
+
+def halve_micro_batch(plan: BatchPlan) -> BatchPlan:
+    micro = plan.micro_bs // 2
+    while plan.micro_bs * plan.accum % micro:
+        micro -= 1
+    return BatchPlan(micro_bs=micro, accum=plan.micro_bs * plan.accum // micro, world_size=plan.world_size)
+
+
+def oom_advice(cfg: RunConfig, model: GPT, device: torch.device) -> str:
+    generic = ("try a smaller --micro-bs with a larger --accum, --grad-ckpt, --precision bf16-mixed, or --lora "
+               "(see `microft estimate-mem`)")
+    if device.type != "cuda":
+        return generic
+    try:
+        from microft.memory_plan import plan_advice
+
+        return plan_advice(cfg, model.config, torch.cuda.get_device_properties(device).total_memory)
+    except MicroftError:
+        return generic
 
 
 def plot_curves(metrics_path: Path, png: Path) -> Path | None:

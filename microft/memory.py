@@ -1,0 +1,420 @@
+"""Peak training memory: the analytical estimate, the traced one, budgets and the batch planner.
+
+Two engines answer "how many bytes does one training step of this run hold at its peak?":
+
+- `estimate(...)` (analytical, the default): replays microft's training step from shapes alone
+  (`memory_step` on the `memory_sim` engine): weights, gradients, optimizer state, the tensors each block saves under the
+  precision policy, the fused loss, checkpoint recomputes, gradient accumulation and the first
+  step's optimizer-state creation. No torch import; milliseconds for any model size.
+- `trace(...)` (`--trace`): runs microft's real step twice on fake tensors (`memory_trace`) and
+  reports the exact peak of live tensors. GPT-2 models only.
+
+Both give the tensor peak `torch.cuda.max_memory_allocated` would report (CUDA's 512-byte
+allocator rounding included). Runtime overhead (CUDA context, cuBLAS workspace, a fragmentation
+margin) is listed separately and added only for the verdict against a memory budget.
+
+This module imports neither torch nor rich (only `trace` and `--gpu-mem auto` load torch); the
+CLI renders what it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from microft.config import PRESETS, ModelConfig, RunConfig
+from microft.errors import ConfigError
+from microft.memory_sim import OverLimit
+from microft.memory_step import Arch, Replay, Setup, ce_chunk_rows
+
+MiB, GiB = 2**20, 2**30
+CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
+FRAGMENTATION = 0.08  # reserved-but-unused share the caching allocator typically adds in training
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LORA_PLAN_RANK = 16
+
+# name -> (total MiB as the driver reports it, bf16 support, Hopper-class cuBLAS workspace)
+DEVICES: dict[str, tuple[int, bool, bool]] = {
+    "t4": (15360, False, False), "v100-16gb": (16384, False, False), "v100-32gb": (32768, False, False),
+    "rtx2080ti": (11264, False, False), "rtx3060": (12288, True, False), "rtx3080": (10240, True, False),
+    "rtx3090": (24576, True, False), "rtx4070": (12282, True, False), "rtx4080": (16376, True, False),
+    "rtx4090": (24564, True, False), "a10": (23028, True, False), "a10g": (23028, True, False),
+    "l4": (23034, True, False), "a6000": (49140, True, False), "l40s": (46068, True, False),
+    "a100-40gb": (40960, True, False), "a100-80gb": (81920, True, False), "h100": (81559, True, True),
+    "h100-nvl": (95830, True, True), "h200": (143771, True, True),
+}
+
+
+# --- model shapes ------------------------------------------------------------------------------
+def arch_from_config(mc: ModelConfig, dropout: float | None = None) -> Arch:
+    """microft's GPT-2 as a generic shape."""
+    return Arch(name=mc.name, family="gpt2", vocab_size=mc.vocab_size, padded_vocab=mc.padded_vocab_size,
+                n_layer=mc.n_layer, n_embd=mc.n_embd, n_head=mc.n_head, n_kv_head=mc.n_head,
+                head_dim=mc.head_dim, ffn=4 * mc.n_embd, n_positions=mc.n_positions,
+                dropout=mc.dropout if dropout is None else dropout)
+
+
+def arch_from_hf_llama(raw: dict[str, Any], name: str) -> Arch:
+    """A Llama/Mistral/Qwen-style `config.json`: GQA, SwiGLU, RMSNorm, RoPE, (un)tied embeddings."""
+    try:
+        d, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+        vocab = int(raw["vocab_size"])
+        return Arch(
+            name=name, family="llama", vocab_size=vocab, padded_vocab=64 * math.ceil(vocab / 64),
+            n_layer=int(raw["num_hidden_layers"]), n_embd=d, n_head=heads,
+            n_kv_head=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or d // heads), ffn=int(raw["intermediate_size"]),
+            n_positions=int(raw.get("max_position_embeddings", 4096)), bias=False,
+            qkv_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
+            tied=bool(raw.get("tie_word_embeddings", False)), dropout=float(raw.get("attention_dropout", 0.0) or 0.0),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{name}: not a valid {raw.get('model_type')} config.json ({e})") from None
+
+
+def load_arch(spec: str, dropout: float | None = None) -> Arch:
+    """Shape of a preset, a microft checkpoint, an HF GPT-2 directory/config.json, or a
+    Llama/Mistral/Qwen-style HF config (for planning). Reads JSON only, never weights or torch."""
+    if spec in PRESETS:
+        return arch_from_config(ModelConfig.from_preset(spec), dropout)
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ConfigError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}), "
+                          f"a checkpoint directory nor a config.json")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {p}: {e}") from None
+    name = Path(spec).name if Path(spec).is_dir() else p.parent.name or p.name
+    if raw.get("format") == "microft":
+        try:
+            return arch_from_config(ModelConfig(**raw["model"]), dropout)
+        except Exception as e:
+            raise ConfigError(f"{p}: invalid microft config: {e}") from None
+    if raw.get("model_type", "gpt2") == "gpt2":
+        return arch_from_config(ModelConfig.from_hf(raw, name=name), dropout)
+    if raw.get("model_type") in LLAMA_TYPES:
+        arch = arch_from_hf_llama(raw, name)
+        return replace(arch, dropout=dropout) if dropout is not None else arch
+    raise ConfigError(f"{p}: model_type {raw.get('model_type')!r} is not supported "
+                      f"(gpt2, or for planning: {', '.join(LLAMA_TYPES)})")
+
+
+# --- budgets and devices -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """Memory available on one device, and what the device supports."""
+
+    bytes: int
+    label: str
+    bf16: bool = True
+    hopper: bool = False
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": MiB, "mb": 10**6, "mib": MiB,
+          "g": GiB, "gb": 10**9, "gib": GiB, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_budget(spec: str) -> Budget:
+    """`18GiB`, `24GB` (10^9), `16G` (GiB), a byte count, a device name (`rtx3090`, `a100-40gb`,
+    `h100`, `t4`, ...; see DEVICES), or `auto` (the local CUDA device)."""
+    s = spec.strip().lower().replace("_", "-").replace(" ", "")
+    if s == "auto":
+        return _local_budget()
+    alias = s.replace("nvidia-", "").replace("geforce-", "").replace("tesla-", "")
+    alias = {"a100": "a100-80gb", "a100-40g": "a100-40gb", "a100-80g": "a100-80gb", "v100": "v100-16gb",
+             "rtx-3090": "rtx3090", "rtx-4090": "rtx4090", "3090": "rtx3090", "4090": "rtx4090"}.get(alias, alias)
+    if alias in DEVICES:
+        mib, bf16, hopper = DEVICES[alias]
+        return Budget(mib * MiB, alias, bf16, hopper)
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise ConfigError(f"--gpu-mem {spec!r}: give a size (18GiB, 24GB, 16G), 'auto', or a device: "
+                          f"{', '.join(DEVICES)}")
+    n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if n <= 0:
+        raise ConfigError(f"--gpu-mem {spec!r} must be positive")
+    return Budget(n, spec.strip())
+
+
+def _local_budget() -> Budget:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("--gpu-mem auto needs a CUDA GPU; give a size (18GiB) or a device name (rtx3090)")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return Budget(props.total_memory, props.name, props.major >= 8, props.major >= 9)
+
+
+def runtime_overhead(peak: int, budget: Budget | None = None) -> dict[str, int]:
+    """What a CUDA process holds beyond its tensors. Not part of the tensor peak; added for the
+    verdict. The cuBLAS workspace is allocated through the caching allocator, so on a GPU
+    `max_memory_allocated` includes it."""
+    hopper = bool(budget and budget.hopper)
+    return {
+        "CUDA context": CUDA_CONTEXT,
+        "cuBLAS workspace": (32 if hopper else 8) * MiB + 128 * 1024,
+        "fragmentation margin": max(64 * MiB, int(FRAGMENTATION * peak)),
+    }
+
+
+# --- the run being estimated -------------------------------------------------------------------
+_LORA_TARGETS = ("qkv", "proj", "fc", "mlp_proj")  # lora.TARGETS (lora.py imports torch)
+_LORA_GROUPS = {"attn": ("qkv", "proj"), "mlp": ("fc", "mlp_proj"), "all": _LORA_TARGETS}
+
+
+def lora_targets(spec: str) -> tuple[str, ...]:
+    """`"qkv,proj"`, `"attn"`, `"all"` -> target names, as `lora.parse_targets` reads them."""
+    chosen: set[str] = set()
+    for raw in spec.split(","):
+        name = raw.strip().lower()
+        if name in _LORA_TARGETS:
+            chosen.add(name)
+        elif name in _LORA_GROUPS:
+            chosen.update(_LORA_GROUPS[name])
+        else:
+            raise ConfigError(f"unknown LoRA target {raw.strip()!r}; valid targets: "
+                              f"{', '.join([*_LORA_TARGETS, *_LORA_GROUPS])}")
+    return tuple(t for t in _LORA_TARGETS if t in chosen)
+
+
+def resolve_precision(precision: str, budget: Budget | None = None) -> str:
+    """`auto` as the trainer resolves it on the target GPU: bf16-mixed, or fp16-mixed without bf16."""
+    if precision == "auto":
+        return "fp16-mixed" if budget is not None and not budget.bf16 else "bf16-mixed"
+    return precision
+
+
+def scale_out(cfg: RunConfig) -> tuple[int, str]:
+    """(devices, "none" | "ddp" | "fsdp"): more than one device without --shard means DDP."""
+    if cfg.devices <= 1:
+        return 1, "none"
+    return cfg.devices, "fsdp" if cfg.shard == "fsdp" else "ddp"
+
+
+def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precision: str | None = None) -> Setup:
+    """The simulated setup of a run config (accumulation beyond 2 micro-steps repeats micro-step 2)."""
+    seq = cfg.max_seq_len or arch.n_positions
+    if seq > arch.n_positions:
+        raise ConfigError(f"--seq-len {seq} exceeds the model's context of {arch.n_positions}")
+    if micro_bs < 1:
+        raise ConfigError(f"--micro-bs must be positive, got {micro_bs}")
+    return Setup(
+        micro_bs=micro_bs, seq_len=seq, precision=precision or resolve_precision(cfg.precision), accum=min(accum, 2),
+        grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
+        lora_targets=lora_targets(cfg.lora_targets) if cfg.lora else ("qkv", "proj"),
+        lora_dropout=cfg.lora_dropout,
+    )
+
+
+# --- estimates ---------------------------------------------------------------------------------
+COMPONENT_ORDER = (
+    "weights", "gradients", "optimizer state", "activations", "autocast weight copies", "recomputed activations",
+    "loss (fused cross-entropy)", "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
+    "FSDP unsharded parameters", "other",
+)
+
+
+@dataclass
+class Estimate:
+    """A peak-memory answer: the tensor peak by component, where it falls, and runtime overhead."""
+
+    engine: str  # "analytical" or "trace"
+    arch: Arch
+    setup: Setup
+    peak_bytes: int
+    peak_phase: str  # forward, loss, start of backward, backward, end of backward, clip, optimizer step
+    peak_where: str  # e.g. "step 2, micro-step 1, backward of block 11"
+    components: dict[str, int]  # at the peak; sums to peak_bytes
+    step_peaks: list[int]  # per optimizer step: the first creates the optimizer state
+    details: dict[str, int] = field(default_factory=dict)  # itemised sizes, not all live at the peak
+    overhead: dict[str, int] = field(default_factory=dict)
+    budget: Budget | None = None
+    world: int = 1
+    shard: str = "none"
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def overhead_bytes(self) -> int:
+        return sum(self.overhead.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.total_bytes <= self.budget.bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.setup
+        return {
+            "peak_bytes": self.peak_bytes, "engine": self.engine, "peak_phase": self.peak_phase,
+            "peak_where": self.peak_where, "components": self.components, "overhead": self.overhead,
+            "overhead_bytes": self.overhead_bytes, "total_bytes": self.total_bytes,
+            "budget_bytes": self.budget.bytes if self.budget else None,
+            "budget": self.budget.label if self.budget else None, "fits": self.fits,
+            "step_peaks": self.step_peaks, "details": self.details,
+            "run": {"model": self.arch.name, "family": self.arch.family, "micro_bs": s.micro_bs,
+                    "seq_len": s.seq_len, "accum_simulated": s.accum, "precision": s.precision,
+                    "grad_ckpt": s.grad_ckpt, "grad_ckpt_every": s.ckpt_every, "optimizer": s.optimizer,
+                    "lora": s.lora, "lora_r": s.lora_r if s.lora else None,
+                    "lora_targets": list(s.lora_targets) if s.lora else None, "devices": self.world,
+                    "shard": self.shard},
+            "notes": self.notes, "seconds": round(self.seconds, 3),
+        }
+
+    def summary(self) -> str:
+        """One line for a banner: '6.26 GiB tensors at start of backward (+1.0 GiB runtime)'."""
+        return (f"{self.peak_bytes / GiB:.2f} GiB tensors at {self.peak_phase} "
+                f"(+{self.overhead_bytes / GiB:.2f} GiB runtime overhead; {self.engine})")
+
+
+def _ordered(comp: dict[str, int]) -> dict[str, int]:
+    out = {k: comp[k] for k in COMPONENT_ORDER if comp.get(k)}
+    out.update({k: v for k, v in comp.items() if v and k not in out})
+    return out
+
+
+def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
+    """Itemised sizes that explain the peak (bytes; not all of them are live at once)."""
+    params = r.m.params
+    train = [p for p in params if p.train]
+    C, Vp, N = arch.n_embd, arch.padded_vocab, s.micro_bs * s.seq_len
+    dt = 4 if s.precision == "fp32" else 2
+    rows = min(ce_chunk_rows(Vp), N)
+    d = {
+        "parameters": sum(p.numel for p in params) - (Vp - arch.vocab_size) * C * (1 if arch.tied else 2),
+        "trainable parameters": sum(p.numel for p in train) - (0 if s.lora else (Vp - arch.vocab_size) * C),
+        "weights": sum(p.numel * p.es for p in params),
+        "gradients": sum(p.numel * p.es for p in train),
+        "optimizer state": sum(st.nbytes for sts in r.opt_state.values() for st in sts) + sum(q.nbytes for q in r.qmaps),
+        "activations per block": r.block_bytes,
+        "loss: logits per chunk (fp32)": rows * Vp * 4,
+        "loss: low-precision logits copies per chunk": 0 if dt == 4 else 2 * rows * Vp * dt,
+        "loss: saved grad_h + grad_w": N * C * (4 if s.precision != "bf16-true" else 2) + (Vp * C * dt if r.m.head.train else 0),
+        "tied-embedding gradient transient": 2 * Vp * C * s.pes if (arch.tied and r.m.wte.train) else 0,
+        "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
+    }
+    return {k: v for k, v in d.items() if v}
+
+
+def max_tensor_peak(budget: Budget) -> int:
+    """The largest tensor peak whose total with runtime overhead fits `budget`."""
+    ctx = sum(v for k, v in runtime_overhead(0, budget).items() if k != "fragmentation margin")
+    p = int((budget.bytes - ctx) / (1 + FRAGMENTATION))
+    if FRAGMENTATION * p < 64 * MiB:
+        p = budget.bytes - ctx - 64 * MiB
+    return max(0, p)
+
+
+def estimate(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
+             fast: bool = False) -> Estimate:
+    """The analytical estimate: replay two optimizer steps of microft's step from shapes.
+
+    `fast` (the planner): the same peak from a shorter replay, and a replay that stops as soon as
+    the budget is exceeded (then `peak_bytes` is only a lower bound and `fits` is False)."""
+    import time
+
+    t0 = time.perf_counter()
+    r = Replay(arch, setup, grad_buckets=world > 1 and shard == "ddp")
+    if fast and budget is not None and not (world > 1 and shard == "fsdp"):
+        r.sim.limit = max_tensor_peak(budget)
+    try:
+        sim = r.run(fast=fast)
+    except OverLimit:
+        sim = r.sim
+        sim.peak, sim.peak_phase = max(sim.peak, sim.live), sim.phase
+    est = Estimate(engine="analytical", arch=arch, setup=setup, peak_bytes=sim.peak, peak_phase=sim.peak_phase,
+                   peak_where=sim.peak_where, components=_ordered(sim.peak_cats), step_peaks=r.step_peaks,
+                   details=_details(arch, setup, r), budget=budget, world=world, shard=shard)
+    if world > 1 and shard == "fsdp":
+        _fsdp_adjust(est, r)
+    est.notes += _notes(arch, setup)
+    est.overhead = runtime_overhead(est.peak_bytes, budget)
+    est.seconds = time.perf_counter() - t0
+    return est
+
+
+def _fsdp_adjust(est: Estimate, r: Replay) -> None:
+    """FSDP (full shard, one unit per block): model states split over the devices, plus the
+    gathered parameters of the current and the prefetched block. Approximate."""
+    w = est.world
+    comp = est.components
+    saved = 0
+    for k in ("weights", "gradients", "optimizer state"):
+        if k in comp:
+            cut = comp[k] - comp[k] // w
+            comp[k] -= cut
+            saved += cut
+    block = sum(p.numel * p.es for p in r.m.params if p.name.startswith("h.0."))
+    comp["FSDP unsharded parameters"] = 2 * block
+    est.peak_bytes += 2 * block - saved
+    est.components = _ordered(comp)
+    est.notes.append(f"FSDP over {w} devices: weights, gradients and optimizer state divided by {w}, plus two "
+                     f"gathered blocks; approximate (the trace does not model FSDP)")
+
+
+def _notes(arch: Arch, s: Setup) -> list[str]:
+    notes = [f"every sample is taken to fill all {s.seq_len} positions (packed or the longest batch)"]
+    if arch.family == "llama":
+        notes.append("Llama-style model: planning estimate for a microft-style step (fused qkv and gate/up "
+                     "projections, fused RMSNorm, SDPA with native GQA, RoPE saving nothing large, the fused "
+                     "chunked loss); microft trains GPT-2 only")
+    if s.optimizer == "adamw-8bit":
+        notes.append("adamw-8bit: bitsandbytes state (uint8 moments, fp32 absmax per 256 values)")
+    return notes
+
+
+def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
+          max_grad_norm: float | None = 1.0, steps: int = 2) -> Estimate:
+    """The traced peak: microft's real step on fake tensors (GPT-2 only; imports torch)."""
+    if arch.family != "gpt2":
+        raise ConfigError("--trace runs microft's GPT-2; Llama-style configs get the analytical estimate only")
+    if world > 1 and shard == "fsdp":
+        raise ConfigError("--trace does not model FSDP; drop --trace for the analytical estimate")
+    from microft.memory_trace import trace_training
+
+    mc = ModelConfig(name=arch.name, vocab_size=arch.vocab_size, n_positions=arch.n_positions, n_embd=arch.n_embd,
+                     n_layer=arch.n_layer, n_head=arch.n_head, dropout=arch.dropout)
+    cfg = RunConfig(precision=setup.precision, optimizer=setup.optimizer, weight_decay=setup.weight_decay,
+                    momentum=setup.momentum, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
+                    lora=setup.lora, lora_r=setup.lora_r, lora_dropout=setup.lora_dropout,
+                    lora_targets=",".join(setup.lora_targets), max_grad_norm=max_grad_norm)
+    t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum, steps=steps)
+    comp = dict(t.components)
+    peak = t.peak_bytes
+    if world > 1 and shard == "ddp":
+        r = Replay(arch, setup)
+        buckets = sum(p.numel * p.es for p in r.m.params if p.train)
+        comp["DDP gradient buckets"] = buckets
+        peak += buckets
+    est = Estimate(engine="trace", arch=arch, setup=setup, peak_bytes=peak, peak_phase=t.peak_phase,
+                   peak_where=t.peak_where, components=_ordered(comp), step_peaks=t.step_peaks,
+                   budget=budget, world=world, shard=shard, seconds=t.seconds)
+    r = Replay(arch, setup)
+    r.run()
+    est.details = _details(arch, setup, r)
+    est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
+    est.overhead = runtime_overhead(peak, budget)
+    return est
+
+
+_PLANNER = ("Plan", "PlanRow", "plan", "plan_micro_batch", "plan_advice", "estimate_for_run", "step_cost")
+
+
+def __getattr__(name: str) -> Any:
+    """The planner lives in `memory_plan`; `memory.plan_micro_batch` etc. keep working."""
+    if name in _PLANNER:
+        from microft import memory_plan
+
+        return getattr(memory_plan, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

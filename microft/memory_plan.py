@@ -1,0 +1,246 @@
+"""The batch planner: the largest micro-batch that fits a GPU, per strategy, and the OOM decision tree.
+
+Also the trainer's entry points: `plan_micro_batch` (`finetune --micro-bs auto`), `plan_advice`
+(the out-of-memory message) and `estimate_for_run` (the banner and the summary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.errors import ConfigError
+from microft.memory import (
+    LORA_PLAN_RANK,
+    Budget,
+    Estimate,
+    GiB,
+    arch_from_config,
+    estimate,
+    resolve_precision,
+    scale_out,
+    setup_for,
+    trace,
+)
+from microft.memory_step import Arch, Setup
+
+
+# --- the planner -------------------------------------------------------------------------------
+@dataclass
+class PlanRow:
+    """One strategy on a budget: the largest micro-batch that fits and what the step costs."""
+
+    strategy: str
+    setup: Setup  # at the chosen micro-batch
+    micro_bs: int  # 0: nothing fits
+    accum: int
+    peak_bytes: int
+    total_bytes: int
+    rel_cost: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        return self.micro_bs > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.setup
+        return {"strategy": self.strategy, "fits": self.fits, "micro_bs": self.micro_bs, "accum": self.accum,
+                "peak_bytes": self.peak_bytes, "total_bytes": self.total_bytes, "relative_step_cost": round(self.rel_cost, 2),
+                "precision": s.precision, "grad_ckpt": s.grad_ckpt, "optimizer": s.optimizer, "lora": s.lora,
+                "lora_r": s.lora_r if s.lora else None}
+
+
+@dataclass
+class Plan:
+    budget: Budget
+    global_bs: int | None
+    world: int
+    rows: list[PlanRow]  # the strategy table
+    tree: list[PlanRow]  # the decision tree from the run's own settings, in order
+    recommended: PlanRow | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_bytes": self.budget.bytes, "budget": self.budget.label, "global_bs": self.global_bs,
+                "devices": self.world, "strategies": [r.to_dict() for r in self.rows],
+                "decision_tree": [r.to_dict() for r in self.tree],
+                "recommended": self.recommended.to_dict() if self.recommended else None}
+
+
+class _Fitter:
+    """Largest fitting micro-batch per setup, with every replay memoised."""
+
+    def __init__(self, arch: Arch, budget: Budget, global_bs: int | None, world: int, shard: str, accum: int = 1):
+        self.arch, self.budget, self.global_bs, self.world, self.shard = arch, budget, global_bs, world, shard
+        self.accum = accum  # without a global batch: the accumulation to keep
+        self.cache: dict[tuple[Setup, bool], Estimate] = {}
+
+    def est(self, s: Setup, limited: bool = True) -> Estimate:
+        key = (s, limited)
+        if key not in self.cache:
+            budget = self.budget if limited else None
+            e = estimate(self.arch, s, budget, self.world, self.shard, fast=True)
+            e.budget = self.budget
+            self.cache[key] = e
+        return self.cache[key]
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """(micro-batch, accumulation) pairs that keep the global batch, smallest first."""
+        if self.global_bs is None:
+            return [(m, self.accum) for m in range(1, 4097)]
+        per = self.global_bs // self.world
+        return [(m, per // m) for m in range(1, per + 1) if per % m == 0]
+
+    def fit(self, name: str, base: Setup) -> PlanRow:
+        cands = self.candidates()
+
+        def ok(i: int) -> Estimate | None:
+            m, acc = cands[i]
+            e = self.est(replace(base, micro_bs=m, accum=min(acc, 2)))
+            return e if e.fits else None
+
+        lo, hi, best = 0, len(cands) - 1, None
+        if self.global_bs is None:  # grow geometrically first: no need to replay 4096 sizes
+            hi = 0
+            while hi < len(cands) - 1 and ok(hi):
+                lo, hi = hi, min(len(cands) - 1, 2 * hi + 1)
+            hi = hi if not ok(hi) else hi
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        if best is None:  # report the full peak at micro-batch 1, not the replay's stopping point
+            e = self.est(replace(base, micro_bs=1, accum=min(cands[0][1], 2)), limited=False)
+            return PlanRow(name, e.setup, 0, 0, e.peak_bytes, e.total_bytes)
+        m, acc = cands[best]
+        e = self.est(replace(base, micro_bs=m, accum=min(acc, 2)))
+        return PlanRow(name, e.setup, m, acc, e.peak_bytes, e.total_bytes)
+
+
+def step_cost(arch: Arch, row: PlanRow) -> float:
+    """Rough time per token, for ranking strategies: matmul FLOPs (a second forward of the
+    checkpointed blocks; no weight gradients for frozen LoRA weights) at tensor-core speed, or
+    half of it in fp32 (TF32 off), plus a fixed cost per micro-step worth 512 tokens."""
+    s = row.setup
+    ckpt_frac = (len(range(0, arch.n_layer, s.ckpt_every)) / arch.n_layer) if s.grad_ckpt else 0.0
+    block = 12 * arch.n_embd**2 * arch.n_layer
+    head = arch.padded_vocab * arch.n_embd
+    train_frac = 0.02 if s.lora else 1.0
+    flops = block * (4 + 2 * train_frac + 2 * ckpt_frac) + head * (4 + (0 if s.lora else 2))
+    speed = 0.5 if s.precision == "fp32" else 1.0
+    tokens = max(1, row.micro_bs) * s.seq_len
+    return flops / speed * (1 + 512 / tokens)
+
+
+def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, world: int = 1,
+         shard: str = "none", accum: int = 1) -> Plan:
+    """For each strategy the largest micro-batch that fits `budget` (runtime overhead included)
+    with the accumulation that keeps `global_bs`; then the OOM decision tree, walked exactly:
+    your settings (the largest micro-batch that fits) -> + gradient checkpointing -> + 8-bit
+    AdamW -> + mixed precision -> + LoRA r=16 -> + bf16 weights. The first step that fits is
+    recommended."""
+    if global_bs is not None and global_bs % world:
+        raise ConfigError(f"--global-bs {global_bs} is not divisible by {world} devices")
+    f = _Fitter(arch, budget, global_bs, world, shard, accum)
+    mixed = "bf16-mixed" if budget.bf16 else "fp16-mixed"
+    plain = replace(base, grad_ckpt=False, lora=False, precision="fp32",
+                    optimizer="adamw" if base.optimizer == "adamw-8bit" else base.optimizer)
+    lora = replace(base, lora=True, lora_r=LORA_PLAN_RANK, lora_targets=base.lora_targets or ("qkv", "proj"))
+    strategies = [
+        ("fp32", plain),
+        (mixed, replace(plain, precision=mixed)),
+        (f"{mixed} + grad ckpt", replace(plain, precision=mixed, grad_ckpt=True, ckpt_every=1)),
+        (f"{mixed} + grad ckpt + 8-bit AdamW", replace(plain, precision=mixed, grad_ckpt=True, ckpt_every=1,
+                                                        optimizer="adamw-8bit")),
+        (f"{mixed} + grad ckpt + 8-bit AdamW + LoRA r={LORA_PLAN_RANK}",
+         replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit")),
+    ]
+    if budget.bf16:  # past mixed precision: bf16 weights (the only way a 7B model trains on 24 GB)
+        strategies.append((f"bf16-true + grad ckpt + LoRA r={LORA_PLAN_RANK}",
+                           replace(lora, precision="bf16-true", grad_ckpt=True, ckpt_every=1)))
+    rows = [f.fit(name, s) for name, s in strategies]
+    steps, cur = [("your settings", base)], base
+    if not cur.grad_ckpt:
+        cur = replace(cur, grad_ckpt=True, ckpt_every=1)
+        steps.append(("+ gradient checkpointing", cur))
+    if cur.optimizer == "adamw":
+        cur = replace(cur, optimizer="adamw-8bit")
+        steps.append(("+ 8-bit AdamW", cur))
+    if cur.precision == "fp32":
+        cur = replace(cur, precision=mixed)
+        steps.append((f"+ mixed precision ({mixed})", cur))
+    if not cur.lora:
+        cur = replace(cur, lora=True, lora_r=LORA_PLAN_RANK, lora_targets=base.lora_targets or ("qkv", "proj"))
+        steps.append((f"+ LoRA r={LORA_PLAN_RANK}", cur))
+    if budget.bf16 and cur.precision != "bf16-true":
+        steps.append(("+ bf16 weights (bf16-true)", replace(cur, precision="bf16-true")))
+    tree = []
+    for name, s in steps:
+        tree.append(f.fit(name, s))
+        if tree[-1].fits:
+            break
+    fitting = [r for r in rows if r.fits] or [r for r in tree if r.fits]
+    ref = min((step_cost(arch, r) for r in fitting), default=1.0)  # the cheapest strategy that fits is 1.00x
+    for r in rows + tree:
+        r.rel_cost = step_cost(arch, r) / ref
+    return Plan(budget, global_bs, world, rows, tree, tree[-1] if tree[-1].fits else None)
+
+
+# --- for the trainer ---------------------------------------------------------------------------
+def _base(cfg: RunConfig, model_cfg: ModelConfig, precision: str | None, budget: Budget | None = None) -> tuple[Arch, Setup]:
+    arch = arch_from_config(model_cfg, cfg.dropout)
+    prec = precision or resolve_precision(cfg.precision, budget)
+    return arch, setup_for(cfg, arch, 1, precision=prec)
+
+
+def plan_micro_batch(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int, precision: str | None = None) -> int:
+    """The largest micro-batch (dividing the per-device global batch when one is given) whose
+    estimated peak plus runtime overhead fits `budget_bytes` (the device's total memory).
+
+    Raises ConfigError, with what would fit instead, when not even micro-batch 1 fits."""
+    budget = Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
+    arch, base = _base(cfg, model_cfg, precision, budget)
+    world, shard = scale_out(cfg)
+    row = _Fitter(arch, budget, cfg.global_bs, world, shard, cfg.accum or 1).fit("your settings", base)
+    if row.fits:
+        return row.micro_bs
+    raise ConfigError(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
+                      f"with runtime overhead); {plan_advice(cfg, model_cfg, budget_bytes, precision)}")
+
+
+def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int, precision: str | None = None) -> str:
+    """One line for an out-of-memory message: what the decision tree recommends on this budget."""
+    budget = Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
+    arch, base = _base(cfg, model_cfg, precision, budget)
+    world, shard = scale_out(cfg)
+    p = plan(arch, base, budget, cfg.global_bs, world, shard, cfg.accum or 1)
+    r = p.recommended
+    if r is None:
+        return f"nothing fits {budget.label}, not even LoRA with bf16 weights at micro-batch 1"
+    flags = [f"--micro-bs {r.micro_bs}", f"--accum {r.accum}"]
+    s = r.setup
+    if s.grad_ckpt and not base.grad_ckpt:
+        flags.append("--grad-ckpt")
+    if s.optimizer != base.optimizer:
+        flags.append(f"--optimizer {s.optimizer}")
+    if s.precision != base.precision:
+        flags.append(f"--precision {s.precision}")
+    if s.lora and not base.lora:
+        flags.append(f"--lora --lora-r {s.lora_r}")
+    return (f"estimate-mem recommends {r.strategy}: {' '.join(flags)} "
+            f"(estimated {r.total_bytes / GiB:.2f} GiB of {budget.label})")
+
+
+def estimate_for_run(cfg: RunConfig, model_cfg: ModelConfig, plan: BatchPlan, precision: str | None = None,
+                     engine: str = "analytical") -> dict[str, Any]:
+    """The estimate for a run about to start, as a dict (`Estimate.to_dict()` plus `summary`).
+
+    `precision`: the trainer's resolved precision (else `cfg.precision`, auto -> bf16-mixed).
+    `engine`: "analytical" (instant) or "trace" (the measured peak on CPU, a few seconds)."""
+    arch, base = _base(cfg, model_cfg, precision)
+    s = replace(base, micro_bs=plan.micro_bs, accum=min(plan.accum, 2))
+    fn = trace if engine == "trace" else estimate
+    e = fn(arch, s, world=plan.world_size, shard=scale_out(cfg)[1] if plan.world_size > 1 else "none")
+    return {**e.to_dict(), "summary": e.summary()}

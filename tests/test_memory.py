@@ -1,0 +1,279 @@
+"""estimate-mem: the analytical engine against the traced step, the planner, budgets, the CLI.
+
+The accuracy grid runs microft's real training step (two optimizer steps, on fake tensors) for
+each configuration and checks the analytical replay lands within 3 % of its peak.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from microft.cli import app
+from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.errors import ConfigError
+from microft.memory import (
+    Budget,
+    arch_from_config,
+    estimate,
+    estimate_for_run,
+    load_arch,
+    parse_budget,
+    plan,
+    plan_micro_batch,
+    setup_for,
+    trace,
+)
+from microft.memory_step import Replay
+
+TOLERANCE = 0.03
+
+# (model, micro-batch, seq len, precision, other RunConfig fields, accumulation)
+GRID = [
+    ("gpt2-tiny", 1, 16, "fp32", {}, 1),
+    ("gpt2-tiny", 1, 16, "fp32", {"optimizer": "adafactor"}, 1),
+    ("gpt2-tiny", 1, 16, "fp32", {"optimizer": "sgd"}, 2),
+    ("gpt2-tiny", 2, 64, "bf16-mixed", {}, 1),
+    ("gpt2-tiny", 4, 128, "fp16-mixed", {}, 2),
+    ("gpt2-tiny", 8, 128, "bf16-true", {}, 1),
+    ("gpt2-tiny", 4, 64, "fp32", {"grad_ckpt": True}, 1),
+    ("gpt2-tiny", 8, 128, "bf16-mixed", {"grad_ckpt": True}, 1),
+    ("gpt2-tiny", 2, 128, "fp32", {"lora": True}, 1),
+    ("gpt2-tiny", 4, 128, "bf16-mixed", {"lora": True, "lora_targets": "all", "lora_r": 4}, 2),
+    ("gpt2-tiny", 4, 64, "fp32", {"optimizer": "adamw-8bit"}, 1),
+    ("gpt2-tiny", 4, 128, "fp32", {"dropout": 0.1}, 1),
+    ("gpt2-mini", 4, 256, "fp32", {}, 1),
+    ("gpt2-mini", 4, 256, "bf16-mixed", {}, 2),
+    ("gpt2-mini", 2, 512, "fp16-mixed", {"grad_ckpt": True}, 1),
+    ("gpt2-mini", 4, 256, "bf16-mixed", {"grad_ckpt": True, "grad_ckpt_every": 2}, 1),
+    ("gpt2-mini", 2, 256, "bf16-true", {"grad_ckpt": True}, 1),
+    ("gpt2-mini", 2, 512, "fp32", {"lora": True}, 1),
+    ("gpt2-mini", 4, 256, "bf16-mixed", {"lora": True, "grad_ckpt": True}, 1),
+    ("gpt2-mini", 2, 128, "bf16-true", {"lora": True, "lora_targets": "attn,mlp", "lora_r": 16}, 1),
+    ("gpt2-mini", 2, 64, "fp32", {"optimizer": "adafactor"}, 1),
+    ("gpt2-mini", 4, 256, "bf16-mixed", {"optimizer": "adamw-8bit", "grad_ckpt": True}, 1),
+    ("gpt2-mini", 2, 256, "bf16-mixed", {"dropout": 0.1, "lora": True, "lora_dropout": 0.05}, 1),
+    ("gpt2-mini", 1, 32, "fp32", {"optimizer": "sgd", "weight_decay": 0.0}, 1),
+]
+# a small vocabulary moves the peak out of the loss: into backward and the optimizer step
+SMALL_VOCAB = ModelConfig(name="small-vocab", vocab_size=256, n_positions=256, n_embd=128, n_layer=3, n_head=4)
+SMALL_GRID = [
+    (8, 256, "fp32", {"grad_ckpt": True}, 1, "start of backward"),
+    (16, 256, "bf16-mixed", {"grad_ckpt": True}, 2, "start of backward"),
+    (1, 8, "fp32", {}, 1, "end of backward"),
+    (1, 8, "fp32", {"optimizer": "adafactor"}, 1, "optimizer step"),
+]
+
+
+def _both(arch, cfg: RunConfig, micro_bs: int, accum: int):
+    s = setup_for(cfg, arch, micro_bs, accum=accum)
+    return estimate(arch, s), trace(arch, s, max_grad_norm=cfg.max_grad_norm)
+
+
+def _check(a, t) -> None:
+    err = (a.peak_bytes - t.peak_bytes) / t.peak_bytes
+    assert abs(err) <= TOLERANCE, f"analytical {a.peak_bytes:,} vs traced {t.peak_bytes:,} ({100 * err:+.2f}%)"
+    for e in (a, t):
+        assert sum(e.components.values()) == e.peak_bytes
+        assert e.step_peaks and max(e.step_peaks) == e.peak_bytes
+
+
+@pytest.mark.parametrize("model,micro_bs,seq,precision,kw,accum", GRID,
+                         ids=[f"{m}-mb{b}-T{t}-{p}-{'-'.join(f'{k}={v}' for k, v in kw.items())}-acc{a}"
+                              for m, b, t, p, kw, a in GRID])
+def test_analytical_matches_trace(model, micro_bs, seq, precision, kw, accum):
+    cfg = RunConfig(precision=precision, max_seq_len=seq, **kw)
+    _check(*_both(load_arch(model, cfg.dropout), cfg, micro_bs, accum))
+
+
+@pytest.mark.parametrize("micro_bs,seq,precision,kw,accum,phase", SMALL_GRID)
+def test_analytical_matches_trace_outside_the_loss(micro_bs, seq, precision, kw, accum, phase):
+    cfg = RunConfig(precision=precision, max_seq_len=seq, **kw)
+    a, t = _both(arch_from_config(SMALL_VOCAB), cfg, micro_bs, accum)
+    _check(a, t)
+    assert a.peak_phase == phase
+
+
+def test_fast_replay_gives_the_full_peak():
+    arch = load_arch("gpt2-mini")
+    for kw, acc in [({}, 1), ({"grad_ckpt": True}, 3), ({"optimizer": "sgd"}, 2), ({"lora": True}, 1)]:
+        s = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=128, **kw), arch, 4, accum=acc)
+        full, fast = Replay(arch, s), Replay(arch, s)
+        assert full.run().peak == fast.run(fast=True).peak
+
+
+def test_first_step_creates_the_optimizer_state():
+    arch = load_arch("gpt2-tiny")
+    e = estimate(arch, setup_for(RunConfig(precision="fp32", max_seq_len=16), arch, 1))
+    assert e.step_peaks[0] < e.step_peaks[1]  # step 2 runs with Adam's two moments already there
+    assert e.details["optimizer state"] >= 2 * e.details["gradients"]
+
+
+def test_components_react_to_the_switches():
+    arch = load_arch("gpt2")
+    base = setup_for(RunConfig(precision="fp32", max_seq_len=1024), arch, 8)
+    peak = estimate(arch, base).peak_bytes
+    assert estimate(arch, replace(base, grad_ckpt=True)).peak_bytes < peak
+    assert estimate(arch, replace(base, precision="bf16-mixed")).peak_bytes < peak
+    assert estimate(arch, replace(base, optimizer="adamw-8bit")).peak_bytes < peak
+    lora = estimate(arch, replace(base, lora=True))
+    assert "optimizer state" in lora.components and lora.components["optimizer state"] < 10 * 2**20
+    ddp = estimate(arch, base, world=2, shard="ddp")
+    assert ddp.components["DDP gradient buckets"] == ddp.details["gradients"]
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("18GiB", 18 * 2**30), ("24GB", 24 * 10**9), ("16G", 16 * 2**30), ("512MiB", 512 * 2**20),
+    ("rtx3090", 24576 * 2**20), ("A100-40GB", 40960 * 2**20), ("h100", 81559 * 2**20), ("1000", 1000),
+])
+def test_parse_budget(spec, expected):
+    assert parse_budget(spec).bytes == expected
+
+
+@pytest.mark.parametrize("spec", ["lots", "-3GB", "0", "12 parsecs"])
+def test_parse_budget_rejects(spec):
+    with pytest.raises(ConfigError):
+        parse_budget(spec)
+
+
+def test_t4_has_no_bf16():
+    assert not parse_budget("t4").bf16 and parse_budget("rtx4090").bf16
+
+
+def test_plan_picks_the_largest_micro_batch_that_fits():
+    arch = load_arch("gpt2")
+    budget = parse_budget("t4")
+    base = setup_for(RunConfig(precision="fp32", max_seq_len=1024), arch, 1)
+    p = plan(arch, base, budget, global_bs=32)
+    assert len(p.rows) >= 5 and p.recommended is not None
+    for row in p.rows + p.tree:
+        if not row.fits:
+            continue
+        assert row.micro_bs * row.accum == 32 and row.total_bytes <= budget.bytes
+        bigger = [m for m in range(row.micro_bs + 1, 33) if 32 % m == 0]
+        if bigger:  # the next size up does not fit
+            up = estimate(arch, replace(row.setup, micro_bs=bigger[0], accum=min(32 // bigger[0], 2)), budget)
+            assert not up.fits
+    ckpt = next(r for r in p.rows if "ckpt" in r.strategy)
+    assert ckpt.micro_bs >= p.rows[1].micro_bs  # checkpointing never lowers the micro-batch
+
+
+def test_plan_micro_batch_and_estimate_for_run():
+    mc = ModelConfig.from_preset("gpt2")
+    cfg = RunConfig(precision="bf16-mixed", global_bs=64, max_seq_len=1024, micro_bs="auto")
+    mb = plan_micro_batch(cfg, mc, 24 * 2**30)
+    assert 64 % mb == 0 and mb >= 4
+    info = estimate_for_run(cfg, mc, BatchPlan(micro_bs=mb, accum=64 // mb))
+    assert info["fits"] is None and info["peak_bytes"] > 0 and "GiB" in info["summary"]
+    over = estimate(arch_from_config(mc), setup_for(cfg, arch_from_config(mc), 64), Budget(24 * 2**30, "24 GiB"))
+    assert not over.fits
+    with pytest.raises(ConfigError, match="does not fit"):
+        plan_micro_batch(cfg, mc, 2**30)
+
+
+LLAMA_7B = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 32, "vocab_size": 32000, "max_position_embeddings": 4096,
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+}
+
+
+def test_llama_7b_config_gets_a_fast_answer_and_a_24gb_plan(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B))
+    t0 = time.perf_counter()
+    arch = load_arch(str(tmp_path))
+    base = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=2048), arch, 1)
+    e = estimate(arch, base)
+    p = plan(arch, base, parse_budget("24GB"), global_bs=32)
+    assert time.perf_counter() - t0 < 2.0
+    assert 6.5e9 < e.details["parameters"] < 7e9
+    assert e.peak_bytes > 100 * 2**30  # full fine-tuning: fp32 weights, grads and Adam alone are ~100 GiB
+    assert p.recommended is not None and p.recommended.setup.lora and p.recommended.setup.precision == "bf16-true"
+    with pytest.raises(ConfigError, match="GPT-2"):
+        trace(arch, base)
+
+
+def test_gqa_config_is_smaller(tmp_path):
+    mistral = {**LLAMA_7B, "model_type": "mistral", "num_key_value_heads": 8, "intermediate_size": 14336}
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    arch = load_arch(str(tmp_path / "config.json"))
+    assert arch.kv_dim == 1024 and arch.qkv_dim == 4096 + 2048
+
+
+def test_unknown_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ConfigError, match="not supported"):
+        load_arch(str(tmp_path))
+
+
+# --- the command line -----------------------------------------------------------------------------
+runner = CliRunner()
+GPT2_RUN = ["estimate-mem", "--model", "gpt2", "--micro-bs", "8", "--seq-len", "1024", "--precision", "fp32"]
+
+
+def _json(args: list[str]) -> dict:
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code in (0, 3), res.output
+    return json.loads(res.output)
+
+
+def test_cli_gpt2_analytical_vs_trace():
+    t0 = time.perf_counter()
+    a = _json(GPT2_RUN)
+    assert time.perf_counter() - t0 < 2.0
+    t = _json([*GPT2_RUN, "--trace"])
+    assert abs(a["peak_bytes"] - t["peak_bytes"]) <= TOLERANCE * t["peak_bytes"]
+    assert a["engine"] == "analytical" and t["engine"] == "trace"
+    assert sum(a["components"].values()) == a["peak_bytes"]
+    assert a["peak_phase"] and a["total_bytes"] == a["peak_bytes"] + a["overhead_bytes"]
+
+
+def test_cli_table_and_verdict():
+    res = runner.invoke(app, [*GPT2_RUN, "--gpu-mem", "rtx3090", "--global-bs", "32"])
+    assert res.exit_code == 0, res.output
+    assert "activations" in res.output and "peak phase" in res.output and "recommended" in res.output
+    res = runner.invoke(app, [*GPT2_RUN, "--gpu-mem", "4GiB"])
+    assert res.exit_code == 3 and "does NOT fit" in res.output
+
+
+def test_cli_plan_json_and_micro_bs_auto():
+    d = _json(["estimate-mem", "--model", "gpt2-mini", "--micro-bs", "auto", "--global-bs", "64",
+               "--gpu-mem", "2GiB", "--precision", "bf16-mixed", "--seq-len", "512"])
+    assert d["fits"] is True and d["plan"]["recommended"]["micro_bs"] == d["run"]["micro_bs"]
+    assert {r["strategy"] for r in d["plan"]["strategies"]} >= {"fp32", "bf16-mixed"}
+
+
+@pytest.mark.parametrize("args", [
+    ["estimate-mem", "--model", "no-such-model"],
+    ["estimate-mem"],
+    [*GPT2_RUN, "--gpu-mem", "lots"],
+    ["estimate-mem", "--model", "gpt2", "--seq-len", "4096"],
+    ["estimate-mem", "--model", "gpt2", "--precision", "fp8"],
+    ["estimate-mem", "--model", "gpt2", "--micro-bs", "auto"],
+])
+def test_cli_bad_input_exits_2(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+
+
+def test_cli_recipe(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "gpt2-tiny"\nmicro_bs = 2\nmax_seq_len = 64\nprecision = "bf16-mixed"\nlora = true\n')
+    d = _json(["estimate-mem", "--recipe", str(recipe)])
+    assert d["run"]["lora"] and d["run"]["micro_bs"] == 2 and d["run"]["seq_len"] == 64
+
+
+def test_constants_mirror_the_torch_modules():
+    """The analytical modules avoid importing torch; their copies of model/optim/lora facts must agree."""
+    from microft import lora, memory, memory_step, model, optim
+
+    assert memory_step.CE_CHUNK_BYTES == model.CE_CHUNK_BYTES
+    assert memory_step.NO_DECAY_MARKERS == optim.NO_DECAY_MARKERS
+    for spec in ("qkv,proj", "attn", "mlp", "all", "fc,qkv"):
+        assert list(memory.lora_targets(spec)) == lora.parse_targets(spec)
+    for rows in (50304, 1024, 32000):
+        assert memory_step.ce_chunk_rows(rows) == model.ce_chunk_rows(rows)
