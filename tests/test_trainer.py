@@ -164,3 +164,79 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path):
     with pytest.raises(TrainingError, match="at step 1"):
         train(model, samples, None, run_config(tmp_path, max_steps=2), BatchPlan(micro_bs=2, accum=1))
     assert not (tmp_path / "final").exists()
+
+
+def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_is_checkpointed(tmp_path, monkeypatch):
+    import microft.trainer as trainer_mod
+    from microft.optim import make_scaler
+
+    # a scale so large the first scaled gradients overflow fp16: those steps must be skipped, not applied
+    monkeypatch.setattr(trainer_mod, "make_scaler", lambda p, d: make_scaler(p, d, init_scale=2.0**120))
+    samples = masked_samples(32, seed=10)
+    model = tiny_model()
+    before = flat_params(model)
+    events: list[dict] = []
+    summary = train(model, samples, None, run_config(tmp_path, max_steps=3, precision="fp16-mixed"),
+                    BatchPlan(micro_bs=4, accum=1), events.append)
+    steps = [e for e in events if e["kind"] == "step"]
+    assert summary["skipped_steps"] == sum(e["skipped"] for e in steps) >= 1
+    assert steps[0]["skipped"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) == all(e["skipped"] for e in steps)
+    state = torch.load(tmp_path / "checkpoints" / "step-0000003" / "train_state.pt", weights_only=False)
+    assert state["scaler"]["scale"] < 2.0**120 and state["state"]["skipped_steps"] == summary["skipped_steps"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
+def test_other_optimizers_train(tmp_path, optimizer):
+    samples = masked_samples(32, seed=11, vocab=50)
+    _, events = _train(tmp_path, samples, 4, 1, steps=8, optimizer=optimizer, lr=0.05)
+    losses = [e["loss"] for e in events if e["kind"] == "step"]
+    assert losses[-1] < losses[0]
+
+
+def test_adamw_8bit_without_cuda_is_a_clear_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="CUDA"):
+        _train(tmp_path, masked_samples(8), 2, 1, steps=1, optimizer="adamw-8bit")
+
+
+def test_no_weight_decay_on_biases_norms_and_embeddings():
+    from microft.optim import param_groups
+
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and ("c_" in names[id(p)]) for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.ln_1.bias"}
+
+
+def test_schedules_warm_up_then_decay_to_the_minimum_ratio():
+    from microft.optim import lr_lambda, warmup_steps
+
+    assert warmup_steps(0.1, 100) == 10 and warmup_steps(5, 100) == 5
+    cos = lr_lambda("cosine", 100, 10, 0.1)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0) and cos(10) == pytest.approx(1.0)
+    assert cos(55) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    lin = lr_lambda("linear", 100, 0, 0.0)
+    assert lin(50) == pytest.approx(0.5) and lin(100) == pytest.approx(0.0)
+    assert lr_lambda("constant", 100, 10, 0.1)(90) == 1.0
+
+
+def test_verdict_reads_the_curves():
+    from microft.trainer import verdict
+
+    over = [{"step": s, "val_loss": v} for s, v in [(0, 5.0), (10, 3.0), (20, 2.5), (30, 2.9), (40, 3.3)]]
+    assert verdict(over, 1.0).startswith("overfitting from step 20")
+    under = [{"step": s, "val_loss": 5.0 - 0.5 * i} for i, s in enumerate(range(0, 50, 10))]
+    assert verdict(under, 2.0).startswith("underfitting")
+    fit = [{"step": s, "val_loss": v} for s, v in [(0, 5.0), (10, 3.0), (20, 2.6), (30, 2.55), (40, 2.55)]]
+    assert verdict(fit, 2.5).startswith("well fit")
+
+
+def test_early_stopping_patience(tmp_path):
+    samples = masked_samples(64, seed=12)
+    val = masked_samples(8, seed=13)
+    events: list[dict] = []
+    cfg = run_config(tmp_path, max_steps=40, eval_every=1, patience=1, lr=0.5)  # lr far too high: val worsens
+    train(tiny_model(), samples, val, cfg, BatchPlan(micro_bs=4, accum=1), events.append)
+    assert any(e["kind"] == "note" and "early stop" in e["text"] for e in events)
+    assert max(e["step"] for e in events if e["kind"] == "step") < 40
