@@ -395,7 +395,7 @@ def train(
                     path = save("step", rng=rng_at_step_start)
                     code = 130 if flag["sig"] == signal.SIGINT else 143
                     raise Interrupted(f"interrupted at step {state.step}; saved {path}. Resume with: "
-                                      f"microft <command> ... --out {out} --resume auto", code)
+                                      f"{resume_command(out)}", code)
                 phase = "optimizer step"
                 scaler.unscale_(optimizer)
                 grad_norm = clip_gradients(model, cfg.max_grad_norm)
@@ -464,6 +464,19 @@ def train(
             summary["plot"] = str(plot)
     on_event(summary)
     return summary
+
+
+def resume_command(out: Path) -> str:
+    """The command line that continues this run (this process's own arguments plus --resume auto)."""
+    import shlex
+    import sys
+
+    argv = sys.argv[1:] if sys.argv and "microft" in sys.argv[0] else None
+    if not argv:
+        return f"microft <command> ... --out {out} --resume auto"
+    if "--resume" in argv:
+        return shlex.join(["microft", *argv])
+    return shlex.join(["microft", *argv, "--resume", "auto"])
 
 
 def memory_estimate(cfg: RunConfig, model: GPT, plan: BatchPlan, precision: str) -> str | None:
