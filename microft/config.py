@@ -231,7 +231,12 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def resolve_config(recipe: str | None = None, **flags: Any) -> RunConfig:
     """Merge recipe values with flags (flags win; None means 'not given') and validate once."""
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    values.update({k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    batch_flags = {"micro_bs", "accum", "global_bs"}
+    if len(batch_flags & given.keys()) >= 2:  # two batch flags fix the plan: drop the recipe's third
+        for k in batch_flags - given.keys():
+            values.pop(k, None)
+    values.update(given)
     try:
         return RunConfig(**values)
     except ValidationError as e:

@@ -165,3 +165,13 @@ def test_dry_run_rejects_unknown_recipe_keys(tmp_path):
     res = invoke("finetune", "--recipe", str(bad), "--dry-run")
     assert res.exit_code == 2
     assert "modle" in res.output
+
+
+def test_two_batch_flags_override_the_recipes_batch_plan(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('# microft finetune --recipe r.toml\nmicro_bs = 4\nglobal_bs = 32\n')
+    res = invoke("finetune", "--recipe", str(recipe), "--micro-bs", "1", "--accum", "8", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "Effective batch: 8 = 1 (micro) × 8 (accum) × 1 (device)" in res.output
+    res = invoke("finetune", "--recipe", str(recipe), "--micro-bs", "2", "--dry-run")
+    assert "Effective batch: 32 = 2 (micro) × 16 (accum) × 1 (device)" in res.output
