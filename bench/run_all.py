@@ -1,0 +1,37 @@
+"""`make bench`: every microft benchmark in one session, written into docs/benchmarks.md.
+
+    .venv/bin/python bench/run_all.py            # ~10 minutes on a 2-core CPU
+    .venv/bin/python bench/run_all.py --quick    # one round of speed runs, sections printed, doc untouched
+
+Runs bench/speed.py (microft vs transformers; its GPU part only when CUDA is available) and
+bench/trainer_matrix.py (precision × gradient checkpointing). Each rewrites only its own section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import speed
+import trainer_matrix
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one round of the speed runs; print instead of writing the doc")
+    p.add_argument("--only", choices=["speed", "matrix"], help="run one of the two benchmarks")
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    if a.only in (None, "speed"):
+        nums = speed.main(["--rounds", "1", "--no-write"] if a.quick else [])
+        print(f"[run_all] speed: microft {nums['speedup']:.2f}× transformers' tokens/s "
+              f"({nums['cpu_speedup']:.2f}× on CPU time), MFU {100 * nums['mfu']:.0f} %, "
+              f"peak memory {nums['memory_ratio']:.2f}×", file=sys.stderr)
+    if a.only in (None, "matrix"):
+        trainer_matrix.main(["--no-write"] if a.quick else [])
+    print(f"[run_all] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
