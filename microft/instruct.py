@@ -219,8 +219,10 @@ def data_files(path: str | Path) -> list[Path]:
     """The files `read_records` reads for `path`: the file itself, or a directory's .json/.jsonl files."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir()
-                       if f.is_file() and f.suffix.lower() in (".json", ".jsonl") and not f.name.startswith("."))
+        files = sorted(
+            f for f in p.iterdir()
+            if f.is_file() and f.suffix.lower() in (".json", ".jsonl") and not f.name.startswith(".")
+        )
         if not files:
             raise DataError(f"{p}: directory has no .json or .jsonl files")
         return files
@@ -241,7 +243,8 @@ def read_records(path: str | Path, skip_bad: bool = False) -> ReadResult:
     for f in data_files(path):
         records.extend(_read_file(f, str(f), problems))
     if problems and not skip_bad:
-        more = f" (and {len(problems) - 1} more bad record{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        n_more = len(problems) - 1
+        more = f" (and {n_more} more bad record{'s' if n_more > 1 else ''})" if n_more else ""
         raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad to skip bad records")
     if not records:
         raise DataError(f"{path}: no usable records ({len(problems)} bad record(s) skipped)")
@@ -293,7 +296,8 @@ def build_sample(record: Record, template: Template, encode: Encode, max_seq_len
         tokens, is_target = tokens[: max_seq_len + 1], is_target[: max_seq_len + 1]
     if not any(is_target[1:]):
         return None, truncated
-    labels = [t if (keep or not mask_prompt) else IGNORE_INDEX for t, keep in zip(tokens[1:], is_target[1:], strict=True)]
+    pairs = zip(tokens[1:], is_target[1:], strict=True)
+    labels = [t if (keep or not mask_prompt) else IGNORE_INDEX for t, keep in pairs]
     sample = {
         "input_ids": tokens[:-1],
         "labels": labels,
@@ -354,8 +358,8 @@ def split_records(records: Sequence[Record], val_frac: float, test_frac: float, 
     n_val = max(1, round(n * val_frac)) if val_frac > 0 else 0
     n_test = max(1, round(n * test_frac)) if test_frac > 0 else 0
     if n_val + n_test >= n:
-        raise DataError(f"only {n} record(s): too few to hold out {n_val} for validation and {n_test} for test; "
-                        "lower --val-frac/--test-frac or pass --val-data")
+        raise DataError(f"only {n} record(s): too few to hold out {n_val} for validation and {n_test} for "
+                        "test; lower --val-frac/--test-frac or pass --val-data")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     val_idx, test_idx = set(order[:n_val]), set(order[n_val:n_val + n_test])
@@ -366,7 +370,7 @@ def split_records(records: Sequence[Record], val_frac: float, test_frac: float, 
 
 
 def write_predictions(path: str | Path, items: Iterable[Mapping[str, Any]]) -> int:
-    """Write `--predict` output as JSONL (prompt, reference, prediction, plus any extra keys); returns rows."""
+    """Write `--predict` output as JSONL: prompt, reference, prediction, then any extra keys. Returns rows."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     n = 0

@@ -141,7 +141,9 @@ def _check_format(where: str, key: str, fmt: object, allowed: set[str], required
     try:
         names = [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
     except ValueError as e:
-        raise ConfigError(f"{where}: {key!r} is not a valid format string ({e}); write {{{{ and }}}} for literal braces") from None
+        raise ConfigError(
+            f"{where}: {key!r} is not a valid format string ({e}); write {{{{ and }}}} for literal braces"
+        ) from None
     bad = sorted({n for n in names if n not in allowed})
     if bad:
         raise ConfigError(f"{where}: {key!r} uses unknown field(s) {', '.join('{' + b + '}' for b in bad)}; "
@@ -160,9 +162,9 @@ def template_from_dict(raw: Mapping[str, object], where: str = "template") -> Te
         raise ConfigError(f"{where}: unknown key(s) {', '.join(extra)}; expected {', '.join(sorted(known))}")
     if "prompt" not in raw:
         raise ConfigError(f"{where}: missing 'prompt' (a format string with {{instruction}} and {{input}})")
-    prompt = _check_format(where, "prompt", raw["prompt"], {"instruction", "input"}, {"instruction"})
-    no_input = _check_format(where, "prompt_no_input", raw.get("prompt_no_input", prompt), {"instruction", "input"},
-                             {"instruction"})
+    fields, need = {"instruction", "input"}, {"instruction"}
+    prompt = _check_format(where, "prompt", raw["prompt"], fields, need)
+    no_input = _check_format(where, "prompt_no_input", raw.get("prompt_no_input", prompt), fields, need)
     turn = raw.get("turn")
     if turn is not None:
         turn = _check_format(where, "turn", turn, {"role", "content"}, {"content"})

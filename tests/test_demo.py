@@ -6,7 +6,9 @@ import re
 
 import pytest
 
+from microft.config import RunConfig
 from microft.demo import (
+    DEMO_RUN,
     TASKS,
     demo_heldout,
     demo_records,
@@ -16,6 +18,7 @@ from microft.demo import (
     task_of,
 )
 from microft.instruct import Record, build_samples
+from microft.templates import BUILTIN_TEMPLATES
 from microft.tokenizer import encode
 
 
@@ -94,3 +97,10 @@ def test_demo_items_feed_the_pipeline():
     assert stats.n_samples == 60 and stats.n_truncated == 0
     assert stats.max_len < 80  # short items: a tiny model trains on them quickly
     assert all(s["labels"][-1] == 50256 for s in samples)
+
+
+def test_demo_run_settings_are_a_valid_config():
+    cfg = RunConfig(**DEMO_RUN)
+    assert cfg.template in BUILTIN_TEMPLATES and cfg.data is None
+    samples, stats = build_samples(demo_records(600, seed=0), cfg.template, encode, cfg.max_seq_len)
+    assert stats.n_truncated == 0 and stats.max_len <= 32
