@@ -207,9 +207,11 @@ def finetune(
         flags = common_flags(**{k: v for k, v in locals().items() if k not in ("dry_run",)})
         base = {}
         if recipe is None and model is None and data is None:
+            import time
+
             from microft.demo import DEMO_RUN
 
-            base = dict(DEMO_RUN)
+            base = {**DEMO_RUN, "out": time.strftime("runs/demo-%Y%m%d-%H%M%S")}  # never an earlier run's dir
         from microft.config import resolve_config
 
         cfg = resolve_config(str(recipe) if recipe else None, **{**base, **{k: v for k, v in flags.items() if v is not None}})

@@ -108,7 +108,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 
     demo = cfg.data is None
     seed_init(cfg.seed)
-    model = load_model(cfg.model or "gpt2-mini", dropout=cfg.dropout)
+    model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
     max_len = seq_len_for(cfg, model.config.n_positions)
     data = load_instruct_data(cfg, max_len, encode)
     for problem in data.problems:
@@ -124,7 +124,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
         def save_extra(d):  # adapters beside the (unchanged) base weights
-            write_adapter_files(d, model, cfg.model or "gpt2-mini")
+            write_adapter_files(d, model, cfg.model or "gpt2-tiny")
 
     from microft.distributed import distributed, main_only
 
@@ -153,9 +153,9 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 
         banner = {"data_stats": stats_line}
         if demo:
-            banner["demo"] = ("built-in demo: a randomly initialised gpt2-mini learns small checkable tasks "
-                              "(arithmetic, reversal, sorting, passive voice). Use --model DIR --data FILE, "
-                              "or a recipe (recipes/*.toml), for real runs.")
+            banner["demo"] = ("built-in demo: a randomly initialised gpt2-tiny learns small instruction tasks "
+                              "with checkable answers (passive voice, upper-casing, arithmetic, reversal, sorting). "
+                              "For real runs: --model DIR --data FILE, or a recipe (recipes/*.toml).")
         acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
         plan = batch_plan(cfg, dist.world_size, model.config, emit)
         summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
