@@ -119,6 +119,38 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
 }
 
+# target name -> (block submodule, linear); the paths are HF GPT-2's module names too
+LORA_TARGETS: dict[str, tuple[str, str]] = {
+    "qkv": ("attn", "c_attn"),
+    "proj": ("attn", "c_proj"),
+    "fc": ("mlp", "c_fc"),
+    "mlp_proj": ("mlp", "c_proj"),
+}
+LORA_GROUPS: dict[str, tuple[str, ...]] = {
+    "attn": ("qkv", "proj"),
+    "mlp": ("fc", "mlp_proj"),
+    "all": tuple(LORA_TARGETS),
+}
+
+def parse_lora_targets(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`"qkv,proj"`, `"attn"`, `"all"`... -> canonical target names in a fixed order."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    chosen: set[str] = set()
+    for raw in names:
+        name = raw.strip().lower()
+        if name in LORA_TARGETS:
+            chosen.add(name)
+        elif name in LORA_GROUPS:
+            chosen.update(LORA_GROUPS[name])
+        else:
+            valid = ", ".join([*LORA_TARGETS, *LORA_GROUPS])
+            raise ConfigError(f"unknown LoRA target {raw.strip()!r}; valid targets: {valid}")
+    if not chosen:
+        raise ConfigError(f"no LoRA targets given; valid targets: {', '.join([*LORA_TARGETS, *LORA_GROUPS])}")
+    return [t for t in LORA_TARGETS if t in chosen]
+
+
+
 Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
 OptimizerName = Literal["adamw", "sgd", "adafactor", "adamw-8bit"]
 Schedule = Literal["cosine", "linear", "constant"]

@@ -32,6 +32,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from microft.checkpoint import atomic_dir
+from microft.config import LORA_TARGETS as TARGETS
+from microft.config import parse_lora_targets as parse_targets
 from microft.errors import CheckpointError, ConfigError
 from microft.model import GPT
 
@@ -39,39 +41,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model.transformer."
 
-# target name -> (block submodule, linear); the paths are HF GPT-2's module names too
-TARGETS: dict[str, tuple[str, str]] = {
-    "qkv": ("attn", "c_attn"),
-    "proj": ("attn", "c_proj"),
-    "fc": ("mlp", "c_fc"),
-    "mlp_proj": ("mlp", "c_proj"),
-}
-GROUPS: dict[str, tuple[str, ...]] = {
-    "attn": ("qkv", "proj"),
-    "mlp": ("fc", "mlp_proj"),
-    "all": tuple(TARGETS),
-}
 # PEFT matches a list entry against a module name's dotted suffix, so a bare "c_proj" would
 # also catch mlp.c_proj; the qualified names keep a saved adapter exactly as trained.
 PEFT_NAMES: dict[str, str] = {"qkv": "c_attn", "proj": "attn.c_proj", "fc": "c_fc", "mlp_proj": "mlp.c_proj"}
-
-
-def parse_targets(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """`"qkv,proj"`, `"attn"`, `"all"`... -> canonical target names in a fixed order."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    chosen: set[str] = set()
-    for raw in names:
-        name = raw.strip().lower()
-        if name in TARGETS:
-            chosen.add(name)
-        elif name in GROUPS:
-            chosen.update(GROUPS[name])
-        else:
-            valid = ", ".join([*TARGETS, *GROUPS])
-            raise ConfigError(f"unknown LoRA target {raw.strip()!r}; valid targets: {valid}")
-    if not chosen:
-        raise ConfigError(f"no LoRA targets given; valid targets: {', '.join([*TARGETS, *GROUPS])}")
-    return [t for t in TARGETS if t in chosen]
 
 
 def _target_linears(model: GPT, targets: list[str]) -> list[tuple[str, nn.Linear]]:

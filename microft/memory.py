@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from microft.config import PRESETS, ModelConfig, RunConfig
+from microft.config import PRESETS, ModelConfig, RunConfig, parse_lora_targets
 from microft.errors import ConfigError
 from microft.memory_sim import OverLimit
 from microft.memory_step import Arch, Replay, Setup, ce_chunk_rows
@@ -165,23 +165,9 @@ def runtime_overhead(peak: int, budget: Budget | None = None) -> dict[str, int]:
 
 
 # --- the run being estimated -------------------------------------------------------------------
-_LORA_TARGETS = ("qkv", "proj", "fc", "mlp_proj")  # lora.TARGETS (lora.py imports torch)
-_LORA_GROUPS = {"attn": ("qkv", "proj"), "mlp": ("fc", "mlp_proj"), "all": _LORA_TARGETS}
-
-
 def lora_targets(spec: str) -> tuple[str, ...]:
-    """`"qkv,proj"`, `"attn"`, `"all"` -> target names, as `lora.parse_targets` reads them."""
-    chosen: set[str] = set()
-    for raw in spec.split(","):
-        name = raw.strip().lower()
-        if name in _LORA_TARGETS:
-            chosen.add(name)
-        elif name in _LORA_GROUPS:
-            chosen.update(_LORA_GROUPS[name])
-        else:
-            raise ConfigError(f"unknown LoRA target {raw.strip()!r}; valid targets: "
-                              f"{', '.join([*_LORA_TARGETS, *_LORA_GROUPS])}")
-    return tuple(t for t in _LORA_TARGETS if t in chosen)
+    """`"qkv,proj"`, `"attn"`, `"all"` -> target names, as the trainer reads them."""
+    return tuple(parse_lora_targets(spec))
 
 
 def resolve_precision(precision: str, budget: Budget | None = None) -> str:
