@@ -4,8 +4,9 @@
     .venv/bin/python bench/trainer_matrix.py --steps 1 --no-write   # a quick check
 
 Each cell runs in a fresh subprocess (bench/steploop.py, `--impl microft`): step time, tokens/s and
-peak memory (peak RSS on CPU, `max_memory_allocated` on CUDA). fp16-mixed needs a GPU (the trainer
-refuses it on CPU), so on CPU its row says so. Only the `## Trainer: precision × checkpointing`
+peak memory (peak RSS on CPU, `max_memory_allocated` on CUDA). fp16-mixed is a GPU precision (on a CPU
+the trainer runs it without fast kernels, only so its grad-scaler path can be tested), so on CPU its
+row is skipped and says so. Only the `## Trainer: precision × checkpointing`
 section of docs/benchmarks.md is rewritten.
 """
 
@@ -30,7 +31,7 @@ def measure(a, device: str) -> list[dict]:
     for precision in PRECISIONS:
         for ckpt in (False, True):
             if precision == "fp16-mixed" and device != "cuda":
-                rows.append({"precision": precision, "grad_ckpt": ckpt, "skipped": "needs a GPU"})
+                rows.append({"precision": precision, "grad_ckpt": ckpt, "skipped": "GPU precision (no fast fp16 kernels on CPU)"})
                 continue
             name = f"{precision}, grad ckpt {'on' if ckpt else 'off'}"
             print(f"[matrix] {device}: {name} ...", file=sys.stderr, flush=True)

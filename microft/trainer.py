@@ -114,10 +114,18 @@ def schedule_length(n_train: int, plan: BatchPlan, cfg: RunConfig) -> tuple[int,
 
 
 def step_plan(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int, grouped: bool,
-              rank: int = 0) -> tuple[list[list[int]], list[int]]:
-    """(this rank's micro-batches, all indices of the step) for optimizer step `step`."""
+              rank: int = 0, cache: dict[int, list[list[int]]] | None = None) -> tuple[list[list[int]], list[int]]:
+    """(this rank's micro-batches, all indices of the step) for optimizer step `step`.
+
+    `cache` keeps the current epoch's batches, so the epoch is shuffled once, not every step.
+    """
     spe = n // plan.global_bs
-    batches = epoch_batches(n, plan.global_bs, seed, step // spe, lengths if grouped else None)
+    epoch = step // spe
+    cache = {} if cache is None else cache
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = epoch_batches(n, plan.global_bs, seed, epoch, lengths if grouped else None)
+    batches = cache[epoch]
     indices = batches[step % spe]
     mbs = micro_batches(indices, lengths, plan.micro_bs)
     return mbs[rank :: plan.world_size], indices
@@ -366,13 +374,14 @@ def train(
         do_eval()
     t_start = time.perf_counter() - state.elapsed
     start_step = state.step
+    epoch_cache: dict[int, list[list[int]]] = {}
     last_loss = None
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
             rng_at_step_start = capture_rng()  # an interrupted step is redone from here on resume
             mbs, step_idx = step_plan(state.step, len(train_set), lengths, plan, cfg.seed, cfg.group_by_length,
-                                      dist.rank)
+                                      dist.rank, epoch_cache)
             step_samples = [train_set[i] for i in step_idx]
             denom = target_weight(step_samples) / dist.world_size  # DDP averages over ranks
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)

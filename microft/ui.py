@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
-from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -50,10 +46,6 @@ def fmt_duration(s: float) -> str:
 def error(message: str) -> None:
     """One line on stderr; the caller sets the exit code."""
     err.print(f"[bold red]error:[/] {message}" if err.is_terminal else f"error: {message}", markup=err.is_terminal)
-
-
-def note(message: str) -> None:
-    err.print(message, markup=False)
 
 
 def resolve_log_format(log_format: str) -> str:
@@ -122,8 +114,6 @@ class TrainReporter:
         self.smooth: float | None = None
         self.progress: Progress | None = None
         self.task = None
-        self.live: Live | None = None
-        self.t0 = time.perf_counter()
 
     def __call__(self, e: Event) -> None:
         if self.fmt == "json":
@@ -214,11 +204,3 @@ def print_table(title: str, columns: list[str], rows: list[list[str]], plain: bo
     for r in rows:
         t.add_row(*r)
     out.print(t)
-
-
-def stream_writer() -> Callable[[str], None]:
-    def write(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    return write
