@@ -26,10 +26,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from microft.config import PRESETS, ModelConfig, RunConfig, parse_lora_targets
+from microft.config import PRESETS, ModelConfig, RunConfig, ce_chunks, parse_lora_targets
 from microft.errors import ConfigError
 from microft.memory_sim import OverLimit
-from microft.memory_step import Arch, Replay, Setup, ce_chunk_rows
+from microft.memory_step import Arch, Replay, Setup
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
@@ -276,7 +276,7 @@ def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
     train = [p for p in params if p.train]
     C, Vp, N = arch.n_embd, arch.padded_vocab, s.micro_bs * s.seq_len
     dt = 4 if s.precision == "fp32" else 2
-    rows = min(ce_chunk_rows(Vp), N)
+    rows = ce_chunks(N, Vp)[0][1]
     d = {
         "parameters": sum(p.numel for p in params) - (Vp - arch.vocab_size) * C * (1 if arch.tied else 2),
         "trainable parameters": sum(p.numel for p in train) - (0 if s.lora else (Vp - arch.vocab_size) * C),
@@ -287,7 +287,9 @@ def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
         "loss: logits per chunk (fp32)": rows * Vp * 4,
         "loss: low-precision logits copies per chunk": 0 if dt == 4 else 2 * rows * Vp * dt,
         "loss: saved grad_h + grad_w": N * C * (4 if s.precision != "bf16-true" else 2) + (Vp * C * dt if r.m.head.train else 0),
-        "tied-embedding gradient transient": 2 * Vp * C * s.pes if (arch.tied and r.m.wte.train) else 0,
+        # a tied, trainable head hands its gradient to the embedding's backward (model.HeadGradLink):
+        # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
+        "embedding gradient transient": Vp * C * s.pes if (not arch.tied and r.m.wte.train) else 0,
         "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
     }
     return {k: v for k, v in d.items() if v}

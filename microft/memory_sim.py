@@ -118,6 +118,7 @@ class Sim:
         self.where = ""
         self.phase = ""
         self.graph: list[Node] = []
+        self.stash: dict[str, St] = {}  # gradients handed between backward nodes ("k" / "u" steps)
         self.tag = ""  # where new nodes belong ("block 3", "loss", ...), for naming backward phases
         self.group: Group | None = None  # checkpoint region being recorded
         self.rec: dict | None = None  # recompute in progress
@@ -325,7 +326,9 @@ class Sim:
     def _run_backward(self, node: Node) -> None:
         """Steps: ("g", i, numel, es) a new gradient for input i; ("p", i) the incoming gradient
         passed to input i; ("t", key, numel, es) a scratch tensor; ("f", key) frees it;
-        ("s", i, numel, es) a scratch tensor only when input i needs a gradient."""
+        ("s", i, numel, es) a scratch tensor only when input i needs a gradient;
+        ("k", key, numel, es, par) a gradient for `par` handed to a later node (model.HeadGradLink);
+        ("u", i, key) that gradient, updated in place, for input i (a new one if none was handed)."""
         if node.group is not None and not node.group.done and node.nsaved:
             self._recompute(node.group)
         incoming = node.buf
@@ -356,6 +359,15 @@ class Sim:
                         self.transient(step[2] * step[3], "backward transients", node.name + " workspace")
                 elif kind == "f":
                     self.unref(tmp.pop(step[1], None))
+                elif kind == "k":
+                    self.stash[step[1]] = self.alloc(step[2] * step[3], _grad_cat(step[4]), node.name + " grad")
+                elif kind == "u":
+                    x = node.ins[step[1]]
+                    st = self.stash.pop(step[2], None)
+                    if x is not None and x.rg:
+                        produced.append((step[1], st or self.alloc(x.numel * x.es, _grad_cat(x), node.name + " grad")))
+                    elif st is not None:
+                        self.unref(st)
             for st in tmp.values():
                 self.unref(st)
         for b in incoming:

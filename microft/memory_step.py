@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from microft.config import ce_chunks
 from microft.memory_sim import Node, Par, Sim, St, Ten, cuda_bytes
 
 
@@ -80,12 +81,7 @@ class Setup:
         return 4 if self.precision == "fp32" else 2
 
 
-CE_CHUNK_BYTES = 64 * 2**20  # model.CE_CHUNK_BYTES (kept here so this module needs no torch)
 NO_DECAY_MARKERS = ("bias", "ln_", "wte", "wpe", "norm")  # optim.NO_DECAY_MARKERS
-
-
-def ce_chunk_rows(padded_vocab: int) -> int:
-    return max(16, CE_CHUNK_BYTES // (4 * padded_vocab))
 
 
 @dataclass
@@ -167,6 +163,8 @@ class Replay:
         self.scaler: list[St] = []
         self.step_peaks: list[int] = []
         self.block_bytes = 0
+        # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward
+        self.linked = arch.tied and self.m.head.train
         sim = self.sim
         sim.mark("setup", "setup")
         for p in self.m.params:
@@ -328,8 +326,9 @@ class Replay:
         C, T, pes = a.n_embd, s.seq_len, s.pes
         m = self.m
         sim.tag = "embeddings"
+        emb_bwd = (("u", 0, "head") if self.linked else ("g", 0, m.wte.numel, pes),)  # model._TiedEmbedding
         tok = sim.op("embedding", [m.wte, x_ids], [(N * C, pes, "activations")], save_in=((1, (0,)),),
-                     bwd=(("g", 0, m.wte.numel, pes),))[0]
+                     bwd=emb_bwd)[0]
         if m.wpe is not None:
             pos = sim.new(T, 8, "activations", "arange")
             pe = sim.op("embedding", [m.wpe, pos], [(T * C, pes, "activations")], save_in=((1, (0,)),),
@@ -373,21 +372,22 @@ class Replay:
         grad_h = sim.new(N * C, h.es, cat, "grad_h") if need_h else None
         grad_w = None  # made by the first chunk's product, then accumulated in place
         loss = sim.new(1, 4, cat, "loss")
-        rows = ce_chunk_rows(Vp)
         hc = g = lse = None
-        starts = list(range(0, N, rows))
-        if len(starts) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
-            starts = starts[:2] + starts[-1:]
-        for s0 in starts:
-            n = min(rows, N - s0)
+        chunks = ce_chunks(N, Vp)
+        if len(chunks) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
+            chunks = chunks[:2] + chunks[-1:]
+        logits = wcol = hw = None
+        for _, n in chunks:
             hc_new = sim.new(n * C, dt, cat, "hc") if h.es != dt else None
             sim.drop(hc)
             hc = hc_new
-            logits = sim.new(n * Vp, dt, cat, "logits")
+            l_new = sim.new(n * Vp, dt, cat, "logits")
             if dt != 4:
                 l32 = sim.new(n * Vp, 4, cat, "logits.float()")
-                sim.drop(logits)
-                logits = l32
+                sim.drop(l_new)
+                l_new = l32
+            sim.drop(logits)  # still alive here only when no gradient is needed (no `del`)
+            logits = l_new
             if Vp > V:
                 sim.transient(4, cat, "-inf")
             lse_new = sim.new(n, 4, cat, "lse")
@@ -396,21 +396,33 @@ class Replay:
             for _ in range(3):  # gather, sub, mul of the per-token loss
                 sim.transient(n * 4, cat, "token loss")
             if not (need_h or need_w):
-                sim.drop(logits)
                 continue
-            sim.transient(n * 4, cat, "-w")
+            sim.transient(n * 4, cat, "-1 at the targets")
             g_new = sim.new(n * Vp, dt, cat, "probs.to") if dt != 4 else sim.alias(logits)
             sim.drop(g)
             g = g_new
             sim.drop(logits)
+            logits = None
+            wcol_new = sim.new(n, dt, cat, "token weights") if dt != 4 else None
+            sim.drop(wcol)
+            wcol = wcol_new
             if need_h:
                 sim.transient(n * C * dt, cat, "g @ W")
-            if need_w and grad_w is None:
-                grad_w = sim.new(Vp * C, dt, cat, "grad_w")
-        sim.drop(hc, g, lse, Wc, valid, tw, safe_t)
-        # backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor either way)
-        bwd = (("g", 0, N * C, h.es), ("g", 1, Vp * C, W.es))
-        sim.custom("fused_ce", [h, W], loss, [grad_h, grad_w], bwd)
+            if need_w:
+                hw_new = sim.new(n * C, dt, cat, "h * w")
+                sim.drop(hw)
+                hw = hw_new
+                if grad_w is None:
+                    grad_w = sim.new(Vp * C, dt, cat, "grad_w")
+        sim.drop(hc, logits, g, lse, wcol, hw, Wc, valid, tw, safe_t)
+        # backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor either way),
+        # handed to the tied embedding's backward when the head is the embedding (HeadGradLink)
+        if self.linked:
+            bwd = (("g", 0, N * C, h.es), ("k", "head", Vp * C, W.es, W))
+            sim.custom("fused_ce", [h, None], loss, [grad_h, grad_w], bwd)
+        else:
+            bwd = (("g", 0, N * C, h.es), ("g", 1, Vp * C, W.es))
+            sim.custom("fused_ce", [h, W], loss, [grad_h, grad_w], bwd)
         sim.drop(grad_h, grad_w)
         return loss
 

@@ -15,9 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from microft.config import IGNORE_INDEX, ModelConfig
-
-CE_CHUNK_BYTES = 64 * 2**20  # fp32 logits held at once by the fused loss
+from microft.config import IGNORE_INDEX, ModelConfig, ce_chunks
 
 
 @dataclass
@@ -121,14 +119,15 @@ class GPT(nn.Module):
                 p.normal_(0.0, 0.02)
         self.wte.weight[self.config.vocab_size :].zero_()
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, C) after ln_f."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, link: HeadGradLink | None = None
+               ) -> torch.Tensor:
+        """Final hidden states (B, T, C) after ln_f; `link` ties the embedding's gradient to the loss's."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.drop(tied_embedding(idx, self.wte.weight, link) + self.wpe(pos))
         for i, block in enumerate(self.h):
             x = block(x, cache, i)
         if cache is not None:
@@ -149,15 +148,17 @@ class GPT(nn.Module):
         batch, which makes gradient accumulation exact. `weights` (B, T) scales each token.
         `target_pos` (flat positions of the targets) lets the loss head skip masked positions.
         """
-        h = self.hidden(idx, cache)
         if labels is None:
-            return F.linear(h, self.wte.weight[: self.config.vocab_size])
+            return F.linear(self.hidden(idx, cache), self.wte.weight[: self.config.vocab_size])
+        # torch.compile traces the two functions apart and would drop the hand-over: plain autograd there
+        link = None if torch.compiler.is_compiling() else HeadGradLink()
+        h = self.hidden(idx, cache, link)
         h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
         w = None if weights is None else weights.reshape(-1)
         if target_pos is not None:
             h, labels = h.index_select(0, target_pos), labels.index_select(0, target_pos)
             w = None if w is None else w.index_select(0, target_pos)
-        return fused_cross_entropy(h, self.wte.weight, labels, w, self.config.vocab_size)
+        return fused_cross_entropy(h, self.wte.weight, labels, w, self.config.vocab_size, link)
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameters as GPT-2 counts them (the padded embedding rows excluded)."""
@@ -178,9 +179,46 @@ def set_grad_checkpointing(model: GPT, enabled: bool = True, every: int = 1) -> 
     return n
 
 
-def ce_chunk_rows(padded_vocab: int) -> int:
-    """Rows of the flattened batch the fused loss processes at once."""
-    return max(16, CE_CHUNK_BYTES // (4 * padded_vocab))
+class HeadGradLink:
+    """Hands the tied LM head's weight gradient from the loss's backward to the embedding's.
+
+    The token embedding and the LM head share one weight. Left to autograd, its two gradients
+    meet in an out-of-place sum: a zero-filled (vocab, C) embedding gradient plus a new
+    (vocab, C) tensor for the total, ~3 full-size passes per micro-step. With a link, the
+    loss hands its gradient over and the embedding adds its few rows in place: one edge
+    reaches the weight, and the result is the same sum.
+    """
+
+    __slots__ = ("grad",)
+
+    def __init__(self) -> None:
+        self.grad: torch.Tensor | None = None
+
+
+class _TiedEmbedding(torch.autograd.Function):
+    """`F.embedding(idx, weight)` whose weight gradient adds onto the LM head's (see HeadGradLink)."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, link):
+        ctx.save_for_backward(idx)
+        ctx.link, ctx.shape, ctx.dtype = link, weight.shape, weight.dtype
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,) = ctx.saved_tensors
+        g, ctx.link.grad = ctx.link.grad, None
+        if g is None:  # the loss did not pass through the head (or it was never backpropagated)
+            g = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_out.device)
+        rows = grad_out.reshape(-1, grad_out.size(-1)).to(g.dtype)
+        g.index_put_((idx.reshape(-1),), rows, accumulate=True)  # repeated ids sum (deterministic)
+        return None, g, None
+
+
+def tied_embedding(idx: torch.Tensor, weight: torch.Tensor, link: HeadGradLink | None) -> torch.Tensor:
+    if link is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        return F.embedding(idx, weight)
+    return _TiedEmbedding.apply(idx, weight, link)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):
@@ -188,10 +226,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     Each chunk's logits are built, reduced to the loss and turned into gradients at once, so
     neither the fp32 logits nor the softmax of the whole micro-batch ever exist together.
+    Token weights scale the chunk's rows of h (for W's gradient) and of the product g @ W
+    (for h's), never the (rows, vocab) probabilities: one full pass fewer per chunk.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, token_w, vocab_size, need_grads):
+    def forward(ctx, h, weight, targets, token_w, vocab_size, need_grads, link):
         need_h, need_w = need_grads
         device_type = h.device.type
         dt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
@@ -201,29 +241,29 @@ class _FusedCrossEntropy(torch.autograd.Function):
             tw = valid.to(torch.float32) if token_w is None else token_w.float() * valid
             safe_t = torch.where(valid, targets, 0).unsqueeze(1)
             grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-            grad_w = None  # the first chunk's product initialises it: no zero-filled 77 MB pass at GPT-2's vocab
+            grad_w = None  # the first chunk's product initialises it: no zero-filled (vocab, C) pass
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            rows = ce_chunk_rows(W.size(0))
-            for s in range(0, h.size(0), rows):
-                hc = h[s : s + rows].to(dt)
+            for s, n in ce_chunks(h.size(0), W.size(0)):
+                hc, tc, wc = h[s : s + n].to(dt), safe_t[s : s + n], tw[s : s + n]
                 logits = (hc @ W.t()).float()  # (n, Vp) fp32: the loss is computed in fp32
                 if W.size(0) > vocab_size:
                     logits[:, vocab_size:] = float("-inf")
                 lse = torch.logsumexp(logits, dim=1)
-                wc = tw[s : s + rows]
-                loss += ((lse - logits.gather(1, safe_t[s : s + rows]).squeeze(1)) * wc).sum()
+                loss += ((lse - logits.gather(1, tc).squeeze(1)) * wc).sum()
                 if not (need_h or need_w):
                     continue
-                probs = logits.sub_(lse.unsqueeze(1)).exp_().mul_(wc.unsqueeze(1))  # d loss / d logits
-                probs.scatter_add_(1, safe_t[s : s + rows], -wc.unsqueeze(1))
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax; minus one at the target:
+                probs.scatter_add_(1, tc, torch.full_like(lse, -1.0).unsqueeze(1))  # d CE / d logits
                 g = probs.to(dt)
                 del logits, probs
+                wcol = wc.to(dt).unsqueeze(1)
                 if need_h:
-                    grad_h[s : s + rows] = g @ W
+                    torch.mul(g @ W, wcol, out=grad_h[s : s + n])
                 if need_w:
-                    grad_w = g.t() @ hc if grad_w is None else grad_w.addmm_(g.t(), hc)
+                    hw = hc * wcol
+                    grad_w = g.t() @ hw if grad_w is None else grad_w.addmm_(g.t(), hw)
             ctx.save_for_backward(grad_h, grad_w)
-            ctx.weight_dtype = weight.dtype
+            ctx.weight_dtype, ctx.link = weight.dtype, link
         return loss
 
     @staticmethod
@@ -234,11 +274,22 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if grad_w is not None:  # widen first, then scale in place: one (Vp, C) temporary fewer at backward's peak
             gw = grad_w.to(ctx.weight_dtype)
             gw = gw.mul_(grad_out) if gw is not grad_w else gw * grad_out
-        return gh, gw, None, None, None, None
+        if ctx.link is not None and gw is not None:  # the tied embedding's backward adds its rows to it
+            ctx.link.grad, gw = gw, None
+        return gh, gw, None, None, None, None, None
 
 
-def fused_cross_entropy(h, weight, targets, token_w=None, vocab_size: int | None = None) -> torch.Tensor:
-    """fp32 sum over tokens of weight × CE(h @ weight.T, target); targets of -100 are ignored."""
+def fused_cross_entropy(h, weight, targets, token_w=None, vocab_size: int | None = None,
+                        link: HeadGradLink | None = None) -> torch.Tensor:
+    """fp32 sum over tokens of weight × CE(h @ weight.T, target); targets of -100 are ignored.
+
+    With `link` (the tied embedding's, see HeadGradLink) the weight's gradient reaches it
+    through the embedding's backward, so `weight` gets no autograd edge from here.
+    """
     grad_on = torch.is_grad_enabled()
     need = (grad_on and h.requires_grad, grad_on and weight.requires_grad)
-    return _FusedCrossEntropy.apply(h, weight, targets, token_w, vocab_size or weight.size(0), need)
+    if link is not None and need[1]:
+        weight = weight.detach()
+    else:
+        link = None
+    return _FusedCrossEntropy.apply(h, weight, targets, token_w, vocab_size or weight.size(0), need, link)

@@ -89,3 +89,63 @@ def test_context_overflow_raises():
     model = GPT(ModelConfig(**{**TINY, "n_positions": 8}))
     with pytest.raises(ValueError, match="exceeds the context"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def _reference_loss(model: GPT, idx, labels, weights):
+    """The textbook head: full fp64 logits and F.cross_entropy, through plain autograd."""
+    V = model.config.vocab_size
+    logits = torch.nn.functional.linear(model.hidden(idx), model.wte.weight[:V])
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return (ce * weights.flatten()).sum()
+
+
+@pytest.mark.parametrize("use_target_pos", [False, True])
+def test_fused_loss_and_every_gradient_match_the_textbook_head(monkeypatch, use_target_pos):
+    """Chunked fused CE + the tied embedding's handed-over gradient == full logits + autograd (fp64)."""
+    import microft.config
+
+    monkeypatch.setattr(microft.config, "CE_CHUNK_BYTES", 40 * 50304 * 4)  # several chunks and a ragged tail
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(name="t", **TINY)).double()
+    idx = torch.randint(0, 50257, (3, 37))
+    labels = torch.randint(0, 50257, (3, 37))
+    labels[0, :9] = -100
+    labels[2, 30:] = -100
+    weights = torch.rand(3, 37, dtype=torch.float64) * (labels != -100)
+    kw = {}
+    if use_target_pos:
+        kw["target_pos"] = (labels.flatten() != -100).nonzero().squeeze(1)
+    assert len(microft.config.ce_chunks(3 * 37, model.config.padded_vocab_size)) > 1
+    fused = model(idx, labels, weights, **kw)
+    fused.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    ref = _reference_loss(model, idx, labels, weights)
+    ref.backward()
+    torch.testing.assert_close(fused, ref.float(), rtol=1e-6, atol=1e-5)  # the loss sums in fp32
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)  # the head computes in fp32
+    assert got["wte.weight"][model.config.vocab_size :].abs().max() == 0  # padded rows never learn
+
+
+def test_frozen_tied_weight_gets_no_gradient_and_inputs_still_do():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(name="t", **TINY))
+    model.wte.weight.requires_grad_(False)
+    idx = torch.randint(0, 50257, (2, 16))
+    model(idx, idx).backward()
+    assert model.wte.weight.grad is None
+    assert model.h[0].attn.c_attn.weight.grad.abs().sum() > 0
+
+
+def test_compiled_model_gets_the_same_gradients():
+    """torch.compile (dynamo; the eager backend needs no compiler) keeps the tied gradient whole."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(name="t", **TINY))
+    ref = GPT(ModelConfig(name="t", **TINY))
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 50257, (2, 16))
+    torch.compile(model, backend="eager")(idx, idx).backward()
+    ref(idx, idx).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
