@@ -376,33 +376,43 @@ class Replay:
         chunks = ce_chunks(N, Vp)
         if len(chunks) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
             chunks = chunks[:2] + chunks[-1:]
-        logits = wcol = hw = None
+        probs = z_max = z_t = wcol = hw = None
         for _, n in chunks:
             hc_new = sim.new(n * C, dt, cat, "hc") if h.es != dt else None
             sim.drop(hc)
             hc = hc_new
-            l_new = sim.new(n * Vp, dt, cat, "logits")
-            if dt != 4:
-                l32 = sim.new(n * Vp, 4, cat, "logits.float()")
-                sim.drop(l_new)
-                l_new = l32
-            sim.drop(logits)  # still alive here only when no gradient is needed (no `del`)
-            logits = l_new
+            z = sim.new(n * Vp, dt, cat, "logits")
             if Vp > V:
                 sim.transient(4, cat, "-inf")
+            zm_new, zt_new = sim.new(n, dt, cat, "max"), sim.new(n, dt, cat, "z_t")
+            sim.drop(z_max, z_t)
+            z_max, z_t = zm_new, zt_new
+            p_new = sim.new(n * Vp, 4, cat, "logits.float()") if dt != 4 else sim.alias(z)  # softmax in place
+            sim.drop(probs)  # still alive here only when no gradient is needed (no `del`)
+            probs = p_new
+            sim.drop(z)
+            zm32 = sim.new(n, 4, cat, "max.float()") if dt != 4 else None  # lse = z_max - log p_max
+            p_max = sim.new(n, 4, cat, "p_max")
+            log_p = sim.new(n, 4, cat, "log p_max")
+            sim.drop(p_max)
             lse_new = sim.new(n, 4, cat, "lse")
-            sim.drop(lse)
+            sim.drop(zm32, log_p, lse)
             lse = lse_new
-            for _ in range(3):  # gather, sub, mul of the per-token loss
-                sim.transient(n * 4, cat, "token loss")
+            zt32 = sim.new(n, 4, cat, "z_t.float()") if dt != 4 else None  # the token losses, weighted, summed
+            diff = sim.new(n, 4, cat, "token loss")
+            sim.drop(zt32)
+            weighted = sim.new(n, 4, cat, "weighted loss")
+            sim.drop(diff)
+            sim.transient(4, cat, "sum")
+            sim.drop(weighted)
             if not (need_h or need_w):
                 continue
             sim.transient(n * 4, cat, "-1 at the targets")
-            g_new = sim.new(n * Vp, dt, cat, "probs.to") if dt != 4 else sim.alias(logits)
+            g_new = sim.new(n * Vp, dt, cat, "probs.to") if dt != 4 else sim.alias(probs)
             sim.drop(g)
             g = g_new
-            sim.drop(logits)
-            logits = None
+            sim.drop(probs)
+            probs = None
             wcol_new = sim.new(n, dt, cat, "token weights") if dt != 4 else None
             sim.drop(wcol)
             wcol = wcol_new
@@ -414,7 +424,7 @@ class Replay:
                 hw = hw_new
                 if grad_w is None:
                     grad_w = sim.new(Vp * C, dt, cat, "grad_w")
-        sim.drop(hc, logits, g, lse, wcol, hw, Wc, valid, tw, safe_t)
+        sim.drop(hc, probs, z_max, z_t, g, lse, wcol, hw, Wc, valid, tw, safe_t)
         # backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor either way),
         # handed to the tied embedding's backward when the head is the embedding (HeadGradLink)
         if self.linked:

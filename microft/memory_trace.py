@@ -355,6 +355,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
         model = GPT(model_cfg)
     for block in model.h:
         block.attn.dropout = 0.0  # CUDA's flash kernel keeps no attention mask; the CPU one would
+        block.attn.cpu_math_max_len = 0  # and CUDA runs SDPA at every length
     if cfg.lora:
         from microft.lora import apply_lora
 

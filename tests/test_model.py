@@ -104,18 +104,18 @@ def test_fused_loss_and_every_gradient_match_the_textbook_head(monkeypatch, use_
     """Chunked fused CE + the tied embedding's handed-over gradient == full logits + autograd (fp64)."""
     import microft.config
 
-    monkeypatch.setattr(microft.config, "CE_CHUNK_BYTES", 40 * 50304 * 4)  # several chunks and a ragged tail
+    monkeypatch.setattr(microft.config, "CE_CHUNK_BYTES", 128 * 50304 * 4)  # 128-row chunks, a ragged tail
     torch.manual_seed(0)
     model = GPT(ModelConfig(name="t", **TINY)).double()
-    idx = torch.randint(0, 50257, (3, 37))
-    labels = torch.randint(0, 50257, (3, 37))
+    idx = torch.randint(0, 50257, (5, 60))
+    labels = torch.randint(0, 50257, (5, 60))
     labels[0, :9] = -100
     labels[2, 30:] = -100
-    weights = torch.rand(3, 37, dtype=torch.float64) * (labels != -100)
+    weights = torch.rand(5, 60, dtype=torch.float64) * (labels != -100)
     kw = {}
     if use_target_pos:
         kw["target_pos"] = (labels.flatten() != -100).nonzero().squeeze(1)
-    assert len(microft.config.ce_chunks(3 * 37, model.config.padded_vocab_size)) > 1
+    assert len(microft.config.ce_chunks(idx.numel(), model.config.padded_vocab_size)) > 1
     fused = model(idx, labels, weights, **kw)
     fused.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -149,3 +149,36 @@ def test_compiled_model_gets_the_same_gradients():
     ref(idx, idx).backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def test_short_cpu_attention_matches_sdpa():
+    """The plain-op causal attention used on CPU in bf16 up to 256 positions is SDPA's function."""
+    from microft.model import causal_attention_math
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    y = causal_attention_math(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bf16_model_takes_the_short_path_and_agrees_with_sdpa(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(name="t", **TINY)).to(torch.bfloat16)
+    idx = torch.randint(0, 50257, (2, 24))
+    calls = []
+    sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa_fn(*a, **kw))
+    short = model(idx, idx)
+    assert not calls
+    for block in model.h:
+        block.attn.cpu_math_max_len = 0
+    sdpa = model(idx, idx)
+    assert len(calls) == len(model.h)
+    torch.testing.assert_close(short, sdpa, rtol=2e-2, atol=0)
