@@ -144,7 +144,8 @@ def hf_stepper(cfg: ModelConfig, args, device: torch.device):
     return model, step, precision
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_weight_int8pack_mm"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::_weight_int8pack_mm"}
+ATTENTION_MATMULS = {"aten::bmm", "aten::baddbmm"}  # only attention multiplies batches of matrices here
 
 
 def breakdown(prof) -> dict[str, float]:
@@ -154,7 +155,7 @@ def breakdown(prof) -> dict[str, float]:
         t = (e.self_device_time_total if getattr(e, "self_device_time_total", 0) else e.self_cpu_time_total) / 1e6
         if e.key in MATMUL_OPS or "gemm" in e.key.lower():
             out["matmul"] += t
-        elif "scaled_dot_product" in e.key or "flash" in e.key.lower():
+        elif "scaled_dot_product" in e.key or "flash" in e.key.lower() or e.key in ATTENTION_MATMULS:
             out["attention"] += t
         elif "adam" in e.key.lower():
             out["optimizer"] += t

@@ -67,7 +67,7 @@ Shape: {model_label(a.model)}, random init; micro-batch {a.micro_bs} × seq {a.s
 
 {table(header, out)}
 
-At micro-batch {a.micro_bs} × seq {a.seq} the fp32 weights, gradients and AdamW moments (16 bytes per parameter: {gib(16 * ref['n_params'])}) dominate the peak, so checkpointing saves little here and costs a recomputed forward; it pays off at longer sequences and larger micro-batches (see `microft estimate-mem`). bf16-true halves those states but keeps no fp32 master weights, so it trains less precisely. With {plural(a.steps, 'timed step')} per cell and other jobs on the machine, step-time differences under about 25 % are noise: the bf16-mixed, checkpointing-off cell is the same configuration as "microft auto" in the speed table above."""
+At micro-batch {a.micro_bs} × seq {a.seq} the fp32 weights, gradients and AdamW moments (16 bytes per parameter: {gib(16 * ref['n_params'])}) dominate the peak, so checkpointing saves little here and costs a recomputed forward; it pays off at longer sequences and larger micro-batches (see `microft estimate-mem`). bf16-true keeps bf16 weights, gradients and AdamW moments plus 16 more bits of every fp32 master weight (`optim.MasterAdamW`): 10 bytes per parameter instead of 16, and no update lost to bf16 rounding. With {plural(a.steps, 'timed step')} per cell and other jobs on the machine, step-time differences under about 25 % are noise: the bf16-mixed, checkpointing-off cell is the same configuration as "microft auto" in the speed table above."""
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -82,6 +82,7 @@ class Setup:
 
 
 NO_DECAY_MARKERS = ("bias", "ln_", "wte", "wpe", "norm")  # optim.NO_DECAY_MARKERS
+MASTER_CHUNK = 1 << 20  # optim.MASTER_CHUNK
 
 
 @dataclass
@@ -517,7 +518,9 @@ class Replay:
         st_cat, tr = "optimizer state", "optimizer transients"
         state = self.opt_state
         for params, wd in self.groups():
-            if opt == "adamw":  # fused: step, exp_avg, exp_avg_sq per parameter; no temporaries
+            if opt == "adamw" and self.s.precision == "bf16-true":
+                self._master_adamw(params, state)
+            elif opt == "adamw":  # fused: step, exp_avg, exp_avg_sq per parameter; no temporaries
                 for p in params:
                     if p.name not in state:
                         state[p.name] = [sim.alloc(4, st_cat, "step"), sim.alloc(p.numel * p.es, st_cat, "exp_avg"),
@@ -553,6 +556,19 @@ class Replay:
         for p in self.m.params:
             sim.unref(p.grad)
             p.grad = None
+
+    def _master_adamw(self, params: list[Par], state: dict[str, list[St]]) -> None:
+        """optim.MasterAdamW: bf16 moments + 16 low master bits; fp32 working copies one chunk at a time."""
+        sim, st_cat, tr = self.sim, "optimizer state", "optimizer transients"
+        for p in params:
+            if p.name not in state:
+                state[p.name] = [sim.alloc(4, st_cat, "step"), sim.alloc(p.numel * 2, st_cat, "exp_avg"),
+                                 sim.alloc(p.numel * 2, st_cat, "exp_avg_sq"), sim.alloc(p.numel * 2, st_cat, "master_lo")]
+            c = min(p.numel, MASTER_CHUNK)  # the first chunk is the largest; every chunk frees its copies
+            work = [sim.alloc(c * 4, tr, what) for what in ("master", "exp_avg.float()", "exp_avg_sq.float()")]
+            sim.transient(c * 4, tr, "grad.float()")
+            for t in work:
+                sim.unref(t)
 
     def _adafactor(self, params: list[Par], state: dict[str, list[St]]) -> None:
         """torch.optim.Adafactor(foreach=True): factored second moments; steps live on the CPU."""

@@ -272,5 +272,6 @@ def test_constants_mirror_the_torch_modules():
     from microft import lora, memory, memory_step, optim
 
     assert memory_step.NO_DECAY_MARKERS == optim.NO_DECAY_MARKERS
+    assert memory_step.MASTER_CHUNK == optim.MASTER_CHUNK
     for spec in ("qkv,proj", "attn", "mlp", "all", "fc,qkv"):
         assert list(memory.lora_targets(spec)) == lora.parse_targets(spec)

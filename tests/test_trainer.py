@@ -49,14 +49,15 @@ def test_step_loss_is_the_token_mean_not_the_mean_of_micro_batch_means(tmp_path)
     assert step["loss"] == pytest.approx(total / n_tokens, rel=1e-5)
 
 
-def test_resume_after_sigint_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-true"])  # bf16-true: MasterAdamW's int16 master bits too
+def test_resume_after_sigint_matches_an_uninterrupted_run(tmp_path, precision):
     samples = masked_samples(48, seed=3)
-    ref_model, ref_events = _train(tmp_path / "ref", samples, 2, 2, steps=6, dropout=None)
+    ref_model, ref_events = _train(tmp_path / "ref", samples, 2, 2, steps=6, dropout=None, precision=precision)
     ref_state = torch.load(tmp_path / "ref" / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)
 
     out = tmp_path / "cut"
     model = tiny_model()
-    cfg = run_config(out, max_steps=6)
+    cfg = run_config(out, max_steps=6, precision=precision)
 
     def interrupt_at_3(e):
         if e["kind"] == "step" and e["step"] == 3:
@@ -79,6 +80,7 @@ def test_resume_after_sigint_matches_an_uninterrupted_run(tmp_path):
     state = torch.load(out / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)
     for pid, s in ref_state["optimizer"]["state"].items():
         for name, t in s.items():
+            assert t.dtype == state["optimizer"]["state"][pid][name].dtype, (pid, name)
             assert torch.equal(t, state["optimizer"]["state"][pid][name]), (pid, name)
     steps_logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 4, 5, 6]
