@@ -66,6 +66,7 @@ ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held
 Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement.")]
 KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoints to keep.")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
+TF32 = Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="TF32 for fp32 matmuls on CUDA (default: on).")]
 Dropout = Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and batch plan, then exit.")]
 Devices = Annotated[int | None, typer.Option("--devices", help="Processes to launch with torchrun (one per device).")]
@@ -136,7 +137,7 @@ def pretrain(
     eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
     optimizer: Optim = None, schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None,
     max_grad_norm: MaxGradNorm = None, weight_decay: WeightDecay = None, device: Device = None,
-    val_frac: ValFrac = None, patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None,
+    val_frac: ValFrac = None, patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, tf32: TF32 = None,
     dropout: Dropout = None, devices: Devices = None, shard: Shard = None, dry_run: DryRun = False,
 ) -> None:
     """Train on raw text: a .txt file or a directory of them, packed into context-length blocks.
@@ -192,7 +193,7 @@ def finetune(
     eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
     optimizer: Optim = None, schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None,
     max_grad_norm: MaxGradNorm = None, weight_decay: WeightDecay = None, device: Device = None,
-    val_frac: ValFrac = None, patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None,
+    val_frac: ValFrac = None, patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, tf32: TF32 = None,
     dropout: Dropout = None, devices: Devices = None, shard: Shard = None, val_data: ValData = None,
     test_frac: TestFrac = None, template: Template = None, mask_prompt: MaskPrompt = None,
     skip_bad: SkipBad = None, group_by_length: GroupByLength = None, predict: Predict = None,
@@ -367,7 +368,7 @@ def estimate_mem(
     lr: LR = None, seed: Seed = None, device: Device = None, template: Template = None, resume: Resume = None,
     eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
     schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None, val_frac: ValFrac = None,
-    patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, test_frac: TestFrac = None,
+    patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, tf32: TF32 = None, test_frac: TestFrac = None,
     mask_prompt: MaskPrompt = None, skip_bad: SkipBad = None, group_by_length: GroupByLength = None,
     predict: Predict = None,
 ) -> None:

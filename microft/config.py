@@ -206,6 +206,7 @@ class RunConfig(BaseModel):
     grad_ckpt: bool = False
     grad_ckpt_every: int = Field(1, ge=1)
     compile: bool = False
+    tf32: bool = True  # TF32 tensor cores for fp32 matmuls and convolutions on CUDA
     dropout: float | None = None
     seed: int = 1337
     device: str = "auto"

@@ -138,6 +138,40 @@ class Batch(NamedTuple):
     def to(self, device: torch.device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
 
+    def pin(self) -> Batch:
+        """Page-locked host copies, so `to(cuda)` is an asynchronous copy."""
+        return Batch(*(t.pin_memory() if t is not None else None for t in self))
+
+
+class StepFeed:
+    """Builds the next optimizer step's batches on a background thread while this step computes.
+
+    `build(step, plan)` must be deterministic (microft's step plans are: seeded by step and
+    epoch). A request for another (step, plan) than the one prepared — a resume, or a halved
+    micro-batch after an out-of-memory retry — waits for the stale build, then builds anew.
+    """
+
+    def __init__(self, build: Callable[[int, Any], Any]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._build = build
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="microft-batches")
+        self._next: tuple[int, Any, Any] | None = None
+
+    def get(self, step: int, plan: Any) -> Any:
+        ahead, self._next = self._next, None
+        if ahead is not None and ahead[0] == step and ahead[1] == plan:
+            result = ahead[2].result()
+        else:
+            if ahead is not None:
+                ahead[2].exception()  # let it finish: builds share state (the epoch cache)
+            result = self._build(step, plan)
+        self._next = (step + 1, plan, self._pool.submit(self._build, step + 1, plan))
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
 
 def collate(samples: list[Sample], pad_id: int = 0, sparse_below: float = 0.9) -> Batch:
     """Right-pad a micro-batch; per-token weights only when some weight isn't 1.

@@ -25,7 +25,7 @@ import torch
 
 from microft import checkpoint as ckpt
 from microft.config import BatchPlan, RunConfig
-from microft.data import collate, epoch_batches, micro_batches, sample_length, target_weight
+from microft.data import Batch, StepFeed, collate, epoch_batches, micro_batches, sample_length, target_weight
 from microft.distributed import (
     Dist,
     full_model_state,
@@ -253,6 +253,8 @@ def train(
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cpu":
         keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -375,22 +377,30 @@ def train(
     t_start = time.perf_counter() - state.elapsed
     start_step = state.step
     epoch_cache: dict[int, list[list[int]]] = {}
+
+    def build_step(step: int, plan: BatchPlan) -> tuple[list[Batch], list[int]]:
+        """This rank's collated micro-batches of `step` (pinned for CUDA) and all the step's samples."""
+        mbs, step_idx = step_plan(step, len(train_set), lengths, plan, cfg.seed, cfg.group_by_length,
+                                  dist.rank, epoch_cache)
+        batches = [collate([train_set[i] for i in mb]) for mb in mbs]
+        return [b.pin() for b in batches] if device.type == "cuda" else batches, step_idx
+
+    feed = StepFeed(build_step)  # the next step's batches are collated while this one computes
     last_loss = None
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
             rng_at_step_start = capture_rng()  # an interrupted step is redone from here on resume
-            mbs, step_idx = step_plan(state.step, len(train_set), lengths, plan, cfg.seed, cfg.group_by_length,
-                                      dist.rank, epoch_cache)
+            batches, step_idx = feed.get(state.step, plan)
             step_samples = [train_set[i] for i in step_idx]
             denom = target_weight(step_samples) / dist.world_size  # DDP averages over ranks
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
             step_tokens = sum(lengths[i] for i in step_idx)
             phase = "forward"
             try:
-                for m, mb in enumerate(mbs):
-                    b = collate([train_set[i] for i in mb]).to(device)
-                    with grad_sync(dist, m == len(mbs) - 1):
+                for m, b in enumerate(batches):
+                    b = b.to(device)
+                    with grad_sync(dist, m == len(batches) - 1):
                         phase = "forward/backward"
                         loss_sum += micro_step(runner, b.input_ids, b.labels, b.weights, denom, autocast, scaler,
                                                b.target_pos)
@@ -449,6 +459,7 @@ def train(
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
                 save("step")
     finally:
+        feed.close()
         restore_signals()
 
     if cfg.eval_every and (not state.history or state.history[-1]["step"] != state.step):

@@ -242,3 +242,26 @@ def test_early_stopping_patience(tmp_path):
     train(tiny_model(), samples, val, cfg, BatchPlan(micro_bs=4, accum=1), events.append)
     assert any(e["kind"] == "note" and "early stop" in e["text"] for e in events)
     assert max(e["step"] for e in events if e["kind"] == "step") < 40
+
+
+def test_step_feed_builds_the_next_step_ahead_and_rebuilds_for_another_plan():
+    import threading
+
+    from microft.data import StepFeed
+
+    calls = []
+
+    def build(step, plan):
+        calls.append((step, plan, threading.current_thread().name))
+        return step * 10 + plan
+
+    feed = StepFeed(build)
+    try:
+        assert [feed.get(s, 1) for s in range(3)] == [1, 11, 21]
+        assert feed.get(2, 2) == 22  # a new plan (an OOM retry) for the same step: built afresh
+        assert feed.get(7, 2) == 72  # a jump (a resume): built afresh
+        assert feed.get(8, 2) == 82
+    finally:
+        feed.close()
+    background = [(s, p) for s, p, name in calls if name.startswith("microft-batches")]
+    assert (1, 1) in background and (2, 1) in background and (8, 2) in background
