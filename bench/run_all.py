@@ -27,7 +27,8 @@ def main() -> None:
         nums = speed.main(["--rounds", "1", "--no-write"] if a.quick else [])
         print(f"[run_all] speed: microft {nums['speedup']:.2f}× transformers' tokens/s "
               f"({nums['cpu_speedup']:.2f}× on CPU time), MFU {100 * nums['mfu']:.0f} %, "
-              f"peak memory {nums['memory_ratio']:.2f}×", file=sys.stderr)
+              f"peak memory {nums['memory_ratio']:.2f}× (bf16-true {nums['memory_ratio_bf16_true']:.2f}×, "
+              f"+ grad ckpt {nums['memory_ratio_bf16_true_ckpt']:.2f}×)", file=sys.stderr)
     if a.only in (None, "matrix"):
         trainer_matrix.main(["--no-write"] if a.quick else [])
     print(f"[run_all] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

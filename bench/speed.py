@@ -55,6 +55,7 @@ def configs(a, device: str, first_round: bool) -> dict[str, list[str]]:
         "transformers bf16": ["--impl", "hf", "--precision", "bf16-mixed", *profile],
         "microft auto": ["--impl", "microft", "--precision", "auto", *profile],
         "microft bf16-true": ["--impl", "microft", "--precision", "bf16-true"],
+        "microft bf16-true, grad ckpt": ["--impl", "microft", "--precision", "bf16-true", "--grad-ckpt"],
     }
     if first_round:
         runs["transformers fp32"] = ["--impl", "hf", "--precision", "fp32"]
@@ -97,6 +98,12 @@ def stock_transformers(runs: dict[str, dict]) -> dict[str, dict]:
             and not v["env"]}
 
 
+def optimizer_label(r: dict) -> str:
+    if r["impl"] == "microft" and r["precision"] == "bf16-true":
+        return "MasterAdamW (fused AdamW kernel on fp32 master chunks)"
+    return "fused AdamW" if r["hf_optim"] == "fused" else "AdamW (torch default)"
+
+
 def result_table(runs: dict[str, dict], fpt: float, peak: float, best_hf: str, device: str) -> str:
     base = runs[best_hf]
     rows = []
@@ -105,7 +112,7 @@ def result_table(runs: dict[str, dict], fpt: float, peak: float, best_hf: str, d
         rows.append([
             f"**{name}**" if name.startswith("microft") else name,
             r["precision"],
-            "fused AdamW" if r["hf_optim"] == "fused" else "AdamW (torch default)",
+            optimizer_label(r),
             f"{r['step_time']:.2f}",
             f"{r['cpu_time']:.2f}" if device == "cpu" else "-",
             f"{r['tokens_per_sec']:.0f}",
@@ -143,6 +150,8 @@ def verdicts(runs: dict[str, dict], fpt: float, peak: float, best_hf: str,
     mem = mf["peak_bytes"] / hf_same["peak_bytes"]
     lean = runs.get("microft bf16-true")
     lean_mem = lean["peak_bytes"] / hf_same["peak_bytes"] if lean else None
+    ck = runs.get("microft bf16-true, grad ckpt")
+    ck_mem = ck["peak_bytes"] / hf_same["peak_bytes"] if ck else None
     # memory above the process's own baseline and above fp32 weights + grads + AdamW moments (16 B/param)
     t_mf = mf["peak_bytes"] - mf["baseline_bytes"] - 16 * mf["n_params"]
     t_hf = hf_same["peak_bytes"] - hf_same["baseline_bytes"] - 16 * hf_same["n_params"]
@@ -162,7 +171,9 @@ def verdicts(runs: dict[str, dict], fpt: float, peak: float, best_hf: str,
         + (f" microft bf16-true, which keeps exact fp32 master weights too (bf16 weights + 16 more bits per weight "
            f"in the optimizer, bf16 moments: 10 bytes per parameter with its gradient instead of 16): "
            f"{lean_mem:.2f}×, {ok(lean_mem <= TARGET_MEMORY)}; its tokens/s: "
-           f"{lean['tokens_per_sec'] / hf['tokens_per_sec']:.2f}× transformers'." if lean else ""),
+           f"{lean['tokens_per_sec'] / hf['tokens_per_sec']:.2f}× transformers'." if lean else "")
+        + (f" With gradient checkpointing as well: {ck_mem:.2f}×, {ok(ck_mem <= TARGET_MEMORY)}, at "
+           f"{ck['tokens_per_sec'] / hf['tokens_per_sec']:.2f}× transformers' tokens/s." if ck else ""),
     ]
     if t_hf > 0:
         lines.append(
@@ -170,7 +181,7 @@ def verdicts(runs: dict[str, dict], fpt: float, peak: float, best_hf: str,
             f"parameter of fp32 weights, gradients and AdamW moments ({gib(16 * mf['n_params'])}, the same on "
             f"both sides): microft {gib(t_mf)}, transformers {gib(t_hf)} ({t_mf / t_hf:.2f}×).")
     return "\n".join(lines), {"speedup": speedup, "cpu_speedup": cpu_speedup, "mfu": mfu, "memory_ratio": mem,
-                              "memory_ratio_bf16_true": lean_mem}
+                              "memory_ratio_bf16_true": lean_mem, "memory_ratio_bf16_true_ckpt": ck_mem}
 
 
 def cpu_section(a, started: str, command: str) -> tuple[str, dict]:

@@ -73,10 +73,10 @@ def microft_stepper(cfg: ModelConfig, args, device: torch.device):
     from microft.trainer import clip_gradients, keep_freed_memory, micro_step, optimizer_step
 
     precision = resolve_precision(args.precision, device)
+    torch.manual_seed(0)
+    model = GPT(cfg)  # built before train() is called, so before its allocator setting
     if device.type == "cpu" and not args.no_mallopt:
         keep_freed_memory()  # as train() does
-    torch.manual_seed(0)
-    model = GPT(cfg)
     if precision == "bf16-true":
         model.to(dtype=torch.bfloat16)
     model.to(device).train()
