@@ -247,14 +247,20 @@ class RunConfig(BaseModel):
             raise ValueError(f"micro_bs must be positive or 'auto', got {self.micro_bs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.shard == "fsdp" and self.lora:  # checked before torchrun starts any worker
+            raise ValueError("--shard fsdp does not support --lora (adapters are small); use --shard ddp")
+        if self.shard == "fsdp" and self.precision == "bf16-true":
+            raise ValueError("--shard fsdp does not support --precision bf16-true (its fp32 master bits are not "
+                             "sharded); use --precision bf16-mixed")
         return self
 
 
 def _fmt_validation(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        parts.append(f"{loc}: {err['msg']}")
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")  # a validator's own sentence needs no prefix
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 

@@ -175,3 +175,12 @@ def test_two_batch_flags_override_the_recipes_batch_plan(tmp_path):
     assert "Effective batch: 8 = 1 (micro) × 8 (accum) × 1 (device)" in res.output
     res = invoke("finetune", "--recipe", str(recipe), "--micro-bs", "2", "--dry-run")
     assert "Effective batch: 32 = 2 (micro) × 16 (accum) × 1 (device)" in res.output
+
+
+@pytest.mark.parametrize("flag", [["--lora"], ["--precision", "bf16-true"]])
+def test_fsdp_refusals_are_one_line_before_any_worker_starts(tmp_path, flag):
+    res = invoke("finetune", "--shard", "fsdp", "--devices", "2", "--out", str(tmp_path / "o"), *flag)
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--shard fsdp does not support" in lines[0]
+    assert not (tmp_path / "o").exists()
