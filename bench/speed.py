@@ -5,8 +5,9 @@
 
 Each configuration runs in a fresh subprocess (bench/steploop.py) so its peak RSS is its own.
 transformers runs in fp32 and in bf16 autocast, both with torch's fused AdamW (its fastest
-optimizer on CPU); microft runs its `auto` precision with its own trainer step functions.
-Ratios compare microft with transformers' faster precision. The GPU part (seq 1024) runs only
+optimizer on CPU); microft runs its `auto` precision, and `bf16-true` (± gradient checkpointing)
+for the memory target, with its own trainer step functions. Ratios compare microft with
+transformers' faster precision. The GPU part (seq 1024) runs only
 when CUDA is available. Only the `## Speed vs transformers` section of docs/benchmarks.md is rewritten.
 """
 
