@@ -226,6 +226,25 @@ class Replay:
         sim.drop(y, d, sc)
         return out
 
+    def gelu_linear(self, f: Ten, lo: Lin) -> Ten:
+        """model._GeluLinear: saves its input (and the weight's cast), recomputes gelu in backward."""
+        sim, aes = self.sim, self.s.aes
+        W, b = lo.W, lo.b
+        wc = sim.new(W.numel, aes, "autocast weight copies", "weight.to") if W.es != aes else None
+        act = sim.new(f.numel, aes, "activations", "gelu")
+        bc = sim.new(b.numel, aes, "activations", "bias.to") if b is not None and b.es != aes else None
+        dw = ((("t", "dw", W.numel, aes, 1), ("g", 1, W.numel, W.es), ("f", "dw")) if W.es != aes
+              else (("g", 1, W.numel, W.es),))
+        db = () if b is None else ((("t", "db", b.numel, aes, 2), ("g", 2, b.numel, b.es), ("f", "db"))
+                                   if b.es != aes else (("g", 2, b.numel, b.es),))
+        bwd = ((("t", "a", f.numel, aes, 1),) + dw + (("f", "a"),) + db
+               + (("t", "da", f.numel, aes, 0), ("g", 0, f.numel, f.es), ("f", "da")))
+        ins = [f, W, b] + ([wc] if wc is not None else [])
+        save = ((0, (0, 1, 2)),) + (((3, (0, 1, 2)),) if wc is not None else ())
+        y = sim.op("gelu_linear", ins, [(f.numel // lo.inp * lo.out, aes, "activations")], save_in=save, bwd=bwd)[0]
+        sim.drop(act, bc, wc)
+        return y
+
     def norm(self, x: Ten, ln: tuple[Par, Par | None]) -> Ten:
         """LayerNorm / RMSNorm: saves its input and fp32 statistics (CUDA keeps them in fp32)."""
         sim, N = self.sim, self.N
@@ -291,7 +310,12 @@ class Replay:
         x1 = self.add(x, p)
         sim.drop(p)
         h2 = self.norm(x1, blk.ln_2)
-        if a.family == "gpt2":
+        if a.family == "gpt2" and blk.mproj.A is None:  # model._GeluLinear: gelu(f) is not kept
+            f = self.linear(h2, blk.fc)
+            mo = self.gelu_linear(f, blk.mproj)
+            sim.drop(f)
+            g = None
+        elif a.family == "gpt2":
             f = self.linear(h2, blk.fc)
             g = self.elementwise("gelu", f)
             sim.drop(f)
@@ -303,8 +327,9 @@ class Replay:
             g = sim.op("mul", [sg, up], [(sg.numel, sg.es, "activations")], save_in=((0, (1,)), (1, (0,))),
                        bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
             sim.drop(gate, up, sg)
-        mo = self.linear(g, blk.mproj)
-        sim.drop(g)
+        if g is not None:
+            mo = self.linear(g, blk.mproj)
+            sim.drop(g)
         if a.dropout > 0:
             m2 = self.dropout(mo)
             sim.drop(mo)

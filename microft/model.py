@@ -7,6 +7,7 @@ The loss is a chunked, fused cross-entropy that never holds fp32 logits for a wh
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,19 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from microft.config import IGNORE_INDEX, ModelConfig, ce_chunks
+
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes matmuls in here, or `t`'s own (no autocast, or a meta tensor)."""
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) else t.dtype
+
+
+def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    dev = t.device.type
+    return torch.autocast(dev, enabled=False) if dev in AUTOCAST_DEVICES else contextlib.nullcontext()
 
 
 @dataclass
@@ -43,7 +57,7 @@ def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     CPU_MATH_ATTN_MAX_LEN = 256 positions is no more than the MLP's hidden activation per token.
     """
     T = q.size(2)
-    with torch.autocast(q.device.type, enabled=False):  # q, k, v are already in the compute dtype
+    with autocast_off(q):  # q, k, v are already in the compute dtype
         att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
         return att.masked_fill_(future, float("-inf")).softmax(-1) @ v
@@ -95,7 +109,53 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        z = self.c_fc(x)
+        if hasattr(self.c_proj, "lora_A"):  # an adapted projection runs its own forward
+            return self.drop(self.c_proj(F.gelu(z, approximate="tanh")))
+        return self.drop(gelu_linear(z, self.c_proj.weight, self.c_proj.bias))
+
+
+class _GeluLinear(torch.autograd.Function):
+    """`F.linear(gelu(z), W, b)` that saves z but not gelu(z): backward recomputes the GELU.
+
+    The MLP's hidden activation is the largest a block keeps; the recompute is one elementwise
+    pass. Every op and dtype matches the unfused path (autocast's casts included), so the
+    results are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, z, weight, bias):
+        dt = compute_dtype(z)
+        with autocast_off(z):
+            zc, wc = z.to(dt), weight.to(dt)
+            y = F.linear(F.gelu(zc, approximate="tanh"), wc, None if bias is None else bias.to(dt))
+        ctx.save_for_backward(zc, wc)
+        ctx.dtypes = (z.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        zc, wc = ctx.saved_tensors
+        z_dt, w_dt, b_dt = ctx.dtypes
+        need_z, need_w, need_b = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.size(-1)).to(wc.dtype)
+        dz = dw = db = None
+        if need_w:
+            a = F.gelu(zc, approximate="tanh")
+            dw = (dy2.t() @ a.reshape(-1, a.size(-1))).to(w_dt)
+            del a
+        if need_b:
+            db = dy2.sum(0).to(b_dt)
+        if need_z:
+            da = (dy2 @ wc).view(zc.shape)
+            dz = torch.ops.aten.gelu_backward(da, zc, approximate="tanh").to(z_dt)
+        return dz, dw, db
+
+
+def gelu_linear(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return F.linear(F.gelu(z, approximate="tanh"), weight, bias)
+    return _GeluLinear.apply(z, weight, bias)
 
 
 class Block(nn.Module):
@@ -256,9 +316,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, token_w, vocab_size, need_grads, link):
         need_h, need_w = need_grads
-        device_type = h.device.type
-        dt = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-        with torch.autocast(device_type, enabled=False):
+        dt = compute_dtype(h)
+        with autocast_off(h):
             W = weight.to(dt)
             valid = targets != IGNORE_INDEX
             tw = valid.to(torch.float32) if token_w is None else token_w.float() * valid

@@ -169,7 +169,7 @@ def test_plan_micro_batch_and_estimate_for_run():
     assert 64 % mb == 0 and mb >= 4
     info = estimate_for_run(cfg, mc, BatchPlan(micro_bs=mb, accum=64 // mb))
     assert info["fits"] is None and info["peak_bytes"] > 0 and "GiB" in info["summary"]
-    over = estimate(arch_from_config(mc), setup_for(cfg, arch_from_config(mc), 64), Budget(24 * 2**30, "24 GiB"))
+    over = estimate(arch_from_config(mc), setup_for(cfg, arch_from_config(mc), 128), Budget(24 * 2**30, "24 GiB"))
     assert not over.fits
     with pytest.raises(ConfigError, match="does not fit"):
         plan_micro_batch(cfg, mc, 2**30)

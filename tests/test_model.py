@@ -182,3 +182,29 @@ def test_bf16_model_takes_the_short_path_and_agrees_with_sdpa(monkeypatch):
     sdpa = model(idx, idx)
     assert len(calls) == len(model.h)
     torch.testing.assert_close(short, sdpa, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
+def test_mlp_recomputing_gelu_gives_the_gradients_of_the_plain_mlp(precision):
+    """model._GeluLinear keeps only gelu's input and recomputes gelu in backward: the same bits."""
+    from microft.model import MLP
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="t", **TINY)
+    mlp = MLP(cfg)
+    if precision == "bf16-true":
+        mlp.to(torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    x = torch.randn(3, 5, cfg.n_embd, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, cfg.n_embd, dtype=dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+    def grads(fn):
+        with autocast:
+            y = fn(x)
+        return [y.detach(), *torch.autograd.grad(y, [x, *mlp.parameters()], g)]
+
+    fused = grads(mlp)
+    plain = grads(lambda t: mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(t), approximate="tanh")))
+    for a, b in zip(fused, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # the same ops in the same dtypes: the same bits
