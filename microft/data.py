@@ -158,7 +158,8 @@ class StepFeed:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="microft-batches")
         self._next: tuple[int, Any, Any] | None = None
 
-    def get(self, step: int, plan: Any) -> Any:
+    def get(self, step: int, plan: Any, last: bool = False) -> Any:
+        """The batches of `step`; unless it is the `last`, start building the next step's."""
         ahead, self._next = self._next, None
         if ahead is not None and ahead[0] == step and ahead[1] == plan:
             result = ahead[2].result()
@@ -166,7 +167,8 @@ class StepFeed:
             if ahead is not None:
                 ahead[2].exception()  # let it finish: builds share state (the epoch cache)
             result = self._build(step, plan)
-        self._next = (step + 1, plan, self._pool.submit(self._build, step + 1, plan))
+        if not last:
+            self._next = (step + 1, plan, self._pool.submit(self._build, step + 1, plan))
         return result
 
     def close(self) -> None:

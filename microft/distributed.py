@@ -118,8 +118,6 @@ def setup_distributed(cfg: RunConfig, model: torch.nn.Module) -> Dist:
     from microft.optim import resolve_precision
 
     device = rank_device(cfg, local_rank)
-    if cfg.shard == "fsdp" and cfg.lora:
-        raise ConfigError("--shard fsdp does not support --lora (adapters are small); use --shard ddp")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns_group = not torch.distributed.is_initialized()  # a caller's own group is reused, and kept

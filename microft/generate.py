@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from microft.config import EOT_TOKEN
 from microft.errors import ConfigError
-from microft.model import GPT, KVCache
+from microft.model import GPT, KVCache, compute_dtype
 from microft.tokenizer import encode, get_encoding
 
 
@@ -109,7 +109,7 @@ def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: i
     cfg = model.config
     weight = model.wte.weight
     device = weight.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+    dtype = compute_dtype(weight)
     # the last generated token is never fed back, so the cache needs one position less
     cache = KVCache.empty(cfg, 1, len(ids) + steps - 1, device, dtype)
     was_training = model.training

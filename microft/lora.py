@@ -35,7 +35,7 @@ from microft.checkpoint import atomic_dir
 from microft.config import LORA_TARGETS as TARGETS
 from microft.config import parse_lora_targets as parse_targets
 from microft.errors import CheckpointError, ConfigError
-from microft.model import GPT
+from microft.model import GPT, autocasting
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -61,15 +61,11 @@ def lora_modules(model: GPT) -> list[tuple[str, nn.Linear]]:
     return [(p, m) for p, m in _target_linears(model, list(TARGETS)) if hasattr(m, "lora_A")]
 
 
-def _autocasting(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
 def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Forward of a LoRA-carrying linear (bound to the instance by `apply_lora`)."""
     out = F.linear(x, self.weight, self.bias)
     a = self.lora_A.weight
-    if x.dtype != a.dtype and not _autocasting(x.device.type):  # autocast casts both operands itself
+    if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
         x = x.to(a.dtype)
     delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
     return out + (delta * self.lora_scale).to(out.dtype)

@@ -18,18 +18,21 @@ from torch.utils.checkpoint import checkpoint
 
 from microft.config import IGNORE_INDEX, ModelConfig, ce_chunks
 
-AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for this device type (never for devices without autocast, like meta)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype autocast computes matmuls in here, or `t`'s own (no autocast, or a meta tensor)."""
+    """The dtype autocast computes matmuls in here, or `t`'s own."""
     dev = t.device.type
-    return torch.get_autocast_dtype(dev) if dev in AUTOCAST_DEVICES and torch.is_autocast_enabled(dev) else t.dtype
+    return torch.get_autocast_dtype(dev) if autocasting(dev) else t.dtype
 
 
 def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
     dev = t.device.type
-    return torch.autocast(dev, enabled=False) if dev in AUTOCAST_DEVICES else contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
 
 
 @dataclass

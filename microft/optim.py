@@ -134,9 +134,6 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
         raise ConfigError("the model has no trainable parameters")
     if cfg.optimizer == "adamw":
         if all(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):  # bf16-true: exact fp32 masters
-            if any(type(p).__name__ == "DTensor" for g in groups for p in g["params"]):
-                raise ConfigError("--precision bf16-true keeps fp32 master weights that --shard fsdp cannot "
-                                  "shard yet; use --precision bf16-mixed with fsdp")
             return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **adamw_impl(device))
     if cfg.optimizer == "sgd":

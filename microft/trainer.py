@@ -391,7 +391,7 @@ def train(
         while state.step < total_steps:
             t0 = time.perf_counter()
             rng_at_step_start = capture_rng()  # an interrupted step is redone from here on resume
-            batches, step_idx = feed.get(state.step, plan)
+            batches, step_idx = feed.get(state.step, plan, last=state.step + 1 == total_steps)
             step_samples = [train_set[i] for i in step_idx]
             denom = target_weight(step_samples) / dist.world_size  # DDP averages over ranks
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)

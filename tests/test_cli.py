@@ -184,3 +184,9 @@ def test_fsdp_refusals_are_one_line_before_any_worker_starts(tmp_path, flag):
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "--shard fsdp does not support" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_no_tf32_reaches_the_run_config():
+    res = invoke("finetune", "--no-tf32", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert '"tf32": false' in res.output

@@ -260,8 +260,9 @@ def test_step_feed_builds_the_next_step_ahead_and_rebuilds_for_another_plan():
         assert [feed.get(s, 1) for s in range(3)] == [1, 11, 21]
         assert feed.get(2, 2) == 22  # a new plan (an OOM retry) for the same step: built afresh
         assert feed.get(7, 2) == 72  # a jump (a resume): built afresh
-        assert feed.get(8, 2) == 82
+        assert feed.get(8, 2, last=True) == 82
     finally:
         feed.close()
     background = [(s, p) for s, p, name in calls if name.startswith("microft-batches")]
     assert (1, 1) in background and (2, 1) in background and (8, 2) in background
+    assert (9, 2) not in [(s, p) for s, p, _ in calls]  # nothing is built past the last step
