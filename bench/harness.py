@@ -79,7 +79,7 @@ def machine(device: str) -> str:
     if device == "cuda":
         hw = torch.cuda.get_device_name(0)
     else:
-        from microft.optim import cpu_supports_bf16
+        from microft.train.step import cpu_supports_bf16
 
         hw = f"{cpu_name()}, {os.cpu_count()} cores, AVX-512 BF16: {'yes' if cpu_supports_bf16() else 'no'}"
     return f"{hw}; torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {tf}, " \

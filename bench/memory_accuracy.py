@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from docs_section import replace_section  # noqa: E402
 
 from microft.config import RunConfig  # noqa: E402
-from microft.memory import estimate, load_arch, setup_for, trace  # noqa: E402
+from microft.memory.estimate import estimate, load_arch, setup_for, trace  # noqa: E402
 
 HEADING = "## Memory estimate accuracy"
 # (model, micro-batch, seq len, precision, other RunConfig fields, accumulation)
@@ -70,10 +70,10 @@ def cuda_peak(model: str, cfg: RunConfig, micro_bs: int, seq: int, accum: int, p
     (on "cpu" the same steps run, as a smoke test, and 0 is returned)."""
     import torch
 
-    from microft.checkpoint import load_model
+    from microft.load import load_model
     from microft.model import set_grad_checkpointing
-    from microft.optim import autocast_context, build_optimizer, make_scaler
-    from microft.trainer import clip_gradients, micro_step, optimizer_step
+    from microft.train.optim import build_optimizer
+    from microft.train.step import autocast_context, clip_gradients, make_scaler, micro_step, optimizer_step
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -128,7 +128,7 @@ def run(cuda: bool) -> tuple[list[str], float]:
             import torch
 
             from microft.errors import MicroftError
-            from microft.memory import Budget, runtime_overhead
+            from microft.memory.estimate import Budget, runtime_overhead
 
             try:
                 measured = cuda_peak(model, cfg, mb, seq, acc, prec)

@@ -69,8 +69,16 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 def microft_stepper(cfg: ModelConfig, args, device: torch.device):
     """(model, step(tokens) -> loss, resolved precision) built from microft's own trainer pieces."""
     from microft.model import GPT, set_grad_checkpointing
-    from microft.optim import autocast_context, build_optimizer, make_scaler, resolve_precision
-    from microft.trainer import clip_gradients, keep_freed_memory, micro_step, optimizer_step
+    from microft.train.loop import keep_freed_memory
+    from microft.train.optim import build_optimizer
+    from microft.train.step import (
+        autocast_context,
+        clip_gradients,
+        make_scaler,
+        micro_step,
+        optimizer_step,
+        resolve_precision,
+    )
 
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)

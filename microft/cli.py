@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from microft import options
 from microft.errors import MicroftError
+from microft.options import Device, Seed, run_options
 
 if TYPE_CHECKING:
     from microft.config import RunConfig
@@ -35,42 +37,7 @@ def _root() -> None:
     """Fine-tune GPT-2-class models on the memory you have."""
 
 
-# --- options shared by the commands (stable names: scripts depend on them) -------------------
-Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, …, gpt2-tiny, gpt2-mini), HF GPT-2 directory, or microft checkpoint.")]
-Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory.")]
-Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
-MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto'.")]
-Accum = Annotated[int | None, typer.Option("--accum", help="Micro-steps accumulated per optimizer step.")]
-GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (micro × accum × devices).")]
-MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs).")]
-Epochs = Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (default 1).")]
-LR = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
-MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per sample (≤ the model's context).")]
-Precision = Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true.")]
-GradCkpt = Annotated[bool | None, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Recompute block activations in backward.")]
-GradCkptEvery = Annotated[int | None, typer.Option("--grad-ckpt-every", help="Checkpoint every N-th block (with --grad-ckpt).")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed for init, data order and sampling.")]
-Resume = Annotated[str | None, typer.Option("--resume", help="Checkpoint directory, or 'auto' for the latest under --out.")]
-Recipe = Annotated[Path | None, typer.Option("--recipe", help="A recipes/*.toml file; flags override its values.")]
-EvalEvery = Annotated[int | None, typer.Option("--eval-every", help="Validate every N steps (0: never).")]
-SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0: only at the end).")]
-LogFormat = Annotated[str | None, typer.Option("--log-format", help="auto | rich | plain | json.")]
-Optim = Annotated[str | None, typer.Option("--optimizer", help="adamw | sgd | adafactor | adamw-8bit.")]
-Schedule = Annotated[str | None, typer.Option("--schedule", help="cosine | linear | constant.")]
-Warmup = Annotated[float | None, typer.Option("--warmup", help="Warmup steps (≥ 1) or fraction of the run (< 1).")]
-MinLR = Annotated[float | None, typer.Option("--min-lr-ratio", help="Final lr as a fraction of the peak.")]
-MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help="Clip the global grad norm (0: off).")]
-WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")]
-Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
-ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held out for validation.")]
-Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement.")]
-KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoints to keep.")]
-Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
-TF32 = Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="TF32 for fp32 matmuls on CUDA (default: on).")]
-Dropout = Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and batch plan, then exit.")]
-Devices = Annotated[int | None, typer.Option("--devices", help="Processes to launch with torchrun (one per device).")]
-Shard = Annotated[str | None, typer.Option("--shard", help="none | ddp | fsdp (with --devices > 1).")]
 
 
 @contextlib.contextmanager
@@ -99,13 +66,9 @@ def parse_micro_bs(value: str | None) -> int | str | None:
         raise ConfigError(f"--micro-bs must be a positive integer or 'auto', got {value!r}") from None
 
 
-def common_flags(**kw: Any) -> dict[str, Any]:
-    """Map CLI keyword names onto RunConfig fields (None = not given)."""
-    if "micro_bs" in kw:
-        kw["micro_bs"] = parse_micro_bs(kw["micro_bs"])
-    if "recipe" in kw:
-        kw.pop("recipe")
-    return kw
+def run_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The run options as RunConfig fields (None = not given); `--micro-bs` parsed."""
+    return {**flags, "micro_bs": parse_micro_bs(flags.get("micro_bs"))}
 
 
 def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
@@ -117,44 +80,34 @@ def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
     print(f"Effective batch: {plan.describe()}")
 
 
-def maybe_relaunch(cfg: RunConfig) -> bool:
-    """`--devices N` outside torchrun: relaunch this command under torchrun; True when done."""
+def relaunch_under_torchrun(cfg: RunConfig) -> None:
+    """`--devices N` outside torchrun: run this command again under torchrun and exit with its code."""
     import os
 
     if cfg.devices <= 1 or "LOCAL_RANK" in os.environ:
-        return False
-    from microft.distributed import launch
+        return
+    from microft.train.distributed import launch
 
     raise typer.Exit(launch(cfg.devices, sys.argv[1:]))
 
 
 @app.command()
-def pretrain(
-    model: Model = None, data: Data = None, out: Out = None, micro_bs: MicroBS = None, accum: Accum = None,
-    global_bs: GlobalBS = None, max_steps: MaxSteps = None, epochs: Epochs = None, lr: LR = None,
-    max_seq_len: MaxSeqLen = None, precision: Precision = None, grad_ckpt: GradCkpt = None,
-    grad_ckpt_every: GradCkptEvery = None, seed: Seed = None, resume: Resume = None, recipe: Recipe = None,
-    eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
-    optimizer: Optim = None, schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None,
-    max_grad_norm: MaxGradNorm = None, weight_decay: WeightDecay = None, device: Device = None,
-    val_frac: ValFrac = None, patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, tf32: TF32 = None,
-    dropout: Dropout = None, devices: Devices = None, shard: Shard = None, dry_run: DryRun = False,
-) -> None:
+@run_options(options.PRETRAIN)
+def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
     """Train on raw text: a .txt file or a directory of them, packed into context-length blocks.
 
     From scratch with a preset (--model gpt2-tiny), or continuing from a checkpoint or HF directory.
     """
     with user_errors():
-        flags = common_flags(**{k: v for k, v in locals().items() if k not in ("dry_run",)})
         from microft.config import resolve_config
 
-        cfg = resolve_config(str(recipe) if recipe else None, **flags)
+        recipe = flags.pop("recipe")
+        cfg = resolve_config(str(recipe) if recipe else None, **run_flags(flags))
         cfg = cfg.model_copy(update={"model": cfg.model or "gpt2-tiny", "group_by_length": False})
         if dry_run:
             dry_run_output(cfg)
             return
-        if maybe_relaunch(cfg):
-            return
+        relaunch_under_torchrun(cfg)
         if not cfg.data:
             from microft.errors import ConfigError
 
@@ -169,45 +122,18 @@ def pretrain(
             reporter.close()
 
 
-# finetune-only options
-ValData = Annotated[str | None, typer.Option("--val-data", help="Validation data (else a seeded split of --data).")]
-TestFrac = Annotated[float | None, typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
-Template = Annotated[str | None, typer.Option("--template", help="alpaca | chatml | plain | a template file (TOML/JSON).")]
-MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
-SkipBad = Annotated[bool | None, typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
-GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
-Predict = Annotated[bool | None, typer.Option("--predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
-Lora = Annotated[bool | None, typer.Option("--lora", help="Train LoRA adapters; the base stays frozen.")]
-LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
-LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
-LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
-LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
-
-
 @app.command()
-def finetune(
-    model: Model = None, data: Data = None, out: Out = None, micro_bs: MicroBS = None, accum: Accum = None,
-    global_bs: GlobalBS = None, max_steps: MaxSteps = None, epochs: Epochs = None, lr: LR = None,
-    max_seq_len: MaxSeqLen = None, precision: Precision = None, grad_ckpt: GradCkpt = None,
-    grad_ckpt_every: GradCkptEvery = None, seed: Seed = None, resume: Resume = None, recipe: Recipe = None,
-    eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
-    optimizer: Optim = None, schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None,
-    max_grad_norm: MaxGradNorm = None, weight_decay: WeightDecay = None, device: Device = None,
-    val_frac: ValFrac = None, patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, tf32: TF32 = None,
-    dropout: Dropout = None, devices: Devices = None, shard: Shard = None, val_data: ValData = None,
-    test_frac: TestFrac = None, template: Template = None, mask_prompt: MaskPrompt = None,
-    skip_bad: SkipBad = None, group_by_length: GroupByLength = None, predict: Predict = None,
-    lora: Lora = None, lora_r: LoraR = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
-    lora_targets: LoraTargets = None, dry_run: DryRun = False,
-) -> None:
+@run_options(options.FINETUNE)
+def finetune(dry_run: DryRun = False, **flags: Any) -> None:
     """Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo.
 
     Data: Alpaca-style JSON/JSONL (instruction, input, output), chat JSONL (messages), or a directory.
     """
     with user_errors():
-        flags = common_flags(**{k: v for k, v in locals().items() if k not in ("dry_run",)})
+        recipe = flags.pop("recipe")
+        flags = run_flags(flags)
         base = {}
-        if recipe is None and model is None and data is None:
+        if recipe is None and flags["model"] is None and flags["data"] is None:
             import time
 
             from microft.demo import DEMO_RUN
@@ -219,8 +145,7 @@ def finetune(
         if dry_run:
             dry_run_output(cfg)
             return
-        if maybe_relaunch(cfg):
-            return
+        relaunch_under_torchrun(cfg)
         from microft.runs import run_finetune
         from microft.ui import TrainReporter
 
@@ -264,7 +189,7 @@ def generate(
         from microft.generate import stream_text
         from microft.runs import load_any
         from microft.tokenizer import encode
-        from microft.trainer import resolve_device
+        from microft.train.step import resolve_device
 
         tmpl = None
         if template:
@@ -320,8 +245,8 @@ def merge(
 ) -> None:
     """Fold LoRA adapters into the base weights and save a plain microft checkpoint."""
     with user_errors():
-        from microft.checkpoint import load_model, save_model
         from microft.errors import ConfigError
+        from microft.load import load_model, save_model
         from microft.lora import is_adapter_dir, load_adapter, merge_lora
         from microft.runs import load_any
 
@@ -349,44 +274,30 @@ def download(
         print(path)
 
 
-SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
 Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (GPT-2; seconds).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the estimate (and plan) as JSON.")]
 GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a verdict and a plan.")]
 
 
 @app.command("estimate-mem")
-def estimate_mem(
-    model: Model = None, recipe: Recipe = None, micro_bs: MicroBS = None, accum: Accum = None,
-    global_bs: GlobalBS = None, seq_len: SeqLen = None, max_seq_len: MaxSeqLen = None, precision: Precision = None,
-    grad_ckpt: GradCkpt = None, grad_ckpt_every: GradCkptEvery = None, optimizer: Optim = None,
-    weight_decay: WeightDecay = None, max_grad_norm: MaxGradNorm = None, dropout: Dropout = None,
-    lora: Lora = None, lora_r: LoraR = None, lora_alpha: LoraAlpha = None, lora_dropout: LoraDropout = None,
-    lora_targets: LoraTargets = None, devices: Devices = None, shard: Shard = None, gpu_mem: GpuMem = None,
-    trace: Trace = False, json_out: JsonOut = False,
-    data: Data = None, out: Out = None, val_data: ValData = None, max_steps: MaxSteps = None, epochs: Epochs = None,
-    lr: LR = None, seed: Seed = None, device: Device = None, template: Template = None, resume: Resume = None,
-    eval_every: EvalEvery = None, save_every: SaveEvery = None, log_format: LogFormat = None,
-    schedule: Schedule = None, warmup: Warmup = None, min_lr_ratio: MinLR = None, val_frac: ValFrac = None,
-    patience: Patience = None, keep_last: KeepLast = None, compile: Compile = None, tf32: TF32 = None, test_frac: TestFrac = None,
-    mask_prompt: MaskPrompt = None, skip_bad: SkipBad = None, group_by_length: GroupByLength = None,
-    predict: Predict = None,
-) -> None:
+@run_options(options.ESTIMATE)
+def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False, **flags: Any) -> None:
     """Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.
 
-    Takes finetune's recipe and flags, so `estimate-mem --recipe X` estimates `finetune --recipe X`; flags that do not change memory (--data, --lr, ...) are accepted and ignored. --model also takes a Llama/Mistral/Qwen-style config.json for planning.
+    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --data, --lr, ..., are read and ignored). --model also takes a Llama/Mistral/Qwen-style config.json for planning.
 
     The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; GPT-2). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
 
     Exit codes: 0 fits (or no budget given), 3 does not fit the budget, 2 bad input.
     """
-    given = dict(locals())
     with user_errors():
-        from microft import memory
         from microft.config import resolve_batch_plan, resolve_config
         from microft.errors import ConfigError
+        from microft.memory import estimate as memory
+        from microft.memory.plan import plan
 
-        flags = common_flags(**{k: v for k, v in given.items() if k not in ("gpu_mem", "trace", "json_out", "seq_len")})
+        recipe, seq_len = flags.pop("recipe"), flags.pop("seq_len")
+        flags = run_flags(flags)
         if seq_len is not None:
             flags["max_seq_len"] = seq_len
         cfg = resolve_config(str(recipe) if recipe else None, **flags)
@@ -402,7 +313,7 @@ def estimate_mem(
         if budget is not None:
             if gbs is None and isinstance(cfg.micro_bs, int) and cfg.accum:
                 gbs = cfg.micro_bs * cfg.accum * world
-            result_plan = memory.plan(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
+            result_plan = plan(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
         if cfg.micro_bs == "auto":
             if result_plan is None or result_plan.tree[0].micro_bs == 0:
                 raise ConfigError("--micro-bs auto needs a --gpu-mem budget that fits micro-batch 1 with your settings")

@@ -227,7 +227,7 @@ class RunConfig(BaseModel):
     skip_bad: bool = False
     group_by_length: bool = True
     predict: bool = False
-    sample_every_eval: int = Field(3, ge=0)
+    samples_per_eval: int = Field(3, ge=0)  # generated samples shown at each evaluation
     lora: bool = False
     lora_r: int = Field(8, ge=1)
     lora_alpha: float = 16.0

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from microft.errors import DownloadError
+from microft.errors import DownloadError, one_line
 
 REPOS = {
     "gpt2": "openai-community/gpt2",
@@ -180,7 +180,7 @@ def fetch_file(url: str, dest: Path, progress: Progress | None = None) -> None:
                 except (TimeoutError, OSError, http.client.HTTPException) as e:
                     f.flush()
                     raise DownloadError(
-                        f"download of {url} interrupted after {done} bytes ({_one_line(e)}); run again to resume"
+                        f"download of {url} interrupted after {done} bytes ({one_line(e, limit=None)}); run again to resume"
                     ) from None
                 if not block:
                     break
@@ -204,8 +204,4 @@ def fetch_file(url: str, dest: Path, progress: Progress | None = None) -> None:
         raise DownloadError(f"{url}: sha256 mismatch (got {hasher.hexdigest()[:12]}…, expected {sha256[:12]}…); "
                             "the partial file was deleted, run again")
     os.replace(part, dest)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 

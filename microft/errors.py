@@ -27,3 +27,17 @@ class TrainingError(MicroftError):
     """A run that stopped itself: non-finite loss, out of memory."""
 
     exit_code = 1
+
+
+class Interrupted(MicroftError):
+    """SIGINT/SIGTERM: the run saved a checkpoint and stopped; exit 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def one_line(e: BaseException, limit: int | None = 160) -> str:
+    """An exception's message on one line (cut to `limit` characters), for error messages."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

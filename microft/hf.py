@@ -14,12 +14,11 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from microft.checkpoint import CONFIG, atomic_dir, model_state_dict
-from microft.errors import CheckpointError
+from microft.errors import CheckpointError, one_line
 from microft.model import GPT
+from microft.weights import CONFIG, atomic_dir, model_state_dict, read_safetensors
 
 SAFETENSORS = "model.safetensors"
 PYTORCH_BIN = "pytorch_model.bin"
@@ -32,28 +31,20 @@ def _read_raw(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """The checkpoint's tensors as stored, preferring safetensors over a pickled .bin."""
     st, pt = directory / SAFETENSORS, directory / PYTORCH_BIN
     if st.exists():
-        try:
-            return load_file(str(st)), st
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"corrupt weights file {st}: {_one_line(e)}") from None
+        return read_safetensors(st), st
     if pt.exists():
         try:
             state = torch.load(pt, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which runs pickled code
             raise CheckpointError(f"corrupt weights file {pt}: not a plain PyTorch state dict of tensors") from None
         except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-            raise CheckpointError(f"corrupt weights file {pt}: {_one_line(e)}") from None
+            raise CheckpointError(f"corrupt weights file {pt}: {one_line(e)}") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{pt} does not hold a state dict")
         return state, pt
     if (directory / f"{SAFETENSORS}.index.json").exists() or (directory / f"{PYTORCH_BIN}.index.json").exists():
         raise CheckpointError(f"{directory}: sharded checkpoints are not supported; GPT-2 fits in one file")
     raise CheckpointError(f"no weights in {directory}: expected {SAFETENSORS} or {PYTORCH_BIN}")
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def load_hf_state(directory: str | Path) -> dict[str, torch.Tensor]:

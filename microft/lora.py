@@ -28,14 +28,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from microft.checkpoint import atomic_dir
 from microft.config import LORA_TARGETS as TARGETS
 from microft.config import parse_lora_targets as parse_targets
 from microft.errors import CheckpointError, ConfigError
 from microft.model import GPT, autocasting
+from microft.weights import atomic_dir, read_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -279,10 +278,7 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
     wpath = d / ADAPTER_WEIGHTS
     if not wpath.is_file():
         raise CheckpointError(f"adapter weights missing: {wpath}")
-    try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"corrupt adapter file {wpath}: {e}") from None
+    state = read_safetensors(wpath, "adapter")
     if lora_modules(model):
         raise CheckpointError(f"cannot load {d}: the model already has LoRA adapters")
 

@@ -19,16 +19,11 @@ def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=Non
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
     if cfg.micro_bs != "auto" or model_cfg is None:
         return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
-    from microft.memory_plan import plan_micro_batch
+    from microft.memory.plan import plan_micro_batch
 
     budget, where = memory_budget(cfg)
-    micro = plan_micro_batch(cfg, model_cfg, budget)
-    if cfg.global_bs is not None:  # keep the global batch: largest divisor of the per-device share
-        share = cfg.global_bs // world_size
-        micro = max(d for d in range(1, min(micro, share) + 1) if share % d == 0)
-        plan = resolve_batch_plan(micro, None, cfg.global_bs, world_size)
-    else:
-        plan = resolve_batch_plan(micro, cfg.accum, None, world_size)
+    micro = plan_micro_batch(cfg, model_cfg, budget)  # divides the per-device share of --global-bs
+    plan = resolve_batch_plan(micro, None if cfg.global_bs else cfg.accum, cfg.global_bs, world_size)
     if on_event:
         on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
     return plan
@@ -38,7 +33,7 @@ def memory_budget(cfg: RunConfig) -> tuple[int, str]:
     """Bytes a run may use: the GPU's total memory, or the memory available on this machine."""
     import torch
 
-    from microft.trainer import resolve_device
+    from microft.train.step import resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -48,6 +43,28 @@ def memory_budget(cfg: RunConfig) -> tuple[int, str]:
 
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return avail, f"this machine's free memory ({avail / 2**30:.1f} GiB)"
+
+
+def memory_hooks(cfg: RunConfig, model_cfg: Any):
+    """The estimator's answers for the loop (banner peak, CPU traced peak, OOM advice), as callbacks."""
+    from microft.errors import MicroftError
+    from microft.memory.plan import estimate_for_run, plan_advice
+    from microft.train.loop import MemoryHooks
+
+    def quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except MicroftError:  # a run the estimator cannot model
+                return None
+        return call
+
+    return MemoryHooks(
+        banner_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision)["summary"]),
+        traced_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision,
+                                                                     engine="trace")["peak_bytes"]),
+        oom_advice=quietly(lambda device_bytes: plan_advice(cfg, model_cfg, device_bytes)),
+    )
 
 
 def seed_init(seed: int) -> None:
@@ -67,11 +84,11 @@ def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
 
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
-    from microft.checkpoint import load_model
     from microft.data import Subset, pack_documents, read_text_corpus, split_indices
-    from microft.distributed import distributed, main_only
+    from microft.load import load_model
     from microft.tokenizer import encode
-    from microft.trainer import train
+    from microft.train.distributed import distributed, main_only
+    from microft.train.loop import train
 
     seed_init(cfg.seed)  # the same init on every rank
     model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
@@ -81,7 +98,7 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
         plan = batch_plan(cfg, dist.world_size, model.config, on_event)
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
-                     main_only(on_event, dist), dist=dist)
+                     main_only(on_event, dist), dist=dist, memory=memory_hooks(cfg, model.config))
 
 
 def _respond(model, template, prompt: str, max_new_tokens: int) -> str:
@@ -101,10 +118,11 @@ def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64) 
 
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
-    from microft.checkpoint import load_model
     from microft.instruct import load_instruct_data, write_predictions
+    from microft.load import load_model
     from microft.tokenizer import encode
-    from microft.trainer import resolve_device, train
+    from microft.train.loop import train
+    from microft.train.step import resolve_device
 
     demo = cfg.data is None
     seed_init(cfg.seed)
@@ -126,13 +144,13 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         def save_extra(d):  # adapters beside the (unchanged) base weights
             write_adapter_files(d, model, cfg.model or "gpt2-tiny")
 
-    from microft.distributed import distributed, main_only
+    from microft.train.distributed import distributed, main_only
 
     with distributed(cfg, model) as dist:
         device = dist.device or resolve_device(cfg.device)
         # under FSDP every forward must run on all ranks alike: no per-eval generation there
         talk = dist.is_main and not dist.fsdp
-        sample_prompts = data.val[: cfg.sample_every_eval] if talk else []
+        sample_prompts = data.val[: cfg.samples_per_eval] if talk else []
         emit = main_only(on_event, dist)
 
         def on_eval(m, step: int) -> list[Event]:
@@ -159,7 +177,8 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
         plan = batch_plan(cfg, dist.world_size, model.config, emit)
         summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
-                        on_eval=on_eval if sample_prompts else None, banner_extra=banner)
+                        on_eval=on_eval if sample_prompts else None, banner_extra=banner,
+                        memory=memory_hooks(cfg, model.config))
         if demo and talk:
             summary["demo_accuracy_before"] = acc_before
             summary["demo_accuracy_after"] = accuracy("after training")
@@ -181,9 +200,10 @@ def load_any(spec: str, device: str = "cpu"):
     """
     from pathlib import Path
 
-    from microft.checkpoint import CONFIG, load_model
     from microft.errors import CheckpointError
+    from microft.load import load_model
     from microft.lora import is_adapter_dir, load_adapter, read_adapter_config
+    from microft.weights import CONFIG
 
     if not is_adapter_dir(spec):
         return load_model(spec, device)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from microft.config import BatchPlan, ModelConfig, RunConfig
-from microft.memory import arch_from_config, estimate, setup_for
+from microft.memory.estimate import arch_from_config, estimate, setup_for
 from microft.model import GPT
-from microft.optim import autocast_context, build_optimizer, make_scaler
-from microft.trainer import clip_gradients, micro_step, optimizer_step, train
+from microft.train.loop import train
+from microft.train.optim import build_optimizer
+from microft.train.step import autocast_context, clip_gradients, make_scaler, micro_step, optimizer_step
 from tests.helpers import masked_samples, run_config, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

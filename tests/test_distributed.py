@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from microft.checkpoint import load_model, read_safetensors, save_model
 from microft.config import ModelConfig, RunConfig
-from microft.distributed import Dist, grad_sync, reduce_step, strip_devices
+from microft.load import load_model, save_model
 from microft.model import GPT
 from microft.runs import run_pretrain
+from microft.train.distributed import Dist, grad_sync, reduce_step, strip_devices
+from microft.weights import read_safetensors
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
@@ -153,7 +154,7 @@ def test_one_process_helpers_are_no_ops():
 # --- the torchrun driver (each rank runs this) --------------------------------------------------
 def _interrupted_then_resumed(root: Path, out: str, **kw) -> None:
     """Run to step 3, SIGINT rank 0 there, then resume with --resume auto to the end."""
-    from microft.trainer import Interrupted
+    from microft.errors import Interrupted
 
     rank = int(os.environ["RANK"])
     cfg = run_config(root, out, 2, 2, **kw)
@@ -175,14 +176,14 @@ def _interrupted_then_resumed(root: Path, out: str, **kw) -> None:
 
 def _fsdp_logits(root: Path) -> None:
     """The logits of the final weights computed by a sharded model, for the single-process check."""
-    from microft.distributed import distributed
+    from microft.train.distributed import distributed
 
     model = load_model(root / "fsdp" / "final").eval()
     cfg = run_config(root, "fsdp", 2, 2, shard="fsdp")
     with distributed(cfg, model) as dist:
         x = torch.randint(0, SHAPE.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            logits = dist.ddp(x)
+            logits = dist.wrapped(x)
         if dist.is_main:
             torch.save(logits, root / "fsdp" / "logits.pt")
 

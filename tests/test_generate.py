@@ -23,7 +23,7 @@ def model() -> GPT:
 
 def test_greedy_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from microft.checkpoint import load_model
+    from microft.load import load_model
 
     torch.manual_seed(3)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE)).eval()
@@ -131,9 +131,10 @@ def test_stream_text_replaces_dangling_bytes():
     assert "".join(pieces) == decode(ids[:-1])
 
 
-def test_generate_text(model):
-    out = generate_text(model, "Hello", 5, stop_at_eot=False)
-    assert isinstance(out, str)
+def test_generate_text_decodes_the_generated_tokens(model):
+    out = generate_text(model, "Hello", 5, temperature=0.0, stop_at_eot=False)
+    ids = list(generate(model, encode("Hello"), 5, temperature=0.0, stop_at_eot=False))
+    assert len(ids) == 5 and out == decode(ids)
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -146,6 +147,13 @@ def _is_utf8(data: bytes) -> bool:
 
 def test_runs_under_bf16_autocast_and_in_bf16(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the cache takes the autocast dtype
-        assert len(list(generate(model, PROMPT, 4, stop_at_eot=False))) == 4
+        greedy = list(generate(model, PROMPT, 4, temperature=0.0, stop_at_eot=False))
+        # the cached path gives the tokens a full forward without a cache gives
+        ids = list(PROMPT)
+        for _ in range(4):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert greedy == ids[len(PROMPT):]
     bf16 = GPT(ModelConfig(**SHAPE)).to(torch.bfloat16).eval()
-    assert len(list(generate(bf16, PROMPT, 4, temperature=1.0, seed=0, stop_at_eot=False))) == 4
+    sampled = [list(generate(bf16, PROMPT, 4, temperature=1.0, seed=0, stop_at_eot=False)) for _ in range(2)]
+    assert sampled[0] == sampled[1] and len(sampled[0]) == 4  # seeded sampling repeats in bf16
+    assert all(0 <= t < SHAPE["vocab_size"] for t in sampled[0])

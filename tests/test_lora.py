@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from microft.checkpoint import model_state_dict
 from microft.config import ModelConfig
 from microft.errors import CheckpointError, ConfigError
 from microft.lora import (
@@ -25,6 +24,7 @@ from microft.lora import (
     save_adapter,
 )
 from microft.model import GPT, set_grad_checkpointing
+from microft.weights import model_state_dict
 
 CFG = ModelConfig(name="t", vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
 

@@ -16,19 +16,17 @@ from typer.testing import CliRunner
 from microft.cli import app
 from microft.config import BatchPlan, ModelConfig, RunConfig
 from microft.errors import ConfigError
-from microft.memory import (
+from microft.memory.estimate import (
     Budget,
     arch_from_config,
     estimate,
-    estimate_for_run,
     load_arch,
     parse_budget,
-    plan,
-    plan_micro_batch,
     setup_for,
     trace,
 )
-from microft.memory_step import Replay
+from microft.memory.plan import estimate_for_run, plan, plan_micro_batch
+from microft.memory.replay import Replay
 
 TOLERANCE = 0.03
 
@@ -269,9 +267,22 @@ def test_cli_recipe(tmp_path):
 
 def test_constants_mirror_the_torch_modules():
     """The analytical modules avoid importing torch; their copies of model/optim/lora facts must agree."""
-    from microft import lora, memory, memory_step, optim
+    from microft import lora
+    from microft.config import LORA_TARGETS
+    from microft.memory import estimate as memory
+    from microft.memory import replay
+    from microft.model import GPT
+    from microft.train import optim
 
-    assert memory_step.NO_DECAY_MARKERS == optim.NO_DECAY_MARKERS
-    assert memory_step.MASTER_CHUNK == optim.MASTER_CHUNK
-    for spec in ("qkv,proj", "attn", "mlp", "all", "fc,qkv"):
-        assert list(memory.lora_targets(spec)) == lora.parse_targets(spec)
+    assert replay.NO_DECAY_MARKERS == optim.NO_DECAY_MARKERS
+    assert replay.MASTER_CHUNK == optim.MASTER_CHUNK
+    # the estimator adapts exactly the linears LoRA wraps
+    for spec, names in [("qkv,proj", {"attn.c_attn", "attn.c_proj"}), ("attn", {"attn.c_attn", "attn.c_proj"}),
+                        ("mlp", {"mlp.c_fc", "mlp.c_proj"}), ("fc,qkv", {"attn.c_attn", "mlp.c_fc"}),
+                        ("all", {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"})]:
+        model = GPT(ModelConfig(name="t", vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+        lora.apply_lora(model, 2, 4.0, 0.0, spec)
+        wrapped = {n.removeprefix("h.0.").rsplit(".lora_", 1)[0] for n, _ in model.named_parameters()
+                   if n.startswith("h.0.") and ".lora_" in n}
+        assert wrapped == names, spec
+        assert {".".join(LORA_TARGETS[t]) for t in memory.lora_targets(spec)} == names, spec

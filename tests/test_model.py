@@ -7,9 +7,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from microft.checkpoint import load_model  # noqa: E402
 from microft.config import ModelConfig  # noqa: E402
 from microft.generate import generate  # noqa: E402
+from microft.load import load_model  # noqa: E402
 from microft.model import GPT, KVCache  # noqa: E402
 
 TINY = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from microft.config import RunConfig
-from microft.optim import MasterAdamW, build_optimizer, join_fp32, split_fp32
+from microft.train.optim import MasterAdamW, build_optimizer, join_fp32, split_fp32
 from tests.helpers import tiny_model
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from microft.config import BatchPlan
-from microft.errors import ConfigError
+from microft.errors import ConfigError, Interrupted
 from microft.model import set_grad_checkpointing
-from microft.trainer import Interrupted, train
+from microft.train.loop import train
 from tests.helpers import TINY, flat_params, masked_samples, run_config, tiny_model
 
 
@@ -169,8 +169,8 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path):
 
 
 def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_is_checkpointed(tmp_path, monkeypatch):
-    import microft.trainer as trainer_mod
-    from microft.optim import make_scaler
+    import microft.train.loop as trainer_mod
+    from microft.train.step import make_scaler
 
     # a scale so large the first scaled gradients overflow fp16: those steps must be skipped, not applied
     monkeypatch.setattr(trainer_mod, "make_scaler", lambda p, d: make_scaler(p, d, init_scale=2.0**120))
@@ -202,7 +202,7 @@ def test_adamw_8bit_without_cuda_is_a_clear_config_error(tmp_path):
 
 
 def test_no_weight_decay_on_biases_norms_and_embeddings():
-    from microft.optim import param_groups
+    from microft.train.optim import param_groups
 
     model = tiny_model()
     decay, no_decay = param_groups(model, 0.1)
@@ -212,7 +212,7 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
 
 
 def test_schedules_warm_up_then_decay_to_the_minimum_ratio():
-    from microft.optim import lr_lambda, warmup_steps
+    from microft.train.optim import lr_lambda, warmup_steps
 
     assert warmup_steps(0.1, 100) == 10 and warmup_steps(5, 100) == 5
     cos = lr_lambda("cosine", 100, 10, 0.1)
@@ -224,14 +224,14 @@ def test_schedules_warm_up_then_decay_to_the_minimum_ratio():
 
 
 def test_verdict_reads_the_curves():
-    from microft.trainer import verdict
+    from microft.train.loop import verdict
 
     over = [{"step": s, "val_loss": v} for s, v in [(0, 5.0), (10, 3.0), (20, 2.5), (30, 2.9), (40, 3.3)]]
-    assert verdict(over, 1.0).startswith("overfitting from step 20")
+    assert verdict(over).startswith("overfitting from step 20")
     under = [{"step": s, "val_loss": 5.0 - 0.5 * i} for i, s in enumerate(range(0, 50, 10))]
-    assert verdict(under, 2.0).startswith("underfitting")
+    assert verdict(under).startswith("underfitting")
     fit = [{"step": s, "val_loss": v} for s, v in [(0, 5.0), (10, 3.0), (20, 2.6), (30, 2.55), (40, 2.55)]]
-    assert verdict(fit, 2.5).startswith("well fit")
+    assert verdict(fit).startswith("well fit")
 
 
 def test_early_stopping_patience(tmp_path):

@@ -1,8 +1,7 @@
-"""Optimizers, learning-rate schedules and precision policy: small functions the trainer composes."""
+"""Optimizers and learning-rate schedules: small functions the loop composes (precision lives in step.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 
@@ -172,33 +171,3 @@ def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float) ->
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
     return f
-
-
-def cpu_supports_bf16() -> bool:
-    with contextlib.suppress(Exception):
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16-mixed on CUDA ≥ 8.0 or bf16-capable CPUs, fp16-mixed on older GPUs, else fp32."""
-    if precision != "auto":
-        return precision  # fp16-mixed runs on CPUs too (slowly): useful to test the scaler without a GPU
-    if device.type == "cuda":
-        return "bf16-mixed" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16-mixed"
-    if device.type == "cpu":
-        return "bf16-mixed" if cpu_supports_bf16() else "fp32"
-    return "fp32"
-
-
-def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the forward's autocast context (a no-op for fp32 and bf16-true)."""
-    if precision in ("bf16-mixed", "fp16-mixed"):
-        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        return lambda: torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext
-
-
-def make_scaler(precision: str, device: torch.device, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
-    """A GradScaler that is live only for fp16-mixed; otherwise a no-op with the same API."""
-    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision == "fp16-mixed")

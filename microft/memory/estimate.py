@@ -3,10 +3,10 @@
 Two engines answer "how many bytes does one training step of this run hold at its peak?":
 
 - `estimate(...)` (analytical, the default): replays microft's training step from shapes alone
-  (`memory_step` on the `memory_sim` engine): weights, gradients, optimizer state, the tensors each block saves under the
+  (`replay.py` on the `sim.py` engine): weights, gradients, optimizer state, the tensors each block saves under the
   precision policy, the fused loss, checkpoint recomputes, gradient accumulation and the first
   step's optimizer-state creation. No torch import; milliseconds for any model size.
-- `trace(...)` (`--trace`): runs microft's real step twice on fake tensors (`memory_trace`) and
+- `trace(...)` (`--trace`): runs microft's real step twice on fake tensors (`trace.py`) and
   reports the exact peak of live tensors. GPT-2 models only.
 
 Both give the tensor peak `torch.cuda.max_memory_allocated` would report (CUDA's 512-byte
@@ -14,7 +14,7 @@ allocator rounding included). Runtime overhead (CUDA context, cuBLAS workspace, 
 margin) is listed separately and added only for the verdict against a memory budget.
 
 This module imports neither torch nor rich (only `trace` and `--gpu-mem auto` load torch); the
-CLI renders what it returns.
+CLI renders what it returns. The planner built on it is plan.py.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 from microft.config import PRESETS, ModelConfig, RunConfig, ce_chunks, parse_lora_targets
 from microft.errors import ConfigError
-from microft.memory_sim import OverLimit
-from microft.memory_step import Arch, Replay, Setup
+from microft.memory.replay import Arch, Replay, Setup
+from microft.memory.sim import OverLimit
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
@@ -369,7 +369,7 @@ def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1
         raise ConfigError("--trace runs microft's GPT-2; Llama-style configs get the analytical estimate only")
     if world > 1 and shard == "fsdp":
         raise ConfigError("--trace does not model FSDP; drop --trace for the analytical estimate")
-    from microft.memory_trace import trace_training
+    from microft.memory.trace import trace_training
 
     mc = ModelConfig(name=arch.name, vocab_size=arch.vocab_size, n_positions=arch.n_positions, n_embd=arch.n_embd,
                      n_layer=arch.n_layer, n_head=arch.n_head, dropout=arch.dropout)
@@ -394,15 +394,3 @@ def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1
     est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
     est.overhead = runtime_overhead(peak, budget)
     return est
-
-
-_PLANNER = ("Plan", "PlanRow", "plan", "plan_micro_batch", "plan_advice", "estimate_for_run", "step_cost")
-
-
-def __getattr__(name: str) -> Any:
-    """The planner lives in `memory_plan`; `memory.plan_micro_batch` etc. keep working."""
-    if name in _PLANNER:
-        from microft import memory_plan
-
-        return getattr(memory_plan, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@
 
 Every rank builds the same model, then `setup_distributed` wraps it: DDP by default, or FSDP2
 (`fully_shard` on each block, then the root) with `--shard fsdp`. Every rank sees the same
-deterministic global batch and trains on its share of the micro-batches (`trainer.step_plan`).
+deterministic global batch and trains on its share of the micro-batches (`train.loop.step_plan`).
 Only rank 0 logs and writes files; checkpoints always hold full, unsharded tensors in the
 single-device format, so a run saved by 4 ranks loads and resumes on one.
 Outside torchrun everything here is a no-op on a `Dist()` of rank 0 of 1.
@@ -25,6 +25,8 @@ import torch
 
 from microft.config import RunConfig
 from microft.errors import CheckpointError, ConfigError
+from microft.train.step import place_model, resolve_precision
+from microft.weights import load_state_into
 
 Event = dict[str, Any]
 
@@ -35,7 +37,7 @@ class Dist:
 
     rank: int = 0
     world_size: int = 1
-    ddp: Any = None  # the DDP-wrapped or FSDP2-sharded module, when distributed
+    wrapped: Any = None  # the DDP-wrapped or FSDP2-sharded module, when distributed
     local_rank: int = 0
     device: torch.device | None = None  # this rank's device; None: resolve from the config
     shard: str = "none"  # "ddp" or "fsdp" when distributed
@@ -115,8 +117,6 @@ def setup_distributed(cfg: RunConfig, model: torch.nn.Module) -> Dist:
     if env is None or env[1] <= 1:
         return Dist()
     rank, world, local_rank = env
-    from microft.optim import resolve_precision
-
     device = rank_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -124,9 +124,7 @@ def setup_distributed(cfg: RunConfig, model: torch.nn.Module) -> Dist:
     if owns_group:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    if resolve_precision(cfg.precision, device) == "bf16-true":
-        model.to(dtype=torch.bfloat16)
-    model.to(device)
+    place_model(model, resolve_precision(cfg.precision, device), device)
     shard = "fsdp" if cfg.shard == "fsdp" else "ddp"
     if shard == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -145,7 +143,7 @@ def setup_distributed(cfg: RunConfig, model: torch.nn.Module) -> Dist:
         # DDP broadcasts rank 0's weights at construction; gradients live in its buckets (no second copy)
         wrapped = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                           gradient_as_bucket_view=True)
-    return Dist(rank=rank, world_size=world, ddp=wrapped, local_rank=local_rank, device=device, shard=shard,
+    return Dist(rank=rank, world_size=world, wrapped=wrapped, local_rank=local_rank, device=device, shard=shard,
                 owns_group=owns_group)
 
 
@@ -176,7 +174,7 @@ def main_only(on_event: Callable[[Event], None], dist: Dist) -> Callable[[Event]
 @contextlib.contextmanager
 def grad_sync(dist: Dist, enabled: bool) -> Iterator[None]:
     """Around a micro-step: with `enabled` False, gradients stay local (no all-reduce/reduce-scatter)."""
-    mod = dist.ddp
+    mod = dist.wrapped
     if enabled or mod is None:
         yield
     elif dist.fsdp:  # FSDP2 has no no_sync(): it keeps unsharded gradients until a syncing backward
@@ -267,16 +265,14 @@ def load_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dist: Dist, source: str) -> None:
     """Copy full microft-named weights (unpadded vocabulary) into `model`, sharded under FSDP."""
-    from microft import checkpoint as ckpt
-
     if not dist.fsdp:
-        ckpt.load_state_into(model, state, source)
+        load_state_into(model, state, source)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     full = {}
     for k, dst in model.state_dict().items():  # DTensors report their full shape
-        name = k.replace(".base.", ".")
+        name = k
         if name not in state:
             raise CheckpointError(f"{source} does not match the model: missing {name}")
         src = state[name]

@@ -8,7 +8,7 @@ buffer holds it), runs backward in reverse creation order, recomputes checkpoint
 early stop, and tracks live bytes (CUDA-rounded) with their category at every allocation. No
 torch, no tensors: thousands of events, a few milliseconds, any model size.
 
-`memory_trace` runs the real code on fake tensors; tests check the two agree.
+`trace.py` runs the real code on fake tensors; tests check the two agree.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The batch planner: the largest micro-batch that fits a GPU, per strategy, and the OOM decision tree.
 
-Also the trainer's entry points: `plan_micro_batch` (`finetune --micro-bs auto`), `plan_advice`
+Also what a run asks of the estimator (runs.py hands it to the loop): `plan_micro_batch` (`--micro-bs auto`), `plan_advice`
 (the out-of-memory message) and `estimate_for_run` (the banner and the summary).
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from microft.config import BatchPlan, ModelConfig, RunConfig
 from microft.errors import ConfigError
-from microft.memory import (
+from microft.memory.estimate import (
     LORA_PLAN_RANK,
     Budget,
     Estimate,
@@ -23,7 +23,7 @@ from microft.memory import (
     setup_for,
     trace,
 )
-from microft.memory_step import Arch, Setup
+from microft.memory.replay import Arch, Setup
 
 
 # --- the planner -------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, 
     return Plan(budget, global_bs, world, rows, tree, tree[-1] if tree[-1].fits else None)
 
 
-# --- for the trainer ---------------------------------------------------------------------------
+# --- for a run (runs.py) ---------------------------------------------------------------------------
 def _base(cfg: RunConfig, model_cfg: ModelConfig, precision: str | None, budget: Budget | None = None) -> tuple[Arch, Setup]:
     arch = arch_from_config(model_cfg, cfg.dropout)
     prec = precision or resolve_precision(cfg.precision, budget)

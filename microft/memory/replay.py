@@ -2,10 +2,10 @@
 
 Each function mirrors the code it stands for: `Replay.block` is `model.Block`, `Replay.loss` is
 `model._FusedCrossEntropy`, `Replay.optimizer_step` the optimizers `optim.build_optimizer` makes,
-`Replay.micro_step` / `clip` / `optimizer_step` the trainer's. Autocast's casts (and their
+`Replay.micro_step` / `clip` / `optimizer_step` those of train/step.py. Autocast's casts (and their
 cache), the tensors each op saves for backward (only those a needed gradient uses), Python's
 variable lifetimes, CUDA's kernels (SDPA flash / memory-efficient, fused dropout, fp32 norm
-statistics, one-allocation foreach norms) are followed as they are. The engine (`memory_sim.Sim`)
+statistics, one-allocation foreach norms) are followed as they are. The engine (`sim.Sim`)
 does the reference counting, backward order and checkpoint recomputes.
 
 Llama-style shapes (GQA, SwiGLU, RMSNorm, RoPE, untied head) follow a microft-style step for
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from microft.config import ce_chunks
-from microft.memory_sim import Node, Par, Sim, St, Ten, cuda_bytes
+from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Trace engine: microft's real training step run twice on fake tensors, live bytes counted.
 
 The model is built on the meta device, materialised as `FakeTensorMode` tensors (shapes,
-dtypes and strides, no data, no memory), and driven through `trainer.micro_step` × accum,
-`trainer.clip_gradients` and `trainer.optimizer_step` for two optimizer steps. A
+dtypes and strides, no data, no memory), and driven through `train.step.micro_step` × accum,
+`clip_gradients` and `optimizer_step` for two optimizer steps. A
 `TorchDispatchMode` sees every op's outputs; each output's storage is counted once, rounded
 up to the CUDA caching allocator's 512-byte blocks, and dropped from the live total when the
 storage dies (checked through weak storage references whenever the running total could be a
@@ -29,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from microft.config import ModelConfig, RunConfig
-from microft.memory_sim import cuda_bytes
-from microft.memory_step import sdpa_workspace
+from microft.memory.replay import sdpa_workspace
+from microft.memory.sim import cuda_bytes
 from microft.model import GPT, set_grad_checkpointing
 
 CUDA_EMULATION = [
@@ -312,7 +312,7 @@ class EmulatedAdamW8bit(torch.optim.Optimizer):
 
 
 def _trace_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    from microft.optim import build_optimizer, param_groups
+    from microft.train.optim import build_optimizer, param_groups
 
     if cfg.optimizer == "adamw-8bit":
         return EmulatedAdamW8bit(param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -346,7 +346,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     """Trace `steps` optimizer steps of microft's training step on fake tensors; see the module doc."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from microft.trainer import clip_gradients, micro_step, optimizer_step
+    from microft.train.step import autocast_context, clip_gradients, micro_step, optimizer_step, place_model
 
     t0 = time.perf_counter()
     if cfg.dropout is not None:
@@ -363,9 +363,8 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     for mod in model.modules():  # CUDA's fused dropout keeps a bool mask; the CPU path a float one
         if isinstance(mod, nn.Dropout) and mod.p > 0:
             mod.forward = types.MethodType(_fused_dropout, mod)
-    if precision == "bf16-true":
-        model.to(dtype=torch.bfloat16)
     device = torch.device("cpu")
+    place_model(model, precision, torch.device("meta"))  # bf16-true casts; the weights stay on meta until faked
     fake_mode = FakeTensorMode()
     _materialise_fake(model, fake_mode, device)
     model.train()
@@ -386,11 +385,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(lambda q: tracker.relabel(q.grad, "gradients")))
 
-    if precision in ("bf16-mixed", "fp16-mixed"):
-        dt = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        autocast = lambda: torch.autocast("cpu", dtype=dt)  # noqa: E731
-    else:
-        from contextlib import nullcontext as autocast
+    autocast = autocast_context(precision, device)
     step_peaks = []
     tracker.workspaces[sdpa_bwd] = workspace
     try:

@@ -1,0 +1,111 @@
+"""The run options, defined once: `pretrain`, `finetune` and `estimate-mem` take them from here.
+
+Each option is an `Annotated` alias (its flag and help); `run_options(NAMES)` gives a command
+those options as keyword parameters, in that order, and hands their values to the command
+as `**flags` (None: not given), ready for `config.resolve_config`. Option names are stable:
+scripts and recipes depend on them. No torch import: `microft --help` stays fast.
+"""
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, …, gpt2-tiny, gpt2-mini), HF GPT-2 directory, or microft checkpoint.")]
+Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory.")]
+Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
+MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto'.")]
+Accum = Annotated[int | None, typer.Option("--accum", help="Micro-steps accumulated per optimizer step.")]
+GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (micro × accum × devices).")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs).")]
+Epochs = Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (default 1).")]
+LR = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
+MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per sample (≤ the model's context).")]
+Precision = Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true.")]
+GradCkpt = Annotated[bool | None, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Recompute block activations in backward.")]
+GradCkptEvery = Annotated[int | None, typer.Option("--grad-ckpt-every", help="Checkpoint every N-th block (with --grad-ckpt).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for init, data order and sampling.")]
+Resume = Annotated[str | None, typer.Option("--resume", help="Checkpoint directory, or 'auto' for the latest under --out.")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", help="A recipes/*.toml file; flags override its values.")]
+EvalEvery = Annotated[int | None, typer.Option("--eval-every", help="Validate every N steps (0: never).")]
+SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0: only at the end).")]
+LogFormat = Annotated[str | None, typer.Option("--log-format", help="auto | rich | plain | json.")]
+Optim = Annotated[str | None, typer.Option("--optimizer", help="adamw | sgd | adafactor | adamw-8bit.")]
+Schedule = Annotated[str | None, typer.Option("--schedule", help="cosine | linear | constant.")]
+Warmup = Annotated[float | None, typer.Option("--warmup", help="Warmup steps (≥ 1) or fraction of the run (< 1).")]
+MinLR = Annotated[float | None, typer.Option("--min-lr-ratio", help="Final lr as a fraction of the peak.")]
+MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help="Clip the global grad norm (0: off).")]
+WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")]
+Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held out for validation.")]
+Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement.")]
+KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoints to keep.")]
+Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
+TF32 = Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="TF32 for fp32 matmuls on CUDA (default: on).")]
+Dropout = Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")]
+Devices = Annotated[int | None, typer.Option("--devices", help="Processes to launch with torchrun (one per device).")]
+Shard = Annotated[str | None, typer.Option("--shard", help="none | ddp | fsdp (with --devices > 1).")]
+ValData = Annotated[str | None, typer.Option("--val-data", help="Validation data (else a seeded split of --data).")]
+TestFrac = Annotated[float | None, typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
+Template = Annotated[str | None, typer.Option("--template", help="alpaca | chatml | plain | a template file (TOML/JSON).")]
+MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
+SkipBad = Annotated[bool | None, typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
+GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
+Predict = Annotated[bool | None, typer.Option("--predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
+Lora = Annotated[bool | None, typer.Option("--lora", help="Train LoRA adapters; the base stays frozen.")]
+LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
+LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
+LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
+LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
+SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
+
+# every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
+RUN_OPTIONS: dict[str, Any] = {
+    "model": Model, "data": Data, "out": Out, "micro_bs": MicroBS, "accum": Accum, "global_bs": GlobalBS,
+    "max_steps": MaxSteps, "epochs": Epochs, "lr": LR, "max_seq_len": MaxSeqLen, "precision": Precision,
+    "grad_ckpt": GradCkpt, "grad_ckpt_every": GradCkptEvery, "seed": Seed, "resume": Resume, "recipe": Recipe,
+    "eval_every": EvalEvery, "save_every": SaveEvery, "log_format": LogFormat, "optimizer": Optim,
+    "schedule": Schedule, "warmup": Warmup, "min_lr_ratio": MinLR, "max_grad_norm": MaxGradNorm,
+    "weight_decay": WeightDecay, "device": Device, "val_frac": ValFrac, "patience": Patience, "keep_last": KeepLast,
+    "compile": Compile, "tf32": TF32, "dropout": Dropout, "devices": Devices, "shard": Shard,
+    "val_data": ValData, "test_frac": TestFrac, "template": Template, "mask_prompt": MaskPrompt,
+    "skip_bad": SkipBad, "group_by_length": GroupByLength, "predict": Predict, "lora": Lora, "lora_r": LoraR,
+    "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
+}
+PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
+            "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
+            "log_format", "optimizer", "schedule", "warmup", "min_lr_ratio", "max_grad_norm", "weight_decay",
+            "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard")
+LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "group_by_length",
+            "predict", *LORA)
+# only what changes the estimate; a recipe's other values are read and ignored
+ESTIMATE = ("model", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
+            "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "dropout", *LORA, "devices", "shard",
+            "compile")
+
+
+def run_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the run options `names` (before its own parameters); it receives them as `**flags`."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RUN_OPTIONS[n])
+                  for n in names]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        required = [p for p in params if p.default is inspect.Parameter.empty]
+        params = required + shared + [p for p in params if p.default is not inspect.Parameter.empty]
+
+        def run(**kw: Any) -> Any:
+            return command(**kw)
+
+        run.__name__, run.__qualname__, run.__doc__ = command.__name__, command.__qualname__, command.__doc__
+        run.__module__ = command.__module__
+        run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate

@@ -1,0 +1,91 @@
+"""One optimizer step's parts, shared by the training loop and the estimator's trace.
+
+`micro_step` (one forward/backward), `clip_gradients`, `optimizer_step`, and the precision policy
+they run under (`resolve_precision`, `autocast_context`, `make_scaler`, `place_model`). The loop
+(loop.py) composes them over real batches; memory/trace.py runs the very same functions on fake
+tensors to measure a step's peak. This module imports nothing else of microft.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+from microft.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda given but no CUDA GPU is available")
+    return dev
+
+
+def cpu_supports_bf16() -> bool:
+    with contextlib.suppress(Exception):
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16-mixed on CUDA ≥ 8.0 or bf16-capable CPUs, fp16-mixed on older GPUs, else fp32."""
+    if precision != "auto":
+        return precision  # fp16-mixed runs on CPUs too (slowly): useful to test the scaler without a GPU
+    if device.type == "cuda":
+        return "bf16-mixed" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16-mixed"
+    if device.type == "cpu":
+        return "bf16-mixed" if cpu_supports_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward's autocast context (a no-op for fp32 and bf16-true)."""
+    if precision in ("bf16-mixed", "fp16-mixed"):
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+        return lambda: torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext
+
+
+def make_scaler(precision: str, device: torch.device, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
+    """A GradScaler that is live only for fp16-mixed; otherwise a no-op with the same API."""
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision == "fp16-mixed")
+
+
+def place_model(model: torch.nn.Module, precision: str, device: torch.device) -> None:
+    """Cast the weights to bf16 for bf16-true, then move them to `device`."""
+    if precision == "bf16-true":
+        model.to(dtype=torch.bfloat16)
+    model.to(device)
+
+
+def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, denom: float,
+               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum."""
+    with autocast():
+        loss_sum = runner(x, y, w, target_pos=target_pos)
+    scaler.scale(loss_sum / max(denom, 1e-12)).backward()
+    return loss_sum.detach()
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Global grad norm of the trainable parameters, clipped to `max_norm` when given."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Step (skipped by the fp16 scaler on overflow), then free the gradients. Returns True if skipped."""
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale_before is not None and scaler.get_scale() < scale_before

@@ -1,0 +1,111 @@
+"""Weight files: atomic directories, safetensors reads, and microft's state-dict naming.
+
+The leaf under every format: `load.py` (microft and HF model directories), `hf.py` (HF key
+layouts), `lora.py` (adapters) and `train/checkpoint.py` (training state) write through
+`atomic_dir` and read through `read_safetensors`. Imports no other microft module but errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from microft.errors import CheckpointError, one_line
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
+
+    An existing `final` is moved aside first and deleted only after the new one is in place.
+    On error the temporary directory is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing or corrupt file is a one-line CheckpointError."""
+    if not path.exists():
+        raise CheckpointError(f"{what} file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"corrupt {what} file {path}: {one_line(e)}") from None
+
+
+def model_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Weights in microft naming with the vocabulary unpadded, contiguous, on CPU; adapters left out.
+
+    `state`: the model's full state dict when gathered elsewhere (FSDP shards, see train/distributed.py).
+    """
+    vocab = model.config.vocab_size
+    out = {}
+    for k, v in (model.state_dict() if state is None else state).items():
+        if "lora_" in k:
+            continue
+        if k == "wte.weight":
+            v = v[:vocab]
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy unpadded microft-named weights into `model`, checking names and shapes."""
+    params = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
+        raise CheckpointError(f"{source} does not match the model: {what.strip()}")
+    with torch.no_grad():
+        for k, dst in params.items():
+            src = state[k]
+            if k == "wte.weight":
+                if src.shape[1] != dst.shape[1] or src.shape[0] > dst.shape[0]:
+                    raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+                dst[: src.shape[0]].copy_(src)
+                dst[src.shape[0] :].zero_()
+            elif src.shape != dst.shape:
+                raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+            else:
+                dst.copy_(src)
