@@ -410,18 +410,19 @@ class InstructData:
         return self.test or self.val
 
 
-def load_instruct_data(cfg: RunConfig, max_seq_len: int, encode: Encode | None = None) -> InstructData:
+def load_instruct_data(cfg: RunConfig, max_seq_len: int, encode: Encode | None = None,
+                       demo: tuple[list[Record], list[Record]] | None = None) -> InstructData:
     """Read, validate, split and tokenise `cfg.data` (and `cfg.val_data`) as `finetune` needs them.
 
-    With no `cfg.data` the built-in demo set is used: training items from `demo_records` and the
-    held-out items from `demo_heldout` as the validation split.
+    With no `cfg.data`, `demo` gives the records: (training items, held-out items as the validation
+    split); runs.py passes the built-in demo's.
     """
     template = load_template(cfg.template)
     n_skipped, problems = 0, []
     if cfg.data is None:
-        from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
-
-        parts = Split(demo_records(DEMO_TRAIN_SIZE, cfg.seed), demo_heldout(DEMO_HELDOUT_SIZE, cfg.seed), [])
+        if demo is None:
+            raise DataError("no --data given")
+        parts = Split(demo[0], demo[1], [])
     else:
         read = read_records(cfg.data, cfg.skip_bad)
         n_skipped, problems = read.n_skipped, list(read.problems)

@@ -77,8 +77,5 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: fl
     with torch.device("meta"):
         model = GPT(cfg)
     model = model.to_empty(device=device)
-    load_state_into(model, state, source=str(d))
-    if model.config.padded_vocab_size > model.config.vocab_size:
-        with torch.no_grad():
-            model.wte.weight[model.config.vocab_size :].zero_()
+    load_state_into(model, state, source=str(d))  # zeroes the padded vocabulary rows too
     return model

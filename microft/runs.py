@@ -128,7 +128,12 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     seed_init(cfg.seed)
     model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
     max_len = seq_len_for(cfg, model.config.n_positions)
-    data = load_instruct_data(cfg, max_len, encode)
+    demo_sets = None
+    if demo:
+        from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
+
+        demo_sets = (demo_records(DEMO_TRAIN_SIZE, cfg.seed), demo_heldout(DEMO_HELDOUT_SIZE, cfg.seed))
+    data = load_instruct_data(cfg, max_len, encode, demo_sets)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
     st = data.stats["train"]

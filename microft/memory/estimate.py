@@ -380,16 +380,15 @@ def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1
     t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum, steps=steps)
     comp = dict(t.components)
     peak = t.peak_bytes
+    r = Replay(arch, setup)
+    r.run()
     if world > 1 and shard == "ddp":
-        r = Replay(arch, setup)
         buckets = sum(p.numel * p.es for p in r.m.params if p.train)
         comp["DDP gradient buckets"] = buckets
         peak += buckets
     est = Estimate(engine="trace", arch=arch, setup=setup, peak_bytes=peak, peak_phase=t.peak_phase,
                    peak_where=t.peak_where, components=_ordered(comp), step_peaks=t.step_peaks,
                    budget=budget, world=world, shard=shard, seconds=t.seconds)
-    r = Replay(arch, setup)
-    r.run()
     est.details = _details(arch, setup, r)
     est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
     est.overhead = runtime_overhead(peak, budget)

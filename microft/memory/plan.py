@@ -104,7 +104,6 @@ class _Fitter:
             hi = 0
             while hi < len(cands) - 1 and ok(hi):
                 lo, hi = hi, min(len(cands) - 1, 2 * hi + 1)
-            hi = hi if not ok(hi) else hi
         while lo <= hi:
             mid = (lo + hi) // 2
             if ok(mid):
