@@ -71,6 +71,17 @@ def run_flags(flags: dict[str, Any]) -> dict[str, Any]:
     return {**flags, "micro_bs": parse_micro_bs(flags.get("micro_bs"))}
 
 
+def _run_reporting(cfg: RunConfig, run: Any) -> None:
+    """`run(cfg, reporter)` with the progress display, closed however the run ends."""
+    from microft.ui import TrainReporter
+
+    reporter = TrainReporter(cfg.log_format)
+    try:
+        run(cfg, reporter)
+    finally:
+        reporter.close()
+
+
 def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
     from microft.config import config_to_json, resolve_batch_plan
 
@@ -113,13 +124,8 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
 
             raise ConfigError("pretrain needs --data (a .txt file or a directory of .txt files)")
         from microft.runs import run_pretrain
-        from microft.ui import TrainReporter
 
-        reporter = TrainReporter(cfg.log_format)
-        try:
-            run_pretrain(cfg, reporter)
-        finally:
-            reporter.close()
+        _run_reporting(cfg, run_pretrain)
 
 
 @app.command()
@@ -147,13 +153,8 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
             return
         relaunch_under_torchrun(cfg)
         from microft.runs import run_finetune
-        from microft.ui import TrainReporter
 
-        reporter = TrainReporter(cfg.log_format)
-        try:
-            run_finetune(cfg, reporter)
-        finally:
-            reporter.close()
+        _run_reporting(cfg, run_finetune)
 
 
 @app.command()
