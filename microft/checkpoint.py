@@ -21,12 +21,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from microft.config import PRESETS, ModelConfig
 from microft.errors import CheckpointError
-from microft.model import GPT
+from microft.models.load import (  # noqa: F401  (loading lives in microft.models.load; re-exported)
+    CONFIG,
+    WEIGHTS,
+    load_model,
+    load_state_into,
+    model_state_dict,
+    read_model_config,
+)
+from microft.models.transformer import GPT
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 
 
@@ -70,45 +75,6 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
-def model_state_dict(model: GPT, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Weights in microft naming with the vocabulary unpadded, contiguous, on CPU.
-
-    `state`: the model's full state dict when gathered elsewhere (FSDP shards, see distributed.py).
-    """
-    vocab = model.config.vocab_size
-    out = {}
-    for k, v in (model.state_dict() if state is None else state).items():
-        if "lora_" in k:
-            continue
-        k = k.replace(".base.", ".")  # LoRA-wrapped linears keep their base weights under .base
-        if k == "wte.weight":
-            v = v[:vocab]
-        out[k] = v.detach().to("cpu").contiguous()
-    return out
-
-
-def load_state_into(model: GPT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy unpadded microft-named weights into `model`, checking names and shapes."""
-    params = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    if missing or unexpected:
-        what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
-        raise CheckpointError(f"{source} does not match the model: {what.strip()}")
-    with torch.no_grad():
-        for k, dst in params.items():
-            src = state[k]
-            if k == "wte.weight":
-                if src.shape[1] != dst.shape[1] or src.shape[0] > dst.shape[0]:
-                    raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
-                dst[: src.shape[0]].copy_(src)
-                dst[src.shape[0] :].zero_()
-            elif src.shape != dst.shape:
-                raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
-            else:
-                dst.copy_(src)
-
-
 def save_model(directory: str | Path, model: GPT, extra: dict[str, Any] | None = None) -> Path:
     """Write `model.safetensors` + `config.json` atomically into `directory`."""
     with atomic_dir(directory) as tmp:
@@ -122,54 +88,6 @@ def write_model_files(directory: Path, model: GPT, extra: dict[str, Any] | None 
     save_file(model_state_dict(model, state), str(directory / WEIGHTS), metadata={"format": "microft"})
     cfg = {"format": "microft", "model": model.config.model_dump(), **(extra or {})}
     (directory / CONFIG).write_text(json.dumps(cfg, indent=2))
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a preset name, a microft checkpoint or an HF GPT-2 directory/config.json."""
-    spec = str(path)
-    if spec in PRESETS:
-        return ModelConfig.from_preset(spec)
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        p = p / CONFIG
-    if not p.exists():
-        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {p}: {e}") from None
-    if raw.get("format") == "microft":
-        try:
-            return ModelConfig(**raw["model"])
-        except Exception as e:
-            raise CheckpointError(f"{p}: invalid microft config: {e}") from None
-    return ModelConfig.from_hf(raw, name=Path(spec).name)
-
-
-def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: float | None = None) -> GPT:
-    """Build a model from a preset (random init), a microft checkpoint, or an HF GPT-2 directory."""
-    cfg = read_model_config(spec)
-    if dropout is not None:
-        cfg = cfg.model_copy(update={"dropout": dropout})
-    if str(spec) in PRESETS:
-        return GPT(cfg).to(device)
-    p = Path(spec).expanduser()
-    d = p if p.is_dir() else p.parent
-    raw = json.loads((d / CONFIG).read_text(encoding="utf-8"))
-    if raw.get("format") == "microft":
-        state = read_safetensors(d / WEIGHTS)
-    else:
-        from microft.hf import load_hf_state  # HF layouts, Conv1D transposes
-
-        state = load_hf_state(d)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model = model.to_empty(device=device)
-    load_state_into(model, state, source=str(d))
-    if model.config.padded_vocab_size > model.config.vocab_size:
-        with torch.no_grad():
-            model.wte.weight[model.config.vocab_size :].zero_()
-    return model
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

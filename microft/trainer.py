@@ -37,7 +37,7 @@ from microft.distributed import (
     reduce_step,
 )
 from microft.errors import CheckpointError, ConfigError, MicroftError, TrainingError
-from microft.model import GPT, set_grad_checkpointing
+from microft.models.transformer import GPT, set_grad_checkpointing
 from microft.optim import (
     autocast_context,
     build_optimizer,
