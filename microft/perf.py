@@ -19,14 +19,8 @@ GPU_PEAK_TFLOPS: dict[str, float] = {
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, trainable_fraction: float = 1.0) -> float:
-    """Training FLOPs per token: 6 × matmul parameters (LM head included) + attention scores.
-
-    With LoRA, frozen weights need no weight gradient: 4 instead of 6 per frozen parameter.
-    """
-    c, L = cfg.n_embd, cfg.n_layer
-    matmul_params = L * 12 * c * c + cfg.vocab_size * c
-    attn = 12 * L * c * seq_len  # QK^T and AV, forward+backward
-    return (4 + 2 * trainable_fraction) * matmul_params + attn
+    """Training FLOPs per token (see `ModelConfig.flops_per_token`: one formula for every family)."""
+    return cfg.flops_per_token(seq_len, trainable_fraction)
 
 
 @lru_cache(maxsize=4)

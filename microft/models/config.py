@@ -282,8 +282,8 @@ def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """(theta, llama3 scaling) from either layout: `rope_parameters`, or `rope_theta` + `rope_scaling`."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
+    params = hf.get("rope_parameters") or {}  # transformers 5 writes this; it wins where both are present
+    scaling = params or hf.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
