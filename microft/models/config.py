@@ -139,17 +139,17 @@ class ModelConfig(BaseModel):
 
     def matmul_params(self) -> int:
         """Weights of the block matmuls and the LM head: what FLOPs scale with."""
-        C, I = self.n_embd, self.intermediate_size
+        C, hidden = self.n_embd, self.intermediate_size
         attn = C * (self.q_dim + 2 * self.kv_dim) + self.q_dim * C
-        mlp = (3 if self.mlp == "swiglu" else 2) * C * I
+        mlp = (3 if self.mlp == "swiglu" else 2) * C * hidden
         return self.n_layer * (attn + mlp) + self.vocab_size * C
 
     def num_params(self) -> int:
         """Parameter count (tied embeddings counted once, unpadded vocab): one formula for every family."""
-        C, I, L = self.n_embd, self.intermediate_size, self.n_layer
+        C, hidden, L = self.n_embd, self.intermediate_size, self.n_layer
         norm = C * (2 if self.norm == "layernorm" else 1)
         attn_bias = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + C * self.attn_out_bias
-        mlp_bias = ((2 * I if self.mlp == "swiglu" else I) + C) * self.mlp_bias
+        mlp_bias = ((2 * hidden if self.mlp == "swiglu" else hidden) + C) * self.mlp_bias
         per_block = 2 * norm + attn_bias + 2 * self.head_dim * self.qk_norm + mlp_bias
         embed = self.vocab_size * C * (1 if self.tie_embeddings else 2)
         pos = self.n_positions * C if self.positions == "learned" else 0

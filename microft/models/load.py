@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from microft.errors import CheckpointError
 from microft.models.config import PRESETS, ModelConfig
-from microft.models.hf import VOCAB_ROWS, TensorFiles, HFReader, hf_name
+from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
 from microft.models.transformer import Transformer
 
 WEIGHTS = "model.safetensors"

@@ -196,15 +196,15 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        C, I = cfg.n_embd, cfg.intermediate_size
+        C, hidden = cfg.n_embd, cfg.intermediate_size
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-            self.up_proj = nn.Linear(C, I, bias=cfg.mlp_bias)
-            self.down_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+            self.gate_proj = nn.Linear(C, hidden, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(C, hidden, bias=cfg.mlp_bias)
+            self.down_proj = nn.Linear(hidden, C, bias=cfg.mlp_bias)
         else:
-            self.c_fc = nn.Linear(C, I, bias=cfg.mlp_bias)
-            self.c_proj = nn.Linear(I, C, bias=cfg.mlp_bias)
+            self.c_fc = nn.Linear(C, hidden, bias=cfg.mlp_bias)
+            self.c_proj = nn.Linear(hidden, C, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
