@@ -61,7 +61,7 @@ NF4_PIVOTS = (
 
 
 @lru_cache(maxsize=None)
-def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
+def _dynamic_map_values(signed: bool) -> tuple[float, ...]:
     vals: list[torch.Tensor] = [torch.tensor([0.0, 1.0])]
     for i in range(7):  # decades 1e-6 .. 1; each gets twice the fraction steps of the one below
         edges = torch.linspace(0.1, 1.0, 2 ** (i + (0 if signed else 1)) + 1, dtype=torch.float32)
@@ -70,7 +70,7 @@ def _dynamic_map_cpu(signed: bool) -> torch.Tensor:
         vals += [scaled, -scaled] if signed else [scaled]
     out = torch.sort(torch.cat(vals)).values
     assert out.numel() == 256
-    return out
+    return tuple(out.tolist())  # plain floats (exact fp32 values), so fake/meta modes can build the tensor
 
 
 def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -> torch.Tensor:
@@ -79,7 +79,7 @@ def dynamic_map(signed: bool = True, device: torch.device | str | None = None) -
     Seven decades (1e-6 .. 1), each split linearly into 2^i (signed: per sign) or 2^(i+1) steps,
     plus 0 and 1.0; sorted. Used for double-quantized NF4 absmax and for AdamW8bit's moments.
     """
-    return _dynamic_map_cpu(signed).to(device) if device is not None else _dynamic_map_cpu(signed)
+    return torch.tensor(_dynamic_map_values(signed), dtype=torch.float32, device=device)
 
 
 def _dynamic_codes(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -222,17 +222,16 @@ def _absmax_fp32(absmax: torch.Tensor, absmax2: torch.Tensor | None, offset: tor
     return vals + offset
 
 
-@lru_cache(maxsize=None)
-def _pair_table_cpu() -> torch.Tensor:
-    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
-    b = torch.arange(256)
+def _pair_table(device: torch.device) -> torch.Tensor:
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    b = torch.arange(256, device=device)
     return torch.stack((levels[b >> 4], levels[b & 15]), dim=1)  # (256, 2): both levels of each byte
 
 
 def _dequantize(codes, absmax, absmax2, offset, shape, block, dtype) -> torch.Tensor:
     numel = math.prod(shape)
     n_blocks = -(-numel // block)
-    vals = F.embedding(codes.int(), _pair_table_cpu().to(codes.device)).view(-1)  # fp32 levels, 2 per byte
+    vals = F.embedding(codes.int(), _pair_table(codes.device)).view(-1)  # fp32 levels, 2 per byte
     if vals.numel() != n_blocks * block:
         vals = F.pad(vals, (0, n_blocks * block - vals.numel()))
     scale = _absmax_fp32(absmax, absmax2, offset)
@@ -349,6 +348,15 @@ class NF4Linear(nn.Module):
             self.weight_dtype = w.dtype
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bf16)` / `.half()` must move the fp32 block scales, never round them.
+        scales = {k: b for k, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for k, old in scales.items():
+            if self._buffers[k].dtype != torch.float32:
+                self._buffers[k] = old.to(self._buffers[k].device)
+        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
