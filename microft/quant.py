@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn as nn
@@ -60,7 +60,7 @@ NF4_PIVOTS = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic_map_values(signed: bool) -> tuple[float, ...]:
     vals: list[torch.Tensor] = [torch.tensor([0.0, 1.0])]
     for i in range(7):  # decades 1e-6 .. 1; each gets twice the fraction steps of the one below

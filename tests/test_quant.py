@@ -9,8 +9,17 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from microft.errors import ConfigError
-from microft.quant import (NF4_LEVELS, NF4_PIVOTS, NF4Linear, dequantize_nf4, dynamic_map, nf4_nbytes,
-                           quantize_model_, quantize_nf4, quantize_tensor_for_load)
+from microft.quant import (
+    NF4_LEVELS,
+    NF4_PIVOTS,
+    NF4Linear,
+    dequantize_nf4,
+    dynamic_map,
+    nf4_nbytes,
+    quantize_model_,
+    quantize_nf4,
+    quantize_tensor_for_load,
+)
 
 LEVELS64 = torch.tensor(NF4_LEVELS, dtype=torch.float64)
 MIDS32 = ((LEVELS64[:-1] + LEVELS64[1:]) / 2).float()  # the tie points, rounded to fp32 as the CUDA pivots are
