@@ -171,3 +171,21 @@ def test_stream_decode_dangling_bytes(tmp_path, dirs):
         assert len(ids) > 3  # an emoji outside the training text is byte tokens
         pieces = list(decode_stream(tok, ids[:-1]))
         assert "".join(pieces) == tok.decode(ids[:-1]) and pieces[-1].endswith("\ufffd"), tok
+
+
+def test_stream_decode_sentencepiece_style(tmp_path):
+    """Metaspace tokenizers drop the leading space when decoding alone: pieces must still join up exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    raw.train_from_iterator(["hello world how are you", "the quick brown fox"] * 10,
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"], show_progress=False))
+    raw.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("hello world how are you the quick fox")
+    pieces = list(decode_stream(tok, ids))
+    assert "".join(pieces) == tok.decode(ids) == "hello world how are you the quick fox" and len(pieces) > 4
+    assert tok.eos_ids == [tok.token_to_id("</s>")]
