@@ -10,7 +10,6 @@ what lies beyond it, as it was trained). The cache holds only the key/value head
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -20,7 +19,7 @@ from microft.config import EOT_TOKEN
 from microft.errors import ConfigError
 from microft.models.precision import compute_dtype
 from microft.models.transformer import GPT, KVCache
-from microft.tokenizer import encode, get_encoding
+from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -138,25 +137,18 @@ def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: i
         model.train(was_training)
 
 
-def stream_text(token_ids: Iterable[int]) -> Iterator[str]:
-    """Decode tokens incrementally, yielding only complete characters.
+def stream_text(token_ids: Iterable[int], tokenizer: Tokenizer | None = None) -> Iterator[str]:
+    """Decode tokens incrementally, yielding only complete characters (`tokenizer.decode_stream`).
 
-    A GPT-2 token can end in the middle of a multi-byte UTF-8 character; those bytes wait for
-    the next token. Invalid bytes become U+FFFD, as `tokenizer.decode` does.
+    A token can end in the middle of a multi-byte UTF-8 character; those bytes wait for the next
+    token. Invalid bytes become U+FFFD, as `decode` does. `tokenizer` defaults to GPT-2's.
     """
-    enc = get_encoding()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for tok in token_ids:
-        try:
-            data = enc.decode_single_token_bytes(tok)
-        except KeyError:  # ids beyond GPT-2's vocabulary (a custom model's added tokens)
-            data = "\ufffd".encode()
-        if text := decoder.decode(data):
-            yield text
-    if tail := decoder.decode(b"", final=True):
-        yield tail
+    return decode_stream(tokenizer or gpt2_tokenizer(), token_ids)
 
 
-def generate_text(model: GPT, prompt: str, max_new_tokens: int, **kwargs) -> str:
-    """The completion of `prompt` as one string; `kwargs` go to `generate`."""
-    return "".join(stream_text(generate(model, encode(prompt), max_new_tokens, **kwargs)))
+def generate_text(model: GPT, prompt: str, max_new_tokens: int, tokenizer: Tokenizer | None = None,
+                  **kwargs) -> str:
+    """The completion of `prompt` as one string; `kwargs` go to `generate`. With a `tokenizer` other
+    than GPT-2's, its BOS is put first when it adds one."""
+    tok = tokenizer or gpt2_tokenizer()
+    return "".join(stream_text(generate(model, tok.prefix + tok.encode(prompt), max_new_tokens, **kwargs), tok))
