@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from microft.config import PRESETS, ModelConfig
+from microft.download import resolve_model_dir
 from microft.errors import CheckpointError
 from microft.model import GPT
 
@@ -129,7 +130,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     spec = str(path)
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
-    p = Path(spec).expanduser()
+    p = resolve_model_dir(spec) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
     if p.is_dir():
         p = p / CONFIG
     if not p.exists():
@@ -153,7 +154,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: fl
         cfg = cfg.model_copy(update={"dropout": dropout})
     if str(spec) in PRESETS:
         return GPT(cfg).to(device)
-    p = Path(spec).expanduser()
+    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()
     d = p if p.is_dir() else p.parent
     raw = json.loads((d / CONFIG).read_text(encoding="utf-8"))
     if raw.get("format") == "microft":
