@@ -351,9 +351,21 @@ def download(
     with user_errors():
         import json
 
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        from microft import ui
         from microft.download import download as fetch
 
-        snap = fetch(repo, revision=revision, endpoint=endpoint)
+        bars: dict[str, Any] = {}
+        # progress on stderr (shown on a terminal only), so stdout stays the one path line
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=ui.err, transient=True) as live:
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in bars:
+                    bars[name] = live.add_task(name, total=total)
+                live.update(bars[name], completed=done)
+
+            snap = fetch(repo, revision=revision, endpoint=endpoint, progress=progress)
         print(json.dumps(snap.to_json(), indent=2) if json_out else snap.path)
 
 

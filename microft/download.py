@@ -152,7 +152,7 @@ def download(
             if missing:
                 raise DownloadError(f"{repo_id}: {weights_index} lists {missing[0]}, which the repo lacks")
             first += [weights_index, *sorted(shards)]
-        files = [f for f in first if f not in ("config.json",)] + ["config.json"]  # config last: it marks completion
+        files = first + ["config.json"]  # last: a snapshot with config.json is complete
         needed = sum(sizes.get(f) or 0 for f in files if not fetcher.pointer(f).exists())
         _check_space(cache, needed)
         for f in files:
