@@ -18,6 +18,7 @@ import torch.nn as nn
 from microft.errors import CheckpointError
 from microft.models.config import PRESETS, ModelConfig
 from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
+from microft.models.source import resolve_model_dir
 from microft.models.transformer import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -29,7 +30,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     spec = str(path)
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
-    p = Path(spec).expanduser()
+    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
     if p.is_dir():
         p = p / CONFIG
     if not p.exists():
@@ -97,7 +98,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: fl
         cfg = cfg.model_copy(update={"dropout": dropout})
     if str(spec) in PRESETS:
         return Transformer(cfg).to(device=device, dtype=dtype)
-    p = Path(spec).expanduser()
+    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
     d = p if p.is_dir() else p.parent
     raw = json.loads((d / CONFIG).read_text(encoding="utf-8"))
     model = meta_model(cfg)
