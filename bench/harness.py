@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from microft.config import ModelConfig  # noqa: E402
-from microft.perf import flops_per_token, measured_peak_flops  # noqa: E402
+from microft.perf import flops_per_token, probe_peak_flops  # noqa: E402
 
 STEPLOOP = Path(__file__).with_name("steploop.py")
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -40,13 +40,9 @@ def run_config(args: list[str], env: dict[str, str] | None = None, timeout: floa
     return rec
 
 
-def peak_flops(device: str, dtype: str, probes: int = 5) -> float:
-    """Best of several one-off matmul probes (`perf.measured_peak_flops`): the least disturbed one."""
-    best = 0.0
-    for _ in range(probes):
-        measured_peak_flops.cache_clear()
-        best = max(best, measured_peak_flops(device, dtype))
-    return best
+def peak_flops(device: str, dtype: str, seconds: float = 8.0) -> float:
+    """The best sustained large-matmul rate, measured now (`perf.probe_peak_flops`, never the cache)."""
+    return probe_peak_flops(device, dtype, seconds)
 
 
 def model_label(model: str) -> str:

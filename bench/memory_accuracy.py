@@ -70,8 +70,8 @@ def cuda_peak(model: str, cfg: RunConfig, micro_bs: int, seq: int, accum: int, p
     (on "cpu" the same steps run, as a smoke test, and 0 is returned)."""
     import torch
 
-    from microft.load import load_model
-    from microft.model import set_grad_checkpointing
+    from microft.models.load import load_model
+    from microft.models.transformer import set_grad_checkpointing
     from microft.train.optim import build_optimizer
     from microft.train.step import autocast_context, clip_gradients, make_scaler, micro_step, optimizer_step
 

@@ -198,7 +198,7 @@ def cpu_section(a, started: str, command: str) -> tuple[str, dict]:
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
     text = f"""Command: {command} ({started}). {machine("cpu")}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}.
 
-Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same random tokens for every run; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved (transformers fp32, which only decides transformers' faster precision, in the first round only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its own high-water mark (Python and torch included). One step = forward, backward, grad-norm clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, `perf.flops_per_token`) ÷ the measured bf16 matmul peak, {peak / 1e9:.0f} GFLOP/s (best of 10 probes of `perf.measured_peak_flops`, before and after the runs). "CPU s / step" is the process's CPU time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU time grows too, as waiting threads spin).
+Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same random tokens for every run; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved (transformers fp32, which only decides transformers' faster precision, in the first round only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its own high-water mark (Python and torch included). One step = forward, backward, grad-norm clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, `perf.flops_per_token`) ÷ the measured bf16 matmul peak, {peak / 1e9:.0f} GFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_peak_flops`, before and after the runs). "CPU s / step" is the process's CPU time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU time grows too, as waiting threads spin).
 
 {result_table(runs, fpt, peak, best_hf, "cpu")}
 
@@ -226,7 +226,7 @@ def gpu_section(a) -> str:
     best_hf = max(hf, key=lambda k: hf[k]["tokens_per_sec"])
     summary, _ = verdicts(runs, fpt, peak, best_hf, mfu_target=0.45)
     return (f"### GPU (seq 1024)\n\n{machine('cuda')}. Micro-batch {a.gpu_micro_bs} × seq 1024; measured bf16 "
-            f"matmul peak {peak / 1e12:.0f} TFLOP/s (best of 5 probes of `perf.measured_peak_flops`).\n\n"
+            f"matmul peak {peak / 1e12:.0f} TFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_peak_flops`).\n\n"
             f"{result_table(runs, fpt, peak, best_hf, 'cuda')}\n\n{summary}\n\n{breakdown_table(runs)}")
 
 

@@ -68,7 +68,7 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 def microft_stepper(cfg: ModelConfig, args, device: torch.device):
     """(model, step(tokens) -> loss, resolved precision) built from microft's own trainer pieces."""
-    from microft.model import GPT, set_grad_checkpointing
+    from microft.models.transformer import GPT, set_grad_checkpointing
     from microft.train.loop import keep_freed_memory
     from microft.train.optim import build_optimizer
     from microft.train.step import (

@@ -226,8 +226,8 @@ def export(
 
         if format != "hf":
             raise ConfigError(f"unknown export format {format!r}; supported: hf")
-        from microft.hf import export_hf
         from microft.lora import lora_modules, merge_lora
+        from microft.models.hf import export_hf
         from microft.runs import load_any
 
         net = load_any(model)
@@ -247,8 +247,8 @@ def merge(
     """Fold LoRA adapters into the base weights and save a plain microft checkpoint."""
     with user_errors():
         from microft.errors import ConfigError
-        from microft.load import load_model, save_model
         from microft.lora import is_adapter_dir, load_adapter, merge_lora
+        from microft.models.load import load_model, save_model
         from microft.runs import load_any
 
         if not is_adapter_dir(model):
@@ -263,16 +263,36 @@ def merge(
 
 @app.command()
 def download(
-    name: Annotated[str, typer.Argument(help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl")],
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where models are stored (default ~/.cache/microft/models or $MICROFT_CACHE).")] = None,
+    repo: Annotated[str, typer.Argument(help="Hub repo id (Qwen/Qwen3-0.6B) or gpt2 | gpt2-medium | gpt2-large | gpt2-xl.")],
+    revision: Annotated[str, typer.Option("--revision", help="Branch, tag or commit.")] = "main",
     endpoint: Annotated[str | None, typer.Option("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print repo, commit, path and files as JSON.")] = False,
 ) -> None:
-    """Fetch GPT-2 weights from the Hugging Face hub (resumable, size- and hash-checked)."""
+    """Fetch a model's config, tokenizer and weights into the Hugging Face cache (resumable, hash-checked).
+
+    The cache is $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub, shared with transformers; safetensors
+    are preferred (no .bin, .pth, .gguf or ONNX when they exist). Gated repos read HF_TOKEN. Prints the snapshot
+    directory, so `$(microft download X)` works; afterwards --model also takes the repo id.
+    """
     with user_errors():
+        import json
+
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        from microft import ui
         from microft.download import download as fetch
 
-        path = fetch(name, cache_dir=cache_dir, endpoint=endpoint)
-        print(path)
+        bars: dict[str, Any] = {}
+        # progress on stderr (shown on a terminal only), so stdout stays the one path line
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      console=ui.err, transient=True) as live:
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in bars:
+                    bars[name] = live.add_task(name, total=total)
+                live.update(bars[name], completed=done)
+
+            snap = fetch(repo, revision=revision, endpoint=endpoint, progress=progress)
+        print(json.dumps(snap.to_json(), indent=2) if json_out else snap.path)
 
 
 Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (GPT-2; seconds).")]

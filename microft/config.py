@@ -1,4 +1,4 @@
-"""Configuration: model shapes and presets, the run config, batch plans and recipes.
+"""Configuration: the run config (model shapes: microft.models.config, re-exported here), batch plans and recipes.
 
 Plain pydantic models; this module never imports torch so the CLI stays fast and the
 config can be validated (and printed with --dry-run) before anything heavy loads.
@@ -7,7 +7,6 @@ config can be validated (and printed with --dry-run) before anything heavy loads
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -21,150 +20,18 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-GPT2_VOCAB_SIZE = 50257
-EOT_TOKEN = 50256
-IGNORE_INDEX = -100
-CE_CHUNK_BYTES = 64 * 2**20  # fp32 logits the fused loss holds at once (model._FusedCrossEntropy)
-
-
-def ce_chunks(n_rows: int, padded_vocab: int) -> list[tuple[int, int]]:
-    """(start, rows) of the fused loss's chunks of a flattened batch of `n_rows` positions.
-
-    Chunks hold at most CE_CHUNK_BYTES of fp32 logits, in parts of a multiple of 128
-    rows (333-row chunks and a ragged tail run the LM-head matmuls ~20 % slower on CPU).
-    """
-    cap = max(128, CE_CHUNK_BYTES // (4 * padded_vocab) // 128 * 128)
-    if n_rows <= cap:
-        return [(0, n_rows)] if n_rows > 0 else []
-    size = -(-n_rows // -(-n_rows // cap))  # the fewest chunks under the cap, split equally
-    size = -(-size // 128) * 128
-    return [(s, min(size, n_rows - s)) for s in range(0, n_rows, size)]
-
-
-class ModelConfig(BaseModel):
-    """Shape of a GPT-2 model. `padded_vocab_size` is internal: checkpoints keep `vocab_size`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "custom"
-    vocab_size: int = Field(GPT2_VOCAB_SIZE, gt=0)
-    n_positions: int = Field(1024, gt=0)
-    n_embd: int = Field(768, gt=0)
-    n_layer: int = Field(12, gt=0)
-    n_head: int = Field(12, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    layer_norm_eps: float = 1e-5
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> ModelConfig:
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        return self
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Vocabulary rounded up to a multiple of 64 so the LM-head matmul is aligned."""
-        return 64 * math.ceil(self.vocab_size / 64)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def num_params(self) -> int:
-        """Parameter count as GPT-2 reports it (tied embeddings counted once, unpadded vocab)."""
-        c, L = self.n_embd, self.n_layer
-        per_block = 2 * 2 * c + (3 * c * c + 3 * c) + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
-        return self.vocab_size * c + self.n_positions * c + L * per_block + 2 * c
-
-    @classmethod
-    def from_preset(cls, name: str) -> ModelConfig:
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(name=name, **PRESETS[name])
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
-        """Build from a Hugging Face GPT-2 `config.json` dict."""
-        model_type = hf.get("model_type", "gpt2")
-        if model_type != "gpt2":
-            raise ConfigError(f"only GPT-2 checkpoints can be loaded (config.json says model_type={model_type!r})")
-        try:
-            return cls(
-                name=name,
-                vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE),
-                n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
-                n_embd=hf["n_embd"],
-                n_layer=hf["n_layer"],
-                n_head=hf["n_head"],
-                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            )
-        except (KeyError, ValidationError) as e:
-            raise ConfigError(f"config.json is not a valid GPT-2 config: {e}") from None
-
-    def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face `config.json` for this shape."""
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": self.vocab_size,
-            "n_positions": self.n_positions,
-            "n_ctx": self.n_positions,
-            "n_embd": self.n_embd,
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "resid_pdrop": self.dropout,
-            "embd_pdrop": self.dropout,
-            "attn_pdrop": self.dropout,
-            "layer_norm_epsilon": self.layer_norm_eps,
-            "initializer_range": 0.02,
-            "bos_token_id": EOT_TOKEN,
-            "eos_token_id": EOT_TOKEN,
-            "tie_word_embeddings": True,
-        }
-
-
-PRESETS: dict[str, dict[str, int]] = {
-    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
-    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=256, n_positions=512),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
-}
-
-# target name -> (block submodule, linear); the paths are HF GPT-2's module names too
-LORA_TARGETS: dict[str, tuple[str, str]] = {
-    "qkv": ("attn", "c_attn"),
-    "proj": ("attn", "c_proj"),
-    "fc": ("mlp", "c_fc"),
-    "mlp_proj": ("mlp", "c_proj"),
-}
-LORA_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn": ("qkv", "proj"),
-    "mlp": ("fc", "mlp_proj"),
-    "all": tuple(LORA_TARGETS),
-}
-
-def parse_lora_targets(spec: str | list[str] | tuple[str, ...]) -> list[str]:
-    """`"qkv,proj"`, `"attn"`, `"all"`... -> canonical target names in a fixed order."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    chosen: set[str] = set()
-    for raw in names:
-        name = raw.strip().lower()
-        if name in LORA_TARGETS:
-            chosen.add(name)
-        elif name in LORA_GROUPS:
-            chosen.update(LORA_GROUPS[name])
-        else:
-            valid = ", ".join([*LORA_TARGETS, *LORA_GROUPS])
-            raise ConfigError(f"unknown LoRA target {raw.strip()!r}; valid targets: {valid}")
-    if not chosen:
-        raise ConfigError(f"no LoRA targets given; valid targets: {', '.join([*LORA_TARGETS, *LORA_GROUPS])}")
-    return [t for t in LORA_TARGETS if t in chosen]
-
-
+from microft.models.config import (  # noqa: F401  (re-exported: the model's config lives in microft.models)
+    CE_CHUNK_BYTES,
+    EOT_TOKEN,
+    GPT2_VOCAB_SIZE,
+    IGNORE_INDEX,
+    LORA_GROUPS,
+    LORA_TARGETS,
+    PRESETS,
+    ModelConfig,
+    ce_chunks,
+    parse_lora_targets,
+)
 
 Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
 OptimizerName = Literal["adamw", "sgd", "adafactor", "adamw-8bit"]

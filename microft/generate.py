@@ -1,15 +1,15 @@
 """Text generation: greedy or sampled decoding with a KV cache, and UTF-8-safe streaming.
 
 The prompt is run through the model once (prefill) and every new token costs one position.
-Generation stops after `max_new_tokens`, at `<|endoftext|>` (not yielded), or when prompt plus
-output fill the model's context: there is no sliding window, so every token is produced with
-its full history, as the model was trained. Sampling happens on the CPU with its own seeded
+Generation stops after `max_new_tokens`, at a stop token (`stop_ids`, by default the model's
+EOS ids: GPT-2's `<|endoftext|>`; not yielded), or when prompt plus output fill the model's
+context: every token is produced with its full history (a model with a sliding window masks
+what lies beyond it, as it was trained). The cache holds only the key/value heads. Sampling happens on the CPU with its own seeded
 `torch.Generator`, so a seed gives the same text on every run (on the same device).
 """
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from microft.config import EOT_TOKEN
 from microft.errors import ConfigError
-from microft.model import GPT, KVCache, compute_dtype
-from microft.tokenizer import encode, get_encoding
+from microft.models.precision import compute_dtype
+from microft.models.transformer import GPT, KVCache
+from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -73,10 +74,13 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     stop_at_eot: bool = True,
+    stop_ids: Sequence[int] | None = None,
 ) -> Iterator[int]:
     """An iterator of new token ids, each yielded as soon as it is produced.
 
-    An empty prompt starts from `<|endoftext|>`, as GPT-2's unconditional samples do. Bad
+    Generation ends at any of `stop_ids` (default: the model's EOS ids; none if not
+    `stop_at_eot`). An empty prompt starts from the BOS token (GPT-2: `<|endoftext|>`, as its
+    unconditional samples do). Bad
     settings raise ConfigError here, before anything runs. The model is put in eval mode while
     the iterator runs and restored when it finishes or is closed. Runs in the model's dtype;
     iterate inside `torch.autocast` for mixed precision.
@@ -85,7 +89,11 @@ def generate(
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     cfg = model.config
-    ids = list(prompt_ids) or [EOT_TOKEN]
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else (EOT_TOKEN if cfg.model_type == "gpt2" else None)
+    if not prompt_ids and bos is None:
+        raise ConfigError("an empty prompt needs a BOS token, and this model's config declares none")
+    ids = list(prompt_ids) or [bos]
+    stops = frozenset(cfg.eos_ids if stop_ids is None else stop_ids) if stop_at_eot else frozenset()
     if len(ids) >= cfg.n_positions:
         raise ConfigError(f"the prompt is {len(ids)} tokens; the model's context is {cfg.n_positions}, "
                           "so it must be shorter")
@@ -98,16 +106,16 @@ def generate(
         gen.seed()
     else:
         gen.manual_seed(seed)
-    return _decode(model, ids, steps, temperature, top_k, top_p, gen, stop_at_eot)
+    return _decode(model, ids, steps, temperature, top_k, top_p, gen, stops)
 
 
 @torch.inference_mode()  # on a generator function torch enters the mode around each step only
 def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: int | None,
-            top_p: float | None, gen: torch.Generator, stop_at_eot: bool) -> Iterator[int]:
+            top_p: float | None, gen: torch.Generator, stops: frozenset[int]) -> Iterator[int]:
     if steps <= 0:
         return
     cfg = model.config
-    weight = model.wte.weight
+    weight = model.head_weight
     device = weight.device
     dtype = compute_dtype(weight)
     # the last generated token is never fed back, so the cache needs one position less
@@ -118,9 +126,9 @@ def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: i
         x = torch.tensor([ids], dtype=torch.long, device=device)
         for i in range(steps):
             h = model.hidden(x, cache)[0, -1]  # only the last position's logits are needed: (V,)
-            logits = F.linear(h, weight[: cfg.vocab_size].to(h.dtype))
+            logits = model.logits(h)
             tok = next_token(logits, temperature, top_k, top_p, gen)
-            if stop_at_eot and tok == EOT_TOKEN:
+            if tok in stops:
                 return
             yield tok
             if i + 1 < steps:
@@ -129,25 +137,18 @@ def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: i
         model.train(was_training)
 
 
-def stream_text(token_ids: Iterable[int]) -> Iterator[str]:
-    """Decode tokens incrementally, yielding only complete characters.
+def stream_text(token_ids: Iterable[int], tokenizer: Tokenizer | None = None) -> Iterator[str]:
+    """Decode tokens incrementally, yielding only complete characters (`tokenizer.decode_stream`).
 
-    A GPT-2 token can end in the middle of a multi-byte UTF-8 character; those bytes wait for
-    the next token. Invalid bytes become U+FFFD, as `tokenizer.decode` does.
+    A token can end in the middle of a multi-byte UTF-8 character; those bytes wait for the next
+    token. Invalid bytes become U+FFFD, as `decode` does. `tokenizer` defaults to GPT-2's.
     """
-    enc = get_encoding()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for tok in token_ids:
-        try:
-            data = enc.decode_single_token_bytes(tok)
-        except KeyError:  # ids beyond GPT-2's vocabulary (a custom model's added tokens)
-            data = "\ufffd".encode()
-        if text := decoder.decode(data):
-            yield text
-    if tail := decoder.decode(b"", final=True):
-        yield tail
+    return decode_stream(tokenizer or gpt2_tokenizer(), token_ids)
 
 
-def generate_text(model: GPT, prompt: str, max_new_tokens: int, **kwargs) -> str:
-    """The completion of `prompt` as one string; `kwargs` go to `generate`."""
-    return "".join(stream_text(generate(model, encode(prompt), max_new_tokens, **kwargs)))
+def generate_text(model: GPT, prompt: str, max_new_tokens: int, tokenizer: Tokenizer | None = None,
+                  **kwargs) -> str:
+    """The completion of `prompt` as one string; `kwargs` go to `generate`. With a `tokenizer` other
+    than GPT-2's, its BOS is put first when it adds one."""
+    tok = tokenizer or gpt2_tokenizer()
+    return "".join(stream_text(generate(model, tok.prefix + tok.encode(prompt), max_new_tokens, **kwargs), tok))

@@ -10,6 +10,11 @@ record (line for JSONL, 0-based index for JSON arrays) and what is wrong.
 
 A sample is {"input_ids", "labels", "weight", "prompt", "response", "source"}: labels[t] is the target
 for position t (already shifted), IGNORE_INDEX where no loss is taken.
+
+Samples are built with the model's tokenizer (`microft.tokenizer.load_tokenizer`) and either a text
+template (`templates.Template`: segments encoded one by one, BOS first when the tokenizer adds one, EOS
+last) or the model's own chat template (`chat.ChatTemplate`: the whole conversation rendered, assistant
+turns found in it). A plain `encode` function is still accepted and means GPT-2's conventions.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from microft.config import EOT_TOKEN, IGNORE_INDEX
 from microft.errors import DataError
-from microft.templates import ROLES, Segment, Template, load_template
+from microft.templates import ROLES, Segment, Template
 
 if TYPE_CHECKING:
+    from microft.chat import ChatTemplate
     from microft.config import RunConfig
+    from microft.tokenizer import Tokenizer
 
 Sample = dict[str, Any]
 Encode = Callable[[str], list[int]]
@@ -279,18 +286,57 @@ def record_segments(record: Record, template: Template) -> list[Segment]:
     return template.instruction_segments(record.instruction, record.input, record.output)
 
 
-def build_sample(record: Record, template: Template, encode: Encode, max_seq_len: int,
-                 mask_prompt: bool = True) -> tuple[Sample | None, bool]:
-    """One sample (or None when truncation removes its whole response) and whether it was truncated."""
+def _encoder(tok: Tokenizer | Encode | None) -> tuple[Encode, list[int], list[int]]:
+    """(encode, ids put first, ids put last) for a tokenizer, a bare GPT-2-style encode function, or None."""
+    if tok is None:
+        from microft.tokenizer import gpt2_tokenizer
+
+        tok = gpt2_tokenizer()
+    if not hasattr(tok, "eos_ids"):  # a plain function: GPT-2's conventions, as before tokenizers were objects
+        return tok, [], [EOT_TOKEN]
+    if tok.eos_id is None:
+        from microft.errors import ConfigError
+
+        raise ConfigError(f"{tok.name}: the tokenizer has no EOS token (set eos_token in tokenizer_config.json)")
+    return tok.encode, tok.prefix, [tok.eos_id]
+
+
+def _template_tokens(record: Record, template: Template, tok: Tokenizer | Encode | None
+                     ) -> tuple[list[int], list[bool], str]:
+    encode, head, tail = _encoder(tok)
     segs = record_segments(record, template)
-    tokens: list[int] = []
-    is_target: list[bool] = []
+    tokens: list[int] = list(head)
+    is_target: list[bool] = [False] * len(head)
     for text, target in segs:
         ids = encode(text)
         tokens.extend(ids)
         is_target.extend([target] * len(ids))
-    tokens.append(EOT_TOKEN)
-    is_target.append(True)
+    tokens.extend(tail)
+    is_target.extend([True] * len(tail))
+    return tokens, is_target, "".join(text for text, _ in segs[:-1])
+
+
+def _chat_tokens(record: Record, template: ChatTemplate) -> tuple[list[int], list[bool], str]:
+    from microft.chat import record_messages
+
+    messages = record_messages(record)
+    tokens, is_target = template.encode_chat(messages)
+    last = max(i for i, t in enumerate(is_target) if t) if any(is_target) else -1
+    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = template.render(messages[:last_assistant], add_generation_prompt=True)
+    return tokens[: last + 1], is_target[: last + 1], prompt  # nothing after the final target is trained
+
+
+def build_sample(record: Record, template: Template | ChatTemplate, encode: Tokenizer | Encode | None,
+                 max_seq_len: int, mask_prompt: bool = True) -> tuple[Sample | None, bool]:
+    """One sample (or None when truncation removes its whole response) and whether it was truncated.
+
+    `encode` is the model's tokenizer (or a GPT-2-style encode function; None = GPT-2).
+    """
+    if isinstance(template, Template):
+        tokens, is_target, prompt = _template_tokens(record, template, encode)
+    else:
+        tokens, is_target, prompt = _chat_tokens(record, template)
     truncated = len(tokens) - 1 > max_seq_len
     if truncated:
         tokens, is_target = tokens[: max_seq_len + 1], is_target[: max_seq_len + 1]
@@ -302,25 +348,25 @@ def build_sample(record: Record, template: Template, encode: Encode, max_seq_len
         "input_ids": tokens[:-1],
         "labels": labels,
         "weight": record.weight,
-        "prompt": "".join(text for text, _ in segs[:-1]),
+        "prompt": prompt,
         "response": record.response,
         "source": record.source,
     }
     return sample, truncated
 
 
-def build_samples(records: Iterable[Record], template: Template | str, encode: Encode | None,
+def build_samples(records: Iterable[Record], template: Template | ChatTemplate | str, encode: Tokenizer | Encode | None,
                   max_seq_len: int, mask_prompt: bool = True) -> tuple[list[Sample], BuildStats]:
     """Tokenise records into training samples with the prompt masked (labels IGNORE_INDEX).
 
     Inputs longer than `max_seq_len` are cut at the right; a sample whose response is cut away
-    entirely is dropped. `encode=None` uses the GPT-2 tokenizer.
+    entirely is dropped. `encode` is the model's tokenizer, a GPT-2-style encode function, or None
+    for GPT-2. A template name is resolved against the tokenizer (`chat.resolve_template`: "auto",
+    "chat", a built-in, a template file or a .jinja chat template).
     """
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-    if encode is None:
-        from microft.tokenizer import encode
-    template = load_template(template)
+    template = _resolve(template, encode)
     samples: list[Sample] = []
     stats = BuildStats()
     for record in records:
@@ -337,6 +383,21 @@ def build_samples(records: Iterable[Record], template: Template | str, encode: E
         stats.max_len = max(stats.max_len, n)
     stats.n_samples = len(samples)
     return samples, stats
+
+
+def _resolve(template: Template | ChatTemplate | str | None, tok: Tokenizer | Encode | None
+             ) -> Template | ChatTemplate:
+    from microft.chat import resolve_template
+    from microft.tokenizer import gpt2_tokenizer
+
+    return resolve_template(template, tok if hasattr(tok, "eos_ids") else gpt2_tokenizer())
+
+
+def encode_prompt(template: Template | ChatTemplate, tok: Tokenizer, prompt: str) -> list[int]:
+    """Ids to start generation from a sample's `prompt`, encoded as training encoded it."""
+    if isinstance(template, Template):
+        return tok.prefix + tok.encode(prompt)
+    return template.encode_prompt(prompt)
 
 
 # --------------------------------------------------------------------------- splits and predictions
@@ -399,7 +460,7 @@ class InstructData:
     val: list[Sample]
     test: list[Sample]
     stats: dict[str, BuildStats]  # "train" / "val" / "test"
-    template: Template
+    template: Template | ChatTemplate
     n_skipped: int = 0
     problems: list[str] = field(default_factory=list)
     demo: bool = False
@@ -410,14 +471,20 @@ class InstructData:
         return self.test or self.val
 
 
-def load_instruct_data(cfg: RunConfig, max_seq_len: int, encode: Encode | None = None,
+def load_instruct_data(cfg: RunConfig, max_seq_len: int, tokenizer: Tokenizer | Encode | None = None,
                        demo: tuple[list[Record], list[Record]] | None = None) -> InstructData:
     """Read, validate, split and tokenise `cfg.data` (and `cfg.val_data`) as `finetune` needs them.
 
-    With no `cfg.data`, `demo` gives the records: (training items, held-out items as the validation
-    split); runs.py passes the built-in demo's.
+    `tokenizer` is the model's (None: `load_tokenizer(cfg.model)`); `cfg.template` is resolved against
+    it, so "auto" picks the model's chat template when it has one. With no `cfg.data`, `demo` gives
+    the records: (training items, held-out items as the validation split); runs.py passes the
+    built-in demo's.
     """
-    template = load_template(cfg.template)
+    if tokenizer is None:
+        from microft.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+    template = _resolve(cfg.template, tokenizer)
     n_skipped, problems = 0, []
     if cfg.data is None:
         if demo is None:
@@ -436,7 +503,7 @@ def load_instruct_data(cfg: RunConfig, max_seq_len: int, encode: Encode | None =
     out: dict[str, list[Sample]] = {}
     stats: dict[str, BuildStats] = {}
     for name, recs in parts._asdict().items():
-        out[name], stats[name] = build_samples(recs, template, encode, max_seq_len, cfg.mask_prompt)
+        out[name], stats[name] = build_samples(recs, template, tokenizer, max_seq_len, cfg.mask_prompt)
     if not out["train"]:
         raise DataError(f"no training samples left: all {stats['train'].n_dropped} were cut away by "
                         f"max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")

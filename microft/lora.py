@@ -1,19 +1,23 @@
 """LoRA: low-rank adapters on the block linears, merging, and PEFT-compatible adapter files.
 
-A targeted `nn.Linear` stays where it is, with its weight and bias under their usual names;
-it gains two child modules, `lora_A` (in -> r) and `lora_B` (r -> out), a `lora_dropout`, and
-an instance-level `forward` computing
+A targeted `nn.Linear` is replaced by a `LoRALinear`, which *is* an `nn.Linear` holding the
+same weight and bias Parameters (nothing copied) plus two child modules, `lora_A` (in -> r)
+and `lora_B` (r -> out), and a `lora_dropout`:
 
     y = x @ W.T + b + dropout(x) @ A.T @ B.T * (alpha / r)
 
-So the base weights keep their state-dict keys (`h.0.attn.c_attn.weight`) and every adapter
-key contains `lora_`, which is how `checkpoint.model_state_dict` tells them apart.
-A is kaiming-uniform(a=sqrt(5)) and B is zero, so a fresh adapter changes nothing.
+The model sees adapted linears by type (an exact `nn.Linear` keeps its fused paths). Base
+weights keep their state-dict keys (`h.0.attn.c_attn.weight`) and every adapter key contains
+`lora_`, which is how `model_state_dict` tells them apart. A is kaiming-uniform(a=sqrt(5)) and
+B is zero, so a fresh adapter changes nothing. `merge_lora` folds B @ A into W and puts a
+plain `nn.Linear` (the same Parameters) back.
 
-Adapter directories follow PEFT's layout for GPT-2 (`adapter_model.safetensors` +
-`adapter_config.json`, keys `base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight`).
-HF's Conv1D stores weights (in, out) but lora_A / lora_B are ordinary linears in PEFT too,
-so the adapter tensors need no transpose.
+Target names: GPT-2's `qkv, proj, fc, mlp_proj`; the other families PEFT's `q_proj ... down_proj`
+(GPT-2's names work there too, as groups); `attn`, `mlp`, `all` for every family.
+Adapter directories follow PEFT's layout (`adapter_model.safetensors` + `adapter_config.json`,
+keys `base_model.model.<HF module path>.lora_A.weight`), so `peft.PeftModel.from_pretrained`
+loads them on the transformers model. HF GPT-2's Conv1D stores weights (in, out) but lora_A /
+lora_B are ordinary linears in PEFT too, so adapter tensors need no transpose.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import types
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +33,101 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from microft.config import LORA_TARGETS as TARGETS
-from microft.config import parse_lora_targets as parse_targets
 from microft.errors import CheckpointError, ConfigError
-from microft.model import GPT, autocasting
+from microft.models.config import lora_target_table, parse_lora_targets
+from microft.models.hf import hf_name
+from microft.models.precision import autocasting
+from microft.models.transformer import GPT
 from microft.weights import atomic_dir, read_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model.transformer."
+PEFT_PREFIX = "base_model.model."
 
 # PEFT matches a list entry against a module name's dotted suffix, so a bare "c_proj" would
-# also catch mlp.c_proj; the qualified names keep a saved adapter exactly as trained.
-PEFT_NAMES: dict[str, str] = {"qkv": "c_attn", "proj": "attn.c_proj", "fc": "c_fc", "mlp_proj": "mlp.c_proj"}
+# also catch mlp.c_proj; the qualified names keep a saved GPT-2 adapter exactly as trained.
+# The other families' target names are unique: PEFT's bare names.
+GPT2_PEFT_NAMES: dict[str, str] = {"qkv": "c_attn", "proj": "attn.c_proj", "fc": "c_fc", "mlp_proj": "mlp.c_proj"}
+PEFT_NAMES = GPT2_PEFT_NAMES  # (the name callers used)
 
 
-def _target_linears(model: GPT, targets: list[str]) -> list[tuple[str, nn.Linear]]:
-    """(microft path, module) for every targeted linear, layer by layer."""
+def parse_targets(spec: str | list[str], model_type: str = "gpt2") -> list[str]:
+    """Target names of `model_type` for a spec like "qkv,proj", "attn", "q_proj,v_proj" or "all"."""
+    return parse_lora_targets(spec, model_type)
+
+
+class LoRALinear(nn.Linear):
+    """An `nn.Linear` (the base weight and bias, shared, not copied) plus a rank-r update B @ A × alpha / r."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the base's Parameters are reused as they are
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        kw = dict(bias=False, device=base.weight.device, dtype=dtype or base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, **kw)  # weight (r, in)
+        self.lora_B = nn.Linear(r, base.out_features, **kw)  # weight (out, r)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_alpha = float(alpha)
+        self.lora_scale = float(alpha) / r
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        a = self.lora_A.weight
+        if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
+            x = x.to(a.dtype)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
+        return out + (delta * self.lora_scale).to(out.dtype)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """Fold B @ A × scale into the weight (in place) and return a plain nn.Linear with the same Parameters."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.lora_scale  # (out, in)
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        with torch.device("meta"):
+            plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight, plain.bias = self.weight, self.bias
+        return plain
+
+
+def _block_linears(model: GPT) -> list[tuple[str, str, str]]:
+    """(target, block submodule, linear name) of every target name this family has."""
+    targets, _ = lora_target_table(model.config.model_type)
+    return [(t, parent, name) for t, (parent, name) in targets.items()]
+
+
+def _target_linears(model: GPT, targets: list[str]) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """(microft path, parent module, attribute, linear) for every targeted linear, layer by layer."""
+    table, _ = lora_target_table(model.config.model_type)
     out = []
     for i, block in enumerate(model.h):
         for t in targets:
-            parent, name = TARGETS[t]
-            out.append((f"h.{i}.{parent}.{name}", getattr(getattr(block, parent), name)))
+            parent, name = table[t]
+            mod = getattr(block, parent)
+            out.append((f"h.{i}.{parent}.{name}", mod, name, getattr(mod, name)))
     return out
 
 
-def lora_modules(model: GPT) -> list[tuple[str, nn.Linear]]:
+def lora_modules(model: GPT) -> list[tuple[str, LoRALinear]]:
     """(microft path, module) of every block linear that currently carries an adapter."""
-    return [(p, m) for p, m in _target_linears(model, list(TARGETS)) if hasattr(m, "lora_A")]
-
-
-def _lora_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a LoRA-carrying linear (bound to the instance by `apply_lora`)."""
-    out = F.linear(x, self.weight, self.bias)
-    a = self.lora_A.weight
-    if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
-        x = x.to(a.dtype)
-    delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
-    return out + (delta * self.lora_scale).to(out.dtype)
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 @torch.no_grad()
 def reset_lora_parameters(model: GPT) -> None:
     """A <- kaiming-uniform(a=sqrt(5)) (as PEFT and nn.Linear do), B <- 0. Needed after `to_empty`."""
     for _, m in lora_modules(model):
-        nn.init.kaiming_uniform_(m.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(m.lora_B.weight)
+        m.reset_lora_parameters()
 
 
 def apply_lora(
@@ -92,7 +144,7 @@ def apply_lora(
     Adapters live on the base weight's device, in its dtype unless `dtype` is given (e.g.
     fp32 adapters on a bf16 model). Returns the number of adapter (trainable) parameters.
     """
-    names = parse_targets(targets)
+    names = parse_targets(targets, model.config.model_type)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ConfigError(f"LoRA rank must be a positive integer, got {r!r}")
     if not alpha > 0:
@@ -103,49 +155,38 @@ def apply_lora(
         raise ConfigError("the model already has LoRA adapters; merge them first")
     model.requires_grad_(False)
     count = 0
-    for _, lin in _target_linears(model, names):
-        w = lin.weight
-        kw = dict(bias=False, device=w.device, dtype=dtype or w.dtype)
-        lin.lora_A = nn.Linear(lin.in_features, r, **kw)  # weight (r, in)
-        lin.lora_B = nn.Linear(r, lin.out_features, **kw)  # weight (out, r)
-        lin.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        lin.lora_alpha = float(alpha)
-        lin.lora_scale = float(alpha) / r
-        lin.forward = types.MethodType(_lora_forward, lin)
-        count += lin.lora_A.weight.numel() + lin.lora_B.weight.numel()
+    for _, parent, attr, lin in _target_linears(model, names):
+        lora = LoRALinear(lin, r, alpha, dropout, dtype)
+        setattr(parent, attr, lora)
+        count += lora.lora_A.weight.numel() + lora.lora_B.weight.numel()
     reset_lora_parameters(model)
     return count
-
-
-def _strip(lin: nn.Linear) -> None:
-    for attr in ("lora_A", "lora_B", "lora_dropout", "lora_alpha", "lora_scale", "forward"):
-        delattr(lin, attr)
 
 
 @torch.no_grad()
 def merge_lora(model: GPT) -> GPT:
     """Fold B @ A × scale into each base weight and remove the adapters; returns `model`.
 
-    The result is a plain GPT with the normal state dict. Gradients stay disabled on the base
+    The result is a plain model with the normal state dict. Gradients stay disabled on the base
     parameters (as `apply_lora` left them); call `model.requires_grad_(True)` to train it fully.
     """
-    for _, lin in lora_modules(model):
-        delta = lin.lora_B.weight.float() @ lin.lora_A.weight.float() * lin.lora_scale  # (out, in)
-        lin.weight.copy_((lin.weight.float() + delta).to(lin.weight.dtype))
-        _strip(lin)
+    for path, lin in lora_modules(model):
+        parent_path, _, attr = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, lin.merged())
     return model
 
 
-def _peft_key(path: str, which: str) -> str:
-    return f"{PEFT_PREFIX}{path}.lora_{which}.weight"
+def _peft_key(model: GPT, path: str, which: str) -> str:
+    """PEFT's key of an adapter matrix: the HF module path of the linear under `base_model.model.`."""
+    return f"{PEFT_PREFIX}{hf_name(model.config, path)}.lora_{which}.weight"
 
 
 def lora_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Adapter weights in PEFT's GPT-2 layout, contiguous, on CPU (lora_A (r, in), lora_B (out, r))."""
+    """Adapter weights in PEFT's layout, contiguous, on CPU (lora_A (r, in), lora_B (out, r))."""
     out = {}
     for path, lin in lora_modules(model):
-        out[_peft_key(path, "A")] = lin.lora_A.weight.detach().to("cpu").contiguous()
-        out[_peft_key(path, "B")] = lin.lora_B.weight.detach().to("cpu").contiguous()
+        out[_peft_key(model, path, "A")] = lin.lora_A.weight.detach().to("cpu").contiguous()
+        out[_peft_key(model, path, "B")] = lin.lora_B.weight.detach().to("cpu").contiguous()
     return out
 
 
@@ -157,7 +198,7 @@ def lora_settings(model: GPT) -> dict[str, Any]:
     lin = mods[0][1]
     drop = lin.lora_dropout.p if isinstance(lin.lora_dropout, nn.Dropout) else 0.0
     paths = {p.split(".", 2)[2] for p, _ in mods}  # "attn.c_attn", ...
-    targets = [t for t, (parent, name) in TARGETS.items() if f"{parent}.{name}" in paths]
+    targets = [t for t, parent, name in _block_linears(model) if f"{parent}.{name}" in paths]
     return {
         "r": lin.lora_A.out_features,
         "lora_alpha": lin.lora_alpha,
@@ -169,14 +210,15 @@ def lora_settings(model: GPT) -> dict[str, Any]:
 def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str, Any]:
     """The PEFT `adapter_config.json` describing the adapters on `model`."""
     s = lora_settings(model)
+    gpt2 = model.config.model_type == "gpt2"
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": s["r"],
         "lora_alpha": s["lora_alpha"],
         "lora_dropout": s["lora_dropout"],
-        "target_modules": [PEFT_NAMES[t] for t in s["targets"]],
-        "fan_in_fan_out": True,  # HF GPT-2 uses Conv1D, weight (in, out)
+        "target_modules": [GPT2_PEFT_NAMES[t] if gpt2 else t for t in s["targets"]],
+        "fan_in_fan_out": gpt2,  # HF GPT-2 uses Conv1D, weight (in, out)
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,
@@ -225,14 +267,14 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def _targets_from_config(cfg: dict[str, Any], source: Path) -> list[str]:
+def _targets_from_config(model: GPT, cfg: dict[str, Any], source: Path) -> list[str]:
     """Apply PEFT's matching rule (regex fullmatch, exact name or dotted suffix) to block linears."""
     spec = cfg.get("target_modules")
     if not spec:
         raise CheckpointError(f"{source}: adapter config has no target_modules")
     found = []
-    for t, (parent, name) in TARGETS.items():
-        key = f"transformer.h.0.{parent}.{name}"
+    for t, parent, name in _block_linears(model):
+        key = hf_name(model.config, f"h.0.{parent}.{name}")
         if isinstance(spec, str):
             hit = re.fullmatch(spec, key) is not None
         else:
@@ -240,7 +282,7 @@ def _targets_from_config(cfg: dict[str, Any], source: Path) -> list[str]:
         if hit:
             found.append(t)
     if not found:
-        raise CheckpointError(f"{source}: target_modules {spec!r} name no GPT-2 block linear")
+        raise CheckpointError(f"{source}: target_modules {spec!r} name no {model.config.model_type} block linear")
     return found
 
 
@@ -270,22 +312,19 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
     d = Path(directory)
     cfg = read_adapter_config(d)
     _check_supported(cfg, d)
-    targets = _targets_from_config(cfg, d)
+    targets = _targets_from_config(model, cfg, d)
     try:
         r, alpha, dropout = int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / ADAPTER_CONFIG}: invalid r / lora_alpha: {e}") from None
-    wpath = d / ADAPTER_WEIGHTS
-    if not wpath.is_file():
-        raise CheckpointError(f"adapter weights missing: {wpath}")
-    state = read_safetensors(wpath, "adapter")
+    state = read_safetensors(d / ADAPTER_WEIGHTS, "adapter")
     if lora_modules(model):
         raise CheckpointError(f"cannot load {d}: the model already has LoRA adapters")
 
     expected = {}
-    for path, lin in _target_linears(model, targets):
-        expected[_peft_key(path, "A")] = (r, lin.in_features)
-        expected[_peft_key(path, "B")] = (lin.out_features, r)
+    for path, _, _, lin in _target_linears(model, targets):
+        expected[_peft_key(model, path, "A")] = (r, lin.in_features)
+        expected[_peft_key(model, path, "B")] = (lin.out_features, r)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -302,6 +341,6 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
     apply_lora(model, r, alpha, dropout, targets)
     with torch.no_grad():
         for path, lin in lora_modules(model):
-            lin.lora_A.weight.copy_(state[_peft_key(path, "A")])
-            lin.lora_B.weight.copy_(state[_peft_key(path, "B")])
+            lin.lora_A.weight.copy_(state[_peft_key(model, path, "A")])
+            lin.lora_B.weight.copy_(state[_peft_key(model, path, "B")])
     return model

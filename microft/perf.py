@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import resource
 import sys
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -19,34 +23,102 @@ GPU_PEAK_TFLOPS: dict[str, float] = {
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, trainable_fraction: float = 1.0) -> float:
-    """Training FLOPs per token: 6 × matmul parameters (LM head included) + attention scores.
-
-    With LoRA, frozen weights need no weight gradient: 4 instead of 6 per frozen parameter.
-    """
-    c, L = cfg.n_embd, cfg.n_layer
-    matmul_params = L * 12 * c * c + cfg.vocab_size * c
-    attn = 12 * L * c * seq_len  # QK^T and AV, forward+backward
-    return (4 + 2 * trainable_fraction) * matmul_params + attn
+    """Training FLOPs per token (see `ModelConfig.flops_per_token`: one formula for every family)."""
+    return cfg.flops_per_token(seq_len, trainable_fraction)
 
 
-@lru_cache(maxsize=4)
-def measured_peak_flops(device_type: str, dtype_name: str) -> float:
-    """A one-off matmul probe (FLOP/s) on this device in this dtype; used for CPU MFU."""
-    dtype = getattr(torch, dtype_name)
-    n = 2048 if device_type == "cuda" else 1024
+PROBE_SHAPES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
+
+
+def _probe_key(device_type: str, dtype_name: str) -> str:
+    if device_type == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{cpu_model()}|{torch.get_num_threads()} threads"
+    return f"{where}|torch {torch.__version__}|{dtype_name}"
+
+
+def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float) -> float:
+    """FLOP/s of back-to-back n×n matmuls over about `seconds`, after a warm-up of the same length."""
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
-    for _ in range(2):
-        a @ b
-    iters = 20 if device_type == "cuda" else 6
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - t)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    best = 0.0
+    for _ in range(2):  # the first pass warms caches, threads and clocks
+        iters, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            iters += 1
+            if iters % 4 == 0:
+                sync()
+                if time.perf_counter() - t0 >= seconds / 2:
+                    break
+        sync()
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+    return best
+
+
+@lru_cache(maxsize=8)
+def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 4.0) -> float:
+    """The best sustained matmul rate (FLOP/s) on this device in this dtype: the peak MFU divides by.
+
+    Large square matmuls (PROBE_SHAPES), each warmed up and then run back to back for a share of
+    `seconds`; the best shape's rate counts. The figure is cached per process and, keyed by the
+    device, thread count, torch version and dtype, in `~/.cache/microft/peak-flops.json`, so only
+    the first run on a machine pays for the probe.
+    """
+    key = _probe_key(device_type, dtype_name)
+    cache = _peak_cache_file()
+    known = _read_json(cache)
+    if key in known:
+        return float(known[key])
+    peak = probe_peak_flops(device_type, dtype_name, seconds)
+    known[key] = peak
+    _write_json(cache, known)
+    return peak
+
+
+def probe_peak_flops(device_type: str, dtype_name: str, seconds: float = 4.0) -> float:
+    """Measure the best sustained matmul rate now (no cache): see `measured_peak_flops`."""
+    shapes = PROBE_SHAPES.get(device_type, PROBE_SHAPES["cpu"])
+    dtype = getattr(torch, dtype_name)
+    return max(_sustained_rate(n, dtype, device_type, seconds / len(shapes)) for n in shapes)
+
+
+def _peak_cache_file() -> Path:
+    root = os.environ.get("MICROFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "microft")
+    return Path(root) / "peak-flops.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Best effort (a read-only home must not fail a run): write a temp file, then rename it in place."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere platform's answer)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
@@ -58,7 +130,8 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]
             if key in name:
                 return (tf if low else tf / 2) * 1e12, f"table ({key})"
     dtype = "bfloat16" if precision.startswith("bf16") else ("float16" if precision == "fp16-mixed" else "float32")
-    return measured_peak_flops(device.type, dtype), f"measured {dtype} matmul"
+    shapes = "/".join(f"{n}²" for n in PROBE_SHAPES.get(device.type, PROBE_SHAPES["cpu"]))
+    return measured_peak_flops(device.type, dtype), f"best sustained {dtype} matmul, {shapes}"
 
 
 def peak_rss_bytes() -> int:

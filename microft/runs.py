@@ -85,7 +85,7 @@ def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
     from microft.data import Subset, pack_documents, read_text_corpus, split_indices
-    from microft.load import load_model
+    from microft.models.load import load_model
     from microft.tokenizer import encode
     from microft.train.distributed import distributed, main_only
     from microft.train.loop import train
@@ -119,7 +119,7 @@ def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64) 
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
     from microft.instruct import load_instruct_data, write_predictions
-    from microft.load import load_model
+    from microft.models.load import load_model
     from microft.tokenizer import encode
     from microft.train.loop import train
     from microft.train.step import resolve_device
@@ -206,8 +206,8 @@ def load_any(spec: str, device: str = "cpu"):
     from pathlib import Path
 
     from microft.errors import CheckpointError
-    from microft.load import load_model
     from microft.lora import is_adapter_dir, load_adapter, read_adapter_config
+    from microft.models.load import load_model
     from microft.weights import CONFIG
 
     if not is_adapter_dir(spec):

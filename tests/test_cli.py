@@ -53,7 +53,7 @@ def test_pretrain_then_generate_end_to_end(tmp_path):
                  "--temperature", "0", "--json")
     assert res.exit_code == 0, res.output
     from microft.generate import generate_text
-    from microft.load import load_model
+    from microft.models.load import load_model
 
     completion = json.loads(res.output)["completion"]  # what the library generates greedily from that checkpoint
     assert completion == generate_text(load_model(out / "final"), "the king", 8, temperature=0.0)
@@ -121,7 +121,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     time.sleep(random.Random(0).uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    from microft.load import load_model
+    from microft.models.load import load_model
     from microft.train.checkpoint import find_latest_checkpoint, load_train_state
 
     latest = find_latest_checkpoint(out)

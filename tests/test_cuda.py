@@ -10,7 +10,7 @@ import torch
 
 from microft.config import BatchPlan, ModelConfig, RunConfig
 from microft.memory.estimate import arch_from_config, estimate, setup_for
-from microft.model import GPT
+from microft.models.transformer import GPT
 from microft.train.loop import train
 from microft.train.optim import build_optimizer
 from microft.train.step import autocast_context, clip_gradients, make_scaler, micro_step, optimizer_step
@@ -45,7 +45,7 @@ def test_estimate_is_within_5_percent_of_max_memory_allocated(precision, grad_ck
     base = torch.cuda.memory_allocated()
     model = GPT(mcfg).to(device).train()
     if grad_ckpt:
-        from microft.model import set_grad_checkpointing
+        from microft.models.transformer import set_grad_checkpointing
 
         set_grad_checkpointing(model, True)
     opt = build_optimizer(model, cfg, device)

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from microft.config import ModelConfig, RunConfig
-from microft.load import load_model, save_model
-from microft.model import GPT
+from microft.models.load import load_model, save_model
+from microft.models.transformer import GPT
 from microft.runs import run_pretrain
 from microft.train.distributed import Dist, grad_sync, reduce_step, strip_devices
 from microft.weights import read_safetensors

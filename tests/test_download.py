@@ -1,198 +1,250 @@
-"""Downloads against a local fake Hub: full, resumed, corrupted, missing, unreachable. No real hosts."""
+"""Downloads into the Hugging Face cache against a local fake hub (tests/fakehub.py); never the real one.
+
+A tiny random GPT-2 saved by transformers in shards is the served repo, so the last tests can check
+that transformers (offline, same cache) and microft's loader read what `download` wrote.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import http.server
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from microft.download import FILES, REPOS, default_cache_dir, download, is_downloaded, resolve_endpoint
-from microft.errors import DownloadError
+from microft.download import download, hub_cache_dir, is_repo_id, resolve_model_dir
+from microft.errors import ConfigError, DownloadError
+from tests.fakehub import FakeHub, Repo
 
-WEIGHTS = bytes(range(256)) * 4096  # 1 MiB: more than one read chunk
-CONFIG = b'{"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12}'
-REPO = REPOS["gpt2"]
-
-
-class FakeHub(http.server.ThreadingHTTPServer):
-    """Serves REPO like the Hub: config.json directly with a git-sha1 ETag; model.safetensors as a
-    302 to a CDN path carrying X-Linked-Etag (sha256) and X-Linked-Size, the CDN honouring Range."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.files = {"config.json": CONFIG, "model.safetensors": WEIGHTS}
-        self.advertised_sha256 = hashlib.sha256(WEIGHTS).hexdigest()
-        self.honour_range = True
-        self.cut_after: int | None = None  # close the connection after this many body bytes, once
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+REPO = "tiny-org/tiny-gpt2"
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    server: FakeHub
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, bytes]:
+    """A random GPT-2 from transformers, sharded, plus files download must skip."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        hub = self.server
-        hub.requests.append((self.path, self.headers.get("Range")))
-        prefix = f"/{REPO}/resolve/main/"
-        if self.path == prefix + "model.safetensors":
-            self.send_response(302)
-            self.send_header("Location", "/cdn/model.safetensors")
-            self.send_header("X-Linked-Etag", f'"{hub.advertised_sha256}"')
-            self.send_header("X-Linked-Size", str(len(WEIGHTS)))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif self.path == prefix + "config.json":
-            self._send_body(hub.files["config.json"], etag=f'"{hashlib.sha1(CONFIG).hexdigest()}"')
-        elif self.path == "/cdn/model.safetensors":
-            self._send_body(hub.files["model.safetensors"])
-        else:
-            self.send_error(404, "Entry not found")
-
-    def _send_body(self, data: bytes, etag: str | None = None) -> None:
-        hub = self.server
-        rng = self.headers.get("Range")
-        start = int(rng.removeprefix("bytes=").rstrip("-")) if rng and hub.honour_range else 0
-        if start >= len(data) and start:
-            self.send_response(416)
-            self.send_header("Content-Range", f"bytes */{len(data)}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        if etag:
-            self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        body = data[start:]
-        if hub.cut_after is not None:
-            body, hub.cut_after = body[: hub.cut_after], None
-            self.wfile.write(body)
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-
-@pytest.fixture(autouse=True)
-def no_proxy(monkeypatch):
-    """A proxy from the environment must not see (or forward) the test's requests."""
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny")
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    model.save_pretrained(d / "sharded", max_shard_size="30KB")
+    model.save_pretrained(d / "single")
+    files = {p.name: p.read_bytes() for p in (d / "sharded").iterdir()}
+    files["single/model.safetensors"] = (d / "single" / "model.safetensors").read_bytes()
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) >= 3
+    files["tokenizer_config.json"] = b'{"model_max_length": 32}'
+    files["pytorch_model.bin"] = b"pickled weights, never fetched"
+    files["onnx/model.onnx"] = b"onnx, never fetched"
+    files["README.md"] = b"# tiny"  # and single/model.safetensors, an unsharded copy: never fetched
+    return files
 
 
 @pytest.fixture
-def hub():
+def hub(tiny_files, tmp_path, monkeypatch):
+    """The fake hub serving REPO, with HF_ENDPOINT and the cache pointed at it and tmp_path."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                "HF_TOKEN", "HF_HUB_CACHE", "XDG_CACHE_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stray saved token either
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     server = FakeHub()
+    server.repos[REPO] = Repo(dict(tiny_files))
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
+    thread.join(timeout=5)
 
 
-def test_full_download(hub, tmp_path):
+def expected_files(files: dict[str, bytes]) -> set[str]:
+    shards = set(json.loads(files["model.safetensors.index.json"])["weight_map"].values())
+    return shards | {"model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer_config.json"}
+
+
+def blobs(repo: str = REPO) -> Path:
+    return hub_cache_dir() / ("models--" + repo.replace("/", "--")) / "blobs"
+
+
+def test_sharded_download_fills_the_hf_cache(hub, tiny_files):
     seen = []
-    d = download("gpt2", cache_dir=tmp_path, endpoint=hub.url, progress=lambda *a: seen.append(a))
-    assert d == tmp_path / "gpt2"
-    assert (d / "model.safetensors").read_bytes() == WEIGHTS
-    assert (d / "config.json").read_bytes() == CONFIG
-    assert not list(d.glob("*.part"))
-    assert is_downloaded("gpt2", tmp_path)
-    assert seen[-1] == ("config.json", len(CONFIG), len(CONFIG))
-    assert ("model.safetensors", len(WEIGHTS), len(WEIGHTS)) in seen
+    snap = download(REPO, progress=lambda *a: seen.append(a))
+    root = hub_cache_dir() / "models--tiny-org--tiny-gpt2"
+    assert hub_cache_dir() == Path(os.environ["HF_HOME"]) / "hub"
+    assert snap.commit == hub.repos[REPO].commit and snap.path == root / "snapshots" / snap.commit
+    assert (root / "refs" / "main").read_text() == snap.commit
+    got = {str(p.relative_to(snap.path)) for p in snap.path.rglob("*") if p.is_file()}
+    assert got == expected_files(tiny_files) == set(snap.files)
+    assert snap.files[-1] == "config.json"
+    for name in got:
+        link = snap.path / name
+        assert link.is_symlink() and link.resolve().parent == root / "blobs"
+        assert link.read_bytes() == tiny_files[name]
+    assert not list(root.rglob("*.part")) and not list(root.rglob("*.incomplete"))
+    assert snap.downloaded_bytes == sum(len(tiny_files[f]) for f in got)
+    assert not any("pytorch_model.bin" in p or "onnx" in p or "README" in p or "single" in p for _, p, _ in hub.requests)
+    assert seen and all(done <= total for _, done, total in seen)
+
     hub.requests.clear()
-    download("gpt2", cache_dir=tmp_path, endpoint=hub.url)  # complete files are not fetched again
-    assert hub.requests == []
+    again = download(REPO)  # complete: one API call, nothing transferred
+    assert again.path == snap.path and again.downloaded_bytes == 0
+    assert [p.split("?")[0] for _, p, _ in hub.requests] == [f"/api/models/{REPO}/revision/main"]
 
 
-def test_resume_from_truncated_part(hub, tmp_path):
-    d = tmp_path / "gpt2"
-    d.mkdir()
-    (d / "model.safetensors.part").write_bytes(WEIGHTS[:300_000])
-    download("gpt2", cache_dir=tmp_path, endpoint=hub.url)
-    assert (d / "model.safetensors").read_bytes() == WEIGHTS
-    assert ("/cdn/model.safetensors", "bytes=300000-") in hub.requests
+def test_dropped_connection_resumes_with_range(hub, tiny_files):
+    hub.cut_after = 5_000  # the first CDN transfer stops after 5000 bytes
+    snap = download(REPO)
+    resumed = [(p, r) for _, p, r in hub.requests if r]
+    assert resumed and resumed[0][1] == "bytes=5000-"
+    for name in snap.files:
+        assert (snap.path / name).read_bytes() == tiny_files[name]
 
 
-def test_interrupted_transfer_resumes_on_next_run(hub, tmp_path):
-    hub.cut_after = 500_000
-    with pytest.raises(DownloadError, match="run again to resume"):
-        download("gpt2", cache_dir=tmp_path, endpoint=hub.url)
-    part = tmp_path / "gpt2" / "model.safetensors.part"
-    assert part.stat().st_size == 500_000
-    download("gpt2", cache_dir=tmp_path, endpoint=hub.url)
-    assert (tmp_path / "gpt2" / "model.safetensors").read_bytes() == WEIGHTS
+def test_part_file_of_an_interrupted_run_is_resumed(hub, tiny_files):
+    shard = sorted(f for f in tiny_files if f.startswith("model-"))[0]
+    sha = hashlib.sha256(tiny_files[shard]).hexdigest()
+    blobs().mkdir(parents=True)
+    (blobs() / f"{sha}.part").write_bytes(tiny_files[shard][:7_000])
+    snap = download(REPO)
+    assert (f"/cdn/{sha}", "bytes=7000-") in [(p, r) for _, p, r in hub.requests]
+    assert (snap.path / shard).read_bytes() == tiny_files[shard]
 
 
-def test_server_ignoring_range_restarts_cleanly(hub, tmp_path):
-    hub.honour_range = False
-    d = tmp_path / "gpt2"
-    d.mkdir()
-    (d / "model.safetensors.part").write_bytes(b"x" * 1000)
-    download("gpt2", cache_dir=tmp_path, endpoint=hub.url)
-    assert (d / "model.safetensors").read_bytes() == WEIGHTS
-
-
-def test_oversized_part_starts_over(hub, tmp_path):
-    d = tmp_path / "gpt2"
-    d.mkdir()
-    (d / "model.safetensors.part").write_bytes(WEIGHTS + b"extra")  # server answers 416
-    download("gpt2", cache_dir=tmp_path, endpoint=hub.url)
-    assert (d / "model.safetensors").read_bytes() == WEIGHTS
-
-
-def test_hash_mismatch(hub, tmp_path):
-    hub.files["model.safetensors"] = WEIGHTS[:-1] + b"\x00"
-    with pytest.raises(DownloadError, match="sha256 mismatch") as e:
-        download("gpt2", cache_dir=tmp_path, endpoint=hub.url)
+@pytest.mark.parametrize("victim", ["model-00002-of-", "config.json"])
+def test_hash_mismatch_is_refused_and_leaves_nothing(hub, tiny_files, victim):
+    name = next(f for f in tiny_files if f.startswith(victim))
+    hub.repos[REPO].corrupt.add(name)
+    with pytest.raises(DownloadError, match=f"{name}: hash mismatch") as e:
+        download(REPO)
     assert "\n" not in str(e.value)
-    d = tmp_path / "gpt2"
-    assert not (d / "model.safetensors").exists() and not (d / "model.safetensors.part").exists()
+    root = hub_cache_dir() / "models--tiny-org--tiny-gpt2"
+    assert not (root / "refs" / "main").exists()
+    assert not (root / "snapshots" / hub.repos[REPO].commit / name).exists()
+    assert all(p.read_bytes() != tiny_files[name][:-1] + bytes([tiny_files[name][-1] ^ 0xFF]) for p in blobs().iterdir())
+    assert not list(blobs().glob("*.part"))
+    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+        resolve_model_dir(REPO)
 
 
-def test_404(hub, tmp_path):
-    hub.files = {}
-    with pytest.raises(DownloadError, match="404"):
-        download("gpt2-medium", cache_dir=tmp_path, endpoint=hub.url)  # not served by the fake hub
-    assert not (tmp_path / "gpt2-medium" / "config.json").exists()
+def test_gated_repo_needs_hf_token(hub, monkeypatch):
+    hub.repos[REPO].token = "hf_secret"
+    with pytest.raises(DownloadError, match="set HF_TOKEN") as e:
+        download(REPO)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(DownloadError, match="accept its licence"):
+        download(REPO)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    hub.requests.clear()
+    snap = download(REPO)
+    assert (snap.path / "config.json").is_file()
+    assert hub.authorized and not any(p.startswith("/cdn/") for p in hub.authorized)  # the token stays on the hub
 
 
-def test_unreachable_endpoint(tmp_path):
+def test_missing_repo_and_revision(hub):
+    with pytest.raises(DownloadError, match="no such model repository") as e:
+        download("tiny-org/nope")
+    assert "\n" not in str(e.value)
+    with pytest.raises(DownloadError, match="no revision 'v9'"):
+        download(REPO, revision="v9")
+
+
+def test_unreachable_endpoint(hub, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(DownloadError) as e:
-        download("gpt2", cache_dir=tmp_path, endpoint=f"http://127.0.0.1:{port}")
-    msg = str(e.value)
-    assert msg.startswith(f"cannot reach http://127.0.0.1:{port}/") and "--endpoint" in msg and "--model DIR" in msg
-    assert "\n" not in msg
+    with pytest.raises(DownloadError, match=f"cannot reach http://127.0.0.1:{port}") as e:
+        download(REPO, endpoint=f"http://127.0.0.1:{port}")
+    assert "\n" not in str(e.value) and "HF_ENDPOINT" in str(e.value)
 
 
-def test_unknown_model(tmp_path):
-    with pytest.raises(DownloadError, match="gpt2-xl"):
-        download("gpt3", cache_dir=tmp_path, endpoint="http://127.0.0.1:9")
+def test_full_disk_is_refused_before_writing(hub, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DownloadError, match="not enough disk space"):
+        download(REPO)
+    assert not (hub_cache_dir() / "models--tiny-org--tiny-gpt2" / "refs").exists()
 
 
-def test_endpoint_and_cache_defaults(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.invalid/")
-    assert resolve_endpoint() == "http://mirror.invalid"
-    assert resolve_endpoint("http://other.invalid") == "http://other.invalid"
-    monkeypatch.delenv("HF_ENDPOINT")
-    assert resolve_endpoint() == "https://huggingface.co"
-    monkeypatch.setenv("MICROFT_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "models"
-    assert set(FILES) == {"config.json", "model.safetensors"}
+def test_alias_and_bad_specs(hub, tiny_files):
+    hub.repos["openai-community/gpt2"] = Repo(dict(tiny_files))
+    snap = download("gpt2")
+    assert snap.repo_id == "openai-community/gpt2" and (snap.path / "config.json").is_file()
+    with pytest.raises(DownloadError, match="not a repo id"):
+        download("not a repo")
+
+
+def test_resolve_model_dir_offline(hub, monkeypatch, tmp_path):
+    assert resolve_model_dir("gpt2-tiny") is None  # a preset, not a repo id
+    assert resolve_model_dir(str(tmp_path)) is None  # a path
+    with pytest.raises(ConfigError, match=f"run `microft download {REPO}`") as e:
+        resolve_model_dir(REPO)
+    assert "\n" not in str(e.value)
+    snap = download(REPO)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing is asked of any server
+    hub.requests.clear()
+    assert resolve_model_dir(REPO) == snap.path
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))  # HF_HUB_CACHE wins over HF_HOME
+    with pytest.raises(ConfigError):
+        resolve_model_dir(REPO)
+    assert resolve_model_dir(REPO, cache_dir=tmp_path / "hf" / "hub") == snap.path
+    assert hub.requests == []
+    assert is_repo_id("Qwen/Qwen3-0.6B") and not is_repo_id("gpt2") and not is_repo_id("a/b/c")
+
+
+def test_transformers_reads_the_download_offline(hub, tiny_files, tmp_path):
+    snap = download(REPO)
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({REPO!r})\n"
+        "print(sum(float(p.double().sum()) for p in m.parameters()))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_dir()), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from safetensors.numpy import load
+    total = sum(float(t.astype("float64").sum()) for f in snap.files if f.endswith(".safetensors")
+                for t in load(tiny_files[f]).values())
+    assert abs(float(out.stdout.split()[-1]) - total) < 1e-3 * max(1.0, abs(total))
+
+
+def test_microft_loads_a_repo_id(hub, tiny_files):
+    from microft.memory.estimate import load_arch
+    from microft.models.load import load_model, read_model_config
+
+    single = {"config.json": tiny_files["config.json"], "model.safetensors": tiny_files["single/model.safetensors"]}
+    hub.repos["tiny-org/single"] = Repo(single)
+    with pytest.raises(ConfigError, match="microft download tiny-org/single"):
+        load_arch("tiny-org/single")
+    download("tiny-org/single")
+    assert read_model_config("tiny-org/single").n_layer == 2
+    assert load_arch("tiny-org/single").n_layer == 2
+    model = load_model("tiny-org/single")
+    assert model.config.n_embd == 32 and model.config.vocab_size == 96
+
+
+def test_cli_download(hub):
+    from microft.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["download", REPO])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.strip().splitlines()
+    assert lines == [str(resolve_model_dir(REPO))]
+    r = runner.invoke(app, ["download", REPO, "--json"])
+    assert r.exit_code == 0
+    info = json.loads(r.stdout)
+    assert info["repo_id"] == REPO and info["path"] == lines[0] and info["downloaded_bytes"] == 0
+    r = runner.invoke(app, ["download", "tiny-org/nope"])
+    assert r.exit_code == 2 and "no such model repository" in r.output

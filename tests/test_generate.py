@@ -8,7 +8,7 @@ import torch
 from microft.config import EOT_TOKEN, ModelConfig
 from microft.errors import ConfigError
 from microft.generate import generate, generate_text, next_token, stream_text
-from microft.model import GPT
+from microft.models.transformer import GPT
 from microft.tokenizer import decode, encode, get_encoding
 
 SHAPE = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -23,7 +23,7 @@ def model() -> GPT:
 
 def test_greedy_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from microft.load import load_model
+    from microft.models.load import load_model
 
     torch.manual_seed(3)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**SHAPE)).eval()

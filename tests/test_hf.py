@@ -12,10 +12,9 @@ transformers = pytest.importorskip("transformers")
 
 from microft.config import ModelConfig  # noqa: E402
 from microft.errors import CheckpointError  # noqa: E402
-from microft.hf import export_hf, load_hf_state  # noqa: E402
-from microft.load import load_model  # noqa: E402
-from microft.model import GPT  # noqa: E402
-from microft.weights import model_state_dict  # noqa: E402
+from microft.models.hf import export_hf  # noqa: E402
+from microft.models.load import load_hf_state, load_model, model_state_dict  # noqa: E402
+from microft.models.transformer import GPT  # noqa: E402
 
 SHAPE = dict(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 

@@ -23,8 +23,8 @@ from microft.lora import (
     parse_targets,
     save_adapter,
 )
-from microft.model import GPT, set_grad_checkpointing
-from microft.weights import model_state_dict
+from microft.models.load import model_state_dict
+from microft.models.transformer import GPT, set_grad_checkpointing
 
 CFG = ModelConfig(name="t", vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
 

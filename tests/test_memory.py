@@ -271,7 +271,7 @@ def test_constants_mirror_the_torch_modules():
     from microft.config import LORA_TARGETS
     from microft.memory import estimate as memory
     from microft.memory import replay
-    from microft.model import GPT
+    from microft.models.transformer import GPT
     from microft.train import optim
 
     assert replay.NO_DECAY_MARKERS == optim.NO_DECAY_MARKERS

@@ -9,8 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 from microft.config import ModelConfig  # noqa: E402
 from microft.generate import generate  # noqa: E402
-from microft.load import load_model  # noqa: E402
-from microft.model import GPT, KVCache  # noqa: E402
+from microft.models.load import load_model  # noqa: E402
+from microft.models.transformer import GPT, KVCache  # noqa: E402
 
 TINY = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
 
@@ -153,7 +153,7 @@ def test_compiled_model_gets_the_same_gradients():
 
 def test_short_cpu_attention_matches_sdpa():
     """The plain-op causal attention used on CPU in bf16 up to 256 positions is SDPA's function."""
-    from microft.model import causal_attention_math
+    from microft.models.transformer import causal_attention_math
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -187,7 +187,7 @@ def test_bf16_model_takes_the_short_path_and_agrees_with_sdpa(monkeypatch):
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-true"])
 def test_mlp_recomputing_gelu_gives_the_gradients_of_the_plain_mlp(precision):
     """model._GeluLinear keeps only gelu's input and recomputes gelu in backward: the same bits."""
-    from microft.model import MLP
+    from microft.models.transformer import MLP
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="t", **TINY)

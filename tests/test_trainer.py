@@ -11,7 +11,7 @@ import torch
 
 from microft.config import BatchPlan
 from microft.errors import ConfigError, Interrupted
-from microft.model import set_grad_checkpointing
+from microft.models.transformer import set_grad_checkpointing
 from microft.train.loop import train
 from tests.helpers import TINY, flat_params, masked_samples, run_config, tiny_model
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from microft.config import PRESETS, ModelConfig, RunConfig, ce_chunks, parse_lora_targets
+from microft.models.source import resolve_model_dir
 from microft.errors import ConfigError
 from microft.memory.replay import Arch, Replay, Setup
 from microft.memory.sim import OverLimit
@@ -81,9 +82,8 @@ def load_arch(spec: str, dropout: float | None = None) -> Arch:
     Llama/Mistral/Qwen-style HF config (for planning). Reads JSON only, never weights or torch."""
     if spec in PRESETS:
         return arch_from_config(ModelConfig.from_preset(spec), dropout)
-    p = Path(spec)
-    if p.is_dir():
-        p = p / "config.json"
+    d = resolve_model_dir(spec) or Path(spec)  # a hub repo id: its cached snapshot
+    p = d / "config.json" if d.is_dir() else d
     if not p.is_file():
         raise ConfigError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}), "
                           f"a checkpoint directory nor a config.json")
@@ -91,7 +91,7 @@ def load_arch(spec: str, dropout: float | None = None) -> Arch:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read {p}: {e}") from None
-    name = Path(spec).name if Path(spec).is_dir() else p.parent.name or p.name
+    name = Path(spec).name if d.is_dir() else p.parent.name or p.name
     if raw.get("format") == "microft":
         try:
             return arch_from_config(ModelConfig(**raw["model"]), dropout)

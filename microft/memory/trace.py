@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from microft.config import ModelConfig, RunConfig
 from microft.memory.replay import sdpa_workspace
 from microft.memory.sim import cuda_bytes
-from microft.model import GPT, set_grad_checkpointing
+from microft.models.transformer import GPT, set_grad_checkpointing
 
 CUDA_EMULATION = [
     "allocations rounded up to 512-byte blocks, as the CUDA caching allocator does",

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from microft.errors import CheckpointError, ConfigError
-from microft.load import write_model_files
+from microft.models.load import write_model_files
 from microft.train.distributed import full_model_state, full_optim_state, load_optim_state, load_weights
 from microft.weights import WEIGHTS, atomic_dir, read_safetensors
 

@@ -25,8 +25,8 @@ import torch
 
 from microft.config import RunConfig
 from microft.errors import CheckpointError, ConfigError
+from microft.models.load import load_state_into
 from microft.train.step import place_model, resolve_precision
-from microft.weights import load_state_into
 
 Event = dict[str, Any]
 

@@ -30,7 +30,7 @@ import torch
 from microft.config import BatchPlan, RunConfig
 from microft.data import Batch, StepFeed, collate, epoch_batches, micro_batches, sample_length, target_weight
 from microft.errors import ConfigError, Interrupted, TrainingError
-from microft.model import GPT, set_grad_checkpointing
+from microft.models.transformer import GPT, set_grad_checkpointing
 from microft.perf import device_peak_flops, flops_per_token, memory_stats
 from microft.train.checkpoint import (
     capture_rng,

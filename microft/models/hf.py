@@ -1,0 +1,263 @@
+"""Hugging Face checkpoints: key maps per model_type, (sharded) weight files, import into place, export.
+
+microft names modules the same way for every family (`wte`, `h.{i}.ln_1`, `h.{i}.attn.q_proj`, ...);
+`hf_name` maps a parameter or module path to the family's HF name:
+
+    gpt2     transformer.h.0.attn.c_attn.weight     (Conv1D: weight stored (in, out), transposed here)
+    llama…   model.layers.0.self_attn.q_proj.weight, model.embed_tokens, model.norm, lm_head
+
+Old GPT-2 uploads (`openai-community/gpt2`) have bare `h.0…` keys and causal-mask buffers; both
+are read. Weights load one tensor at a time with `safe_open`, straight into the parameter's
+place, device and dtype (see `load.materialize`); export writes shards with an index above a size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from microft.errors import CheckpointError
+from microft.models.config import ModelConfig
+from microft.weights import atomic_dir
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+GPT2_PREFIX = "transformer."
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older GPT-2 checkpoints saved
+MAX_SHARD_BYTES = 2 * 2**30
+# microft block child -> HF Llama-family name
+BLOCK_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
+TOP_NAMES = {"wte": "model.embed_tokens", "ln_f": "model.norm", "lm_head": "lm_head"}
+VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # padded in the model, unpadded in files
+
+
+def hf_name(cfg: ModelConfig, name: str) -> str:
+    """The HF name of a microft parameter or module path (`h.0.attn.q_proj.weight` -> `model.layers.0...`)."""
+    if cfg.model_type == "gpt2":
+        return name if name.startswith("lm_head") else GPT2_PREFIX + name
+    head, _, rest = name.partition(".")
+    if head in TOP_NAMES:
+        return ".".join(filter(None, (TOP_NAMES[head], rest)))
+    m = re.fullmatch(r"h\.(\d+)(?:\.([^.]+)(.*))?", name)
+    if m is None:
+        raise KeyError(name)
+    i, child, tail = m.groups()
+    return f"model.layers.{i}" + (f".{BLOCK_NAMES.get(child, child)}{tail}" if child else "")
+
+
+def is_transposed(cfg: ModelConfig, name: str) -> bool:
+    """Whether HF stores this weight (in, out): GPT-2's Conv1D projections."""
+    return cfg.model_type == "gpt2" and name.endswith(CONV1D)
+
+
+# --- reading -----------------------------------------------------------------------------------
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+class TensorFiles:
+    """The tensors of a checkpoint directory, read one at a time.
+
+    `model.safetensors`, or shards listed by `model.safetensors.index.json`, opened with
+    `safe_open` (memory-mapped, nothing read until asked); a pickled `pytorch_model.bin` is
+    loaded whole (weights_only), as it must be. Use as a context manager.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = d = Path(directory)
+        self._stack = contextlib.ExitStack()
+        self._handles: dict[Path, object] = {}
+        self._dict: dict[str, torch.Tensor] | None = None
+        st, index, pt = d / SAFETENSORS, d / SAFETENSORS_INDEX, d / PYTORCH_BIN
+        if st.exists():
+            self.source = st
+            self.where = {k: st for k in self._open(st).keys()}
+        elif index.exists():
+            self.source = index
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"cannot read {index}: {_one_line(e)}") from None
+            self.where = {k: d / f for k, f in weight_map.items()}
+            for f in sorted(set(self.where.values())):
+                if not f.exists():
+                    raise CheckpointError(f"shard missing: {f} (listed in {index.name})")
+        elif pt.exists():
+            self.source = pt
+            self._dict = _load_bin(pt)
+            self.where = {k: pt for k in self._dict}
+        elif (d / f"{PYTORCH_BIN}.index.json").exists():
+            raise CheckpointError(f"{d}: sharded pytorch_model.bin checkpoints are not supported; "
+                                  "use the safetensors files")
+        else:
+            raise CheckpointError(f"no weights in {d}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}")
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"corrupt weights file {path}: {_one_line(e)}") from None
+        return self._handles[path]
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._dict is not None:
+            return self._dict[key]
+        path = self.where[key]
+        try:
+            return self._open(path).get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt weights file {path}: {_one_line(e)}") from None
+
+    def __enter__(self) -> TensorFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+        self._dict = None
+
+
+def _load_bin(pt: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which runs pickled code
+        raise CheckpointError(f"corrupt weights file {pt}: not a plain PyTorch state dict of tensors") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"corrupt weights file {pt}: {_one_line(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{pt} does not hold a state dict")
+    return state
+
+
+class HFReader:
+    """Reads microft-named weights from HF files: `has(name)`, and `reader(name)` (nn.Linear layout)."""
+
+    def __init__(self, cfg: ModelConfig, files: TensorFiles):
+        self.cfg, self.files, self.keys = cfg, files, set(files.keys())
+        if cfg.model_type == "gpt2":
+            _check_gpt2_head(files, self.keys)
+
+    def key(self, name: str) -> str | None:
+        key = hf_name(self.cfg, name)
+        if key not in self.keys and self.cfg.model_type == "gpt2" and name in self.keys:  # the bare hub layout
+            key = name
+        return key if key in self.keys else None
+
+    def has(self, name: str) -> bool:
+        return self.key(name) is not None
+
+    def __call__(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        t = self.files.get(key)
+        if is_transposed(self.cfg, name):
+            if t.dim() != 2:
+                raise CheckpointError(f"{self.files.source}: {key} should be a matrix, has shape {tuple(t.shape)}")
+            t = t.t()
+        return t
+
+
+def _check_gpt2_head(files: TensorFiles, keys: set[str]) -> None:
+    if "lm_head.weight" not in keys:
+        return
+    wte_key = next((k for k in (GPT2_PREFIX + "wte.weight", "wte.weight") if k in keys), None)
+    head = files.get("lm_head.weight")
+    if wte_key is not None:
+        wte = files.get(wte_key)
+        if head.shape == wte.shape and torch.equal(head, wte):
+            return
+    raise CheckpointError(f"{files.source}: lm_head.weight differs from wte.weight; untied LM heads are "
+                          "unsupported for gpt2")
+
+
+# --- writing -----------------------------------------------------------------------------------
+def hf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, CPU tensor) of each weight, one at a time, as `save_pretrained` names and lays them out.
+
+    Vocabulary rows are unpadded; a tied head is left out (transformers ties it on load).
+    """
+    cfg = model.config
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if "lora_" in name:
+            raise CheckpointError("the model has unmerged LoRA adapters; merge them before exporting")
+        t = p.detach()
+        if name in VOCAB_ROWS:
+            t = t[: cfg.vocab_size]
+        if is_transposed(cfg, name):
+            t = t.t()
+        yield hf_name(cfg, name), t.to("cpu").contiguous()
+
+
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """All of `model`'s weights as HF names them (in memory; `write_hf` streams them instead)."""
+    return dict(hf_tensors(model))
+
+
+def write_hf(directory: Path, model: torch.nn.Module, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write `config.json` and the weights into an existing directory; returns the weight file names.
+
+    One `model.safetensors` up to `max_shard_bytes`, else `model-0000i-of-0000n.safetensors` shards
+    with `model.safetensors.index.json`. Shards are written as they fill: at most one shard of
+    tensors is held on the CPU at a time.
+    """
+    config = model.config.to_hf()  # refuses switches the family's config.json cannot express
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: p for n, p in model.named_parameters()}
+    sizes = {n: shapes[n][: model.config.vocab_size].numel() * shapes[n].element_size() if n in VOCAB_ROWS
+             else shapes[n].numel() * shapes[n].element_size() for n in names}
+    groups: list[list[str]] = [[]]
+    filled = 0
+    for n in names:
+        if groups[-1] and filled + sizes[n] > max_shard_bytes:
+            groups.append([])
+            filled = 0
+        groups[-1].append(n)
+        filled += sizes[n]
+    files = [SAFETENSORS] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    weight_map: dict[str, str] = {}
+    tensors = hf_tensors(model)
+    for fname, group in zip(files, groups):
+        shard = dict(next(tensors) for _ in group)
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        del shard
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return files
+
+
+def export_hf(model: torch.nn.Module, out_dir: str | Path, overwrite: bool = False,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write `config.json` + weights that transformers' `from_pretrained` loads as the same model.
+
+    Shards with an index above `max_shard_bytes`. LoRA adapters must be merged first. Refuses to
+    replace a non-empty `out_dir` unless `overwrite` (the CLI's `--force`); written atomically.
+    """
+    out_dir = Path(out_dir)
+    if any("lora_" in name for name, _ in model.named_parameters()):
+        raise CheckpointError("the model has unmerged LoRA adapters; merge them before exporting")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} is not empty; pass --force to overwrite it")
+    model.config.to_hf()  # a ConfigError before anything is written
+    with atomic_dir(out_dir) as tmp:
+        write_hf(tmp, model, max_shard_bytes)
+    return out_dir

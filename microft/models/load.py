@@ -1,0 +1,191 @@
+"""Model spec -> model: a preset (random init), a microft checkpoint directory, or an HF directory.
+
+Checkpoints are built on the meta device and each parameter is then materialised from its
+file, one tensor at a time, straight into the requested device and dtype: the weights never
+exist twice. A microft directory holds `model.safetensors` (microft names, unpadded
+vocabulary) and `config.json` (`{"format": "microft", "model": {...}}`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from microft.errors import CheckpointError
+from microft.models.config import PRESETS, ModelConfig
+from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
+from microft.models.source import resolve_model_dir
+from microft.models.transformer import Transformer
+from microft.weights import CONFIG, WEIGHTS, atomic_dir
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a preset name, a microft checkpoint, or an HF directory / config.json."""
+    spec = str(path)
+    if spec in PRESETS:
+        return ModelConfig.from_preset(spec)
+    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
+    if p.is_dir():
+        p = p / CONFIG
+    if not p.exists():
+        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {p}: {e}") from None
+    if raw.get("format") == "microft":
+        try:
+            return ModelConfig(**raw["model"])
+        except Exception as e:
+            raise CheckpointError(f"{p}: invalid microft config: {e}") from None
+    return ModelConfig.from_hf(raw, name=p.parent.name)
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The model's structure with no storage (parameters on the meta device)."""
+    with torch.device("meta"):
+        return Transformer(cfg)
+
+
+def expected_names(cfg: ModelConfig) -> list[str]:
+    """The parameter names a checkpoint of this config must hold (microft naming)."""
+    return [n for n, _ in meta_model(cfg).named_parameters()]
+
+
+def materialize(model: nn.Module, has: Callable[[str], bool], read: Callable[[str], torch.Tensor], device,
+                dtype: torch.dtype | None, source: str) -> None:
+    """Replace every (meta) parameter of `model` by `read(name)`, on `device` in `dtype` (None: the file's).
+
+    Vocabulary matrices may have fewer rows than the model's padded ones: the rest are zero.
+    Raises CheckpointError naming the missing tensors or the first mismatched shape.
+    """
+    params = list(model.named_parameters())
+    missing = [n for n, _ in params if not has(n)]
+    if missing:
+        raise CheckpointError(f"{source} does not match the model: missing {len(missing)} tensor(s), e.g. "
+                              f"{', '.join(missing[:3])}")
+    for name, p in params:
+        t = read(name)
+        rows_ok = name in VOCAB_ROWS and t.dim() == 2 and t.shape[1] == p.shape[1] and t.shape[0] <= p.shape[0]
+        if tuple(t.shape) != tuple(p.shape) and not rows_ok:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(t.shape)}, model expects {tuple(p.shape)}")
+        dt = dtype or t.dtype
+        if t.shape != p.shape:
+            new = torch.zeros(p.shape, device=device, dtype=dt)
+            new[: t.shape[0]].copy_(t)
+        else:
+            new = t.to(device=device, dtype=dt).contiguous()
+        del t
+        module_path, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        module._parameters[leaf] = nn.Parameter(new, requires_grad=p.requires_grad)
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: float | None = None,
+               dtype: torch.dtype | None = torch.float32) -> Transformer:
+    """Build a model from a preset (random init), a microft checkpoint, or an HF directory.
+
+    Checkpoint weights land in `dtype` (None: as stored) on `device`, one tensor at a time.
+    """
+    cfg = read_model_config(spec)
+    if dropout is not None:
+        cfg = cfg.model_copy(update={"dropout": dropout})
+    if str(spec) in PRESETS:
+        return Transformer(cfg).to(device=device, dtype=dtype)
+    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
+    d = p if p.is_dir() else p.parent
+    raw = json.loads((d / CONFIG).read_text(encoding="utf-8"))
+    model = meta_model(cfg)
+    if raw.get("format") == "microft":
+        wpath = d / WEIGHTS
+        if not wpath.exists():
+            raise CheckpointError(f"weights file missing: {wpath}")
+        with TensorFiles(d) as files:
+            keys = set(files.keys())
+            unexpected = sorted(keys - set(dict(model.named_parameters())))
+            if unexpected:
+                raise CheckpointError(f"{d} does not match the model: unexpected {unexpected[:3]}")
+            materialize(model, keys.__contains__, files.get, device, dtype, str(d))
+    else:
+        with TensorFiles(d) as files:
+            if hf_name(cfg, "wte.weight") not in files.keys() and "wte.weight" not in files.keys():
+                raise CheckpointError(f"{files.source} is not a {cfg.model_type} checkpoint (no "
+                                      f"{hf_name(cfg, 'wte.weight')} among {len(files.keys())} tensors)")
+            read = HFReader(cfg, files)
+            materialize(model, read.has, read, device, dtype, str(d))
+    return model
+
+
+def load_hf_state(directory: str | Path, cfg: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """Every weight of an HF directory in microft naming (nn.Linear layout, unpadded vocab), in memory.
+
+    For inspection and tests; `load.load_model` materialises a model without this second copy.
+    """
+    directory = Path(directory)
+    cfg = cfg or read_model_config(directory)
+    with TensorFiles(directory) as files:
+        read = HFReader(cfg, files)
+        state = {name: read(name).contiguous() for name in expected_names(cfg) if read.has(name)}
+        if "wte.weight" not in state:
+            raise CheckpointError(f"{files.source} is not a {cfg.model_type} checkpoint "
+                                  f"(no {hf_name(cfg, 'wte.weight')} among {len(files.keys())} tensors)")
+    return state
+
+
+def model_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Weights in microft naming with the vocabulary unpadded, contiguous, on CPU (LoRA adapters left out).
+
+    `state`: the model's full state dict when gathered elsewhere (FSDP shards, see distributed.py).
+    """
+    vocab = model.config.vocab_size
+    out = {}
+    for k, v in (model.state_dict() if state is None else state).items():
+        if "lora_" in k:
+            continue
+        if k in VOCAB_ROWS:
+            v = v[:vocab]
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy unpadded microft-named weights into an allocated `model`, checking names and shapes."""
+    params = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    missing = sorted(set(params) - set(state))
+    unexpected = sorted(set(state) - set(params))
+    if missing or unexpected:
+        what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
+        raise CheckpointError(f"{source} does not match the model: {what.strip()}")
+    with torch.no_grad():
+        for k, dst in params.items():
+            src = state[k]
+            if k in VOCAB_ROWS:
+                if src.shape[1] != dst.shape[1] or src.shape[0] > dst.shape[0]:
+                    raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+                dst[: src.shape[0]].copy_(src)
+                dst[src.shape[0] :].zero_()
+            elif src.shape != dst.shape:
+                raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+            else:
+                dst.copy_(src)
+
+
+def save_model(directory: str | Path, model: Transformer, extra: dict[str, Any] | None = None) -> Path:
+    """Write `model.safetensors` + `config.json` atomically into `directory`."""
+    with atomic_dir(directory) as tmp:
+        write_model_files(tmp, model, extra)
+    return Path(directory)
+
+
+def write_model_files(directory: Path, model: Transformer, extra: dict[str, Any] | None = None,
+                      state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the weights (`state`: a gathered full state dict) and config into an existing directory."""
+    save_file(model_state_dict(model, state), str(directory / WEIGHTS), metadata={"format": "microft"})
+    cfg = {"format": "microft", "model": model.config.model_dump(), **(extra or {})}
+    (directory / CONFIG).write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,56 @@
+"""Where a `--model` spec points: a preset, a local directory, or a hub repo id in the local HF cache.
+
+Offline only: a repo id resolves to the snapshot `microft download` (or transformers) left in the
+shared Hugging Face cache; nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from microft.errors import ConfigError
+
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def hub_cache_dir() -> Path:
+    """The shared cache: $HF_HUB_CACHE, else $HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub,
+    else ~/.cache/huggingface/hub (huggingface_hub's own order, read now, not at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def is_repo_id(spec: str) -> bool:
+    """`org/name` that is not a path on this machine."""
+    return bool(REPO_ID_RE.match(spec)) and not Path(spec).exists()
+
+
+def repo_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or hub_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+
+
+def resolve_model_dir(spec: str, revision: str = "main", cache_dir: str | Path | None = None) -> Path | None:
+    """The cached snapshot directory of a repo id such as `Qwen/Qwen3-0.6B`, found offline.
+
+    None when `spec` is not a repo id (a preset, a local path). Raises ConfigError when the repo
+    is not in the cache, so the caller can say which command fetches it.
+    """
+    if not is_repo_id(spec):
+        return None
+    root = repo_dir(spec, cache_dir)
+    commit = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    ref = root / "refs" / revision
+    if commit is None and ref.is_file():
+        commit = ref.read_text().strip()
+    snap = root / "snapshots" / commit if commit else None
+    if snap is None or not (snap / "config.json").is_file():
+        where = Path(cache_dir or hub_cache_dir())
+        raise ConfigError(f"{spec}: no such directory, and not in the local Hugging Face cache ({where}); "
+                          f"run `microft download {spec}`")
+    return snap

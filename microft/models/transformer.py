@@ -1,0 +1,393 @@
+"""One decoder-only transformer for every family, driven by `ModelConfig` switches.
+
+GPT-2 is the configuration with learned positions, LayerNorm, a fused `c_attn`, tanh-GELU MLP
+and a tied head; Llama, Mistral, Qwen2 and Qwen3 use RMSNorm, RoPE (optionally Llama 3
+scaled), grouped-query attention, SwiGLU and HF's module names inside blocks (q_proj ... down_proj).
+Module containers are the same for every family (`wte`, `wpe`, `h.{i}.ln_1/attn/ln_2/mlp`,
+`ln_f`, `lm_head` when untied); `models/hf.py` maps them to each family's HF keys.
+
+The token embedding (and an untied head) is padded to a multiple of 64 rows (aligned LM-head
+matmuls); the padded rows are zero, never a target, masked out of every softmax, never saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from microft.models.config import ModelConfig
+from microft.models.loss import HeadGradLink, fused_cross_entropy, tied_embedding
+from microft.models.precision import autocast_off, compute_dtype
+
+CPU_MATH_ATTN_MAX_LEN = 256
+RESIDUAL_PROJ = ("c_proj.weight", "o_proj.weight", "down_proj.weight")  # scaled init: they add to the stream
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of the key/value heads for generation; `length` positions are filled."""
+
+    k: torch.Tensor  # (L, B, n_kv_head, T_max, hs)
+    v: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+
+# --- norms and positions -----------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """x / rms(x) × weight, computed in fp32 and cast back before the gain (as HF Llama does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.layer_norm_eps)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32, with Llama 3's scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: ModelConfig, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) in fp32 for positions start .. start + T - 1."""
+    pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    freqs = pos[:, None] * rope_inv_freq(cfg, device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs) by position, halves layout (HF's `rotate_half`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --- attention ---------------------------------------------------------------------------------
+def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention as three plain ops in q's dtype (bf16: the softmax accumulates in fp32).
+
+    On CPU in bf16, up to ~512 positions, this runs forward + backward in 0.4-0.7× the time of
+    SDPA's flash kernel; it keeps the (B, nh, T, T) probabilities for backward, which up to
+    CPU_MATH_ATTN_MAX_LEN = 256 positions is no more than the MLP's hidden activation per token.
+    k and v may have fewer (key/value) heads than q: each serves a group of query heads.
+    """
+    T, groups = q.size(2), q.size(1) // k.size(1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    with autocast_off(q):  # q, k, v are already in the compute dtype
+        att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
+        return att.masked_fill_(future, float("-inf")).softmax(-1) @ v
+
+
+def attention_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (T, start + T) mask of the keys each new query may see, or None for plain causal.
+
+    Query i (absolute position start + i) sees keys j <= start + i, and with a sliding window
+    only j > start + i - window. The window matters only where the sequence exceeds it.
+    """
+    S = start + T
+    if window is not None and S <= window:
+        window = None
+    if window is None and (start == 0 or T == 1):
+        return None
+    q = torch.arange(start, S, device=device)[:, None]
+    kv = torch.arange(S, device=device)[None, :]
+    allowed = kv <= q
+    return allowed & (kv > q - window) if window is not None else allowed
+
+
+class Attention(nn.Module):
+    """Multi-head or grouped-query self-attention; GPT-2 keeps a fused `c_attn` and `c_proj`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        C, qd, kvd = cfg.n_embd, cfg.q_dim, cfg.kv_dim
+        self.fused = cfg.fused_qkv
+        if self.fused:
+            self.c_attn = nn.Linear(C, qd + 2 * kvd, bias=cfg.qkv_bias)
+            self.c_proj = nn.Linear(qd, C, bias=cfg.attn_out_bias)
+        else:
+            self.q_proj = nn.Linear(C, qd, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(C, kvd, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(C, kvd, bias=cfg.qkv_bias)
+            self.o_proj = nn.Linear(qd, C, bias=cfg.attn_out_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.layer_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.layer_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.sliding_window = cfg.sliding_window
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.cpu_math_max_len = CPU_MATH_ATTN_MAX_LEN  # 0: always SDPA (the memory trace emulates CUDA)
+
+    def use_short_math(self, q: torch.Tensor) -> bool:
+        return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(2) <= self.cpu_math_max_len
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        if self.fused:
+            q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
+        if self.qk_norm:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+        mask = attention_mask(T, start, self.sliding_window, x.device)
+        # causal for a fresh sequence; a single new query (or a masked one) needs no causal flag
+        causal = mask is None and start == 0 and T > 1
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None and causal and dropout_p == 0.0 and self.use_short_math(q):
+            y = causal_attention_math(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                                               enable_gqa=nkv != nh)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
+        return self.resid_drop(self.c_proj(y) if self.fused else self.o_proj(y))
+
+
+# --- MLP ---------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """tanh-GELU (`c_fc`, `c_proj`) or SwiGLU (`gate_proj`, `up_proj`, `down_proj`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, hidden = cfg.n_embd, cfg.intermediate_size
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(C, hidden, bias=cfg.mlp_bias)
+            self.up_proj = nn.Linear(C, hidden, bias=cfg.mlp_bias)
+            self.down_proj = nn.Linear(hidden, C, bias=cfg.mlp_bias)
+        else:
+            self.c_fc = nn.Linear(C, hidden, bias=cfg.mlp_bias)
+            self.c_proj = nn.Linear(hidden, C, bias=cfg.mlp_bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        z = self.c_fc(x)
+        if type(self.c_proj) is not nn.Linear:  # an adapted (LoRA) or quantised projection runs its own forward
+            return self.drop(self.c_proj(F.gelu(z, approximate="tanh")))
+        return self.drop(gelu_linear(z, self.c_proj.weight, self.c_proj.bias))
+
+
+class _GeluLinear(torch.autograd.Function):
+    """`F.linear(gelu(z), W, b)` that saves z but not gelu(z): backward recomputes the GELU.
+
+    The MLP's hidden activation is the largest a block keeps; the recompute is one elementwise
+    pass. Every op and dtype matches the unfused path (autocast's casts included), so the
+    results are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, z, weight, bias):
+        dt = compute_dtype(z)
+        with autocast_off(z):
+            zc, wc = z.to(dt), weight.to(dt)
+            y = F.linear(F.gelu(zc, approximate="tanh"), wc, None if bias is None else bias.to(dt))
+        ctx.save_for_backward(zc, wc)
+        ctx.dtypes = (z.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        zc, wc = ctx.saved_tensors
+        z_dt, w_dt, b_dt = ctx.dtypes
+        need_z, need_w, need_b = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.size(-1)).to(wc.dtype)
+        dz = dw = db = None
+        if need_w:
+            a = F.gelu(zc, approximate="tanh")
+            dw = (dy2.t() @ a.reshape(-1, a.size(-1))).to(w_dt)
+            del a
+        if need_b:
+            db = dy2.sum(0).to(b_dt)
+        if need_z:
+            da = (dy2 @ wc).view(zc.shape)
+            dz = torch.ops.aten.gelu_backward(da, zc, approximate="tanh").to(z_dt)
+        return dz, dw, db
+
+
+def gelu_linear(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not torch.is_grad_enabled():
+        return F.linear(F.gelu(z, approximate="tanh"), weight, bias)
+    return _GeluLinear.apply(z, weight, bias)
+
+
+# --- the model ---------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
+        self.attn = Attention(cfg)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+        self.grad_ckpt = False  # recompute this block's activations in backward
+
+    def _forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope, cache, layer)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
+        if cfg.positions == "learned":
+            self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg, cfg.n_embd)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.reset_parameters()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's (padded) weight: the token embedding's when tied."""
+        return self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 × n_layer)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # norm gains
+                p.fill_(1.0)
+            elif name.endswith(RESIDUAL_PROJ):
+                p.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                p.normal_(0.0, 0.02)
+        self.zero_padded_rows()
+
+    @torch.no_grad()
+    def zero_padded_rows(self) -> None:
+        V = self.config.vocab_size
+        self.wte.weight[V:].zero_()
+        if not self.config.tie_embeddings:
+            self.lm_head.weight[V:].zero_()
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, link: HeadGradLink | None = None
+               ) -> torch.Tensor:
+        """Final hidden states (B, T, C) after ln_f; `link` ties the embedding's gradient to the loss's."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.n_positions:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
+        x = tied_embedding(idx, self.wte.weight, link)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = rope_cos_sin(self.config, start, T, idx.device)
+        x = self.drop(x)
+        for i, block in enumerate(self.h):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(…, vocab) logits of final hidden states (the padded rows left out)."""
+        return F.linear(h, self.head_weight[: self.config.vocab_size].to(h.dtype))
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        target_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab) without labels; with labels the fp32 *sum* of token losses.
+
+        The sum (not mean) lets the trainer divide by the target count of the whole global
+        batch, which makes gradient accumulation exact. `weights` (B, T) scales each token.
+        `target_pos` (flat positions of the targets) lets the loss head skip masked positions.
+        """
+        if labels is None:
+            return F.linear(self.hidden(idx, cache), self.head_weight[: self.config.vocab_size])
+        # torch.compile traces the two functions apart and would drop the hand-over: plain autograd there
+        tied = self.config.tie_embeddings
+        link = HeadGradLink() if tied and not torch.compiler.is_compiling() else None
+        h = self.hidden(idx, cache, link)
+        h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
+        w = None if weights is None else weights.reshape(-1)
+        if target_pos is not None:
+            h, labels = h.index_select(0, target_pos), labels.index_select(0, target_pos)
+            w = None if w is None else w.index_select(0, target_pos)
+        return fused_cross_entropy(h, self.head_weight, labels, w, self.config.vocab_size, link)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        """Parameters as the family reports them (padded vocabulary rows excluded)."""
+        pad = (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        padded = {id(self.wte.weight), id(self.head_weight)}
+        total = 0
+        for p in self.parameters():
+            if not trainable_only or p.requires_grad:
+                total += p.numel() - (pad if id(p) in padded else 0)
+        return total
+
+
+GPT = Transformer  # the name callers and type hints have used since GPT-2 was the only family
+
+
+def set_grad_checkpointing(model: Transformer, enabled: bool = True, every: int = 1) -> int:
+    """Turn on non-reentrant activation checkpointing for every `every`-th block; returns how many."""
+    n = 0
+    for i, block in enumerate(model.h):
+        block.grad_ckpt = enabled and i % every == 0
+        n += block.grad_ckpt
+    return n
