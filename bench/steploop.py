@@ -1,4 +1,4 @@
-"""One benchmark configuration, run in this process: build a GPT-2, train a few steps, print JSON.
+"""One benchmark configuration, run in this process: build a model (any preset), train a few steps, print JSON.
 
     .venv/bin/python bench/steploop.py --impl microft --precision auto --steps 3
     .venv/bin/python bench/steploop.py --impl hf --precision bf16-mixed --steps 3 --profile 30
@@ -7,7 +7,7 @@
 `bench/harness.py` runs every configuration in a fresh subprocess, so each peak RSS belongs to
 one configuration alone. `--impl microft` composes the trainer's own step functions
 (`micro_step`, `clip_gradients`, `optimizer_step`) exactly as `train()` does; `--impl hf` is a
-plain training loop over transformers' `GPT2LMHeadModel` (its built-in loss, `loss.backward()`,
+plain training loop over transformers' model of the same family (`AutoModelForCausalLM`; its built-in loss, `loss.backward()`,
 `clip_grad_norm_`, torch AdamW). Both see the same random tokens, random init, no download.
 """
 
@@ -116,14 +116,16 @@ def hf_stepper(cfg: ModelConfig, args, device: torch.device):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    hf_cfg = transformers.GPT2Config(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+    raw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
+    hf_cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").to(device).train()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device).train()
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     runner = torch.compile(model) if args.compile else model
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
+    embedding = ("wte", "wpe", "embed_tokens")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not any(e in n for e in embedding)]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not any(e in n for e in embedding))]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     impl = {"fused": True} if args.hf_optim == "fused" else {}
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=1e-8, **impl)
