@@ -38,7 +38,7 @@ from microft.models.config import lora_target_table, parse_lora_targets
 from microft.models.hf import hf_name
 from microft.models.precision import autocasting
 from microft.models.transformer import GPT
-from microft.weights import atomic_dir, read_safetensors
+from microft.weights import atomic_dir, read_json, read_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -258,11 +258,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     p = Path(directory) / ADAPTER_CONFIG
     if not p.is_file():
         raise CheckpointError(f"{directory} is not an adapter directory (no {ADAPTER_CONFIG})")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {p}: {e}") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+    cfg = read_json(p)
+    if cfg.get("peft_type") != "LORA":
         raise CheckpointError(f"{p}: only LoRA adapters are supported (peft_type={cfg.get('peft_type')!r})")
     return cfg
 

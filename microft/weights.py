@@ -8,10 +8,12 @@ layouts), `lora.py` (adapters) and `train/checkpoint.py` (training state) write 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -71,3 +73,14 @@ def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tenso
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"corrupt {what} file {path}: {one_line(e)}") from None
+
+
+def read_json(path: Path, what: str | None = None) -> dict[str, Any]:
+    """A JSON object from `path`; unreadable, malformed or not an object is a one-line CheckpointError."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object in {what or path.name}, found a {type(raw).__name__}")
+    return raw

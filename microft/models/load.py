@@ -17,34 +17,38 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from microft.errors import CheckpointError
+from microft.errors import CheckpointError, one_line
 from microft.models.config import PRESETS, ModelConfig
 from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
 from microft.models.source import resolve_model_dir
 from microft.models.transformer import Transformer
-from microft.weights import CONFIG, WEIGHTS, atomic_dir
+from microft.weights import CONFIG, WEIGHTS, atomic_dir, read_json
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a preset name, a microft checkpoint, or an HF directory / config.json."""
+    """The ModelConfig of a preset name, a microft checkpoint, an HF directory / config.json, or a cached repo id."""
     spec = str(path)
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
-    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
-    if p.is_dir():
-        p = p / CONFIG
-    if not p.exists():
+    return _config_of(*locate(spec))
+
+
+def locate(spec: str) -> tuple[Path, dict[str, Any]]:
+    """(directory, parsed config.json) of a model that is not a preset: a path or a cached hub repo id."""
+    p = resolve_model_dir(spec) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
+    cfg_path = p / CONFIG if p.is_dir() else p
+    if not cfg_path.exists():
         raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {p}: {e}") from None
+    return cfg_path.parent, read_json(cfg_path, CONFIG)
+
+
+def _config_of(directory: Path, raw: dict[str, Any]) -> ModelConfig:
     if raw.get("format") == "microft":
         try:
             return ModelConfig(**raw["model"])
         except Exception as e:
-            raise CheckpointError(f"{p}: invalid microft config: {e}") from None
-    return ModelConfig.from_hf(raw, name=p.parent.name)
+            raise CheckpointError(f"{directory / CONFIG}: invalid microft config: {one_line(e)}") from None
+    return ModelConfig.from_hf(raw, name=directory.name)
 
 
 def meta_model(cfg: ModelConfig) -> Transformer:
@@ -93,14 +97,16 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: fl
 
     Checkpoint weights land in `dtype` (None: as stored) on `device`, one tensor at a time.
     """
-    cfg = read_model_config(spec)
+    spec = str(spec)
+    if spec in PRESETS:
+        cfg = ModelConfig.from_preset(spec)
+        if dropout is not None:
+            cfg = cfg.model_copy(update={"dropout": dropout})
+        return Transformer(cfg).to(device=device, dtype=dtype)
+    d, raw = locate(spec)
+    cfg = _config_of(d, raw)
     if dropout is not None:
         cfg = cfg.model_copy(update={"dropout": dropout})
-    if str(spec) in PRESETS:
-        return Transformer(cfg).to(device=device, dtype=dtype)
-    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
-    d = p if p.is_dir() else p.parent
-    raw = json.loads((d / CONFIG).read_text(encoding="utf-8"))
     model = meta_model(cfg)
     if raw.get("format") == "microft":
         wpath = d / WEIGHTS
