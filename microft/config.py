@@ -206,24 +206,21 @@ def resolve_batch_plan(
         if micro_bs is None and accum is None:
             micro_bs = 1
         if micro_bs is not None:
-            unit = micro_bs * world_size
-            if global_bs % unit:
-                near = " or ".join(str(x) for x in _nearest_divisible(global_bs, unit))
-                raise ConfigError(
-                    f"--global-bs {global_bs} is not divisible by --micro-bs {micro_bs} × {world_size} device(s); "
-                    f"nearest valid global batch: {near}"
-                )
-            return BatchPlan(micro_bs=micro_bs, accum=global_bs // unit, world_size=world_size)
+            return BatchPlan(micro_bs=micro_bs, accum=_divide(global_bs, "--micro-bs", micro_bs, world_size),
+                             world_size=world_size)
         assert accum is not None
-        unit = accum * world_size
-        if global_bs % unit:
-            near = " or ".join(str(x) for x in _nearest_divisible(global_bs, unit))
-            raise ConfigError(
-                f"--global-bs {global_bs} is not divisible by --accum {accum} × {world_size} device(s); "
-                f"nearest valid global batch: {near}"
-            )
-        return BatchPlan(micro_bs=global_bs // unit, accum=accum, world_size=world_size)
+        return BatchPlan(micro_bs=_divide(global_bs, "--accum", accum, world_size), accum=accum, world_size=world_size)
     return BatchPlan(micro_bs=micro_bs or 1, accum=accum or 1, world_size=world_size)
+
+
+def _divide(global_bs: int, flag: str, value: int, world_size: int) -> int:
+    """global_bs / (value × world_size), or a ConfigError naming the nearest global batches that divide."""
+    unit = value * world_size
+    if global_bs % unit:
+        near = " or ".join(str(x) for x in _nearest_divisible(global_bs, unit))
+        raise ConfigError(f"--global-bs {global_bs} is not divisible by {flag} {value} × {world_size} device(s); "
+                          f"nearest valid global batch: {near}")
+    return global_bs // unit
 
 
 def config_to_json(cfg: BaseModel) -> str:
