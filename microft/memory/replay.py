@@ -345,9 +345,10 @@ class Replay:
             q2, k2 = self.rms_norm(q, (blk.q_norm, None)), self.rms_norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
-        if a.rope:  # new rotated q and k; the (cast) cos/sin tables are saved
-            q2, k2 = self.rope(q), self.rope(k)
-            sim.drop(q, k)
+        if a.rope:  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
+            cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in self.tables[:2])
+            q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
+            sim.drop(q, k, cos, sin)
             q, k = q2, k2
         mask = self.window_mask()
         y = self.sdpa(q, k, v, mask)
@@ -396,7 +397,7 @@ class Replay:
         rows = n // dim
         xf = sim.alias(x) if x.es == 4 else sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
         sq = sim.op("pow", [xf], [(n, 4, "activations")], save_in=((0, (0,)),),
-                    bwd=(("t", "a", n, 4), ("t", "b", n, 4), ("f", "a"), ("g", 0, n, 4)))[0]
+                    bwd=(("t", "a", n, 4), ("t", "b", n, 4), ("g", 0, n, 4)))[0]  # x^1, 2 x^1, grad * (.)
         ms = sim.op("mean", [sq], [(rows, 4, "activations")], bwd=(("g", 0, n, 4),))[0]
         sim.drop(sq)
         ad = sim.op("add", [ms], [(rows, 4, "activations")], bwd=(("p", 0),))[0]
@@ -424,10 +425,9 @@ class Replay:
         sim.drop(*tmp)
         return cos, sin
 
-    def rope(self, t: Ten) -> Ten:
-        """apply_rope: x * cos + cat(-x2, x1) * sin; the muls save the (cast) tables."""
+    def rope(self, t: Ten, cos: Ten, sin: Ten) -> Ten:
+        """apply_rope: x * cos + cat(-x2, x1) * sin; the muls save the tables."""
         sim, n, es = self.sim, t.numel, t.es
-        cos, sin = (sim.alias(c) if es == 4 else self.cast(c) for c in self.tables[:2])
         xc = sim.op("mul", [t, cos], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
         neg = sim.new(n // 2, es, "activations", "neg")
         rot = sim.op("cat", [t], [(n, es, "activations")], bwd=(("t", "a", n // 2, es), ("g", 0, n, es), ("f", "a")))[0]
@@ -435,7 +435,7 @@ class Replay:
         xs = sim.op("mul", [rot, sin], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
         sim.drop(rot)
         out = sim.op("add", [xc, xs], [(n, es, "activations")], bwd=(("p", 0), ("p", 1)))[0]
-        sim.drop(xc, xs, cos, sin)
+        sim.drop(xc, xs)
         return out
 
     def window_mask(self) -> Ten | None:
@@ -449,7 +449,11 @@ class Replay:
         far = sim.new(T * T, 1, "activations", "kv > q - window")
         mask = sim.new(T * T, 1, "activations", "mask")
         sim.drop(qpos, kpos, allowed, lo, far)
-        return mask
+        # SDPA turns the boolean mask into an additive one in q's dtype: where(mask, 0, -inf); it is saved
+        zero, ninf = sim.new(1, 4, "activations", "0"), sim.new(1, 4, "activations", "-inf")
+        add = sim.new(T * T, self.s.aes, "activations", "additive mask")
+        sim.drop(zero, ninf, mask)
+        return add
 
     def forward(self, x_ids: Ten) -> Ten:
         """GPT.hidden: embeddings, blocks (checkpointed every N-th), final norm."""
