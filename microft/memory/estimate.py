@@ -198,6 +198,7 @@ class Estimate:
     shard: str = "none"
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    ops: list[str] = field(default_factory=list)  # trace only: the aten ops the real step dispatched
 
     @property
     def overhead_bytes(self) -> int:
@@ -355,7 +356,7 @@ def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1
         peak += buckets
     est = Estimate(engine="trace", arch=arch, setup=setup, peak_bytes=peak, peak_phase=t.peak_phase,
                    peak_where=t.peak_where, components=_ordered(comp), step_peaks=t.step_peaks,
-                   budget=budget, world=world, shard=shard, seconds=t.seconds)
+                   budget=budget, world=world, shard=shard, seconds=t.seconds, ops=t.ops)
     est.details = _details(arch, setup, r)
     est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
     est.overhead = runtime_overhead(peak, budget)

@@ -78,6 +78,7 @@ class TraceResult:
     emulated: list[str]
     seconds: float
     timeline: list[tuple[str, str, int]] = field(default_factory=list)  # (where, op, live bytes) if asked
+    ops: list[str] = field(default_factory=list)  # the aten ops dispatched, e.g. "aten.mm.default"
 
 
 class LiveBytes(TorchDispatchMode):
@@ -446,5 +447,5 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     return TraceResult(
         peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, peak_where=tracker.peak_where,
         components=tracker.components_at_peak(), step_peaks=step_peaks, emulated=emulated,
-        seconds=time.perf_counter() - t0, timeline=tracker.timeline,
+        seconds=time.perf_counter() - t0, timeline=tracker.timeline, ops=sorted(str(f) for f in tracker.seen),
     )
