@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from microft.config import PRESETS, ModelConfig, RunConfig, ce_chunks, parse_lora_targets
+from microft.config import ModelConfig, RunConfig, ce_chunks, parse_lora_targets
 from microft.errors import ConfigError
 from microft.memory.replay import Arch, Replay, Setup
 from microft.memory.sim import OverLimit
+from microft.models.source import read_model_config
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
@@ -69,11 +69,7 @@ def model_config(arch: Arch) -> ModelConfig:
 
 def load_arch(spec: str, dropout: float | None = None) -> Arch:
     """Shape of a preset, a microft checkpoint, an HF directory or config.json, or a cached hub repo id,
-    read by `models.load.read_model_config` (presets without importing torch). Never reads weights."""
-    if spec in PRESETS:
-        return arch_from_config(ModelConfig.from_preset(spec), dropout)
-    from microft.models.load import read_model_config
-
+    read by `models.source.read_model_config` (JSON only, no torch). Never reads weights."""
     return arch_from_config(read_model_config(spec), dropout)
 
 

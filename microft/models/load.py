@@ -20,31 +20,9 @@ from safetensors.torch import save_file
 from microft.errors import CheckpointError
 from microft.models.config import PRESETS, ModelConfig
 from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
-from microft.models.source import resolve_model_dir
+from microft.models.source import read_model_config, resolve_model_dir
 from microft.models.transformer import Transformer
 from microft.weights import CONFIG, WEIGHTS, atomic_dir
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a preset name, a microft checkpoint, or an HF directory / config.json."""
-    spec = str(path)
-    if spec in PRESETS:
-        return ModelConfig.from_preset(spec)
-    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
-    if p.is_dir():
-        p = p / CONFIG
-    if not p.exists():
-        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {p}: {e}") from None
-    if raw.get("format") == "microft":
-        try:
-            return ModelConfig(**raw["model"])
-        except Exception as e:
-            raise CheckpointError(f"{p}: invalid microft config: {e}") from None
-    return ModelConfig.from_hf(raw, name=p.parent.name)
 
 
 def meta_model(cfg: ModelConfig) -> Transformer:

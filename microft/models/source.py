@@ -6,11 +6,13 @@ shared Hugging Face cache; nothing here touches the network.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
-from microft.errors import ConfigError
+from microft.errors import CheckpointError, ConfigError
+from microft.models.config import PRESETS, ModelConfig
 
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -54,3 +56,26 @@ def resolve_model_dir(spec: str, revision: str = "main", cache_dir: str | Path |
         raise ConfigError(f"{spec}: no such directory, and not in the local Hugging Face cache ({where}); "
                           f"run `microft download {spec}`")
     return snap
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a preset name, a microft checkpoint, an HF directory, a bare config.json, or a
+    cached hub repo id. Reads JSON only (no torch): the memory estimator calls it too."""
+    spec = str(path)
+    if spec in PRESETS:
+        return ModelConfig.from_preset(spec)
+    p = resolve_model_dir(str(spec)) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.exists():
+        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {p}: {e}") from None
+    if raw.get("format") == "microft":
+        try:
+            return ModelConfig(**raw["model"])
+        except Exception as e:
+            raise CheckpointError(f"{p}: invalid microft config: {e}") from None
+    return ModelConfig.from_hf(raw, name=p.parent.name)
