@@ -1,4 +1,4 @@
-"""Memory estimate accuracy on the GPT-2 124M and 355M shapes: analytical vs traced peak.
+"""Memory estimate accuracy on real shapes of every family (GPT-2 124M/355M, SmolLM2, Qwen2.5, Qwen3, Llama 3.2): analytical vs traced peak.
 
     .venv/bin/python bench/memory_accuracy.py            # writes the table into docs/benchmarks.md
     .venv/bin/python bench/memory_accuracy.py --cuda     # also measures torch.cuda.max_memory_allocated
@@ -46,6 +46,14 @@ CONFIGS = [
     ("gpt2-medium", 8, 1024, "bf16-mixed", {"lora": True, "lora_r": 16}, 1),
     ("gpt2-medium", 16, 1024, "bf16-mixed", {"lora": True, "lora_r": 16, "grad_ckpt": True}, 1),
     ("gpt2-medium", 4, 1024, "bf16-mixed", {"optimizer": "adafactor"}, 2),
+    # the other families at their real shapes (the trace runs on fake tensors: no memory, a few seconds)
+    ("smollm2-135m", 4, 1024, "bf16-mixed", {}, 1),
+    ("smollm2-135m", 8, 1024, "bf16-mixed", {"grad_ckpt": True}, 1),
+    ("qwen2.5-0.5b", 2, 1024, "bf16-mixed", {}, 1),
+    ("qwen2.5-0.5b", 4, 1024, "bf16-mixed", {"lora": True, "lora_r": 16}, 1),
+    ("qwen3-0.6b", 2, 1024, "bf16-mixed", {}, 1),
+    ("qwen3-0.6b", 4, 1024, "bf16-mixed", {"grad_ckpt": True}, 1),
+    ("llama-3.2-1b", 1, 1024, "bf16-mixed", {"lora": True, "lora_r": 16, "grad_ckpt": True}, 1),
 ]
 
 

@@ -295,7 +295,7 @@ def download(
         print(json.dumps(snap.to_json(), indent=2) if json_out else snap.path)
 
 
-Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (GPT-2; seconds).")]
+Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (any family; seconds).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the estimate (and plan) as JSON.")]
 GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a verdict and a plan.")]
 
@@ -305,9 +305,9 @@ GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24
 def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False, **flags: Any) -> None:
     """Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.
 
-    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --data, --lr, ..., are read and ignored). --model also takes a Llama/Mistral/Qwen-style config.json for planning.
+    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --data, --lr, ..., are read and ignored). --model takes a preset, checkpoint, HF directory, config.json or cached repo id of any family.
 
-    The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; GPT-2). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
+    The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
 
     Exit codes: 0 fits (or no budget given), 3 does not fit the budget, 2 bad input.
     """

@@ -2,7 +2,7 @@
 
 The leaf under every format: `load.py` (microft and HF model directories), `hf.py` (HF key
 layouts), `lora.py` (adapters) and `train/checkpoint.py` (training state) write through
-`atomic_dir` and read through `read_safetensors`. Imports no other microft module but errors.
+`atomic_dir` and read through `read_safetensors`. Imports no other microft module but errors, and torch only when reading tensors.
 """
 
 from __future__ import annotations
@@ -13,13 +13,12 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from microft.errors import CheckpointError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -67,6 +66,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a missing or corrupt file is a one-line CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     if not path.exists():
         raise CheckpointError(f"{what} file missing: {path}")
     try:

@@ -187,12 +187,29 @@ def test_llama_7b_config_gets_a_fast_answer_and_a_24gb_plan(tmp_path):
     base = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=2048), arch, 1)
     e = estimate(arch, base)
     p = plan(arch, base, parse_budget("24GB"), global_bs=32)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 10.0  # loose (shared CI cores); ~0.8 s measured when idle
     assert 6.5e9 < e.details["parameters"] < 7e9
     assert e.peak_bytes > 100 * 2**30  # full fine-tuning: fp32 weights, grads and Adam alone are ~100 GiB
     assert p.recommended is not None and p.recommended.setup.lora and p.recommended.setup.precision == "bf16-true"
-    with pytest.raises(ConfigError, match="GPT-2"):
-        trace(arch, base)
+    assert arch.family == "llama" and arch.norm == "rmsnorm" and arch.mlp == "swiglu" and not arch.tied
+
+
+def test_llama_8b_preset_estimate_is_fast():
+    """llama-3.1-8b's analytical estimate (and its plan) answer in well under a few seconds (measured: see README)."""
+    t0 = time.perf_counter()
+    arch = load_arch("llama-3.1-8b")
+    e = estimate(arch, setup_for(RunConfig(precision="bf16-mixed", max_seq_len=2048), arch, 1))
+    assert time.perf_counter() - t0 < 10.0
+    mc = ModelConfig.from_preset("llama-3.1-8b")
+    assert e.details["parameters"] == mc.num_params()  # one formula: the replay's parameters are the model's
+
+
+def test_a_bare_config_json_and_a_directory_give_the_same_arch(tmp_path):
+    cfg = ModelConfig.from_preset("qwen3-tiny").to_hf()
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    by_dir, by_file = load_arch(str(tmp_path)), load_arch(str(tmp_path / "config.json"))
+    assert by_dir == by_file and by_dir.qk_norm and by_dir.family == "qwen3"
+    assert by_dir.n_kv_head == 2 and by_dir.head_dim == 32
 
 
 def test_gqa_config_is_smaller(tmp_path):

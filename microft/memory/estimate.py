@@ -5,9 +5,9 @@ Two engines answer "how many bytes does one training step of this run hold at it
 - `estimate(...)` (analytical, the default): replays microft's training step from shapes alone
   (`replay.py` on the `sim.py` engine): weights, gradients, optimizer state, the tensors each block saves under the
   precision policy, the fused loss, checkpoint recomputes, gradient accumulation and the first
-  step's optimizer-state creation. No torch import; milliseconds for any model size.
+  step's optimizer-state creation. No torch import (presets); milliseconds for any model size.
 - `trace(...)` (`--trace`): runs microft's real step twice on fake tensors (`trace.py`) and
-  reports the exact peak of live tensors. GPT-2 models only.
+  reports the exact peak of live tensors. Every family.
 
 Both give the tensor peak `torch.cuda.max_memory_allocated` would report (CUDA's 512-byte
 allocator rounding included). Runtime overhead (CUDA context, cuBLAS workspace, a fragmentation
@@ -19,23 +19,19 @@ CLI renders what it returns. The planner built on it is plan.py.
 
 from __future__ import annotations
 
-import json
-import math
 import re
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from microft.config import PRESETS, ModelConfig, RunConfig, ce_chunks, parse_lora_targets
+from microft.config import ModelConfig, RunConfig, ce_chunks, parse_lora_targets
 from microft.errors import ConfigError
 from microft.memory.replay import Arch, Replay, Setup
 from microft.memory.sim import OverLimit
-from microft.models.source import resolve_model_dir
+from microft.models.source import read_model_config
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
 FRAGMENTATION = 0.08  # reserved-but-unused share the caching allocator typically adds in training
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LORA_PLAN_RANK = 16
 
 # name -> (total MiB as the driver reports it, bf16 support, Hopper-class cuBLAS workspace)
@@ -52,58 +48,29 @@ DEVICES: dict[str, tuple[int, bool, bool]] = {
 
 # --- model shapes ------------------------------------------------------------------------------
 def arch_from_config(mc: ModelConfig, dropout: float | None = None) -> Arch:
-    """microft's GPT-2 as a generic shape."""
-    return Arch(name=mc.name, family="gpt2", vocab_size=mc.vocab_size, padded_vocab=mc.padded_vocab_size,
-                n_layer=mc.n_layer, n_embd=mc.n_embd, n_head=mc.n_head, n_kv_head=mc.n_head,
-                head_dim=mc.head_dim, ffn=4 * mc.n_embd, n_positions=mc.n_positions,
-                dropout=mc.dropout if dropout is None else dropout)
+    """The replay's shape of any family: every switch models/transformer.py reads, from the ModelConfig."""
+    return Arch(name=mc.name, family=mc.model_type, vocab_size=mc.vocab_size, padded_vocab=mc.padded_vocab_size,
+                n_layer=mc.n_layer, n_embd=mc.n_embd, n_head=mc.n_head, n_kv_head=mc.n_kv_head,
+                head_dim=mc.head_dim, ffn=mc.intermediate_size, n_positions=mc.n_positions, norm=mc.norm,
+                rope=mc.positions == "rope", mlp=mc.mlp, qkv_bias=mc.qkv_bias, attn_out_bias=mc.attn_out_bias,
+                mlp_bias=mc.mlp_bias, qk_norm=mc.qk_norm, sliding_window=mc.sliding_window,
+                tied=mc.tie_embeddings, dropout=mc.dropout if dropout is None else dropout)
 
 
-def arch_from_hf_llama(raw: dict[str, Any], name: str) -> Arch:
-    """A Llama/Mistral/Qwen-style `config.json`: GQA, SwiGLU, RMSNorm, RoPE, (un)tied embeddings."""
-    try:
-        d, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-        vocab = int(raw["vocab_size"])
-        return Arch(
-            name=name, family="llama", vocab_size=vocab, padded_vocab=64 * math.ceil(vocab / 64),
-            n_layer=int(raw["num_hidden_layers"]), n_embd=d, n_head=heads,
-            n_kv_head=int(raw.get("num_key_value_heads") or heads),
-            head_dim=int(raw.get("head_dim") or d // heads), ffn=int(raw["intermediate_size"]),
-            n_positions=int(raw.get("max_position_embeddings", 4096)), bias=False,
-            qkv_bias=bool(raw.get("attention_bias", raw.get("model_type") == "qwen2")),
-            tied=bool(raw.get("tie_word_embeddings", False)), dropout=float(raw.get("attention_dropout", 0.0) or 0.0),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"{name}: not a valid {raw.get('model_type')} config.json ({e})") from None
+def model_config(arch: Arch) -> ModelConfig:
+    """The ModelConfig an Arch was read from (what the trace builds); RoPE frequencies do not change memory."""
+    return ModelConfig(name=arch.name, model_type=arch.family, vocab_size=arch.vocab_size, n_positions=arch.n_positions,
+                       n_embd=arch.n_embd, n_layer=arch.n_layer, n_head=arch.n_head, n_kv_head=arch.n_kv_head,
+                       head_dim=arch.head_dim, intermediate_size=arch.ffn, norm=arch.norm,
+                       positions="rope" if arch.rope else "learned", mlp=arch.mlp, qkv_bias=arch.qkv_bias,
+                       attn_out_bias=arch.attn_out_bias, mlp_bias=arch.mlp_bias, qk_norm=arch.qk_norm,
+                       sliding_window=arch.sliding_window, tie_embeddings=arch.tied, dropout=arch.dropout)
 
 
 def load_arch(spec: str, dropout: float | None = None) -> Arch:
-    """Shape of a preset, a microft checkpoint, an HF GPT-2 directory/config.json, or a
-    Llama/Mistral/Qwen-style HF config (for planning). Reads JSON only, never weights or torch."""
-    if spec in PRESETS:
-        return arch_from_config(ModelConfig.from_preset(spec), dropout)
-    d = resolve_model_dir(spec) or Path(spec)  # a hub repo id: its cached snapshot
-    p = d / "config.json" if d.is_dir() else d
-    if not p.is_file():
-        raise ConfigError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}), "
-                          f"a checkpoint directory nor a config.json")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {p}: {e}") from None
-    name = Path(spec).name if d.is_dir() else p.parent.name or p.name
-    if raw.get("format") == "microft":
-        try:
-            return arch_from_config(ModelConfig(**raw["model"]), dropout)
-        except Exception as e:
-            raise ConfigError(f"{p}: invalid microft config: {e}") from None
-    if raw.get("model_type", "gpt2") == "gpt2":
-        return arch_from_config(ModelConfig.from_hf(raw, name=name), dropout)
-    if raw.get("model_type") in LLAMA_TYPES:
-        arch = arch_from_hf_llama(raw, name)
-        return replace(arch, dropout=dropout) if dropout is not None else arch
-    raise ConfigError(f"{p}: model_type {raw.get('model_type')!r} is not supported "
-                      f"(gpt2, or for planning: {', '.join(LLAMA_TYPES)})")
+    """Shape of a preset, a microft checkpoint, an HF directory or config.json, or a cached hub repo id,
+    read by `models.source.read_model_config` (JSON only, no torch). Never reads weights."""
+    return arch_from_config(read_model_config(spec), dropout)
 
 
 # --- budgets and devices -----------------------------------------------------------------------
@@ -165,9 +132,9 @@ def runtime_overhead(peak: int, budget: Budget | None = None) -> dict[str, int]:
 
 
 # --- the run being estimated -------------------------------------------------------------------
-def lora_targets(spec: str) -> tuple[str, ...]:
-    """`"qkv,proj"`, `"attn"`, `"all"` -> target names, as the trainer reads them."""
-    return tuple(parse_lora_targets(spec))
+def lora_targets(spec: str, family: str = "gpt2") -> tuple[str, ...]:
+    """`"qkv,proj"`, `"attn"`, `"q_proj,v_proj"`, `"all"` -> the family's target names, as the trainer reads them."""
+    return tuple(parse_lora_targets(spec, family))
 
 
 def resolve_precision(precision: str, budget: Budget | None = None) -> str:
@@ -195,7 +162,7 @@ def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precisi
         micro_bs=micro_bs, seq_len=seq, precision=precision or resolve_precision(cfg.precision), accum=min(accum, 2),
         grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
-        lora_targets=lora_targets(cfg.lora_targets) if cfg.lora else ("qkv", "proj"),
+        lora_targets=lora_targets(cfg.lora_targets if cfg.lora else "qkv,proj", arch.family),
         lora_dropout=cfg.lora_dropout,
     )
 
@@ -227,6 +194,7 @@ class Estimate:
     shard: str = "none"
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    ops: list[str] = field(default_factory=list)  # trace only: the aten ops the real step dispatched
 
     @property
     def overhead_bytes(self) -> int:
@@ -353,10 +321,9 @@ def _fsdp_adjust(est: Estimate, r: Replay) -> None:
 
 def _notes(arch: Arch, s: Setup) -> list[str]:
     notes = [f"every sample is taken to fill all {s.seq_len} positions (packed or the longest batch)"]
-    if arch.family == "llama":
-        notes.append("Llama-style model: planning estimate for a microft-style step (fused qkv and gate/up "
-                     "projections, fused RMSNorm, SDPA with native GQA, RoPE saving nothing large, the fused "
-                     "chunked loss); microft trains GPT-2 only")
+    if arch.sliding_window and s.seq_len > arch.sliding_window:
+        notes.append(f"sliding window {arch.sliding_window} < {s.seq_len} positions: SDPA gets a (T, T) mask per "
+                     f"block; CUDA then runs the memory-efficient kernel (flash takes no mask), sized here as flash")
     if s.optimizer == "adamw-8bit":
         notes.append("adamw-8bit: bitsandbytes state (uint8 moments, fp32 absmax per 256 values)")
     return notes
@@ -364,15 +331,12 @@ def _notes(arch: Arch, s: Setup) -> list[str]:
 
 def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
           max_grad_norm: float | None = 1.0, steps: int = 2) -> Estimate:
-    """The traced peak: microft's real step on fake tensors (GPT-2 only; imports torch)."""
-    if arch.family != "gpt2":
-        raise ConfigError("--trace runs microft's GPT-2; Llama-style configs get the analytical estimate only")
+    """The traced peak: microft's real step on fake tensors (any family; imports torch)."""
     if world > 1 and shard == "fsdp":
         raise ConfigError("--trace does not model FSDP; drop --trace for the analytical estimate")
     from microft.memory.trace import trace_training
 
-    mc = ModelConfig(name=arch.name, vocab_size=arch.vocab_size, n_positions=arch.n_positions, n_embd=arch.n_embd,
-                     n_layer=arch.n_layer, n_head=arch.n_head, dropout=arch.dropout)
+    mc = model_config(arch)
     cfg = RunConfig(precision=setup.precision, optimizer=setup.optimizer, weight_decay=setup.weight_decay,
                     momentum=setup.momentum, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
                     lora=setup.lora, lora_r=setup.lora_r, lora_dropout=setup.lora_dropout,
@@ -388,7 +352,7 @@ def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1
         peak += buckets
     est = Estimate(engine="trace", arch=arch, setup=setup, peak_bytes=peak, peak_phase=t.peak_phase,
                    peak_where=t.peak_where, components=_ordered(comp), step_peaks=t.step_peaks,
-                   budget=budget, world=world, shard=shard, seconds=t.seconds)
+                   budget=budget, world=world, shard=shard, seconds=t.seconds, ops=t.ops)
     est.details = _details(arch, setup, r)
     est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
     est.overhead = runtime_overhead(peak, budget)

@@ -22,10 +22,15 @@ from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
 
 @dataclass(frozen=True)
 class Arch:
-    """A decoder's shape: GPT-2 (microft's model) or Llama-style (GQA, SwiGLU, RMSNorm, RoPE)."""
+    """A decoder's shape and switches, copied from `models.config.ModelConfig` (see `estimate.arch_from_config`).
+
+    `family` is the model_type: "gpt2" (fused c_attn, LayerNorm, learned positions, GELU with the
+    recomputing `_GeluLinear`) or one of llama / mistral / qwen2 / qwen3 (q/k/v_proj, RMSNorm,
+    RoPE, SwiGLU, optional q/k norm, sliding window, biases as configured).
+    """
 
     name: str
-    family: str  # "gpt2" | "llama"
+    family: str  # ModelConfig.model_type
     vocab_size: int
     padded_vocab: int
     n_layer: int
@@ -33,12 +38,26 @@ class Arch:
     n_head: int
     n_kv_head: int
     head_dim: int
-    ffn: int  # MLP hidden width
+    ffn: int  # MLP hidden width (intermediate_size)
     n_positions: int
-    bias: bool = True  # biases on every linear (GPT-2)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    rope: bool = False  # RoPE (else learned positions)
+    mlp: str = "gelu"  # gelu | swiglu
     qkv_bias: bool = True
+    attn_out_bias: bool = True
+    mlp_bias: bool = True
+    qk_norm: bool = False
+    sliding_window: int | None = None
     tied: bool = True  # LM head shares the token embedding
     dropout: float = 0.0
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.family == "gpt2"
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -46,7 +65,7 @@ class Arch:
 
     @property
     def qkv_dim(self) -> int:
-        return self.n_head * self.head_dim + 2 * self.kv_dim
+        return self.q_dim + 2 * self.kv_dim
 
 
 @dataclass(frozen=True)
@@ -64,7 +83,7 @@ class Setup:
     momentum: float = 0.9
     lora: bool = False
     lora_r: int = 8
-    lora_targets: tuple[str, ...] = ("qkv", "proj")
+    lora_targets: tuple[str, ...] = ("qkv", "proj")  # the family's names (models.config.parse_lora_targets)
     lora_dropout: float = 0.0
     steps: int = 2
 
@@ -95,14 +114,16 @@ class Lin:
     B: Par | None = None
 
 
+Norm = tuple[Par, Par | None]  # (weight, bias)
+
+
 @dataclass
 class Blk:
-    ln_1: tuple[Par, Par | None]
-    qkv: Lin
-    proj: Lin
-    ln_2: tuple[Par, Par | None]
-    fc: Lin
-    mproj: Lin
+    ln_1: Norm
+    lin: dict[str, Lin]  # by the family's LoRA target name: qkv, proj, fc, mlp_proj | q_proj ... down_proj
+    ln_2: Norm
+    q_norm: Par | None = None
+    k_norm: Par | None = None
 
 
 @dataclass
@@ -111,13 +132,13 @@ class Model:
     wte: Par
     wpe: Par | None
     blocks: list[Blk]
-    ln_f: tuple[Par, Par | None]
+    ln_f: Norm
     head: Par
     params: list[Par]  # in named_parameters() order
 
 
 def build_model(arch: Arch, s: Setup) -> Model:
-    """Parameters in `named_parameters()` order, trainability as LoRA leaves it."""
+    """Parameters in `named_parameters()` order (models/transformer.py), trainability as LoRA leaves it."""
     es, full = s.pes, not s.lora
     params: list[Par] = []
 
@@ -125,28 +146,44 @@ def build_model(arch: Arch, s: Setup) -> Model:
         params.append(Par(name, shape, es, train))
         return params[-1]
 
-    def lin(prefix: str, site: str, inp: int, out: int, bias: bool) -> Lin:
+    def lin(prefix: str, site: str, inp: int, out: int, bias: bool) -> tuple[str, Lin]:
         lo = Lin(par(f"{prefix}.weight", out, inp), par(f"{prefix}.bias", out) if bias else None, inp, out)
         if s.lora and site in s.lora_targets:
             lo.A = par(f"{prefix}.lora_A.weight", s.lora_r, inp, train=True)
             lo.B = par(f"{prefix}.lora_B.weight", out, s.lora_r, train=True)
-        return lo
+        return site, lo
+
+    def norm(prefix: str, dim: int) -> Norm:
+        return par(f"{prefix}.weight", dim), par(f"{prefix}.bias", dim) if a.norm == "layernorm" else None
 
     a, C = arch, arch.n_embd
-    gpt2 = a.family == "gpt2"
     wte = par("wte.weight", a.padded_vocab, C)
-    wpe = par("wpe.weight", a.n_positions, C) if gpt2 else None
+    wpe = None if a.rope else par("wpe.weight", a.n_positions, C)
     blocks = []
     for i in range(a.n_layer):
         h = f"h.{i}"
-        ln1 = (par(f"{h}.ln_1.weight", C), par(f"{h}.ln_1.bias", C) if gpt2 else None)
-        qkv = lin(f"{h}.attn.c_attn", "qkv", C, a.qkv_dim, a.qkv_bias)
-        proj = lin(f"{h}.attn.c_proj", "proj", a.n_head * a.head_dim, C, a.bias)
-        ln2 = (par(f"{h}.ln_2.weight", C), par(f"{h}.ln_2.bias", C) if gpt2 else None)
-        fc = lin(f"{h}.mlp.c_fc", "fc", C, a.ffn if gpt2 else 2 * a.ffn, a.bias)
-        mproj = lin(f"{h}.mlp.c_proj", "mlp_proj", a.ffn, C, a.bias)
-        blocks.append(Blk(ln1, qkv, proj, ln2, fc, mproj))
-    ln_f = (par("ln_f.weight", C), par("ln_f.bias", C) if gpt2 else None)
+        ln1 = norm(f"{h}.ln_1", C)
+        if a.fused_qkv:
+            lins = [lin(f"{h}.attn.c_attn", "qkv", C, a.qkv_dim, a.qkv_bias),
+                    lin(f"{h}.attn.c_proj", "proj", a.q_dim, C, a.attn_out_bias)]
+        else:
+            lins = [lin(f"{h}.attn.q_proj", "q_proj", C, a.q_dim, a.qkv_bias),
+                    lin(f"{h}.attn.k_proj", "k_proj", C, a.kv_dim, a.qkv_bias),
+                    lin(f"{h}.attn.v_proj", "v_proj", C, a.kv_dim, a.qkv_bias),
+                    lin(f"{h}.attn.o_proj", "o_proj", a.q_dim, C, a.attn_out_bias)]
+        qn = kn = None
+        if a.qk_norm:
+            qn, kn = par(f"{h}.attn.q_norm.weight", a.head_dim), par(f"{h}.attn.k_norm.weight", a.head_dim)
+        ln2 = norm(f"{h}.ln_2", C)
+        if a.mlp == "swiglu":
+            lins += [lin(f"{h}.mlp.gate_proj", "gate_proj", C, a.ffn, a.mlp_bias),
+                     lin(f"{h}.mlp.up_proj", "up_proj", C, a.ffn, a.mlp_bias),
+                     lin(f"{h}.mlp.down_proj", "down_proj", a.ffn, C, a.mlp_bias)]
+        else:
+            lins += [lin(f"{h}.mlp.c_fc", "fc", C, a.ffn, a.mlp_bias),
+                     lin(f"{h}.mlp.c_proj", "mlp_proj", a.ffn, C, a.mlp_bias)]
+        blocks.append(Blk(ln1, dict(lins), ln2, qn, kn))
+    ln_f = norm("ln_f", C)
     head = wte if a.tied else par("lm_head.weight", a.padded_vocab, C)
     return Model(arch, wte, wpe, blocks, ln_f, head, params)
 
@@ -268,19 +305,24 @@ class Replay:
         es = max(x.es, y.es)
         return self.sim.op("add", [x, y], [(x.numel, es, "activations")], bwd=(("p", 0), ("p", 1)))[0]
 
-    def sdpa(self, q: Ten, k: Ten, v: Ten) -> Ten:
-        """CUDA SDPA: flash (bf16/fp16) or memory-efficient (fp32) keep out + fp32 logsumexp."""
+    def sdpa(self, q: Ten, k: Ten, v: Ten, mask: Ten | None = None) -> Ten:
+        """CUDA SDPA: flash (bf16/fp16) or memory-efficient (fp32) keep out + fp32 logsumexp; GQA native
+        (k and v keep their n_kv_head heads); autocast casts fp32 inputs (after a q/k norm) to bf16."""
         a, s, sim = self.a, self.s, self.sim
         B, T, H = s.micro_bs, s.seq_len, a.n_head
         low = s.aes == 2
+        casts = []
+        if sim.cache is not None:
+            casts = [self.cast(t) if t.es != 2 else None for t in (q, k, v)]
+            q, k, v = (c or t for c, t in zip(casts, (q, k, v)))
         t_lse = T if low else -(-T // 32) * 32
         ws = sdpa_workspace(B, H, T, a.head_dim, low)
-        o, lse = sim.op("sdpa", [q, k, v], [(q.numel, s.aes, "activations"), (B * H * t_lse, 4, "activations")],
-                        save_in=((0, (0, 1, 2)), (1, (0, 1, 2)), (2, (0, 1, 2))),
+        o, lse = sim.op("sdpa", [q, k, v, mask], [(q.numel, s.aes, "activations"), (B * H * t_lse, 4, "activations")],
+                        save_in=((0, (0, 1, 2)), (1, (0, 1, 2)), (2, (0, 1, 2)), (3, (0, 1, 2))),
                         save_out=((0, (0, 1, 2)), (1, (0, 1, 2))),
                         bwd=(("g", 0, q.numel, q.es), ("g", 1, k.numel, k.es), ("g", 2, v.numel, v.es),
                              ("s", 0, ws, 1)))
-        sim.drop(lse)
+        sim.drop(lse, *casts)
         return o
 
     def elementwise(self, name: str, x: Ten, save_input: bool = True) -> Ten:
@@ -289,19 +331,29 @@ class Replay:
 
     # --- blocks ---------------------------------------------------------------------------
     def block(self, x: Ten, blk: Blk) -> Ten:
+        """model.Block: attention then MLP, each on a normed input added to the residual stream."""
         a, sim, N = self.a, self.sim, self.N
-        h = self.norm(x, blk.ln_1)
-        qkv = self.linear(h, blk.qkv)
-        qd, kvd = a.n_head * a.head_dim, a.kv_dim
-        q, k, v = sim.views("split", qkv, [N * qd, N * kvd, N * kvd])
-        sim.drop(qkv)
-        if a.family == "llama":  # RoPE: new rotated q and k; nothing large is saved
-            q2 = self.rope(q)
-            k2 = self.rope(k)
+        norm = self.norm if a.norm == "layernorm" else self.rms_norm
+        h = norm(x, blk.ln_1)
+        if a.fused_qkv:
+            qkv = self.linear(h, blk.lin["qkv"])
+            q, k, v = sim.views("split", qkv, [N * a.q_dim, N * a.kv_dim, N * a.kv_dim])
+            sim.drop(qkv)
+        else:
+            q, k, v = (self.linear(h, blk.lin[n]) for n in ("q_proj", "k_proj", "v_proj"))
+        if blk.q_norm is not None:  # per head, before RoPE
+            q2, k2 = self.rms_norm(q, (blk.q_norm, None)), self.rms_norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
-        y = self.sdpa(q, k, v)
-        p = self.linear(y, blk.proj)
+        if a.rope:  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
+            cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in self.tables[:2])
+            q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
+            sim.drop(q, k, cos, sin)
+            q, k = q2, k2
+        mask = self.window_mask()
+        y = self.sdpa(q, k, v, mask)
+        sim.drop(mask)
+        p = self.linear(y, blk.lin["proj" if a.fused_qkv else "o_proj"])
         if a.dropout > 0:
             p2 = self.dropout(p)
             sim.drop(p)
@@ -309,26 +361,25 @@ class Replay:
         sim.drop(q, k, v, y, h)  # the attention's locals
         x1 = self.add(x, p)
         sim.drop(p)
-        h2 = self.norm(x1, blk.ln_2)
-        if a.family == "gpt2" and blk.mproj.A is None:  # model._GeluLinear: gelu(f) is not kept
-            f = self.linear(h2, blk.fc)
-            mo = self.gelu_linear(f, blk.mproj)
+        h2 = norm(x1, blk.ln_2)
+        if a.mlp == "swiglu":  # down_proj(silu(gate_proj(x)) * up_proj(x))
+            gate = self.linear(h2, blk.lin["gate_proj"])
+            sg = self.elementwise("silu", gate)
+            up = self.linear(h2, blk.lin["up_proj"])
+            g = sim.op("mul", [sg, up], [(sg.numel, max(sg.es, up.es), "activations")],
+                       save_in=((0, (1,)), (1, (0,))), bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
+            sim.drop(gate, up, sg)
+            mo = self.linear(g, blk.lin["down_proj"])
+            sim.drop(g)
+        elif blk.lin["mlp_proj"].A is None:  # model._GeluLinear: gelu(f) is not kept
+            f = self.linear(h2, blk.lin["fc"])
+            mo = self.gelu_linear(f, blk.lin["mlp_proj"])
             sim.drop(f)
-            g = None
-        elif a.family == "gpt2":
-            f = self.linear(h2, blk.fc)
+        else:
+            f = self.linear(h2, blk.lin["fc"])
             g = self.elementwise("gelu", f)
             sim.drop(f)
-        else:  # SwiGLU: silu(gate) * up
-            gu = self.linear(h2, blk.fc)
-            gate, up = sim.views("split", gu, [N * a.ffn, N * a.ffn])
-            sim.drop(gu)
-            sg = self.elementwise("silu", gate)
-            g = sim.op("mul", [sg, up], [(sg.numel, sg.es, "activations")], save_in=((0, (1,)), (1, (0,))),
-                       bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
-            sim.drop(gate, up, sg)
-        if g is not None:
-            mo = self.linear(g, blk.mproj)
+            mo = self.linear(g, blk.lin["mlp_proj"])
             sim.drop(g)
         if a.dropout > 0:
             m2 = self.dropout(mo)
@@ -339,12 +390,70 @@ class Replay:
         sim.drop(x1, mo)
         return out
 
-    def rope(self, t: Ten) -> Ten:
-        sim = self.sim
-        tmp = sim.new(t.numel, t.es, "activations", "rope")
-        out = sim.op("rope", [t], [(t.numel, t.es, "activations")], bwd=(("g", 0, t.numel, t.es),))[0]
-        sim.drop(tmp)
+    def rms_norm(self, x: Ten, ln: Norm) -> Ten:
+        """model.RMSNorm, op by op: x.float(), pow, mean, +eps, rsqrt, mul, .to(x.dtype), weight * (.)."""
+        sim, w = self.sim, ln[0]
+        n, dim = x.numel, w.numel
+        rows = n // dim
+        xf = sim.alias(x) if x.es == 4 else sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
+        sq = sim.op("pow", [xf], [(n, 4, "activations")], save_in=((0, (0,)),),
+                    bwd=(("t", "a", n, 4), ("t", "b", n, 4), ("g", 0, n, 4)))[0]  # x^1, 2 x^1, grad * (.)
+        ms = sim.op("mean", [sq], [(rows, 4, "activations")], bwd=(("g", 0, n, 4),))[0]
+        sim.drop(sq)
+        ad = sim.op("add", [ms], [(rows, 4, "activations")], bwd=(("p", 0),))[0]
+        sim.drop(ms)
+        r = sim.op("rsqrt", [ad], [(rows, 4, "activations")], save_out=((0, (0,)),),
+                   bwd=(("t", "a", rows, 4), ("t", "b", rows, 4), ("f", "a"), ("g", 0, rows, 4)))[0]
+        sim.drop(ad)
+        y = sim.op("mul", [xf, r], [(n, 4, "activations")], save_in=((0, (1,)), (1, (0,))),
+                   bwd=(("g", 0, n, 4), ("t", "s", n, 4, 1), ("g", 1, rows, 4), ("f", "s")))[0]
+        sim.drop(xf, r)
+        yl = sim.alias(y) if x.es == 4 else sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
+        sim.drop(y)
+        oes = max(w.es, x.es)  # type promotion: an fp32 gain times bf16 is fp32
+        out = sim.op("mul", [w, yl], [(n, oes, "activations")], save_in=((1, (0,)),),
+                     bwd=(("t", "s", n, oes, 0), ("g", 0, dim, w.es), ("f", "s"), ("g", 1, n, oes)))[0]
+        sim.drop(yl)
         return out
+
+    def rope_tables(self) -> tuple[Ten, Ten]:
+        """models.transformer.rope_cos_sin: positions, inverse frequencies, (T, head_dim) fp32 cos and sin."""
+        sim, T, d = self.sim, self.s.seq_len, self.a.head_dim
+        tmp = [sim.new(T, 4, "activations", "positions"), sim.new(d // 2, 4, "activations", "inv_freq"),
+               sim.new(T * d // 2, 4, "activations", "freqs"), sim.new(T * d, 4, "activations", "emb")]
+        cos, sin = sim.new(T * d, 4, "activations", "cos"), sim.new(T * d, 4, "activations", "sin")
+        sim.drop(*tmp)
+        return cos, sin
+
+    def rope(self, t: Ten, cos: Ten, sin: Ten) -> Ten:
+        """apply_rope: x * cos + cat(-x2, x1) * sin; the muls save the tables."""
+        sim, n, es = self.sim, t.numel, t.es
+        xc = sim.op("mul", [t, cos], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
+        neg = sim.new(n // 2, es, "activations", "neg")
+        rot = sim.op("cat", [t], [(n, es, "activations")], bwd=(("t", "a", n // 2, es), ("g", 0, n, es), ("f", "a")))[0]
+        sim.drop(neg)
+        xs = sim.op("mul", [rot, sin], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
+        sim.drop(rot)
+        out = sim.op("add", [xc, xs], [(n, es, "activations")], bwd=(("p", 0), ("p", 1)))[0]
+        sim.drop(xc, xs)
+        return out
+
+    def window_mask(self) -> Ten | None:
+        """attention_mask: a (T, T) boolean mask, built per layer, when the sequence exceeds the window."""
+        a, sim, T = self.a, self.sim, self.s.seq_len
+        if a.sliding_window is None or T <= a.sliding_window:
+            return None
+        qpos, kpos = sim.new(T, 8, "activations", "arange"), sim.new(T, 8, "activations", "arange")
+        allowed = sim.new(T * T, 1, "activations", "kv <= q")
+        lo = sim.new(T, 8, "activations", "q - window")
+        far = sim.new(T * T, 1, "activations", "kv > q - window")
+        mask = sim.new(T * T, 1, "activations", "mask")
+        sim.drop(qpos, kpos, allowed, lo, far)
+        # SDPA turns the boolean mask into an additive one in q's dtype: where(mask, 0, -inf); it is saved
+        zero, ninf = sim.new(1, 4, "activations", "0"), sim.new(1, 4, "activations", "-inf")
+        add = sim.new(T * T, self.s.aes, "activations", "additive mask")
+        sim.drop(zero, ninf, mask)
+        return add
 
     def forward(self, x_ids: Ten) -> Ten:
         """GPT.hidden: embeddings, blocks (checkpointed every N-th), final norm."""
@@ -367,6 +476,9 @@ class Replay:
             x2 = self.dropout(x)
             sim.drop(x)
             x = x2
+        self.tables = self.rope_tables() if a.rope else (None, None)
+        if s.grad_ckpt and a.rope:
+            self.tables = tuple(sim.alias(t) for t in self.tables) + self.tables
         start = sim.live
         for i, blk in enumerate(m.blocks):
             sim.tag = f"block {i}"
@@ -378,8 +490,8 @@ class Replay:
             x = nxt
         self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
         sim.tag = "loss"
-        h = self.norm(x, m.ln_f)
-        sim.drop(x)
+        h = (self.norm if a.norm == "layernorm" else self.rms_norm)(x, m.ln_f)
+        sim.drop(x, *self.tables[:2])
         return h
 
     # --- the fused chunked cross-entropy (model._FusedCrossEntropy) -------------------------
@@ -498,6 +610,8 @@ class Replay:
             return f"{at}, backward of the loss", "start of backward"
 
         sim.backward(scaled, where=where)
+        if s.grad_ckpt:  # the checkpoints held the RoPE tables for their recomputes
+            sim.drop(*self.tables[2:])
         sim.drop(scaled, loss, x, y)
 
     def _held_grads(self) -> None:
@@ -673,3 +787,45 @@ def sdpa_workspace(B: int, nh: int, T: int, hs: int, low: bool) -> int:
         dq_accum = B * Tr * nh * hsr * 4 if T > (64 if hs > 64 else 128) else 0
         return cuda_bytes(dq_accum) + cuda_bytes(B * nh * Tr * 4)
     return cuda_bytes(B * nh * -(-T // 32) * 32 * 4)
+
+
+# Every aten op microft's real step dispatches (as the fake-tensor trace sees it) -> the Replay
+# method that accounts for its bytes. tests/test_memory_sync.py fails, naming the op, when the
+# model or the step starts dispatching an op that is not listed here: model it, then list it.
+_MODELLED_BY: dict[str, tuple[str, ...]] = {
+    "micro_step": ("aten.zeros.default", "aten.ones_like.default", "aten.div.Tensor", "aten.detach.default",
+                   "prim.device.default", "profiler._record_function_enter_new.default",
+                   "profiler._record_function_exit._RecordFunction", "aten.lift_fresh.default"),
+    "forward": ("aten.embedding.default", "aten.embedding_dense_backward.default", "aten.index_put_.default",
+                "aten.new_zeros.default", "aten.arange.default", "aten.arange.start", "aten.expand.default"),
+    "rope_tables": ("aten.arange.start_step", "aten.div.Scalar", "aten.pow.Scalar",
+                    "aten.where.self", "aten.sub.Tensor", "aten.cat.default", "aten.cos.default", "aten.sin.default",
+                    "aten.bitwise_and.Tensor", "aten.gt.Tensor", "aten.le.Tensor", "aten.mul.Scalar"),
+    "rope": ("aten.neg.default", "aten.slice.Tensor"),
+    "window_mask": ("aten.scalar_tensor.default",),
+    "matmul": ("aten.mm.default", "aten.addmm.default", "aten.t.default", "aten._unsafe_view.default",
+               "aten.view.default", "aten.sum.dim_IntList", "aten._to_copy.default", "aten.clone.default"),
+    "linear": ("aten.mul.Tensor", "aten.add.Tensor"),
+    "gelu_linear": ("aten.gelu.default", "aten.gelu_backward.default"),
+    "elementwise": ("aten.silu.default", "aten.silu_backward.default"),
+    "norm": ("aten.native_layer_norm.default", "aten.native_layer_norm_backward.default"),
+    "rms_norm": ("aten.pow.Tensor_Scalar", "aten.mean.dim", "aten.rsqrt.default"),
+    "dropout": ("aten.native_dropout.default", "aten.native_dropout_backward.default"),
+    "sdpa": ("aten._scaled_dot_product_flash_attention_for_cpu.default",
+             "aten._scaled_dot_product_flash_attention_for_cpu_backward.default", "aten.transpose.int",
+             "aten.split.Tensor", "aten.split_with_sizes.default"),
+    "loss": ("aten.ne.Scalar", "aten.empty.memory_format", "aten.amax.default", "aten.gather.default",
+             "aten.log.default", "aten.squeeze.dim", "aten.sum.default", "aten.full_like.default",
+             "aten.scatter_add_.default", "aten.unsqueeze.default", "aten.mul.out", "aten._softmax.out",
+             "aten.fill_.Tensor", "aten.full.default", "aten.add_.Tensor", "aten.mul_.Tensor"),
+    "clip": ("aten._foreach_norm.Scalar", "aten.stack.default", "aten.linalg_vector_norm.default",
+             "aten.reciprocal.default", "aten.clamp.default", "aten._foreach_mul_.Tensor",  # also rope_tables
+             "aten._amp_foreach_non_finite_check_and_unscale_.default"),
+    "optimizer_step": ("aten._fused_adamw_.default", "aten._foreach_add.List", "aten._foreach_add_.List",
+                       "aten._foreach_add_.Scalar", "aten._foreach_add_.Tensor", "aten._foreach_mul_.List",
+                       "aten._foreach_mul_.Scalar", "aten._foreach_mul_.ScalarList", "aten._foreach_mul.List",
+                       "aten._foreach_sub_.List", "aten._foreach_div_.List", "aten._foreach_div_.ScalarList",
+                       "aten._foreach_lerp_.ScalarList", "aten._foreach_rsqrt_.default",
+                       "aten._foreach_clamp_min_.Scalar", "aten.zeros_like.default", "aten._amp_update_scale_.default"),
+}
+TRACED_OPS: dict[str, str] = {op: method for method, ops in _MODELLED_BY.items() for op in ops}

@@ -78,6 +78,7 @@ class TraceResult:
     emulated: list[str]
     seconds: float
     timeline: list[tuple[str, str, int]] = field(default_factory=list)  # (where, op, live bytes) if asked
+    ops: list[str] = field(default_factory=list)  # the aten ops dispatched, e.g. "aten.mm.default"
 
 
 class LiveBytes(TorchDispatchMode):
@@ -229,6 +230,33 @@ class _TraceScaler(torch.amp.GradScaler):
         return optimizer.step(*args, **kwargs)
 
 
+class _Recomputing:
+    """A checkpoint's recompute context: what it allocates is "recomputed activations". Entered and
+    left by torch.utils.checkpoint itself, so an early-stopped recompute is closed too."""
+
+    def __init__(self, tracker: LiveBytes):
+        self.tracker = tracker
+
+    def __enter__(self):
+        self.tracker.mark(self.tracker.where, None, "recomputed activations")
+
+    def __exit__(self, *exc):
+        self.tracker.mark(self.tracker.where, None, "backward transients")
+        return False
+
+
+def _labelled_checkpoint(tracker: LiveBytes):
+    """models.transformer's `checkpoint`, with the recompute wrapped in `_Recomputing`."""
+    from contextlib import nullcontext
+
+    from torch.utils.checkpoint import checkpoint
+
+    def ckpt(fn, *args, **kw):
+        return checkpoint(fn, *args, context_fn=lambda: (nullcontext(), _Recomputing(tracker)), **kw)
+
+    return ckpt
+
+
 def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) -> list:
     """Forward/backward hooks that tell the tracker where in the step it is."""
     handles = []
@@ -258,22 +286,12 @@ def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) 
             x.register_hook(lambda _g: tracker.mark(f"{state['at']}, backward of the embeddings",
                                                     "end of backward", "backward transients"))
 
-    def recompute_pre(_m, _a):
-        if tracker.label == "backward transients":
-            tracker.mark(tracker.where, None, "recomputed activations")
-
-    def recompute_post(_m, _a, _out):
-        if tracker.label == "recomputed activations":
-            tracker.mark(tracker.where, None, "backward transients")
-
     handles.append(model.register_forward_pre_hook(fwd_pre))
     handles.append(model.ln_f.register_forward_hook(ln_f_post))
     handles.append(model.register_forward_hook(fwd_post))
     handles.append(model.h[0].register_forward_pre_hook(block0_pre))
     for i, block in enumerate(model.h):
         handles.append(block.register_forward_hook(block_post(i)))
-        handles.append(block.ln_1.register_forward_pre_hook(recompute_pre))
-        handles.append(block.mlp.register_forward_hook(recompute_post))
     return handles
 
 
@@ -388,6 +406,9 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     autocast = autocast_context(precision, device)
     step_peaks = []
     tracker.workspaces[sdpa_bwd] = workspace
+    from microft.models import transformer
+
+    plain_checkpoint, transformer.checkpoint = transformer.checkpoint, _labelled_checkpoint(tracker)
     try:
         with fake_mode:
             scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
@@ -416,6 +437,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
                         tracker.relabel(v, "optimizer state")
                     step_peaks.append(tracker.step_peak)
     finally:
+        transformer.checkpoint = plain_checkpoint
         for h in handles:
             h.remove()
     emulated = list(CUDA_EMULATION)
@@ -425,5 +447,5 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     return TraceResult(
         peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, peak_where=tracker.peak_where,
         components=tracker.components_at_peak(), step_peaks=step_peaks, emulated=emulated,
-        seconds=time.perf_counter() - t0, timeline=tracker.timeline,
+        seconds=time.perf_counter() - t0, timeline=tracker.timeline, ops=sorted(str(f) for f in tracker.seen),
     )

@@ -17,38 +17,12 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from microft.errors import CheckpointError, one_line
+from microft.errors import CheckpointError
 from microft.models.config import PRESETS, ModelConfig
 from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
-from microft.models.source import resolve_model_dir
+from microft.models.source import config_of, locate, read_model_config  # noqa: F401  (read_model_config re-exported)
 from microft.models.transformer import Transformer
-from microft.weights import CONFIG, WEIGHTS, atomic_dir, read_json
-
-
-def read_model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a preset name, a microft checkpoint, an HF directory / config.json, or a cached repo id."""
-    spec = str(path)
-    if spec in PRESETS:
-        return ModelConfig.from_preset(spec)
-    return _config_of(*locate(spec))
-
-
-def locate(spec: str) -> tuple[Path, dict[str, Any]]:
-    """(directory, parsed config.json) of a model that is not a preset: a path or a cached hub repo id."""
-    p = resolve_model_dir(spec) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
-    cfg_path = p / CONFIG if p.is_dir() else p
-    if not cfg_path.exists():
-        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
-    return cfg_path.parent, read_json(cfg_path, CONFIG)
-
-
-def _config_of(directory: Path, raw: dict[str, Any]) -> ModelConfig:
-    if raw.get("format") == "microft":
-        try:
-            return ModelConfig(**raw["model"])
-        except Exception as e:
-            raise CheckpointError(f"{directory / CONFIG}: invalid microft config: {one_line(e)}") from None
-    return ModelConfig.from_hf(raw, name=directory.name)
+from microft.weights import CONFIG, WEIGHTS, atomic_dir
 
 
 def meta_model(cfg: ModelConfig) -> Transformer:
@@ -104,7 +78,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: fl
             cfg = cfg.model_copy(update={"dropout": dropout})
         return Transformer(cfg).to(device=device, dtype=dtype)
     d, raw = locate(spec)
-    cfg = _config_of(d, raw)
+    cfg = config_of(d, raw)
     if dropout is not None:
         cfg = cfg.model_copy(update={"dropout": dropout})
     model = meta_model(cfg)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
-from microft.errors import ConfigError
+from microft.errors import CheckpointError, ConfigError, one_line
+from microft.models.config import PRESETS, ModelConfig
+from microft.weights import CONFIG, read_json
 
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -54,3 +57,31 @@ def resolve_model_dir(spec: str, revision: str = "main", cache_dir: str | Path |
         raise ConfigError(f"{spec}: no such directory, and not in the local Hugging Face cache ({where}); "
                           f"run `microft download {spec}`")
     return snap
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a preset name, a microft checkpoint, an HF directory, a bare config.json, or a
+    cached hub repo id. Reads JSON only (no torch): the memory estimator calls it too."""
+    spec = str(path)
+    if spec in PRESETS:
+        return ModelConfig.from_preset(spec)
+    return config_of(*locate(spec))
+
+
+def locate(spec: str) -> tuple[Path, dict[str, Any]]:
+    """(directory, parsed config.json) of a model that is not a preset: a path or a cached hub repo id."""
+    p = resolve_model_dir(spec) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
+    cfg_path = p / CONFIG if p.is_dir() else p
+    if not cfg_path.exists():
+        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
+    return cfg_path.parent, read_json(cfg_path, CONFIG)
+
+
+def config_of(directory: Path, raw: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a parsed config.json describes (microft's own layout or an HF model_type)."""
+    if raw.get("format") == "microft":
+        try:
+            return ModelConfig(**raw["model"])
+        except Exception as e:
+            raise CheckpointError(f"{directory / CONFIG}: invalid microft config: {one_line(e)}") from None
+    return ModelConfig.from_hf(raw, name=directory.name)
