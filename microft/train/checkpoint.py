@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from microft.errors import CheckpointError, ConfigError
+from microft.lora import write_adapter_files
 from microft.models.load import write_model_files
 from microft.quant import read_quant_record, write_quant_record
 from microft.train.distributed import full_model_state, full_optim_state, load_optim_state, load_weights
@@ -86,8 +87,10 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
         return target
     quantized = getattr(model, "quantization", None) is not None
     with atomic_dir(target) as tmp:
-        if quantized:  # QLoRA: the frozen NF4 base is rebuilt from its record, never saved
+        if quantized:  # QLoRA: the frozen NF4 base is rebuilt from its record, never saved; the adapters are all
             write_quant_record(tmp, model, {"step": state.step})
+            if not run.save_extra:
+                write_adapter_files(tmp, model, model.quantization["base_model"])
         else:
             write_model_files(tmp, model, {"step": state.step}, state=weights)
         if run.save_extra:
