@@ -196,7 +196,7 @@ def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precisi
         grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
         lora_targets=lora_targets(cfg.lora_targets) if cfg.lora else ("qkv", "proj"),
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, double_quant=cfg.double_quant,
     )
 
 
@@ -358,7 +358,7 @@ def _notes(arch: Arch, s: Setup) -> list[str]:
                      "projections, fused RMSNorm, SDPA with native GQA, RoPE saving nothing large, the fused "
                      "chunked loss); microft trains GPT-2 only")
     if s.optimizer == "adamw-8bit":
-        notes.append("adamw-8bit: bitsandbytes state (uint8 moments, fp32 absmax per 256 values)")
+        notes.append("adamw-8bit: microft's AdamW8bit (uint8 moments, fp32 absmax per 256 values)")
     return notes
 
 
