@@ -160,3 +160,29 @@ def test_bad_quantize_flags_are_one_line_exit_2(tmp_path, extra, message):
                             "--max-steps", "1", *extra])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_planner_reaches_qlora_for_an_8b_model_on_an_18gb_card():
+    r = runner.invoke(app, ["estimate-mem", "--model", "llama-3.1-8b", "--global-bs", "8", "--gpu-mem", "18GB",
+                            "--seq-len", "1024"])
+    assert r.exit_code == 3, r.output  # 3: the settings as given do not fit (the plan says what does)
+    text = " ".join(r.output.split())
+    assert "+ LoRA r=16: no → + QLoRA (nf4): micro-bs" in text
+    assert "recommended: + QLoRA (nf4)" in text
+    assert "8-bit AdamW + LoRA r=16 - - " in text and "8-bit AdamW + QLoRA (nf4) r=16 8 1 " in text
+
+
+def test_estimate_counts_nf4_weights_as_the_real_model_holds_them():
+    from microft.config import RunConfig
+    from microft.memory.estimate import estimate, load_arch, setup_for
+
+    arch = load_arch("gpt2-tiny")  # (other families' Arch comes from ModelConfig on branch wt-est)
+    cfg = RunConfig(model="gpt2-tiny", lora=True, max_seq_len=64)
+    lora = estimate(arch, setup_for(cfg, arch, 2))
+    q = estimate(arch, setup_for(cfg.model_copy(update={"quantize": "nf4"}), arch, 2))
+    real = load_quantized("gpt2-tiny", "nf4", False, seed=0)
+    saved = sum(4 * m.weight.numel - m.weight.nbytes for m in real.modules() if isinstance(m, NF4Linear))
+    # within 0.5 %: a 1 KiB gap on gpt2-tiny is not yet explained (see the branch report)
+    assert abs((lora.components["weights"] - q.components["weights"]) - saved) <= 0.005 * saved
+    eight = estimate(arch, setup_for(cfg.model_copy(update={"quantize": "nf4", "optimizer": "adamw-8bit"}), arch, 2))
+    assert eight.peak_bytes > 0 and eight.components.get("optimizer state", 0) <= q.components["optimizer state"]
