@@ -100,6 +100,8 @@ class RunConfig(BaseModel):
     lora_alpha: float = 16.0
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_targets: str = "qkv,proj"
+    quantize: Literal["nf4"] | None = None  # QLoRA: frozen block linears in NF4 (microft.quant)
+    double_quant: bool = False
     # scale-out
     devices: int = Field(1, ge=1)
     shard: Literal["none", "ddp", "fsdp"] = "none"
@@ -114,6 +116,13 @@ class RunConfig(BaseModel):
             raise ValueError(f"micro_bs must be positive or 'auto', got {self.micro_bs}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.quantize and not self.lora:
+            raise ValueError(f"--quantize {self.quantize} stores the frozen base in 4 bits: it needs --lora")
+        if self.double_quant and not self.quantize:
+            raise ValueError("--double-quant needs --quantize nf4")
+        if self.quantize and self.precision == "fp16-mixed" and self.device == "cpu":
+            raise ValueError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
+                             "bf16-true or fp32")
         if self.shard == "fsdp" and self.lora:  # checked before torchrun starts any worker
             raise ValueError("--shard fsdp does not support --lora (adapters are small); use --shard ddp")
         if self.shard == "fsdp" and self.precision == "bf16-true":

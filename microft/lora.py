@@ -38,6 +38,7 @@ from microft.models.config import lora_target_table, parse_lora_targets
 from microft.models.hf import hf_name
 from microft.models.precision import autocasting
 from microft.models.transformer import GPT
+from microft.quant import NF4Linear, dequantize_model_
 from microft.weights import atomic_dir, read_json, read_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -59,12 +60,15 @@ def parse_targets(spec: str | list[str], model_type: str = "gpt2") -> list[str]:
 class LoRALinear(nn.Linear):
     """An `nn.Linear` (the base weight and bias, shared, not copied) plus a rank-r update B @ A × alpha / r."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype | None = None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the base's Parameters are reused as they are
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
+        if isinstance(base, NF4Linear):  # QLoRA: the NF4 base computes itself; only its shape/dtype/device are read
+            self.base_layer = base
+        else:
+            self.weight = base.weight
+            self.bias = base.bias
         kw = dict(bias=False, device=base.weight.device, dtype=dtype or base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, r, **kw)  # weight (r, in)
         self.lora_B = nn.Linear(r, base.out_features, **kw)  # weight (out, r)
@@ -76,8 +80,14 @@ class LoRALinear(nn.Linear):
     def r(self) -> int:
         return self.lora_A.out_features
 
+    def __getattr__(self, name: str):
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            return getattr(self._modules["base_layer"], name)
+        return super().__getattr__(name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        base = self._modules.get("base_layer")
+        out = base(x) if base is not None else F.linear(x, self.weight, self.bias)
         a = self.lora_A.weight
         if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
             x = x.to(a.dtype)
@@ -93,9 +103,14 @@ class LoRALinear(nn.Linear):
     def merged(self) -> nn.Linear:
         """Fold B @ A × scale into the weight (in place) and return a plain nn.Linear with the same Parameters."""
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.lora_scale  # (out, in)
-        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         with torch.device("meta"):
             plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        if "base_layer" in self._modules:  # NF4: dequantize (fp32), fold, store in the weight's original dtype
+            w = self.weight
+            plain.weight = nn.Parameter((w.dequantize(torch.float32) + delta).to(w.dtype), requires_grad=False)
+            plain.bias = self.bias
+            return plain
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
         plain.weight, plain.bias = self.weight, self.bias
         return plain
 
@@ -167,12 +182,13 @@ def apply_lora(
 def merge_lora(model: GPT) -> GPT:
     """Fold B @ A × scale into each base weight and remove the adapters; returns `model`.
 
-    The result is a plain model with the normal state dict. Gradients stay disabled on the base
+    NF4 bases are dequantized (adapted or not). The result is a plain model with the normal state dict. Gradients stay disabled on the base
     parameters (as `apply_lora` left them); call `model.requires_grad_(True)` to train it fully.
     """
     for path, lin in lora_modules(model):
         parent_path, _, attr = path.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, lin.merged())
+    dequantize_model_(model)  # QLoRA: linears without adapters become plain too
     return model
 
 

@@ -59,6 +59,8 @@ LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
 LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
 LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
 LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
+Quantize = Annotated[str | None, typer.Option("--quantize", help="nf4: store the frozen block linears in 4 bits (QLoRA; needs --lora).")]
+DoubleQuant = Annotated[bool | None, typer.Option("--double-quant", help="With --quantize nf4: quantize the block scales too (~0.37 bit/weight less).")]
 SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
 
 # every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
@@ -73,12 +75,13 @@ RUN_OPTIONS: dict[str, Any] = {
     "val_data": ValData, "test_frac": TestFrac, "template": Template, "mask_prompt": MaskPrompt,
     "skip_bad": SkipBad, "group_by_length": GroupByLength, "predict": Predict, "lora": Lora, "lora_r": LoraR,
     "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
+    "quantize": Quantize, "double_quant": DoubleQuant,
 }
 PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
             "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
             "log_format", "optimizer", "schedule", "warmup", "min_lr_ratio", "max_grad_norm", "weight_decay",
             "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard")
-LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
 FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "group_by_length",
             "predict", *LORA)
 # only what changes the estimate; a recipe's other values are read and ignored

@@ -327,6 +327,13 @@ class NF4Linear(nn.Module):
         self.weight_absmax2, self.weight_offset = q.absmax2, q.offset
         self.weight_dtype = q.dtype
 
+    def load_full_weight(self, w: torch.Tensor, name: str = "weight") -> None:
+        """Quantize a full-precision (out, in) weight into this layer (on w's device); w can be dropped after."""
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ConfigError(f"{name} has shape {tuple(w.shape)}, NF4Linear expects "
+                              f"{(self.out_features, self.in_features)}")
+        self.set_weight(quantize_nf4(w, self.block, self.double_quant, name))
+
     @property
     def weight(self) -> NF4Weight:
         return NF4Weight(self.weight_nf4, self.weight_absmax, torch.Size((self.out_features, self.in_features)),
@@ -400,3 +407,94 @@ def quantize_model_(model: nn.Module, should_quantize: Callable[[str, nn.Module]
         setattr(model.get_submodule(parent), attr, NF4Linear.from_linear(lin, block, double_quant, name + ".weight"))
         lin.weight = None  # drop our reference now; the old module may still be referenced elsewhere
     return [n for n, _ in chosen]
+
+
+# --- QLoRA: which linears are quantized, the record a checkpoint keeps, undoing it for merge ---
+
+SCHEMES = ("nf4",)
+QUANT_RECORD = "quantization.json"
+
+
+def is_block_linear(name: str, module: nn.Module) -> bool:
+    """The frozen linears QLoRA stores in NF4: every nn.Linear inside a block (`h.N....`).
+
+    Embeddings, norms and the LM head stay in the compute dtype (they are few weights and the head's
+    error would reach every logit).
+    """
+    return name.startswith("h.") and type(module) is nn.Linear
+
+
+def quantize_blocks_(model: nn.Module, block: int = BLOCK, double_quant: bool = False) -> list[str]:
+    """NF4-quantize every block linear of an allocated model in place; ConfigError if it has none."""
+    names = quantize_model_(model, is_block_linear, block, double_quant)
+    if not names:
+        raise ConfigError(f"--quantize nf4: {getattr(getattr(model, 'config', None), 'name', 'the model')} has "
+                          "no block linears to quantize")
+    return names
+
+
+def nf4_meta_blocks_(model: nn.Module, block: int = BLOCK, double_quant: bool = False) -> list[str]:
+    """On a meta-device model, replace every block linear by an empty (meta) NF4Linear; returns their names.
+
+    The loader then reads each full-precision weight and hands it to `NF4Linear.load_full_weight`, so
+    only one full-precision layer exists at a time.
+    """
+    chosen = [(n, m) for n, m in model.named_modules() if is_block_linear(n, m)]
+    if not chosen:
+        raise ConfigError(f"--quantize nf4: {getattr(getattr(model, 'config', None), 'name', 'the model')} has "
+                          "no block linears to quantize")
+    for name, lin in chosen:
+        parent, _, attr = name.rpartition(".")
+        q = NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, block, double_quant, "meta",
+                      lin.weight.dtype)
+        setattr(model.get_submodule(parent), attr, q)
+    return [n for n, _ in chosen]
+
+
+@torch.no_grad()
+def dequantize_model_(model: nn.Module) -> int:
+    """Replace every NF4Linear by an nn.Linear holding its dequantized weight (for merge / export)."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear)]
+    for name, q in found:
+        parent, _, attr = name.rpartition(".")
+        with torch.device("meta"):
+            lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+        lin.weight = nn.Parameter(q.weight.dequantize(), requires_grad=False)
+        lin.bias = q.bias
+        setattr(model.get_submodule(parent) if parent else model, attr, lin)
+    if found and hasattr(model, "quantization"):
+        del model.quantization
+    return len(found)
+
+
+def quant_record(scheme: str, double_quant: bool, base_model: str, block: int = BLOCK) -> dict:
+    """What a QLoRA checkpoint records instead of base weights: how to rebuild the NF4 base."""
+    return {"scheme": scheme, "block": block, "double_quant": double_quant, "base_model": base_model}
+
+
+def write_quant_record(directory, model: nn.Module, extra: dict | None = None) -> None:
+    """A QLoRA checkpoint's `quantization.json`: the scheme, the base to rebuild and the model shape."""
+    import json
+    from pathlib import Path
+
+    rec = {"format": "microft-qlora", **model.quantization, "model": model.config.model_dump(), **(extra or {})}
+    (Path(directory) / QUANT_RECORD).write_text(json.dumps(rec, indent=2))
+
+
+def read_quant_record(directory) -> dict | None:
+    """The parsed `quantization.json` of a QLoRA checkpoint, or None when the directory has none."""
+    import json
+    from pathlib import Path
+
+    from microft.errors import CheckpointError
+
+    p = Path(directory) / QUANT_RECORD
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {p}: {e}") from None
+    if not isinstance(rec, dict) or rec.get("scheme") not in SCHEMES or not rec.get("base_model"):
+        raise CheckpointError(f"{p}: not a quantization record microft understands")
+    return rec

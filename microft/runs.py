@@ -126,7 +126,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 
     demo = cfg.data is None
     seed_init(cfg.seed)
-    model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
+    model = load_base(cfg) if cfg.quantize else load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
     max_len = seq_len_for(cfg, model.config.n_positions)
     demo_sets = None
     if demo:
@@ -197,6 +197,39 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     return summary
 
 
+def load_quantized(spec: str, scheme: str, double_quant: bool, dropout: float | None = None, dtype=None,
+                   seed: int | None = None):
+    """The base `spec` with its block linears in NF4, quantized layer by layer while loading.
+
+    `quantization` on the model is the record a checkpoint keeps instead of base weights; a preset's random
+    init is drawn after seeding with `seed` (so the record rebuilds the same base).
+    """
+    import torch
+
+    from microft.models.load import load_model
+    from microft.quant import nf4_meta_blocks_, quant_record
+
+    if seed is not None:
+        seed_init(seed)
+    model = load_model(spec, dropout=dropout, dtype=dtype or torch.float32,
+                       prepare=lambda m: nf4_meta_blocks_(m, double_quant=double_quant))
+    model.quantization = quant_record(scheme, double_quant, str(spec)) | {"seed": seed}
+    return model
+
+
+def load_base(cfg: RunConfig):
+    """A run's QLoRA base (`--quantize`): refused for fp16-mixed on a CPU; bf16-true loads it in bf16."""
+    import torch
+
+    from microft.train.step import resolve_device
+
+    if cfg.precision == "fp16-mixed" and resolve_device(cfg.device).type == "cpu":
+        raise ConfigError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
+                          "bf16-true or fp32")
+    dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
+    return load_quantized(cfg.model or "gpt2-tiny", cfg.quantize, cfg.double_quant, cfg.dropout, dtype, cfg.seed)
+
+
 def load_any(spec: str, device: str = "cpu"):
     """A model for inference: preset, microft checkpoint, HF directory, or a LoRA adapter directory.
 
@@ -212,6 +245,12 @@ def load_any(spec: str, device: str = "cpu"):
 
     if not is_adapter_dir(spec):
         return load_model(spec, device)
+    from microft.quant import read_quant_record
+
+    rec = read_quant_record(spec)
+    if rec is not None:  # a QLoRA checkpoint: rebuild the NF4 base it records, then add the adapters
+        model = load_quantized(rec["base_model"], rec["scheme"], bool(rec.get("double_quant")), seed=rec.get("seed"))
+        return load_adapter(model, spec).to(device)
     if (Path(spec) / CONFIG).exists():
         base = spec
     else:

@@ -163,7 +163,7 @@ def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precisi
         grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
         lora_targets=lora_targets(cfg.lora_targets if cfg.lora else "qkv,proj", arch.family),
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, double_quant=cfg.double_quant,
     )
 
 
@@ -325,7 +325,7 @@ def _notes(arch: Arch, s: Setup) -> list[str]:
         notes.append(f"sliding window {arch.sliding_window} < {s.seq_len} positions: SDPA gets a (T, T) mask per "
                      f"block; CUDA then runs the memory-efficient kernel (flash takes no mask), sized here as flash")
     if s.optimizer == "adamw-8bit":
-        notes.append("adamw-8bit: bitsandbytes state (uint8 moments, fp32 absmax per 256 values)")
+        notes.append("adamw-8bit: microft's AdamW8bit (uint8 moments, fp32 absmax per 256 values)")
     return notes
 
 

@@ -138,15 +138,16 @@ def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, 
     """For each strategy the largest micro-batch that fits `budget` (runtime overhead included)
     with the accumulation that keeps `global_bs`; then the OOM decision tree, walked exactly:
     your settings (the largest micro-batch that fits) -> + gradient checkpointing -> + 8-bit
-    AdamW -> + mixed precision -> + LoRA r=16 -> + bf16 weights. The first step that fits is
+    AdamW -> + mixed precision -> + LoRA r=16 -> + QLoRA (nf4) -> + bf16 weights. The first step that fits is
     recommended."""
     if global_bs is not None and global_bs % world:
         raise ConfigError(f"--global-bs {global_bs} is not divisible by {world} devices")
     f = _Fitter(arch, budget, global_bs, world, shard, accum)
     mixed = "bf16-mixed" if budget.bf16 else "fp16-mixed"
-    plain = replace(base, grad_ckpt=False, lora=False, precision="fp32",
+    plain = replace(base, grad_ckpt=False, lora=False, precision="fp32", quantize=None, double_quant=False,
                     optimizer="adamw" if base.optimizer == "adamw-8bit" else base.optimizer)
-    lora = replace(base, lora=True, lora_r=LORA_PLAN_RANK, lora_targets=base.lora_targets or ("qkv", "proj"))
+    lora = replace(base, lora=True, lora_r=LORA_PLAN_RANK, lora_targets=base.lora_targets or ("qkv", "proj"),
+                   quantize=None, double_quant=False)
     strategies = [
         ("fp32", plain),
         (mixed, replace(plain, precision=mixed)),
@@ -155,6 +156,8 @@ def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, 
                                                         optimizer="adamw-8bit")),
         (f"{mixed} + grad ckpt + 8-bit AdamW + LoRA r={LORA_PLAN_RANK}",
          replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit")),
+        (f"{mixed} + grad ckpt + 8-bit AdamW + QLoRA (nf4) r={LORA_PLAN_RANK}",
+         replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit", quantize="nf4")),
     ]
     if budget.bf16:  # past mixed precision: bf16 weights (the only way a 7B model trains on 24 GB)
         strategies.append((f"bf16-true + grad ckpt + LoRA r={LORA_PLAN_RANK}",
@@ -173,6 +176,9 @@ def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, 
     if not cur.lora:
         cur = replace(cur, lora=True, lora_r=LORA_PLAN_RANK, lora_targets=base.lora_targets or ("qkv", "proj"))
         steps.append((f"+ LoRA r={LORA_PLAN_RANK}", cur))
+    if not cur.quantize:
+        cur = replace(cur, quantize="nf4")
+        steps.append(("+ QLoRA (nf4)", cur))
     if budget.bf16 and cur.precision != "bf16-true":
         steps.append(("+ bf16 weights (bf16-true)", replace(cur, precision="bf16-true")))
     tree = []

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 from microft.config import ce_chunks
 from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
+from microft.optim8bit import CHUNK as CHUNK_8BIT
+from microft.optim8bit import state_nbytes
+from microft.quant import nf4_nbytes
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class Setup:
     lora_r: int = 8
     lora_targets: tuple[str, ...] = ("qkv", "proj")  # the family's names (models.config.parse_lora_targets)
     lora_dropout: float = 0.0
+    quantize: str | None = None  # "nf4": block linear weights stored as quant.nf4_nbytes, dequantized per op
+    double_quant: bool = False
     steps: int = 2
 
     @property
@@ -112,6 +117,7 @@ class Lin:
     out: int
     A: Par | None = None
     B: Par | None = None
+    nf4: int | None = None  # bytes of the NF4 weight (Setup.quantize), else None
 
 
 Norm = tuple[Par, Par | None]  # (weight, bias)
@@ -148,6 +154,8 @@ def build_model(arch: Arch, s: Setup) -> Model:
 
     def lin(prefix: str, site: str, inp: int, out: int, bias: bool) -> tuple[str, Lin]:
         lo = Lin(par(f"{prefix}.weight", out, inp), par(f"{prefix}.bias", out) if bias else None, inp, out)
+        if s.quantize:  # NF4Linear: codes + block scales instead of the weight (quant.nf4_nbytes)
+            lo.nf4 = nf4_nbytes(out * inp, double_quant=s.double_quant)
         if s.lora and site in s.lora_targets:
             lo.A = par(f"{prefix}.lora_A.weight", s.lora_r, inp, train=True)
             lo.B = par(f"{prefix}.lora_B.weight", out, s.lora_r, train=True)
@@ -205,8 +213,9 @@ class Replay:
         self.linked = arch.tied and self.m.head.train
         sim = self.sim
         sim.mark("setup", "setup")
+        nf4 = {lo.W.name: lo.nf4 for b in self.m.blocks for lo in b.lin.values() if lo.nf4}
         for p in self.m.params:
-            p.st = sim.alloc(p.numel * p.es, "weights", p.name)
+            p.st = sim.alloc(nf4.get(p.name, p.numel * p.es), "weights", p.name)
         if grad_buckets:  # DDP's flat gradient buckets, one copy of every trainable gradient
             for p in self.m.params:
                 if p.train:
@@ -247,8 +256,23 @@ class Replay:
             sim.drop(xc, wc if isinstance(wc, Ten) else None, bc if isinstance(bc, Ten) else None)
         return y
 
+    def nf4_matmul(self, x: Ten, lo: Lin) -> Ten:
+        """quant._NF4LinearFn: the weight dequantized into the compute dtype for this op only (fp32 levels and
+        int32 indices as transients); backward dequantizes it again for grad_input; only x's cast is saved."""
+        sim, aes = self.sim, self.s.aes
+        n, W = x.numel // lo.inp, lo.W
+        xc = self.cast(x) if sim.cache is not None else x
+        sim.transient(W.numel * 4 + W.numel * 2, "NF4 dequantization", "levels, indices")
+        w = sim.new(W.numel, aes, "NF4 dequantization", "dequantized weight")
+        bwd = (("s", 0, W.numel, 6), ("t", "w", W.numel, aes, 0), ("g", 0, n * lo.inp, aes), ("f", "w"))
+        y = sim.op("nf4_linear", [xc], [(n * lo.out, aes, "activations")], save_in=((0, (0,)),), bwd=bwd)[0]
+        sim.drop(w)
+        if sim.cache is not None:
+            sim.drop(xc)
+        return y
+
     def linear(self, x: Ten, lo: Lin) -> Ten:
-        y = self.matmul(x, lo.W, lo.b, lo.out, lo.inp)
+        y = self.nf4_matmul(x, lo) if lo.nf4 else self.matmul(x, lo.W, lo.b, lo.out, lo.inp)
         if lo.A is None:
             return y
         sim, aes, r = self.sim, self.s.aes, self.s.lora_r
@@ -371,7 +395,7 @@ class Replay:
             sim.drop(gate, up, sg)
             mo = self.linear(g, blk.lin["down_proj"])
             sim.drop(g)
-        elif blk.lin["mlp_proj"].A is None:  # model._GeluLinear: gelu(f) is not kept
+        elif blk.lin["mlp_proj"].A is None and not blk.lin["mlp_proj"].nf4:  # model._GeluLinear: gelu(f) not kept
             f = self.linear(h2, blk.lin["fc"])
             mo = self.gelu_linear(f, blk.lin["mlp_proj"])
             sim.drop(f)
@@ -674,18 +698,12 @@ class Replay:
                     sim.unref(t)
             elif opt == "adafactor":
                 self._adafactor(params, state)
-            elif opt == "adamw-8bit":  # bitsandbytes: uint8 moments + fp32 absmax per 256 values
+            elif opt == "adamw-8bit":  # optim8bit.AdamW8bit: uint8 moments + fp32 absmax per 256 (state_nbytes)
                 for p in params:
-                    if p.name in state:
-                        continue
-                    if p.numel < 4096:
-                        state[p.name] = [sim.alloc(p.numel * 4, st_cat, "state1"), sim.alloc(p.numel * 4, st_cat, "state2")]
-                        continue
-                    if not self.qmaps:
-                        self.qmaps = [sim.alloc(256 * 4, st_cat, "qmap") for _ in range(2)]
-                    blocks = -(-p.numel // 256)
-                    state[p.name] = [sim.alloc(p.numel, st_cat, "state1"), sim.alloc(p.numel, st_cat, "state2"),
-                                     sim.alloc(blocks * 4, st_cat, "absmax1"), sim.alloc(blocks * 4, st_cat, "absmax2")]
+                    if p.name not in state:
+                        state[p.name] = [sim.alloc(state_nbytes(p.numel), st_cat, "8-bit moments")]
+                    c = min(p.numel, CHUNK_8BIT)  # m, v, denom in fp32 (+ grad/param copies when not fp32)
+                    sim.transient(c * 4 * (3 + (p.es != 4) * 2), tr, "8-bit update chunk")
             else:
                 raise ValueError(f"unknown optimizer {opt!r}")
         if self.s.precision == "fp16-mixed":

@@ -21,7 +21,7 @@ from microft.errors import CheckpointError
 from microft.models.config import PRESETS, ModelConfig
 from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
 from microft.models.source import config_of, locate, read_model_config  # noqa: F401  (read_model_config re-exported)
-from microft.models.transformer import Transformer
+from microft.models.transformer import Transformer, init_weight_
 from microft.weights import CONFIG, WEIGHTS, atomic_dir
 
 
@@ -41,14 +41,24 @@ def materialize(model: nn.Module, has: Callable[[str], bool], read: Callable[[st
     """Replace every (meta) parameter of `model` by `read(name)`, on `device` in `dtype` (None: the file's).
 
     Vocabulary matrices may have fewer rows than the model's padded ones: the rest are zero.
-    Raises CheckpointError naming the missing tensors or the first mismatched shape.
+    A module with `load_full_weight` (an NF4Linear on meta) takes its `weight` from `read` itself, converting
+    it at once, so only one full-precision layer exists at a time. Raises CheckpointError naming the missing
+    tensors or the first mismatched shape.
     """
     params = list(model.named_parameters())
+    own = [(n, m) for n, m in model.named_modules() if hasattr(m, "load_full_weight")]
+    params += [(f"{n}.weight", None) for n, _ in own]
     missing = [n for n, _ in params if not has(n)]
     if missing:
         raise CheckpointError(f"{source} does not match the model: missing {len(missing)} tensor(s), e.g. "
                               f"{', '.join(missing[:3])}")
+    for name, module in own:
+        t = read(f"{name}.weight")
+        module.load_full_weight(t.to(device=device, dtype=dtype or t.dtype), f"{name}.weight")
+        del t
     for name, p in params:
+        if p is None:
+            continue
         t = read(name)
         rows_ok = name in VOCAB_ROWS and t.dim() == 2 and t.shape[1] == p.shape[1] and t.shape[0] <= p.shape[0]
         if tuple(t.shape) != tuple(p.shape) and not rows_ok:
@@ -65,30 +75,73 @@ def materialize(model: nn.Module, has: Callable[[str], bool], read: Callable[[st
         module._parameters[leaf] = nn.Parameter(new, requires_grad=p.requires_grad)
 
 
+def init_reader(cfg: ModelConfig, model: nn.Module) -> Callable[[str], torch.Tensor]:
+    """`read(name)` for `materialize` that draws a preset's random init, tensor by tensor, in the order and
+    with the rule of `Transformer.reset_parameters` (so the values equal `Transformer(cfg)`'s for a seed)."""
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    shapes |= {f"{n}.weight": (m.out_features, m.in_features) for n, m in model.named_modules()
+               if hasattr(m, "load_full_weight")}
+
+    def read(name: str) -> torch.Tensor:
+        t = torch.empty(shapes[name])
+        init_weight_(name, t, cfg.n_layer)
+        if name in VOCAB_ROWS:
+            t[cfg.vocab_size:].zero_()
+        return t
+
+    return read
+
+
+def _draw_init(model: Transformer, cfg: ModelConfig, device, dtype: torch.dtype | None, source: str) -> None:
+    """A preset's random init drawn tensor by tensor, in `reset_parameters`' order (the same values for a seed)."""
+    names = [n for n, _ in model.named_parameters()]
+    names += [f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "load_full_weight")]
+    order = {n: i for i, n in enumerate(n for n, _ in meta_model(cfg).named_parameters())}
+    read = init_reader(cfg, model)
+    cache: dict[str, torch.Tensor] = {}
+    done: set[str] = set()
+
+    def in_init_order(name: str) -> torch.Tensor:  # draw every tensor up to `name` in reset_parameters' order
+        while name not in cache:
+            nxt = min((n for n in names if n not in cache and n not in done), key=order.__getitem__)
+            cache[nxt] = read(nxt)
+        done.add(name)
+        return cache.pop(name)
+
+    materialize(model, lambda n: True, in_init_order, device, dtype, source)
+
+
 def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: float | None = None,
-               dtype: torch.dtype | None = torch.float32) -> Transformer:
+               dtype: torch.dtype | None = torch.float32,
+               prepare: Callable[[Transformer], Any] | None = None) -> Transformer:
     """Build a model from a preset (random init), a microft checkpoint, or an HF directory.
 
     Checkpoint weights land in `dtype` (None: as stored) on `device`, one tensor at a time.
+    `prepare(meta_model)` may swap modules before any weight is read (quant.nf4_meta_blocks_: the block
+    linears become NF4 and are quantized as they are read; a preset's init is then drawn tensor by tensor).
     """
     spec = str(spec)
-    if spec in PRESETS:
-        cfg = ModelConfig.from_preset(spec)
-        if dropout is not None:
-            cfg = cfg.model_copy(update={"dropout": dropout})
-        return Transformer(cfg).to(device=device, dtype=dtype)
-    d, raw = locate(spec)
-    cfg = config_of(d, raw)
+    d, raw = (None, {}) if spec in PRESETS else locate(spec)
+    cfg = ModelConfig.from_preset(spec) if d is None else config_of(d, raw)
     if dropout is not None:
         cfg = cfg.model_copy(update={"dropout": dropout})
+    if d is None and prepare is None:
+        return Transformer(cfg).to(device=device, dtype=dtype)
     model = meta_model(cfg)
+    if prepare is not None:
+        prepare(model)
+    if d is None:
+        _draw_init(model, cfg, device, dtype, spec)
+        return model
     if raw.get("format") == "microft":
         wpath = d / WEIGHTS
         if not wpath.exists():
             raise CheckpointError(f"weights file missing: {wpath}")
         with TensorFiles(d) as files:
             keys = set(files.keys())
-            unexpected = sorted(keys - set(dict(model.named_parameters())))
+            wanted = set(dict(model.named_parameters()))
+            wanted |= {f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "load_full_weight")}
+            unexpected = sorted(keys - wanted)
             if unexpected:
                 raise CheckpointError(f"{d} does not match the model: unexpected {unexpected[:3]}")
             materialize(model, keys.__contains__, files.get, device, dtype, str(d))

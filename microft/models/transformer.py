@@ -28,6 +28,19 @@ CPU_MATH_ATTN_MAX_LEN = 256
 RESIDUAL_PROJ = ("c_proj.weight", "o_proj.weight", "down_proj.weight")  # scaled init: they add to the stream
 
 
+@torch.no_grad()
+def init_weight_(name: str, p: torch.Tensor, n_layer: int) -> None:
+    """GPT-2's init of one named tensor (what `Transformer.reset_parameters` does to each, in order)."""
+    if name.endswith("bias"):
+        p.zero_()
+    elif p.dim() == 1:  # norm gains
+        p.fill_(1.0)
+    elif name.endswith(RESIDUAL_PROJ):
+        p.normal_(0.0, 0.02 / math.sqrt(2 * n_layer))
+    else:
+        p.normal_(0.0, 0.02)
+
+
 @dataclass
 class KVCache:
     """Preallocated keys and values of the key/value heads for generation; `length` positions are filled."""
@@ -302,14 +315,7 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 × n_layer)."""
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.dim() == 1:  # norm gains
-                p.fill_(1.0)
-            elif name.endswith(RESIDUAL_PROJ):
-                p.normal_(0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
-            else:
-                p.normal_(0.0, 0.02)
+            init_weight_(name, p, self.config.n_layer)
         self.zero_padded_rows()
 
     @torch.no_grad()

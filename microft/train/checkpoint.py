@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from microft.errors import CheckpointError, ConfigError
+from microft.lora import write_adapter_files
 from microft.models.load import write_model_files
+from microft.quant import read_quant_record, write_quant_record
 from microft.train.distributed import full_model_state, full_optim_state, load_optim_state, load_weights
 from microft.weights import WEIGHTS, atomic_dir, read_safetensors
 
@@ -83,8 +85,14 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
     optim_state = full_optim_state(model, run.optimizer, dist) if kind == "step" else None
     if not dist.is_main:
         return target
+    quantized = getattr(model, "quantization", None) is not None
     with atomic_dir(target) as tmp:
-        write_model_files(tmp, model, {"step": state.step}, state=weights)
+        if quantized:  # QLoRA: the frozen NF4 base is rebuilt from its record, never saved; the adapters are all
+            write_quant_record(tmp, model, {"step": state.step})
+            if not run.save_extra:
+                write_adapter_files(tmp, model, model.quantization["base_model"])
+        else:
+            write_model_files(tmp, model, {"step": state.step}, state=weights)
         if run.save_extra:
             run.save_extra(tmp)
         if kind == "step":
@@ -110,7 +118,13 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with another model shape")
     if ts["global_bs"] != plan.global_bs:
         raise CheckpointError(f"cannot resume from {resume_dir}: global batch was {ts['global_bs']}, now {plan.global_bs}")
-    load_weights(model, read_safetensors(resume_dir / WEIGHTS), run.dist, str(resume_dir))
+    if getattr(model, "quantization", None) is None:
+        load_weights(model, read_safetensors(resume_dir / WEIGHTS), run.dist, str(resume_dir))
+    else:
+        rec = read_quant_record(resume_dir) or {}
+        if any(rec.get(k) != v for k, v in model.quantization.items()):
+            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained on another quantized base "
+                                  f"({ {k: rec.get(k) for k in model.quantization} })")
     if ts.get("adapter") is not None:
         model.load_state_dict(ts["adapter"], strict=False)
     load_optim_state(model, run.optimizer, ts["optimizer"], run.dist)

@@ -141,14 +141,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
         if not hasattr(torch.optim, "Adafactor"):
             raise ConfigError("--optimizer adafactor needs torch >= 2.5")
         return torch.optim.Adafactor(groups, lr=cfg.lr, foreach=True)
-    if cfg.optimizer == "adamw-8bit":
-        if device.type != "cuda":
-            raise ConfigError("--optimizer adamw-8bit needs a CUDA GPU (bitsandbytes); use adamw or adafactor here")
-        try:
-            import bitsandbytes as bnb  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError("--optimizer adamw-8bit needs bitsandbytes: pip install 'microft[cuda]'") from None
-        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if cfg.optimizer == "adamw-8bit":  # microft's own blockwise 8-bit moments: same bits on every device
+        from microft.optim8bit import AdamW8bit
+
+        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")
 
 
