@@ -80,7 +80,7 @@ def qwen_run(qwen_cache, tmp_path_factory):
     try:
         res = runner.invoke(app, ["finetune", "--model", "tiny/qwen3", "--data", str(data), "--out", str(root / "out"),
                                   "--lora", "--lora-r", "4", "--lora-targets", "all", "--micro-bs", "2", "--accum", "2",
-                                  "--max-steps", "4", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2",
+                                  "--max-steps", "4", "--eval-every", "4", "--save-every", "2", "--lr", "1e-2",
                                   "--device", "cpu", "--precision", "fp32", "--log-format", "plain",
                                   "--max-seq-len", "96", "--val-frac", "0.2"])
     finally:
@@ -223,15 +223,16 @@ def test_llama_splits_of_the_global_batch_give_the_same_weights(llama, tmp_path)
 
 
 def test_llama_resume_after_sigint_is_bit_exact(llama, tmp_path):
-    run_finetune(llama_cfg(llama, tmp_path / "ref", 2, 2, max_steps=6, save_every=3), lambda e: None)
-    cfg = llama_cfg(llama, tmp_path / "cut", 2, 2, max_steps=6, save_every=3)
+    run_finetune(llama_cfg(llama, tmp_path / "ref", 2, 2, save_every=2), lambda e: None)
+    cfg = llama_cfg(llama, tmp_path / "cut", 2, 2, save_every=2)
 
-    def interrupt_at_3(e):
-        if e["kind"] == "step" and e["step"] == 3:
+    def interrupt_at_2(e):
+        if e["kind"] == "step" and e["step"] == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(Interrupted):
-        run_finetune(cfg, interrupt_at_3)
+        run_finetune(cfg, interrupt_at_2)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-0000002"]
     run_finetune(cfg.model_copy(update={"resume": "auto"}), lambda e: None)
     ref = read_safetensors(tmp_path / "ref" / "final" / "model.safetensors")
     got = read_safetensors(tmp_path / "cut" / "final" / "model.safetensors")
@@ -267,3 +268,22 @@ def test_a_tokenizer_bigger_than_the_model_is_refused(llama, tmp_path):
     small = read_model_config(model).model_copy(update={"vocab_size": 100})
     with pytest.raises(ConfigError, match="do not belong together"):
         tokenizer_for(str(model), small)
+
+
+@pytest.mark.parametrize("recipe", ["qwen3-0.6b-lora.toml", "llama-3.2-1b-lora.toml"])
+def test_the_recipes_estimate_mem_lines_say_what_estimate_mem_says(recipe):
+    import shlex
+
+    path = Path(__file__).parent.parent / "recipes" / recipe
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("#   microft estimate-mem")]
+    assert len(lines) == 2
+    for line in lines:
+        cmd, claim = line.removeprefix("#   microft ").split("#", 1)
+        args = shlex.split(cmd.replace("recipes/", f"{path.parent}/"))
+        res = runner.invoke(app, [*args, "--json"])
+        assert res.exit_code == 0, res.output  # 0: fits the budget
+        est = json.loads(res.output)
+        assert est["fits"] is True and "fits" in claim
+        peak = claim.split("peak ")[1].split(" GiB")[0] if "peak " in claim else None
+        if peak:
+            assert f"{est['peak_bytes'] / 2**30:.2f}" == peak
