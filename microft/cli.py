@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="microft",
-    help="Fine-tune GPT-2-class models on the memory you have: exact gradient accumulation, mixed precision, "
+    help="Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have: exact gradient accumulation, mixed precision, "
     "gradient checkpointing, LoRA, and a memory planner.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,7 +34,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Fine-tune GPT-2-class models on the memory you have."""
+    """Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have."""
 
 
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and batch plan, then exit.")]
@@ -159,7 +159,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option("--model", help="microft checkpoint, HF GPT-2 directory, LoRA adapter directory, or preset.")],
+    model: Annotated[str, typer.Option("--model", help="HF model directory, cached hub repo id, microft checkpoint, LoRA adapter directory, or GPT-2 preset.")],
     prompt: Annotated[str | None, typer.Option("--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,
     prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 100,
@@ -167,14 +167,17 @@ def generate(
     top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
     seed: Seed = None,
-    template: Annotated[str | None, typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, file).")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as a user turn in the model's chat template.")] = False,
+    template: Annotated[str | None, typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, chat, a template or .jinja file).")] = None,
     device: Device = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
 ) -> None:
-    """Generate text from a checkpoint, streaming tokens as they are produced (KV cache)."""
+    """Generate text from a model, streaming it through the model's tokenizer (KV cache; stops at any EOS id)."""
     with user_errors():
         from microft.errors import ConfigError
 
+        if chat and template:
+            raise ConfigError("give --chat or --template, not both (--chat is --template chat)")
         if prompt_file is not None:
             try:
                 text = prompt_file.read_text(encoding="utf-8")
@@ -188,19 +191,23 @@ def generate(
             text = prompt
         from microft.generate import generate as gen_tokens
         from microft.generate import stream_text
-        from microft.runs import load_any
-        from microft.tokenizer import encode
+        from microft.runs import load_any, tokenizer_for
         from microft.train.step import resolve_device
 
-        tmpl = None
-        if template:
-            from microft.templates import load_template
-
-            tmpl = load_template(template)
-            text = tmpl.render_prompt(text.strip())
         net = load_any(model, str(resolve_device(device or "auto")))
-        pieces = stream_text(gen_tokens(net, encode(text), max_new_tokens, temperature=temperature, top_k=top_k,
-                                        top_p=top_p, seed=seed))
+        tok = tokenizer_for(model, net.config)
+        tmpl = None
+        if chat or template:
+            from microft.chat import resolve_template
+            from microft.instruct import encode_prompt
+
+            tmpl = resolve_template("chat" if chat else template, tok)
+            text = tmpl.render_prompt(text.strip())
+            ids = encode_prompt(tmpl, tok, text)
+        else:
+            ids = tok.prefix + tok.encode(text)
+        pieces = stream_text(gen_tokens(net, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, seed=seed, stop_ids=tok.eos_ids), tok)
         if json_out:
             import json
 
@@ -217,10 +224,10 @@ def generate(
 def export(
     model: Annotated[str, typer.Option("--model", help="microft checkpoint (or LoRA run directory) to export.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write.")],
-    format: Annotated[str, typer.Option("--format", help="hf: a transformers GPT2LMHeadModel directory.")] = "hf",
+    format: Annotated[str, typer.Option("--format", help="hf: a transformers directory (GPT2/Llama/Qwen2/Qwen3/MistralForCausalLM).")] = "hf",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
 ) -> None:
-    """Export weights for other tools (LoRA adapters are merged first)."""
+    """Export weights and tokenizer files for other tools (LoRA adapters are merged first)."""
     with user_errors():
         from microft.errors import ConfigError
 
@@ -228,13 +235,14 @@ def export(
             raise ConfigError(f"unknown export format {format!r}; supported: hf")
         from microft.lora import lora_modules, merge_lora
         from microft.models.hf import export_hf
-        from microft.runs import load_any
+        from microft.runs import copy_tokenizer_files, load_any
 
         net = load_any(model)
         if lora_modules(net):
             merge_lora(net)
         path = export_hf(net, out, overwrite=force)
-        print(f"exported {model} -> {path} (transformers GPT2LMHeadModel)")
+        copy_tokenizer_files(model, path)
+        print(f"exported {model} -> {path} (transformers, model_type {net.config.model_type})")
 
 
 @app.command()
@@ -244,12 +252,12 @@ def merge(
     base: Annotated[str | None, typer.Option("--base", help="Base model, when the adapter doesn't name it.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
 ) -> None:
-    """Fold LoRA adapters into the base weights and save a plain microft checkpoint."""
+    """Fold LoRA adapters into the base weights and save a plain microft checkpoint (with the tokenizer files)."""
     with user_errors():
         from microft.errors import ConfigError
         from microft.lora import is_adapter_dir, load_adapter, merge_lora
         from microft.models.load import load_model, save_model
-        from microft.runs import load_any
+        from microft.runs import copy_tokenizer_files, load_any
 
         if not is_adapter_dir(model):
             raise ConfigError(f"{model} holds no adapter_config.json: nothing to merge")
@@ -258,6 +266,8 @@ def merge(
         net = load_adapter(load_model(base), model) if base else load_any(model)
         merge_lora(net)
         save_model(out, net)
+        if not copy_tokenizer_files(model, out) and base:
+            copy_tokenizer_files(base, out)
         print(f"merged {model} -> {out}")
 
 

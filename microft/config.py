@@ -88,7 +88,7 @@ class RunConfig(BaseModel):
     log_format: LogFormat = "auto"
     log_every: int = Field(1, ge=1)
     # fine-tuning
-    template: str = "alpaca"
+    template: str = "auto"  # the model's chat template when it has one, else alpaca
     mask_prompt: bool = True
     test_frac: float = Field(0.0, ge=0.0, lt=1.0)
     skip_bad: bool = False

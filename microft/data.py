@@ -64,12 +64,13 @@ class TokenBlocks(Sequence):
         return {"input_ids": chunk[:-1], "labels": chunk[1:], "weight": 1.0}
 
 
-def pack_documents(docs: list[str], encode: Callable[[str], list[int]], block_size: int) -> TokenBlocks:
-    """Tokenise documents, join them with <|endoftext|>, and cut the stream into blocks."""
+def pack_documents(docs: list[str], encode: Callable[[str], list[int]], block_size: int,
+                   eos_id: int = EOT_TOKEN) -> TokenBlocks:
+    """Tokenise documents, end each with `eos_id` (GPT-2's <|endoftext|>), and cut the stream into blocks."""
     ids: list[int] = []
     for doc in docs:
         ids.extend(encode(doc))
-        ids.append(EOT_TOKEN)
+        ids.append(eos_id)
     if len(ids) < block_size + 1:
         raise DataError(f"corpus has {len(ids)} tokens, fewer than one block of {block_size + 1}; "
                         f"use a smaller --max-seq-len or more text")

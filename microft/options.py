@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, …, gpt2-tiny, gpt2-mini), HF GPT-2 directory, or microft checkpoint.")]
+Model = Annotated[str | None, typer.Option("--model", help="HF model directory (GPT-2, Llama, Qwen2/3, Mistral), hub repo id in the local HF cache (Qwen/Qwen3-0.6B), microft checkpoint, or preset (gpt2-tiny, gpt2, …).")]
 Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory.")]
 Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
 MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto'.")]
@@ -49,7 +49,7 @@ Devices = Annotated[int | None, typer.Option("--devices", help="Processes to lau
 Shard = Annotated[str | None, typer.Option("--shard", help="none | ddp | fsdp (with --devices > 1).")]
 ValData = Annotated[str | None, typer.Option("--val-data", help="Validation data (else a seeded split of --data).")]
 TestFrac = Annotated[float | None, typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
-Template = Annotated[str | None, typer.Option("--template", help="alpaca | chatml | plain | a template file (TOML/JSON).")]
+Template = Annotated[str | None, typer.Option("--template", help="auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | plain | a template file (TOML/JSON) | a .jinja chat template.")]
 MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
 SkipBad = Annotated[bool | None, typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
 GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]

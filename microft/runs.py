@@ -6,6 +6,7 @@ The CLI calls these; tests call them too, with `list.append` as the event sink.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from microft.config import BatchPlan, RunConfig, resolve_batch_plan
@@ -74,6 +75,77 @@ def seed_init(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# what a saved model directory carries beside its weights so `generate` and transformers find the tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def model_dir(spec: str | None) -> Path | None:
+    """The directory a --model spec names (a hub repo id: its cached snapshot); None for a preset."""
+    from microft.models.config import PRESETS
+    from microft.models.source import resolve_model_dir
+
+    if spec is None or spec in PRESETS:
+        return None
+    p = resolve_model_dir(spec) or Path(spec).expanduser()
+    if p.is_dir():
+        return p
+    return p.parent if p.exists() else None
+
+
+def tokenizer_dir(spec: str | None) -> Path | None:
+    """Where the tokenizer of `spec` lives: its own directory, or for an adapter directory without
+    tokenizer files, its base model's (`base_model_name_or_path`)."""
+    d = model_dir(spec)
+    if d is None or any((d / f).is_file() for f in TOKENIZER_FILES[:2] + ("tokenizer.model",)):
+        return d
+    from microft.lora import is_adapter_dir, read_adapter_config
+    from microft.weights import CONFIG
+
+    if is_adapter_dir(d) and not (d / CONFIG).exists():
+        base = read_adapter_config(d).get("base_model_name_or_path")
+        return tokenizer_dir(base) if base else d
+    return d
+
+
+def tokenizer_for(spec: str | None, model_cfg: Any):
+    """The model's tokenizer: GPT-2's for a GPT-2 preset, else the tokenizer files of the model's directory.
+
+    A randomly initialised preset of another family has no tokenizer of its own: refused, as is a
+    tokenizer with more ids than the model has embeddings.
+    """
+    from microft.tokenizer import gpt2_tokenizer, load_tokenizer
+
+    d = tokenizer_dir(spec)
+    family = model_cfg.model_type
+    if d is None:
+        if family != "gpt2":
+            raise ConfigError(f"{spec} is a randomly initialised {family} preset without a tokenizer; point --model "
+                              "at a model directory (or a cached hub repo id) that has tokenizer.json")
+        return gpt2_tokenizer()
+    tok = load_tokenizer(d)
+    if tok is gpt2_tokenizer() and family != "gpt2":  # a microft checkpoint dir without tokenizer files
+        raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model for this {family} model; copy the base "
+                          "model's tokenizer files into it")
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"{d}: the tokenizer has {tok.vocab_size} ids but the model only {model_cfg.vocab_size} "
+                          "embeddings; they do not belong together")
+    return tok
+
+
+def copy_tokenizer_files(spec: str | None, directory: str | Path) -> list[str]:
+    """Copy the tokenizer files of `spec`'s model directory into `directory`; returns the names copied."""
+    import shutil
+
+    src = tokenizer_dir(spec)
+    copied = []
+    for name in TOKENIZER_FILES if src is not None else ():
+        if (src / name).is_file() and not (Path(directory) / name).exists():
+            shutil.copyfile(src / name, Path(directory) / name)
+            copied.append(name)
+    return copied
+
+
 def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
     if cfg.max_seq_len is None:
         return n_positions
@@ -86,67 +158,80 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     """Language-model training on raw text packed into blocks."""
     from microft.data import Subset, pack_documents, read_text_corpus, split_indices
     from microft.models.load import load_model
-    from microft.tokenizer import encode
     from microft.train.distributed import distributed, main_only
     from microft.train.loop import train
 
     seed_init(cfg.seed)  # the same init on every rank
     model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
+    tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
+    if tok.eos_id is None:
+        raise ConfigError(f"{tok.name}: the tokenizer has no EOS token to separate documents with")
     block = seq_len_for(cfg, model.config.n_positions)
-    blocks = pack_documents(read_text_corpus(cfg.data), encode, block)
+    blocks = pack_documents(read_text_corpus(cfg.data), lambda doc: tok.prefix + tok.encode(doc), block,
+                            eos_id=tok.eos_id)
     train_idx, val_idx = split_indices(len(blocks), cfg.val_frac, cfg.seed)
     with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
         plan = batch_plan(cfg, dist.world_size, model.config, on_event)
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
-                     main_only(on_event, dist), dist=dist, memory=memory_hooks(cfg, model.config))
+                     main_only(on_event, dist), dist=dist, memory=memory_hooks(cfg, model.config),
+                     save_extra=lambda d: copy_tokenizer_files(cfg.model, d))
 
 
-def _respond(model, template, prompt: str, max_new_tokens: int) -> str:
-    from microft.generate import generate_text
+def _respond(model, template, tok, prompt: str, max_new_tokens: int) -> str:
+    from microft.generate import generate, stream_text
+    from microft.instruct import encode_prompt
 
-    return template.clean(generate_text(model, prompt, max_new_tokens, temperature=0.0))
+    ids = generate(model, encode_prompt(template, tok, prompt), max_new_tokens, temperature=0.0, stop_ids=tok.eos_ids)
+    return template.clean("".join(stream_text(ids, tok)))
 
 
-def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64) -> list[str]:
-    """Greedy responses for each sample's prompt (what --predict and the demo score use)."""
+def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64, tok=None) -> list[str]:
+    """Greedy responses for each sample's prompt (what --predict and the demo score use), encoded as
+    training encoded them and stopped at any of the tokenizer's EOS ids (`tok` None: GPT-2's)."""
     import torch
 
+    from microft.tokenizer import gpt2_tokenizer
+
+    tok = tok or gpt2_tokenizer()
     model.eval()
     with torch.inference_mode():
-        return [_respond(model, template, s["prompt"], max_new_tokens) for s in samples]
+        return [_respond(model, template, tok, s["prompt"], max_new_tokens) for s in samples]
 
 
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
     from microft.instruct import load_instruct_data, write_predictions
     from microft.models.load import load_model
-    from microft.tokenizer import encode
     from microft.train.loop import train
     from microft.train.step import resolve_device
 
     demo = cfg.data is None
     seed_init(cfg.seed)
     model = load_base(cfg) if cfg.quantize else load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
+    tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     max_len = seq_len_for(cfg, model.config.n_positions)
     demo_sets = None
     if demo:
         from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
 
         demo_sets = (demo_records(DEMO_TRAIN_SIZE, cfg.seed), demo_heldout(DEMO_HELDOUT_SIZE, cfg.seed))
-    data = load_instruct_data(cfg, max_len, encode, demo_sets)
+    data = load_instruct_data(cfg, max_len, tok, demo_sets)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
     st = data.stats["train"]
     stats_line = (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples; "
                   f"{st.n_truncated} truncated, {st.n_dropped} dropped (response cut away), "
                   f"{data.n_skipped} bad records skipped")
-    save_extra = None
     if cfg.lora:
-        from microft.lora import apply_lora, write_adapter_files
+        from microft.lora import apply_lora
 
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
-        def save_extra(d):  # adapters beside the (unchanged) base weights
+    def save_extra(d):  # the tokenizer files, and adapters beside the (unchanged) base weights
+        copy_tokenizer_files(cfg.model, d)
+        if cfg.lora:
+            from microft.lora import write_adapter_files
+
             write_adapter_files(d, model, cfg.model or "gpt2-tiny")
 
     from microft.train.distributed import distributed, main_only
@@ -159,7 +244,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         emit = main_only(on_event, dist)
 
         def on_eval(m, step: int) -> list[Event]:
-            outs = respond_all(m, data.template, sample_prompts, 32)
+            outs = respond_all(m, data.template, sample_prompts, 32, tok)
             m.train()
             return [{"kind": "sample", "step": step, "prompt": s["prompt"][-60:], "output": o}
                     for s, o in zip(sample_prompts, outs, strict=True)]
@@ -168,7 +253,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             from microft.demo import exact_match
 
             model.to(device)
-            preds = respond_all(model, data.template, data.eval_samples, 32)
+            preds = respond_all(model, data.template, data.eval_samples, 32, tok)
             acc = exact_match(preds, [s["response"] for s in data.eval_samples])
             emit({"kind": "note", "text": f"demo held-out exact match {tag}: {100 * acc:.1f}% "
                                           f"({len(data.eval_samples)} items)"})
@@ -188,7 +273,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             summary["demo_accuracy_before"] = acc_before
             summary["demo_accuracy_after"] = accuracy("after training")
         if cfg.predict and data.eval_samples and talk:
-            preds = respond_all(model, data.template, data.eval_samples, 128)
+            preds = respond_all(model, data.template, data.eval_samples, 128, tok)
             path = f"{cfg.out}/predictions.jsonl"
             write_predictions(path, [{"prompt": s["prompt"], "reference": s["response"], "prediction": p}
                                      for s, p in zip(data.eval_samples, preds, strict=True)])

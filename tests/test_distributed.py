@@ -30,6 +30,8 @@ from microft.weights import read_safetensors
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 SHAPE = ModelConfig(name="dist-tiny", n_layer=2, n_head=2, n_embd=16, n_positions=32)
+# a Llama block (RMSNorm, RoPE, GQA, SwiGLU) for FSDP2's per-block wrap, with a tokenizer of its own
+LLAMA = ModelConfig.from_preset("llama-tiny").model_copy(update={"vocab_size": 640, "n_positions": 32})
 STEPS = 6
 
 
@@ -40,6 +42,10 @@ def make_inputs(root: Path) -> None:
     (root / "corpus.txt").write_text(" ".join(rng.choice(words) for _ in range(1500)))
     torch.manual_seed(0)
     save_model(root / "init", GPT(SHAPE))
+    from tests.tokdirs import write_llama_dir
+
+    save_model(root / "llama", GPT(LLAMA))
+    write_llama_dir(root / "llama")
 
 
 def flags(root: Path, out: str, micro_bs: int, accum: int) -> dict:
@@ -50,7 +56,7 @@ def flags(root: Path, out: str, micro_bs: int, accum: int) -> dict:
 
 def run_config(root: Path, out: str, micro_bs: int, accum: int, **kw) -> RunConfig:
     """What `microft pretrain` with these flags resolves to (it never groups by length)."""
-    return RunConfig(**flags(root, out, micro_bs, accum), group_by_length=False, **kw)
+    return RunConfig(**{**flags(root, out, micro_bs, accum), **kw}, group_by_length=False)
 
 
 def cli_args(f: dict) -> list[str]:
@@ -89,6 +95,7 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # as each rank runs; 2 threads on a busy 2-core box are 3x slower
     try:
         run_pretrain(run_config(root, "single", 2, 4), lambda e: None)
+        run_pretrain(run_config(root, "single-llama", 2, 4, model=str(root / "llama")), lambda e: None)
     finally:
         torch.set_num_threads(threads)
 
@@ -140,6 +147,11 @@ def test_fsdp2_on_cpu_resumes_exactly_and_its_checkpoint_loads_on_one_process(ru
     for i, s in b["state"].items():
         for name, t in s.items():
             assert torch.allclose(a["state"][i][name], t, atol=1e-5, rtol=0), (i, name)
+
+
+def test_fsdp2_wraps_llama_blocks_and_matches_one_process(runs):
+    assert_same_weights(weights(runs / "fsdp-llama"), weights(runs / "single-llama"))
+    assert (runs / "fsdp-llama" / "final" / "tokenizer.json").is_file()
 
 
 def test_one_process_helpers_are_no_ops():
@@ -195,4 +207,5 @@ if __name__ == "__main__":
     _interrupted_then_resumed(root, "ddp-resumed")
     _interrupted_then_resumed(root, "fsdp", shard="fsdp")
     _fsdp_logits(root)
+    run_pretrain(run_config(root, "fsdp-llama", 2, 2, shard="fsdp", model=str(root / "llama")), lambda e: None)
     torch.distributed.destroy_process_group()
