@@ -67,11 +67,15 @@ def place_model(model: torch.nn.Module, precision: str, device: torch.device) ->
 
 
 def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, denom: float,
-               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum."""
+               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum.
+
+    `position_ids` marks packed rows (--packing); plain batches leave it out of the call.
+    """
+    packed = {} if position_ids is None else {"position_ids": position_ids}
     with autocast():
-        loss_sum = runner(x, y, w, target_pos=target_pos)
+        loss_sum = runner(x, y, w, target_pos=target_pos, **packed)
     scaler.scale(loss_sum / max(denom, 1e-12)).backward()
     return loss_sum.detach()
 
