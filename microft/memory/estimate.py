@@ -144,10 +144,20 @@ def parse_budget(spec: str) -> Budget:
 
 
 def _local_budget() -> Budget:
+    """This machine's GPU: Apple silicon's share of unified memory (asked first: no CUDA call on a
+    Mac), else the CUDA device's total memory."""
     import torch
 
+    from microft.train.step import mps_available, mps_supports_bf16
+
+    if mps_available():
+        from microft.perf import mps_memory_budget
+
+        n, how = mps_memory_budget()
+        return Budget(n, f"Apple GPU ({how}, {n / GiB:.1f} GiB)", mps_supports_bf16())
     if not torch.cuda.is_available():
-        raise ConfigError("--gpu-mem auto needs a CUDA GPU; give a size (18GiB) or a device name (rtx3090)")
+        raise ConfigError("--gpu-mem auto needs a CUDA GPU or Apple silicon; give a size (18GiB) or a device "
+                          "name (rtx3090)")
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return Budget(props.total_memory, props.name, props.major >= 8, props.major >= 9)
 
