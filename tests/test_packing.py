@@ -122,3 +122,20 @@ def test_packed_resume_after_sigint_matches_an_uninterrupted_run(tmp_path):
     assert [e["loss"] for e in events if e["kind"] == "step"] == ref_loss[3:]
     for k, v in flat_params(ref_model).items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_the_estimator_counts_the_packed_attention_mask():
+    from dataclasses import replace
+
+    from microft.config import RunConfig
+    from microft.memory.estimate import estimate, load_arch, setup_for
+
+    arch = load_arch("gpt2-tiny")
+    deltas = {}
+    for T in (128, 256):
+        base = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=T), arch, 4)
+        assert not base.packing and setup_for(RunConfig(max_seq_len=T, packing=True), arch, 4).packing
+        deltas[T] = estimate(arch, replace(base, packing=True)).peak_bytes - estimate(arch, base).peak_bytes
+        # the boolean mask, plus the additive bf16 bias CUDA's SDPA keeps for each layer's backward
+        assert deltas[T] >= 4 * T * T * (1 + 2 * arch.n_layer)
+    assert 3.5 < deltas[256] / deltas[128] < 4.5  # quadratic in the row length

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from microft.config import PRESETS, ModelConfig, RunConfig, ce_chunks, parse_lora_targets
-from microft.models.source import resolve_model_dir
 from microft.errors import ConfigError
 from microft.memory.replay import Arch, Replay, Setup
 from microft.memory.sim import OverLimit
+from microft.models.source import resolve_model_dir
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
@@ -206,7 +206,7 @@ def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precisi
         grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
         lora_targets=lora_targets(cfg.lora_targets) if cfg.lora else ("qkv", "proj"),
-        lora_dropout=cfg.lora_dropout,
+        lora_dropout=cfg.lora_dropout, packing=cfg.packing,
     )
 
 

@@ -67,6 +67,7 @@ class Setup:
     lora_targets: tuple[str, ...] = ("qkv", "proj")
     lora_dropout: float = 0.0
     steps: int = 2
+    packing: bool = False  # packed rows: position ids and a block-diagonal (B, 1, T, T) attention mask
 
     @property
     def mixed(self) -> bool:
@@ -162,6 +163,7 @@ class Replay:
         self.opt_state: dict[str, list[St]] = {}
         self.qmaps: list[St] = []
         self.scaler: list[St] = []
+        self.packed: Ten | None = None  # the micro-step's boolean attention mask (--packing)
         self.step_peaks: list[int] = []
         self.block_bytes = 0
         # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward
@@ -272,14 +274,19 @@ class Replay:
         """CUDA SDPA: flash (bf16/fp16) or memory-efficient (fp32) keep out + fp32 logsumexp."""
         a, s, sim = self.a, self.s, self.sim
         B, T, H = s.micro_bs, s.seq_len, a.n_head
-        low = s.aes == 2
+        low = s.aes == 2 and self.packed is None  # a mask rules out flash: the memory-efficient kernel runs
         t_lse = T if low else -(-T // 32) * 32
         ws = sdpa_workspace(B, H, T, a.head_dim, low)
-        o, lse = sim.op("sdpa", [q, k, v], [(q.numel, s.aes, "activations"), (B * H * t_lse, 4, "activations")],
-                        save_in=((0, (0, 1, 2)), (1, (0, 1, 2)), (2, (0, 1, 2))),
-                        save_out=((0, (0, 1, 2)), (1, (0, 1, 2))),
+        ins, save_in = [q, k, v], ((0, (0, 1, 2)), (1, (0, 1, 2)), (2, (0, 1, 2)))
+        if self.packed is not None:  # SDPA turns the boolean mask into an additive bias of q's dtype, kept for backward
+            bias = sim.new(B * T * T, s.aes, "activations", "attention mask bias")
+            ins, save_in = [q, k, v, bias], (*save_in, (3, (0, 1, 2)))
+        o, lse = sim.op("sdpa", ins, [(q.numel, s.aes, "activations"), (B * H * t_lse, 4, "activations")],
+                        save_in=save_in, save_out=((0, (0, 1, 2)), (1, (0, 1, 2))),
                         bwd=(("g", 0, q.numel, q.es), ("g", 1, k.numel, k.es), ("g", 2, v.numel, v.es),
                              ("s", 0, ws, 1)))
+        if self.packed is not None:
+            sim.drop(bias)
         sim.drop(lse)
         return o
 
@@ -468,6 +475,9 @@ class Replay:
         sim.mark(f"{at}, batch", "forward")
         x = sim.new(self.N, 8, "batch", "x")
         y = sim.new(self.N, 8, "batch", "y")
+        packed = (sim.new(self.N, 8, "batch", "position ids"),
+                  sim.new(s.micro_bs * s.seq_len**2, 1, "batch", "packed attention mask")) if s.packing else ()
+        self.packed = packed[1] if packed else None
         sim.mark(f"{at}, forward", "forward")
         sim.cache = {} if s.mixed else None
         h = self.forward(x)
@@ -498,7 +508,8 @@ class Replay:
             return f"{at}, backward of the loss", "start of backward"
 
         sim.backward(scaled, where=where)
-        sim.drop(scaled, loss, x, y)
+        sim.drop(scaled, loss, x, y, *packed)
+        self.packed = None
 
     def _held_grads(self) -> None:
         for p in self.trainable():

@@ -28,8 +28,17 @@ from typing import Any
 import torch
 
 from microft.config import BatchPlan, RunConfig
-from microft.data import (Batch, StepFeed, collate, collate_packed, epoch_batches, micro_batches, packed_micro_batches,
-                          sample_length, target_weight)
+from microft.data import (
+    Batch,
+    StepFeed,
+    collate,
+    collate_packed,
+    epoch_batches,
+    micro_batches,
+    packed_micro_batches,
+    sample_length,
+    target_weight,
+)
 from microft.errors import ConfigError, Interrupted, TrainingError
 from microft.models.transformer import GPT, set_grad_checkpointing
 from microft.perf import device_peak_flops, flops_per_token, memory_stats
