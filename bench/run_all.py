@@ -25,10 +25,12 @@ def main() -> None:
     t0 = time.perf_counter()
     if a.only in (None, "speed"):
         nums = speed.main(["--rounds", "1", "--no-write"] if a.quick else [])
+        lean, ck = nums["memory_ratio_bf16_true"], nums["memory_ratio_bf16_true_ckpt"]
         print(f"[run_all] speed: microft {nums['speedup']:.2f}× transformers' tokens/s "
-              f"({nums['cpu_speedup']:.2f}× on CPU time), MFU {100 * nums['mfu']:.0f} %, "
-              f"peak memory {nums['memory_ratio']:.2f}× (bf16-true {nums['memory_ratio_bf16_true']:.2f}×, "
-              f"+ grad ckpt {nums['memory_ratio_bf16_true_ckpt']:.2f}×)", file=sys.stderr)
+              f"({nums['cpu_speedup']:.2f}× on CPU time), MFU {100 * nums['mfu']:.0f} % of the "
+              f"{nums['peak_dtype']} probe {nums['peak_flops'] / 1e9:.0f} GFLOP/s, "
+              f"peak memory {nums['memory_ratio']:.2f}×"
+              + (f" (bf16-true {lean:.2f}×, + grad ckpt {ck:.2f}×)" if lean is not None else ""), file=sys.stderr)
     if a.only in (None, "matrix"):
         trainer_matrix.main(["--no-write"] if a.quick else [])
     print(f"[run_all] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 
 import torch
@@ -43,6 +44,37 @@ def shape_args(a, device: str, seq: int, micro_bs: int, warmup: int, steps: int)
 
 
 GLIBC_KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}  # = keep_freed_memory()
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MICROFT_CPU_BF16")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 is a fair candidate here: on CPU only with AVX-512 BF16 / AMX kernels (else it is emulated)."""
+    if device != "cpu":
+        return True
+    from microft.train.step import cpu_supports_bf16
+
+    return cpu_supports_bf16()
+
+
+def cpu_description() -> str:
+    """The CPU's model, its SIMD flags that matter for training, torch's kernel level and any emulation set."""
+    from microft.perf import cpu_model
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    have = ", ".join(f for f in CPU_FLAGS if f in flags) or "unknown"
+    env = ", ".join(f"{k}={os.environ[k]}" for k in EMULATION_ENV if k in os.environ)
+    return (f"CPU {cpu_model()}; flags: {have}; torch kernels: {torch.backends.cpu.get_cpu_capability()}; "
+            f"native bf16: {'yes' if native_bf16('cpu') else 'no (bf16 is emulated, so not a candidate)'}"
+            + (f"; emulating a smaller CPU with {env}" if env else ""))
 
 
 def configs(a, device: str, first_round: bool) -> dict[str, list[str]]:
@@ -50,20 +82,25 @@ def configs(a, device: str, first_round: bool) -> dict[str, list[str]]:
 
     transformers fp32 only decides transformers' faster precision, so it runs in the first round only;
     the op breakdown (one extra profiled step) is taken in the first round too.
+    Where bf16 is emulated (a CPU without AVX-512 BF16/AMX) bf16 is no candidate: transformers runs
+    fp32 only (every round), and the bf16-true memory runs are left out (emulated bf16 is not a setting
+    anyone would train with).
     """
     profile = ["--breakdown"] if first_round else []
-    runs = {
-        "transformers bf16": ["--impl", "hf", "--precision", "bf16-mixed", *profile],
-        "microft auto": ["--impl", "microft", "--precision", "auto", *profile],
-        "microft bf16-true": ["--impl", "microft", "--precision", "bf16-true"],
-        "microft bf16-true, grad ckpt": ["--impl", "microft", "--precision", "bf16-true", "--grad-ckpt"],
-    }
-    if first_round:
-        runs["transformers fp32"] = ["--impl", "hf", "--precision", "fp32"]
+    bf16 = native_bf16(device)
+    runs = {"microft auto": ["--impl", "microft", "--precision", "auto", *profile]}
+    if bf16:
+        runs = {"transformers bf16": ["--impl", "hf", "--precision", "bf16-mixed", *profile], **runs,
+                "microft bf16-true": ["--impl", "microft", "--precision", "bf16-true"],
+                "microft bf16-true, grad ckpt": ["--impl", "microft", "--precision", "bf16-true", "--grad-ckpt"]}
+    if first_round or not bf16:
+        runs["transformers fp32"] = ["--impl", "hf", "--precision", "fp32", *([] if bf16 else profile)]
+    hf_prec = "bf16-mixed" if bf16 else "fp32"
     if a.hf_default_adamw:
-        runs["transformers bf16, default AdamW"] = ["--impl", "hf", "--precision", "bf16-mixed", "--hf-optim", "default"]
+        runs[f"transformers {hf_prec[:4]}, default AdamW"] = ["--impl", "hf", "--precision", hf_prec, "--hf-optim",
+                                                             "default"]
     if a.hf_malloc and device == "cpu":
-        runs["transformers bf16, glibc as microft"] = ["--impl", "hf", "--precision", "bf16-mixed"]
+        runs[f"transformers {hf_prec[:4]}, glibc as microft"] = ["--impl", "hf", "--precision", hf_prec]
     if a.compile:
         runs["microft auto --compile"] = ["--impl", "microft", "--precision", "auto", "--compile"]
     return runs
@@ -165,7 +202,8 @@ def verdicts(runs: dict[str, dict], fpt: float, peak: float, best_hf: str,
         f"{ok(speedup >= TARGET_SPEEDUP)}."
         + (f" On CPU time per step, which other jobs on the machine disturb less: {cpu_speedup:.2f}×."
            if cpu_speedup and mf["device"] == "cpu" else ""),
-        f"- MFU: microft {100 * mfu:.0f} % of the measured bf16 matmul peak; target ≥ {100 * mfu_target:.0f} %: "
+        f"- MFU: microft {100 * mfu:.0f} % of the measured {peak_dtype(mf['precision'])} matmul peak, "
+        f"{peak / 1e9:.0f} GFLOP/s (the probe it divides by); target ≥ {100 * mfu_target:.0f} %: "
         f"{ok(mfu >= mfu_target)}.",
         f"- peak memory: microft auto {mem:.2f}× transformers' at the same precision ({hf_same['precision']}); "
         f"target ≤ {TARGET_MEMORY}×: {ok(mem <= TARGET_MEMORY)}."
@@ -185,20 +223,27 @@ def verdicts(runs: dict[str, dict], fpt: float, peak: float, best_hf: str,
                               "memory_ratio_bf16_true": lean_mem, "memory_ratio_bf16_true_ckpt": ck_mem}
 
 
+def peak_dtype(precision: str) -> str:
+    return "bfloat16" if precision.startswith("bf16") else "float32"
+
+
 def cpu_section(a, started: str, command: str) -> tuple[str, dict]:
     load_before = load_average()
-    peak = peak_flops("cpu", "bfloat16")
+    from microft.train.step import resolve_precision
+
+    dtype = peak_dtype(resolve_precision("auto", torch.device("cpu")))  # the MFU of microft auto divides by this
+    peak = peak_flops("cpu", dtype)
     runs = measure(a, "cpu", a.seq, a.micro_bs, a.warmup, a.steps)
-    peak = max(peak, peak_flops("cpu", "bfloat16"))
+    peak = max(peak, peak_flops("cpu", dtype))
     fpt = model_flops_per_token(a.model, a.seq)
     hf = stock_transformers(runs)
     best_hf = max(hf, key=lambda k: hf[k]["tokens_per_sec"])
     summary, nums = verdicts(runs, fpt, peak, best_hf)
     mf = runs["microft auto"]
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
-    text = f"""Command: {command} ({started}). {machine("cpu")}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}.
+    text = f"""Command: {command} ({started}). {machine("cpu")}. {cpu_description()}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}.
 
-Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same random tokens for every run; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved (transformers fp32, which only decides transformers' faster precision, in the first round only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its own high-water mark (Python and torch included). One step = forward, backward, grad-norm clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, `perf.flops_per_token`) ÷ the measured bf16 matmul peak, {peak / 1e9:.0f} GFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_peak_flops`, before and after the runs). "CPU s / step" is the process's CPU time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU time grows too, as waiting threads spin).
+Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same random tokens for every run; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved (transformers fp32, which only decides transformers' faster precision, in the first round only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its own high-water mark (Python and torch included). One step = forward, backward, grad-norm clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, `perf.flops_per_token`) ÷ the measured {dtype} matmul peak, {peak / 1e9:.0f} GFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_peak_flops`, before and after the runs). "CPU s / step" is the process's CPU time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU time grows too, as waiting threads spin).
 
 {result_table(runs, fpt, peak, best_hf, "cpu")}
 
@@ -211,7 +256,7 @@ Where the time goes (op self time in one extra step under `torch.profiler`, afte
 - transformers: `GPT2LMHeadModel` (SDPA attention, tied LM head, its built-in loss with `labels=input_ids`) and `torch.optim.AdamW(fused=True)`, which is also what transformers' `Trainer` uses by default with torch ≥ 2.8. torch's plain `AdamW()` default on CPU is the per-parameter for-loop, several times slower; `--hf-default-adamw` adds that run.
 - microft: `GPT` with the vocabulary padded to a multiple of 64, the chunked fused cross-entropy (no full-batch fp32 logits; softmax in place; the tied head hands its gradient to the embedding, so no vocabulary-sized gradient is zero-filled or summed out of place), causal attention as plain bf16 ops up to 256 positions on CPU (0.4-0.7× the time of SDPA's flash kernel there), the trainer's own `micro_step` / `clip_gradients` / `optimizer_step` with fused AdamW, and `trainer.keep_freed_memory()` as `train()` does on CPU. "microft bf16-true" runs the same step on bf16 weights with `optim.MasterAdamW` (fused AdamW on fp32 working copies of the exact master weights, 2^20 at a time). The first 2 steps fault in the optimizer state and the allocator's heap, so they are warm-up.
 - `trainer.keep_freed_memory()` is a glibc allocator setting (`mallopt`: no per-allocation mmap, no trimming) that spares every step the kernel's page faults for its large temporaries; any PyTorch program could set it, so the run "transformers bf16, glibc as microft" gives transformers the same setting (through `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_`) as a control; it is not a candidate for transformers' fastest configuration."""
-    return text, {"runs": runs, "peak_flops": peak, **nums}
+    return text, {"runs": runs, "peak_flops": peak, "peak_dtype": dtype, **nums}
 
 
 def gpu_section(a) -> str:

@@ -93,6 +93,7 @@ class RunConfig(BaseModel):
     test_frac: float = Field(0.0, ge=0.0, lt=1.0)
     skip_bad: bool = False
     group_by_length: bool = True
+    packing: bool = False  # whole samples packed into rows of max_seq_len; attention stays within each
     predict: bool = False
     samples_per_eval: int = Field(3, ge=0)  # generated samples shown at each evaluation
     lora: bool = False

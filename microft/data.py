@@ -127,6 +127,49 @@ def micro_batches(step_indices: list[int], lengths: list[int], micro_bs: int) ->
     return [order[s : s + micro_bs] for s in range(0, len(order), micro_bs)]
 
 
+def pack_rows(indices: list[int], lengths: list[int], max_len: int) -> list[list[int]]:
+    """Whole samples packed into rows of at most `max_len` tokens (first-fit decreasing).
+
+    Deterministic in the indices and lengths only; rows come longest first, and within a row
+    the samples keep the order they were placed in.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > max_len:
+            raise DataError(f"sample {i} has {n} tokens, more than the packed row length {max_len}")
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(max_len - n)
+    order = sorted(range(len(rows)), key=lambda r: (free[r], r))
+    return [rows[r] for r in order]
+
+
+def packed_micro_batches(step_indices: list[int], lengths: list[int], micro_bs: int, max_len: int,
+                         world_size: int = 1) -> list[list[list[int]]]:
+    """One step's samples as packed micro-batches: lists of `micro_bs` rows, each row a list of samples.
+
+    The step's samples are first dealt to ranks (longest first, round robin, the split
+    `micro_batches` makes), then each rank's share is packed into rows, so every rank has at
+    least one micro-batch, and the rows never depend on the micro-batch size: 8 rows x 1 and
+    2 rows x 4 see the same rows. Rank r's micro-batches are `result[r::world_size]`, so the
+    list interleaves ranks (empty micro-batches fill in where one rank has fewer).
+    """
+    order = sorted(step_indices, key=lambda i: (-lengths[i], i))
+    per_rank = []
+    for r in range(world_size):
+        rows = pack_rows(order[r::world_size], lengths, max_len)
+        per_rank.append([rows[s : s + micro_bs] for s in range(0, len(rows), micro_bs)])
+    n = max(len(m) for m in per_rank)
+    return [per_rank[r][k] if k < len(per_rank[r]) else [] for k in range(n) for r in range(world_size)]
+
+
 class Batch(NamedTuple):
     """A collated micro-batch. `target_pos` lists the flat positions that are targets when they
     are sparse (prompt-masked data), so the loss head runs on those rows only."""
@@ -135,6 +178,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor
     weights: torch.Tensor | None
     target_pos: torch.Tensor | None
+    position_ids: torch.Tensor | None = None  # packed rows only: positions restart at each sample
 
     def to(self, device: torch.device) -> Batch:
         return Batch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
@@ -199,6 +243,31 @@ def collate(samples: list[Sample], pad_id: int = 0, sparse_below: float = 0.9) -
     valid = (y != IGNORE_INDEX).view(-1)
     pos = valid.nonzero().squeeze(1) if valid.sum() < sparse_below * valid.numel() else None
     return Batch(x, y, w, pos)
+
+
+def collate_packed(rows: list[list[Sample]], pad_id: int = 0, sparse_below: float = 0.9) -> Batch:
+    """Collate packed rows (each a list of whole samples) into one micro-batch, right-padded.
+
+    `position_ids` restart at 0 for each sample (and for the padding, a sample of its own
+    that is never a target), which is also what confines attention to each sample.
+    """
+    flat = []
+    for row in rows:
+        ids = [t for s in row for t in torch.as_tensor(s["input_ids"]).tolist()]
+        labels = [t for s in row for t in torch.as_tensor(s["labels"]).tolist()]
+        pos = [p for s in row for p in range(sample_length(s))]
+        weights = [float(s.get("weight", 1.0)) for s in row for _ in range(sample_length(s))]
+        flat.append({"input_ids": ids, "labels": labels, "pos": pos, "w": weights})
+    T = max(len(r["input_ids"]) for r in flat)
+    b = collate([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in flat], pad_id, sparse_below)
+    p = torch.zeros((len(flat), T), dtype=torch.long)
+    weighted = any(w != 1.0 for r in flat for w in r["w"])
+    w = torch.ones((len(flat), T), dtype=torch.float32) if weighted else None
+    for i, r in enumerate(flat):
+        p[i, : len(r["pos"])] = torch.tensor(r["pos"], dtype=torch.long)
+        if w is not None:
+            w[i, : len(r["w"])] = torch.tensor(r["w"])
+    return Batch(b.input_ids, b.labels, w, b.target_pos, p)
 
 
 def target_weight(samples: list[Sample]) -> float:

@@ -53,6 +53,7 @@ Template = Annotated[str | None, typer.Option("--template", help="auto (the mode
 MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
 SkipBad = Annotated[bool | None, typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
 GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
+Packing = Annotated[bool | None, typer.Option("--packing/--no-packing", help="Pack whole samples into rows of --max-seq-len (no padding; attention stays within each sample).")]
 Predict = Annotated[bool | None, typer.Option("--predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
 Lora = Annotated[bool | None, typer.Option("--lora", help="Train LoRA adapters; the base stays frozen.")]
 LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
@@ -73,7 +74,7 @@ RUN_OPTIONS: dict[str, Any] = {
     "weight_decay": WeightDecay, "device": Device, "val_frac": ValFrac, "patience": Patience, "keep_last": KeepLast,
     "compile": Compile, "tf32": TF32, "dropout": Dropout, "devices": Devices, "shard": Shard,
     "val_data": ValData, "test_frac": TestFrac, "template": Template, "mask_prompt": MaskPrompt,
-    "skip_bad": SkipBad, "group_by_length": GroupByLength, "predict": Predict, "lora": Lora, "lora_r": LoraR,
+    "skip_bad": SkipBad, "group_by_length": GroupByLength, "packing": Packing, "predict": Predict, "lora": Lora, "lora_r": LoraR,
     "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
     "quantize": Quantize, "double_quant": DoubleQuant,
 }
@@ -83,11 +84,11 @@ PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps
             "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard")
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
 FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "group_by_length",
-            "predict", *LORA)
+            "packing", "predict", *LORA)
 # only what changes the estimate; a recipe's other values are read and ignored
 ESTIMATE = ("model", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
             "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "dropout", *LORA, "devices", "shard",
-            "compile")
+            "compile", "packing")
 
 
 def run_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -33,6 +34,8 @@ PROBE_SHAPES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
 def _probe_key(device_type: str, dtype_name: str) -> str:
     if device_type == "cuda":
         where = torch.cuda.get_device_name()
+    elif device_type == "mps":
+        where = f"mps|{cpu_model()}"
     else:
         where = f"{cpu_model()}|{torch.get_num_threads()} threads"
     return f"{where}|torch {torch.__version__}|{dtype_name}"
@@ -42,7 +45,7 @@ def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float
     """FLOP/s of back-to-back n×n matmuls over about `seconds`, after a warm-up of the same length."""
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_type, lambda: None)
     best = 0.0
     for _ in range(2):  # the first pass warms caches, threads and clocks
         iters, t0 = 0, time.perf_counter()
@@ -141,10 +144,35 @@ def peak_rss_bytes() -> int:
 
 
 def memory_stats(device: torch.device) -> dict[str, int]:
-    """Peak memory so far: CUDA allocated/reserved, or the process RSS on CPU."""
+    """Peak memory so far: CUDA allocated/reserved, MPS now (torch.mps keeps no peak), or the process RSS on CPU."""
     if device.type == "cuda":
         return {
             "cuda_max_allocated": torch.cuda.max_memory_allocated(device),
             "cuda_max_reserved": torch.cuda.max_memory_reserved(device),
         }
+    if device.type == "mps":
+        return {
+            "mps_allocated": torch.mps.current_allocated_memory(),  # tensors
+            "mps_driver_allocated": torch.mps.driver_allocated_memory(),  # Metal's total for this process
+            "peak_rss": peak_rss_bytes(),
+        }
     return {"peak_rss": peak_rss_bytes()}
+
+
+# macOS lets a process wire about this share of unified memory for the GPU when torch cannot
+# report Metal's recommendedMaxWorkingSetSize (older torch): about 2/3 up to 36 GiB of RAM, 3/4 above
+MPS_WIRED_SHARE = ((36 * 2**30, 2 / 3), (None, 3 / 4))
+
+
+def mps_memory_budget() -> tuple[int, str]:
+    """(bytes, how they were found) the GPU of an Apple-silicon Mac may use: Metal's recommended
+    working set (torch.mps.recommended_max_memory), else the documented share of total RAM."""
+    rec = getattr(torch.mps, "recommended_max_memory", None)
+    if rec is not None:
+        with contextlib.suppress(Exception):
+            n = int(rec())
+            if n > 0:
+                return n, "Metal's recommended working set"
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    share = next(f for limit, f in MPS_WIRED_SHARE if limit is None or total <= limit)
+    return int(total * share), f"{share:.0%} of {total / 2**30:.0f} GiB unified memory"

@@ -37,6 +37,11 @@ def memory_budget(cfg: RunConfig) -> tuple[int, str]:
     from microft.train.step import resolve_device
 
     device = resolve_device(cfg.device)
+    if device.type == "mps":
+        from microft.perf import mps_memory_budget
+
+        n, how = mps_memory_budget()
+        return n, f"the Apple GPU's share of unified memory ({how}, {n / 2**30:.1f} GiB)"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return props.total_memory, f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"

@@ -111,10 +111,20 @@ def parse_budget(spec: str) -> Budget:
 
 
 def _local_budget() -> Budget:
+    """This machine's GPU: Apple silicon's share of unified memory (asked first: no CUDA call on a
+    Mac), else the CUDA device's total memory."""
     import torch
 
+    from microft.train.step import mps_available, mps_supports_bf16
+
+    if mps_available():
+        from microft.perf import mps_memory_budget
+
+        n, how = mps_memory_budget()
+        return Budget(n, f"Apple GPU ({how}, {n / GiB:.1f} GiB)", mps_supports_bf16())
     if not torch.cuda.is_available():
-        raise ConfigError("--gpu-mem auto needs a CUDA GPU; give a size (18GiB) or a device name (rtx3090)")
+        raise ConfigError("--gpu-mem auto needs a CUDA GPU or Apple silicon; give a size (18GiB) or a device "
+                          "name (rtx3090)")
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return Budget(props.total_memory, props.name, props.major >= 8, props.major >= 9)
 
@@ -163,7 +173,7 @@ def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precisi
         grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
         lora_targets=lora_targets(cfg.lora_targets if cfg.lora else "qkv,proj", arch.family),
-        lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, double_quant=cfg.double_quant,
+        lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, double_quant=cfg.double_quant, packing=cfg.packing,
     )
 
 

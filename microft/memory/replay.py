@@ -91,6 +91,7 @@ class Setup:
     quantize: str | None = None  # "nf4": block linear weights stored as quant.nf4_nbytes, dequantized per op
     double_quant: bool = False
     steps: int = 2
+    packing: bool = False  # packed rows: position ids and a block-diagonal (B, 1, T, T) attention mask
 
     @property
     def mixed(self) -> bool:
@@ -207,6 +208,7 @@ class Replay:
         self.opt_state: dict[str, list[St]] = {}
         self.qmaps: list[St] = []
         self.scaler: list[St] = []
+        self.packed: Ten | None = None  # the micro-step's boolean attention mask (--packing)
         self.step_peaks: list[int] = []
         self.block_bytes = 0
         # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward
@@ -334,19 +336,23 @@ class Replay:
         (k and v keep their n_kv_head heads); autocast casts fp32 inputs (after a q/k norm) to bf16."""
         a, s, sim = self.a, self.s, self.sim
         B, T, H = s.micro_bs, s.seq_len, a.n_head
-        low = s.aes == 2
+        low = s.aes == 2 and self.packed is None  # a packed mask rules out flash: the memory-efficient kernel runs
         casts = []
         if sim.cache is not None:
             casts = [self.cast(t) if t.es != 2 else None for t in (q, k, v)]
             q, k, v = (c or t for c, t in zip(casts, (q, k, v)))
         t_lse = T if low else -(-T // 32) * 32
         ws = sdpa_workspace(B, H, T, a.head_dim, low)
-        o, lse = sim.op("sdpa", [q, k, v, mask], [(q.numel, s.aes, "activations"), (B * H * t_lse, 4, "activations")],
+        bias = None
+        if self.packed is not None:  # SDPA turns the (B, 1, T, T) boolean mask into an additive bias, kept for backward
+            bias = sim.new(B * T * T, s.aes, "activations", "attention mask bias")
+        o, lse = sim.op("sdpa", [q, k, v, bias or mask],
+                        [(q.numel, s.aes, "activations"), (B * H * t_lse, 4, "activations")],
                         save_in=((0, (0, 1, 2)), (1, (0, 1, 2)), (2, (0, 1, 2)), (3, (0, 1, 2))),
                         save_out=((0, (0, 1, 2)), (1, (0, 1, 2))),
                         bwd=(("g", 0, q.numel, q.es), ("g", 1, k.numel, k.es), ("g", 2, v.numel, v.es),
                              ("s", 0, ws, 1)))
-        sim.drop(lse, *casts)
+        sim.drop(lse, bias, *casts)
         return o
 
     def elementwise(self, name: str, x: Ten, save_input: bool = True) -> Ten:
@@ -604,6 +610,9 @@ class Replay:
         sim.mark(f"{at}, batch", "forward")
         x = sim.new(self.N, 8, "batch", "x")
         y = sim.new(self.N, 8, "batch", "y")
+        packed = (sim.new(self.N, 8, "batch", "position ids"),
+                  sim.new(s.micro_bs * s.seq_len**2, 1, "batch", "packed attention mask")) if s.packing else ()
+        self.packed = packed[1] if packed else None
         sim.mark(f"{at}, forward", "forward")
         sim.cache = {} if s.mixed else None
         h = self.forward(x)
@@ -636,7 +645,8 @@ class Replay:
         sim.backward(scaled, where=where)
         if s.grad_ckpt:  # the checkpoints held the RoPE tables for their recomputes
             sim.drop(*self.tables[2:])
-        sim.drop(scaled, loss, x, y)
+        sim.drop(scaled, loss, x, y, *packed)
+        self.packed = None
 
     def _held_grads(self) -> None:
         for p in self.trainable():

@@ -92,8 +92,14 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(cfg: ModelConfig, start: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim) in fp32 for positions start .. start + T - 1."""
+def rope_cos_sin(cfg: ModelConfig, start: int, T: int, device, positions: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, head_dim) in fp32 for positions start .. start + T - 1, or (B, 1, T, head_dim)
+    for explicit (B, T) `positions` (packed rows: positions restart at every sample)."""
+    if positions is not None:
+        freqs = positions.float()[:, None, :, None] * rope_inv_freq(cfg, device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
     pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
     freqs = pos[:, None] * rope_inv_freq(cfg, device)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -107,21 +113,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --- attention ---------------------------------------------------------------------------------
-def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention as three plain ops in q's dtype (bf16: the softmax accumulates in fp32).
 
     On CPU in bf16, up to ~512 positions, this runs forward + backward in 0.4-0.7× the time of
     SDPA's flash kernel; it keeps the (B, nh, T, T) probabilities for backward, which up to
     CPU_MATH_ATTN_MAX_LEN = 256 positions is no more than the MLP's hidden activation per token.
     k and v may have fewer (key/value) heads than q: each serves a group of query heads.
+    `allowed` (B, 1, T, T), when given, replaces the causal mask (packed rows: block-diagonal causal).
     """
     T, groups = q.size(2), q.size(1) // k.size(1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     with autocast_off(q):  # q, k, v are already in the compute dtype
         att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+        if allowed is not None:
+            return att.masked_fill_(~allowed, float("-inf")).softmax(-1) @ v
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1)
         return att.masked_fill_(future, float("-inf")).softmax(-1) @ v
+
+
+def packed_attention_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask (B, 1, T, T) of packed rows, from their (B, T) positions.
+
+    A sample starts where its position is 0; query i sees key j <= i of the same sample only.
+    One mask per row, shared by every head and layer (built once per forward).
+    """
+    doc = (positions == 0).cumsum(-1)  # (B, T) sample number within the row
+    T = positions.size(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril_()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def attention_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
@@ -170,7 +192,8 @@ class Attention(nn.Module):
         return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(2) <= self.cpu_math_max_len
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, packed: torch.Tensor | None = None) -> torch.Tensor:
+        """`packed`: the block-diagonal causal mask of packed rows (see `packed_attention_mask`)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         if self.fused:
@@ -191,11 +214,13 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start : start + T] = v
             k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
         mask = attention_mask(T, start, self.sliding_window, x.device)
+        if packed is not None:
+            mask = packed if mask is None else packed & mask
         # causal for a fresh sequence; a single new query (or a masked one) needs no causal flag
         causal = mask is None and start == 0 and T > 1
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and causal and dropout_p == 0.0 and self.use_short_math(q):
-            y = causal_attention_math(q, k, v)
+        if cache is None and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q):
+            y = causal_attention_math(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                                enable_gqa=nkv != nh)
@@ -282,14 +307,16 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.grad_ckpt = False  # recompute this block's activations in backward
 
-    def _forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+    def _forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
+                 packed: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, packed)
         return x + self.mlp(self.ln_2(x))
 
-    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
+                packed: torch.Tensor | None = None) -> torch.Tensor:
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, rope, use_reentrant=False)
-        return self._forward(x, rope, cache, layer)
+            return checkpoint(self._forward, x, rope, None, 0, packed, use_reentrant=False)
+        return self._forward(x, rope, cache, layer, packed)
 
 
 class Transformer(nn.Module):
@@ -325,22 +352,30 @@ class Transformer(nn.Module):
         if not self.config.tie_embeddings:
             self.lm_head.weight[V:].zero_()
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, link: HeadGradLink | None = None
-               ) -> torch.Tensor:
-        """Final hidden states (B, T, C) after ln_f; `link` ties the embedding's gradient to the loss's."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, link: HeadGradLink | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, C) after ln_f; `link` ties the embedding's gradient to the loss's.
+
+        `position_ids` (B, T) marks packed rows: positions restart at 0 for every sample, and
+        attention stays within each sample (block-diagonal causal).
+        """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
         x = tied_embedding(idx, self.wte.weight, link)
-        rope = None
+        rope, packed = None, None
+        if position_ids is not None:
+            if cache is not None:
+                raise ValueError("packed rows (position_ids) are for training, not cached generation")
+            packed = packed_attention_mask(position_ids)
         if self.config.positions == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(position_ids if position_ids is not None else torch.arange(start, start + T, device=idx.device))
         else:
-            rope = rope_cos_sin(self.config, start, T, idx.device)
+            rope = rope_cos_sin(self.config, start, T, idx.device, position_ids)
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, cache, i, packed)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
@@ -356,19 +391,21 @@ class Transformer(nn.Module):
         weights: torch.Tensor | None = None,
         cache: KVCache | None = None,
         target_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) without labels; with labels the fp32 *sum* of token losses.
 
         The sum (not mean) lets the trainer divide by the target count of the whole global
         batch, which makes gradient accumulation exact. `weights` (B, T) scales each token.
         `target_pos` (flat positions of the targets) lets the loss head skip masked positions.
+        `position_ids` (B, T): packed rows of several samples each (see `hidden`).
         """
         if labels is None:
-            return F.linear(self.hidden(idx, cache), self.head_weight[: self.config.vocab_size])
+            return F.linear(self.hidden(idx, cache, position_ids=position_ids), self.head_weight[: self.config.vocab_size])
         # torch.compile traces the two functions apart and would drop the hand-over: plain autograd there
         tied = self.config.tie_embeddings
         link = HeadGradLink() if tied and not torch.compiler.is_compiling() else None
-        h = self.hidden(idx, cache, link)
+        h = self.hidden(idx, cache, link, position_ids)
         h, labels = h.reshape(-1, h.size(-1)), labels.reshape(-1)
         w = None if weights is None else weights.reshape(-1)
         if target_pos is not None:

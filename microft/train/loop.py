@@ -28,7 +28,17 @@ from typing import Any
 import torch
 
 from microft.config import BatchPlan, RunConfig
-from microft.data import Batch, StepFeed, collate, epoch_batches, micro_batches, sample_length, target_weight
+from microft.data import (
+    Batch,
+    StepFeed,
+    collate,
+    collate_packed,
+    epoch_batches,
+    micro_batches,
+    packed_micro_batches,
+    sample_length,
+    target_weight,
+)
 from microft.errors import ConfigError, Interrupted, TrainingError
 from microft.models.transformer import GPT, set_grad_checkpointing
 from microft.perf import device_peak_flops, flops_per_token, memory_stats
@@ -150,10 +160,13 @@ def schedule_length(n_train: int, plan: BatchPlan, cfg: RunConfig) -> tuple[int,
 
 
 def step_plan(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int, grouped: bool,
-              rank: int = 0, cache: dict[int, list[list[int]]] | None = None) -> tuple[list[list[int]], list[int]]:
+              rank: int = 0, cache: dict[int, list[list[int]]] | None = None, pack_len: int | None = None
+              ) -> tuple[list, list[int]]:
     """(this rank's micro-batches, all indices of the step) for optimizer step `step`.
 
     `cache` keeps the current epoch's batches, so the epoch is shuffled once, not every step.
+    With `pack_len` (--packing) a micro-batch is a list of rows, each row whole samples of
+    at most `pack_len` tokens: the step's samples are the same, only arranged into rows.
     """
     spe = n // plan.global_bs
     epoch = step // spe
@@ -163,6 +176,9 @@ def step_plan(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int,
         cache[epoch] = epoch_batches(n, plan.global_bs, seed, epoch, lengths if grouped else None)
     batches = cache[epoch]
     indices = batches[step % spe]
+    if pack_len is not None:
+        mbs = packed_micro_batches(indices, lengths, plan.micro_bs, pack_len, plan.world_size)
+        return [m for m in mbs[rank :: plan.world_size] if m], indices
     mbs = micro_batches(indices, lengths, plan.micro_bs)
     return mbs[rank :: plan.world_size], indices
 
@@ -352,11 +368,15 @@ def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], lis
     """`build(step, plan)`: this rank's collated micro-batches of `step` (pinned for CUDA) and all its samples."""
     epoch_cache: dict[int, list[list[int]]] = {}
     cfg, train_set = run.cfg, run.train_set
+    pack_len = (cfg.max_seq_len or run.model.config.n_positions) if cfg.packing else None
 
     def build(step: int, plan: BatchPlan) -> tuple[list[Batch], list[int]]:
         mbs, step_idx = step_plan(step, len(train_set), run.lengths, plan, cfg.seed, cfg.group_by_length,
-                                  run.dist.rank, epoch_cache)
-        batches = [collate([train_set[i] for i in mb]) for mb in mbs]
+                                  run.dist.rank, epoch_cache, pack_len)
+        if pack_len is not None:
+            batches = [collate_packed([[train_set[i] for i in row] for row in mb]) for mb in mbs]
+        else:
+            batches = [collate([train_set[i] for i in mb]) for mb in mbs]
         return [b.pin() for b in batches] if run.device.type == "cuda" else batches, step_idx
 
     return build
@@ -384,7 +404,7 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
             with grad_sync(dist, m == len(batches) - 1):
                 phase = "forward/backward"
                 loss_sum += micro_step(run.runner, b.input_ids, b.labels, b.weights, denom, run.autocast, run.scaler,
-                                       b.target_pos)
+                                       b.target_pos, b.position_ids)
             if flag and dist.world_size == 1:  # ranks finish the step together
                 break
         loss_sum, stop = reduce_step(loss_sum, bool(flag), dist)

@@ -16,9 +16,21 @@ import torch
 from microft.errors import ConfigError
 
 
+def mps_available() -> bool:
+    """Apple-silicon GPU (Metal) usable by this torch build."""
+    with contextlib.suppress(Exception):
+        return bool(torch.backends.mps.is_available())
+    return False
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto`: the CUDA GPU when there is one, else the CPU."""
+    """`auto`: Apple silicon's GPU (MPS) when there is one, else the CUDA GPU, else the CPU.
+
+    MPS is asked first: a Mac never has CUDA, and the MPS path then makes no torch.cuda call.
+    """
     if name == "auto":
+        if mps_available():
+            return torch.device("mps")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
@@ -26,23 +38,46 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda given but no CUDA GPU is available")
+    if dev.type == "mps" and not mps_available():
+        raise ConfigError("--device mps given but MPS is not available (it needs Apple silicon and macOS 12.3+)")
     return dev
 
 
+# set to 0 or 1 to override the CPU's bf16 detection (benchmarking an emulated AVX2-only CPU)
+CPU_BF16_ENV = "MICROFT_CPU_BF16"
+
+
 def cpu_supports_bf16() -> bool:
+    """Native bf16 matmuls (AVX-512 BF16 or AMX); honours ATEN_CPU_CAPABILITY below avx512 and MICROFT_CPU_BF16."""
+    import os
+
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
     with contextlib.suppress(Exception):
+        if torch.backends.cpu.get_cpu_capability().lower() in ("default", "avx2"):
+            return False  # the kernels run without AVX-512 (ATEN_CPU_CAPABILITY=avx2): bf16 is emulated
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return False
 
 
+def mps_supports_bf16() -> bool:
+    """bf16 on MPS needs macOS 14 (Sonoma) or newer; older systems run fp16/fp32 only."""
+    with contextlib.suppress(Exception):
+        return bool(torch.backends.mps.is_macos_or_newer(14, 0))
+    return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16-mixed on CUDA ≥ 8.0 or bf16-capable CPUs, fp16-mixed on older GPUs, else fp32."""
+    """`auto`: bf16-mixed on CUDA ≥ 8.0, bf16-capable CPUs or MPS on macOS 14+, fp16-mixed on older GPUs, else fp32."""
     if precision != "auto":
         return precision  # fp16-mixed runs on CPUs too (slowly): useful to test the scaler without a GPU
     if device.type == "cuda":
         return "bf16-mixed" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16-mixed"
     if device.type == "cpu":
         return "bf16-mixed" if cpu_supports_bf16() else "fp32"
+    if device.type == "mps":
+        return "bf16-mixed" if mps_supports_bf16() else "fp32"
     return "fp32"
 
 
@@ -67,11 +102,15 @@ def place_model(model: torch.nn.Module, precision: str, device: torch.device) ->
 
 
 def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, denom: float,
-               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum."""
+               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum.
+
+    `position_ids` marks packed rows (--packing); plain batches leave it out of the call.
+    """
+    packed = {} if position_ids is None else {"position_ids": position_ids}
     with autocast():
-        loss_sum = runner(x, y, w, target_pos=target_pos)
+        loss_sum = runner(x, y, w, target_pos=target_pos, **packed)
     scaler.scale(loss_sum / max(denom, 1e-12)).backward()
     return loss_sum.detach()
 
