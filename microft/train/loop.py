@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from microft.config import BatchPlan, RunConfig
+from microft.config import EVALS_PER_RUN, BatchPlan, RunConfig
 from microft.data import Batch, StepFeed, collate, epoch_batches, micro_batches, sample_length, target_weight
 from microft.errors import ConfigError, Interrupted, TrainingError
 from microft.models.transformer import GPT, set_grad_checkpointing
@@ -116,6 +116,11 @@ class Run:
         return Path(self.cfg.out)
 
     @property
+    def eval_every(self) -> int:
+        """Steps between evaluations: --eval-every, else about EVALS_PER_RUN a run (0: never)."""
+        return eval_cadence(self.cfg.eval_every, self.total_steps)
+
+    @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
@@ -134,6 +139,13 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
         return False
+
+
+def eval_cadence(eval_every: int | None, total_steps: int) -> int:
+    """`--eval-every` as given (0: never), or by default every total/EVALS_PER_RUN steps (at least 1)."""
+    if eval_every is not None:
+        return eval_every
+    return max(1, math.ceil(total_steps / EVALS_PER_RUN))
 
 
 def schedule_length(n_train: int, plan: BatchPlan, cfg: RunConfig) -> tuple[int, int]:
@@ -265,7 +277,7 @@ def train(
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 write_metric(run, rec)
             on_event(rec)
-            if _due(cfg.eval_every, state.step, run.total_steps):
+            if _due(run.eval_every, state.step, run.total_steps):
                 evaluate_now(run)
                 if cfg.patience is not None and state.evals_since_best > cfg.patience:
                     on_event({"kind": "note", "text": f"early stop at step {state.step}: no val improvement in "
@@ -277,7 +289,7 @@ def train(
         feed.close()
         restore_signals()
 
-    if cfg.eval_every and (not state.history or state.history[-1]["step"] != state.step):
+    if run.eval_every and (not state.history or state.history[-1]["step"] != state.step):
         evaluate_now(run)
     save_checkpoint(run, "step")
     final = save_checkpoint(run, "final")
@@ -435,7 +447,7 @@ def oom_advice(run: Run, memory: MemoryHooks) -> str:
 def evaluate_now(run: Run) -> None:
     """Validate, keep the best weights, count evaluations without improvement, emit the samples."""
     cfg, state = run.cfg, run.state
-    if not run.val_set or cfg.eval_every <= 0:
+    if not run.val_set or run.eval_every <= 0:
         return
     val_loss = rank0_float(evaluate(run.runner, run.val_set, run.plan.micro_bs, cfg.eval_batches, run.device,
                                     run.autocast), run.dist)
