@@ -82,8 +82,8 @@ PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "group_by_length",
             "predict", *LORA)
-# only what changes the estimate; a recipe's other values are read and ignored
-ESTIMATE = ("model", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
+# only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
+ESTIMATE = ("model", "data", "template", "skip_bad", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
             "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "dropout", *LORA, "devices", "shard",
             "compile")
 
