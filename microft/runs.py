@@ -171,7 +171,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         def on_eval(m, step: int) -> list[Event]:
             outs = respond_all(m, data.template, sample_prompts, 32)
             m.train()
-            return [{"kind": "sample", "step": step, "prompt": s["prompt"][-60:], "output": o}
+            return [{"kind": "sample", "step": step, "prompt": s["prompt"], "output": o}
                     for s, o in zip(sample_prompts, outs, strict=True)]
 
         def accuracy(tag: str) -> float:
