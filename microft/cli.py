@@ -16,7 +16,7 @@ import typer
 
 from microft import options
 from microft.errors import MicroftError
-from microft.options import Device, Seed, run_options
+from microft.options import Device, run_options
 
 if TYPE_CHECKING:
     from microft.config import RunConfig
@@ -166,8 +166,9 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.8,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
-    seed: Seed = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling (with --temperature > 0); unset: a fresh draw each time.")] = None,
     template: Annotated[str | None, typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, file).")] = None,
+    input_text: Annotated[str | None, typer.Option("--input", help="The instruction's input field (Alpaca's `input`; with --template).")] = None,
     device: Device = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
 ) -> None:
@@ -193,11 +194,13 @@ def generate(
         from microft.train.step import resolve_device
 
         tmpl = None
+        if input_text is not None and not template:
+            raise ConfigError("--input is the instruction's input field: give it with --template (e.g. alpaca)")
         if template:
             from microft.templates import load_template
 
             tmpl = load_template(template)
-            text = tmpl.render_prompt(text.strip())
+            text = tmpl.render_prompt(text.strip(), (input_text or "").strip())
         net = load_any(model, str(resolve_device(device or "auto")))
         pieces = stream_text(gen_tokens(net, encode(text), max_new_tokens, temperature=temperature, top_k=top_k,
                                         top_p=top_p, seed=seed))
