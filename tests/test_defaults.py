@@ -29,13 +29,13 @@ def test_default_cadence_is_about_ten_evaluations(total, every):
 
 
 def test_a_default_run_evaluates_keeps_the_best_and_gives_a_verdict(tmp_path):
-    cfg = run_config(tmp_path, max_steps=12)
+    cfg = run_config(tmp_path, max_steps=24)
     cfg = cfg.model_copy(update={"eval_every": None})  # the RunConfig default
     assert type(cfg).model_fields["eval_every"].default is None
     events: list[dict] = []
-    summary = train(tiny_model(), masked_samples(40, seed=1), masked_samples(8, seed=2), cfg,
-                    BatchPlan(micro_bs=2, accum=1), events.append)
-    assert [e["step"] for e in events if e["kind"] == "eval"] == [0, 2, 4, 6, 8, 10, 12]
+    summary = train(tiny_model(), masked_samples(24, seed=1, max_len=12), masked_samples(4, seed=2, max_len=12), cfg,
+                    BatchPlan(micro_bs=1, accum=1), events.append)
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [0, 3, 6, 9, 12, 15, 18, 21, 24]
     assert (tmp_path / "best" / "model.safetensors").exists()
     assert "not enough evaluations" not in summary["verdict"]
     assert cfg.model_copy(update={"eval_every": 0}).eval_every == 0  # 0 still turns it off
@@ -44,7 +44,7 @@ def test_a_default_run_evaluates_keeps_the_best_and_gives_a_verdict(tmp_path):
 def test_finetune_cli_default_writes_best_and_a_verdict(tmp_path):
     data = alpaca_file(tmp_path / "data.json")
     res = runner.invoke(app, ["finetune", "--model", "gpt2-tiny", "--data", str(data), "--out", str(tmp_path / "o"),
-                              "--micro-bs", "2", "--max-steps", "5", "--max-seq-len", "48", "--log-format", "plain"])
+                              "--micro-bs", "2", "--max-steps", "3", "--max-seq-len", "48", "--log-format", "plain"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "best" / "model.safetensors").exists()
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
