@@ -16,7 +16,7 @@ import typer
 
 from microft import options
 from microft.errors import MicroftError
-from microft.options import Device, Seed, run_options
+from microft.options import Device, run_options
 
 if TYPE_CHECKING:
     from microft.config import RunConfig
@@ -166,9 +166,10 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.8,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
-    seed: Seed = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling (with --temperature > 0); unset: a fresh draw each time.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as a user turn in the model's chat template.")] = False,
     template: Annotated[str | None, typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, chat, a template or .jinja file).")] = None,
+    input_text: Annotated[str | None, typer.Option("--input", help="The instruction's input field (Alpaca's `input`; with --template or --chat).")] = None,
     device: Device = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
 ) -> None:
@@ -194,6 +195,8 @@ def generate(
         from microft.runs import load_any, tokenizer_for
         from microft.train.step import resolve_device
 
+        if input_text is not None and not (template or chat):
+            raise ConfigError("--input is the instruction's input field: give it with --template (e.g. alpaca) or --chat")
         net = load_any(model, str(resolve_device(device or "auto")))
         tok = tokenizer_for(model, net.config)
         tmpl = None
@@ -202,7 +205,7 @@ def generate(
             from microft.instruct import encode_prompt
 
             tmpl = resolve_template("chat" if chat else template, tok)
-            text = tmpl.render_prompt(text.strip())
+            text = tmpl.render_prompt(text.strip(), (input_text or "").strip())
             ids = encode_prompt(tmpl, tok, text)
         else:
             ids = tok.prefix + tok.encode(text)
@@ -315,7 +318,7 @@ GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24
 def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False, **flags: Any) -> None:
     """Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.
 
-    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --data, --lr, ..., are read and ignored). --model takes a preset, checkpoint, HF directory, config.json or cached repo id of any family.
+    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and --template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as the global batch. --model takes a preset, checkpoint, HF directory, config.json or cached repo id of any family.
 
     The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
 
@@ -335,6 +338,16 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         if not cfg.model:
             raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a recipe")
         arch = memory.load_arch(cfg.model, cfg.dropout)
+        seq_note = None
+        if cfg.data:  # the data's real lengths: micro-batches are padded to their longest sample
+            from microft.runs import finetune_lengths
+
+            context = cfg.max_seq_len or arch.n_positions
+            memory.setup_for(cfg, arch, 1)  # refuses a --max-seq-len past the model's context
+            lengths = finetune_lengths(cfg, context)
+            cfg = cfg.model_copy(update={"max_seq_len": max(lengths)})
+            seq_note = (f"from --data: {len(lengths)} training samples, longest {max(lengths)} tokens "
+                        f"(cut at {context}), mean {sum(lengths) / len(lengths):.0f}")
         budget = memory.parse_budget(gpu_mem) if gpu_mem else None
         world, world_shard = memory.scale_out(cfg)
         prec = memory.resolve_precision(cfg.precision, budget)
@@ -342,8 +355,8 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         gbs = cfg.global_bs
         result_plan = None
         if budget is not None:
-            if gbs is None and isinstance(cfg.micro_bs, int) and cfg.accum:
-                gbs = cfg.micro_bs * cfg.accum * world
+            if gbs is None and isinstance(cfg.micro_bs, int):  # the batch asked about is the one to keep
+                gbs = cfg.micro_bs * (cfg.accum or 1) * world
             result_plan = plan(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
         if cfg.micro_bs == "auto":
             if result_plan is None or result_plan.tree[0].micro_bs == 0:
@@ -358,25 +371,38 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         engine = memory.trace if trace else memory.estimate
         kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}
         est = engine(arch, setup, budget, world, world_shard, **kw)
+        if seq_note:
+            est.notes.insert(0, f"sequence length {setup.seq_len} {seq_note}")
+        elif not cfg.max_seq_len:
+            est.notes.insert(0, f"sequence length {setup.seq_len}: the model's full context; --data measures your "
+                                "data's real lengths, --seq-len sets one")
         if cfg.compile:
             est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save less)")
         if json_out:
             import json
 
-            print(json.dumps({**est.to_dict(), "accum": acc, "plan": result_plan.to_dict() if result_plan else None}, indent=2))
+            print(json.dumps({"estimated": _what(est, acc), **est.to_dict(), "accum": acc,
+                              "plan": result_plan.to_dict() if result_plan else None}, indent=2))
         else:
             _render_estimate(est, acc, result_plan)
         if est.fits is False:
             raise typer.Exit(3)
 
 
-def _render_estimate(est: Any, accum: int, plan: Any) -> None:
-    from microft.ui import fmt_bytes, print_kv, print_table
-
+def _what(est: Any, accum: int) -> str:
+    """One line naming what was estimated (every output format carries it)."""
     s, a = est.setup, est.arch
-    what = (f"{a.name}: micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, {s.optimizer}"
+    return (f"{a.name}: micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, {s.optimizer}"
             f"{', grad ckpt' if s.grad_ckpt else ''}{f', LoRA r={s.lora_r}' if s.lora else ''}"
             f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
+
+
+def _render_estimate(est: Any, accum: int, plan: Any) -> None:
+    from microft.ui import fmt_bytes, out, print_kv, print_table
+
+    what = _what(est, accum)
+    if not out.is_terminal:  # piped: the table's title is not printed, so say what was estimated first
+        print(f"estimated: {what}")
     rows = [[k, fmt_bytes(v), f"{100 * v / est.peak_bytes:.1f}%"] for k, v in est.components.items()]
     rows.append(["peak (tensors)", fmt_bytes(est.peak_bytes), "100%"])
     print_table(f"Peak training memory ({est.engine}) — {what}", ["component", "bytes", "share of peak"], rows)

@@ -33,6 +33,8 @@ from microft.models.config import (  # noqa: F401  (re-exported: the model's con
     parse_lora_targets,
 )
 
+EVALS_PER_RUN = 10  # default cadence: evaluations per run (plus one at the start and one at the end)
+
 Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
 OptimizerName = Literal["adamw", "sgd", "adafactor", "adamw-8bit"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -78,7 +80,7 @@ class RunConfig(BaseModel):
     seed: int = 1337
     device: str = "auto"
     # evaluation and saving
-    eval_every: int = Field(0, ge=0)
+    eval_every: int | None = Field(None, ge=0)  # None: about EVALS_PER_RUN evaluations a run; 0: never
     eval_batches: int = Field(20, ge=1)
     val_frac: float = Field(0.1, ge=0.0, lt=1.0)
     patience: int | None = None

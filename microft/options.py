@@ -6,6 +6,7 @@ as `**flags` (None: not given), ready for `config.resolve_config`. Option names 
 scripts and recipes depend on them. No torch import: `microft --help` stays fast.
 """
 
+import copy
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -13,23 +14,23 @@ from typing import Annotated, Any
 
 import typer
 
-Model = Annotated[str | None, typer.Option("--model", help="HF model directory (GPT-2, Llama, Qwen2/3, Mistral), hub repo id in the local HF cache (Qwen/Qwen3-0.6B), microft checkpoint, or preset (gpt2-tiny, gpt2, …).")]
-Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory.")]
+Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, llama-3.2-1b, qwen3-0.6b, …), HF model directory or cached repo id, or microft checkpoint (default: the demo's model).")]
+Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory (finetune without it: the built-in demo).")]
 Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
-MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto'.")]
-Accum = Annotated[int | None, typer.Option("--accum", help="Micro-steps accumulated per optimizer step.")]
-GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (micro × accum × devices).")]
-MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs).")]
+MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto' (default: 1, or --global-bs / --accum).")]
+Accum = Annotated[int | None, typer.Option("--accum", help="Micro-steps accumulated per optimizer step (default: 1, or --global-bs / --micro-bs).")]
+GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (default: micro × accum × devices).")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs) (default: from --epochs).")]
 Epochs = Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (default 1).")]
 LR = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
-MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per sample (≤ the model's context).")]
+MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per sample (≤ the model's context) (default: the model's context).")]
 Precision = Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true.")]
 GradCkpt = Annotated[bool | None, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Recompute block activations in backward.")]
 GradCkptEvery = Annotated[int | None, typer.Option("--grad-ckpt-every", help="Checkpoint every N-th block (with --grad-ckpt).")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed for init, data order and sampling.")]
-Resume = Annotated[str | None, typer.Option("--resume", help="Checkpoint directory, or 'auto' for the latest under --out.")]
-Recipe = Annotated[Path | None, typer.Option("--recipe", help="A recipes/*.toml file; flags override its values.")]
-EvalEvery = Annotated[int | None, typer.Option("--eval-every", help="Validate every N steps (0: never).")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for init, data order and the data split.")]
+Resume = Annotated[str | None, typer.Option("--resume", help="Checkpoint directory, or 'auto' for the latest under --out (default: a new run).")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", help="A recipes/*.toml file; flags override its values (default: none).")]
+EvalEvery = Annotated[int | None, typer.Option("--eval-every", help="Validate every N steps (0: never) (default: about 10 times a run, and at the end).")]
 SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0: only at the end).")]
 LogFormat = Annotated[str | None, typer.Option("--log-format", help="auto | rich | plain | json.")]
 Optim = Annotated[str | None, typer.Option("--optimizer", help="adamw | sgd | adafactor | adamw-8bit.")]
@@ -40,7 +41,7 @@ MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help="Clip
 WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")]
 Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
 ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held out for validation.")]
-Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement.")]
+Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement (default: never stop early).")]
 KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoints to keep.")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
 TF32 = Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="TF32 for fp32 matmuls on CUDA (default: on).")]
@@ -51,11 +52,11 @@ ValData = Annotated[str | None, typer.Option("--val-data", help="Validation data
 TestFrac = Annotated[float | None, typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
 Template = Annotated[str | None, typer.Option("--template", help="auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | plain | a template file (TOML/JSON) | a .jinja chat template.")]
 MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
-SkipBad = Annotated[bool | None, typer.Option("--skip-bad", help="Skip and count bad records instead of refusing the data.")]
+SkipBad = Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="Skip and count bad records instead of refusing the data.")]
 GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
 Packing = Annotated[bool | None, typer.Option("--packing/--no-packing", help="Pack whole samples into rows of --max-seq-len (no padding; attention stays within each sample).")]
-Predict = Annotated[bool | None, typer.Option("--predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
-Lora = Annotated[bool | None, typer.Option("--lora", help="Train LoRA adapters; the base stays frozen.")]
+Predict = Annotated[bool | None, typer.Option("--predict/--no-predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
+Lora = Annotated[bool | None, typer.Option("--lora/--no-lora", help="Train LoRA adapters; the base stays frozen.")]
 LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
 LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
 LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
@@ -85,10 +86,26 @@ PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
 FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "group_by_length",
             "packing", "predict", *LORA)
-# only what changes the estimate; a recipe's other values are read and ignored
-ESTIMATE = ("model", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
+# only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
+ESTIMATE = ("model", "data", "template", "skip_bad", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
             "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "dropout", *LORA, "devices", "shard",
             "compile", "packing")
+
+
+def _with_default(name: str) -> Any:
+    """The option `name`, its help ending with RunConfig's default (the flags default to None: 'not given')."""
+    from microft.config import RunConfig  # pydantic only: no torch
+
+    alias = RUN_OPTIONS[name]
+    field = RunConfig.model_fields.get(name)
+    info = alias.__metadata__[0]
+    if field is None or field.default is None or "default" in (info.help or ""):
+        return alias
+    default = field.default
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    info = copy.copy(info)
+    info.help = f"{info.help} (default: {shown})"
+    return Annotated[alias.__origin__, info]  # type: ignore[name-defined]
 
 
 def run_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -97,7 +114,7 @@ def run_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callab
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
                if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RUN_OPTIONS[n])
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_with_default(n))
                   for n in names]
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         required = [p for p in params if p.default is inspect.Parameter.empty]

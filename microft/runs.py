@@ -203,6 +203,16 @@ def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64, 
         return [_respond(model, template, tok, s["prompt"], max_new_tokens) for s in samples]
 
 
+def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
+    """Tokens per training sample of `cfg.data`, built as `run_finetune` builds them (template, cut at
+    `max_len`, split): what `estimate-mem --data` measures. Micro-batches are padded to their longest sample."""
+    from microft.data import sample_length
+    from microft.instruct import load_instruct_data
+    from microft.tokenizer import encode
+
+    return [sample_length(s) for s in load_instruct_data(cfg, max_len, encode).train]
+
+
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
     from microft.instruct import load_instruct_data, write_predictions
@@ -251,7 +261,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         def on_eval(m, step: int) -> list[Event]:
             outs = respond_all(m, data.template, sample_prompts, 32, tok)
             m.train()
-            return [{"kind": "sample", "step": step, "prompt": s["prompt"][-60:], "output": o}
+            return [{"kind": "sample", "step": step, "prompt": s["prompt"], "output": o}
                     for s, o in zip(sample_prompts, outs, strict=True)]
 
         def accuracy(tag: str) -> float:

@@ -82,7 +82,9 @@ def banner_lines(e: Event) -> list[tuple[str, str]]:
 def summary_lines(e: Event) -> list[tuple[str, str]]:
     rows = [
         ("steps", f"{e['steps']} in {fmt_duration(e['time_s'])}"),
-        ("tokens", f"{e['tokens']:,} ({e['tokens_per_sec']:,.0f} tokens/s)"),
+        ("tokens", f"{e['tokens']:,}: {e['train_tokens_per_sec']:,.0f} tokens/s while training (the live figure), "
+                   f"{e['tokens_per_sec']:,.0f} tokens/s over the wall time (evaluations and saves included)"
+         if e.get("train_tokens_per_sec") else f"{e['tokens']:,} ({e['tokens_per_sec']:,.0f} tokens/s)"),
         ("final step loss", f"{e['final_loss']:.4f}" if e.get("final_loss") is not None else "-"),
         ("best val loss", f"{e['best_val_loss']:.4f} at step {e['best_step']}" if e.get("best_val_loss") else "-"),
         ("peak memory", _mem(e) + (f"; traced {fmt_bytes(e['traced_peak'])}" if e.get("traced_peak") else "")),
@@ -95,6 +97,16 @@ def summary_lines(e: Event) -> list[tuple[str, str]]:
     if e.get("plot"):
         rows.append(("learning curve", e["plot"]))
     return rows
+
+
+def shorten_left(text: str, width: int = 60) -> str:
+    """The end of `text` in about `width` characters, cut at a word boundary ('…' marks the cut)."""
+    if len(text) <= width:
+        return text
+    tail = text[-width:]
+    mid_word = not text[-width - 1].isspace() and not tail[0].isspace()
+    words = tail.split(None, 1) if mid_word else [tail]
+    return "…" + (words[-1] if len(words) > 1 else tail).lstrip()
 
 
 def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -154,7 +166,7 @@ class TrainReporter:
         self._print(f"eval  step {e['step']}  val loss {e['val_loss']:.4f}")
 
     def _sample(self, e: Event) -> None:
-        self._print(f"sample  step {e['step']}  {e['prompt']!r} → {e['output']!r}")
+        self._print(f"sample  step {e['step']}  {shorten_left(e['prompt'])!r} → {e['output']!r}")
 
     def _save(self, e: Event) -> None:
         if e["what"] != "step" or self.fmt != "rich":

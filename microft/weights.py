@@ -33,6 +33,12 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
@@ -48,8 +54,10 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        mode = 0o666 & ~_umask()  # safetensors writes 0600: give the files the user's usual permissions
         for f in tmp.iterdir():
             if f.is_file():
+                os.chmod(f, mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         old = final.parent / f".old-{final.name}-{os.getpid()}"

@@ -305,3 +305,50 @@ def test_constants_mirror_the_torch_modules():
                    if n.startswith("h.0.") and ".lora_" in n}
         assert wrapped == names, spec
         assert {".".join(LORA_TARGETS[t]) for t in memory.lora_targets(spec)} == names, spec
+
+
+# --- what the user asked: the batch they gave, the data they have --------------------------------
+def test_cli_micro_bs_without_global_bs_is_the_batch_to_keep():
+    """`--micro-bs 8` asks "does batch 8 fit?": the plan keeps 8 samples a step, never another batch size."""
+    for extra in ([], ["--seq-len", "128"], ["--accum", "2"]):
+        d = _json(["estimate-mem", "--model", "gpt2-medium", "--micro-bs", "8", "--gpu-mem", "18GB", *extra])
+        want = 8 * (2 if extra[:1] == ["--accum"] else 1)
+        assert d["plan"]["global_bs"] == want
+        rows = [r for r in d["plan"]["strategies"] + d["plan"]["decision_tree"] if r["fits"]]
+        assert rows and all(r["micro_bs"] * r["accum"] == want for r in rows)
+        rec = d["plan"]["recommended"]
+        assert rec["micro_bs"] * rec["accum"] == want
+
+
+def _alpaca(path, outputs: list[str]) -> str:
+    path.write_text("\n".join(json.dumps({"instruction": f"Repeat item {i}.", "input": "", "output": o})
+                              for i, o in enumerate(outputs)))
+    return str(path)
+
+
+def test_cli_data_measures_the_real_lengths(tmp_path):
+    """--data: the estimate uses the longest training sample finetune would build, and says so."""
+    from microft.config import resolve_config
+    from microft.runs import finetune_lengths
+
+    data = _alpaca(tmp_path / "d.jsonl", [" ".join(["word"] * (5 + i % 40)) for i in range(60)])
+    base = ["estimate-mem", "--model", "gpt2", "--micro-bs", "4", "--precision", "fp32"]
+    d = _json([*base, "--data", data])
+    longest = max(finetune_lengths(resolve_config(None, data=data, model="gpt2"), 1024))
+    assert 20 < longest < 100 and d["run"]["seq_len"] == longest
+    assert f"seq {longest}" in d["estimated"] and any("from --data" in n for n in d["notes"])
+    same = _json([*base, "--seq-len", str(longest)])  # the same step as asking for that length
+    assert same["peak_bytes"] == d["peak_bytes"] < _json(base)["peak_bytes"]
+    # a longer record raises it; --max-seq-len still cuts it
+    longer = _alpaca(tmp_path / "e.jsonl", [" ".join(["word"] * (5 + i % 40)) for i in range(59)] + ["word " * 300])
+    assert _json([*base, "--data", longer])["run"]["seq_len"] > longest + 200
+    assert _json([*base, "--data", longer, "--max-seq-len", "128"])["run"]["seq_len"] == 128
+    res = runner.invoke(app, [*base, "--data", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == 2, res.output
+
+
+def test_cli_piped_output_says_what_was_estimated():
+    res = runner.invoke(app, GPT2_RUN)  # CliRunner's stdout is not a terminal: the plain format
+    assert res.exit_code == 0, res.output
+    first = res.output.splitlines()[0]
+    assert first.startswith("estimated: gpt2: micro-bs 8 × seq 1024, accum 1, fp32"), first

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from microft.config import BatchPlan, RunConfig
+from microft.config import EVALS_PER_RUN, BatchPlan, RunConfig
 from microft.data import (
     Batch,
     StepFeed,
@@ -79,6 +79,7 @@ class TrainState:
     evals_since_best: int = 0
     skipped_steps: int = 0
     elapsed: float = 0.0
+    train_time: float = 0.0  # seconds inside optimizer steps (no evaluations, samples or saves)
     history: list[Event] = field(default_factory=list)  # eval records, for the verdict
 
 
@@ -126,6 +127,11 @@ class Run:
         return Path(self.cfg.out)
 
     @property
+    def eval_every(self) -> int:
+        """Steps between evaluations: --eval-every, else about EVALS_PER_RUN a run (0: never)."""
+        return eval_cadence(self.cfg.eval_every, self.total_steps)
+
+    @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
@@ -144,6 +150,13 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
         return False
+
+
+def eval_cadence(eval_every: int | None, total_steps: int) -> int:
+    """`--eval-every` as given (0: never), or by default every total/EVALS_PER_RUN steps (at least 1)."""
+    if eval_every is not None:
+        return eval_every
+    return max(1, math.ceil(total_steps / EVALS_PER_RUN))
 
 
 def schedule_length(n_train: int, plan: BatchPlan, cfg: RunConfig) -> tuple[int, int]:
@@ -281,7 +294,7 @@ def train(
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 write_metric(run, rec)
             on_event(rec)
-            if _due(cfg.eval_every, state.step, run.total_steps):
+            if _due(run.eval_every, state.step, run.total_steps):
                 evaluate_now(run)
                 if cfg.patience is not None and state.evals_since_best > cfg.patience:
                     on_event({"kind": "note", "text": f"early stop at step {state.step}: no val improvement in "
@@ -293,7 +306,7 @@ def train(
         feed.close()
         restore_signals()
 
-    if cfg.eval_every and (not state.history or state.history[-1]["step"] != state.step):
+    if run.eval_every and (not state.history or state.history[-1]["step"] != state.step):
         evaluate_now(run)
     save_checkpoint(run, "step")
     final = save_checkpoint(run, "final")
@@ -440,6 +453,7 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
     state.step += 1
     state.tokens += step_tokens
     dt = time.perf_counter() - t0
+    state.train_time += dt
     return {"kind": "step", "step": state.step, "total_steps": run.total_steps, "loss": loss, "lr": lr,
             "grad_norm": float(grad_norm), "tokens": state.tokens, "tokens_per_sec": step_tokens / dt,
             "step_time": dt, "skipped": bool(skipped), "elapsed": 0.0, **memory_stats(run.device)}
@@ -455,7 +469,7 @@ def oom_advice(run: Run, memory: MemoryHooks) -> str:
 def evaluate_now(run: Run) -> None:
     """Validate, keep the best weights, count evaluations without improvement, emit the samples."""
     cfg, state = run.cfg, run.state
-    if not run.val_set or cfg.eval_every <= 0:
+    if not run.val_set or run.eval_every <= 0:
         return
     val_loss = rank0_float(evaluate(run.runner, run.val_set, run.plan.micro_bs, cfg.eval_batches, run.device,
                                     run.autocast), run.dist)
@@ -490,6 +504,7 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
     summary = {
         "traced_peak": traced_peak,
         "kind": "summary", "steps": state.step, "time_s": elapsed, "tokens": state.tokens, "tokens_per_sec": tps,
+        "train_tokens_per_sec": state.tokens / max(state.train_time, 1e-9),
         "final_loss": last_loss, "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
         "best_step": state.best_step if state.best_step >= 0 else None, "skipped_steps": state.skipped_steps,
         "mfu": tps * fpt / (peak_flops * run.dist.world_size), "peak_flops": peak_flops,
@@ -498,7 +513,8 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
     }
     if run.dist.is_main:
         (run.out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "kind"}, indent=2))
-        plot = plot_curves(run.metrics_path, run.out / "learning_curve.png")
+        title = f"{run.out.name}: {run.model.config.name}, {run.plan.describe()}"
+        plot = plot_curves(run.metrics_path, run.out / "learning_curve.png", title)
         if plot:
             summary["plot"] = str(plot)
     return summary
@@ -511,6 +527,8 @@ def resume_command(out: Path) -> str:
     argv = sys.argv[1:] if sys.argv and "microft" in sys.argv[0] else None
     if not argv:
         return f"microft <command> ... --out {out} --resume auto"
+    if not any(a == "--out" or a.startswith("--out=") for a in argv):  # a default --out (the demo's is dated)
+        argv = [*argv, "--out", str(out)]
     if "--resume" in argv:
         return shlex.join(["microft", *argv])
     return shlex.join(["microft", *argv, "--resume", "auto"])
@@ -523,8 +541,18 @@ def halve_micro_batch(plan: BatchPlan) -> BatchPlan:
     return BatchPlan(micro_bs=micro, accum=plan.micro_bs * plan.accum // micro, world_size=plan.world_size)
 
 
-def plot_curves(metrics_path: Path, png: Path) -> Path | None:
-    """Train and val loss against step, when matplotlib (the `plot` extra) is installed."""
+def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (the smoothed train loss of the plot)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> Path | None:
+    """Train loss (per step, faint, and smoothed), val loss markers and the lr (right axis) against step,
+    titled with the run; when matplotlib (the `plot` extra) is installed."""
     try:
         import matplotlib
 
@@ -533,17 +561,28 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
     except ImportError:
         return None
     recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
     va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    lr = [(r["step"], r["lr"]) for r in recs if "lr" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     if tr:
-        ax.plot(*zip(*tr), label="train (step loss)", alpha=0.8)
+        steps, losses = zip(*tr)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
+        ax.plot(steps, smoothed(list(losses)), color="tab:blue", label="train (smoothed)")
     if va:
-        ax.plot(*zip(*va), "o-", label="val")
+        ax.plot(*zip(*va), "o--", color="tab:orange", label="val")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (token mean)")
-    ax.legend()
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if lr:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lr), color="tab:gray", linewidth=1, linestyle=":", label="lr")
+        ax2.set_ylabel("learning rate")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(title or str(metrics_path.parent))
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
