@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from microft.config import PRESETS, ModelConfig, RunConfig, ce_chunks, parse_lora_targets
-from microft.models.source import resolve_model_dir
-from microft.errors import ConfigError
+from microft.errors import ConfigError, one_line
 from microft.memory.replay import Arch, Replay, Setup
 from microft.memory.sim import OverLimit
+from microft.models.source import resolve_model_dir
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
@@ -89,8 +89,10 @@ def load_arch(spec: str, dropout: float | None = None) -> Arch:
                           f"a checkpoint directory nor a config.json")
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {p}: {e}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"cannot read {p}: {one_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a model config must be a JSON object, not a {type(raw).__name__}")
     name = Path(spec).name if d.is_dir() else p.parent.name or p.name
     if raw.get("format") == "microft":
         try:
@@ -134,6 +136,8 @@ def parse_budget(spec: str) -> Budget:
         mib, bf16, hopper = DEVICES[alias]
         return Budget(mib * MiB, alias, bf16, hopper)
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if m and not m.group(2):  # 18 bytes is never meant
+        raise ConfigError(f"--gpu-mem {spec!r}: give a unit: {m.group(1)}GB or {m.group(1)}GiB")
     if not m or m.group(2) not in _UNITS:
         raise ConfigError(f"--gpu-mem {spec!r}: give a size (18GiB, 24GB, 16G), 'auto', or a device: "
                           f"{', '.join(DEVICES)}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from microft.errors import CheckpointError
+from microft.errors import CheckpointError, one_line
 from microft.models.config import PRESETS, ModelConfig
 from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
 from microft.models.source import resolve_model_dir
@@ -37,8 +37,10 @@ def read_model_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {p}: {e}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"cannot read {p}: {one_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{p}: a model config must be a JSON object, not a {type(raw).__name__}")
     if raw.get("format") == "microft":
         try:
             return ModelConfig(**raw["model"])
