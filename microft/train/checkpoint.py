@@ -78,16 +78,17 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 
 def _write_failure(e: BaseException) -> bool:
-    """An error from writing files: OSError, or torch.save's RuntimeError from its stream writer."""
-    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
-        s in str(e) for s in ("inline_container", "PytorchStreamWriter", "file write failed")))
+    """An error from writing files: OSError, torch.save's RuntimeError from its stream writer, or
+    safetensors' own error type wrapping an I/O error."""
+    return isinstance(e, OSError) or any(
+        s in str(e) for s in ("inline_container", "PytorchStreamWriter", "file write failed", "I/O error"))
 
 
 def save_failed(e: BaseException, what: str, out: Path) -> TrainingError:
     """The one-line error for a save that failed: disk full (or another write error), and what survives."""
     last = find_latest_checkpoint(out)
     last_good = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "os error 28" in str(e)
     if not full and not isinstance(e, OSError):  # torch hides the errno: judge by the space left
         with contextlib.suppress(OSError):
             need = sum(f.stat().st_size for f in last.iterdir()) if last else 1 << 20
