@@ -222,8 +222,8 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
             tidy(out, note)
             yield emit
         except BaseException as e:
-            if not progress["step"]:  # nothing trained: leave --out as it was found
-                _roll_back(out, made, before, lock)
+            if not progress["step"] and lock is not None:  # nothing trained: leave --out as it was found
+                _roll_back(out, made, before, lock)  # (never without the lock: the files may be another run's)
             if isinstance(e, KeyboardInterrupt) and not progress["step"]:
                 code = 143 if got.get("sig") == signal.SIGTERM else 130
                 raise Interrupted(f"interrupted before step 1; nothing was saved and {out} is as it was", code) from None
