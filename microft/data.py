@@ -27,8 +27,10 @@ def read_text_corpus(path: str | Path) -> list[str]:
     p = Path(path)
     try:
         os.stat(p)  # the real reason: no such file, permission denied, a symlink loop
+    except FileNotFoundError:
+        raise DataError(f"data not found: {p}") from None
     except OSError as e:
-        raise DataError(f"data not found: {p} ({e.strerror})") from None
+        raise DataError(f"{p}: {e.strerror}") from None
     if p.is_dir():
         try:
             os.listdir(p)  # rglob would pass over an unreadable directory in silence
