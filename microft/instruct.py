@@ -233,6 +233,8 @@ def data_files(path: str | Path) -> list[Path]:
     p = Path(path)
     try:
         os.stat(p)  # the real reason: no such file, permission denied, a symlink loop
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file or directory") from None
     except OSError as e:
         raise DataError(f"{p}: {e.strerror}") from None
     if p.is_dir():
