@@ -43,8 +43,12 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved conf
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn microft's user-facing errors into one line on stderr and their exit code."""
+    import signal
+
     from microft import ui
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with `&` by a script: Ctrl-C/kill -INT still stop us
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except MicroftError as e:
@@ -440,7 +444,11 @@ def _render_estimate(est: Any, accum: int, plan: Any) -> None:
 
 
 def main() -> None:
-    app(prog_name="microft")
+    try:
+        app(prog_name="microft")
+    except KeyboardInterrupt:  # outside a command's user_errors (parsing, imports)
+        sys.stderr.write("error: interrupted\n")
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ LogFormat = Literal["auto", "rich", "plain", "json"]
 class RunConfig(BaseModel):
     """Everything a training run needs. Recipes and flags both resolve into this one object."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no nan/inf in any float option
 
     # what to train on
     model: str | None = None
@@ -66,24 +66,24 @@ class RunConfig(BaseModel):
     # optimizer
     optimizer: OptimizerName = "adamw"
     weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    momentum: float = 0.9
-    max_grad_norm: float | None = 1.0
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    momentum: float = Field(0.9, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, ge=0.0)  # 0 or None: no clipping
     # numerics and memory
     precision: Precision = "auto"
     grad_ckpt: bool = False
     grad_ckpt_every: int = Field(1, ge=1)
     compile: bool = False
     tf32: bool = True  # TF32 tensor cores for fp32 matmuls and convolutions on CUDA
-    dropout: float | None = None
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
     seed: int = 1337
     device: str = "auto"
     # evaluation and saving
     eval_every: int | None = Field(None, ge=0)  # None: about EVALS_PER_RUN evaluations a run; 0: never
     eval_batches: int = Field(20, ge=1)
     val_frac: float = Field(0.1, ge=0.0, lt=1.0)
-    patience: int | None = None
+    patience: int | None = Field(None, ge=0)
     save_every: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
     resume: str | None = None
@@ -100,7 +100,7 @@ class RunConfig(BaseModel):
     samples_per_eval: int = Field(3, ge=0)  # generated samples shown at each evaluation
     lora: bool = False
     lora_r: int = Field(8, ge=1)
-    lora_alpha: float = 16.0
+    lora_alpha: float = Field(16.0, gt=0.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_targets: str = "qkv,proj"
     quantize: Literal["nf4"] | None = None  # QLoRA: frozen block linears in NF4 (microft.quant)
@@ -126,6 +126,8 @@ class RunConfig(BaseModel):
         if self.quantize and self.precision == "fp16-mixed" and self.device == "cpu":
             raise ValueError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
                              "bf16-true or fp32")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be positive, got {self.epochs}")
         if self.shard == "fsdp" and self.lora:  # checked before torchrun starts any worker
             raise ValueError("--shard fsdp does not support --lora (adapters are small); use --shard ddp")
         if self.shard == "fsdp" and self.precision == "bf16-true":

@@ -8,6 +8,7 @@ then split into micro-batches, so the micro-batch size never changes what a step
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,8 +25,18 @@ Sample = dict[str, Any]
 def read_text_corpus(path: str | Path) -> list[str]:
     """Documents from a text file (one document) or a directory of `.txt` files (sorted, recursive)."""
     p = Path(path)
+    try:
+        os.stat(p)  # the real reason: no such file, permission denied, a symlink loop
+    except FileNotFoundError:
+        raise DataError(f"data not found: {p}") from None
+    except OSError as e:
+        raise DataError(f"{p}: {e.strerror}") from None
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+        try:
+            os.listdir(p)  # rglob would pass over an unreadable directory in silence
+            files = sorted(f for f in p.rglob("*.txt") if f.is_file())
+        except OSError as e:
+            raise DataError(f"{p}: can't read the directory ({e.strerror})") from None
         if not files:
             raise DataError(f"no .txt files in directory {p}")
     elif p.is_file():

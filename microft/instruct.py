@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,6 +183,8 @@ def _read_file(path: Path, name: str, problems: list[str]) -> list[Record]:
             raise DataError(f"{name}: {_decode_error(raw, e)}") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{name}: line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{name}: JSON nested too deeply to be a dataset") from None
         if not data:
             raise DataError(f"{name}: the JSON array is empty")
         out = []
@@ -194,7 +197,7 @@ def _read_file(path: Path, name: str, problems: list[str]) -> list[Record]:
     if raw.lstrip()[:1] == b"{":  # one (possibly pretty-printed) object is a one-record file
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             obj = None  # several lines of JSONL, or bad lines reported one by one below
         if isinstance(obj, dict):
             try:
@@ -215,6 +218,9 @@ def _read_file(path: Path, name: str, problems: list[str]) -> list[Record]:
         except json.JSONDecodeError as e:
             problems.append(f"{name}: line {n}: invalid JSON ({e.msg} at column {e.colno})")
             continue
+        except RecursionError:
+            problems.append(f"{name}: line {n}: JSON nested too deeply")
+            continue
         try:
             out.append(_parse(obj, f"{name}:{n}"))
         except _Bad as e:
@@ -225,16 +231,23 @@ def _read_file(path: Path, name: str, problems: list[str]) -> list[Record]:
 def data_files(path: str | Path) -> list[Path]:
     """The files `read_records` reads for `path`: the file itself, or a directory's .json/.jsonl files."""
     p = Path(path)
+    try:
+        os.stat(p)  # the real reason: no such file, permission denied, a symlink loop
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file or directory") from None
+    except OSError as e:
+        raise DataError(f"{p}: {e.strerror}") from None
     if p.is_dir():
-        files = sorted(
-            f for f in p.iterdir()
-            if f.is_file() and f.suffix.lower() in (".json", ".jsonl") and not f.name.startswith(".")
-        )
+        try:
+            files = sorted(
+                f for f in p.iterdir()
+                if f.is_file() and f.suffix.lower() in (".json", ".jsonl") and not f.name.startswith(".")
+            )
+        except OSError as e:
+            raise DataError(f"{p}: can't read the directory ({e.strerror})") from None
         if not files:
             raise DataError(f"{p}: directory has no .json or .jsonl files")
         return files
-    if not p.exists():
-        raise DataError(f"{p}: no such file or directory")
     return [p]
 
 

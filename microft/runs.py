@@ -15,6 +15,20 @@ from microft.errors import ConfigError
 Event = dict[str, Any]
 
 
+def owns_out(run: Callable[[RunConfig, Callable[[Event], None]], dict[str, Any]]):
+    """Run under `train.outdir.owned_out`: the lock on --out, no earlier run clobbered, no half-made --out."""
+    import functools
+
+    @functools.wraps(run)
+    def owned(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
+        from microft.train.outdir import owned_out
+
+        with owned_out(cfg, on_event) as emit:
+            return run(cfg, emit)
+
+    return owned
+
+
 def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None) -> BatchPlan:
     """The run's batch plan; `--micro-bs auto` asks the memory planner for the largest micro-batch."""
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
@@ -159,6 +173,7 @@ def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
     return cfg.max_seq_len
 
 
+@owns_out
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
     from microft.data import Subset, pack_documents, read_text_corpus, split_indices
@@ -213,6 +228,7 @@ def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
     return [sample_length(s) for s in load_instruct_data(cfg, max_len, encode).train]
 
 
+@owns_out
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
     from microft.instruct import load_instruct_data, write_predictions

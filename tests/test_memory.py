@@ -126,7 +126,7 @@ def test_components_react_to_the_switches():
 
 @pytest.mark.parametrize("spec,expected", [
     ("18GiB", 18 * 2**30), ("24GB", 24 * 10**9), ("16G", 16 * 2**30), ("512MiB", 512 * 2**20),
-    ("rtx3090", 24576 * 2**20), ("A100-40GB", 40960 * 2**20), ("h100", 81559 * 2**20), ("1000", 1000),
+    ("rtx3090", 24576 * 2**20), ("A100-40GB", 40960 * 2**20), ("h100", 81559 * 2**20), ("1000b", 1000),
 ])
 def test_parse_budget(spec, expected):
     assert parse_budget(spec).bytes == expected

@@ -101,6 +101,8 @@ def parse_budget(spec: str) -> Budget:
         mib, bf16, hopper = DEVICES[alias]
         return Budget(mib * MiB, alias, bf16, hopper)
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)([a-z]*)", s)
+    if m and not m.group(2):  # 18 bytes is never meant
+        raise ConfigError(f"--gpu-mem {spec!r}: give a unit: {m.group(1)}GB or {m.group(1)}GiB")
     if not m or m.group(2) not in _UNITS:
         raise ConfigError(f"--gpu-mem {spec!r}: give a size (18GiB, 24GB, 16G), 'auto', or a device: "
                           f"{', '.join(DEVICES)}")

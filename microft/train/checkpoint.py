@@ -7,6 +7,9 @@ a resumed run continues bit-exactly. `OUT/best/` and `OUT/final/` are plain mode
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import random
 import shutil
 from pathlib import Path
@@ -14,12 +17,12 @@ from typing import Any
 
 import torch
 
-from microft.errors import CheckpointError, ConfigError
-from microft.lora import write_adapter_files
+from microft.errors import CheckpointError, ConfigError, TrainingError, one_line
+from microft.lora import ADAPTER_WEIGHTS, write_adapter_files
 from microft.models.load import write_model_files
-from microft.quant import read_quant_record, write_quant_record
+from microft.quant import QUANT_RECORD, read_quant_record, write_quant_record
 from microft.train.distributed import full_model_state, full_optim_state, load_optim_state, load_weights
-from microft.weights import WEIGHTS, atomic_dir, read_safetensors
+from microft.weights import CONFIG, WEIGHTS, atomic_dir, read_safetensors
 
 TRAIN_STATE = "train_state.pt"
 
@@ -52,14 +55,52 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def complete(step_dir: Path) -> bool:
+    """Whether a step directory holds a whole checkpoint (a killed prune can leave one without its files)."""
+    has = lambda *names: all((step_dir / f).is_file() for f in names)  # noqa: E731
+    # QLoRA checkpoints hold the adapters and the quantization record instead of the base weights
+    return has(TRAIN_STATE) and (has(WEIGHTS, CONFIG) or has(QUANT_RECORD, ADAPTER_WEIGHTS))
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """The complete step checkpoints under `out`, oldest first."""
+    return [p for p in sorted((out / "checkpoints").glob("step-*")) if p.is_dir() and complete(p)]
+
+
 def find_latest_checkpoint(out: Path) -> Path | None:
-    steps = sorted((out / "checkpoints").glob("step-*"))
+    steps = list_checkpoints(out)
     return steps[-1] if steps else None
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the newest `keep` checkpoints; each is renamed out of the way first, then deleted,
+    so a kill mid-way leaves a `.trash-*` directory (removed at the next start), never a torn checkpoint."""
+    for old in list_checkpoints(out)[:-keep]:
+        trash = old.parent / f".trash-{old.name}-{os.getpid()}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_failure(e: BaseException) -> bool:
+    """An error from writing files: OSError, torch.save's RuntimeError from its stream writer, or
+    safetensors' own error type wrapping an I/O error."""
+    return isinstance(e, OSError) or any(
+        s in str(e) for s in ("inline_container", "PytorchStreamWriter", "file write failed", "I/O error"))
+
+
+def save_failed(e: BaseException, what: str, out: Path) -> TrainingError:
+    """The one-line error for a save that failed: disk full (or another write error), and what survives."""
+    last = find_latest_checkpoint(out)
+    last_good = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+    full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "os error 28" in str(e)
+    if not full and not isinstance(e, OSError):  # torch hides the errno: judge by the space left
+        with contextlib.suppress(OSError):
+            need = sum(f.stat().st_size for f in last.iterdir()) if last else 1 << 20
+            full = shutil.disk_usage(out).free < need
+    if full:
+        return TrainingError(f"disk full while saving {what}; {last_good}. Free space on {out}'s disk and "
+                             f"continue with --resume auto")
+    return TrainingError(f"could not save {what}: {getattr(e, 'strerror', None) or one_line(e)}; {last_good}")
 
 
 def resume_dir_for(resume: str | None, out: Path) -> Path | None:
@@ -86,26 +127,32 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
     if not dist.is_main:
         return target
     quantized = getattr(model, "quantization", None) is not None
-    with atomic_dir(target) as tmp:
-        if quantized:  # QLoRA: the frozen NF4 base is rebuilt from its record, never saved; the adapters are all
-            write_quant_record(tmp, model, {"step": state.step})
-            if not run.save_extra:
-                write_adapter_files(tmp, model, model.quantization["base_model"])
-        else:
-            write_model_files(tmp, model, {"step": state.step}, state=weights)
-        if run.save_extra:
-            run.save_extra(tmp)
+    try:
+        with atomic_dir(target) as tmp:
+            if quantized:  # QLoRA: the frozen NF4 base is rebuilt from its record, never saved; the adapters are all
+                write_quant_record(tmp, model, {"step": state.step})
+                if not run.save_extra:
+                    write_adapter_files(tmp, model, model.quantization["base_model"])
+            else:
+                write_model_files(tmp, model, {"step": state.step}, state=weights)
+            if run.save_extra:
+                run.save_extra(tmp)
+            if kind == "step":
+                adapter = {k: v for k, v in weights.items() if "lora_" in k}
+                save_train_state(tmp, {
+                    "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
+                    "scaler": run.scaler.state_dict(), "rng": rng or capture_rng(), "state": state.__dict__,
+                    "model_config": model.config.model_dump(), "global_bs": run.plan.global_bs,
+                    "plan": run.plan.model_dump(), "config": run.cfg.model_dump(mode="json"),
+                    "adapter": adapter or None,
+                })
         if kind == "step":
-            adapter = {k: v for k, v in weights.items() if "lora_" in k}
-            save_train_state(tmp, {
-                "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
-                "scaler": run.scaler.state_dict(), "rng": rng or capture_rng(), "state": state.__dict__,
-                "model_config": model.config.model_dump(), "global_bs": run.plan.global_bs,
-                "plan": run.plan.model_dump(), "config": run.cfg.model_dump(mode="json"),
-                "adapter": adapter or None,
-            })
-    if kind == "step":
-        prune_checkpoints(out, run.cfg.keep_last)
+            prune_checkpoints(out, run.cfg.keep_last)
+    except Exception as e:
+        if not _write_failure(e):
+            raise
+        what = f"step {state.step}" if kind == "step" else f"the {kind} weights at step {state.step}"
+        raise save_failed(e, what, out) from None
     run.on_event({"kind": "save", "what": kind, "path": str(target), "step": state.step})
     return target
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -48,6 +49,7 @@ from microft.train.checkpoint import (
     restore,
     resume_dir_for,
     save_checkpoint,
+    save_failed,
 )
 from microft.train.distributed import Dist, grad_sync, rank0_float, reduce_step
 from microft.train.optim import build_optimizer, lr_lambda, warmup_steps
@@ -64,6 +66,8 @@ from microft.train.step import (
 
 Event = dict[str, Any]
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
+SKIP_STREAK = 3  # fp16: consecutive steps the scaler may skip on a non-finite loss before the run stops
+SKIP_STREAK_FINITE = 16  # ... on overflowing gradients alone (by then the scale has fallen 2^16-fold)
 OOM_ADVICE = ("try a smaller --micro-bs with a larger --accum, --grad-ckpt, --precision bf16-mixed, or --lora "
               "(see `microft estimate-mem`)")
 
@@ -273,9 +277,8 @@ def train(
     on_event(banner(run, resume_dir, memory.banner_peak(run.precision, run.plan), banner_extra))
     start_outputs(run)
     flag, restore_signals = _signal_flag()
-    if resume_dir is not None and run.dist.is_main and run.metrics_path.exists():  # drop records past the checkpoint
-        kept = [ln for ln in run.metrics_path.read_text().splitlines() if json.loads(ln).get("step", 0) <= run.state.step]
-        run.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    if cfg.resume and run.dist.is_main and run.metrics_path.exists():  # drop records past the checkpoint
+        keep_metrics(run, run.state.step if resume_dir is not None else -1)
     model.train()
     state = run.state
     if state.step == 0 and resume_dir is None:
@@ -284,12 +287,15 @@ def train(
     start_step = state.step
     feed = StepFeed(batch_builder(run))  # the next step's batches are collated while this one computes
     last_loss = None
+    streak: list[Event] = []  # the steps the fp16 scaler skipped in a row
     try:
         while state.step < run.total_steps:
             rec = optimizer_step_of(run, feed, flag, retry_oom=state.step == start_step, memory=memory)
             if rec is None:  # out of memory with --micro-bs auto: retry the step with half the micro-batch
                 continue
             last_loss = rec["loss"]
+            streak = [*streak, rec] if rec["skipped"] else []
+            check_skips(run, streak)
             rec["elapsed"] = state.elapsed = time.perf_counter() - t_start
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 write_metric(run, rec)
@@ -371,10 +377,13 @@ def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra:
 def start_outputs(run: Run) -> None:
     """Create the output directory and record the resolved config (rank 0)."""
     if run.dist.is_main:
-        run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "run.json").write_text(json.dumps({"config": run.cfg.model_dump(mode="json"),
-                                                      "plan": run.plan.model_dump(), "precision": run.precision},
-                                                     indent=2))
+        try:
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "run.json").write_text(json.dumps({"config": run.cfg.model_dump(mode="json"),
+                                                          "plan": run.plan.model_dump(), "precision": run.precision},
+                                                         indent=2))
+        except OSError as e:
+            raise save_failed(e, "run.json", run.out) from None
 
 
 def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], list[int]]]:
@@ -423,6 +432,9 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
         loss_sum, stop = reduce_step(loss_sum, bool(flag), dist)
         if stop:
             flag.setdefault("sig", signal.SIGTERM)
+        if flag and state.step == 0:  # nothing trained yet: nothing worth saving
+            raise Interrupted("interrupted before step 1; nothing was saved",
+                              130 if flag["sig"] == signal.SIGINT else 143)
         if flag:
             run.optimizer.zero_grad(set_to_none=True)
             path = save_checkpoint(run, "step", rng=rng_at_step_start)
@@ -490,8 +502,54 @@ def evaluate_now(run: Run) -> None:
 def write_metric(run: Run, rec: Event) -> None:
     """Append one record to OUT/metrics.jsonl (rank 0)."""
     if run.dist.is_main:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps({k: v for k, v in rec.items() if k != "kind"}) + "\n")
+        try:
+            with open(run.metrics_path, "a") as f:
+                f.write(json.dumps({k: v for k, v in rec.items() if k != "kind"}) + "\n")
+        except OSError as e:
+            raise save_failed(e, f"metrics.jsonl at step {run.state.step}", run.out) from None
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a metrics.jsonl and how many lines were unreadable (a SIGKILL tears the last one)."""
+    recs, bad = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+        else:
+            bad += 1
+    return recs, bad
+
+
+def keep_metrics(run: Run, last_step: int) -> None:
+    """Rewrite OUT/metrics.jsonl (atomically) with the records up to `last_step`; torn lines dropped with a note."""
+    recs, bad = read_metrics(run.metrics_path)
+    if bad:
+        run.on_event({"kind": "note", "text": f"dropped {bad} torn line{'s' if bad > 1 else ''} of "
+                                              f"{run.metrics_path} (a run killed while writing)"})
+    tmp = run.metrics_path.with_name(f".tmp-metrics-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= last_step))
+    os.replace(tmp, run.metrics_path)
+
+
+def check_skips(run: Run, streak: list[Event]) -> None:
+    """Stop a run whose fp16 loss scaler keeps skipping steps: it would only write a broken model."""
+    if not streak:
+        return
+    finite = all(math.isfinite(r["loss"]) for r in streak)
+    if len(streak) < (SKIP_STREAK_FINITE if finite else SKIP_STREAK):
+        return
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else float("nan")
+    raise TrainingError(
+        f"the fp16 loss scaler skipped {len(streak)} steps in a row (steps {streak[0]['step']}-{streak[-1]['step']}; "
+        f"loss {streak[-1]['loss']:.4g}, scale {scale:.3g}); stopped at step {streak[-1]['step']}. Last good "
+        f"checkpoint: {find_latest_checkpoint(run.out) or 'none'}. Try a lower --lr or --precision bf16-mixed/fp32")
 
 
 def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, traced_peak: int | None) -> Event:
@@ -512,9 +570,13 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
         **memory_stats(run.device),
     }
     if run.dist.is_main:
-        (run.out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "kind"}, indent=2))
         title = f"{run.out.name}: {run.model.config.name}, {run.plan.describe()}"
-        plot = plot_curves(run.metrics_path, run.out / "learning_curve.png", title)
+        try:
+            (run.out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "kind"},
+                                                             indent=2))
+            plot = plot_curves(run.metrics_path, run.out / "learning_curve.png", title)
+        except OSError as e:
+            raise save_failed(e, "summary.json", run.out) from None
         if plot:
             summary["plot"] = str(plot)
     return summary
@@ -560,7 +622,7 @@ def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    recs, _ = read_metrics(metrics_path)
     tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
     va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     lr = [(r["step"], r["lr"]) for r in recs if "lr" in r]
