@@ -92,5 +92,5 @@ def read_json(path: Path, what: str | None = None) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object in {what or path.name}, found a {type(raw).__name__}")
+        raise CheckpointError(f"{path}: {what or path.name} must be a JSON object, not a {type(raw).__name__}")
     return raw
