@@ -272,7 +272,7 @@ def test_data_and_model_inputs_that_used_to_raise_tracebacks(tmp_path, monkeypat
     (tmp_path / "m" / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="must be a JSON object"):
         read_model_config(tmp_path / "m")
-    with pytest.raises(CheckpointError, match="must be a JSON object")  # the same reader as finetune:
+    with pytest.raises(CheckpointError, match="must be a JSON object"):  # the same reader as finetune
         load_arch(str(tmp_path / "m" / "config.json"))
     for bare in ("1.5", "18"):
         with pytest.raises(ConfigError, match=f"give a unit: {bare}GB or {bare}GiB"):
