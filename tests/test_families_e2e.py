@@ -270,7 +270,7 @@ def test_a_tokenizer_bigger_than_the_model_is_refused(llama, tmp_path):
         tokenizer_for(str(model), small)
 
 
-@pytest.mark.parametrize("recipe", ["qwen3-0.6b-lora.toml", "llama-3.2-1b-lora.toml"])
+@pytest.mark.parametrize("recipe", ["qwen3-0.6b-lora.toml", "llama-3.2-1b-lora.toml", "llama-3.2-1b-qlora.toml"])
 def test_the_recipes_estimate_mem_lines_say_what_estimate_mem_says(recipe):
     import shlex
 
