@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from microft.config import EOT_TOKEN, IGNORE_INDEX
 from microft.errors import DataError
+from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 
 Sample = dict[str, Any]
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from microft.config import EOT_TOKEN, IGNORE_INDEX
 from microft.errors import DataError
+from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 from microft.templates import ROLES, Segment, Template
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from microft.cli import app
-from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.config import BatchPlan, RunConfig
 from microft.errors import ConfigError
 from microft.memory.estimate import (
     Budget,
@@ -27,6 +27,7 @@ from microft.memory.estimate import (
 )
 from microft.memory.plan import estimate_for_run, plan, plan_micro_batch
 from microft.memory.replay import Replay
+from microft.models.config import ModelConfig
 
 TOLERANCE = 0.03
 
@@ -287,9 +288,9 @@ def test_cli_recipe(tmp_path):
 def test_constants_mirror_the_torch_modules():
     """The analytical modules avoid importing torch; their copies of model/optim/lora facts must agree."""
     from microft import lora
-    from microft.config import LORA_TARGETS
     from microft.memory import estimate as memory
     from microft.memory import replay
+    from microft.models.config import LORA_TARGETS
     from microft.models.transformer import GPT
     from microft.train import optim
 

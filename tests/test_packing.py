@@ -9,9 +9,10 @@ import signal
 import pytest
 import torch
 
-from microft.config import BatchPlan, ModelConfig
+from microft.config import BatchPlan
 from microft.data import collate, collate_packed, pack_rows, packed_micro_batches, sample_length
 from microft.errors import DataError, Interrupted
+from microft.models.config import ModelConfig
 from microft.models.transformer import GPT, set_grad_checkpointing
 from microft.train.loop import step_plan, train
 from tests.helpers import TINY, flat_params, masked_samples, run_config, tiny_model

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.config import BatchPlan, RunConfig
 from microft.errors import ConfigError
 from microft.memory.estimate import (
     LORA_PLAN_RANK,
@@ -24,6 +24,7 @@ from microft.memory.estimate import (
     trace,
 )
 from microft.memory.replay import Arch, Setup
+from microft.models.config import ModelConfig
 
 
 # --- the planner -------------------------------------------------------------------------------
