@@ -227,12 +227,15 @@ def generate(
         sys.stdout.write("\n")
 
 
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing directory.")]
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Option("--model", help="microft checkpoint (or LoRA run directory) to export.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write.")],
     format: Annotated[str, typer.Option("--format", help="hf: a transformers directory (GPT2/Llama/Qwen2/Qwen3/MistralForCausalLM).")] = "hf",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
+    force: Force = False,
 ) -> None:
     """Export weights and tokenizer files for other tools (LoRA adapters are merged first)."""
     with user_errors():
@@ -257,7 +260,7 @@ def merge(
     model: Annotated[str, typer.Option("--model", help="LoRA adapter directory (or run dir with adapter files).")],
     out: Annotated[str, typer.Option("--out", help="Directory for the merged microft checkpoint.")],
     base: Annotated[str | None, typer.Option("--base", help="Base model, when the adapter doesn't name it.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
+    force: Force = False,
 ) -> None:
     """Fold LoRA adapters into the base weights and save a plain microft checkpoint (with the tokenizer files)."""
     with user_errors():
