@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from microft.config import ModelConfig  # noqa: E402
+from microft.models.config import ModelConfig  # noqa: E402
 from microft.perf import flops_per_token, probe_peak_flops  # noqa: E402
 
 STEPLOOP = Path(__file__).with_name("steploop.py")

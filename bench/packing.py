@@ -29,9 +29,10 @@ import torch
 from docs_section import replace_section
 from harness import DOC, command_line, load_average, machine, model_label, table
 
-from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.config import BatchPlan, RunConfig
 from microft.data import epoch_batches, micro_batches, sample_length
 from microft.instruct import build_samples, parse_record
+from microft.models.config import ModelConfig
 from microft.tokenizer import encode
 from microft.train.loop import train
 from microft.train.step import resolve_precision

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from microft.config import ModelConfig, RunConfig  # noqa: E402
+from microft.config import RunConfig  # noqa: E402
+from microft.models.config import ModelConfig
 from microft.perf import peak_rss_bytes  # noqa: E402
 
 LR, BETAS, WEIGHT_DECAY, MAX_GRAD_NORM = 3e-4, (0.9, 0.95), 0.1, 1.0

@@ -227,12 +227,15 @@ def generate(
         sys.stdout.write("\n")
 
 
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing directory.")]
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Option("--model", help="microft checkpoint (or LoRA run directory) to export.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write.")],
     format: Annotated[str, typer.Option("--format", help="hf: a transformers directory (GPT2/Llama/Qwen2/Qwen3/MistralForCausalLM).")] = "hf",
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
+    force: Force = False,
 ) -> None:
     """Export weights and tokenizer files for other tools (LoRA adapters are merged first)."""
     with user_errors():
@@ -257,7 +260,7 @@ def merge(
     model: Annotated[str, typer.Option("--model", help="LoRA adapter directory (or run dir with adapter files).")],
     out: Annotated[str, typer.Option("--out", help="Directory for the merged microft checkpoint.")],
     base: Annotated[str | None, typer.Option("--base", help="Base model, when the adapter doesn't name it.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing directory.")] = False,
+    force: Force = False,
 ) -> None:
     """Fold LoRA adapters into the base weights and save a plain microft checkpoint (with the tokenizer files)."""
     with user_errors():
@@ -332,7 +335,7 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         from microft.config import resolve_batch_plan, resolve_config
         from microft.errors import ConfigError
         from microft.memory import estimate as memory
-        from microft.memory.plan import plan
+        from microft.memory.plan import auto_batch_plan, fit_budget
 
         recipe, seq_len = flags.pop("recipe"), flags.pop("seq_len")
         flags = run_flags(flags)
@@ -357,18 +360,18 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         prec = memory.resolve_precision(cfg.precision, budget)
         base = memory.setup_for(cfg, arch, 1, precision=prec)
         gbs = cfg.global_bs
-        result_plan = None
+        fit = None
         if budget is not None:
             if gbs is None and isinstance(cfg.micro_bs, int):  # the batch asked about is the one to keep
                 gbs = cfg.micro_bs * (cfg.accum or 1) * world
-            result_plan = plan(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
+            fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
         if cfg.micro_bs == "auto":
-            if result_plan is None or result_plan.tree[0].micro_bs == 0:
-                raise ConfigError("--micro-bs auto needs a --gpu-mem budget that fits micro-batch 1 with your settings")
-            mb, acc = result_plan.tree[0].micro_bs, result_plan.tree[0].accum
+            if budget is None:
+                raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
+            bp = auto_batch_plan(cfg, arch, budget, world)
         else:
             bp = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
-            mb, acc = bp.micro_bs, bp.accum
+        mb, acc = bp.micro_bs, bp.accum
         from dataclasses import replace
 
         setup = replace(base, micro_bs=mb, accum=min(acc, 2))
@@ -386,9 +389,9 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
             import json
 
             print(json.dumps({"estimated": _what(est, acc), **est.to_dict(), "accum": acc,
-                              "plan": result_plan.to_dict() if result_plan else None}, indent=2))
+                              "plan": fit.to_dict() if fit else None}, indent=2))
         else:
-            _render_estimate(est, acc, result_plan)
+            _render_estimate(est, acc, fit)
         if est.fits is False:
             raise typer.Exit(3)
 
@@ -401,7 +404,7 @@ def _what(est: Any, accum: int) -> str:
             f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
 
 
-def _render_estimate(est: Any, accum: int, plan: Any) -> None:
+def _render_estimate(est: Any, accum: int, fit: Any) -> None:
     from microft.ui import fmt_bytes, out, print_kv, print_table
 
     what = _what(est, accum)
@@ -427,17 +430,17 @@ def _render_estimate(est: Any, accum: int, plan: Any) -> None:
                                    for k, v in est.details.items()))] if est.details else []
     info += [("note", n) for n in est.notes]
     print_kv("Where and why", info)
-    if plan is None:
+    if fit is None:
         return
-    gbs = f"global batch {plan.global_bs}" if plan.global_bs else "no --global-bs: largest micro-batch"
+    gbs = f"global batch {fit.global_bs}" if fit.global_bs else "no --global-bs: largest micro-batch"
     prow = [[r.strategy, str(r.micro_bs) if r.fits else "-", str(r.accum) if r.fits else "-",
              fmt_bytes(r.total_bytes), f"{r.rel_cost:.2f}×" if r.fits else "-", "yes" if r.fits else "no"]
-            for r in plan.rows]
-    print_table(f"Plan for {plan.budget.label} ({fmt_bytes(plan.budget.bytes)}, {gbs})",
+            for r in fit.strategies]
+    print_table(f"Plan for {fit.budget.label} ({fmt_bytes(fit.budget.bytes)}, {gbs})",
                 ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits"], prow)
     tree = " → ".join(f"{r.strategy}: {'micro-bs ' + str(r.micro_bs) + ' × accum ' + str(r.accum) if r.fits else 'no'}"
-                      for r in plan.tree)
-    rec = plan.recommended
+                      for r in fit.tree)
+    rec = fit.recommended
     print_kv("Recommendation", [("decision tree", tree),
                                 ("recommended", f"{rec.strategy}: --micro-bs {rec.micro_bs} --accum {rec.accum}"
                                  if rec else "nothing fits this budget, not even LoRA at micro-batch 1")])

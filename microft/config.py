@@ -1,4 +1,4 @@
-"""Configuration: the run config (model shapes: microft.models.config, re-exported here), batch plans and recipes.
+"""Configuration: the run config, batch plans and recipes (the model's shapes: microft.models.config).
 
 Plain pydantic models; this module never imports torch so the CLI stays fast and the
 config can be validated (and printed with --dry-run) before anything heavy loads.
@@ -19,19 +19,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-from microft.models.config import (  # noqa: F401  (re-exported: the model's config lives in microft.models)
-    CE_CHUNK_BYTES,
-    EOT_TOKEN,
-    GPT2_VOCAB_SIZE,
-    IGNORE_INDEX,
-    LORA_GROUPS,
-    LORA_TARGETS,
-    PRESETS,
-    ModelConfig,
-    ce_chunks,
-    parse_lora_targets,
-)
 
 EVALS_PER_RUN = 10  # default cadence: evaluations per run (plus one at the start and one at the end)
 

@@ -16,8 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from microft.config import EOT_TOKEN, IGNORE_INDEX
-from microft.errors import DataError
+from microft.errors import DataError, check_data_path
+from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 
 Sample = dict[str, Any]
 
@@ -25,12 +25,7 @@ Sample = dict[str, Any]
 def read_text_corpus(path: str | Path) -> list[str]:
     """Documents from a text file (one document) or a directory of `.txt` files (sorted, recursive)."""
     p = Path(path)
-    try:
-        os.stat(p)  # the real reason: no such file, permission denied, a symlink loop
-    except FileNotFoundError:
-        raise DataError(f"data not found: {p}") from None
-    except OSError as e:
-        raise DataError(f"{p}: {e.strerror}") from None
+    check_data_path(p, f"data not found: {p}")
     if p.is_dir():
         try:
             os.listdir(p)  # rglob would pass over an unreadable directory in silence

@@ -1,5 +1,7 @@
 """User-facing error types. The CLI turns each into one line on stderr and its exit code."""
 
+import os
+
 
 class MicroftError(Exception):
     """A problem with the user's input or environment; never a bug. Exit code 2."""
@@ -41,3 +43,14 @@ def one_line(e: BaseException, limit: int | None = 160) -> str:
     """An exception's message on one line (cut to `limit` characters), for error messages."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_data_path(path: os.PathLike, missing: str) -> None:
+    """Raise DataError with the real reason `path` can't be reached: `missing` when it does not exist,
+    else the system's (permission denied, a symlink loop)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise DataError(missing) from None
+    except OSError as e:
+        raise DataError(f"{path}: {e.strerror}") from None

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from microft.config import EOT_TOKEN
 from microft.errors import ConfigError
+from microft.models.config import EOT_TOKEN
 from microft.models.precision import compute_dtype
 from microft.models.transformer import GPT, KVCache
 from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer

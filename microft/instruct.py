@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from microft.config import EOT_TOKEN, IGNORE_INDEX
-from microft.errors import DataError
+from microft.errors import DataError, check_data_path
+from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 from microft.templates import ROLES, Segment, Template
 
 if TYPE_CHECKING:
@@ -231,12 +230,7 @@ def _read_file(path: Path, name: str, problems: list[str]) -> list[Record]:
 def data_files(path: str | Path) -> list[Path]:
     """The files `read_records` reads for `path`: the file itself, or a directory's .json/.jsonl files."""
     p = Path(path)
-    try:
-        os.stat(p)  # the real reason: no such file, permission denied, a symlink loop
-    except FileNotFoundError:
-        raise DataError(f"{p}: no such file or directory") from None
-    except OSError as e:
-        raise DataError(f"{p}: {e.strerror}") from None
+    check_data_path(p, f"{p}: no such file or directory")
     if p.is_dir():
         try:
             files = sorted(

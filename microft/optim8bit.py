@@ -24,6 +24,8 @@ transient of about 5 fp32 chunks (m, v, grad, denom, param copy): <= 5 * 4 * CHU
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,14 @@ def _dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -
     return (vals * absmax[:, None]).view(-1)[:n]
 
 
+def closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """`Optimizer.step(closure)`'s loss: the closure re-evaluated with gradients on, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments are 8-bit blockwise-quantized (see the module docstring).
 
@@ -88,10 +98,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         maps: dict[torch.device, tuple] = {}
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

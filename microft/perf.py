@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from microft.config import ModelConfig
+from microft.models.config import ModelConfig
 
 # dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s; fp32 uses TF32 peak where it applies
 GPU_PEAK_TFLOPS: dict[str, float] = {

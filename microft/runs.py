@@ -34,11 +34,11 @@ def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=Non
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
     if cfg.micro_bs != "auto" or model_cfg is None:
         return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
-    from microft.memory.plan import plan_micro_batch
+    from microft.memory.estimate import Budget, arch_from_config
+    from microft.memory.plan import auto_batch_plan
 
     budget, where = memory_budget(cfg)
-    micro = plan_micro_batch(cfg, model_cfg, budget)  # divides the per-device share of --global-bs
-    plan = resolve_batch_plan(micro, None if cfg.global_bs else cfg.accum, cfg.global_bs, world_size)
+    plan = auto_batch_plan(cfg, arch_from_config(model_cfg, cfg.dropout), Budget(budget, where), world_size)
     if on_event:
         on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
     return plan

@@ -60,19 +60,15 @@ class Template:
     def instruction_segments(self, instruction: str, input: str, output: str) -> list[Segment]:
         return [(self.render_prompt(instruction, input), False), (output + self.response_end, True)]
 
-    def chat_segments(self, messages: Sequence[tuple[str, str]], train_all: bool = True) -> list[Segment]:
-        """Segments for a chat; assistant content plus its turn ending are targets.
-
-        With `train_all=False` only the last assistant turn is a target (earlier ones become context).
-        """
+    def chat_segments(self, messages: Sequence[tuple[str, str]]) -> list[Segment]:
+        """Segments for a chat; every assistant turn's content plus its turn ending are targets."""
         if self.turn is None:
             raise ConfigError(f"template {self.name!r} has no 'turn' format, so it can't render chat records")
         head, tail = self.turn.split("{content}")
-        last = max(i for i, (role, _) in enumerate(messages) if role == "assistant")
         segs: list[Segment] = []
-        for i, (role, content) in enumerate(messages):
+        for role, content in messages:
             shown = self.roles.get(role, role)
-            if role == "assistant" and (train_all or i == last):
+            if role == "assistant":
                 segs.append((head.format(role=shown), False))
                 segs.append((content + tail.format(role=shown), True))
             else:

@@ -26,8 +26,8 @@ from typing import Any
 
 import tiktoken
 
-from microft.config import EOT_TOKEN, GPT2_VOCAB_SIZE
 from microft.errors import ConfigError
+from microft.models.config import EOT_TOKEN, GPT2_VOCAB_SIZE
 
 RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -380,7 +380,7 @@ def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
         return gpt2_tokenizer()
     p = Path(spec).expanduser()
     if not p.exists():
-        from microft.config import PRESETS
+        from microft.models.config import PRESETS
 
         if str(spec) in PRESETS:
             return gpt2_tokenizer()

@@ -6,7 +6,8 @@ import random
 
 import torch
 
-from microft.config import IGNORE_INDEX, ModelConfig, RunConfig
+from microft.config import RunConfig
+from microft.models.config import IGNORE_INDEX, ModelConfig
 from microft.models.transformer import GPT
 
 TINY = ModelConfig(name="test-tiny", vocab_size=512, n_layer=2, n_head=2, n_embd=32, n_positions=64)

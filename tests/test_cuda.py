@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.config import BatchPlan, RunConfig
 from microft.memory.estimate import arch_from_config, estimate, setup_for
+from microft.models.config import ModelConfig
 from microft.models.transformer import GPT
 from microft.train.loop import train
 from microft.train.optim import build_optimizer

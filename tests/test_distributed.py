@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from microft.config import ModelConfig, RunConfig
+from microft.config import RunConfig
+from microft.models.config import ModelConfig
 from microft.models.load import load_model, save_model
 from microft.models.transformer import GPT
 from microft.runs import run_pretrain

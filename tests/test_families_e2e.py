@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 transformers = pytest.importorskip("transformers")
 
 from microft.cli import app  # noqa: E402
-from microft.config import IGNORE_INDEX, RunConfig  # noqa: E402
+from microft.config import RunConfig  # noqa: E402
 from microft.errors import ConfigError, Interrupted  # noqa: E402
+from microft.models.config import IGNORE_INDEX  # noqa: E402
 from microft.runs import TOKENIZER_FILES, run_finetune, run_pretrain, tokenizer_for  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.tokdirs import LLAMA3_TEMPLATE, QWEN_TEMPLATE_GEN, write_llama_dir, write_qwen_dir  # noqa: E402

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from microft.config import EOT_TOKEN, ModelConfig
 from microft.errors import ConfigError
 from microft.generate import generate, generate_text, next_token, stream_text
+from microft.models.config import EOT_TOKEN, ModelConfig
 from microft.models.transformer import GPT
 from microft.tokenizer import decode, encode, get_encoding
 

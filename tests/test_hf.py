@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from microft.config import ModelConfig  # noqa: E402
 from microft.errors import CheckpointError  # noqa: E402
+from microft.models.config import ModelConfig  # noqa: E402
 from microft.models.hf import export_hf  # noqa: E402
 from microft.models.load import load_hf_state, load_model, model_state_dict  # noqa: E402
 from microft.models.transformer import GPT  # noqa: E402

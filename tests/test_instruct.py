@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from microft.config import EOT_TOKEN, IGNORE_INDEX, RunConfig
+from microft.config import RunConfig
 from microft.errors import ConfigError, DataError
 from microft.instruct import (
     Message,
@@ -18,6 +18,7 @@ from microft.instruct import (
     split_records,
     write_predictions,
 )
+from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 from microft.templates import BUILTIN_TEMPLATES, load_template
 from microft.tokenizer import decode, encode
 

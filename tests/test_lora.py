@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from microft.config import ModelConfig
 from microft.errors import CheckpointError, ConfigError
 from microft.lora import (
     ADAPTER_CONFIG,
@@ -23,6 +22,7 @@ from microft.lora import (
     parse_targets,
     save_adapter,
 )
+from microft.models.config import ModelConfig
 from microft.models.load import model_state_dict
 from microft.models.transformer import GPT, set_grad_checkpointing
 

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from microft.cli import app
-from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.config import BatchPlan, RunConfig
 from microft.errors import ConfigError
 from microft.memory.estimate import (
     Budget,
@@ -25,8 +25,9 @@ from microft.memory.estimate import (
     setup_for,
     trace,
 )
-from microft.memory.plan import estimate_for_run, plan, plan_micro_batch
+from microft.memory.plan import StrategyFit, auto_batch_plan, estimate_for_run, fit_budget, step_cost
 from microft.memory.replay import Replay
+from microft.models.config import ModelConfig
 
 TOLERANCE = 0.03
 
@@ -146,9 +147,9 @@ def test_plan_picks_the_largest_micro_batch_that_fits():
     arch = load_arch("gpt2")
     budget = parse_budget("t4")
     base = setup_for(RunConfig(precision="fp32", max_seq_len=1024), arch, 1)
-    p = plan(arch, base, budget, global_bs=32)
-    assert len(p.rows) >= 5 and p.recommended is not None
-    for row in p.rows + p.tree:
+    p = fit_budget(arch, base, budget, global_bs=32)
+    assert len(p.strategies) >= 5 and p.recommended is not None
+    for row in p.strategies + p.tree:
         if not row.fits:
             continue
         assert row.micro_bs * row.accum == 32 and row.total_bytes <= budget.bytes
@@ -156,21 +157,22 @@ def test_plan_picks_the_largest_micro_batch_that_fits():
         if bigger:  # the next size up does not fit
             up = estimate(arch, replace(row.setup, micro_bs=bigger[0], accum=min(32 // bigger[0], 2)), budget)
             assert not up.fits
-    ckpt = next(r for r in p.rows if "ckpt" in r.strategy)
-    assert ckpt.micro_bs >= p.rows[1].micro_bs  # checkpointing never lowers the micro-batch
+    ckpt = next(r for r in p.strategies if "ckpt" in r.strategy)
+    assert ckpt.micro_bs >= p.strategies[1].micro_bs  # checkpointing never lowers the micro-batch
 
 
-def test_plan_micro_batch_and_estimate_for_run():
+def test_auto_batch_plan_and_estimate_for_run():
     mc = ModelConfig.from_preset("gpt2")
     cfg = RunConfig(precision="bf16-mixed", global_bs=64, max_seq_len=1024, micro_bs="auto")
-    mb = plan_micro_batch(cfg, mc, 24 * 2**30)
-    assert 64 % mb == 0 and mb >= 4
+    bp = auto_batch_plan(cfg, arch_from_config(mc), Budget(24 * 2**30, "24 GiB"))
+    mb = bp.micro_bs
+    assert 64 % mb == 0 and mb >= 4 and bp.accum == 64 // mb
     info = estimate_for_run(cfg, mc, BatchPlan(micro_bs=mb, accum=64 // mb))
     assert info["fits"] is None and info["peak_bytes"] > 0 and "GiB" in info["summary"]
     over = estimate(arch_from_config(mc), setup_for(cfg, arch_from_config(mc), 128), Budget(24 * 2**30, "24 GiB"))
     assert not over.fits
     with pytest.raises(ConfigError, match="does not fit"):
-        plan_micro_batch(cfg, mc, 2**30)
+        auto_batch_plan(cfg, arch_from_config(mc), Budget(2**30, "1 GiB"))
 
 
 LLAMA_7B = {
@@ -186,14 +188,27 @@ def test_llama_7b_config_gets_a_fast_answer_and_a_24gb_plan(tmp_path):
     arch = load_arch(str(tmp_path))
     base = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=2048), arch, 1)
     e = estimate(arch, base)
-    p = plan(arch, base, parse_budget("24GB"), global_bs=32)
+    p = fit_budget(arch, base, parse_budget("24GB"), global_bs=32)
     assert time.perf_counter() - t0 < 10.0  # loose (shared CI cores); ~0.8 s measured when idle
     assert 6.5e9 < e.details["parameters"] < 7e9
     assert e.peak_bytes > 100 * 2**30  # full fine-tuning: fp32 weights, grads and Adam alone are ~100 GiB
     # the tree reaches QLoRA (nf4 base, bf16-mixed) before bf16 weights; both strategies fit 24 GB
     assert p.recommended is not None and p.recommended.setup.lora and p.recommended.setup.quantize == "nf4"
-    assert any(r.fits and r.setup.precision == "bf16-true" and r.setup.lora for r in p.rows)
+    assert any(r.fits and r.setup.precision == "bf16-true" and r.setup.lora for r in p.strategies)
     assert arch.family == "llama" and arch.norm == "rmsnorm" and arch.mlp == "swiglu" and not arch.tied
+
+
+def test_step_cost_counts_the_family_flops_and_the_recompute():
+    """The planner ranks strategies by the model's own FLOPs (SwiGLU, untied head), not GPT-2's 12·C²·L."""
+    mc = ModelConfig.from_hf(LLAMA_7B)
+    arch, T, C, L, ffn = arch_from_config(mc), 2048, 4096, 32, 11008
+    base = setup_for(RunConfig(precision="fp32", max_seq_len=T), arch, 1)
+    row = StrategyFit("fp32", replace(base, micro_bs=4), 4, 1, 0, 0)
+    per_token = 6 * (L * (4 * C * C + 3 * C * ffn) + 32000 * C) + 12 * L * C * T  # matmuls + attention
+    assert step_cost(arch, row) == pytest.approx(per_token / 0.5 * (1 + 512 / (4 * T)))
+    ckpt = StrategyFit("ckpt", replace(base, micro_bs=4, precision="bf16-mixed", grad_ckpt=True), 4, 1, 0, 0)
+    forward_again = L * (2 * (4 * C * C + 3 * C * ffn) + 4 * C * T)  # the checkpointed blocks' second forward
+    assert step_cost(arch, ckpt) == pytest.approx((per_token + forward_again) * (1 + 512 / (4 * T)))
 
 
 def test_llama_8b_preset_estimate_is_fast():
@@ -287,9 +302,9 @@ def test_cli_recipe(tmp_path):
 def test_constants_mirror_the_torch_modules():
     """The analytical modules avoid importing torch; their copies of model/optim/lora facts must agree."""
     from microft import lora
-    from microft.config import LORA_TARGETS
     from microft.memory import estimate as memory
     from microft.memory import replay
+    from microft.models.config import LORA_TARGETS
     from microft.models.transformer import GPT
     from microft.train import optim
 

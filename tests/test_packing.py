@@ -9,11 +9,12 @@ import signal
 import pytest
 import torch
 
-from microft.config import BatchPlan, ModelConfig
+from microft.config import BatchPlan
 from microft.data import collate, collate_packed, pack_rows, packed_micro_batches, sample_length
 from microft.errors import DataError, Interrupted
+from microft.models.config import ModelConfig
 from microft.models.transformer import GPT, set_grad_checkpointing
-from microft.train.loop import step_plan, train
+from microft.train.loop import step_batches, train
 from tests.helpers import TINY, flat_params, masked_samples, run_config, tiny_model
 
 LLAMA = ModelConfig.from_preset("llama-tiny")
@@ -66,11 +67,11 @@ def test_packing_rearranges_a_steps_samples_and_rows_do_not_depend_on_the_micro_
     samples = masked_samples(64, seed=5)
     lengths = [sample_length(s) for s in samples]
     for step in range(4):
-        _, plain_idx = step_plan(step, 64, lengths, BatchPlan(micro_bs=2, accum=4), 7, True)
+        _, plain_idx = step_batches(step, 64, lengths, BatchPlan(micro_bs=2, accum=4), 7, True)
         rows_by_mbs = {}
         for mbs in (1, 2, 8):
             plan = BatchPlan(micro_bs=mbs, accum=8 // mbs)
-            mb, idx = step_plan(step, 64, lengths, plan, 7, True, pack_len=64)
+            mb, idx = step_batches(step, 64, lengths, plan, 7, True, pack_len=64)
             assert idx == plain_idx  # the same samples form the step
             assert sorted(i for m in mb for r in m for i in r) == sorted(idx)
             assert all(len(m) <= mbs for m in mb)

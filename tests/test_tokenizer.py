@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from microft.config import EOT_TOKEN
 from microft.errors import ConfigError
 from microft.generate import stream_text
+from microft.models.config import EOT_TOKEN
 from microft.tokenizer import (
     HFTokenizer,
     TiktokenTokenizer,

@@ -23,10 +23,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from microft.config import ModelConfig, RunConfig, ce_chunks, parse_lora_targets
+from microft.config import RunConfig
 from microft.errors import ConfigError
 from microft.memory.replay import Arch, Replay, Setup
 from microft.memory.sim import OverLimit
+from microft.models.config import ModelConfig, ce_chunks, parse_lora_targets
 from microft.models.source import read_model_config
 
 MiB, GiB = 2**20, 2**30

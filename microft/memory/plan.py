@@ -1,6 +1,7 @@
 """The batch planner: the largest micro-batch that fits a GPU, per strategy, and the OOM decision tree.
 
-Also what a run asks of the estimator (runs.py hands it to the loop): `plan_micro_batch` (`--micro-bs auto`), `plan_advice`
+Also what a run asks of the estimator (runs.py hands it to the loop): `auto_batch_plan` (`--micro-bs auto`, here
+only: finetune, pretrain and estimate-mem all ask it), `plan_advice`
 (the out-of-memory message) and `estimate_for_run` (the banner and the summary).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from microft.config import BatchPlan, ModelConfig, RunConfig
+from microft.config import BatchPlan, RunConfig, resolve_batch_plan
 from microft.errors import ConfigError
 from microft.memory.estimate import (
     LORA_PLAN_RANK,
@@ -18,17 +19,19 @@ from microft.memory.estimate import (
     GiB,
     arch_from_config,
     estimate,
+    model_config,
     resolve_precision,
     scale_out,
     setup_for,
     trace,
 )
 from microft.memory.replay import Arch, Setup
+from microft.models.config import ModelConfig
 
 
 # --- the planner -------------------------------------------------------------------------------
 @dataclass
-class PlanRow:
+class StrategyFit:
     """One strategy on a budget: the largest micro-batch that fits and what the step costs."""
 
     strategy: str
@@ -52,17 +55,19 @@ class PlanRow:
 
 
 @dataclass
-class Plan:
+class BudgetFit:
+    """What fits a budget: every strategy's largest micro-batch, the decision tree, the recommendation."""
+
     budget: Budget
     global_bs: int | None
     world: int
-    rows: list[PlanRow]  # the strategy table
-    tree: list[PlanRow]  # the decision tree from the run's own settings, in order
-    recommended: PlanRow | None
+    strategies: list[StrategyFit]  # the strategy table
+    tree: list[StrategyFit]  # the decision tree from the run's own settings, in order
+    recommended: StrategyFit | None
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget_bytes": self.budget.bytes, "budget": self.budget.label, "global_bs": self.global_bs,
-                "devices": self.world, "strategies": [r.to_dict() for r in self.rows],
+                "devices": self.world, "strategies": [r.to_dict() for r in self.strategies],
                 "decision_tree": [r.to_dict() for r in self.tree],
                 "recommended": self.recommended.to_dict() if self.recommended else None}
 
@@ -91,7 +96,7 @@ class _Fitter:
         per = self.global_bs // self.world
         return [(m, per // m) for m in range(1, per + 1) if per % m == 0]
 
-    def fit(self, name: str, base: Setup) -> PlanRow:
+    def fit(self, name: str, base: Setup) -> StrategyFit:
         cands = self.candidates()
 
         def ok(i: int) -> Estimate | None:
@@ -112,29 +117,29 @@ class _Fitter:
                 hi = mid - 1
         if best is None:  # report the full peak at micro-batch 1, not the replay's stopping point
             e = self.est(replace(base, micro_bs=1, accum=min(cands[0][1], 2)), limited=False)
-            return PlanRow(name, e.setup, 0, 0, e.peak_bytes, e.total_bytes)
+            return StrategyFit(name, e.setup, 0, 0, e.peak_bytes, e.total_bytes)
         m, acc = cands[best]
         e = self.est(replace(base, micro_bs=m, accum=min(acc, 2)))
-        return PlanRow(name, e.setup, m, acc, e.peak_bytes, e.total_bytes)
+        return StrategyFit(name, e.setup, m, acc, e.peak_bytes, e.total_bytes)
 
 
-def step_cost(arch: Arch, row: PlanRow) -> float:
-    """Rough time per token, for ranking strategies: matmul FLOPs (a second forward of the
-    checkpointed blocks; no weight gradients for frozen LoRA weights) at tensor-core speed, or
-    half of it in fp32 (TF32 off), plus a fixed cost per micro-step worth 512 tokens."""
-    s = row.setup
+def step_cost(arch: Arch, row: StrategyFit) -> float:
+    """Rough time per token, for ranking strategies: the model's training FLOPs per token
+    (`ModelConfig.flops_per_token`, every family; frozen LoRA weights need no weight gradient)
+    plus a second forward of the checkpointed blocks, at tensor-core speed or half of it in fp32
+    (TF32 off), plus a fixed cost per micro-step worth 512 tokens."""
+    s, mc = row.setup, model_config(arch)
     ckpt_frac = (len(range(0, arch.n_layer, s.ckpt_every)) / arch.n_layer) if s.grad_ckpt else 0.0
-    block = 12 * arch.n_embd**2 * arch.n_layer
-    head = arch.padded_vocab * arch.n_embd
-    train_frac = 0.02 if s.lora else 1.0
-    flops = block * (4 + 2 * train_frac + 2 * ckpt_frac) + head * (4 + (0 if s.lora else 2))
+    keys = min(s.seq_len, arch.sliding_window) if arch.sliding_window else s.seq_len
+    block_forward = 2 * (mc.matmul_params() - mc.vocab_size * mc.n_embd) + 4 * arch.n_layer * mc.q_dim * keys
+    flops = mc.flops_per_token(s.seq_len, 0.02 if s.lora else 1.0) + ckpt_frac * block_forward
     speed = 0.5 if s.precision == "fp32" else 1.0
     tokens = max(1, row.micro_bs) * s.seq_len
     return flops / speed * (1 + 512 / tokens)
 
 
-def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, world: int = 1,
-         shard: str = "none", accum: int = 1) -> Plan:
+def fit_budget(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, world: int = 1,
+         shard: str = "none", accum: int = 1) -> BudgetFit:
     """For each strategy the largest micro-batch that fits `budget` (runtime overhead included)
     with the accumulation that keeps `global_bs`; then the OOM decision tree, walked exactly:
     your settings (the largest micro-batch that fits) -> + gradient checkpointing -> + 8-bit
@@ -181,7 +186,7 @@ def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, 
         steps.append(("+ QLoRA (nf4)", cur))
     if budget.bf16 and cur.precision != "bf16-true":
         steps.append(("+ bf16 weights (bf16-true)", replace(cur, precision="bf16-true")))
-    tree = []
+    tree: list[StrategyFit] = []
     for name, s in steps:
         tree.append(f.fit(name, s))
         if tree[-1].fits:
@@ -190,37 +195,42 @@ def plan(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, 
     ref = min((step_cost(arch, r) for r in fitting), default=1.0)  # the cheapest strategy that fits is 1.00x
     for r in rows + tree:
         r.rel_cost = step_cost(arch, r) / ref
-    return Plan(budget, global_bs, world, rows, tree, tree[-1] if tree[-1].fits else None)
+    return BudgetFit(budget, global_bs, world, rows, tree, tree[-1] if tree[-1].fits else None)
 
 
-# --- for a run (runs.py) ---------------------------------------------------------------------------
-def _base(cfg: RunConfig, model_cfg: ModelConfig, precision: str | None, budget: Budget | None = None) -> tuple[Arch, Setup]:
-    arch = arch_from_config(model_cfg, cfg.dropout)
-    prec = precision or resolve_precision(cfg.precision, budget)
-    return arch, setup_for(cfg, arch, 1, precision=prec)
+# --- for a run (runs.py) and estimate-mem -----------------------------------------------------------
+def _base(cfg: RunConfig, arch: Arch, precision: str | None, budget: Budget | None = None) -> Setup:
+    return setup_for(cfg, arch, 1, precision=precision or resolve_precision(cfg.precision, budget))
 
 
-def plan_micro_batch(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int, precision: str | None = None) -> int:
-    """The largest micro-batch (dividing the per-device global batch when one is given) whose
-    estimated peak plus runtime overhead fits `budget_bytes` (the device's total memory).
+def _budget(budget_bytes: int) -> Budget:
+    return Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
+
+
+def auto_batch_plan(cfg: RunConfig, arch: Arch, budget: Budget, world_size: int = 1) -> BatchPlan:
+    """`--micro-bs auto`, for finetune, pretrain and estimate-mem alike: the largest micro-batch
+    (dividing the per-device global batch when one is given) whose estimated peak plus runtime
+    overhead fits `budget`, with the accumulation that keeps --global-bs (else --accum).
 
     Raises ConfigError, with what would fit instead, when not even micro-batch 1 fits."""
-    budget = Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
-    arch, base = _base(cfg, model_cfg, precision, budget)
     world, shard = scale_out(cfg)
+    base = _base(cfg, arch, None, budget)
     row = _Fitter(arch, budget, cfg.global_bs, world, shard, cfg.accum or 1).fit("your settings", base)
-    if row.fits:
-        return row.micro_bs
-    raise ConfigError(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
-                      f"with runtime overhead); {plan_advice(cfg, model_cfg, budget_bytes, precision)}")
+    if not row.fits:
+        raise ConfigError(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
+                          f"with runtime overhead); {_advice(cfg, arch, budget)}")
+    return resolve_batch_plan(row.micro_bs, None if cfg.global_bs else cfg.accum, cfg.global_bs, world_size)
 
 
-def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int, precision: str | None = None) -> str:
+def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int) -> str:
     """One line for an out-of-memory message: what the decision tree recommends on this budget."""
-    budget = Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
-    arch, base = _base(cfg, model_cfg, precision, budget)
+    return _advice(cfg, arch_from_config(model_cfg, cfg.dropout), _budget(budget_bytes))
+
+
+def _advice(cfg: RunConfig, arch: Arch, budget: Budget) -> str:
+    base = _base(cfg, arch, None, budget)
     world, shard = scale_out(cfg)
-    p = plan(arch, base, budget, cfg.global_bs, world, shard, cfg.accum or 1)
+    p = fit_budget(arch, base, budget, cfg.global_bs, world, shard, cfg.accum or 1)
     r = p.recommended
     if r is None:
         return f"nothing fits {budget.label}, not even LoRA with bf16 weights at micro-batch 1"
@@ -244,8 +254,8 @@ def estimate_for_run(cfg: RunConfig, model_cfg: ModelConfig, plan: BatchPlan, pr
 
     `precision`: the trainer's resolved precision (else `cfg.precision`, auto -> bf16-mixed).
     `engine`: "analytical" (instant) or "trace" (the measured peak on CPU, a few seconds)."""
-    arch, base = _base(cfg, model_cfg, precision)
-    s = replace(base, micro_bs=plan.micro_bs, accum=min(plan.accum, 2))
+    arch = arch_from_config(model_cfg, cfg.dropout)
+    s = replace(_base(cfg, arch, precision), micro_bs=plan.micro_bs, accum=min(plan.accum, 2))
     fn = trace if engine == "trace" else estimate
     e = fn(arch, s, world=plan.world_size, shard=scale_out(cfg)[1] if plan.world_size > 1 else "none")
     return {**e.to_dict(), "summary": e.summary()}

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from microft.config import ce_chunks
 from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
+from microft.models.config import ce_chunks
 from microft.optim8bit import CHUNK as CHUNK_8BIT
 from microft.optim8bit import state_nbytes
 from microft.quant import nf4_nbytes

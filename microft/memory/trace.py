@@ -28,9 +28,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from microft.config import ModelConfig, RunConfig
+from microft.config import RunConfig
 from microft.memory.replay import sdpa_workspace
 from microft.memory.sim import cuda_bytes
+from microft.models.config import ModelConfig
 from microft.models.transformer import GPT, set_grad_checkpointing
 
 CUDA_EMULATION = [

@@ -5,7 +5,7 @@
 
 Every rank builds the same model, then `setup_distributed` wraps it: DDP by default, or FSDP2
 (`fully_shard` on each block, then the root) with `--shard fsdp`. Every rank sees the same
-deterministic global batch and trains on its share of the micro-batches (`train.loop.step_plan`).
+deterministic global batch and trains on its share of the micro-batches (`train.loop.step_batches`).
 Only rank 0 logs and writes files; checkpoints always hold full, unsharded tensors in the
 single-device format, so a run saved by 4 ranks loads and resumes on one.
 Outside torchrun everything here is a no-op on a `Dist()` of rank 0 of 1.

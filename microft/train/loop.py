@@ -176,7 +176,7 @@ def schedule_length(n_train: int, plan: BatchPlan, cfg: RunConfig) -> tuple[int,
     return spe, max(1, int(round((cfg.epochs if cfg.epochs is not None else 1.0) * spe)))
 
 
-def step_plan(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int, grouped: bool,
+def step_batches(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int, grouped: bool,
               rank: int = 0, cache: dict[int, list[list[int]]] | None = None, pack_len: int | None = None
               ) -> tuple[list, list[int]]:
     """(this rank's micro-batches, all indices of the step) for optimizer step `step`.
@@ -393,7 +393,7 @@ def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], lis
     pack_len = (cfg.max_seq_len or run.model.config.n_positions) if cfg.packing else None
 
     def build(step: int, plan: BatchPlan) -> tuple[list[Batch], list[int]]:
-        mbs, step_idx = step_plan(step, len(train_set), run.lengths, plan, cfg.seed, cfg.group_by_length,
+        mbs, step_idx = step_batches(step, len(train_set), run.lengths, plan, cfg.seed, cfg.group_by_length,
                                   run.dist.rank, epoch_cache, pack_len)
         if pack_len is not None:
             batches = [collate_packed([[train_set[i] for i in row] for row in mb]) for mb in mbs]

@@ -9,6 +9,7 @@ import torch
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
+from microft.optim8bit import closure_loss
 
 NO_DECAY_MARKERS = ("bias", "ln_", "wte", "wpe", "norm")
 
@@ -87,10 +88,7 @@ class MasterAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:

@@ -1,0 +1,99 @@
+"""The package's layering, read from the source with `ast`: imports flow one way, the loop stays small."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "microft"
+MAX_LINES = 80  # a function in train/ a reader takes in at once
+
+# what models/ sits above: the model core may import only itself, config, weights and errors
+ABOVE_MODELS = ("cli", "options", "ui", "runs", "train", "memory", "generate", "data", "instruct", "chat",
+                "templates", "demo", "tokenizer", "lora", "quant", "optim8bit", "download", "perf")
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The microft modules the file at `path` imports anywhere (top level or inside a function)."""
+    name = _module(path)
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the package
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from microft.memory import estimate`
+    return {m for m in found if m in modules and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    paths = sorted(PKG.rglob("*.py"))
+    modules = {_module(p) for p in paths}
+    return {_module(p): _imports(p, modules) for p in paths}
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else module
+
+
+def test_the_graph_is_read():
+    """The reader sees what it must: a known top-level, a lazy (in-function) and a package import."""
+    g = _graph()
+    assert "microft.train.step" in g["microft.train.loop"]
+    assert "microft.memory.plan" in g["microft.runs"]  # imported inside a function
+    assert "microft.memory.estimate" in g["microft.cli"]  # `from microft.memory import estimate as memory`
+
+
+def test_no_import_cycles():
+    g = _graph()
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    cycles: list[list[str]] = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(g[m]):
+            if state.get(d) == 1:
+                cycles.append(path[path.index(d):] + [d] if d in path else [m, d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, cycles
+
+
+def test_the_loop_never_imports_the_estimator():
+    g = _graph()
+    bad = {m: sorted(d for d in deps if _layer(d) == "memory") for m, deps in g.items() if _layer(m) == "train"}
+    assert not any(bad.values()), bad
+
+
+def test_models_import_nothing_above_them():
+    g = _graph()
+    bad = {m: sorted(d for d in deps if _layer(d) in ABOVE_MODELS) for m, deps in g.items() if _layer(m) == "models"}
+    assert not any(bad.values()), bad
+    # and the run config (below models) does not reach up into them
+    assert not {d for d in g["microft.config"] if _layer(d) == "models"}
+
+
+def test_functions_in_train_are_short():
+    long = []
+    for path in sorted((PKG / "train").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_LINES:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
