@@ -193,3 +193,19 @@ def test_estimate_counts_nf4_weights_as_the_real_model_holds_them(spec, double_q
     assert est.details["weights"] == sum(storages.values())  # the details line: NF4 bytes, not 4 per weight
     eight = estimate(arch, setup_for(cfg.model_copy(update={"optimizer": "adamw-8bit"}), arch, 1))
     assert eight.components["optimizer state"] <= est.components["optimizer state"]
+
+
+def test_a_trace_leaves_the_dynamic_map_real():
+    """The 8-bit map is cached per process; computed first under the trace's fake tensors it must still be
+    real values (fake tensors read back as placeholders), or every later quantization in the process breaks."""
+    from microft.config import RunConfig
+    from microft.memory.estimate import load_arch, setup_for, trace
+    from microft.quant import _dynamic_map_values, dynamic_map
+
+    want = dynamic_map(True).clone(), dynamic_map(False).clone()
+    _dynamic_map_values.cache_clear()
+    arch = load_arch("llama-tiny")
+    cfg = RunConfig(lora=True, lora_r=64, quantize="nf4", double_quant=True, optimizer="adamw-8bit", max_seq_len=8)
+    trace(arch, setup_for(cfg, arch, 1))
+    assert torch.equal(dynamic_map(True), want[0]) and torch.equal(dynamic_map(False), want[1])
+    assert len(set(dynamic_map(True).tolist())) == 256
