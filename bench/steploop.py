@@ -3,6 +3,7 @@
     .venv/bin/python bench/steploop.py --impl microft --precision auto --steps 3
     .venv/bin/python bench/steploop.py --impl hf --precision bf16-mixed --steps 3 --profile 30
     .venv/bin/python bench/steploop.py --threads 1 --no-mallopt --steps 3   # A/B of keep_freed_memory()
+    .venv/bin/python bench/steploop.py --model qwen3-1.7b --precision bf16-true --lora 16 --quantize nf4 --seq 512
 
 `bench/harness.py` runs every configuration in a fresh subprocess, so each peak RSS belongs to
 one configuration alone. `--impl microft` composes the trainer's own step functions
@@ -83,11 +84,21 @@ def microft_stepper(cfg: ModelConfig, args, device: torch.device):
 
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
-    model = GPT(cfg)  # built before train() is called, so before its allocator setting
+    if args.quantize:  # QLoRA: the block linears quantized to NF4 one layer at a time while building (runs.load_base)
+        from microft.runs import load_quantized
+
+        dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+        model = load_quantized(args.model, args.quantize, args.double_quant, dtype=dtype, seed=0)
+    else:
+        model = GPT(cfg)  # built before train() is called, so before its allocator setting
     if device.type == "cpu" and not args.no_mallopt:
         keep_freed_memory()  # as train() does
     if precision == "bf16-true":
         model.to(dtype=torch.bfloat16)
+    if args.lora:
+        from microft.lora import apply_lora
+
+        apply_lora(model, args.lora, 2.0 * args.lora, 0.0, args.lora_targets)
     model.to(device).train()
     if args.grad_ckpt:
         set_grad_checkpointing(model, True)
@@ -120,24 +131,38 @@ def hf_stepper(cfg: ModelConfig, args, device: torch.device):
     raw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
     hf_cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device).train()
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+    if args.precision == "bf16-true":
+        model.to(dtype=torch.bfloat16)
+    model.to(device).train()
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.quantize:
+        raise SystemExit("--impl hf --quantize needs bitsandbytes' 4-bit layers; run it where they are installed")
+    if args.lora:  # peft's LoRA on every linear of the blocks, as microft's --lora-targets all
+        import peft
+
+        if args.grad_ckpt:
+            model.enable_input_require_grads()
+        lcfg = peft.LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+                               target_modules="all-linear", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, lcfg)
     runner = torch.compile(model) if args.compile else model
     embedding = ("wte", "wpe", "embed_tokens")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not any(e in n for e in embedding)]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not any(e in n for e in embedding))]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and not any(e in n for e in embedding)]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and not any(e in n for e in embedding))]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     impl = {"fused": True} if args.hf_optim == "fused" else {}
     optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=1e-8, **impl)
     precision = args.precision if args.precision != "auto" else "fp32"
     if precision == "bf16-mixed":
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
-    elif precision == "fp32":
+    elif precision in ("fp32", "bf16-true"):  # bf16-true: bf16 weights, plain torch AdamW on them
         autocast = contextlib.nullcontext
     else:
-        raise SystemExit(f"--impl hf supports fp32 and bf16-mixed, not {precision}")
-    params = list(model.parameters())
+        raise SystemExit(f"--impl hf supports fp32, bf16-mixed and bf16-true, not {precision}")
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def step(tokens: torch.Tensor) -> float:
         total = torch.zeros((), device=device)
@@ -227,6 +252,8 @@ def run(args) -> dict:
         "hf_optim": args.hf_optim if args.impl == "hf" else "fused", "model": args.model, "device": str(device),
         "micro_bs": args.micro_bs, "accum": args.accum, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
         "tokens_per_step": tokens_per_step, "n_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "lora": args.lora, "quantize": args.quantize, "double_quant": args.double_quant,
         "step_times": times, "step_time": median, "cpu_times": cpu_times,
         "tokens_per_sec": tokens_per_step / median, "losses": losses, "threads": torch.get_num_threads(),
         "rss_before_model": rss_before, "baseline_bytes": rss_before if device.type == "cpu" else 0,
@@ -248,6 +275,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank (0: full fine-tuning); hf: peft")
+    p.add_argument("--lora-targets", default="all", help="microft: which block linears get adapters")
+    p.add_argument("--quantize", choices=["nf4"], default=None, help="microft: NF4 base (QLoRA; with --lora)")
+    p.add_argument("--double-quant", action="store_true", help="microft: with --quantize, quantize the scales too")
     p.add_argument("--no-mallopt", action="store_true", help="microft: skip trainer.keep_freed_memory()")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--breakdown", action="store_true", help="profile one extra step: time in matmul/attention/...")

@@ -401,6 +401,7 @@ def _what(est: Any, accum: int) -> str:
     s, a = est.setup, est.arch
     return (f"{a.name}: micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, {s.optimizer}"
             f"{', grad ckpt' if s.grad_ckpt else ''}{f', LoRA r={s.lora_r}' if s.lora else ''}"
+            f"{f', {s.quantize} base' + (' (double-quant)' if s.double_quant else '') if s.quantize else ''}"
             f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
 
 

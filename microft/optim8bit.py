@@ -136,7 +136,7 @@ class AdamW8bit(torch.optim.Optimizer):
                     if wd:
                         w.mul_(1 - lr * wd)
                     w.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
-                    if w.data_ptr() != flat[s:e].data_ptr():
+                    if p.dtype != torch.float32:  # w is a copy, not a view
                         flat[s:e].copy_(w)
                     if quantized:
                         state["exp_avg_codes"][s:e], state["exp_avg_absmax"][b0:b1] = _quantize(m, mids_m)

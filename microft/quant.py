@@ -62,13 +62,18 @@ NF4_PIVOTS = (
 
 @cache
 def _dynamic_map_values(signed: bool) -> tuple[float, ...]:
-    vals: list[torch.Tensor] = [torch.tensor([0.0, 1.0])]
-    for i in range(7):  # decades 1e-6 .. 1; each gets twice the fraction steps of the one below
-        edges = torch.linspace(0.1, 1.0, 2 ** (i + (0 if signed else 1)) + 1, dtype=torch.float32)
-        means = (edges[:-1] + edges[1:]) / 2.0
-        scaled = means * 10.0 ** (i - 6)
-        vals += [scaled, -scaled] if signed else [scaled]
-    out = torch.sort(torch.cat(vals)).values
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    # computed on real CPU tensors even when first asked for under a fake-tensor (or any dispatch) mode:
+    # values read from fake tensors are placeholders, and they would be cached for the whole process
+    with _disable_current_modes(), torch.device("cpu"):
+        vals: list[torch.Tensor] = [torch.tensor([0.0, 1.0])]
+        for i in range(7):  # decades 1e-6 .. 1; each gets twice the fraction steps of the one below
+            edges = torch.linspace(0.1, 1.0, 2 ** (i + (0 if signed else 1)) + 1, dtype=torch.float32)
+            means = (edges[:-1] + edges[1:]) / 2.0
+            scaled = means * 10.0 ** (i - 6)
+            vals += [scaled, -scaled] if signed else [scaled]
+        out = torch.sort(torch.cat(vals)).values
     assert out.numel() == 256
     return tuple(out.tolist())  # plain floats (exact fp32 values), so fake/meta modes can build the tensor
 

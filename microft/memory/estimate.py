@@ -25,7 +25,7 @@ from typing import Any
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
-from microft.memory.replay import Arch, Replay, Setup
+from microft.memory.replay import Arch, Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunks, parse_lora_targets
 from microft.models.source import read_model_config
@@ -183,7 +183,7 @@ def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precisi
 # --- estimates ---------------------------------------------------------------------------------
 COMPONENT_ORDER = (
     "weights", "gradients", "optimizer state", "activations", "autocast weight copies", "recomputed activations",
-    "loss (fused cross-entropy)", "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
+    "NF4 dequantization", "loss (fused cross-entropy)", "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
     "FSDP unsharded parameters", "other",
 )
 
@@ -258,10 +258,12 @@ def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
     C, Vp, N = arch.n_embd, arch.padded_vocab, s.micro_bs * s.seq_len
     dt = 4 if s.precision == "fp32" else 2
     rows = ce_chunks(N, Vp)[0][1]
+    nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks for lo in b.lin.values()
+           if lo.nf4}
     d = {
         "parameters": sum(p.numel for p in params) - (Vp - arch.vocab_size) * C * (1 if arch.tied else 2),
         "trainable parameters": sum(p.numel for p in train) - (0 if s.lora else (Vp - arch.vocab_size) * C),
-        "weights": sum(p.numel * p.es for p in params),
+        "weights": sum(nf4.get(p.name, p.numel * p.es) for p in params),  # NF4: codes + scales (replay.nf4_buffers)
         "gradients": sum(p.numel * p.es for p in train),
         "optimizer state": sum(st.nbytes for sts in r.opt_state.values() for st in sts) + sum(q.nbytes for q in r.qmaps),
         "activations per block": r.block_bytes,
@@ -353,7 +355,8 @@ def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1
     cfg = RunConfig(precision=setup.precision, optimizer=setup.optimizer, weight_decay=setup.weight_decay,
                     momentum=setup.momentum, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
                     lora=setup.lora, lora_r=setup.lora_r, lora_dropout=setup.lora_dropout,
-                    lora_targets=",".join(setup.lora_targets), max_grad_norm=max_grad_norm)
+                    lora_targets=",".join(setup.lora_targets), quantize=setup.quantize,
+                    double_quant=setup.double_quant, max_grad_norm=max_grad_norm)
     t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum, steps=steps)
     comp = dict(t.components)
     peak = t.peak_bytes

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
 from microft.models.config import ce_chunks
+from microft.optim8bit import BLOCK as BLOCK_8BIT
 from microft.optim8bit import CHUNK as CHUNK_8BIT
-from microft.optim8bit import state_nbytes
-from microft.quant import nf4_nbytes
+from microft.optim8bit import MIN_8BIT_NUMEL
+from microft.quant import BLOCK as NF4_BLOCK
+from microft.quant import DOUBLE_QUANT_BLOCK, nf4_nbytes
 
 
 @dataclass(frozen=True)
@@ -215,9 +217,15 @@ class Replay:
         self.linked = arch.tied and self.m.head.train
         sim = self.sim
         sim.mark("setup", "setup")
-        nf4 = {lo.W.name: lo.nf4 for b in self.m.blocks for lo in b.lin.values() if lo.nf4}
+        nf4 = {lo.W.name for b in self.m.blocks for lo in b.lin.values() if lo.nf4}
+        self.nf4_buffers: list[St] = []  # an NF4Linear's scales: buffers beside its codes
         for p in self.m.params:
-            p.st = sim.alloc(nf4.get(p.name, p.numel * p.es), "weights", p.name)
+            if p.name in nf4:
+                codes, *scales = nf4_buffers(p.numel, self.s.double_quant)
+                p.st = sim.alloc(codes, "weights", p.name)
+                self.nf4_buffers += [sim.alloc(n, "weights", p.name + " scales") for n in scales]
+            else:
+                p.st = sim.alloc(p.numel * p.es, "weights", p.name)
         if grad_buckets:  # DDP's flat gradient buckets, one copy of every trainable gradient
             for p in self.m.params:
                 if p.train:
@@ -259,18 +267,25 @@ class Replay:
         return y
 
     def nf4_matmul(self, x: Ten, lo: Lin) -> Ten:
-        """quant._NF4LinearFn: the weight dequantized into the compute dtype for this op only (fp32 levels and
-        int32 indices as transients); backward dequantizes it again for grad_input; only x's cast is saved."""
+        """NF4Linear.forward: the frozen bias and the input cast to the compute dtype, then quant._NF4LinearFn,
+        which dequantizes the weight for this op only and saves nothing but the NF4 buffers; its backward
+        dequantizes again for grad_input (`nf4_dequantize_events`)."""
         sim, aes = self.sim, self.s.aes
-        n, W = x.numel // lo.inp, lo.W
-        xc = self.cast(x) if sim.cache is not None else x
-        sim.transient(W.numel * 4 + W.numel * 2, "NF4 dequantization", "levels, indices")
-        w = sim.new(W.numel, aes, "NF4 dequantization", "dequantized weight")
-        bwd = (("s", 0, W.numel, 6), ("t", "w", W.numel, aes, 0), ("g", 0, n * lo.inp, aes), ("f", "w"))
-        y = sim.op("nf4_linear", [xc], [(n * lo.out, aes, "activations")], save_in=((0, (0,)),), bwd=bwd)[0]
-        sim.drop(w)
-        if sim.cache is not None:
-            sim.drop(xc)
+        n, W, b = x.numel // lo.inp, lo.W, lo.b
+        bc = sim.new(b.numel, aes, "autocast weight copies", "bias.to") if b is not None and b.es != aes else None
+        xc = self.cast(x) if aes == 2 else sim.alias(x)  # x.to(compute dtype): a copy only under autocast
+        events, w_key = nf4_dequantize_events(W.numel, self.s.double_quant, aes)
+        held: dict[str, St] = {}
+        for kind, key, *nbytes in events:
+            if kind == "a":
+                held[key] = sim.alloc(nbytes[0], "NF4 dequantization", key, held=False)
+            else:
+                sim.unref(held.pop(key))
+        bwd = tuple(("t", key, nbytes[0], 1) if kind == "a" else ("f", key) for kind, key, *nbytes in events)
+        bwd += (("g", 0, n * lo.inp, aes), ("f", w_key))
+        y = sim.op("nf4_linear", [xc], [(n * lo.out, aes, "activations")], bwd=bwd)[0]
+        sim.unref(held.pop(w_key))
+        sim.drop(xc, bc)
         return y
 
     def linear(self, x: Ten, lo: Lin) -> Ten:
@@ -395,10 +410,11 @@ class Replay:
         if a.mlp == "swiglu":  # down_proj(silu(gate_proj(x)) * up_proj(x))
             gate = self.linear(h2, blk.lin["gate_proj"])
             sg = self.elementwise("silu", gate)
+            sim.drop(gate)  # a temporary: only silu's saved input (when a gradient needs it) outlives the call
             up = self.linear(h2, blk.lin["up_proj"])
             g = sim.op("mul", [sg, up], [(sg.numel, max(sg.es, up.es), "activations")],
                        save_in=((0, (1,)), (1, (0,))), bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
-            sim.drop(gate, up, sg)
+            sim.drop(up, sg)
             mo = self.linear(g, blk.lin["down_proj"])
             sim.drop(g)
         elif blk.lin["mlp_proj"].A is None and not blk.lin["mlp_proj"].nf4:  # model._GeluLinear: gelu(f) not kept
@@ -690,6 +706,7 @@ class Replay:
         sim.mark(f"{at}, optimizer step", "optimizer step")
         st_cat, tr = "optimizer state", "optimizer transients"
         state = self.opt_state
+        locals_8bit: dict[str, St | None] = {}
         for params, wd in self.groups():
             if opt == "adamw" and self.s.precision == "bf16-true":
                 self._master_adamw(params, state)
@@ -708,14 +725,12 @@ class Replay:
                     sim.unref(t)
             elif opt == "adafactor":
                 self._adafactor(params, state)
-            elif opt == "adamw-8bit":  # optim8bit.AdamW8bit: uint8 moments + fp32 absmax per 256 (state_nbytes)
-                for p in params:
-                    if p.name not in state:
-                        state[p.name] = [sim.alloc(state_nbytes(p.numel), st_cat, "8-bit moments")]
-                    c = min(p.numel, CHUNK_8BIT)  # m, v, denom in fp32 (+ grad/param copies when not fp32)
-                    sim.transient(c * 4 * (3 + (p.es != 4) * 2), tr, "8-bit update chunk")
+            elif opt == "adamw-8bit":
+                self._adamw_8bit(params, state, locals_8bit)
             else:
                 raise ValueError(f"unknown optimizer {opt!r}")
+        for st in locals_8bit.values():  # AdamW8bit.step returns: its locals die
+            sim.unref(st)
         if self.s.precision == "fp16-mixed":
             sim.unref(getattr(self, "found_inf", None))
             self.found_inf = None
@@ -723,6 +738,67 @@ class Replay:
         for p in self.m.params:
             sim.unref(p.grad)
             p.grad = None
+
+    def _adamw_8bit(self, params: list[Par], state: dict[str, list[St]], loc: dict[str, St | None]) -> None:
+        """optim8bit.AdamW8bit.step, allocation by allocation. `loc` holds the step's Python locals (the maps,
+        g, m, v, w), which live across parameters and groups until step() returns: a rebound local is
+        freed only after its new value exists."""
+        sim, st_cat, tr = self.sim, "optimizer state", "optimizer transients"
+
+        def bind(name: str, st: St | None) -> None:
+            old, loc[name] = loc.get(name), st
+            sim.unref(old)
+
+        def run(events: list[tuple]) -> St:  # ("a", key, bytes) / ("f", key); returns the storage left
+            held: dict[str, St] = {}
+            for kind, key, *nbytes in events:
+                if kind == "a":
+                    held[key] = sim.alloc(nbytes[0], tr, key, held=False)
+                else:
+                    sim.unref(held.pop(key))
+            (out,) = held.values()
+            return out
+
+        for p in params:
+            n = p.numel
+            quantized = n >= MIN_8BIT_NUMEL
+            if p.name not in state:
+                if quantized:  # codes, absmax of each moment (state_nbytes)
+                    nb = -(-n // BLOCK_8BIT)
+                    state[p.name] = [sim.alloc(size, st_cat, what) for size, what in (
+                        (n, "exp_avg codes"), (nb * 4, "exp_avg absmax"), (n, "exp_avg_sq codes"),
+                        (nb * 4, "exp_avg_sq absmax"))]
+                else:
+                    state[p.name] = [sim.alloc(n * 4, st_cat, "exp_avg"), sim.alloc(n * 4, st_cat, "exp_avg_sq")]
+            if "maps" not in loc:  # both dynamic maps and their midpoints, for the device, once per step()
+                loc["maps"], loc["unsigned map"] = sim.alloc(1024, tr, "signed map"), sim.alloc(1024, tr, "unsigned map")
+                for what in ("signed midpoints", "unsigned midpoints"):
+                    loc[what] = run([("a", "sum", 1024), ("a", what, 1024), ("f", "sum")])
+            chunk = CHUNK_8BIT if quantized else n
+            for start in range(0, n, chunk):
+                c = min(chunk, n - start)
+                cp = -(-c // BLOCK_8BIT) * BLOCK_8BIT
+                bind("g", sim.alloc(c * 4, tr, "grad.float()", held=False) if p.es != 4 else None)
+                if quantized:
+                    for moment in ("m", "v"):
+                        bind(moment, run([("a", "codes.int()", c * 4), ("a", "code[codes]", c * 4), ("f", "codes.int()"),
+                                          ("a", "padded", cp * 4), ("f", "code[codes]"), ("a", "moment", cp * 4),
+                                          ("f", "padded")]))
+                else:
+                    bind("m", None)
+                    bind("v", None)
+                bind("w", sim.alloc(c * 4, tr, "param.float()", held=False) if p.es != 4 else None)
+                sim.unref(run([("a", "v.sqrt()", c * 4), ("a", "denom", c * 4), ("f", "v.sqrt()")]))
+                if quantized:
+                    nb = cp // BLOCK_8BIT
+                    for _ in ("m", "v"):  # optim8bit._quantize, then its (codes, absmax) copied into the state
+                        sim.unref(run([("a", "blocks", cp * 4), ("a", "abs", cp * 4), ("a", "absmax", nb * 4),
+                                       ("f", "abs"), ("a", "absmax > 0", nb), ("a", "reciprocal", nb * 4),
+                                       ("a", "1 / absmax", nb * 4), ("f", "reciprocal"), ("a", "zeros", nb * 4),
+                                       ("a", "scale", nb * 4), ("f", "absmax > 0"), ("f", "1 / absmax"),
+                                       ("f", "zeros"), ("a", "scaled", cp * 4), ("a", "bucketize", cp * 8),
+                                       ("f", "scaled"), ("a", "codes", cp), ("f", "bucketize"), ("f", "blocks"),
+                                       ("f", "scale"), ("f", "codes")]))
 
     def _master_adamw(self, params: list[Par], state: dict[str, list[St]]) -> None:
         """optim.MasterAdamW: bf16 moments + 16 low master bits; fp32 working copies one chunk at a time."""
@@ -806,6 +882,45 @@ class Replay:
         return sim
 
 
+def nf4_buffers(numel: int, double_quant: bool) -> list[int]:
+    """Bytes of an NF4Linear's buffers (each its own allocation): codes, absmax [, absmax2, offset]."""
+    nb = -(-numel // NF4_BLOCK)
+    if double_quant:
+        return [(numel + 1) // 2, nb, 4 * -(-nb // DOUBLE_QUANT_BLOCK), 4]
+    return [(numel + 1) // 2, 4 * nb]
+
+
+def nf4_dequantize_events(numel: int, double_quant: bool, es: int) -> tuple[list[tuple], str]:
+    """quant._dequantize's allocations in order, as ("a", key, bytes) / ("f", key), and the key of the
+    storage it returns (the weight in the compute dtype; the fp32 values themselves when that is fp32)."""
+    nb, half = -(-numel // NF4_BLOCK), (numel + 1) // 2
+    ev: list[tuple] = [("a", "codes.int()", half * 4),
+                       # _pair_table: levels, arange(256), levels[b >> 4], levels[b & 15], stack
+                       ("a", "levels", 64), ("a", "b", 2048), ("a", "b >> 4", 2048), ("a", "high", 1024),
+                       ("f", "b >> 4"), ("a", "b & 15", 2048), ("a", "low", 1024), ("f", "b & 15"),
+                       ("a", "pair table", 2048), ("f", "high"), ("f", "low"), ("f", "b"), ("f", "levels"),
+                       ("a", "values", half * 8), ("f", "codes.int()"), ("f", "pair table")]
+    vals = "values"
+    if 2 * half != nb * NF4_BLOCK:  # F.pad to whole blocks
+        ev += [("a", "padded values", nb * NF4_BLOCK * 4), ("f", "values")]
+        vals = "padded values"
+    if double_quant:  # _absmax_fp32: dynamic map, absmax.int() (padded to whole blocks), code[idx] * absmax2, + offset
+        padded = -(-nb // DOUBLE_QUANT_BLOCK) * DOUBLE_QUANT_BLOCK
+        ev += [("a", "dynamic map", 1024), ("a", "absmax.int()", nb * 4)]
+        idx = "absmax.int()"
+        if padded != nb:
+            ev += [("a", "padded absmax", padded * 4), ("f", "absmax.int()")]
+            idx = "padded absmax"
+        ev += [("a", "code[idx]", padded * 4), ("a", "scaled", padded * 4), ("f", "code[idx]"),
+               ("a", "scale", nb * 4), ("f", "scaled"), ("f", idx), ("f", "dynamic map")]
+    if es != 4:
+        ev += [("a", "dequantized weight", numel * es), ("f", vals)]
+        vals = "dequantized weight"
+    if double_quant:
+        ev += [("f", "scale")]
+    return ev, vals
+
+
 def sdpa_workspace(B: int, nh: int, T: int, hs: int, low: bool) -> int:
     """CUDA SDPA backward scratch: flash's fp32 dq accumulator and softmax_d (bf16/fp16), or the
     memory-efficient kernel's delta (fp32)."""
@@ -834,6 +949,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
     "matmul": ("aten.mm.default", "aten.addmm.default", "aten.t.default", "aten._unsafe_view.default",
                "aten.view.default", "aten.sum.dim_IntList", "aten._to_copy.default", "aten.clone.default"),
     "linear": ("aten.mul.Tensor", "aten.add.Tensor"),
+    "nf4_matmul": ("aten.__rshift__.Scalar", "aten.bitwise_and.Scalar", "aten.index.Tensor",
+                   "aten.constant_pad_nd.default"),
     "gelu_linear": ("aten.gelu.default", "aten.gelu_backward.default"),
     "elementwise": ("aten.silu.default", "aten.silu_backward.default"),
     "norm": ("aten.native_layer_norm.default", "aten.native_layer_norm_backward.default"),
@@ -855,5 +972,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
                        "aten._foreach_sub_.List", "aten._foreach_div_.List", "aten._foreach_div_.ScalarList",
                        "aten._foreach_lerp_.ScalarList", "aten._foreach_rsqrt_.default",
                        "aten._foreach_clamp_min_.Scalar", "aten.zeros_like.default", "aten._amp_update_scale_.default"),
+    "_adamw_8bit": ("aten.lerp_.Scalar", "aten.addcmul_.default", "aten.addcdiv_.default", "aten.sqrt.default",
+                    "aten.abs.default", "aten.gt.Scalar", "aten.bucketize.Tensor", "aten.copy_.default"),
+    "_master_adamw": ("aten.select.int", "aten.sub_.Tensor", "aten.view.dtype"),
 }
 TRACED_OPS: dict[str, str] = {op: method for method, ops in _MODELLED_BY.items() for op in ops}

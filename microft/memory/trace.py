@@ -45,8 +45,7 @@ CUDA_EMULATION = [
     "autocast uses the CPU op lists, which give microft's block the dtypes CUDA's do (linear and SDPA in "
     "low precision, layer norm and the loss in fp32); the analytical engine, written for CUDA, agrees",
     "fp16-mixed: the GradScaler runs but never skips a step (the overflow check needs data)",
-    "adamw-8bit: bitsandbytes' state layout (uint8 moments, fp32 absmax per 256 values, fp32 state below "
-    "4096 values) updated in place; Adafactor's step counters live on the CPU, as on CUDA",
+    "Adafactor's step counters live on the CPU, as on CUDA",
     "not modelled: CUDA's embedding backward sorts indices and keeps partial sums (scratch up to "
     "micro-batch × seq × n_embd × 4 bytes at the end of backward)",
 ]
@@ -54,7 +53,7 @@ CUDA_EMULATION = [
 # trace categories, in display order
 CATEGORIES = (
     "weights", "gradients", "optimizer state", "activations", "autocast weight copies",
-    "recomputed activations", "loss (fused cross-entropy)", "backward transients", "optimizer transients",
+    "recomputed activations", "NF4 dequantization", "loss (fused cross-entropy)", "backward transients", "optimizer transients",
     "batch", "other",
 )
 
@@ -258,6 +257,25 @@ def _labelled_checkpoint(tracker: LiveBytes):
     return ckpt
 
 
+def _labelled_dequantize(tracker: LiveBytes):
+    """quant._dequantize, whose allocations in a forward (or its recompute) count as "NF4 dequantization";
+    in backward they stay backward transients."""
+    from microft import quant
+
+    plain = quant._dequantize
+
+    def dequantize(*args, **kw):
+        label = tracker.label
+        if label in ("activations", "recomputed activations"):
+            tracker.label = "NF4 dequantization"
+        try:
+            return plain(*args, **kw)
+        finally:
+            tracker.label = label
+
+    return dequantize
+
+
 def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) -> list:
     """Forward/backward hooks that tell the tracker where in the step it is."""
     handles = []
@@ -296,45 +314,10 @@ def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) 
     return handles
 
 
-class EmulatedAdamW8bit(torch.optim.Optimizer):
-    """bitsandbytes AdamW8bit's memory, for tracing without CUDA: the same state, updated in place."""
-
-    def __init__(self, params, lr: float = 1e-3, min_8bit_size: int = 4096, block: int = 256):
-        super().__init__(params, dict(lr=lr))
-        self.min_8bit_size, self.block = min_8bit_size, block
-        self.qmaps: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    if p.numel() < self.min_8bit_size:
-                        st["state1"] = torch.zeros_like(p, dtype=torch.float32)
-                        st["state2"] = torch.zeros_like(p, dtype=torch.float32)
-                    else:
-                        if not self.qmaps:
-                            self.qmaps = [torch.zeros(256, device=p.device) for _ in range(2)]
-                        blocks = -(-p.numel() // self.block)
-                        st["state1"] = torch.zeros_like(p, dtype=torch.uint8)
-                        st["state2"] = torch.zeros_like(p, dtype=torch.uint8)
-                        st["qmap1"], st["qmap2"] = self.qmaps
-                        st["absmax1"] = torch.zeros(blocks, device=p.device)
-                        st["absmax2"] = torch.zeros(blocks, device=p.device)
-                st["step"] += 1
-                p.add_(p.grad, alpha=0.0)  # stands in for the fused in-place update
-        return None
-
-
 def _trace_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    from microft.train.optim import build_optimizer, param_groups
+    """The optimizer the run builds (adamw-8bit: microft's own AdamW8bit, the same on every device)."""
+    from microft.train.optim import build_optimizer
 
-    if cfg.optimizer == "adamw-8bit":
-        return EmulatedAdamW8bit(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     return build_optimizer(model, cfg, torch.device("cpu"))
 
 
@@ -375,6 +358,10 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     for block in model.h:
         block.attn.dropout = 0.0  # CUDA's flash kernel keeps no attention mask; the CPU one would
         block.attn.cpu_math_max_len = 0  # and CUDA runs SDPA at every length
+    if cfg.quantize:  # QLoRA: the block linears become the NF4Linear the run loads (quant.nf4_meta_blocks_)
+        from microft.quant import nf4_meta_blocks_
+
+        nf4_meta_blocks_(model, double_quant=cfg.double_quant)
     if cfg.lora:
         from microft.lora import apply_lora
 
@@ -399,17 +386,20 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     state = {"at": "setup"}
     handles = _install_phase_hooks(model, tracker, state)
     params = [p for p in model.parameters()]
+    for t in params + [b for b in model.buffers()]:  # buffers: NF4 codes and block scales
+        tracker.track(t, "weights")
     for p in params:
-        tracker.track(p, "weights")
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(lambda q: tracker.relabel(q.grad, "gradients")))
 
     autocast = autocast_context(precision, device)
     step_peaks = []
     tracker.workspaces[sdpa_bwd] = workspace
+    from microft import quant
     from microft.models import transformer
 
     plain_checkpoint, transformer.checkpoint = transformer.checkpoint, _labelled_checkpoint(tracker)
+    plain_dequantize, quant._dequantize = quant._dequantize, _labelled_dequantize(tracker)
     try:
         with fake_mode:
             scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
@@ -434,11 +424,10 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
                         for v in st.values():
                             if isinstance(v, torch.Tensor):
                                 tracker.relabel(v, "optimizer state")
-                    for v in getattr(optimizer, "qmaps", []):
-                        tracker.relabel(v, "optimizer state")
                     step_peaks.append(tracker.step_peak)
     finally:
         transformer.checkpoint = plain_checkpoint
+        quant._dequantize = plain_dequantize
         for h in handles:
             h.remove()
     emulated = list(CUDA_EMULATION)
