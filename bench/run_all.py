@@ -3,7 +3,8 @@
     .venv/bin/python bench/run_all.py            # ~10 minutes on a 2-core CPU
     .venv/bin/python bench/run_all.py --quick    # one round of speed runs, sections printed, doc untouched
 
-Runs bench/speed.py (microft vs transformers; its GPU part only when CUDA is available) and
+Runs bench/speed.py (microft vs transformers; the same CPU runs again as an emulated AVX2-only CPU
+where this one has native bf16; its GPU part only when CUDA is available) and
 bench/trainer_matrix.py (precision × gradient checkpointing). Each rewrites only its own section.
 """
 
@@ -24,13 +25,16 @@ def main() -> None:
     a = p.parse_args()
     t0 = time.perf_counter()
     if a.only in (None, "speed"):
-        nums = speed.main(["--rounds", "1", "--no-write"] if a.quick else [])
+        nums = speed.main(["--emulate-avx2"] + (["--rounds", "1", "--no-write"] if a.quick else []))
         lean, ck = nums["memory_ratio_bf16_true"], nums["memory_ratio_bf16_true_ckpt"]
         print(f"[run_all] speed: microft {nums['speedup']:.2f}× transformers' tokens/s "
               f"({nums['cpu_speedup']:.2f}× on CPU time), MFU {100 * nums['mfu']:.0f} % of the "
               f"{nums['peak_dtype']} probe {nums['peak_flops'] / 1e9:.0f} GFLOP/s, "
               f"peak memory {nums['memory_ratio']:.2f}×"
               + (f" (bf16-true {lean:.2f}×, + grad ckpt {ck:.2f}×)" if lean is not None else ""), file=sys.stderr)
+        if "avx2" in nums:
+            print(f"[run_all] speed, emulated AVX2-only CPU (fp32): microft {nums['avx2']['speedup']:.2f}× "
+                  f"transformers' tokens/s ({nums['avx2']['cpu_speedup']:.2f}× on CPU time)", file=sys.stderr)
     if a.only in (None, "matrix"):
         trainer_matrix.main(["--no-write"] if a.quick else [])
     print(f"[run_all] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

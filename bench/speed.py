@@ -2,20 +2,27 @@
 
     .venv/bin/python bench/speed.py                       # CPU 124M, micro-bs 4 × seq 256; writes the doc section
     .venv/bin/python bench/speed.py --rounds 1 --no-write # a quick check, prints the section only
+    .venv/bin/python bench/speed.py --emulate-avx2        # adds the fp32 table of an emulated AVX2-only CPU
 
 Each configuration runs in a fresh subprocess (bench/steploop.py) so its peak RSS is its own.
 transformers runs in fp32 and in bf16 autocast, both with torch's fused AdamW (its fastest
 optimizer on CPU); microft runs its `auto` precision, and `bf16-true` (± gradient checkpointing)
 for the memory target, with its own trainer step functions. Ratios compare microft with
 transformers' faster precision. The GPU part (seq 1024) runs only
-when CUDA is available. Only the `## Speed vs transformers` section of docs/benchmarks.md is rewritten.
+when CUDA is available. With --emulate-avx2 (on a CPU with native bf16) the CPU runs are repeated
+with torch, oneDNN and MKL held to AVX2 and microft's bf16 detection off, as on the AVX2-only laptops
+most users have; that table is the `### fp32 on an AVX2-only CPU (emulated)` subsection.
+Only the `## Speed vs transformers` section of docs/benchmarks.md is rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -46,6 +53,33 @@ def shape_args(a, device: str, seq: int, micro_bs: int, warmup: int, steps: int)
 GLIBC_KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}  # = keep_freed_memory()
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MICROFT_CPU_BF16")
+# an AVX2-only CPU (no AVX-512, so no native bf16): torch's kernels, oneDNN and MKL held to AVX2, and
+# microft's bf16 detection off (its auto precision then picks fp32, as on such a CPU)
+AVX2_EMULATION = dict(zip(EMULATION_ENV, ("avx2", "AVX2", "AVX2", "0"), strict=True))
+AVX2_HEADING = "### fp32 on an AVX2-only CPU (emulated)"
+
+
+@contextlib.contextmanager
+def emulated_avx2():
+    """Set AVX2_EMULATION in os.environ (the child processes inherit it), restore it afterwards."""
+    saved = {k: os.environ.get(k) for k in AVX2_EMULATION}
+    os.environ.update(AVX2_EMULATION)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def child_peak_flops(dtype: str) -> float:
+    """`peak_flops` in a fresh process: torch, oneDNN and MKL read the emulation variables only at start."""
+    code = f"from harness import peak_flops; print(peak_flops('cpu', {dtype!r}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def native_bf16(device: str) -> bool:
@@ -72,7 +106,8 @@ def cpu_description() -> str:
         pass
     have = ", ".join(f for f in CPU_FLAGS if f in flags) or "unknown"
     env = ", ".join(f"{k}={os.environ[k]}" for k in EMULATION_ENV if k in os.environ)
-    return (f"CPU {cpu_model()}; flags: {have}; torch kernels: {torch.backends.cpu.get_cpu_capability()}; "
+    kernels = os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()  # as children see
+    return (f"CPU {cpu_model()}; flags: {have}; torch kernels: {kernels}; "
             f"native bf16: {'yes' if native_bf16('cpu') else 'no (bf16 is emulated, so not a candidate)'}"
             + (f"; emulating a smaller CPU with {env}" if env else ""))
 
@@ -227,14 +262,16 @@ def peak_dtype(precision: str) -> str:
     return "bfloat16" if precision.startswith("bf16") else "float32"
 
 
-def cpu_section(a, started: str, command: str) -> tuple[str, dict]:
+def cpu_section(a, started: str, command: str, emulated: bool = False) -> tuple[str, dict]:
+    """The CPU table; `emulated`: run inside `emulated_avx2()` (its peak probe then runs in a child too)."""
     load_before = load_average()
     from microft.train.step import resolve_precision
 
     dtype = peak_dtype(resolve_precision("auto", torch.device("cpu")))  # the MFU of microft auto divides by this
-    peak = peak_flops("cpu", dtype)
+    probe = child_peak_flops if emulated else (lambda d: peak_flops("cpu", d))
+    peak = probe(dtype)
     runs = measure(a, "cpu", a.seq, a.micro_bs, a.warmup, a.steps)
-    peak = max(peak, peak_flops("cpu", dtype))
+    peak = max(peak, probe(dtype))
     fpt = model_flops_per_token(a.model, a.seq)
     hf = stock_transformers(runs)
     best_hf = max(hf, key=lambda k: hf[k]["tokens_per_sec"])
@@ -251,12 +288,27 @@ Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs
 
 Where the time goes (op self time in one extra step under `torch.profiler`, after the timed steps):
 
-{breakdown_table(runs)}
-
-- transformers: `GPT2LMHeadModel` (SDPA attention, tied LM head, its built-in loss with `labels=input_ids`) and `torch.optim.AdamW(fused=True)`, which is also what transformers' `Trainer` uses by default with torch ≥ 2.8. torch's plain `AdamW()` default on CPU is the per-parameter for-loop, several times slower; `--hf-default-adamw` adds that run.
+{breakdown_table(runs)}"""
+    notes = """- transformers: `GPT2LMHeadModel` (SDPA attention, tied LM head, its built-in loss with `labels=input_ids`) and `torch.optim.AdamW(fused=True)`, which is also what transformers' `Trainer` uses by default with torch ≥ 2.8. torch's plain `AdamW()` default on CPU is the per-parameter for-loop, several times slower; `--hf-default-adamw` adds that run.
 - microft: `GPT` with the vocabulary padded to a multiple of 64, the chunked fused cross-entropy (no full-batch fp32 logits; softmax in place; the tied head hands its gradient to the embedding, so no vocabulary-sized gradient is zero-filled or summed out of place), causal attention as plain bf16 ops up to 256 positions on CPU (0.4-0.7× the time of SDPA's flash kernel there), the trainer's own `micro_step` / `clip_gradients` / `optimizer_step` with fused AdamW, and `trainer.keep_freed_memory()` as `train()` does on CPU. "microft bf16-true" runs the same step on bf16 weights with `optim.MasterAdamW` (fused AdamW on fp32 working copies of the exact master weights, 2^20 at a time). The first 2 steps fault in the optimizer state and the allocator's heap, so they are warm-up.
 - `trainer.keep_freed_memory()` is a glibc allocator setting (`mallopt`: no per-allocation mmap, no trimming) that spares every step the kernel's page faults for its large temporaries; any PyTorch program could set it, so the run "transformers bf16, glibc as microft" gives transformers the same setting (through `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_`) as a control; it is not a candidate for transformers' fastest configuration."""
+    if not emulated:  # the notes on both implementations: once, under the main table
+        text += "\n\n" + notes
     return text, {"runs": runs, "peak_flops": peak, "peak_dtype": dtype, **nums}
+
+
+def avx2_section(a, started: str, command: str) -> tuple[str, dict | None]:
+    """`### fp32 on an AVX2-only CPU (emulated)`: the CPU runs again under AVX2_EMULATION."""
+    if not native_bf16("cpu"):
+        return (f"{AVX2_HEADING}\n\nNot run: this CPU has no native bf16, so the table above is already the "
+                "fp32 one an AVX2-only CPU gets."), None
+    with emulated_avx2():
+        body, nums = cpu_section(a, started, command, emulated=True)
+    return (f"{AVX2_HEADING}\n\nThe same runs with torch's kernels, oneDNN and MKL held to AVX2 "
+            f"({', '.join(f'`{k}={v}`' for k, v in AVX2_EMULATION.items())}): the AVX2-only laptop CPU most users "
+            "have, where bf16 is emulated, so microft's `auto` is fp32 and transformers' candidate is fp32. The "
+            "matmuls are the machine's own at AVX2 width, so the ratios, not the absolute rates, carry over.\n\n"
+            + body), nums
 
 
 def gpu_section(a) -> str:
@@ -290,6 +342,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the transformers bf16 run with microft's glibc allocator settings")
     p.add_argument("--compile", action="store_true", help="also run microft with torch.compile (slow to compile)")
     p.add_argument("--no-gpu", action="store_true")
+    p.add_argument("--emulate-avx2", action="store_true",
+                   help="also run the CPU table as an AVX2-only CPU (fp32): its own subsection")
+    p.add_argument("--only-avx2", action="store_true", help="run and print the emulated AVX2 subsection only")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
     return p.parse_args(argv)
 
@@ -297,7 +352,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, command: str | None = None) -> dict:
     a = parse(argv)
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if a.only_avx2:  # a quick look at the emulated table alone; the doc is not touched
+        print(avx2_section(a, started, command or command_line())[0])
+        return {}
     body, nums = cpu_section(a, started, command or command_line())
+    if a.emulate_avx2:
+        text, avx2 = avx2_section(a, started, command or command_line())
+        body += "\n\n" + text
+        if avx2:
+            nums["avx2"] = avx2
     if not a.no_gpu:
         body += "\n\n" + gpu_section(a)
     if a.no_write:
