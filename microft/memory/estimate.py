@@ -272,7 +272,7 @@ def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
         "loss: saved grad_h + grad_w": N * C * (4 if s.precision != "bf16-true" else 2) + (Vp * C * dt if r.m.head.train else 0),
         # a tied, trainable head hands its gradient to the embedding's backward (model.HeadGradLink):
         # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
-        "embedding gradient transient": Vp * C * s.pes if (not arch.tied and r.m.wte.train) else 0,
+        "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tied and r.m.wte.train) else 0,
         "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
     }
     return {k: v for k, v in d.items() if v}

@@ -57,20 +57,20 @@ class Arch:
     dropout: float = 0.0
 
     @property
-    def fused_qkv(self) -> bool:
+    def fused_qkv(self) -> bool:  # GPT-2's one c_attn (ModelConfig.fused_qkv)
         return self.family == "gpt2"
 
     @property
-    def q_dim(self) -> int:
-        return self.n_head * self.head_dim
+    def qkv_dim(self) -> int:  # q, k and v stacked (ModelConfig.q_dim + 2 × kv_dim)
+        return (self.n_head + 2 * self.n_kv_head) * self.head_dim
 
     @property
     def kv_dim(self) -> int:
         return self.n_kv_head * self.head_dim
 
     @property
-    def qkv_dim(self) -> int:
-        return self.q_dim + 2 * self.kv_dim
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,11 @@ class Setup:
         return self.precision in ("bf16-mixed", "fp16-mixed")
 
     @property
-    def pes(self) -> int:  # parameter bytes
+    def param_bytes(self) -> int:  # bytes per parameter element
         return 2 if self.precision == "bf16-true" else 4
 
     @property
-    def aes(self) -> int:  # matmul output bytes
+    def compute_bytes(self) -> int:  # bytes per element of a matmul output (the compute dtype)
         return 4 if self.precision == "fp32" else 2
 
 
@@ -148,7 +148,7 @@ class Model:
 
 def build_model(arch: Arch, s: Setup) -> Model:
     """Parameters in `named_parameters()` order (models/transformer.py), trainability as LoRA leaves it."""
-    es, full = s.pes, not s.lora
+    es, full = s.param_bytes, not s.lora
     params: list[Par] = []
 
     def par(name: str, *shape: int, train: bool = full) -> Par:
@@ -202,9 +202,9 @@ def build_model(arch: Arch, s: Setup) -> Model:
 class Replay:
     """Replays `setup.steps` optimizer steps of microft's training step on `Sim`."""
 
-    def __init__(self, arch: Arch, setup: Setup, keep_timeline: bool = False, grad_buckets: bool = False):
+    def __init__(self, arch: Arch, setup: Setup, grad_buckets: bool = False):
         self.a, self.s = arch, setup
-        self.sim = Sim(keep_timeline)
+        self.sim = Sim()
         self.m = build_model(arch, setup)
         self.N = setup.micro_bs * setup.seq_len
         self.opt_state: dict[str, list[St]] = {}
@@ -254,7 +254,7 @@ class Replay:
 
     def matmul(self, x: Ten, lin_w: Par, bias: Par | None, out: int, inp: int) -> Ten:
         """F.linear: autocast casts (bias, weight, input: C++ evaluates them right to left), addmm."""
-        sim, aes = self.sim, self.s.aes
+        sim, aes = self.sim, self.s.compute_bytes
         n = x.numel // inp
         bc = self.cast_param(bias)
         wc = self.cast_param(lin_w)
@@ -270,7 +270,7 @@ class Replay:
         """NF4Linear.forward: the frozen bias and the input cast to the compute dtype, then quant._NF4LinearFn,
         which dequantizes the weight for this op only and saves nothing but the NF4 buffers; its backward
         dequantizes again for grad_input (`nf4_dequantize_events`)."""
-        sim, aes = self.sim, self.s.aes
+        sim, aes = self.sim, self.s.compute_bytes
         n, W, b = x.numel // lo.inp, lo.W, lo.b
         bc = sim.new(b.numel, aes, "autocast weight copies", "bias.to") if b is not None and b.es != aes else None
         xc = self.cast(x) if aes == 2 else sim.alias(x)  # x.to(compute dtype): a copy only under autocast
@@ -292,7 +292,7 @@ class Replay:
         y = self.nf4_matmul(x, lo) if lo.nf4 else self.matmul(x, lo.W, lo.b, lo.out, lo.inp)
         if lo.A is None:
             return y
-        sim, aes, r = self.sim, self.s.aes, self.s.lora_r
+        sim, aes, r = self.sim, self.s.compute_bytes, self.s.lora_r
         n = x.numel // lo.inp
         xd = self.dropout(x) if self.s.lora_dropout > 0 else sim.alias(x)
         a = self.matmul(xd, lo.A, None, r, lo.inp)
@@ -306,7 +306,7 @@ class Replay:
 
     def gelu_linear(self, f: Ten, lo: Lin) -> Ten:
         """model._GeluLinear: saves its input (and the weight's cast), recomputes gelu in backward."""
-        sim, aes = self.sim, self.s.aes
+        sim, aes = self.sim, self.s.compute_bytes
         W, b = lo.W, lo.b
         wc = sim.new(W.numel, aes, "autocast weight copies", "weight.to") if W.es != aes else None
         act = sim.new(f.numel, aes, "activations", "gelu")
@@ -351,7 +351,7 @@ class Replay:
         (k and v keep their n_kv_head heads); autocast casts fp32 inputs (after a q/k norm) to bf16."""
         a, s, sim = self.a, self.s, self.sim
         B, T, H = s.micro_bs, s.seq_len, a.n_head
-        low = s.aes == 2 and self.packed is None  # a packed mask rules out flash: the memory-efficient kernel runs
+        low = s.compute_bytes == 2 and self.packed is None  # a packed mask rules out flash: the memory-efficient kernel runs
         casts = []
         if sim.cache is not None:
             casts = [self.cast(t) if t.es != 2 else None for t in (q, k, v)]
@@ -360,9 +360,9 @@ class Replay:
         ws = sdpa_workspace(B, H, T, a.head_dim, low)
         bias = None
         if self.packed is not None:  # SDPA turns the (B, 1, T, T) boolean mask into an additive bias, kept for backward
-            bias = sim.new(B * T * T, s.aes, "activations", "attention mask bias")
+            bias = sim.new(B * T * T, s.compute_bytes, "activations", "attention mask bias")
         o, lse = sim.op("sdpa", [q, k, v, bias or mask],
-                        [(q.numel, s.aes, "activations"), (B * H * t_lse, 4, "activations")],
+                        [(q.numel, s.compute_bytes, "activations"), (B * H * t_lse, 4, "activations")],
                         save_in=((0, (0, 1, 2)), (1, (0, 1, 2)), (2, (0, 1, 2)), (3, (0, 1, 2))),
                         save_out=((0, (0, 1, 2)), (1, (0, 1, 2))),
                         bwd=(("g", 0, q.numel, q.es), ("g", 1, k.numel, k.es), ("g", 2, v.numel, v.es),
@@ -497,14 +497,14 @@ class Replay:
         sim.drop(qpos, kpos, allowed, lo, far)
         # SDPA turns the boolean mask into an additive one in q's dtype: where(mask, 0, -inf); it is saved
         zero, ninf = sim.new(1, 4, "activations", "0"), sim.new(1, 4, "activations", "-inf")
-        add = sim.new(T * T, self.s.aes, "activations", "additive mask")
+        add = sim.new(T * T, self.s.compute_bytes, "activations", "additive mask")
         sim.drop(zero, ninf, mask)
         return add
 
     def forward(self, x_ids: Ten) -> Ten:
         """GPT.hidden: embeddings, blocks (checkpointed every N-th), final norm."""
         a, s, sim, N = self.a, self.s, self.sim, self.N
-        C, T, pes = a.n_embd, s.seq_len, s.pes
+        C, T, pes = a.n_embd, s.seq_len, s.param_bytes
         m = self.m
         sim.tag = "embeddings"
         emb_bwd = (("u", 0, "head") if self.linked else ("g", 0, m.wte.numel, pes),)  # model._TiedEmbedding

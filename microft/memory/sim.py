@@ -107,7 +107,7 @@ def _grad_cat(x, summing: bool = False) -> str:
 class Sim:
     """Live-byte accounting plus a small autograd engine over `Ten`/`Par`/`Node`."""
 
-    def __init__(self, keep_timeline: bool = False):
+    def __init__(self):
         self.live = 0
         self.by_cat: dict[str, int] = defaultdict(int)
         self.peak = 0
@@ -124,8 +124,6 @@ class Sim:
         self.rec: dict | None = None  # recompute in progress
         self.cache: dict[Par, Ten] | None = None  # autocast cast cache (None: autocast off)
         self.limit = float("inf")
-        self.keep_timeline = keep_timeline
-        self.timeline: list[tuple[str, str, int]] = []
 
     # --- bytes ---------------------------------------------------------------------------
     def alloc(self, nbytes: int, cat: str, what: str = "", held: bool = True) -> St:
@@ -136,8 +134,6 @@ class Sim:
         self.by_cat[cat] += st.nbytes
         if self.rec is not None and held:
             self.rec["held"].append(st)
-        if self.keep_timeline and st.nbytes:
-            self.timeline.append((self.where, what, self.live))
         if self.live > self.step_peak:
             self.step_peak = self.live
             if self.live > self.limit:

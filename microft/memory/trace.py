@@ -77,14 +77,13 @@ class TraceResult:
     step_peaks: list[int]
     emulated: list[str]
     seconds: float
-    timeline: list[tuple[str, str, int]] = field(default_factory=list)  # (where, op, live bytes) if asked
     ops: list[str] = field(default_factory=list)  # the aten ops dispatched, e.g. "aten.mm.default"
 
 
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live storages seen as op outputs (each storage once, CUDA-rounded)."""
 
-    def __init__(self, keep_timeline: bool = False):
+    def __init__(self):
         super().__init__()
         self.recs: dict[int, _Rec] = {}
         self.live = 0
@@ -104,8 +103,6 @@ class LiveBytes(TorchDispatchMode):
         self.step_peak = 0
         self.extra = 0  # kernel scratch counted in `live` right now
         self.peak_extra = 0
-        self.keep_timeline = keep_timeline
-        self.timeline: list[tuple[str, str, int]] = []
 
     # --- bookkeeping ----------------------------------------------------------------------
     def _sweep(self) -> None:
@@ -145,11 +142,9 @@ class LiveBytes(TorchDispatchMode):
     def _check_peak(self, op: str) -> None:
         """`live` counts storages not yet swept, so it bounds the true total from above; only a
         bound above a peak so far needs the (costly) sweep to decide."""
-        if self.live <= self.step_peak and not self.keep_timeline:
+        if self.live <= self.step_peak:
             return
         self._sweep()
-        if self.keep_timeline:
-            self.timeline.append((self.where, op, self.live))
         self.step_peak = max(self.step_peak, self.live)
         if self.live > self.peak:
             self.peak = self.live
@@ -177,15 +172,10 @@ class LiveBytes(TorchDispatchMode):
         if (func is torch.ops.aten._to_copy.default and isinstance(args[0], nn.Parameter)
                 and self.label in ("activations", "recomputed activations")):
             label = "autocast weight copies"
-        before = self.live
         sizes = self.size_override(func, tensors) if self.size_override else None
         for k, t in enumerate(tensors):
             self.track(t, label, sizes[k] if sizes else None)
-        if self.live != before or not self.keep_timeline:
-            op = str(func.overloadpacket.__name__)
-            if self.keep_timeline:
-                op += f" {[tuple(t.shape) for t in tensors]} {[str(t.dtype)[6:] for t in tensors]}"
-            self._check_peak(op)
+        self._check_peak(str(func.overloadpacket.__name__))
         extra = self.workspaces.get(func, 0)
         if extra:  # scratch allocated (and freed) inside the CUDA kernel
             self.live += extra
@@ -344,7 +334,7 @@ def _cuda_sizes(precision: str, tracker: LiveBytes, cpu_steps: bool):
 
 
 def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
-                   accum: int = 1, steps: int = 2, keep_timeline: bool = False) -> TraceResult:
+                   accum: int = 1, steps: int = 2) -> TraceResult:
     """Trace `steps` optimizer steps of microft's training step on fake tensors; see the module doc."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -377,7 +367,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     if cfg.grad_ckpt:
         set_grad_checkpointing(model, True, cfg.grad_ckpt_every)
 
-    tracker = LiveBytes(keep_timeline)
+    tracker = LiveBytes()
     tracker.size_override = _cuda_sizes(precision, tracker, cfg.optimizer == "adafactor")
     low = precision != "fp32"
     hs = model_cfg.head_dim
@@ -437,5 +427,5 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     return TraceResult(
         peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, peak_where=tracker.peak_where,
         components=tracker.components_at_peak(), step_peaks=step_peaks, emulated=emulated,
-        seconds=time.perf_counter() - t0, timeline=tracker.timeline, ops=sorted(str(f) for f in tracker.seen),
+        seconds=time.perf_counter() - t0, ops=sorted(str(f) for f in tracker.seen),
     )
