@@ -342,7 +342,7 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         cfg = resolve_config(str(recipe) if recipe else None, **flags)
         if cfg.model:
             arch = memory.load_arch(cfg.model, cfg.dropout)
-        elif recipe is not None:  # a recipe without a model (recipes/demo.toml) trains the demo's model
+        elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
             from microft.demo import demo_model_config, demo_tokenizer
 
             arch = memory.arch_from_config(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)

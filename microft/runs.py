@@ -238,11 +238,12 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 
     demo = cfg.data is None
     seed_init(cfg.seed)
-    if cfg.model is None:  # the demo's own small model and tokenizer (demo.DEMO_MODEL)
+    demo_own_model = demo and cfg.model is None
+    if demo_own_model:  # the demo's own small model and tokenizer (demo.DEMO_MODEL)
         model, tok = demo_model(cfg)
-    else:
-        model = load_base(cfg) if cfg.quantize else load_model(cfg.model, dropout=cfg.dropout)
-        tok = tokenizer_for(cfg.model, model.config)
+    else:  # with --data but no --model: gpt2-tiny (the demo's tokenizer only knows the demo's words)
+        model = load_base(cfg) if cfg.quantize else load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
+        tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     max_len = seq_len_for(cfg, model.config.n_positions)
     demo_sets = None
     if demo:
@@ -262,7 +263,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
     def save_extra(d):  # the tokenizer files, and adapters beside the (unchanged) base weights
-        if cfg.model is None:
+        if demo_own_model:
             from microft.demo import write_demo_tokenizer
 
             write_demo_tokenizer(d)
@@ -270,7 +271,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         if cfg.lora:
             from microft.lora import write_adapter_files
 
-            write_adapter_files(d, model, cfg.model)
+            write_adapter_files(d, model, None if demo_own_model else cfg.model or "gpt2-tiny")
 
     from microft.train.distributed import distributed, main_only
 
@@ -300,8 +301,8 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         banner = {"data_stats": stats_line}
         if demo:
             what = (f"a randomly initialised {model.num_params() / 1e6:.2f}M-parameter GPT with its own "
-                    f"{tok.vocab_size}-token tokenizer" if cfg.model is None else cfg.model)
-            if cfg.model is None and device.type == "cpu":
+                    f"{tok.vocab_size}-token tokenizer" if demo_own_model else cfg.model)
+            if demo_own_model and device.type == "cpu":
                 import torch
 
                 what += f" ({torch.get_num_threads()} torch thread(s); OMP_NUM_THREADS=N sets them)"

@@ -257,3 +257,17 @@ def test_estimate_mem_of_the_demo_recipe(tmp_path):
         assert res.exit_code == 0, res.output
         peaks.append(json.loads(res.output)["peak_bytes"])
     assert peaks[0] == peaks[1]
+
+
+def test_data_without_model_is_not_the_demo_model(tmp_path):
+    """The demo's tokenizer only knows the demo's words: --data without --model trains gpt2-tiny."""
+    from microft.runs import run_finetune
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}.", "input": "", "output": w}) + "\n"
+                            for w in WORDS[:12]))
+    cfg = RunConfig(data=str(data), max_steps=1, micro_bs=2, out=str(tmp_path / "o"), log_format="plain")
+    summary = run_finetune(cfg, lambda e: None)
+    final = tmp_path / "o" / "final"
+    assert json.loads((final / "config.json").read_text())["model"]["name"] == "gpt2-tiny"
+    assert not (final / "tokenizer.json").exists() and "demo_accuracy_after" not in summary
