@@ -18,7 +18,7 @@ lint:
 	$(BIN)/ruff check microft tests bench
 
 demo:
-	$(BIN)/microft finetune --micro-bs 1 --accum 8
+	$(BIN)/microft finetune
 
 bench:
 	$(BIN)/python bench/run_all.py

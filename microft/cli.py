@@ -142,7 +142,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
     with user_errors():
         recipe = flags.pop("recipe")
         flags = run_flags(flags)
-        base = {}
+        base = None
         if recipe is None and flags["model"] is None and flags["data"] is None:
             import time
 
@@ -151,7 +151,8 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
             base = {**DEMO_RUN, "out": time.strftime("runs/demo-%Y%m%d-%H%M%S")}  # never an earlier run's dir
         from microft.config import resolve_config
 
-        cfg = resolve_config(str(recipe) if recipe else None, **{**base, **{k: v for k, v in flags.items() if v is not None}})
+        # the demo's settings are read like a recipe: flags win, and two batch flags replace its batch plan
+        cfg = resolve_config(str(recipe) if recipe else None, defaults=base, **flags)
         if dry_run:
             dry_run_output(cfg)
             return
@@ -342,9 +343,14 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         if seq_len is not None:
             flags["max_seq_len"] = seq_len
         cfg = resolve_config(str(recipe) if recipe else None, **flags)
-        if not cfg.model:
+        if cfg.model:
+            arch = memory.load_arch(cfg.model, cfg.dropout)
+        elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
+            from microft.demo import demo_model_config, demo_tokenizer
+
+            arch = memory.arch_from_config(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)
+        else:
             raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a recipe")
-        arch = memory.load_arch(cfg.model, cfg.dropout)
         seq_note = None
         if cfg.data:  # the data's real lengths: micro-batches are padded to their longest sample
             from microft.runs import finetune_lengths

@@ -150,9 +150,10 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return flat
 
 
-def resolve_config(recipe: str | None = None, **flags: Any) -> RunConfig:
-    """Merge recipe values with flags (flags win; None means 'not given') and validate once."""
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+def resolve_config(recipe: str | None = None, defaults: dict[str, Any] | None = None, **flags: Any) -> RunConfig:
+    """Merge recipe values (or `defaults`, the built-in demo's) with flags (flags win; None means 'not
+    given') and validate once."""
+    values: dict[str, Any] = load_recipe(recipe) if recipe else dict(defaults or {})
     given = {k: v for k, v in flags.items() if v is not None}
     batch_flags = {"micro_bs", "accum", "global_bs"}
     if len(batch_flags & given.keys()) >= 2:  # two batch flags fix the plan: drop the recipe's third

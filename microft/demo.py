@@ -5,12 +5,20 @@ generated offline and deterministically from a seed. Each task's item space is s
 fixed hash of the item (about one item in five is held out), so held-out items never appear in
 training whatever seeds are used: the held-out score measures generalisation, not recall.
 
-Tasks (answers are a few tokens; inputs use words that are single GPT-2 tokens):
-  add, sub  "What is 47 + 8?" -> "55"
+Tasks (answers are a few tokens; every word and number is one token of the demo tokenizer):
+  count     "How many words are in this list?" "apple river stone" -> "3"
+  largest   "What is the largest of these numbers?" "42 7 19" -> "42"
   reverse   "apple river stone" -> "stone river apple"
   sort      "42 7 19" -> "7 19 42"
   passive   "The cat chased the dog." -> "The dog was chased by the cat."
   upper     "stone garden" -> "STONE GARDEN"
+Two-digit addition and subtraction were dropped: over a held-out space of operand pairs they need
+either carries learned digit by digit or a 2,500-entry table generalised, and a 1M-parameter model
+reached only 5-10 % on them in the demo's budget (bench/demo_sweep.py).
+
+The demo model is a small GPT-2-shaped model (DEMO_MODEL) with its own tokenizer
+(`build_demo_tokenizer`, ~1.1k tokens), trained from random init: GPT-2's 50k-token head would cost
+more than the whole rest of a model this size.
 """
 
 from __future__ import annotations
@@ -19,31 +27,39 @@ import random
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microft.instruct import Record
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+    from microft.models.config import ModelConfig
+    from microft.tokenizer import Tokenizer as MicroftTokenizer
 
 DEMO_TRAIN_SIZE = 10000
 DEMO_HELDOUT_SIZE = 120
 # Run settings `microft finetune` uses when given no model, data or recipe (flags still override).
-# gpt2-tiny from scratch: its GPT-2-sized vocabulary dominates the cost, and the 64-wide model learns
-# these tasks about as well per sample as gpt2-mini at a quarter of the time. `plain` keeps samples
-# ~20 tokens (alpaca's preamble would triple them); samples are all about as long, so length grouping
-# (which would make each batch one task) is off. Measured with `--micro-bs 1 --accum 8` on the 2-core
-# CPU: 1500 steps in ~5 minutes; the held-out exact match it reaches is stated once, in the README
-# (passive voice and upper-casing are learned first; arithmetic and reversal need far more data).
+# A 4-layer, 128-wide model on the demo tokenizer (0.94M parameters); `plain` keeps samples ~10-25
+# tokens; samples are all about as long, so length grouping (which would make each batch one task) is
+# off; fp32 because bf16 is emulated (~20x slower) on CPUs without AVX-512 BF16. Measured with
+# bench/demo_sweep.py on the 2-core CPU: see README (the demo) for accuracy per seed and times.
+DEMO_MODEL: dict[str, int] = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 64}
+# The batch is given as micro 32 of global 32 (accumulation 1): `--micro-bs 8` alone keeps 32 samples
+# per step (accumulation 4); two batch flags replace the plan, as with a recipe (config.resolve_config).
 DEMO_RUN: dict[str, object] = {
-    "model": "gpt2-tiny",
     "template": "plain",
-    "max_seq_len": 64,
-    "micro_bs": 8,
-    "accum": 1,
-    "lr": 1e-2,
+    "max_seq_len": 48,
+    "micro_bs": 32,
+    "global_bs": 32,
+    "lr": 2e-3,
     "warmup": 0.05,
     "weight_decay": 0.0,
     "group_by_length": False,
     "precision": "fp32",
-    "max_steps": 1500,
-    "eval_every": 500,
+    "max_steps": 2000,
+    "eval_every": 500,  # val loss and a few generated answers while it trains
 }
 HELDOUT_EVERY = 5  # one item in this many (by hash) belongs to the held-out space
 MAX_NUMBER = 49  # operands and list items are 0..MAX_NUMBER
@@ -67,14 +83,14 @@ VERBS = (  # (simple past, past participle)
 Item = tuple[str, str, str]  # (instruction, input, output)
 
 
-def _add(rng: random.Random) -> Item:
-    a, b = rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)
-    return f"What is {a} + {b}?", "", str(a + b)
+def _count(rng: random.Random) -> Item:
+    words = " ".join(rng.sample(WORDS, rng.randint(1, 6)))
+    return "How many words are in this list?", words, str(len(words.split()))
 
 
-def _sub(rng: random.Random) -> Item:
-    a, b = sorted((rng.randint(0, MAX_NUMBER), rng.randint(0, MAX_NUMBER)), reverse=True)
-    return f"What is {a} - {b}?", "", str(a - b)
+def _largest(rng: random.Random) -> Item:
+    nums = rng.sample(range(MAX_NUMBER + 1), rng.randint(3, 5))
+    return "What is the largest of these numbers?", " ".join(map(str, nums)), str(max(nums))
 
 
 def _reverse(rng: random.Random) -> Item:
@@ -101,7 +117,7 @@ def _upper(rng: random.Random) -> Item:
 
 
 TASKS: dict[str, Callable[[random.Random], Item]] = {
-    "add": _add, "sub": _sub, "reverse": _reverse, "sort": _sort, "passive": _passive, "upper": _upper,
+    "count": _count, "largest": _largest, "reverse": _reverse, "sort": _sort, "passive": _passive, "upper": _upper,
 }
 
 
@@ -177,3 +193,88 @@ def exact_match_by_task(predictions: Sequence[str], records: Sequence[Record]) -
             groups[key][0].append(pred)
             groups[key][1].append(rec.response)
     return {k: exact_match(p, r) for k, (p, r) in groups.items()}
+
+
+# --------------------------------------------------------------------------- the demo's own tokenizer
+
+EOS = "<|endoftext|>"
+TOKENIZER_CORPUS_SIZE = 3000  # training items (seed 0, plain template) the BPE merges are learned from
+TOKENIZER_TEMPLATE = "plain"
+
+
+def build_demo_tokenizer() -> Tokenizer:
+    """The demo model's byte-level BPE tokenizer, trained deterministically on demo training items.
+
+    Every demo word becomes one token (~1k tokens in all, against GPT-2's 50k, whose LM head would
+    dominate a tiny model's cost); digits stay single tokens so arithmetic and sorting work digit by
+    digit; the 256-byte alphabet keeps any text encodable and decoding lossless. Only training items
+    are read, never held-out ones. `EOS` is id 0. Saved with `.save(path)` it is a `tokenizer.json`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from microft.instruct import record_segments
+    from microft.templates import load_template
+
+    template = load_template(TOKENIZER_TEMPLATE)
+    texts = ["".join(text for text, _ in record_segments(r, template))
+             for r in demo_records(TOKENIZER_CORPUS_SIZE, seed=0)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # a cap above what the corpus can reach: merging stops when every word is a single token
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def write_demo_tokenizer(directory: str | Path) -> list[str]:
+    """Save the demo tokenizer into `directory` as `tokenizer.json` plus a `tokenizer_config.json` that
+    names `EOS` as its bos/eos token (what `tokenizer.load_tokenizer` and transformers read).
+    Files already there are kept. Returns the names written."""
+    import json
+
+    d = Path(directory)
+    written = []
+    if not (d / "tokenizer.json").exists():
+        build_demo_tokenizer().save(str(d / "tokenizer.json"))
+        written.append("tokenizer.json")
+    if not (d / "tokenizer_config.json").exists():
+        meta = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
+                "model_max_length": DEMO_MODEL["n_positions"]}
+        (d / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        written.append("tokenizer_config.json")
+    return written
+
+
+def demo_tokenizer() -> MicroftTokenizer:
+    """The demo tokenizer as microft's `Tokenizer` (exactly what `load_tokenizer` reads back from a
+    saved demo model directory): EOS id 0 ends every sample and stops generation; no BOS is added."""
+    import tempfile
+
+    from microft.tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="microft-demo-tok-") as d:
+        write_demo_tokenizer(d)
+        tok = load_tokenizer(d)  # reads the files fully; the directory may go
+    tok.name = "demo"
+    return tok
+
+
+def demo_model_config(vocab_size: int) -> ModelConfig:
+    """The demo model: GPT-2's layout at DEMO_MODEL's size over the demo tokenizer's `vocab_size` ids,
+    declaring the tokenizer's EOS (id 0) as its bos/eos so a saved `config.json` says so."""
+    from microft.models.config import ModelConfig
+
+    return ModelConfig(name="demo", vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **DEMO_MODEL)
+
+
+def next_steps(final_dir: str) -> list[str]:
+    """What the demo prints last: how to talk to the model it trained, then how to train a real one."""
+    return [
+        f"try it: microft generate --model {final_dir} --template plain --temperature 0 "
+        "--prompt 'Reverse the order of these words.' --input 'lemon tiger river'",
+        "your data: microft download gpt2, then microft finetune --model openai-community/gpt2 --data my.jsonl "
+        "--lora --out runs/mine   (Alpaca or chat JSONL; see README)",
+        "a recipe: microft finetune --recipe recipes/gpt2-medium-lora.toml   (each recipe starts with its command)",
+    ]

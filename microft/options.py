@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, llama-3.2-1b, qwen3-0.6b, …), HF model directory or cached repo id, or microft checkpoint (default: the demo's model).")]
+Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, llama-3.2-1b, qwen3-0.6b, …), HF model directory or cached repo id, or microft checkpoint (default: the demo's own model; with --data, gpt2-tiny).")]
 Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory (finetune without it: the built-in demo).")]
 Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
 MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto' (default: 1, or --global-bs / --accum).")]

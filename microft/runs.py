@@ -238,8 +238,12 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 
     demo = cfg.data is None
     seed_init(cfg.seed)
-    model = load_base(cfg) if cfg.quantize else load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
-    tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
+    demo_own_model = demo and cfg.model is None
+    if demo_own_model:  # the demo's own small model and tokenizer (demo.DEMO_MODEL)
+        model, tok = demo_model(cfg)
+    else:  # with --data but no --model: gpt2-tiny (the demo's tokenizer only knows the demo's words)
+        model = load_base(cfg) if cfg.quantize else load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
+        tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     max_len = seq_len_for(cfg, model.config.n_positions)
     demo_sets = None
     if demo:
@@ -259,11 +263,15 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
     def save_extra(d):  # the tokenizer files, and adapters beside the (unchanged) base weights
+        if demo_own_model:
+            from microft.demo import write_demo_tokenizer
+
+            write_demo_tokenizer(d)
         copy_tokenizer_files(cfg.model, d)
         if cfg.lora:
             from microft.lora import write_adapter_files
 
-            write_adapter_files(d, model, cfg.model or "gpt2-tiny")
+            write_adapter_files(d, model, None if demo_own_model else cfg.model or "gpt2-tiny")
 
     from microft.train.distributed import distributed, main_only
 
@@ -292,9 +300,15 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 
         banner = {"data_stats": stats_line}
         if demo:
-            banner["demo"] = ("built-in demo: a randomly initialised gpt2-tiny learns small instruction tasks "
-                              "with checkable answers (passive voice, upper-casing, arithmetic, reversal, sorting). "
-                              "For real runs: --model DIR --data FILE, or a recipe (recipes/*.toml).")
+            what = (f"a randomly initialised {model.num_params() / 1e6:.2f}M-parameter GPT with its own "
+                    f"{tok.vocab_size}-token tokenizer" if demo_own_model else cfg.model)
+            if demo_own_model and device.type == "cpu":
+                import torch
+
+                what += f" ({torch.get_num_threads()} torch thread(s); OMP_NUM_THREADS=N sets them)"
+            banner["demo"] = (f"built-in demo: {what} learns six small instruction tasks with checkable answers "
+                              "(count words, largest number, reverse words, sort numbers, passive voice, "
+                              "upper-casing); held-out exact match is scored before and after training")
         acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
         plan = batch_plan(cfg, dist.world_size, model.config, emit)
         summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
@@ -310,7 +324,44 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                                      for s, p in zip(data.eval_samples, preds, strict=True)])
             emit({"kind": "note", "text": f"wrote {len(preds)} predictions to {path}"})
             summary["predictions"] = path
+        if demo and talk:  # what to do next comes last
+            from microft.demo import next_steps
+
+            summary["next_steps"] = next_steps(summary["final_dir"])
+            for line in summary["next_steps"]:
+                emit({"kind": "note", "text": line})
     return summary
+
+
+def one_thread_demo(cfg: RunConfig) -> None:
+    """The demo's model trains on one torch thread on a CPU unless OMP_NUM_THREADS says otherwise: its
+    matrices are too small to gain from a second thread, and on a shared 2-core machine two spinning
+    OpenMP threads ran it several times slower (bench/demo_sweep.py, README: the demo)."""
+    import os
+
+    import torch
+
+    from microft.train.step import resolve_device
+
+    if "OMP_NUM_THREADS" not in os.environ and resolve_device(cfg.device).type == "cpu":
+        torch.set_num_threads(1)
+
+
+def demo_model(cfg: RunConfig):
+    """The demo's model (random init from the current seed) and its tokenizer: what finetune trains
+    when given no --model. `--quantize` needs a pretrained base to quantize, so it is refused here."""
+    from microft.demo import demo_model_config, demo_tokenizer
+    from microft.models.transformer import Transformer
+
+    if cfg.quantize:
+        raise ConfigError("--quantize needs --model (a pretrained base to quantize); the demo's model is "
+                          "trained from random init")
+    one_thread_demo(cfg)
+    tok = demo_tokenizer()
+    mcfg = demo_model_config(tok.vocab_size)
+    if cfg.dropout is not None:
+        mcfg = mcfg.model_copy(update={"dropout": cfg.dropout})
+    return Transformer(mcfg), tok
 
 
 def load_quantized(spec: str, scheme: str, double_quant: bool, dropout: float | None = None, dtype=None,
