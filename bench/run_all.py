@@ -5,7 +5,9 @@
 
 Runs bench/speed.py (microft vs transformers; the same CPU runs again as an emulated AVX2-only CPU
 where this one has native bf16; its GPU part only when CUDA is available) and
-bench/trainer_matrix.py (precision × gradient checkpointing). Each rewrites only its own section.
+bench/trainer_matrix.py (precision × gradient checkpointing) and bench/families.py (a Qwen3-0.6B shape
+against transformers, and loading a 1B checkpoint). Each rewrites only its own section. bench/qlora.py,
+bench/packing.py and bench/memory_accuracy.py run on their own (they need more memory or time).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import sys
 import time
 
+import families
 import speed
 import trainer_matrix
 
@@ -21,7 +24,7 @@ import trainer_matrix
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one round of the speed runs; print instead of writing the doc")
-    p.add_argument("--only", choices=["speed", "matrix"], help="run one of the two benchmarks")
+    p.add_argument("--only", choices=["speed", "matrix", "families"], help="run one of the benchmarks")
     a = p.parse_args()
     t0 = time.perf_counter()
     if a.only in (None, "speed"):
@@ -37,6 +40,10 @@ def main() -> None:
                   f"transformers' tokens/s ({nums['avx2']['cpu_speedup']:.2f}× on CPU time)", file=sys.stderr)
     if a.only in (None, "matrix"):
         trainer_matrix.main(["--no-write"] if a.quick else [])
+    if a.only in (None, "families"):
+        fam = families.main(["--no-write", "--steps", "1", "--skip-load"] if a.quick else [])
+        print(f"[run_all] families: microft {fam['speedup']:.2f}× transformers' tokens/s on the Qwen3-0.6B shape, "
+              f"peak memory {fam['memory_ratio']:.2f}×", file=sys.stderr)
     print(f"[run_all] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
