@@ -7,7 +7,7 @@ microft names modules the same way for every family (`wte`, `h.{i}.ln_1`, `h.{i}
     llama…   model.layers.0.self_attn.q_proj.weight, model.embed_tokens, model.norm, lm_head
 
 Old GPT-2 uploads (`openai-community/gpt2`) have bare `h.0…` keys and causal-mask buffers; both
-are read. Weights load one tensor at a time with `safe_open`, straight into the parameter's
+are read. Weights load one tensor at a time (plain file reads, no memory map), straight into the parameter's
 place, device and dtype (see `load.materialize`); export writes shards with an index above a size.
 """
 
@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from microft.errors import CheckpointError
@@ -70,9 +69,9 @@ def _one_line(e: BaseException) -> str:
 class TensorFiles:
     """The tensors of a checkpoint directory, read one at a time.
 
-    `model.safetensors`, or shards listed by `model.safetensors.index.json`, opened with
-    `safe_open` (memory-mapped, nothing read until asked); a pickled `pytorch_model.bin` is
-    loaded whole (weights_only), as it must be. Use as a context manager.
+    `model.safetensors`, or shards listed by `model.safetensors.index.json` (nothing read until
+    asked, then only that tensor's bytes); a pickled `pytorch_model.bin` is loaded whole
+    (weights_only), as it must be. Use as a context manager.
     """
 
     def __init__(self, directory: str | Path):
@@ -104,12 +103,9 @@ class TensorFiles:
         else:
             raise CheckpointError(f"no weights in {d}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}")
 
-    def _open(self, path: Path):
+    def _open(self, path: Path) -> _SafetensorsFile:
         if path not in self._handles:
-            try:
-                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"corrupt weights file {path}: {_one_line(e)}") from None
+            self._handles[path] = self._stack.enter_context(_SafetensorsFile(path))
         return self._handles[path]
 
     def keys(self) -> list[str]:
@@ -119,10 +115,7 @@ class TensorFiles:
         if self._dict is not None:
             return self._dict[key]
         path = self.where[key]
-        try:
-            return self._open(path).get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"corrupt weights file {path}: {_one_line(e)}") from None
+        return self._open(path).get_tensor(key)
 
     def __enter__(self) -> TensorFiles:
         return self
@@ -130,6 +123,64 @@ class TensorFiles:
     def __exit__(self, *exc) -> None:
         self._stack.close()
         self._dict = None
+
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """One safetensors file, read with plain file reads rather than a memory map.
+
+    Each tensor is read into memory of its own; the file's pages stay in the kernel's page cache
+    instead of this process's resident set, so loading (and quantizing) a model tensor by tensor
+    holds only what it keeps. The layout: an 8-byte little-endian header length, a JSON header
+    (name -> dtype, shape, data_offsets), then the data.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.f = open(path, "rb")  # noqa: SIM115  (closed by __exit__)
+            size = path.stat().st_size
+            n = int.from_bytes(self.f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(self.f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8 too
+            raise CheckpointError(f"corrupt weights file {path}: {_one_line(e)}") from None
+        header.pop("__metadata__", None)
+        self.entries, self.base, self.size = header, 8 + n, size
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        try:
+            e = self.entries[key]
+            dtype, shape = ST_DTYPES[e["dtype"]], list(e["shape"])
+            start, end = (int(x) for x in e["data_offsets"])
+            count = 1
+            for d in shape:
+                count *= int(d)
+            if not 0 <= start <= end <= self.size - self.base or end - start != count * dtype.itemsize:
+                raise ValueError(f"{key}: offsets {start}..{end} do not hold a {e['dtype']} tensor of shape {shape}")
+            buf = torch.empty(end - start, dtype=torch.uint8)
+            self.f.seek(self.base + start)
+            if self.f.readinto(buf.numpy()) != end - start:
+                raise ValueError(f"{key}: the file ends early")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"corrupt weights file {self.path}: {_one_line(e)}") from None
+        return buf.view(dtype).reshape(shape)
+
+    def __enter__(self) -> _SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
 
 
 def _load_bin(pt: Path) -> dict[str, torch.Tensor]:
