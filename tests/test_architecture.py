@@ -5,7 +5,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parent.parent / "microft"
+import microft
+
+PKG = Path(microft.__file__).resolve().parent  # the package under test (a checkout or an installed copy)
 MAX_LINES = 80  # a function in train/ a reader takes in at once
 
 # what models/ sits above: the model core may import only itself, config, weights and errors
