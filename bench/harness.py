@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from microft.models.config import ModelConfig  # noqa: E402
-from microft.perf import flops_per_token, probe_peak_flops  # noqa: E402
+from microft.perf import cpu_model, flops_per_token, probe_peak_flops  # noqa: E402
 
 STEPLOOP = Path(__file__).with_name("steploop.py")
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -55,13 +55,7 @@ def model_flops_per_token(model: str, seq: int) -> float:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model()
 
 
 def machine(device: str) -> str:
