@@ -32,18 +32,24 @@ def test_the_grid_covers_every_family():
     assert len(GRID) >= 12
 
 
-@pytest.mark.parametrize("model,variant", GRID, ids=[f"{m}-{v}" for m, v in GRID])
-def test_replay_matches_the_trace_to_the_byte(model, variant):
-    precision, kw, accum = VARIANTS[variant]
-    cfg = RunConfig(precision=precision, max_seq_len=64, **kw)
-    arch = load_arch(model, cfg.dropout)
-    s = setup_for(cfg, arch, 4, accum=accum)
+def assert_replay_is_the_trace(arch, s, cfg) -> None:
+    """The analytical replay and the fake-tensor trace agree to the byte: every component, every step's
+    peak, where and in which phase the peak falls; and the trace dispatched no op the replay leaves out."""
     a, t = estimate(arch, s), trace(arch, s, max_grad_norm=cfg.max_grad_norm)
     unmodelled = sorted(set(t.ops) - set(TRACED_OPS))
     assert not unmodelled, f"the real step dispatches ops the replay does not model: {unmodelled}"
     assert a.components == t.components, f"{a.peak_where} vs {t.peak_where}"
     assert a.step_peaks == t.step_peaks
     assert a.peak_bytes == t.peak_bytes and a.peak_where == t.peak_where and a.peak_phase == t.peak_phase
+
+
+@pytest.mark.parametrize("model,variant", GRID, ids=[f"{m}-{v}" for m, v in GRID])
+def test_replay_matches_the_trace_to_the_byte(model, variant):
+    precision, kw, accum = VARIANTS[variant]
+    cfg = RunConfig(precision=precision, max_seq_len=64, **kw)
+    arch = load_arch(model, cfg.dropout)
+    s = setup_for(cfg, arch, 4, accum=accum)
+    assert_replay_is_the_trace(arch, s, cfg)
 
 
 def test_every_listed_op_names_a_replay_method():
@@ -105,9 +111,4 @@ def test_qlora_and_8bit_replay_matches_the_trace_to_the_byte(name):
     cfg = RunConfig(precision=precision, max_seq_len=seq, **kw)
     arch = dataclasses.replace(load_arch(model), **widen)
     s = setup_for(cfg, arch, micro_bs, accum=accum)
-    a, t = estimate(arch, s), trace(arch, s, max_grad_norm=cfg.max_grad_norm)
-    unmodelled = sorted(set(t.ops) - set(TRACED_OPS))
-    assert not unmodelled, f"the real step dispatches ops the replay does not model: {unmodelled}"
-    assert a.components == t.components, f"{a.peak_where} vs {t.peak_where}"
-    assert a.step_peaks == t.step_peaks
-    assert a.peak_bytes == t.peak_bytes and a.peak_where == t.peak_where and a.peak_phase == t.peak_phase
+    assert_replay_is_the_trace(arch, s, cfg)
