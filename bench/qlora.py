@@ -92,25 +92,34 @@ def run_child(args: list[str], timeout: float = 3600) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
-def training_rows(a) -> list[tuple[str, list[str] | None, str]]:
-    """(label, steploop args or None, note) for each configuration, the smallest first."""
+def training_rows(a) -> list[tuple[str, list[str] | None, str, str]]:
+    """(label, steploop args or None, note, group) for each configuration; a group's ratios are taken
+    against its own microft LoRA row. "plain": as configured; "smallest": every memory flag a user has
+    (gradient checkpointing everywhere, double quantization for QLoRA)."""
     common = ["--model", a.model, "--micro-bs", "1", "--seq", str(a.seq), "--warmup", str(a.warmup),
               "--steps", str(a.steps), "--precision", "bf16-true"] + (["--grad-ckpt"] if a.grad_ckpt else [])
     lora = ["--lora", str(a.lora_r)]
     dq = ["--double-quant"] if a.double_quant else []
     rows = [("microft QLoRA (NF4 base" + (", double-quant)" if a.double_quant else ")"),
-             common + lora + ["--quantize", "nf4"] + dq, ""),
-            ("microft LoRA (bf16 base)", common + lora, ""),
-            ("transformers + peft LoRA (bf16 base)", common + lora + ["--impl", "hf"], "")]
+             common + lora + ["--quantize", "nf4"] + dq, "", "plain"),
+            ("microft LoRA (bf16 base)", common + lora, "", "plain"),
+            ("transformers + peft LoRA (bf16 base)", common + lora + ["--impl", "hf"], "", "plain")]
     try:
         import bitsandbytes  # noqa: F401
 
         rows.append(("transformers + peft + bitsandbytes QLoRA", None, "bitsandbytes is importable, but this "
-                     "script does not build its 4-bit model yet"))
+                     "script does not build its 4-bit model yet", "plain"))
     except ImportError:
-        rows.append(("transformers + peft + bitsandbytes QLoRA", None, "not run: bitsandbytes is not installed"))
+        rows.append(("transformers + peft + bitsandbytes QLoRA", None, "not run: bitsandbytes is not installed",
+                     "plain"))
     if not a.skip_full:
-        rows.append(("microft full fine-tuning (bf16-true)", common, ""))
+        rows.append(("microft full fine-tuning (bf16-true)", common, "", "plain"))
+    if not a.skip_smallest and not a.grad_ckpt:
+        ck = common + ["--grad-ckpt"]
+        rows += [("microft QLoRA, grad ckpt, double-quant", ck + lora + ["--quantize", "nf4", "--double-quant"], "",
+                  "smallest"),
+                 ("microft LoRA, grad ckpt", ck + lora, "", "smallest"),
+                 ("transformers + peft LoRA, grad ckpt", ck + lora + ["--impl", "hf"], "", "smallest")]
     return rows
 
 
@@ -125,6 +134,8 @@ def main() -> None:
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every configuration")
     p.add_argument("--skip-full", action="store_true", help="leave out full fine-tuning (the largest footprint)")
     p.add_argument("--skip-load", action="store_true", help="leave out the loading benchmark")
+    p.add_argument("--skip-smallest", action="store_true",
+                   help="leave out the rows with gradient checkpointing (and double quantization for QLoRA)")
     p.add_argument("--no-doc", action="store_true", help="print the tables only")
     p.add_argument("--child-save", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--child-load", metavar="DIR", help=argparse.SUPPRESS)
@@ -139,26 +150,30 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M")
     print(f"memory available: {gib(mem_available())}; load average {load_average()}", flush=True)
     results = []
-    for label, args, note in training_rows(a):
+    for label, args, note, group in training_rows(a):
         if args is None:
-            results.append((label, None, note))
+            results.append((label, None, note, group))
             print(f"{label}: {note}", flush=True)
             continue
         print(f"{label}: running ({gib(mem_available())} available) ...", flush=True)
         rec = run_config(args, timeout=7200)
-        results.append((label, rec, note))
+        results.append((label, rec, note, group))
         print(f"  peak RSS {gib(rec['peak_bytes'])}, {rec['tokens_per_sec']:.1f} tokens/s", flush=True)
-    lora = next(r for lbl, r, _ in results if lbl.startswith("microft LoRA"))
+    loras = {g: r for lbl, r, _, g in results if lbl.startswith("microft LoRA")}
     rows = []
-    for label, rec, note in results:
+    for label, rec, note, group in results:
+        lora = loras[group]
         if rec is None:
-            rows.append([label, "-", "-", "-", "-", note])
+            rows.append([label, "-", "-", "-", "-", "-", note])
             continue
         added = rec["peak_bytes"] - rec["baseline_bytes"]
-        rows.append([label, f"{rec['trainable_params'] / 1e6:.1f}M", gib(rec["peak_bytes"]), gib(added),
-                     f"{rec['tokens_per_sec']:.1f}", f"{rec['peak_bytes'] / lora['peak_bytes']:.2f}× LoRA's peak"])
-    train_table = table(["configuration", "trainable", "peak RSS", "above the process before the model",
-                         "tokens/s", "note"], rows)
+        ratio = (f"{rec['peak_bytes'] / lora['peak_bytes']:.2f}× LoRA's peak, "
+                 f"{added / (lora['peak_bytes'] - lora['baseline_bytes']):.2f}× above the process")
+        rows.append([label, f"{rec['trainable_params'] / 1e6:.1f}M", gib(rec["peak_bytes"]),
+                     gib(rec["peak_train_bytes"]) if rec.get("peak_train_bytes") else "-", gib(added),
+                     f"{rec['tokens_per_sec']:.1f}", note or ratio])
+    train_table = table(["configuration", "trainable", "peak RSS", "peak RSS while training",
+                         "peak above the process before the model", "tokens/s", "note"], rows)
 
     load_table = ""
     if not a.skip_load:
@@ -181,8 +196,11 @@ def main() -> None:
         f"`{a.model}`-shaped random model, micro-batch 1 × {a.seq} tokens, every configuration bf16-true "
         f"(QLoRA computes in bf16 from NF4 codes), LoRA r={a.lora_r} on every linear of the blocks, "
         f"{'gradient checkpointing, ' if a.grad_ckpt else ''}{a.warmup} warm-up + {a.steps} timed steps, each "
-        "configuration in a fresh process. Peak RSS is the process's maximum resident set (ru_maxrss), "
-        "including Python and torch themselves (the next column subtracts the RSS before the model was built).",
+        "configuration in a fresh process, its model built as the CLI builds it (bf16 weights read, here drawn, "
+        "straight into bf16; transformers' with `dtype=torch.bfloat16`). Peak RSS is the process's maximum "
+        "resident set (ru_maxrss), including Python and torch themselves; \"while training\" restarts the "
+        "high-water mark after the model is built (Linux `clear_refs`); the next column subtracts the RSS "
+        "before the model was built.",
         train_table,
         "### Loading a bf16 checkpoint with `--quantize nf4`" if load_table else "",
         load_table,

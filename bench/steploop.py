@@ -47,6 +47,23 @@ def make_tokens(steps: int, micro_bs: int, accum: int, seq: int, vocab: int, see
     return torch.randint(0, vocab, (steps, accum, micro_bs, seq + 1), generator=g)
 
 
+def hwm_bytes() -> int | None:
+    """The process's resident high-water mark (Linux VmHWM), or None elsewhere."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_hwm() -> bool:
+    """Restart VmHWM from the current RSS (Linux: `5` to /proc/self/clear_refs); False where that fails."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -70,7 +87,7 @@ def peak_memory(device: torch.device) -> dict[str, int]:
 
 def microft_stepper(cfg: ModelConfig, args, device: torch.device):
     """(model, step(tokens) -> loss, resolved precision) built from microft's own trainer pieces."""
-    from microft.models.transformer import GPT, set_grad_checkpointing
+    from microft.models.transformer import set_grad_checkpointing
     from microft.train.loop import keep_freed_memory
     from microft.train.optim import build_optimizer
     from microft.train.step import (
@@ -89,8 +106,10 @@ def microft_stepper(cfg: ModelConfig, args, device: torch.device):
 
         dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
         model = load_quantized(args.model, args.quantize, args.double_quant, dtype=dtype, seed=0)
-    else:
-        model = GPT(cfg)  # built before train() is called, so before its allocator setting
+    else:  # as the CLI loads it: bf16-true weights read (here: drawn) in bf16, one tensor at a time
+        from microft.models.load import load_model
+
+        model = load_model(args.model, dtype=torch.bfloat16 if precision == "bf16-true" else torch.float32)
     if device.type == "cpu" and not args.no_mallopt:
         keep_freed_memory()  # as train() does
     if precision == "bf16-true":
@@ -131,9 +150,8 @@ def hf_stepper(cfg: ModelConfig, args, device: torch.device):
     raw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
     hf_cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
-    if args.precision == "bf16-true":
-        model.to(dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32  # built in it, as from_pretrained(dtype=)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
     model.to(device).train()
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -221,6 +239,8 @@ def run(args) -> dict:
     tokens = make_tokens(args.warmup + args.steps, args.micro_bs, args.accum, args.seq, cfg.vocab_size)
     build = microft_stepper if args.impl == "microft" else hf_stepper
     model, step, precision = build(cfg, args, device)
+    peak_build = hwm_bytes()  # building (and, for QLoRA, quantizing) the model
+    train_peak_known = reset_hwm()
     reset_peak(device)
     losses, times, cpu_times = [], [], []
     for i in range(args.warmup + args.steps):
@@ -239,6 +259,7 @@ def run(args) -> dict:
             prof.__exit__(None, None, None)
             print_profile(prof, args.profile)
     peak = peak_memory(device)  # before the profiled step: the profiler's own records are not the model's
+    peak_train = hwm_bytes() if train_peak_known else None  # training steps only (build excluded)
     split = None
     if args.breakdown:  # one more step, under the profiler, after the timed ones
         with torch.profiler.profile(activities=profiler_activities(device)) as prof:
@@ -257,7 +278,7 @@ def run(args) -> dict:
         "step_times": times, "step_time": median, "cpu_times": cpu_times,
         "tokens_per_sec": tokens_per_step / median, "losses": losses, "threads": torch.get_num_threads(),
         "rss_before_model": rss_before, "baseline_bytes": rss_before if device.type == "cpu" else 0,
-        "breakdown": split, **peak,
+        "breakdown": split, "peak_build_bytes": peak_build, "peak_train_bytes": peak_train, **peak,
     }
 
 

@@ -31,13 +31,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable_fraction: float = 
 PROBE_SHAPES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
 
 
-def _probe_key(device_type: str, dtype_name: str) -> str:
+def _probe_key(device_type: str, dtype_name: str, threads: int | None = None) -> str:
     if device_type == "cuda":
         where = torch.cuda.get_device_name()
     elif device_type == "mps":
         where = f"mps|{cpu_model()}"
     else:
-        where = f"{cpu_model()}|{torch.get_num_threads()} threads"
+        where = f"{cpu_model()}|{threads or torch.get_num_threads()} threads"
     return f"{where}|torch {torch.__version__}|{dtype_name}"
 
 
@@ -46,13 +46,14 @@ def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_type, lambda: None)
+    every = 1 if device_type == "cpu" else 4  # a CPU matmul is synchronous: check the clock after each one
     best = 0.0
     for _ in range(2):  # the first pass warms caches, threads and clocks
         iters, t0 = 0, time.perf_counter()
         while True:
             a @ b
             iters += 1
-            if iters % 4 == 0:
+            if iters % every == 0:
                 sync()
                 if time.perf_counter() - t0 >= seconds / 2:
                     break
@@ -83,9 +84,14 @@ def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 4.0)
 
 def probe_peak_flops(device_type: str, dtype_name: str, seconds: float = 4.0) -> float:
     """Measure the best sustained matmul rate now (no cache): see `measured_peak_flops`."""
-    shapes = PROBE_SHAPES.get(device_type, PROBE_SHAPES["cpu"])
+    shapes = sorted(PROBE_SHAPES.get(device_type, PROBE_SHAPES["cpu"]))
     dtype = getattr(torch, dtype_name)
-    return max(_sustained_rate(n, dtype, device_type, seconds / len(shapes)) for n in shapes)
+    share, best = seconds / len(shapes), 0.0
+    for n in shapes:
+        if best and 2 * n**3 / best > share / 2:  # a slow (e.g. emulated bf16) dtype: bigger shapes would take
+            break  # minutes and show nothing new, since the rate is far below any matmul unit's peak there
+        best = max(best, _sustained_rate(n, dtype, device_type, share))
+    return best
 
 
 def _peak_cache_file() -> Path:

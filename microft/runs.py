@@ -177,12 +177,11 @@ def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
     from microft.data import Subset, pack_documents, read_text_corpus, split_indices
-    from microft.models.load import load_model
     from microft.train.distributed import distributed, main_only
     from microft.train.loop import train
 
     seed_init(cfg.seed)  # the same init on every rank
-    model = load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
+    model = load_base(cfg)
     tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     if tok.eos_id is None:
         raise ConfigError(f"{tok.name}: the tokenizer has no EOS token to separate documents with")
@@ -232,7 +231,6 @@ def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
     from microft.instruct import load_instruct_data, write_predictions
-    from microft.models.load import load_model
     from microft.train.loop import train
     from microft.train.step import resolve_device
 
@@ -242,7 +240,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     if demo_own_model:  # the demo's own small model and tokenizer (demo.DEMO_MODEL)
         model, tok = demo_model(cfg)
     else:  # with --data but no --model: gpt2-tiny (the demo's tokenizer only knows the demo's words)
-        model = load_base(cfg) if cfg.quantize else load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout)
+        model = load_base(cfg)
         tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     max_len = seq_len_for(cfg, model.config.n_positions)
     demo_sets = None
@@ -384,17 +382,27 @@ def load_quantized(spec: str, scheme: str, double_quant: bool, dropout: float | 
     return model
 
 
-def load_base(cfg: RunConfig):
-    """A run's QLoRA base (`--quantize`): refused for fp16-mixed on a CPU; bf16-true loads it in bf16."""
+def load_dtype(cfg: RunConfig):
+    """The dtype a run's weights are read in: bf16 for bf16-true (never an fp32 copy of a bf16 model on the
+    way), else fp32 (mixed precision keeps fp32 weights)."""
     import torch
 
+    return torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
+
+
+def load_base(cfg: RunConfig):
+    """A run's model: with `--quantize` its NF4 base (refused for fp16-mixed on a CPU), else the plain
+    model; both read in `load_dtype`."""
+    from microft.models.load import load_model
     from microft.train.step import resolve_device
 
+    if not cfg.quantize:
+        return load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout, dtype=load_dtype(cfg))
     if cfg.precision == "fp16-mixed" and resolve_device(cfg.device).type == "cpu":
         raise ConfigError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
                           "bf16-true or fp32")
-    dtype = torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
-    return load_quantized(cfg.model or "gpt2-tiny", cfg.quantize, cfg.double_quant, cfg.dropout, dtype, cfg.seed)
+    return load_quantized(cfg.model or "gpt2-tiny", cfg.quantize, cfg.double_quant, cfg.dropout, load_dtype(cfg),
+                          cfg.seed)
 
 
 def load_any(spec: str, device: str = "cpu"):

@@ -209,3 +209,19 @@ def test_mlp_recomputing_gelu_gives_the_gradients_of_the_plain_mlp(precision):
     plain = grads(lambda t: mlp.c_proj(torch.nn.functional.gelu(mlp.c_fc(t), approximate="tanh")))
     for a, b in zip(fused, plain):
         assert a.dtype == b.dtype and torch.equal(a, b)  # the same ops in the same dtypes: the same bits
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+def test_bf16_preset_is_built_in_bf16_with_the_fp32_init_rounded(preset):
+    """A bf16 preset (bf16-true runs) is drawn tensor by tensor straight into bf16: the values are the fp32
+    init's for the same seed, rounded, and no fp32 copy of the whole model is ever held."""
+    torch.manual_seed(3)
+    ref = load_model(preset).to(torch.bfloat16)  # fp32 init, then rounded
+    torch.manual_seed(3)
+    got = load_model(preset, dtype=torch.bfloat16)
+    ref_state, got_state = ref.state_dict(), got.state_dict()
+    assert ref_state.keys() == got_state.keys()
+    for name, t in got_state.items():
+        assert t.dtype == ref_state[name].dtype, name
+        assert torch.equal(t, ref_state[name]), name
+    assert all(p.dtype == torch.bfloat16 for p in got.parameters())

@@ -9,17 +9,29 @@ from microft import perf
 
 def test_probe_measures_sustained_large_matmuls(monkeypatch):
     seen = []
-    real = perf._sustained_rate
 
-    def spy(n, dtype, device_type, seconds):
+    def fast(n, dtype, device_type, seconds):  # 1 PFLOP/s: every shape is cheap, so every shape is probed
         seen.append((n, dtype, seconds))
-        return real(n, dtype, device_type, seconds)
+        return 1e15
 
-    monkeypatch.setattr(perf, "_sustained_rate", spy)
-    rate = perf.probe_peak_flops("cpu", "float32", seconds=0.3)
-    assert [n for n, _, _ in seen] == list(perf.PROBE_SHAPES["cpu"])
+    monkeypatch.setattr(perf, "_sustained_rate", fast)
+    assert perf.probe_peak_flops("cpu", "float32", seconds=3.0) == 1e15
+    assert [n for n, _, _ in seen] == sorted(perf.PROBE_SHAPES["cpu"])
     assert all(d == torch.float32 for _, d, _ in seen)
-    assert abs(sum(s for _, _, s in seen) - 0.3) < 1e-9
+    assert abs(sum(s for _, _, s in seen) - 3.0) < 1e-9
+
+
+def test_probe_stops_before_shapes_that_would_take_minutes(monkeypatch):
+    """An emulated dtype (bf16 on an AVX2-only CPU) runs ~20x below fp32: one 3072² matmul would take
+    seconds, so the probe keeps the rate it has instead of stalling the end of every run."""
+    seen = []
+    monkeypatch.setattr(perf, "_sustained_rate", lambda n, d, t, s: seen.append(n) or 2e9)
+    assert perf.probe_peak_flops("cpu", "bfloat16", seconds=4.0) == 2e9
+    assert seen == [min(perf.PROBE_SHAPES["cpu"])]
+
+
+def test_probe_rate_is_a_real_cpu_rate():
+    rate = perf._sustained_rate(256, torch.float32, "cpu", 0.2)
     assert 1e8 < rate < 1e14  # FLOP/s of a real CPU, not a unit slip
 
 

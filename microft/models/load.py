@@ -125,8 +125,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu", dropout: fl
     cfg = ModelConfig.from_preset(spec) if d is None else config_of(d, raw)
     if dropout is not None:
         cfg = cfg.model_copy(update={"dropout": dropout})
-    if d is None and prepare is None:
-        return Transformer(cfg).to(device=device, dtype=dtype)
+    # built on the meta device, then filled one tensor at a time: a preset's init is the same values for a
+    # seed in every dtype, and a bf16 model never holds an fp32 copy of itself on the way
     model = meta_model(cfg)
     if prepare is not None:
         prepare(model)
