@@ -962,7 +962,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
     "loss": ("aten.ne.Scalar", "aten.empty.memory_format", "aten.amax.default", "aten.gather.default",
              "aten.log.default", "aten.squeeze.dim", "aten.sum.default", "aten.full_like.default",
              "aten.scatter_add_.default", "aten.unsqueeze.default", "aten.mul.out", "aten._softmax.out",
-             "aten.fill_.Tensor", "aten.full.default", "aten.add_.Tensor", "aten.mul_.Tensor"),
+             "aten.fill_.Tensor", "aten.full.default", "aten.add_.Tensor", "aten.mul_.Tensor",
+             "mkldnn._linear_pointwise.default"),  # the head's logits on a CPU in fp32 (loss.head_logits)
     "clip": ("aten._foreach_norm.Scalar", "aten.stack.default", "aten.linalg_vector_norm.default",
              "aten.reciprocal.default", "aten.clamp.default", "aten._foreach_mul_.Tensor",  # also rope_tables
              "aten._amp_foreach_non_finite_check_and_unscale_.default"),
