@@ -225,3 +225,22 @@ def test_bf16_preset_is_built_in_bf16_with_the_fp32_init_rounded(preset):
         assert t.dtype == ref_state[name].dtype, name
         assert torch.equal(t, ref_state[name]), name
     assert all(p.dtype == torch.bfloat16 for p in got.parameters())
+
+
+def test_head_logits_take_onednn_for_a_real_vocabulary_and_equal_mm(monkeypatch):
+    """The LM head's logits on a CPU in fp32: oneDNN for a tokenizer-sized vocabulary, `mm` for small heads
+    (the demo), and the same values either way (fp32 sums in another order)."""
+    from microft.models import loss
+
+    torch.manual_seed(0)
+    h, big, small = torch.randn(300, 64), torch.randn(loss.ONEDNN_HEAD_MIN_VOCAB, 64), torch.randn(1088, 64)
+    calls = []
+    if loss._ONEDNN_LINEAR is not None:
+        real = loss._ONEDNN_LINEAR
+        monkeypatch.setattr(loss, "_ONEDNN_LINEAR", lambda *a: calls.append(a[1].shape) or real(*a))
+    got_big, got_small = loss.head_logits(h, big), loss.head_logits(h, small)
+    torch.testing.assert_close(got_big, h @ big.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_small, h @ small.t())
+    if loss._ONEDNN_LINEAR is not None:
+        assert calls == [big.shape]
+    assert loss.head_logits(h.bfloat16(), big.bfloat16()).dtype == torch.bfloat16  # other dtypes: plain mm

@@ -64,16 +64,19 @@ def _onednn_linear():
 
 
 _ONEDNN_LINEAR = _onednn_linear()
+ONEDNN_HEAD_MIN_VOCAB = 16384
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h @ weight.T for the LM head: (rows, C) x (vocab, C) -> (rows, vocab).
 
-    On a CPU in fp32 this runs through oneDNN rather than the BLAS `mm`: for this shape (few rows,
-    a vocabulary of columns) MKL's sgemm reached ~70 % of its rate on the blocks' matmuls on an AVX2
-    EPYC, oneDNN ~1.3x more (docs/benchmarks.md). Same fp32 products and sums, in another order.
+    On a CPU in fp32, with a real tokenizer's vocabulary, this runs through oneDNN rather than the BLAS
+    `mm`: for this shape (a few hundred rows, tens of thousands of columns) MKL's sgemm reached ~60 %
+    of its rate on the blocks' matmuls on an AVX2 EPYC, oneDNN 1.3-1.8x more (docs/benchmarks.md).
+    Same fp32 products and sums, in another order; small heads (the demo's 1,088 tokens) keep `mm`.
     """
-    if _ONEDNN_LINEAR is not None and h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32:
+    if (_ONEDNN_LINEAR is not None and h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
+            and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
         return _ONEDNN_LINEAR(h.contiguous(), weight.contiguous(), None, "none", [None], "")
     return h @ weight.t()
 
