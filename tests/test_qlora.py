@@ -209,3 +209,27 @@ def test_a_trace_leaves_the_dynamic_map_real():
     trace(arch, setup_for(cfg, arch, 1))
     assert torch.equal(dynamic_map(True), want[0]) and torch.equal(dynamic_map(False), want[1])
     assert len(set(dynamic_map(True).tolist())) == 256
+
+
+def test_quantizing_load_maps_large_allocations_apart(monkeypatch):
+    """Loading with --quantize frees a full-precision weight per layer and keeps its codes: the loader fixes
+    glibc's mmap threshold first, so the codes never pin the freed weights' heap pages (a 1.7B load held
+    0.5 GiB above NF4 + one layer without it, none with it: docs/benchmarks.md)."""
+    import sys
+
+    from microft.models import load
+    from microft.runs import load_quantized
+
+    calls = []
+    monkeypatch.setattr(load, "map_large_allocations", lambda: calls.append(1) or True)
+    load_quantized("llama-tiny", "nf4", False, seed=0)
+    assert calls == [1]
+    calls.clear()
+    load.load_model("llama-tiny")  # a plain load keeps every tensor it reads: nothing to keep apart
+    assert calls == []
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):
+        import ctypes.util
+
+        if "libc.so" in (ctypes.util.find_library("c") or ""):
+            assert load.map_large_allocations()
