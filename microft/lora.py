@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from microft.errors import CheckpointError, ConfigError
 from microft.models.config import lora_target_table, parse_lora_targets
 from microft.models.hf import hf_name
+from microft.models.linear import linear
 from microft.models.precision import autocasting
 from microft.models.transformer import GPT
 from microft.quant import NF4Linear, dequantize_model_
@@ -87,7 +87,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._modules.get("base_layer")
-        out = base(x) if base is not None else F.linear(x, self.weight, self.bias)
+        out = base(x) if base is not None else linear(x, self.weight, self.bias)
         a = self.lora_A.weight
         if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
             x = x.to(a.dtype)

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from microft.errors import ConfigError
+from microft.models.linear import linear
 
 BLOCK = 64
 DOUBLE_QUANT_BLOCK = 256
@@ -267,7 +268,7 @@ class _NF4LinearFn(torch.autograd.Function):
         w = _dequantize(codes, absmax, absmax2, offset, shape, block, x.dtype)
         ctx.save_for_backward(codes, absmax, absmax2, offset)
         ctx.shape, ctx.block = shape, block
-        return F.linear(x, w, bias)
+        return linear(x, w, bias)  # no autograd in here: a plain (oneDNN on a CPU in fp32) forward
 
     @staticmethod
     def backward(ctx, grad):

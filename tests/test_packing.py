@@ -13,12 +13,23 @@ from microft.config import BatchPlan
 from microft.data import collate, collate_packed, pack_rows, packed_micro_batches, sample_length
 from microft.errors import DataError, Interrupted
 from microft.models.config import ModelConfig
-from microft.models.transformer import GPT, set_grad_checkpointing
+from microft.models.transformer import (
+    GPT,
+    packed_attention_mask,
+    packed_segments,
+    rope_cos_sin,
+    segment_attention,
+    set_grad_checkpointing,
+)
 from microft.train.loop import step_batches, train
 from tests.helpers import TINY, flat_params, masked_samples, run_config, tiny_model
 
 LLAMA = ModelConfig.from_preset("llama-tiny")
 SWA = ModelConfig.from_preset("mistral-tiny").model_copy(update={"sliding_window": 8})
+
+
+def tr_rope(pos):
+    return rope_cos_sin(LLAMA, 0, pos.size(1), pos.device, pos)
 
 
 def _loss_and_grads(model, batch, positions=True):
@@ -31,10 +42,18 @@ def _loss_and_grads(model, batch, positions=True):
 
 @pytest.mark.parametrize("cfg", [TINY, LLAMA, SWA], ids=["gpt2", "llama", "mistral-window"])
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_packed_loss_and_gradients_equal_the_unpacked_batch(cfg, ckpt):
+@pytest.mark.parametrize("segments", [True, False], ids=["per-sample", "mask"])
+def test_packed_loss_and_gradients_equal_the_unpacked_batch(cfg, ckpt, segments, monkeypatch):
+    """Per-sample attention (a CPU's default) and the block-diagonal mask (CUDA's; a window longer
+    than the row's samples) both give the unpacked batch's loss and gradients."""
+    import microft.models.transformer as tr
+
+    calls = []
+    monkeypatch.setattr(tr, "segment_attention", lambda *a: calls.append(1) or segment_attention(*a))
     samples = masked_samples(12, seed=11, min_len=4, max_len=30, weights=True)
     torch.manual_seed(0)
     model = GPT(cfg).train()
+    model.packed_segments_on_cpu = segments
     set_grad_checkpointing(model, ckpt)
     ref_loss, ref_grads = _loss_and_grads(model, collate(samples), positions=False)
     lengths = [sample_length(s) for s in samples]
@@ -47,6 +66,25 @@ def test_packed_loss_and_gradients_equal_the_unpacked_batch(cfg, ckpt):
     assert grads.keys() == ref_grads.keys()
     for n in grads:
         assert torch.allclose(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4), n
+    assert bool(calls) == (segments and cfg.sliding_window is None)  # the window (8) is shorter than the rows
+
+
+def test_packed_segments_are_each_rows_sample_lengths():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5], [0, 0, 1, 0, 0, 1]])
+    assert packed_segments(pos) == ([3, 2, 1], [6], [1, 2, 1, 2])
+
+
+def test_per_sample_attention_in_bf16_equals_the_masked_call():
+    """bf16 on a CPU: short samples take the plain-op attention, as unpacked rows do; same values as the mask."""
+    torch.manual_seed(0)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]])
+    model = GPT(LLAMA).to(torch.bfloat16)
+    attn = model.h[0].attn
+    x = torch.randn(2, 12, LLAMA.n_embd, dtype=torch.bfloat16)
+    rope = tr_rope(pos)
+    by_sample = attn(x, rope, packed=packed_segments(pos))
+    masked = attn(x, rope, packed=packed_attention_mask(pos))
+    torch.testing.assert_close(by_sample, masked, rtol=2e-2, atol=2e-2)
 
 
 def test_packed_rows_restart_positions_and_never_exceed_the_row_length():

@@ -348,6 +348,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
     for block in model.h:
         block.attn.dropout = 0.0  # CUDA's flash kernel keeps no attention mask; the CPU one would
         block.attn.cpu_math_max_len = 0  # and CUDA runs SDPA at every length
+    model.packed_segments_on_cpu = False  # CUDA attends packed rows through the block-diagonal mask
     if cfg.quantize:  # QLoRA: the block linears become the NF4Linear the run loads (quant.nf4_meta_blocks_)
         from microft.quant import nf4_meta_blocks_
 

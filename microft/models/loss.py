@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from microft.models.config import IGNORE_INDEX, ce_chunks
+from microft.models.linear import head_logits
 from microft.models.precision import autocast_off, compute_dtype
 
 
@@ -54,32 +55,6 @@ def tied_embedding(idx: torch.Tensor, weight: torch.Tensor, link: HeadGradLink |
     if link is None or not (torch.is_grad_enabled() and weight.requires_grad):
         return F.embedding(idx, weight)
     return _TiedEmbedding.apply(idx, weight, link)
-
-
-def _onednn_linear():
-    """torch's oneDNN linear (`mkldnn._linear_pointwise`) where this build has it, else None."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-
-
-_ONEDNN_LINEAR = _onednn_linear()
-ONEDNN_HEAD_MIN_VOCAB = 16384
-
-
-def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """h @ weight.T for the LM head: (rows, C) x (vocab, C) -> (rows, vocab).
-
-    On a CPU in fp32, with a real tokenizer's vocabulary, this runs through oneDNN rather than the BLAS
-    `mm`: for this shape (a few hundred rows, tens of thousands of columns) MKL's sgemm ran at ~60 % of
-    its rate on the blocks' matmuls on an AVX2 EPYC (GPT-2 step under torch.profiler: 69 vs 115-136
-    GFLOP/s); oneDNN ran it 1.3x faster in an interleaved micro-benchmark and 1.8x in the profiled step.
-    Same fp32 products and sums, in another order; small heads (the demo's 1,088 tokens) keep `mm`.
-    """
-    if (_ONEDNN_LINEAR is not None and h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
-            and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
-        return _ONEDNN_LINEAR(h.contiguous(), weight.contiguous(), None, "none", [None], "")
-    return h @ weight.t()
 
 
 class _FusedCrossEntropy(torch.autograd.Function):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from microft.models.config import ModelConfig
+from microft.models.linear import linear, run_linear
 from microft.models.loss import HeadGradLink, fused_cross_entropy, tied_embedding
 from microft.models.precision import autocast_off, compute_dtype
 
@@ -146,6 +147,31 @@ def packed_attention_mask(positions: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+def packed_segments(positions: torch.Tensor) -> tuple[list[int], ...]:
+    """Each packed row's sample lengths, in order, from its (B, T) positions (a sample starts at 0)."""
+    out = []
+    for row in positions.tolist():
+        starts = [0] + [i for i, p in enumerate(row) if p == 0 and i > 0] + [len(row)]
+        out.append([b - a for a, b in zip(starts, starts[1:])])
+    return tuple(out)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: tuple[list[int], ...],
+                      causal) -> torch.Tensor:
+    """Attention of packed rows sample by sample: each row split at its samples' boundaries, `causal`
+    attention (q, k, v of one sample, (1, heads, n, hs)) per sample, the outputs joined again.
+
+    Exact (the same attention the block-diagonal mask gives) and, on a CPU, cheaper than the masked call:
+    a row of 512 positions holding four samples of ~128 attends over ~4x fewer scores (on an AVX2
+    EPYC, fp32: 0.5x the CPU time of SDPA with the mask for one layer of GPT-2, `bench/packing.py`).
+    """
+    rows = []
+    for qb, kb, vb, segs in zip(q.unbind(0), k.unbind(0), v.unbind(0), segments, strict=True):
+        parts = zip(qb.split(segs, 1), kb.split(segs, 1), vb.split(segs, 1), strict=True)
+        rows.append(torch.cat([causal(qs[None], ks[None], vs[None]) for qs, ks, vs in parts], 2))
+    return torch.cat(rows)
+
+
 def attention_mask(T: int, start: int, window: int | None, device) -> torch.Tensor | None:
     """Boolean (T, start + T) mask of the keys each new query may see, or None for plain causal.
 
@@ -191,15 +217,23 @@ class Attention(nn.Module):
     def use_short_math(self, q: torch.Tensor) -> bool:
         return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(2) <= self.cpu_math_max_len
 
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Causal attention of fresh sequences (q, k, v all of the same positions)."""
+        if dropout_p == 0.0 and self.use_short_math(q):
+            return causal_attention_math(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=dropout_p,
+                                              enable_gqa=k.size(1) != q.size(1))
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0, packed: torch.Tensor | None = None) -> torch.Tensor:
-        """`packed`: the block-diagonal causal mask of packed rows (see `packed_attention_mask`)."""
+        """`packed`: packed rows, as the block-diagonal causal mask (see `packed_attention_mask`) or as
+        each row's sample lengths (`packed_segments`: attention per sample)."""
         B, T, _ = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         if self.fused:
-            q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+            q, k, v = run_linear(self.c_attn, x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = run_linear(self.q_proj, x), run_linear(self.k_proj, x), run_linear(self.v_proj, x)
         q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
         if self.qk_norm:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
@@ -213,19 +247,23 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start : start + T] = k
             cache.v[layer, :, :, start : start + T] = v
             k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
+        dropout_p = self.dropout if self.training else 0.0
+        if isinstance(packed, tuple):  # each row's sample lengths (Transformer.hidden checked the window)
+            y = segment_attention(q, k, v, packed, lambda q, k, v: self.causal(q, k, v, dropout_p))
+            y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
+            return self.resid_drop(run_linear(self.c_proj if self.fused else self.o_proj, y))
         mask = attention_mask(T, start, self.sliding_window, x.device)
         if packed is not None:
             mask = packed if mask is None else packed & mask
         # causal for a fresh sequence; a single new query (or a masked one) needs no causal flag
         causal = mask is None and start == 0 and T > 1
-        dropout_p = self.dropout if self.training else 0.0
         if cache is None and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q):
             y = causal_attention_math(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                                enable_gqa=nkv != nh)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
-        return self.resid_drop(self.c_proj(y) if self.fused else self.o_proj(y))
+        return self.resid_drop(run_linear(self.c_proj if self.fused else self.o_proj, y))
 
 
 # --- MLP ---------------------------------------------------------------------------------------
@@ -247,8 +285,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.drop(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
-        z = self.c_fc(x)
+            return self.drop(run_linear(self.down_proj, F.silu(run_linear(self.gate_proj, x)) * run_linear(self.up_proj, x)))
+        z = run_linear(self.c_fc, x)
         if type(self.c_proj) is not nn.Linear:  # an adapted (LoRA) or quantised projection runs its own forward
             return self.drop(self.c_proj(F.gelu(z, approximate="tanh")))
         return self.drop(gelu_linear(z, self.c_proj.weight, self.c_proj.bias))
@@ -267,7 +305,7 @@ class _GeluLinear(torch.autograd.Function):
         dt = compute_dtype(z)
         with autocast_off(z):
             zc, wc = z.to(dt), weight.to(dt)
-            y = F.linear(F.gelu(zc, approximate="tanh"), wc, None if bias is None else bias.to(dt))
+            y = linear(F.gelu(zc, approximate="tanh"), wc, None if bias is None else bias.to(dt))
         ctx.save_for_backward(zc, wc)
         ctx.dtypes = (z.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -323,6 +361,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.packed_segments_on_cpu = True  # False: the mask on a CPU too (the memory trace emulates CUDA)
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         if cfg.positions == "learned":
             self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
@@ -368,7 +407,11 @@ class Transformer(nn.Module):
         if position_ids is not None:
             if cache is not None:
                 raise ValueError("packed rows (position_ids) are for training, not cached generation")
-            packed = packed_attention_mask(position_ids)
+            window = self.config.sliding_window
+            if self.packed_segments_on_cpu and idx.device.type == "cpu" and (window is None or T <= window):
+                packed = packed_segments(position_ids)  # attention sample by sample: no masked scores
+            else:
+                packed = packed_attention_mask(position_ids)
         if self.config.positions == "learned":
             x = x + self.wpe(position_ids if position_ids is not None else torch.arange(start, start + T, device=idx.device))
         else:
