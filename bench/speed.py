@@ -210,7 +210,7 @@ def breakdown_table(runs: dict[str, dict]) -> str:
         total = sum(b.values()) or 1.0
         rows.append([name] + [f"{100 * b[k] / total:.0f} %" for k in ("matmul", "attention", "optimizer", "other")]
                     + [f"{total:.2f}"])
-    header = ["run", "matmuls (mm/addmm)", "attention (SDPA, bmm)", "fused AdamW", "everything else",
+    header = ["run", "matmuls (mm/addmm, oneDNN linear)", "attention (SDPA, bmm)", "fused AdamW", "everything else",
               "profiled step (s)"]
     return table(header, rows) if rows else ""
 

@@ -198,7 +198,7 @@ def hf_stepper(cfg: ModelConfig, args, device: torch.device):
     return model, step, precision
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::_weight_int8pack_mm"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise"}
 ATTENTION_MATMULS = {"aten::bmm", "aten::baddbmm"}  # only attention multiplies batches of matrices here
 
 

@@ -136,6 +136,19 @@ def test_bf16_mixed_trains_close_to_fp32(tmp_path):
     assert finals["bf16-mixed"] == pytest.approx(finals["fp32"], rel=0.03)
 
 
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_half_precision_on_a_cpu_that_emulates_it_says_so_once(tmp_path, monkeypatch, native):
+    monkeypatch.setenv("MICROFT_CPU_BF16", native)
+    samples = masked_samples(8, seed=6, vocab=50)
+    notes = {}
+    for precision in ("fp32", "bf16-true"):
+        _, events = _train(tmp_path / precision, samples, 4, 1, steps=1, precision=precision)
+        notes[precision] = [e["text"] for e in events if e["kind"] == "note" and "emulated" in e["text"]]
+    assert notes["fp32"] == []
+    assert len(notes["bf16-true"]) == (1 if native == "0" else 0)
+    assert all("--precision bf16-true" in n and "auto picks fp32" in n for n in notes["bf16-true"])
+
+
 def test_outputs_land_where_scripts_expect_them(tmp_path):
     samples = masked_samples(40, seed=7)
     val = masked_samples(8, seed=8)

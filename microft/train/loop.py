@@ -56,6 +56,7 @@ from microft.train.optim import build_optimizer, lr_lambda, warmup_steps
 from microft.train.step import (
     autocast_context,
     clip_gradients,
+    cpu_supports_bf16,
     make_scaler,
     micro_step,
     optimizer_step,
@@ -275,6 +276,8 @@ def train(
     if resume_dir is not None:
         run.state = TrainState(**restore(run, resume_dir))
     on_event(banner(run, resume_dir, memory.banner_peak(run.precision, run.plan), banner_extra))
+    if note := emulated_precision_note(run.precision, run.device):
+        on_event({"kind": "note", "text": note})
     start_outputs(run)
     flag, restore_signals = _signal_flag()
     if cfg.resume and run.dist.is_main and run.metrics_path.exists():  # drop records past the checkpoint
@@ -355,6 +358,14 @@ def set_up(model: GPT, train_set: Sequence, val_set: Sequence | None, cfg: RunCo
                scaler=make_scaler(precision, device), autocast=autocast_context(precision, device), lengths=lengths,
                steps_per_epoch=spe, total_steps=total_steps, warmup=warm, n_ckpt=n_ckpt, on_event=on_event,
                save_extra=save_extra, on_eval=on_eval)
+
+
+def emulated_precision_note(precision: str, device: torch.device) -> str | None:
+    """One line when a half-precision run was asked for on a CPU that emulates it (no AVX-512 BF16 / AMX)."""
+    if device.type != "cpu" or precision == "fp32" or cpu_supports_bf16():
+        return None
+    return (f"--precision {precision} on a CPU without native bf16/fp16 matmuls (no AVX-512 BF16 or AMX): they are "
+            "emulated, often 20-100x slower than fp32; --precision auto picks fp32 here")
 
 
 def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra: dict[str, Any] | None) -> Event:
