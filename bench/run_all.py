@@ -7,7 +7,8 @@ Runs bench/speed.py (microft vs transformers; the same CPU runs again as an emul
 where this one has native bf16; its GPU part only when CUDA is available) and
 bench/trainer_matrix.py (precision × gradient checkpointing) and bench/families.py (a Qwen3-0.6B shape
 against transformers, and loading a 1B checkpoint). Each rewrites only its own section. bench/qlora.py,
-bench/packing.py and bench/memory_accuracy.py run on their own (they need more memory or time).
+bench/packing.py, bench/linear_kernels.py and bench/memory_accuracy.py run on their own (they need more
+memory or time).
 """
 
 from __future__ import annotations

@@ -244,3 +244,4 @@ def test_head_logits_take_onednn_for_a_real_vocabulary_and_equal_mm(monkeypatch)
     if loss._ONEDNN_LINEAR is not None:
         assert calls == [big.shape]
     assert loss.head_logits(h.bfloat16(), big.bfloat16()).dtype == torch.bfloat16  # other dtypes: plain mm
+

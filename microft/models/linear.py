@@ -7,9 +7,12 @@ micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 128-1024 rows; the 
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
 Both compute the same fp32 products and sum them in another order. Elsewhere (other dtypes,
 autocast, CUDA, a handful of rows as in token-by-token generation) these are `F.linear`.
+`MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
@@ -17,10 +20,13 @@ import torch.nn.functional as F
 
 from microft.models.precision import autocasting
 
+ONEDNN_ENV = "MICROFT_ONEDNN"  # set to 0: every linear and the head through torch's own F.linear / mm
+
 
 def _onednn_linear():
-    """torch's oneDNN linear (`mkldnn._linear_pointwise`) where this build has it, else None."""
-    if not torch.backends.mkldnn.is_available():
+    """torch's oneDNN linear (`mkldnn._linear_pointwise`) where this build has it (and MICROFT_ONEDNN is
+    not 0), else None."""
+    if os.environ.get(ONEDNN_ENV) == "0" or not torch.backends.mkldnn.is_available():
         return None
     return getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 

@@ -1,0 +1,113 @@
+"""Linear layers' kernels on a CPU in fp32: MKL (torch's `addmm`/`mm`) vs oneDNN (`models.linear`).
+
+    .venv/bin/python bench/linear_kernels.py              # writes the doc section
+    .venv/bin/python bench/linear_kernels.py --no-write
+
+Two measurements, interleaved so that host noise falls on both sides alike:
+1. Per shape: the forward (x @ W.T + b) and the backward's two matmuls (dy @ W, dy.T @ x) of GPT-2's
+   and Qwen3-1.7B's block linears at 256 and 1024 rows, each the median rate over the rounds.
+2. The whole training step: `bench/steploop.py` (GPT-2 124M, micro-batch 4 x seq 256, fp32) in fresh
+   processes alternating MICROFT_ONEDNN=1 (the default) and 0 (torch's F.linear and mm everywhere).
+Only the `## Linear kernels on a CPU` section of docs/benchmarks.md is rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+import time
+
+import torch
+from docs_section import replace_section
+from harness import DOC, command_line, load_average, machine, run_config, table
+
+from microft.models.linear import _ONEDNN_LINEAR, ONEDNN_ENV
+
+HEADING = "## Linear kernels on a CPU"
+SHAPES = {"gpt2 c_attn": (768, 2304), "gpt2 c_fc": (768, 3072), "gpt2 mlp c_proj": (3072, 768),
+          "qwen3-1.7b gate/up": (2048, 6144), "qwen3-1.7b down": (6144, 2048)}
+
+
+def rate(fn, flop: float, reps: int = 3) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return flop * reps / (time.perf_counter() - t0) / 1e9
+
+
+def per_shape(rounds: int, rows: tuple[int, ...]) -> list[list[str]]:
+    lp = _ONEDNN_LINEAR
+    cases = {}
+    g = torch.Generator().manual_seed(0)
+    for name, (K, N) in SHAPES.items():
+        for M in rows:
+            x, W, b, dy = (torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g),
+                           torch.randn(M, N, generator=g))
+            cases[(name, M)] = {"forward, MKL": lambda x=x, W=W, b=b: torch.addmm(b, x, W.t()),
+                                "forward, oneDNN": lambda x=x, W=W, b=b: lp(x, W, b, "none", [None], ""),
+                                "dy @ W, MKL": lambda dy=dy, W=W: dy @ W,
+                                "dy @ W, oneDNN": lambda dy=dy, W=W: lp(dy, W.t().contiguous(), None, "none", [None], ""),
+                                "dy.T @ x, MKL": lambda dy=dy, x=x: dy.t() @ x}, 2 * M * K * N
+    got: dict = {}
+    for r in range(rounds + 1):  # round 0 warms up (oneDNN builds its kernels per shape)
+        for key, (fns, flop) in cases.items():
+            for kind, fn in fns.items():
+                v = rate(fn, flop)
+                if r:
+                    got.setdefault((key, kind), []).append(v)
+    out = []
+    for key in cases:
+        m = {kind: statistics.median(got[(key, kind)]) for kind in cases[key][0]}
+        out.append([key[0], str(key[1]), f"{m['forward, MKL']:.0f}", f"{m['forward, oneDNN']:.0f}",
+                    f"{m['forward, oneDNN'] / m['forward, MKL']:.2f}×", f"{m['dy @ W, MKL']:.0f}",
+                    f"{m['dy @ W, oneDNN']:.0f}", f"{m['dy.T @ x, MKL']:.0f}"])
+    return out
+
+
+def step_ab(rounds: int) -> dict[str, list[float]]:
+    args = ["--impl", "microft", "--precision", "fp32", "--model", "gpt2", "--device", "cpu", "--micro-bs", "4",
+            "--seq", "256", "--warmup", "2", "--steps", "3"]
+    times: dict[str, list[float]] = {"oneDNN forwards (default)": [], "MKL everywhere (MICROFT_ONEDNN=0)": []}
+    for r in range(rounds):
+        for name, env in zip(times, ({ONEDNN_ENV: "1"}, {ONEDNN_ENV: "0"}), strict=True):
+            print(f"[linear] step round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
+            times[name] += run_config(args, env)["step_times"]
+    return times
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="per-shape rounds")
+    p.add_argument("--step-rounds", type=int, default=3, help="interleaved training-step runs per side")
+    p.add_argument("--no-write", action="store_true")
+    a = p.parse_args(argv)
+    if _ONEDNN_LINEAR is None:
+        sys.exit(f"this torch has no oneDNN linear (or {ONEDNN_ENV}=0 is set)")
+    started, load_before = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_average()
+    shapes = per_shape(a.rounds, (256, 1024))
+    steps = step_ab(a.step_rounds)
+    med = {k: statistics.median(v) for k, v in steps.items()}
+    on, off = med.values()
+    body = (f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
+            f"{load_before}, after: {load_average()}.\n\n"
+            f"fp32 GFLOP/s per shape (median of {a.rounds} interleaved rounds; rows = tokens in the micro-batch):\n\n"
+            + table(["linear", "rows", "forward, MKL addmm", "forward, oneDNN", "oneDNN / MKL", "dy @ W, MKL",
+                     "dy @ W, oneDNN (W.T copied)", "dy.T @ x, MKL"], shapes)
+            + f"\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch 4 × seq 256, fp32; {a.step_rounds} "
+            "fresh processes per side, alternating, 3 timed steps each after 2 warm-up steps):\n\n"
+            + table(["linears", "step time (s, median)", "steps"],
+                    [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
+            + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of MKL everywhere. microft runs the forwards "
+            "(the blocks' linears, LoRA's and NF4's bases, the LM head's logits) through oneDNN on a CPU in fp32 and "
+            "keeps the backward's matmuls in MKL; `MICROFT_ONEDNN=0` turns it off.")
+    if a.no_write:
+        print(f"{HEADING}\n\n{body}")
+    else:
+        replace_section(DOC, HEADING, body)
+        print(f"[linear] wrote {HEADING!r} in {DOC}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
