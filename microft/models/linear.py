@@ -6,7 +6,8 @@ the forward shapes of a transformer's linears ran 1.1-1.7x faster through oneDNN
 micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 128-1024 rows; the backward's
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
 Both compute the same fp32 products and sum them in another order. Elsewhere (other dtypes,
-autocast, CUDA, a handful of rows as in token-by-token generation) these are `F.linear`.
+autocast, CUDA, a handful of rows as in token-by-token generation, layers narrower than 256) these
+are `F.linear`.
 `MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
 """
 
@@ -34,6 +35,7 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 ONEDNN_HEAD_MIN_VOCAB = 16384
 ONEDNN_MIN_ROWS = 64  # below, a decode step's few rows: F.linear
+ONEDNN_MIN_FEATURES = 256  # in and out; smaller layers (the demo's 128-wide model) keep F.linear and its bits
 
 
 def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -78,6 +80,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear(x, weight, bias); its forward through oneDNN on a CPU in fp32 (see the module doc)."""
     if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
+            or min(weight.shape) < ONEDNN_MIN_FEATURES or weight.dim() != 2
             or x.dim() < 2 or x.numel() < ONEDNN_MIN_ROWS * x.size(-1) or not x.is_contiguous()
             or not weight.is_contiguous() or autocasting("cpu")):
         return F.linear(x, weight, bias)
