@@ -9,6 +9,7 @@ Several bench scripts share docs/benchmarks.md; each rewrites only the section i
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 TITLE = "# Benchmarks\n"
@@ -55,3 +56,12 @@ def replace_section(path: str | Path, heading: str, body: str) -> Path:
     tmp.write_text(out, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def publish(path: str | Path, heading: str, body: str, write: bool, tag: str) -> None:
+    """Write the section into `path` (and say so on stderr as `[tag]`), or print it when not `write`."""
+    if not write:
+        print(f"{heading}\n\n{body}")
+        return
+    replace_section(path, heading, body)
+    print(f"[{tag}] wrote {heading!r} in {path}", file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 import time
 
 import torch
-from docs_section import replace_section
+from docs_section import publish
 from harness import DOC, command_line, load_average, machine, run_config, table
 
 from microft.models.linear import _ONEDNN_LINEAR, ONEDNN_ENV
@@ -102,11 +102,7 @@ def main(argv=None) -> None:
             + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of MKL everywhere. microft runs the forwards "
             "(the blocks' linears, LoRA's and NF4's bases, the LM head's logits) through oneDNN on a CPU in fp32 and "
             "keeps the backward's matmuls in MKL; `MICROFT_ONEDNN=0` turns it off.")
-    if a.no_write:
-        print(f"{HEADING}\n\n{body}")
-    else:
-        replace_section(DOC, HEADING, body)
-        print(f"[linear] wrote {HEADING!r} in {DOC}", file=sys.stderr)
+    publish(DOC, HEADING, body, not a.no_write, "linear")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import torch
-from docs_section import replace_section
+from docs_section import publish
 from harness import DOC, command_line, load_average, machine, model_label, table
 
 from microft.config import BatchPlan, RunConfig
@@ -260,11 +260,7 @@ def main(argv=None) -> dict:
             f"one layer's forward + backward on the first packed micro-batch ({1e3 * t_mask:.0f} ms masked, "
             "`segment_attention_ratio`); the mask, which CUDA uses, attends over "
             f"{pad['microft packed'][3] / pad['microft packed'][2]:.1f}× the scores.")
-    if a.no_write:
-        print(f"{HEADING}\n\n{body}")
-    else:
-        replace_section(DOC, HEADING, body)
-        print(f"[packing] wrote {HEADING!r} in {DOC}", file=sys.stderr)
+    publish(DOC, HEADING, body, not a.no_write, "packing")
     return {"speedup": speedup, "cpu_speedup": cpu_speedup}
 
 

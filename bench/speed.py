@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 import torch
-from docs_section import replace_section
+from docs_section import publish
 from harness import (
     DOC,
     command_line,
@@ -366,11 +366,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict:
     if not a.no_gpu:
         body += "\n\n" + gpu_section(a)
     heading = HEADING if native_bf16("cpu") else AVX2_NATIVE_HEADING  # each kind of CPU keeps its own section
-    if a.no_write:
-        print(f"{heading}\n\n{body}")
-    else:
-        replace_section(DOC, heading, body)
-        print(f"[speed] wrote {heading!r} in {DOC}", file=sys.stderr)
+    publish(DOC, heading, body, not a.no_write, "speed")
     return nums
 
 

@@ -17,7 +17,7 @@ import datetime
 import sys
 
 import torch
-from docs_section import replace_section
+from docs_section import publish
 from harness import DOC, command_line, gib, load_average, machine, median, model_label, run_config, table
 
 HEADING = "## Trainer: precision × checkpointing"
@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     load_before = load_average()
     body = section(a, measure(a, device), device, started, load_before)
-    if a.no_write:
-        print(f"{HEADING}\n\n{body}")
-    else:
-        replace_section(DOC, HEADING, body)
-        print(f"[matrix] wrote {HEADING!r} in {DOC}", file=sys.stderr)
+    publish(DOC, HEADING, body, not a.no_write, "matrix")
 
 
 if __name__ == "__main__":
