@@ -1,9 +1,9 @@
 """Linear layers' matmuls on a CPU in fp32: forwards through oneDNN, backwards as autograd's.
 
 torch's fp32 `addmm`/`mm` on a CPU call MKL's sgemm. On AMD CPUs (MKL's slower code path there)
-the forward shapes of a transformer's linears ran 1.1-1.7x faster through oneDNN's linear
+the forward shapes of a transformer's linears ran 1.0-1.7x faster through oneDNN's linear
 (`mkldnn._linear_pointwise`, shipped with torch) on a 2-core AVX2 EPYC, interleaved
-micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 128-1024 rows; the backward's
+micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 256 and 1024 rows; the backward's
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
 Both compute the same fp32 products and sum them in another order. Elsewhere (other dtypes,
 autocast, CUDA, a handful of rows as in token-by-token generation, layers narrower than 256) these

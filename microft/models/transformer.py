@@ -26,6 +26,7 @@ from microft.models.loss import HeadGradLink, fused_cross_entropy, tied_embeddin
 from microft.models.precision import autocast_off, compute_dtype
 
 CPU_MATH_ATTN_MAX_LEN = 256
+Packed = torch.Tensor | tuple[list[int], ...] | None  # packed rows: their mask, or each row's sample lengths
 RESIDUAL_PROJ = ("c_proj.weight", "o_proj.weight", "down_proj.weight")  # scaled init: they add to the stream
 
 
@@ -224,8 +225,23 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=dropout_p,
                                               enable_gqa=k.size(1) != q.size(1))
 
+    def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, packed: torch.Tensor | None,
+               fresh: bool, dropout_p: float) -> torch.Tensor:
+        """Attention of new queries at `start` over the cached and new keys: causal, windowed and/or a
+        packed rows' block-diagonal mask."""
+        T = q.size(2)
+        mask = attention_mask(T, start, self.sliding_window, q.device)
+        if packed is not None:
+            mask = packed if mask is None else packed & mask
+        # causal for a fresh sequence; a single new query (or a masked one) needs no causal flag
+        causal = mask is None and start == 0 and T > 1
+        if fresh and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q):
+            return causal_attention_math(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                                              enable_gqa=k.size(1) != q.size(1))
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0, packed: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, packed: Packed = None) -> torch.Tensor:
         """`packed`: packed rows, as the block-diagonal causal mask (see `packed_attention_mask`) or as
         each row's sample lengths (`packed_segments`: attention per sample)."""
         B, T, _ = x.shape
@@ -250,18 +266,8 @@ class Attention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if isinstance(packed, tuple):  # each row's sample lengths (Transformer.hidden checked the window)
             y = segment_attention(q, k, v, packed, lambda q, k, v: self.causal(q, k, v, dropout_p))
-            y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
-            return self.resid_drop(run_linear(self.c_proj if self.fused else self.o_proj, y))
-        mask = attention_mask(T, start, self.sliding_window, x.device)
-        if packed is not None:
-            mask = packed if mask is None else packed & mask
-        # causal for a fresh sequence; a single new query (or a masked one) needs no causal flag
-        causal = mask is None and start == 0 and T > 1
-        if cache is None and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q):
-            y = causal_attention_math(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
-                                               enable_gqa=nkv != nh)
+            y = self.masked(q, k, v, start, packed, cache is None, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
         return self.resid_drop(run_linear(self.c_proj if self.fused else self.o_proj, y))
 
@@ -346,12 +352,12 @@ class Block(nn.Module):
         self.grad_ckpt = False  # recompute this block's activations in backward
 
     def _forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
-                 packed: torch.Tensor | None = None) -> torch.Tensor:
+                 packed: Packed = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, layer, packed)
         return x + self.mlp(self.ln_2(x))
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
-                packed: torch.Tensor | None = None) -> torch.Tensor:
+                packed: Packed = None) -> torch.Tensor:
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
             return checkpoint(self._forward, x, rope, None, 0, packed, use_reentrant=False)
         return self._forward(x, rope, cache, layer, packed)
