@@ -38,8 +38,10 @@ ONEDNN_MIN_ROWS = 64  # below, a decode step's few rows: F.linear
 ONEDNN_MIN_FEATURES = 256  # in and out; smaller layers (the demo's 128-wide model) keep F.linear and its bits
 
 
-def _onednn(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _ONEDNN_LINEAR(x2, weight, bias, "none", [None], "")
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN, for x of any rank (flattened to rows and back)."""
+    y = _ONEDNN_LINEAR(x.reshape(-1, x.size(-1)), weight, bias, "none", [None], "")
+    return y.view(*x.shape[:-1], weight.size(0))
 
 
 def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        return _onednn(x.reshape(-1, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
+        return _onednn(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -87,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn(x.reshape(-1, x.size(-1)), weight, bias).view(*x.shape[:-1], weight.size(0))
+    return _onednn(x, weight, bias)
 
 
 def run_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
