@@ -30,6 +30,7 @@ import torch
 from docs_section import publish
 from harness import (
     DOC,
+    best_rates,
     command_line,
     gib,
     load_average,
@@ -37,10 +38,13 @@ from harness import (
     median,
     model_flops_per_token,
     model_label,
-    peak_flops,
+    peak_rates,
+    rates_text,
     run_config,
     table,
 )
+
+from microft.perf import PROBE_SHAPES  # noqa: E402  (harness put the repository on sys.path)
 
 HEADING = "## Speed vs transformers"
 TARGET_SPEEDUP, TARGET_MFU, TARGET_MEMORY = 1.5, 0.60, 0.60
@@ -76,9 +80,9 @@ def emulated_avx2():
                 os.environ[k] = v
 
 
-def child_peak_flops(dtype: str) -> float:
-    """`peak_flops` in a fresh process: torch, oneDNN and MKL read the emulation variables only at start."""
-    code = f"from harness import peak_flops; print(peak_flops('cpu', {dtype!r}))"
+def child_peak_rates(dtype: str) -> dict[str, float]:
+    """`peak_rates` in a fresh process: torch, oneDNN and MKL read the emulation variables only at start."""
+    code = f"import json; from harness import peak_rates; print(json.dumps(peak_rates('cpu', {dtype!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -270,10 +274,11 @@ def cpu_section(a, started: str, command: str, emulated: bool = False) -> tuple[
     from microft.train.step import resolve_precision
 
     dtype = peak_dtype(resolve_precision("auto", torch.device("cpu")))  # the MFU of microft auto divides by this
-    probe = child_peak_flops if emulated else (lambda d: peak_flops("cpu", d))
-    peak = probe(dtype)
+    probe = child_peak_rates if emulated else (lambda d: peak_rates("cpu", d))
+    before = probe(dtype)
     runs = measure(a, "cpu", a.seq, a.micro_bs, a.warmup, a.steps)
-    peak = max(peak, probe(dtype))
+    rates = best_rates(before, probe(dtype))
+    peak = max(rates.values())
     fpt = model_flops_per_token(a.model, a.seq)
     hf = stock_transformers(runs)
     best_hf = max(hf, key=lambda k: hf[k]["tokens_per_sec"])
@@ -282,7 +287,7 @@ def cpu_section(a, started: str, command: str, emulated: bool = False) -> tuple[
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
     text = f"""Command: {command} ({started}). {machine("cpu")}. {cpu_description()}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}.
 
-Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same random tokens for every run; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved (transformers fp32, which only decides transformers' faster precision, in the first round only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its own high-water mark (Python and torch included). One step = forward, backward, grad-norm clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, `perf.flops_per_token`) ÷ the measured {dtype} matmul peak, {peak / 1e9:.0f} GFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_peak_flops`, before and after the runs). "CPU s / step" is the process's CPU time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU time grows too, as waiting threads spin).
+Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same random tokens for every run; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved (transformers fp32, which only decides transformers' faster precision, in the first round only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its own high-water mark (Python and torch included). One step = forward, backward, grad-norm clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, `perf.flops_per_token`) ÷ the measured {dtype} matmul peak, {peak / 1e9:.0f} GFLOP/s: the best sustained rate of large warmed matmuls ({"², ".join(map(str, PROBE_SHAPES["cpu"]))}²) through any of the matmul engines at hand, probed before and after the runs (`perf.probe_rates`; per engine: {rates_text(rates)}). "CPU s / step" is the process's CPU time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU time grows too, as waiting threads spin).
 
 {result_table(runs, fpt, peak, best_hf, "cpu")}
 
@@ -296,7 +301,7 @@ Where the time goes (op self time in one extra step under `torch.profiler`, afte
 - `trainer.keep_freed_memory()` is a glibc allocator setting (`mallopt`: no per-allocation mmap, no trimming) that spares every step the kernel's page faults for its large temporaries; any PyTorch program could set it, so the run "transformers bf16, glibc as microft" gives transformers the same setting (through `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_`) as a control; it is not a candidate for transformers' fastest configuration."""
     if not emulated:  # the notes on both implementations: once, under the main table
         text += "\n\n" + notes
-    return text, {"runs": runs, "peak_flops": peak, "peak_dtype": dtype, **nums}
+    return text, {"runs": runs, "peak_flops": peak, "peak_rates": rates, "peak_dtype": dtype, **nums}
 
 
 def avx2_section(a, started: str, command: str) -> tuple[str, dict | None]:
@@ -318,14 +323,14 @@ def gpu_section(a) -> str:
         return ("### GPU (seq 1024)\n\nSkipped: no CUDA device in this session. On a GPU the same command adds this "
                 f"table: micro-batch {a.gpu_micro_bs} × seq 1024, `max_memory_allocated` as peak memory, MFU "
                 "against the measured bf16 matmul peak.")
-    peak = peak_flops("cuda", "bfloat16")
+    peak = max(peak_rates("cuda", "bfloat16").values())
     runs = measure(a, "cuda", 1024, a.gpu_micro_bs, max(a.warmup, 3), max(a.steps, 10))
     fpt = model_flops_per_token(a.model, 1024)
     hf = stock_transformers(runs)
     best_hf = max(hf, key=lambda k: hf[k]["tokens_per_sec"])
     summary, _ = verdicts(runs, fpt, peak, best_hf, mfu_target=0.45)
     return (f"### GPU (seq 1024)\n\n{machine('cuda')}. Micro-batch {a.gpu_micro_bs} × seq 1024; measured bf16 "
-            f"matmul peak {peak / 1e12:.0f} TFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_peak_flops`).\n\n"
+            f"matmul peak {peak / 1e12:.0f} TFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_rates`).\n\n"
             f"{result_table(runs, fpt, peak, best_hf, 'cuda')}\n\n{summary}\n\n{breakdown_table(runs)}")
 
 

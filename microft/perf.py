@@ -29,6 +29,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable_fraction: float = 
 
 
 PROBE_SHAPES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
+PROBE_VERSION = 2  # 2: the best of several matmul engines; a cached figure from another probe is not reused
 
 
 def _probe_key(device_type: str, dtype_name: str, threads: int | None = None) -> str:
@@ -38,20 +39,50 @@ def _probe_key(device_type: str, dtype_name: str, threads: int | None = None) ->
         where = f"mps|{cpu_model()}"
     else:
         where = f"{cpu_model()}|{threads or torch.get_num_threads()} threads"
-    return f"{where}|torch {torch.__version__}|{dtype_name}"
+    return f"{where}|torch {torch.__version__}|{dtype_name}|probe {PROBE_VERSION}"
 
 
-def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float) -> float:
-    """FLOP/s of back-to-back n×n matmuls over about `seconds`, after a warm-up of the same length."""
+def probe_engines(device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The matmul engines the probe times. torch's `@` everywhere; on a CPU also oneDNN's linear (what
+    microft's fp32 forwards run) and, in fp32, numpy's BLAS (OpenBLAS in numpy's wheels): on an AVX2
+    EPYC the three differed by up to 1.3x on the same 2048² product, and the peak is the hardware's
+    best, not one library's."""
+    if device_type != "cpu":
+        return ("torch",)
+    engines = ["torch"]
+    if torch.backends.mkldnn.is_available() and hasattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"):
+        engines.append("onednn")
+    if dtype == torch.float32:
+        engines.append("numpy")
+    return tuple(engines)
+
+
+def _matmul(engine: str, a: torch.Tensor, b: torch.Tensor):
+    """A zero-argument a @ b through `engine`, its operands and output prepared outside the timed call."""
+    if engine == "onednn":
+        bt = b.t().contiguous()  # oneDNN's linear takes the (out, in) weight: x @ bt.T = a @ b
+        return lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [None], "")
+    if engine == "numpy":
+        import numpy as np
+
+        an, bn = a.numpy(), b.numpy()
+        out = np.empty((an.shape[0], bn.shape[1]), dtype=an.dtype)
+        return lambda: np.matmul(an, bn, out=out)
+    return lambda: a @ b
+
+
+def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float, engine: str = "torch") -> float:
+    """FLOP/s of back-to-back n×n matmuls through `engine` over about `seconds`, after a warm-up of the same length."""
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
+    mm = _matmul(engine, a, b)
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_type, lambda: None)
     every = 1 if device_type == "cpu" else 4  # a CPU matmul is synchronous: check the clock after each one
     best = 0.0
     for _ in range(2):  # the first pass warms caches, threads and clocks
         iters, t0 = 0, time.perf_counter()
         while True:
-            a @ b
+            mm()
             iters += 1
             if iters % every == 0:
                 sync()
@@ -63,13 +94,13 @@ def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float
 
 
 @lru_cache(maxsize=8)
-def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 4.0) -> float:
+def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 9.0) -> float:
     """The best sustained matmul rate (FLOP/s) on this device in this dtype: the peak MFU divides by.
 
-    Large square matmuls (PROBE_SHAPES), each warmed up and then run back to back for a share of
-    `seconds`; the best shape's rate counts. The figure is cached per process and, keyed by the
-    device, thread count, torch version and dtype, in `~/.cache/microft/peak-flops.json`, so only
-    the first run on a machine pays for the probe.
+    Large square matmuls (PROBE_SHAPES) through each engine of `probe_engines`, each warmed up and
+    then run back to back for a share of `seconds`; the best rate counts. The figure is cached per
+    process and, keyed by the device, thread count, torch version, dtype and probe version, in
+    `~/.cache/microft/peak-flops.json`, so only the first run on a machine pays for the probe.
     """
     key = _probe_key(device_type, dtype_name)
     cache = _peak_cache_file()
@@ -82,16 +113,25 @@ def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 4.0)
     return peak
 
 
-def probe_peak_flops(device_type: str, dtype_name: str, seconds: float = 4.0) -> float:
-    """Measure the best sustained matmul rate now (no cache): see `measured_peak_flops`."""
+def probe_rates(device_type: str, dtype_name: str, seconds: float = 9.0) -> dict[str, float]:
+    """Each engine's best sustained rate over PROBE_SHAPES, measured now (no cache), in FLOP/s."""
     shapes = sorted(PROBE_SHAPES.get(device_type, PROBE_SHAPES["cpu"]))
     dtype = getattr(torch, dtype_name)
-    share, best = seconds / len(shapes), 0.0
+    engines = probe_engines(device_type, dtype)
+    share = seconds / (len(shapes) * len(engines))
+    rates = dict.fromkeys(engines, 0.0)
     for n in shapes:
+        best = max(rates.values())
         if best and 2 * n**3 / best > share / 2:  # a slow (e.g. emulated bf16) dtype: bigger shapes would take
             break  # minutes and show nothing new, since the rate is far below any matmul unit's peak there
-        best = max(best, _sustained_rate(n, dtype, device_type, share))
-    return best
+        for engine in engines:
+            rates[engine] = max(rates[engine], _sustained_rate(n, dtype, device_type, share, engine))
+    return rates
+
+
+def probe_peak_flops(device_type: str, dtype_name: str, seconds: float = 9.0) -> float:
+    """Measure the best sustained matmul rate now (no cache): see `measured_peak_flops`."""
+    return max(probe_rates(device_type, dtype_name, seconds).values())
 
 
 def _peak_cache_file() -> Path:
@@ -140,7 +180,8 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]
                 return (tf if low else tf / 2) * 1e12, f"table ({key})"
     dtype = "bfloat16" if precision.startswith("bf16") else ("float16" if precision == "fp16-mixed" else "float32")
     shapes = "/".join(f"{n}²" for n in PROBE_SHAPES.get(device.type, PROBE_SHAPES["cpu"]))
-    return measured_peak_flops(device.type, dtype), f"best sustained {dtype} matmul, {shapes}"
+    engines = "/".join(probe_engines(device.type, getattr(torch, dtype)))
+    return measured_peak_flops(device.type, dtype), f"best sustained {dtype} matmul, {shapes}, {engines}"
 
 
 def peak_rss_bytes() -> int:
