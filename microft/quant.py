@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from microft.errors import ConfigError
-from microft.models.linear import linear
+from microft.models.linear import linear, mm
 
 BLOCK = 64
 DOUBLE_QUANT_BLOCK = 256
@@ -275,7 +275,8 @@ class _NF4LinearFn(torch.autograd.Function):
         codes, absmax, absmax2, offset = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ _dequantize(codes, absmax, absmax2, offset, ctx.shape, ctx.block, grad.dtype)
+            w = _dequantize(codes, absmax, absmax2, offset, ctx.shape, ctx.block, grad.dtype)
+            grad_x = mm(grad.reshape(-1, grad.shape[-1]), w).view(*grad.shape[:-1], w.shape[1])
         if ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None, None, None, None, None

@@ -39,7 +39,8 @@ def test_linear_forward_through_onednn_gives_f_linear_values_and_gradients(monke
         assert calls == [(150, 256)]
         calls.clear()
         L.linear(x[:, :2], w, b)  # 6 rows (a decode step): F.linear
-        L.linear(x.bfloat16(), w.bfloat16())  # other dtypes: F.linear
+        with L.native_half_matmuls():
+            L.linear(x.bfloat16(), w.bfloat16())  # other dtypes: F.linear
         L.linear(x[..., :128], w[:, :128])  # a narrow layer (the demo's 128): F.linear
         assert calls == []
 
@@ -52,3 +53,128 @@ def test_onednn_can_be_turned_off_by_the_environment():
     env = {**os.environ, "MICROFT_ONEDNN": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "True"
+
+
+BF16_ULP = 2**-7  # bf16's relative rounding step: two roundings of the same fp32 sum differ by at most this
+
+
+def _saved_dtypes(fn):
+    """The dtypes of the tensors autograd saves while `fn` runs."""
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t.dtype) or t, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_linear_on_an_emulating_cpu_runs_in_fp32_and_rounds_once(monkeypatch, bias):
+    """Where bf16 is emulated (forced here), a bf16 linear's value and gradients are the fp32 computation of
+    the same bf16 operands, rounded to bf16 once; autograd keeps only bf16 tensors, as for F.linear."""
+    from microft.models import linear as L
+
+    monkeypatch.setenv("MICROFT_CPU_BF16", "0")
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 256).bfloat16().requires_grad_()
+    w = (torch.randn(300, 256) / 16).bfloat16().requires_grad_()
+    b = torch.randn(300).bfloat16().requires_grad_() if bias else None
+    dy = torch.randn(3, 40, 300).bfloat16()
+    assert L.emulated_half(x, w)
+    y, saved = _saved_dtypes(lambda: L.linear(x, w, b))
+    assert y.dtype == torch.bfloat16 and set(saved) == {torch.bfloat16}
+    y.backward(dy)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    b32 = b.detach().float().requires_grad_() if bias else None
+    ref = torch.nn.functional.linear(x32, w32, b32)
+    ref.backward(dy.float())
+    close = dict(rtol=BF16_ULP, atol=1e-2)
+    torch.testing.assert_close(y.float(), ref.bfloat16().float(), **close)
+    torch.testing.assert_close(x.grad.float(), x32.grad.bfloat16().float(), **close)
+    torch.testing.assert_close(w.grad.float(), w32.grad.bfloat16().float(), **close)
+    if bias:
+        torch.testing.assert_close(b.grad.float(), b32.grad.bfloat16().float(), **close)
+    with L.native_half_matmuls():  # torch's own (emulated) bf16 kernels agree to bf16's precision
+        torch.testing.assert_close(L.linear(x, w, b).float(), y.float(), rtol=2 * BF16_ULP, atol=0.05)
+
+
+def test_bf16_matmuls_keep_torch_kernels_where_bf16_is_native_or_autocast_casts(monkeypatch):
+    from microft.models import linear as L
+
+    x = torch.randn(4, 256).bfloat16()
+    monkeypatch.setenv("MICROFT_CPU_BF16", "1")
+    assert not L.emulated_half(x)
+    monkeypatch.setenv("MICROFT_CPU_BF16", "0")
+    assert L.emulated_half(x) and not L.emulated_half(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not L.emulated_half(x)  # autocast's casts and caches stay as torch makes them
+    with L.native_half_matmuls():
+        assert not L.emulated_half(x)
+
+
+def test_bf16_mm_and_addmm_match_the_fp32_product_rounded(monkeypatch):
+    """`mm` and `addmm_` (the loss head's products): fp32 sums of bf16 operands rounded once; addmm_ widens
+    its accumulator a slice at a time and gives the same bits as in one piece."""
+    from microft.models import linear as L
+
+    monkeypatch.setenv("MICROFT_CPU_BF16", "0")
+    torch.manual_seed(1)
+    a, b = torch.randn(96, 64).bfloat16(), torch.randn(64, 80).bfloat16()
+    assert torch.equal(L.mm(a, b), (a.float() @ b.float()).bfloat16())
+    assert torch.equal(L.mm(a.t().contiguous().t(), b), L.mm(a, b))  # any layout, the same product
+    acc = torch.randn(96, 80).bfloat16()
+    want = torch.addmm(acc.float(), a.float(), b.float()).bfloat16()
+    whole = L.addmm_(acc.clone(), a, b)
+    monkeypatch.setattr(L, "ADDMM_SLICE_ROWS", 7)
+    sliced = L.addmm_(acc.clone(), a, b)
+    assert torch.equal(whole, want) and torch.equal(sliced, want)
+
+
+def test_bf16_attention_on_an_emulating_cpu_is_the_fp32_attention_rounded(monkeypatch):
+    """half_via_fp32 (attention): forward and gradients of fp32 copies, rounded to bf16; autograd keeps
+    the bf16 inputs only (backward recomputes the fp32 attention)."""
+    import torch.nn.functional as F
+
+    from microft.models import linear as L
+
+    monkeypatch.setenv("MICROFT_CPU_BF16", "0")
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 33, 16).bfloat16().requires_grad_() for _ in range(3))
+    dy = torch.randn(2, 4, 33, 16).bfloat16()
+    attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    y, saved = _saved_dtypes(lambda: L.half_via_fp32(attend, q, k, v))
+    assert set(saved) == {torch.bfloat16} and len(saved) == 3
+    y.backward(dy)
+    wide = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attend(*wide)
+    ref.backward(dy.float())
+    assert torch.equal(y, ref.bfloat16())
+    for t, r in zip((q, k, v), wide, strict=True):
+        assert torch.equal(t.grad, r.grad.bfloat16())
+
+
+def test_bf16_true_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypatch):
+    """A whole bf16-true Qwen3-style model (attention, SwiGLU, the fused loss head): loss and gradients
+    through the fp32 route agree with torch's bf16 kernels to bf16's precision."""
+    from microft.models import linear as L
+    from microft.models.config import ModelConfig
+    from microft.models.transformer import GPT
+
+    monkeypatch.setenv("MICROFT_CPU_BF16", "0")
+    cfg = ModelConfig.from_preset("qwen3-tiny")
+    torch.manual_seed(3)
+    model = GPT(cfg).bfloat16()
+    idx = torch.randint(0, cfg.vocab_size, (2, 48))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, idx)
+        loss.backward()
+        return loss.float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    loss, grads = run()
+    with L.native_half_matmuls():
+        loss_ref, grads_ref = run()
+    torch.testing.assert_close(loss, loss_ref, rtol=0.02, atol=0.02)
+    for n, g in grads.items():
+        ref = grads_ref[n]
+        err = (g - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err < 0.05, (n, err.item())

@@ -169,6 +169,7 @@ def test_short_cpu_attention_matches_sdpa():
 
 
 def test_bf16_model_takes_the_short_path_and_agrees_with_sdpa(monkeypatch):
+    monkeypatch.setenv("MICROFT_CPU_BF16", "1")  # a CPU with native bf16 (where bf16 is emulated, it runs in fp32)
     torch.manual_seed(0)
     model = GPT(ModelConfig(name="t", **TINY)).to(torch.bfloat16)
     idx = torch.randint(0, 50257, (2, 24))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from microft.errors import ConfigError
+from microft.models.linear import linear
 from microft.quant import (
     NF4_LEVELS,
     NF4_PIVOTS,
@@ -133,7 +134,7 @@ def test_forward_equals_linear_on_dequantized(dtype, double_quant):
     m = m.to(dtype)
     x = torch.randn(3, 5, 96, dtype=dtype)
     w = m.weight.dequantize(dtype)
-    assert torch.equal(m(x), F.linear(x, w, m.bias))
+    assert torch.equal(m(x), linear(x, w, m.bias))  # microft's linear: F.linear, bf16 via fp32 where emulated
     assert m.weight_absmax.dtype == (torch.uint8 if double_quant else torch.float32)  # .to(bf16) kept fp32 scales
 
 

@@ -32,6 +32,7 @@ from microft.config import RunConfig
 from microft.memory.replay import sdpa_workspace
 from microft.memory.sim import cuda_bytes
 from microft.models.config import ModelConfig
+from microft.models.linear import native_half_matmuls
 from microft.models.transformer import GPT, set_grad_checkpointing
 
 CUDA_EMULATION = [
@@ -336,6 +337,12 @@ def _cuda_sizes(precision: str, tracker: LiveBytes, cpu_steps: bool):
 def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
                    accum: int = 1, steps: int = 2) -> TraceResult:
     """Trace `steps` optimizer steps of microft's training step on fake tensors; see the module doc."""
+    with native_half_matmuls():  # CUDA multiplies bf16 natively: no fp32 copies of a CPU that emulates it
+        return _trace_training(model_cfg, cfg, precision, micro_bs, seq_len, accum, steps)
+
+
+def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
+                    accum: int, steps: int) -> TraceResult:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from microft.train.step import autocast_context, clip_gradients, micro_step, optimizer_step, place_model

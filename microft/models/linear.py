@@ -9,19 +9,102 @@ Both compute the same fp32 products and sum them in another order. Elsewhere (ot
 autocast, CUDA, a handful of rows as in token-by-token generation, layers narrower than 256) these
 are `F.linear`.
 `MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
+
+bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch's kernels emulate it, at a speed that
+depends on the operands' layout. On a 2-core AVX2 EPYC a (512, 2048) x (2048, 2048) product ran at
+17-19 GFLOP/s with one operand transposed (a linear's forward, its weight gradient) but 0.27 GFLOP/s
+with neither (its input gradient, dy @ W) and 1 with both, against 75-130 in fp32. There, outside
+autocast, `linear`, `mm`, `addmm_` and `half_via_fp32` (attention) multiply the bf16 operands in fp32
+and round the result to bf16 once: the fp32 accumulation of a native bf16 GEMM, in another order.
+They keep what the native ops keep for backward (bf16 tensors; fp32 copies live for one product).
+`MICROFT_HALF_VIA_FP32=0` turns this off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microft.models.precision import autocasting
+from microft.models.precision import autocasting, cpu_supports_bf16
 
 ONEDNN_ENV = "MICROFT_ONEDNN"  # set to 0: every linear and the head through torch's own F.linear / mm
+HALF_ENV = "MICROFT_HALF_VIA_FP32"  # set to 0: bf16 matmuls on a CPU without native bf16 run torch's emulation
+_half_via_fp32 = os.environ.get(HALF_ENV) != "0"
+ADDMM_SLICE_ROWS = 8192  # addmm_'s fp32 working copy of the accumulator, in slices of this many rows
+
+
+@contextlib.contextmanager
+def native_half_matmuls():
+    """bf16 matmuls as torch runs them (no fp32 route) inside: the memory trace emulates CUDA with it."""
+    global _half_via_fp32
+    before, _half_via_fp32 = _half_via_fp32, False
+    try:
+        yield
+    finally:
+        _half_via_fp32 = before
+
+
+def emulated_half(*tensors: torch.Tensor) -> bool:
+    """Whether these are bf16 CPU tensors whose products microft runs in fp32 here: a CPU that emulates
+    bf16, outside autocast (see the module doc)."""
+    return (_half_via_fp32 and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+            and not autocasting("cpu") and not cpu_supports_bf16())
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of 2-D tensors; bf16 where the CPU emulates it: the fp32 product, rounded once."""
+    if emulated_half(a, b):
+        return (a.float() @ b.float()).to(a.dtype)
+    return a @ b
+
+
+def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc += a @ b in place; bf16 where the CPU emulates it: acc + the product summed in fp32 and rounded
+    once, as a native bf16 addmm does, the accumulator widened ADDMM_SLICE_ROWS rows at a time."""
+    if not emulated_half(acc, a, b):
+        return acc.addmm_(a, b)
+    a32, b32 = a.float(), b.float()
+    for s in range(0, acc.size(0), ADDMM_SLICE_ROWS):
+        part = acc[s : s + ADDMM_SLICE_ROWS]
+        part.copy_(torch.addmm(part.float(), a32[s : s + ADDMM_SLICE_ROWS], b32))
+    return acc
+
+
+class _HalfViaFp32(torch.autograd.Function):
+    """`fn` (bf16 in, bf16 out) computed on fp32 copies of its inputs; saves the bf16 inputs only and
+    recomputes `fn` in fp32 for backward (attention: the extra forward is a few % of a block's FLOPs)."""
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return fn(*(t.float() for t in inputs)).to(inputs[0].dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        inputs = ctx.saved_tensors
+        wide = [t.detach().float().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad[1:])]
+        with torch.enable_grad():
+            y = ctx.fn(*wide)
+        grads = torch.autograd.grad(y, [w for w in wide if w.requires_grad], dy.float())
+        it = iter(grads)
+        return (None, *(next(it).to(t.dtype) if need else None for t, need in zip(inputs, ctx.needs_input_grad[1:])))
+
+
+def half_via_fp32(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """fn(*inputs); bf16 where the CPU emulates it: computed in fp32 and rounded once (deterministic `fn`
+    only: backward runs it again)."""
+    if not emulated_half(*inputs):
+        return fn(*inputs)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _HalfViaFp32.apply(fn, *inputs)
+    return fn(*(t.float() for t in inputs)).to(inputs[0].dtype)
 
 
 def _onednn_linear():
@@ -56,7 +139,7 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (_ONEDNN_LINEAR is not None and h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
             and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
         return _onednn(h.contiguous(), weight.contiguous(), None)
-    return h @ weight.t()
+    return mm(h, weight.t())
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -78,8 +161,40 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
+class _Fp32Linear(torch.autograd.Function):
+    """F.linear of bf16 tensors computed in fp32 (a CPU that emulates bf16); saves the bf16 input and weight,
+    as F.linear does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _fp32_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.size(-1)).float()
+        gx = (dy2 @ weight.float()).to(x.dtype).view(x.shape) if need_x else None
+        gw = (dy2.t() @ x.reshape(-1, x.size(-1)).float()).to(weight.dtype) if need_w else None
+        gb = dy2.sum(0).to(ctx.bias_dtype) if need_b else None
+        return gx, gw, gb
+
+
+def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    b = None if bias is None else bias.float()
+    return linear(x.float(), weight.float(), b).to(x.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); its forward through oneDNN on a CPU in fp32 (see the module doc)."""
+    """F.linear(x, weight, bias); its forward through oneDNN on a CPU in fp32, bf16 through fp32 on a CPU
+    that emulates bf16 (see the module doc)."""
+    if emulated_half(x, weight) and (bias is None or bias.dtype == torch.bfloat16) and weight.dim() == 2:
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _Fp32Linear.apply(x, weight, bias)
+        return _fp32_linear(x, weight, bias)
     if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
             or min(weight.shape) < ONEDNN_MIN_FEATURES or weight.dim() != 2

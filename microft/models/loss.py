@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from microft.models.config import IGNORE_INDEX, ce_chunks
-from microft.models.linear import head_logits
+from microft.models.linear import addmm_, head_logits, mm
 from microft.models.precision import autocast_off, compute_dtype
 
 
@@ -97,10 +97,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 del probs
                 wcol = wc.to(dt).unsqueeze(1)
                 if need_h:
-                    torch.mul(g @ W, wcol, out=grad_h[s : s + n])
+                    torch.mul(mm(g, W), wcol, out=grad_h[s : s + n])
                 if need_w:
                     hw = hc * wcol
-                    grad_w = g.t() @ hw if grad_w is None else grad_w.addmm_(g.t(), hw)
+                    grad_w = mm(g.t(), hw) if grad_w is None else addmm_(grad_w, g.t(), hw)
             ctx.save_for_backward(grad_h, grad_w)
             ctx.weight_dtype, ctx.link = weight.dtype, link
         return loss

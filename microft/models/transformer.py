@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from microft.models.config import ModelConfig
-from microft.models.linear import linear, run_linear
+from microft.models.linear import half_via_fp32, linear, mm, run_linear
 from microft.models.loss import HeadGradLink, fused_cross_entropy, tied_embedding
 from microft.models.precision import autocast_off, compute_dtype
 
@@ -264,10 +264,14 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start : start + T] = v
             k, v = cache.k[layer, :, :, : start + T], cache.v[layer, :, :, : start + T]
         dropout_p = self.dropout if self.training else 0.0
-        if isinstance(packed, tuple):  # each row's sample lengths (Transformer.hidden checked the window)
-            y = segment_attention(q, k, v, packed, lambda q, k, v: self.causal(q, k, v, dropout_p))
-        else:
-            y = self.masked(q, k, v, start, packed, cache is None, dropout_p)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if isinstance(packed, tuple):  # each row's sample lengths (Transformer.hidden checked the window)
+                return segment_attention(q, k, v, packed, lambda q, k, v: self.causal(q, k, v, dropout_p))
+            return self.masked(q, k, v, start, packed, cache is None, dropout_p)
+
+        # bf16 on a CPU that emulates it: attention in fp32 (models.linear); dropout would not replay
+        y = half_via_fp32(attend, q, k, v) if dropout_p == 0.0 else attend(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
         return self.resid_drop(run_linear(self.c_proj if self.fused else self.o_proj, y))
 
@@ -325,12 +329,12 @@ class _GeluLinear(torch.autograd.Function):
         dz = dw = db = None
         if need_w:
             a = F.gelu(zc, approximate="tanh")
-            dw = (dy2.t() @ a.reshape(-1, a.size(-1))).to(w_dt)
+            dw = mm(dy2.t(), a.reshape(-1, a.size(-1))).to(w_dt)
             del a
         if need_b:
             db = dy2.sum(0).to(b_dt)
         if need_z:
-            da = (dy2 @ wc).view(zc.shape)
+            da = mm(dy2, wc).view(zc.shape)
             dz = torch.ops.aten.gelu_backward(da, zc, approximate="tanh").to(z_dt)
         return dz, dw, db
 

@@ -3,7 +3,7 @@
 `micro_step` (one forward/backward), `clip_gradients`, `optimizer_step`, and the precision policy
 they run under (`resolve_precision`, `autocast_context`, `make_scaler`, `place_model`). The loop
 (loop.py) composes them over real batches; memory/trace.py runs the very same functions on fake
-tensors to measure a step's peak. This module imports nothing else of microft.
+tensors to measure a step's peak. Of microft it imports only its errors and the CPU's bf16 detection.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from microft.errors import ConfigError
+from microft.models.precision import CPU_BF16_ENV, cpu_supports_bf16  # noqa: F401  (re-exported)
 
 
 def mps_available() -> bool:
@@ -41,24 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "mps" and not mps_available():
         raise ConfigError("--device mps given but MPS is not available (it needs Apple silicon and macOS 12.3+)")
     return dev
-
-
-# set to 0 or 1 to override the CPU's bf16 detection (benchmarking an emulated AVX2-only CPU)
-CPU_BF16_ENV = "MICROFT_CPU_BF16"
-
-
-def cpu_supports_bf16() -> bool:
-    """Native bf16 matmuls (AVX-512 BF16 or AMX); honours ATEN_CPU_CAPABILITY below avx512 and MICROFT_CPU_BF16."""
-    import os
-
-    forced = os.environ.get(CPU_BF16_ENV)
-    if forced in ("0", "1"):
-        return forced == "1"
-    with contextlib.suppress(Exception):
-        if torch.backends.cpu.get_cpu_capability().lower() in ("default", "avx2"):
-            return False  # the kernels run without AVX-512 (ATEN_CPU_CAPABILITY=avx2): bf16 is emulated
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return False
 
 
 def mps_supports_bf16() -> bool:
