@@ -30,6 +30,10 @@ from docs_section import replace_section  # noqa: E402
 from harness import DOC, cpu_name, gib, load_average, machine, run_config, table  # noqa: E402
 
 HEADING = "## QLoRA on a CPU"
+EMULATED_COMPUTE = ("; this CPU emulates bf16, so microft multiplies the bf16 operands in fp32 and rounds each "
+                    "product to bf16 once, `models.linear`")
+EMULATED_NOTE = ("not run: this CPU emulates bf16, and torch's bf16 kernels, which transformers runs, reach "
+                 "0.3-19 GFLOP/s here (hours per step of this shape)")
 
 
 def mem_available() -> int:
@@ -100,10 +104,14 @@ def training_rows(a) -> list[tuple[str, list[str] | None, str, str]]:
               "--steps", str(a.steps), "--precision", "bf16-true"] + (["--grad-ckpt"] if a.grad_ckpt else [])
     lora = ["--lora", str(a.lora_r)]
     dq = ["--double-quant"] if a.double_quant else []
+    from microft.models.precision import cpu_supports_bf16
+
+    hf = ["--impl", "hf"] if cpu_supports_bf16() else None  # torch's emulated bf16 kernels: hours per step
+    hf_note = "" if hf else EMULATED_NOTE
     rows = [("microft QLoRA (NF4 base" + (", double-quant)" if a.double_quant else ")"),
              common + lora + ["--quantize", "nf4"] + dq, "", "plain"),
             ("microft LoRA (bf16 base)", common + lora, "", "plain"),
-            ("transformers + peft LoRA (bf16 base)", common + lora + ["--impl", "hf"], "", "plain")]
+            ("transformers + peft LoRA (bf16 base)", hf and common + lora + hf, hf_note, "plain")]
     try:
         import bitsandbytes  # noqa: F401
 
@@ -119,7 +127,7 @@ def training_rows(a) -> list[tuple[str, list[str] | None, str, str]]:
         rows += [("microft QLoRA, grad ckpt, double-quant", ck + lora + ["--quantize", "nf4", "--double-quant"], "",
                   "smallest"),
                  ("microft LoRA, grad ckpt", ck + lora, "", "smallest"),
-                 ("transformers + peft LoRA, grad ckpt", ck + lora + ["--impl", "hf"], "", "smallest")]
+                 ("transformers + peft LoRA, grad ckpt", hf and ck + lora + hf, hf_note, "smallest")]
     return rows
 
 
@@ -146,6 +154,8 @@ def main() -> None:
     if a.child_load:
         print(json.dumps(child_load(a.child_load, a.double_quant)))
         return
+
+    from microft.models.precision import cpu_supports_bf16
 
     started = time.strftime("%Y-%m-%d %H:%M")
     print(f"memory available: {gib(mem_available())}; load average {load_average()}", flush=True)
@@ -194,7 +204,7 @@ def main() -> None:
         f"{cpu_name()} · load average at the end {load_average()}",
         f"Machine: {machine('cpu')}",
         f"`{a.model}`-shaped random model, micro-batch 1 × {a.seq} tokens, every configuration bf16-true "
-        f"(QLoRA computes in bf16 from NF4 codes), LoRA r={a.lora_r} on every linear of the blocks, "
+        f"(QLoRA computes in bf16 from NF4 codes{EMULATED_COMPUTE if not cpu_supports_bf16() else ''}), LoRA r={a.lora_r} on every linear of the blocks, "
         f"{'gradient checkpointing, ' if a.grad_ckpt else ''}{a.warmup} warm-up + {a.steps} timed steps, each "
         "configuration in a fresh process, its model built as the CLI builds it (bf16 weights read, here drawn, "
         "straight into bf16; transformers' with `dtype=torch.bfloat16`). Peak RSS is the process's maximum "

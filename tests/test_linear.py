@@ -120,6 +120,12 @@ def test_bf16_mm_and_addmm_match_the_fp32_product_rounded(monkeypatch):
     a, b = torch.randn(96, 64).bfloat16(), torch.randn(64, 80).bfloat16()
     assert torch.equal(L.mm(a, b), (a.float() @ b.float()).bfloat16())
     assert torch.equal(L.mm(a.t().contiguous().t(), b), L.mm(a, b))  # any layout, the same product
+    monkeypatch.setattr(L, "MM_SLICE_ELEMS", 64 * 7)  # a large b, widened in slices: columns, then summed rows
+    torch.testing.assert_close(L.mm(a, b).float(), (a.float() @ b.float()).bfloat16().float(), rtol=2**-7, atol=0)
+    tall = torch.randn(300, 20).bfloat16()
+    g = torch.randn(96, 300).bfloat16()
+    torch.testing.assert_close(L.mm(g, tall).float(), (g.float() @ tall.float()).bfloat16().float(), rtol=2**-7, atol=0)
+    assert torch.equal(L.mm(g.t(), a[:, :20]), (g.t().float() @ a[:, :20].float()).bfloat16())  # rows of a tall output
     acc = torch.randn(96, 80).bfloat16()
     want = torch.addmm(acc.float(), a.float(), b.float()).bfloat16()
     whole = L.addmm_(acc.clone(), a, b)

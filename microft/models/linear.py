@@ -36,6 +36,7 @@ ONEDNN_ENV = "MICROFT_ONEDNN"  # set to 0: every linear and the head through tor
 HALF_ENV = "MICROFT_HALF_VIA_FP32"  # set to 0: bf16 matmuls on a CPU without native bf16 run torch's emulation
 _half_via_fp32 = os.environ.get(HALF_ENV) != "0"
 ADDMM_SLICE_ROWS = 8192  # addmm_'s fp32 working copy of the accumulator, in slices of this many rows
+MM_SLICE_ELEMS = 2**24  # mm's fp32 copy of a large second operand (the LM head), this many elements at a time
 
 
 @contextlib.contextmanager
@@ -57,10 +58,36 @@ def emulated_half(*tensors: torch.Tensor) -> bool:
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b of 2-D tensors; bf16 where the CPU emulates it: the fp32 product, rounded once."""
-    if emulated_half(a, b):
-        return (a.float() @ b.float()).to(a.dtype)
-    return a @ b
+    """a @ b of 2-D tensors; bf16 where the CPU emulates it: the fp32 product, rounded once.
+
+    A large b (the LM head's (vocab, C) weight) is widened MM_SLICE_ELEMS at a time: in column slices
+    when it is wide (logits), else in slices of the summed dimension, accumulated in fp32 (g @ W); a
+    large output (the head's weight gradient) is computed in row slices.
+    """
+    if not emulated_half(a, b):
+        return a @ b
+    a32 = a.float()
+    if b.numel() <= MM_SLICE_ELEMS:
+        b32 = b.float()
+        if a.size(0) * b.size(1) <= MM_SLICE_ELEMS:
+            return (a32 @ b32).to(a.dtype)
+        out = torch.empty(a.size(0), b.size(1), dtype=a.dtype, device=a.device)  # a tall output (W's gradient)
+        step = max(1, MM_SLICE_ELEMS // b.size(1))
+        for s in range(0, a.size(0), step):
+            out[s : s + step] = a32[s : s + step] @ b32
+        return out
+    k, n = b.shape
+    if n >= k:
+        step = max(1, MM_SLICE_ELEMS // k)
+        out = torch.empty(a.size(0), n, dtype=a.dtype, device=a.device)
+        for s in range(0, n, step):
+            out[:, s : s + step] = a32 @ b[:, s : s + step].float()
+        return out
+    step = max(1, MM_SLICE_ELEMS // n)
+    acc = a32[:, :step] @ b[:step].float()
+    for s in range(step, k, step):
+        acc.addmm_(a32[:, s : s + step], b[s : s + step].float())
+    return acc.to(a.dtype)
 
 
 def addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
