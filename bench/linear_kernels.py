@@ -8,12 +8,15 @@ Two measurements, interleaved so that host noise falls on both sides alike:
    and Qwen3-1.7B's block linears at 256 and 1024 rows, each the median rate over the rounds.
 2. The whole training step: `bench/steploop.py` (GPT-2 124M, micro-batch 4 x seq 256, fp32) in fresh
    processes alternating MICROFT_ONEDNN=1 (the default) and 0 (torch's F.linear and mm everywhere).
+3. On a CPU without native bf16 only: a bf16 linear's three products through torch's (emulated) bf16
+   kernels and through microft's fp32 route (`models.linear`: fp32 products of the bf16 values, rounded).
 Only the `## Linear kernels on a CPU` section of docs/benchmarks.md is rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
@@ -23,7 +26,8 @@ import torch
 from docs_section import publish
 from harness import DOC, command_line, load_average, machine, run_config, table
 
-from microft.models.linear import _ONEDNN_LINEAR, ONEDNN_ENV
+from microft.models.linear import _ONEDNN_LINEAR, ONEDNN_ENV, linear, mm, native_half_matmuls
+from microft.models.precision import cpu_supports_bf16
 
 HEADING = "## Linear kernels on a CPU"
 SHAPES = {"gpt2 c_attn": (768, 2304), "gpt2 c_fc": (768, 3072), "gpt2 mlp c_proj": (3072, 768),
@@ -66,6 +70,31 @@ def per_shape(rounds: int, rows: tuple[int, ...]) -> list[list[str]]:
     return out
 
 
+BF16_SHAPE = ("gpt2 c_fc", 768, 3072, 256)  # (name, in, out, rows): torch's slowest bf16 product takes seconds
+
+
+def bf16_products(rounds: int) -> list[list[str]]:
+    """GFLOP/s of a bf16 linear's forward, dy @ W and dy.T @ x: torch's bf16 kernels vs microft's fp32 route."""
+    name, K, N, M = BF16_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, W, dy = (torch.randn(*s, generator=g).bfloat16() for s in ((M, K), (N, K), (M, N)))
+    products = {"forward (x @ W.T)": (lambda: linear(x, W)), "dy @ W": (lambda: mm(dy, W)),
+                "dy.T @ x": (lambda: mm(dy.t(), x))}
+    got: dict = {}
+    for r in range(rounds + 1):  # round 0 warms up
+        for kind, fn in products.items():
+            for route in ("torch", "microft"):
+                with native_half_matmuls() if route == "torch" else contextlib.nullcontext():
+                    v = rate(fn, 2 * M * K * N, reps=1)
+                if r:
+                    got.setdefault((kind, route), []).append(v)
+    rows = []
+    for kind in products:
+        t, m = (statistics.median(got[(kind, route)]) for route in ("torch", "microft"))
+        rows.append([f"{name}, {M} rows: {kind}", f"{t:.2f}", f"{m:.0f}", f"{m / t:.0f}×"])
+    return rows
+
+
 def step_ab(rounds: int) -> dict[str, list[float]]:
     args = ["--impl", "microft", "--precision", "fp32", "--model", "gpt2", "--device", "cpu", "--micro-bs", "4",
             "--seq", "256", "--warmup", "2", "--steps", "3"]
@@ -81,6 +110,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5, help="per-shape rounds")
     p.add_argument("--step-rounds", type=int, default=3, help="interleaved training-step runs per side")
+    p.add_argument("--bf16-rounds", type=int, default=2, help="rounds of the emulated-bf16 products")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
     if _ONEDNN_LINEAR is None:
@@ -102,6 +132,11 @@ def main(argv=None) -> None:
             + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of MKL everywhere. microft runs the forwards "
             "(the blocks' linears, LoRA's and NF4's bases, the LM head's logits) through oneDNN on a CPU in fp32 and "
             "keeps the backward's matmuls in MKL; `MICROFT_ONEDNN=0` turns it off.")
+    if not cpu_supports_bf16():  # the emulated case only: where bf16 is native, microft leaves it to torch
+        body += ("\n\nbf16 on this CPU, which emulates it (no AVX-512 BF16 / AMX): GFLOP/s of one bf16 linear's "
+                 f"products (median of {a.bf16_rounds} rounds), torch's bf16 kernels against microft's route "
+                 "(`models.linear`: the bf16 values multiplied in fp32, the result rounded to bf16 once):\n\n"
+                 + table(["product", "torch bf16", "microft (fp32 route)", "speed-up"], bf16_products(a.bf16_rounds)))
     publish(DOC, HEADING, body, not a.no_write, "linear")
 
 

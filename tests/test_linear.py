@@ -96,7 +96,7 @@ def test_bf16_linear_on_an_emulating_cpu_runs_in_fp32_and_rounds_once(monkeypatc
         torch.testing.assert_close(L.linear(x, w, b).float(), y.float(), rtol=2 * BF16_ULP, atol=0.05)
 
 
-def test_bf16_matmuls_keep_torch_kernels_where_bf16_is_native_or_autocast_casts(monkeypatch):
+def test_bf16_matmuls_keep_torch_kernels_where_bf16_is_native(monkeypatch):
     from microft.models import linear as L
 
     x = torch.randn(4, 256).bfloat16()
@@ -104,10 +104,28 @@ def test_bf16_matmuls_keep_torch_kernels_where_bf16_is_native_or_autocast_casts(
     assert not L.emulated_half(x)
     monkeypatch.setenv("MICROFT_CPU_BF16", "0")
     assert L.emulated_half(x) and not L.emulated_half(x.float())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not L.emulated_half(x)  # autocast's casts and caches stay as torch makes them
     with L.native_half_matmuls():
         assert not L.emulated_half(x)
+
+
+def test_autocast_linear_on_an_emulating_cpu_casts_then_runs_in_fp32(monkeypatch):
+    """bf16-mixed where bf16 is emulated: `linear` casts input, weight and bias to bf16 as autocast does,
+    then multiplies in fp32 (rounded once); the fp32 weight gets its gradient through the cast."""
+    from microft.models import linear as L
+
+    monkeypatch.setenv("MICROFT_CPU_BF16", "0")
+    torch.manual_seed(4)
+    x = torch.randn(2, 30, 256, requires_grad=True)
+    w, b = torch.randn(300, 256).div(16).requires_grad_(), torch.randn(300).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = L.linear(x, w, b)
+    y.float().sum().backward()
+    ref = torch.nn.functional.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float()).bfloat16()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), rtol=BF16_ULP, atol=1e-2)
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, x.detach().bfloat16().float().sum((0, 1)).expand(300, 256),
+                               rtol=BF16_ULP, atol=0.05)
 
 
 def test_bf16_mm_and_addmm_match_the_fp32_product_rounded(monkeypatch):
@@ -157,7 +175,8 @@ def test_bf16_attention_on_an_emulating_cpu_is_the_fp32_attention_rounded(monkey
         assert torch.equal(t.grad, r.grad.bfloat16())
 
 
-def test_bf16_true_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bf16_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypatch, precision):
     """A whole bf16-true Qwen3-style model (attention, SwiGLU, the fused loss head): loss and gradients
     through the fp32 route agree with torch's bf16 kernels to bf16's precision."""
     from microft.models import linear as L
@@ -167,12 +186,14 @@ def test_bf16_true_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypat
     monkeypatch.setenv("MICROFT_CPU_BF16", "0")
     cfg = ModelConfig.from_preset("qwen3-tiny")
     torch.manual_seed(3)
-    model = GPT(cfg).bfloat16()
+    model = GPT(cfg).bfloat16() if precision == "bf16-true" else GPT(cfg)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     idx = torch.randint(0, cfg.vocab_size, (2, 48))
 
     def run():
         model.zero_grad(set_to_none=True)
-        loss = model(idx, idx)
+        with autocast:
+            loss = model(idx, idx)
         loss.backward()
         return loss.float(), {n: p.grad.float() for n, p in model.named_parameters()}
 

@@ -146,7 +146,8 @@ def test_half_precision_on_a_cpu_that_emulates_it_says_so_once(tmp_path, monkeyp
         notes[precision] = [e["text"] for e in events if e["kind"] == "note" and "emulated" in e["text"]]
     assert notes["fp32"] == []
     assert len(notes["bf16-true"]) == (1 if native == "0" else 0)
-    assert all("--precision bf16-true" in n and "auto picks fp32" in n for n in notes["bf16-true"])
+    assert all("--precision bf16-true" in n and "auto picks fp32" in n and "multiplies the bf16 values in fp32" in n
+               for n in notes["bf16-true"])
 
 
 def test_outputs_land_where_scripts_expect_them(tmp_path):

@@ -13,9 +13,10 @@ are `F.linear`.
 bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch's kernels emulate it, at a speed that
 depends on the operands' layout. On a 2-core AVX2 EPYC a (512, 2048) x (2048, 2048) product ran at
 17-19 GFLOP/s with one operand transposed (a linear's forward, its weight gradient) but 0.27 GFLOP/s
-with neither (its input gradient, dy @ W) and 1 with both, against 75-130 in fp32. There, outside
-autocast, `linear`, `mm`, `addmm_` and `half_via_fp32` (attention) multiply the bf16 operands in fp32
-and round the result to bf16 once: the fp32 accumulation of a native bf16 GEMM, in another order.
+with neither (its input gradient, dy @ W) and 1 with both, against 75-130 in fp32. There `linear`
+(after autocast's casts, under autocast), `mm`, `addmm_` and `half_via_fp32` (attention) multiply the
+bf16 operands in fp32 and round the result to bf16 once: the fp32 accumulation of a native bf16 GEMM,
+in another order.
 They keep what the native ops keep for backward (bf16 tensors; fp32 copies live for one product).
 `MICROFT_HALF_VIA_FP32=0` turns this off.
 """
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microft.models.precision import autocasting, cpu_supports_bf16
+from microft.models.precision import autocast_off, autocasting, cpu_supports_bf16
 
 ONEDNN_ENV = "MICROFT_ONEDNN"  # set to 0: every linear and the head through torch's own F.linear / mm
 HALF_ENV = "MICROFT_HALF_VIA_FP32"  # set to 0: bf16 matmuls on a CPU without native bf16 run torch's emulation
@@ -52,9 +53,15 @@ def native_half_matmuls():
 
 def emulated_half(*tensors: torch.Tensor) -> bool:
     """Whether these are bf16 CPU tensors whose products microft runs in fp32 here: a CPU that emulates
-    bf16, outside autocast (see the module doc)."""
+    bf16 (see the module doc)."""
     return (_half_via_fp32 and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
-            and not autocasting("cpu") and not cpu_supports_bf16())
+            and not cpu_supports_bf16())
+
+
+def _autocast_to_emulated_half(x: torch.Tensor) -> bool:
+    """Autocast to bf16 on a CPU that emulates it: `linear` casts as autocast would, then goes through fp32."""
+    return (autocasting("cpu") and x.device.type == "cpu" and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and emulated_half(x.new_empty(0, dtype=torch.bfloat16)))
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -110,14 +117,14 @@ class _HalfViaFp32(torch.autograd.Function):
     def forward(ctx, fn, *inputs):
         ctx.fn = fn
         ctx.save_for_backward(*inputs)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_off(inputs[0]):
             return fn(*(t.float() for t in inputs)).to(inputs[0].dtype)
 
     @staticmethod
     def backward(ctx, dy):
         inputs = ctx.saved_tensors
         wide = [t.detach().float().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad[1:])]
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_off(inputs[0]):
             y = ctx.fn(*wide)
         grads = torch.autograd.grad(y, [w for w in wide if w.requires_grad], dy.float())
         it = iter(grads)
@@ -131,7 +138,8 @@ def half_via_fp32(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> tor
         return fn(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _HalfViaFp32.apply(fn, *inputs)
-    return fn(*(t.float() for t in inputs)).to(inputs[0].dtype)
+    with autocast_off(inputs[0]):
+        return fn(*(t.float() for t in inputs)).to(inputs[0].dtype)
 
 
 def _onednn_linear():
@@ -217,6 +225,10 @@ def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); its forward through oneDNN on a CPU in fp32, bf16 through fp32 on a CPU
     that emulates bf16 (see the module doc)."""
+    if _autocast_to_emulated_half(x):  # autocast's casts (the bias's too), then bf16 through fp32
+        with autocast_off(x):
+            half = torch.bfloat16
+            return linear(x.to(half), weight.to(half), None if bias is None else bias.to(half))
     if emulated_half(x, weight) and (bias is None or bias.dtype == torch.bfloat16) and weight.dim() == 2:
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):

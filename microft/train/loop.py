@@ -361,10 +361,15 @@ def set_up(model: GPT, train_set: Sequence, val_set: Sequence | None, cfg: RunCo
 
 
 def emulated_precision_note(precision: str, device: torch.device) -> str | None:
-    """One line when a half-precision run was asked for on a CPU that emulates it (no AVX-512 BF16 / AMX)."""
+    """One line when a half-precision run was asked for on a CPU that emulates it (no AVX-512 BF16 / AMX): what
+    microft does about it (bf16: fp32 products, models.linear) and what `auto` would pick."""
     if device.type != "cpu" or precision == "fp32" or cpu_supports_bf16():
         return None
-    return (f"--precision {precision} on a CPU without native bf16/fp16 matmuls (no AVX-512 BF16 or AMX): they are "
+    if precision.startswith("bf16"):
+        return (f"--precision {precision} on a CPU without native bf16 matmuls (no AVX-512 BF16 or AMX): torch's "
+                "emulated bf16 kernels are 5-70x slower than fp32, so microft multiplies the bf16 values in fp32 "
+                "and rounds to bf16 (bf16's memory, about fp32's speed); --precision auto picks fp32 here")
+    return (f"--precision {precision} on a CPU without native fp16 matmuls (no AVX-512 FP16 or AMX): they are "
             "emulated, often 20-100x slower than fp32; --precision auto picks fp32 here")
 
 
