@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from microft.errors import CheckpointError, ConfigError
 from microft.models.config import lora_target_table, parse_lora_targets
 from microft.models.hf import hf_name
-from microft.models.linear import linear
+from microft.models.linear import linear, run_linear
 from microft.models.precision import autocasting
 from microft.models.transformer import GPT
 from microft.quant import NF4Linear, dequantize_model_
@@ -91,7 +91,7 @@ class LoRALinear(nn.Linear):
         a = self.lora_A.weight
         if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
             x = x.to(a.dtype)
-        delta = self.lora_B(self.lora_A(self.lora_dropout(x)))
+        delta = run_linear(self.lora_B, run_linear(self.lora_A, self.lora_dropout(x)))  # bf16 via fp32 where emulated
         return out + (delta * self.lora_scale).to(out.dtype)
 
     @torch.no_grad()
