@@ -60,8 +60,8 @@ def emulated_half(*tensors: torch.Tensor) -> bool:
 
 def _autocast_to_emulated_half(x: torch.Tensor) -> bool:
     """Autocast to bf16 on a CPU that emulates it: `linear` casts as autocast would, then goes through fp32."""
-    return (autocasting("cpu") and x.device.type == "cpu" and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and emulated_half(x.new_empty(0, dtype=torch.bfloat16)))
+    return (_half_via_fp32 and autocasting("cpu") and x.device.type == "cpu"
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_supports_bf16())
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
