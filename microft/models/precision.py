@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -33,6 +34,12 @@ def cpu_supports_bf16() -> bool:
     forced = os.environ.get(CPU_BF16_ENV)
     if forced in ("0", "1"):
         return forced == "1"
+    return _native_cpu_bf16()
+
+
+@functools.cache
+def _native_cpu_bf16() -> bool:
+    """The hardware's answer (asked once: models.linear asks on every bf16 product)."""
     with contextlib.suppress(Exception):
         if torch.backends.cpu.get_cpu_capability().lower() in ("default", "avx2"):
             return False  # the kernels run without AVX-512 (ATEN_CPU_CAPABILITY=avx2): bf16 is emulated
