@@ -117,8 +117,8 @@ class _HalfViaFp32(torch.autograd.Function):
     def forward(ctx, fn, *inputs):
         ctx.fn = fn
         ctx.save_for_backward(*inputs)
-        with torch.no_grad(), autocast_off(inputs[0]):
-            return fn(*(t.float() for t in inputs)).to(inputs[0].dtype)
+        with torch.no_grad():
+            return _in_fp32(fn, inputs)
 
     @staticmethod
     def backward(ctx, dy):
@@ -138,6 +138,11 @@ def half_via_fp32(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> tor
         return fn(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _HalfViaFp32.apply(fn, *inputs)
+    return _in_fp32(fn, inputs)
+
+
+def _in_fp32(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """fn on fp32 copies of `inputs` (autocast off), rounded back to their dtype."""
     with autocast_off(inputs[0]):
         return fn(*(t.float() for t in inputs)).to(inputs[0].dtype)
 

@@ -367,7 +367,7 @@ def emulated_precision_note(precision: str, device: torch.device) -> str | None:
         return None
     if precision.startswith("bf16"):
         return (f"--precision {precision} on a CPU without native bf16 matmuls (no AVX-512 BF16 or AMX): torch's "
-                "emulated bf16 kernels are 5-70x slower than fp32, so microft multiplies the bf16 values in fp32 "
+                "emulated bf16 kernels are 5-85x slower than fp32, so microft multiplies the bf16 values in fp32 "
                 "and rounds to bf16 (bf16's memory, about fp32's speed); --precision auto picks fp32 here")
     return (f"--precision {precision} on a CPU without native fp16 matmuls (no AVX-512 FP16 or AMX): they are "
             "emulated, often 20-100x slower than fp32; --precision auto picks fp32 here")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from microft.errors import ConfigError
-from microft.models.precision import CPU_BF16_ENV, cpu_supports_bf16  # noqa: F401  (re-exported)
+from microft.models.precision import cpu_supports_bf16
 
 
 def mps_available() -> bool:
