@@ -1,16 +1,20 @@
-"""Linear layers' kernels on a CPU in fp32: MKL (torch's `addmm`/`mm`) vs oneDNN (`models.linear`).
+"""Linear layers' kernels on a CPU: torch's `addmm`/`mm` vs oneDNN's linear (`models.linear`).
 
     .venv/bin/python bench/linear_kernels.py              # writes the doc section
     .venv/bin/python bench/linear_kernels.py --no-write
 
-Two measurements, interleaved so that host noise falls on both sides alike:
+Measurements, interleaved so that host noise falls on both sides alike:
 1. Per shape: the forward (x @ W.T + b) and the backward's two matmuls (dy @ W, dy.T @ x) of GPT-2's
-   and Qwen3-1.7B's block linears at 256 and 1024 rows, each the median rate over the rounds.
-2. The whole training step: `bench/steploop.py` (GPT-2 124M, micro-batch 4 x seq 256, fp32) in fresh
-   processes alternating MICROFT_ONEDNN=1 (the default) and 0 (torch's F.linear and mm everywhere).
+   and Qwen3-1.7B's block linears at 256 and 1024 rows, each the median rate over the rounds; in fp32,
+   and on a CPU with native bf16 (AVX-512 BF16 / AMX) in bf16 as well (torch's `addmm` reaches oneDNN's
+   matmul there too: same bits, another call).
+2. The whole training step: `bench/steploop.py` (GPT-2 124M, micro-batch 4 x seq 256, the default
+   precision: fp32, or bf16-mixed where bf16 is native) in fresh processes alternating MICROFT_ONEDNN=1
+   (the default) and 0 (torch's F.linear and mm everywhere).
 3. On a CPU without native bf16 only: a bf16 linear's three products through torch's (emulated) bf16
    kernels and through microft's fp32 route (`models.linear`: fp32 products of the bf16 values, rounded).
-Only the `## Linear kernels on a CPU` section of docs/benchmarks.md is rewritten.
+Only this CPU kind's section of docs/benchmarks.md is rewritten: `## Linear kernels on a CPU` (no native
+bf16) or `## Linear kernels on a CPU with native bf16`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from microft.models.linear import _ONEDNN_LINEAR, ONEDNN_ENV, linear, mm, native
 from microft.models.precision import cpu_supports_bf16
 
 HEADING = "## Linear kernels on a CPU"
+HEADING_BF16 = "## Linear kernels on a CPU with native bf16"
 SHAPES = {"gpt2 c_attn": (768, 2304), "gpt2 c_fc": (768, 3072), "gpt2 mlp c_proj": (3072, 768),
           "qwen3-1.7b gate/up": (2048, 6144), "qwen3-1.7b down": (6144, 2048)}
 
@@ -41,19 +46,18 @@ def rate(fn, flop: float, reps: int = 3) -> float:
     return flop * reps / (time.perf_counter() - t0) / 1e9
 
 
-def per_shape(rounds: int, rows: tuple[int, ...]) -> list[list[str]]:
+def per_shape(rounds: int, rows: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[list[str]]:
     lp = _ONEDNN_LINEAR
     cases = {}
     g = torch.Generator().manual_seed(0)
     for name, (K, N) in SHAPES.items():
         for M in rows:
-            x, W, b, dy = (torch.randn(M, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g),
-                           torch.randn(M, N, generator=g))
-            cases[(name, M)] = {"forward, MKL": lambda x=x, W=W, b=b: torch.addmm(b, x, W.t()),
+            x, W, b, dy = (torch.randn(*shape, generator=g).to(dtype) for shape in ((M, K), (N, K), (N,), (M, N)))
+            cases[(name, M)] = {"forward, torch": lambda x=x, W=W, b=b: torch.addmm(b, x, W.t()),
                                 "forward, oneDNN": lambda x=x, W=W, b=b: lp(x, W, b, "none", [None], ""),
-                                "dy @ W, MKL": lambda dy=dy, W=W: dy @ W,
+                                "dy @ W, torch": lambda dy=dy, W=W: dy @ W,
                                 "dy @ W, oneDNN": lambda dy=dy, W=W: lp(dy, W.t().contiguous(), None, "none", [None], ""),
-                                "dy.T @ x, MKL": lambda dy=dy, x=x: dy.t() @ x}, 2 * M * K * N
+                                "dy.T @ x, torch": lambda dy=dy, x=x: dy.t() @ x}, 2 * M * K * N
     got: dict = {}
     for r in range(rounds + 1):  # round 0 warms up (oneDNN builds its kernels per shape)
         for key, (fns, flop) in cases.items():
@@ -64,9 +68,9 @@ def per_shape(rounds: int, rows: tuple[int, ...]) -> list[list[str]]:
     out = []
     for key in cases:
         m = {kind: statistics.median(got[(key, kind)]) for kind in cases[key][0]}
-        out.append([key[0], str(key[1]), f"{m['forward, MKL']:.0f}", f"{m['forward, oneDNN']:.0f}",
-                    f"{m['forward, oneDNN'] / m['forward, MKL']:.2f}×", f"{m['dy @ W, MKL']:.0f}",
-                    f"{m['dy @ W, oneDNN']:.0f}", f"{m['dy.T @ x, MKL']:.0f}"])
+        out.append([key[0], str(key[1]), f"{m['forward, torch']:.0f}", f"{m['forward, oneDNN']:.0f}",
+                    f"{m['forward, oneDNN'] / m['forward, torch']:.2f}×", f"{m['dy @ W, torch']:.0f}",
+                    f"{m['dy @ W, oneDNN']:.0f}", f"{m['dy.T @ x, torch']:.0f}"])
     return out
 
 
@@ -96,7 +100,7 @@ def bf16_products(rounds: int) -> list[list[str]]:
 
 
 def step_ab(rounds: int) -> dict[str, list[float]]:
-    args = ["--impl", "microft", "--precision", "fp32", "--model", "gpt2", "--device", "cpu", "--micro-bs", "4",
+    args = ["--impl", "microft", "--precision", "auto", "--model", "gpt2", "--device", "cpu", "--micro-bs", "4",
             "--seq", "256", "--warmup", "2", "--steps", "3"]
     times: dict[str, list[float]] = {"oneDNN forwards (default)": [], "MKL everywhere (MICROFT_ONEDNN=0)": []}
     for r in range(rounds):
@@ -116,28 +120,34 @@ def main(argv=None) -> None:
     if _ONEDNN_LINEAR is None:
         sys.exit(f"this torch has no oneDNN linear (or {ONEDNN_ENV}=0 is set)")
     started, load_before = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_average()
-    shapes = per_shape(a.rounds, (256, 1024))
+    native = cpu_supports_bf16()
+    headers = ["linear", "rows", "forward, torch addmm", "forward, oneDNN", "oneDNN / addmm", "dy @ W, torch mm",
+               "dy @ W, oneDNN (W.T copied)", "dy.T @ x, torch mm"]
+    shapes = {dt: per_shape(a.rounds, (256, 1024), dt) for dt in ((torch.float32, torch.bfloat16) if native
+                                                                   else (torch.float32,))}
     steps = step_ab(a.step_rounds)
     med = {k: statistics.median(v) for k, v in steps.items()}
     on, off = med.values()
-    body = (f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
-            f"{load_before}, after: {load_average()}.\n\n"
-            f"fp32 GFLOP/s per shape (median of {a.rounds} interleaved rounds; rows = tokens in the micro-batch):\n\n"
-            + table(["linear", "rows", "forward, MKL addmm", "forward, oneDNN", "oneDNN / MKL", "dy @ W, MKL",
-                     "dy @ W, oneDNN (W.T copied)", "dy.T @ x, MKL"], shapes)
-            + f"\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch 4 × seq 256, fp32; {a.step_rounds} "
-            "fresh processes per side, alternating, 3 timed steps each after 2 warm-up steps):\n\n"
-            + table(["linears", "step time (s, median)", "steps"],
-                    [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
-            + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of MKL everywhere. microft runs the forwards "
-            "(the blocks' linears, LoRA's and NF4's bases, the LM head's logits) through oneDNN on a CPU in fp32 and "
-            "keeps the backward's matmuls in MKL; `MICROFT_ONEDNN=0` turns it off.")
-    if not cpu_supports_bf16():  # the emulated case only: where bf16 is native, microft leaves it to torch
+    body = f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}."
+    for dt, rows in shapes.items():
+        body += (f"\n\n{str(dt).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')} "
+                 f"GFLOP/s per shape (median of {a.rounds} interleaved rounds; rows = tokens in the micro-batch; "
+                 "torch's fp32 `addmm`/`mm` call MKL, its bf16 ones oneDNN's matmul):\n\n" + table(headers, rows))
+    precision = "bf16-mixed" if native else "fp32"
+    body += (f"\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch 4 × seq 256, {precision}: the default "
+             f"here; {a.step_rounds} fresh processes per side, alternating, 3 timed steps each after 2 warm-up steps):\n\n"
+             + table(["linears", "step time (s, median)", "steps"],
+                     [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
+             + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of torch's own linears. microft runs the "
+             "forwards (the blocks' linears, LoRA's and NF4's bases; in fp32 the LM head's logits too) through oneDNN "
+             "on a CPU in fp32, and in bf16 where the CPU has it natively (under autocast after autocast's casts), "
+             "and keeps the backward's matmuls in torch's `mm`; `MICROFT_ONEDNN=0` turns it off.")
+    if not native:  # the emulated case only: where bf16 is native, its products are torch's (or oneDNN's) own
         body += ("\n\nbf16 on this CPU, which emulates it (no AVX-512 BF16 / AMX): GFLOP/s of one bf16 linear's "
                  f"products (median of {a.bf16_rounds} rounds), torch's bf16 kernels against microft's route "
                  "(`models.linear`: the bf16 values multiplied in fp32, the result rounded to bf16 once):\n\n"
                  + table(["product", "torch bf16", "microft (fp32 route)", "speed-up"], bf16_products(a.bf16_rounds)))
-    publish(DOC, HEADING, body, not a.no_write, "linear")
+    publish(DOC, HEADING_BF16 if native else HEADING, body, not a.no_write, "linear")
 
 
 if __name__ == "__main__":

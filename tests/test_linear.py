@@ -39,10 +39,49 @@ def test_linear_forward_through_onednn_gives_f_linear_values_and_gradients(monke
         assert calls == [(150, 256)]
         calls.clear()
         L.linear(x[:, :2], w, b)  # 6 rows (a decode step): F.linear
+        monkeypatch.setenv("MICROFT_CPU_BF16", "0")
         with L.native_half_matmuls():
-            L.linear(x.bfloat16(), w.bfloat16())  # other dtypes: F.linear
+            L.linear(x.bfloat16(), w.bfloat16())  # bf16 where the CPU has no native bf16: F.linear
+        L.linear(x.double(), w.double())  # other dtypes: F.linear
         L.linear(x[..., :128], w[:, :128])  # a narrow layer (the demo's 128): F.linear
         assert calls == []
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_linear_on_a_native_bf16_cpu_goes_through_onednn_with_f_linears_bits(monkeypatch, autocast):
+    """Where the CPU has bf16 (forced here), a bf16 linear's forward (under autocast: after autocast's casts)
+    goes through oneDNN and gives F.linear's bits; its gradients match F.linear's to bf16's rounding."""
+    from microft.models import linear as L
+
+    if L._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setenv("MICROFT_CPU_BF16", "1")
+    calls = []
+    real = L._ONEDNN_LINEAR
+    monkeypatch.setattr(L, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].dtype) or real(*a))
+    torch.manual_seed(0)
+    dt = torch.float32 if autocast else torch.bfloat16
+    x = torch.randn(2, 40, 256, dtype=dt, requires_grad=True)
+    w = (torch.randn(288, 256) / 16).to(dt).requires_grad_()
+    b = torch.randn(288, dtype=dt, requires_grad=True)
+    dy = torch.randn(2, 40, 288, dtype=torch.bfloat16)
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x, w, b)
+        y.backward(dy)
+        grads = [t.grad for t in (x, w, b)]
+        for t in (x, w, b):
+            t.grad = None
+        return y, grads
+
+    got, got_grads = run(L.linear)
+    assert calls == [torch.bfloat16]
+    ref, ref_grads = run(torch.nn.functional.linear)
+    assert got.dtype == ref.dtype == torch.bfloat16 and torch.equal(got, ref)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        assert g.dtype == r.dtype == dt
+        torch.testing.assert_close(g, r, rtol=2**-7, atol=2**-7 * r.abs().max().item())
 
 
 def test_onednn_can_be_turned_off_by_the_environment():

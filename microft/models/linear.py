@@ -5,9 +5,11 @@ the forward shapes of a transformer's linears ran 1.0-1.7x faster through oneDNN
 (`mkldnn._linear_pointwise`, shipped with torch) on a 2-core AVX2 EPYC, interleaved
 micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 256 and 1024 rows; the backward's
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
-Both compute the same fp32 products and sum them in another order. Elsewhere (other dtypes,
-autocast, CUDA, a handful of rows as in token-by-token generation, layers narrower than 256) these
-are `F.linear`.
+Both compute the same fp32 products and sum them in another order. On a CPU with native bf16
+(AVX-512 BF16 / AMX) bf16 forwards take oneDNN's linear too, autocast's casts done first: the same
+bits as `F.linear` (which reaches oneDNN through `addmm`), 1.1-1.2x faster on GPT-2's block shapes
+on a 2-core Xeon with AMX (`bench/linear_kernels.py`). Elsewhere (other dtypes, CUDA, a handful of
+rows as in token-by-token generation, layers narrower than 256) these are `F.linear`.
 `MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
 
 bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch's kernels emulate it, at a speed that
@@ -36,32 +38,37 @@ from microft.models.precision import autocast_off, autocasting, cpu_supports_bf1
 ONEDNN_ENV = "MICROFT_ONEDNN"  # set to 0: every linear and the head through torch's own F.linear / mm
 HALF_ENV = "MICROFT_HALF_VIA_FP32"  # set to 0: bf16 matmuls on a CPU without native bf16 run torch's emulation
 _half_via_fp32 = os.environ.get(HALF_ENV) != "0"
+_own_half_routes = True  # False inside native_half_matmuls(): bf16 products as torch's own ops run them
 ADDMM_SLICE_ROWS = 8192  # addmm_'s fp32 working copy of the accumulator, in slices of this many rows
 MM_SLICE_ELEMS = 2**24  # mm's fp32 copy of a large second operand (the LM head), this many elements at a time
 
 
 @contextlib.contextmanager
 def native_half_matmuls():
-    """bf16 matmuls as torch runs them (no fp32 route) inside: the memory trace emulates CUDA with it."""
-    global _half_via_fp32
-    before, _half_via_fp32 = _half_via_fp32, False
+    """bf16 matmuls as torch runs them inside (no fp32 route, no oneDNN route): the memory trace emulates
+    CUDA with it, whatever this CPU has."""
+    global _own_half_routes
+    before, _own_half_routes = _own_half_routes, False
     try:
         yield
     finally:
-        _half_via_fp32 = before
+        _own_half_routes = before
 
 
 def emulated_half(*tensors: torch.Tensor) -> bool:
     """Whether these are bf16 CPU tensors whose products microft runs in fp32 here: a CPU that emulates
     bf16 (see the module doc)."""
-    return (_half_via_fp32 and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+    return (_half_via_fp32 and _own_half_routes and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
             and not cpu_supports_bf16())
 
 
-def _autocast_to_emulated_half(x: torch.Tensor) -> bool:
-    """Autocast to bf16 on a CPU that emulates it: `linear` casts as autocast would, then goes through fp32."""
-    return (_half_via_fp32 and autocasting("cpu") and x.device.type == "cpu"
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_supports_bf16())
+def _autocast_taken_over(x: torch.Tensor) -> bool:
+    """Autocast to bf16 on a CPU where `linear` casts as autocast would and then runs the bf16 product
+    itself: through fp32 where the CPU emulates bf16, through oneDNN where it has bf16 natively."""
+    if not (_own_half_routes and autocasting("cpu") and x.device.type == "cpu"
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return False
+    return _ONEDNN_LINEAR is not None if cpu_supports_bf16() else _half_via_fp32
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,6 +168,11 @@ ONEDNN_MIN_ROWS = 64  # below, a decode step's few rows: F.linear
 ONEDNN_MIN_FEATURES = 256  # in and out; smaller layers (the demo's 128-wide model) keep F.linear and its bits
 
 
+def _onednn_dtype(dtype: torch.dtype) -> bool:
+    """fp32 on any CPU; bf16 where the CPU has it natively (the same bits as F.linear, ~15 % faster)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _own_half_routes and cpu_supports_bf16())
+
+
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ weight.T + bias through oneDNN, for x of any rank (flattened to rows and back)."""
     y = _ONEDNN_LINEAR(x.reshape(-1, x.size(-1)), weight, bias, "none", [None], "")
@@ -230,7 +242,7 @@ def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias); its forward through oneDNN on a CPU in fp32, bf16 through fp32 on a CPU
     that emulates bf16 (see the module doc)."""
-    if _autocast_to_emulated_half(x):  # autocast's casts (the bias's too), then bf16 through fp32
+    if _autocast_taken_over(x):  # autocast's casts (the bias's too), then bf16 through fp32 or oneDNN
         with autocast_off(x):
             half = torch.bfloat16
             return linear(x.to(half), weight.to(half), None if bias is None else bias.to(half))
@@ -239,8 +251,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                                         or (bias is not None and bias.requires_grad)):
             return _Fp32Linear.apply(x, weight, bias)
         return _fp32_linear(x, weight, bias)
-    if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
+    if (_ONEDNN_LINEAR is None or x.device.type != "cpu" or not _onednn_dtype(x.dtype)
+            or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
             or min(weight.shape) < ONEDNN_MIN_FEATURES or weight.dim() != 2
             or x.dim() < 2 or x.numel() < ONEDNN_MIN_ROWS * x.size(-1) or not x.is_contiguous()
             or not weight.is_contiguous() or autocasting("cpu")):
