@@ -102,7 +102,7 @@ def bf16_products(rounds: int) -> list[list[str]]:
 def step_ab(rounds: int) -> dict[str, list[float]]:
     args = ["--impl", "microft", "--precision", "auto", "--model", "gpt2", "--device", "cpu", "--micro-bs", "4",
             "--seq", "256", "--warmup", "2", "--steps", "3"]
-    times: dict[str, list[float]] = {"oneDNN forwards (default)": [], "MKL everywhere (MICROFT_ONEDNN=0)": []}
+    times: dict[str, list[float]] = {"oneDNN forwards (default)": [], "torch's own linears (MICROFT_ONEDNN=0)": []}
     for r in range(rounds):
         for name, env in zip(times, ({ONEDNN_ENV: "1"}, {ONEDNN_ENV: "0"}), strict=True):
             print(f"[linear] step round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
