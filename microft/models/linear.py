@@ -7,7 +7,7 @@ micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 256 and 1024 rows; 
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
 Both compute the same fp32 products and sum them in another order. On a CPU with native bf16
 (AVX-512 BF16 / AMX) bf16 forwards take oneDNN's linear too, autocast's casts done first: the same
-bits as `F.linear` (which reaches oneDNN through `addmm`), 1.1-1.2x faster on GPT-2's block shapes
+bits as `F.linear` (which reaches oneDNN through `addmm`), 1.0-1.2x its rate on GPT-2's block shapes
 on a 2-core Xeon with AMX (`bench/linear_kernels.py`). Elsewhere (other dtypes, CUDA, a handful of
 rows as in token-by-token generation, layers narrower than 256) these are `F.linear`.
 `MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
@@ -169,7 +169,7 @@ ONEDNN_MIN_FEATURES = 256  # in and out; smaller layers (the demo's 128-wide mod
 
 
 def _onednn_dtype(dtype: torch.dtype) -> bool:
-    """fp32 on any CPU; bf16 where the CPU has it natively (the same bits as F.linear, ~15 % faster)."""
+    """fp32 on any CPU; bf16 where the CPU has it natively (the same bits as F.linear, up to ~15 % faster)."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _own_half_routes and cpu_supports_bf16())
 
 
