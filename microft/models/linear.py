@@ -240,8 +240,8 @@ def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); its forward through oneDNN on a CPU in fp32, bf16 through fp32 on a CPU
-    that emulates bf16 (see the module doc)."""
+    """F.linear(x, weight, bias); its forward through oneDNN on a CPU in fp32 and in bf16 where the CPU has it
+    natively, bf16 through fp32 on a CPU that emulates bf16 (see the module doc)."""
     if _autocast_taken_over(x):  # autocast's casts (the bias's too), then bf16 through fp32 or oneDNN
         with autocast_off(x):
             half = torch.bfloat16
