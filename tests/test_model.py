@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -167,6 +169,33 @@ def test_short_cpu_attention_matches_sdpa():
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("packed", [False, True])
+def test_short_cpu_attention_adds_its_mask_with_masked_fills_bits(dtype, packed):
+    """The mask is added as 0/-inf: the same output and gradients, bit for bit, as filling the masked
+    scores with -inf (grouped key/value heads, causal or block-diagonal packed mask)."""
+    from microft.models.transformer import causal_attention_math, packed_attention_mask
+
+    torch.manual_seed(0)
+    B, T = 2, 19
+    q = torch.randn(B, 4, T, 8, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, 2, T, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+    pos = torch.tensor([list(range(7)) + list(range(12)), list(range(T))])
+    allowed = packed_attention_mask(pos) if packed else None
+
+    def filled(q, k, v):
+        kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        mask = allowed if packed else torch.ones(T, T, dtype=torch.bool).tril_()
+        att = (q @ kk.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+        return att.masked_fill_(~mask, float("-inf")).softmax(-1) @ vv
+
+    y, ref = causal_attention_math(q, k, v, allowed), filled(q, k, v)
+    assert torch.equal(y, ref)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert torch.equal(a, b)
 
 def test_bf16_model_takes_the_short_path_and_agrees_with_sdpa(monkeypatch):
     monkeypatch.setenv("MICROFT_CPU_BF16", "1")  # a CPU with native bf16 (where bf16 is emulated, it runs in fp32)

@@ -110,9 +110,10 @@ class _FusedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_out
         gw = None
-        if grad_w is not None:  # widened and scaled in one pass: the scale as a 1-element tensor of the
-            # weight's dtype makes the product that dtype (a 0-dim one would not), computed in it
-            gw = grad_w * grad_out.to(ctx.weight_dtype).reshape(1)
+        if grad_w is not None:  # widened to the weight's dtype, then scaled in place: two same-dtype passes ran
+            # faster than one mixed-dtype product (its promoting loop), with the same values
+            gw, scale = grad_w.to(ctx.weight_dtype), grad_out.to(ctx.weight_dtype)
+            gw = gw * scale if gw is grad_w else gw.mul_(scale)
         if ctx.link is not None and gw is not None:  # the tied embedding's backward adds its rows to it
             ctx.link.grad, gw = gw, None
         return gh, gw, None, None, None, None, None
