@@ -134,7 +134,7 @@ def microft_stepper(cfg: ModelConfig, args, device: torch.device):
             x, y = mb[:, :-1].to(device, non_blocking=True), mb[:, 1:].to(device, non_blocking=True)
             loss_sum += micro_step(runner, x, y, None, denom, autocast, scaler)
         scaler.unscale_(optimizer)
-        clip_gradients(model, MAX_GRAD_NORM)
+        clip_gradients(model, MAX_GRAD_NORM, None if scaler.is_enabled() else optimizer)
         loss = float(loss_sum) / denom  # the trainer's one host sync per step
         optimizer_step(optimizer, scaler)
         return loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from microft.config import RunConfig
@@ -21,6 +22,7 @@ def test_split_and_join_are_exact_and_the_bf16_half_is_the_nearest():
 
 
 def test_with_fp32_moments_every_step_equals_fused_adamw_on_fp32_weights():
+    """... with the gradient clip's divisor (`grad_scale`, see step.clip_gradients) on some steps too."""
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(300, 70).bfloat16())
     b = torch.nn.Parameter(torch.randn(5000).bfloat16())
@@ -29,10 +31,14 @@ def test_with_fp32_moments_every_step_equals_fused_adamw_on_fp32_weights():
                       lr=1e-3, betas=(0.9, 0.95), state_dtype=torch.float32)
     ref_opt = torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}],
                                 lr=1e-3, betas=(0.9, 0.95), fused=True)
-    for _ in range(4):
+    for divisor in (None, 3.5, 1.0, 17.0):
         for p, r in zip((a, b), ref):
             g = torch.randn(p.shape).bfloat16()
             p.grad, r.grad = g.clone(), g.float()
+        for o in (opt, ref_opt):
+            o.__dict__.pop("grad_scale", None)
+            if divisor is not None:
+                o.grad_scale = torch.tensor([divisor])
         opt.step()
         ref_opt.step()
         for p, r in zip((a, b), ref):
@@ -92,3 +98,33 @@ def test_bf16_true_models_get_master_weights_and_others_do_not():
     for name, p in model.named_parameters():
         master = join_fp32(p.detach(), opt.state[p]["master_lo"])
         assert master.dtype == torch.float32 and torch.equal(master.bfloat16(), p.detach()), name
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])
+def test_a_clip_handed_to_fused_adamw_equals_clip_grad_norm_then_step(max_norm):
+    """clip_gradients with a fused AdamW: the kernel divides by the clip's divisor instead of a separate pass
+    over the gradients; the same norm, the same update up to rounding, nothing left for the next step."""
+    from microft.train.step import clip_gradients, optimizer_step, takes_grad_scale
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Linear(30, 7)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+    assert takes_grad_scale(opts[0]) and not takes_grad_scale(torch.optim.AdamW(models[0].parameters()))
+    assert takes_grad_scale(MasterAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randn(16, 40)
+    for _ in range(3):
+        for m in models:
+            m(x).pow(2).sum().backward()
+        fused = clip_gradients(models[0], max_norm, opts[0])
+        assert opts[0].grad_scale.item() == pytest.approx(max(1.0, (fused.item() + 1e-6) / max_norm), rel=1e-6)
+        plain = clip_gradients(models[1], max_norm)
+        assert torch.equal(fused, plain)
+        for o in opts:
+            optimizer_step(o, scaler)
+        assert not hasattr(opts[0], "grad_scale")
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            if max_norm > 1:  # never clipped: a division by exactly 1, the same bits
+                assert torch.equal(p, q)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

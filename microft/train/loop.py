@@ -458,7 +458,7 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
                               130 if flag["sig"] == signal.SIGINT else 143)
         phase = "optimizer step"
         run.scaler.unscale_(run.optimizer)
-        grad_norm = clip_gradients(run.model, cfg.max_grad_norm)
+        grad_norm = clip_gradients(run.model, cfg.max_grad_norm, None if run.scaler.is_enabled() else run.optimizer)
         loss = float(loss_sum) / (denom * dist.world_size)  # the one host sync of the step
         if not math.isfinite(loss) and not run.scaler.is_enabled():
             raise TrainingError(

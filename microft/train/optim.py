@@ -65,8 +65,11 @@ class MasterAdamW(torch.optim.Optimizer):
     bits (state `master_lo`, see `split_fp32`): 2 bytes per weight instead of a 4-byte fp32
     copy, and no update is lost to bf16's 8-bit mantissa. The moments are kept in `state_dtype`
     (bf16 by default; fp32 makes every step equal torch's fused AdamW on fp32 weights). The
-    update runs torch's fused AdamW kernel on fp32 working copies, 2^20 elements at a time.
+    update runs torch's fused AdamW kernel on fp32 working copies, 2^20 elements at a time; a
+    `grad_scale` attribute (a 1-element fp32 tensor: the gradient clip's divisor) goes to that kernel.
     """
+
+    reads_grad_scale = True
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16):
@@ -89,6 +92,7 @@ class MasterAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
+        scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
@@ -106,7 +110,7 @@ class MasterAdamW(torch.optim.Optimizer):
                     m32, v32 = m[s:e].float(), v[s:e].float()  # the state itself when it is fp32
                     torch._fused_adamw_([master], [g[s:e].float()], [m32], [v32], [], [st["step"]],
                                         lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
-                                        eps=group["eps"], amsgrad=False, maximize=False)
+                                        eps=group["eps"], amsgrad=False, maximize=False, grad_scale=scale)
                     if m.dtype != torch.float32:
                         m[s:e].copy_(m32)
                         v[s:e].copy_(v32)

@@ -98,16 +98,38 @@ def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: tor
     return loss_sum.detach()
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-    """Global grad norm of the trainable parameters, clipped to `max_norm` when given."""
+def clip_gradients(model: torch.nn.Module, max_norm: float | None,
+                   optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """Global grad norm of the trainable parameters, clipped to `max_norm` when given.
+
+    With an `optimizer` that reads its gradients through a scale (`takes_grad_scale`), the clip is
+    handed to it as `grad_scale` (its kernel divides each gradient as it reads it) rather than run as
+    a pass of its own over every gradient: the same clipped gradients up to rounding (g / (1 / c) in
+    place of g * c), one read and write of all gradients fewer per step. `optimizer_step` clears it.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if not max_norm or optimizer is None or not takes_grad_scale(optimizer) or get_total_norm is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
+    norm = get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), as the divisor the kernel takes
+    optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_(min=1.0).reshape(1)
+    return norm
+
+
+def takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` divides the gradients by `optimizer.grad_scale` in its own kernel (torch's
+    fused Adam/AdamW, microft's MasterAdamW)."""
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return bool(optimizer.defaults.get("fused"))
+    return bool(getattr(optimizer, "reads_grad_scale", False))
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
     """Step (skipped by the fp16 scaler on overflow), then free the gradients. Returns True if skipped."""
     scale_before = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
+    optimizer.__dict__.pop("grad_scale", None)  # clip_gradients' factor served this step only
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return scale_before is not None and scaler.get_scale() < scale_before
