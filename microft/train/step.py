@@ -108,10 +108,12 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None,
     place of g * c), one read and write of all gradients fewer per step. `optimizer_step` clears it.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None]
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    if not max_norm or optimizer is None or not takes_grad_scale(optimizer) or get_total_norm is None:
+    if (not max_norm or optimizer is None or not takes_grad_scale(optimizer) or get_total_norm is None
+            or any(type(g) is not torch.Tensor for g in grads)):  # sharded (FSDP's DTensor) gradients: torch's clip
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
-    norm = get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    norm = get_total_norm(grads, foreach=True)
     # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), as the divisor the kernel takes
     optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp_(min=1.0).reshape(1)
     return norm
