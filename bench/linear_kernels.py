@@ -4,8 +4,9 @@
     .venv/bin/python bench/linear_kernels.py --no-write
 
 Measurements, interleaved so that host noise falls on both sides alike:
-1. Per shape: the forward (x @ W.T + b) and the backward's two matmuls (dy @ W, dy.T @ x) of GPT-2's
-   and Qwen3-1.7B's block linears at 256 and 1024 rows, each the median rate over the rounds; in fp32,
+1. Per shape: the forward (x @ W.T + b) and the backward's two matmuls (dy @ W, dy.T @ x; through oneDNN
+   too, the copies of its transposed operands timed with it) of GPT-2's and Qwen3-1.7B's block linears
+   at 256 and 1024 rows, each the median rate over the rounds; in fp32,
    and on a CPU with native bf16 (AVX-512 BF16 / AMX) in bf16 as well (torch's `addmm` reaches oneDNN's
    matmul there too: same bits, another call).
 2. The whole training step: `bench/steploop.py` (GPT-2 124M, micro-batch 4 x seq 256, the default
@@ -57,7 +58,9 @@ def per_shape(rounds: int, rows: tuple[int, ...], dtype: torch.dtype = torch.flo
                                 "forward, oneDNN": lambda x=x, W=W, b=b: lp(x, W, b, "none", [None], ""),
                                 "dy @ W, torch": lambda dy=dy, W=W: dy @ W,
                                 "dy @ W, oneDNN": lambda dy=dy, W=W: lp(dy, W.t().contiguous(), None, "none", [None], ""),
-                                "dy.T @ x, torch": lambda dy=dy, x=x: dy.t() @ x}, 2 * M * K * N
+                                "dy.T @ x, torch": lambda dy=dy, x=x: dy.t() @ x,
+                                "dy.T @ x, oneDNN": lambda dy=dy, x=x: lp(dy.t().contiguous(), x.t().contiguous(), None,
+                                                                          "none", [None], "")}, 2 * M * K * N
     got: dict = {}
     for r in range(rounds + 1):  # round 0 warms up (oneDNN builds its kernels per shape)
         for key, (fns, flop) in cases.items():
@@ -70,7 +73,7 @@ def per_shape(rounds: int, rows: tuple[int, ...], dtype: torch.dtype = torch.flo
         m = {kind: statistics.median(got[(key, kind)]) for kind in cases[key][0]}
         out.append([key[0], str(key[1]), f"{m['forward, torch']:.0f}", f"{m['forward, oneDNN']:.0f}",
                     f"{m['forward, oneDNN'] / m['forward, torch']:.2f}×", f"{m['dy @ W, torch']:.0f}",
-                    f"{m['dy @ W, oneDNN']:.0f}", f"{m['dy.T @ x, torch']:.0f}"])
+                    f"{m['dy @ W, oneDNN']:.0f}", f"{m['dy.T @ x, torch']:.0f}", f"{m['dy.T @ x, oneDNN']:.0f}"])
     return out
 
 
@@ -122,7 +125,7 @@ def main(argv=None) -> None:
     started, load_before = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_average()
     native = cpu_supports_bf16()
     headers = ["linear", "rows", "forward, torch addmm", "forward, oneDNN", "oneDNN / addmm", "dy @ W, torch mm",
-               "dy @ W, oneDNN (W.T copied)", "dy.T @ x, torch mm"]
+               "dy @ W, oneDNN (W.T copied)", "dy.T @ x, torch mm", "dy.T @ x, oneDNN (dy.T, x.T copied)"]
     shapes = {dt: per_shape(a.rounds, (256, 1024), dt) for dt in ((torch.float32, torch.bfloat16) if native
                                                                    else (torch.float32,))}
     steps = step_ab(a.step_rounds)
