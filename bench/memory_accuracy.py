@@ -107,7 +107,7 @@ def cuda_peak(model: str, cfg: RunConfig, micro_bs: int, seq: int, accum: int, p
             x = torch.randint(0, m.config.vocab_size, (micro_bs, seq), device=device)
             micro_step(m, x, x.clone(), None, float(micro_bs * seq * accum), autocast, scaler)
         scaler.unscale_(opt)
-        clip_gradients(m, cfg.max_grad_norm)
+        clip_gradients(m, cfg.max_grad_norm, None if scaler.is_enabled() else opt)  # as train() does
         optimizer_step(opt, scaler)
     if not cuda:
         return 0
