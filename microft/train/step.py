@@ -112,6 +112,8 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None,
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
     if (not max_norm or optimizer is None or not takes_grad_scale(optimizer) or get_total_norm is None
             or any(type(g) is not torch.Tensor for g in grads)):  # sharded (FSDP's DTensor) gradients: torch's clip
+        if optimizer is not None:
+            optimizer.__dict__.pop("grad_scale", None)  # none left from a step that did not finish
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
     norm = get_total_norm(grads, foreach=True)
     # clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)), as the divisor the kernel takes
