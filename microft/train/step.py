@@ -98,6 +98,9 @@ def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: tor
     return loss_sum.detach()
 
 
+FOLDED_CLIP_DEVICES = ("cpu", "cuda")  # where microft folds the clip into the optimizer (see clip_gradients)
+
+
 def clip_gradients(model: torch.nn.Module, max_norm: float | None,
                    optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
     """Global grad norm of the trainable parameters, clipped to `max_norm` when given.
@@ -106,12 +109,14 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None,
     handed to it as `grad_scale` (its kernel divides each gradient as it reads it) rather than run as
     a pass of its own over every gradient: the same clipped gradients up to rounding (g / (1 / c) in
     place of g * c), one read and write of all gradients fewer per step. `optimizer_step` clears it.
+    Sharded (FSDP's DTensor) gradients, and devices other than the CPU and CUDA (MPS: its fused kernel
+    unchecked here), keep torch's clip.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params if p.grad is not None]
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
     if (not max_norm or optimizer is None or not takes_grad_scale(optimizer) or get_total_norm is None
-            or any(type(g) is not torch.Tensor for g in grads)):  # sharded (FSDP's DTensor) gradients: torch's clip
+            or any(type(g) is not torch.Tensor or g.device.type not in FOLDED_CLIP_DEVICES for g in grads)):
         if optimizer is not None:
             optimizer.__dict__.pop("grad_scale", None)  # none left from a step that did not finish
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
