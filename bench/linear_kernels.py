@@ -31,11 +31,12 @@ import torch
 from docs_section import publish
 from harness import DOC, command_line, load_average, machine, run_config, table
 
-from microft.models.linear import _ONEDNN_LINEAR, ONEDNN_ENV, linear, mm, native_half_matmuls
+from microft.models.linear import _ONEDNN_LINEAR, ONEDNN_ENV, amd_x86, linear, mm, native_half_matmuls
 from microft.models.precision import cpu_supports_bf16
 
 HEADING = "## Linear kernels on a CPU"
 HEADING_BF16 = "## Linear kernels on a CPU with native bf16"
+HEADING_INTEL_AVX2 = "## Linear kernels on an Intel CPU held to AVX2 (emulated)"
 SHAPES = {"gpt2 c_attn": (768, 2304), "gpt2 c_fc": (768, 3072), "gpt2 mlp c_proj": (3072, 768),
           "qwen3-1.7b gate/up": (2048, 6144), "qwen3-1.7b down": (6144, 2048)}
 
@@ -102,14 +103,15 @@ def bf16_products(rounds: int) -> list[list[str]]:
     return rows
 
 
-def step_ab(rounds: int) -> dict[str, list[float]]:
+def step_ab(rounds: int, env: dict[str, str] | None = None) -> dict[str, list[float]]:
     args = ["--impl", "microft", "--precision", "auto", "--model", "gpt2", "--device", "cpu", "--micro-bs", "4",
             "--seq", "256", "--warmup", "2", "--steps", "3"]
-    times: dict[str, list[float]] = {"oneDNN forwards (default)": [], "torch's own linears (MICROFT_ONEDNN=0)": []}
+    times: dict[str, list[float]] = {"oneDNN forwards (MICROFT_ONEDNN=1)": [],
+                                     "torch's own linears (MICROFT_ONEDNN=0)": []}
     for r in range(rounds):
-        for name, env in zip(times, ({ONEDNN_ENV: "1"}, {ONEDNN_ENV: "0"}), strict=True):
+        for name, side in zip(times, ({ONEDNN_ENV: "1"}, {ONEDNN_ENV: "0"}), strict=True):
             print(f"[linear] step round {r + 1}/{rounds}: {name} ...", file=sys.stderr, flush=True)
-            times[name] += run_config(args, env)["step_times"]
+            times[name] += run_config(args, {**(env or {}), **side})["step_times"]
     return times
 
 
@@ -118,8 +120,13 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=5, help="per-shape rounds")
     p.add_argument("--step-rounds", type=int, default=3, help="interleaved training-step runs per side")
     p.add_argument("--bf16-rounds", type=int, default=2, help="rounds of the emulated-bf16 products")
+    p.add_argument("--intel-avx2", action="store_true",
+                   help="on an Intel CPU: only the step A/B, held to AVX2 (an Intel laptop without AVX-512), "
+                        "in its own section")
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args(argv)
+    if a.intel_avx2:
+        return intel_avx2(a)
     if _ONEDNN_LINEAR is None:
         sys.exit(f"this torch has no oneDNN linear (or {ONEDNN_ENV}=0 is set)")
     started, load_before = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_average()
@@ -143,14 +150,39 @@ def main(argv=None) -> None:
                      [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
              + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of torch's own linears. microft runs the "
              "forwards (the blocks' linears, LoRA's and NF4's bases; in fp32 the LM head's logits too) through oneDNN "
-             "on a CPU in fp32, and in bf16 where the CPU has it natively (under autocast after autocast's casts), "
-             "and keeps the backward's matmuls in torch's `mm`; `MICROFT_ONEDNN=0` turns it off.")
+             "on an AMD x86 CPU in fp32 (on Intel CPUs MKL's own path was as fast or faster; `MICROFT_ONEDNN=1` "
+             "takes it on any CPU), and in bf16 where the CPU has it natively (under autocast after autocast's "
+             "casts), and keeps the backward's matmuls in torch's `mm`; `MICROFT_ONEDNN=0` turns it off.")
     if not native:  # the emulated case only: where bf16 is native, its products are torch's (or oneDNN's) own
         body += ("\n\nbf16 on this CPU, which emulates it (no AVX-512 BF16 / AMX): GFLOP/s of one bf16 linear's "
                  f"products (median of {a.bf16_rounds} rounds), torch's bf16 kernels against microft's route "
                  "(`models.linear`: the bf16 values multiplied in fp32, the result rounded to bf16 once):\n\n"
                  + table(["product", "torch bf16", "microft (fp32 route)", "speed-up"], bf16_products(a.bf16_rounds)))
     publish(DOC, HEADING_BF16 if native else HEADING, body, not a.no_write, "linear")
+
+
+def intel_avx2(a) -> None:
+    """The fp32 step with oneDNN's forwards and with torch's own linears on an Intel CPU held to AVX2."""
+    from speed import AVX2_EMULATION
+
+    if amd_x86():
+        sys.exit("--intel-avx2 measures MKL's Intel code path: run it on an Intel CPU")
+    started, load_before = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_average()
+    steps = step_ab(a.step_rounds, AVX2_EMULATION)
+    med = {k: statistics.median(v) for k, v in steps.items()}
+    on, off = med.values()
+    body = (f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
+            f"{load_before}, after: {load_average()}.\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch "
+            f"4 × seq 256, precision auto: fp32 here) with torch's kernels, oneDNN and MKL held to AVX2 "
+            f"({', '.join(f'`{k}={v}`' for k, v in AVX2_EMULATION.items())}), as on an Intel laptop CPU without "
+            f"AVX-512; {a.step_rounds} fresh processes per side, alternating, 3 timed steps each after 2 warm-up "
+            "steps:\n\n"
+            + table(["linears", "step time (s, median)", "steps"],
+                    [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
+            + f"\n\n- torch's own linears (MKL): {on / off:.2f}× the step rate of oneDNN's forwards here, so on "
+            "Intel CPUs microft's fp32 linears and head keep torch's products (`models.linear`: oneDNN in fp32 "
+            "on AMD x86 CPUs only; `MICROFT_ONEDNN=1` takes it anywhere).")
+    publish(DOC, HEADING_INTEL_AVX2, body, not a.no_write, "linear")
 
 
 if __name__ == "__main__":

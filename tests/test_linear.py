@@ -16,6 +16,7 @@ def test_linear_forward_through_onednn_gives_f_linear_values_and_gradients(monke
     from microft.models import linear as L
 
     calls = []
+    monkeypatch.setattr(L, "_fp32_onednn", True)  # the AMD route, on whatever CPU runs the test
     if L._ONEDNN_LINEAR is not None:
         real = L._ONEDNN_LINEAR
         monkeypatch.setattr(L, "_ONEDNN_LINEAR", lambda *a: calls.append(tuple(a[0].shape)) or real(*a))
@@ -82,6 +83,28 @@ def test_bf16_linear_on_a_native_bf16_cpu_goes_through_onednn_with_f_linears_bit
     for g, r in zip(got_grads, ref_grads, strict=True):
         assert g.dtype == r.dtype == dt
         torch.testing.assert_close(g, r, rtol=2**-7, atol=2**-7 * r.abs().max().item())
+
+
+def test_fp32_forwards_take_onednn_on_amd_cpus_only(monkeypatch):
+    """The fp32 route follows the vendor in /proc/cpuinfo (MKL's Intel path was the faster one on Intel);
+    MICROFT_ONEDNN=1 takes it on any CPU."""
+    from microft.models import linear as L
+
+    amd = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel name\t: AMD EPYC 7B13\n"
+    intel = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+    assert L.amd_x86(amd) and not L.amd_x86(intel) and not L.amd_x86("model name\t: AMD-like\n")
+    monkeypatch.setattr(L, "amd_x86", lambda: False)
+    monkeypatch.delenv("MICROFT_ONEDNN", raising=False)
+    assert not L._fp32_onednn_default()
+    monkeypatch.setenv("MICROFT_ONEDNN", "1")
+    assert L._fp32_onednn_default()
+    monkeypatch.setattr(L, "_fp32_onednn", False)
+    calls = []
+    if L._ONEDNN_LINEAR is not None:
+        real = L._ONEDNN_LINEAR
+        monkeypatch.setattr(L, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].dtype) or real(*a))
+    x, w = torch.randn(128, 256), torch.randn(320, 256)
+    assert torch.equal(L.linear(x, w), torch.nn.functional.linear(x, w)) and calls == []
 
 
 def test_onednn_can_be_turned_off_by_the_environment():

@@ -1,11 +1,13 @@
-"""Linear layers' matmuls on a CPU in fp32: forwards through oneDNN, backwards as autograd's.
+"""Linear layers' matmuls on a CPU: forwards through oneDNN where it is faster, backwards as autograd's.
 
 torch's fp32 `addmm`/`mm` on a CPU call MKL's sgemm. On AMD CPUs (MKL's slower code path there)
 the forward shapes of a transformer's linears ran 1.0-1.7x faster through oneDNN's linear
 (`mkldnn._linear_pointwise`, shipped with torch) on a 2-core AVX2 EPYC, interleaved
 micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 256 and 1024 rows; the backward's
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
-Both compute the same fp32 products and sum them in another order. On a CPU with native bf16
+Both compute the same fp32 products and sum them in another order. On Intel CPUs MKL was as fast or
+faster (a GPT-2 step 1.10x faster with MKL everywhere on a Xeon held to AVX2), so the fp32 route is
+taken on AMD x86 CPUs only (`MICROFT_ONEDNN=1`: on any CPU). On a CPU with native bf16
 (AVX-512 BF16 / AMX) bf16 forwards take oneDNN's linear too, autocast's casts done first: the same
 bits as `F.linear` (which reaches oneDNN through `addmm`), 1.0-1.2x its rate on GPT-2's block shapes
 on a 2-core Xeon with AMX (`bench/linear_kernels.py`). Elsewhere (other dtypes, CUDA, a handful of
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Callable
 
 import torch
@@ -168,9 +171,37 @@ ONEDNN_MIN_ROWS = 64  # below, a decode step's few rows: F.linear
 ONEDNN_MIN_FEATURES = 256  # in and out; smaller layers (the demo's 128-wide model) keep F.linear and its bits
 
 
+def amd_x86(cpuinfo: str | None = None) -> bool:
+    """Whether this is an AMD x86 CPU (`cpuinfo`: /proc/cpuinfo's text, read when not given; elsewhere than
+    Linux, the processor string Windows reports)."""
+    if cpuinfo is None:
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read(4096)  # the first processor's fields
+        except OSError:
+            return "AuthenticAMD" in platform.processor()
+    return any(line.split(":", 1)[0].strip() == "vendor_id" and "AuthenticAMD" in line for line in cpuinfo.splitlines())
+
+
+def _fp32_onednn_default() -> bool:
+    """fp32 forwards through oneDNN: on AMD x86 CPUs (MICROFT_ONEDNN=1: on any CPU). On an AMD EPYC they made
+    the fp32 GPT-2 step 1.13x faster than MKL everywhere; on an Intel Xeon held to AVX2 (an Intel laptop
+    without AVX-512) 0.91x (interleaved steps), and 0.8-1.1x per shape with AVX-512: MKL's Intel code path
+    is the faster one there, so Intel and other CPUs keep torch's own products in fp32."""
+    return os.environ.get(ONEDNN_ENV) == "1" or amd_x86()
+
+
+_fp32_onednn = _fp32_onednn_default()
+
+
 def _onednn_dtype(dtype: torch.dtype) -> bool:
-    """fp32 on any CPU; bf16 where the CPU has it natively (the same bits as F.linear, up to ~15 % faster)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _own_half_routes and cpu_supports_bf16())
+    """fp32 on AMD x86 CPUs (see _fp32_onednn_default); bf16 where the CPU has it natively (the same bits as
+    F.linear, up to ~15 % faster)."""
+    if dtype == torch.float32:
+        return _fp32_onednn
+    return dtype == torch.bfloat16 and _own_half_routes and cpu_supports_bf16()
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -182,14 +213,15 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h @ weight.T for the LM head: (rows, C) x (vocab, C) -> (rows, vocab).
 
-    On a CPU in fp32, with a real tokenizer's vocabulary, this runs through oneDNN rather than the BLAS
+    On an AMD CPU in fp32 (see _fp32_onednn_default), with a real tokenizer's vocabulary, this runs through
+    oneDNN rather than the BLAS
     `mm`: for this shape (a few hundred rows, tens of thousands of columns) MKL's sgemm ran at ~60 % of
     its rate on the blocks' matmuls on an AVX2 EPYC (GPT-2 step under torch.profiler: 69 vs 115-136
     GFLOP/s); oneDNN ran it 1.3x faster in an interleaved micro-benchmark and 1.8x in the profiled step.
     Same fp32 products and sums, in another order; small heads (the demo's 1,088 tokens) keep `mm`.
     """
-    if (_ONEDNN_LINEAR is not None and h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
-            and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
+    if (_ONEDNN_LINEAR is not None and _fp32_onednn and h.device.type == "cpu"
+            and h.dtype == weight.dtype == torch.float32 and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
         return _onednn(h.contiguous(), weight.contiguous(), None)
     return mm(h, weight.t())
 
