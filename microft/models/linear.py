@@ -6,8 +6,9 @@ the forward shapes of a transformer's linears ran 1.0-1.7x faster through oneDNN
 micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 256 and 1024 rows; the backward's
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
 Both compute the same fp32 products and sum them in another order. On Intel CPUs MKL was as fast or
-faster (a GPT-2 step 1.10x faster with MKL everywhere on a Xeon held to AVX2), so the fp32 route is
-taken on AMD x86 CPUs only (`MICROFT_ONEDNN=1`: on any CPU). On a CPU with native bf16
+faster (a GPT-2 step 1.03x faster with MKL everywhere on a Xeon held to AVX2, `bench/linear_kernels.py
+--intel-avx2`; 0.8-1.1x per shape with AVX-512), so the fp32 route is taken on AMD x86 CPUs only
+(`MICROFT_ONEDNN=1`: on any CPU). On a CPU with native bf16
 (AVX-512 BF16 / AMX) bf16 forwards take oneDNN's linear too, autocast's casts done first: the same
 bits as `F.linear` (which reaches oneDNN through `addmm`), 1.0-1.2x its rate on GPT-2's block shapes
 on a 2-core Xeon with AMX (`bench/linear_kernels.py`). Elsewhere (other dtypes, CUDA, a handful of
@@ -188,8 +189,8 @@ def amd_x86(cpuinfo: str | None = None) -> bool:
 def _fp32_onednn_default() -> bool:
     """fp32 forwards through oneDNN: on AMD x86 CPUs (MICROFT_ONEDNN=1: on any CPU). On an AMD EPYC they made
     the fp32 GPT-2 step 1.13x faster than MKL everywhere; on an Intel Xeon held to AVX2 (an Intel laptop
-    without AVX-512) 0.91x (interleaved steps), and 0.8-1.1x per shape with AVX-512: MKL's Intel code path
-    is the faster one there, so Intel and other CPUs keep torch's own products in fp32."""
+    without AVX-512) 0.97x, and 0.8-1.1x per shape with AVX-512: MKL's Intel code path is as fast or
+    faster there, so Intel and other CPUs keep torch's own products in fp32."""
     return os.environ.get(ONEDNN_ENV) == "1" or amd_x86()
 
 
