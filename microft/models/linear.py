@@ -214,9 +214,8 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h @ weight.T for the LM head: (rows, C) x (vocab, C) -> (rows, vocab).
 
-    On an AMD CPU in fp32 (see _fp32_onednn_default), with a real tokenizer's vocabulary, this runs through
-    oneDNN rather than the BLAS
-    `mm`: for this shape (a few hundred rows, tens of thousands of columns) MKL's sgemm ran at ~60 % of
+    On an AMD CPU in fp32 (see _fp32_onednn_default), with a real tokenizer's vocabulary, this runs
+    through oneDNN rather than the BLAS `mm`: for this shape (a few hundred rows, tens of thousands of columns) MKL's sgemm ran at ~60 % of
     its rate on the blocks' matmuls on an AVX2 EPYC (GPT-2 step under torch.profiler: 69 vs 115-136
     GFLOP/s); oneDNN ran it 1.3x faster in an interleaved micro-benchmark and 1.8x in the profiled step.
     Same fp32 products and sums, in another order; small heads (the demo's 1,088 tokens) keep `mm`.
