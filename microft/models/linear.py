@@ -5,8 +5,8 @@ the forward shapes of a transformer's linears ran 1.0-1.7x faster through oneDNN
 (`mkldnn._linear_pointwise`, shipped with torch) on a 2-core AVX2 EPYC, interleaved
 micro-benchmarks of GPT-2's and Qwen3-1.7B's block shapes at 256 and 1024 rows; the backward's
 `mm`s (grad_input = dy @ W, grad_weight = dy.T @ x) were no faster there, so they stay `mm`.
-Both compute the same fp32 products and sum them in another order. On Intel CPUs MKL was as fast or
-faster (a GPT-2 step 1.03x faster with MKL everywhere on a Xeon held to AVX2, `bench/linear_kernels.py
+Both compute the same fp32 products and sum them in another order. On Intel CPUs oneDNN showed no gain
+(a GPT-2 step 1.03x faster with MKL everywhere on a Xeon held to AVX2, `bench/linear_kernels.py
 --intel-avx2`; 0.8-1.1x per shape with AVX-512), so the fp32 route is taken on AMD x86 CPUs only
 (`MICROFT_ONEDNN=1`: on any CPU). On a CPU with native bf16
 (AVX-512 BF16 / AMX) bf16 forwards take oneDNN's linear too, autocast's casts done first: the same
@@ -189,8 +189,8 @@ def amd_x86(cpuinfo: str | None = None) -> bool:
 def _fp32_onednn_default() -> bool:
     """fp32 forwards through oneDNN: on AMD x86 CPUs (MICROFT_ONEDNN=1: on any CPU). On an AMD EPYC they made
     the fp32 GPT-2 step 1.13x faster than MKL everywhere; on an Intel Xeon held to AVX2 (an Intel laptop
-    without AVX-512) 0.97x, and 0.8-1.1x per shape with AVX-512: MKL's Intel code path is as fast or
-    faster there, so Intel and other CPUs keep torch's own products in fp32."""
+    without AVX-512) 0.97x, and 0.8-1.1x per shape with AVX-512 (within that host's noise): no gain over MKL's
+    Intel code path there, so Intel and other CPUs keep torch's own products in fp32."""
     return os.environ.get(ONEDNN_ENV) == "1" or amd_x86()
 
 
@@ -214,11 +214,12 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h @ weight.T for the LM head: (rows, C) x (vocab, C) -> (rows, vocab).
 
-    On an AMD CPU in fp32 (see _fp32_onednn_default), with a real tokenizer's vocabulary, this runs
-    through oneDNN rather than the BLAS `mm`: for this shape (a few hundred rows, tens of thousands of columns) MKL's sgemm ran at ~60 % of
-    its rate on the blocks' matmuls on an AVX2 EPYC (GPT-2 step under torch.profiler: 69 vs 115-136
-    GFLOP/s); oneDNN ran it 1.3x faster in an interleaved micro-benchmark and 1.8x in the profiled step.
-    Same fp32 products and sums, in another order; small heads (the demo's 1,088 tokens) keep `mm`.
+    On an AMD CPU in fp32 (see _fp32_onednn_default), with a real tokenizer's vocabulary, this runs through
+    oneDNN rather than the BLAS `mm`: for this shape (a few hundred rows, tens of thousands of columns)
+    MKL's sgemm ran at ~60 % of its rate on the blocks' matmuls on an AVX2 EPYC (GPT-2 step under
+    torch.profiler: 69 vs 115-136 GFLOP/s); oneDNN ran it 1.3x faster in an interleaved micro-benchmark and
+    1.8x in the profiled step. Same fp32 products and sums, in another order; small heads (the demo's 1,088
+    tokens) keep `mm`.
     """
     if (_ONEDNN_LINEAR is not None and _fp32_onednn and h.device.type == "cpu"
             and h.dtype == weight.dtype == torch.float32 and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
