@@ -10,8 +10,8 @@ optimizer on CPU); microft runs its `auto` precision, and `bf16-true` (± gradie
 for the memory target, with its own trainer step functions. Ratios compare microft with
 transformers' faster precision. The GPU part (seq 1024) runs only
 when CUDA is available. With --emulate-avx2 (on a CPU with native bf16) the CPU runs are repeated
-with torch, oneDNN and MKL held to AVX2 and microft's bf16 detection off, as on the AVX2-only laptops
-most users have; that table is the `### fp32 on an AVX2-only CPU (emulated)` subsection.
+with torch, oneDNN, MKL and OpenBLAS held to AVX2 and microft's bf16 detection off, as on the
+AVX2-only laptops most users have; that table is the `### fp32 on an AVX2-only CPU (emulated)` subsection.
 Only the `## Speed vs transformers` section of docs/benchmarks.md is rewritten, or, on a CPU without
 native bf16, `## Speed vs transformers on an AVX2-only CPU` (so both kinds of machine keep their table).
 """
@@ -57,10 +57,13 @@ def shape_args(a, device: str, seq: int, micro_bs: int, warmup: int, steps: int)
 
 GLIBC_KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}  # = keep_freed_memory()
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MICROFT_CPU_BF16")
-# an AVX2-only CPU (no AVX-512, so no native bf16): torch's kernels, oneDNN and MKL held to AVX2, and
-# microft's bf16 detection off (its auto precision then picks fp32, as on such a CPU)
-AVX2_EMULATION = dict(zip(EMULATION_ENV, ("avx2", "AVX2", "AVX2", "0"), strict=True))
+EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
+                 "MICROFT_CPU_BF16")
+# an AVX2-only CPU (no AVX-512, so no native bf16): torch's kernels, oneDNN, MKL and numpy's OpenBLAS (one
+# of the peak probe's engines) held to AVX2, and microft's bf16 detection off (its auto precision then
+# picks fp32, as on such a CPU). Without OPENBLAS_CORETYPE the probe's numpy engine ran AVX-512 kernels
+# (163 GFLOP/s against torch's 89 at AVX2) and so overstated the emulated CPU's peak.
+AVX2_EMULATION = dict(zip(EMULATION_ENV, ("avx2", "AVX2", "AVX2", "Haswell", "0"), strict=True))
 AVX2_HEADING = "### fp32 on an AVX2-only CPU (emulated)"
 AVX2_NATIVE_HEADING = "## Speed vs transformers on an AVX2-only CPU"  # where this script runs on one
 
@@ -81,7 +84,7 @@ def emulated_avx2():
 
 
 def child_peak_rates(dtype: str) -> dict[str, float]:
-    """`peak_rates` in a fresh process: torch, oneDNN and MKL read the emulation variables only at start."""
+    """`peak_rates` in a fresh process: torch, oneDNN, MKL and OpenBLAS read the emulation variables only at start."""
     code = f"import json; from harness import peak_rates; print(json.dumps(peak_rates('cpu', {dtype!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ))
@@ -311,7 +314,7 @@ def avx2_section(a, started: str, command: str) -> tuple[str, dict | None]:
                 "fp32 one an AVX2-only CPU gets."), None
     with emulated_avx2():
         body, nums = cpu_section(a, started, command, emulated=True)
-    return (f"{AVX2_HEADING}\n\nThe same runs with torch's kernels, oneDNN and MKL held to AVX2 "
+    return (f"{AVX2_HEADING}\n\nThe same runs with torch's kernels, oneDNN, MKL and OpenBLAS held to AVX2 "
             f"({', '.join(f'`{k}={v}`' for k, v in AVX2_EMULATION.items())}): the AVX2-only laptop CPU most users "
             "have, where bf16 is emulated, so microft's `auto` is fp32 and transformers' candidate is fp32. The "
             "matmuls are the machine's own at AVX2 width, so the ratios, not the absolute rates, carry over.\n\n"
