@@ -1,10 +1,11 @@
 """`make bench`: every microft benchmark in one session, written into docs/benchmarks.md.
 
-    .venv/bin/python bench/run_all.py            # ~10 minutes on a 2-core CPU
+    .venv/bin/python bench/run_all.py            # ~30 minutes on a 2-core CPU
     .venv/bin/python bench/run_all.py --quick    # one round of speed runs, sections printed, doc untouched
 
 Runs bench/speed.py (microft vs transformers; the same CPU runs again as an emulated AVX2-only CPU
-where this one has native bf16; its GPU part only when CUDA is available) and
+where this one has native bf16; its GPU part only when CUDA is available), bench/paired.py (microft
+and transformers stepping in turn in one process: the ratio on a host whose speed drifts),
 bench/trainer_matrix.py (precision × gradient checkpointing) and bench/families.py (a Qwen3-0.6B shape
 against transformers, and loading a 1B checkpoint). Each rewrites only its own section. bench/qlora.py,
 bench/packing.py, bench/linear_kernels.py and bench/memory_accuracy.py run on their own (they need more
@@ -18,6 +19,7 @@ import sys
 import time
 
 import families
+import paired
 import speed
 import trainer_matrix
 
@@ -25,7 +27,7 @@ import trainer_matrix
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one round of the speed runs; print instead of writing the doc")
-    p.add_argument("--only", choices=["speed", "matrix", "families"], help="run one of the benchmarks")
+    p.add_argument("--only", choices=["speed", "paired", "matrix", "families"], help="run one of the benchmarks")
     a = p.parse_args()
     t0 = time.perf_counter()
     if a.only in (None, "speed"):
@@ -39,6 +41,10 @@ def main() -> None:
         if "avx2" in nums:
             print(f"[run_all] speed, emulated AVX2-only CPU (fp32): microft {nums['avx2']['speedup']:.2f}× "
                   f"transformers' tokens/s ({nums['avx2']['cpu_speedup']:.2f}× on CPU time)", file=sys.stderr)
+    if a.only in (None, "paired"):
+        pair = paired.main(["--pairs", "4", "--no-write"] if a.quick else [])
+        print(f"[run_all] paired: microft {pair['pair_ratio']:.2f}× transformers' tokens/s (median of the pairs' "
+              f"ratios, one process)", file=sys.stderr)
     if a.only in (None, "matrix"):
         trainer_matrix.main(["--no-write"] if a.quick else [])
     if a.only in (None, "families"):
