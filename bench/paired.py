@@ -126,7 +126,8 @@ def section(a, r: dict, started: str, command: str) -> str:
         "lessens (both steps of a pair meet the same minutes) but cannot cancel within a pair.",
         "",
         "Where the time goes (self time of one more step of each under torch.profiler, after the pairs; the "
-        "profiler's own overhead included):",
+        "profiler's own overhead included, which is larger for the side that runs more, smaller ops: compare "
+        "the totals with the timed steps above):",
         "",
         table(["kind", "transformers ms", "microft ms"], kinds),
         "",
