@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/paired.py               # GPT-2, micro-batch 4 x seq 256, 10 pairs of steps
     .venv/bin/python bench/paired.py --no-write    # print the section instead of writing docs/benchmarks.md
+    .venv/bin/python bench/paired.py --emulate-avx2   # adds the pairs of an emulated AVX2-only CPU (fp32)
 
 bench/speed.py runs each configuration in its own process, one after another, so each has its own
 peak memory; but on a machine shared with other jobs (a cloud VM whose cores' speed moved 2x within
@@ -11,21 +12,25 @@ host, and the median of the pairs' ratios moves less than a ratio of two runs' m
 set as microft's trainer sets it (`keep_freed_memory`, the control row of bench/speed.py): the ratio is
 the code's (model, kernels, loss, optimizer step), not glibc's. One more step of each runs under
 torch.profiler, for a side-by-side table of where the time goes. No memory figures: one process holds
-both models (bench/speed.py measures memory).
+both models (bench/speed.py measures memory). With --emulate-avx2 (on a CPU with native bf16) the pairs
+run again in a child process held to AVX2 as bench/speed.py's emulated table is (both sides fp32 there):
+its own subsection.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 from docs_section import publish
 from harness import DOC, command_line, load_average, machine, model_label, table
-from speed import cpu_description, native_bf16
+from speed import AVX2_EMULATION, AVX2_HEADING, cpu_description, native_bf16
 from steploop import breakdown, hf_stepper, make_tokens, microft_stepper
 from steploop import parse as steploop_args
 
@@ -145,17 +150,44 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--rows", type=int, default=16, help="ops in the profile table")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
+    p.add_argument("--emulate-avx2", action="store_true",
+                   help="also run the pairs as an AVX2-only CPU (fp32), in a child process: its own subsection")
+    p.add_argument("--avx2-pairs", type=int, default=6, help="pairs of the emulated run (its fp32 steps are slower)")
+    p.add_argument("--body-only", action="store_true", help=argparse.SUPPRESS)  # the child: print the body only
     return p.parse_args(argv)
+
+
+def avx2_body(a, command: str) -> str:
+    """The emulated subsection: this script in a fresh process under AVX2_EMULATION (torch, oneDNN, MKL and
+    OpenBLAS read it only at start)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--body-only", "--model", a.model, "--micro-bs", str(a.micro_bs),
+           "--seq", str(a.seq), "--precision", a.precision, "--warmup", str(a.warmup), "--pairs", str(a.avx2_pairs),
+           "--rows", str(a.rows)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **AVX2_EMULATION,
+                                                                    "MICROFT_PAIRED_COMMAND": command})
+    if out.returncode != 0:
+        raise RuntimeError(f"the emulated AVX2 pairs failed:\n{out.stderr[-3000:]}")
+    return (f"{AVX2_HEADING}\n\nThe same pairs with torch's kernels, oneDNN, MKL and OpenBLAS held to AVX2 "
+            f"({', '.join(f'`{k}={v}`' for k, v in AVX2_EMULATION.items())}), as on the AVX2-only laptop CPUs "
+            "most users have: both sides fp32.\n\n" + out.stdout.strip())
 
 
 def main(argv: list[str] | None = None, command: str | None = None) -> dict[str, float]:
     a = parse(argv)
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     before = load_average()
+    command = command or os.environ.get("MICROFT_PAIRED_COMMAND") or command_line()
     r = measure(a)
     r["load_before"], r["load_after"] = before, load_average()
-    publish(DOC, HEADING, section(a, r, started, command or command_line()), not a.no_write, "paired")
-    return summary(r["pairs"])
+    body = section(a, r, started, command)
+    if a.body_only:
+        print(body)
+        return summary(r["pairs"])
+    nums = summary(r["pairs"])
+    if a.emulate_avx2 and native_bf16("cpu"):
+        body += "\n\n" + avx2_body(a, command)
+    publish(DOC, HEADING, body, not a.no_write, "paired")
+    return nums
 
 
 if __name__ == "__main__":

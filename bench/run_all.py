@@ -42,7 +42,7 @@ def main() -> None:
             print(f"[run_all] speed, emulated AVX2-only CPU (fp32): microft {nums['avx2']['speedup']:.2f}× "
                   f"transformers' tokens/s ({nums['avx2']['cpu_speedup']:.2f}× on CPU time)", file=sys.stderr)
     if a.only in (None, "paired"):
-        pair = paired.main(["--pairs", "4", "--no-write"] if a.quick else [])
+        pair = paired.main(["--emulate-avx2"] + (["--pairs", "4", "--avx2-pairs", "2", "--no-write"] if a.quick else []))
         print(f"[run_all] paired: microft {pair['pair_ratio']:.2f}× transformers' tokens/s (median of the pairs' "
               f"ratios, one process)", file=sys.stderr)
     if a.only in (None, "matrix"):
