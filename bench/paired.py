@@ -8,8 +8,8 @@ bench/speed.py runs each configuration in its own process, one after another, so
 peak memory; but on a machine shared with other jobs (a cloud VM whose cores' speed moved 2x within
 minutes) its step times are as much the host's as the code's. Here both models live in one process
 and step in turn (the order flips every pair), so the two steps of a pair meet the same minutes of the
-host, and the median of the pairs' ratios moves less than a ratio of two runs' medians. Both share one allocator,
-set as microft's trainer sets it (`keep_freed_memory`, the control row of bench/speed.py): the ratio is
+host, and the median of the pairs' ratios moves less than a ratio of two runs' medians. Both share one
+allocator, set as microft's trainer sets it (`keep_freed_memory`, the control row of bench/speed.py): the ratio is
 the code's (model, kernels, loss, optimizer step), not glibc's. One more step of each runs under
 torch.profiler, for a side-by-side table of where the time goes. No memory figures: one process holds
 both models (bench/speed.py measures memory). With --emulate-avx2 (on a CPU with native bf16) the pairs
@@ -179,11 +179,10 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict[str,
     command = command or os.environ.get("MICROFT_PAIRED_COMMAND") or command_line()
     r = measure(a)
     r["load_before"], r["load_after"] = before, load_average()
-    body = section(a, r, started, command)
+    body, nums = section(a, r, started, command), summary(r["pairs"])
     if a.body_only:
         print(body)
-        return summary(r["pairs"])
-    nums = summary(r["pairs"])
+        return nums
     if a.emulate_avx2 and native_bf16("cpu"):
         body += "\n\n" + avx2_body(a, command)
     publish(DOC, HEADING, body, not a.no_write, "paired")
