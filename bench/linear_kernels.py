@@ -163,7 +163,7 @@ def main(argv=None) -> None:
 
 def intel_avx2(a) -> None:
     """The fp32 step with oneDNN's forwards and with torch's own linears on an Intel CPU held to AVX2."""
-    from speed import AVX2_EMULATION
+    from speed import AVX2_EMULATION, AVX2_HELD
 
     if amd_x86():
         sys.exit("--intel-avx2 measures MKL's Intel code path: run it on an Intel CPU")
@@ -173,8 +173,7 @@ def intel_avx2(a) -> None:
     on, off = med.values()
     body = (f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
             f"{load_before}, after: {load_average()}.\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch "
-            f"4 × seq 256, precision auto: fp32 here) with torch's kernels, oneDNN, MKL and OpenBLAS held to AVX2 "
-            f"({', '.join(f'`{k}={v}`' for k, v in AVX2_EMULATION.items())}), as on an Intel laptop CPU without "
+            f"4 × seq 256, precision auto: fp32 here) with {AVX2_HELD}, as on an Intel laptop CPU without "
             f"AVX-512; {a.step_rounds} fresh processes per side, alternating, 3 timed steps each after 2 warm-up "
             "steps:\n\n"
             + table(["linears", "step time (s, median)", "steps"],

@@ -30,7 +30,7 @@ import time
 import torch
 from docs_section import publish
 from harness import DOC, command_line, load_average, machine, model_label, table
-from speed import AVX2_EMULATION, AVX2_HEADING, cpu_description, native_bf16
+from speed import AVX2_EMULATION, AVX2_HEADING, AVX2_HELD, cpu_description, native_bf16
 from steploop import breakdown, hf_stepper, make_tokens, microft_stepper
 from steploop import parse as steploop_args
 
@@ -167,8 +167,7 @@ def avx2_body(a, command: str) -> str:
                                                                     "MICROFT_PAIRED_COMMAND": command})
     if out.returncode != 0:
         raise RuntimeError(f"the emulated AVX2 pairs failed:\n{out.stderr[-3000:]}")
-    return (f"{AVX2_HEADING}\n\nThe same pairs with torch's kernels, oneDNN, MKL and OpenBLAS held to AVX2 "
-            f"({', '.join(f'`{k}={v}`' for k, v in AVX2_EMULATION.items())}), as on the AVX2-only laptop CPUs "
+    return (f"{AVX2_HEADING}\n\nThe same pairs with {AVX2_HELD}, as on the AVX2-only laptop CPUs "
             "most users have: both sides fp32.\n\n" + out.stdout.strip())
 
 

@@ -65,6 +65,8 @@ EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRU
 # (163 GFLOP/s against torch's 89 at AVX2) and so overstated the emulated CPU's peak.
 AVX2_EMULATION = dict(zip(EMULATION_ENV, ("avx2", "AVX2", "AVX2", "Haswell", "0"), strict=True))
 AVX2_HEADING = "### fp32 on an AVX2-only CPU (emulated)"
+AVX2_HELD = ("torch's kernels, oneDNN, MKL and OpenBLAS held to AVX2 ("
+             + ", ".join(f"`{k}={v}`" for k, v in AVX2_EMULATION.items()) + ")")  # the docs' wording of it
 AVX2_NATIVE_HEADING = "## Speed vs transformers on an AVX2-only CPU"  # where this script runs on one
 
 
@@ -314,8 +316,7 @@ def avx2_section(a, started: str, command: str) -> tuple[str, dict | None]:
                 "fp32 one an AVX2-only CPU gets."), None
     with emulated_avx2():
         body, nums = cpu_section(a, started, command, emulated=True)
-    return (f"{AVX2_HEADING}\n\nThe same runs with torch's kernels, oneDNN, MKL and OpenBLAS held to AVX2 "
-            f"({', '.join(f'`{k}={v}`' for k, v in AVX2_EMULATION.items())}): the AVX2-only laptop CPU most users "
+    return (f"{AVX2_HEADING}\n\nThe same runs with {AVX2_HELD}: the AVX2-only laptop CPU most users "
             "have, where bf16 is emulated, so microft's `auto` is fp32 and transformers' candidate is fp32. The "
             "matmuls are the machine's own at AVX2 width, so the ratios, not the absolute rates, carry over.\n\n"
             + body), nums
