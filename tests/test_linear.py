@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -267,3 +268,29 @@ def test_bf16_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypatch, p
         ref = grads_ref[n]
         err = (g - ref).norm() / ref.norm().clamp_min(1e-12)
         assert err < 0.05, (n, err.item())
+
+
+def test_compiled_model_with_onednn_linears_traces_and_matches_eager(monkeypatch):
+    """torch.compile (inductor) of a model wide enough for the oneDNN route (forced on, as on an AMD CPU):
+    inductor cannot lower torch's oneDNN op as microft calls it, so compiled code takes F.linear and lets
+    inductor choose (`--compile` used to fail on such CPUs); values and gradients equal the eager model's."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor needs a C compiler")
+    from microft.models import linear as L
+    from microft.models.config import ModelConfig
+    from microft.models.transformer import GPT
+
+    monkeypatch.setattr(L, "_fp32_onednn", True)  # the linears and the LM head's logits
+    shape = dict(name="t", vocab_size=16384, n_positions=128, n_embd=256, n_layer=1, n_head=4)
+    torch.manual_seed(0)
+    model, ref = GPT(ModelConfig(**shape)), GPT(ModelConfig(**shape))
+    ref.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 16384, (2, 64))
+    torch._dynamo.reset()
+    got = torch.compile(model, )(idx, idx)
+    got.backward()
+    want = ref(idx, idx)
+    want.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)

@@ -221,7 +221,7 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     1.8x in the profiled step. Same fp32 products and sums, in another order; small heads (the demo's 1,088
     tokens) keep `mm`.
     """
-    if (_ONEDNN_LINEAR is not None and _fp32_onednn and h.device.type == "cpu"
+    if (_ONEDNN_LINEAR is not None and _fp32_onednn and h.device.type == "cpu" and not torch.compiler.is_compiling()
             and h.dtype == weight.dtype == torch.float32 and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
         return _onednn(h.contiguous(), weight.contiguous(), None)
     return mm(h, weight.t())
@@ -288,8 +288,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)
             or min(weight.shape) < ONEDNN_MIN_FEATURES or weight.dim() != 2
             or x.dim() < 2 or x.numel() < ONEDNN_MIN_ROWS * x.size(-1) or not x.is_contiguous()
-            or not weight.is_contiguous() or autocasting("cpu")):
-        return F.linear(x, weight, bias)
+            or not weight.is_contiguous() or autocasting("cpu") or torch.compiler.is_compiling()):
+        return F.linear(x, weight, bias)  # (compiled: inductor picks the kernel; it cannot lower the op)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDNNLinear.apply(x, weight, bias)
