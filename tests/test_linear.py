@@ -294,3 +294,22 @@ def test_compiled_model_with_onednn_linears_traces_and_matches_eager(monkeypatch
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_compiling_under_bf16_autocast_traces_the_cpu_probe_as_a_constant():
+    """The CPU's bf16 answer is a module constant: dynamo traces `cpu_supports_bf16` without the warning it
+    gives for cached functions (`--compile` printed it on every bf16-mixed CPU run)."""
+    import warnings
+
+    from microft.models.config import ModelConfig
+    from microft.models.transformer import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(name="t", vocab_size=512, n_positions=32, n_embd=32, n_layer=1, n_head=4))
+    idx = torch.randint(0, 512, (2, 16))
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        torch.compile(model, backend="eager")(idx, idx).backward()
+    assert not [w for w in seen if "lru_cache" in str(w.message)]
+    assert model.h[0].mlp.c_fc.weight.grad is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -34,14 +33,17 @@ def cpu_supports_bf16() -> bool:
     forced = os.environ.get(CPU_BF16_ENV)
     if forced in ("0", "1"):
         return forced == "1"
-    return _native_cpu_bf16()
+    return _NATIVE_CPU_BF16
 
 
-@functools.cache
 def _native_cpu_bf16() -> bool:
-    """The hardware's answer (asked once: models.linear asks on every bf16 product)."""
+    """The hardware's answer, asked once at import (models.linear asks on every bf16 product; a constant
+    is also what torch.compile traces cleanly)."""
     with contextlib.suppress(Exception):
         if torch.backends.cpu.get_cpu_capability().lower() in ("default", "avx2"):
             return False  # the kernels run without AVX-512 (ATEN_CPU_CAPABILITY=avx2): bf16 is emulated
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return False
+
+
+_NATIVE_CPU_BF16 = _native_cpu_bf16()
