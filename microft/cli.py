@@ -89,9 +89,14 @@ def _run_reporting(cfg: RunConfig, run: Any) -> None:
 def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
     from microft.config import config_to_json, resolve_batch_plan
 
-    mb = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
-    plan = resolve_batch_plan(mb, cfg.accum, cfg.global_bs, world)
     print(config_to_json(cfg))
+    if cfg.micro_bs == "auto":  # the planner needs the model, the data and the memory free at the start
+        keep = f"global batch {cfg.global_bs} kept" if cfg.global_bs else f"--accum {cfg.accum or 1} kept"
+        print(f"Effective batch: --micro-bs auto, chosen at the start: the largest micro-batch whose estimated "
+              f"peak fits the memory then free ({keep}); estimate-mem --micro-bs auto --gpu-mem X shows the plan "
+              f"for a budget")
+        return
+    plan = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
     print(f"Effective batch: {plan.describe()}")
 
 
@@ -247,12 +252,15 @@ def export(
         from microft.lora import lora_modules, merge_lora
         from microft.models.hf import export_hf
         from microft.runs import copy_tokenizer_files, load_any
+        from microft.train.outdir import check_written_dir, writing
 
+        check_written_dir(out, force)
         net = load_any(model)
         if lora_modules(net):
             merge_lora(net)
-        path = export_hf(net, out, overwrite=force)
-        copy_tokenizer_files(model, path)
+        with writing(out):
+            path = export_hf(net, out, overwrite=force)
+            copy_tokenizer_files(model, path)
         print(f"exported {model} -> {path} (transformers, model_type {net.config.model_type})")
 
 
@@ -269,16 +277,17 @@ def merge(
         from microft.lora import is_adapter_dir, load_adapter, merge_lora
         from microft.models.load import load_model, save_model
         from microft.runs import copy_tokenizer_files, load_any
+        from microft.train.outdir import check_written_dir, writing
 
         if not is_adapter_dir(model):
             raise ConfigError(f"{model} holds no adapter_config.json: nothing to merge")
-        if Path(out).exists() and any(Path(out).iterdir()) and not force:
-            raise ConfigError(f"{out} exists and is not empty; pass --force to replace it")
+        check_written_dir(out, force)
         net = load_adapter(load_model(base), model) if base else load_any(model)
         merge_lora(net)
-        save_model(out, net)
-        if not copy_tokenizer_files(model, out) and base:
-            copy_tokenizer_files(base, out)
+        with writing(out):
+            save_model(out, net)
+            if not copy_tokenizer_files(model, out) and base:
+                copy_tokenizer_files(base, out)
         print(f"merged {model} -> {out}")
 
 

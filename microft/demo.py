@@ -269,10 +269,11 @@ def demo_model_config(vocab_size: int) -> ModelConfig:
     return ModelConfig(name="demo", vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **DEMO_MODEL)
 
 
-def next_steps(final_dir: str) -> list[str]:
-    """What the demo prints last: how to talk to the model it trained, then how to train a real one."""
+def next_steps(final_dir: str, template: str = "plain") -> list[str]:
+    """What the demo prints last: how to talk to the model it trained (in the prompt `template` it trained
+    with), then how to train a real one."""
     return [
-        f"try it: microft generate --model {final_dir} --template plain --temperature 0 "
+        f"try it: microft generate --model {final_dir} --template {template} --temperature 0 "
         "--prompt 'Reverse the order of these words.' --input 'lemon tiger river'",
         "your data: microft download gpt2, then microft finetune --model openai-community/gpt2 --data my.jsonl "
         "--lora --out runs/mine   (Alpaca or chat JSONL; see README)",

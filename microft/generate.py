@@ -24,8 +24,8 @@ from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ConfigError for sampling settings that mean nothing."""
-    if temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):  # NaN fails this too
+        raise ConfigError(f"--temperature must be a number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

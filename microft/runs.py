@@ -29,8 +29,10 @@ def owns_out(run: Callable[[RunConfig, Callable[[Event], None]], dict[str, Any]]
     return owned
 
 
-def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None) -> BatchPlan:
-    """The run's batch plan; `--micro-bs auto` asks the memory planner for the largest micro-batch."""
+def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None,
+               n_train: int | None = None) -> BatchPlan:
+    """The run's batch plan; `--micro-bs auto` asks the memory planner for the largest micro-batch (one
+    optimizer step's batch no larger than the `n_train` training samples)."""
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
     if cfg.micro_bs != "auto" or model_cfg is None:
         return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
@@ -38,7 +40,7 @@ def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=Non
     from microft.memory.plan import auto_batch_plan
 
     budget, where = memory_budget(cfg)
-    plan = auto_batch_plan(cfg, arch_from_config(model_cfg, cfg.dropout), Budget(budget, where), world_size)
+    plan = auto_batch_plan(cfg, arch_from_config(model_cfg, cfg.dropout), Budget(budget, where), world_size, n_train)
     if on_event:
         on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
     return plan
@@ -190,7 +192,7 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                             eos_id=tok.eos_id)
     train_idx, val_idx = split_indices(len(blocks), cfg.val_frac, cfg.seed)
     with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
-        plan = batch_plan(cfg, dist.world_size, model.config, on_event)
+        plan = batch_plan(cfg, dist.world_size, model.config, on_event, len(train_idx))
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
                      main_only(on_event, dist), dist=dist, memory=memory_hooks(cfg, model.config),
                      save_extra=lambda d: copy_tokenizer_files(cfg.model, d))
@@ -308,7 +310,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                               "(count words, largest number, reverse words, sort numbers, passive voice, "
                               "upper-casing); held-out exact match is scored before and after training")
         acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
-        plan = batch_plan(cfg, dist.world_size, model.config, emit)
+        plan = batch_plan(cfg, dist.world_size, model.config, emit, len(data.train))
         summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
                         on_eval=on_eval if sample_prompts else None, banner_extra=banner,
                         memory=memory_hooks(cfg, model.config))
@@ -324,8 +326,11 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             summary["predictions"] = path
         if demo and talk:  # what to do next comes last
             from microft.demo import next_steps
+            from microft.templates import Template
 
-            summary["next_steps"] = next_steps(summary["final_dir"])
+            used = (cfg.template if cfg.template not in (None, "auto")  # as given (a file's path too)
+                    else data.template.name if isinstance(data.template, Template) else "chat")
+            summary["next_steps"] = next_steps(summary["final_dir"], used)
             for line in summary["next_steps"]:
                 emit({"kind": "note", "text": line})
     return summary
@@ -393,9 +398,13 @@ def load_dtype(cfg: RunConfig):
 def load_base(cfg: RunConfig):
     """A run's model: with `--quantize` its NF4 base (refused for fp16-mixed on a CPU), else the plain
     model; both read in `load_dtype`."""
+    from microft.lora import is_adapter_dir
     from microft.models.load import load_model
     from microft.train.step import resolve_device
 
+    if cfg.model and is_adapter_dir(cfg.model):  # load_model would read the base beside them and drop them
+        raise ConfigError(f"{cfg.model} holds LoRA adapters: fold them into a model first (microft merge --model "
+                          f"{cfg.model} --out DIR) and train from DIR, or continue that run with --resume")
     if not cfg.quantize:
         return load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout, dtype=load_dtype(cfg))
     if cfg.precision == "fp16-mixed" and resolve_device(cfg.device).type == "cpu":

@@ -193,3 +193,12 @@ def test_no_tf32_reaches_the_run_config():
     res = invoke("finetune", "--no-tf32", "--dry-run")
     assert res.exit_code == 0, res.output
     assert '"tf32": false' in res.output
+
+
+def test_dry_run_with_auto_micro_batch_does_not_claim_a_plan():
+    """The plan of --micro-bs auto is made at the start (model, data, free memory); the dry run says so rather
+    than print 1 × global-batch as it used to."""
+    res = invoke("finetune", "--micro-bs", "auto", "--global-bs", "8", "--dry-run")
+    assert res.exit_code == 0, res.output
+    line = res.output.split("Effective batch: ")[1].splitlines()[0]
+    assert line.startswith("--micro-bs auto, chosen at the start") and "global batch 8 kept" in line

@@ -157,6 +157,8 @@ def test_demo_run_settings_are_a_valid_config():
 def test_next_steps_name_the_run():
     lines = next_steps("runs/demo-x/final")
     assert "runs/demo-x/final" in lines[0] and any("--data" in line for line in lines)
+    assert "--template plain " in lines[0]  # the demo's own template
+    assert "--template alpaca " in next_steps("runs/x/final", "alpaca")[0]  # the demo on --model gpt2-tiny
 
 
 # A shortened demo (the same model, tokenizer and settings; fewer steps and items), run once for the
@@ -194,7 +196,7 @@ def test_short_demo_learns_well_above_chance(short_demo):
     notes = [e["text"] for e in events if e["kind"] == "note"]
     assert any("exact match after training" in n for n in notes)
     assert notes[-len(summary["next_steps"]):] == summary["next_steps"]  # what to do next comes last
-    assert str(out / "final") in summary["next_steps"][0]
+    assert str(out / "final") in summary["next_steps"][0] and "--template plain " in summary["next_steps"][0]
     banner = next(e for e in events if e["kind"] == "banner")
     assert "own 1088-token tokenizer" in json.dumps(banner)
 

@@ -78,6 +78,17 @@ def test_lora_finetune_keeps_base_bit_identical_and_adapters_load_for_generate_a
     res = runner.invoke(app, ["export", "--model", str(final), "--out", str(tmp_path / "hf")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "hf" / "config.json").exists()
+    # training from the LoRA run's weights would read the base beside the adapters and drop them: refused
+    res = runner.invoke(app, ["finetune", "--model", str(final), "--data", str(tmp_path / "data.json"),
+                              "--out", str(tmp_path / "again"), "--max-steps", "1"])
+    assert res.exit_code == 2 and "holds LoRA adapters: fold them into a model first" in res.output, res.output
+    assert not (tmp_path / "again").exists()
+    adapters_only = tmp_path / "adapters"
+    adapters_only.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapters_only / f).write_bytes((final / f).read_bytes())
+    res = runner.invoke(app, ["estimate-mem", "--model", str(adapters_only)])
+    assert res.exit_code == 2 and "holds LoRA adapters, not a whole model" in res.output, res.output
 
 
 @pytest.mark.parametrize("content, message", [

@@ -157,3 +157,14 @@ def test_runs_under_bf16_autocast_and_in_bf16(model):
     sampled = [list(generate(bf16, PROMPT, 4, temperature=1.0, seed=0, stop_at_eot=False)) for _ in range(2)]
     assert sampled[0] == sampled[1] and len(sampled[0]) == 4  # seeded sampling repeats in bf16
     assert all(0 <= t < SHAPE["vocab_size"] for t in sampled[0])
+
+
+def test_sampling_settings_that_mean_nothing_are_refused():
+    from microft.errors import ConfigError
+    from microft.generate import check_sampling
+
+    for t in (float("nan"), float("inf"), -0.5):  # NaN passed a `< 0` check and sampled garbage
+        with pytest.raises(ConfigError, match="--temperature must be a number >= 0"):
+            check_sampling(t, None, None)
+    check_sampling(0.0, None, None)
+    check_sampling(0.7, 40, 0.9)

@@ -164,3 +164,48 @@ def test_export_refuses_unmerged_lora(tmp_path):
     with pytest.raises(CheckpointError, match="merge"):
         export_hf(ours, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value", [("activation_function", "relu"), ("activation_function", "gelu"),
+                                          ("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True)])
+def test_gpt2_switches_microft_does_not_run_are_refused_not_ignored(tmp_path, field, value):
+    """These change transformers' logits (by 0.003-8 on a tiny model): loading them as plain GPT-2 would
+    train and export a different model without a word."""
+    from microft.errors import ConfigError
+    from microft.models.load import read_model_config
+
+    transformers.GPT2Config(**SHAPE, **{field: value}).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=f"{field}={value!r} are not supported"):
+        read_model_config(tmp_path)
+    transformers.GPT2Config(**SHAPE, activation_function="gelu_pytorch_tanh").save_pretrained(tmp_path)
+    assert read_model_config(tmp_path).n_layer == SHAPE["n_layer"]  # the same tanh-GELU by another name
+
+
+def test_gpt2_special_ids_survive_load_and_export(tmp_path):
+    """A GPT-2 of a small vocabulary keeps its own bos/eos ids through load and export (export used to write
+    50256, outside its vocabulary); without ids, only a vocabulary that has <|endoftext|> gets 50256."""
+    torch.manual_seed(0)
+    small = dict(SHAPE, vocab_size=300)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**small, bos_token_id=1, eos_token_id=0)).save_pretrained(
+        tmp_path / "src")
+    ours = load_model(tmp_path / "src")
+    assert (ours.config.bos_token_id, ours.config.eos_token_id) == (1, 0)
+    cfg = json.loads((export_hf(ours, tmp_path / "out") / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 0)
+    bare = ModelConfig(**small).to_hf()
+    assert bare["bos_token_id"] is None and bare["eos_token_id"] is None
+    assert ModelConfig(**SHAPE).to_hf()["eos_token_id"] == 50256
+
+
+def test_bad_model_configs_name_the_file_and_the_reason(tmp_path):
+    from microft.errors import ConfigError
+    from microft.models.load import read_model_config
+
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"^.*empty\.json is not a valid gpt2 config: it has no 'n_embd'$"):
+        read_model_config(tmp_path / "empty.json")
+    (tmp_path / "l0.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 0,
+        "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 128}))
+    with pytest.raises(ConfigError, match=r"l0\.json is not a valid llama config: n_layer input should be greater than 0$"):
+        read_model_config(tmp_path / "l0.json")

@@ -367,3 +367,28 @@ def test_cli_piped_output_says_what_was_estimated():
     assert res.exit_code == 0, res.output
     first = res.output.splitlines()[0]
     assert first.startswith("estimated: gpt2: micro-bs 8 × seq 1024, accum 1, fp32"), first
+
+
+def test_auto_micro_batch_never_outgrows_the_data_and_huge_batches_answer_fast():
+    """Without --global-bs, `--micro-bs auto` stops at the training set (a huge budget once chose 4096 for 54
+    samples, then refused the run); the planner lists a huge global batch's divisors in sqrt steps, and the
+    estimator replays a huge micro-batch's loss chunks without listing them all (both took minutes, or all the
+    memory, for the sizes below)."""
+    from microft.memory.plan import divisors
+    from microft.models.config import ce_chunk_rows, ce_chunks
+
+    mc = ModelConfig.from_preset("gpt2-tiny")
+    cfg = RunConfig(precision="fp32", max_seq_len=32, micro_bs="auto")
+    big = Budget(2**50, "a petabyte")
+    assert auto_batch_plan(cfg, arch_from_config(mc), big, n_train=54).micro_bs == 54
+    assert auto_batch_plan(cfg.model_copy(update={"accum": 4}), arch_from_config(mc), big, n_train=54).micro_bs == 13
+    assert auto_batch_plan(cfg, arch_from_config(mc), big).micro_bs == 4096  # no data known: the planner's cap
+    assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and divisors(1) == [1] and divisors(97) == [1, 97]
+    for n in (0, 1, 300, 1024, 5000, 123457):
+        chunks = ce_chunks(n, 50304)
+        assert all(rows == ce_chunk_rows(n, 50304) for _, rows in chunks[:-1])
+        assert not chunks or chunks[-1][1] <= ce_chunk_rows(n, 50304)
+    arch = arch_from_config(ModelConfig.from_preset("gpt2"))
+    e = estimate(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 10**8), None)
+    p = fit_budget(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 1), Budget(24 * 2**30, "24 GiB"), 10**9)
+    assert e.peak_bytes > 10**15 and p.recommended is not None

@@ -297,3 +297,59 @@ def test_cli_bad_inputs_are_one_line_exit_2(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "microft", *args], capture_output=True, text=True, env=env,
                               cwd=ROOT, timeout=120)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+# --- resuming into a changed run, and what --resume auto may replace ---------------------------------------
+@pytest.mark.parametrize("change", [dict(optimizer="sgd"), dict(precision="bf16-true")])
+def test_resume_with_another_optimizer_or_precision_is_one_line(tmp_path, change):
+    """The checkpoint's optimizer state fits only its own optimizer (and precision: bf16-true keeps master
+    bits, fp16 a loss scale): a changed flag is refused by name, the checkpoint untouched."""
+    _train(tmp_path, tmp_path, max_steps=2)
+    ckpt = find_latest_checkpoint(tmp_path)
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    flag, value = next(iter(change.items()))
+    with pytest.raises(CheckpointError, match=f"it was trained with --{flag} .*, now {value}"):
+        _train(tmp_path, tmp_path, max_steps=4, resume="auto", **change)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_resume_auto_never_replaces_final_weights_it_cannot_continue(tmp_path):
+    """--resume auto with no complete checkpoint starts over only where nothing would be replaced: a run's
+    final (or best) weights without a checkpoint are refused, and stay as they were."""
+    _train(tmp_path, tmp_path, max_steps=2)
+    for p in list_checkpoints(tmp_path):
+        (p / checkpoint.TRAIN_STATE).unlink()  # torn: not a checkpoint any more
+    final = (tmp_path / "final" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="final weights but no complete checkpoint"):
+        _train(tmp_path, tmp_path, max_steps=3, resume="auto")
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == final
+
+
+# --- export and merge: their --out --------------------------------------------------------------------------
+def test_export_and_merge_refuse_an_out_they_cannot_write_in_one_line(tmp_path):
+    from microft.train.outdir import check_written_dir, writing
+
+    (tmp_path / "f").write_text("precious")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_written_dir(tmp_path / "f", force=True)
+    with pytest.raises(ConfigError, match="lies under .*which is a file"):
+        check_written_dir(tmp_path / "f" / "sub", force=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="not empty; pass --force"):
+        check_written_dir(tmp_path / "full", force=False)
+    check_written_dir(tmp_path / "full", force=True)
+    with pytest.raises(ConfigError, match="cannot write --out .*: Permission denied"), writing(tmp_path / "ro"):
+        raise PermissionError(13, "Permission denied")
+    assert (tmp_path / "f").read_text() == "precious"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")  # --out is checked before anything is read
+    for cmd in ("export", "merge"):
+        for out in (tmp_path / "f", tmp_path / "f" / "sub"):
+            model = str(tmp_path / "adapter")
+            proc = subprocess.run([sys.executable, "-m", "microft", cmd, "--model", model, "--out", str(out)],
+                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+            assert proc.returncode == 2 and proc.stderr.startswith("error: --out ") and proc.stderr.count("\n") == 1, \
+                proc.stderr
+    assert (tmp_path / "f").read_text() == "precious"

@@ -27,7 +27,7 @@ from microft.config import RunConfig
 from microft.errors import ConfigError
 from microft.memory.replay import Arch, Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
-from microft.models.config import ModelConfig, ce_chunks, parse_lora_targets
+from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
 from microft.models.source import read_model_config
 
 MiB, GiB = 2**20, 2**30
@@ -257,7 +257,7 @@ def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
     train = [p for p in params if p.train]
     C, Vp, N = arch.n_embd, arch.padded_vocab, s.micro_bs * s.seq_len
     dt = 4 if s.precision == "fp32" else 2
-    rows = ce_chunks(N, Vp)[0][1]
+    rows = min(ce_chunk_rows(N, Vp), N)
     nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks for lo in b.lin.values()
            if lo.nf4}
     d = {

@@ -7,6 +7,7 @@ only: finetune, pretrain and estimate-mem all ask it), `plan_advice`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -72,12 +73,23 @@ class BudgetFit:
                 "recommended": self.recommended.to_dict() if self.recommended else None}
 
 
+MAX_AUTO_MICRO = 4096  # the largest micro-batch `--micro-bs auto` tries without a global batch
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of n, ascending (in sqrt(n) steps: a global batch may be huge)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
 class _Fitter:
     """Largest fitting micro-batch per setup, with every replay memoised."""
 
-    def __init__(self, arch: Arch, budget: Budget, global_bs: int | None, world: int, shard: str, accum: int = 1):
+    def __init__(self, arch: Arch, budget: Budget, global_bs: int | None, world: int, shard: str, accum: int = 1,
+                 max_micro: int = MAX_AUTO_MICRO):
         self.arch, self.budget, self.global_bs, self.world, self.shard = arch, budget, global_bs, world, shard
         self.accum = accum  # without a global batch: the accumulation to keep
+        self.max_micro = max(1, min(max_micro, MAX_AUTO_MICRO))  # without a global batch: the largest to try
         self.cache: dict[tuple[Setup, bool], Estimate] = {}
 
     def est(self, s: Setup, limited: bool = True) -> Estimate:
@@ -92,9 +104,9 @@ class _Fitter:
     def candidates(self) -> list[tuple[int, int]]:
         """(micro-batch, accumulation) pairs that keep the global batch, smallest first."""
         if self.global_bs is None:
-            return [(m, self.accum) for m in range(1, 4097)]
+            return [(m, self.accum) for m in range(1, self.max_micro + 1)]
         per = self.global_bs // self.world
-        return [(m, per // m) for m in range(1, per + 1) if per % m == 0]
+        return [(m, per // m) for m in divisors(per)]
 
     def fit(self, name: str, base: Setup) -> StrategyFit:
         cands = self.candidates()
@@ -207,15 +219,19 @@ def _budget(budget_bytes: int) -> Budget:
     return Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
 
 
-def auto_batch_plan(cfg: RunConfig, arch: Arch, budget: Budget, world_size: int = 1) -> BatchPlan:
+def auto_batch_plan(cfg: RunConfig, arch: Arch, budget: Budget, world_size: int = 1,
+                    n_train: int | None = None) -> BatchPlan:
     """`--micro-bs auto`, for finetune, pretrain and estimate-mem alike: the largest micro-batch
-    (dividing the per-device global batch when one is given) whose estimated peak plus runtime
-    overhead fits `budget`, with the accumulation that keeps --global-bs (else --accum).
+    (dividing the per-device global batch when one is given; else at most a device's share of the
+    `n_train` training samples, so one optimizer step's batch never outgrows the data) whose estimated
+    peak plus runtime overhead fits `budget`, with the accumulation that keeps --global-bs (else --accum).
 
     Raises ConfigError, with what would fit instead, when not even micro-batch 1 fits."""
     world, shard = scale_out(cfg)
     base = _base(cfg, arch, None, budget)
-    row = _Fitter(arch, budget, cfg.global_bs, world, shard, cfg.accum or 1).fit("your settings", base)
+    accum = cfg.accum or 1
+    cap = MAX_AUTO_MICRO if n_train is None else n_train // (accum * world_size)
+    row = _Fitter(arch, budget, cfg.global_bs, world, shard, accum, cap).fit("your settings", base)
     if not row.fits:
         raise ConfigError(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
                           f"with runtime overhead); {_advice(cfg, arch, budget)}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
-from microft.models.config import ce_chunks
+from microft.models.config import ce_chunk_rows
 from microft.optim8bit import BLOCK as BLOCK_8BIT
 from microft.optim8bit import CHUNK as CHUNK_8BIT
 from microft.optim8bit import MIN_8BIT_NUMEL
@@ -557,9 +557,11 @@ class Replay:
         grad_w = None  # made by the first chunk's product, then accumulated in place
         loss = sim.new(1, 4, cat, "loss")
         hc = g = lse = None
-        chunks = ce_chunks(N, Vp)
-        if len(chunks) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
-            chunks = chunks[:2] + chunks[-1:]
+        size = ce_chunk_rows(N, Vp)
+        starts = range(0, N, size)  # models.config.ce_chunks, not listed: a planner's batch may be huge
+        if len(starts) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
+            starts = [starts[0], starts[1], starts[-1]]
+        chunks = [(s0, min(size, N - s0)) for s0 in starts]
         probs = z_max = z_t = wcol = hw = None
         for _, n in chunks:
             hc_new = sim.new(n * C, dt, cat, "hc") if h.es != dt else None

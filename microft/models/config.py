@@ -32,12 +32,17 @@ def ce_chunks(n_rows: int, padded_vocab: int) -> list[tuple[int, int]]:
     Chunks hold at most CE_CHUNK_BYTES of fp32 logits, in parts of a multiple of 128
     rows (333-row chunks and a ragged tail run the LM-head matmuls ~20 % slower on CPU).
     """
+    size = ce_chunk_rows(n_rows, padded_vocab)
+    return [(s, min(size, n_rows - s)) for s in range(0, n_rows, size)]
+
+
+def ce_chunk_rows(n_rows: int, padded_vocab: int) -> int:
+    """Rows in each of `ce_chunks`' chunks but the last (the memory estimator's, without listing them)."""
     cap = max(128, CE_CHUNK_BYTES // (4 * padded_vocab) // 128 * 128)
     if n_rows <= cap:
-        return [(0, n_rows)] if n_rows > 0 else []
+        return max(n_rows, 1)
     size = -(-n_rows // -(-n_rows // cap))  # the fewest chunks under the cap, split equally
-    size = -(-size // 128) * 128
-    return [(s, min(size, n_rows - s)) for s in range(0, n_rows, size)]
+    return -(-size // 128) * 128
 
 
 class RopeScaling(BaseModel):
@@ -173,7 +178,7 @@ class ModelConfig(BaseModel):
         return cls(name=name, **PRESETS[name])
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], name: str = "custom") -> ModelConfig:
+    def from_hf(cls, hf: dict[str, Any], name: str = "custom", where: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face `config.json` dict (gpt2, llama, mistral, qwen2, qwen3).
 
         Reads RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
@@ -184,8 +189,13 @@ class ModelConfig(BaseModel):
         try:
             fields = _gpt2_fields(hf) if model_type == "gpt2" else _llama_fields(hf, model_type)
             return cls(name=name, **fields)
-        except (KeyError, TypeError, ValidationError) as e:
-            raise ConfigError(f"config.json is not a valid {model_type} config: {_one_line(e)}") from None
+        except KeyError as e:
+            raise ConfigError(f"{where} is not a valid {model_type} config: it has no {e.args[0]!r}") from None
+        except ValidationError as e:
+            why = "; ".join(f"{'.'.join(map(str, err['loc']))} {err['msg'].lower()}" for err in e.errors())
+            raise ConfigError(f"{where} is not a valid {model_type} config: {_one_line(ValueError(why))}") from None
+        except TypeError as e:
+            raise ConfigError(f"{where} is not a valid {model_type} config: {_one_line(e)}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face `config.json` for this model (transformers loads it as the same model)."""
@@ -239,6 +249,12 @@ class ModelConfig(BaseModel):
             out.update(use_sliding_window=False, sliding_window=None)
         return out
 
+    def _gpt2_special(self, token_id: int | list[int] | None) -> int | list[int] | None:
+        """A GPT-2 special id as exported: its own, else GPT-2's <|endoftext|> where the vocabulary has it."""
+        if token_id is None:
+            return EOT_TOKEN if self.vocab_size > EOT_TOKEN else None
+        return token_id
+
     def _gpt2_hf(self) -> dict[str, Any]:
         want = dict(norm="layernorm", positions="learned", mlp="gelu", qkv_bias=True, attn_out_bias=True,
                     mlp_bias=True, tie_embeddings=True, sliding_window=None, intermediate_size=4 * self.n_embd,
@@ -262,8 +278,8 @@ class ModelConfig(BaseModel):
             "attn_pdrop": self.dropout,
             "layer_norm_epsilon": self.layer_norm_eps,
             "initializer_range": 0.02,
-            "bos_token_id": EOT_TOKEN if self.bos_token_id is None else self.bos_token_id,
-            "eos_token_id": EOT_TOKEN if self.eos_token_id is None else self.eos_token_id,
+            "bos_token_id": self._gpt2_special(self.bos_token_id),
+            "eos_token_id": self._gpt2_special(self.eos_token_id),
             "tie_word_embeddings": True,
         }
 
@@ -272,12 +288,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
+# GPT-2 config.json switches microft's GPT-2 does not implement: (key, transformers' default, values it runs)
+_GPT2_FIXED = (("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),  # both tanh-GELU
+               ("scale_attn_weights", True, (True,)), ("scale_attn_by_inverse_layer_idx", False, (False,)))
+
+
 def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise ConfigError(f"GPT-2 configs with n_inner={hf['n_inner']} are not supported (only 4 × n_embd)")
+    for key, default, runs in _GPT2_FIXED:  # refused, not ignored: the logits would differ from transformers'
+        if hf.get(key, default) not in runs:
+            raise ConfigError(f"GPT-2 configs with {key}={hf[key]!r} are not supported (only {runs[0]!r})")
     return dict(vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE), n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
                 n_embd=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:

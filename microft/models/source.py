@@ -15,6 +15,7 @@ from microft.errors import CheckpointError, ConfigError, one_line
 from microft.models.config import PRESETS, ModelConfig
 from microft.weights import CONFIG, read_json
 
+CONFIG_SOURCE = "__microft_source__"  # the key `locate` adds: which file a config dict came from
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
@@ -65,23 +66,31 @@ def read_model_config(path: str | Path) -> ModelConfig:
     spec = str(path)
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
-    return config_of(*locate(spec))
+    directory, raw = locate(spec)
+    return config_of(directory, raw)
 
 
 def locate(spec: str) -> tuple[Path, dict[str, Any]]:
-    """(directory, parsed config.json) of a model that is not a preset: a path or a cached hub repo id."""
+    """(directory, parsed config.json) of a model that is not a preset: a path or a cached hub repo id.
+    The dict remembers the file it was read from (`CONFIG_SOURCE`) for error messages."""
     p = resolve_model_dir(spec) or Path(spec).expanduser()  # a hub repo id: its cached snapshot
     cfg_path = p / CONFIG if p.is_dir() else p
+    if not cfg_path.exists() and (p / "adapter_config.json").is_file():  # lora.ADAPTER_CONFIG
+        raise CheckpointError(f"{spec} holds LoRA adapters, not a whole model: use the base model they were "
+                              f"trained on, or fold them in first (microft merge)")
     if not cfg_path.exists():
         raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
-    return cfg_path.parent, read_json(cfg_path, CONFIG)
+    raw = read_json(cfg_path, CONFIG)
+    return cfg_path.parent, {**raw, CONFIG_SOURCE: str(cfg_path)} if isinstance(raw, dict) else raw
 
 
 def config_of(directory: Path, raw: dict[str, Any]) -> ModelConfig:
     """The ModelConfig a parsed config.json describes (microft's own layout or an HF model_type)."""
+    raw = dict(raw)
+    where = raw.pop(CONFIG_SOURCE, str(directory / CONFIG))
     if raw.get("format") == "microft":
         try:
             return ModelConfig(**raw["model"])
         except Exception as e:
-            raise CheckpointError(f"{directory / CONFIG}: invalid microft config: {one_line(e)}") from None
-    return ModelConfig.from_hf(raw, name=directory.name)
+            raise CheckpointError(f"{where}: invalid microft config: {one_line(e)}") from None
+    return ModelConfig.from_hf(raw, name=directory.name, where=where)

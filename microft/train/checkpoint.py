@@ -109,6 +109,10 @@ def resume_dir_for(resume: str | None, out: Path) -> Path | None:
         found = find_latest_checkpoint(out) if resume == "auto" else Path(resume)
         if found is None and resume != "auto":
             raise CheckpointError(f"no checkpoint at {resume}")
+        kept = [n for n in ("final", "best") if (out / n).exists()]
+        if found is None and kept:  # starting over would replace them
+            raise ConfigError(f"{out} holds a run's {' and '.join(kept)} weights but no complete checkpoint to "
+                              f"resume from; choose a new --out, or move them away to start over")
         return found
     if (out / "final").exists() or find_latest_checkpoint(out):  # on every rank, or the others would wait
         raise ConfigError(f"{out} already holds a run; continue it with --resume auto, or choose a new --out")
@@ -144,6 +148,7 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
                     "scaler": run.scaler.state_dict(), "rng": rng or capture_rng(), "state": state.__dict__,
                     "model_config": model.config.model_dump(), "global_bs": run.plan.global_bs,
                     "plan": run.plan.model_dump(), "config": run.cfg.model_dump(mode="json"),
+                    "precision": run.precision,
                     "adapter": adapter or None,
                 })
         if kind == "step":
@@ -165,6 +170,10 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with another model shape")
     if ts["global_bs"] != plan.global_bs:
         raise CheckpointError(f"cannot resume from {resume_dir}: global batch was {ts['global_bs']}, now {plan.global_bs}")
+    then = {"optimizer": ts.get("config", {}).get("optimizer"), "precision": ts.get("precision")}
+    for flag, now in (("optimizer", run.cfg.optimizer), ("precision", run.precision)):
+        if then[flag] is not None and then[flag] != now:  # its state would not fit (older checkpoints: unchecked precision)
+            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with --{flag} {then[flag]}, now {now}")
     if getattr(model, "quantization", None) is None:
         load_weights(model, read_safetensors(resume_dir / WEIGHTS), run.dist, str(resume_dir))
     else:

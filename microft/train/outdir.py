@@ -132,6 +132,24 @@ def _make_dirs(out: Path) -> Path | None:
     return missing[-1] if missing else None
 
 
+def check_written_dir(out: str | Path, force: bool) -> None:
+    """Before a command that writes one directory (export, merge) reads anything: one line for a file in the
+    way or an earlier non-empty directory without `force`."""
+    out = Path(out)
+    _check_path(out)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def writing(out: str | Path) -> Iterator[None]:
+    """A directory's write: a place it cannot write (permissions, a full disk) is one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise ConfigError(f"cannot write --out {out}: {e.strerror or one_line(e)}") from None
+
+
 def tidy(out: Path, note: Callable[[str], None]) -> None:
     """Remove what killed runs left: temporary dirs and half-pruned checkpoints; restore a moved-aside dir.
 
