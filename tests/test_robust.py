@@ -311,6 +311,7 @@ def test_resume_with_another_optimizer_or_precision_is_one_line(tmp_path, change
     with pytest.raises(CheckpointError, match=f"it was trained with --{flag} .*, now {value}"):
         _train(tmp_path, tmp_path, max_steps=4, resume="auto", **change)
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    _train(tmp_path, tmp_path, max_steps=3, resume="auto", precision="bf16-mixed")  # fp32's state fits it
 
 
 def test_resume_auto_never_replaces_final_weights_it_cannot_continue(tmp_path):

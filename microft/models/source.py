@@ -66,8 +66,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     spec = str(path)
     if spec in PRESETS:
         return ModelConfig.from_preset(spec)
-    directory, raw = locate(spec)
-    return config_of(directory, raw)
+    return config_of(*locate(spec))
 
 
 def locate(spec: str) -> tuple[Path, dict[str, Any]]:

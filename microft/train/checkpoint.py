@@ -170,10 +170,13 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with another model shape")
     if ts["global_bs"] != plan.global_bs:
         raise CheckpointError(f"cannot resume from {resume_dir}: global batch was {ts['global_bs']}, now {plan.global_bs}")
+    # state that would not fit: another optimizer's, or bf16-true's master bits / fp16-mixed's loss scale
+    # (fp32 and bf16-mixed share theirs; checkpoints older than the "precision" entry: not checked)
     then = {"optimizer": ts.get("config", {}).get("optimizer"), "precision": ts.get("precision")}
     for flag, now in (("optimizer", run.cfg.optimizer), ("precision", run.precision)):
-        if then[flag] is not None and then[flag] != now:  # its state would not fit (older checkpoints: unchecked precision)
-            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with --{flag} {then[flag]}, now {now}")
+        was = then[flag]
+        if was is not None and was != now and (flag == "optimizer" or {was, now} & {"bf16-true", "fp16-mixed"}):
+            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with --{flag} {was}, now {now}")
     if getattr(model, "quantization", None) is None:
         load_weights(model, read_safetensors(resume_dir / WEIGHTS), run.dist, str(resume_dir))
     else:
