@@ -99,7 +99,7 @@ def render_chat(source: str, messages: Messages, *, add_generation_prompt: bool 
                            bos_token=bos_token or "", eos_token=eos_token or "", **kwargs)
     except jinja2.TemplateError as e:  # raise_exception(), undefined names, sandbox refusals
         raise DataError(f"chat template rejected the conversation: {e.message or type(e).__name__}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as e:
+    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise DataError(f"chat template failed on the conversation: {type(e).__name__}: {e}") from None
 
 
@@ -233,5 +233,11 @@ def resolve_template(spec: str | Template | ChatTemplate | None, tokenizer: Toke
     if path.suffix.lower() == ".jinja":
         if not path.is_file():
             raise ConfigError(f"chat template file {path} not found")
-        return ChatTemplate(tokenizer, path.read_text(encoding="utf-8"), name=path.stem)
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read chat template {path}: {getattr(e, 'strerror', None) or e}") from None
+        if not source.strip():
+            raise ConfigError(f"chat template file {path} is empty")
+        return ChatTemplate(tokenizer, source, name=path.stem)
     return load_template(spec)

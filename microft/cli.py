@@ -200,6 +200,10 @@ def generate(
             text = sys.stdin.read()
         else:
             text = prompt
+        from microft.instruct import is_unicode_text
+
+        if not is_unicode_text(text) or not is_unicode_text(input_text or ""):
+            raise ConfigError("the prompt (or --input) is not valid UTF-8 text")
         from microft.generate import generate as gen_tokens
         from microft.generate import stream_text
         from microft.runs import load_any, tokenizer_for

@@ -101,7 +101,19 @@ def _get_str(obj: Mapping[str, Any], key: str, where: str = "", optional: bool =
         return ""
     if not isinstance(v, str):
         raise _Bad(f"{where}{key!r} must be a string, got {_json_type(v)}")
+    if not is_unicode_text(v):
+        raise _Bad(f"{where}{key!r} is not valid Unicode text (a lone surrogate escape such as \\ud800)")
     return v
+
+
+def is_unicode_text(s: str) -> bool:
+    """Whether `s` is text a tokenizer can take: no lone surrogates (JSON's "\\ud800", or undecodable bytes
+    Python let through from argv or stdin)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _weight(obj: Mapping[str, Any]) -> float:
@@ -514,5 +526,8 @@ def load_instruct_data(cfg: RunConfig, max_seq_len: int, tokenizer: Tokenizer | 
     if not out["train"]:
         raise DataError(f"no training samples left: all {stats['train'].n_dropped} were cut away by "
                         f"max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")
+    if cfg.val_data is not None and not out["val"]:  # asked-for validation must not vanish without a word
+        raise DataError(f"no validation samples left in {cfg.val_data}: all {stats['val'].n_dropped} were cut away "
+                        f"by max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")
     return InstructData(out["train"], out["val"], out["test"], stats, template, n_skipped, problems,
                         demo=cfg.data is None)

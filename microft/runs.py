@@ -253,9 +253,9 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     data = load_instruct_data(cfg, max_len, tok, demo_sets)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
-    st = data.stats["train"]
+    truncated, dropped = (sum(getattr(st, k) for st in data.stats.values()) for k in ("n_truncated", "n_dropped"))
     stats_line = (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples; "
-                  f"{st.n_truncated} truncated, {st.n_dropped} dropped (response cut away), "
+                  f"{truncated} truncated, {dropped} dropped (response cut away; all splits), "
                   f"{data.n_skipped} bad records skipped")
     if cfg.lora:
         from microft.lora import apply_lora

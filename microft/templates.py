@@ -147,7 +147,17 @@ def _check_format(where: str, key: str, fmt: object, allowed: set[str], required
     missing = sorted(required - set(names))
     if missing:
         raise ConfigError(f"{where}: {key!r} must contain {', '.join('{' + m + '}' for m in missing)}")
+    try:  # a format spec or conversion ({instruction:d}, {input!x}) fails only when filled: fill it now
+        fmt.format(**{a: "text" for a in allowed})
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ConfigError(f"{where}: {key!r} cannot be filled with text ({e}); fields take no format spec or "
+                          f"conversion") from None
     return fmt
+
+
+def _fields(fmt: str) -> list[str]:
+    """The replacement fields a (checked) format string fills, in order; literal {{braces}} are not fields."""
+    return [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
 
 
 def template_from_dict(raw: Mapping[str, object], where: str = "template") -> Template:
@@ -164,7 +174,7 @@ def template_from_dict(raw: Mapping[str, object], where: str = "template") -> Te
     turn = raw.get("turn")
     if turn is not None:
         turn = _check_format(where, "turn", turn, {"role", "content"}, {"content"})
-        if turn.count("{content}") != 1:
+        if _fields(turn).count("content") != 1:
             raise ConfigError(f"{where}: 'turn' must contain {{content}} exactly once")
     roles = dict({r: r for r in ROLES})
     raw_roles = raw.get("roles", {})

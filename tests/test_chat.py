@@ -207,6 +207,8 @@ def test_jinja_environment_features():
     ("{% for m in messages %}", ConfigError, "syntax error on line 1"),
     ("{{ messages.append(1) }}", DataError, "chat template rejected"),
     ("{{ messages[0].content + 1 }}", DataError, "chat template"),
+    ("{{ 1 / 0 }}", DataError, "ZeroDivisionError"),  # these three were tracebacks
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", DataError, "RecursionError"),
 ])
 def test_template_errors_are_one_line(src, err, match):
     with pytest.raises(err, match=match) as e:
@@ -220,3 +222,14 @@ def test_record_without_assistant_turn(toks):
     rejects_system = "{% if messages[0].role == 'system' %}{{ raise_exception('no system') }}{% endif %}x"
     with pytest.raises(DataError, match="no system"):
         ChatTemplate(toks["qwen"], rejects_system).encode_chat(SYSTEM_CHAT)
+
+
+def test_jinja_template_files_that_cannot_be_used_are_one_line(tmp_path):
+    """A .jinja file that is empty or not UTF-8 is named as the problem (an empty one used to read as "the
+    model has no chat template"; a Latin-1 one was a traceback)."""
+    (tmp_path / "empty.jinja").write_text("  \n")
+    with pytest.raises(ConfigError, match="empty.jinja is empty"):
+        resolve_template(str(tmp_path / "empty.jinja"), gpt2_tokenizer())
+    (tmp_path / "latin.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    with pytest.raises(ConfigError, match="cannot read chat template .*latin.jinja"):
+        resolve_template(str(tmp_path / "latin.jinja"), gpt2_tokenizer())

@@ -202,3 +202,9 @@ def test_dry_run_with_auto_micro_batch_does_not_claim_a_plan():
     assert res.exit_code == 0, res.output
     line = res.output.split("Effective batch: ")[1].splitlines()[0]
     assert line.startswith("--micro-bs auto, chosen at the start") and "global batch 8 kept" in line
+
+
+def test_generate_refuses_a_prompt_that_is_not_utf8():
+    """Undecodable bytes in argv reach Python as lone surrogates: one line, not the tokenizer's traceback."""
+    res = invoke("generate", "--model", "gpt2-tiny", "--prompt", "caf\udce9")
+    assert res.exit_code == 2 and "not valid UTF-8" in res.output, res.output

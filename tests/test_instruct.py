@@ -205,12 +205,40 @@ def test_template_file_toml_and_json(tmp_path):
     ('prompt = "{instruction}"\nturn = "{role}"', "'turn' must contain {content}"),
     ('prompt = "{instruction}"\ncolour = "red"', "unknown key"),
     ('turn = "{content}"', "missing 'prompt'"),
+    ('prompt = "{instruction:d}"', "cannot be filled with text"),  # these three failed only when rendering
+    ('prompt = "{instruction!x}"', "cannot be filled with text"),
+    ('prompt = "{instruction:{input}}"', "cannot be filled with text"),
+    ('prompt = "{instruction}"\nturn = "{content} {content}"', "'turn' must contain {content} exactly once"),
 ])
 def test_bad_template_file(tmp_path, body, expected):
     p = write(tmp_path / "t.toml", body)
     with pytest.raises(ConfigError, match="t.toml") as e:
         load_template(str(p))
     assert expected in str(e.value)
+
+
+def test_a_turn_may_write_a_literal_content_in_braces(tmp_path):
+    p = write(tmp_path / "t.toml", 'prompt = "{instruction}"\nturn = "{{content}} {role}: {content}\\n"')
+    assert load_template(str(p)).turn.format(role="user", content="hi") == "{content} user: hi\n"
+
+
+def test_text_that_is_not_unicode_is_a_bad_record(tmp_path):
+    """A lone surrogate (JSON's \\ud800) is refused by record and line, or skipped and counted with
+    --skip-bad; it used to reach the tokenizer and end in a traceback."""
+    good = json.dumps({"instruction": "a", "output": "b"})
+    f = write(tmp_path / "d.jsonl", good + "\n" + '{"instruction": "x\\ud800", "output": "y"}\n')
+    with pytest.raises(DataError, match="line 2: 'instruction' is not valid Unicode text"):
+        read_records(f)
+    read = read_records(f, skip_bad=True)
+    assert len(read.records) == 1 and read.n_skipped == 1
+
+
+def test_validation_data_cut_away_entirely_is_an_error(tmp_path):
+    train = write(tmp_path / "t.jsonl", json.dumps({"instruction": "a", "output": "b"}) + "\n")
+    val = write(tmp_path / "v.jsonl", json.dumps({"instruction": "word " * 200, "output": "b"}) + "\n")
+    cfg = RunConfig(data=str(train), val_data=str(val), model="gpt2", template="alpaca")
+    with pytest.raises(DataError, match="no validation samples left in .*v.jsonl"):
+        load_instruct_data(cfg, max_seq_len=32)
 
 
 def test_unknown_template_name():
