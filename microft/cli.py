@@ -371,10 +371,12 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
             context = cfg.max_seq_len or arch.n_positions
             memory.setup_for(cfg, arch, 1)  # refuses a --max-seq-len past the model's context
             lengths = finetune_lengths(cfg, context)
-            cfg = cfg.model_copy(update={"max_seq_len": max(lengths)})
+            # packed rows fill up to the context with whole samples; unpacked ones are as long as the longest
+            cfg = cfg.model_copy(update={"max_seq_len": context if cfg.packing else max(lengths)})
             seq_note = (f"from --data: {len(lengths)} training samples, longest {max(lengths)} tokens "
-                        f"(cut at {context}), mean {sum(lengths) / len(lengths):.0f}")
-        budget = memory.parse_budget(gpu_mem) if gpu_mem else None
+                        f"(cut at {context}), mean {sum(lengths) / len(lengths):.0f}"
+                        + (f"; --packing fills rows of {context}" if cfg.packing else ""))
+        budget = memory.parse_budget(gpu_mem) if gpu_mem is not None else None  # "" too: an unset $VAR
         world, world_shard = memory.scale_out(cfg)
         prec = memory.resolve_precision(cfg.precision, budget)
         base = memory.setup_for(cfg, arch, 1, precision=prec)

@@ -365,3 +365,8 @@ def _hub_errors(repo_id: str, endpoint: str, revision: str, token: str | None) -
         raise DownloadError(f"{repo_id}: {one_line(e)}") from None
     except _transport_errors() as e:
         raise DownloadError(f"cannot reach {endpoint}: {one_line(e)}; {OFFLINE_HINT}") from None
+    except hf.HFValidationError as e:  # an id huggingface_hub refuses that REPO_ID_RE let through (`--`, `..`)
+        raise DownloadError(f"{repo_id!r} is not a repo id: {one_line(e)}") from None
+    except (ValueError, TypeError, KeyError) as e:  # a 200 that is not the hub's JSON (a proxy's HTML page)
+        raise DownloadError(f"{endpoint} did not answer like a Hugging Face hub for {repo_id} "
+                            f"({type(e).__name__}: {one_line(e)}); check --endpoint / HF_ENDPOINT") from None

@@ -250,3 +250,35 @@ def test_cli_download(hub):
     assert info["repo_id"] == REPO and info["path"] == lines[0] and info["downloaded_bytes"] == 0
     r = runner.invoke(app, ["download", "tiny-org/nope"])
     assert r.exit_code == 2 and "no such model repository" in r.output
+
+
+def test_ids_the_hub_refuses_and_an_endpoint_that_is_not_a_hub_are_one_line(hub):
+    """`--`/`..` inside an id passed microft's pattern and failed in huggingface_hub's check; a server that
+    answers 200 with an HTML page (a proxy, a captive portal) or a JSON list was a traceback too."""
+    import http.server
+
+    for bad in ("org/m--x", "org/a..b"):
+        with pytest.raises(DownloadError, match="is not a repo id"):
+            download(bad)
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        body = b"<html>sign in</html>"
+
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(self.body)))
+            self.end_headers()
+            self.wfile.write(self.body)
+
+        def log_message(self, *args):
+            pass
+
+    for body in (b"<html>sign in</html>", b"[]"):
+        Page.body = body
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(DownloadError, match="did not answer like a Hugging Face hub"):
+                download(REPO, endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+        finally:
+            server.shutdown()

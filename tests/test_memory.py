@@ -392,3 +392,17 @@ def test_auto_micro_batch_never_outgrows_the_data_and_huge_batches_answer_fast()
     e = estimate(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 10**8), None)
     p = fit_budget(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 1), Budget(24 * 2**30, "24 GiB"), 10**9)
     assert e.peak_bytes > 10**15 and p.recommended is not None
+
+
+def test_estimate_with_data_sizes_packed_rows_at_the_context_and_an_empty_budget_is_refused(tmp_path):
+    """With --data the estimate uses the longest sample, but packed rows fill up to --max-seq-len (it used to
+    size them at the longest sample: an underestimate); --gpu-mem "" (an unset $VAR) is an error, not no
+    budget."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Say it.", "output": "ok"}) + "\n" for _ in range(8)))
+    flags = ["estimate-mem", "--model", "gpt2", "--data", str(data), "--max-seq-len", "256", "--json"]
+    plain = json.loads(CliRunner().invoke(app, flags).output)
+    packed = json.loads(CliRunner().invoke(app, [*flags, "--packing"]).output)
+    assert "256" in packed["estimated"] and packed["peak_bytes"] > plain["peak_bytes"]
+    res = CliRunner().invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--gpu-mem", ""])
+    assert res.exit_code == 2 and "--gpu-mem ''" in res.output
