@@ -135,7 +135,7 @@ def _check_format(where: str, key: str, fmt: object, allowed: set[str], required
     if not isinstance(fmt, str):
         raise ConfigError(f"{where}: {key!r} must be a string")
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
+        names = _fields(fmt)
     except ValueError as e:
         raise ConfigError(
             f"{where}: {key!r} is not a valid format string ({e}); write {{{{ and }}}} for literal braces"
@@ -156,7 +156,8 @@ def _check_format(where: str, key: str, fmt: object, allowed: set[str], required
 
 
 def _fields(fmt: str) -> list[str]:
-    """The replacement fields a (checked) format string fills, in order; literal {{braces}} are not fields."""
+    """The replacement fields a format string fills, in order (literal {{braces}} are not fields); ValueError
+    for a string that does not parse."""
     return [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
 
 
