@@ -287,7 +287,7 @@ def test_compiled_model_with_onednn_linears_traces_and_matches_eager(monkeypatch
     ref.load_state_dict(model.state_dict())
     idx = torch.randint(0, 16384, (2, 64))
     torch._dynamo.reset()
-    got = torch.compile(model, )(idx, idx)
+    got = torch.compile(model)(idx, idx)
     got.backward()
     want = ref(idx, idx)
     want.backward()
