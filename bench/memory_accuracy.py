@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from docs_section import replace_section  # noqa: E402
 
 from microft.config import RunConfig  # noqa: E402
-from microft.memory.estimate import estimate, load_arch, setup_for, trace  # noqa: E402
+from microft.memory.estimate import estimate, load_shape, setup_for, trace  # noqa: E402
 
 HEADING = "## Memory estimate accuracy"
 # (model, micro-batch, seq len, precision, other RunConfig fields, accumulation)
@@ -121,7 +121,7 @@ def run(cuda: bool) -> tuple[list[str], float]:
     rows, worst = [], 0.0
     for model, mb, seq, prec, kw, acc in CONFIGS:
         cfg = RunConfig(precision=prec, max_seq_len=seq, **kw)
-        arch = load_arch(model, cfg.dropout)
+        arch = load_shape(model, cfg.dropout)
         s = setup_for(cfg, arch, mb, accum=acc)
         t0 = time.perf_counter()
         a = estimate(arch, s)

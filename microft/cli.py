@@ -357,11 +357,11 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
             flags["max_seq_len"] = seq_len
         cfg = resolve_config(str(recipe) if recipe else None, **flags)
         if cfg.model:
-            arch = memory.load_arch(cfg.model, cfg.dropout)
+            arch = memory.load_shape(cfg.model, cfg.dropout)
         elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
             from microft.demo import demo_model_config, demo_tokenizer
 
-            arch = memory.arch_from_config(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)
+            arch = memory.with_dropout(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)
         else:
             raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a recipe")
         seq_note = None

@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from microft.errors import ConfigError
+from microft.layouts import ADAMW8_BLOCK, ADAMW8_CHUNK, ADAMW8_MIN_NUMEL
 from microft.quant import dynamic_map
 
-BLOCK = 256
-MIN_8BIT_NUMEL = 4096
-CHUNK = 1 << 20  # elements updated at a time (a multiple of BLOCK)
+BLOCK, MIN_8BIT_NUMEL, CHUNK = ADAMW8_BLOCK, ADAMW8_MIN_NUMEL, ADAMW8_CHUNK
 
 
 def state_nbytes(numel: int, min_8bit_numel: int = MIN_8BIT_NUMEL) -> int:

@@ -39,10 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from microft.errors import ConfigError
+from microft.layouts import DOUBLE_QUANT_BLOCK, NF4_BLOCK, nf4_nbytes  # noqa: F401 (re-exported)
 from microft.models.linear import linear, mm
 
-BLOCK = 64
-DOUBLE_QUANT_BLOCK = 256
+BLOCK = NF4_BLOCK
 QUANT_CHUNK = 1 << 20  # elements quantized at a time: bounds the fp32 transients of quantize_nf4
 
 # The 16 NF4 levels (QLoRA, Dettmers et al. 2023; bitsandbytes' nf4 code), low to high.
@@ -164,13 +164,6 @@ class NF4Weight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_nf4(self, dtype)
-
-
-def nf4_nbytes(numel: int, block: int = BLOCK, double_quant: bool = False) -> int:
-    """Bytes of `quantize_nf4` output for a weight of `numel` elements (for the memory estimator)."""
-    n_blocks = -(-numel // block)
-    scales = n_blocks + 4 * -(-n_blocks // DOUBLE_QUANT_BLOCK) + 4 if double_quant else 4 * n_blocks
-    return (numel + 1) // 2 + scales
 
 
 @torch.no_grad()

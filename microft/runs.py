@@ -36,11 +36,11 @@ def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=Non
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
     if cfg.micro_bs != "auto" or model_cfg is None:
         return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
-    from microft.memory.estimate import Budget, arch_from_config
+    from microft.memory.estimate import Budget, with_dropout
     from microft.memory.plan import auto_batch_plan
 
     budget, where = memory_budget(cfg)
-    plan = auto_batch_plan(cfg, arch_from_config(model_cfg, cfg.dropout), Budget(budget, where), world_size, n_train)
+    plan = auto_batch_plan(cfg, with_dropout(model_cfg, cfg.dropout), Budget(budget, where), world_size, n_train)
     if on_event:
         on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
     return plan

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from microft.config import BatchPlan, RunConfig
-from microft.memory.estimate import arch_from_config, estimate, setup_for
+from microft.memory.estimate import estimate, setup_for, with_dropout
 from microft.models.config import ModelConfig
 from microft.models.transformer import GPT
 from microft.train.loop import train
@@ -60,5 +60,5 @@ def test_estimate_is_within_5_percent_of_max_memory_allocated(precision, grad_ck
         optimizer_step(opt, scaler)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
-    predicted = estimate(arch_from_config(mcfg), setup_for(cfg, arch_from_config(mcfg), micro_bs)).peak_bytes
+    predicted = estimate(with_dropout(mcfg), setup_for(cfg, with_dropout(mcfg), micro_bs)).peak_bytes
     assert abs(predicted - measured) <= 0.05 * measured, f"estimate {predicted:,} vs measured {measured:,}"

@@ -222,16 +222,16 @@ def test_transformers_reads_the_download_offline(hub, tiny_files, tmp_path):
 
 
 def test_microft_loads_a_repo_id(hub, tiny_files):
-    from microft.memory.estimate import load_arch
+    from microft.memory.estimate import load_shape
     from microft.models.load import load_model, read_model_config
 
     single = {"config.json": tiny_files["config.json"], "model.safetensors": tiny_files["single/model.safetensors"]}
     hub.repos["tiny-org/single"] = Repo(single)
     with pytest.raises(ConfigError, match="microft download tiny-org/single"):
-        load_arch("tiny-org/single")
+        load_shape("tiny-org/single")
     download("tiny-org/single")
     assert read_model_config("tiny-org/single").n_layer == 2
-    assert load_arch("tiny-org/single").n_layer == 2
+    assert load_shape("tiny-org/single").n_layer == 2
     model = load_model("tiny-org/single")
     assert model.config.n_embd == 32 and model.config.vocab_size == 96
 

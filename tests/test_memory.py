@@ -18,12 +18,12 @@ from microft.config import BatchPlan, RunConfig
 from microft.errors import ConfigError
 from microft.memory.estimate import (
     Budget,
-    arch_from_config,
     estimate,
-    load_arch,
+    load_shape,
     parse_budget,
     setup_for,
     trace,
+    with_dropout,
 )
 from microft.memory.plan import StrategyFit, auto_batch_plan, estimate_for_run, fit_budget, step_cost
 from microft.memory.replay import Replay
@@ -86,19 +86,19 @@ def _check(a, t) -> None:
                               for m, b, t, p, kw, a in GRID])
 def test_analytical_matches_trace(model, micro_bs, seq, precision, kw, accum):
     cfg = RunConfig(precision=precision, max_seq_len=seq, **kw)
-    _check(*_both(load_arch(model, cfg.dropout), cfg, micro_bs, accum))
+    _check(*_both(load_shape(model, cfg.dropout), cfg, micro_bs, accum))
 
 
 @pytest.mark.parametrize("micro_bs,seq,precision,kw,accum,phase", SMALL_GRID)
 def test_analytical_matches_trace_outside_the_loss(micro_bs, seq, precision, kw, accum, phase):
     cfg = RunConfig(precision=precision, max_seq_len=seq, **kw)
-    a, t = _both(arch_from_config(SMALL_VOCAB), cfg, micro_bs, accum)
+    a, t = _both(with_dropout(SMALL_VOCAB), cfg, micro_bs, accum)
     _check(a, t)
     assert a.peak_phase == phase
 
 
 def test_fast_replay_gives_the_full_peak():
-    arch = load_arch("gpt2-mini")
+    arch = load_shape("gpt2-mini")
     for kw, acc in [({}, 1), ({"grad_ckpt": True}, 3), ({"optimizer": "sgd"}, 2), ({"lora": True}, 1)]:
         s = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=128, **kw), arch, 4, accum=acc)
         full, fast = Replay(arch, s), Replay(arch, s)
@@ -106,14 +106,14 @@ def test_fast_replay_gives_the_full_peak():
 
 
 def test_first_step_creates_the_optimizer_state():
-    arch = load_arch("gpt2-tiny")
+    arch = load_shape("gpt2-tiny")
     e = estimate(arch, setup_for(RunConfig(precision="fp32", max_seq_len=16), arch, 1))
     assert e.step_peaks[0] < e.step_peaks[1]  # step 2 runs with Adam's two moments already there
     assert e.details["optimizer state"] >= 2 * e.details["gradients"]
 
 
 def test_components_react_to_the_switches():
-    arch = load_arch("gpt2")
+    arch = load_shape("gpt2")
     base = setup_for(RunConfig(precision="fp32", max_seq_len=1024), arch, 8)
     peak = estimate(arch, base).peak_bytes
     assert estimate(arch, replace(base, grad_ckpt=True)).peak_bytes < peak
@@ -144,7 +144,7 @@ def test_t4_has_no_bf16():
 
 
 def test_plan_picks_the_largest_micro_batch_that_fits():
-    arch = load_arch("gpt2")
+    arch = load_shape("gpt2")
     budget = parse_budget("t4")
     base = setup_for(RunConfig(precision="fp32", max_seq_len=1024), arch, 1)
     p = fit_budget(arch, base, budget, global_bs=32)
@@ -164,15 +164,15 @@ def test_plan_picks_the_largest_micro_batch_that_fits():
 def test_auto_batch_plan_and_estimate_for_run():
     mc = ModelConfig.from_preset("gpt2")
     cfg = RunConfig(precision="bf16-mixed", global_bs=64, max_seq_len=1024, micro_bs="auto")
-    bp = auto_batch_plan(cfg, arch_from_config(mc), Budget(24 * 2**30, "24 GiB"))
+    bp = auto_batch_plan(cfg, with_dropout(mc), Budget(24 * 2**30, "24 GiB"))
     mb = bp.micro_bs
     assert 64 % mb == 0 and mb >= 4 and bp.accum == 64 // mb
     info = estimate_for_run(cfg, mc, BatchPlan(micro_bs=mb, accum=64 // mb))
     assert info["fits"] is None and info["peak_bytes"] > 0 and "GiB" in info["summary"]
-    over = estimate(arch_from_config(mc), setup_for(cfg, arch_from_config(mc), 128), Budget(24 * 2**30, "24 GiB"))
+    over = estimate(with_dropout(mc), setup_for(cfg, with_dropout(mc), 128), Budget(24 * 2**30, "24 GiB"))
     assert not over.fits
     with pytest.raises(ConfigError, match="does not fit"):
-        auto_batch_plan(cfg, arch_from_config(mc), Budget(2**30, "1 GiB"))
+        auto_batch_plan(cfg, with_dropout(mc), Budget(2**30, "1 GiB"))
 
 
 LLAMA_7B = {
@@ -185,7 +185,7 @@ LLAMA_7B = {
 def test_llama_7b_config_gets_a_fast_answer_and_a_24gb_plan(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_7B))
     t0 = time.perf_counter()
-    arch = load_arch(str(tmp_path))
+    arch = load_shape(str(tmp_path))
     base = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=2048), arch, 1)
     e = estimate(arch, base)
     p = fit_budget(arch, base, parse_budget("24GB"), global_bs=32)
@@ -195,13 +195,13 @@ def test_llama_7b_config_gets_a_fast_answer_and_a_24gb_plan(tmp_path):
     # the tree reaches QLoRA (nf4 base, bf16-mixed) before bf16 weights; both strategies fit 24 GB
     assert p.recommended is not None and p.recommended.setup.lora and p.recommended.setup.quantize == "nf4"
     assert any(r.fits and r.setup.precision == "bf16-true" and r.setup.lora for r in p.strategies)
-    assert arch.family == "llama" and arch.norm == "rmsnorm" and arch.mlp == "swiglu" and not arch.tied
+    assert arch.model_type == "llama" and arch.norm == "rmsnorm" and arch.mlp == "swiglu" and not arch.tie_embeddings
 
 
 def test_step_cost_counts_the_family_flops_and_the_recompute():
     """The planner ranks strategies by the model's own FLOPs (SwiGLU, untied head), not GPT-2's 12·C²·L."""
     mc = ModelConfig.from_hf(LLAMA_7B)
-    arch, T, C, L, ffn = arch_from_config(mc), 2048, 4096, 32, 11008
+    arch, T, C, L, ffn = with_dropout(mc), 2048, 4096, 32, 11008
     base = setup_for(RunConfig(precision="fp32", max_seq_len=T), arch, 1)
     row = StrategyFit("fp32", replace(base, micro_bs=4), 4, 1, 0, 0)
     per_token = 6 * (L * (4 * C * C + 3 * C * ffn) + 32000 * C) + 12 * L * C * T  # matmuls + attention
@@ -214,7 +214,7 @@ def test_step_cost_counts_the_family_flops_and_the_recompute():
 def test_llama_8b_preset_estimate_is_fast():
     """llama-3.1-8b's analytical estimate (and its plan) answer in well under a few seconds (measured: see README)."""
     t0 = time.perf_counter()
-    arch = load_arch("llama-3.1-8b")
+    arch = load_shape("llama-3.1-8b")
     e = estimate(arch, setup_for(RunConfig(precision="bf16-mixed", max_seq_len=2048), arch, 1))
     assert time.perf_counter() - t0 < 10.0
     mc = ModelConfig.from_preset("llama-3.1-8b")
@@ -224,22 +224,22 @@ def test_llama_8b_preset_estimate_is_fast():
 def test_a_bare_config_json_and_a_directory_give_the_same_arch(tmp_path):
     cfg = ModelConfig.from_preset("qwen3-tiny").to_hf()
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    by_dir, by_file = load_arch(str(tmp_path)), load_arch(str(tmp_path / "config.json"))
-    assert by_dir == by_file and by_dir.qk_norm and by_dir.family == "qwen3"
+    by_dir, by_file = load_shape(str(tmp_path)), load_shape(str(tmp_path / "config.json"))
+    assert by_dir == by_file and by_dir.qk_norm and by_dir.model_type == "qwen3"
     assert by_dir.n_kv_head == 2 and by_dir.head_dim == 32
 
 
 def test_gqa_config_is_smaller(tmp_path):
     mistral = {**LLAMA_7B, "model_type": "mistral", "num_key_value_heads": 8, "intermediate_size": 14336}
     (tmp_path / "config.json").write_text(json.dumps(mistral))
-    arch = load_arch(str(tmp_path / "config.json"))
+    arch = load_shape(str(tmp_path / "config.json"))
     assert arch.kv_dim == 1024 and arch.qkv_dim == 4096 + 2048
 
 
 def test_unknown_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ConfigError, match="not supported"):
-        load_arch(str(tmp_path))
+        load_shape(str(tmp_path))
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -308,8 +308,8 @@ def test_constants_mirror_the_torch_modules():
     from microft.models.transformer import GPT
     from microft.train import optim
 
-    assert replay.NO_DECAY_MARKERS == optim.NO_DECAY_MARKERS
-    assert replay.MASTER_CHUNK == optim.MASTER_CHUNK
+    # one constant, read by both (microft.layouts)
+    assert replay.NO_DECAY_MARKERS is optim.NO_DECAY_MARKERS and replay.MASTER_CHUNK is optim.MASTER_CHUNK
     # the estimator adapts exactly the linears LoRA wraps
     for spec, names in [("qkv,proj", {"attn.c_attn", "attn.c_proj"}), ("attn", {"attn.c_attn", "attn.c_proj"}),
                         ("mlp", {"mlp.c_fc", "mlp.c_proj"}), ("fc,qkv", {"attn.c_attn", "mlp.c_fc"}),
@@ -380,15 +380,15 @@ def test_auto_micro_batch_never_outgrows_the_data_and_huge_batches_answer_fast()
     mc = ModelConfig.from_preset("gpt2-tiny")
     cfg = RunConfig(precision="fp32", max_seq_len=32, micro_bs="auto")
     big = Budget(2**50, "a petabyte")
-    assert auto_batch_plan(cfg, arch_from_config(mc), big, n_train=54).micro_bs == 54
-    assert auto_batch_plan(cfg.model_copy(update={"accum": 4}), arch_from_config(mc), big, n_train=54).micro_bs == 13
-    assert auto_batch_plan(cfg, arch_from_config(mc), big).micro_bs == 4096  # no data known: the planner's cap
+    assert auto_batch_plan(cfg, with_dropout(mc), big, n_train=54).micro_bs == 54
+    assert auto_batch_plan(cfg.model_copy(update={"accum": 4}), with_dropout(mc), big, n_train=54).micro_bs == 13
+    assert auto_batch_plan(cfg, with_dropout(mc), big).micro_bs == 4096  # no data known: the planner's cap
     assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and divisors(1) == [1] and divisors(97) == [1, 97]
     for n in (0, 1, 300, 1024, 5000, 123457):
         chunks = ce_chunks(n, 50304)
         assert all(rows == ce_chunk_rows(n, 50304) for _, rows in chunks[:-1])
         assert not chunks or chunks[-1][1] <= ce_chunk_rows(n, 50304)
-    arch = arch_from_config(ModelConfig.from_preset("gpt2"))
+    arch = with_dropout(ModelConfig.from_preset("gpt2"))
     e = estimate(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 10**8), None)
     p = fit_budget(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 1), Budget(24 * 2**30, "24 GiB"), 10**9)
     assert e.peak_bytes > 10**15 and p.recommended is not None
@@ -406,3 +406,37 @@ def test_estimate_with_data_sizes_packed_rows_at_the_context_and_an_empty_budget
     assert "256" in packed["estimated"] and packed["peak_bytes"] > plain["peak_bytes"]
     res = CliRunner().invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--gpu-mem", ""])
     assert res.exit_code == 2 and "--gpu-mem ''" in res.output
+
+
+def test_the_analytical_path_imports_no_torch():
+    """`import microft.memory.estimate` and a whole `estimate-mem` plan (no --trace) never load torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport microft.memory.estimate\nassert 'torch' not in sys.modules, 'import'\n"
+            "from microft.cli import main\n"
+            "sys.argv = ['microft', 'estimate-mem', '--model', 'llama-3.1-8b', '--global-bs', '8', '--seq-len',"
+            " '1024', '--gpu-mem', '18GB', '--json']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "assert 'torch' not in sys.modules, 'estimate-mem'\nprint('exit', code)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("exit 3")  # 8B full fine-tuning does not fit 18 GB as asked
+
+
+def test_repeated_chunks_are_replayed_once():
+    """The 8-bit AdamW replay walks two full chunks of a tensor and its short last one: the same peak as
+    walking all of them (each further full chunk frees what it allocates over the same live set)."""
+    from microft.memory import replay
+
+    arch = load_shape("qwen3-0.6b")
+    s = setup_for(RunConfig(precision="bf16-true", optimizer="adamw-8bit", max_seq_len=64), arch, 1, accum=2)
+    fast = estimate(arch, s)
+    every = replay._chunk_sizes
+    try:
+        replay._chunk_sizes = lambda n, chunk: [min(chunk, n - i) for i in range(0, n, chunk)]
+        slow = estimate(arch, s)
+    finally:
+        replay._chunk_sizes = every
+    assert fast.peak_bytes == slow.peak_bytes and fast.step_peaks == slow.step_peaks
+    assert replay._chunk_sizes(5 * 2**20 + 7, 2**20) == [2**20, 2**20, 7]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from microft.config import RunConfig
-from microft.memory.estimate import estimate, load_arch, setup_for, trace
+from microft.memory.estimate import estimate, load_shape, setup_for, trace
 from microft.memory.replay import TRACED_OPS, Replay
 from microft.models.config import PRESETS
 
@@ -27,7 +27,7 @@ GRID = [(m, v) for m in TINY for v in VARIANTS]
 
 
 def test_the_grid_covers_every_family():
-    families = {load_arch(m).family for m in TINY}
+    families = {load_shape(m).model_type for m in TINY}
     assert families == {"gpt2", "llama", "mistral", "qwen2", "qwen3"}
     assert len(GRID) >= 12
 
@@ -47,7 +47,7 @@ def assert_replay_is_the_trace(arch, s, cfg) -> None:
 def test_replay_matches_the_trace_to_the_byte(model, variant):
     precision, kw, accum = VARIANTS[variant]
     cfg = RunConfig(precision=precision, max_seq_len=64, **kw)
-    arch = load_arch(model, cfg.dropout)
+    arch = load_shape(model, cfg.dropout)
     s = setup_for(cfg, arch, 4, accum=accum)
     assert_replay_is_the_trace(arch, s, cfg)
 
@@ -64,7 +64,7 @@ def test_an_unmodelled_op_fails_by_name(monkeypatch):
 
     plain = transformer.F.silu
     monkeypatch.setattr(transformer.F, "silu", lambda x: plain(x) * torch.exp(x * 0))
-    arch = load_arch("llama-tiny")
+    arch = load_shape("llama-tiny")
     s = setup_for(RunConfig(precision="fp32", max_seq_len=16), arch, 1)
     t = trace(arch, s)
     assert "aten.exp.default" in set(t.ops) - set(TRACED_OPS)
@@ -72,10 +72,10 @@ def test_an_unmodelled_op_fails_by_name(monkeypatch):
 
 @pytest.mark.parametrize("model", TINY)
 def test_lora_targets_follow_the_family(model):
-    arch = load_arch(model)
-    s = setup_for(RunConfig(lora=True, lora_targets="q_proj,v_proj" if arch.family != "gpt2" else "qkv"), arch, 1)
+    arch = load_shape(model)
+    s = setup_for(RunConfig(lora=True, lora_targets="q_proj,v_proj" if arch.model_type != "gpt2" else "qkv"), arch, 1)
     adapted = {p.name.rsplit(".lora_", 1)[0].split(".", 2)[2] for p in Replay(arch, s).m.params if ".lora_" in p.name}
-    assert adapted == ({"attn.c_attn"} if arch.family == "gpt2" else {"attn.q_proj", "attn.v_proj"})
+    assert adapted == ({"attn.c_attn"} if arch.model_type == "gpt2" else {"attn.q_proj", "attn.v_proj"})
 
 
 # QLoRA (NF4 bases, plain and double-quantized) and 8-bit AdamW, across families: the trace runs the real
@@ -83,7 +83,7 @@ def test_lora_targets_follow_the_family(model):
 # falls where the quantized code allocates (the forward's or the backward's dequantization, the 8-bit
 # update) rather than in the loss; r=64 gives the LoRA matrices 8-bit state.
 QLORA = {"lora": True, "lora_targets": "all", "quantize": "nf4"}
-WIDE = {"n_embd": 256, "ffn": 1024}
+WIDE = {"n_embd": 256, "intermediate_size": 1024}
 SMALL_VOCAB = {"vocab_size": 512, "padded_vocab": 512}
 QUANT_GRID = {  # name: (preset, precision, run options, micro-bs, seq, shape changes, accum) -> where the peak falls
     "llama-qlora-fp32": ("llama-tiny", "fp32", {**QLORA, "lora_r": 4}, 1, 8, WIDE, 1),  # backward dequantization
@@ -95,9 +95,9 @@ QUANT_GRID = {  # name: (preset, precision, run options, micro-bs, seq, shape ch
                            {**WIDE, **SMALL_VOCAB, "head_dim": 128}, 1),  # biases, padded absmax blocks
     "qwen2-qlora-bf16-true-bias": ("qwen2-tiny", "bf16-true", {**QLORA, "lora_r": 4}, 1, 8, {"n_embd": 192}, 1),
     "qwen3-qlora-ckpt-padded": ("qwen3-tiny", "bf16-mixed", {**QLORA, "lora_r": 4, "grad_ckpt": True}, 1, 8,
-                                {"n_embd": 72, "ffn": 600}, 1),  # recompute; weights not a multiple of 64
+                                {"n_embd": 72, "intermediate_size": 600}, 1),  # recompute; weights not a multiple of 64
     "mistral-qlora-8bit-window": ("mistral-tiny", "fp32", {**QLORA, "lora_r": 64, "optimizer": "adamw-8bit"},
-                                  1, 32, {"n_embd": 128, "ffn": 512}, 2),  # sliding window, accumulation
+                                  1, 32, {"n_embd": 128, "intermediate_size": 512}, 2),  # sliding window, accumulation
     "qwen2-8bit-bf16-true": ("qwen2-tiny", "bf16-true", {"optimizer": "adamw-8bit"}, 1, 8, {}, 1),  # 8-bit step
     "gpt2-8bit-fp32-accum": ("gpt2-tiny", "fp32", {"optimizer": "adamw-8bit"}, 1, 8, {}, 2),
 }
@@ -105,10 +105,9 @@ QUANT_GRID = {  # name: (preset, precision, run options, micro-bs, seq, shape ch
 
 @pytest.mark.parametrize("name", list(QUANT_GRID))
 def test_qlora_and_8bit_replay_matches_the_trace_to_the_byte(name):
-    import dataclasses
 
     model, precision, kw, micro_bs, seq, widen, accum = QUANT_GRID[name]
     cfg = RunConfig(precision=precision, max_seq_len=seq, **kw)
-    arch = dataclasses.replace(load_arch(model), **widen)
+    arch = load_shape(model).model_copy(update=widen)
     s = setup_for(cfg, arch, micro_bs, accum=accum)
     assert_replay_is_the_trace(arch, s, cfg)

@@ -167,9 +167,9 @@ def test_the_estimator_counts_the_packed_attention_mask():
     from dataclasses import replace
 
     from microft.config import RunConfig
-    from microft.memory.estimate import estimate, load_arch, setup_for
+    from microft.memory.estimate import estimate, load_shape, setup_for
 
-    arch = load_arch("gpt2-tiny")
+    arch = load_shape("gpt2-tiny")
     deltas = {}
     for T in (128, 256):
         base = setup_for(RunConfig(precision="bf16-mixed", max_seq_len=T), arch, 4)

@@ -178,10 +178,10 @@ def test_estimate_counts_nf4_weights_as_the_real_model_holds_them(spec, double_q
     adapters, embeddings, norms) rounded as the CUDA allocator rounds it. (The "1 KiB gap on gpt2-tiny" seen
     before was this rounding: 4 * numel - NF4 bytes, unrounded, against 512-byte blocks.)"""
     from microft.config import RunConfig
-    from microft.memory.estimate import estimate, load_arch, setup_for
+    from microft.memory.estimate import estimate, load_shape, setup_for
     from microft.memory.sim import cuda_bytes
 
-    arch = load_arch(spec)
+    arch = load_shape(spec)
     cfg = RunConfig(model=spec, lora=True, lora_targets="all", lora_r=4, quantize="nf4", double_quant=double_quant,
                     max_seq_len=16)
     est = estimate(arch, setup_for(cfg, arch, 1))
@@ -199,12 +199,12 @@ def test_a_trace_leaves_the_dynamic_map_real():
     """The 8-bit map is cached per process; computed first under the trace's fake tensors it must still be
     real values (fake tensors read back as placeholders), or every later quantization in the process breaks."""
     from microft.config import RunConfig
-    from microft.memory.estimate import load_arch, setup_for, trace
+    from microft.memory.estimate import load_shape, setup_for, trace
     from microft.quant import _dynamic_map_values, dynamic_map
 
     want = dynamic_map(True).clone(), dynamic_map(False).clone()
     _dynamic_map_values.cache_clear()
-    arch = load_arch("llama-tiny")
+    arch = load_shape("llama-tiny")
     cfg = RunConfig(lora=True, lora_r=64, quantize="nf4", double_quant=True, optimizer="adamw-8bit", max_seq_len=8)
     trace(arch, setup_for(cfg, arch, 1))
     assert torch.equal(dynamic_map(True), want[0]) and torch.equal(dynamic_map(False), want[1])

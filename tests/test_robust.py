@@ -257,7 +257,7 @@ def test_fp16_scaler_skipping_every_step_stops_with_exit_1_and_no_final(tmp_path
 # --- inputs ----------------------------------------------------------------------------------------------
 def test_data_and_model_inputs_that_used_to_raise_tracebacks(tmp_path, monkeypatch):
     from microft.instruct import read_records
-    from microft.memory.estimate import load_arch, parse_budget
+    from microft.memory.estimate import load_shape, parse_budget
     from microft.models.load import read_model_config
 
     deep = tmp_path / "deep.json"
@@ -273,7 +273,7 @@ def test_data_and_model_inputs_that_used_to_raise_tracebacks(tmp_path, monkeypat
     with pytest.raises(CheckpointError, match="must be a JSON object"):
         read_model_config(tmp_path / "m")
     with pytest.raises(CheckpointError, match="must be a JSON object"):  # the same reader as finetune
-        load_arch(str(tmp_path / "m" / "config.json"))
+        load_shape(str(tmp_path / "m" / "config.json"))
     for bare in ("1.5", "18"):
         with pytest.raises(ConfigError, match=f"give a unit: {bare}GB or {bare}GiB"):
             parse_budget(bare)

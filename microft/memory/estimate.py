@@ -25,7 +25,7 @@ from typing import Any
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
-from microft.memory.replay import Arch, Replay, Setup, nf4_buffers
+from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
 from microft.models.source import read_model_config
@@ -48,30 +48,15 @@ DEVICES: dict[str, tuple[int, bool, bool]] = {
 
 
 # --- model shapes ------------------------------------------------------------------------------
-def arch_from_config(mc: ModelConfig, dropout: float | None = None) -> Arch:
-    """The replay's shape of any family: every switch models/transformer.py reads, from the ModelConfig."""
-    return Arch(name=mc.name, family=mc.model_type, vocab_size=mc.vocab_size, padded_vocab=mc.padded_vocab_size,
-                n_layer=mc.n_layer, n_embd=mc.n_embd, n_head=mc.n_head, n_kv_head=mc.n_kv_head,
-                head_dim=mc.head_dim, ffn=mc.intermediate_size, n_positions=mc.n_positions, norm=mc.norm,
-                rope=mc.positions == "rope", mlp=mc.mlp, qkv_bias=mc.qkv_bias, attn_out_bias=mc.attn_out_bias,
-                mlp_bias=mc.mlp_bias, qk_norm=mc.qk_norm, sliding_window=mc.sliding_window,
-                tied=mc.tie_embeddings, dropout=mc.dropout if dropout is None else dropout)
+def with_dropout(mc: ModelConfig, dropout: float | None = None) -> ModelConfig:
+    """`mc` with the run's dropout (`--dropout` overrides the config's): the one switch a run changes."""
+    return mc if dropout is None or dropout == mc.dropout else mc.model_copy(update={"dropout": dropout})
 
 
-def model_config(arch: Arch) -> ModelConfig:
-    """The ModelConfig an Arch was read from (what the trace builds); RoPE frequencies do not change memory."""
-    return ModelConfig(name=arch.name, model_type=arch.family, vocab_size=arch.vocab_size, n_positions=arch.n_positions,
-                       n_embd=arch.n_embd, n_layer=arch.n_layer, n_head=arch.n_head, n_kv_head=arch.n_kv_head,
-                       head_dim=arch.head_dim, intermediate_size=arch.ffn, norm=arch.norm,
-                       positions="rope" if arch.rope else "learned", mlp=arch.mlp, qkv_bias=arch.qkv_bias,
-                       attn_out_bias=arch.attn_out_bias, mlp_bias=arch.mlp_bias, qk_norm=arch.qk_norm,
-                       sliding_window=arch.sliding_window, tie_embeddings=arch.tied, dropout=arch.dropout)
-
-
-def load_arch(spec: str, dropout: float | None = None) -> Arch:
-    """Shape of a preset, a microft checkpoint, an HF directory or config.json, or a cached hub repo id,
-    read by `models.source.read_model_config` (JSON only, no torch). Never reads weights."""
-    return arch_from_config(read_model_config(spec), dropout)
+def load_shape(spec: str, dropout: float | None = None) -> ModelConfig:
+    """The ModelConfig of a preset, a microft checkpoint, an HF directory or config.json, or a cached hub repo
+    id, read by `models.source.read_model_config` (JSON only, no torch). Never reads weights."""
+    return with_dropout(read_model_config(spec), dropout)
 
 
 # --- budgets and devices -----------------------------------------------------------------------
@@ -164,7 +149,7 @@ def scale_out(cfg: RunConfig) -> tuple[int, str]:
     return cfg.devices, "fsdp" if cfg.shard == "fsdp" else "ddp"
 
 
-def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precision: str | None = None) -> Setup:
+def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, precision: str | None = None) -> Setup:
     """The simulated setup of a run config (accumulation beyond 2 micro-steps repeats micro-step 2)."""
     seq = cfg.max_seq_len or arch.n_positions
     if seq > arch.n_positions:
@@ -175,7 +160,7 @@ def setup_for(cfg: RunConfig, arch: Arch, micro_bs: int, accum: int = 1, precisi
         micro_bs=micro_bs, seq_len=seq, precision=precision or resolve_precision(cfg.precision), accum=min(accum, 2),
         grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
-        lora_targets=lora_targets(cfg.lora_targets if cfg.lora else "qkv,proj", arch.family),
+        lora_targets=lora_targets(cfg.lora_targets if cfg.lora else "qkv,proj", arch.model_type),
         lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, double_quant=cfg.double_quant, packing=cfg.packing,
     )
 
@@ -193,7 +178,7 @@ class Estimate:
     """A peak-memory answer: the tensor peak by component, where it falls, and runtime overhead."""
 
     engine: str  # "analytical" or "trace"
-    arch: Arch
+    arch: ModelConfig
     setup: Setup
     peak_bytes: int
     peak_phase: str  # forward, loss, start of backward, backward, end of backward, clip, optimizer step
@@ -230,7 +215,7 @@ class Estimate:
             "budget_bytes": self.budget.bytes if self.budget else None,
             "budget": self.budget.label if self.budget else None, "fits": self.fits,
             "step_peaks": self.step_peaks, "details": self.details,
-            "run": {"model": self.arch.name, "family": self.arch.family, "micro_bs": s.micro_bs,
+            "run": {"model": self.arch.name, "family": self.arch.model_type, "micro_bs": s.micro_bs,
                     "seq_len": s.seq_len, "accum_simulated": s.accum, "precision": s.precision,
                     "grad_ckpt": s.grad_ckpt, "grad_ckpt_every": s.ckpt_every, "optimizer": s.optimizer,
                     "lora": s.lora, "lora_r": s.lora_r if s.lora else None,
@@ -251,17 +236,17 @@ def _ordered(comp: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
+def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
     """Itemised sizes that explain the peak (bytes; not all of them are live at once)."""
     params = r.m.params
     train = [p for p in params if p.train]
-    C, Vp, N = arch.n_embd, arch.padded_vocab, s.micro_bs * s.seq_len
+    C, Vp, N = arch.n_embd, arch.padded_vocab_size, s.micro_bs * s.seq_len
     dt = 4 if s.precision == "fp32" else 2
     rows = min(ce_chunk_rows(N, Vp), N)
     nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks for lo in b.lin.values()
            if lo.nf4}
     d = {
-        "parameters": sum(p.numel for p in params) - (Vp - arch.vocab_size) * C * (1 if arch.tied else 2),
+        "parameters": sum(p.numel for p in params) - (Vp - arch.vocab_size) * C * (1 if arch.tie_embeddings else 2),
         "trainable parameters": sum(p.numel for p in train) - (0 if s.lora else (Vp - arch.vocab_size) * C),
         "weights": sum(nf4.get(p.name, p.numel * p.es) for p in params),  # NF4: codes + scales (replay.nf4_buffers)
         "gradients": sum(p.numel * p.es for p in train),
@@ -272,7 +257,7 @@ def _details(arch: Arch, s: Setup, r: Replay) -> dict[str, int]:
         "loss: saved grad_h + grad_w": N * C * (4 if s.precision != "bf16-true" else 2) + (Vp * C * dt if r.m.head.train else 0),
         # a tied, trainable head hands its gradient to the embedding's backward (model.HeadGradLink):
         # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
-        "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tied and r.m.wte.train) else 0,
+        "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tie_embeddings and r.m.wte.train) else 0,
         "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
     }
     return {k: v for k, v in d.items() if v}
@@ -287,7 +272,7 @@ def max_tensor_peak(budget: Budget) -> int:
     return max(0, p)
 
 
-def estimate(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
+def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
              fast: bool = False) -> Estimate:
     """The analytical estimate: replay two optimizer steps of microft's step from shapes.
 
@@ -334,7 +319,7 @@ def _fsdp_adjust(est: Estimate, r: Replay) -> None:
                      f"gathered blocks; approximate (the trace does not model FSDP)")
 
 
-def _notes(arch: Arch, s: Setup) -> list[str]:
+def _notes(arch: ModelConfig, s: Setup) -> list[str]:
     notes = [f"every sample is taken to fill all {s.seq_len} positions (packed or the longest batch)"]
     if arch.sliding_window and s.seq_len > arch.sliding_window:
         notes.append(f"sliding window {arch.sliding_window} < {s.seq_len} positions: SDPA gets a (T, T) mask per "
@@ -344,19 +329,20 @@ def _notes(arch: Arch, s: Setup) -> list[str]:
     return notes
 
 
-def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
+def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
           max_grad_norm: float | None = 1.0, steps: int = 2) -> Estimate:
     """The traced peak: microft's real step on fake tensors (any family; imports torch)."""
     if world > 1 and shard == "fsdp":
         raise ConfigError("--trace does not model FSDP; drop --trace for the analytical estimate")
     from microft.memory.trace import trace_training
 
-    mc = model_config(arch)
     cfg = RunConfig(precision=setup.precision, optimizer=setup.optimizer, weight_decay=setup.weight_decay,
                     momentum=setup.momentum, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
                     lora=setup.lora, lora_r=setup.lora_r, lora_dropout=setup.lora_dropout,
                     lora_targets=",".join(setup.lora_targets), quantize=setup.quantize,
                     double_quant=setup.double_quant, max_grad_norm=max_grad_norm)
+    # RoPE frequencies (theta, llama3 scaling) change no memory; the tables are made at init, outside the step
+    mc = arch.model_copy(update={"rope_scaling": None})
     t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum, steps=steps)
     comp = dict(t.components)
     peak = t.peak_bytes

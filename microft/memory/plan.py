@@ -18,15 +18,14 @@ from microft.memory.estimate import (
     Budget,
     Estimate,
     GiB,
-    arch_from_config,
     estimate,
-    model_config,
     resolve_precision,
     scale_out,
     setup_for,
     trace,
+    with_dropout,
 )
-from microft.memory.replay import Arch, Setup
+from microft.memory.replay import Setup
 from microft.models.config import ModelConfig
 
 
@@ -85,7 +84,7 @@ def divisors(n: int) -> list[int]:
 class _Fitter:
     """Largest fitting micro-batch per setup, with every replay memoised."""
 
-    def __init__(self, arch: Arch, budget: Budget, global_bs: int | None, world: int, shard: str, accum: int = 1,
+    def __init__(self, arch: ModelConfig, budget: Budget, global_bs: int | None, world: int, shard: str, accum: int = 1,
                  max_micro: int = MAX_AUTO_MICRO):
         self.arch, self.budget, self.global_bs, self.world, self.shard = arch, budget, global_bs, world, shard
         self.accum = accum  # without a global batch: the accumulation to keep
@@ -135,12 +134,12 @@ class _Fitter:
         return StrategyFit(name, e.setup, m, acc, e.peak_bytes, e.total_bytes)
 
 
-def step_cost(arch: Arch, row: StrategyFit) -> float:
+def step_cost(arch: ModelConfig, row: StrategyFit) -> float:
     """Rough time per token, for ranking strategies: the model's training FLOPs per token
     (`ModelConfig.flops_per_token`, every family; frozen LoRA weights need no weight gradient)
     plus a second forward of the checkpointed blocks, at tensor-core speed or half of it in fp32
     (TF32 off), plus a fixed cost per micro-step worth 512 tokens."""
-    s, mc = row.setup, model_config(arch)
+    s, mc = row.setup, arch
     ckpt_frac = (len(range(0, arch.n_layer, s.ckpt_every)) / arch.n_layer) if s.grad_ckpt else 0.0
     keys = min(s.seq_len, arch.sliding_window) if arch.sliding_window else s.seq_len
     block_forward = 2 * (mc.matmul_params() - mc.vocab_size * mc.n_embd) + 4 * arch.n_layer * mc.q_dim * keys
@@ -150,7 +149,7 @@ def step_cost(arch: Arch, row: StrategyFit) -> float:
     return flops / speed * (1 + 512 / tokens)
 
 
-def fit_budget(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = None, world: int = 1,
+def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | None = None, world: int = 1,
          shard: str = "none", accum: int = 1) -> BudgetFit:
     """For each strategy the largest micro-batch that fits `budget` (runtime overhead included)
     with the accumulation that keeps `global_bs`; then the OOM decision tree, walked exactly:
@@ -211,7 +210,7 @@ def fit_budget(arch: Arch, base: Setup, budget: Budget, global_bs: int | None = 
 
 
 # --- for a run (runs.py) and estimate-mem -----------------------------------------------------------
-def _base(cfg: RunConfig, arch: Arch, precision: str | None, budget: Budget | None = None) -> Setup:
+def _base(cfg: RunConfig, arch: ModelConfig, precision: str | None, budget: Budget | None = None) -> Setup:
     return setup_for(cfg, arch, 1, precision=precision or resolve_precision(cfg.precision, budget))
 
 
@@ -219,7 +218,7 @@ def _budget(budget_bytes: int) -> Budget:
     return Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
 
 
-def auto_batch_plan(cfg: RunConfig, arch: Arch, budget: Budget, world_size: int = 1,
+def auto_batch_plan(cfg: RunConfig, arch: ModelConfig, budget: Budget, world_size: int = 1,
                     n_train: int | None = None) -> BatchPlan:
     """`--micro-bs auto`, for finetune, pretrain and estimate-mem alike: the largest micro-batch
     (dividing the per-device global batch when one is given; else at most a device's share of the
@@ -240,10 +239,10 @@ def auto_batch_plan(cfg: RunConfig, arch: Arch, budget: Budget, world_size: int 
 
 def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int) -> str:
     """One line for an out-of-memory message: what the decision tree recommends on this budget."""
-    return _advice(cfg, arch_from_config(model_cfg, cfg.dropout), _budget(budget_bytes))
+    return _advice(cfg, with_dropout(model_cfg, cfg.dropout), _budget(budget_bytes))
 
 
-def _advice(cfg: RunConfig, arch: Arch, budget: Budget) -> str:
+def _advice(cfg: RunConfig, arch: ModelConfig, budget: Budget) -> str:
     base = _base(cfg, arch, None, budget)
     world, shard = scale_out(cfg)
     p = fit_budget(arch, base, budget, cfg.global_bs, world, shard, cfg.accum or 1)
@@ -270,7 +269,7 @@ def estimate_for_run(cfg: RunConfig, model_cfg: ModelConfig, plan: BatchPlan, pr
 
     `precision`: the trainer's resolved precision (else `cfg.precision`, auto -> bf16-mixed).
     `engine`: "analytical" (instant) or "trace" (the measured peak on CPU, a few seconds)."""
-    arch = arch_from_config(model_cfg, cfg.dropout)
+    arch = with_dropout(model_cfg, cfg.dropout)
     s = replace(_base(cfg, arch, precision), micro_bs=plan.micro_bs, accum=min(plan.accum, 2))
     fn = trace if engine == "trace" else estimate
     e = fn(arch, s, world=plan.world_size, shard=scale_out(cfg)[1] if plan.world_size > 1 else "none")

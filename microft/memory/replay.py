@@ -16,61 +16,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from microft.layouts import (
+    ADAMW8_BLOCK as BLOCK_8BIT,
+)
+from microft.layouts import (
+    ADAMW8_CHUNK as CHUNK_8BIT,
+)
+from microft.layouts import (
+    ADAMW8_MIN_NUMEL as MIN_8BIT_NUMEL,
+)
+from microft.layouts import (
+    DOUBLE_QUANT_BLOCK,
+    MASTER_CHUNK,
+    NF4_BLOCK,
+    NO_DECAY_MARKERS,
+    nf4_nbytes,
+)
 from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
-from microft.models.config import ce_chunk_rows
-from microft.optim8bit import BLOCK as BLOCK_8BIT
-from microft.optim8bit import CHUNK as CHUNK_8BIT
-from microft.optim8bit import MIN_8BIT_NUMEL
-from microft.quant import BLOCK as NF4_BLOCK
-from microft.quant import DOUBLE_QUANT_BLOCK, nf4_nbytes
-
-
-@dataclass(frozen=True)
-class Arch:
-    """A decoder's shape and switches, copied from `models.config.ModelConfig` (see `estimate.arch_from_config`).
-
-    `family` is the model_type: "gpt2" (fused c_attn, LayerNorm, learned positions, GELU with the
-    recomputing `_GeluLinear`) or one of llama / mistral / qwen2 / qwen3 (q/k/v_proj, RMSNorm,
-    RoPE, SwiGLU, optional q/k norm, sliding window, biases as configured).
-    """
-
-    name: str
-    family: str  # ModelConfig.model_type
-    vocab_size: int
-    padded_vocab: int
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    ffn: int  # MLP hidden width (intermediate_size)
-    n_positions: int
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    rope: bool = False  # RoPE (else learned positions)
-    mlp: str = "gelu"  # gelu | swiglu
-    qkv_bias: bool = True
-    attn_out_bias: bool = True
-    mlp_bias: bool = True
-    qk_norm: bool = False
-    sliding_window: int | None = None
-    tied: bool = True  # LM head shares the token embedding
-    dropout: float = 0.0
-
-    @property
-    def fused_qkv(self) -> bool:  # GPT-2's one c_attn (ModelConfig.fused_qkv)
-        return self.family == "gpt2"
-
-    @property
-    def qkv_dim(self) -> int:  # q, k and v stacked (ModelConfig.q_dim + 2 × kv_dim)
-        return (self.n_head + 2 * self.n_kv_head) * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_head * self.head_dim
-
-    @property
-    def q_dim(self) -> int:
-        return self.n_head * self.head_dim
+from microft.models.config import ModelConfig, ce_chunk_rows
 
 
 @dataclass(frozen=True)
@@ -108,8 +71,6 @@ class Setup:
         return 4 if self.precision == "fp32" else 2
 
 
-NO_DECAY_MARKERS = ("bias", "ln_", "wte", "wpe", "norm")  # optim.NO_DECAY_MARKERS
-MASTER_CHUNK = 1 << 20  # optim.MASTER_CHUNK
 
 
 @dataclass
@@ -137,7 +98,7 @@ class Blk:
 
 @dataclass
 class Model:
-    arch: Arch
+    arch: ModelConfig
     wte: Par
     wpe: Par | None
     blocks: list[Blk]
@@ -146,7 +107,7 @@ class Model:
     params: list[Par]  # in named_parameters() order
 
 
-def build_model(arch: Arch, s: Setup) -> Model:
+def build_model(arch: ModelConfig, s: Setup) -> Model:
     """Parameters in `named_parameters()` order (models/transformer.py), trainability as LoRA leaves it."""
     es, full = s.param_bytes, not s.lora
     params: list[Par] = []
@@ -168,8 +129,8 @@ def build_model(arch: Arch, s: Setup) -> Model:
         return par(f"{prefix}.weight", dim), par(f"{prefix}.bias", dim) if a.norm == "layernorm" else None
 
     a, C = arch, arch.n_embd
-    wte = par("wte.weight", a.padded_vocab, C)
-    wpe = None if a.rope else par("wpe.weight", a.n_positions, C)
+    wte = par("wte.weight", a.padded_vocab_size, C)
+    wpe = None if a.rotary else par("wpe.weight", a.n_positions, C)
     blocks = []
     for i in range(a.n_layer):
         h = f"h.{i}"
@@ -187,22 +148,22 @@ def build_model(arch: Arch, s: Setup) -> Model:
             qn, kn = par(f"{h}.attn.q_norm.weight", a.head_dim), par(f"{h}.attn.k_norm.weight", a.head_dim)
         ln2 = norm(f"{h}.ln_2", C)
         if a.mlp == "swiglu":
-            lins += [lin(f"{h}.mlp.gate_proj", "gate_proj", C, a.ffn, a.mlp_bias),
-                     lin(f"{h}.mlp.up_proj", "up_proj", C, a.ffn, a.mlp_bias),
-                     lin(f"{h}.mlp.down_proj", "down_proj", a.ffn, C, a.mlp_bias)]
+            lins += [lin(f"{h}.mlp.gate_proj", "gate_proj", C, a.intermediate_size, a.mlp_bias),
+                     lin(f"{h}.mlp.up_proj", "up_proj", C, a.intermediate_size, a.mlp_bias),
+                     lin(f"{h}.mlp.down_proj", "down_proj", a.intermediate_size, C, a.mlp_bias)]
         else:
-            lins += [lin(f"{h}.mlp.c_fc", "fc", C, a.ffn, a.mlp_bias),
-                     lin(f"{h}.mlp.c_proj", "mlp_proj", a.ffn, C, a.mlp_bias)]
+            lins += [lin(f"{h}.mlp.c_fc", "fc", C, a.intermediate_size, a.mlp_bias),
+                     lin(f"{h}.mlp.c_proj", "mlp_proj", a.intermediate_size, C, a.mlp_bias)]
         blocks.append(Blk(ln1, dict(lins), ln2, qn, kn))
     ln_f = norm("ln_f", C)
-    head = wte if a.tied else par("lm_head.weight", a.padded_vocab, C)
+    head = wte if a.tie_embeddings else par("lm_head.weight", a.padded_vocab_size, C)
     return Model(arch, wte, wpe, blocks, ln_f, head, params)
 
 
 class Replay:
     """Replays `setup.steps` optimizer steps of microft's training step on `Sim`."""
 
-    def __init__(self, arch: Arch, setup: Setup, grad_buckets: bool = False):
+    def __init__(self, arch: ModelConfig, setup: Setup, grad_buckets: bool = False):
         self.a, self.s = arch, setup
         self.sim = Sim()
         self.m = build_model(arch, setup)
@@ -214,7 +175,7 @@ class Replay:
         self.step_peaks: list[int] = []
         self.block_bytes = 0
         # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward
-        self.linked = arch.tied and self.m.head.train
+        self.linked = arch.tie_embeddings and self.m.head.train
         sim = self.sim
         sim.mark("setup", "setup")
         nf4 = {lo.W.name for b in self.m.blocks for lo in b.lin.values() if lo.nf4}
@@ -390,7 +351,7 @@ class Replay:
             q2, k2 = self.rms_norm(q, (blk.q_norm, None)), self.rms_norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
-        if a.rope:  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
+        if a.rotary:  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
             cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in self.tables[:2])
             q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
             sim.drop(q, k, cos, sin)
@@ -522,8 +483,8 @@ class Replay:
             x2 = self.dropout(x)
             sim.drop(x)
             x = x2
-        self.tables = self.rope_tables() if a.rope else (None, None)
-        if s.grad_ckpt and a.rope:
+        self.tables = self.rope_tables() if a.rotary else (None, None)
+        if s.grad_ckpt and a.rotary:
             self.tables = tuple(sim.alias(t) for t in self.tables) + self.tables
         start = sim.live
         for i, blk in enumerate(m.blocks):
@@ -543,7 +504,7 @@ class Replay:
     # --- the fused chunked cross-entropy (model._FusedCrossEntropy) -------------------------
     def loss(self, h: Ten) -> Ten:
         a, s, sim, N = self.a, self.s, self.sim, self.N
-        C, Vp, V = a.n_embd, a.padded_vocab, a.vocab_size
+        C, Vp, V = a.n_embd, a.padded_vocab_size, a.vocab_size
         W = self.m.head
         cat = "loss (fused cross-entropy)"
         dt = 2 if s.precision != "fp32" else 4  # autocast dtype, or h's dtype
@@ -777,8 +738,7 @@ class Replay:
                 for what in ("signed midpoints", "unsigned midpoints"):
                     loc[what] = run([("a", "sum", 1024), ("a", what, 1024), ("f", "sum")])
             chunk = CHUNK_8BIT if quantized else n
-            for start in range(0, n, chunk):
-                c = min(chunk, n - start)
+            for c in _chunk_sizes(n, chunk):
                 cp = -(-c // BLOCK_8BIT) * BLOCK_8BIT
                 bind("g", sim.alloc(c * 4, tr, "grad.float()", held=False) if p.es != 4 else None)
                 if quantized:
@@ -882,6 +842,15 @@ class Replay:
             self.optimizer_step(f"step {step}")
             self.step_peaks.append(sim.step_peak)
         return sim
+
+
+def _chunk_sizes(n: int, chunk: int) -> list[int]:
+    """The chunk sizes a loop over `n` elements in `chunk`s meets, with the repeats that change nothing left
+    out: from the second full chunk on, the locals a chunk rebinds already hold that chunk's sizes, so every
+    further full chunk allocates and frees the same bytes over the same live set (an 8B model's 8-bit AdamW
+    step is ~8,000 chunks; the replay walks 2 per tensor, plus the short last one)."""
+    full, rest = divmod(n, chunk)
+    return [chunk] * min(full, 2) + ([rest] if rest else [])
 
 
 def nf4_buffers(numel: int, double_quant: bool) -> list[int]:

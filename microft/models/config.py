@@ -132,6 +132,14 @@ class ModelConfig(BaseModel):
         return self.n_head * self.head_dim
 
     @property
+    def qkv_dim(self) -> int:  # q, k and v stacked
+        return self.q_dim + 2 * self.kv_dim
+
+    @property
+    def rotary(self) -> bool:  # RoPE (else learned positions)
+        return self.positions == "rope"
+
+    @property
     def kv_dim(self) -> int:
         return self.n_kv_head * self.head_dim
 

@@ -9,9 +9,8 @@ import torch
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
+from microft.layouts import MASTER_CHUNK, NO_DECAY_MARKERS
 from microft.optim8bit import closure_loss
-
-NO_DECAY_MARKERS = ("bias", "ln_", "wte", "wpe", "norm")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -35,7 +34,6 @@ def adamw_impl(device: torch.device) -> dict[str, bool]:
     return {"foreach": True}
 
 
-MASTER_CHUNK = 1 << 20  # elements per fp32 working chunk of MasterAdamW (16 MiB of temporaries)
 
 
 def split_fp32(master: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
