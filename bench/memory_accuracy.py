@@ -81,7 +81,7 @@ def cuda_peak(model: str, cfg: RunConfig, micro_bs: int, seq: int, accum: int, p
     from microft.models.load import load_model
     from microft.models.transformer import set_grad_checkpointing
     from microft.train.optim import build_optimizer
-    from microft.train.step import autocast_context, clip_gradients, make_scaler, micro_step, optimizer_step
+    from microft.train.step import autocast_context, finish_step, make_scaler, micro_step
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"
@@ -106,9 +106,7 @@ def cuda_peak(model: str, cfg: RunConfig, micro_bs: int, seq: int, accum: int, p
         for _ in range(accum):
             x = torch.randint(0, m.config.vocab_size, (micro_bs, seq), device=device)
             micro_step(m, x, x.clone(), None, float(micro_bs * seq * accum), autocast, scaler)
-        scaler.unscale_(opt)
-        clip_gradients(m, cfg.max_grad_norm, None if scaler.is_enabled() else opt)  # as train() does
-        optimizer_step(opt, scaler)
+        finish_step(m, opt, scaler, cfg.max_grad_norm)  # as train() does
     if not cuda:
         return 0
     torch.cuda.synchronize()

@@ -29,6 +29,7 @@ Memory an estimator should count, per quantized weight of n elements (n_blocks =
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,8 +258,9 @@ class _NF4LinearFn(torch.autograd.Function):
     """y = x @ dequant(W).T + b. Saves only the NF4 buffers; backward dequantizes W again for grad_input."""
 
     @staticmethod
-    def forward(ctx, x, bias, codes, absmax, absmax2, offset, shape, block):
-        w = _dequantize(codes, absmax, absmax2, offset, shape, block, x.dtype)
+    def forward(ctx, x, bias, codes, absmax, absmax2, offset, shape, block, observe):
+        with observe():  # NF4Linear.observe_dequantize: the memory trace labels these bytes
+            w = _dequantize(codes, absmax, absmax2, offset, shape, block, x.dtype)
         ctx.save_for_backward(codes, absmax, absmax2, offset)
         ctx.shape, ctx.block = shape, block
         return linear(x, w, bias)  # no autograd in here: a plain (oneDNN on a CPU in fp32) forward
@@ -272,7 +274,7 @@ class _NF4LinearFn(torch.autograd.Function):
             grad_x = mm(grad.reshape(-1, grad.shape[-1]), w).view(*grad.shape[:-1], w.shape[1])
         if ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None, None, None, None, None
+        return grad_x, grad_bias, None, None, None, None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -285,6 +287,10 @@ class NF4Linear(nn.Module):
     of silently materializing a full-precision copy. Loading a plain `weight` tensor through
     `load_state_dict` quantizes it on the way in (one layer at a time: see `quantize_tensor_for_load`).
     """
+
+    # a context around the forward's dequantization (and a checkpoint's recompute of it), not backward's:
+    # the memory trace sets it to count those bytes as "NF4 dequantization"
+    observe_dequantize: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block: int = BLOCK,
                  double_quant: bool = False, device=None, dtype: torch.dtype = torch.float32):
@@ -343,7 +349,8 @@ class NF4Linear(nn.Module):
         dtype = _compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         return _NF4LinearFn.apply(x.to(dtype), bias, self.weight_nf4, self.weight_absmax, self.weight_absmax2,
-                                  self.weight_offset, (self.out_features, self.in_features), self.block)
+                                  self.weight_offset, (self.out_features, self.in_features), self.block,
+                                  self.observe_dequantize)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

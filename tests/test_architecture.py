@@ -99,3 +99,23 @@ def test_functions_in_train_are_short():
                 if n > MAX_LINES:
                     long.append(f"{path.name}:{node.lineno} {node.name} ({n} lines)")
     assert not long, long
+
+
+def _calls(path: Path) -> set[str]:
+    return {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
+            for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)}
+
+
+def test_the_trace_runs_the_loops_step_and_patches_nothing():
+    """memory/trace.py measures the loop's own step (`micro_step`, `finish_step`) and reaches the model only
+    through its hooks: it assigns no attribute of a module it imports (no monkey-patching)."""
+    trace, loop = PKG / "memory" / "trace.py", PKG / "train" / "loop.py"
+    assert {"micro_step", "finish_step"} <= _calls(trace) & _calls(loop)
+    tree = ast.parse(trace.read_text())
+    modules = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
+                if n.module and f"{n.module}.{a.name}".replace(".", "/") in {str(p.relative_to(PKG.parent).with_suffix(""))
+                                                                            for p in PKG.rglob("*.py")}}
+    patched = [ast.unparse(t) for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
+               if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules]
+    assert not patched, patched

@@ -14,7 +14,7 @@ from microft.models.config import ModelConfig
 from microft.models.transformer import GPT
 from microft.train.loop import train
 from microft.train.optim import build_optimizer
-from microft.train.step import autocast_context, clip_gradients, make_scaler, micro_step, optimizer_step
+from microft.train.step import autocast_context, finish_step, make_scaler, micro_step
 from tests.helpers import masked_samples, run_config, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -55,9 +55,7 @@ def test_estimate_is_within_5_percent_of_max_memory_allocated(precision, grad_ck
     for _ in range(2):
         x = torch.randint(0, mcfg.vocab_size, (micro_bs, seq), device=device)
         micro_step(model, x, x.clone(), None, float(micro_bs * seq), autocast, scaler)
-        scaler.unscale_(opt)
-        clip_gradients(model, cfg.max_grad_norm, None if scaler.is_enabled() else opt)  # as train() does
-        optimizer_step(opt, scaler)
+        finish_step(model, opt, scaler, cfg.max_grad_norm)  # as train() does
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
     predicted = estimate(with_dropout(mcfg), setup_for(cfg, with_dropout(mcfg), micro_bs)).peak_bytes

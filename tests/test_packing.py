@@ -53,7 +53,7 @@ def test_packed_loss_and_gradients_equal_the_unpacked_batch(cfg, ckpt, segments,
     samples = masked_samples(12, seed=11, min_len=4, max_len=30, weights=True)
     torch.manual_seed(0)
     model = GPT(cfg).train()
-    model.packed_segments_on_cpu = segments
+    model.kernels.cpu_packed_segments = segments
     set_grad_checkpointing(model, ckpt)
     ref_loss, ref_grads = _loss_and_grads(model, collate(samples), positions=False)
     lengths = [sample_length(s) for s in samples]

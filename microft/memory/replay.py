@@ -173,6 +173,7 @@ class Replay:
         self.scaler: list[St] = []
         self.packed: Ten | None = None  # the micro-step's boolean attention mask (--packing)
         self.step_peaks: list[int] = []
+        self.grad_norm: Ten | None = None  # clip's total norm, alive until the step ends
         self.block_bytes = 0
         # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward
         self.linked = arch.tie_embeddings and self.m.head.train
@@ -652,7 +653,8 @@ class Replay:
         t3 = sim.new(1, 4, cat, "mul")
         sim.drop(t1, t2)
         t4 = sim.new(1, 4, cat, "clamp")
-        sim.drop(t3, t4, total)
+        sim.drop(t3, t4)
+        self.grad_norm = total  # returned: step.finish_step holds it through the optimizer step
 
     def groups(self) -> list[tuple[list[Par], float]]:
         """optim.param_groups: (matrices, weight decay), (biases/norms/embeddings, 0)."""
@@ -701,6 +703,8 @@ class Replay:
         for p in self.m.params:
             sim.unref(p.grad)
             p.grad = None
+        sim.drop(self.grad_norm)  # finish_step returns
+        self.grad_norm = None
 
     def _adamw_8bit(self, params: list[Par], state: dict[str, list[St]], loc: dict[str, St | None]) -> None:
         """optim8bit.AdamW8bit.step, allocation by allocation. `loc` holds the step's Python locals (the maps,

@@ -1,8 +1,10 @@
 """Trace engine: microft's real training step run twice on fake tensors, live bytes counted.
 
 The model is built on the meta device, materialised as `FakeTensorMode` tensors (shapes,
-dtypes and strides, no data, no memory), and driven through `train.step.micro_step` × accum,
-`clip_gradients` and `optimizer_step` for two optimizer steps. A
+dtypes and strides, no data, no memory), and driven through the loop's own `train.step.micro_step` ×
+accum and `train.step.finish_step` (unscale, clip, step) for two optimizer steps; the model's hooks
+(`Kernels.cuda_like`, `NF4Linear.observe_dequantize`) pick CUDA's kernels and label recomputes. (On fake
+tensors `clip_gradients` takes torch's clip: the fold into fused AdamW differs by a few 512-byte blocks.) A
 `TorchDispatchMode` sees every op's outputs; each output's storage is counted once, rounded
 up to the CUDA caching allocator's 512-byte blocks, and dropped from the live total when the
 storage dies (checked through weak storage references whenever the running total could be a
@@ -15,10 +17,12 @@ tensors and emulates the CUDA differences that change memory (see `CUDA_EMULATIO
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +37,7 @@ from microft.memory.replay import sdpa_workspace
 from microft.memory.sim import cuda_bytes
 from microft.models.config import ModelConfig
 from microft.models.linear import native_half_matmuls
-from microft.models.transformer import GPT, set_grad_checkpointing
+from microft.models.transformer import GPT, Kernels, set_grad_checkpointing
 
 CUDA_EMULATION = [
     "allocations rounded up to 512-byte blocks, as the CUDA caching allocator does",
@@ -236,35 +240,32 @@ class _Recomputing:
         return False
 
 
-def _labelled_checkpoint(tracker: LiveBytes):
-    """models.transformer's `checkpoint`, with the recompute wrapped in `_Recomputing`."""
-    from contextlib import nullcontext
+class _Dequantizing:
+    """NF4Linear's `observe_dequantize`: what a forward (or its recompute) dequantizes counts as "NF4
+    dequantization"; backward's dequantization stays a backward transient (it is not observed)."""
 
-    from torch.utils.checkpoint import checkpoint
+    def __init__(self, tracker: LiveBytes):
+        self.tracker, self.label = tracker, None
 
-    def ckpt(fn, *args, **kw):
-        return checkpoint(fn, *args, context_fn=lambda: (nullcontext(), _Recomputing(tracker)), **kw)
+    def __enter__(self):
+        self.label = self.tracker.label
+        if self.label in ("activations", "recomputed activations"):
+            self.tracker.label = "NF4 dequantization"
 
-    return ckpt
+    def __exit__(self, *exc):
+        self.tracker.label = self.label
+        return False
 
 
-def _labelled_dequantize(tracker: LiveBytes):
-    """quant._dequantize, whose allocations in a forward (or its recompute) count as "NF4 dequantization";
-    in backward they stay backward transients."""
-    from microft import quant
+def _observe(model: GPT, tracker: LiveBytes) -> None:
+    """The model's hooks for the trace: CUDA's kernels on this CPU, block recomputes labelled, NF4
+    dequantization labelled (explicit hooks of the model and its layers; nothing is patched)."""
+    from microft.quant import NF4Linear
 
-    plain = quant._dequantize
-
-    def dequantize(*args, **kw):
-        label = tracker.label
-        if label in ("activations", "recomputed activations"):
-            tracker.label = "NF4 dequantization"
-        try:
-            return plain(*args, **kw)
-        finally:
-            tracker.label = label
-
-    return dequantize
+    model.set_kernels(Kernels.cuda_like(recompute_context=lambda: (nullcontext(), _Recomputing(tracker))))
+    for mod in model.modules():
+        if isinstance(mod, NF4Linear):
+            mod.observe_dequantize = lambda: _Dequantizing(tracker)
 
 
 def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) -> list:
@@ -345,7 +346,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
                     accum: int, steps: int) -> TraceResult:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from microft.train.step import autocast_context, clip_gradients, micro_step, optimizer_step, place_model
+    from microft.train.step import autocast_context, finish_step, micro_step, place_model
 
     t0 = time.perf_counter()
     if cfg.dropout is not None:
@@ -354,8 +355,6 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
         model = GPT(model_cfg)
     for block in model.h:
         block.attn.dropout = 0.0  # CUDA's flash kernel keeps no attention mask; the CPU one would
-        block.attn.cpu_math_max_len = 0  # and CUDA runs SDPA at every length
-    model.packed_segments_on_cpu = False  # CUDA attends packed rows through the block-diagonal mask
     if cfg.quantize:  # QLoRA: the block linears become the NF4Linear the run loads (quant.nf4_meta_blocks_)
         from microft.quant import nf4_meta_blocks_
 
@@ -393,11 +392,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     autocast = autocast_context(precision, device)
     step_peaks = []
     tracker.workspaces[sdpa_bwd] = workspace
-    from microft import quant
-    from microft.models import transformer
-
-    plain_checkpoint, transformer.checkpoint = transformer.checkpoint, _labelled_checkpoint(tracker)
-    plain_dequantize, quant._dequantize = quant._dequantize, _labelled_dequantize(tracker)
+    _observe(model, tracker)
     try:
         with fake_mode:
             scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
@@ -414,18 +409,14 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
                         micro_step(model, x, y, None, float(micro_bs * seq_len * accum), autocast, scaler)
                         del x, y
                     tracker.mark(f"step {step}, clip", "clip", "optimizer transients")
-                    scaler.unscale_(optimizer)
-                    clip_gradients(model, cfg.max_grad_norm)
-                    tracker.mark(f"step {step}, optimizer step", "optimizer step", "optimizer transients")
-                    optimizer_step(optimizer, scaler)
+                    finish_step(model, optimizer, scaler, cfg.max_grad_norm, before_step=functools.partial(
+                        tracker.mark, f"step {step}, optimizer step", "optimizer step", "optimizer transients"))
                     for st in optimizer.state.values():
                         for v in st.values():
                             if isinstance(v, torch.Tensor):
                                 tracker.relabel(v, "optimizer state")
                     step_peaks.append(tracker.step_peak)
     finally:
-        transformer.checkpoint = plain_checkpoint
-        quant._dequantize = plain_dequantize
         for h in handles:
             h.remove()
     emulated = list(CUDA_EMULATION)

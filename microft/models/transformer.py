@@ -13,6 +13,7 @@ matmuls); the padded rows are zero, never a target, masked out of every softmax,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,23 @@ from microft.models.precision import autocast_off, compute_dtype
 CPU_MATH_ATTN_MAX_LEN = 256
 Packed = torch.Tensor | tuple[list[int], ...] | None  # packed rows: their mask, or each row's sample lengths
 RESIDUAL_PROJ = ("c_proj.weight", "o_proj.weight", "down_proj.weight")  # scaled init: they add to the stream
+
+
+@dataclass
+class Kernels:
+    """The forward's choices where a CPU takes other kernels than CUDA, and a hook on block recomputes: one
+    object per model, shared by its blocks (`Transformer.kernels`). The defaults are the fast CPU paths; the
+    memory trace sets `Kernels.cuda_like()` so a CPU runs the step as CUDA would, and labels what a
+    checkpoint recomputes through `recompute_context` (torch.utils.checkpoint's `context_fn`)."""
+
+    cpu_math_attention_max_len: int = CPU_MATH_ATTN_MAX_LEN  # bf16 CPU attention this short: plain ops
+    cpu_packed_segments: bool = True  # packed rows attend sample by sample on a CPU (else through the mask)
+    recompute_context: Callable | None = None
+
+    @classmethod
+    def cuda_like(cls, recompute_context: Callable | None = None) -> Kernels:
+        """SDPA at every length and the packed rows' mask, as on CUDA."""
+        return cls(cpu_math_attention_max_len=0, cpu_packed_segments=False, recompute_context=recompute_context)
 
 
 @torch.no_grad()
@@ -195,8 +213,9 @@ def attention_mask(T: int, start: int, window: int | None, device) -> torch.Tens
 class Attention(nn.Module):
     """Multi-head or grouped-query self-attention; GPT-2 keeps a fused `c_attn` and `c_proj`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         C, qd, kvd = cfg.n_embd, cfg.q_dim, cfg.kv_dim
         self.fused = cfg.fused_qkv
@@ -215,10 +234,10 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_window
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
-        self.cpu_math_max_len = CPU_MATH_ATTN_MAX_LEN  # 0: always SDPA (the memory trace emulates CUDA)
 
     def use_short_math(self, q: torch.Tensor) -> bool:
-        return q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.size(2) <= self.cpu_math_max_len
+        short = q.size(2) <= self.kernels.cpu_math_attention_max_len
+        return short and q.device.type == "cpu" and q.dtype == torch.bfloat16
 
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Causal attention of fresh sequences (q, k, v all of the same positions)."""
@@ -349,10 +368,11 @@ def gelu_linear(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 # --- the model ---------------------------------------------------------------------------------
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         self.ln_1 = make_norm(cfg, cfg.n_embd)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, kernels)
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
         self.grad_ckpt = False  # recompute this block's activations in backward
@@ -365,7 +385,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
                 packed: Packed = None) -> torch.Tensor:
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, rope, None, 0, packed, use_reentrant=False)
+            ctx = self.kernels.recompute_context
+            return checkpoint(self._forward, x, rope, None, 0, packed, use_reentrant=False,
+                              **({"context_fn": ctx} if ctx else {}))
         return self._forward(x, rope, cache, layer, packed)
 
 
@@ -373,16 +395,22 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.packed_segments_on_cpu = True  # False: the mask on a CPU too (the memory trace emulates CUDA)
+        self.kernels = Kernels()
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         if cfg.positions == "learned":
             self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, self.kernels) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg, cfg.n_embd)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.reset_parameters()
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Use `kernels` in every block (they share the model's one `Kernels`)."""
+        for m in self.modules():
+            if isinstance(m, Transformer | Block | Attention):
+                m.kernels = kernels
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -420,7 +448,7 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("packed rows (position_ids) are for training, not cached generation")
             window = self.config.sliding_window
-            if self.packed_segments_on_cpu and idx.device.type == "cpu" and (window is None or T <= window):
+            if self.kernels.cpu_packed_segments and idx.device.type == "cpu" and (window is None or T <= window):
                 packed = packed_segments(position_ids)  # attention sample by sample: no masked scores
             else:
                 packed = packed_attention_mask(position_ids)

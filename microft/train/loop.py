@@ -55,11 +55,10 @@ from microft.train.distributed import Dist, grad_sync, rank0_float, reduce_step
 from microft.train.optim import build_optimizer, lr_lambda, warmup_steps
 from microft.train.step import (
     autocast_context,
-    clip_gradients,
     cpu_supports_bf16,
+    finish_step,
     make_scaler,
     micro_step,
-    optimizer_step,
     place_model,
     resolve_device,
     resolve_precision,
@@ -457,14 +456,10 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
             raise Interrupted(f"interrupted at step {state.step}; saved {path}. Resume with: {resume_command(run.out)}",
                               130 if flag["sig"] == signal.SIGINT else 143)
         phase = "optimizer step"
-        run.scaler.unscale_(run.optimizer)
-        grad_norm = clip_gradients(run.model, cfg.max_grad_norm, None if run.scaler.is_enabled() else run.optimizer)
-        loss = float(loss_sum) / (denom * dist.world_size)  # the one host sync of the step
-        if not math.isfinite(loss) and not run.scaler.is_enabled():
-            raise TrainingError(
-                f"loss became {loss} at step {state.step + 1}; stopped. Last good checkpoint: "
-                f"{find_latest_checkpoint(run.out) or 'none'}. Try a lower --lr or --precision fp32")
-        skipped = optimizer_step(run.optimizer, run.scaler)
+        losses: list[float] = []  # read once the clip is queued: the one host sync of the step
+        grad_norm, skipped = finish_step(run.model, run.optimizer, run.scaler, cfg.max_grad_norm, before_step=lambda:
+                                         losses.append(checked_loss(run, loss_sum, denom * dist.world_size)))
+        loss = losses[0]
     except torch.OutOfMemoryError:
         run.optimizer.zero_grad(set_to_none=True)
         if run.device.type == "cuda":
@@ -485,6 +480,16 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
     return {"kind": "step", "step": state.step, "total_steps": run.total_steps, "loss": loss, "lr": lr,
             "grad_norm": float(grad_norm), "tokens": state.tokens, "tokens_per_sec": step_tokens / dt,
             "step_time": dt, "skipped": bool(skipped), "elapsed": 0.0, **memory_stats(run.device)}
+
+
+def checked_loss(run: Run, loss_sum: torch.Tensor, denom: float) -> float:
+    """The step's mean loss; a non-finite one stops the run before its update (the fp16 scaler skips those)."""
+    loss = float(loss_sum) / denom
+    if not math.isfinite(loss) and not run.scaler.is_enabled():
+        raise TrainingError(
+            f"loss became {loss} at step {run.state.step + 1}; stopped. Last good checkpoint: "
+            f"{find_latest_checkpoint(run.out) or 'none'}. Try a lower --lr or --precision fp32")
+    return loss
 
 
 def oom_advice(run: Run, memory: MemoryHooks) -> str:

@@ -1,6 +1,7 @@
 """One optimizer step's parts, shared by the training loop and the estimator's trace.
 
-`micro_step` (one forward/backward), `clip_gradients`, `optimizer_step`, and the precision policy
+`micro_step` (one forward/backward), `finish_step` (unscale, clip, step: `clip_gradients`, `optimizer_step`),
+and the precision policy
 they run under (`resolve_precision`, `autocast_context`, `make_scaler`, `place_model`). The loop
 (loop.py) composes them over real batches; memory/trace.py runs the very same functions on fake
 tensors to measure a step's peak. Of microft it imports only its errors and the CPU's bf16 detection.
@@ -142,3 +143,16 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return scale_before is not None and scaler.get_scale() < scale_before
+
+
+def finish_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                max_norm: float | None, before_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, bool]:
+    """The end of every optimizer step, in the loop and the memory trace alike: unscale (fp16), clip (handed
+    to the optimizer where it reads a grad scale; not with the fp16 scaler, whose skipped steps must leave
+    no divisor behind), `before_step()` (the loop checks the loss there, the trace marks the phase), step.
+    Returns (the gradient norm, whether the fp16 scaler skipped the step)."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(model, max_norm, None if scaler.is_enabled() else optimizer)
+    if before_step is not None:
+        before_step()
+    return grad_norm, optimizer_step(optimizer, scaler)
