@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from microft.errors import CheckpointError, ConfigError
 from microft.models.config import lora_target_table, parse_lora_targets
+from microft.models.families import family
 from microft.models.hf import hf_name
 from microft.models.linear import linear, run_linear
 from microft.models.precision import autocasting
@@ -48,8 +49,6 @@ PEFT_PREFIX = "base_model.model."
 # PEFT matches a list entry against a module name's dotted suffix, so a bare "c_proj" would
 # also catch mlp.c_proj; the qualified names keep a saved GPT-2 adapter exactly as trained.
 # The other families' target names are unique: PEFT's bare names.
-GPT2_PEFT_NAMES: dict[str, str] = {"qkv": "c_attn", "proj": "attn.c_proj", "fc": "c_fc", "mlp_proj": "mlp.c_proj"}
-PEFT_NAMES = GPT2_PEFT_NAMES  # (the name callers used)
 
 
 def parse_targets(spec: str | list[str], model_type: str = "gpt2") -> list[str]:
@@ -226,15 +225,16 @@ def lora_settings(model: GPT) -> dict[str, Any]:
 def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str, Any]:
     """The PEFT `adapter_config.json` describing the adapters on `model`."""
     s = lora_settings(model)
-    gpt2 = model.config.model_type == "gpt2"
+    fam = family(model.config.model_type)
+    peft = fam.peft_names or {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": s["r"],
         "lora_alpha": s["lora_alpha"],
         "lora_dropout": s["lora_dropout"],
-        "target_modules": [GPT2_PEFT_NAMES[t] if gpt2 else t for t in s["targets"]],
-        "fan_in_fan_out": gpt2,  # HF GPT-2 uses Conv1D, weight (in, out)
+        "target_modules": [peft.get(t, t) for t in s["targets"]],
+        "fan_in_fan_out": bool(fam.transposed),  # HF GPT-2 uses Conv1D, weight (in, out)
         "bias": "none",
         "use_rslora": False,
         "use_dora": False,

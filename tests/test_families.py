@@ -14,6 +14,7 @@ from microft.errors import CheckpointError, ConfigError  # noqa: E402
 from microft.generate import generate  # noqa: E402
 from microft.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from microft.models.config import PRESETS, ModelConfig  # noqa: E402
+from microft.models.families import FAMILIES as REGISTRY  # noqa: E402
 from microft.models.hf import export_hf  # noqa: E402
 from microft.models.load import load_model, read_model_config  # noqa: E402
 from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
@@ -242,3 +243,24 @@ def test_presets_have_the_hub_shapes():
         assert Transformer(cfg).num_params() == cfg.num_params()
         assert cfg.flops_per_token(64) > 6 * cfg.matmul_params()
     assert {"qwen3-8b", "qwen2.5-7b", "smollm2-1.7b", "llama-3.2-3b"} <= PRESETS.keys()
+
+
+@pytest.mark.parametrize("model_type", list(REGISTRY))
+def test_every_family_entry_is_whole(model_type):
+    """A registry entry is everything the tool needs of a family: its tiny preset builds, its config.json
+    round-trips through the entry's reader and writer, every weight has a distinct HF name, and its LoRA
+    targets name block linears of the built model."""
+    fam = REGISTRY[model_type]
+    assert fam.tiny in fam.presets and all(name in PRESETS for name in fam.presets)
+    cfg = ModelConfig.from_preset(fam.tiny)
+    assert cfg.model_type == model_type
+    hf = cfg.to_hf()
+    assert hf["architectures"] == [fam.architecture] and hf["model_type"] == model_type
+    back = ModelConfig.from_hf(hf, name=cfg.name)
+    ids = {"dropout", "bos_token_id", "eos_token_id"}  # GPT-2's export names its <|endoftext|> where unset
+    assert back.model_dump(exclude=ids) == cfg.model_dump(exclude=ids) and back.eos_ids == cfg.eos_ids
+    model = Transformer(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert len({fam.hf_key(n) for n in names}) == len(names)
+    linears = {n.rsplit(".", 1)[0].split(".", 2)[2] for n in names if n.startswith("h.0.") and n.endswith("weight")}
+    assert {".".join(fam.lora_targets[t]) for t in fam.lora_targets} <= linears

@@ -304,7 +304,7 @@ def test_constants_mirror_the_torch_modules():
     from microft import lora
     from microft.memory import estimate as memory
     from microft.memory import replay
-    from microft.models.config import LORA_TARGETS
+    from microft.models.families import GPT2_LORA
     from microft.models.transformer import GPT
     from microft.train import optim
 
@@ -319,7 +319,7 @@ def test_constants_mirror_the_torch_modules():
         wrapped = {n.removeprefix("h.0.").rsplit(".lora_", 1)[0] for n, _ in model.named_parameters()
                    if n.startswith("h.0.") and ".lora_" in n}
         assert wrapped == names, spec
-        assert {".".join(LORA_TARGETS[t]) for t in memory.lora_targets(spec)} == names, spec
+        assert {".".join(GPT2_LORA[t]) for t in memory.lora_targets(spec)} == names, spec
 
 
 # --- what the user asked: the batch they gave, the data they have --------------------------------

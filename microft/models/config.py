@@ -1,9 +1,9 @@
 """One `ModelConfig` for every family: the switches the transformer reads, presets, HF config.json in/out.
 
 GPT-2, Llama (SmolLM2 too), Mistral, Qwen2 and Qwen3 are configurations of one implementation
-(`models/transformer.py`). `model_type` only chooses names (module and HF keys) and what
-`to_hf()` writes; everything the forward pass does is a switch here. No torch import: the
-memory estimator reads these shapes without building a model.
+(`models/transformer.py`). `model_type` names the family's entry in `models/families.py` (its HF
+config keys, tensor names, LoRA targets and presets); everything the forward pass does is a switch
+here. No torch import: the memory estimator reads these shapes without building a model.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from microft.errors import ConfigError
+from microft.models.families import EOT_TOKEN, FAMILIES, GPT2_VOCAB_SIZE, family
 
-GPT2_VOCAB_SIZE = 50257
-EOT_TOKEN = 50256
 IGNORE_INDEX = -100
 CE_CHUNK_BYTES = 64 * 2**20  # fp32 logits the fused loss holds at once (models/loss.py)
 
-ModelType = Literal["gpt2", "llama", "mistral", "qwen2", "qwen3"]
-HF_TYPES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_TYPES: tuple[str, ...] = tuple(FAMILIES)
+ARCHITECTURES = {t: f.architecture for t, f in FAMILIES.items()}
+PRESETS: dict[str, dict[str, Any]] = {name: {"model_type": f.model_type, **kw}
+                                      for f in FAMILIES.values() for name, kw in f.presets.items()}
 
 
 def ce_chunks(n_rows: int, padded_vocab: int) -> list[tuple[int, int]]:
@@ -67,7 +66,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = "custom"
-    model_type: ModelType = "gpt2"
+    model_type: str = "gpt2"  # a key of models.families.FAMILIES
     vocab_size: int = Field(GPT2_VOCAB_SIZE, gt=0)
     n_positions: int = Field(1024, gt=0)
     n_embd: int = Field(768, gt=0)
@@ -98,6 +97,8 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _derive(self) -> ModelConfig:
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"model_type {self.model_type!r} is not one of {', '.join(FAMILIES)}")
         if self.head_dim is None:
             if self.n_embd % self.n_head:
                 raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -187,16 +188,14 @@ class ModelConfig(BaseModel):
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "custom", where: str = "config.json") -> ModelConfig:
-        """Build from a Hugging Face `config.json` dict (gpt2, llama, mistral, qwen2, qwen3).
+        """Build from a Hugging Face `config.json` dict of any family in `models.families.FAMILIES`.
 
         Reads RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`.
         """
         model_type = hf.get("model_type", "gpt2")
-        if model_type not in HF_TYPES:
-            raise ConfigError(f"model_type {model_type!r} is not supported; supported: {', '.join(HF_TYPES)}")
+        fam = family(model_type)
         try:
-            fields = _gpt2_fields(hf) if model_type == "gpt2" else _llama_fields(hf, model_type)
-            return cls(name=name, **fields)
+            return cls(name=name, **{"model_type": model_type, **fam.read_hf(hf)})
         except KeyError as e:
             raise ConfigError(f"{where} is not a valid {model_type} config: it has no {e.args[0]!r}") from None
         except ValidationError as e:
@@ -206,255 +205,20 @@ class ModelConfig(BaseModel):
             raise ConfigError(f"{where} is not a valid {model_type} config: {_one_line(e)}") from None
 
     def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face `config.json` for this model (transformers loads it as the same model)."""
-        if self.model_type == "gpt2":
-            return self._gpt2_hf()
-        want = dict(norm="rmsnorm", positions="rope", mlp="swiglu")
-        if self.model_type == "qwen2":
-            want.update(qkv_bias=True, attn_out_bias=False, mlp_bias=False, qk_norm=False)
-        elif self.model_type == "mistral":
-            want.update(qkv_bias=False, attn_out_bias=False, mlp_bias=False, qk_norm=False)
-        elif self.model_type == "llama":
-            want.update(qkv_bias=self.attn_out_bias, qk_norm=False)
-        else:
-            want.update(qkv_bias=self.attn_out_bias, mlp_bias=False, qk_norm=True)
-        off = [k for k, v in want.items() if getattr(self, k) != v]
-        if self.sliding_window and self.model_type != "mistral":
-            off.append("sliding_window")
-        if off:
-            raise ConfigError(f"a {self.model_type} config.json cannot express this model's {', '.join(off)}")
-        rope_scaling = None
-        if self.rope_scaling is not None:
-            rope_scaling = {"rope_type": "llama3", **self.rope_scaling.model_dump()}
-        out: dict[str, Any] = {
-            "architectures": [ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.n_embd,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.n_layer,
-            "num_attention_heads": self.n_head,
-            "num_key_value_heads": self.n_kv_head,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.n_positions,
-            "rms_norm_eps": self.layer_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": rope_scaling,
-            "attention_dropout": self.dropout,
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "initializer_range": 0.02,
-        }
-        if self.model_type in ("llama", "qwen3"):
-            out["attention_bias"] = self.attn_out_bias
-        if self.model_type == "llama":
-            out["mlp_bias"] = self.mlp_bias
-        if self.model_type == "mistral":
-            out["sliding_window"] = self.sliding_window
-        if self.model_type in ("qwen2", "qwen3"):
-            out.update(use_sliding_window=False, sliding_window=None)
-        return out
-
-    def _gpt2_special(self, token_id: int | list[int] | None) -> int | list[int] | None:
-        """A GPT-2 special id as exported: its own, else GPT-2's <|endoftext|> where the vocabulary has it."""
-        if token_id is None:
-            return EOT_TOKEN if self.vocab_size > EOT_TOKEN else None
-        return token_id
-
-    def _gpt2_hf(self) -> dict[str, Any]:
-        want = dict(norm="layernorm", positions="learned", mlp="gelu", qkv_bias=True, attn_out_bias=True,
-                    mlp_bias=True, tie_embeddings=True, sliding_window=None, intermediate_size=4 * self.n_embd,
-                    head_dim=self.n_embd // self.n_head, n_kv_head=self.n_head)
-        off = [k for k, v in want.items() if getattr(self, k) != v]
-        if off:
-            raise ConfigError(f"a gpt2 config.json cannot express this model's {', '.join(off)}")
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": self.vocab_size,
-            "n_positions": self.n_positions,
-            "n_ctx": self.n_positions,
-            "n_embd": self.n_embd,
-            "n_layer": self.n_layer,
-            "n_head": self.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new",
-            "resid_pdrop": self.dropout,
-            "embd_pdrop": self.dropout,
-            "attn_pdrop": self.dropout,
-            "layer_norm_epsilon": self.layer_norm_eps,
-            "initializer_range": 0.02,
-            "bos_token_id": self._gpt2_special(self.bos_token_id),
-            "eos_token_id": self._gpt2_special(self.eos_token_id),
-            "tie_word_embeddings": True,
-        }
+        """The Hugging Face `config.json` for this model (transformers loads it as the same model); a
+        ConfigError names the switches the family's config.json cannot express."""
+        return family(self.model_type).write_hf(self.model_dump())
 
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
-# GPT-2 config.json switches microft's GPT-2 does not implement: (key, transformers' default, values it runs)
-_GPT2_FIXED = (("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),  # both tanh-GELU
-               ("scale_attn_weights", True, (True,)), ("scale_attn_by_inverse_layer_idx", False, (False,)))
-
-
-def _gpt2_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise ConfigError(f"GPT-2 configs with n_inner={hf['n_inner']} are not supported (only 4 × n_embd)")
-    for key, default, runs in _GPT2_FIXED:  # refused, not ignored: the logits would differ from transformers'
-        if hf.get(key, default) not in runs:
-            raise ConfigError(f"GPT-2 configs with {key}={hf[key]!r} are not supported (only {runs[0]!r})")
-    return dict(vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE), n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
-                n_embd=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
-
-
-def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(theta, llama3 scaling) from either layout: `rope_parameters`, or `rope_theta` + `rope_scaling`."""
-    params = hf.get("rope_parameters") or {}  # transformers 5 writes this; it wins where both are present
-    scaling = params or hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        raise ConfigError(f"RoPE scaling {kind!r} is not supported (only the default and 'llama3')")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return theta, RopeScaling(**{k: scaling[k] for k in keys})
-
-
-def _llama_fields(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"hidden_act {act!r} is not supported for {model_type} (only silu)")
-    C, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    theta, scaling = _rope(hf)
-    bias = bool(hf.get("attention_bias", False))
-    window = None
-    if model_type == "mistral":
-        window = hf.get("sliding_window")
-    elif hf.get("use_sliding_window"):
-        raise ConfigError(f"{model_type} with use_sliding_window=true (per-layer windows) is not supported")
-    return dict(
-        model_type=model_type, vocab_size=int(hf["vocab_size"]), n_positions=int(hf.get("max_position_embeddings", 4096)),
-        n_embd=C, n_layer=int(hf["num_hidden_layers"]), n_head=heads,
-        n_kv_head=int(hf.get("num_key_value_heads") or heads), head_dim=int(hf.get("head_dim") or C // heads),
-        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm="rmsnorm", positions="rope",
-        rope_theta=theta, rope_scaling=scaling,
-        qkv_bias=True if model_type == "qwen2" else (bias and model_type != "mistral"),
-        attn_out_bias=bias and model_type in ("llama", "qwen3"), qk_norm=model_type == "qwen3",
-        sliding_window=window, mlp="swiglu", intermediate_size=int(hf["intermediate_size"]),
-        mlp_bias=bool(hf.get("mlp_bias", False)) and model_type == "llama",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=float(hf.get("attention_dropout") or 0.0),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-    )
-
-
-# --- presets (random init; the shapes of the hub checkpoints) -----------------------------------
-def _family(model_type: str, **kw: Any) -> dict[str, Any]:
-    base = dict(model_type=model_type, norm="rmsnorm", positions="rope", mlp="swiglu", qkv_bias=False,
-                attn_out_bias=False, mlp_bias=False)
-    if model_type == "qwen2":
-        base.update(qkv_bias=True, layer_norm_eps=1e-6, vocab_size=151936, rope_theta=1e6,
-                    bos_token_id=151643, eos_token_id=151643)
-    if model_type == "qwen3":
-        base.update(qk_norm=True, layer_norm_eps=1e-6, vocab_size=151936, rope_theta=1e6, n_positions=40960,
-                    head_dim=128, bos_token_id=151643, eos_token_id=151645)
-    return {**base, **kw}
-
-
-_LLAMA3 = dict(vocab_size=128256, n_positions=131072, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
-_SMOL = dict(vocab_size=49152, n_positions=8192, bos_token_id=0, eos_token_id=0)
-
-
-def _llama3_scaling(factor: float) -> dict[str, Any]:
-    return dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
-    "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=256, n_positions=512),
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
-    "llama-3.2-1b": _family("llama", **_LLAMA3, n_embd=2048, intermediate_size=8192, n_layer=16, n_head=32,
-                            n_kv_head=8, tie_embeddings=True, rope_scaling=_llama3_scaling(32.0)),
-    "llama-3.2-3b": _family("llama", **_LLAMA3, n_embd=3072, intermediate_size=8192, n_layer=28, n_head=24,
-                            n_kv_head=8, tie_embeddings=True, rope_scaling=_llama3_scaling(32.0)),
-    "llama-3.1-8b": _family("llama", **_LLAMA3, n_embd=4096, intermediate_size=14336, n_layer=32, n_head=32,
-                            n_kv_head=8, tie_embeddings=False, rope_scaling=_llama3_scaling(8.0)),
-    "qwen3-0.6b": _family("qwen3", n_embd=1024, intermediate_size=3072, n_layer=28, n_head=16, n_kv_head=8,
-                          tie_embeddings=True),
-    "qwen3-1.7b": _family("qwen3", n_embd=2048, intermediate_size=6144, n_layer=28, n_head=16, n_kv_head=8,
-                          tie_embeddings=True),
-    "qwen3-4b": _family("qwen3", n_embd=2560, intermediate_size=9728, n_layer=36, n_head=32, n_kv_head=8,
-                        tie_embeddings=True),
-    "qwen3-8b": _family("qwen3", n_embd=4096, intermediate_size=12288, n_layer=36, n_head=32, n_kv_head=8,
-                        tie_embeddings=False),
-    "qwen2.5-0.5b": _family("qwen2", n_embd=896, intermediate_size=4864, n_layer=24, n_head=14, n_kv_head=2,
-                            n_positions=32768, tie_embeddings=True),
-    "qwen2.5-1.5b": _family("qwen2", n_embd=1536, intermediate_size=8960, n_layer=28, n_head=12, n_kv_head=2,
-                            n_positions=131072, tie_embeddings=True),
-    "qwen2.5-7b": _family("qwen2", n_embd=3584, intermediate_size=18944, n_layer=28, n_head=28, n_kv_head=4,
-                          n_positions=131072, vocab_size=152064, tie_embeddings=False),
-    "smollm2-135m": _family("llama", **_SMOL, n_embd=576, intermediate_size=1536, n_layer=30, n_head=9,
-                            n_kv_head=3, rope_theta=100000.0, tie_embeddings=True),
-    "smollm2-360m": _family("llama", **_SMOL, n_embd=960, intermediate_size=2560, n_layer=32, n_head=15,
-                            n_kv_head=5, rope_theta=100000.0, tie_embeddings=True),
-    "smollm2-1.7b": _family("llama", **_SMOL, n_embd=2048, intermediate_size=8192, n_layer=24, n_head=32,
-                            n_kv_head=32, rope_theta=130000.0, tie_embeddings=True),
-    "mistral-7b": _family("mistral", vocab_size=32000, n_positions=32768, n_embd=4096, intermediate_size=14336,
-                          n_layer=32, n_head=32, n_kv_head=8, sliding_window=4096, tie_embeddings=False,
-                          bos_token_id=1, eos_token_id=2),
-    # tiny CPU models of each family (tests, smoke runs)
-    "llama-tiny": _family("llama", vocab_size=512, n_positions=256, n_embd=64, intermediate_size=128, n_layer=2,
-                          n_head=4, n_kv_head=2, rope_theta=500000.0, tie_embeddings=False,
-                          rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                            original_max_position_embeddings=64), bos_token_id=1, eos_token_id=2),
-    "qwen2-tiny": _family("qwen2", vocab_size=512, n_positions=256, n_embd=64, intermediate_size=128, n_layer=2,
-                          n_head=4, n_kv_head=2, tie_embeddings=True, bos_token_id=1, eos_token_id=2),
-    "qwen3-tiny": _family("qwen3", vocab_size=512, n_positions=256, n_embd=64, intermediate_size=128, n_layer=2,
-                          n_head=4, n_kv_head=2, head_dim=32, tie_embeddings=True, bos_token_id=1, eos_token_id=2),
-    "mistral-tiny": _family("mistral", vocab_size=512, n_positions=256, n_embd=64, intermediate_size=128, n_layer=2,
-                            n_head=4, n_kv_head=2, sliding_window=16, tie_embeddings=False, bos_token_id=1,
-                            eos_token_id=2),
-}
-
-
 # --- LoRA targets ------------------------------------------------------------------------------
-# target name -> (block submodule, linear); GPT-2's paths are HF GPT-2's module names too
-LORA_TARGETS: dict[str, tuple[str, str]] = {
-    "qkv": ("attn", "c_attn"),
-    "proj": ("attn", "c_proj"),
-    "fc": ("mlp", "c_fc"),
-    "mlp_proj": ("mlp", "c_proj"),
-}
-LORA_GROUPS: dict[str, tuple[str, ...]] = {
-    "attn": ("qkv", "proj"),
-    "mlp": ("fc", "mlp_proj"),
-    "all": tuple(LORA_TARGETS),
-}
-# the other families: PEFT's names, and GPT-2's names as aliases of the same roles
-LLAMA_LORA_TARGETS: dict[str, tuple[str, str]] = {
-    "q_proj": ("attn", "q_proj"), "k_proj": ("attn", "k_proj"), "v_proj": ("attn", "v_proj"),
-    "o_proj": ("attn", "o_proj"), "gate_proj": ("mlp", "gate_proj"), "up_proj": ("mlp", "up_proj"),
-    "down_proj": ("mlp", "down_proj"),
-}
-LLAMA_LORA_GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"), "proj": ("o_proj",), "fc": ("gate_proj", "up_proj"),
-    "mlp_proj": ("down_proj",), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"), "all": tuple(LLAMA_LORA_TARGETS),
-}
-
-
 def lora_target_table(model_type: str = "gpt2") -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, ...]]]:
     """(targets, groups) for a family: target name -> (block submodule, linear), group -> targets."""
-    return (LORA_TARGETS, LORA_GROUPS) if model_type == "gpt2" else (LLAMA_LORA_TARGETS, LLAMA_LORA_GROUPS)
+    fam = family(model_type)
+    return fam.lora_targets, fam.lora_groups
 
 
 def parse_lora_targets(spec: str | list[str] | tuple[str, ...], model_type: str = "gpt2") -> list[str]:

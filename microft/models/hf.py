@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
-import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,38 +25,25 @@ from safetensors.torch import save_file
 
 from microft.errors import CheckpointError
 from microft.models.config import ModelConfig
+from microft.models.families import family
 from microft.weights import atomic_dir
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
-GPT2_PREFIX = "transformer."
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers older GPT-2 checkpoints saved
 MAX_SHARD_BYTES = 2 * 2**30
-# microft block child -> HF Llama-family name
-BLOCK_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
-TOP_NAMES = {"wte": "model.embed_tokens", "ln_f": "model.norm", "lm_head": "lm_head"}
 VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # padded in the model, unpadded in files
 
 
 def hf_name(cfg: ModelConfig, name: str) -> str:
     """The HF name of a microft parameter or module path (`h.0.attn.q_proj.weight` -> `model.layers.0...`)."""
-    if cfg.model_type == "gpt2":
-        return name if name.startswith("lm_head") else GPT2_PREFIX + name
-    head, _, rest = name.partition(".")
-    if head in TOP_NAMES:
-        return ".".join(filter(None, (TOP_NAMES[head], rest)))
-    m = re.fullmatch(r"h\.(\d+)(?:\.([^.]+)(.*))?", name)
-    if m is None:
-        raise KeyError(name)
-    i, child, tail = m.groups()
-    return f"model.layers.{i}" + (f".{BLOCK_NAMES.get(child, child)}{tail}" if child else "")
+    return family(cfg.model_type).hf_key(name)
 
 
 def is_transposed(cfg: ModelConfig, name: str) -> bool:
     """Whether HF stores this weight (in, out): GPT-2's Conv1D projections."""
-    return cfg.model_type == "gpt2" and name.endswith(CONV1D)
+    suffixes = family(cfg.model_type).transposed
+    return bool(suffixes) and name.endswith(suffixes)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -200,12 +186,13 @@ class HFReader:
 
     def __init__(self, cfg: ModelConfig, files: TensorFiles):
         self.cfg, self.files, self.keys = cfg, files, set(files.keys())
+        self.bare = family(cfg.model_type).bare_keys
         if cfg.model_type == "gpt2":
             _check_gpt2_head(files, self.keys)
 
     def key(self, name: str) -> str | None:
         key = hf_name(self.cfg, name)
-        if key not in self.keys and self.cfg.model_type == "gpt2" and name in self.keys:  # the bare hub layout
+        if key not in self.keys and self.bare and name in self.keys:  # an old upload's unprefixed layout
             key = name
         return key if key in self.keys else None
 
@@ -225,7 +212,7 @@ class HFReader:
 def _check_gpt2_head(files: TensorFiles, keys: set[str]) -> None:
     if "lm_head.weight" not in keys:
         return
-    wte_key = next((k for k in (GPT2_PREFIX + "wte.weight", "wte.weight") if k in keys), None)
+    wte_key = next((k for k in ("transformer.wte.weight", "wte.weight") if k in keys), None)
     head = files.get("lm_head.weight")
     if wte_key is not None:
         wte = files.get(wte_key)
@@ -251,11 +238,6 @@ def hf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         if is_transposed(cfg, name):
             t = t.t()
         yield hf_name(cfg, name), t.to("cpu").contiguous()
-
-
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """All of `model`'s weights as HF names them (in memory; `write_hf` streams them instead)."""
-    return dict(hf_tensors(model))
 
 
 def write_hf(directory: Path, model: torch.nn.Module, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:

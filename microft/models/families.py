@@ -1,0 +1,300 @@
+"""The model families microft drives: one `Family` entry each, with everything about it side by side.
+
+An entry holds the HF `model_type` and architecture name, how its `config.json` maps to `ModelConfig`
+fields and back (refusing what the family's config cannot express), how microft's parameter names map to
+the family's HF tensor names (and which are stored transposed), its LoRA target names (and PEFT's names
+for them), and its presets (the hub checkpoints' shapes, random init; one tiny CPU model for tests).
+Adding a family is one entry in `FAMILIES` (plus the switches the transformer needs, in `ModelConfig`);
+the tests that parametrise over `FAMILIES` pick it up.
+
+No torch, and no import of `models.config` (which reads this registry): entries turn dicts into dicts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from microft.errors import ConfigError
+
+GPT2_VOCAB_SIZE = 50257
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+
+LoraTable = dict[str, tuple[str, str]]  # target name -> (block submodule, linear)
+LoraGroups = dict[str, tuple[str, ...]]  # group name -> targets
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF model_type: config.json in and out, tensor names, LoRA targets, presets."""
+
+    model_type: str
+    architecture: str  # HF config.json `architectures[0]`
+    read_hf: Callable[[dict[str, Any]], dict[str, Any]]  # config.json -> ModelConfig fields
+    write_hf: Callable[[dict[str, Any]], dict[str, Any]]  # ModelConfig fields -> config.json
+    hf_key: Callable[[str], str]  # microft parameter/module path -> HF name
+    lora_targets: LoraTable
+    lora_groups: LoraGroups
+    tiny: str  # the preset of a tiny CPU model of this family (tests, smoke runs)
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    transposed: tuple[str, ...] = ()  # weights HF stores (in, out) (GPT-2's Conv1D), by name suffix
+    peft_names: dict[str, str] | None = None  # LoRA target -> PEFT target_modules name, where they differ
+    bare_keys: bool = False  # old uploads may lack the HF prefix (GPT-2's `h.0...`)
+
+
+# --- GPT-2 -------------------------------------------------------------------------------------
+# GPT-2 config.json switches microft's GPT-2 does not implement: (key, transformers' default, values it runs)
+_GPT2_FIXED = (("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh")),  # both tanh-GELU
+               ("scale_attn_weights", True, (True,)), ("scale_attn_by_inverse_layer_idx", False, (False,)))
+
+
+def _gpt2_read(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise ConfigError(f"GPT-2 configs with n_inner={hf['n_inner']} are not supported (only 4 × n_embd)")
+    for key, default, runs in _GPT2_FIXED:  # refused, not ignored: the logits would differ from transformers'
+        if hf.get(key, default) not in runs:
+            raise ConfigError(f"GPT-2 configs with {key}={hf[key]!r} are not supported (only {runs[0]!r})")
+    return dict(vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE), n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                n_embd=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+
+
+def _gpt2_special(c: dict[str, Any], token_id: int | list[int] | None) -> int | list[int] | None:
+    """A GPT-2 special id as exported: its own, else GPT-2's <|endoftext|> where the vocabulary has it."""
+    if token_id is None:
+        return EOT_TOKEN if c["vocab_size"] > EOT_TOKEN else None
+    return token_id
+
+
+def _gpt2_write(c: dict[str, Any]) -> dict[str, Any]:
+    C = c["n_embd"]
+    _refuse_off(c, "gpt2", dict(norm="layernorm", positions="learned", mlp="gelu", qkv_bias=True, attn_out_bias=True,
+                                mlp_bias=True, tie_embeddings=True, sliding_window=None, intermediate_size=4 * C,
+                                head_dim=C // c["n_head"], n_kv_head=c["n_head"]))
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c["vocab_size"],
+        "n_positions": c["n_positions"], "n_ctx": c["n_positions"], "n_embd": C, "n_layer": c["n_layer"],
+        "n_head": c["n_head"], "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": c["dropout"],
+        "embd_pdrop": c["dropout"], "attn_pdrop": c["dropout"], "layer_norm_epsilon": c["layer_norm_eps"],
+        "initializer_range": 0.02, "bos_token_id": _gpt2_special(c, c["bos_token_id"]),
+        "eos_token_id": _gpt2_special(c, c["eos_token_id"]), "tie_word_embeddings": True,
+    }
+
+
+def _gpt2_key(name: str) -> str:
+    return name if name.startswith("lm_head") else "transformer." + name
+
+
+GPT2_LORA: LoraTable = {"qkv": ("attn", "c_attn"), "proj": ("attn", "c_proj"), "fc": ("mlp", "c_fc"),
+                        "mlp_proj": ("mlp", "c_proj")}
+GPT2_LORA_GROUPS: LoraGroups = {"attn": ("qkv", "proj"), "mlp": ("fc", "mlp_proj"), "all": tuple(GPT2_LORA)}
+
+
+# --- the Llama layout (Llama 3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3) ----------------------------------
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, llama3 scaling) from either layout: `rope_parameters`, or `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}  # transformers 5 writes this; it wins where both are present
+    scaling = params or hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ConfigError(f"RoPE scaling {kind!r} is not supported (only the default and 'llama3')")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, {k: scaling[k] for k in keys}
+
+
+def _llama_read(model_type: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def read(hf: dict[str, Any]) -> dict[str, Any]:
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported for {model_type} (only silu)")
+        C, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        theta, scaling = _rope(hf)
+        bias = bool(hf.get("attention_bias", False))
+        window = None
+        if model_type == "mistral":
+            window = hf.get("sliding_window")
+        elif hf.get("use_sliding_window"):
+            raise ConfigError(f"{model_type} with use_sliding_window=true (per-layer windows) is not supported")
+        return dict(
+            model_type=model_type, vocab_size=int(hf["vocab_size"]),
+            n_positions=int(hf.get("max_position_embeddings", 4096)), n_embd=C, n_layer=int(hf["num_hidden_layers"]),
+            n_head=heads, n_kv_head=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or C // heads), layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            norm="rmsnorm", positions="rope", rope_theta=theta, rope_scaling=scaling,
+            qkv_bias=True if model_type == "qwen2" else (bias and model_type != "mistral"),
+            attn_out_bias=bias and model_type in ("llama", "qwen3"), qk_norm=model_type == "qwen3",
+            sliding_window=window, mlp="swiglu", intermediate_size=int(hf["intermediate_size"]),
+            mlp_bias=bool(hf.get("mlp_bias", False)) and model_type == "llama",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            dropout=float(hf.get("attention_dropout") or 0.0),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        )
+    return read
+
+
+def _refuse_off(c: dict[str, Any], model_type: str, want: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    off = [k for k, v in want.items() if c[k] != v] + list(extra)
+    if off:
+        raise ConfigError(f"a {model_type} config.json cannot express this model's {', '.join(off)}")
+
+
+def _llama_write(model_type: str, architecture: str, fixed: Callable[[dict[str, Any]], dict[str, Any]],
+                 extra: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """config.json of a Llama-layout family: `fixed(c)` are the switches its config cannot change,
+    `extra(c)` its own keys."""
+    def write(c: dict[str, Any]) -> dict[str, Any]:
+        window = ("sliding_window",) if c["sliding_window"] and model_type != "mistral" else ()
+        _refuse_off(c, model_type, dict(norm="rmsnorm", positions="rope", mlp="swiglu", **fixed(c)), window)
+        scaling = c["rope_scaling"]
+        return {
+            "architectures": [architecture], "model_type": model_type, "vocab_size": c["vocab_size"],
+            "hidden_size": c["n_embd"], "intermediate_size": c["intermediate_size"],
+            "num_hidden_layers": c["n_layer"], "num_attention_heads": c["n_head"],
+            "num_key_value_heads": c["n_kv_head"], "head_dim": c["head_dim"], "hidden_act": "silu",
+            "max_position_embeddings": c["n_positions"], "rms_norm_eps": c["layer_norm_eps"],
+            "rope_theta": c["rope_theta"], "rope_scaling": {"rope_type": "llama3", **scaling} if scaling else None,
+            "attention_dropout": c["dropout"], "tie_word_embeddings": c["tie_embeddings"],
+            "bos_token_id": c["bos_token_id"], "eos_token_id": c["eos_token_id"], "initializer_range": 0.02,
+            **extra(c),
+        }
+    return write
+
+
+_LLAMA_BLOCK = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
+_LLAMA_TOP = {"wte": "model.embed_tokens", "ln_f": "model.norm", "lm_head": "lm_head"}
+
+
+def _llama_key(name: str) -> str:
+    head, _, rest = name.partition(".")
+    if head in _LLAMA_TOP:
+        return ".".join(filter(None, (_LLAMA_TOP[head], rest)))
+    m = re.fullmatch(r"h\.(\d+)(?:\.([^.]+)(.*))?", name)
+    if m is None:
+        raise KeyError(name)
+    i, child, tail = m.groups()
+    return f"model.layers.{i}" + (f".{_LLAMA_BLOCK.get(child, child)}{tail}" if child else "")
+
+
+# PEFT's names, and GPT-2's names as aliases of the same roles
+LLAMA_LORA: LoraTable = {
+    "q_proj": ("attn", "q_proj"), "k_proj": ("attn", "k_proj"), "v_proj": ("attn", "v_proj"),
+    "o_proj": ("attn", "o_proj"), "gate_proj": ("mlp", "gate_proj"), "up_proj": ("mlp", "up_proj"),
+    "down_proj": ("mlp", "down_proj"),
+}
+LLAMA_LORA_GROUPS: LoraGroups = {
+    "qkv": ("q_proj", "k_proj", "v_proj"), "proj": ("o_proj",), "fc": ("gate_proj", "up_proj"),
+    "mlp_proj": ("down_proj",), "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"), "all": tuple(LLAMA_LORA),
+}
+
+
+def _preset(model_type: str, **kw: Any) -> dict[str, Any]:
+    """A Llama-layout preset: the family's switches and defaults, then the model's own values."""
+    base = dict(model_type=model_type, norm="rmsnorm", positions="rope", mlp="swiglu", qkv_bias=False,
+                attn_out_bias=False, mlp_bias=False)
+    if model_type == "qwen2":
+        base.update(qkv_bias=True, layer_norm_eps=1e-6, vocab_size=151936, rope_theta=1e6,
+                    bos_token_id=151643, eos_token_id=151643)
+    if model_type == "qwen3":
+        base.update(qk_norm=True, layer_norm_eps=1e-6, vocab_size=151936, rope_theta=1e6, n_positions=40960,
+                    head_dim=128, bos_token_id=151643, eos_token_id=151645)
+    return {**base, **kw}
+
+
+def _llama3_scaling(factor: float, original: int = 8192) -> dict[str, Any]:
+    return dict(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=original)
+
+
+_LLAMA3 = dict(vocab_size=128256, n_positions=131072, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001)
+_SMOL = dict(vocab_size=49152, n_positions=8192, bos_token_id=0, eos_token_id=0)
+_TINY = dict(vocab_size=512, n_positions=256, n_embd=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_head=2,
+             bos_token_id=1, eos_token_id=2)
+
+
+def _llama_family(model_type: str, architecture: str, fixed: Callable[[dict[str, Any]], dict[str, Any]],
+                  extra: Callable[[dict[str, Any]], dict[str, Any]], tiny: str,
+                  presets: dict[str, dict[str, Any]]) -> Family:
+    return Family(model_type, architecture, _llama_read(model_type), _llama_write(model_type, architecture, fixed, extra),
+                  _llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, tiny, presets)
+
+
+# --- the registry ------------------------------------------------------------------------------
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("gpt2", "GPT2LMHeadModel", _gpt2_read, _gpt2_write, _gpt2_key, GPT2_LORA, GPT2_LORA_GROUPS, "gpt2-tiny",
+           presets={
+               "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=256),
+               "gpt2-mini": dict(n_layer=4, n_head=4, n_embd=256, n_positions=512),
+               "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+               "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
+               "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),
+               "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
+           },
+           transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
+           peft_names={"qkv": "c_attn", "proj": "attn.c_proj", "fc": "c_fc", "mlp_proj": "mlp.c_proj"},
+           bare_keys=True),
+    _llama_family(
+        "llama", "LlamaForCausalLM", lambda c: dict(qkv_bias=c["attn_out_bias"], qk_norm=False),
+        lambda c: {"attention_bias": c["attn_out_bias"], "mlp_bias": c["mlp_bias"]}, "llama-tiny", {
+            "llama-3.2-1b": _preset("llama", **_LLAMA3, n_embd=2048, intermediate_size=8192, n_layer=16, n_head=32,
+                                    n_kv_head=8, tie_embeddings=True, rope_scaling=_llama3_scaling(32.0)),
+            "llama-3.2-3b": _preset("llama", **_LLAMA3, n_embd=3072, intermediate_size=8192, n_layer=28, n_head=24,
+                                    n_kv_head=8, tie_embeddings=True, rope_scaling=_llama3_scaling(32.0)),
+            "llama-3.1-8b": _preset("llama", **_LLAMA3, n_embd=4096, intermediate_size=14336, n_layer=32, n_head=32,
+                                    n_kv_head=8, tie_embeddings=False, rope_scaling=_llama3_scaling(8.0)),
+            "smollm2-135m": _preset("llama", **_SMOL, n_embd=576, intermediate_size=1536, n_layer=30, n_head=9,
+                                    n_kv_head=3, rope_theta=100000.0, tie_embeddings=True),
+            "smollm2-360m": _preset("llama", **_SMOL, n_embd=960, intermediate_size=2560, n_layer=32, n_head=15,
+                                    n_kv_head=5, rope_theta=100000.0, tie_embeddings=True),
+            "smollm2-1.7b": _preset("llama", **_SMOL, n_embd=2048, intermediate_size=8192, n_layer=24, n_head=32,
+                                    n_kv_head=32, rope_theta=130000.0, tie_embeddings=True),
+            "llama-tiny": _preset("llama", **_TINY, rope_theta=500000.0, tie_embeddings=False,
+                                  rope_scaling=_llama3_scaling(8.0, original=64)),
+        }),
+    _llama_family(
+        "mistral", "MistralForCausalLM", lambda c: dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False,
+                                                        qk_norm=False),
+        lambda c: {"sliding_window": c["sliding_window"]}, "mistral-tiny", {
+            "mistral-7b": _preset("mistral", vocab_size=32000, n_positions=32768, n_embd=4096, intermediate_size=14336,
+                                  n_layer=32, n_head=32, n_kv_head=8, sliding_window=4096, tie_embeddings=False,
+                                  bos_token_id=1, eos_token_id=2),
+            "mistral-tiny": _preset("mistral", **_TINY, sliding_window=16, tie_embeddings=False),
+        }),
+    _llama_family(
+        "qwen2", "Qwen2ForCausalLM", lambda c: dict(qkv_bias=True, attn_out_bias=False, mlp_bias=False, qk_norm=False),
+        lambda c: {"use_sliding_window": False, "sliding_window": None}, "qwen2-tiny", {
+            "qwen2.5-0.5b": _preset("qwen2", n_embd=896, intermediate_size=4864, n_layer=24, n_head=14, n_kv_head=2,
+                                    n_positions=32768, tie_embeddings=True),
+            "qwen2.5-1.5b": _preset("qwen2", n_embd=1536, intermediate_size=8960, n_layer=28, n_head=12, n_kv_head=2,
+                                    n_positions=131072, tie_embeddings=True),
+            "qwen2.5-7b": _preset("qwen2", n_embd=3584, intermediate_size=18944, n_layer=28, n_head=28, n_kv_head=4,
+                                  n_positions=131072, vocab_size=152064, tie_embeddings=False),
+            "qwen2-tiny": _preset("qwen2", **_TINY, tie_embeddings=True),
+        }),
+    _llama_family(
+        "qwen3", "Qwen3ForCausalLM", lambda c: dict(qkv_bias=c["attn_out_bias"], mlp_bias=False, qk_norm=True),
+        lambda c: {"attention_bias": c["attn_out_bias"], "use_sliding_window": False, "sliding_window": None},
+        "qwen3-tiny", {
+            "qwen3-0.6b": _preset("qwen3", n_embd=1024, intermediate_size=3072, n_layer=28, n_head=16, n_kv_head=8,
+                                  tie_embeddings=True),
+            "qwen3-1.7b": _preset("qwen3", n_embd=2048, intermediate_size=6144, n_layer=28, n_head=16, n_kv_head=8,
+                                  tie_embeddings=True),
+            "qwen3-4b": _preset("qwen3", n_embd=2560, intermediate_size=9728, n_layer=36, n_head=32, n_kv_head=8,
+                                tie_embeddings=True),
+            "qwen3-8b": _preset("qwen3", n_embd=4096, intermediate_size=12288, n_layer=36, n_head=32, n_kv_head=8,
+                                tie_embeddings=False),
+            "qwen3-tiny": _preset("qwen3", **_TINY, head_dim=32, tie_embeddings=True),
+        }),
+)}
+
+
+def family(model_type: str) -> Family:
+    """The registry entry of `model_type` (a ConfigError naming the supported ones if there is none)."""
+    if model_type not in FAMILIES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
