@@ -2,9 +2,9 @@
 
 A reader turns one file into a `Table`: its rows, each a decoded value (a dict of fields for every format
 but JSON, whose arrays may hold anything) with the words that name it in messages ("line 3", "record 2",
-"row 5"), and the column names when the format has a header. A problem with one row (a JSONL line that is
-not JSON, a CSV row with more fields than its header) goes to `problems`, so `--skip-bad` can skip it; a
-problem with the file (unreadable, empty, not the format at all) raises DataError. What a row means
+"row 5"), and the column names when the format has a header. A row that can't be decoded (a JSONL line that
+is not JSON, a CSV row with more fields than its header) is a `Bad` value in its place, so `--skip-bad` can
+skip it; a problem with the file (unreadable, empty, not the format at all) raises DataError. What a row means
 (instruction, chat, column names) is `instruct.py`'s business, the same for every format.
 
 A file whose suffix no entry claims is read by its content: Parquet's magic bytes, else JSON/JSONL, whose
@@ -27,10 +27,16 @@ _BOM = b"\xef\xbb\xbf"
 PARQUET_MAGIC = b"PAR1"
 
 
+class Bad(NamedTuple):
+    """A row that could not be decoded, and why."""
+
+    problem: str
+
+
 class Row(NamedTuple):
     where: str  # how messages name the row: "line 3", "record 2", "row 5"
     source: str  # the record's origin, kept on it: "data.csv:3", "data.json[2]"
-    value: Any
+    value: Any  # the decoded row, or Bad
 
 
 @dataclass
@@ -39,14 +45,14 @@ class Table:
     columns: list[str] | None = None  # the header of a tabular format (CSV, TSV, Parquet); None for JSON
 
 
-Reader = Callable[[Path, str, list[str]], Table]
+Reader = Callable[[Path, str], Table]
 
 
 @dataclass(frozen=True)
 class Format:
     name: str
     suffixes: tuple[str, ...]
-    read: Reader  # (path, name in messages, problems) -> Table
+    read: Reader  # (path, name in messages) -> Table
 
 
 def _bytes(path: Path, name: str) -> bytes:
@@ -74,7 +80,7 @@ def plain_text_error(name: str) -> DataError:
                      "on text, or give finetune JSON/JSONL, CSV/TSV or Parquet records")
 
 
-def read_json(path: Path, name: str, problems: list[str]) -> Table:
+def read_json(path: Path, name: str) -> Table:
     """A JSON array (one document: a syntax error is fatal), one JSON object, or JSONL (line by line)."""
     raw = _bytes(path, name)
     if raw.lstrip()[:1] == b"[":
@@ -107,19 +113,16 @@ def read_json(path: Path, name: str, problems: list[str]) -> Table:
             obj = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
             col = e.start + 1
-            problems.append(f"{name}: line {n}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {col})")
-            continue
+            obj = Bad(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {col})")
         except json.JSONDecodeError as e:
-            problems.append(f"{name}: line {n}: invalid JSON ({e.msg} at column {e.colno})")
-            continue
+            obj = Bad(f"invalid JSON ({e.msg} at column {e.colno})")
         except RecursionError:
-            problems.append(f"{name}: line {n}: JSON nested too deeply")
-            continue
+            obj = Bad("JSON nested too deeply")
         table.rows.append(Row(f"line {n}", f"{name}:{n}", obj))
     return table
 
 
-def _read_delimited(path: Path, name: str, problems: list[str], delimiter: str) -> Table:
+def _read_delimited(path: Path, name: str, delimiter: str) -> Table:
     """CSV or TSV with a header row; every cell is text (a `messages` cell holds the chat as JSON)."""
     raw = _bytes(path, name)
     try:
@@ -146,36 +149,38 @@ def _read_delimited(path: Path, name: str, problems: list[str], delimiter: str) 
             where, start = f"line {start}", reader.line_num + 1  # a quoted cell may span lines
             if not any(c.strip() for c in cells):
                 continue
-            if len(cells) != len(columns):
-                problems.append(f"{name}: {where}: {len(cells)} fields, the header has {len(columns)}")
-                continue
-            row = dict(zip(columns, cells))
-            if "messages" in row:
-                try:
-                    row["messages"] = json.loads(row["messages"])
-                except json.JSONDecodeError as e:
-                    problems.append(f"{name}: {where}: the 'messages' cell is not JSON ({e.msg})")
-                    continue
-            table.rows.append(Row(where, f"{name}:{where.removeprefix('line ')}", row))
+            table.rows.append(Row(where, f"{name}:{where.removeprefix('line ')}", _cells(columns, cells)))
     except csv.Error as e:
         raise DataError(f"{name}: line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} "
                         f"({e})") from None
-    if not table.rows and not problems:
+    if not table.rows:
         raise DataError(f"{name}: a header ({', '.join(columns)}) but no rows")
     return table
 
 
-def read_csv(path: Path, name: str, problems: list[str]) -> Table:
+def _cells(columns: list[str], cells: list[str]) -> dict[str, Any] | Bad:
+    if len(cells) != len(columns):
+        return Bad(f"{len(cells)} fields, the header has {len(columns)}")
+    row: dict[str, Any] = dict(zip(columns, cells))
+    if "messages" in row:
+        try:
+            row["messages"] = json.loads(row["messages"])
+        except json.JSONDecodeError as e:
+            return Bad(f"the 'messages' cell is not JSON ({e.msg})")
+    return row
+
+
+def read_csv(path: Path, name: str) -> Table:
     """Comma-separated values with a header."""
-    return _read_delimited(path, name, problems, ",")
+    return _read_delimited(path, name, ",")
 
 
-def read_tsv(path: Path, name: str, problems: list[str]) -> Table:
+def read_tsv(path: Path, name: str) -> Table:
     """Tab-separated values with a header."""
-    return _read_delimited(path, name, problems, "\t")
+    return _read_delimited(path, name, "\t")
 
 
-def read_parquet(path: Path, name: str, problems: list[str]) -> Table:
+def read_parquet(path: Path, name: str) -> Table:
     """A Parquet file through pyarrow (the optional `parquet` extra): every row as a dict of its columns,
     so a `messages` column of role/content structs is a chat."""
     try:
@@ -217,6 +222,6 @@ def format_for(path: Path) -> Format:
     return parquet if magic == PARQUET_MAGIC else FORMATS[0]
 
 
-def read_table(path: Path, name: str, problems: list[str]) -> Table:
+def read_table(path: Path, name: str) -> Table:
     """The rows of one record file, whatever its format."""
-    return format_for(path).read(path, name, problems)
+    return format_for(path).read(path, name)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from microft.errors import DataError, check_data_path
-from microft.formats import SUFFIXES, Table, read_table
+from microft.formats import SUFFIXES, Bad, Table, read_table
 from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 from microft.templates import ROLES, Segment, Template
 
@@ -240,12 +240,15 @@ def _read_file(path: Path, name: str, problems: list[str], columns: Mapping[str,
                notes: list[str] | None = None) -> list[Record]:
     """Records of one file in any format (`formats.FORMATS`); record-level problems go to `problems`,
     file-level ones raise DataError; how other column names were read goes to `notes`."""
-    table = read_table(path, name, problems)
+    table = read_table(path, name)
     renamed: dict[str, str] = {}
     if table.columns is not None:
         renamed = _check_columns(name, table, columns)
     out = []
     for row in table.rows:
+        if isinstance(row.value, Bad):
+            problems.append(f"{name}: {row.where}: {row.value.problem}")
+            continue
         try:
             obj, used = map_columns(row.value, columns)
             renamed = renamed or used

@@ -77,8 +77,7 @@ def default_batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_e
     return plan
 
 
-DEFAULT_BATCH_BANNER = (f" (default: global batch {DEFAULT_GLOBAL_BS}, the largest micro-batch that fits; "
-                        "--global-bs, --micro-bs, --accum set it)")
+DEFAULT_BATCH_BANNER = " (default, given no batch flag; --global-bs, --micro-bs, --accum set it)"
 
 
 def memory_budget(cfg: RunConfig) -> tuple[int, str]:
