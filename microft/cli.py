@@ -147,7 +147,9 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
 def finetune(dry_run: DryRun = False, **flags: Any) -> None:
     """Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo.
 
-    Data: Alpaca-style JSON/JSONL (instruction, input, output), chat JSONL (messages), or a directory.
+    Data: Alpaca (instruction, input, output) or chat (messages) records in JSON/JSONL, CSV/TSV or Parquet.
+
+    --columns names other columns; question/answer and prompt/completion are read as they are.
     """
     with user_errors():
         recipe = flags.pop("recipe")
