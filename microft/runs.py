@@ -64,16 +64,17 @@ def default_batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_e
     from microft.errors import MicroftError
 
     gbs = default_global_bs(n_train, world_size)
+    said = []  # what the banner's "(default, ...)" can't say
+    if gbs < DEFAULT_GLOBAL_BS:
+        said.append(f"global batch {gbs}: the default {DEFAULT_GLOBAL_BS} cut to the {n_train} training samples")
     try:
         plan = batch_plan(cfg.model_copy(update={"micro_bs": "auto", "global_bs": gbs}), world_size, model_cfg,
                           None, n_train)
-        how = "the largest micro-batch that fits" if model_cfg is not None else "micro-batch 1"
-    except MicroftError as e:
-        plan, how = resolve_batch_plan(1, None, gbs, world_size), f"micro-batch 1 ({e})"
-    if on_event and (gbs < DEFAULT_GLOBAL_BS or how.startswith("micro-batch 1 (")):  # else the banner says it
-        on_event({"kind": "note", "text": f"no batch flags: global batch {gbs} (the default {DEFAULT_GLOBAL_BS}"
-                  + (f", cut to the {n_train} training samples" if gbs < DEFAULT_GLOBAL_BS else "")
-                  + f"), {how}: {plan.describe()}"})
+    except MicroftError as e:  # the run goes on at micro-batch 1, as it did before there was a default
+        plan = resolve_batch_plan(1, None, gbs, world_size)
+        said.append(f"micro-batch 1, though the estimator says: {e}")
+    if on_event and said:
+        on_event({"kind": "note", "text": f"no batch flags: {'; '.join(said)}"})
     return plan
 
 
