@@ -80,6 +80,16 @@ def plain_text_error(name: str) -> DataError:
                      "on text, or give finetune JSON/JSONL, CSV/TSV or Parquet records")
 
 
+def looks_like_text(raw: bytes, lines: list[bytes] | None = None) -> bool:
+    """Plain text, not JSON/JSONL: it doesn't start like JSON, and most of its lines don't either (a JSONL
+    file with a broken first line is still JSONL, its bad lines reported one by one)."""
+    if raw.lstrip()[:1] in (b"{", b"["):
+        return False
+    lines = raw.split(b"\n") if lines is None else lines
+    starts = [line.lstrip()[:1] for line in lines if line.strip()]
+    return 2 * sum(c in (b"{", b"[") for c in starts) < len(starts)
+
+
 def read_json(path: Path, name: str) -> Table:
     """A JSON array (one document: a syntax error is fatal), one JSON object, or JSONL (line by line)."""
     raw = _bytes(path, name)
@@ -103,7 +113,7 @@ def read_json(path: Path, name: str) -> Table:
         if isinstance(obj, dict):
             return Table([Row("line 1", f"{name}:1", obj)])
     lines = raw.split(b"\n")
-    if not any(line.lstrip()[:1] in (b"{", b"[") for line in lines):  # no line even starts like JSON
+    if looks_like_text(raw, lines):
         raise plain_text_error(name)
     table = Table()
     for n, line in enumerate(lines, start=1):
@@ -129,6 +139,7 @@ def _read_delimited(path: Path, name: str, delimiter: str) -> Table:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: {_decode_error(raw, e)}") from None
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a long response is one cell: no 128 KiB cap
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next((r for r in reader if any(c.strip() for c in r)), None)

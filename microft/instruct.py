@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from microft.errors import DataError, check_data_path
-from microft.formats import SUFFIXES, Bad, Table, read_table
+from microft.formats import SUFFIXES, Bad, Table, format_for, looks_like_text, read_json, read_table
 from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 from microft.templates import ROLES, Segment, Template
 
@@ -310,6 +310,14 @@ def record_kind(path: str | Path) -> tuple[int, str] | None:
     p = Path(path)
     if not p.is_file():
         return None
+    if format_for(p).read is read_json:  # a text corpus is not read twice: its first 4 KiB tell
+        try:
+            with p.open("rb") as f:
+                head = f.read(4096).removeprefix(b"\xef\xbb\xbf")
+        except OSError:
+            return None
+        if looks_like_text(head):
+            return None
     try:
         read = read_records(p, skip_bad=True)
     except DataError:  # plain text, or no record in it

@@ -161,6 +161,29 @@ def test_plain_text_is_named_as_such(tmp_path):
         read_records(tmp_path / "texts")
 
 
+def test_text_and_json_are_told_apart(tmp_path):
+    """Text with a line that opens a brace is still text; JSONL with a broken first line is still JSONL
+    (its bad line named); a pretty-printed object with a syntax error is not called text."""
+    story = _write(tmp_path / "story.txt", "Chapter one.\n{aside}\nIt rained.\nThe end.\n")
+    with pytest.raises(DataError, match="plain text"):
+        read_records(story)
+    broken = _write(tmp_path / "b.jsonl", "oops\n" + "".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(DataError, match="line 1: invalid JSON"):
+        read_records(broken)
+    assert fields(read_records(broken, skip_bad=True)) == EXPECTED
+    pretty = _write(tmp_path / "p.json", '{\n  "instruction": "x",\n  "output": "y"\n  "oops": 1\n}\n')
+    with pytest.raises(DataError) as e:
+        read_records(pretty)
+    assert "plain text" not in str(e.value)
+
+
+def test_a_long_csv_cell_is_one_response(tmp_path):
+    long = "word " * 40_000  # 200 KB: past the csv module's default 128 KiB field limit
+    data = write_delimited(tmp_path / "d.csv", ["instruction", "output"], [["Say it.", long]])
+    (r,) = read_records(data).records
+    assert r.output == long
+
+
 def test_columns_option_is_checked_with_the_flags():
     got = resolve_config(columns="instruction=question, output=answer").columns
     assert got == {"instruction": "question", "output": "answer"}
