@@ -91,9 +91,9 @@ def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
 
     print(config_to_json(cfg))
     if default_batch(cfg):
-        print(f"Effective batch: {DEFAULT_GLOBAL_BS} (default: no batch flag given; at most the training set), "
-              "split at the start into the largest micro-batch that fits (as --micro-bs auto) × accumulation; "
-              "--global-bs, --micro-bs, --accum set it")
+        print(f"Effective batch: {DEFAULT_GLOBAL_BS} (default: no batch flag given; at most the training "
+              "set), split at the start into the largest micro-batch that fits (as --micro-bs auto) × "
+              "accumulation; --global-bs, --micro-bs, --accum set it")
         return
     if cfg.micro_bs == "auto":  # the planner needs the model, the data and the memory free at the start
         keep = f"global batch {cfg.global_bs} kept" if cfg.global_bs else f"--accum {cfg.accum or 1} kept"

@@ -21,10 +21,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # The global batch of a run given no batch flag (nor recipe value). Batch 1 made every step one sample's noisy
-# gradient, which the default lr (3e-4, a batch-sized lr) then follows badly; 16 is the global batch of the
-# repo's LoRA recipes (2-4 × 4-8) and half the demo's 32, small enough that a few hundred records still give
-# dozens of steps an epoch. The micro-batch is the largest that fits (as --micro-bs auto): it only splits the
-# step, never changes what a step sees, so the default costs no correctness where memory is short.
+# gradient, which the default lr (3e-4, a batch-sized lr) then follows badly; 16 is the global batch of
+# the Qwen3 and Llama LoRA recipes (4 × 4, 2 × 8) and half the demo's 32, small enough that a few hundred
+# records give dozens of steps an epoch. The micro-batch is the largest that fits (as --micro-bs auto): it
+# only splits the step, never changes what a step sees, so the default costs no correctness where memory is
+# short.
 DEFAULT_GLOBAL_BS = 16
 EVALS_PER_RUN = 10  # default cadence: evaluations per run (plus one at the start and one at the end)
 
@@ -156,7 +157,8 @@ def parse_columns(text: str) -> dict[str, str]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, key = part.partition("=")
         if not eq:
-            raise ValueError(f"{part!r} is not FIELD=COLUMN; e.g. --columns instruction=question,output=answer")
+            raise ValueError(f"{part!r} is not FIELD=COLUMN; "
+                             "e.g. --columns instruction=question,output=answer")
         if name.strip() in out:
             raise ValueError(f"{name.strip()!r} is given twice")
         out[name.strip()] = key.strip()
@@ -183,7 +185,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {p} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
     for k, v in raw.items():
-        if k == "columns" and isinstance(v, dict):  # columns = { instruction = "question" }: a value, not a table
+        if k == "columns" and isinstance(v, dict):  # columns = { instruction = "q" }: a value, not a table
             flat[k] = v
         elif isinstance(v, dict):  # allow [train] / [lora] style tables
             flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})

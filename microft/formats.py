@@ -76,8 +76,8 @@ def _decode_error(raw: bytes, e: UnicodeDecodeError) -> str:
 
 def plain_text_error(name: str) -> DataError:
     """The one line for text given where records are wanted."""
-    return DataError(f"{name}: plain text, not instruction records: use `microft pretrain --data {name}` to train "
-                     "on text, or give finetune JSON/JSONL, CSV/TSV or Parquet records")
+    return DataError(f"{name}: plain text, not instruction records: use `microft pretrain --data {name}` to "
+                     "train on text, or give finetune JSON/JSONL, CSV/TSV or Parquet records")
 
 
 def looks_like_text(raw: bytes, lines: list[bytes] | None = None) -> bool:
@@ -139,7 +139,7 @@ def _read_delimited(path: Path, name: str, delimiter: str) -> Table:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: {_decode_error(raw, e)}") from None
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a long response is one cell: no 128 KiB cap
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a long response is one cell: no 128 KiB
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next((r for r in reader if any(c.strip() for c in r)), None)
@@ -162,8 +162,8 @@ def _read_delimited(path: Path, name: str, delimiter: str) -> Table:
                 continue
             table.rows.append(Row(where, f"{name}:{where.removeprefix('line ')}", _cells(columns, cells)))
     except csv.Error as e:
-        raise DataError(f"{name}: line {reader.line_num}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} "
-                        f"({e})") from None
+        kind = "TSV" if delimiter == "\t" else "CSV"
+        raise DataError(f"{name}: line {reader.line_num}: not valid {kind} ({e})") from None
     if not table.rows:
         raise DataError(f"{name}: a header ({', '.join(columns)}) but no rows")
     return table

@@ -204,7 +204,8 @@ def map_columns(obj: object, columns: Mapping[str, str] | None = None) -> tuple[
     out = dict(obj)
     for name, key in columns.items():
         if key not in obj:
-            raise _Bad(f"no key {key!r} for --columns {name}={key}; keys found: {', '.join(sorted(obj)) or 'none'}")
+            keys = ", ".join(sorted(obj)) or "none"
+            raise _Bad(f"no key {key!r} for --columns {name}={key}; keys found: {keys}")
         out[name] = obj[key]
     if not any(k in out for k in OURS):
         for name, keys in ALIASES.items():
@@ -231,8 +232,9 @@ def _check_columns(name: str, table: Table, columns: Mapping[str, str] | None) -
     except _Bad as e:
         raise DataError(f"{name}: {e}") from None
     if "messages" not in mapped and not {"instruction", "output"} <= mapped.keys():
-        raise DataError(f"{name}: columns {found}: expected instruction, output (optional input) or messages, or "
-                        "prompt/completion, question/answer; name yours with --columns instruction=A,output=B")
+        raise DataError(f"{name}: columns {found}: expected instruction, output (optional input) or "
+                        "messages, or prompt/completion, question/answer; name yours with --columns "
+                        "instruction=A,output=B")
     return renamed
 
 
@@ -286,9 +288,10 @@ def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str,
     """Read and validate every record under `path`, in any format of `formats.FORMATS`.
 
     `columns` (--columns) maps microft's fields to the data's own keys or columns ({"instruction":
-    "question"}); records with none of ours read the usual other names (`ALIASES`). Without `skip_bad` any bad record raises DataError naming the first problem and how many more
-    there are. With it, bad records are dropped and counted. A file-level problem (empty file,
-    broken JSON array, unreadable file) is always an error, as is ending up with no records.
+    "question"}); records with none of ours read the usual other names (`ALIASES`). Without `skip_bad`
+    any bad record raises DataError naming the first problem and how many more there are. With it, bad
+    records are dropped and counted. A file-level problem (empty file, broken JSON array, unreadable file,
+    a header without the columns needed) is always an error, as is ending up with no records.
     """
     problems: list[str] = []
     records: list[Record] = []
@@ -551,7 +554,8 @@ class InstructRecords:
     notes: list[str] = field(default_factory=list)  # other column names read as ours
 
 
-def read_instruct_records(cfg: RunConfig, demo: tuple[list[Record], list[Record]] | None = None) -> InstructRecords:
+def read_instruct_records(cfg: RunConfig, demo: tuple[list[Record], list[Record]] | None = None
+                          ) -> InstructRecords:
     """Read, validate and split `cfg.data` (and `cfg.val_data`, with `cfg.columns`); no tokenizer needed.
 
     With no `cfg.data`, `demo` gives the records: (training items, held-out items as the validation split).

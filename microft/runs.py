@@ -66,10 +66,11 @@ def default_batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_e
     gbs = default_global_bs(n_train, world_size)
     said = []  # what the banner's "(default, ...)" can't say
     if gbs < DEFAULT_GLOBAL_BS:
-        said.append(f"global batch {gbs}: the default {DEFAULT_GLOBAL_BS} cut to the {n_train} training samples")
+        said.append(f"global batch {gbs}: the default {DEFAULT_GLOBAL_BS} cut to the {n_train} training "
+                    "samples")
     try:
-        plan = batch_plan(cfg.model_copy(update={"micro_bs": "auto", "global_bs": gbs}), world_size, model_cfg,
-                          None, n_train)
+        auto = cfg.model_copy(update={"micro_bs": "auto", "global_bs": gbs})
+        plan = batch_plan(auto, world_size, model_cfg, None, n_train)
     except MicroftError as e:  # the run goes on at micro-batch 1, as it did before there was a default
         plan = resolve_batch_plan(1, None, gbs, world_size)
         said.append(f"micro-batch 1, though the estimator says: {e}")
@@ -232,7 +233,8 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         plan = batch_plan(cfg, dist.world_size, model.config, emit, len(train_idx))
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
                      emit, dist=dist, memory=memory_hooks(cfg, model.config),
-                     save_extra=lambda d: copy_tokenizer_files(cfg.model, d), banner_extra=batch_banner(cfg, plan))
+                     save_extra=lambda d: copy_tokenizer_files(cfg.model, d),
+                     banner_extra=batch_banner(cfg, plan))
 
 
 def refuse_records(path: str | None) -> None:
@@ -243,9 +245,9 @@ def refuse_records(path: str | None) -> None:
     found = record_kind(path) if path else None
     if found:
         n, kind = found
-        raise ConfigError(f"{path} holds {n} {kind} records, and pretrain would train on their raw text (keys, quotes "
-                          f"and all); fine-tune on them with `microft finetune --data {path}` (--no-mask-prompt "
-                          "trains on the prompts too)")
+        raise ConfigError(f"{path} holds {n} {kind} records, and pretrain would train on their raw text "
+                          f"(keys, quotes and all); fine-tune on them with `microft finetune --data {path}` "
+                          "(--no-mask-prompt trains on the prompts too)")
 
 
 def batch_banner(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -305,9 +307,10 @@ def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None]) -> None:
     from microft.lora import apply_lora
 
     if model_dir(cfg.model) is None:
-        on_event({"kind": "note", "text": f"LoRA on {cfg.model or model.config.name}, a randomly initialised model: "
-                  "the frozen base knows nothing, so the adapters learn little; LoRA adapts a pretrained model "
-                  "(microft download gpt2, then --model openai-community/gpt2)"})
+        what = cfg.model or model.config.name
+        on_event({"kind": "note", "text": f"LoRA on {what}, a randomly initialised model: the frozen base "
+                  "knows nothing, so the adapters learn little; LoRA adapts a pretrained model (microft "
+                  "download gpt2, then --model openai-community/gpt2)"})
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 

@@ -264,6 +264,12 @@ def test_default_batch_plan_fits_the_data():
     from microft.models.config import ModelConfig
     from microft.runs import batch_plan
 
+    # what the README says of the default: 16, the global batch of the Qwen3 and Llama LoRA recipes
+    assert DEFAULT_GLOBAL_BS == 16
+    recipes = Path(__file__).parent.parent / "recipes"
+    for name in ("qwen3-0.6b-lora.toml", "llama-3.2-1b-lora.toml"):
+        r = resolve_config(str(recipes / name))
+        assert r.micro_bs * r.accum == DEFAULT_GLOBAL_BS, name
     cfg = RunConfig(device="cpu")
     mcfg = ModelConfig.from_preset("gpt2-tiny")
     assert batch_plan(cfg, 1, mcfg, None, 1000).global_bs == DEFAULT_GLOBAL_BS
