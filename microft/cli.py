@@ -87,9 +87,14 @@ def _run_reporting(cfg: RunConfig, run: Any) -> None:
 
 
 def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
-    from microft.config import config_to_json, resolve_batch_plan
+    from microft.config import DEFAULT_GLOBAL_BS, config_to_json, default_batch, resolve_batch_plan
 
     print(config_to_json(cfg))
+    if default_batch(cfg):
+        print(f"Effective batch: {DEFAULT_GLOBAL_BS} (default: no batch flag given; at most the training "
+              "set), split at the start into the largest micro-batch that fits (as --micro-bs auto) × "
+              "accumulation; --global-bs, --micro-bs, --accum set it")
+        return
     if cfg.micro_bs == "auto":  # the planner needs the model, the data and the memory free at the start
         keep = f"global batch {cfg.global_bs} kept" if cfg.global_bs else f"--accum {cfg.accum or 1} kept"
         print(f"Effective batch: --micro-bs auto, chosen at the start: the largest micro-batch whose estimated "
@@ -142,7 +147,9 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
 def finetune(dry_run: DryRun = False, **flags: Any) -> None:
     """Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo.
 
-    Data: Alpaca-style JSON/JSONL (instruction, input, output), chat JSONL (messages), or a directory.
+    Data: Alpaca (instruction, input, output) or chat (messages) records in JSON/JSONL, CSV/TSV or Parquet.
+
+    --columns names other columns; question/answer and prompt/completion are read as they are.
     """
     with user_errors():
         recipe = flags.pop("recipe")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from microft.errors import ConfigError
 
@@ -20,6 +20,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+# The global batch of a run given no batch flag (nor recipe value). Batch 1 made every step one sample's noisy
+# gradient, which the default lr (3e-4, a batch-sized lr) then follows badly; 16 is the global batch of
+# the Qwen3 and Llama LoRA recipes (4 × 4, 2 × 8) and half the demo's 32, small enough that a few hundred
+# records give dozens of steps an epoch. The micro-batch is the largest that fits (as --micro-bs auto): it
+# only splits the step, never changes what a step sees, so the default costs no correctness where memory is
+# short.
+DEFAULT_GLOBAL_BS = 16
 EVALS_PER_RUN = 10  # default cadence: evaluations per run (plus one at the start and one at the end)
 
 Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
@@ -81,6 +88,8 @@ class RunConfig(BaseModel):
     mask_prompt: bool = True
     test_frac: float = Field(0.0, ge=0.0, lt=1.0)
     skip_bad: bool = False
+    # the data's own key or column for each of microft's fields: "instruction=question,output=answer"
+    columns: dict[str, str] | None = None
     group_by_length: bool = True
     packing: bool = False  # whole samples packed into rows of max_seq_len; attention stays within each
     predict: bool = False
@@ -95,6 +104,22 @@ class RunConfig(BaseModel):
     # scale-out
     devices: int = Field(1, ge=1)
     shard: Literal["none", "ddp", "fsdp"] = "none"
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns(cls, v: Any) -> Any:
+        return parse_columns(v) if isinstance(v, str) else v
+
+    @field_validator("columns")
+    @classmethod
+    def _column_fields(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for name, key in (v or {}).items():
+            if name not in RECORD_FIELDS:
+                raise ValueError(f"unknown field {name!r} (fields: {', '.join(RECORD_FIELDS)}); "
+                                 "e.g. --columns instruction=question,output=answer")
+            if not key.strip():
+                raise ValueError(f"no column named for {name!r}; e.g. --columns instruction=question")
+        return v or None
 
     @model_validator(mode="after")
     def _positive(self) -> RunConfig:
@@ -123,6 +148,23 @@ class RunConfig(BaseModel):
         return self
 
 
+RECORD_FIELDS = ("instruction", "input", "output", "messages", "weight")  # what --columns can map
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """`instruction=question,output=answer` as {"instruction": "question", "output": "answer"}."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, key = part.partition("=")
+        if not eq:
+            raise ValueError(f"{part!r} is not FIELD=COLUMN; "
+                             "e.g. --columns instruction=question,output=answer")
+        if name.strip() in out:
+            raise ValueError(f"{name.strip()!r} is given twice")
+        out[name.strip()] = key.strip()
+    return out
+
+
 def _fmt_validation(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
@@ -143,7 +185,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {p} is not valid TOML: {e}") from None
     flat: dict[str, Any] = {}
     for k, v in raw.items():
-        if isinstance(v, dict):  # allow [train] / [lora] style tables
+        if k == "columns" and isinstance(v, dict):  # columns = { instruction = "q" }: a value, not a table
+            flat[k] = v
+        elif isinstance(v, dict):  # allow [train] / [lora] style tables
             flat.update({kk.replace("-", "_"): vv for kk, vv in v.items()})
         else:
             flat[k.replace("-", "_")] = v
@@ -182,6 +226,11 @@ class BatchPlan(BaseModel):
             f"{self.global_bs} = {self.micro_bs} (micro) × {self.accum} (accum) × {self.world_size} "
             f"(device{'s' if self.world_size > 1 else ''})"
         )
+
+
+def default_batch(cfg: RunConfig) -> bool:
+    """Whether the run gives no batch flag nor recipe value, so it takes `DEFAULT_GLOBAL_BS`."""
+    return cfg.micro_bs is None and cfg.accum is None and cfg.global_bs is None
 
 
 def _nearest_divisible(target: int, unit: int) -> list[int]:

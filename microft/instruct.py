@@ -1,12 +1,14 @@
 """Instruction data: read and validate records, turn them into masked training samples, split them.
 
-Accepted inputs (a file of any name, or a directory of `.json` / `.jsonl` files read in name order):
-  - a JSON array of Alpaca records: {"instruction": str, "input": str (optional), "output": str}
-  - JSONL with one such record per line
-  - chat JSONL (or a JSON array): {"messages": [{"role": "system|user|assistant", "content": str}, ...]}
+Accepted inputs (a file of any name, or a directory of such files read in name order), in any format of
+`formats.FORMATS` (JSON array or JSONL, CSV/TSV with a header, Parquet), each record being
+  - Alpaca: {"instruction": str, "input": str (optional), "output": str}
+  - chat: {"messages": [{"role": "system|user|assistant", "content": str}, ...]}
+  - other key names mapped to these by --columns (`columns`), or read by their usual `ALIASES`
+    (prompt/completion, question/answer, context/response) when a record has none of ours.
 Every record may carry `"weight": <positive number>`, a multiplier on its token losses. Other keys are
 ignored. Everything is validated before training starts; a problem is one line naming the file, the
-record (line for JSONL, 0-based index for JSON arrays) and what is wrong.
+record (line for JSONL and CSV, 0-based index for JSON arrays and Parquet rows) and what is wrong.
 
 A sample is {"input_ids", "labels", "weight", "prompt", "response", "source"}: labels[t] is the target
 for position t (already shifted), IGNORE_INDEX where no loss is taken.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from microft.errors import DataError, check_data_path
+from microft.formats import SUFFIXES, Bad, Table, format_for, looks_like_text, read_json, read_table
 from microft.models.config import EOT_TOKEN, IGNORE_INDEX
 from microft.templates import ROLES, Segment, Template
 
@@ -38,7 +41,6 @@ if TYPE_CHECKING:
 
 Sample = dict[str, Any]
 Encode = Callable[[str], list[int]]
-_BOM = b"\xef\xbb\xbf"
 
 
 class Message(NamedTuple):
@@ -72,6 +74,7 @@ class ReadResult:
     records: list[Record]
     n_skipped: int = 0
     problems: list[str] = field(default_factory=list)  # one line each, for the skipped records
+    notes: list[str] = field(default_factory=list)  # other column names read as ours, one line per file
 
 
 # --------------------------------------------------------------------------- reading and validation
@@ -120,6 +123,13 @@ def _weight(obj: Mapping[str, Any]) -> float:
     if "weight" not in obj:
         return 1.0
     w = obj["weight"]
+    if isinstance(w, str):  # a CSV/TSV cell is text: a number written out, or blank for the default
+        if not w.strip():
+            return 1.0
+        try:
+            w = float(w)
+        except ValueError:
+            raise _Bad(f"'weight' must be a positive number, got {w!r}") from None
     if isinstance(w, bool) or not isinstance(w, (int, float)):
         raise _Bad(f"'weight' must be a positive number, got {_json_type(w)}")
     if not math.isfinite(w) or w <= 0:
@@ -160,7 +170,8 @@ def _parse(obj: object, source: str) -> Record:
         return Record(messages=tuple(parsed), weight=weight, source=source)
     if "instruction" not in obj and "output" not in obj:
         keys = ", ".join(sorted(obj)) or "none"
-        raise _Bad(f"expected 'instruction' and 'output' (Alpaca) or 'messages' (chat); keys found: {keys}")
+        raise _Bad(f"expected 'instruction' and 'output' (Alpaca) or 'messages' (chat); keys found: {keys}; "
+                   "name yours with --columns instruction=KEY,output=KEY")
     instruction = _get_str(obj, "instruction")
     inp = _get_str(obj, "input", optional=True)
     output = _get_str(obj, "output")
@@ -171,110 +182,152 @@ def _parse(obj: object, source: str) -> Record:
     return Record(instruction=instruction, input=inp, output=output, weight=weight, source=source)
 
 
-def _decode_error(raw: bytes, e: UnicodeDecodeError) -> str:
-    line = raw.count(b"\n", 0, e.start) + 1
-    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-    return f"line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col})"
+# the column names of other schemas, read as ours when a record has none of ours (Dolly's context/response,
+# prompt/completion pairs, question/answer sets); --columns names any others
+ALIASES: dict[str, tuple[str, ...]] = {
+    "instruction": ("prompt", "question"),
+    "input": ("context",),
+    "output": ("completion", "answer", "response"),
+}
+OURS = ("instruction", "output", "messages")
 
 
-def _read_file(path: Path, name: str, problems: list[str]) -> list[Record]:
-    """Records of one file; record-level problems go to `problems`, file-level ones raise DataError."""
+def map_columns(obj: object, columns: Mapping[str, str] | None = None) -> tuple[object, dict[str, str]]:
+    """`obj` with its keys renamed to microft's fields, and the renaming used ({field: key}).
+
+    `columns` (--columns) names the key of each field it lists; a record with none of instruction, output
+    or messages after that reads the `ALIASES` of the fields still missing.
+    """
+    if not isinstance(obj, dict):
+        return obj, {}
+    columns = dict(columns or {})
+    out = dict(obj)
+    for name, key in columns.items():
+        if key not in obj:
+            keys = ", ".join(sorted(obj)) or "none"
+            raise _Bad(f"no key {key!r} for --columns {name}={key}; keys found: {keys}")
+        out[name] = obj[key]
+    if not any(k in out for k in OURS):
+        for name, keys in ALIASES.items():
+            found = [k for k in keys if k in obj and k not in columns.values()]
+            if len(found) > 1:
+                raise _Bad(f"both {found[0]!r} and {found[1]!r} could be the {name}; say which with "
+                           f"--columns {name}={found[0]}")
+            if found and name not in columns:
+                out[name] = obj[found[0]]
+                columns[name] = found[0]
+    return out, {k: v for k, v in columns.items() if k != v}
+
+
+def _check_columns(name: str, table: Table, columns: Mapping[str, str] | None) -> dict[str, str]:
+    """A tabular file's header checked once, before its rows: the columns --columns names exist, and the
+    header gives instruction and output, or messages. Returns the renaming used."""
+    header = table.columns or []
+    found = ", ".join(header)
+    for field_name, key in (columns or {}).items():
+        if key not in header:
+            raise DataError(f"{name}: no column {key!r} for --columns {field_name}={key}; columns: {found}")
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{name}: can't read ({e.strerror})") from None
-    if raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
-    if not raw.strip():
-        raise DataError(f"{name}: file is empty")
-    if raw.lstrip()[:1] == b"[":  # a JSON array: one document, so any syntax error is fatal
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{name}: {_decode_error(raw, e)}") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}: line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
-        except RecursionError:
-            raise DataError(f"{name}: JSON nested too deeply to be a dataset") from None
-        if not data:
-            raise DataError(f"{name}: the JSON array is empty")
-        out = []
-        for i, obj in enumerate(data):
-            try:
-                out.append(_parse(obj, f"{name}[{i}]"))
-            except _Bad as e:
-                problems.append(f"{name}: record {i}: {e}")
-        return out
-    if raw.lstrip()[:1] == b"{":  # one (possibly pretty-printed) object is a one-record file
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            obj = None  # several lines of JSONL, or bad lines reported one by one below
-        if isinstance(obj, dict):
-            try:
-                return [_parse(obj, f"{name}:1")]
-            except _Bad as e:
-                problems.append(f"{name}: line 1: {e}")
-                return []
+        mapped, renamed = map_columns(dict.fromkeys(header, ""), columns)
+    except _Bad as e:
+        raise DataError(f"{name}: {e}") from None
+    if "messages" not in mapped and not {"instruction", "output"} <= mapped.keys():
+        raise DataError(f"{name}: columns {found}: expected instruction, output (optional input) or "
+                        "messages, or prompt/completion, question/answer; name yours with --columns "
+                        "instruction=A,output=B")
+    return renamed
+
+
+def _read_file(path: Path, name: str, problems: list[str], columns: Mapping[str, str] | None = None,
+               notes: list[str] | None = None) -> list[Record]:
+    """Records of one file in any format (`formats.FORMATS`); record-level problems go to `problems`,
+    file-level ones raise DataError; how other column names were read goes to `notes`."""
+    table = read_table(path, name)
+    renamed: dict[str, str] = {}
+    if table.columns is not None:
+        renamed = _check_columns(name, table, columns)
     out = []
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
+    for row in table.rows:
+        if isinstance(row.value, Bad):
+            problems.append(f"{name}: {row.where}: {row.value.problem}")
             continue
         try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            col = e.start + 1
-            problems.append(f"{name}: line {n}: not valid UTF-8 (byte 0x{line[e.start]:02x} at column {col})")
-            continue
-        except json.JSONDecodeError as e:
-            problems.append(f"{name}: line {n}: invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        except RecursionError:
-            problems.append(f"{name}: line {n}: JSON nested too deeply")
-            continue
-        try:
-            out.append(_parse(obj, f"{name}:{n}"))
+            obj, used = map_columns(row.value, columns)
+            renamed = renamed or used
+            out.append(_parse(obj, row.source))
         except _Bad as e:
-            problems.append(f"{name}: line {n}: {e}")
+            problems.append(f"{name}: {row.where}: {e}")
+    if renamed and notes is not None:
+        notes.append(f"{name}: read " + ", ".join(f"{k} from {v!r}" for k, v in renamed.items()))
     return out
 
 
 def data_files(path: str | Path) -> list[Path]:
-    """The files `read_records` reads for `path`: the file itself, or a directory's .json/.jsonl files."""
+    """The files `read_records` reads for `path`: the file itself, or a directory's files of every format
+    (`formats.SUFFIXES`: .json, .jsonl, .csv, .tsv, .parquet), in name order."""
     p = Path(path)
     check_data_path(p, f"{p}: no such file or directory")
     if p.is_dir():
         try:
             files = sorted(
                 f for f in p.iterdir()
-                if f.is_file() and f.suffix.lower() in (".json", ".jsonl") and not f.name.startswith(".")
+                if f.is_file() and f.suffix.lower() in SUFFIXES and not f.name.startswith(".")
             )
         except OSError as e:
             raise DataError(f"{p}: can't read the directory ({e.strerror})") from None
         if not files:
-            raise DataError(f"{p}: directory has no .json or .jsonl files")
+            text = any(f.suffix.lower() == ".txt" for f in p.iterdir())
+            raise DataError(f"{p}: directory has no {', '.join(SUFFIXES)} files"
+                            + (" (its .txt files are plain text: use `microft pretrain`)" if text else ""))
         return files
     return [p]
 
 
-def read_records(path: str | Path, skip_bad: bool = False) -> ReadResult:
-    """Read and validate every record under `path`.
+def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str, str] | None = None
+                 ) -> ReadResult:
+    """Read and validate every record under `path`, in any format of `formats.FORMATS`.
 
-    Without `skip_bad` any bad record raises DataError naming the first problem and how many more
-    there are. With it, bad records are dropped and counted. A file-level problem (empty file,
-    broken JSON array, unreadable file) is always an error, as is ending up with no records.
+    `columns` (--columns) maps microft's fields to the data's own keys or columns ({"instruction":
+    "question"}); records with none of ours read the usual other names (`ALIASES`). Without `skip_bad`
+    any bad record raises DataError naming the first problem and how many more there are. With it, bad
+    records are dropped and counted. A file-level problem (empty file, broken JSON array, unreadable file,
+    a header without the columns needed) is always an error, as is ending up with no records.
     """
     problems: list[str] = []
     records: list[Record] = []
+    notes: list[str] = []
     for f in data_files(path):
-        records.extend(_read_file(f, str(f), problems))
+        records.extend(_read_file(f, str(f), problems, columns, notes))
     if problems and not skip_bad:
         n_more = len(problems) - 1
         more = f" (and {n_more} more bad record{'s' if n_more > 1 else ''})" if n_more else ""
         raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad to skip bad records")
     if not records:
         raise DataError(f"{path}: no usable records ({len(problems)} bad record(s) skipped)")
-    return ReadResult(records, len(problems), problems)
+    return ReadResult(records, len(problems), problems, notes)
+
+
+def record_kind(path: str | Path) -> tuple[int, str] | None:
+    """(how many, "instruction" or "chat") when the file at `path` reads as records (bad ones a minority),
+    else None: what `pretrain` checks before it trains on a file's raw text."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    if format_for(p).read is read_json:  # a text corpus is not read twice: its first 4 KiB tell
+        try:
+            with p.open("rb") as f:
+                head = f.read(4096).removeprefix(b"\xef\xbb\xbf")
+        except OSError:
+            return None
+        if looks_like_text(head):
+            return None
+    try:
+        read = read_records(p, skip_bad=True)
+    except DataError:  # plain text, or no record in it
+        return None
+    if read.n_skipped > len(read.records):  # text with a few lines that happen to parse
+        return None
+    return len(read.records), "chat" if any(r.is_chat for r in read.records) else "instruction"
 
 
 # --------------------------------------------------------------------------- samples
@@ -483,6 +536,7 @@ class InstructData:
     n_skipped: int = 0
     problems: list[str] = field(default_factory=list)
     demo: bool = False
+    notes: list[str] = field(default_factory=list)  # other column names read as ours
 
     @property
     def eval_samples(self) -> list[Sample]:
@@ -490,38 +544,59 @@ class InstructData:
         return self.test or self.val
 
 
+@dataclass
+class InstructRecords:
+    """The validated records of each split, read before any model or tokenizer (data errors come first)."""
+
+    parts: Split
+    n_skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # other column names read as ours
+
+
+def read_instruct_records(cfg: RunConfig, demo: tuple[list[Record], list[Record]] | None = None
+                          ) -> InstructRecords:
+    """Read, validate and split `cfg.data` (and `cfg.val_data`, with `cfg.columns`); no tokenizer needed.
+
+    With no `cfg.data`, `demo` gives the records: (training items, held-out items as the validation split).
+    """
+    if cfg.data is None:
+        if demo is None:
+            raise DataError("no --data given")
+        return InstructRecords(Split(demo[0], demo[1], []))
+    read = read_records(cfg.data, cfg.skip_bad, cfg.columns)
+    got = InstructRecords(Split([], [], []), read.n_skipped, list(read.problems), list(read.notes))
+    if cfg.val_data is None:
+        got.parts = split_records(read.records, cfg.val_frac, cfg.test_frac, cfg.seed)
+        return got
+    val_read = read_records(cfg.val_data, cfg.skip_bad, cfg.columns)
+    got.n_skipped += val_read.n_skipped
+    got.problems += val_read.problems
+    got.notes += val_read.notes
+    got.parts = split_records(read.records, 0.0, cfg.test_frac, cfg.seed)._replace(val=val_read.records)
+    return got
+
+
 def load_instruct_data(cfg: RunConfig, max_seq_len: int, tokenizer: Tokenizer | Encode | None = None,
-                       demo: tuple[list[Record], list[Record]] | None = None) -> InstructData:
+                       demo: tuple[list[Record], list[Record]] | None = None,
+                       records: InstructRecords | None = None) -> InstructData:
     """Read, validate, split and tokenise `cfg.data` (and `cfg.val_data`) as `finetune` needs them.
 
     `tokenizer` is the model's (None: `load_tokenizer(cfg.model)`); `cfg.template` is resolved against
-    it, so "auto" picks the model's chat template when it has one. With no `cfg.data`, `demo` gives
-    the records: (training items, held-out items as the validation split); runs.py passes the
-    built-in demo's.
+    it, so "auto" picks the model's chat template when it has one. `records`: what
+    `read_instruct_records(cfg, demo)` already read (runs.py reads the data before loading the model);
+    with no `cfg.data`, `demo` gives the records: (training items, held-out items as the validation
+    split); runs.py passes the built-in demo's.
     """
     if tokenizer is None:
         from microft.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     template = _resolve(cfg.template, tokenizer)
-    n_skipped, problems = 0, []
-    if cfg.data is None:
-        if demo is None:
-            raise DataError("no --data given")
-        parts = Split(demo[0], demo[1], [])
-    else:
-        read = read_records(cfg.data, cfg.skip_bad)
-        n_skipped, problems = read.n_skipped, list(read.problems)
-        if cfg.val_data is not None:
-            val_read = read_records(cfg.val_data, cfg.skip_bad)
-            n_skipped += val_read.n_skipped
-            problems += val_read.problems
-            parts = split_records(read.records, 0.0, cfg.test_frac, cfg.seed)._replace(val=val_read.records)
-        else:
-            parts = split_records(read.records, cfg.val_frac, cfg.test_frac, cfg.seed)
+    got = records if records is not None else read_instruct_records(cfg, demo)
     out: dict[str, list[Sample]] = {}
     stats: dict[str, BuildStats] = {}
-    for name, recs in parts._asdict().items():
+    for name, recs in got.parts._asdict().items():
         out[name], stats[name] = build_samples(recs, template, tokenizer, max_seq_len, cfg.mask_prompt)
     if not out["train"]:
         raise DataError(f"no training samples left: all {stats['train'].n_dropped} were cut away by "
@@ -529,5 +604,5 @@ def load_instruct_data(cfg: RunConfig, max_seq_len: int, tokenizer: Tokenizer | 
     if cfg.val_data is not None and not out["val"]:  # asked-for validation must not vanish without a word
         raise DataError(f"no validation samples left in {cfg.val_data}: all {stats['val'].n_dropped} were cut away "
                         f"by max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")
-    return InstructData(out["train"], out["val"], out["test"], stats, template, n_skipped, problems,
-                        demo=cfg.data is None)
+    return InstructData(out["train"], out["val"], out["test"], stats, template, got.n_skipped, got.problems,
+                        demo=cfg.data is None, notes=got.notes)

@@ -15,11 +15,11 @@ from typing import Annotated, Any
 import typer
 
 Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, llama-3.2-1b, qwen3-0.6b, …), HF model directory or cached repo id, or microft checkpoint (default: the demo's own model; with --data, gpt2-tiny).")]
-Data = Annotated[str | None, typer.Option("--data", help="Training data: a file or a directory (finetune without it: the built-in demo).")]
+Data = Annotated[str | None, typer.Option("--data", help="Training data, a file or a directory: finetune reads JSON/JSONL, CSV/TSV or Parquet records (without it: the built-in demo); pretrain plain text.")]
 Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
-MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto' (default: 1, or --global-bs / --accum).")]
+MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto' (default: 1, or --global-bs / --accum; a training run given no batch flag: the largest that fits its default global batch of 16).")]
 Accum = Annotated[int | None, typer.Option("--accum", help="Micro-steps accumulated per optimizer step (default: 1, or --global-bs / --micro-bs).")]
-GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (default: micro × accum × devices).")]
+GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (default: micro × accum × devices; a training run given no batch flag: 16, at most the training set).")]
 MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs) (default: from --epochs).")]
 Epochs = Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (default 1).")]
 LR = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
@@ -52,6 +52,7 @@ ValData = Annotated[str | None, typer.Option("--val-data", help="Validation data
 TestFrac = Annotated[float | None, typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
 Template = Annotated[str | None, typer.Option("--template", help="auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | plain | a template file (TOML/JSON) | a .jinja chat template.")]
 MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
+Columns = Annotated[str | None, typer.Option("--columns", help="The data's own names for instruction, input, output, messages, weight: e.g. instruction=question,output=answer (default: prompt/completion, question/answer, context/response are read as ours).")]
 SkipBad = Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="Skip and count bad records instead of refusing the data.")]
 GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
 Packing = Annotated[bool | None, typer.Option("--packing/--no-packing", help="Pack whole samples into rows of --max-seq-len (no padding; attention stays within each sample).")]
@@ -75,7 +76,7 @@ RUN_OPTIONS: dict[str, Any] = {
     "weight_decay": WeightDecay, "device": Device, "val_frac": ValFrac, "patience": Patience, "keep_last": KeepLast,
     "compile": Compile, "tf32": TF32, "dropout": Dropout, "devices": Devices, "shard": Shard,
     "val_data": ValData, "test_frac": TestFrac, "template": Template, "mask_prompt": MaskPrompt,
-    "skip_bad": SkipBad, "group_by_length": GroupByLength, "packing": Packing, "predict": Predict, "lora": Lora, "lora_r": LoraR,
+    "skip_bad": SkipBad, "columns": Columns, "group_by_length": GroupByLength, "packing": Packing, "predict": Predict, "lora": Lora, "lora_r": LoraR,
     "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
     "quantize": Quantize, "double_quant": DoubleQuant,
 }
@@ -84,10 +85,10 @@ PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps
             "log_format", "optimizer", "schedule", "warmup", "min_lr_ratio", "max_grad_norm", "weight_decay",
             "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard")
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
-FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "group_by_length",
+FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
             "packing", "predict", *LORA)
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
-ESTIMATE = ("model", "data", "template", "skip_bad", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
+ESTIMATE = ("model", "data", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
             "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "dropout", *LORA, "devices", "shard",
             "compile", "packing")
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microft.config import BatchPlan, RunConfig, resolve_batch_plan
+from microft.config import DEFAULT_GLOBAL_BS, BatchPlan, RunConfig, default_batch, resolve_batch_plan
 from microft.errors import ConfigError
 
 Event = dict[str, Any]
@@ -32,7 +32,10 @@ def owns_out(run: Callable[[RunConfig, Callable[[Event], None]], dict[str, Any]]
 def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None,
                n_train: int | None = None) -> BatchPlan:
     """The run's batch plan; `--micro-bs auto` asks the memory planner for the largest micro-batch (one
-    optimizer step's batch no larger than the `n_train` training samples)."""
+    optimizer step's batch no larger than the `n_train` training samples). With no batch flag at all:
+    `default_batch_plan`."""
+    if default_batch(cfg):
+        return default_batch_plan(cfg, world_size, model_cfg, on_event, n_train)
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
     if cfg.micro_bs != "auto" or model_cfg is None:
         return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
@@ -44,6 +47,39 @@ def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=Non
     if on_event:
         on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
     return plan
+
+
+def default_global_bs(n_train: int | None, world_size: int = 1) -> int:
+    """`DEFAULT_GLOBAL_BS`, or the whole training set when it is smaller (in whole shares of the devices)."""
+    if n_train is None:
+        return DEFAULT_GLOBAL_BS
+    return max(world_size, min(DEFAULT_GLOBAL_BS, n_train // world_size * world_size))
+
+
+def default_batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None,
+                       n_train: int | None = None) -> BatchPlan:
+    """No batch flag: `DEFAULT_GLOBAL_BS` samples a step (config.py says why), split into the largest
+    micro-batch that fits (`--micro-bs auto`); micro-batch 1 where the planner can't answer (the loop
+    still halves the micro-batch on out-of-memory)."""
+    from microft.errors import MicroftError
+
+    gbs = default_global_bs(n_train, world_size)
+    said = []  # what the banner's "(default, ...)" can't say
+    if gbs < DEFAULT_GLOBAL_BS:
+        said.append(f"global batch {gbs}: the default {DEFAULT_GLOBAL_BS} cut to the {n_train} training "
+                    "samples")
+    try:
+        auto = cfg.model_copy(update={"micro_bs": "auto", "global_bs": gbs})
+        plan = batch_plan(auto, world_size, model_cfg, None, n_train)
+    except MicroftError as e:  # the run goes on at micro-batch 1, as it did before there was a default
+        plan = resolve_batch_plan(1, None, gbs, world_size)
+        said.append(f"micro-batch 1, though the estimator says: {e}")
+    if on_event and said:
+        on_event({"kind": "note", "text": f"no batch flags: {'; '.join(said)}"})
+    return plan
+
+
+DEFAULT_BATCH_BANNER = " (default, given no batch flag; --global-bs, --micro-bs, --accum set it)"
 
 
 def memory_budget(cfg: RunConfig) -> tuple[int, str]:
@@ -182,20 +218,41 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     from microft.train.distributed import distributed, main_only
     from microft.train.loop import train
 
+    refuse_records(cfg.data)
+    docs = read_text_corpus(cfg.data)  # data errors come before the model is loaded
     seed_init(cfg.seed)  # the same init on every rank
     model = load_base(cfg)
     tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     if tok.eos_id is None:
         raise ConfigError(f"{tok.name}: the tokenizer has no EOS token to separate documents with")
     block = seq_len_for(cfg, model.config.n_positions)
-    blocks = pack_documents(read_text_corpus(cfg.data), lambda doc: tok.prefix + tok.encode(doc), block,
-                            eos_id=tok.eos_id)
+    blocks = pack_documents(docs, lambda doc: tok.prefix + tok.encode(doc), block, eos_id=tok.eos_id)
     train_idx, val_idx = split_indices(len(blocks), cfg.val_frac, cfg.seed)
     with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
-        plan = batch_plan(cfg, dist.world_size, model.config, on_event, len(train_idx))
+        emit = main_only(on_event, dist)
+        plan = batch_plan(cfg, dist.world_size, model.config, emit, len(train_idx))
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
-                     main_only(on_event, dist), dist=dist, memory=memory_hooks(cfg, model.config),
-                     save_extra=lambda d: copy_tokenizer_files(cfg.model, d))
+                     emit, dist=dist, memory=memory_hooks(cfg, model.config),
+                     save_extra=lambda d: copy_tokenizer_files(cfg.model, d),
+                     banner_extra=batch_banner(cfg, plan))
+
+
+def refuse_records(path: str | None) -> None:
+    """Pretraining on a file of instruction or chat records would train on their JSON (or CSV) syntax,
+    prompts and all: refused in one line that names `finetune`, which reads them."""
+    from microft.instruct import record_kind
+
+    found = record_kind(path) if path else None
+    if found:
+        n, kind = found
+        raise ConfigError(f"{path} holds {n} {kind} records, and pretrain would train on their raw text "
+                          f"(keys, quotes and all); fine-tune on them with `microft finetune --data {path}` "
+                          "(--no-mask-prompt trains on the prompts too)")
+
+
+def batch_banner(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The banner's batch line says when the batch is microft's default rather than the user's."""
+    return {"effective_batch": plan.describe() + DEFAULT_BATCH_BANNER} if default_batch(cfg) else {}
 
 
 def _respond(model, template, tok, prompt: str, max_new_tokens: int) -> str:
@@ -229,6 +286,34 @@ def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
     return [sample_length(s) for s in load_instruct_data(cfg, max_len, encode).train]
 
 
+def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
+    """The run's records, validated and split (the demo's own with no --data); notes where other column
+    names were read as ours."""
+    from microft.instruct import read_instruct_records
+
+    demo_sets = None
+    if cfg.data is None:
+        from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
+
+        demo_sets = (demo_records(DEMO_TRAIN_SIZE, cfg.seed), demo_heldout(DEMO_HELDOUT_SIZE, cfg.seed))
+    records = read_instruct_records(cfg, demo_sets)
+    for note in records.notes:
+        on_event({"kind": "note", "text": note})
+    return records
+
+
+def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None]) -> None:
+    """LoRA adapters on `model`, with a note when its base is a random init (a preset or the demo's model)."""
+    from microft.lora import apply_lora
+
+    if model_dir(cfg.model) is None:
+        what = cfg.model or model.config.name
+        on_event({"kind": "note", "text": f"LoRA on {what}, a randomly initialised model: the frozen base "
+                  "knows nothing, so the adapters learn little; LoRA adapts a pretrained model (microft "
+                  "download gpt2, then --model openai-community/gpt2)"})
+    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+
+
 @owns_out
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
@@ -237,6 +322,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     from microft.train.step import resolve_device
 
     demo = cfg.data is None
+    records = finetune_records(cfg, on_event)  # data errors come before the model is loaded
     seed_init(cfg.seed)
     demo_own_model = demo and cfg.model is None
     if demo_own_model:  # the demo's own small model and tokenizer (demo.DEMO_MODEL)
@@ -245,12 +331,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         model = load_base(cfg)
         tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     max_len = seq_len_for(cfg, model.config.n_positions)
-    demo_sets = None
-    if demo:
-        from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
-
-        demo_sets = (demo_records(DEMO_TRAIN_SIZE, cfg.seed), demo_heldout(DEMO_HELDOUT_SIZE, cfg.seed))
-    data = load_instruct_data(cfg, max_len, tok, demo_sets)
+    data = load_instruct_data(cfg, max_len, tok, records=records)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
     truncated, dropped = (sum(getattr(st, k) for st in data.stats.values()) for k in ("n_truncated", "n_dropped"))
@@ -258,9 +339,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                   f"{truncated} truncated, {dropped} dropped (response cut away; all splits), "
                   f"{data.n_skipped} bad records skipped")
     if cfg.lora:
-        from microft.lora import apply_lora
-
-        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        add_lora(cfg, model, on_event)
 
     def save_extra(d):  # the tokenizer files, and adapters beside the (unchanged) base weights
         if demo_own_model:
@@ -311,6 +390,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                               "upper-casing); held-out exact match is scored before and after training")
         acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
         plan = batch_plan(cfg, dist.world_size, model.config, emit, len(data.train))
+        banner.update(batch_banner(cfg, plan))
         summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
                         on_eval=on_eval if sample_prompts else None, banner_extra=banner,
                         memory=memory_hooks(cfg, model.config))

@@ -126,7 +126,7 @@ def test_bad_data_names_file_and_record(tmp_path, case):
 
 
 def test_directory_errors(tmp_path):
-    with pytest.raises(DataError, match="no .json or .jsonl files"):
+    with pytest.raises(DataError, match="no .json, .jsonl, .csv, .tsv, .parquet files"):
         read_records(tmp_path)
     with pytest.raises(DataError, match="no such file"):
         read_records(tmp_path / "missing.jsonl")

@@ -169,7 +169,8 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
     if ts["model_config"] != model.config.model_dump():
         raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with another model shape")
     if ts["global_bs"] != plan.global_bs:
-        raise CheckpointError(f"cannot resume from {resume_dir}: global batch was {ts['global_bs']}, now {plan.global_bs}")
+        raise CheckpointError(f"cannot resume from {resume_dir}: global batch was {ts['global_bs']}, now "
+                              f"{plan.global_bs}; pass --global-bs {ts['global_bs']} to continue it")
     # state that would not fit: another optimizer's, or bf16-true's master bits / fp16-mixed's loss scale
     # (fp32 and bf16-mixed share theirs; checkpoints older than the "precision" entry: not checked)
     then = {"optimizer": ts.get("config", {}).get("optimizer"), "precision": ts.get("precision")}
