@@ -32,6 +32,25 @@ app = typer.Typer(
 
 
 
+def _switches_take_no_value() -> None:
+    """typer >= 0.16 shows a switch's type (`--dry-run <bool>`), which reads as if it took a value:
+    show none for switches (is_flag), as click itself does."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "switches_plain", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.switches_plain = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_switches_take_no_value()
+
+
 @app.callback()
 def _root() -> None:
     """Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have."""
@@ -42,21 +61,38 @@ DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved conf
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn microft's user-facing errors into one line on stderr and their exit code."""
+    """Turn microft's user-facing errors into one line on stderr and their exit code; an interrupt into
+    `interrupted …` (not an error) and exit 130."""
     import signal
 
     from microft import ui
+    from microft.errors import Interrupted, record_signal, signal_received
 
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with `&` by a script: Ctrl-C/kill -INT still stop us
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler):
+            signal.signal(signal.SIGINT, record_signal)  # also where a script started us with SIGINT ignored
     try:
         yield
+    except Interrupted as e:
+        ui.stopped(str(e))
+        raise typer.Exit(e.exit_code) from None
     except MicroftError as e:
+        if signal_received():  # what failed after a Ctrl-C is the interrupt's doing
+            ui.stopped("interrupted")
+            raise typer.Exit(130) from None
         ui.error(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        ui.error("interrupted")
+        ui.stopped("interrupted")
         raise typer.Exit(130) from None
+    except Exception:
+        if not signal_received():  # a bug: its traceback is what a report needs
+            raise
+        ui.stopped("interrupted")  # a module half-imported when Ctrl-C landed (its KeyboardInterrupt swallowed)
+        raise typer.Exit(130) from None
+    if signal_received():
+        ui.stopped("interrupted")
+        raise typer.Exit(130)
 
 
 def parse_micro_bs(value: str | None) -> int | str | None:
@@ -86,10 +122,15 @@ def _run_reporting(cfg: RunConfig, run: Any) -> None:
         reporter.close()
 
 
-def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
-    from microft.config import config_to_json, resolve_batch_plan
+def dry_run_output(cfg: RunConfig, names: tuple[str, ...], world: int = 1) -> None:
+    """The resolved values of the command's options `names` (each one a flag of the command, as the JSON
+    key with - for _) and the batch plan."""
+    import json
 
-    print(config_to_json(cfg))
+    from microft.config import resolve_batch_plan
+
+    values = cfg.model_dump(mode="json")
+    print(json.dumps({k: values[k] for k in sorted(names) if k in values}, indent=2))
     if cfg.micro_bs == "auto":  # the planner needs the model, the data and the memory free at the start
         keep = f"global batch {cfg.global_bs} kept" if cfg.global_bs else f"--accum {cfg.accum or 1} kept"
         print(f"Effective batch: --micro-bs auto, chosen at the start: the largest micro-batch whose estimated "
@@ -112,7 +153,7 @@ def relaunch_under_torchrun(cfg: RunConfig) -> None:
 
 
 @app.command()
-@run_options(options.PRETRAIN)
+@run_options(options.PRETRAIN, options.PRETRAIN_HELP)
 def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
     """Train on raw text: a .txt file or a directory of them, packed into context-length blocks.
 
@@ -125,7 +166,7 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
         cfg = resolve_config(str(recipe) if recipe else None, **run_flags(flags))
         cfg = cfg.model_copy(update={"model": cfg.model or "gpt2-tiny", "group_by_length": False})
         if dry_run:
-            dry_run_output(cfg)
+            dry_run_output(cfg, options.PRETRAIN)
             return
         relaunch_under_torchrun(cfg)
         if not cfg.data:
@@ -159,7 +200,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
         # the demo's settings are read like a recipe: flags win, and two batch flags replace its batch plan
         cfg = resolve_config(str(recipe) if recipe else None, defaults=base, **flags)
         if dry_run:
-            dry_run_output(cfg)
+            dry_run_output(cfg, options.FINETUNE)
             return
         relaunch_under_torchrun(cfg)
         from microft.runs import run_finetune
@@ -469,10 +510,20 @@ def _render_estimate(est: Any, accum: int, fit: Any) -> None:
 
 
 def main() -> None:
+    """Run the CLI (the `microft` command: microft.__main__ installs the SIGINT handler before importing this)."""
+    import signal
+
+    from microft.errors import record_signal, signal_received
+
     try:
+        with contextlib.suppress(ValueError):  # not the main thread
+            if signal.getsignal(signal.SIGINT) is not record_signal:
+                signal.signal(signal.SIGINT, record_signal)
+        if signal_received():  # Ctrl-C while this module loaded, its KeyboardInterrupt swallowed
+            raise KeyboardInterrupt
         app(prog_name="microft")
     except KeyboardInterrupt:  # outside a command's user_errors (parsing, imports)
-        sys.stderr.write("error: interrupted\n")
+        sys.stderr.write("interrupted\n")
         raise SystemExit(130) from None
 
 

@@ -352,8 +352,9 @@ def trace(arch: Arch, setup: Setup, budget: Budget | None = None, world: int = 1
     from microft.memory.trace import trace_training
 
     mc = model_config(arch)
+    sgd = {"momentum": setup.momentum} if setup.optimizer == "sgd" else {}  # only SGD reads it
     cfg = RunConfig(precision=setup.precision, optimizer=setup.optimizer, weight_decay=setup.weight_decay,
-                    momentum=setup.momentum, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
+                    **sgd, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
                     lora=setup.lora, lora_r=setup.lora_r, lora_dropout=setup.lora_dropout,
                     lora_targets=",".join(setup.lora_targets), quantize=setup.quantize,
                     double_quant=setup.double_quant, max_grad_norm=max_grad_norm)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from microft.errors import ConfigError, Interrupted, one_line
+from microft.errors import ConfigError, Interrupted, one_line, signal_received
 
 LOCK = ".microft.lock"
 # what a microft run writes into --out: any of them means the directory holds a run
@@ -213,11 +213,15 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
         on_event({"kind": "note", "text": text})
 
     def emit(e: dict[str, Any]) -> None:
+        if not progress["step"] and (got or signal_received()):  # an interrupt that C code swallowed
+            raise KeyboardInterrupt
         if e.get("kind") == "step":
             progress["step"] = True
         on_event(e)
 
     got: dict[str, int] = {}
+    if signal_received():  # Ctrl-C while the command line started: nothing is written
+        raise Interrupted(f"interrupted before step 1; nothing was saved and {out} is as it was", 130)
     _check_path(out)
     if not _is_main():  # rank 0 owns the directory; the others only refuse an earlier run, as it does
         if not cfg.resume and earlier_run(out):
@@ -242,7 +246,10 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
         except BaseException as e:
             if not progress["step"] and lock is not None:  # nothing trained: leave --out as it was found
                 _roll_back(out, made, before, lock)  # (never without the lock: the files may be another run's)
-            if isinstance(e, KeyboardInterrupt) and not progress["step"]:
+            # after a signal, whatever breaks (a half-imported module) is the interrupt's doing, not a bug
+            interrupted = isinstance(e, KeyboardInterrupt) or (bool(got or signal_received())
+                                                                and isinstance(e, Exception))
+            if interrupted and not progress["step"]:
                 code = 143 if got.get("sig") == signal.SIGTERM else 130
                 raise Interrupted(f"interrupted before step 1; nothing was saved and {out} is as it was", code) from None
             if isinstance(e, KeyboardInterrupt):
