@@ -5,6 +5,7 @@ handler goes in first (microft.errors is tiny), so an interrupted start-up ends 
 no traceback, and a KeyboardInterrupt that C code swallows is still remembered (see cli.user_errors).
 """
 
+import os
 import signal
 import sys
 
@@ -21,7 +22,8 @@ def main() -> None:
         from microft.cli import main as cli_main
     except KeyboardInterrupt:  # Ctrl-C while the CLI's modules load
         sys.stderr.write("interrupted\n")
-        sys.exit(130)
+        sys.stderr.flush()
+        os._exit(130)  # not sys.exit: see cli.exit_interrupted
     cli_main()
 
 

@@ -59,6 +59,18 @@ def _root() -> None:
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and batch plan, then exit.")]
 
 
+_SAID_INTERRUPTED: list[str] = []  # what user_errors said of an interrupt (main says it where it did not)
+
+
+def _stopped(message: str, code: int = 130) -> typer.Exit:
+    """Say that the run was stopped (not an error); the exit to raise."""
+    from microft import ui
+
+    ui.stopped(message)
+    _SAID_INTERRUPTED.append(message)
+    return typer.Exit(code)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn microft's user-facing errors into one line on stderr and their exit code; an interrupt into
@@ -74,25 +86,21 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except Interrupted as e:
-        ui.stopped(str(e))
-        raise typer.Exit(e.exit_code) from None
+        raise _stopped(str(e), e.exit_code) from None
     except MicroftError as e:
         if signal_received():  # what failed after a Ctrl-C is the interrupt's doing
-            ui.stopped("interrupted")
-            raise typer.Exit(130) from None
+            raise _stopped("interrupted") from None
         ui.error(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        ui.stopped("interrupted")
-        raise typer.Exit(130) from None
+        raise _stopped("interrupted") from None
     except Exception:
         if not signal_received():  # a bug: its traceback is what a report needs
             raise
-        ui.stopped("interrupted")  # a module half-imported when Ctrl-C landed (its KeyboardInterrupt swallowed)
-        raise typer.Exit(130) from None
+        # a module half-imported when Ctrl-C landed, its KeyboardInterrupt swallowed by C code
+        raise _stopped("interrupted") from None
     if signal_received():
-        ui.stopped("interrupted")
-        raise typer.Exit(130)
+        raise _stopped("interrupted")
 
 
 def parse_micro_bs(value: str | None) -> int | str | None:
@@ -509,6 +517,18 @@ def _render_estimate(est: Any, accum: int, fit: Any) -> None:
                                  if rec else "nothing fits this budget, not even LoRA at micro-batch 1")])
 
 
+def exit_interrupted(code: int = 130) -> None:
+    """Exit with `code` (130, 143) now that the run has cleaned up. Not through Python's own exit: CPython marks a
+    KeyboardInterrupt that passed through exec'd source (dataclasses builds its methods so, while modules
+    load) as unhandled even once caught, and at exit would kill the process with SIGINT (-2, not 130)."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 def main() -> None:
     """Run the CLI (the `microft` command: microft.__main__ installs the SIGINT handler before importing this)."""
     import signal
@@ -524,7 +544,13 @@ def main() -> None:
         app(prog_name="microft")
     except KeyboardInterrupt:  # outside a command's user_errors (parsing, imports)
         sys.stderr.write("interrupted\n")
-        raise SystemExit(130) from None
+        exit_interrupted()
+    except SystemExit as e:
+        if e.code not in (130, 143):
+            raise
+        if not _SAID_INTERRUPTED:  # typer turns a Ctrl-C while it parses the flags into a silent exit 130
+            sys.stderr.write("interrupted\n")
+        exit_interrupted(e.code)
 
 
 if __name__ == "__main__":

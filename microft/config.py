@@ -157,11 +157,12 @@ def choices_of(field: str) -> list[str]:
     return found
 
 
-def did_you_mean(value: str, choices: list[str]) -> str | None:
-    """The choice the user probably meant: one the value starts (bf16: bf16-mixed), else the closest spelling."""
+def did_you_mean(value: str, choices: list[str], prefixes: bool = True) -> str | None:
+    """The choice the user probably meant: with `prefixes`, one the value starts (bf16: bf16-mixed), else
+    the closest spelling."""
     low = value.lower()
     starts = [c for c in choices if c.startswith(low)] or [c for c in choices if low.startswith(c)]
-    if starts:
+    if starts and prefixes:
         return starts[0]
     import difflib
 
@@ -177,7 +178,7 @@ def _fmt_error(field: str, errs: list[dict[str, Any]], recipe: str | None) -> st
     """One field's errors in the user's words: the flag (or the recipe key) as typed, what it must be."""
     value = errs[0].get("input")
     if errs[0]["type"] == "extra_forbidden":  # only a recipe can carry an unknown key
-        near = did_you_mean(field, list(RunConfig.model_fields))
+        near = did_you_mean(field, list(RunConfig.model_fields), prefixes=False)
         return (f"recipe {recipe}: unknown key {field!r}" + (f" (did you mean {near!r}?)" if near else "")
                 + "; keys are the flags' names with _ for -")
     where = f"recipe {recipe}: {field} = {value!r}" if recipe else f"{flag_of(field)} {_shown(value)}"

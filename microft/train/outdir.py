@@ -122,14 +122,29 @@ def _check_path(out: Path) -> None:
             return
 
 
-def _make_dirs(out: Path) -> Path | None:
-    """Create `out` and missing parents; return the topmost directory created (None: it existed)."""
+def _topmost_missing(out: Path) -> Path | None:
+    """The topmost directory that creating `out` will make (None: `out` exists)."""
     missing = [p for p in [out, *out.parents] if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def _make_dirs(out: Path) -> None:
+    """Create `out` and missing parents."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create --out {out}: {e.strerror or one_line(e)}") from None
-    return missing[-1] if missing else None
+
+
+def _remove_empty(out: Path, top: Path) -> None:
+    """Remove `out` and its parents up to `top` while they are empty (what a start-up cut short made)."""
+    for d in [out, *out.parents]:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == top:
+            return
 
 
 def check_written_dir(out: str | Path, force: bool) -> None:
@@ -229,10 +244,11 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
         yield emit
         return
     with _startup_signals(got):
-        made = _make_dirs(out)
-        before = set(os.listdir(out))
+        made = _topmost_missing(out)  # known before it is made, so a signal in between leaves nothing
         lock = None
         try:
+            _make_dirs(out)
+            before = set(os.listdir(out))
             try:
                 lock = take_lock(out, note)
             except OSError as e:
@@ -246,6 +262,8 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
         except BaseException as e:
             if not progress["step"] and lock is not None:  # nothing trained: leave --out as it was found
                 _roll_back(out, made, before, lock)  # (never without the lock: the files may be another run's)
+            elif not progress["step"] and made is not None:
+                _remove_empty(out, made)
             # after a signal, whatever breaks (a half-imported module) is the interrupt's doing, not a bug
             interrupted = isinstance(e, KeyboardInterrupt) or (bool(got or signal_received())
                                                                 and isinstance(e, Exception))
