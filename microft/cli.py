@@ -518,9 +518,10 @@ def _render_estimate(est: Any, accum: int, fit: Any) -> None:
 
 
 def exit_interrupted(code: int = 130) -> None:
-    """Exit with `code` (130, 143) now that the run has cleaned up. Not through Python's own exit: CPython marks a
-    KeyboardInterrupt that passed through exec'd source (dataclasses builds its methods so, while modules
-    load) as unhandled even once caught, and at exit would kill the process with SIGINT (-2, not 130)."""
+    """Exit with `code` (130, 143) now that the run has cleaned up. Not through Python's own exit: CPython
+    marks a KeyboardInterrupt that passed through exec'd source (dataclasses builds its methods so, while
+    modules load) as unhandled even once caught, and at exit would kill the process with SIGINT (-2, not
+    130)."""
     import os
 
     for stream in (sys.stdout, sys.stderr):
@@ -530,7 +531,8 @@ def exit_interrupted(code: int = 130) -> None:
 
 
 def main() -> None:
-    """Run the CLI (the `microft` command: microft.__main__ installs the SIGINT handler before importing this)."""
+    """Run the CLI (the `microft` command: microft.__main__ installs the SIGINT handler before it imports
+    this module)."""
     import signal
 
     from microft.errors import record_signal, signal_received

@@ -193,8 +193,9 @@ def _fmt_error(field: str, errs: list[dict[str, Any]], recipe: str | None) -> st
     return f"{where}: must be {musts}"
 
 
-def _fmt_validation(e: ValidationError, recipe_keys: set[str] = frozenset(), recipe: str | None = None) -> str:
-    """pydantic's errors as one line in the user's words: each names the flag (or recipe key) and the value."""
+def _fmt_validation(e: ValidationError, recipe_keys: set[str] = frozenset(), recipe: str | None = None
+                    ) -> str:
+    """pydantic's errors as one line in the user's words: each names the flag (or recipe key), the value."""
     fields: dict[str, list[dict[str, Any]]] = {}
     parts = []
     for err in e.errors():

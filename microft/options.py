@@ -86,8 +86,8 @@ RUN_OPTIONS: dict[str, Any] = {
     "skip_bad": SkipBad, "group_by_length": GroupByLength, "packing": Packing, "predict": Predict, "lora": Lora, "lora_r": LoraR,
     "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
     "quantize": Quantize, "double_quant": DoubleQuant, "beta1": Beta1, "beta2": Beta2, "eps": Eps,
-    "momentum": Momentum, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval, "log_every": LogEvery,
-    "shuffle": Shuffle,
+    "momentum": Momentum, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval,
+    "log_every": LogEvery, "shuffle": Shuffle,
 }
 PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
             "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
@@ -99,12 +99,12 @@ FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip
             "packing", "predict", "samples_per_eval", *LORA)
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
 ESTIMATE = ("model", "data", "template", "skip_bad", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
-            "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "momentum", "dropout", *LORA, "devices",
-            "shard", "compile", "packing")
+            "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "momentum", "dropout", *LORA,
+            "devices", "shard", "compile", "packing")
 # pretrain's own words where finetune's help speaks of the demo
 PRETRAIN_HELP = {
-    "model": "Preset to train from scratch (gpt2-tiny, gpt2, llama-3.2-1b, …), or an HF model directory, cached "
-             "repo id or microft checkpoint to continue from (default: gpt2-tiny).",
+    "model": "Preset to train from scratch (gpt2-tiny, gpt2, llama-3.2-1b, …), or an HF model directory, "
+             "cached repo id or microft checkpoint to continue from (default: gpt2-tiny).",
     "data": "Training text: a .txt file or a directory of .txt files (required).",
 }
 

@@ -145,7 +145,8 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
             if kind == "step":
                 adapter = {k: v for k, v in weights.items() if "lora_" in k}
                 save_train_state(tmp, {
-                    "optimizer": optim_state, "scheduler": run.scheduler.state_dict(), "schedule": run.schedule,
+                    "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
+                    "schedule": run.schedule,
                     "scaler": run.scaler.state_dict(), "rng": rng or capture_rng(), "state": state.__dict__,
                     "model_config": model.config.model_dump(), "global_bs": run.plan.global_bs,
                     "plan": run.plan.model_dump(), "config": run.cfg.model_dump(mode="json"),

@@ -52,7 +52,13 @@ from microft.train.checkpoint import (
     save_failed,
 )
 from microft.train.distributed import Dist, grad_sync, rank0_float, reduce_step
-from microft.train.optim import build_optimizer, schedule_multiplier, schedule_note, warmup_steps
+from microft.train.optim import (
+    build_optimizer,
+    describe_schedule,
+    schedule_multiplier,
+    schedule_note,
+    warmup_steps,
+)
 from microft.train.step import (
     autocast_context,
     clip_gradients,
@@ -279,7 +285,7 @@ def train(
     if resume_dir is not None:
         asked = dict(run.schedule)
         run.state = TrainState(**restore(run, resume_dir))
-        if note := schedule_note(asked, run.schedule, run.state.step, run.total_steps):
+        if note := schedule_note(asked, run.schedule, run.state.step, run.total_steps, run.out):
             on_event({"kind": "note", "text": note})
     on_event(banner(run, resume_dir, memory.banner_peak(run.precision, run.plan), banner_extra))
     if note := emulated_precision_note(run.precision, run.device):
@@ -358,11 +364,12 @@ def set_up(model: GPT, train_set: Sequence, val_set: Sequence | None, cfg: RunCo
     lengths = [sample_length(train_set[i]) for i in range(len(train_set))]
     spe, total_steps = schedule_length(len(train_set), plan, cfg)
     warm = warmup_steps(cfg.warmup, total_steps)
-    schedule = {"schedule": cfg.schedule, "total_steps": total_steps, "warmup": warm, "min_ratio": cfg.min_lr_ratio,
-                "lr": cfg.lr}
+    schedule = {"schedule": cfg.schedule, "total_steps": total_steps, "warmup": warm,
+                "min_ratio": cfg.min_lr_ratio, "lr": cfg.lr}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_multiplier(schedule))
     return Run(model=model, runner=runner, train_set=train_set, val_set=val_set, cfg=cfg, plan=plan, dist=dist,
-               device=device, precision=precision, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
+               device=device, precision=precision, optimizer=optimizer, scheduler=scheduler,
+               schedule=schedule,
                scaler=make_scaler(precision, device), autocast=autocast_context(precision, device), lengths=lengths,
                steps_per_epoch=spe, total_steps=total_steps, warmup=warm, n_ckpt=n_ckpt, on_event=on_event,
                save_extra=save_extra, on_eval=on_eval)
@@ -389,8 +396,7 @@ def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra:
         "params_trainable": model.num_params(trainable_only=True), "device": str(run.device),
         "precision": run.precision,
         "grad_ckpt": f"{run.n_ckpt}/{model.config.n_layer} blocks" if run.n_ckpt else "off", "optimizer": cfg.optimizer,
-        "lr": run.schedule["lr"], "schedule": f"{run.schedule['schedule']} over {run.schedule['total_steps']} steps, "
-                                              f"warmup {run.schedule['warmup']} steps, min lr ×{run.schedule['min_ratio']}",
+        "lr": run.schedule["lr"], "schedule": describe_schedule(run.schedule),
         "effective_batch": plan.describe(), "tokens_per_step": plan.global_bs * max(run.lengths),
         "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps, "train_samples": len(run.train_set),
         "val_samples": len(run.val_set or []), "resumed_from": str(resume_dir) if resume_dir else None,

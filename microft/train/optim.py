@@ -137,7 +137,8 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     if cfg.optimizer == "adamw":
         if all(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):  # bf16-true: exact fp32 masters
             return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **adamw_impl(device))
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 **adamw_impl(device))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     if cfg.optimizer == "adafactor":
@@ -177,21 +178,27 @@ def schedule_multiplier(schedule: dict[str, Any]) -> Callable[[int], float]:
     return lr_lambda(schedule["schedule"], schedule["total_steps"], schedule["warmup"], schedule["min_ratio"])
 
 
-def schedule_note(asked: dict[str, Any], kept: dict[str, Any], step: int, total_steps: int) -> str | None:
+def describe_schedule(schedule: dict[str, Any]) -> str:
+    """A schedule record in words, for the banner and notes."""
+    return (f"{schedule['schedule']} over {schedule['total_steps']} steps, "
+            f"warmup {schedule['warmup']} steps, min lr ×{schedule['min_ratio']:g}")
+
+
+def schedule_note(asked: dict[str, Any], kept: dict[str, Any], step: int, total_steps: int,
+                  out: object = "OUT") -> str | None:
     """One line for a resumed run whose flags ask for another schedule than the one its checkpoint follows
     (None when they agree): the checkpoint's is kept, so the lr never jumps, and what that means."""
     changed = [k for k in ("total_steps", "schedule", "warmup", "min_ratio", "lr") if asked[k] != kept[k]]
     if not changed:
         return None
-    final_lr = kept["lr"] * lr_lambda(kept["schedule"], kept["total_steps"], kept["warmup"], kept["min_ratio"])(
-        kept["total_steps"])
-    what = (f"resumed at step {step}: the lr keeps the checkpoint's schedule ({kept['schedule']} over "
-            f"{kept['total_steps']} steps, warmup {kept['warmup']}, peak {kept['lr']:.3g}, min lr ×{kept['min_ratio']:g})")
+    final_lr = kept["lr"] * schedule_multiplier(kept)(kept["total_steps"])
+    what = (f"resumed at step {step}: the lr keeps the checkpoint's schedule ({describe_schedule(kept)}, "
+            f"peak {kept['lr']:.3g})")
     if total_steps > kept["total_steps"]:
         what += f"; steps {kept['total_steps'] + 1}-{total_steps} run at its final lr {final_lr:.3g}"
     elif total_steps < kept["total_steps"]:
         what += f"; the run ends at step {total_steps}, before that schedule does"
-    ignored = [f"--{k.replace('min_ratio', 'min-lr-ratio')}" for k in changed if k not in ("total_steps", "lr")]
-    ignored += ["--lr"] if "lr" in changed else []
+    flags = {"schedule": "--schedule", "warmup": "--warmup", "min_ratio": "--min-lr-ratio", "lr": "--lr"}
+    ignored = [flags[k] for k in changed if k in flags]
     return what + (f"; {', '.join(ignored)} given now not applied" if ignored else "") + (
-        ". For a new schedule, train from its final/ as a new run (--model OUT/final, a new --out)")
+        f". For a new schedule, train from its weights as a new run (--model {out}/final, a new --out)")
