@@ -530,6 +530,21 @@ def exit_interrupted(code: int = 130) -> None:
     os._exit(code)
 
 
+def usage_error(e: Any) -> int:
+    """A flag typed wrong (click's usage errors: an unknown option, a value of the wrong type) as one line on
+    stderr, like every user error, instead of typer's boxed panel; returns the exit code (2)."""
+    import re
+
+    if type(e).__name__ == "NoArgsIsHelpError":  # bare `microft`: the help is already printed
+        return e.exit_code
+    text = " ".join(e.format_message().split()).rstrip(".")
+    if m := re.match(r"Invalid value for '([^']+)': (.*)", text):
+        text = f"{m[1].split('/')[0]}: {m[2].replace('Input should be', 'must be')}"
+    ctx = getattr(e, "ctx", None)
+    sys.stderr.write(f"error: {text}" + (f" (see {ctx.command_path} --help)" if ctx else "") + "\n")
+    return e.exit_code
+
+
 def main() -> None:
     """Run the CLI (the `microft` command: microft.__main__ installs the SIGINT handler before it imports
     this module)."""
@@ -543,16 +558,19 @@ def main() -> None:
                 signal.signal(signal.SIGINT, record_signal)
         if signal_received():  # Ctrl-C while this module loaded, its KeyboardInterrupt swallowed
             raise KeyboardInterrupt
-        app(prog_name="microft")
+        code = app(prog_name="microft", standalone_mode=False)  # typer.Exit(n) comes back as n
     except KeyboardInterrupt:  # outside a command's user_errors (parsing, imports)
-        sys.stderr.write("interrupted\n")
-        exit_interrupted()
-    except SystemExit as e:
-        if e.code not in (130, 143):
+        code = 130
+    except Exception as e:  # click's usage errors (typer >= 0.25 bundles its own click: matched by name)
+        if not any(c.__name__ == "ClickException" for c in type(e).__mro__):
             raise
-        if not _SAID_INTERRUPTED:  # typer turns a Ctrl-C while it parses the flags into a silent exit 130
+        code = usage_error(e)
+    code = code if isinstance(code, int) else 0
+    if code in (130, 143):  # typer turns a Ctrl-C while it parses the flags into a silent 130
+        if not _SAID_INTERRUPTED:
             sys.stderr.write("interrupted\n")
-        exit_interrupted(e.code)
+        exit_interrupted(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,28 @@ def test_flag_errors_name_the_flag_as_typed_on_one_line(flags, line):
     assert res.exit_code == 2 and res.output.strip() == line, res.output
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["finetune", "--accum", "abc"], ["--accum: must be a valid integer", "(see microft finetune --help)"]),
+    (["finetune", "--bta2", "0.9"], ["--bta2", "--beta2", "(see microft finetune --help)"]),
+    (["generate"], ["--model", "(see microft generate --help)"]),
+])
+def test_a_flag_the_parser_refuses_is_one_line_too(monkeypatch, capsys, argv, words):
+    """What typer/click refuse before a command runs (a value of the wrong type, an unknown or missing option)
+    is one line naming the flag, as every user error, not typer's boxed panel."""
+    from microft.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["microft", *argv])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    lines = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert all(w in lines[0] for w in words), lines
+
+
 def test_recipe_errors_name_the_recipe_and_its_key(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('precision = "bf16"\n')
