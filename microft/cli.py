@@ -404,7 +404,11 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         flags = run_flags(flags)
         if seq_len is not None:
             flags["max_seq_len"] = seq_len
-        cfg = resolve_config(str(recipe) if recipe else None, **flags)
+        try:
+            cfg = resolve_config(str(recipe) if recipe else None, **flags)
+        except ConfigError as e:  # name the flag as typed
+            typed = str(e).replace("--max-seq-len", "--seq-len") if seq_len is not None else str(e)
+            raise ConfigError(typed) from None
         if cfg.model:
             arch = memory.load_arch(cfg.model, cfg.dropout)
         elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model

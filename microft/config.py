@@ -182,13 +182,13 @@ def _fmt_error(field: str, errs: list[dict[str, Any]], recipe: str | None) -> st
         return (f"recipe {recipe}: unknown key {field!r}" + (f" (did you mean {near!r}?)" if near else "")
                 + "; keys are the flags' names with _ for -")
     where = f"recipe {recipe}: {field} = {value!r}" if recipe else f"{flag_of(field)} {_shown(value)}"
+    if field == "micro_bs":  # int | 'auto': pydantic reports each member of the union
+        return f"{where}: must be a positive integer or 'auto'"
     choices = choices_of(field)
     if choices and any(e["type"] == "literal_error" for e in errs):
-        others = [e["msg"].removeprefix("Input should be ") for e in errs if e["type"] != "literal_error"]
         words = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
         near = did_you_mean(str(value), choices) if isinstance(value, str) else None
-        return (f"{where}: choose {words}" + (f" (or {' or '.join(others)})" if others else "")
-                + (f"; did you mean {near}?" if near else ""))
+        return f"{where}: choose {words}" + (f"; did you mean {near}?" if near else "")
     musts = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs))
     return f"{where}: must be {musts}"
 

@@ -222,11 +222,19 @@ def test_recipe_errors_name_the_recipe_and_its_key(tmp_path):
     recipe.write_text("lora_rank = 8\n")
     with pytest.raises(ConfigError, match="unknown key 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
         resolve_config(str(recipe))
+    recipe.write_text('micro_bs = "x"\n')
+    with pytest.raises(ConfigError, match=r"micro_bs = 'x': must be a positive integer or 'auto'$"):
+        resolve_config(str(recipe))
     recipe.write_text("micro_bs = 0\n")
     with pytest.raises(ConfigError, match="^--micro-bs must be positive"):
         resolve_config(str(recipe))
     recipe.write_text("shuffle = false\nbeta2 = 0.98\n")  # the new keys are recipe keys too
     assert resolve_config(str(recipe)).shuffle is False and resolve_config(str(recipe)).beta2 == 0.98
+
+
+def test_estimate_mem_names_seq_len_as_typed():
+    res = invoke("estimate-mem", "--model", "gpt2-tiny", "--seq-len", "0")
+    assert res.exit_code == 2 and res.output.strip() == "error: --seq-len must be positive, got 0", res.output
 
 
 def test_an_interrupt_is_reported_as_what_happened_not_as_an_error(monkeypatch):
