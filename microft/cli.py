@@ -33,8 +33,8 @@ app = typer.Typer(
 
 
 def _switches_take_no_value() -> None:
-    """typer >= 0.16 shows a switch's type (`--dry-run <bool>`), which reads as if it took a value:
-    show none for switches (is_flag), as click itself does."""
+    """Newer typer versions show a switch's type in --help (`--dry-run <bool>`), which reads as if it took a
+    value: show none for switches (is_flag), as click and older typer do."""
     from typer.core import TyperOption
 
     shown = getattr(TyperOption, "display_type_rich", None)
