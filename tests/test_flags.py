@@ -158,6 +158,22 @@ def test_extending_a_finished_run_keeps_its_schedule_and_says_so(tmp_path):
     assert banner["schedule"].startswith("cosine over 6 steps")
 
 
+def test_a_checkpoint_without_its_schedule_says_which_one_the_lr_follows(tmp_path):
+    """Checkpoints written before schedules were recorded: the lr follows the new run length, said in a line."""
+    samples, plan = masked_samples(32), BatchPlan(micro_bs=2, accum=2)
+    cfg = run_config(tmp_path, max_steps=4)
+    train(tiny_model(), samples, None, cfg, plan)
+    path = tmp_path / "checkpoints" / "step-0000004" / "train_state.pt"
+    state = torch.load(path, weights_only=False)
+    del state["schedule"]
+    torch.save(state, path)
+    events: list[dict] = []
+    train(tiny_model(), samples, None, cfg.model_copy(update={"resume": "auto", "max_steps": 8}), plan,
+          events.append)
+    notes = [e["text"] for e in events if e["kind"] == "note" and "schedule" in e["text"]]
+    assert len(notes) == 1 and "does not record its lr schedule" in notes[0] and "cosine over 8 steps" in notes[0]
+
+
 def test_a_resume_with_the_same_flags_says_nothing_of_the_schedule(tmp_path):
     samples = masked_samples(32)
     plan = BatchPlan(micro_bs=2, accum=2)

@@ -193,6 +193,10 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
     if ts.get("schedule"):  # the lr follows the schedule the run started with, whatever --max-steps says now
         run.schedule = ts["schedule"]
         run.scheduler.lr_lambdas = [schedule_multiplier(run.schedule) for _ in run.optimizer.param_groups]
+    else:  # an older microft's checkpoint: its schedule is not known, so say which one the lr follows now
+        run.on_event({"kind": "note", "text": f"{resume_dir} does not record its lr schedule (an older microft "
+                      f"wrote it): from step {ts['state']['step']} the lr follows {run.schedule['schedule']} over "
+                      f"{run.schedule['total_steps']} steps, as for a run of this length"})
     run.scaler.load_state_dict(ts["scaler"])
     restore_rng(ts["rng"])
     return ts["state"]
