@@ -319,7 +319,7 @@ def test_an_interrupt_that_c_code_swallowed_still_stops_the_run_with_nothing_wri
 
 def test_sigint_at_any_moment_of_start_up_exits_130_and_writes_nothing(tmp_path):
     """A real `python -m microft finetune`, interrupted at several moments of its start-up (imports, model and
-    data loading, the banner): exit 130, one line on stderr and no traceback, `--out` never created."""
+    data loading, the banner): exit 130, `interrupted …` on stderr and no traceback, `--out` never created."""
     data = alpaca(tmp_path / "d.json", 200)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Python's own start-up (the site module) runs before any code of ours can handle a signal: begin after it
