@@ -32,6 +32,25 @@ app = typer.Typer(
 
 
 
+def _switches_take_no_value() -> None:
+    """Newer typer versions show a switch's type in --help (`--dry-run <bool>`), which reads as if it took a
+    value: show none for switches (is_flag), as click and older typer do."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "switches_plain", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.switches_plain = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_switches_take_no_value()
+
+
 @app.callback()
 def _root() -> None:
     """Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have."""
@@ -40,23 +59,48 @@ def _root() -> None:
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and batch plan, then exit.")]
 
 
+_SAID_INTERRUPTED: list[str] = []  # what user_errors said of an interrupt (main says it where it did not)
+
+
+def _stopped(message: str, code: int = 130) -> typer.Exit:
+    """Say that the run was stopped (not an error); the exit to raise."""
+    from microft import ui
+
+    ui.stopped(message)
+    _SAID_INTERRUPTED.append(message)
+    return typer.Exit(code)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn microft's user-facing errors into one line on stderr and their exit code."""
+    """Turn microft's user-facing errors into one line on stderr and their exit code; an interrupt into
+    `interrupted …` (not an error) and exit 130."""
     import signal
 
     from microft import ui
+    from microft.errors import Interrupted, record_signal, signal_received
 
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with `&` by a script: Ctrl-C/kill -INT still stop us
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread
+        if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler):
+            signal.signal(signal.SIGINT, record_signal)  # also where a script started us with SIGINT ignored
     try:
         yield
+    except Interrupted as e:
+        raise _stopped(str(e), e.exit_code) from None
     except MicroftError as e:
+        if signal_received():  # what failed after a Ctrl-C is the interrupt's doing
+            raise _stopped("interrupted") from None
         ui.error(str(e))
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        ui.error("interrupted")
-        raise typer.Exit(130) from None
+        raise _stopped("interrupted") from None
+    except Exception:
+        if not signal_received():  # a bug: its traceback is what a report needs
+            raise
+        # a module half-imported when Ctrl-C landed, its KeyboardInterrupt swallowed by C code
+        raise _stopped("interrupted") from None
+    if signal_received():
+        raise _stopped("interrupted")
 
 
 def parse_micro_bs(value: str | None) -> int | str | None:
@@ -86,10 +130,15 @@ def _run_reporting(cfg: RunConfig, run: Any) -> None:
         reporter.close()
 
 
-def dry_run_output(cfg: RunConfig, world: int = 1) -> None:
-    from microft.config import DEFAULT_GLOBAL_BS, config_to_json, default_batch, resolve_batch_plan
+def dry_run_output(cfg: RunConfig, names: tuple[str, ...], world: int = 1) -> None:
+    """The resolved values of the command's options `names` (each one a flag of the command, as the JSON
+    key with - for _) and the batch plan."""
+    import json
 
-    print(config_to_json(cfg))
+    from microft.config import DEFAULT_GLOBAL_BS, default_batch, resolve_batch_plan
+
+    values = cfg.model_dump(mode="json")
+    print(json.dumps({k: values[k] for k in sorted(names) if k in values}, indent=2))
     if default_batch(cfg):
         print(f"Effective batch: {DEFAULT_GLOBAL_BS} (default: no batch flag given; at most the training "
               "set), split at the start into the largest micro-batch that fits (as --micro-bs auto) × "
@@ -117,7 +166,7 @@ def relaunch_under_torchrun(cfg: RunConfig) -> None:
 
 
 @app.command()
-@run_options(options.PRETRAIN)
+@run_options(options.PRETRAIN, options.PRETRAIN_HELP)
 def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
     """Train on raw text: a .txt file or a directory of them, packed into context-length blocks.
 
@@ -130,7 +179,7 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
         cfg = resolve_config(str(recipe) if recipe else None, **run_flags(flags))
         cfg = cfg.model_copy(update={"model": cfg.model or "gpt2-tiny", "group_by_length": False})
         if dry_run:
-            dry_run_output(cfg)
+            dry_run_output(cfg, options.PRETRAIN)
             return
         relaunch_under_torchrun(cfg)
         if not cfg.data:
@@ -166,7 +215,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
         # the demo's settings are read like a recipe: flags win, and two batch flags replace its batch plan
         cfg = resolve_config(str(recipe) if recipe else None, defaults=base, **flags)
         if dry_run:
-            dry_run_output(cfg)
+            dry_run_output(cfg, options.FINETUNE)
             return
         relaunch_under_torchrun(cfg)
         from microft.runs import run_finetune
@@ -362,7 +411,11 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         flags = run_flags(flags)
         if seq_len is not None:
             flags["max_seq_len"] = seq_len
-        cfg = resolve_config(str(recipe) if recipe else None, **flags)
+        try:
+            cfg = resolve_config(str(recipe) if recipe else None, **flags)
+        except ConfigError as e:  # name the flag as typed
+            typed = str(e).replace("--max-seq-len", "--seq-len") if seq_len is not None else str(e)
+            raise ConfigError(typed) from None
         if cfg.model:
             arch = memory.load_shape(cfg.model, cfg.dropout)
         elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
@@ -475,12 +528,60 @@ def _render_estimate(est: Any, accum: int, fit: Any) -> None:
                                  if rec else "nothing fits this budget, not even LoRA at micro-batch 1")])
 
 
+def exit_interrupted(code: int = 130) -> None:
+    """Exit with `code` (130, 143) now that the run has cleaned up. Not through Python's own exit: CPython
+    marks a KeyboardInterrupt that passed through exec'd source (dataclasses builds its methods so, while
+    modules load) as unhandled even once caught, and at exit would kill the process with SIGINT (-2, not
+    130)."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def usage_error(e: Any) -> int:
+    """A flag typed wrong (click's usage errors: an unknown option, a value of the wrong type) as one line on
+    stderr, like every user error, instead of typer's boxed panel; returns the exit code (2)."""
+    import re
+
+    if type(e).__name__ == "NoArgsIsHelpError":  # bare `microft`: the help is already printed
+        return e.exit_code
+    text = " ".join(e.format_message().split()).rstrip(".")
+    if m := re.match(r"Invalid value for '([^']+)': (.*)", text):
+        text = f"{m[1].split('/')[0]}: {m[2].replace('Input should be', 'must be')}"
+    ctx = getattr(e, "ctx", None)
+    sys.stderr.write(f"error: {text}" + (f" (see {ctx.command_path} --help)" if ctx else "") + "\n")
+    return e.exit_code
+
+
 def main() -> None:
+    """Run the CLI (the `microft` command: microft.__main__ installs the SIGINT handler before it imports
+    this module)."""
+    import signal
+
+    from microft.errors import record_signal, signal_received
+
     try:
-        app(prog_name="microft")
+        with contextlib.suppress(ValueError):  # not the main thread
+            if signal.getsignal(signal.SIGINT) is not record_signal:
+                signal.signal(signal.SIGINT, record_signal)
+        if signal_received():  # Ctrl-C while this module loaded, its KeyboardInterrupt swallowed
+            raise KeyboardInterrupt
+        code = app(prog_name="microft", standalone_mode=False)  # typer.Exit(n) comes back as n
     except KeyboardInterrupt:  # outside a command's user_errors (parsing, imports)
-        sys.stderr.write("error: interrupted\n")
-        raise SystemExit(130) from None
+        code = 130
+    except Exception as e:  # click's usage errors (typer >= 0.25 bundles its own click: matched by name)
+        if not any(c.__name__ == "ClickException" for c in type(e).__mro__):
+            raise
+        code = usage_error(e)
+    code = code if isinstance(code, int) else 0
+    if code in (130, 143):  # typer turns a Ctrl-C while it parses the flags into a silent 130
+        if not _SAID_INTERRUPTED:
+            sys.stderr.write("interrupted\n")
+        exit_interrupted(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ config can be validated (and printed with --dry-run) before anything heavy loads
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -60,9 +59,10 @@ class RunConfig(BaseModel):
     # optimizer
     optimizer: OptimizerName = "adamw"
     weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # adamw, adamw-8bit
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
-    momentum: float = Field(0.9, ge=0.0)
+    eps: float = Field(1e-8, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0)  # sgd
     max_grad_norm: float | None = Field(1.0, ge=0.0)  # 0 or None: no clipping
     # numerics and memory
     precision: Precision = "auto"
@@ -91,6 +91,7 @@ class RunConfig(BaseModel):
     # the data's own key or column for each of microft's fields: "instruction=question,output=answer"
     columns: dict[str, str] | None = None
     group_by_length: bool = True
+    shuffle: bool = True  # False: steps take the training records in file order
     packing: bool = False  # whole samples packed into rows of max_seq_len; attention stays within each
     predict: bool = False
     samples_per_eval: int = Field(3, ge=0)  # generated samples shown at each evaluation
@@ -126,11 +127,11 @@ class RunConfig(BaseModel):
         for name in ("accum", "global_bs", "max_steps", "max_seq_len"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise ValueError(f"{name} must be positive, got {v}")
+                raise ValueError(f"{flag_of(name)} must be positive, got {v}")
         if isinstance(self.micro_bs, int) and self.micro_bs <= 0:
-            raise ValueError(f"micro_bs must be positive or 'auto', got {self.micro_bs}")
+            raise ValueError(f"--micro-bs must be positive or 'auto', got {self.micro_bs}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.quantize and not self.lora:
             raise ValueError(f"--quantize {self.quantize} stores the frozen base in 4 bits: it needs --lora")
         if self.double_quant and not self.quantize:
@@ -139,12 +140,17 @@ class RunConfig(BaseModel):
             raise ValueError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
                              "bf16-true or fp32")
         if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
         if self.shard == "fsdp" and self.lora:  # checked before torchrun starts any worker
             raise ValueError("--shard fsdp does not support --lora (adapters are small); use --shard ddp")
         if self.shard == "fsdp" and self.precision == "bf16-true":
             raise ValueError("--shard fsdp does not support --precision bf16-true (its fp32 master bits are not "
                              "sharded); use --precision bf16-mixed")
+        # an optimizer setting the chosen optimizer would ignore is refused, not dropped in silence
+        for name, optimizers in OPTIMIZER_KEYS.items():
+            if name in self.model_fields_set and self.optimizer not in optimizers:
+                raise ValueError(f"{flag_of(name)} applies to --optimizer {' and '.join(optimizers)}, not "
+                                 f"{self.optimizer}")
         return self
 
 
@@ -165,12 +171,81 @@ def parse_columns(text: str) -> dict[str, str]:
     return out
 
 
-def _fmt_validation(e: ValidationError) -> str:
+# the optimizer keys that only some optimizers read (adafactor has its own decay rule and epsilons)
+OPTIMIZER_KEYS = {"beta1": ("adamw", "adamw-8bit"), "beta2": ("adamw", "adamw-8bit"),
+                  "eps": ("adamw", "adamw-8bit"), "momentum": ("sgd",)}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag that sets the RunConfig field `field` (micro_bs: --micro-bs)."""
+    return "--" + field.replace("_", "-")
+
+
+def choices_of(field: str) -> list[str]:
+    """The words a RunConfig field accepts (its Literal values), in the order they are declared."""
+    found: list[str] = []
+
+    def walk(tp: Any) -> None:
+        if get_origin(tp) is Literal:
+            found.extend(a for a in get_args(tp) if isinstance(a, str))
+        else:
+            for a in get_args(tp):
+                walk(a)
+
+    info = RunConfig.model_fields.get(field)
+    if info is not None:
+        walk(info.annotation)
+    return found
+
+
+def did_you_mean(value: str, choices: list[str], prefixes: bool = True) -> str | None:
+    """The choice the user probably meant: with `prefixes`, one the value starts (bf16: bf16-mixed), else
+    the closest spelling."""
+    low = value.lower()
+    starts = [c for c in choices if c.startswith(low)] or [c for c in choices if low.startswith(c)]
+    if starts and prefixes:
+        return starts[0]
+    import difflib
+
+    close = difflib.get_close_matches(low, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _fmt_error(field: str, errs: list[dict[str, Any]], recipe: str | None) -> str:
+    """One field's errors in the user's words: the flag (or the recipe key) as typed, what it must be."""
+    value = errs[0].get("input")
+    if errs[0]["type"] == "extra_forbidden":  # only a recipe can carry an unknown key
+        near = did_you_mean(field, list(RunConfig.model_fields), prefixes=False)
+        return (f"recipe {recipe}: unknown key {field!r}" + (f" (did you mean {near!r}?)" if near else "")
+                + "; keys are the flags' names with _ for -")
+    where = f"recipe {recipe}: {field} = {value!r}" if recipe else f"{flag_of(field)} {_shown(value)}"
+    if field == "micro_bs":  # int | 'auto': pydantic reports each member of the union
+        return f"{where}: must be a positive integer or 'auto'"
+    choices = choices_of(field)
+    if choices and any(e["type"] == "literal_error" for e in errs):
+        words = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+        near = did_you_mean(str(value), choices) if isinstance(value, str) else None
+        return f"{where}: choose {words}" + (f"; did you mean {near}?" if near else "")
+    musts = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs))
+    return f"{where}: must be {musts}"
+
+
+def _fmt_validation(e: ValidationError, recipe_keys: set[str] = frozenset(), recipe: str | None = None
+                    ) -> str:
+    """pydantic's errors as one line in the user's words: each names the flag (or recipe key), the value."""
+    fields: dict[str, list[dict[str, Any]]] = {}
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")  # a validator's own sentence needs no prefix
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        if err["loc"]:
+            fields.setdefault(str(err["loc"][0]), []).append(err)
+        else:  # a validator's own sentence, already in flag words
+            parts.append(err["msg"].removeprefix("Value error, "))
+    for field, errs in fields.items():
+        parts.append(_fmt_error(field, errs, recipe if field in recipe_keys else None))
     return "; ".join(parts)
 
 
@@ -203,11 +278,12 @@ def resolve_config(recipe: str | None = None, defaults: dict[str, Any] | None = 
     if len(batch_flags & given.keys()) >= 2:  # two batch flags fix the plan: drop the recipe's third
         for k in batch_flags - given.keys():
             values.pop(k, None)
+    from_recipe = set(values) - set(given) if recipe else set()
     values.update(given)
     try:
         return RunConfig(**values)
     except ValidationError as e:
-        raise ConfigError(_fmt_validation(e)) from None
+        raise ConfigError(_fmt_validation(e, from_recipe, recipe)) from None
 
 
 class BatchPlan(BaseModel):
@@ -273,6 +349,3 @@ def _divide(global_bs: int, flag: str, value: int, world_size: int) -> int:
                           f"nearest valid global batch: {near}")
     return global_bs // unit
 
-
-def config_to_json(cfg: BaseModel) -> str:
-    return json.dumps(cfg.model_dump(mode="json"), indent=2, sort_keys=True)

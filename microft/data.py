@@ -108,13 +108,18 @@ def sample_length(s: Sample) -> int:
     return len(s["input_ids"])
 
 
-def epoch_batches(n: int, global_bs: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+def epoch_batches(n: int, global_bs: int, seed: int, epoch: int, lengths: list[int] | None = None,
+                  shuffle: bool = True) -> list[list[int]]:
     """The global batches of one epoch (sample indices), from the seed, epoch and global batch only.
 
     With `lengths`, samples are grouped by length: a shuffled pool of 16 global batches is
     sorted by length and cut into batches, and the batch order is shuffled again, so steps
-    carry similar lengths (little padding) while staying random across the epoch.
+    carry similar lengths (little padding) while staying random across the epoch. Without
+    `shuffle` (--no-shuffle) the samples keep their order: step k takes samples
+    k*global_bs .. (k+1)*global_bs - 1 in every epoch, whatever `lengths` says.
     """
+    if not shuffle:
+        return [list(range(s, s + global_bs)) for s in range(0, n - global_bs + 1, global_bs)]
     rng = random.Random(f"{seed}-{epoch}")
     perm = list(range(n))
     rng.shuffle(perm)

@@ -32,11 +32,29 @@ class TrainingError(MicroftError):
 
 
 class Interrupted(MicroftError):
-    """SIGINT/SIGTERM: the run saved a checkpoint and stopped; exit 130 or 143."""
+    """SIGINT/SIGTERM: the run saved a checkpoint (or, before step 1, nothing) and stopped; exit 130 or 143.
+    Not an error: the CLI prints its message without `error:`."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# SIGINTs the command line's own handler saw (cli.main installs it before anything heavy is imported)
+_SIGNALS: dict[str, int] = {}
+
+
+def record_signal(num: int, _frame: object) -> None:
+    """The CLI's SIGINT handler until a run installs its own: remember the signal, then raise
+    KeyboardInterrupt as Python's handler does. The record outlives a KeyboardInterrupt that C code
+    swallows (torch's numpy bridge clears the error of an interrupted `import numpy` and goes on)."""
+    _SIGNALS.setdefault("sig", num)
+    raise KeyboardInterrupt
+
+
+def signal_received() -> int | None:
+    """The signal `record_signal` saw in this process, if any."""
+    return _SIGNALS.get("sig")
 
 
 def one_line(e: BaseException, limit: int | None = 160) -> str:

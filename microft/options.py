@@ -39,7 +39,7 @@ Warmup = Annotated[float | None, typer.Option("--warmup", help="Warmup steps (â‰
 MinLR = Annotated[float | None, typer.Option("--min-lr-ratio", help="Final lr as a fraction of the peak.")]
 MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help="Clip the global grad norm (0: off).")]
 WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")]
-Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")]
+Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (auto: Apple silicon's GPU, else CUDA, else CPU).")]
 ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held out for validation.")]
 Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement (default: never stop early).")]
 KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoints to keep.")]
@@ -64,6 +64,14 @@ LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropo
 LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
 Quantize = Annotated[str | None, typer.Option("--quantize", help="nf4: store the frozen block linears in 4 bits (QLoRA; needs --lora).")]
 DoubleQuant = Annotated[bool | None, typer.Option("--double-quant", help="With --quantize nf4: quantize the block scales too (~0.37 bit/weight less).")]
+Beta1 = Annotated[float | None, typer.Option("--beta1", help="AdamW's first-moment decay (adamw, adamw-8bit).")]
+Beta2 = Annotated[float | None, typer.Option("--beta2", help="AdamW's second-moment decay (adamw, adamw-8bit).")]
+Eps = Annotated[float | None, typer.Option("--eps", help="AdamW's epsilon, added to the root of the second moment (adamw, adamw-8bit).")]
+Momentum = Annotated[float | None, typer.Option("--momentum", help="SGD's momentum (--optimizer sgd).")]
+EvalBatches = Annotated[int | None, typer.Option("--eval-batches", help="Micro-batches of the validation set each evaluation reads (the first N, in order).")]
+SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help="Validation prompts answered and shown at each evaluation (0: none).")]
+LogEvery = Annotated[int | None, typer.Option("--log-every", help="Write every N-th step to metrics.jsonl (and always the last).")]
+Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help="Shuffle the training data each epoch (default), or take it in file order: consecutive records form each step, no length grouping.")]
 SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
 
 # every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
@@ -78,45 +86,56 @@ RUN_OPTIONS: dict[str, Any] = {
     "val_data": ValData, "test_frac": TestFrac, "template": Template, "mask_prompt": MaskPrompt,
     "skip_bad": SkipBad, "columns": Columns, "group_by_length": GroupByLength, "packing": Packing, "predict": Predict, "lora": Lora, "lora_r": LoraR,
     "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
-    "quantize": Quantize, "double_quant": DoubleQuant,
+    "quantize": Quantize, "double_quant": DoubleQuant, "beta1": Beta1, "beta2": Beta2, "eps": Eps,
+    "momentum": Momentum, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval,
+    "log_every": LogEvery, "shuffle": Shuffle,
 }
 PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
             "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
             "log_format", "optimizer", "schedule", "warmup", "min_lr_ratio", "max_grad_norm", "weight_decay",
-            "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard")
+            "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard",
+            "beta1", "beta2", "eps", "momentum", "eval_batches", "log_every", "shuffle")
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
 FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
-            "packing", "predict", *LORA)
+            "packing", "predict", "samples_per_eval", *LORA)
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
-ESTIMATE = ("model", "data", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
-            "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "dropout", *LORA, "devices", "shard",
-            "compile", "packing")
+ESTIMATE = ("model", "data", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
+            "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm",
+            "momentum", "dropout", *LORA, "devices", "shard", "compile", "packing")
+# pretrain's own words where finetune's help speaks of the demo
+PRETRAIN_HELP = {
+    "model": "Preset to train from scratch (gpt2-tiny, gpt2, llama-3.2-1b, â€¦), or an HF model directory, "
+             "cached repo id or microft checkpoint to continue from (default: gpt2-tiny).",
+    "data": "Training text: a .txt file or a directory of .txt files (required).",
+}
 
 
-def _with_default(name: str) -> Any:
-    """The option `name`, its help ending with RunConfig's default (the flags default to None: 'not given')."""
+def _with_default(name: str, help_text: str | None = None) -> Any:
+    """The option `name` (with `help_text` instead of its shared help), its help ending with RunConfig's
+    default (the flags default to None: 'not given')."""
     from microft.config import RunConfig  # pydantic only: no torch
 
     alias = RUN_OPTIONS[name]
     field = RunConfig.model_fields.get(name)
-    info = alias.__metadata__[0]
-    if field is None or field.default is None or "default" in (info.help or ""):
-        return alias
-    default = field.default
-    shown = ("on" if default else "off") if isinstance(default, bool) else default
-    info = copy.copy(info)
-    info.help = f"{info.help} (default: {shown})"
+    info = copy.copy(alias.__metadata__[0])
+    info.help = help_text or info.help
+    if not (field is None or field.default is None or "default" in (info.help or "")):
+        default = field.default
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        info.help = f"{info.help} (default: {shown})"
     return Annotated[alias.__origin__, info]  # type: ignore[name-defined]
 
 
-def run_options(names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Give a command the run options `names` (before its own parameters); it receives them as `**flags`."""
+def run_options(names: tuple[str, ...], own_help: dict[str, str] | None = None
+                ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the run options `names` (before its own parameters); it receives them as `**flags`.
+    `own_help` replaces the shared help of some options with the command's own words."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
                if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_with_default(n))
-                  for n in names]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=_with_default(n, (own_help or {}).get(n))) for n in names]
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         required = [p for p in params if p.default is inspect.Parameter.empty]
         params = required + shared + [p for p in params if p.default is not inspect.Parameter.empty]

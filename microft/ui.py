@@ -48,6 +48,12 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/] {message}" if err.is_terminal else f"error: {message}", markup=err.is_terminal)
 
 
+def stopped(message: str) -> None:
+    """One line on stderr for a run the user stopped (Ctrl-C, SIGTERM): not an error, so no `error:`."""
+    err.print(f"[bold yellow]{message}[/]" if err.is_terminal else message, markup=err.is_terminal,
+              highlight=False)
+
+
 def resolve_log_format(log_format: str) -> str:
     if log_format in ("auto", None):
         return "rich" if out.is_terminal else "plain"
@@ -94,8 +100,8 @@ def summary_lines(e: Event) -> list[tuple[str, str]]:
     ]
     if e.get("skipped_steps"):
         rows.append(("skipped steps", f"{e['skipped_steps']} (fp16 overflow)"))
-    if e.get("plot"):
-        rows.append(("learning curve", e["plot"]))
+    if e.get("plot") or e.get("plot_missing"):
+        rows.append(("learning curve", e.get("plot") or e["plot_missing"]))
     return rows
 
 

@@ -231,17 +231,17 @@ def test_a_real_full_tmpfs_keeps_the_previous_checkpoint(tmp_path):
 
 # --- non-finite values -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, message", [
-    ({"lr": float("nan")}, "lr: Input should be a finite number"),
-    ({"lr": float("inf")}, "lr: Input should be a finite number"),
-    ({"lr": 0.0}, "lr must be positive"),
-    ({"epochs": float("nan")}, "epochs: Input should be a finite number"),
-    ({"epochs": 0.0}, "epochs must be positive"),
-    ({"epochs": -1.0}, "epochs must be positive"),
-    ({"dropout": 1.5}, "dropout: Input should be less than 1"),
-    ({"dropout": -0.1}, "dropout: Input should be greater than or equal to 0"),
-    ({"weight_decay": float("inf")}, "weight_decay: Input should be a finite number"),
-    ({"max_grad_norm": -1.0}, "max_grad_norm"),
-    ({"beta2": 1.0}, "beta2"),
+    ({"lr": float("nan")}, "--lr nan: must be a finite number"),
+    ({"lr": float("inf")}, "--lr inf: must be a finite number"),
+    ({"lr": 0.0}, "--lr must be positive"),
+    ({"epochs": float("nan")}, "--epochs nan: must be a finite number"),
+    ({"epochs": 0.0}, "--epochs must be positive"),
+    ({"epochs": -1.0}, "--epochs must be positive"),
+    ({"dropout": 1.5}, "--dropout 1.5: must be less than 1"),
+    ({"dropout": -0.1}, "--dropout -0.1: must be greater than or equal to 0"),
+    ({"weight_decay": float("inf")}, "--weight-decay inf: must be a finite number"),
+    ({"max_grad_norm": -1.0}, "--max-grad-norm"),
+    ({"beta2": 1.0}, "--beta2 1.0: must be less than 1"),
 ])
 def test_non_finite_and_out_of_range_options_are_refused_up_front(flags, message):
     with pytest.raises(ConfigError, match=message):

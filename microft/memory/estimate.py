@@ -336,8 +336,9 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
         raise ConfigError("--trace does not model FSDP; drop --trace for the analytical estimate")
     from microft.memory.trace import trace_training
 
+    sgd = {"momentum": setup.momentum} if setup.optimizer == "sgd" else {}  # only SGD reads it
     cfg = RunConfig(precision=setup.precision, optimizer=setup.optimizer, weight_decay=setup.weight_decay,
-                    momentum=setup.momentum, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
+                    **sgd, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
                     lora=setup.lora, lora_r=setup.lora_r, lora_dropout=setup.lora_dropout,
                     lora_targets=",".join(setup.lora_targets), quantize=setup.quantize,
                     double_quant=setup.double_quant, max_grad_norm=max_grad_norm)

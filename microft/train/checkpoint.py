@@ -22,6 +22,7 @@ from microft.lora import ADAPTER_WEIGHTS, write_adapter_files
 from microft.models.load import write_model_files
 from microft.quant import QUANT_RECORD, read_quant_record, write_quant_record
 from microft.train.distributed import full_model_state, full_optim_state, load_optim_state, load_weights
+from microft.train.optim import schedule_multiplier
 from microft.weights import CONFIG, WEIGHTS, atomic_dir, read_safetensors
 
 TRAIN_STATE = "train_state.pt"
@@ -145,6 +146,7 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
                 adapter = {k: v for k, v in weights.items() if "lora_" in k}
                 save_train_state(tmp, {
                     "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
+                    "schedule": run.schedule,
                     "scaler": run.scaler.state_dict(), "rng": rng or capture_rng(), "state": state.__dict__,
                     "model_config": model.config.model_dump(), "global_bs": run.plan.global_bs,
                     "plan": run.plan.model_dump(), "config": run.cfg.model_dump(mode="json"),
@@ -189,6 +191,13 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
         model.load_state_dict(ts["adapter"], strict=False)
     load_optim_state(model, run.optimizer, ts["optimizer"], run.dist)
     run.scheduler.load_state_dict(ts["scheduler"])
+    if ts.get("schedule"):  # the lr follows the schedule the run started with, whatever --max-steps says now
+        run.schedule = ts["schedule"]
+        run.scheduler.lr_lambdas = [schedule_multiplier(run.schedule) for _ in run.optimizer.param_groups]
+    else:  # an older microft's checkpoint: its schedule is not known, so say which one the lr follows now
+        run.on_event({"kind": "note", "text": f"{resume_dir} does not record its lr schedule (an older microft "
+                      f"wrote it): from step {ts['state']['step']} the lr follows {run.schedule['schedule']} over "
+                      f"{run.schedule['total_steps']} steps, as for a run of this length"})
     run.scaler.load_state_dict(ts["scaler"])
     restore_rng(ts["rng"])
     return ts["state"]

@@ -52,7 +52,13 @@ from microft.train.checkpoint import (
     save_failed,
 )
 from microft.train.distributed import Dist, grad_sync, rank0_float, reduce_step
-from microft.train.optim import build_optimizer, lr_lambda, warmup_steps
+from microft.train.optim import (
+    build_optimizer,
+    describe_schedule,
+    schedule_multiplier,
+    schedule_note,
+    warmup_steps,
+)
 from microft.train.step import (
     autocast_context,
     cpu_supports_bf16,
@@ -68,6 +74,7 @@ Event = dict[str, Any]
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
 SKIP_STREAK = 3  # fp16: consecutive steps the scaler may skip on a non-finite loss before the run stops
 SKIP_STREAK_FINITE = 16  # ... on overflowing gradients alone (by then the scale has fallen 2^16-fold)
+PLOT_HINT = "not drawn: matplotlib is not installed (pip install 'microft[plot]' adds it)"
 OOM_ADVICE = ("try a smaller --micro-bs with a larger --accum, --grad-ckpt, --precision bf16-mixed, or --lora "
               "(see `microft estimate-mem`)")
 
@@ -122,6 +129,7 @@ class Run:
     warmup: int
     n_ckpt: int  # checkpointed blocks
     on_event: Callable[[Event], None]
+    schedule: dict[str, Any]  # the lr schedule the scheduler follows: this run's, or a resumed run's own
     save_extra: Callable[[Path], None] | None = None
     on_eval: Callable[[torch.nn.Module, int], list[Event]] | None = None
     state: TrainState = field(default_factory=TrainState)
@@ -177,20 +185,21 @@ def schedule_length(n_train: int, plan: BatchPlan, cfg: RunConfig) -> tuple[int,
 
 
 def step_batches(step: int, n: int, lengths: list[int], plan: BatchPlan, seed: int, grouped: bool,
-              rank: int = 0, cache: dict[int, list[list[int]]] | None = None, pack_len: int | None = None
-              ) -> tuple[list, list[int]]:
+              rank: int = 0, cache: dict[int, list[list[int]]] | None = None, pack_len: int | None = None,
+              shuffle: bool = True) -> tuple[list, list[int]]:
     """(this rank's micro-batches, all indices of the step) for optimizer step `step`.
 
     `cache` keeps the current epoch's batches, so the epoch is shuffled once, not every step.
     With `pack_len` (--packing) a micro-batch is a list of rows, each row whole samples of
     at most `pack_len` tokens: the step's samples are the same, only arranged into rows.
+    Without `shuffle` the steps take the samples in order (data.epoch_batches).
     """
     spe = n // plan.global_bs
     epoch = step // spe
     cache = {} if cache is None else cache
     if epoch not in cache:
         cache.clear()
-        cache[epoch] = epoch_batches(n, plan.global_bs, seed, epoch, lengths if grouped else None)
+        cache[epoch] = epoch_batches(n, plan.global_bs, seed, epoch, lengths if grouped else None, shuffle)
     batches = cache[epoch]
     indices = batches[step % spe]
     if pack_len is not None:
@@ -273,7 +282,10 @@ def train(
     run = set_up(model, train_set, val_set, cfg, plan, dist or Dist(), on_event, save_extra, on_eval)
     resume_dir = resume_dir_for(cfg.resume, run.out)
     if resume_dir is not None:
+        asked = dict(run.schedule)
         run.state = TrainState(**restore(run, resume_dir))
+        if note := schedule_note(asked, run.schedule, run.state.step, run.total_steps, run.out):
+            on_event({"kind": "note", "text": note})
     on_event(banner(run, resume_dir, memory.banner_peak(run.precision, run.plan), banner_extra))
     if note := emulated_precision_note(run.precision, run.device):
         on_event({"kind": "note", "text": note})
@@ -351,9 +363,12 @@ def set_up(model: GPT, train_set: Sequence, val_set: Sequence | None, cfg: RunCo
     lengths = [sample_length(train_set[i]) for i in range(len(train_set))]
     spe, total_steps = schedule_length(len(train_set), plan, cfg)
     warm = warmup_steps(cfg.warmup, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, total_steps, warm, cfg.min_lr_ratio))
+    schedule = {"schedule": cfg.schedule, "total_steps": total_steps, "warmup": warm,
+                "min_ratio": cfg.min_lr_ratio, "lr": cfg.lr}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_multiplier(schedule))
     return Run(model=model, runner=runner, train_set=train_set, val_set=val_set, cfg=cfg, plan=plan, dist=dist,
                device=device, precision=precision, optimizer=optimizer, scheduler=scheduler,
+               schedule=schedule,
                scaler=make_scaler(precision, device), autocast=autocast_context(precision, device), lengths=lengths,
                steps_per_epoch=spe, total_steps=total_steps, warmup=warm, n_ckpt=n_ckpt, on_event=on_event,
                save_extra=save_extra, on_eval=on_eval)
@@ -380,7 +395,7 @@ def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra:
         "params_trainable": model.num_params(trainable_only=True), "device": str(run.device),
         "precision": run.precision,
         "grad_ckpt": f"{run.n_ckpt}/{model.config.n_layer} blocks" if run.n_ckpt else "off", "optimizer": cfg.optimizer,
-        "lr": cfg.lr, "schedule": f"{cfg.schedule}, warmup {run.warmup} steps, min lr ×{cfg.min_lr_ratio}",
+        "lr": run.schedule["lr"], "schedule": describe_schedule(run.schedule),
         "effective_batch": plan.describe(), "tokens_per_step": plan.global_bs * max(run.lengths),
         "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps, "train_samples": len(run.train_set),
         "val_samples": len(run.val_set or []), "resumed_from": str(resume_dir) if resume_dir else None,
@@ -409,7 +424,7 @@ def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], lis
 
     def build(step: int, plan: BatchPlan) -> tuple[list[Batch], list[int]]:
         mbs, step_idx = step_batches(step, len(train_set), run.lengths, plan, cfg.seed, cfg.group_by_length,
-                                  run.dist.rank, epoch_cache, pack_len)
+                                  run.dist.rank, epoch_cache, pack_len, cfg.shuffle)
         if pack_len is not None:
             batches = [collate_packed([[train_set[i] for i in row] for row in mb]) for mb in mbs]
         else:
@@ -600,6 +615,8 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
             raise save_failed(e, "summary.json", run.out) from None
         if plot:
             summary["plot"] = str(plot)
+        else:
+            summary["plot_missing"] = PLOT_HINT
     return summary
 
 

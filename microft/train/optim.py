@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -133,8 +134,9 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
         raise ConfigError("the model has no trainable parameters")
     if cfg.optimizer == "adamw":
         if all(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):  # bf16-true: exact fp32 masters
-            return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **adamw_impl(device))
+            return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 **adamw_impl(device))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
     if cfg.optimizer == "adafactor":
@@ -144,7 +146,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
     if cfg.optimizer == "adamw-8bit":  # microft's own blockwise 8-bit moments: same bits on every device
         from microft.optim8bit import AdamW8bit
 
-        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -167,3 +169,34 @@ def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float) ->
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
     return f
+
+
+def schedule_multiplier(schedule: dict[str, Any]) -> Callable[[int], float]:
+    """`lr_lambda` of a schedule record (schedule, total_steps, warmup, min_ratio; its peak `lr` aside)."""
+    return lr_lambda(schedule["schedule"], schedule["total_steps"], schedule["warmup"], schedule["min_ratio"])
+
+
+def describe_schedule(schedule: dict[str, Any]) -> str:
+    """A schedule record in words, for the banner and notes."""
+    return (f"{schedule['schedule']} over {schedule['total_steps']} steps, "
+            f"warmup {schedule['warmup']} steps, min lr ×{schedule['min_ratio']:g}")
+
+
+def schedule_note(asked: dict[str, Any], kept: dict[str, Any], step: int, total_steps: int,
+                  out: object = "OUT") -> str | None:
+    """One line for a resumed run whose flags ask for another schedule than the one its checkpoint follows
+    (None when they agree): the checkpoint's is kept, so the lr never jumps, and what that means."""
+    changed = [k for k in ("total_steps", "schedule", "warmup", "min_ratio", "lr") if asked[k] != kept[k]]
+    if not changed:
+        return None
+    final_lr = kept["lr"] * schedule_multiplier(kept)(kept["total_steps"])
+    what = (f"resumed at step {step}: the lr keeps the checkpoint's schedule ({describe_schedule(kept)}, "
+            f"peak {kept['lr']:.3g})")
+    if total_steps > kept["total_steps"]:
+        what += f"; steps {kept['total_steps'] + 1}-{total_steps} run at its final lr {final_lr:.3g}"
+    elif total_steps < kept["total_steps"]:
+        what += f"; the run ends at step {total_steps}, before that schedule does"
+    flags = {"schedule": "--schedule", "warmup": "--warmup", "min_ratio": "--min-lr-ratio", "lr": "--lr"}
+    ignored = [flags[k] for k in changed if k in flags]
+    return what + (f"; {', '.join(ignored)} given now not applied" if ignored else "") + (
+        f". For a new schedule, train from its weights as a new run (--model {out}/final, a new --out)")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from microft.errors import ConfigError, Interrupted, one_line
+from microft.errors import ConfigError, Interrupted, one_line, signal_received
 
 LOCK = ".microft.lock"
 # what a microft run writes into --out: any of them means the directory holds a run
@@ -122,14 +122,29 @@ def _check_path(out: Path) -> None:
             return
 
 
-def _make_dirs(out: Path) -> Path | None:
-    """Create `out` and missing parents; return the topmost directory created (None: it existed)."""
+def _topmost_missing(out: Path) -> Path | None:
+    """The topmost directory that creating `out` will make (None: `out` exists)."""
     missing = [p for p in [out, *out.parents] if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def _make_dirs(out: Path) -> None:
+    """Create `out` and missing parents."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create --out {out}: {e.strerror or one_line(e)}") from None
-    return missing[-1] if missing else None
+
+
+def _remove_empty(out: Path, top: Path) -> None:
+    """Remove `out` and its parents up to `top` while they are empty (what a start-up cut short made)."""
+    for d in [out, *out.parents]:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        if d == top:
+            return
 
 
 def check_written_dir(out: str | Path, force: bool) -> None:
@@ -213,11 +228,15 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
         on_event({"kind": "note", "text": text})
 
     def emit(e: dict[str, Any]) -> None:
+        if not progress["step"] and (got or signal_received()):  # an interrupt that C code swallowed
+            raise KeyboardInterrupt
         if e.get("kind") == "step":
             progress["step"] = True
         on_event(e)
 
     got: dict[str, int] = {}
+    if signal_received():  # Ctrl-C while the command line started: nothing is written
+        raise Interrupted(f"interrupted before step 1; nothing was saved and {out} is as it was", 130)
     _check_path(out)
     if not _is_main():  # rank 0 owns the directory; the others only refuse an earlier run, as it does
         if not cfg.resume and earlier_run(out):
@@ -225,10 +244,11 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
         yield emit
         return
     with _startup_signals(got):
-        made = _make_dirs(out)
-        before = set(os.listdir(out))
+        made = _topmost_missing(out)  # known before it is made, so a signal in between leaves nothing
         lock = None
         try:
+            _make_dirs(out)
+            before = set(os.listdir(out))
             try:
                 lock = take_lock(out, note)
             except OSError as e:
@@ -242,7 +262,12 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
         except BaseException as e:
             if not progress["step"] and lock is not None:  # nothing trained: leave --out as it was found
                 _roll_back(out, made, before, lock)  # (never without the lock: the files may be another run's)
-            if isinstance(e, KeyboardInterrupt) and not progress["step"]:
+            elif not progress["step"] and made is not None:
+                _remove_empty(out, made)
+            # after a signal, whatever breaks (a half-imported module) is the interrupt's doing, not a bug
+            interrupted = isinstance(e, KeyboardInterrupt) or (bool(got or signal_received())
+                                                                and isinstance(e, Exception))
+            if interrupted and not progress["step"]:
                 code = 143 if got.get("sig") == signal.SIGTERM else 130
                 raise Interrupted(f"interrupted before step 1; nothing was saved and {out} is as it was", code) from None
             if isinstance(e, KeyboardInterrupt):
