@@ -242,23 +242,31 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing direct
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Option("--model", help="microft checkpoint (or LoRA run directory) to export.")],
+    model: Annotated[str, typer.Option("--model", help="Run output (final/, best/, a checkpoint), LoRA or QLoRA run, HF directory or cached repo id.")],
     out: Annotated[str, typer.Option("--out", help="Directory to write.")],
-    format: Annotated[str, typer.Option("--format", help="hf: a transformers directory (GPT2/Llama/Qwen2/Qwen3/MistralForCausalLM).")] = "hf",
+    format: Annotated[str, typer.Option("--format", help="hf: a transformers directory; gguf: one GGUF file for llama.cpp / Ollama / LM Studio, and a Modelfile.")] = "hf",
+    quant: Annotated[str | None, typer.Option("--quant", help="gguf: f16 (default), bf16, q8_0, q4_0 or f32.")] = None,
+    template: Annotated[str | None, typer.Option("--template", help="gguf: the chat template to write (alpaca, chatml, plain, chat, a template or .jinja file); default: the one the run trained with.")] = None,
     force: Force = False,
 ) -> None:
-    """Export weights and tokenizer files for other tools (LoRA adapters are merged first)."""
+    """Export weights and tokenizer files for other tools (LoRA adapters are merged first, NF4 bases dequantized)."""
     with user_errors():
         from microft.errors import ConfigError
 
-        if format != "hf":
-            raise ConfigError(f"unknown export format {format!r}; supported: hf")
+        if format not in ("hf", "gguf"):
+            raise ConfigError(f"unknown export format {format!r}; supported: hf, gguf")
+        if format == "hf" and (quant is not None or template is not None):
+            raise ConfigError("--quant and --template are for --format gguf")
         from microft.lora import lora_modules, merge_lora
-        from microft.models.hf import export_hf
         from microft.runs import copy_tokenizer_files, load_any
         from microft.train.outdir import check_written_dir, writing
 
         check_written_dir(out, force)
+        if format == "gguf":
+            _export_gguf(model, out, quant, template, force)
+            return
+        from microft.models.hf import export_hf
+
         net = load_any(model)
         if lora_modules(net):
             merge_lora(net)
@@ -266,6 +274,41 @@ def export(
             path = export_hf(net, out, overwrite=force)
             copy_tokenizer_files(model, path)
         print(f"exported {model} -> {path} (transformers, model_type {net.config.model_type})")
+
+
+def _export_gguf(model: str, out: str, quant: str | None, template: str | None, force: bool) -> None:
+    """`export --format gguf`: load (LoRA merged, NF4 dequantized), find the tuned template, write."""
+    import time
+
+    from microft import ui
+    from microft.chat import resolve_template
+    from microft.export.gguf import DEFAULT_QUANT, QUANTS, export_gguf, require_gguf, trained_template_spec
+    from microft.lora import merge_lora
+    from microft.runs import load_any, model_dir, tokenizer_dir, tokenizer_for
+    from microft.train.outdir import writing
+
+    quant = quant or DEFAULT_QUANT
+    if quant not in QUANTS:
+        from microft.errors import ConfigError
+
+        raise ConfigError(f"unknown --quant {quant!r}; choose one of: {', '.join(QUANTS)}")
+    require_gguf()  # before the model is read
+    t0 = time.perf_counter()
+    net = merge_lora(load_any(model))  # adapters folded in, an NF4 base dequantized; a no-op otherwise
+    tok = tokenizer_for(model, net.config)
+    spec = template if template is not None else trained_template_spec(model_dir(model))
+    tmpl = None
+    if spec is not None:
+        tmpl = resolve_template(spec, tok)
+    elif tok.chat_template:
+        tmpl = resolve_template("chat", tok)
+    name = (tokenizer_dir(model) or Path(model)).name or "model"
+    with writing(out):
+        res = export_gguf(net, tok, out, quant, tmpl, overwrite=force, name=name)
+    for note in res.notes:
+        ui.err.print(f"note: {note}", markup=False)
+    print(f"exported {model} -> {res.path} (GGUF {quant}, {res.n_tensors} tensors, chat template "
+          f"{res.template or 'none'}, {time.perf_counter() - t0:.1f} s); Ollama: ollama create NAME -f {res.modelfile}")
 
 
 @app.command()
