@@ -20,7 +20,8 @@ if [ -z "$(wheel)" ]; then
     echo "llama-cpp-python: building the $VERSION wheel into $CACHE (once; ~16 min on 2 cores)"
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF \
 -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DGGML_OPENMP=OFF" \
-        "$PIP" wheel -q --no-deps "llama-cpp-python==$VERSION" -w "$CACHE"
+        "$PIP" wheel -q --no-deps "llama-cpp-python==$VERSION" -w "$CACHE" \
+        || { echo "llama-cpp-python: the build failed; the GGUF tests that run llama.cpp will skip"; exit 0; }
 fi
 "$PIP" install -q --no-deps "$(wheel)"
 "$PIP" install -q numpy diskcache jinja2 typing-extensions
