@@ -117,7 +117,7 @@ def hf_config(name: str, ids: dict):
         return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if name == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
-    return tf.MistralConfig(**common, sliding_window=24, tie_word_embeddings=False)
+    return tf.MistralConfig(**common, sliding_window=64, tie_word_embeddings=False)  # see test_gguf: window
 
 
 def write_family_dir(d: Path, name: str, seed: int = 0) -> Path:
