@@ -358,3 +358,49 @@ def test_llama_cpp_reads_gpt2s_own_vocabulary(tmp_path):
     llm = llama(export("gpt2-tiny", tmp_path / "o"))
     for text in TEXTS + ["<|endoftext|> and text"]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == gpt2_tokenizer().encode(text, special=True)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_a_lora_or_qlora_run_is_merged_on_the_way(family_dir, quantized, tmp_path):
+    """The adapters are folded in (an NF4 base dequantized): llama.cpp's logits are the adapted model's."""
+    from microft.lora import apply_lora, lora_modules, save_adapter
+    from microft.quant import write_quant_record
+    from microft.runs import load_quantized
+
+    d = family_dir("llama")
+    model = load_quantized(str(d), "nf4", False, seed=0) if quantized else load_any(str(d))
+    apply_lora(model, 4, 8.0, 0.0, "all")
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_B.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(3))
+    run = tmp_path / "final"
+    save_adapter(run, model, str(d))
+    if quantized:
+        write_quant_record(run, model)
+    ids = prompt_ids(tokenizer_for(str(d), model.config))
+    with torch.no_grad():
+        want = model.eval()(torch.tensor([ids])).double()[0].numpy()
+        plain = load_any(str(d)).eval()(torch.tensor([ids])).double()[0].numpy()
+    got = cpp_logits(llama(export(str(run), tmp_path / "out", "--quant", "f32"), f32_cache=True), ids)
+    assert np.abs(got - want).max() <= F32_ATOL
+    assert np.abs(plain - want).max() > 1.0  # the adapters (and NF4) change the logits: a dropped one fails
+
+
+def test_mistral_records_its_window(family_dir, tmp_path):
+    """llama.cpp runs Mistral as `llama`, whose graph attends to the whole context: the window is written for
+    the record, and the logits agree while the context is within it (the tiny model's window, 64, holds the
+    prompt and the 20 generated tokens above)."""
+    f = read_fields(export(str(family_dir("mistral")), tmp_path / "o"))
+    assert f["general.architecture"] == "llama" and f["llama.attention.sliding_window"] == 64
+
+
+def test_sentencepiece_style_tokenizers_are_refused_in_one_line(family_dir, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    d = tmp_path / "spm"
+    shutil.copytree(family_dir("mistral"), d)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁a": 3}
+    Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True)).save(str(d / "tokenizer.json"))
+    res = runner.invoke(app, ["export", "--model", str(d), "--out", str(tmp_path / "o"), "--format", "gguf"])
+    assert res.exit_code == 2 and "writes byte-level BPE tokenizers" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
