@@ -282,9 +282,16 @@ def _export_gguf(model: str, out: str, quant: str | None, template: str | None, 
 
     from microft import ui
     from microft.chat import resolve_template
-    from microft.export.gguf import DEFAULT_QUANT, QUANTS, export_gguf, require_gguf, trained_template_spec
+    from microft.export.gguf import (
+        DEFAULT_QUANT,
+        QUANTS,
+        export_gguf,
+        file_stem,
+        require_gguf,
+        trained_template_spec,
+    )
     from microft.lora import merge_lora
-    from microft.runs import load_any, model_dir, tokenizer_dir, tokenizer_for
+    from microft.runs import load_any, model_dir, tokenizer_for
     from microft.train.outdir import writing
 
     quant = quant or DEFAULT_QUANT
@@ -302,7 +309,7 @@ def _export_gguf(model: str, out: str, quant: str | None, template: str | None, 
         tmpl = resolve_template(spec, tok)
     elif tok.chat_template:
         tmpl = resolve_template("chat", tok)
-    name = (tokenizer_dir(model) or Path(model)).name or "model"
+    name = file_stem(model, model_dir(model))
     with writing(out):
         res = export_gguf(net, tok, out, quant, tmpl, overwrite=force, name=name)
     for note in res.notes:

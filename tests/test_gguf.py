@@ -170,7 +170,9 @@ def test_the_template_a_run_trained_with_is_the_one_written(family_dir, tmp_path
     run = tmp_path / "run"
     shutil.copytree(family_dir("gpt2"), run / "final")
     (run / "run.json").write_text(json.dumps({"config": {"template": "chatml", "data": "chat.jsonl"}}))
-    f = read_fields(export(str(run / "final"), tmp_path / "a"))
+    path = export(str(run / "final"), tmp_path / "a")
+    assert path.name == "run-f16.gguf"  # named after the run
+    f = read_fields(path)
     assert f["tokenizer.chat_template"] == template_jinja(load_template("chatml"))
     modelfile = (tmp_path / "a" / "Modelfile").read_text()
     assert 'TEMPLATE """' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
@@ -204,6 +206,15 @@ def test_an_earlier_export_is_kept_without_force(tmp_path):
     res = runner.invoke(app, ["export", "--model", "gpt2-tiny", "--out", str(tmp_path / "o"), "--format", "gguf"])
     assert res.exit_code == 2 and "pass --force" in res.output
     assert [p.name for p in (tmp_path / "o").glob("*.gguf")] == ["gpt2-tiny-q8_0.gguf"]
+
+
+def test_the_readme_states_the_tested_tolerances():
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    text = " ".join(readme.split())
+    assert f"an f32 file within {F32_ATOL} of microft's" in text
+    assert f"an f16 file within {F16_ATOL} with llama.cpp's default f16 KV cache" in text
+    r = ROUNDED_ATOL
+    assert f"bf16, q8_0 and q4_0 files within {r['bf16']}, {r['q8_0']} and {r['q4_0']} of microft" in text
 
 
 def test_every_family_has_one_entry():

@@ -495,6 +495,17 @@ def trained_template_spec(model_dir: Path | None) -> str | None:
 # --------------------------------------------------------------------------- writing
 
 
+def file_stem(spec: str, model_dir: Path | None) -> str:
+    """The file's name: the run's for its `final/`, `best/` or a step checkpoint, else the model directory's
+    (or the preset's)."""
+    if model_dir is None:
+        return Path(spec).name or "model"
+    d = model_dir.resolve()
+    while d.name in ("final", "best", "checkpoints") or d.name.startswith("step-"):
+        d = d.parent
+    return d.name or "model"
+
+
 @dataclass
 class GGUFExport:
     """What `export_gguf` wrote."""
