@@ -137,3 +137,27 @@ def write_family_dir(d: Path, name: str, seed: int = 0) -> Path:
     model.save_pretrained(d)
     write_tokenizer(d, name)  # again: save_pretrained wrote a generation_config.json with one eos id
     return d
+
+
+def rounded_model(d: Path, gguf_path: Path):
+    """The checkpoint in `d` (microft) with each weight the GGUF file rounds (bf16, q8_0, q4_0) replaced by
+    the values its blocks decode to: what llama.cpp multiplies by."""
+    import gguf
+
+    from microft.export.gguf import FAMILIES, gguf_name
+    from microft.runs import load_any
+
+    model = load_any(str(d))
+    blocks = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}
+    cfg = model.config
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            t = blocks.get(gguf_name(cfg, n))
+            if t is None or t.tensor_type.name in ("F32", "F16"):
+                continue
+            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(-1, p.shape[1])
+            if FAMILIES[cfg.model_type].rope_pairs and (".q_proj." in n or ".k_proj." in n):  # undo the permutation
+                heads = cfg.n_head if ".q_proj." in n else cfg.n_kv_head
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+            p[: w.shape[0]].copy_(w)
+    return model

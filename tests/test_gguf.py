@@ -12,7 +12,6 @@ activations for those matmuls; against the unrounded model q4_0 is off by ~15 he
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from microft.export.gguf import (  # noqa: E402
 from microft.generate import generate  # noqa: E402
 from microft.runs import load_any, tokenizer_for  # noqa: E402
 from microft.templates import BUILTIN_TEMPLATES, load_template  # noqa: E402
-from tests.ggufdirs import FAMILY_TOKENIZERS, write_family_dir  # noqa: E402
+from tests.ggufdirs import FAMILY_TOKENIZERS, rounded_model, write_family_dir  # noqa: E402
 
 runner = CliRunner()
 NAMES = list(FAMILY_TOKENIZERS)  # gpt2, llama (Llama 3.1 rope scaling), qwen2, qwen3, smollm2, mistral
@@ -325,8 +324,6 @@ def test_the_files_chat_template_renders_the_text_microft_trains_on(family_dir, 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
 def test_rounded_files_give_the_logits_of_their_rounded_weights(family_dir, name, tmp_path):
-    from microft.export.gguf import tensor_type
-
     d = family_dir(name)
     model = load_any(str(d)).eval()
     ids = prompt_ids(tokenizer_for(str(d), model.config))
@@ -334,32 +331,11 @@ def test_rounded_files_give_the_logits_of_their_rounded_weights(family_dir, name
         exact = model(torch.tensor([ids])).double()[0].numpy()
     for quant, atol in ROUNDED_ATOL.items():
         path = export(str(d), tmp_path / quant, "--quant", quant)
-        blocks = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-        rounded = load_any(str(d)).eval()
         with torch.no_grad():
-            for n, p in rounded.named_parameters():
-                if tensor_type(n, tuple(p.shape), quant) == quant:  # the values llama.cpp multiplies by
-                    t = blocks[_gguf_name(rounded.config, n)]
-                    w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(-1, p.shape[1])
-                    p[: w.shape[0]].copy_(_unpermute(rounded.config, n, w))
-            want = rounded(torch.tensor([ids])).double()[0].numpy()
+            want = rounded_model(d, path).eval()(torch.tensor([ids])).double()[0].numpy()
         got = cpp_logits(llama(path), ids)
         assert np.abs(got - want).max() <= atol, (quant, np.abs(got - want).max())
-        assert math.isfinite(np.abs(got - exact).max())
-
-
-def _gguf_name(cfg, name):
-    from microft.export.gguf import gguf_name
-
-    return gguf_name(cfg, name)
-
-
-def _unpermute(cfg, name, w):
-    """The inverse of the export's q/k row permutation (llama-arch families)."""
-    if not FAMILIES[cfg.model_type].rope_pairs or not (".q_proj." in name or ".k_proj." in name):
-        return w
-    heads = cfg.n_head if ".q_proj." in name else cfg.n_kv_head
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        assert np.abs(got - exact).max() > np.abs(got - want).max()  # the rounding is what was left
 
 
 def test_llama_cpp_reads_gpt2s_own_vocabulary(tmp_path):
