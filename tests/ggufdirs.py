@@ -48,14 +48,44 @@ FAMILY_TOKENIZERS = {
     "qwen2": ("qwen2", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "qwen3": ("qwen2", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "smollm2": ("smollm", CHATML_SPECIALS, "<|im_start|>", "<|im_end|>", [], CHATML, False),
-    "mistral": ("llama-bpe", ["<unk>", "<s>", "</s>"], "<s>", "</s>", [], MISTRAL, True),
+    "mistral": ("spm", ["<unk>", "<s>", "</s>"], "<s>", "</s>", [], MISTRAL, True),  # Mistral 7B's kind
 }
+
+
+def spm_tokenizer(specials: tuple[str, ...]):
+    """A SentencePiece-style BPE as Mistral 7B's and Llama 2's tokenizer.json have it: "▁" for spaces put
+    before the text by a normalizer, no pre-tokenizer, the 256 `<0xNN>` byte-fallback pieces after the
+    specials, then the learned pieces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")  # pieces within words
+    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=420, special_tokens=list(specials),
+                                                             show_progress=False))
+    learned = json.loads(tok.to_str())["model"]
+    order = [*specials, *(f"<0x{b:02X}>" for b in range(256))]
+    order += [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    out = Tokenizer(models.BPE({t: i for i, t in enumerate(order)}, merges, unk_token=specials[0],
+                               byte_fallback=True, fuse_unk=True))
+    out.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    out.add_special_tokens(list(specials))
+    return out
 
 
 @cache
 def tokenizer_json(pre: str, specials: tuple[str, ...], bos: str | None) -> str:
-    """A byte-level BPE trained on CORPUS with `pre`'s pre-tokenizer; BOS put first when `bos` is given."""
+    """A BPE trained on CORPUS: byte-level with `pre`'s pre-tokenizer, or SentencePiece-style for "spm"; BOS
+    put first when `bos` is given."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if pre == "spm":
+        tok = spm_tokenizer(specials)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        return tok.to_str()
 
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=pre in ("gpt-2", "smollm"))

@@ -373,21 +373,24 @@ def test_a_lora_or_qlora_run_is_merged_on_the_way(family_dir, quantized, tmp_pat
     assert np.abs(plain - want).max() > 1.0  # the adapters (and NF4) change the logits: a dropped one fails
 
 
-def test_mistral_records_its_window(family_dir, tmp_path):
+def test_mistral_records_its_window_and_its_tokenizer_kind(family_dir, tmp_path):
     """llama.cpp runs Mistral as `llama`, whose graph attends to the whole context: the window is written for
     the record, and the logits agree while the context is within it (the tiny model's window, 64, holds the
     prompt and the 20 generated tokens above)."""
     f = read_fields(export(str(family_dir("mistral")), tmp_path / "o"))
     assert f["general.architecture"] == "llama" and f["llama.attention.sliding_window"] == 64
+    # Mistral 7B's SentencePiece-style tokenizer: llama.cpp's "llama" tokenizer, merging by score
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is True
+    assert "tokenizer.ggml.merges" not in f and f["tokenizer.ggml.unknown_token_id"] == 0
 
 
-def test_sentencepiece_style_tokenizers_are_refused_in_one_line(family_dir, tmp_path):
+def test_a_tokenizer_that_is_not_bpe_is_refused_in_one_line(family_dir, tmp_path):
     from tokenizers import Tokenizer, models
 
-    d = tmp_path / "spm"
-    shutil.copytree(family_dir("mistral"), d)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁a": 3}
-    Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True)).save(str(d / "tokenizer.json"))
+    d = tmp_path / "wordlevel"
+    shutil.copytree(family_dir("qwen2"), d)
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3}
+    Tokenizer(models.WordLevel(vocab, unk_token="a")).save(str(d / "tokenizer.json"))
     res = runner.invoke(app, ["export", "--model", str(d), "--out", str(tmp_path / "o"), "--format", "gguf"])
-    assert res.exit_code == 2 and "writes byte-level BPE tokenizers" in res.output
+    assert res.exit_code == 2 and "writes BPE tokenizers; this tokenizer.json has a WordLevel model" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

@@ -215,8 +215,8 @@ class Vocab:
 
     tokens: list[str]
     types: list[int]
-    merges: list[str]
-    pre: str
+    merges: list[str]  # byte-level BPE ("gpt2"); empty for SentencePiece-style ("llama"), which merges by score
+    pre: str | None
     bos_id: int | None
     eos_id: int | None
     eot_id: int | None
@@ -225,6 +225,10 @@ class Vocab:
     add_bos: bool
     stops: list[str]  # text of every stop token (Ollama's PARAMETER stop)
     notes: list[str] = field(default_factory=list)
+    model: str = "gpt2"  # llama.cpp's tokenizer model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    scores: list[float] | None = None
+    unk_id: int | None = None
+    space_prefix: bool = False
 
 
 def _byte_encoder() -> dict[int, str]:
@@ -289,18 +293,19 @@ def _pre_of(tj: dict[str, Any]) -> str | None:
     return None
 
 
-def _hf_vocab(tok: Tokenizer) -> tuple[list[str], list[int], list[str], str | None]:
+def _token_table(tj: dict[str, Any], n: int, byte_tokens: bool) -> tuple[list[str], list[int]]:
+    """Token texts and types of a tokenizer.json: added special tokens are control tokens, other added ones
+    user-defined, `<0xNN>` byte-fallback pieces bytes, the unknown token unknown, ids without a token unused."""
     gg = require_gguf()
-    tj = json.loads(tok.raw.to_str())
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ConfigError(f"{tok.name}: GGUF export writes byte-level BPE tokenizers; this tokenizer.json has a "
-                          f"{model.get('type')} model{' with byte fallback' if model.get('byte_fallback') else ''}")
-    n = tok.vocab_size
+    model = tj["model"]
     tokens: list[str | None] = [None] * n
     types = [int(gg.TokenType.NORMAL)] * n
     for text, i in model["vocab"].items():
         tokens[i] = text
+        if byte_tokens and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types[i] = int(gg.TokenType.BYTE)
+    if model.get("unk_token") in model["vocab"]:
+        types[model["vocab"][model["unk_token"]]] = int(gg.TokenType.UNKNOWN)
     for added in tj.get("added_tokens", []):
         i = added["id"]
         tokens[i] = added["content"]
@@ -308,8 +313,43 @@ def _hf_vocab(tok: Tokenizer) -> tuple[list[str], list[int], list[str], str | No
     for i, t in enumerate(tokens):
         if t is None:
             tokens[i], types[i] = f"[PAD{i}]", int(gg.TokenType.UNUSED)
+    return tokens, types  # type: ignore[return-value]
+
+
+def _space_prefix(tj: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (a Prepend normalizer, or a
+    Metaspace pre-tokenizer that prepends)."""
+    def steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        node = node or {}
+        return node.get(key, []) if node.get("type") == "Sequence" else [node]
+
+    if any(n.get("type") == "Prepend" for n in steps(tj.get("normalizer"), "normalizers")):
+        return True
+    return any(n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never"
+               and n.get("add_prefix_space", True) for n in steps(tj.get("pre_tokenizer"), "pretokenizers"))
+
+
+def _hf_vocab(tok: Tokenizer) -> dict[str, Any]:
+    """A tokenizer.json's BPE as GGUF fields: byte-level ("gpt2", with merges and a pre-tokenizer name) or
+    SentencePiece-style with byte fallback ("llama", Mistral 7B's and Llama 2's kind).
+
+    llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece scores highest; scoring
+    each piece by minus the rank of the merge that makes it reproduces the BPE's merge order.
+    """
+    tj = json.loads(tok.raw.to_str())
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ConfigError(f"{tok.name}: GGUF export writes BPE tokenizers; this tokenizer.json has a "
+                          f"{model.get('type')} model")
+    spm = bool(model.get("byte_fallback"))
+    tokens, types = _token_table(tj, tok.vocab_size, spm)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, types, merges, _pre_of(tj)  # type: ignore[return-value]
+    if not spm:
+        return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_of(tj)}
+    rank = {"".join(m.split(" ")): r for r, m in reversed(list(enumerate(merges)))}
+    scores = [-float(rank[t]) if t in rank else (0.0 if len(t) == 1 else -1e9) for t in tokens]
+    return {"tokens": tokens, "types": types, "merges": [], "pre": None, "model": "llama", "scores": scores,
+            "unk_id": model["vocab"].get(model.get("unk_token")), "space_prefix": _space_prefix(tj)}
 
 
 def vocab_of(tok: Tokenizer, cfg: ModelConfig) -> Vocab:
@@ -326,24 +366,30 @@ def vocab_of(tok: Tokenizer, cfg: ModelConfig) -> Vocab:
             types += [int(gg.TokenType.UNUSED)] * (i - len(types))
             tokens.append(text)
             types.append(int(gg.TokenType.CONTROL))
-        pre = "gpt-2" if cfg.model_type == "gpt2" else "llama-bpe"
+        fields = {"tokens": tokens, "types": types, "merges": merges,
+                  "pre": "gpt-2" if cfg.model_type == "gpt2" else "llama-bpe"}
     elif isinstance(tok, HFTokenizer):
-        tokens, types, merges, pre = _hf_vocab(tok)
-        if pre is None:
-            pre = fam.pre
-            notes.append(f"the tokenizer's pre-tokenizer is not one llama.cpp knows by name; wrote {pre!r} "
+        fields = _hf_vocab(tok)
+        if fields.get("model", "gpt2") == "gpt2" and fields["pre"] is None:
+            fields["pre"] = fam.pre
+            notes.append(f"the tokenizer's pre-tokenizer is not one llama.cpp knows by name; wrote {fam.pre!r} "
                          f"(the {cfg.model_type} default)")
     else:
         raise ConfigError(f"{tok.name}: GGUF export cannot write this kind of tokenizer")
+    tokens, types = fields.pop("tokens"), fields.pop("types")
     if len(tokens) > cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokens)} tokens but the model only {cfg.vocab_size} embeddings")
-    types += [int(gg.TokenType.UNUSED)] * (cfg.vocab_size - len(tokens))
+    pad = cfg.vocab_size - len(tokens)
+    types += [int(gg.TokenType.UNUSED)] * pad
+    if fields.get("scores") is not None:
+        fields["scores"] += [-1e9] * pad
     tokens += [f"[PAD{i}]" for i in range(len(tokens), cfg.vocab_size)]
     eot, eom = _stop_roles(tok)
     for i in tok.eos_ids:  # llama.cpp ends generation at eos/eot/eom and control tokens with these names
         types[i] = int(gg.TokenType.CONTROL)
-    return Vocab(tokens, types, merges, pre, tok.bos_id, tok.eos_id, eot, eom, tok.pad_id, tok.add_bos,
-                 [tokens[i] for i in tok.eos_ids], notes)
+    return Vocab(tokens=tokens, types=types, bos_id=tok.bos_id, eos_id=tok.eos_id, eot_id=eot, eom_id=eom,
+                 pad_id=tok.pad_id, add_bos=tok.add_bos, stops=[tok.decode([i]) for i in tok.eos_ids], notes=notes,
+                 **fields)
 
 
 # the stop tokens llama.cpp treats as end of generation by their text alone (llama-vocab.cpp)
@@ -370,12 +416,19 @@ def _stop_roles(tok: Tokenizer) -> tuple[int | None, int | None]:
 
 
 def write_vocab(w: Any, v: Vocab) -> None:
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(v.pre)
+    w.add_tokenizer_model(v.model)
+    if v.pre is not None:
+        w.add_tokenizer_pre(v.pre)
     w.add_token_list(v.tokens)
+    if v.scores is not None:
+        w.add_token_scores(v.scores)
     w.add_token_types(v.types)
-    w.add_token_merges(v.merges)
-    for key, value in (("bos", v.bos_id), ("eos", v.eos_id), ("eot", v.eot_id), ("eom", v.eom_id), ("pad", v.pad_id)):
+    if v.merges:
+        w.add_token_merges(v.merges)
+    if v.model == "llama":
+        w.add_add_space_prefix(v.space_prefix)
+    for key, value in (("bos", v.bos_id), ("eos", v.eos_id), ("eot", v.eot_id), ("eom", v.eom_id),
+                       ("pad", v.pad_id), ("unk", v.unk_id)):
         if value is not None:
             getattr(w, f"add_{key}_token_id")(value)
     w.add_add_bos_token(bool(v.add_bos and v.bos_id is not None))
