@@ -282,6 +282,7 @@ def _export_gguf(model: str, out: str, quant: str | None, template: str | None, 
 
     from microft import ui
     from microft.chat import resolve_template
+    from microft.errors import ConfigError
     from microft.export.gguf import (
         DEFAULT_QUANT,
         QUANTS,
@@ -296,8 +297,6 @@ def _export_gguf(model: str, out: str, quant: str | None, template: str | None, 
 
     quant = quant or DEFAULT_QUANT
     if quant not in QUANTS:
-        from microft.errors import ConfigError
-
         raise ConfigError(f"unknown --quant {quant!r}; choose one of: {', '.join(QUANTS)}")
     require_gguf()  # before the model is read
     t0 = time.perf_counter()
@@ -305,7 +304,13 @@ def _export_gguf(model: str, out: str, quant: str | None, template: str | None, 
     tok = tokenizer_for(model, net.config)
     spec = template if template is not None else trained_template_spec(model_dir(model))
     tmpl = None
-    if spec is not None:
+    if template is None and spec is not None:  # the run's own: a template file it named may be gone since
+        try:
+            tmpl = resolve_template(spec, tok)
+        except ConfigError as e:
+            raise ConfigError(f"the run trained with --template {spec}, which can't be read now ({e}); "
+                              "pass --template") from None
+    elif spec is not None:
         tmpl = resolve_template(spec, tok)
     elif tok.chat_template:
         tmpl = resolve_template("chat", tok)

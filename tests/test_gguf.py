@@ -179,6 +179,9 @@ def test_the_template_a_run_trained_with_is_the_one_written(family_dir, tmp_path
     jinja.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     f = read_fields(export(str(run / "final"), tmp_path / "b", "--template", str(jinja)))
     assert f["tokenizer.chat_template"] == jinja.read_text()
+    (run / "run.json").write_text(json.dumps({"config": {"template": str(tmp_path / "gone.toml")}}))
+    res = runner.invoke(app, ["export", "--model", str(run / "final"), "--out", str(tmp_path / "c"), "--format", "gguf"])
+    assert res.exit_code == 2 and "gone.toml, which can't be read now" in res.output and "pass --template" in res.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -336,6 +339,23 @@ def test_rounded_files_give_the_logits_of_their_rounded_weights(family_dir, name
         got = cpp_logits(llama(path), ids)
         assert np.abs(got - want).max() <= atol, (quant, np.abs(got - want).max())
         assert np.abs(got - exact).max() > np.abs(got - want).max()  # the rounding is what was left
+
+
+def test_llama_cpp_reads_a_llama3_tiktoken_vocabulary(tmp_path):
+    """A Llama 3 `tokenizer.model` (tiktoken ranks, no tokenizer.json): merges rebuilt, Llama 3's split."""
+    from microft.export.gguf import export_gguf
+    from microft.models.config import ModelConfig
+    from microft.models.transformer import Transformer
+    from microft.tokenizer import load_tokenizer
+    from tests.tokdirs import N_BASE, write_llama3_tiktoken
+
+    cfg = ModelConfig.from_preset("llama-tiny").model_copy(update={"vocab_size": N_BASE + 256})
+    write_llama3_tiktoken(tmp_path / "m", config={"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}})
+    tok = load_tokenizer(tmp_path / "m")
+    llm = llama(export_gguf(Transformer(cfg), tok, tmp_path / "o", "f16").path)
+    for text in TEXTS + ["<|begin_of_text|>hello 1234<|eot_id|>"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, special=True), text
+    assert all(is_eog(llm, i) for i in tok.eos_ids) and len(tok.eos_ids) == 3
 
 
 def test_llama_cpp_reads_gpt2s_own_vocabulary(tmp_path):
