@@ -145,6 +145,61 @@ def test_a_microft_template_as_jinja_renders_the_training_text(name, tmp_path):
     assert render_chat(jinja, one[:1], add_generation_prompt=True) == t.render_prompt(one[0]["content"])
 
 
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string
+	Content string
+}
+
+func main() {
+	src, _ := os.ReadFile(os.Args[1])
+	var msgs []Message
+	if err := json.Unmarshal([]byte(os.Args[2]), &msgs); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("t").Parse(string(src)))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": msgs}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, "file"])
+def test_the_modelfiles_go_template_renders_like_microft(name, tmp_path):
+    """Ollama's TEMPLATE, run by Go's own text/template (as Ollama runs it), with `.Messages` of Role/Content."""
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain")
+    from microft.export.gguf import template_go
+
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    (tmp_path / "go.mod").write_text("module render\n\ngo 1.19\n")
+    subprocess.run([go, "build", "-o", "render", "."], cwd=tmp_path, check=True, capture_output=True)
+    if name == "file":
+        (tmp_path / "t.toml").write_text('prompt = "Q: {instruction}\\n{input}\\nA:"\nturn = "[{role}] {content} {{x}}\\n"\n'
+                                         'roles = {assistant = "bot\'s \\"x\\""}\n')
+        name = str(tmp_path / "t.toml")
+    t = load_template(name)
+    (tmp_path / "tmpl").write_text(template_go(t))
+    chat = [*CHAT[:3], {"role": "user", "content": "And {{ .Role }}? héllo 😀"}]
+    head = t.turn.split("{content}")[0].format(role=t.roles["assistant"])
+    for msgs, want in ((chat, "".join(x for x, _ in t.chat_segments([(m["role"], m["content"]) for m in chat])) + head),
+                       (chat[1:2], t.render_prompt(chat[1]["content"]))):
+        arg = json.dumps([{"Role": m["role"], "Content": m["content"]} for m in msgs])
+        out = subprocess.run([str(tmp_path / "render"), str(tmp_path / "tmpl"), arg], capture_output=True, check=True)
+        assert out.stdout.decode() == want
+
+
 def test_the_file_carries_architecture_tokenizer_stops_and_template(family_dir, tmp_path):
     d = family_dir("llama")
     path = export(str(d), tmp_path / "out")
