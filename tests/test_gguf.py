@@ -469,3 +469,37 @@ def test_a_tokenizer_that_is_not_bpe_is_refused_in_one_line(family_dir, tmp_path
     res = runner.invoke(app, ["export", "--model", str(d), "--out", str(tmp_path / "o"), "--format", "gguf"])
     assert res.exit_code == 2 and "writes BPE tokenizers; this tokenizer.json has a WordLevel model" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_finetune_run_exports_with_the_template_it_trained_with(family_dir, tmp_path):
+    """`microft finetune --lora --template alpaca`, then `export --format gguf` of its final/: the adapters
+    merged, alpaca as the file's template, and llama.cpp's prompt for one user message is `generate`'s."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    rows = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}"} for w in "red green blue cat dog".split()]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    res = runner.invoke(app, ["finetune", "--model", str(family_dir("gpt2")), "--data", str(tmp_path / "d.jsonl"),
+                              "--out", str(tmp_path / "run"), "--template", "alpaca", "--lora", "--max-steps", "2",
+                              "--micro-bs", "2", "--lr", "1e-2", "--device", "cpu", "--precision", "fp32",
+                              "--log-format", "plain", "--val-frac", "0"])
+    assert res.exit_code == 0, res.output
+    path = export(str(tmp_path / "run" / "final"), tmp_path / "gguf", "--quant", "f32")
+    assert path.name == "run-f32.gguf"
+    llm = llama(path, f32_cache=True)
+    source = llm.metadata["tokenizer.chat_template"]
+    assert source == template_jinja(load_template("alpaca"))
+    prompt = Jinja2ChatFormatter(source, "<|endoftext|>", "")(messages=[{"role": "user", "content": "Repeat red."}])
+    assert prompt.prompt == load_template("alpaca").render_prompt("Repeat red.")
+    model = load_any(str(tmp_path / "run" / "final")).eval()
+    ids = prompt_ids(tokenizer_for(str(tmp_path / "run" / "final"), model.config))
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).double()[0].numpy()
+    assert np.abs(cpp_logits(llm, ids) - want).max() <= F32_ATOL
+
+
+def test_a_microft_template_writing_special_tokens_is_noted(family_dir, tmp_path):
+    """chatml's markers are plain text to microft's templates but control tokens to llama.cpp: said, not hidden."""
+    res = runner.invoke(app, ["export", "--model", str(family_dir("qwen2")), "--out", str(tmp_path / "o"),
+                              "--format", "gguf", "--template", "chatml"])
+    assert res.exit_code == 0, res.output
+    assert "note: template 'chatml' writes '<|im_end|>', which microft trained on as plain text" in res.output

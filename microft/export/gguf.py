@@ -517,6 +517,19 @@ def template_go(t: Template) -> str:
     return out
 
 
+def _plain_text_specials(tok: Tokenizer, tmpl: Template | ChatTemplate | None) -> list[str]:
+    """Special-token strings in a microft template's text: microft encodes that text as plain text, while
+    llama.cpp and Ollama read the string in a chat prompt as the control token."""
+    from microft.templates import Template
+
+    if not isinstance(tmpl, Template):
+        return []
+    text = tmpl.prompt + tmpl.prompt_no_input + (tmpl.turn or "") + tmpl.response_end
+    found = sorted({s for s in (tok.decode([i]) for i in tok.special_ids) if s and s in text})
+    return [f"template {tmpl.name!r} writes {s!r}, which microft trained on as plain text but llama.cpp and "
+            "Ollama read as a control token" for s in found]
+
+
 def chat_template_of(tmpl: Template | ChatTemplate | None) -> str | None:
     """The jinja chat template GGUF carries for the template a model was tuned with (None: none)."""
     from microft.templates import Template
@@ -635,6 +648,7 @@ def export_gguf(model: torch.nn.Module, tok: Tokenizer, out_dir: str | Path, qua
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir} is not empty; pass --force to overwrite it")
     v = vocab_of(tok, model.config)
+    v.notes += _plain_text_specials(tok, template)
     jinja = chat_template_of(template)
     fname = f"{name}-{quant}.gguf"
     with atomic_dir(out_dir) as tmp:
