@@ -144,9 +144,9 @@ def hf_config(name: str, ids: dict):
     if name == "smollm2":
         return tf.LlamaConfig(**common, rope_theta=100000.0, tie_word_embeddings=True)
     if name == "qwen2":
-        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+        return tf.Qwen2Config(**common, tie_word_embeddings=False)  # Qwen2.5-7B; smaller ones tie
     if name == "qwen3":
-        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)  # Qwen3 0.6B-4B tie
     return tf.MistralConfig(**common, sliding_window=64, tie_word_embeddings=False)  # see test_gguf: window
 
 
