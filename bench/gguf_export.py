@@ -1,4 +1,4 @@
-"""GGUF export: time and peak memory for a Qwen2.5-0.5B shape, and llama.cpp's logits against microft's per type.
+"""GGUF export: time and peak memory for a Qwen2.5-0.5B shape; llama.cpp's logits against microft's per type.
 
     python bench/gguf_export.py            (prints a docs/benchmarks.md section)
 
@@ -53,8 +53,18 @@ def big_checkpoint(d: Path) -> Path:
 
 def timed_export(src: Path, out: Path, quant: str) -> tuple[float, int, int]:
     """(seconds, peak RSS bytes, file bytes) of one `microft export --format gguf` in its own process."""
-    cmd = [str(Path(sys.executable).parent / "microft"), "export", "--model", str(src), "--out", str(out),
-           "--format", "gguf", "--quant", quant]
+    cmd = [
+        str(Path(sys.executable).parent / "microft"),
+        "export",
+        "--model",
+        str(src),
+        "--out",
+        str(out),
+        "--format",
+        "gguf",
+        "--quant",
+        quant,
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident set
@@ -84,8 +94,9 @@ def logit_errors(work: Path) -> list[tuple[str, str, float, float | None, float]
         for quant in ("f32", "f16", "bf16", "q8_0", "q4_0"):
             res = export_gguf(model, tok, work / f"{name}-{quant}", quant, name=name)
             kv = {"type_k": 0, "type_v": 0} if quant == "f32" else {}  # f32 KV cache for the f32 file
-            llm = llama_cpp.Llama(model_path=str(res.path), n_ctx=64, n_threads=1, logits_all=True, verbose=False,
-                                  **kv)
+            llm = llama_cpp.Llama(
+                model_path=str(res.path), n_ctx=64, n_threads=1, logits_all=True, verbose=False, **kv
+            )
             llm.eval(ids)
             got = np.array(llm.scores[: len(ids)], dtype=np.float64)
             same = None
@@ -103,23 +114,28 @@ def main() -> None:
         src = big_checkpoint(work / "ckpt")
         runs = [(q, *timed_export(src, work / f"out-{q}", q)) for q in QUANTS]
         errors = logit_errors(work / "tiny")
-    print(f"## GGUF export\n\nCommand: `python bench/gguf_export.py` ({date.today().isoformat()}, {cpu_name()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}).\n")
+    day, cpu, threads = date.today().isoformat(), cpu_name(), torch.get_num_threads()
+    print(f"## GGUF export\n\nCommand: `python bench/gguf_export.py` ({day}, {cpu}, {threads} torch threads, "
+          f"torch {torch.__version__}).\n")
     print(f"A random-init `{SHAPE}` checkpoint (494 M parameters, fp32 on disk) exported by `microft export "
-          "--format gguf --quant Q` in a fresh process; peak RSS is the process's maximum resident set. The fp32 "
-          "model is held once; each tensor is converted and written on its own.\n")
+          "--format gguf --quant Q` in a fresh process; peak RSS is the process's maximum resident set. "
+          "The fp32 model is held once; each tensor is converted and written on its own.\n")
     print("| --quant | time | peak RSS | file |\n|---|---|---|---|")
     for q, secs, rss, size in runs:
         print(f"| {q} | {secs:.1f} s | {rss / 2**30:.2f} GiB | {size / 2**30:.2f} GiB |")
-    if errors:
-        print("\nllama.cpp (llama-cpp-python 0.3.36) against microft: the largest |logit difference| on a fixed prompt, "
-              "tiny random models of tests/ggufdirs.py (final norm scaled so the logits spread widely; the largest "
-              "|logit| is given for scale). f32 with an f32 KV cache, the others with llama.cpp's default f16 "
-              "cache. For the rounded types also against microft running the same rounded weights (decoded from "
-              "the file's blocks): what is left is llama.cpp rounding the activations of those matmuls.\n")
-        print("| family | type | vs microft | vs microft, same rounded weights | max logit |\n|---|---|---|---|---|")
-        for name, quant, err, same, scale in errors:
-            print(f"| {name} | {quant} | {err:.4f} | {'-' if same is None else f'{same:.4f}'} | {scale:.1f} |")
+    if not errors:
+        return
+    print("\nllama.cpp (llama-cpp-python 0.3.36) against microft: the largest |logit difference| on a "
+          "fixed prompt, tiny random models of tests/ggufdirs.py (final norm scaled so the logits spread "
+          "widely; the largest |logit| is given for scale). f32 with an f32 KV cache, the others with "
+          "llama.cpp's default f16 cache. For the rounded types also against microft running the same "
+          "rounded weights (decoded from the file's blocks): what is left is llama.cpp rounding the "
+          "activations of those matmuls.\n")
+    print("| family | type | vs microft | vs microft, same rounded weights | max logit |")
+    print("|---|---|---|---|---|")
+    for name, quant, err, same, scale in errors:
+        same_text = "-" if same is None else f"{same:.4f}"
+        print(f"| {name} | {quant} | {err:.4f} | {same_text} | {scale:.1f} |")
 
 if __name__ == "__main__":
     main()

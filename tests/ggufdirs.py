@@ -23,7 +23,8 @@ CORPUS = [
     "  indented  text\n\nnew lines\tand tabs; it's they're we'll I'd (brackets) [x] {y} <z> a+b=c 100%",
 ]
 CHATML = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 LLAMA3 = (
@@ -33,18 +34,32 @@ LLAMA3 = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 MISTRAL = (
-    "{{- bos_token }}{%- for m in messages %}{%- if m.role == 'user' %}{{- '[INST] ' + m.content + ' [/INST]' }}"
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{{- '[INST] ' + m.content + ' [/INST]' }}"
     "{%- else %}{{- ' ' + m.content + eos_token }}{%- endif %}{%- endfor %}"
 )
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                  "<|eom_id|>"]
+LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+]
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # family -> (pre-tokenizer, special tokens, bos, eos, extra stop tokens, chat template, BOS added)
 FAMILY_TOKENIZERS = {
     "gpt2": ("gpt-2", ["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", [], None, False),
-    "llama": ("llama-bpe", LLAMA_SPECIALS, "<|begin_of_text|>", "<|eot_id|>", ["<|end_of_text|>", "<|eom_id|>"],
-              LLAMA3, True),
+    "llama": (
+        "llama-bpe",
+        LLAMA_SPECIALS,
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+        ["<|end_of_text|>", "<|eom_id|>"],
+        LLAMA3,
+        True,
+    ),
     "qwen2": ("qwen2", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "qwen3": ("qwen2", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "smollm2": ("smollm", CHATML_SPECIALS, "<|im_start|>", "<|im_end|>", [], CHATML, False),
@@ -59,18 +74,29 @@ def spm_tokenizer(specials: tuple[str, ...]):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=specials[0]))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")  # pieces within words
-    tok.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=420, special_tokens=list(specials),
-                                                             show_progress=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="always"
+    )  # pieces within words
+    tok.train_from_iterator(
+        CORPUS * 10, trainers.BpeTrainer(vocab_size=420, special_tokens=list(specials), show_progress=False)
+    )
     learned = json.loads(tok.to_str())["model"]
     order = [*specials, *(f"<0x{b:02X}>" for b in range(256))]
     order += [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    out = Tokenizer(models.BPE({t: i for i, t in enumerate(order)}, merges, unk_token=specials[0],
-                               byte_fallback=True, fuse_unk=True))
+    out = Tokenizer(
+        models.BPE(
+            {t: i for i, t in enumerate(order)},
+            merges,
+            unk_token=specials[0],
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
     out.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    out.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     out.add_special_tokens(list(specials))
     return out
 
@@ -83,8 +109,9 @@ def tokenizer_json(pre: str, specials: tuple[str, ...], bos: str | None) -> str:
 
     if pre == "spm":
         tok = spm_tokenizer(specials)
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
         return tok.to_str()
 
     tok = Tokenizer(models.BPE())
@@ -92,18 +119,29 @@ def tokenizer_json(pre: str, specials: tuple[str, ...], bos: str | None) -> str:
     if pre == "gpt-2":
         tok.pre_tokenizer = byte_level
     elif pre == "smollm":
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     else:
         regex = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[pre]
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"), byte_level])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(regex), "isolated"), byte_level]
+        )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=list(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=list(specials),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 10, trainer)
     steps = [processors.ByteLevel(trim_offsets=False)]
     if bos is not None:
-        steps.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                   special_tokens=[(bos, tok.token_to_id(bos))]))
+        steps.append(
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+            )
+        )
     tok.post_processor = processors.Sequence(steps)
     return tok.to_str()
 
@@ -131,16 +169,42 @@ def hf_config(name: str, ids: dict):
     import transformers as tf
 
     V, bos, eos = ids["vocab"] + 3, ids["bos"], ids["eos"][0]  # 3 unused rows, as real checkpoints have
-    common = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=bos, eos_token_id=eos,
-                  initializer_range=0.15)
+    common = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        initializer_range=0.15,
+    )
     if name == "gpt2":
-        return tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=bos,
-                             eos_token_id=eos, initializer_range=0.15)
+        return tf.GPT2Config(
+            vocab_size=V,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=256,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            initializer_range=0.15,
+        )
     if name == "llama":
-        return tf.LlamaConfig(**common, rope_theta=500000.0, tie_word_embeddings=False,
-                              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                                high_freq_factor=4.0, original_max_position_embeddings=32))
+        return tf.LlamaConfig(
+            **common,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        )
     if name == "smollm2":
         return tf.LlamaConfig(**common, rope_theta=100000.0, tie_word_embeddings=True)
     if name == "qwen2":
@@ -186,7 +250,9 @@ def rounded_model(d: Path, gguf_path: Path):
             if t is None or t.tensor_type.name in ("F32", "F16"):
                 continue
             w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(-1, p.shape[1])
-            if FAMILIES[cfg.model_type].rope_pairs and (".q_proj." in n or ".k_proj." in n):  # undo the permutation
+            if FAMILIES[cfg.model_type].rope_pairs and (
+                ".q_proj." in n or ".k_proj." in n
+            ):  # undo the permutation
                 heads = cfg.n_head if ".q_proj." in n else cfg.n_kv_head
                 w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
             p[: w.shape[0]].copy_(w)

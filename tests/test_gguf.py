@@ -6,7 +6,8 @@ an f32 file with an f32 KV cache gives llama.cpp's logits within F32_ATOL of mic
 through ggml's f16 lookup table; the other families agree to 1e-4); an f16 file (llama.cpp's default f16 KV
 cache) within F16_ATOL. bf16, q8_0 and q4_0 files are compared with microft running the same rounded weights
 (dequantized from the very blocks written), within ROUNDED_ATOL: what is left is llama.cpp rounding its
-activations for those matmuls; against the unrounded model q4_0 is off by ~15 here, so a misplaced block fails.
+activations for those matmuls; against the unrounded model q4_0 is off by ~15 here, so a misplaced block
+fails.
 """
 
 from __future__ import annotations
@@ -48,9 +49,13 @@ TEXTS = [
     "digits 1234567 and 3.14159, 100% (x) [y] {z} <w> a+b=c",
     "héllo wörld, ça va? 日本語のテキスト 😀 emoji",
 ]
-CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"},
-        {"role": "assistant", "content": "It is 4."}, {"role": "user", "content": "And 3+3? héllo 😀"},
-        {"role": "assistant", "content": "6."}]
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3+3? héllo 😀"},
+    {"role": "assistant", "content": "6."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +88,7 @@ def read_fields(path: Path) -> dict:
 def _rope_halves(x: torch.Tensor, pos: float) -> torch.Tensor:  # microft / HF: rotate (i, i + d/2)
     d = x.shape[-1]
     f = pos / 10000.0 ** (torch.arange(0, d, 2).double() / d)
-    a, b = x[..., : d // 2], x[..., d // 2:]
+    a, b = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([a * f.cos() - b * f.sin(), a * f.sin() + b * f.cos()], -1)
 
 
@@ -97,7 +102,10 @@ def _rope_pairs(x: torch.Tensor, pos: float) -> torch.Tensor:  # llama.cpp's lla
 def test_permuted_rows_rotated_in_pairs_give_the_same_attention_scores():
     g = torch.Generator().manual_seed(0)
     n_head, hd, C = 3, 8, 12
-    wq, wk = torch.randn(n_head * hd, C, generator=g).double(), torch.randn(n_head * hd, C, generator=g).double()
+    wq, wk = (
+        torch.randn(n_head * hd, C, generator=g).double(),
+        torch.randn(n_head * hd, C, generator=g).double(),
+    )
     x1, x2 = torch.randn(C, generator=g).double(), torch.randn(C, generator=g).double()
 
     def scores(rope, wq, wk):
@@ -129,19 +137,23 @@ def test_merges_rebuilt_from_tiktoken_ranks_encode_like_tiktoken():
 @pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, "file"])
 def test_a_microft_template_as_jinja_renders_the_training_text(name, tmp_path):
     if name == "file":
-        (tmp_path / "t.toml").write_text('prompt = "Q: {instruction}\\n{input}\\nA:"\nturn = "[{role}] {content} {{x}}\\n"\n'
-                                         'response_end = " <END>"\nroles = {assistant = "bot\'s"}\n')
+        (tmp_path / "t.toml").write_text(
+            'prompt = "Q: {instruction}\\n{input}\\nA:"\nturn = "[{role}] {content} {{x}}\\n"\n'
+            'response_end = " <END>"\nroles = {assistant = "bot\'s"}\n'
+        )
         name = str(tmp_path / "t.toml")
     t = load_template(name)
     jinja, eos = template_jinja(t), "<|endoftext|>"
     chat = "".join(text for text, _ in t.chat_segments([(m["role"], m["content"]) for m in CHAT]))
     assert render_chat(jinja, CHAT, eos_token=eos) == chat + eos
-    assert render_chat(jinja, CHAT[:4], add_generation_prompt=True, eos_token=eos) == \
-        "".join(text for text, _ in t.chat_segments([(m["role"], m["content"]) for m in CHAT[:4]])) + \
-        t.turn.split("{content}")[0].format(role=t.roles["assistant"])
+    assert render_chat(jinja, CHAT[:4], add_generation_prompt=True, eos_token=eos) == "".join(
+        text for text, _ in t.chat_segments([(m["role"], m["content"]) for m in CHAT[:4]])
+    ) + t.turn.split("{content}")[0].format(role=t.roles["assistant"])
     one = CHAT[1:3]  # one user message and its answer: an instruction record
-    assert render_chat(jinja, one, eos_token=eos) == "".join(s for s, _ in t.instruction_segments(
-        one[0]["content"], "", one[1]["content"])) + eos
+    assert (
+        render_chat(jinja, one, eos_token=eos)
+        == "".join(s for s, _ in t.instruction_segments(one[0]["content"], "", one[1]["content"])) + eos
+    )
     assert render_chat(jinja, one[:1], add_generation_prompt=True) == t.render_prompt(one[0]["content"])
 
 
@@ -174,7 +186,7 @@ func main() {
 
 @pytest.mark.parametrize("name", [*BUILTIN_TEMPLATES, "file"])
 def test_the_modelfiles_go_template_renders_like_microft(name, tmp_path):
-    """Ollama's TEMPLATE, run by Go's own text/template (as Ollama runs it), with `.Messages` of Role/Content."""
+    """Ollama's TEMPLATE, run by Go's own text/template (as Ollama runs it): `.Messages` of Role/Content."""
     import subprocess
 
     go = shutil.which("go")
@@ -186,17 +198,23 @@ def test_the_modelfiles_go_template_renders_like_microft(name, tmp_path):
     (tmp_path / "go.mod").write_text("module render\n\ngo 1.19\n")
     subprocess.run([go, "build", "-o", "render", "."], cwd=tmp_path, check=True, capture_output=True)
     if name == "file":
-        (tmp_path / "t.toml").write_text('prompt = "Q: {instruction}\\n{input}\\nA:"\nturn = "[{role}] {content} {{x}}\\n"\n'
-                                         'roles = {assistant = "bot\'s \\"x\\""}\n')
+        (tmp_path / "t.toml").write_text(
+            'prompt = "Q: {instruction}\\n{input}\\nA:"\nturn = "[{role}] {content} {{x}}\\n"\n'
+            'roles = {assistant = "bot\'s \\"x\\""}\n'
+        )
         name = str(tmp_path / "t.toml")
     t = load_template(name)
     (tmp_path / "tmpl").write_text(template_go(t))
     chat = [*CHAT[:3], {"role": "user", "content": "And {{ .Role }}? héllo 😀"}]
     head = t.turn.split("{content}")[0].format(role=t.roles["assistant"])
-    for msgs, want in ((chat, "".join(x for x, _ in t.chat_segments([(m["role"], m["content"]) for m in chat])) + head),
-                       (chat[1:2], t.render_prompt(chat[1]["content"]))):
+    for msgs, want in (
+        (chat, "".join(x for x, _ in t.chat_segments([(m["role"], m["content"]) for m in chat])) + head),
+        (chat[1:2], t.render_prompt(chat[1]["content"])),
+    ):
         arg = json.dumps([{"Role": m["role"], "Content": m["content"]} for m in msgs])
-        out = subprocess.run([str(tmp_path / "render"), str(tmp_path / "tmpl"), arg], capture_output=True, check=True)
+        out = subprocess.run(
+            [str(tmp_path / "render"), str(tmp_path / "tmpl"), arg], capture_output=True, check=True
+        )
         assert out.stdout.decode() == want
 
 
@@ -216,8 +234,9 @@ def test_the_file_carries_architecture_tokenizer_stops_and_template(family_dir, 
     assert types["rope_freqs.weight"] == "F32"  # Llama 3's frequency scaling
     modelfile = (tmp_path / "out" / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./{path.name}\n")
-    assert [ln for ln in modelfile.splitlines() if ln.startswith("PARAMETER stop")] == \
-        [f"PARAMETER stop {json.dumps(tok.decode([i]))}" for i in tok.eos_ids]
+    assert [ln for ln in modelfile.splitlines() if ln.startswith("PARAMETER stop")] == [
+        f"PARAMETER stop {json.dumps(tok.decode([i]))}" for i in tok.eos_ids
+    ]
 
 
 def test_the_template_a_run_trained_with_is_the_one_written(family_dir, tmp_path):
@@ -235,15 +254,24 @@ def test_the_template_a_run_trained_with_is_the_one_written(family_dir, tmp_path
     f = read_fields(export(str(run / "final"), tmp_path / "b", "--template", str(jinja)))
     assert f["tokenizer.chat_template"] == jinja.read_text()
     (run / "run.json").write_text(json.dumps({"config": {"template": str(tmp_path / "gone.toml")}}))
-    res = runner.invoke(app, ["export", "--model", str(run / "final"), "--out", str(tmp_path / "c"), "--format", "gguf"])
-    assert res.exit_code == 2 and "gone.toml, which can't be read now" in res.output and "pass --template" in res.output
+    res = runner.invoke(
+        app, ["export", "--model", str(run / "final"), "--out", str(tmp_path / "c"), "--format", "gguf"]
+    )
+    assert (
+        res.exit_code == 2
+        and "gone.toml, which can't be read now" in res.output
+        and "pass --template" in res.output
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--quant", "q5_k"], "unknown --quant 'q5_k'"),
-    (["--format", "onnx"], "unknown export format 'onnx'"),
-    (["--format", "hf", "--quant", "f16"], "--quant and --template are for --format gguf"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quant", "q5_k"], "unknown --quant 'q5_k'"),
+        (["--format", "onnx"], "unknown export format 'onnx'"),
+        (["--format", "hf", "--quant", "f16"], "--quant and --template are for --format gguf"),
+    ],
+)
 def test_bad_flags_are_one_line(args, message, tmp_path):
     argv = ["export", "--model", "gpt2-tiny", "--out", str(tmp_path / "o")]
     res = runner.invoke(app, argv + (args if "--format" in args else ["--format", "gguf", *args]))
@@ -253,14 +281,18 @@ def test_bad_flags_are_one_line(args, message, tmp_path):
 
 def test_without_the_gguf_package_a_one_line_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)
-    res = runner.invoke(app, ["export", "--model", "gpt2-tiny", "--out", str(tmp_path / "o"), "--format", "gguf"])
+    res = runner.invoke(
+        app, ["export", "--model", "gpt2-tiny", "--out", str(tmp_path / "o"), "--format", "gguf"]
+    )
     assert res.exit_code == 2 and "pip install 'microft[gguf]'" in res.output
     assert not (tmp_path / "o").exists()
 
 
 def test_an_earlier_export_is_kept_without_force(tmp_path):
     export("gpt2-tiny", tmp_path / "o", "--quant", "q8_0")
-    res = runner.invoke(app, ["export", "--model", "gpt2-tiny", "--out", str(tmp_path / "o"), "--format", "gguf"])
+    res = runner.invoke(
+        app, ["export", "--model", "gpt2-tiny", "--out", str(tmp_path / "o"), "--format", "gguf"]
+    )
     assert res.exit_code == 2 and "pass --force" in res.output
     assert [p.name for p in (tmp_path / "o").glob("*.gguf")] == ["gpt2-tiny-q8_0.gguf"]
 
@@ -286,8 +318,9 @@ def test_every_family_has_one_entry():
 def llama(path: Path, n_ctx: int = 128, f32_cache: bool = False):
     llama_cpp = pytest.importorskip("llama_cpp")
     kv = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32; llama.cpp's default is f16
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True,
-                           verbose=False, **kv)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=True, verbose=False, **kv
+    )
 
 
 def cpp_logits(llm, ids: list[int]) -> np.ndarray:
@@ -353,7 +386,9 @@ def test_llama_cpp_tokenizes_like_microft_and_stops_at_every_stop_id(family_dir,
     llm = llama(exports[name]["f16"])
     specials = "".join(tok.decode([i]) for i in sorted(tok.special_ids))
     for text in [*TEXTS, specials + TEXTS[2] + specials]:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, special=True), text
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, special=True), (
+            text
+        )
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
     assert llm.tokenize(b"hi", add_bos=True, special=False)[: len(tok.prefix)] == tok.prefix
     assert all(is_eog(llm, i) for i in tok.eos_ids)
@@ -405,11 +440,15 @@ def test_llama_cpp_reads_a_llama3_tiktoken_vocabulary(tmp_path):
     from tests.tokdirs import N_BASE, write_llama3_tiktoken
 
     cfg = ModelConfig.from_preset("llama-tiny").model_copy(update={"vocab_size": N_BASE + 256})
-    write_llama3_tiktoken(tmp_path / "m", config={"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}})
+    write_llama3_tiktoken(
+        tmp_path / "m", config={"model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}
+    )
     tok = load_tokenizer(tmp_path / "m")
     llm = llama(export_gguf(Transformer(cfg), tok, tmp_path / "o", "f16").path)
     for text in TEXTS + ["<|begin_of_text|>hello 1234<|eot_id|>"]:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, special=True), text
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, special=True), (
+            text
+        )
     assert all(is_eog(llm, i) for i in tok.eos_ids) and len(tok.eos_ids) == 3
 
 
@@ -419,7 +458,9 @@ def test_llama_cpp_reads_gpt2s_own_vocabulary(tmp_path):
 
     llm = llama(export("gpt2-tiny", tmp_path / "o"))
     for text in TEXTS + ["<|endoftext|> and text"]:
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == gpt2_tokenizer().encode(text, special=True)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == gpt2_tokenizer().encode(
+            text, special=True
+        )
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
@@ -467,7 +508,10 @@ def test_a_tokenizer_that_is_not_bpe_is_refused_in_one_line(family_dir, tmp_path
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3}
     Tokenizer(models.WordLevel(vocab, unk_token="a")).save(str(d / "tokenizer.json"))
     res = runner.invoke(app, ["export", "--model", str(d), "--out", str(tmp_path / "o"), "--format", "gguf"])
-    assert res.exit_code == 2 and "writes BPE tokenizers; this tokenizer.json has a WordLevel model" in res.output
+    assert (
+        res.exit_code == 2
+        and "writes BPE tokenizers; this tokenizer.json has a WordLevel model" in res.output
+    )
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
@@ -476,19 +520,49 @@ def test_a_finetune_run_exports_with_the_template_it_trained_with(family_dir, tm
     merged, alpaca as the file's template, and llama.cpp's prompt for one user message is `generate`'s."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    rows = [{"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}"} for w in "red green blue cat dog".split()]
+    rows = [
+        {"instruction": f"Repeat {w}.", "input": "", "output": f"{w} {w}"}
+        for w in "red green blue cat dog".split()
+    ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
-    res = runner.invoke(app, ["finetune", "--model", str(family_dir("gpt2")), "--data", str(tmp_path / "d.jsonl"),
-                              "--out", str(tmp_path / "run"), "--template", "alpaca", "--lora", "--max-steps", "2",
-                              "--micro-bs", "2", "--lr", "1e-2", "--device", "cpu", "--precision", "fp32",
-                              "--log-format", "plain", "--val-frac", "0"])
+    res = runner.invoke(
+        app,
+        [
+            "finetune",
+            "--model",
+            str(family_dir("gpt2")),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--out",
+            str(tmp_path / "run"),
+            "--template",
+            "alpaca",
+            "--lora",
+            "--max-steps",
+            "2",
+            "--micro-bs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--log-format",
+            "plain",
+            "--val-frac",
+            "0",
+        ],
+    )
     assert res.exit_code == 0, res.output
     path = export(str(tmp_path / "run" / "final"), tmp_path / "gguf", "--quant", "f32")
     assert path.name == "run-f32.gguf"
     llm = llama(path, f32_cache=True)
     source = llm.metadata["tokenizer.chat_template"]
     assert source == template_jinja(load_template("alpaca"))
-    prompt = Jinja2ChatFormatter(source, "<|endoftext|>", "")(messages=[{"role": "user", "content": "Repeat red."}])
+    prompt = Jinja2ChatFormatter(source, "<|endoftext|>", "")(
+        messages=[{"role": "user", "content": "Repeat red."}]
+    )
     assert prompt.prompt == load_template("alpaca").render_prompt("Repeat red.")
     model = load_any(str(tmp_path / "run" / "final")).eval()
     ids = prompt_ids(tokenizer_for(str(tmp_path / "run" / "final"), model.config))
@@ -498,8 +572,20 @@ def test_a_finetune_run_exports_with_the_template_it_trained_with(family_dir, tm
 
 
 def test_a_microft_template_writing_special_tokens_is_noted(family_dir, tmp_path):
-    """chatml's markers are plain text to microft's templates but control tokens to llama.cpp: said, not hidden."""
-    res = runner.invoke(app, ["export", "--model", str(family_dir("qwen2")), "--out", str(tmp_path / "o"),
-                              "--format", "gguf", "--template", "chatml"])
+    """chatml's markers are plain text to microft's templates but control tokens to llama.cpp: said."""
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            "--model",
+            str(family_dir("qwen2")),
+            "--out",
+            str(tmp_path / "o"),
+            "--format",
+            "gguf",
+            "--template",
+            "chatml",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "note: template 'chatml' writes '<|im_end|>', which microft trained on as plain text" in res.output

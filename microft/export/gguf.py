@@ -37,10 +37,14 @@ MODELFILE = "Modelfile"
 HINT = "GGUF export needs the gguf package: pip install 'microft[gguf]'"
 QK = 32  # ggml's block size for q8_0 / q4_0: rows must be a multiple of it
 # split regexes of the pre-tokenizers llama.cpp knows by name (as tokenizer.json writes them)
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPLIT_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 
 
@@ -59,18 +63,38 @@ def require_gguf():
 def _block_names(model_type: str) -> dict[str, str]:
     """microft block parameter (after `h.{i}.`) -> llama.cpp tensor (after `blk.{i}.`)."""
     if model_type == "gpt2":
-        names = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-                 "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+        names = {
+            "ln_1": "attn_norm",
+            "attn.c_attn": "attn_qkv",
+            "attn.c_proj": "attn_output",
+            "ln_2": "ffn_norm",
+            "mlp.c_fc": "ffn_up",
+            "mlp.c_proj": "ffn_down",
+        }
     else:
-        names = {"ln_1": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
-                 "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
-                 "ln_2": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                 "mlp.down_proj": "ffn_down"}
+        names = {
+            "ln_1": "attn_norm",
+            "attn.q_proj": "attn_q",
+            "attn.k_proj": "attn_k",
+            "attn.v_proj": "attn_v",
+            "attn.o_proj": "attn_output",
+            "attn.q_norm": "attn_q_norm",
+            "attn.k_norm": "attn_k_norm",
+            "ln_2": "ffn_norm",
+            "mlp.gate_proj": "ffn_gate",
+            "mlp.up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+        }
     return {f"{k}.{p}": f"{v}.{p}" for k, v in names.items() for p in ("weight", "bias")}
 
 
-TOP_NAMES = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
-             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+TOP_NAMES = {
+    "wte.weight": "token_embd.weight",
+    "wpe.weight": "position_embd.weight",
+    "ln_f.weight": "output_norm.weight",
+    "ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
 
 
 @dataclass(frozen=True)
@@ -94,7 +118,9 @@ FAMILIES: dict[str, Family] = {
 
 def family(cfg: ModelConfig) -> Family:
     if cfg.model_type not in FAMILIES:
-        raise ConfigError(f"GGUF export does not know model_type {cfg.model_type!r}; known: {', '.join(FAMILIES)}")
+        raise ConfigError(
+            f"GGUF export does not know model_type {cfg.model_type!r}; known: {', '.join(FAMILIES)}"
+        )
     return FAMILIES[cfg.model_type]
 
 
@@ -215,7 +241,9 @@ class Vocab:
 
     tokens: list[str]
     types: list[int]
-    merges: list[str]  # byte-level BPE ("gpt2"); empty for SentencePiece-style ("llama"), which merges by score
+    merges: list[
+        str
+    ]  # byte-level BPE ("gpt2"); empty for SentencePiece-style ("llama"), which merges by score
     pre: str | None
     bos_id: int | None
     eos_id: int | None
@@ -233,7 +261,11 @@ class Vocab:
 
 def _byte_encoder() -> dict[int, str]:
     """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, n = list(keep), 0
     for b in range(256):
         if b not in keep:
@@ -255,7 +287,7 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
         if best is None:
             break
         i = best[1]
-        parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
     return parts
 
 
@@ -286,7 +318,11 @@ def _pre_of(tj: dict[str, Any]) -> str | None:
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and parts[0].get("individual_digits")
+        and parts[1].get("use_regex", True)
+    ):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
         return SPLIT_PRE.get((parts[0].get("pattern") or {}).get("Regex"))
@@ -295,7 +331,8 @@ def _pre_of(tj: dict[str, Any]) -> str | None:
 
 def _token_table(tj: dict[str, Any], n: int, byte_tokens: bool) -> tuple[list[str], list[int]]:
     """Token texts and types of a tokenizer.json: added special tokens are control tokens, other added ones
-    user-defined, `<0xNN>` byte-fallback pieces bytes, the unknown token unknown, ids without a token unused."""
+    user-defined, `<0xNN>` byte-fallback pieces bytes, the unknown token unknown, ids without a token
+    unused."""
     gg = require_gguf()
     model = tj["model"]
     tokens: list[str | None] = [None] * n
@@ -319,14 +356,19 @@ def _token_table(tj: dict[str, Any], n: int, byte_tokens: bool) -> tuple[list[st
 def _space_prefix(tj: dict[str, Any]) -> bool:
     """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (a Prepend normalizer, or a
     Metaspace pre-tokenizer that prepends)."""
+
     def steps(node: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
         node = node or {}
         return node.get(key, []) if node.get("type") == "Sequence" else [node]
 
     if any(n.get("type") == "Prepend" for n in steps(tj.get("normalizer"), "normalizers")):
         return True
-    return any(n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never"
-               and n.get("add_prefix_space", True) for n in steps(tj.get("pre_tokenizer"), "pretokenizers"))
+    return any(
+        n.get("type") == "Metaspace"
+        and n.get("prepend_scheme", "always") != "never"
+        and n.get("add_prefix_space", True)
+        for n in steps(tj.get("pre_tokenizer"), "pretokenizers")
+    )
 
 
 def _hf_vocab(tok: Tokenizer) -> dict[str, Any]:
@@ -339,8 +381,10 @@ def _hf_vocab(tok: Tokenizer) -> dict[str, Any]:
     tj = json.loads(tok.raw.to_str())
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
-        raise ConfigError(f"{tok.name}: GGUF export writes BPE tokenizers; this tokenizer.json has a "
-                          f"{model.get('type')} model")
+        raise ConfigError(
+            f"{tok.name}: GGUF export writes BPE tokenizers; this tokenizer.json has a "
+            f"{model.get('type')} model"
+        )
     spm = bool(model.get("byte_fallback"))
     tokens, types = _token_table(tj, tok.vocab_size, spm)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
@@ -348,8 +392,16 @@ def _hf_vocab(tok: Tokenizer) -> dict[str, Any]:
         return {"tokens": tokens, "types": types, "merges": merges, "pre": _pre_of(tj)}
     rank = {"".join(m.split(" ")): r for r, m in reversed(list(enumerate(merges)))}
     scores = [-float(rank[t]) if t in rank else (0.0 if len(t) == 1 else -1e9) for t in tokens]
-    return {"tokens": tokens, "types": types, "merges": [], "pre": None, "model": "llama", "scores": scores,
-            "unk_id": model["vocab"].get(model.get("unk_token")), "space_prefix": _space_prefix(tj)}
+    return {
+        "tokens": tokens,
+        "types": types,
+        "merges": [],
+        "pre": None,
+        "model": "llama",
+        "scores": scores,
+        "unk_id": model["vocab"].get(model.get("unk_token")),
+        "space_prefix": _space_prefix(tj),
+    }
 
 
 def vocab_of(tok: Tokenizer, cfg: ModelConfig) -> Vocab:
@@ -366,19 +418,27 @@ def vocab_of(tok: Tokenizer, cfg: ModelConfig) -> Vocab:
             types += [int(gg.TokenType.UNUSED)] * (i - len(types))
             tokens.append(text)
             types.append(int(gg.TokenType.CONTROL))
-        fields = {"tokens": tokens, "types": types, "merges": merges,
-                  "pre": "gpt-2" if cfg.model_type == "gpt2" else "llama-bpe"}
+        fields = {
+            "tokens": tokens,
+            "types": types,
+            "merges": merges,
+            "pre": "gpt-2" if cfg.model_type == "gpt2" else "llama-bpe",
+        }
     elif isinstance(tok, HFTokenizer):
         fields = _hf_vocab(tok)
         if fields.get("model", "gpt2") == "gpt2" and fields["pre"] is None:
             fields["pre"] = fam.pre
-            notes.append(f"the tokenizer's pre-tokenizer is not one llama.cpp knows by name; wrote {fam.pre!r} "
-                         f"(the {cfg.model_type} default)")
+            notes.append(
+                f"the tokenizer's pre-tokenizer is not one llama.cpp knows by name; wrote {fam.pre!r} "
+                f"(the {cfg.model_type} default)"
+            )
     else:
         raise ConfigError(f"{tok.name}: GGUF export cannot write this kind of tokenizer")
     tokens, types = fields.pop("tokens"), fields.pop("types")
     if len(tokens) > cfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokens)} tokens but the model only {cfg.vocab_size} embeddings")
+        raise ConfigError(
+            f"the tokenizer has {len(tokens)} tokens but the model only {cfg.vocab_size} embeddings"
+        )
     pad = cfg.vocab_size - len(tokens)
     types += [int(gg.TokenType.UNUSED)] * pad
     if fields.get("scores") is not None:
@@ -387,14 +447,32 @@ def vocab_of(tok: Tokenizer, cfg: ModelConfig) -> Vocab:
     eot, eom = _stop_roles(tok)
     for i in tok.eos_ids:  # llama.cpp ends generation at eos/eot/eom and control tokens with these names
         types[i] = int(gg.TokenType.CONTROL)
-    return Vocab(tokens=tokens, types=types, bos_id=tok.bos_id, eos_id=tok.eos_id, eot_id=eot, eom_id=eom,
-                 pad_id=tok.pad_id, add_bos=tok.add_bos, stops=[tok.decode([i]) for i in tok.eos_ids], notes=notes,
-                 **fields)
+    return Vocab(
+        tokens=tokens,
+        types=types,
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        eot_id=eot,
+        eom_id=eom,
+        pad_id=tok.pad_id,
+        add_bos=tok.add_bos,
+        stops=[tok.decode([i]) for i in tok.eos_ids],
+        notes=notes,
+        **fields,
+    )
 
 
 # the stop tokens llama.cpp treats as end of generation by their text alone (llama-vocab.cpp)
-EOG_NAMES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
-             "<|end_of_text|>")
+EOG_NAMES = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "<|end_of_text|>",
+)
 
 
 def _stop_roles(tok: Tokenizer) -> tuple[int | None, int | None]:
@@ -410,8 +488,10 @@ def _stop_roles(tok: Tokenizer) -> tuple[int | None, int | None]:
         elif eot is None:
             eot = i
         elif text not in EOG_NAMES:
-            raise ConfigError(f"the tokenizer has more stop ids than GGUF can name ({tok.eos_ids}); {text!r} "
-                              "would not stop llama.cpp")
+            raise ConfigError(
+                f"the tokenizer has more stop ids than GGUF can name ({tok.eos_ids}); {text!r} "
+                "would not stop llama.cpp"
+            )
     return eot, eom
 
 
@@ -427,8 +507,14 @@ def write_vocab(w: Any, v: Vocab) -> None:
         w.add_token_merges(v.merges)
     if v.model == "llama":
         w.add_add_space_prefix(v.space_prefix)
-    for key, value in (("bos", v.bos_id), ("eos", v.eos_id), ("eot", v.eot_id), ("eom", v.eom_id),
-                       ("pad", v.pad_id), ("unk", v.unk_id)):
+    for key, value in (
+        ("bos", v.bos_id),
+        ("eos", v.eos_id),
+        ("eot", v.eot_id),
+        ("eom", v.eom_id),
+        ("pad", v.pad_id),
+        ("unk", v.unk_id),
+    ):
         if value is not None:
             getattr(w, f"add_{key}_token_id")(value)
     w.add_add_bos_token(bool(v.add_bos and v.bos_id is not None))
@@ -440,7 +526,13 @@ def write_vocab(w: Any, v: Vocab) -> None:
 
 def _jinja_str(text: str) -> str:
     """`text` as a jinja string literal (quotes, backslashes and line breaks escaped)."""
-    esc = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    esc = (
+        text.replace("\\", "\\\\")
+        .replace("'", "\\'")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
     return "'" + esc + "'"
 
 
@@ -460,11 +552,14 @@ def _jinja_format(fmt: str, fields: dict[str, str]) -> str:
 
 
 def _single_instruction(t: Template) -> str:
-    return ("{%- if messages|length <= 2 and messages[0]['role'] == 'user' and "
-            "(messages|length == 1 or messages[1]['role'] == 'assistant') -%}"
-            + _jinja_format(t.prompt_no_input, {"instruction": "messages[0]['content']", "input": "''"})
-            + "{%- if messages|length == 2 -%}{{ messages[1]['content'] }}" + _jinja_lit(t.response_end)
-            + "{{ eos_token }}{%- endif -%}")
+    return (
+        "{%- if messages|length <= 2 and messages[0]['role'] == 'user' and "
+        "(messages|length == 1 or messages[1]['role'] == 'assistant') -%}"
+        + _jinja_format(t.prompt_no_input, {"instruction": "messages[0]['content']", "input": "''"})
+        + "{%- if messages|length == 2 -%}{{ messages[1]['content'] }}"
+        + _jinja_lit(t.response_end)
+        + "{{ eos_token }}{%- endif -%}"
+    )
 
 
 def template_jinja(t: Template) -> str:
@@ -478,14 +573,26 @@ def template_jinja(t: Template) -> str:
     roles = "{" + ", ".join(f"{_jinja_str(k)}: {_jinja_str(v)}" for k, v in t.roles.items()) + "}"
     out = _single_instruction(t)
     if t.turn is None:
-        return out + "{%- else -%}{{ raise_exception('this template renders one user message only') }}{%- endif -%}"
+        return (
+            out
+            + "{%- else -%}{{ raise_exception('this template renders one user message only') }}{%- endif -%}"
+        )
     head, tail = t.turn.split("{content}")
     role = {"role": "(roles[m['role']] if m['role'] in roles else m['role'])"}
     assistant = {"role": "roles['assistant']"}
-    return (out + "{%- else -%}{%- set roles = " + roles + " -%}{%- for m in messages -%}"
-            + _jinja_format(head, role) + "{{ m['content'] }}" + _jinja_format(tail, role)
-            + "{%- if loop.last and m['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}{%- endfor -%}"
-            + "{%- if add_generation_prompt -%}" + _jinja_format(head, assistant) + "{%- endif -%}{%- endif -%}")
+    return (
+        out
+        + "{%- else -%}{%- set roles = "
+        + roles
+        + " -%}{%- for m in messages -%}"
+        + _jinja_format(head, role)
+        + "{{ m['content'] }}"
+        + _jinja_format(tail, role)
+        + "{%- if loop.last and m['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}{%- endfor -%}"
+        + "{%- if add_generation_prompt -%}"
+        + _jinja_format(head, assistant)
+        + "{%- endif -%}{%- endif -%}"
+    )
 
 
 def _go_lit(text: str) -> str:
@@ -502,18 +609,31 @@ def _go_format(fmt: str, fields: dict[str, str]) -> str:
 
 
 def template_go(t: Template) -> str:
-    """The same rendering as `template_jinja` in Ollama's Go template syntax (`.Messages`, `.Role`, `.Content`)."""
+    """The same rendering as `template_jinja` in Ollama's Go template syntax (`.Messages`, `.Role`,
+    `.Content`)."""
     one = "(index .Messages 0)"
-    out = ("{{- if and (eq (len .Messages) 1) (eq " + one + ".Role \"user\") }}"
-           + _go_format(t.prompt_no_input, {"instruction": "{{ " + one + ".Content }}", "input": ""}))
+    out = (
+        "{{- if and (eq (len .Messages) 1) (eq "
+        + one
+        + '.Role "user") }}'
+        + _go_format(t.prompt_no_input, {"instruction": "{{ " + one + ".Content }}", "input": ""})
+    )
     if t.turn is None:
         return out + "{{- else }}{{ range .Messages }}{{ .Content }}{{ end }}{{- end }}"
     head, tail = t.turn.split("{content}")
-    shown = "".join(f"{{{{ if eq .Role {json.dumps(k)} }}}}{_go_lit(v)}{{{{ else }}}}" for k, v in t.roles.items())
+    shown = "".join(
+        f"{{{{ if eq .Role {json.dumps(k)} }}}}{_go_lit(v)}{{{{ else }}}}" for k, v in t.roles.items()
+    )
     shown += "{{ .Role }}" + "{{ end }}" * len(t.roles)
-    out += ("{{- else }}{{ range .Messages }}" + _go_format(head, {"role": shown}) + "{{ .Content }}"
-            + _go_format(tail, {"role": shown}) + "{{ end }}" + _go_format(head, {"role": _go_lit(t.roles["assistant"])})
-            + "{{- end }}")
+    out += (
+        "{{- else }}{{ range .Messages }}"
+        + _go_format(head, {"role": shown})
+        + "{{ .Content }}"
+        + _go_format(tail, {"role": shown})
+        + "{{ end }}"
+        + _go_format(head, {"role": _go_lit(t.roles["assistant"])})
+        + "{{- end }}"
+    )
     return out
 
 
@@ -526,8 +646,11 @@ def _plain_text_specials(tok: Tokenizer, tmpl: Template | ChatTemplate | None) -
         return []
     text = tmpl.prompt + tmpl.prompt_no_input + (tmpl.turn or "") + tmpl.response_end
     found = sorted({s for s in (tok.decode([i]) for i in tok.special_ids) if s and s in text})
-    return [f"template {tmpl.name!r} writes {s!r}, which microft trained on as plain text but llama.cpp and "
-            "Ollama read as a control token" for s in found]
+    return [
+        f"template {tmpl.name!r} writes {s!r}, which microft trained on as plain text but llama.cpp and "
+        "Ollama read as a control token"
+        for s in found
+    ]
 
 
 def chat_template_of(tmpl: Template | ChatTemplate | None) -> str | None:
@@ -597,8 +720,9 @@ def _modelfile(gguf_file: str, v: Vocab, tmpl: Template | ChatTemplate | None) -
     return "\n".join(lines) + "\n"
 
 
-def write_gguf(path: Path, model: torch.nn.Module, v: Vocab, quant: str, chat_template: str | None,
-               name: str) -> int:
+def write_gguf(
+    path: Path, model: torch.nn.Module, v: Vocab, quant: str, chat_template: str | None, name: str
+) -> int:
     """Write the GGUF file: header and metadata from the shapes, then each tensor converted on its own."""
     gg = require_gguf()
     cfg: ModelConfig = model.config
@@ -614,8 +738,9 @@ def write_gguf(path: Path, model: torch.nn.Module, v: Vocab, quant: str, chat_te
     for tname, t in gguf_tensors(model):  # shapes only: nothing is converted yet
         kind = tensor_type(tname, tuple(t.shape), quant)
         kinds.append(kind)
-        w.add_tensor_info(tname, tuple(t.shape), np.dtype(np.float32), _nbytes(tuple(t.shape), kind),
-                          raw_dtype=_qtype(kind))
+        w.add_tensor_info(
+            tname, tuple(t.shape), np.dtype(np.float32), _nbytes(tuple(t.shape), kind), raw_dtype=_qtype(kind)
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -627,13 +752,24 @@ def write_gguf(path: Path, model: torch.nn.Module, v: Vocab, quant: str, chat_te
 
 def _file_type(quant: str) -> int:
     ft = require_gguf().LlamaFileType
-    return {"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16, "q8_0": ft.MOSTLY_Q8_0,
-            "q4_0": ft.MOSTLY_Q4_0}[quant]
+    return {
+        "f32": ft.ALL_F32,
+        "f16": ft.MOSTLY_F16,
+        "bf16": ft.MOSTLY_BF16,
+        "q8_0": ft.MOSTLY_Q8_0,
+        "q4_0": ft.MOSTLY_Q4_0,
+    }[quant]
 
 
-def export_gguf(model: torch.nn.Module, tok: Tokenizer, out_dir: str | Path, quant: str = DEFAULT_QUANT,
-                template: Template | ChatTemplate | None = None, overwrite: bool = False,
-                name: str = "model") -> GGUFExport:
+def export_gguf(
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    out_dir: str | Path,
+    quant: str = DEFAULT_QUANT,
+    template: Template | ChatTemplate | None = None,
+    overwrite: bool = False,
+    name: str = "model",
+) -> GGUFExport:
     """Write `out_dir/<name>-<quant>.gguf` and an Ollama `Modelfile`, atomically.
 
     `template`: the template the model was tuned with (its jinja form goes into the file). Refuses a
@@ -654,5 +790,6 @@ def export_gguf(model: torch.nn.Module, tok: Tokenizer, out_dir: str | Path, qua
     with atomic_dir(out_dir) as tmp:
         n = write_gguf(tmp / fname, model, v, quant, jinja, name)
         (tmp / MODELFILE).write_text(_modelfile(fname, v, template), encoding="utf-8")
-    return GGUFExport(out_dir / fname, out_dir / MODELFILE, quant, n, getattr(template, "name", None), v.notes)
-
+    return GGUFExport(
+        out_dir / fname, out_dir / MODELFILE, quant, n, getattr(template, "name", None), v.notes
+    )
