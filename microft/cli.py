@@ -240,16 +240,27 @@ def generate(
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing directory.")]
 
 
+ExportModel = Annotated[str, typer.Option(
+    "--model", help="Run output (final/, best/, a checkpoint), LoRA or QLoRA run, HF directory or cached repo id.")]
+ExportFormat = Annotated[str, typer.Option(
+    "--format", help="hf: a transformers directory; gguf: one GGUF file for llama.cpp / Ollama / LM Studio, "
+    "and a Modelfile.")]
+ExportQuant = Annotated[str | None, typer.Option("--quant", help="gguf: f16 (default), bf16, q8_0, q4_0 or f32.")]
+ExportTemplate = Annotated[str | None, typer.Option(
+    "--template", help="gguf: the chat template to write (alpaca, chatml, plain, chat, a template or .jinja "
+    "file); default: the one the run trained with.")]
+
+
 @app.command()
 def export(
-    model: Annotated[str, typer.Option("--model", help="Run output (final/, best/, a checkpoint), LoRA or QLoRA run, HF directory or cached repo id.")],
+    model: ExportModel,
     out: Annotated[str, typer.Option("--out", help="Directory to write.")],
-    format: Annotated[str, typer.Option("--format", help="hf: a transformers directory; gguf: one GGUF file for llama.cpp / Ollama / LM Studio, and a Modelfile.")] = "hf",
-    quant: Annotated[str | None, typer.Option("--quant", help="gguf: f16 (default), bf16, q8_0, q4_0 or f32.")] = None,
-    template: Annotated[str | None, typer.Option("--template", help="gguf: the chat template to write (alpaca, chatml, plain, chat, a template or .jinja file); default: the one the run trained with.")] = None,
+    format: ExportFormat = "hf",
+    quant: ExportQuant = None,
+    template: ExportTemplate = None,
     force: Force = False,
 ) -> None:
-    """Export weights and tokenizer files for other tools (LoRA adapters are merged first, NF4 bases dequantized)."""
+    """Export weights and tokenizer files for other tools (LoRA merged first, NF4 bases dequantized)."""
     with user_errors():
         from microft.errors import ConfigError
 
@@ -320,7 +331,8 @@ def _export_gguf(model: str, out: str, quant: str | None, template: str | None, 
     for note in res.notes:
         ui.err.print(f"note: {note}", markup=False)
     print(f"exported {model} -> {res.path} (GGUF {quant}, {res.n_tensors} tensors, chat template "
-          f"{res.template or 'none'}, {time.perf_counter() - t0:.1f} s); Ollama: ollama create NAME -f {res.modelfile}")
+          f"{res.template or 'none'}, {time.perf_counter() - t0:.1f} s); "
+          f"Ollama: ollama create NAME -f {res.modelfile}")
 
 
 @app.command()
