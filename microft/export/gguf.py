@@ -714,7 +714,8 @@ def _modelfile(gguf_file: str, v: Vocab, tmpl: Template | ChatTemplate | None) -
     if isinstance(tmpl, Template):
         lines.append('TEMPLATE """' + template_go(tmpl) + '"""')
     elif tmpl is not None:
-        lines.append("# TEMPLATE: the GGUF's own chat template (tokenizer.chat_template)")
+        lines.append("# no TEMPLATE: Ollama matches the GGUF's jinja chat template (tokenizer.chat_template) to one "
+                     "of its own; add a TEMPLATE in Go template syntax where it has none that fits")
     stops = list(dict.fromkeys(v.stops + ([tmpl.stop] if isinstance(tmpl, Template) and tmpl.stop else [])))
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     return "\n".join(lines) + "\n"
