@@ -1,12 +1,13 @@
 """GGUF export: one file that llama.cpp, Ollama and LM Studio run, written with ggml's own `gguf` package.
 
 What goes in: the architecture and its hyper-parameters, every weight under llama.cpp's tensor names and
-in its layout, the tokenizer (byte-level BPE vocabulary, merges, token types, the pre-tokenizer name that
-picks llama.cpp's split regex, bos/eos/pad and every stop id) and the chat template the model was tuned
-with. Beside it, an Ollama `Modelfile`.
+in its layout, the tokenizer (a byte-level BPE's vocabulary, merges, token types and the pre-tokenizer name
+that picks llama.cpp's split regex, or a SentencePiece-style BPE's pieces and scores; bos/eos/pad and every
+stop id) and the chat template the model was tuned with. Beside it, an Ollama `Modelfile`.
 
 Each family is one entry of `FAMILIES`: llama.cpp's architecture name, the pre-tokenizer it falls back
-to, whether q/k rows are permuted for llama.cpp's pairwise RoPE, and the tensor-name map. Tensors are
+to, whether q/k rows are permuted for llama.cpp's pairwise RoPE, the tensor-name map and the
+architecture's own hyper-parameter keys. Tensors are
 streamed: the file's header is written from shapes alone, then each tensor is converted and written on
 its own, so the export holds the model plus one converted tensor, never a second copy of the model.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,18 +98,41 @@ TOP_NAMES = {
 }
 
 
+def _layer_norm_hparams(w: Any, cfg: ModelConfig) -> None:
+    """GPT-2: LayerNorm's eps (learned positions, no RoPE)."""
+    w.add_layer_norm_eps(cfg.layer_norm_eps)
+
+
+def _rope_hparams(w: Any, cfg: ModelConfig) -> None:
+    """Llama-style: grouped KV heads, head size, RMSNorm's eps, RoPE's base and width."""
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.layer_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.sliding_window:  # recorded; llama.cpp's llama graph attends to the whole context (see README)
+        w.add_sliding_window(cfg.sliding_window)
+
+
 @dataclass(frozen=True)
 class Family:
-    """How one microft family is written for llama.cpp."""
+    """How one microft family is written for llama.cpp.
+
+    microft keeps every projection in nn.Linear's (out, in) layout (GPT-2's Conv1D weights are transposed
+    when read from HF files, and its q/k/v stay fused in `c_attn`), which is the layout GGUF stores: the
+    only transform left is the q/k row order for llama.cpp's pairwise RoPE.
+    """
 
     arch: str  # llama.cpp's architecture name
     pre: str  # pre-tokenizer when the tokenizer's own is not one llama.cpp knows by structure
     rope_pairs: bool  # llama.cpp rotates adjacent pairs (not halves): q/k rows are permuted to match
-    block: dict[str, str] = field(repr=False)
+    block: dict[str, str] = field(repr=False)  # microft block parameter -> llama.cpp tensor
+    hparams: Callable[[Any, ModelConfig], None] = field(default=_rope_hparams, repr=False)  # arch-only keys
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", "gpt-2", False, _block_names("gpt2")),
+    "gpt2": Family("gpt2", "gpt-2", False, _block_names("gpt2"), _layer_norm_hparams),
     "llama": Family("llama", "llama-bpe", True, _block_names("llama")),  # SmolLM2 too ("smollm" pre)
     "mistral": Family("llama", "llama-bpe", True, _block_names("mistral")),  # llama.cpp runs Mistral as llama
     "qwen2": Family("qwen2", "qwen2", False, _block_names("qwen2")),
@@ -135,24 +159,14 @@ def gguf_name(cfg: ModelConfig, name: str) -> str:
 
 
 def write_hparams(w: Any, cfg: ModelConfig) -> None:
-    """The architecture's hyper-parameters under llama.cpp's keys."""
+    """The architecture's hyper-parameters under llama.cpp's keys: the shared ones, then the family's."""
     w.add_context_length(cfg.n_positions)
     w.add_embedding_length(cfg.n_embd)
     w.add_block_count(cfg.n_layer)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.n_head)
     w.add_vocab_size(cfg.vocab_size)
-    if cfg.model_type == "gpt2":
-        w.add_layer_norm_eps(cfg.layer_norm_eps)
-        return
-    w.add_head_count_kv(cfg.n_kv_head)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.layer_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.sliding_window:  # recorded; llama.cpp's llama graph attends to the whole context (see README)
-        w.add_sliding_window(cfg.sliding_window)
+    family(cfg).hparams(w, cfg)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -714,8 +728,10 @@ def _modelfile(gguf_file: str, v: Vocab, tmpl: Template | ChatTemplate | None) -
     if isinstance(tmpl, Template):
         lines.append('TEMPLATE """' + template_go(tmpl) + '"""')
     elif tmpl is not None:
-        lines.append("# no TEMPLATE: Ollama matches the GGUF's jinja chat template (tokenizer.chat_template) to one "
-                     "of its own; add a TEMPLATE in Go template syntax where it has none that fits")
+        lines.append(
+            "# no TEMPLATE: Ollama matches the GGUF's jinja chat template (tokenizer.chat_template) to one "
+            "of its own; add a TEMPLATE in Go template syntax where it has none that fits"
+        )
     stops = list(dict.fromkeys(v.stops + ([tmpl.stop] if isinstance(tmpl, Template) and tmpl.stop else [])))
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     return "\n".join(lines) + "\n"
