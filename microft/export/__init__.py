@@ -1,1 +1,1 @@
-"""Exports for other runtimes: `gguf` (llama.cpp, Ollama, LM Studio). The transformers export is models/hf.py."""
+"""Exports for other runtimes: `gguf` (llama.cpp, Ollama, LM Studio); transformers' is models/hf.py."""
