@@ -294,14 +294,9 @@ def _export_gguf(model: str, out: str, quant: str | None, template: str | None, 
     from microft import ui
     from microft.chat import resolve_template
     from microft.errors import ConfigError
-    from microft.export.gguf import (
-        DEFAULT_QUANT,
-        QUANTS,
-        export_gguf,
-        file_stem,
-        require_gguf,
-        trained_template_spec,
-    )
+    from microft.export import require_gguf
+    from microft.export.gguf import DEFAULT_QUANT, QUANTS, export_gguf, file_stem
+    from microft.export.gguf_templates import trained_template_spec
     from microft.lora import merge_lora
     from microft.runs import load_any, model_dir, tokenizer_for
     from microft.train.outdir import writing

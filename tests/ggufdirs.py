@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from microft.export.gguf import LLAMA3_REGEX, QWEN2_REGEX
+from microft.export.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
 
 CORPUS = [
     "Hello world, how are you? I am fine, thank you. The quick brown fox jumps over the lazy dog.",

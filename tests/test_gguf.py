@@ -29,12 +29,9 @@ import gguf  # noqa: E402
 
 from microft.chat import ChatTemplate, render_chat  # noqa: E402
 from microft.cli import app  # noqa: E402
-from microft.export.gguf import (  # noqa: E402
-    FAMILIES,
-    permute_rows,
-    template_jinja,
-    tiktoken_vocab,
-)
+from microft.export.gguf import FAMILIES, permute_rows  # noqa: E402
+from microft.export.gguf_templates import template_jinja  # noqa: E402
+from microft.export.gguf_vocab import tiktoken_vocab  # noqa: E402
 from microft.generate import generate  # noqa: E402
 from microft.runs import load_any, tokenizer_for  # noqa: E402
 from microft.templates import BUILTIN_TEMPLATES, load_template  # noqa: E402
@@ -192,7 +189,7 @@ def test_the_modelfiles_go_template_renders_like_microft(name, tmp_path):
     go = shutil.which("go")
     if go is None:
         pytest.skip("no Go toolchain")
-    from microft.export.gguf import template_go
+    from microft.export.gguf_templates import template_go
 
     (tmp_path / "main.go").write_text(GO_RENDER)
     (tmp_path / "go.mod").write_text("module render\n\ngo 1.19\n")
