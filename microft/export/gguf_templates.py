@@ -1,5 +1,5 @@
-"""Chat templates for GGUF and Ollama: microft's own templates as jinja (what the GGUF carries) and as Ollama's
-Go template syntax (the Modelfile's TEMPLATE), and which template a run was tuned with."""
+"""Chat templates for GGUF and Ollama: microft's own templates as jinja (what the GGUF carries) and in
+Ollama's Go template syntax (the Modelfile's TEMPLATE), and which template a run was tuned with."""
 
 from __future__ import annotations
 

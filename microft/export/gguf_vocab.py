@@ -1,5 +1,5 @@
-"""The tokenizer as GGUF writes it: what llama.cpp's `gpt2` (byte-level BPE) and `llama` (SentencePiece-style)
-tokenizers read, with every stop id placed where llama.cpp looks for it."""
+"""The tokenizer as GGUF writes it: what llama.cpp's `gpt2` (byte-level BPE) and `llama`
+(SentencePiece-style) tokenizers read, with every stop id placed where llama.cpp looks for it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from microft.models.config import ModelConfig
 if TYPE_CHECKING:
     from microft.tokenizer import Tokenizer
 
-# split regexes of the pre-tokenizers llama.cpp knows by name (as tokenizer.json writes them)
 # split regexes of the pre-tokenizers llama.cpp knows by name (as tokenizer.json writes them)
 LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
