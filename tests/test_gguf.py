@@ -389,7 +389,8 @@ def test_llama_cpp_tokenizes_like_microft_and_stops_at_every_stop_id(family_dir,
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
     assert llm.tokenize(b"hi", add_bos=True, special=False)[: len(tok.prefix)] == tok.prefix
     assert all(is_eog(llm, i) for i in tok.eos_ids)
-    assert llm.token_bos() == (tok.bos_id if tok.bos_id is not None else -1) or tok.bos_id is None
+    if tok.bos_id is not None:
+        assert llm.token_bos() == tok.bos_id
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if FAMILY_TOKENIZERS[n][5]])
