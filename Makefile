@@ -10,6 +10,7 @@ install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q -e ".[dev,plot]"
+	bash .ci/llama_wheel.sh $(BIN)/pip --cached
 
 test:
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,346 @@
+"""GGUF export: one file that llama.cpp, Ollama and LM Studio run, written with ggml's own `gguf` package.
+
+What goes in: the architecture and its hyper-parameters, every weight under llama.cpp's tensor names and
+in its layout, the tokenizer (a byte-level BPE's vocabulary, merges, token types and the pre-tokenizer name
+that picks llama.cpp's split regex, or a SentencePiece-style BPE's pieces and scores; bos/eos/pad and every
+stop id) and the chat template the model was tuned with. Beside it, an Ollama `Modelfile`.
+
+Each family is one entry of `FAMILIES`: llama.cpp's architecture name, the pre-tokenizer it falls back
+to, whether q/k rows are permuted for llama.cpp's pairwise RoPE, the tensor-name map and the
+architecture's own hyper-parameter keys. Tensors are streamed: the file's header is written from shapes
+alone, then each tensor is converted and written on its own, so the export holds the model plus one
+converted tensor, never a second copy of the model. The tokenizer is `gguf_vocab.py`, the chat templates
+and the Modelfile's `gguf_templates.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from microft.errors import ConfigError
+from microft.export import require_gguf
+from microft.export.gguf_templates import chat_template_of, plain_text_specials, template_go
+from microft.export.gguf_vocab import Vocab, vocab_of, write_vocab
+from microft.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from microft.chat import ChatTemplate
+    from microft.templates import Template
+    from microft.tokenizer import Tokenizer
+
+QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+DEFAULT_QUANT = "f16"
+MODELFILE = "Modelfile"
+QK = 32  # ggml's block size for q8_0 / q4_0: rows must be a multiple of it
+
+
+# --------------------------------------------------------------------------- the families
+
+
+def _block_names(model_type: str) -> dict[str, str]:
+    """microft block parameter (after `h.{i}.`) -> llama.cpp tensor (after `blk.{i}.`)."""
+    if model_type == "gpt2":
+        names = {
+            "ln_1": "attn_norm",
+            "attn.c_attn": "attn_qkv",
+            "attn.c_proj": "attn_output",
+            "ln_2": "ffn_norm",
+            "mlp.c_fc": "ffn_up",
+            "mlp.c_proj": "ffn_down",
+        }
+    else:
+        names = {
+            "ln_1": "attn_norm",
+            "attn.q_proj": "attn_q",
+            "attn.k_proj": "attn_k",
+            "attn.v_proj": "attn_v",
+            "attn.o_proj": "attn_output",
+            "attn.q_norm": "attn_q_norm",
+            "attn.k_norm": "attn_k_norm",
+            "ln_2": "ffn_norm",
+            "mlp.gate_proj": "ffn_gate",
+            "mlp.up_proj": "ffn_up",
+            "mlp.down_proj": "ffn_down",
+        }
+    return {f"{k}.{p}": f"{v}.{p}" for k, v in names.items() for p in ("weight", "bias")}
+
+
+TOP_NAMES = {
+    "wte.weight": "token_embd.weight",
+    "wpe.weight": "position_embd.weight",
+    "ln_f.weight": "output_norm.weight",
+    "ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
+
+
+def _layer_norm_hparams(w: Any, cfg: ModelConfig) -> None:
+    """GPT-2: LayerNorm's eps (learned positions, no RoPE)."""
+    w.add_layer_norm_eps(cfg.layer_norm_eps)
+
+
+def _rope_hparams(w: Any, cfg: ModelConfig) -> None:
+    """Llama-style: grouped KV heads, head size, RMSNorm's eps, RoPE's base and width."""
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.layer_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.sliding_window:  # recorded; llama.cpp's llama graph attends to the whole context (see README)
+        w.add_sliding_window(cfg.sliding_window)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one microft family is written for llama.cpp.
+
+    microft keeps every projection in nn.Linear's (out, in) layout (GPT-2's Conv1D weights are transposed
+    when read from HF files, and its q/k/v stay fused in `c_attn`), which is the layout GGUF stores: the
+    only transform left is the q/k row order for llama.cpp's pairwise RoPE.
+    """
+
+    arch: str  # llama.cpp's architecture name
+    pre: str  # pre-tokenizer when the tokenizer's own is not one llama.cpp knows by structure
+    rope_pairs: bool  # llama.cpp rotates adjacent pairs (not halves): q/k rows are permuted to match
+    block: dict[str, str] = field(repr=False)  # microft block parameter -> llama.cpp tensor
+    hparams: Callable[[Any, ModelConfig], None] = field(default=_rope_hparams, repr=False)  # arch-only keys
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("gpt2", "gpt-2", False, _block_names("gpt2"), _layer_norm_hparams),
+    "llama": Family("llama", "llama-bpe", True, _block_names("llama")),  # SmolLM2 too ("smollm" pre)
+    "mistral": Family("llama", "llama-bpe", True, _block_names("mistral")),  # llama.cpp runs Mistral as llama
+    "qwen2": Family("qwen2", "qwen2", False, _block_names("qwen2")),
+    "qwen3": Family("qwen3", "qwen2", False, _block_names("qwen3")),
+}
+
+
+def family(cfg: ModelConfig) -> Family:
+    if cfg.model_type not in FAMILIES:
+        raise ConfigError(
+            f"GGUF export does not know model_type {cfg.model_type!r}; known: {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[cfg.model_type]
+
+
+def gguf_name(cfg: ModelConfig, name: str) -> str:
+    """llama.cpp's name for a microft parameter (`h.3.attn.q_proj.weight` -> `blk.3.attn_q.weight`)."""
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    head, i, rest = name.split(".", 2)
+    if head != "h" or rest not in family(cfg).block:
+        raise ConfigError(f"GGUF export has no llama.cpp name for {name}")
+    return f"blk.{i}.{family(cfg).block[rest]}"
+
+
+def write_hparams(w: Any, cfg: ModelConfig) -> None:
+    """The architecture's hyper-parameters under llama.cpp's keys: the shared ones, then the family's."""
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.n_head)
+    w.add_vocab_size(cfg.vocab_size)
+    family(cfg).hparams(w, cfg)
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows from the rotate-halves order (HF, microft) to llama.cpp's rotate-adjacent-pairs order.
+
+    Within each head, row j of the first half and row j of the second half become rows 2j and 2j + 1.
+    """
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def rope_freqs(cfg: ModelConfig) -> torch.Tensor | None:
+    """Llama 3's RoPE scaling as llama.cpp reads it: a `rope_freqs` tensor that divides each frequency."""
+    if cfg.rope_scaling is None:
+        return None
+    from microft.models.transformer import rope_inv_freq
+
+    plain = rope_inv_freq(cfg.model_copy(update={"rope_scaling": None}))
+    return (plain / rope_inv_freq(cfg)).float()
+
+
+def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, fp32 CPU tensor in llama.cpp's layout) of each weight, one at a time.
+
+    Vocabulary rows are unpadded; a tied head is left out (llama.cpp reuses token_embd).
+    """
+    cfg: ModelConfig = model.config
+    fam = family(cfg)
+    freqs = rope_freqs(cfg)
+    if freqs is not None:
+        yield "rope_freqs.weight", freqs
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if "lora_" in name:
+            raise ConfigError("the model has unmerged LoRA adapters; merge them before exporting")
+        t = p.detach()
+        if name in ("wte.weight", "lm_head.weight"):
+            t = t[: cfg.vocab_size]
+        if fam.rope_pairs and (".attn.q_proj." in name or ".attn.k_proj." in name):
+            t = permute_rows(t, cfg.n_head if ".q_proj." in name else cfg.n_kv_head)
+        yield gguf_name(cfg, name), t.to("cpu", torch.float32).contiguous()
+
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
+    """The storage type of one tensor: vectors (norms, biases, rope_freqs) stay f32, as llama.cpp's own
+    converter keeps them; q8_0/q4_0 rows that are not a multiple of 32 fall back to f16."""
+    if len(shape) < 2 or quant == "f32":
+        return "f32"
+    if quant in ("q8_0", "q4_0") and shape[-1] % QK:
+        return "f16"
+    return quant
+
+
+def _qtype(kind: str):
+    g = require_gguf().GGMLQuantizationType
+    return {"f32": g.F32, "f16": g.F16, "bf16": g.BF16, "q8_0": g.Q8_0, "q4_0": g.Q4_0}[kind]
+
+
+def encode_tensor(t: torch.Tensor, kind: str) -> np.ndarray:
+    """A fp32 tensor as the bytes (or f32/f16 array) GGUF stores for `kind`."""
+    a = t.numpy()
+    if kind == "f32":
+        return a
+    if kind == "f16":
+        return a.astype(np.float16)
+    return require_gguf().quants.quantize(a, _qtype(kind))
+
+
+def _nbytes(shape: tuple[int, ...], kind: str) -> int:
+    from gguf.quants import quant_shape_to_byte_shape
+
+    n = 1
+    for d in quant_shape_to_byte_shape(shape, _qtype(kind)) if kind not in ("f32", "f16") else shape:
+        n *= d
+    return n * {"f32": 4, "f16": 2}.get(kind, 1)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def file_stem(spec: str, model_dir: Path | None) -> str:
+    """The file's name: the run's for its `final/`, `best/` or a step checkpoint, else the model directory's
+    (or the preset's)."""
+    if model_dir is None:
+        return Path(spec).name or "model"
+    d = model_dir.resolve()
+    while d.name in ("final", "best", "checkpoints") or d.name.startswith("step-"):
+        d = d.parent
+    return d.name or "model"
+
+
+@dataclass
+class GGUFExport:
+    """What `export_gguf` wrote."""
+
+    path: Path
+    modelfile: Path
+    quant: str
+    n_tensors: int
+    template: str | None
+    notes: list[str]
+
+
+def _modelfile(gguf_file: str, v: Vocab, tmpl: Template | ChatTemplate | None) -> str:
+    from microft.templates import Template
+
+    lines = [f"FROM ./{gguf_file}"]
+    if isinstance(tmpl, Template):
+        lines.append('TEMPLATE """' + template_go(tmpl) + '"""')
+    elif tmpl is not None:
+        lines.append(
+            "# no TEMPLATE: Ollama matches the GGUF's jinja chat template (tokenizer.chat_template) to one "
+            "of its own; add a TEMPLATE in Go template syntax where it has none that fits"
+        )
+    stops = list(dict.fromkeys(v.stops + ([tmpl.stop] if isinstance(tmpl, Template) and tmpl.stop else [])))
+    lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def write_gguf(
+    path: Path, model: torch.nn.Module, v: Vocab, quant: str, chat_template: str | None, name: str
+) -> int:
+    """Write the GGUF file: header and metadata from the shapes, then each tensor converted on its own."""
+    gg = require_gguf()
+    cfg: ModelConfig = model.config
+    w = gg.GGUFWriter(str(path), family(cfg).arch)
+    w.add_name(name)
+    w.add_file_type(_file_type(quant))
+    w.add_quantization_version(gg.GGML_QUANT_VERSION)
+    write_hparams(w, cfg)
+    write_vocab(w, v)
+    if chat_template:
+        w.add_chat_template(chat_template)
+    kinds = []
+    for tname, t in gguf_tensors(model):  # shapes only: nothing is converted yet
+        kind = tensor_type(tname, tuple(t.shape), quant)
+        kinds.append(kind)
+        w.add_tensor_info(
+            tname, tuple(t.shape), np.dtype(np.float32), _nbytes(tuple(t.shape), kind), raw_dtype=_qtype(kind)
+        )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for (_, t), kind in zip(gguf_tensors(model), kinds):
+        w.write_tensor_data(encode_tensor(t, kind))
+    w.close()
+    return len(kinds)
+
+
+def _file_type(quant: str) -> int:
+    ft = require_gguf().LlamaFileType
+    return {
+        "f32": ft.ALL_F32,
+        "f16": ft.MOSTLY_F16,
+        "bf16": ft.MOSTLY_BF16,
+        "q8_0": ft.MOSTLY_Q8_0,
+        "q4_0": ft.MOSTLY_Q4_0,
+    }[quant]
+
+
+def export_gguf(
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    out_dir: str | Path,
+    quant: str = DEFAULT_QUANT,
+    template: Template | ChatTemplate | None = None,
+    overwrite: bool = False,
+    name: str = "model",
+) -> GGUFExport:
+    """Write `out_dir/<name>-<quant>.gguf` and an Ollama `Modelfile`, atomically.
+
+    `template`: the template the model was tuned with (its jinja form goes into the file). Refuses a
+    non-empty `out_dir` unless `overwrite`.
+    """
+    from microft.weights import atomic_dir
+
+    if quant not in QUANTS:
+        raise ConfigError(f"unknown --quant {quant!r}; choose one of: {', '.join(QUANTS)}")
+    require_gguf()
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"{out_dir} is not empty; pass --force to overwrite it")
+    v = vocab_of(tok, model.config, family(model.config).pre)
+    v.notes += plain_text_specials(tok, template)
+    jinja = chat_template_of(template)
+    fname = f"{name}-{quant}.gguf"
+    with atomic_dir(out_dir) as tmp:
+        n = write_gguf(tmp / fname, model, v, quant, jinja, name)
+        (tmp / MODELFILE).write_text(_modelfile(fname, v, template), encoding="utf-8")
+    return GGUFExport(
+        out_dir / fname, out_dir / MODELFILE, quant, n, getattr(template, "name", None), v.notes
+    )
