@@ -255,7 +255,7 @@ def export(
             raise ConfigError(f"unknown export format {format!r}; supported: hf")
         from microft.lora import lora_modules, merge_lora
         from microft.models.hf import export_hf
-        from microft.runs import copy_tokenizer_files, load_any
+        from microft.runs import load_any, write_tokenizer_files
         from microft.train.outdir import check_written_dir, writing
 
         check_written_dir(out, force)
@@ -264,8 +264,9 @@ def export(
             merge_lora(net)
         with writing(out):
             path = export_hf(net, out, overwrite=force)
-            copy_tokenizer_files(model, path)
+            missing = write_tokenizer_files(model, path, net.config)
         print(f"exported {model} -> {path} (transformers, model_type {net.config.model_type})")
+        _no_tokenizer_note(path, missing)
 
 
 @app.command()
@@ -280,7 +281,7 @@ def merge(
         from microft.errors import ConfigError
         from microft.lora import is_adapter_dir, load_adapter, merge_lora
         from microft.models.load import load_model, save_model
-        from microft.runs import copy_tokenizer_files, load_any
+        from microft.runs import copy_tokenizer_files, load_any, write_tokenizer_files
         from microft.train.outdir import check_written_dir, writing
 
         if not is_adapter_dir(model):
@@ -292,7 +293,16 @@ def merge(
             save_model(out, net)
             if not copy_tokenizer_files(model, out) and base:
                 copy_tokenizer_files(base, out)
+            missing = write_tokenizer_files(base or model, out, net.config)
         print(f"merged {model} -> {out}")
+        _no_tokenizer_note(out, missing)
+
+
+def _no_tokenizer_note(path: Any, why: str | None) -> None:
+    """The one line saying a written model directory has no tokenizer (the weights are still usable)."""
+    if why:
+        sys.stderr.write(f"note: {path} has no tokenizer files ({why}); copy the base model's tokenizer files "
+                         "into it before loading it with transformers\n")
 
 
 @app.command()
