@@ -353,13 +353,13 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
 
     The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
 
-    Exit codes: 0 fits (or no budget given), 3 does not fit the budget, 2 bad input.
+    Exit codes: 0 the run fits as asked (or no budget given), 4 it does not but the recommended plan does, 3 nothing fits, 2 bad input.
     """
     with user_errors():
         from microft.config import resolve_batch_plan, resolve_config
         from microft.errors import ConfigError
         from microft.memory import estimate as memory
-        from microft.memory.plan import auto_batch_plan, fit_budget
+        from microft.memory.plan import VERDICTS, NothingFits, auto_batch_plan, fit_budget, verdict
 
         recipe, seq_len = flags.pop("recipe"), flags.pop("seq_len")
         flags = run_flags(flags)
@@ -390,19 +390,22 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         world, world_shard = memory.scale_out(cfg)
         prec = memory.resolve_precision(cfg.precision, budget)
         base = memory.setup_for(cfg, arch, 1, precision=prec)
+        if cfg.micro_bs == "auto":
+            if budget is None:
+                raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
+            try:
+                bp = auto_batch_plan(cfg, arch, budget, world)
+            except NothingFits:  # an answer, not bad input: micro-batch 1 is estimated and does not fit
+                bp = resolve_batch_plan(1, None if cfg.global_bs else cfg.accum, cfg.global_bs, world)
+        else:
+            bp = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
+        mb, acc = bp.micro_bs, bp.accum
         gbs = cfg.global_bs
         fit = None
         if budget is not None:
             if gbs is None and isinstance(cfg.micro_bs, int):  # the batch asked about is the one to keep
                 gbs = cfg.micro_bs * (cfg.accum or 1) * world
-            fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
-        if cfg.micro_bs == "auto":
-            if budget is None:
-                raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
-            bp = auto_batch_plan(cfg, arch, budget, world)
-        else:
-            bp = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
-        mb, acc = bp.micro_bs, bp.accum
+            fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc))
         from dataclasses import replace
 
         setup = replace(base, micro_bs=mb, accum=min(acc, 2))
@@ -416,15 +419,17 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
                                 "data's real lengths, --seq-len sets one")
         if cfg.compile:
             est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save less)")
+        code = verdict(est.fits, fit)
         if json_out:
             import json
 
             print(json.dumps({"estimated": _what(est, acc), **est.to_dict(), "accum": acc,
-                              "plan": fit.to_dict() if fit else None}, indent=2))
+                              "plan": fit.to_dict() if fit else None, "exit_code": code,
+                              "verdict": VERDICTS[code] if budget is not None else None}, indent=2))
         else:
-            _render_estimate(est, acc, fit)
-        if est.fits is False:
-            raise typer.Exit(3)
+            _render_estimate(est, acc, fit, code)
+        if code:
+            raise typer.Exit(code)
 
 
 def _what(est: Any, accum: int) -> str:
@@ -436,7 +441,7 @@ def _what(est: Any, accum: int) -> str:
             f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
 
 
-def _render_estimate(est: Any, accum: int, fit: Any) -> None:
+def _render_estimate(est: Any, accum: int, fit: Any, code: int) -> None:
     from microft.ui import fmt_bytes, out, print_kv, print_table
 
     what = _what(est, accum)
@@ -462,20 +467,45 @@ def _render_estimate(est: Any, accum: int, fit: Any) -> None:
                                    for k, v in est.details.items()))] if est.details else []
     info += [("note", n) for n in est.notes]
     print_kv("Where and why", info)
-    if fit is None:
-        return
+    if fit is not None:
+        _render_plan(fit, code)
+
+
+PLAN_LEGEND = ("micro-bs, accum: the largest micro-batch that fits, with the accumulation that keeps the global "
+               "batch; total: peak tensors plus runtime overhead at that micro-batch; step cost: estimated training "
+               "time per token relative to the cheapest plan that fits (1.00×), from the training FLOPs "
+               "(checkpointing's recompute included, fp32 at half the speed of bf16/fp16) plus a fixed cost per "
+               "micro-step; changes: the flags that turn your run into that plan (none: it is your run)")
+
+
+def _render_plan(fit: Any, code: int) -> None:
+    from microft.memory.plan import VERDICTS
+    from microft.ui import fmt_bytes, print_kv, print_table
+
     gbs = f"global batch {fit.global_bs}" if fit.global_bs else "no --global-bs: largest micro-batch"
     prow = [[r.strategy, str(r.micro_bs) if r.fits else "-", str(r.accum) if r.fits else "-",
-             fmt_bytes(r.total_bytes), f"{r.rel_cost:.2f}×" if r.fits else "-", "yes" if r.fits else "no"]
+             fmt_bytes(r.total_bytes), f"{r.rel_cost:.2f}×" if r.fits else "-", "yes" if r.fits else "no",
+             (", ".join(fit.changes(r)) or "none") if r.fits else "-"]
             for r in fit.strategies]
     print_table(f"Plan for {fit.budget.label} ({fmt_bytes(fit.budget.bytes)}, {gbs})",
-                ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits"], prow)
+                ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits", "changes"], prow)
     tree = " → ".join(f"{r.strategy}: {'micro-bs ' + str(r.micro_bs) + ' × accum ' + str(r.accum) if r.fits else 'no'}"
                       for r in fit.tree)
     rec = fit.recommended
-    print_kv("Recommendation", [("decision tree", tree),
-                                ("recommended", f"{rec.strategy}: --micro-bs {rec.micro_bs} --accum {rec.accum}"
-                                 if rec else "nothing fits this budget, not even LoRA at micro-batch 1")])
+    if rec is None:
+        said = "nothing fits this budget, not even LoRA at micro-batch 1"
+    else:
+        changes, kept = fit.changes(rec), fit.kept(rec)
+        resplit = fit.asked and fit.asked != (rec.micro_bs, rec.accum)
+        said = (f"{rec.strategy}: " + (f"change {', '.join(changes)}" if changes else "your run as asked")
+                + (f" (you asked --micro-bs {fit.asked[0]} --accum {fit.asked[1]})" if resplit else "")
+                + (f"; keeps your {', '.join(kept)}" if kept else ""))
+    print_kv("Recommendation", [
+        ("columns", PLAN_LEGEND),
+        ("decision tree", tree + "   (\"your settings\": your precision, optimizer, checkpointing and LoRA, at the "
+                                 "largest micro-batch that fits; then one memory saver added at a time)"),
+        ("recommended", said),
+        ("answer", f"{VERDICTS[code]} (exit code {code})")])
 
 
 def main() -> None:
