@@ -367,7 +367,7 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
             flags["max_seq_len"] = seq_len
         cfg = resolve_config(str(recipe) if recipe else None, **flags)
         if cfg.model:
-            arch = memory.load_arch(cfg.model, cfg.dropout)
+            arch = _planning_arch(cfg.model, cfg.dropout)
         elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
             from microft.demo import demo_model_config, demo_tokenizer
 
@@ -430,6 +430,34 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
             _render_estimate(est, acc, fit, code)
         if code:
             raise typer.Exit(code)
+
+
+def _planning_arch(spec: str, dropout: float | None) -> Any:
+    """The shapes estimate-mem plans with. A hub repo id not in the local cache costs only its config.json
+    (fetched through huggingface_hub, not `microft download`'s weights); where that fails (offline, gated,
+    no network) the one-line error names the preset with the same shapes, when there is one."""
+    from microft.errors import ConfigError, DownloadError
+    from microft.memory import estimate as memory
+    from microft.models.source import config_of, is_repo_id, resolve_model_dir
+    from microft.weights import read_json
+
+    try:
+        resolve_model_dir(spec)
+    except ConfigError:  # a repo id that is not in the local cache
+        from microft.download import ALIASES, fetch_config
+        from microft.models.config import preset_for_repo
+
+        try:
+            path = fetch_config(spec)
+        except DownloadError as e:
+            preset = preset_for_repo(spec)
+            hint = (f"plan with the preset of its shapes: --model {preset}" if preset else
+                    f"run `microft download {spec}`, or pass a copy of its config.json to --model")
+            raise ConfigError(f"{spec} is not in the local Hugging Face cache and its config.json could not be "
+                              f"fetched ({e}); {hint}") from None
+        name = ALIASES.get(spec, spec) if is_repo_id(spec) else spec
+        return memory.arch_from_config(config_of(path.parent, read_json(path, "config.json"), name=name), dropout)
+    return memory.load_arch(spec, dropout)
 
 
 def _what(est: Any, accum: int) -> str:

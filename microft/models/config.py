@@ -9,6 +9,7 @@ memory estimator reads these shapes without building a model.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -416,6 +417,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                             n_head=4, n_kv_head=2, sliding_window=16, tie_embeddings=False, bos_token_id=1,
                             eos_token_id=2),
 }
+
+
+def preset_for_repo(repo_id: str) -> str | None:
+    """The preset with a hub repo's shapes, from its name (`meta-llama/Llama-3.1-8B-Instruct` ->
+    `llama-3.1-8b`, `Qwen/Qwen3-0.6B-Base` -> `qwen3-0.6b`, `mistralai/Mistral-7B-v0.1` -> `mistral-7b`);
+    None when no preset matches. Instruct/base/chat variants share their base model's shapes."""
+    name = repo_id.rsplit("/", 1)[-1].lower()
+    name = re.sub(r"^meta-", "", name)  # Meta-Llama-3.1-8B, the older repo name
+    for suffix in ("-instruct", "-base", "-chat", "-hf", "-v0.1", "-v0.2"):  # Mistral v0.3 has another vocabulary
+        name = name.replace(suffix, "")
+    return name if name in PRESETS and not name.endswith("-tiny") else None
 
 
 # --- LoRA targets ------------------------------------------------------------------------------
