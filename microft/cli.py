@@ -349,17 +349,17 @@ GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24
 def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False, **flags: Any) -> None:
     """Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.
 
-    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and --template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as the global batch. --model takes a preset, checkpoint, HF directory, config.json or cached repo id of any family.
+    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and --template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as the global batch. --model takes a preset, checkpoint, HF directory, config.json or hub repo id of any family (not downloaded: only its config.json is fetched).
 
     The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
 
     Exit codes: 0 the run fits as asked (or no budget given), 4 it does not but the recommended plan does, 3 nothing fits, 2 bad input.
     """
     with user_errors():
-        from microft.config import resolve_batch_plan, resolve_config
+        from microft.config import resolve_config
         from microft.errors import ConfigError
         from microft.memory import estimate as memory
-        from microft.memory.plan import VERDICTS, NothingFits, auto_batch_plan, fit_budget, verdict
+        from microft.memory.plan import VERDICTS, fit_budget, verdict
 
         recipe, seq_len = flags.pop("recipe"), flags.pop("seq_len")
         flags = run_flags(flags)
@@ -390,15 +390,7 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         world, world_shard = memory.scale_out(cfg)
         prec = memory.resolve_precision(cfg.precision, budget)
         base = memory.setup_for(cfg, arch, 1, precision=prec)
-        if cfg.micro_bs == "auto":
-            if budget is None:
-                raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
-            try:
-                bp = auto_batch_plan(cfg, arch, budget, world)
-            except NothingFits:  # an answer, not bad input: micro-batch 1 is estimated and does not fit
-                bp = resolve_batch_plan(1, None if cfg.global_bs else cfg.accum, cfg.global_bs, world)
-        else:
-            bp = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
+        bp = _asked_batch_plan(cfg, arch, budget, world)
         mb, acc = bp.micro_bs, bp.accum
         gbs = cfg.global_bs
         fit = None
@@ -430,6 +422,23 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
             _render_estimate(est, acc, fit, code)
         if code:
             raise typer.Exit(code)
+
+
+def _asked_batch_plan(cfg: Any, arch: Any, budget: Any, world: int) -> Any:
+    """The batch plan estimate-mem estimates: the flags' own, or `--micro-bs auto`'s choice (micro-batch 1
+    when none fits: "does not fit" is an answer, not bad input)."""
+    from microft.config import resolve_batch_plan
+    from microft.errors import ConfigError
+    from microft.memory.plan import NothingFits, auto_batch_plan
+
+    if cfg.micro_bs != "auto":
+        return resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
+    if budget is None:
+        raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
+    try:
+        return auto_batch_plan(cfg, arch, budget, world)
+    except NothingFits:
+        return resolve_batch_plan(1, None if cfg.global_bs else cfg.accum, cfg.global_bs, world)
 
 
 def _planning_arch(spec: str, dropout: float | None) -> Any:
