@@ -84,6 +84,7 @@ class BudgetFit:
                        else [])
 
     def row_dict(self, row: StrategyFit) -> dict[str, Any]:
+        """A row as JSON, with what it changes in the run and keeps of it (None where it does not fit)."""
         return {**row.to_dict(), "changes": self.changes(row) if row.fits else None,
                 "keeps": self.kept(row) if row.fits else None}
 
