@@ -146,3 +146,20 @@ def test_gpt2_files_are_written_once_and_never_over_a_models_own(tmp_path):
     assert write_gpt2_tokenizer(tmp_path) == []
     assert (tmp_path / "tokenizer_config.json").read_text() == "{}"
     shutil.rmtree(tmp_path)
+
+
+def test_gpt2s_files_encode_like_the_vendored_bpe_on_random_text(tmp_path):
+    """The merges derived from the ranks reproduce tiktoken's byte-pair encoding: random strings over words,
+    digits, punctuation, whitespace runs, accented, CJK and emoji characters, and raw byte-level oddities."""
+    import random
+
+    from microft.tokenizer import write_gpt2_tokenizer
+
+    write_gpt2_tokenizer(tmp_path)
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), gpt2_tokenizer()
+    rng = random.Random(0)
+    pieces = ["the", " The", "ing", " tokenization", "'s", "'ll", "n't", " 1", "2024", "3.5", "--", "...", "!?",
+              " ", "  ", "\n", "\t", "\r\n", "é", "ß", "Ω", "中文", "ー", "😀", "👍🏽", "\u200b", "\x00", "~", "@#$%"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), repr(text)
