@@ -525,7 +525,8 @@ def _render_plan(fit: Any, code: int) -> None:
              (", ".join(fit.changes(r)) or "none") if r.fits else "-"]
             for r in fit.strategies]
     print_table(f"Plan for {fit.budget.label} ({fmt_bytes(fit.budget.bytes)}, {gbs})",
-                ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits", "changes"], prow)
+                ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits", "changes"], prow,
+                text=("changes",))
     tree = " → ".join(f"{r.strategy}: {'micro-bs ' + str(r.micro_bs) + ' × accum ' + str(r.accum) if r.fits else 'no'}"
                       for r in fit.tree)
     rec = fit.recommended
