@@ -462,8 +462,8 @@ def _planning_arch(spec: str, dropout: float | None) -> Any:
             preset = preset_for_repo(spec)
             hint = (f"plan with the preset of its shapes: --model {preset}" if preset else
                     f"run `microft download {spec}`, or pass a copy of its config.json to --model")
-            raise ConfigError(f"{spec} is not in the local Hugging Face cache and its config.json could not be "
-                              f"fetched ({e}); {hint}") from None
+            raise ConfigError(f"{spec}: no such directory, not in the local Hugging Face cache, and its config.json "
+                              f"could not be fetched ({e}); {hint}") from None
         name = ALIASES.get(spec, spec) if is_repo_id(spec) else spec
         return memory.arch_from_config(config_of(path.parent, read_json(path, "config.json"), name=name), dropout)
     return memory.load_arch(spec, dropout)
