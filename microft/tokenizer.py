@@ -396,6 +396,9 @@ def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
                               "(download the model's tokenizer.json too)")
     model_type = _read_json(d / "config.json").get("model_type", "gpt2")
     if model_type == "gpt2":
+        if (d / "vocab.json").is_file() and _read_json(d / "vocab.json") != gpt2_vocab():
+            raise ConfigError(f"{d}: vocab.json is not GPT-2's vocabulary, and microft reads any other byte-level "
+                              "BPE only from tokenizer.json (transformers' save_pretrained writes it)")
         return gpt2_tokenizer()
     raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model for this {model_type} model")
 
@@ -428,22 +431,30 @@ def _first_split(token: bytes, ranks: dict[bytes, int], rank: int) -> tuple[byte
     return parts[0], parts[1]
 
 
+_BYTE_SYMBOLS = _byte_symbols()
+
+
+def _symbols(b: bytes) -> str:
+    """A token's bytes as vocab.json and merges.txt spell them."""
+    return "".join(_BYTE_SYMBOLS[x] for x in b)
+
+
+@lru_cache(maxsize=1)
+def gpt2_vocab() -> dict[str, int]:
+    """GPT-2's vocabulary as `vocab.json` spells it (byte-level symbols -> id), from the vendored ranks."""
+    vocab = {_symbols(t): r for t, r in sorted(get_encoding()._mergeable_ranks.items(), key=lambda kv: kv[1])}
+    vocab[EOT] = EOT_TOKEN
+    return vocab
+
+
 @lru_cache(maxsize=1)
 def gpt2_vocab_files() -> tuple[str, str]:
     """GPT-2's `vocab.json` and `merges.txt` texts, derived from the vendored ranks (what transformers'
     GPT2Tokenizer reads; the ids and merge order are the ranks, so both encode text alike)."""
-    enc = get_encoding()
-    ranks = enc._mergeable_ranks
-    sym = _byte_symbols()
-
-    def text(b: bytes) -> str:
-        return "".join(sym[x] for x in b)
-
-    vocab = {text(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])}
-    vocab[EOT] = EOT_TOKEN
-    merges = [" ".join(map(text, _first_split(t, ranks, r)))
+    ranks = get_encoding()._mergeable_ranks
+    merges = [" ".join(map(_symbols, _first_split(t, ranks, r)))
               for t, r in sorted(ranks.items(), key=lambda kv: kv[1]) if len(t) > 1]
-    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
+    return json.dumps(gpt2_vocab(), ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
 
 
 def write_gpt2_tokenizer(directory: str | Path, model_max_length: int | None = None) -> list[str]:

@@ -163,3 +163,20 @@ def test_gpt2s_files_encode_like_the_vendored_bpe_on_random_text(tmp_path):
     for _ in range(300):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
         assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), repr(text)
+
+
+def test_a_gpt2_directory_with_another_vocab_json_is_refused_not_read_as_gpt2s(tmp_path):
+    """vocab.json + merges.txt of another vocabulary (no tokenizer.json) used to train with GPT-2's ids without
+    a word, and its export would now carry the other vocabulary: refused in one line instead."""
+    from microft.errors import ConfigError
+    from microft.tokenizer import write_gpt2_tokenizer
+
+    transformers.GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    write_gpt2_tokenizer(tmp_path)
+    assert load_tokenizer(tmp_path) is gpt2_tokenizer()  # GPT-2's own files: read as GPT-2's
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    vocab["Ġthe"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġthe"]
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ConfigError, match="vocab.json is not GPT-2's vocabulary") as e:
+        load_tokenizer(tmp_path)
+    assert "\n" not in str(e.value)
