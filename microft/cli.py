@@ -325,22 +325,23 @@ def export(
         if format == "hf" and (quant is not None or template is not None):
             raise ConfigError("--quant and --template are for --format gguf")
         from microft.lora import lora_modules, merge_lora
-        from microft.runs import copy_tokenizer_files, load_any
+        from microft.models.hf import export_hf
+        from microft.runs import load_any, write_tokenizer_files
         from microft.train.outdir import check_written_dir, writing
 
         check_written_dir(out, force)
         if format == "gguf":
             _export_gguf(model, out, quant, template, force)
             return
-        from microft.models.hf import export_hf
 
         net = load_any(model)
         if lora_modules(net):
             merge_lora(net)
         with writing(out):
             path = export_hf(net, out, overwrite=force)
-            copy_tokenizer_files(model, path)
+            missing = write_tokenizer_files(model, path, net.config)
         print(f"exported {model} -> {path} (transformers, model_type {net.config.model_type})")
+        _no_tokenizer_note(path, missing)
 
 
 def _export_gguf(model: str, out: str, quant: str | None, template: str | None, force: bool) -> None:
@@ -398,7 +399,7 @@ def merge(
         from microft.errors import ConfigError
         from microft.lora import is_adapter_dir, load_adapter, merge_lora
         from microft.models.load import load_model, save_model
-        from microft.runs import copy_tokenizer_files, load_any
+        from microft.runs import copy_tokenizer_files, load_any, write_tokenizer_files
         from microft.train.outdir import check_written_dir, writing
 
         if not is_adapter_dir(model):
@@ -410,7 +411,16 @@ def merge(
             save_model(out, net)
             if not copy_tokenizer_files(model, out) and base:
                 copy_tokenizer_files(base, out)
+            missing = write_tokenizer_files(base or model, out, net.config)
         print(f"merged {model} -> {out}")
+        _no_tokenizer_note(out, missing)
+
+
+def _no_tokenizer_note(path: Any, why: str | None) -> None:
+    """The one line saying a written model directory has no tokenizer (the weights are still usable)."""
+    if why:
+        sys.stderr.write(f"note: {path} has no tokenizer files ({why}); copy the base model's tokenizer files "
+                         "into it before loading it with transformers\n")
 
 
 @app.command()
@@ -457,17 +467,17 @@ GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24
 def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False, **flags: Any) -> None:
     """Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.
 
-    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and --template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as the global batch. --model takes a preset, checkpoint, HF directory, config.json or cached repo id of any family.
+    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and --template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as the global batch. --model takes a preset, checkpoint, HF directory, config.json or hub repo id of any family (not downloaded: only its config.json is fetched).
 
     The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
 
-    Exit codes: 0 fits (or no budget given), 3 does not fit the budget, 2 bad input.
+    Exit codes: 0 the run fits as asked (or no budget given), 4 it does not but the recommended plan does, 3 nothing fits, 2 bad input.
     """
     with user_errors():
-        from microft.config import resolve_batch_plan, resolve_config
+        from microft.config import resolve_config
         from microft.errors import ConfigError
         from microft.memory import estimate as memory
-        from microft.memory.plan import auto_batch_plan, fit_budget
+        from microft.memory.plan import VERDICTS, fit_budget, verdict
 
         recipe, seq_len = flags.pop("recipe"), flags.pop("seq_len")
         flags = run_flags(flags)
@@ -479,7 +489,7 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
             typed = str(e).replace("--max-seq-len", "--seq-len") if seq_len is not None else str(e)
             raise ConfigError(typed) from None
         if cfg.model:
-            arch = memory.load_shape(cfg.model, cfg.dropout)
+            arch = _planning_arch(cfg.model, cfg.dropout)
         elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
             from microft.demo import demo_model_config, demo_tokenizer
 
@@ -502,19 +512,14 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         world, world_shard = memory.scale_out(cfg)
         prec = memory.resolve_precision(cfg.precision, budget)
         base = memory.setup_for(cfg, arch, 1, precision=prec)
+        bp = _asked_batch_plan(cfg, arch, budget, world)
+        mb, acc = bp.micro_bs, bp.accum
         gbs = cfg.global_bs
         fit = None
         if budget is not None:
             if gbs is None and isinstance(cfg.micro_bs, int):  # the batch asked about is the one to keep
                 gbs = cfg.micro_bs * (cfg.accum or 1) * world
-            fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1)
-        if cfg.micro_bs == "auto":
-            if budget is None:
-                raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
-            bp = auto_batch_plan(cfg, arch, budget, world)
-        else:
-            bp = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
-        mb, acc = bp.micro_bs, bp.accum
+            fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc))
         from dataclasses import replace
 
         setup = replace(base, micro_bs=mb, accum=min(acc, 2))
@@ -528,15 +533,62 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
                                 "data's real lengths, --seq-len sets one")
         if cfg.compile:
             est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save less)")
+        code = verdict(est.fits, fit)
         if json_out:
             import json
 
             print(json.dumps({"estimated": _what(est, acc), **est.to_dict(), "accum": acc,
-                              "plan": fit.to_dict() if fit else None}, indent=2))
+                              "plan": fit.to_dict() if fit else None, "exit_code": code,
+                              "verdict": VERDICTS[code] if budget is not None else None}, indent=2))
         else:
-            _render_estimate(est, acc, fit)
-        if est.fits is False:
-            raise typer.Exit(3)
+            _render_estimate(est, acc, fit, code)
+        if code:
+            raise typer.Exit(code)
+
+
+def _asked_batch_plan(cfg: Any, arch: Any, budget: Any, world: int) -> Any:
+    """The batch plan estimate-mem estimates: the flags' own, or `--micro-bs auto`'s choice (micro-batch 1
+    when none fits: "does not fit" is an answer, not bad input)."""
+    from microft.config import resolve_batch_plan
+    from microft.errors import ConfigError
+    from microft.memory.plan import NothingFits, auto_batch_plan
+
+    if cfg.micro_bs != "auto":
+        return resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
+    if budget is None:
+        raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
+    try:
+        return auto_batch_plan(cfg, arch, budget, world)
+    except NothingFits:
+        return resolve_batch_plan(1, None if cfg.global_bs else cfg.accum, cfg.global_bs, world)
+
+
+def _planning_arch(spec: str, dropout: float | None) -> Any:
+    """The shapes estimate-mem plans with. A hub repo id not in the local cache costs only its config.json
+    (fetched through huggingface_hub, not `microft download`'s weights); where that fails (offline, gated,
+    no network) the one-line error names the preset with the same shapes, when there is one."""
+    from microft.errors import ConfigError, DownloadError
+    from microft.memory import estimate as memory
+    from microft.models.source import config_of, is_repo_id, resolve_model_dir
+    from microft.weights import read_json
+
+    try:
+        resolve_model_dir(spec)
+    except ConfigError:  # a repo id that is not in the local cache
+        from microft.download import ALIASES, fetch_config
+        from microft.models.config import preset_for_repo
+
+        try:
+            path = fetch_config(spec)
+        except DownloadError as e:
+            preset = preset_for_repo(spec)
+            hint = (f"plan with the preset of its shapes: --model {preset}" if preset else
+                    f"run `microft download {spec}`, or pass a copy of its config.json to --model")
+            raise ConfigError(f"{spec}: no such directory, not in the local Hugging Face cache, and its config.json "
+                              f"could not be fetched ({e}); {hint}") from None
+        name = ALIASES.get(spec, spec) if is_repo_id(spec) else spec
+        return memory.with_dropout(config_of(path.parent, read_json(path, "config.json"), name=name), dropout)
+    return memory.load_shape(spec, dropout)
 
 
 def _what(est: Any, accum: int) -> str:
@@ -548,7 +600,7 @@ def _what(est: Any, accum: int) -> str:
             f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
 
 
-def _render_estimate(est: Any, accum: int, fit: Any) -> None:
+def _render_estimate(est: Any, accum: int, fit: Any, code: int) -> None:
     from microft.ui import fmt_bytes, out, print_kv, print_table
 
     what = _what(est, accum)
@@ -574,20 +626,46 @@ def _render_estimate(est: Any, accum: int, fit: Any) -> None:
                                    for k, v in est.details.items()))] if est.details else []
     info += [("note", n) for n in est.notes]
     print_kv("Where and why", info)
-    if fit is None:
-        return
+    if fit is not None:
+        _render_plan(fit, code)
+
+
+PLAN_LEGEND = ("micro-bs, accum: the largest micro-batch that fits, with the accumulation that keeps the global "
+               "batch; total: peak tensors plus runtime overhead at that micro-batch; step cost: estimated training "
+               "time per token relative to the cheapest plan that fits (1.00×), from the training FLOPs "
+               "(checkpointing's recompute included, fp32 at half the speed of bf16/fp16) plus a fixed cost per "
+               "micro-step; changes: the flags that turn your run into that plan (none: it is your run)")
+
+
+def _render_plan(fit: Any, code: int) -> None:
+    from microft.memory.plan import VERDICTS
+    from microft.ui import fmt_bytes, print_kv, print_table
+
     gbs = f"global batch {fit.global_bs}" if fit.global_bs else "no --global-bs: largest micro-batch"
     prow = [[r.strategy, str(r.micro_bs) if r.fits else "-", str(r.accum) if r.fits else "-",
-             fmt_bytes(r.total_bytes), f"{r.rel_cost:.2f}×" if r.fits else "-", "yes" if r.fits else "no"]
+             fmt_bytes(r.total_bytes), f"{r.rel_cost:.2f}×" if r.fits else "-", "yes" if r.fits else "no",
+             (", ".join(fit.changes(r)) or "none") if r.fits else "-"]
             for r in fit.strategies]
     print_table(f"Plan for {fit.budget.label} ({fmt_bytes(fit.budget.bytes)}, {gbs})",
-                ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits"], prow)
+                ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits", "changes"], prow,
+                text=("changes",))
     tree = " → ".join(f"{r.strategy}: {'micro-bs ' + str(r.micro_bs) + ' × accum ' + str(r.accum) if r.fits else 'no'}"
                       for r in fit.tree)
     rec = fit.recommended
-    print_kv("Recommendation", [("decision tree", tree),
-                                ("recommended", f"{rec.strategy}: --micro-bs {rec.micro_bs} --accum {rec.accum}"
-                                 if rec else "nothing fits this budget, not even LoRA at micro-batch 1")])
+    if rec is None:
+        said = "nothing fits this budget, not even LoRA at micro-batch 1"
+    else:
+        changes, kept = fit.changes(rec), fit.kept(rec)
+        resplit = fit.asked and fit.asked != (rec.micro_bs, rec.accum)
+        said = (f"{rec.strategy}: " + (f"change {', '.join(changes)}" if changes else "your run as asked")
+                + (f" (you asked --micro-bs {fit.asked[0]} --accum {fit.asked[1]})" if resplit else "")
+                + (f"; keeps your {', '.join(kept)}" if kept else ""))
+    print_kv("Recommendation", [
+        ("columns", PLAN_LEGEND),
+        ("decision tree", tree + "   (\"your settings\": your precision, optimizer, checkpointing and LoRA, at the "
+                                 "largest micro-batch that fits; then one memory saver added at a time)"),
+        ("recommended", said),
+        ("answer", f"{VERDICTS[code]} (exit code {code})")])
 
 
 def exit_interrupted(code: int = 130) -> None:

@@ -269,12 +269,36 @@ def demo_model_config(vocab_size: int) -> ModelConfig:
     return ModelConfig(name="demo", vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **DEMO_MODEL)
 
 
-def next_steps(final_dir: str, template: str = "plain") -> list[str]:
+# the task whose answer shows most at a glance comes first when the model got several right
+SHOWCASE_ORDER = ("reverse", "sort", "passive", "upper", "largest", "count")
+
+
+def pick_example(records: Sequence[Record], predictions: Sequence[str]) -> tuple[Record | None, int]:
+    """(a held-out record the model answered exactly right, how many it answered right); the record is
+    None when it got none right. Reverse-the-words first (the answer is easy to check by eye)."""
+    right = [r for r, p in zip(records, predictions, strict=True) if normalize(p) == normalize(r.response)]
+    order = {t: i for i, t in enumerate(SHOWCASE_ORDER)}
+    best = min(right, key=lambda r: order.get(task_of(r.source), len(order)), default=None)
+    return best, len(right)
+
+
+def next_steps(final_dir: str, template: str, example: Record | None, n_right: int, n_items: int) -> list[str]:
     """What the demo prints last: how to talk to the model it trained (in the prompt `template` it trained
-    with), then how to train a real one."""
+    with) on a held-out `example` it answered right (`n_right` of `n_items`; with none right it says so
+    instead of suggesting a command that answers wrongly), then how to train a real one."""
+    import shlex
+
+    if example is not None:
+        cmd = (f"microft generate --model {shlex.quote(final_dir)} --template {shlex.quote(template)} "
+               f"--temperature 0 --prompt {shlex.quote(example.instruction)}"
+               + (f" --input {shlex.quote(example.input)}" if example.input else ""))
+        first = (f"try it: {cmd}   (a held-out item it answered right: {example.response!r}; "
+                 f"{n_right} of {n_items} right)")
+    else:
+        first = (f"it answered none of the {n_items} held-out items right, so there is no answer to show yet: "
+                 "train longer (--max-steps) or try another --seed")
     return [
-        f"try it: microft generate --model {final_dir} --template {template} --temperature 0 "
-        "--prompt 'Reverse the order of these words.' --input 'lemon tiger river'",
+        first,
         "your data: microft download gpt2, then microft finetune --model openai-community/gpt2 --data my.jsonl "
         "--lora --out runs/mine   (Alpaca or chat JSONL; see README)",
         "a recipe: microft finetune --recipe recipes/gpt2-medium-lora.toml   (each recipe starts with its command)",

@@ -70,6 +70,37 @@ class Snapshot:
         return {**asdict(self), "path": str(self.path)}
 
 
+def config_cache_dir() -> Path:
+    """Where `fetch_config` keeps the config.json files it fetched: microft's own cache
+    ($MICROFT_CACHE, else ~/.cache/microft), never the shared Hugging Face cache, where a snapshot
+    holding config.json reads as a finished download."""
+    root = os.environ.get("MICROFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "microft")
+    return Path(root) / "hub-configs"
+
+
+def fetch_config(spec: str, revision: str = "main", endpoint: str | None = None, token: str | None = None) -> Path:
+    """A hub repo's `config.json` alone, through huggingface_hub (what planning needs: a few KB, not the
+    weights); returns its path. Fetched once, then found offline; with HF_HUB_OFFLINE set only the copy
+    fetched before is used. Failures are one-line DownloadErrors."""
+    repo_id = ALIASES.get(spec, spec)
+    base = resolve_endpoint(endpoint)
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+    with _hub_errors(repo_id, base, revision, token):
+        from huggingface_hub import HfApi, hf_hub_download
+        from huggingface_hub import errors as hf
+
+        if not offline:  # one API call first: it fails at once offline, where the file request retries for ~20 s
+            HfApi(endpoint=base).model_info(repo_id, revision=revision, token=token)
+        try:
+            path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=config_cache_dir(),
+                                   endpoint=base, token=token, local_files_only=offline, etag_timeout=TIMEOUT_S)
+        except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+            if offline:
+                raise DownloadError("HF_HUB_OFFLINE is set and its config.json was never fetched") from None
+            raise
+    return Path(path)
+
+
 def resolve_endpoint(endpoint: str | None = None) -> str:
     """`endpoint`, else $HF_ENDPOINT, else the Hub; without a trailing slash."""
     return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
@@ -346,7 +377,9 @@ def _hub_errors(repo_id: str, endpoint: str, revision: str, token: str | None) -
         raise DownloadError(f"{repo_id}: no such model repository on {endpoint}{extra}") from None
     except hf.RevisionNotFoundError:
         raise DownloadError(f"{repo_id}: no revision {revision!r} on {endpoint}") from None
-    except hf.EntryNotFoundError as e:
+    except hf.LocalEntryNotFoundError as e:  # huggingface_hub's wrapper for a failed metadata request
+        raise DownloadError(f"cannot reach {endpoint}: {one_line(e.__cause__ or e)}; {OFFLINE_HINT}") from None
+    except hf.EntryNotFoundError as e:  # (after its subclass LocalEntryNotFoundError)
         raise DownloadError(f"{repo_id}: a listed file is missing on {endpoint} ({one_line(e)})") from None
     except hf.OfflineModeIsEnabled:
         raise DownloadError("HF_HUB_OFFLINE is set: unset it to download") from None
@@ -355,8 +388,6 @@ def _hub_errors(repo_id: str, endpoint: str, revision: str, token: str | None) -
         if code in (401, 403):
             raise DownloadError(access) from None
         raise DownloadError(f"{endpoint}: HTTP {code} for {repo_id} ({one_line(e)})") from None
-    except hf.LocalEntryNotFoundError as e:  # huggingface_hub's wrapper for a failed metadata request
-        raise DownloadError(f"cannot reach {endpoint}: {one_line(e.__cause__ or e)}; {OFFLINE_HINT}") from None
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DownloadError(f"disk full: {e.strerror} ({e.filename or 'the cache'})") from None

@@ -134,7 +134,9 @@ def seed_init(seed: int) -> None:
 
 # what a saved model directory carries beside its weights so `generate` and transformers find the tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json")
+                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+# any one of these is a tokenizer transformers can build (tokenizer_config.json alone is not)
+TOKENIZER_MODELS = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def model_dir(spec: str | None) -> Path | None:
@@ -203,6 +205,27 @@ def copy_tokenizer_files(spec: str | None, directory: str | Path) -> list[str]:
     return copied
 
 
+def write_tokenizer_files(spec: str | None, directory: str | Path, model_cfg: Any) -> str | None:
+    """Give a saved model directory the tokenizer of `spec` in files transformers reads: the source's own
+    files copied, or, where it has none (a GPT-2 preset, a checkpoint saved before microft wrote them),
+    GPT-2's vendored BPE as vocab.json + merges.txt. Returns None, or why the directory has no tokenizer
+    (a preset of another family, a source without files) for the caller to say."""
+    d = Path(directory)
+    copy_tokenizer_files(spec, d)
+    if any((d / f).is_file() for f in TOKENIZER_MODELS):
+        return None
+    from microft.tokenizer import gpt2_tokenizer, write_gpt2_tokenizer
+
+    try:
+        tok = tokenizer_for(spec, model_cfg)
+    except ConfigError as e:
+        return str(e)
+    if tok is not gpt2_tokenizer():
+        return f"{spec}: its tokenizer has no files to copy"
+    write_gpt2_tokenizer(d, model_cfg.n_positions)
+    return None
+
+
 def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
     if cfg.max_seq_len is None:
         return n_positions
@@ -233,7 +256,7 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         plan = batch_plan(cfg, dist.world_size, model.config, emit, len(train_idx))
         return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
                      emit, dist=dist, memory=memory_hooks(cfg, model.config),
-                     save_extra=lambda d: copy_tokenizer_files(cfg.model, d),
+                     save_extra=lambda d: write_tokenizer_files(cfg.model or "gpt2-tiny", d, model.config),
                      banner_extra=batch_banner(cfg, plan))
 
 
@@ -346,7 +369,8 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             from microft.demo import write_demo_tokenizer
 
             write_demo_tokenizer(d)
-        copy_tokenizer_files(cfg.model, d)
+        else:
+            write_tokenizer_files(cfg.model or "gpt2-tiny", d, model.config)
         if cfg.lora:
             from microft.lora import write_adapter_files
 
@@ -367,7 +391,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             return [{"kind": "sample", "step": step, "prompt": s["prompt"], "output": o}
                     for s, o in zip(sample_prompts, outs, strict=True)]
 
-        def accuracy(tag: str) -> float:
+        def accuracy(tag: str) -> tuple[float, list[str]]:
             from microft.demo import exact_match
 
             model.to(device)
@@ -375,7 +399,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             acc = exact_match(preds, [s["response"] for s in data.eval_samples])
             emit({"kind": "note", "text": f"demo held-out exact match {tag}: {100 * acc:.1f}% "
                                           f"({len(data.eval_samples)} items)"})
-            return acc
+            return acc, preds
 
         banner = {"data_stats": stats_line}
         if demo:
@@ -388,7 +412,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             banner["demo"] = (f"built-in demo: {what} learns six small instruction tasks with checkable answers "
                               "(count words, largest number, reverse words, sort numbers, passive voice, "
                               "upper-casing); held-out exact match is scored before and after training")
-        acc_before = accuracy("before training") if demo and talk and not cfg.resume else None
+        acc_before = accuracy("before training")[0] if demo and talk and not cfg.resume else None
         plan = batch_plan(cfg, dist.world_size, model.config, emit, len(data.train))
         banner.update(batch_banner(cfg, plan))
         summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
@@ -396,7 +420,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                         memory=memory_hooks(cfg, model.config))
         if demo and talk:
             summary["demo_accuracy_before"] = acc_before
-            summary["demo_accuracy_after"] = accuracy("after training")
+            summary["demo_accuracy_after"], demo_preds = accuracy("after training")
         if cfg.predict and data.eval_samples and talk:
             preds = respond_all(model, data.template, data.eval_samples, 128, tok)
             path = f"{cfg.out}/predictions.jsonl"
@@ -405,15 +429,23 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             emit({"kind": "note", "text": f"wrote {len(preds)} predictions to {path}"})
             summary["predictions"] = path
         if demo and talk:  # what to do next comes last
-            from microft.demo import next_steps
-            from microft.templates import Template
-
-            used = (cfg.template if cfg.template not in (None, "auto")  # as given (a file's path too)
-                    else data.template.name if isinstance(data.template, Template) else "chat")
-            summary["next_steps"] = next_steps(summary["final_dir"], used)
+            summary["next_steps"] = demo_next_steps(cfg, data, records.parts.val, demo_preds, summary["final_dir"])
             for line in summary["next_steps"]:
                 emit({"kind": "note", "text": line})
     return summary
+
+
+def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[str], final_dir: str) -> list[str]:
+    """The demo's closing lines: a `generate` command for a held-out item the model answered right (in the
+    template it trained with), how many it got right, and where to go next."""
+    from microft.demo import next_steps, pick_example
+    from microft.templates import Template
+
+    used = (cfg.template if cfg.template not in (None, "auto")  # as given (a file's path too)
+            else data.template.name if isinstance(data.template, Template) else "chat")
+    by_source = {r.source: r for r in heldout}
+    example, n_right = pick_example([by_source[s["source"]] for s in data.eval_samples], predictions)
+    return next_steps(final_dir, used, example, n_right, len(predictions))
 
 
 def one_thread_demo(cfg: RunConfig) -> None:

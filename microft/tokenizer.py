@@ -396,8 +396,83 @@ def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
                               "(download the model's tokenizer.json too)")
     model_type = _read_json(d / "config.json").get("model_type", "gpt2")
     if model_type == "gpt2":
+        if (d / "vocab.json").is_file() and _read_json(d / "vocab.json") != gpt2_vocab():
+            raise ConfigError(f"{d}: vocab.json is not GPT-2's vocabulary, and microft reads any other byte-level "
+                              "BPE only from tokenizer.json (transformers' save_pretrained writes it)")
         return gpt2_tokenizer()
     raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model for this {model_type} model")
+
+
+# --------------------------------------------------------------------------- GPT-2's files for other tools
+
+GPT2_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def _byte_symbols() -> list[str]:
+    """The printable character byte-level BPE files write for each byte (GPT-2's convention): printable
+    Latin-1 bytes stand for themselves, the other 68 bytes for the code points from 256 on, in byte order."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
+
+
+def _first_split(token: bytes, ranks: dict[bytes, int], rank: int) -> tuple[bytes, bytes]:
+    """The last merge that builds `token`: byte-pair encoding of its bytes with the merges ranked below
+    its own stops at two parts, and they are the pair a merges file lists for it."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best = min(((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))))
+        if best[0] >= rank:
+            break
+        i = best[1]
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    if len(parts) != 2:
+        raise RuntimeError(f"GPT-2 token {token!r} (rank {rank}) is not one merge of two lower-ranked tokens")
+    return parts[0], parts[1]
+
+
+_BYTE_SYMBOLS = _byte_symbols()
+
+
+def _symbols(b: bytes) -> str:
+    """A token's bytes as vocab.json and merges.txt spell them."""
+    return "".join(_BYTE_SYMBOLS[x] for x in b)
+
+
+@lru_cache(maxsize=1)
+def gpt2_vocab() -> dict[str, int]:
+    """GPT-2's vocabulary as `vocab.json` spells it (byte-level symbols -> id), from the vendored ranks."""
+    vocab = {_symbols(t): r for t, r in sorted(get_encoding()._mergeable_ranks.items(), key=lambda kv: kv[1])}
+    vocab[EOT] = EOT_TOKEN
+    return vocab
+
+
+@lru_cache(maxsize=1)
+def gpt2_vocab_files() -> tuple[str, str]:
+    """GPT-2's `vocab.json` and `merges.txt` texts, derived from the vendored ranks (what transformers'
+    GPT2Tokenizer reads; the ids and merge order are the ranks, so both encode text alike)."""
+    ranks = get_encoding()._mergeable_ranks
+    merges = [" ".join(map(_symbols, _first_split(t, ranks, r)))
+              for t, r in sorted(ranks.items(), key=lambda kv: kv[1]) if len(t) > 1]
+    return json.dumps(gpt2_vocab(), ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
+def write_gpt2_tokenizer(directory: str | Path, model_max_length: int | None = None) -> list[str]:
+    """Write GPT-2's tokenizer as transformers reads it (`vocab.json`, `merges.txt` and a
+    `tokenizer_config.json` naming GPT2Tokenizer and <|endoftext|> as bos/eos/unk) into `directory`,
+    so `AutoTokenizer.from_pretrained(directory)` encodes as microft does. Files already there are kept.
+    Returns the names written."""
+    d = Path(directory)
+    vocab, merges = gpt2_vocab_files()
+    config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+              "add_prefix_space": False, "add_bos_token": False, "model_max_length": model_max_length or 1024}
+    texts = dict(zip(GPT2_FILES, (vocab, merges, json.dumps(config, indent=2) + "\n"), strict=True))
+    written = []
+    for name, body in texts.items():
+        if not (d / name).exists():
+            (d / name).write_text(body, encoding="utf-8")
+            written.append(name)
+    return written
 
 
 # --------------------------------------------------------------------------- streaming decode

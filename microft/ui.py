@@ -209,8 +209,10 @@ def print_kv(title: str, rows: list[tuple[str, str]], plain: bool | None = None)
         out.print(kv_table(title, rows))
 
 
-def print_table(title: str, columns: list[str], rows: list[list[str]], plain: bool | None = None) -> None:
-    """A table on a terminal; tab-separated lines otherwise."""
+def print_table(title: str, columns: list[str], rows: list[list[str]], plain: bool | None = None,
+                text: tuple[str, ...] = ()) -> None:
+    """A table on a terminal; tab-separated lines otherwise. The first column and those named in `text` are
+    left-aligned, numbers right-aligned."""
     if plain if plain is not None else not out.is_terminal:
         print("\t".join(columns))
         for r in rows:
@@ -218,7 +220,7 @@ def print_table(title: str, columns: list[str], rows: list[list[str]], plain: bo
         return
     t = Table(title=title, title_justify="left")
     for c in columns:
-        t.add_column(c, justify="right" if c not in (columns[0],) else "left")
+        t.add_column(c, justify="right" if c not in (columns[0], *text) else "left")
     for r in rows:
         t.add_row(*r)
     out.print(t)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 import pytest
 
@@ -23,6 +24,7 @@ from microft.demo import (
     exact_match_by_task,
     is_heldout,
     next_steps,
+    pick_example,
     task_of,
     write_demo_tokenizer,
 )
@@ -154,11 +156,25 @@ def test_demo_run_settings_are_a_valid_config():
     assert (mc.bos_token_id, mc.eos_token_id, mc.vocab_size) == (0, 0, TOK.get_vocab_size())
 
 
-def test_next_steps_name_the_run():
-    lines = next_steps("runs/demo-x/final")
-    assert "runs/demo-x/final" in lines[0] and any("--data" in line for line in lines)
-    assert "--template plain " in lines[0]  # the demo's own template
-    assert "--template alpaca " in next_steps("runs/x/final", "alpaca")[0]  # the demo on --model gpt2-tiny
+def test_next_steps_name_the_run_and_an_item_it_got_right_or_say_it_got_none():
+    held = demo_heldout(12, seed=0)
+    preds = ["wrong"] * 12
+    assert pick_example(held, preds) == (None, 0)
+    none = next_steps("runs/demo-x/final", "plain", None, 0, 12)
+    assert "none of the 12 held-out items right" in none[0] and "generate" not in none[0]
+    assert any("--data" in line for line in none)
+    preds[0] = held[0].output  # a count item
+    rev = next(i for i, r in enumerate(held) if task_of(r.source) == "reverse")
+    preds[rev] = "  " + held[rev].output  # whitespace does not count, as in the score
+    example, n = pick_example(held, preds)
+    assert n == 2 and example is held[rev]  # reverse-the-words first: its answer is checked at a glance
+    lines = next_steps("runs/demo x/final", "plain", example, n, 12)
+    args = shlex.split(lines[0].removeprefix("try it: ").split("   (")[0])
+    assert args[:4] == ["microft", "generate", "--model", "runs/demo x/final"]
+    assert args[args.index("--template") + 1] == "plain"  # the demo's own template
+    assert args[args.index("--prompt") + 1] == example.instruction and args[args.index("--input") + 1] == example.input
+    assert "2 of 12 right" in lines[0] and repr(example.output) in lines[0]
+    assert "--template alpaca " in next_steps("runs/x/final", "alpaca", example, n, 12)[0]  # --model gpt2-tiny
 
 
 # A shortened demo (the same model, tokenizer and settings; fewer steps and items), run once for the
@@ -197,6 +213,8 @@ def test_short_demo_learns_well_above_chance(short_demo):
     assert any("exact match after training" in n for n in notes)
     assert notes[-len(summary["next_steps"]):] == summary["next_steps"]  # what to do next comes last
     assert str(out / "final") in summary["next_steps"][0] and "--template plain " in summary["next_steps"][0]
+    n_right = round(summary["demo_accuracy_after"] * SHORT_HELDOUT)
+    assert f"{n_right} of {SHORT_HELDOUT} right" in summary["next_steps"][0]
     banner = next(e for e in events if e["kind"] == "banner")
     assert "own 1088-token tokenizer" in json.dumps(banner)
 
@@ -216,6 +234,13 @@ def test_final_dir_generates_through_the_cli(short_demo):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     held = demo_heldout(SHORT_HELDOUT, seed=0)
     assert [r["reference"] for r in rows] == [r.output for r in held]
+    # the command the demo suggests answers what it promises: a held-out item's right answer
+    line = summary["next_steps"][0]
+    args = shlex.split(line.removeprefix("try it: ").split("   (")[0])
+    res = CliRunner().invoke(app, [*args[1:], "--max-new-tokens", "32", "--json"])
+    assert res.exit_code == 0, res.output
+    answer = json.loads(res.output)["completion"]
+    assert repr(answer.strip()) in line and answer.strip() in {r.output for r in held}
     for rec, row in list(zip(held, rows, strict=True))[:4]:
         res = CliRunner().invoke(app, ["generate", "--model", str(final), "--template", "plain", "--temperature", "0",
                                        "--prompt", rec.instruction, "--input", rec.input, "--max-new-tokens", "128",

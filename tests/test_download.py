@@ -282,3 +282,64 @@ def test_ids_the_hub_refuses_and_an_endpoint_that_is_not_a_hub_are_one_line(hub)
                 download(REPO, endpoint=f"http://127.0.0.1:{server.server_address[1]}")
         finally:
             server.shutdown()
+
+
+# --------------------------------------------------------------------------- estimate-mem without a download
+
+
+def test_estimate_mem_of_an_uncached_repo_fetches_only_its_config(hub, tiny_files, tmp_path, monkeypatch):
+    """Planning costs config.json, not the weights; it is kept in microft's own cache (a snapshot with
+    config.json in the shared cache would read as a finished `microft download`), and found again offline."""
+    from microft.cli import app
+
+    monkeypatch.setenv("MICROFT_CACHE", str(tmp_path / "microft"))
+    args = ["estimate-mem", "--model", REPO, "--micro-bs", "2", "--seq-len", "32", "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["estimated"].startswith(f"{REPO}: micro-bs 2 × seq 32")
+    config = json.loads(tiny_files["config.json"])
+    assert d["details"]["parameters"] == config["vocab_size"] * 32 + 32 * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32
+    fetched = {p.rsplit("/", 1)[-1] for m, p, _ in hub.requests if "/resolve/" in p}
+    assert fetched == {"config.json"} and not any(p.startswith("/cdn/") for _, p, _ in hub.requests)
+    with pytest.raises(ConfigError, match="microft download"):  # the shared cache still lacks the model
+        resolve_model_dir(REPO)
+    assert list((tmp_path / "microft" / "hub-configs").rglob("config.json"))
+    hub.requests.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # planned again offline: the copy fetched before
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["peak_bytes"] == d["peak_bytes"] and not hub.requests
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_estimate_mem_names_the_preset_when_the_config_cannot_be_fetched(hub, tmp_path, monkeypatch, offline):
+    """Offline, or a repo that refuses (gated here): one line that names the preset of the same shapes."""
+    from microft.cli import app
+
+    monkeypatch.setenv("MICROFT_CACHE", str(tmp_path / "microft"))
+    hub.repos["meta-llama/Llama-3.1-8B"] = Repo({"config.json": b"{}"}, token="hf_secret")
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = CliRunner().invoke(app, ["estimate-mem", "--model", "meta-llama/Llama-3.1-8B"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
+    assert r.output.rstrip().endswith("plan with the preset of its shapes: --model llama-3.1-8b"), r.output
+    assert ("HF_HUB_OFFLINE is set" in r.output) == offline and ("gated" in r.output) != offline
+    assert not hub.requests if offline else all("config.json" in p or "/api/" in p for _, p, _ in hub.requests)
+    r = CliRunner().invoke(app, ["estimate-mem", "--model", "tiny-org/no-preset-like-it"])
+    assert r.exit_code == 2 and "run `microft download tiny-org/no-preset-like-it`" in r.output, r.output
+
+
+@pytest.mark.parametrize("repo, preset", [
+    ("meta-llama/Llama-3.1-8B", "llama-3.1-8b"), ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b"),
+    ("meta-llama/Meta-Llama-3.1-8B", "llama-3.1-8b"), ("meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-1b"),
+    ("Qwen/Qwen3-0.6B-Base", "qwen3-0.6b"), ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+    ("HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2-360m"), ("mistralai/Mistral-7B-Instruct-v0.2", "mistral-7b"),
+    ("openai-community/gpt2-medium", "gpt2-medium"),
+    ("mistralai/Mistral-7B-Instruct-v0.3", None),  # another vocabulary than the preset's
+    ("meta-llama/Meta-Llama-3-8B", None), ("someone/gpt2-tiny", None), ("someone/my-model", None),
+])
+def test_preset_for_repo(repo, preset):
+    from microft.models.config import preset_for_repo
+
+    assert preset_for_repo(repo) == preset

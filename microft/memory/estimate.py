@@ -33,7 +33,6 @@ from microft.models.source import read_model_config
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
 FRAGMENTATION = 0.08  # reserved-but-unused share the caching allocator typically adds in training
-LORA_PLAN_RANK = 16
 
 # name -> (total MiB as the driver reports it, bf16 support, Hopper-class cuBLAS workspace)
 DEVICES: dict[str, tuple[int, bool, bool]] = {

@@ -14,7 +14,6 @@ from typing import Any
 from microft.config import BatchPlan, RunConfig, resolve_batch_plan
 from microft.errors import ConfigError
 from microft.memory.estimate import (
-    LORA_PLAN_RANK,
     Budget,
     Estimate,
     GiB,
@@ -56,7 +55,10 @@ class StrategyFit:
 
 @dataclass
 class BudgetFit:
-    """What fits a budget: every strategy's largest micro-batch, the decision tree, the recommendation."""
+    """What fits a budget: every strategy's largest micro-batch, the decision tree, the recommendation.
+
+    `base` is the run's own setup and `asked` its (micro-batch, accumulation): what `changes` and
+    `kept` compare each plan with."""
 
     budget: Budget
     global_bs: int | None
@@ -64,12 +66,82 @@ class BudgetFit:
     strategies: list[StrategyFit]  # the strategy table
     tree: list[StrategyFit]  # the decision tree from the run's own settings, in order
     recommended: StrategyFit | None
+    base: Setup | None = None
+    asked: tuple[int, int] | None = None
+
+    def changes(self, row: StrategyFit) -> list[str]:
+        """The flags that turn the run as asked into this plan (empty: the plan is the run as asked)."""
+        return setting_changes(self.base, row.setup) + split_change(self.asked, row) if self.base else []
+
+    def kept(self, row: StrategyFit) -> list[str]:
+        """The run's own settings this plan keeps."""
+        if self.base is None:
+            return []
+        mine, theirs = settings(self.base), settings(row.setup)
+        kept = [v for k, v in mine.items() if theirs.get(k) == v]
+        return kept + ([f"micro-bs {row.micro_bs} × accum {row.accum}"] if row.fits and not split_change(self.asked, row)
+                       else [])
+
+    def row_dict(self, row: StrategyFit) -> dict[str, Any]:
+        """A row as JSON, with what it changes in the run and keeps of it (None where it does not fit)."""
+        return {**row.to_dict(), "changes": self.changes(row) if row.fits else None,
+                "keeps": self.kept(row) if row.fits else None}
 
     def to_dict(self) -> dict[str, Any]:
         return {"budget_bytes": self.budget.bytes, "budget": self.budget.label, "global_bs": self.global_bs,
-                "devices": self.world, "strategies": [r.to_dict() for r in self.strategies],
-                "decision_tree": [r.to_dict() for r in self.tree],
-                "recommended": self.recommended.to_dict() if self.recommended else None}
+                "devices": self.world, "asked": list(self.asked) if self.asked else None,
+                "strategies": [self.row_dict(r) for r in self.strategies],
+                "decision_tree": [self.row_dict(r) for r in self.tree],
+                "recommended": self.row_dict(self.recommended) if self.recommended else None}
+
+
+def settings(s: Setup) -> dict[str, str]:
+    """A setup's memory settings as a user reads them: precision, optimizer, checkpointing, LoRA, base."""
+    every = f" every {s.ckpt_every} blocks" if s.ckpt_every > 1 else ""
+    out = {"precision": s.precision, "optimizer": s.optimizer,
+           "grad_ckpt": f"grad ckpt{every}" if s.grad_ckpt else "no grad ckpt",
+           "lora": f"LoRA r={s.lora_r}" if s.lora else "full fine-tuning"}
+    if s.quantize:
+        out["quantize"] = f"{s.quantize} base"
+    return out
+
+
+def setting_changes(base: Setup, s: Setup) -> list[str]:
+    """The flags that change `base`'s memory settings into `s`'s (the batch split aside)."""
+    out = []
+    if s.precision != base.precision:
+        out.append(f"--precision {s.precision}")
+    if s.optimizer != base.optimizer:
+        out.append(f"--optimizer {s.optimizer}")
+    if s.grad_ckpt != base.grad_ckpt or (s.grad_ckpt and s.ckpt_every != base.ckpt_every):
+        out.append(("--grad-ckpt" if s.ckpt_every == 1 else f"--grad-ckpt-every {s.ckpt_every}") if s.grad_ckpt
+                   else "no --grad-ckpt")
+    if s.lora != base.lora or (s.lora and s.lora_r != base.lora_r):
+        out.append(f"--lora --lora-r {s.lora_r}" if s.lora else "no --lora")
+    if s.quantize != base.quantize:
+        out.append(f"--quantize {s.quantize}" if s.quantize else "no --quantize")
+    return out
+
+
+def split_change(asked: tuple[int, int] | None, row: StrategyFit) -> list[str]:
+    """`--micro-bs M --accum A` when a fitting plan splits the batch otherwise than asked."""
+    if not row.fits or asked == (row.micro_bs, row.accum):
+        return []
+    return [f"--micro-bs {row.micro_bs} --accum {row.accum}"]
+
+
+# estimate-mem's answers with a budget, as exit codes (0 and 3 as before; 1 and 2 mean what they mean for
+# every command, 130/143 interrupted)
+FITS, NOTHING_FITS, FITS_WITH_CHANGE = 0, 3, 4
+VERDICTS = {FITS: "fits as asked", FITS_WITH_CHANGE: "fits with the recommended change", NOTHING_FITS: "nothing fits"}
+
+
+def verdict(fits_as_asked: bool | None, plan: BudgetFit | None) -> int:
+    """The exit code of an estimate: FITS (also without a budget), FITS_WITH_CHANGE when the run as asked
+    does not fit but the recommended plan does, NOTHING_FITS when not even that fits."""
+    if fits_as_asked is not False:
+        return FITS
+    return FITS_WITH_CHANGE if plan is not None and plan.recommended is not None else NOTHING_FITS
 
 
 MAX_AUTO_MICRO = 4096  # the largest micro-batch `--micro-bs auto` tries without a global batch
@@ -150,19 +222,21 @@ def step_cost(arch: ModelConfig, row: StrategyFit) -> float:
 
 
 def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | None = None, world: int = 1,
-         shard: str = "none", accum: int = 1) -> BudgetFit:
+               shard: str = "none", accum: int = 1, asked: tuple[int, int] | None = None) -> BudgetFit:
     """For each strategy the largest micro-batch that fits `budget` (runtime overhead included)
     with the accumulation that keeps `global_bs`; then the OOM decision tree, walked exactly:
     your settings (the largest micro-batch that fits) -> + gradient checkpointing -> + 8-bit
-    AdamW -> + mixed precision -> + LoRA r=16 -> + QLoRA (nf4) -> + bf16 weights. The first step that fits is
-    recommended."""
+    AdamW -> + mixed precision -> + LoRA -> + QLoRA (nf4) -> + bf16 weights. The first step that fits is
+    recommended. LoRA rows use the run's own rank (`base.lora_r`: --lora-r, whose default applies without
+    --lora too); `asked` is the run's (micro-batch, accumulation), for saying what a plan changes."""
     if global_bs is not None and global_bs % world:
         raise ConfigError(f"--global-bs {global_bs} is not divisible by {world} devices")
     f = _Fitter(arch, budget, global_bs, world, shard, accum)
     mixed = "bf16-mixed" if budget.bf16 else "fp16-mixed"
+    rank = base.lora_r
     plain = replace(base, grad_ckpt=False, lora=False, precision="fp32", quantize=None, double_quant=False,
                     optimizer="adamw" if base.optimizer == "adamw-8bit" else base.optimizer)
-    lora = replace(base, lora=True, lora_r=LORA_PLAN_RANK, lora_targets=base.lora_targets or ("qkv", "proj"),
+    lora = replace(base, lora=True, lora_targets=base.lora_targets or ("qkv", "proj"),
                    quantize=None, double_quant=False)
     strategies = [
         ("fp32", plain),
@@ -170,13 +244,13 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
         (f"{mixed} + grad ckpt", replace(plain, precision=mixed, grad_ckpt=True, ckpt_every=1)),
         (f"{mixed} + grad ckpt + 8-bit AdamW", replace(plain, precision=mixed, grad_ckpt=True, ckpt_every=1,
                                                         optimizer="adamw-8bit")),
-        (f"{mixed} + grad ckpt + 8-bit AdamW + LoRA r={LORA_PLAN_RANK}",
+        (f"{mixed} + grad ckpt + 8-bit AdamW + LoRA r={rank}",
          replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit")),
-        (f"{mixed} + grad ckpt + 8-bit AdamW + QLoRA (nf4) r={LORA_PLAN_RANK}",
+        (f"{mixed} + grad ckpt + 8-bit AdamW + QLoRA (nf4) r={rank}",
          replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit", quantize="nf4")),
     ]
     if budget.bf16:  # past mixed precision: bf16 weights (the only way a 7B model trains on 24 GB)
-        strategies.append((f"bf16-true + grad ckpt + LoRA r={LORA_PLAN_RANK}",
+        strategies.append((f"bf16-true + grad ckpt + LoRA r={rank}",
                            replace(lora, precision="bf16-true", grad_ckpt=True, ckpt_every=1)))
     rows = [f.fit(name, s) for name, s in strategies]
     steps, cur = [("your settings", base)], base
@@ -190,8 +264,8 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
         cur = replace(cur, precision=mixed)
         steps.append((f"+ mixed precision ({mixed})", cur))
     if not cur.lora:
-        cur = replace(cur, lora=True, lora_r=LORA_PLAN_RANK, lora_targets=base.lora_targets or ("qkv", "proj"))
-        steps.append((f"+ LoRA r={LORA_PLAN_RANK}", cur))
+        cur = replace(cur, lora=True, lora_targets=base.lora_targets or ("qkv", "proj"))
+        steps.append((f"+ LoRA r={rank}", cur))
     if not cur.quantize:
         cur = replace(cur, quantize="nf4")
         steps.append(("+ QLoRA (nf4)", cur))
@@ -206,7 +280,7 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
     ref = min((step_cost(arch, r) for r in fitting), default=1.0)  # the cheapest strategy that fits is 1.00x
     for r in rows + tree:
         r.rel_cost = step_cost(arch, r) / ref
-    return BudgetFit(budget, global_bs, world, rows, tree, tree[-1] if tree[-1].fits else None)
+    return BudgetFit(budget, global_bs, world, rows, tree, tree[-1] if tree[-1].fits else None, base, asked)
 
 
 # --- for a run (runs.py) and estimate-mem -----------------------------------------------------------
@@ -218,6 +292,10 @@ def _budget(budget_bytes: int) -> Budget:
     return Budget(budget_bytes, f"{budget_bytes / GiB:.1f} GiB")
 
 
+class NothingFits(ConfigError):
+    """`--micro-bs auto` found no micro-batch that fits (estimate-mem answers it as "does not fit")."""
+
+
 def auto_batch_plan(cfg: RunConfig, arch: ModelConfig, budget: Budget, world_size: int = 1,
                     n_train: int | None = None) -> BatchPlan:
     """`--micro-bs auto`, for finetune, pretrain and estimate-mem alike: the largest micro-batch
@@ -225,14 +303,14 @@ def auto_batch_plan(cfg: RunConfig, arch: ModelConfig, budget: Budget, world_siz
     `n_train` training samples, so one optimizer step's batch never outgrows the data) whose estimated
     peak plus runtime overhead fits `budget`, with the accumulation that keeps --global-bs (else --accum).
 
-    Raises ConfigError, with what would fit instead, when not even micro-batch 1 fits."""
+    Raises NothingFits (a ConfigError), with what would fit instead, when not even micro-batch 1 fits."""
     world, shard = scale_out(cfg)
     base = _base(cfg, arch, None, budget)
     accum = cfg.accum or 1
     cap = MAX_AUTO_MICRO if n_train is None else n_train // (accum * world_size)
     row = _Fitter(arch, budget, cfg.global_bs, world, shard, accum, cap).fit("your settings", base)
     if not row.fits:
-        raise ConfigError(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
+        raise NothingFits(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
                           f"with runtime overhead); {_advice(cfg, arch, budget)}")
     return resolve_batch_plan(row.micro_bs, None if cfg.global_bs else cfg.accum, cfg.global_bs, world_size)
 
@@ -249,16 +327,7 @@ def _advice(cfg: RunConfig, arch: ModelConfig, budget: Budget) -> str:
     r = p.recommended
     if r is None:
         return f"nothing fits {budget.label}, not even LoRA with bf16 weights at micro-batch 1"
-    flags = [f"--micro-bs {r.micro_bs}", f"--accum {r.accum}"]
-    s = r.setup
-    if s.grad_ckpt and not base.grad_ckpt:
-        flags.append("--grad-ckpt")
-    if s.optimizer != base.optimizer:
-        flags.append(f"--optimizer {s.optimizer}")
-    if s.precision != base.precision:
-        flags.append(f"--precision {s.precision}")
-    if s.lora and not base.lora:
-        flags.append(f"--lora --lora-r {s.lora_r}")
+    flags = [f"--micro-bs {r.micro_bs}", f"--accum {r.accum}", *setting_changes(base, r.setup)]
     return (f"estimate-mem recommends {r.strategy}: {' '.join(flags)} "
             f"(estimated {r.total_bytes / GiB:.2f} GiB of {budget.label})")
 

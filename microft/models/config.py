@@ -9,6 +9,7 @@ here. No torch import: the memory estimator reads these shapes without building 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -212,6 +213,17 @@ class ModelConfig(BaseModel):
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
+
+
+def preset_for_repo(repo_id: str) -> str | None:
+    """The preset with a hub repo's shapes, from its name (`meta-llama/Llama-3.1-8B-Instruct` ->
+    `llama-3.1-8b`, `Qwen/Qwen3-0.6B-Base` -> `qwen3-0.6b`, `mistralai/Mistral-7B-v0.1` -> `mistral-7b`);
+    None when no preset matches. Instruct/base/chat variants share their base model's shapes."""
+    name = repo_id.rsplit("/", 1)[-1].lower()
+    name = re.sub(r"^meta-", "", name)  # Meta-Llama-3.1-8B, the older repo name
+    for suffix in ("-instruct", "-base", "-chat", "-hf", "-v0.1", "-v0.2"):  # Mistral v0.3 has another vocabulary
+        name = name.replace(suffix, "")
+    return name if name in PRESETS and not name.endswith("-tiny") else None
 
 
 # --- LoRA targets ------------------------------------------------------------------------------

@@ -83,8 +83,9 @@ def locate(spec: str) -> tuple[Path, dict[str, Any]]:
     return cfg_path.parent, {**raw, CONFIG_SOURCE: str(cfg_path)} if isinstance(raw, dict) else raw
 
 
-def config_of(directory: Path, raw: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig a parsed config.json describes (microft's own layout or an HF model_type)."""
+def config_of(directory: Path, raw: dict[str, Any], name: str | None = None) -> ModelConfig:
+    """The ModelConfig a parsed config.json describes (microft's own layout or an HF model_type); an HF
+    config is named `name`, else after its directory."""
     raw = dict(raw)
     where = raw.pop(CONFIG_SOURCE, str(directory / CONFIG))
     if raw.get("format") == "microft":
@@ -92,4 +93,4 @@ def config_of(directory: Path, raw: dict[str, Any]) -> ModelConfig:
             return ModelConfig(**raw["model"])
         except Exception as e:
             raise CheckpointError(f"{where}: invalid microft config: {one_line(e)}") from None
-    return ModelConfig.from_hf(raw, name=directory.name, where=where)
+    return ModelConfig.from_hf(raw, name=name or directory.name, where=where)
