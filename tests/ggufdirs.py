@@ -238,7 +238,7 @@ def rounded_model(d: Path, gguf_path: Path):
     the values its blocks decode to: what llama.cpp multiplies by."""
     import gguf
 
-    from microft.export.gguf import FAMILIES, gguf_name
+    from microft.export.gguf import family, gguf_name
     from microft.runs import load_any
 
     model = load_any(str(d))
@@ -250,7 +250,7 @@ def rounded_model(d: Path, gguf_path: Path):
             if t is None or t.tensor_type.name in ("F32", "F16"):
                 continue
             w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(-1, p.shape[1])
-            if FAMILIES[cfg.model_type].rope_pairs and (
+            if family(cfg).rope_pairs and (
                 ".q_proj." in n or ".k_proj." in n
             ):  # undo the permutation
                 heads = cfg.n_head if ".q_proj." in n else cfg.n_kv_head

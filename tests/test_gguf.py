@@ -29,10 +29,11 @@ import gguf  # noqa: E402
 
 from microft.chat import ChatTemplate, render_chat  # noqa: E402
 from microft.cli import app  # noqa: E402
-from microft.export.gguf import FAMILIES, permute_rows  # noqa: E402
+from microft.export.gguf import permute_rows  # noqa: E402
 from microft.export.gguf_templates import template_jinja  # noqa: E402
 from microft.export.gguf_vocab import tiktoken_vocab  # noqa: E402
 from microft.generate import generate  # noqa: E402
+from microft.models.families import FAMILIES  # noqa: E402
 from microft.runs import load_any, tokenizer_for  # noqa: E402
 from microft.templates import BUILTIN_TEMPLATES, load_template  # noqa: E402
 from tests.ggufdirs import FAMILY_TOKENIZERS, rounded_model, write_family_dir  # noqa: E402
@@ -303,10 +304,8 @@ def test_the_readme_states_the_tested_tolerances():
     assert f"bf16, q8_0 and q4_0 files within {r['bf16']}, {r['q8_0']} and {r['q4_0']} of microft" in text
 
 
-def test_every_family_has_one_entry():
-    from microft.models.config import HF_TYPES
-
-    assert set(FAMILIES) == set(HF_TYPES)
+def test_the_first_families_have_a_gguf_entry():
+    assert all(FAMILIES[t].gguf is not None for t in ("gpt2", "llama", "mistral", "qwen2", "qwen3"))
 
 
 # --------------------------------------------------------------------------- llama.cpp runs the file

@@ -5,9 +5,9 @@ in its layout, the tokenizer (a byte-level BPE's vocabulary, merges, token types
 that picks llama.cpp's split regex, or a SentencePiece-style BPE's pieces and scores; bos/eos/pad and every
 stop id) and the chat template the model was tuned with. Beside it, an Ollama `Modelfile`.
 
-Each family is one entry of `FAMILIES`: llama.cpp's architecture name, the pre-tokenizer it falls back
-to, whether q/k rows are permuted for llama.cpp's pairwise RoPE, the tensor-name map and the
-architecture's own hyper-parameter keys. Tensors are streamed: the file's header is written from shapes
+Each family's llama.cpp side is its `Gguf` in the family registry (`models/families.py`): llama.cpp's
+architecture name, the pre-tokenizer it falls back to, whether q/k rows are permuted for llama.cpp's
+pairwise RoPE, and the tensor-name map. Tensors are streamed: the file's header is written from shapes
 alone, then each tensor is converted and written on its own, so the export holds the model plus one
 converted tensor, never a second copy of the model. The tokenizer is `gguf_vocab.py`, the chat templates
 and the Modelfile's `gguf_templates.py`.
@@ -16,8 +16,8 @@ and the Modelfile's `gguf_templates.py`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,9 @@ from microft.errors import ConfigError
 from microft.export import require_gguf
 from microft.export.gguf_templates import chat_template_of, plain_text_specials, template_go
 from microft.export.gguf_vocab import Vocab, vocab_of, write_vocab
+from microft.models import families
 from microft.models.config import ModelConfig
+from microft.models.families import Gguf
 
 if TYPE_CHECKING:
     from microft.chat import ChatTemplate
@@ -42,36 +44,6 @@ QK = 32  # ggml's block size for q8_0 / q4_0: rows must be a multiple of it
 
 
 # --------------------------------------------------------------------------- the families
-
-
-def _block_names(model_type: str) -> dict[str, str]:
-    """microft block parameter (after `h.{i}.`) -> llama.cpp tensor (after `blk.{i}.`)."""
-    if model_type == "gpt2":
-        names = {
-            "ln_1": "attn_norm",
-            "attn.c_attn": "attn_qkv",
-            "attn.c_proj": "attn_output",
-            "ln_2": "ffn_norm",
-            "mlp.c_fc": "ffn_up",
-            "mlp.c_proj": "ffn_down",
-        }
-    else:
-        names = {
-            "ln_1": "attn_norm",
-            "attn.q_proj": "attn_q",
-            "attn.k_proj": "attn_k",
-            "attn.v_proj": "attn_v",
-            "attn.o_proj": "attn_output",
-            "attn.q_norm": "attn_q_norm",
-            "attn.k_norm": "attn_k_norm",
-            "ln_2": "ffn_norm",
-            "mlp.gate_proj": "ffn_gate",
-            "mlp.up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down",
-        }
-    return {f"{k}.{p}": f"{v}.{p}" for k, v in names.items() for p in ("weight", "bias")}
-
-
 TOP_NAMES = {
     "wte.weight": "token_embd.weight",
     "wpe.weight": "position_embd.weight",
@@ -81,54 +53,13 @@ TOP_NAMES = {
 }
 
 
-def _layer_norm_hparams(w: Any, cfg: ModelConfig) -> None:
-    """GPT-2: LayerNorm's eps (learned positions, no RoPE)."""
-    w.add_layer_norm_eps(cfg.layer_norm_eps)
-
-
-def _rope_hparams(w: Any, cfg: ModelConfig) -> None:
-    """Llama-style: grouped KV heads, head size, RMSNorm's eps, RoPE's base and width."""
-    w.add_head_count_kv(cfg.n_kv_head)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.layer_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.sliding_window:  # recorded; llama.cpp's llama graph attends to the whole context (see README)
-        w.add_sliding_window(cfg.sliding_window)
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one microft family is written for llama.cpp.
-
-    microft keeps every projection in nn.Linear's (out, in) layout (GPT-2's Conv1D weights are transposed
-    when read from HF files, and its q/k/v stay fused in `c_attn`), which is the layout GGUF stores: the
-    only transform left is the q/k row order for llama.cpp's pairwise RoPE.
-    """
-
-    arch: str  # llama.cpp's architecture name
-    pre: str  # pre-tokenizer when the tokenizer's own is not one llama.cpp knows by structure
-    rope_pairs: bool  # llama.cpp rotates adjacent pairs (not halves): q/k rows are permuted to match
-    block: dict[str, str] = field(repr=False)  # microft block parameter -> llama.cpp tensor
-    hparams: Callable[[Any, ModelConfig], None] = field(default=_rope_hparams, repr=False)  # arch-only keys
-
-
-FAMILIES: dict[str, Family] = {
-    "gpt2": Family("gpt2", "gpt-2", False, _block_names("gpt2"), _layer_norm_hparams),
-    "llama": Family("llama", "llama-bpe", True, _block_names("llama")),  # SmolLM2 too ("smollm" pre)
-    "mistral": Family("llama", "llama-bpe", True, _block_names("mistral")),  # llama.cpp runs Mistral as llama
-    "qwen2": Family("qwen2", "qwen2", False, _block_names("qwen2")),
-    "qwen3": Family("qwen3", "qwen2", False, _block_names("qwen3")),
-}
-
-
-def family(cfg: ModelConfig) -> Family:
-    if cfg.model_type not in FAMILIES:
-        raise ConfigError(
-            f"GGUF export does not know model_type {cfg.model_type!r}; known: {', '.join(FAMILIES)}"
-        )
-    return FAMILIES[cfg.model_type]
+def family(cfg: ModelConfig) -> Gguf:
+    """The family's llama.cpp entry (`models.families.Family.gguf`)."""
+    fam = families.FAMILIES.get(cfg.model_type)
+    if fam is None or fam.gguf is None:
+        known = ", ".join(t for t, f in families.FAMILIES.items() if f.gguf is not None)
+        raise ConfigError(f"GGUF export does not know model_type {cfg.model_type!r} yet; known: {known}")
+    return fam.gguf
 
 
 def gguf_name(cfg: ModelConfig, name: str) -> str:
@@ -136,9 +67,11 @@ def gguf_name(cfg: ModelConfig, name: str) -> str:
     if name in TOP_NAMES:
         return TOP_NAMES[name]
     head, i, rest = name.split(".", 2)
-    if head != "h" or rest not in family(cfg).block:
+    module, _, kind = rest.rpartition(".")
+    block = family(cfg).block
+    if head != "h" or module not in block or kind not in ("weight", "bias"):
         raise ConfigError(f"GGUF export has no llama.cpp name for {name}")
-    return f"blk.{i}.{family(cfg).block[rest]}"
+    return f"blk.{i}.{block[module]}.{kind}"
 
 
 def write_hparams(w: Any, cfg: ModelConfig) -> None:
@@ -149,7 +82,17 @@ def write_hparams(w: Any, cfg: ModelConfig) -> None:
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.n_head)
     w.add_vocab_size(cfg.vocab_size)
-    family(cfg).hparams(w, cfg)
+    if not family(cfg).rotary:  # GPT-2: LayerNorm's eps (learned positions, no RoPE)
+        w.add_layer_norm_eps(cfg.layer_norm_eps)
+        return
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.layer_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.sliding_window:  # recorded; llama.cpp's llama graph attends to the whole context (see README)
+        w.add_sliding_window(cfg.sliding_window)
 
 
 # --------------------------------------------------------------------------- tensors

@@ -3,7 +3,8 @@
 An entry holds the HF `model_type` and architecture name, how its `config.json` maps to `ModelConfig`
 fields and back (refusing what the family's config cannot express), how microft's parameter names map to
 the family's HF tensor names (and which are stored transposed), its LoRA target names (and PEFT's names
-for them), and its presets (the hub checkpoints' shapes, random init; one tiny CPU model for tests).
+for them), its presets (the hub checkpoints' shapes, random init; one tiny CPU model for tests), and how
+llama.cpp runs it (`Gguf`: architecture, pre-tokenizer, tensor names, the q/k row order).
 Adding a family is one entry in `FAMILIES` (plus the switches the transformer needs, in `ModelConfig`);
 the tests that parametrise over `FAMILIES` pick it up.
 
@@ -27,6 +28,25 @@ LoraGroups = dict[str, tuple[str, ...]]  # group name -> targets
 
 
 @dataclass(frozen=True)
+class Gguf:
+    """How llama.cpp runs the family: what `export --format gguf` (export/gguf.py) writes for it."""
+
+    arch: str  # llama.cpp's architecture name
+    pre: str  # pre-tokenizer when the tokenizer's own is not one llama.cpp knows by structure
+    rope_pairs: bool  # llama.cpp rotates adjacent pairs (not halves): q/k rows are permuted to match
+    block: dict[str, str]  # microft block module (after `h.{i}.`) -> llama.cpp tensor (after `blk.{i}.`)
+    rotary: bool = True  # RoPE hyper-parameters (GQA, head size, RMSNorm eps, base, window); else LayerNorm's eps
+
+
+GGUF_GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                   "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+GGUF_LLAMA_BLOCK = {"ln_1": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj": "attn_v",
+                    "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
+                    "ln_2": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                    "mlp.down_proj": "ffn_down"}
+
+
+@dataclass(frozen=True)
 class Family:
     """One HF model_type: config.json in and out, tensor names, LoRA targets, presets."""
 
@@ -42,6 +62,7 @@ class Family:
     transposed: tuple[str, ...] = ()  # weights HF stores (in, out) (GPT-2's Conv1D), by name suffix
     peft_names: dict[str, str] | None = None  # LoRA target -> PEFT target_modules name, where they differ
     bare_keys: bool = False  # old uploads may lack the HF prefix (GPT-2's `h.0...`)
+    gguf: Gguf | None = None  # None: no GGUF export for this family yet
 
 
 # --- GPT-2 -------------------------------------------------------------------------------------
@@ -219,9 +240,9 @@ _TINY = dict(vocab_size=512, n_positions=256, n_embd=64, intermediate_size=128, 
 
 def _llama_family(model_type: str, architecture: str, fixed: Callable[[dict[str, Any]], dict[str, Any]],
                   extra: Callable[[dict[str, Any]], dict[str, Any]], tiny: str,
-                  presets: dict[str, dict[str, Any]]) -> Family:
+                  presets: dict[str, dict[str, Any]], gguf: Gguf) -> Family:
     return Family(model_type, architecture, _llama_read(model_type), _llama_write(model_type, architecture, fixed, extra),
-                  _llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, tiny, presets)
+                  _llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, tiny, presets, gguf=gguf)
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -237,7 +258,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            },
            transposed=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
            peft_names={"qkv": "c_attn", "proj": "attn.c_proj", "fc": "c_fc", "mlp_proj": "mlp.c_proj"},
-           bare_keys=True),
+           bare_keys=True, gguf=Gguf("gpt2", "gpt-2", False, GGUF_GPT2_BLOCK, rotary=False)),
     _llama_family(
         "llama", "LlamaForCausalLM", lambda c: dict(qkv_bias=c["attn_out_bias"], qk_norm=False),
         lambda c: {"attention_bias": c["attn_out_bias"], "mlp_bias": c["mlp_bias"]}, "llama-tiny", {
@@ -255,7 +276,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                     n_kv_head=32, rope_theta=130000.0, tie_embeddings=True),
             "llama-tiny": _preset("llama", **_TINY, rope_theta=500000.0, tie_embeddings=False,
                                   rope_scaling=_llama3_scaling(8.0, original=64)),
-        }),
+        }, Gguf("llama", "llama-bpe", True, GGUF_LLAMA_BLOCK)),  # SmolLM2 too ("smollm" pre, by structure)
     _llama_family(
         "mistral", "MistralForCausalLM", lambda c: dict(qkv_bias=False, attn_out_bias=False, mlp_bias=False,
                                                         qk_norm=False),
@@ -264,7 +285,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                   n_layer=32, n_head=32, n_kv_head=8, sliding_window=4096, tie_embeddings=False,
                                   bos_token_id=1, eos_token_id=2),
             "mistral-tiny": _preset("mistral", **_TINY, sliding_window=16, tie_embeddings=False),
-        }),
+        }, Gguf("llama", "llama-bpe", True, GGUF_LLAMA_BLOCK)),  # llama.cpp runs Mistral as llama
     _llama_family(
         "qwen2", "Qwen2ForCausalLM", lambda c: dict(qkv_bias=True, attn_out_bias=False, mlp_bias=False, qk_norm=False),
         lambda c: {"use_sliding_window": False, "sliding_window": None}, "qwen2-tiny", {
@@ -275,7 +296,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
             "qwen2.5-7b": _preset("qwen2", n_embd=3584, intermediate_size=18944, n_layer=28, n_head=28, n_kv_head=4,
                                   n_positions=131072, vocab_size=152064, tie_embeddings=False),
             "qwen2-tiny": _preset("qwen2", **_TINY, tie_embeddings=True),
-        }),
+        }, Gguf("qwen2", "qwen2", False, GGUF_LLAMA_BLOCK)),
     _llama_family(
         "qwen3", "Qwen3ForCausalLM", lambda c: dict(qkv_bias=c["attn_out_bias"], mlp_bias=False, qk_norm=True),
         lambda c: {"attention_bias": c["attn_out_bias"], "use_sliding_window": False, "sliding_window": None},
@@ -289,7 +310,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
             "qwen3-8b": _preset("qwen3", n_embd=4096, intermediate_size=12288, n_layer=36, n_head=32, n_kv_head=8,
                                 tie_embeddings=False),
             "qwen3-tiny": _preset("qwen3", **_TINY, head_dim=32, tie_embeddings=True),
-        }),
+        }, Gguf("qwen3", "qwen2", False, GGUF_LLAMA_BLOCK)),
 )}
 
 
