@@ -342,13 +342,13 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
         return _trace_training(model_cfg, cfg, precision, micro_bs, seq_len, accum, steps)
 
 
-def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
-                    accum: int, steps: int) -> TraceResult:
+def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
+    """The run's model (LoRA, NF4 base, checkpointing as configured) as fake tensors that behave as on CUDA;
+    returns (model, its FakeTensorMode)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from microft.train.step import autocast_context, finish_step, micro_step, place_model
+    from microft.train.step import place_model
 
-    t0 = time.perf_counter()
     if cfg.dropout is not None:
         model_cfg = model_cfg.model_copy(update={"dropout": cfg.dropout})
     with torch.device("meta"):
@@ -373,7 +373,16 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     model.train()
     if cfg.grad_ckpt:
         set_grad_checkpointing(model, True, cfg.grad_ckpt_every)
+    return model, fake_mode
 
+
+def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
+                    accum: int, steps: int) -> TraceResult:
+    from microft.train.step import autocast_context, finish_step, micro_step
+
+    t0 = time.perf_counter()
+    model, fake_mode = _fake_model(model_cfg, cfg, precision)
+    device = torch.device("cpu")
     tracker = LiveBytes()
     tracker.size_override = _cuda_sizes(precision, tracker, cfg.optimizer == "adafactor")
     low = precision != "fp32"
