@@ -323,6 +323,7 @@ def test_bf16_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypatch, p
         assert err < 0.05, (n, err.item())
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels: ~1 min on 2 cores (make test-avx2 leaves it out)
 def test_compiled_model_with_onednn_linears_traces_and_matches_eager(monkeypatch):
     """torch.compile (inductor) of a model wide enough for the oneDNN route (forced on, as on an AMD CPU):
     inductor cannot lower torch's oneDNN op as microft calls it, so compiled code takes F.linear and lets
