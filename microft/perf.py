@@ -16,6 +16,7 @@ import torch
 
 from microft.models.config import ModelConfig
 from microft.models.linear import bf16_products_in_fp32, onednn_runs
+from microft.models.precision import ONEDNN_ISA_ENVS
 
 # dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s; fp32 uses TF32 peak where it applies
 GPU_PEAK_TFLOPS: dict[str, float] = {
@@ -30,7 +31,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable_fraction: float = 
 
 
 PROBE_SHAPES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
-PROBE_VERSION = 2  # 2: the best of several matmul engines; a cached figure from another probe is not reused
+# 2: the best of several matmul engines; 3: the best of short bursts, F.linear's layout for half dtypes, the
+# kernels' instruction set in the key. A cached figure from another probe is not reused
+PROBE_VERSION = 3
+KERNEL_ISA_ENVS = (*ONEDNN_ISA_ENVS, "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE")
 PROBE_BURSTS = 5  # timed bursts per shape and engine, after one that warms up: the best burst counts
 
 
@@ -39,8 +43,9 @@ def _probe_key(device_type: str, dtype_name: str, threads: int | None = None) ->
         where = torch.cuda.get_device_name()
     elif device_type == "mps":
         where = f"mps|{cpu_model()}"
-    else:
-        where = f"{cpu_model()}|{threads or torch.get_num_threads()} threads"
+    else:  # the instruction sets the kernels may use: the variables that hold them below the CPU's own
+        held = "".join(f" {k}={os.environ[k]}" for k in KERNEL_ISA_ENVS if os.environ.get(k))
+        where = f"{cpu_model()}|{threads or torch.get_num_threads()} threads|{torch.backends.cpu.get_cpu_capability()}{held}"
     return f"{where}|torch {torch.__version__}|{dtype_name}|probe {PROBE_VERSION}"
 
 

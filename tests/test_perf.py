@@ -164,3 +164,15 @@ def test_bf16_multiplied_in_fp32_divides_by_the_fp32_peak(monkeypatch):
     monkeypatch.setattr(L, "_half_via_fp32", True)
     monkeypatch.setenv("MICROFT_CPU_BF16", "1")
     assert perf.peak_dtype(cpu, "bf16-mixed") == "bfloat16"
+
+
+def test_a_cpu_held_to_fewer_instructions_has_its_own_cached_peak(monkeypatch):
+    """The peak of kernels held to AVX2 (make test-avx2, a benchmark of an AVX2-only CPU) is not the machine's
+    own: each gets its own cache entry (a held run used to divide by the full-width AMX peak)."""
+    for k in perf.KERNEL_ISA_ENVS:
+        monkeypatch.delenv(k, raising=False)
+    own = perf._probe_key("cpu", "bfloat16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    held = perf._probe_key("cpu", "bfloat16")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert len({own, held, perf._probe_key("cpu", "bfloat16")}) == 3 and "ONEDNN_MAX_CPU_ISA=AVX2" in held
