@@ -12,7 +12,9 @@ Both compute the same fp32 products and sum them in another order. On Intel CPUs
 (AVX-512 BF16 / AMX) bf16 forwards take oneDNN's linear too, autocast's casts done first: the same
 bits as `F.linear` (which reaches oneDNN through `addmm`), 1.0-1.2x its rate on GPT-2's block shapes
 on a 2-core Xeon with AMX (`bench/linear_kernels.py`). Elsewhere (other dtypes, CUDA, a handful of
-rows as in token-by-token generation, layers narrower than 256) these are `F.linear`.
+rows as in token-by-token generation, layers narrower than 256) these are `F.linear`. A dtype goes to oneDNN
+only where its linear runs here (tried once at import): held to AVX2 (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2)
+oneDNN has no bf16 or fp16 linear ("could not create a primitive descriptor"), whatever MICROFT_CPU_BF16 says.
 `MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
 
 bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch's kernels emulate it, at a speed that

@@ -560,7 +560,8 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
     tps = state.tokens / max(elapsed, 1e-9)
     train_tps = state.tokens / max(state.train_time, 1e-9)
     # the run's own rate while training bounds the device's peak from below: a cached probe under it is re-probed
-    peak_flops, peak_src = device_peak_flops(run.device, run.precision, train_tps * fpt / run.dist.world_size)
+    observed = train_tps * fpt / run.dist.world_size if state.train_time > 0 else 0.0
+    peak_flops, peak_src = device_peak_flops(run.device, run.precision, observed)
     summary = {
         "traced_peak": traced_peak,
         "kind": "summary", "steps": state.step, "time_s": elapsed, "tokens": state.tokens, "tokens_per_sec": tps,
