@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -275,6 +276,11 @@ def test_a_model_that_stays_near_chance_is_never_well_fit():
     assert verdict(stuck, 50257).startswith("not learning") and "start" in verdict(stuck, 50257)
     for curve in (lora, qlora, stuck):
         assert "well fit" not in verdict(curve, 50257)
+    chance = math.log(50257)  # the README's thresholds: within 5 % of chance is not learning, 6 % below may be
+    for below, says in ((0.04, "not learning"), (0.06, "well fit")):
+        end = chance * (1 - below)
+        curve = _curve((0, chance), (10, end + 0.02), (20, end + 0.001), (30, end), (40, end))
+        assert verdict(curve, 50257).startswith(says), below
 
 
 def test_a_handful_of_steps_or_evaluations_is_too_short_to_judge():
