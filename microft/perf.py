@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from microft.models.config import ModelConfig
+from microft.models.linear import bf16_products_in_fp32, onednn_runs
+from microft.models.precision import ONEDNN_ISA_ENVS
 
 # dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s; fp32 uses TF32 peak where it applies
 GPU_PEAK_TFLOPS: dict[str, float] = {
@@ -29,7 +31,11 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, trainable_fraction: float = 
 
 
 PROBE_SHAPES = {"cpu": (1024, 2048, 3072), "cuda": (4096, 8192)}
-PROBE_VERSION = 2  # 2: the best of several matmul engines; a cached figure from another probe is not reused
+# 2: the best of several matmul engines; 3: the best of short bursts, F.linear's layout for half dtypes, the
+# kernels' instruction set in the key. A cached figure from another probe is not reused
+PROBE_VERSION = 3
+KERNEL_ISA_ENVS = (*ONEDNN_ISA_ENVS, "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE")
+PROBE_BURSTS = 5  # timed bursts per shape and engine, after one that warms up: the best burst counts
 
 
 def _probe_key(device_type: str, dtype_name: str, threads: int | None = None) -> str:
@@ -37,20 +43,24 @@ def _probe_key(device_type: str, dtype_name: str, threads: int | None = None) ->
         where = torch.cuda.get_device_name()
     elif device_type == "mps":
         where = f"mps|{cpu_model()}"
-    else:
-        where = f"{cpu_model()}|{threads or torch.get_num_threads()} threads"
+    else:  # the instruction sets the kernels may use: the variables that hold them below the CPU's own
+        held = "".join(f" {k}={os.environ[k]}" for k in KERNEL_ISA_ENVS if os.environ.get(k))
+        where = f"{cpu_model()}|{threads or torch.get_num_threads()} threads|{torch.backends.cpu.get_cpu_capability()}{held}"
     return f"{where}|torch {torch.__version__}|{dtype_name}|probe {PROBE_VERSION}"
 
 
 def probe_engines(device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
-    """The matmul engines the probe times. torch's `@` everywhere; on a CPU also oneDNN's linear (what
-    microft's fp32 forwards run) and, in fp32, numpy's BLAS (OpenBLAS in numpy's wheels): on an AVX2
-    EPYC the three differed by up to 1.3x on the same 2048² product, and the peak is the hardware's
-    best, not one library's."""
+    """The matmul engines the probe times. torch's `@` everywhere; on a CPU also, in bf16/fp16, torch's
+    `F.linear` (a linear's layout, `x @ W.T`: emulated there, it ran 20x faster than a plain `@` held to
+    AVX2), oneDNN's linear (what microft's fp32 forwards run) where it runs `dtype` (held to AVX2 it has no
+    bf16 or fp16 linear) and, in fp32, numpy's BLAS (OpenBLAS in numpy's wheels): on an AVX2 EPYC the three
+    differed by up to 1.3x on the same 2048² product, and the peak is the hardware's best, not one library's."""
     if device_type != "cpu":
         return ("torch",)
     engines = ["torch"]
-    if torch.backends.mkldnn.is_available() and hasattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise"):
+    if dtype != torch.float32:
+        engines.append("linear")
+    if onednn_runs(dtype):
         engines.append("onednn")
     if dtype == torch.float32:
         engines.append("numpy")
@@ -62,6 +72,9 @@ def _matmul(engine: str, a: torch.Tensor, b: torch.Tensor):
     if engine == "onednn":
         bt = b.t().contiguous()  # oneDNN's linear takes the (out, in) weight: x @ bt.T = a @ b
         return lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [None], "")
+    if engine == "linear":
+        bt = b.t().contiguous()
+        return lambda: torch.nn.functional.linear(a, bt)
     if engine == "numpy":
         import numpy as np
 
@@ -72,45 +85,71 @@ def _matmul(engine: str, a: torch.Tensor, b: torch.Tensor):
 
 
 def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float, engine: str = "torch") -> float:
-    """FLOP/s of back-to-back n×n matmuls through `engine` over about `seconds`, after a warm-up of the same length."""
+    """FLOP/s of back-to-back n×n matmuls through `engine`: the best of PROBE_BURSTS short timed bursts after one
+    that warms caches, threads and clocks, about `seconds` in all (at least one matmul a burst, two bursts).
+
+    The best short burst, not one long average: other jobs' load lowers an average, while a burst that ran
+    in a quiet moment measures the hardware (a peak probed on a busy machine read half a later one).
+    """
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
     mm = _matmul(engine, a, b)
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device_type, lambda: None)
     every = 1 if device_type == "cpu" else 4  # a CPU matmul is synchronous: check the clock after each one
-    best = 0.0
-    for _ in range(2):  # the first pass warms caches, threads and clocks
+    burst = seconds / (PROBE_BURSTS + 1)
+    best, bursts, start = 0.0, 0, time.perf_counter()
+    while bursts <= PROBE_BURSTS and (bursts < 2 or time.perf_counter() - start < seconds):
         iters, t0 = 0, time.perf_counter()
         while True:
             mm()
             iters += 1
             if iters % every == 0:
                 sync()
-                if time.perf_counter() - t0 >= seconds / 2:
+                if time.perf_counter() - t0 >= burst:
                     break
         sync()
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+        if bursts:  # the first burst warms up
+            best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+        bursts += 1
     return best
 
 
-@lru_cache(maxsize=8)
-def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 9.0) -> float:
+_PEAKS: dict[str, float] = {}  # this process's peaks, by probe key (the cache file is read once per key)
+
+
+def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 9.0, at_least: float = 0.0) -> float:
     """The best sustained matmul rate (FLOP/s) on this device in this dtype: the peak MFU divides by.
 
     Large square matmuls (PROBE_SHAPES) through each engine of `probe_engines`, each warmed up and
-    then run back to back for a share of `seconds`; the best rate counts. The figure is cached per
+    then run in short bursts for a share of `seconds`; the best rate counts. The figure is cached per
     process and, keyed by the device, thread count, torch version, dtype and probe version, in
-    `~/.cache/microft/peak-flops.json`, so only the first run on a machine pays for the probe.
+    `~/.cache/microft/peak-flops.json`, so only the first run on a machine pays for the probe. `at_least`:
+    a rate this device was seen to reach (a run's own); a known peak below it is wrong by definition (a
+    probe on a busy machine), so it is probed again, raised to `at_least` if still below, and re-cached.
     """
+    return _peak(device_type, dtype_name, seconds, at_least)[0]
+
+
+def _peak(device_type: str, dtype_name: str, seconds: float, at_least: float) -> tuple[float, str]:
+    """(peak FLOP/s, "" or how a known figure below `at_least` was corrected): see `measured_peak_flops`."""
     key = _probe_key(device_type, dtype_name)
     cache = _peak_cache_file()
     known = _read_json(cache)
-    if key in known:
-        return float(known[key])
+    peak = _PEAKS.get(key, known.get(key))
+    how = ""
+    if isinstance(peak, (int, float)) and peak > 0 and at_least <= peak:
+        _PEAKS[key] = float(peak)
+        return float(peak), ""
+    if isinstance(peak, (int, float)) and peak > 0:
+        how = f"re-probed: the known {peak / 1e9:.3g} GFLOP/s was below this run's own {at_least / 1e9:.3g}"
     peak = probe_peak_flops(device_type, dtype_name, seconds)
-    known[key] = peak
+    if peak < at_least:  # a machine busier now than during the run: the run's own rate is the best known
+        how = (how + "; " if how else "") + (f"this run's own rate: the probe read {peak / 1e9:.3g} GFLOP/s, "
+                                              "less than the run did")
+        peak = at_least
+    _PEAKS[key] = known[key] = float(peak)
     _write_json(cache, known)
-    return peak
+    return float(peak), how
 
 
 def probe_rates(device_type: str, dtype_name: str, seconds: float = 9.0) -> dict[str, float]:
@@ -170,18 +209,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from): a table for known GPUs, a probe otherwise."""
+def peak_dtype(device: torch.device, precision: str) -> str:
+    """The dtype a run's matmuls run in: its precision's, but fp32 for bf16 on a CPU where microft multiplies
+    bf16 values in fp32 (no native bf16: models.linear), whose rate a bf16 probe would understate ~20x."""
+    if precision.startswith("bf16"):
+        return "float32" if device.type == "cpu" and bf16_products_in_fp32() else "bfloat16"
+    return "float16" if precision == "fp16-mixed" else "float32"
+
+
+def device_peak_flops(device: torch.device, precision: str, observed: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from): a table for known GPUs, a probe otherwise. `observed`:
+    the run's own model FLOP/s per device; a probed peak below it is re-probed (`measured_peak_flops`), so
+    the MFU it gives is never above 100 %."""
     low = precision in ("bf16-mixed", "bf16-true", "fp16-mixed")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         for key, tf in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return (tf if low else tf / 2) * 1e12, f"table ({key})"
-    dtype = "bfloat16" if precision.startswith("bf16") else ("float16" if precision == "fp16-mixed" else "float32")
+    dtype = peak_dtype(device, precision)
     shapes = "/".join(f"{n}²" for n in PROBE_SHAPES.get(device.type, PROBE_SHAPES["cpu"]))
     engines = "/".join(probe_engines(device.type, getattr(torch, dtype)))
-    return measured_peak_flops(device.type, dtype), f"best sustained {dtype} matmul, {shapes}, {engines}"
+    peak, how = _peak(device.type, dtype, 9.0, observed)
+    src = f"best sustained {dtype} matmul, {shapes}, {engines}"
+    if dtype == "float32" and precision.startswith("bf16"):
+        src += "; bf16 is multiplied in fp32 on this CPU"
+    return peak, f"{src}; {how}" if how else src
 
 
 def peak_rss_bytes() -> int:

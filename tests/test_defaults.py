@@ -37,7 +37,7 @@ def test_a_default_run_evaluates_keeps_the_best_and_gives_a_verdict(tmp_path):
                     BatchPlan(micro_bs=1, accum=1), events.append)
     assert [e["step"] for e in events if e["kind"] == "eval"] == [0, 3, 6, 9, 12, 15, 18, 21, 24]
     assert (tmp_path / "best" / "model.safetensors").exists()
-    assert "not enough evaluations" not in summary["verdict"]
+    assert not summary["verdict"].startswith(("not enough evaluations", "too short to judge"))  # 9 over 24 steps
     assert cfg.model_copy(update={"eval_every": 0}).eval_every == 0  # 0 still turns it off
 
 
@@ -48,7 +48,7 @@ def test_finetune_cli_default_writes_best_and_a_verdict(tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "best" / "model.safetensors").exists()
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert s["best_val_loss"] is not None and "not enough evaluations" not in s["verdict"]
+    assert s["best_val_loss"] is not None and s["verdict"].startswith("too short to judge")  # 3 steps
     # what each throughput counts is said; the training-only figure is the larger one
     assert s["train_tokens_per_sec"] >= s["tokens_per_sec"] > 0
     assert "while training" in res.output and "wall time" in res.output

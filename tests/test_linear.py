@@ -55,8 +55,8 @@ def test_bf16_linear_on_a_native_bf16_cpu_goes_through_onednn_with_f_linears_bit
     goes through oneDNN and gives F.linear's bits; its gradients match F.linear's to bf16's rounding."""
     from microft.models import linear as L
 
-    if L._ONEDNN_LINEAR is None:
-        pytest.skip("this torch has no oneDNN linear")
+    if not L._ONEDNN_BF16:  # an AVX2-only CPU, or one held there (ONEDNN_MAX_CPU_ISA=AVX2, make test-avx2)
+        pytest.skip("no native bf16 here, or oneDNN cannot run a bf16 linear")
     monkeypatch.setenv("MICROFT_CPU_BF16", "1")
     calls = []
     real = L._ONEDNN_LINEAR
@@ -84,6 +84,59 @@ def test_bf16_linear_on_a_native_bf16_cpu_goes_through_onednn_with_f_linears_bit
     for g, r in zip(got_grads, ref_grads, strict=True):
         assert g.dtype == r.dtype == dt
         torch.testing.assert_close(g, r, rtol=2**-7, atol=2**-7 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_never_goes_to_onednn_where_it_cannot_run_bf16(monkeypatch, autocast):
+    """MICROFT_CPU_BF16=1 on a CPU whose oneDNN has no bf16 linear (AVX2 only): torch's own F.linear (which
+    emulates bf16) takes the product, never oneDNN's linear, which would raise "could not create a primitive
+    descriptor"; the same values as F.linear."""
+    from microft.models import linear as L
+
+    monkeypatch.setenv("MICROFT_CPU_BF16", "1")
+    monkeypatch.setattr(L, "_ONEDNN_BF16", False)
+    monkeypatch.setattr(L, "_ONEDNN_DTYPES", L._ONEDNN_DTYPES - {torch.bfloat16})
+    calls = []
+    monkeypatch.setattr(L, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].dtype) or pytest.fail("oneDNN called"))
+    torch.manual_seed(0)
+    dt = torch.float32 if autocast else torch.bfloat16
+    x, w = torch.randn(2, 40, 256, dtype=dt), (torch.randn(288, 256) / 16).to(dt)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, ref = L.linear(x, w), torch.nn.functional.linear(x, w)
+    assert calls == [] and got.dtype == torch.bfloat16 and torch.equal(got, ref)
+    assert not L._autocast_taken_over(x.float()) and not L.onednn_runs(torch.bfloat16)
+
+
+def test_onednn_held_to_avx2_is_a_cpu_without_native_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (what an AVX2-only CPU has): no native bf16, no oneDNN bf16 or fp16 linear, and
+    a 256-wide bf16 linear runs even with MICROFT_CPU_BF16=1 forced (it used to crash in oneDNN)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, microft.models.linear as L, microft.models.precision as P\n"
+            "x, w = torch.randn(128, 256).bfloat16(), torch.randn(320, 256).bfloat16()\n"
+            "y = L.linear(x, w)\n"
+            "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+            "    z = L.linear(x.float(), w.float())\n"
+            "print(P.native_cpu_bf16(), L.onednn_runs(torch.bfloat16), L.onednn_runs(torch.float16),"
+            " L.onednn_runs(torch.float32), torch.equal(y, z))\n")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "MICROFT_CPU_BF16": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    from microft.models import linear as L
+
+    fp32 = "True" if L._ONEDNN_LINEAR is not None else "False"
+    assert out.stdout.split() == ["False", "False", "False", fp32, "True"]
+
+
+def test_the_onednn_isa_cap_is_read_from_either_name():
+    from microft.models.precision import onednn_isa_without_bf16
+
+    assert onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "avx2"})
+    assert onednn_isa_without_bf16({"DNNL_MAX_CPU_ISA": "AVX512_CORE"})  # AVX-512 without its bf16 instructions
+    assert onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "ALL"})  # the new name wins
+    assert not onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})
+    assert not onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "ALL"}) and not onednn_isa_without_bf16({})
 
 
 def test_fp32_forwards_take_onednn_on_amd_cpus_only(monkeypatch):
@@ -270,6 +323,7 @@ def test_bf16_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypatch, p
         assert err < 0.05, (n, err.item())
 
 
+@pytest.mark.slow  # inductor compiles C++ kernels: ~1 min on 2 cores (make test-avx2 leaves it out)
 def test_compiled_model_with_onednn_linears_traces_and_matches_eager(monkeypatch):
     """torch.compile (inductor) of a model wide enough for the oneDNN route (forced on, as on an AMD CPU):
     inductor cannot lower torch's oneDNN op as microft calls it, so compiled code takes F.linear and lets

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -243,15 +244,64 @@ def test_schedules_warm_up_then_decay_to_the_minimum_ratio():
     assert lr_lambda("constant", 100, 10, 0.1)(90) == 1.0
 
 
+def _curve(*points):
+    return [{"step": s, "val_loss": v} for s, v in points]
+
+
 def test_verdict_reads_the_curves():
     from microft.train.loop import verdict
 
-    over = [{"step": s, "val_loss": v} for s, v in [(0, 5.0), (10, 3.0), (20, 2.5), (30, 2.9), (40, 3.3)]]
-    assert verdict(over).startswith("overfitting from step 20")
+    over = _curve((0, 5.0), (10, 3.0), (20, 2.5), (30, 2.9), (40, 3.3))
+    assert verdict(over, 50).startswith("overfitting from step 20")
     under = [{"step": s, "val_loss": 5.0 - 0.5 * i} for i, s in enumerate(range(0, 50, 10))]
-    assert verdict(under).startswith("underfitting")
-    fit = [{"step": s, "val_loss": v} for s, v in [(0, 5.0), (10, 3.0), (20, 2.6), (30, 2.55), (40, 2.55)]]
-    assert verdict(fit).startswith("well fit")
+    assert verdict(under, 50).startswith("underfitting")
+    fit = _curve((0, 5.0), (10, 3.0), (20, 2.6), (30, 2.55), (40, 2.55))
+    assert verdict(fit, 50).startswith("well fit") and "chance" not in verdict(fit, 50)
+    assert verdict(fit[:1], 50).startswith("not enough evaluations")
+
+
+def test_a_model_that_stays_near_chance_is_never_well_fit():
+    """The issue's runs on a random gpt2-tiny (chance ln 50257 = 10.825): 150 LoRA steps 10.841 → 10.683 (flat
+    at the end), 5 QLoRA steps 10.841 → 10.838; a curve that never falls below its start is not learning
+    either, whatever the vocabulary."""
+    from microft.train.loop import verdict
+
+    lora = _curve((0, 10.841), (15, 10.80), (30, 10.75), (45, 10.72), (60, 10.70), (75, 10.69), (90, 10.685),
+                  (105, 10.684), (120, 10.683), (135, 10.683), (150, 10.683))
+    got = verdict(lora, 50257)
+    assert got.startswith("not learning") and "chance" in got and "10.825" not in got and "ln 50257 = 10.82" in got
+    qlora = _curve((0, 10.841), (1, 10.840), (2, 10.840), (3, 10.839), (4, 10.839), (5, 10.838))
+    assert verdict(qlora, 50257).startswith("too short to judge")
+    stuck = _curve((0, 3.0), (20, 3.01), (40, 2.99), (60, 2.985), (80, 2.99))
+    assert verdict(stuck, 50257).startswith("not learning") and "start" in verdict(stuck, 50257)
+    for curve in (lora, qlora, stuck):
+        assert "well fit" not in verdict(curve, 50257)
+    chance = math.log(50257)  # the README's thresholds: within 5 % of chance is not learning, 6 % below may be
+    for below, says in ((0.04, "not learning"), (0.06, "well fit")):
+        end = chance * (1 - below)
+        curve = _curve((0, chance), (10, end + 0.02), (20, end + 0.001), (30, end), (40, end))
+        assert verdict(curve, 50257).startswith(says), below
+
+
+def test_a_handful_of_steps_or_evaluations_is_too_short_to_judge():
+    from microft.train.loop import verdict
+
+    few_steps = _curve((0, 5.0), (2, 4.0), (4, 3.5), (6, 3.4), (8, 3.4))  # 8 steps, however many evaluations
+    few_evals = _curve((0, 5.0), (100, 3.0), (200, 2.9))  # 3 evaluations: no trend to read
+    for curve in (few_steps, few_evals):
+        got = verdict(curve, 50)
+        assert got.startswith("too short to judge") and f"{len(curve)} evaluations" in got
+
+
+def test_a_val_loss_still_falling_is_not_flat():
+    """A full fine-tune still falling slowly at the end, its last two evaluations equal by chance: the line
+    through the last half of the curve still falls (a tail of two points read it as flat)."""
+    from microft.train.loop import verdict
+
+    falling = _curve((0, 3.0), (10, 2.7), (20, 2.5), (30, 2.4), (40, 2.32), (50, 2.26), (60, 2.21), (70, 2.17),
+                     (80, 2.12), (90, 2.12))
+    got = verdict(falling, 50257)
+    assert got.startswith("underfitting") and "flat" not in got
 
 
 def test_early_stopping_patience(tmp_path):

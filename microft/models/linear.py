@@ -12,7 +12,9 @@ Both compute the same fp32 products and sum them in another order. On Intel CPUs
 (AVX-512 BF16 / AMX) bf16 forwards take oneDNN's linear too, autocast's casts done first: the same
 bits as `F.linear` (which reaches oneDNN through `addmm`), 1.0-1.2x its rate on GPT-2's block shapes
 on a 2-core Xeon with AMX (`bench/linear_kernels.py`). Elsewhere (other dtypes, CUDA, a handful of
-rows as in token-by-token generation, layers narrower than 256) these are `F.linear`.
+rows as in token-by-token generation, layers narrower than 256) these are `F.linear`. A dtype goes to oneDNN
+only where its linear runs here (tried once at import): held to AVX2 (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2)
+oneDNN has no bf16 or fp16 linear ("could not create a primitive descriptor"), whatever MICROFT_CPU_BF16 says.
 `MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
 
 bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch's kernels emulate it, at a speed that
@@ -37,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from microft.models.precision import autocast_off, autocasting, cpu_supports_bf16
+from microft.models.precision import autocast_off, autocasting, cpu_supports_bf16, native_cpu_bf16
 
 ONEDNN_ENV = "MICROFT_ONEDNN"  # set to 0: every linear and the head through torch's own F.linear / mm
 HALF_ENV = "MICROFT_HALF_VIA_FP32"  # set to 0: bf16 matmuls on a CPU without native bf16 run torch's emulation
@@ -66,13 +68,19 @@ def emulated_half(*tensors: torch.Tensor) -> bool:
             and not cpu_supports_bf16())
 
 
+def bf16_products_in_fp32() -> bool:
+    """Whether microft multiplies bf16 CPU tensors in fp32 here (a CPU that emulates bf16; the MFU's peak is
+    then fp32's)."""
+    return _half_via_fp32 and not cpu_supports_bf16()
+
+
 def _autocast_taken_over(x: torch.Tensor) -> bool:
     """Autocast to bf16 on a CPU where `linear` casts as autocast would and then runs the bf16 product
     itself: through fp32 where the CPU emulates bf16, through oneDNN where it has bf16 natively."""
     if not (_own_half_routes and autocasting("cpu") and x.device.type == "cpu"
             and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         return False
-    return _ONEDNN_LINEAR is not None if cpu_supports_bf16() else _half_via_fp32
+    return _ONEDNN_BF16 if cpu_supports_bf16() else _half_via_fp32
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -172,6 +180,31 @@ ONEDNN_MIN_ROWS = 64  # below, a decode step's few rows: F.linear
 ONEDNN_MIN_FEATURES = 256  # in and out; smaller layers (the demo's 128-wide model) keep F.linear and its bits
 
 
+def _onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs `dtype` on this CPU, as the environment holds it, tried once on the smallest
+    product microft routes there: held to AVX2 (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) it has no bf16 or
+    fp16 linear and raises "could not create a primitive descriptor"."""
+    if _ONEDNN_LINEAR is None:
+        return False
+    x = torch.ones(ONEDNN_MIN_ROWS, ONEDNN_MIN_FEATURES, dtype=dtype)
+    try:
+        _ONEDNN_LINEAR(x, torch.ones(ONEDNN_MIN_FEATURES, ONEDNN_MIN_FEATURES, dtype=dtype), None, "none", [None], "")
+    except Exception:  # RuntimeError from oneDNN; any other failure (another platform's build) means no, too
+        return False
+    return True
+
+
+# asked once at import: constants are what torch.compile traces cleanly, and the answer cannot change in a process
+_ONEDNN_DTYPES = frozenset(d for d in (torch.float32, torch.bfloat16, torch.float16) if _onednn_runs(d))
+# bf16 linears through oneDNN: where the CPU has bf16 natively (never by MICROFT_CPU_BF16 alone) and oneDNN runs it
+_ONEDNN_BF16 = native_cpu_bf16() and torch.bfloat16 in _ONEDNN_DTYPES
+
+
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear can run `dtype` here (the MFU probe times only engines that can)."""
+    return dtype in _ONEDNN_DTYPES
+
+
 def amd_x86(cpuinfo: str | None = None) -> bool:
     """Whether this is an AMD x86 CPU (`cpuinfo`: /proc/cpuinfo's text, read when not given; elsewhere than
     Linux, the processor string Windows reports)."""
@@ -198,11 +231,11 @@ _fp32_onednn = _fp32_onednn_default()
 
 
 def _onednn_dtype(dtype: torch.dtype) -> bool:
-    """fp32 on AMD x86 CPUs (see _fp32_onednn_default); bf16 where the CPU has it natively (the same bits as
-    F.linear, up to ~15 % faster)."""
+    """fp32 on AMD x86 CPUs (see _fp32_onednn_default); bf16 where the CPU has it natively and oneDNN runs it
+    (the same bits as F.linear, up to ~15 % faster); never a dtype oneDNN cannot run here."""
     if dtype == torch.float32:
-        return _fp32_onednn
-    return dtype == torch.bfloat16 and _own_half_routes and cpu_supports_bf16()
+        return _fp32_onednn and dtype in _ONEDNN_DTYPES
+    return dtype == torch.bfloat16 and _own_half_routes and _ONEDNN_BF16 and cpu_supports_bf16()
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

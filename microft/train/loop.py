@@ -69,6 +69,7 @@ from microft.train.step import (
     resolve_device,
     resolve_precision,
 )
+from microft.train.verdict import verdict
 
 Event = dict[str, Any]
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
@@ -226,23 +227,6 @@ def evaluate(model: torch.nn.Module, val: Sequence, micro_bs: int, max_batches: 
         count += target_weight(samples)
     model.train(was_training)
     return float(total) / max(count, 1.0)
-
-
-def verdict(history: list[Event]) -> str:
-    """One line read from the learning curves."""
-    evals = [h for h in history if "val_loss" in h]
-    if len(evals) < 2:
-        return "not enough evaluations for a verdict (set --eval-every)"
-    best = min(evals, key=lambda h: h["val_loss"])
-    last = evals[-1]
-    if last["val_loss"] > best["val_loss"] * 1.02 and best is not last:
-        return f"overfitting from step {best['step']} (val loss {best['val_loss']:.3f} → {last['val_loss']:.3f}; best weights kept)"
-    first = evals[0]["val_loss"]
-    tail = evals[-max(2, len(evals) // 4):]
-    still_falling = tail[0]["val_loss"] - tail[-1]["val_loss"] > 0.02 * max(first - last["val_loss"], 1e-8) + 0.01
-    if still_falling:
-        return f"underfitting: val loss still falling at the end ({last['val_loss']:.3f}); train longer or raise lr"
-    return f"well fit: val loss {first:.3f} → {last['val_loss']:.3f}, flat at the end"
 
 
 def _signal_flag() -> tuple[dict[str, int], Callable[[], None]]:
@@ -593,16 +577,19 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
     state, model = run.state, run.model
     n_trainable = model.num_params(trainable_only=True)
     fpt = flops_per_token(model.config, max(run.lengths), n_trainable / max(1, model.num_params()))
-    peak_flops, peak_src = device_peak_flops(run.device, run.precision)
     tps = state.tokens / max(elapsed, 1e-9)
+    train_tps = state.tokens / max(state.train_time, 1e-9)
+    # the run's own rate while training bounds the device's peak from below: a cached probe under it is re-probed
+    observed = train_tps * fpt / run.dist.world_size if state.train_time > 0 else 0.0
+    peak_flops, peak_src = device_peak_flops(run.device, run.precision, observed)
     summary = {
         "traced_peak": traced_peak,
         "kind": "summary", "steps": state.step, "time_s": elapsed, "tokens": state.tokens, "tokens_per_sec": tps,
-        "train_tokens_per_sec": state.tokens / max(state.train_time, 1e-9),
+        "train_tokens_per_sec": train_tps,
         "final_loss": last_loss, "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
         "best_step": state.best_step if state.best_step >= 0 else None, "skipped_steps": state.skipped_steps,
         "mfu": tps * fpt / (peak_flops * run.dist.world_size), "peak_flops": peak_flops,
-        "peak_flops_source": peak_src, "verdict": verdict(state.history), "final_dir": str(final),
+        "peak_flops_source": peak_src, "verdict": verdict(state.history, model.config.vocab_size), "final_dir": str(final),
         **memory_stats(run.device),
     }
     if run.dist.is_main:
