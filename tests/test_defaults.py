@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from microft.cli import app
 from microft.config import EVALS_PER_RUN, BatchPlan
-from microft.train.loop import eval_cadence, plot_curves, resume_command, smoothed, train
+from microft.train.loop import eval_cadence, resume_command, train
+from microft.train.sinks import plot_curves, smoothed
 from microft.ui import TrainReporter, shorten_left, summary_lines
 from tests.helpers import masked_samples, run_config, tiny_model
 from tests.test_finetune import alpaca_file

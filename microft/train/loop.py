@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -59,6 +58,7 @@ from microft.train.optim import (
     schedule_note,
     warmup_steps,
 )
+from microft.train.sinks import SINKS, Fanout, SinkContext
 from microft.train.step import (
     autocast_context,
     cpu_supports_bf16,
@@ -75,7 +75,6 @@ Event = dict[str, Any]
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
 SKIP_STREAK = 3  # fp16: consecutive steps the scaler may skip on a non-finite loss before the run stops
 SKIP_STREAK_FINITE = 16  # ... on overflowing gradients alone (by then the scale has fallen 2^16-fold)
-PLOT_HINT = "not drawn: matplotlib is not installed (pip install 'microft[plot]' adds it)"
 OOM_ADVICE = ("try a smaller --micro-bs with a larger --accum, --grad-ckpt, --precision bf16-mixed, or --lora "
               "(see `microft estimate-mem`)")
 
@@ -143,10 +142,6 @@ class Run:
     def eval_every(self) -> int:
         """Steps between evaluations: --eval-every, else about EVALS_PER_RUN a run (0: never)."""
         return eval_cadence(self.cfg.eval_every, self.total_steps)
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out / "metrics.jsonl"
 
 
 def keep_freed_memory() -> bool:
@@ -270,13 +265,23 @@ def train(
         run.state = TrainState(**restore(run, resume_dir))
         if note := schedule_note(asked, run.schedule, run.state.step, run.total_steps, run.out):
             on_event({"kind": "note", "text": note})
+    start_outputs(run)
+    resume_step = (run.state.step if resume_dir is not None else -1) if cfg.resume else None
+    run.on_event = on_event = open_stream(run, on_event, resume_step)
+    try:
+        return _train(run, resume_dir, memory, banner_extra)
+    finally:
+        on_event.close()
+
+
+def _train(run: Run, resume_dir: Path | None, memory: MemoryHooks, banner_extra: dict[str, Any] | None
+           ) -> dict[str, Any]:
+    """`train` once the run is set up and its event stream open."""
+    cfg, model, on_event = run.cfg, run.model, run.on_event
     on_event(banner(run, resume_dir, memory.banner_peak(run.precision, run.plan), banner_extra))
     if note := emulated_precision_note(run.precision, run.device):
         on_event({"kind": "note", "text": note})
-    start_outputs(run)
     flag, restore_signals = _signal_flag()
-    if cfg.resume and run.dist.is_main and run.metrics_path.exists():  # drop records past the checkpoint
-        keep_metrics(run, run.state.step if resume_dir is not None else -1)
     model.train()
     state = run.state
     if state.step == 0 and resume_dir is None:
@@ -295,8 +300,6 @@ def train(
             streak = [*streak, rec] if rec["skipped"] else []
             check_skips(run, streak)
             rec["elapsed"] = state.elapsed = time.perf_counter() - t_start
-            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
-                write_metric(run, rec)
             on_event(rec)
             if _due(run.eval_every, state.step, run.total_steps):
                 evaluate_now(run)
@@ -386,6 +389,19 @@ def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra:
         "start_step": run.state.step, "out": str(run.out), "estimated_peak": estimated_peak,
         **(extra or {}),
     }
+
+
+def open_stream(run: Run, on_event: Callable[[Event], None], resume_step: int | None) -> Fanout:
+    """The run's event stream: `SINKS` (on the main process) then `on_event` (the console)."""
+    if not run.dist.is_main:
+        return Fanout([], on_event)
+    ctx = SinkContext(out=run.out, log_every=run.cfg.log_every,
+                      title=f"{run.out.name}: {run.model.config.name}, {run.plan.describe()}",
+                      resume_step=resume_step, note=lambda text: on_event({"kind": "note", "text": text}),
+                      failed=lambda e, what: save_failed(e, what, run.out),
+                      config={"config": run.cfg.model_dump(mode="json"), "plan": run.plan.model_dump(),
+                              "precision": run.precision})
+    return Fanout([make(ctx) for make in SINKS.values()], on_event)
 
 
 def start_outputs(run: Run) -> None:
@@ -512,50 +528,10 @@ def evaluate_now(run: Run) -> None:
         save_checkpoint(run, "best")
     else:
         state.evals_since_best += 1
-    write_metric(run, rec)
     run.on_event(rec)
     if run.on_eval:
         for e in run.on_eval(run.model, state.step):
             run.on_event(e)
-
-
-def write_metric(run: Run, rec: Event) -> None:
-    """Append one record to OUT/metrics.jsonl (rank 0)."""
-    if run.dist.is_main:
-        try:
-            with open(run.metrics_path, "a") as f:
-                f.write(json.dumps({k: v for k, v in rec.items() if k != "kind"}) + "\n")
-        except OSError as e:
-            raise save_failed(e, f"metrics.jsonl at step {run.state.step}", run.out) from None
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The records of a metrics.jsonl and how many lines were unreadable (a SIGKILL tears the last one)."""
-    recs, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            bad += 1
-            continue
-        if isinstance(rec, dict):
-            recs.append(rec)
-        else:
-            bad += 1
-    return recs, bad
-
-
-def keep_metrics(run: Run, last_step: int) -> None:
-    """Rewrite OUT/metrics.jsonl (atomically) with the records up to `last_step`; torn lines dropped with a note."""
-    recs, bad = read_metrics(run.metrics_path)
-    if bad:
-        run.on_event({"kind": "note", "text": f"dropped {bad} torn line{'s' if bad > 1 else ''} of "
-                                              f"{run.metrics_path} (a run killed while writing)"})
-    tmp = run.metrics_path.with_name(f".tmp-metrics-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= last_step))
-    os.replace(tmp, run.metrics_path)
 
 
 def check_skips(run: Run, streak: list[Event]) -> None:
@@ -592,19 +568,7 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
         "peak_flops_source": peak_src, "verdict": verdict(state.history, model.config.vocab_size), "final_dir": str(final),
         **memory_stats(run.device),
     }
-    if run.dist.is_main:
-        title = f"{run.out.name}: {run.model.config.name}, {run.plan.describe()}"
-        try:
-            (run.out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "kind"},
-                                                             indent=2))
-            plot = plot_curves(run.metrics_path, run.out / "learning_curve.png", title)
-        except OSError as e:
-            raise save_failed(e, "summary.json", run.out) from None
-        if plot:
-            summary["plot"] = str(plot)
-        else:
-            summary["plot_missing"] = PLOT_HINT
-    return summary
+    return summary  # summary.json and the plot: sinks.SummaryFiles
 
 
 def resume_command(out: Path) -> str:
@@ -628,49 +592,3 @@ def halve_micro_batch(plan: BatchPlan) -> BatchPlan:
     return BatchPlan(micro_bs=micro, accum=plan.micro_bs * plan.accum // micro, world_size=plan.world_size)
 
 
-def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
-    """Bias-corrected exponential moving average (the smoothed train loss of the plot)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight**i))
-    return out
-
-
-def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> Path | None:
-    """Train loss (per step, faint, and smoothed), val loss markers and the lr (right axis) against step,
-    titled with the run; when matplotlib (the `plot` extra) is installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    recs, _ = read_metrics(metrics_path)
-    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
-    va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    lr = [(r["step"], r["lr"]) for r in recs if "lr" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if tr:
-        steps, losses = zip(*tr)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
-        ax.plot(steps, smoothed(list(losses)), color="tab:blue", label="train (smoothed)")
-    if va:
-        ax.plot(*zip(*va), "o--", color="tab:orange", label="val")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (token mean)")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if lr:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*lr), color="tab:gray", linewidth=1, linestyle=":", label="lr")
-        ax2.set_ylabel("learning rate")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper right")
-    ax.set_title(title or str(metrics_path.parent))
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
