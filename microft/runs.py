@@ -340,7 +340,7 @@ def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None]) -> None:
 @owns_out
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
-    from microft.instruct import load_instruct_data, write_predictions
+    from microft.instruct import load_instruct_data
     from microft.train.loop import train
     from microft.train.step import resolve_device
 
@@ -357,24 +357,9 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     data = load_instruct_data(cfg, max_len, tok, records=records)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
-    truncated, dropped = (sum(getattr(st, k) for st in data.stats.values()) for k in ("n_truncated", "n_dropped"))
-    stats_line = (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples; "
-                  f"{truncated} truncated, {dropped} dropped (response cut away; all splits), "
-                  f"{data.n_skipped} bad records skipped")
     if cfg.lora:
         add_lora(cfg, model, on_event)
-
-    def save_extra(d):  # the tokenizer files, and adapters beside the (unchanged) base weights
-        if demo_own_model:
-            from microft.demo import write_demo_tokenizer
-
-            write_demo_tokenizer(d)
-        else:
-            write_tokenizer_files(cfg.model or "gpt2-tiny", d, model.config)
-        if cfg.lora:
-            from microft.lora import write_adapter_files
-
-            write_adapter_files(d, model, None if demo_own_model else cfg.model or "gpt2-tiny")
+    save_extra = saved_files(cfg, model, demo_own_model)
 
     from microft.train.distributed import distributed, main_only
 
@@ -401,17 +386,9 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                                           f"({len(data.eval_samples)} items)"})
             return acc, preds
 
-        banner = {"data_stats": stats_line}
+        banner = {"data_stats": data_stats_line(data)}
         if demo:
-            what = (f"a randomly initialised {model.num_params() / 1e6:.2f}M-parameter GPT with its own "
-                    f"{tok.vocab_size}-token tokenizer" if demo_own_model else cfg.model)
-            if demo_own_model and device.type == "cpu":
-                import torch
-
-                what += f" ({torch.get_num_threads()} torch thread(s); OMP_NUM_THREADS=N sets them)"
-            banner["demo"] = (f"built-in demo: {what} learns six small instruction tasks with checkable answers "
-                              "(count words, largest number, reverse words, sort numbers, passive voice, "
-                              "upper-casing); held-out exact match is scored before and after training")
+            banner["demo"] = demo_banner(cfg, model, tok, demo_own_model, device)
         acc_before = accuracy("before training")[0] if demo and talk and not cfg.resume else None
         plan = batch_plan(cfg, dist.world_size, model.config, emit, len(data.train))
         banner.update(batch_banner(cfg, plan))
@@ -422,17 +399,62 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             summary["demo_accuracy_before"] = acc_before
             summary["demo_accuracy_after"], demo_preds = accuracy("after training")
         if cfg.predict and data.eval_samples and talk:
-            preds = respond_all(model, data.template, data.eval_samples, 128, tok)
-            path = f"{cfg.out}/predictions.jsonl"
-            write_predictions(path, [{"prompt": s["prompt"], "reference": s["response"], "prediction": p}
-                                     for s, p in zip(data.eval_samples, preds, strict=True)])
-            emit({"kind": "note", "text": f"wrote {len(preds)} predictions to {path}"})
-            summary["predictions"] = path
+            summary["predictions"] = predict(cfg, model, data, tok, emit)
         if demo and talk:  # what to do next comes last
             summary["next_steps"] = demo_next_steps(cfg, data, records.parts.val, demo_preds, summary["final_dir"])
             for line in summary["next_steps"]:
                 emit({"kind": "note", "text": line})
     return summary
+
+
+def data_stats_line(data: Any) -> str:
+    """The banner's line on the data: samples per split, truncated and dropped, bad records skipped."""
+    truncated, dropped = (sum(getattr(st, k) for st in data.stats.values()) for k in ("n_truncated", "n_dropped"))
+    return (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples; "
+            f"{truncated} truncated, {dropped} dropped (response cut away; all splits), "
+            f"{data.n_skipped} bad records skipped")
+
+
+def demo_banner(cfg: RunConfig, model: Any, tok: Any, own_model: bool, device: Any) -> str:
+    """The banner's line on the demo: which model learns what, and how it is scored."""
+    what = (f"a randomly initialised {model.num_params() / 1e6:.2f}M-parameter GPT with its own "
+            f"{tok.vocab_size}-token tokenizer" if own_model else cfg.model)
+    if own_model and device.type == "cpu":
+        import torch
+
+        what += f" ({torch.get_num_threads()} torch thread(s); OMP_NUM_THREADS=N sets them)"
+    return (f"built-in demo: {what} learns six small instruction tasks with checkable answers "
+            "(count words, largest number, reverse words, sort numbers, passive voice, "
+            "upper-casing); held-out exact match is scored before and after training")
+
+
+def saved_files(cfg: RunConfig, model: Any, demo_own_model: bool) -> Callable[[Path], None]:
+    """What every saved model directory gets beside the weights: the tokenizer files, and the LoRA adapters
+    beside the (unchanged) base weights."""
+    def save_extra(d: Path) -> None:
+        if demo_own_model:
+            from microft.demo import write_demo_tokenizer
+
+            write_demo_tokenizer(d)
+        else:
+            write_tokenizer_files(cfg.model or "gpt2-tiny", d, model.config)
+        if cfg.lora:
+            from microft.lora import write_adapter_files
+
+            write_adapter_files(d, model, None if demo_own_model else cfg.model or "gpt2-tiny")
+    return save_extra
+
+
+def predict(cfg: RunConfig, model: Any, data: Any, tok: Any, emit: Callable[[Event], None]) -> str:
+    """`--predict`: responses to the held-out samples in OUT/predictions.jsonl; returns its path."""
+    from microft.instruct import write_predictions
+
+    preds = respond_all(model, data.template, data.eval_samples, 128, tok)
+    path = f"{cfg.out}/predictions.jsonl"
+    write_predictions(path, [{"prompt": s["prompt"], "reference": s["response"], "prediction": p}
+                             for s, p in zip(data.eval_samples, preds, strict=True)])
+    emit({"kind": "note", "text": f"wrote {len(preds)} predictions to {path}"})
+    return path
 
 
 def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[str], final_dir: str) -> list[str]:
