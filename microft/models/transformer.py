@@ -153,8 +153,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (B, nh, T, hs) by position, halves layout (HF's `rotate_half`); with tables narrower than hs
     (partial rotary) only the leading dims turn, the rest pass through."""
     rd = cos.size(-1)
-    if rd < x.size(-1):
-        return torch.cat((apply_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
+    if rd < x.size(-1):  # joined in the (B, T, nh, hs) order of the projection x views, as the full rotation's
+        # output is: the attention's output then keeps that order and its reshape for o_proj copies nothing
+        turned = apply_rope(x[..., :rd], cos, sin)
+        return torch.cat((turned.transpose(1, 2), x[..., rd:].transpose(1, 2)), dim=-1).transpose(1, 2)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
