@@ -241,3 +241,28 @@ def test_unsupported_switches_are_refused_by_name():
         granite.model_copy(update={"model_type": "llama"}).to_hf()
     with pytest.raises(ValueError, match="short_factor has 4 values"):  # 16 rotary dims need 8 factors
         ModelConfig(**{**ModelConfig.from_preset("phi3-tiny").model_dump(), "partial_rotary_factor": 1.0})
+
+
+# the estimator against the traced step beyond tests/test_memory_sync.py's grid (which runs each tiny preset in
+# fp32, bf16-mixed, checkpointed and LoRA): NF4 bases under the partial rotary, bf16-true gains (OLMo 2 multiplies
+# them in fp32, Granite scales in bf16), 8-bit AdamW with accumulation
+REPLAY_GRID = {
+    "phi3-qlora-ckpt": ("phi3-tiny", "bf16-mixed", {"lora": True, "lora_targets": "all", "quantize": "nf4",
+                                                    "lora_r": 4, "grad_ckpt": True}, 1),
+    "olmo2-bf16-true": ("olmo2-tiny", "bf16-true", {}, 1),
+    "granite-bf16-true-8bit": ("granite-tiny", "bf16-true", {"optimizer": "adamw-8bit"}, 2),
+    "smollm3-qlora-fp32": ("smollm3-tiny", "fp32", {"lora": True, "lora_targets": "all", "quantize": "nf4",
+                                                    "lora_r": 4}, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLAY_GRID))
+def test_replay_matches_the_trace_to_the_byte(name):
+    from microft.config import RunConfig
+    from microft.memory.estimate import load_shape, setup_for
+    from tests.test_memory_sync import assert_replay_is_the_trace
+
+    preset, precision, kw, accum = REPLAY_GRID[name]
+    cfg = RunConfig(precision=precision, max_seq_len=48, **kw)
+    arch = load_shape(preset)
+    assert_replay_is_the_trace(arch, setup_for(cfg, arch, 2, accum=accum), cfg)
