@@ -247,3 +247,60 @@ def test_the_phi4_mini_qlora_recipe_estimate_lines_say_what_estimate_mem_says():
         spare = (est["budget_bytes"] - est["total_bytes"]) / 2**30 if "budget_bytes" in est else None
         if spare is not None:
             assert f"({spare:.1f} GiB spare)" in claim
+
+
+# the chat formats of OLMo 2 (Tülu's tags, EOS after each answer) and Granite 3 (role markers, <|end_of_text|>
+# after every turn), written for these tests with transformers' generation marks; SmolLM3 speaks ChatML, which
+# tests/test_families_e2e.py covers with Qwen's
+OTHER_FORMATS = {
+    "olmo2": (["<|system|>", "<|user|>", "<|assistant|>"], "<|endoftext|>", (
+        "{%- for m in messages %}"
+        "{%- if m.role == 'assistant' %}"
+        "{{- '<|assistant|>\\n' }}{% generation %}{{- m.content + eos_token }}{% endgeneration %}"
+        "{%- if not loop.last %}{{- '\\n' }}{%- endif %}"
+        "{%- else %}{{- '<|' + m.role + '|>\\n' + m.content + '\\n' }}{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}")),
+    "granite": (["<|start_of_role|>", "<|end_of_role|>"], "<|end_of_text|>", (
+        "{%- for m in messages %}"
+        "{{- '<|start_of_role|>' + m.role + '<|end_of_role|>' }}"
+        "{%- if m.role == 'assistant' %}{% generation %}{{- m.content + '<|end_of_text|>' }}{% endgeneration %}"
+        "{%- else %}{{- m.content + '<|end_of_text|>' }}{%- endif %}"
+        "{{- '\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}")),
+}
+
+
+@pytest.mark.parametrize("family", list(OTHER_FORMATS))
+def test_chat_formats_mask_exactly_the_assistant_tokens_and_stop_at_their_end(family, tmp_path):
+    from tokenizers import Tokenizer
+
+    from microft.instruct import load_instruct_data
+    from microft.models.config import ModelConfig
+    from microft.models.load import read_model_config
+
+    specials, eos, template = OTHER_FORMATS[family]
+    d = tmp_path / family
+    d.mkdir()
+    tok = Tokenizer.from_str(trained_tokenizer_json())
+    tok.add_special_tokens(specials)
+    tok.save(str(d / "tokenizer.json"))
+    hf_cfg = ModelConfig.from_preset(f"{family}-tiny").model_copy(update={"vocab_size": 640}).to_hf()
+    (d / "config.json").write_text(json.dumps({**hf_cfg, "eos_token_id": tok.token_to_id(eos)}))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": eos,
+        "chat_template": template}), encoding="utf-8")
+    data = chat_file(tmp_path / "chat.jsonl", n=6)
+    ours = tokenizer_for(str(d), read_model_config(d))
+    assert tok.token_to_id(eos) in ours.eos_ids
+    samples = load_instruct_data(RunConfig(model=str(d), data=str(data), val_frac=0.0), 256, ours).train
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
+    for s, line in zip(samples, data.read_text().splitlines(), strict=True):
+        enc = hf_tok.apply_chat_template(json.loads(line)["messages"], tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
+        ids, mask = enc["input_ids"], enc["assistant_masks"]
+        last = max(i for i, m in enumerate(mask) if m)
+        assert hf_tok.convert_ids_to_tokens(ids[last]) == eos
+        assert s["input_ids"] == ids[:last]
+        assert s["labels"] == [t if m else IGNORE_INDEX for t, m in zip(ids[1 : last + 1], mask[1 : last + 1])]
