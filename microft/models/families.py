@@ -432,6 +432,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                        tie_embeddings=False, layer_norm_eps=1e-5, bos_token_id=1,
                                        eos_token_id=32000),
                "phi3-tiny": _preset("phi3", **_NEW_TINY, partial_rotary_factor=0.5, tie_embeddings=True,
+                                    sliding_window=24,
                                     longrope=_ones_longrope(8, 256, original=32) | dict(
                                         short_factor=[1.0, 1.5, 2.0, 4.0], long_factor=[2.0, 3.0, 5.0, 9.0])),
            },
