@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from microft.errors import ConfigError
-from microft.models.config import EOT_TOKEN
+from microft.models.config import EOT_TOKEN, ModelConfig
 from microft.models.precision import compute_dtype
 from microft.models.transformer import GPT, KVCache
 from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
@@ -142,7 +142,7 @@ def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: i
         model.train(was_training)
 
 
-def _longrope_switch(cfg, cached: int, length: int) -> bool:
+def _longrope_switch(cfg: ModelConfig, cached: int, length: int) -> bool:
     """Whether LongRoPE's long factors take over at this step: the sequence has just grown past the original
     context, so the cached keys (rotated with the short factors) are recomputed, as Phi-3's generation does."""
     lr = cfg.longrope

@@ -228,7 +228,9 @@ class HFReader:
             t = self._fused[1]
             if t.shape[0] != part[3]:
                 raise CheckpointError(f"{self.files.source}: {key} has {t.shape[0]} rows, the model expects {part[3]}")
-            return t[part[1] : part[1] + part[2]].clone()  # its own storage: the fused tensor is dropped later
+            if part[1] + part[2] == part[3]:  # its last part: nothing holds the fused tensor any longer
+                self._fused = None
+            return t[part[1] : part[1] + part[2]].clone()  # its own storage, not a view of the fused tensor
         t = self.files.get(key)
         if is_transposed(self.cfg, name):
             if t.dim() != 2:
