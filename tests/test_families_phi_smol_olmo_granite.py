@@ -30,6 +30,12 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         original_max_position_embeddings=16, partial_rotary_factor=0.5, rope_parameters=LONGROPE,
         sliding_window=12, tie_word_embeddings=True)),
+    # phi3.5 as Phi-3/3.5-mini: LongRoPE over every head dim, untied head; its old layout says `type: su`
+    "phi3.5": ("Phi3Config", "Phi3ForCausalLM", dict(
+        original_max_position_embeddings=16, tie_word_embeddings=False,
+        rope_parameters={**LONGROPE, "partial_rotary_factor": 1.0, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5,
+                                                                                     3.0, 4.0],
+                         "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]})),
     # smollm3: layer 0 without RoPE (NoPE), biases on the attention and MLP, untied head
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
         no_rope_layers=[0, 1], attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
@@ -45,16 +51,20 @@ FAMILIES = {
 LAYOUTS = ("new", "old")
 
 
-def to_old_layout(config_path) -> None:
+def model_type(name: str) -> str:
+    return name.split(".")[0]
+
+
+def to_old_layout(config_path, longrope_as: str = "longrope") -> None:
     """Rewrite a transformers-5 config.json as hub checkpoints carry it: `rope_theta`, `rope_scaling` (type
-    `longrope` for Phi-3, else none) and `partial_rotary_factor` at the top."""
+    `longrope` or `su` for Phi-3, else none) and `partial_rotary_factor` at the top."""
     raw = json.loads(config_path.read_text())
     params = dict(raw.pop("rope_parameters"))
     raw["rope_theta"] = params.pop("rope_theta")
     if "partial_rotary_factor" in params:
         raw["partial_rotary_factor"] = params.pop("partial_rotary_factor")
     params.pop("original_max_position_embeddings", None)
-    kind = params.pop("rope_type")
+    kind = params.pop("rope_type").replace("longrope", longrope_as)
     raw["rope_scaling"] = {"type": kind, **params} if kind != "default" else None
     config_path.write_text(json.dumps(raw))
 
@@ -76,7 +86,7 @@ def family(request, tmp_path_factory):
     hf.save_pretrained(d, max_shard_size="200KB")
     assert (d / "model.safetensors.index.json").exists()
     if layout == "old":
-        to_old_layout(d / "config.json")
+        to_old_layout(d / "config.json", "su" if name == "phi3.5" else "longrope")
         hf = type(hf).from_pretrained(d).eval()  # transformers reads the old layout as the same model
     return name, hf, d
 
@@ -93,7 +103,7 @@ def max_diff(hf, ours, x) -> float:
 def test_config_reads_every_switch(family):
     name, hf, d = family
     cfg = read_model_config(d)
-    assert cfg.model_type == name and cfg.n_kv_head == 2
+    assert cfg.model_type == model_type(name) and cfg.n_kv_head == 2
     assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) == Transformer(cfg).num_params()
     if name == "phi3":
         assert cfg.partial_rotary_factor == 0.5 and cfg.rotary_dim == 8 and cfg.sliding_window == 12
@@ -101,6 +111,9 @@ def test_config_reads_every_switch(family):
         assert lr.original_max_position_embeddings == 16 and lr.long_factor == [2.0, 3.0, 5.0, 9.0]
         assert lr.attention_factor == pytest.approx(hf.model.rotary_emb.attention_scaling, abs=0)
         assert cfg.tie_embeddings
+    if name == "phi3.5":
+        assert cfg.rotary_dim == 16 and cfg.longrope.short_factor[-1] == 4.0 and not cfg.tie_embeddings
+        assert cfg.sliding_window is None
     if name == "smollm3":
         assert cfg.rope_layers == [False, True] and cfg.qkv_bias and cfg.attn_out_bias and cfg.mlp_bias
     if name == "olmo2":
@@ -159,6 +172,7 @@ def test_export_round_trips_through_transformers(family, tmp_path):
 
 
 PEFT_TARGETS = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
+PEFT_TARGETS["phi3.5"] = PEFT_TARGETS["phi3"]
 
 
 @pytest.mark.parametrize("targets", ["all", "q_proj,v_proj,up_proj"])
@@ -266,3 +280,10 @@ def test_replay_matches_the_trace_to_the_byte(name):
     cfg = RunConfig(precision=precision, max_seq_len=48, **kw)
     arch = load_shape(preset)
     assert_replay_is_the_trace(arch, setup_for(cfg, arch, 2, accum=accum), cfg)
+
+
+def test_phi3_takes_its_fused_modules_names_as_lora_targets():
+    model = Transformer(ModelConfig.from_preset("phi3-tiny"))
+    apply_lora(model, 2, 4, targets="qkv_proj,gate_up_proj")
+    adapted = {n.split(".")[3] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
