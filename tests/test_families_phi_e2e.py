@@ -23,7 +23,7 @@ from microft.errors import Interrupted  # noqa: E402
 from microft.models.config import IGNORE_INDEX  # noqa: E402
 from microft.runs import run_finetune, tokenizer_for  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
-from tests.tokdirs import trained_tokenizer_json  # noqa: E402
+from tests.tokdirs import QWEN_TEMPLATE, trained_tokenizer_json  # noqa: E402
 
 runner = CliRunner()
 PHI_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -250,9 +250,10 @@ def test_the_phi4_mini_qlora_recipe_estimate_lines_say_what_estimate_mem_says():
 
 
 # the chat formats of OLMo 2 (Tülu's tags, EOS after each answer) and Granite 3 (role markers, <|end_of_text|>
-# after every turn), written for these tests with transformers' generation marks; SmolLM3 speaks ChatML, which
-# tests/test_families_e2e.py covers with Qwen's
+# after every turn), written for these tests with transformers' generation marks; SmolLM3 speaks ChatML (its
+# masks: tests/test_families_e2e.py, with Qwen's)
 OTHER_FORMATS = {
+    "smollm3": (["<|im_start|>", "<|im_end|>"], "<|im_end|>", QWEN_TEMPLATE),
     "olmo2": (["<|system|>", "<|user|>", "<|assistant|>"], "<|endoftext|>", (
         "{%- for m in messages %}"
         "{%- if m.role == 'assistant' %}"
@@ -272,28 +273,39 @@ OTHER_FORMATS = {
 }
 
 
-@pytest.mark.parametrize("family", list(OTHER_FORMATS))
-def test_chat_formats_mask_exactly_the_assistant_tokens_and_stop_at_their_end(family, tmp_path):
+def write_family_dir(d: Path, family: str) -> Path:
+    """A random-weight tiny preset of `family` exported as transformers saves it, with a BPE carrying the
+    family's chat tokens, its chat format and EOS."""
     from tokenizers import Tokenizer
 
-    from microft.instruct import load_instruct_data
     from microft.models.config import ModelConfig
-    from microft.models.load import read_model_config
+    from microft.models.hf import export_hf
+    from microft.models.transformer import Transformer
 
     specials, eos, template = OTHER_FORMATS[family]
-    d = tmp_path / family
-    d.mkdir()
     tok = Tokenizer.from_str(trained_tokenizer_json())
     tok.add_special_tokens(specials)
+    cfg = ModelConfig.from_preset(f"{family}-tiny").model_copy(update={
+        "vocab_size": 640, "eos_token_id": tok.token_to_id(eos), "bos_token_id": None})
+    torch.manual_seed(0)
+    export_hf(Transformer(cfg), d)
     tok.save(str(d / "tokenizer.json"))
-    hf_cfg = ModelConfig.from_preset(f"{family}-tiny").model_copy(update={"vocab_size": 640}).to_hf()
-    (d / "config.json").write_text(json.dumps({**hf_cfg, "eos_token_id": tok.token_to_id(eos)}))
     (d / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": eos,
         "chat_template": template}), encoding="utf-8")
+    return d
+
+
+@pytest.mark.parametrize("family", ["olmo2", "granite"])
+def test_chat_formats_mask_exactly_the_assistant_tokens_and_stop_at_their_end(family, tmp_path):
+    from microft.instruct import load_instruct_data
+    from microft.models.load import read_model_config
+
+    _, eos, _ = OTHER_FORMATS[family]
+    d = write_family_dir(tmp_path / family, family)
     data = chat_file(tmp_path / "chat.jsonl", n=6)
     ours = tokenizer_for(str(d), read_model_config(d))
-    assert tok.token_to_id(eos) in ours.eos_ids
+    assert ours.token_to_id(eos) in ours.eos_ids
     samples = load_instruct_data(RunConfig(model=str(d), data=str(data), val_frac=0.0), 256, ours).train
     hf_tok = transformers.AutoTokenizer.from_pretrained(d)
     for s, line in zip(samples, data.read_text().splitlines(), strict=True):
@@ -304,3 +316,31 @@ def test_chat_formats_mask_exactly_the_assistant_tokens_and_stop_at_their_end(fa
         assert hf_tok.convert_ids_to_tokens(ids[last]) == eos
         assert s["input_ids"] == ids[:last]
         assert s["labels"] == [t if m else IGNORE_INDEX for t, m in zip(ids[1 : last + 1], mask[1 : last + 1])]
+
+
+@pytest.mark.parametrize("family", list(OTHER_FORMATS))
+def test_splits_and_resume_are_exact(family, tmp_path):
+    """SmolLM3, OLMo 2, Granite 3 through `run_finetune`: one global batch split 1 × 4 (checkpointed) or 4 × 1
+    gives the same weights, and a run stopped by SIGINT and resumed ends bit-exact."""
+    model = write_family_dir(tmp_path / "model", family)
+    fam = (model, chat_file(tmp_path / "chat.jsonl"))
+    finals = {}
+    for mb, acc in [(1, 4), (4, 1)]:
+        run_finetune(run_cfg(fam, tmp_path / f"{mb}x{acc}", mb, acc, optimizer="sgd", momentum=0.0,
+                             max_grad_norm=None, group_by_length=False, grad_ckpt=mb == 1), lambda e: None)
+        finals[mb] = read_safetensors(tmp_path / f"{mb}x{acc}" / "final" / "model.safetensors")
+    for name, t in finals[4].items():
+        assert (finals[1][name] - t).abs().max().item() <= 1e-6, name
+    run_finetune(run_cfg(fam, tmp_path / "ref", 2, 2, save_every=2), lambda e: None)
+    cfg = run_cfg(fam, tmp_path / "cut", 2, 2, save_every=2)
+
+    def interrupt_at_2(e):
+        if e["kind"] == "step" and e["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        run_finetune(cfg, interrupt_at_2)
+    run_finetune(cfg.model_copy(update={"resume": "auto"}), lambda e: None)
+    ref = read_safetensors(tmp_path / "ref" / "final" / "model.safetensors")
+    got = read_safetensors(tmp_path / "cut" / "final" / "model.safetensors")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
