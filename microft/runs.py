@@ -245,6 +245,12 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         model = load_base(cfg)
         tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     max_len = seq_len_for(cfg, model.config.n_positions)
+    longrope = model.config.longrope
+    if longrope is not None and max_len > longrope.original_max_position_embeddings:
+        orig = longrope.original_max_position_embeddings
+        on_event({"kind": "note", "text": f"LongRoPE: a micro-batch padded past {orig} positions takes the long "
+                  f"RoPE factors for all its samples (as transformers does), so there the split of the global batch "
+                  f"changes the result; --max-seq-len {orig} keeps it exact"})
     demo_sets = None
     if demo:
         from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records

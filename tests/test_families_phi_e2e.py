@@ -217,7 +217,9 @@ def test_splits_of_the_global_batch_give_the_same_weights(phi, tmp_path):
 
 
 def test_resume_after_sigint_is_bit_exact(phi, tmp_path):
-    run_finetune(run_cfg(phi, tmp_path / "ref", 2, 2, save_every=2), lambda e: None)
+    events: list[dict] = []
+    run_finetune(run_cfg(phi, tmp_path / "ref", 2, 2, save_every=2), events.append)  # 64 positions > 32
+    assert any(e["kind"] == "note" and e["text"].startswith("LongRoPE: a micro-batch padded past 32") for e in events)
     cfg = run_cfg(phi, tmp_path / "cut", 2, 2, save_every=2)
 
     def interrupt_at_2(e):
