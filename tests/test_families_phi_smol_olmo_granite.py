@@ -287,3 +287,18 @@ def test_phi3_takes_its_fused_modules_names_as_lora_targets():
     apply_lora(model, 2, 4, targets="qkv_proj,gate_up_proj")
     adapted = {n.split(".")[3] for n, _ in model.named_parameters() if "lora_A" in n}
     assert adapted == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+
+
+@pytest.mark.parametrize("name", ["phi3", "smollm3", "olmo2", "granite"])
+def test_a_minimal_config_json_reads_with_transformers_defaults(name):
+    """Keys a config.json leaves out take the family's defaults in transformers, not Llama's."""
+    cls = FAMILIES[name][0]
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=256)
+    ours = ModelConfig.from_hf({"model_type": name, **shape})
+    theirs = getattr(transformers, cls)(**shape)
+    assert (ours.rope_theta, ours.tie_embeddings, ours.n_positions, ours.layer_norm_eps, ours.bos_token_id,
+            ours.eos_token_id) == (theirs.rope_parameters["rope_theta"], theirs.tie_word_embeddings,
+                                   theirs.max_position_embeddings, theirs.rms_norm_eps, theirs.bos_token_id,
+                                   theirs.eos_token_id)
+    if name == "smollm3":
+        assert ours.rope_layers == [bool(f) for f in theirs.no_rope_layers] == [True, True, True, False]

@@ -260,11 +260,23 @@ def _longrope(hf: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
                 original_max_position_embeddings=orig, attention_factor=float(attn))
 
 
+# transformers' defaults of the keys a family's config.json may leave out, where they are not Llama's
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "phi3": dict(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000),
+    "smollm3": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=2e6, tie_word_embeddings=True,
+                    bos_token_id=128000, eos_token_id=128001),
+    "olmo2": dict(max_position_embeddings=2048, rms_norm_eps=1e-5, eos_token_id=50279),
+    "granite": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2),
+}
+
+
 def _switches_read(model_type: str, own: Callable[[dict[str, Any]], dict[str, Any]]
                    ) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """The Llama reader (biases as Llama reads them), then the family's `own(hf)` fields on top; RoPE: the
-    default or llama3, longrope for phi3, `partial_rotary_factor` from either layout."""
+    """The Llama reader (biases as Llama reads them) with the family's defaults for absent keys, then the
+    family's `own(hf)` fields on top; RoPE: the default or llama3, longrope for phi3, `partial_rotary_factor`
+    from either layout."""
     def read(hf: dict[str, Any]) -> dict[str, Any]:
+        hf = {**_DEFAULTS[model_type], **hf}
         theta, scaling, kind = _rope_source(hf)
         longrope = None
         if model_type == "phi3" and kind in ("longrope", "su", "yarn"):  # Phi3Config reads all three as longrope
