@@ -5,6 +5,9 @@ and a tied head; Llama, Mistral, Qwen2 and Qwen3 use RMSNorm, RoPE (optionally L
 scaled), grouped-query attention, SwiGLU and HF's module names inside blocks (q_proj ... down_proj).
 Module containers are the same for every family (`wte`, `wpe`, `h.{i}.ln_1/attn/ln_2/mlp`,
 `ln_f`, `lm_head` when untied); `models/hf.py` maps them to each family's HF keys.
+Phi-3 / Phi-4-mini (partial rotary, LongRoPE; HF's fused projections split in `models/hf.py`), SmolLM3
+(layers without RoPE), OLMo 2 (norms after the sublayers, full-width q/k norms) and Granite 3 (multipliers,
+logits scaling) are more switches on the Llama layout.
 
 The token embedding (and an untied head) is padded to a multiple of 64 rows (aligned LM-head
 matmuls); the padded rows are zero, never a target, masked out of every softmax, never saved.
