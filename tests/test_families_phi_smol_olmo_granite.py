@@ -302,3 +302,20 @@ def test_a_minimal_config_json_reads_with_transformers_defaults(name):
                                    theirs.eos_token_id)
     if name == "smollm3":
         assert ours.rope_layers == [bool(f) for f in theirs.no_rope_layers] == [True, True, True, False]
+
+
+def test_a_fused_tensor_of_the_wrong_size_is_named(family, tmp_path):
+    """A Phi-3 checkpoint whose config disagrees with its fused qkv_proj: one CheckpointError naming it."""
+    from microft.errors import CheckpointError
+
+    name, hf, d = family
+    if model_type(name) != "phi3":
+        pytest.skip("fused tensors: phi3 only")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    raw = json.loads((d / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**raw, "num_key_value_heads": 1}))
+    for f in d.glob("model*.safetensors*"):
+        (broken / f.name).symlink_to(f)
+    with pytest.raises(CheckpointError, match=r"qkv_proj.weight has 128 rows, the model expects 96"):
+        load_model(broken)
