@@ -174,7 +174,7 @@ def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CPU_MATH_ATTN_MAX_LEN = 256 positions is no more than the MLP's hidden activation per token.
     k and v may have fewer (key/value) heads than q: each serves a group of query heads.
     `allowed` (B, 1, T, T), when given, replaces the causal mask (packed rows: block-diagonal causal).
-    `scale` multiplies the scores (None: 1 / sqrt(head_dim)).
+    `scale` multiplies the scores (None: head_dim^-1/2).
     """
     T, groups = q.size(2), q.size(1) // k.size(1)
     if groups > 1:
@@ -250,6 +250,7 @@ class Attention(nn.Module):
         super().__init__()
         self.kernels = kernels
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale = cfg.attention_multiplier  # Granite: the scores' scale (None: SDPA's head_dim^-1/2)
         C, qd, kvd = cfg.n_embd, cfg.q_dim, cfg.kv_dim
         self.fused = cfg.fused_qkv
         if self.fused:
@@ -264,7 +265,6 @@ class Attention(nn.Module):
             self.q_norm = make_norm(cfg, qd if cfg.qk_norm_full else cfg.head_dim)
             self.k_norm = make_norm(cfg, kvd if cfg.qk_norm_full else cfg.head_dim)
         self.qk_norm, self.qk_norm_full = cfg.qk_norm, cfg.qk_norm_full
-        self.scale = cfg.attention_multiplier  # None: SDPA's 1 / sqrt(head_dim)
         self.sliding_window = cfg.sliding_window
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
