@@ -472,7 +472,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                "olmo-2-1b": _preset("olmo2", vocab_size=100352, n_positions=4096, n_embd=2048,
                                     intermediate_size=8192, n_layer=16, n_head=16, n_kv_head=16, rope_theta=500000.0,
                                     layer_norm_eps=1e-6, tie_embeddings=False, qk_norm=True, qk_norm_full=True,
-                                    norm_after=True, rms_gain_first=True, bos_token_id=100257,
+                                    norm_after=True, rms_gain_first=True, bos_token_id=None,
                                     eos_token_id=100257),
                "olmo2-tiny": _preset("olmo2", **_NEW_TINY, tie_embeddings=False, qk_norm=True, qk_norm_full=True,
                                      norm_after=True, rms_gain_first=True),
