@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from microft.errors import ConfigError
-from microft.models.config import EOT_TOKEN
+from microft.models.config import EOT_TOKEN, ModelConfig
 from microft.models.precision import compute_dtype
 from microft.models.transformer import GPT, KVCache
 from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
@@ -124,6 +124,7 @@ def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: i
     model.eval()
     try:
         x = torch.tensor([ids], dtype=torch.long, device=device)
+        seq = list(ids)
         for i in range(steps):
             h = model.hidden(x, cache)[0, -1]  # only the last position's logits are needed: (V,)
             logits = model.logits(h)
@@ -131,10 +132,21 @@ def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: i
             if tok in stops:
                 return
             yield tok
+            seq.append(tok)
             if i + 1 < steps:
                 x = torch.tensor([[tok]], dtype=torch.long, device=device)
+                if _longrope_switch(cfg, cache.length, len(seq)):
+                    cache.length = 0  # every key again, rotated with the long factors (as transformers does)
+                    x = torch.tensor([seq], dtype=torch.long, device=device)
     finally:
         model.train(was_training)
+
+
+def _longrope_switch(cfg: ModelConfig, cached: int, length: int) -> bool:
+    """Whether LongRoPE's long factors take over at this step: the sequence has just grown past the original
+    context, so the cached keys (rotated with the short factors) are recomputed, as Phi-3's generation does."""
+    lr = cfg.longrope
+    return lr is not None and length > lr.original_max_position_embeddings >= cached
 
 
 def stream_text(token_ids: Iterable[int], tokenizer: Tokenizer | None = None) -> Iterator[str]:

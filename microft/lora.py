@@ -12,6 +12,13 @@ weights keep their state-dict keys (`h.0.attn.c_attn.weight`) and every adapter 
 B is zero, so a fresh adapter changes nothing. `merge_lora` folds B @ A into W and puts a
 plain `nn.Linear` (the same Parameters) back.
 
+Phi-3 stores q/k/v and gate/up as fused HF tensors (`qkv_proj`, `gate_up_proj`) that microft splits on load:
+the adapters on its parts are written as one PEFT adapter on the fused module, concatenated. Its lora_A stacks
+the parts' A matrices (rank: the parts' ranks summed) and its lora_B is block-diagonal (part i's B in part i's
+rows and columns, zero elsewhere), so B @ A is the parts' updates stacked, exactly; `rank_pattern` and
+`alpha_pattern` give that module its rank and an alpha keeping alpha / r. Loading such an adapter gives each
+part the whole A and its rows of B.
+
 Target names: GPT-2's `qkv, proj, fc, mlp_proj`; the other families PEFT's `q_proj ... down_proj`
 (GPT-2's names work there too, as groups); `attn`, `mlp`, `all` for every family.
 Adapter directories follow PEFT's layout (`adapter_model.safetensors` + `adapter_config.json`,
@@ -35,7 +42,7 @@ from safetensors.torch import save_file
 from microft.errors import CheckpointError, ConfigError
 from microft.models.config import lora_target_table, parse_lora_targets
 from microft.models.families import family
-from microft.models.hf import hf_name
+from microft.models.hf import fused_part, hf_name
 from microft.models.linear import linear, run_linear
 from microft.models.precision import autocasting
 from microft.models.transformer import GPT
@@ -152,11 +159,13 @@ def apply_lora(
     targets: str | list[str] = "qkv,proj",
     *,
     dtype: torch.dtype | None = None,
+    ranks: dict[str, tuple[int, float]] | None = None,
 ) -> int:
     """Freeze every base parameter and add rank-`r` adapters to the targeted linears of every block.
 
     Adapters live on the base weight's device, in its dtype unless `dtype` is given (e.g.
-    fp32 adapters on a bf16 model). Returns the number of adapter (trainable) parameters.
+    fp32 adapters on a bf16 model). `ranks` (target -> (r, alpha)) overrides r and alpha per target (an
+    adapter file's rank_pattern). Returns the number of adapter (trainable) parameters.
     """
     names = parse_targets(targets, model.config.model_type)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -169,8 +178,9 @@ def apply_lora(
         raise ConfigError("the model already has LoRA adapters; merge them first")
     model.requires_grad_(False)
     count = 0
-    for _, parent, attr, lin in _target_linears(model, names):
-        lora = LoRALinear(lin, r, alpha, dropout, dtype)
+    for path, parent, attr, lin in _target_linears(model, names):
+        r_t, alpha_t = (ranks or {}).get(_site_target(model, path), (r, alpha))
+        lora = LoRALinear(lin, r_t, alpha_t, dropout, dtype)
         setattr(parent, attr, lora)
         count += lora.lora_A.weight.numel() + lora.lora_B.weight.numel()
     reset_lora_parameters(model)
@@ -196,13 +206,58 @@ def _peft_key(model: GPT, path: str, which: str) -> str:
     return f"{PEFT_PREFIX}{hf_name(model.config, path)}.lora_{which}.weight"
 
 
+def _fused_adapters(model: GPT) -> dict[str, list[tuple[int, int, int, LoRALinear]]]:
+    """The adapters on parts of fused HF tensors (Phi-3), by the fused module's microft path:
+    (first row, rows, all rows, adapted linear) each, in row order."""
+    out: dict[str, list[tuple[int, int, int, LoRALinear]]] = {}
+    for path, lin in lora_modules(model):
+        part = fused_part(model.config, path)
+        if part is not None:
+            out.setdefault(part[0], []).append((part[1], part[2], part[3], lin))
+    return {k: sorted(v, key=lambda p: p[0]) for k, v in out.items()}
+
+
+@torch.no_grad()
+def _fused_pair(parts: list[tuple[int, int, int, LoRALinear]]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One PEFT adapter for the parts' adapters: A stacked, B block-diagonal, with the first part's scale
+    (the others' B rescaled to it); returns (A, B, scale)."""
+    scale = parts[0][3].lora_scale
+    a = torch.cat([lin.lora_A.weight.detach().to("cpu") for *_, lin in parts])
+    b = torch.zeros(parts[0][2], a.shape[0], dtype=a.dtype)
+    col = 0
+    for row, rows, _, lin in parts:
+        b[row : row + rows, col : col + lin.r] = lin.lora_B.weight.detach().to("cpu") * (lin.lora_scale / scale)
+        col += lin.r
+    return a, b, scale
+
+
 def lora_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Adapter weights in PEFT's layout, contiguous, on CPU (lora_A (r, in), lora_B (out, r))."""
+    """Adapter weights in PEFT's layout, contiguous, on CPU (lora_A (r, in), lora_B (out, r)); the parts of a
+    fused HF tensor as one adapter on it (see the module docstring)."""
     out = {}
     for path, lin in lora_modules(model):
-        out[_peft_key(model, path, "A")] = lin.lora_A.weight.detach().to("cpu").contiguous()
-        out[_peft_key(model, path, "B")] = lin.lora_B.weight.detach().to("cpu").contiguous()
+        if fused_part(model.config, path) is None:
+            out[_peft_key(model, path, "A")] = lin.lora_A.weight.detach().to("cpu").contiguous()
+            out[_peft_key(model, path, "B")] = lin.lora_B.weight.detach().to("cpu").contiguous()
+    for path, parts in _fused_adapters(model).items():
+        out[_peft_key(model, path, "A")], out[_peft_key(model, path, "B")], _ = _fused_pair(parts)
     return out
+
+
+def _rank_patterns(model: GPT, r: int, alpha: float) -> tuple[dict[str, int], dict[str, float]]:
+    """PEFT's rank_pattern / alpha_pattern for the modules whose rank or alpha differ from (r, alpha): a
+    fused module's summed rank, and adapters loaded with their own ranks. Keyed by the HF module name's last
+    part (PEFT matches a pattern against the module name's dotted suffix)."""
+    modules: dict[str, tuple[int, float]] = {}
+    for path, lin in lora_modules(model):
+        if fused_part(model.config, path) is None:
+            modules[hf_name(model.config, path).rsplit(".", 1)[-1]] = (lin.r, lin.lora_alpha)
+    for path, parts in _fused_adapters(model).items():
+        rank = sum(lin.r for *_, lin in parts)
+        modules[hf_name(model.config, path).rsplit(".", 1)[-1]] = (rank, parts[0][3].lora_scale * rank)
+    ranks = {k: rk for k, (rk, _) in modules.items() if rk != r}
+    alphas = {k: a for k, (_, a) in modules.items() if a != alpha}
+    return ranks, alphas
 
 
 def lora_settings(model: GPT) -> dict[str, Any]:
@@ -227,13 +282,14 @@ def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str,
     s = lora_settings(model)
     fam = family(model.config.model_type)
     peft = fam.peft_names or {}
+    ranks, alphas = _rank_patterns(model, s["r"], s["lora_alpha"])
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": s["r"],
         "lora_alpha": s["lora_alpha"],
         "lora_dropout": s["lora_dropout"],
-        "target_modules": [peft.get(t, t) for t in s["targets"]],
+        "target_modules": list(dict.fromkeys(peft.get(t, t) for t in s["targets"])),
         "fan_in_fan_out": bool(fam.transposed),  # HF GPT-2 uses Conv1D, weight (in, out)
         "bias": "none",
         "use_rslora": False,
@@ -241,8 +297,8 @@ def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": ranks,
+        "alpha_pattern": alphas,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
@@ -303,8 +359,6 @@ def _check_supported(cfg: dict[str, Any], source: Path) -> None:
     unsupported = {
         "use_dora": bool(cfg.get("use_dora")),
         "use_rslora": bool(cfg.get("use_rslora")),
-        "rank_pattern": bool(cfg.get("rank_pattern")),
-        "alpha_pattern": bool(cfg.get("alpha_pattern")),
         "layers_to_transform": cfg.get("layers_to_transform") is not None,
         "modules_to_save": bool(cfg.get("modules_to_save")),
         "bias": cfg.get("bias", "none") != "none",
@@ -314,6 +368,37 @@ def _check_supported(cfg: dict[str, Any], source: Path) -> None:
         raise CheckpointError(
             f"{source}: adapter uses LoRA options microft does not support: {', '.join(bad)}"
         )
+
+
+def _site_target(model: GPT, path: str) -> str:
+    """The target name of an adapted linear's path (`h.3.attn.q_proj` -> `q_proj`)."""
+    table, _ = lora_target_table(model.config.model_type)
+    site = tuple(path.split(".")[2:])
+    return next(t for t, s in table.items() if s == site)
+
+
+def _ranks_from_config(model: GPT, cfg: dict[str, Any], targets: list[str], r: int, alpha: float,
+                       source: Path) -> dict[str, tuple[int, float]]:
+    """(r, alpha) of each target: the config's r / lora_alpha, or its rank_pattern / alpha_pattern entry that
+    matches the target's HF module (PEFT's rule: the pattern matches the name's dotted suffix). A pattern
+    giving one target different ranks in different layers is refused."""
+    patterns = {"rank": cfg.get("rank_pattern") or {}, "alpha": cfg.get("alpha_pattern") or {}}
+
+    def lookup(kind: str, key: str, default: float) -> float:
+        for pat, value in patterns[kind].items():
+            if re.match(rf"(.*\.)?({pat})$", key):
+                return value
+        return default
+
+    out: dict[str, tuple[int, float]] = {}
+    for path, _, _, _ in _target_linears(model, targets):
+        key = hf_name(model.config, path)
+        got = (int(lookup("rank", key, r)), float(lookup("alpha", key, alpha)))
+        t = _site_target(model, path)
+        if out.setdefault(t, got) != got:
+            raise CheckpointError(f"{source}: rank_pattern / alpha_pattern give {t} different ranks in different "
+                                  "layers, which microft does not support")
+    return out
 
 
 def load_adapter(model: GPT, directory: str | Path) -> GPT:
@@ -330,14 +415,18 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
         r, alpha, dropout = int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{d / ADAPTER_CONFIG}: invalid r / lora_alpha: {e}") from None
+    ranks = _ranks_from_config(model, cfg, targets, r, alpha, d)
     state = read_safetensors(d / ADAPTER_WEIGHTS, "adapter")
     if lora_modules(model):
         raise CheckpointError(f"cannot load {d}: the model already has LoRA adapters")
 
     expected = {}
     for path, _, _, lin in _target_linears(model, targets):
-        expected[_peft_key(model, path, "A")] = (r, lin.in_features)
-        expected[_peft_key(model, path, "B")] = (lin.out_features, r)
+        r_t = ranks[_site_target(model, path)][0]
+        part = fused_part(model.config, path)  # a fused HF tensor's part: the whole A, its rows of B
+        rows = lin.out_features if part is None else part[3]
+        expected[_peft_key(model, path, "A")] = (r_t, lin.in_features)
+        expected[_peft_key(model, path, "B")] = (rows, r_t)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -351,9 +440,11 @@ def load_adapter(model: GPT, directory: str | Path) -> GPT:
                 f"adapter {d}: {k} has shape {tuple(state[k].shape)}, model expects {shape}"
             )
 
-    apply_lora(model, r, alpha, dropout, targets)
+    apply_lora(model, r, alpha, dropout, targets, ranks=ranks)
     with torch.no_grad():
         for path, lin in lora_modules(model):
+            b = state[_peft_key(model, path, "B")]
+            part = fused_part(model.config, path)
             lin.lora_A.weight.copy_(state[_peft_key(model, path, "A")])
-            lin.lora_B.weight.copy_(state[_peft_key(model, path, "B")])
+            lin.lora_B.weight.copy_(b if part is None else b[part[1] : part[1] + part[2]])
     return model

@@ -354,6 +354,8 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         model = load_base(cfg)
         tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
     max_len = seq_len_for(cfg, model.config.n_positions)
+    if note := longrope_note(model.config, max_len):
+        on_event({"kind": "note", "text": note})
     data = load_instruct_data(cfg, max_len, tok, records=records)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
@@ -405,6 +407,18 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             for line in summary["next_steps"]:
                 emit({"kind": "note", "text": line})
     return summary
+
+
+def longrope_note(model_cfg: Any, max_len: int) -> str | None:
+    """LongRoPE (Phi-3.5, Phi-4-mini) picks its long factors per forward, so past the original context the
+    split of a global batch changes the result: say so when the run's length reaches there."""
+    longrope = model_cfg.longrope
+    if longrope is None or max_len <= longrope.original_max_position_embeddings:
+        return None
+    orig = longrope.original_max_position_embeddings
+    return (f"LongRoPE: a micro-batch padded past {orig} positions takes the long RoPE factors for all its samples "
+            f"(as transformers does), so there the split of the global batch changes the result; --max-seq-len "
+            f"{orig} keeps it exact")
 
 
 def data_stats_line(data: Any) -> str:

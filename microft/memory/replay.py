@@ -144,8 +144,9 @@ def build_model(arch: ModelConfig, s: Setup) -> Model:
                     lin(f"{h}.attn.v_proj", "v_proj", C, a.kv_dim, a.qkv_bias),
                     lin(f"{h}.attn.o_proj", "o_proj", a.q_dim, C, a.attn_out_bias)]
         qn = kn = None
-        if a.qk_norm:
-            qn, kn = par(f"{h}.attn.q_norm.weight", a.head_dim), par(f"{h}.attn.k_norm.weight", a.head_dim)
+        if a.qk_norm:  # per head, or over the whole projection (OLMo 2)
+            qw, kw = (a.q_dim, a.kv_dim) if a.qk_norm_full else (a.head_dim, a.head_dim)
+            qn, kn = par(f"{h}.attn.q_norm.weight", qw), par(f"{h}.attn.k_norm.weight", kw)
         ln2 = norm(f"{h}.ln_2", C)
         if a.mlp == "swiglu":
             lins += [lin(f"{h}.mlp.gate_proj", "gate_proj", C, a.intermediate_size, a.mlp_bias),
@@ -337,11 +338,12 @@ class Replay:
                            bwd=(("g", 0, x.numel, x.es),))[0]
 
     # --- blocks ---------------------------------------------------------------------------
-    def block(self, x: Ten, blk: Blk) -> Ten:
-        """model.Block: attention then MLP, each on a normed input added to the residual stream."""
+    def block(self, x: Ten, blk: Blk, i: int = 0) -> Ten:
+        """model.Block: attention then MLP, each on a normed input added to the residual stream (OLMo 2: on
+        the input itself, the norm on the output); Granite scales each output before the add."""
         a, sim, N = self.a, self.sim, self.N
         norm = self.norm if a.norm == "layernorm" else self.rms_norm
-        h = norm(x, blk.ln_1)
+        h = sim.alias(x) if a.norm_after else norm(x, blk.ln_1)
         if a.fused_qkv:
             qkv = self.linear(h, blk.lin["qkv"])
             q, k, v = sim.views("split", qkv, [N * a.q_dim, N * a.kv_dim, N * a.kv_dim])
@@ -352,7 +354,7 @@ class Replay:
             q2, k2 = self.rms_norm(q, (blk.q_norm, None)), self.rms_norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
-        if a.rotary:  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
+        if a.layer_rope(i):  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
             cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in self.tables[:2])
             q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
             sim.drop(q, k, cos, sin)
@@ -366,9 +368,10 @@ class Replay:
             sim.drop(p)
             p = p2
         sim.drop(q, k, v, y, h)  # the attention's locals
+        p = self.after(p, blk.ln_1)
         x1 = self.add(x, p)
         sim.drop(p)
-        h2 = norm(x1, blk.ln_2)
+        h2 = sim.alias(x1) if a.norm_after else norm(x1, blk.ln_2)
         if a.mlp == "swiglu":  # down_proj(silu(gate_proj(x)) * up_proj(x))
             gate = self.linear(h2, blk.lin["gate_proj"])
             sg = self.elementwise("silu", gate)
@@ -394,9 +397,23 @@ class Replay:
             sim.drop(mo)
             mo = m2
         sim.drop(h2)
+        mo = self.after(mo, blk.ln_2)
         out = self.add(x1, mo)
         sim.drop(x1, mo)
         return out
+
+    def after(self, y: Ten, ln: Norm) -> Ten:
+        """Block._forward's treatment of a sublayer's output: OLMo 2's norm, Granite's residual multiplier."""
+        a, sim = self.a, self.sim
+        if a.norm_after:
+            y2 = self.rms_norm(y, ln)
+            sim.drop(y)
+            y = y2
+        if a.residual_multiplier != 1.0:
+            y2 = self.elementwise("mul", y, save_input=False)
+            sim.drop(y)
+            y = y2
+        return y
 
     def rms_norm(self, x: Ten, ln: Norm) -> Ten:
         """model.RMSNorm, op by op: x.float(), pow, mean, +eps, rsqrt, mul, .to(x.dtype), weight * (.)."""
@@ -416,6 +433,14 @@ class Replay:
         y = sim.op("mul", [xf, r], [(n, 4, "activations")], save_in=((0, (1,)), (1, (0,))),
                    bwd=(("g", 0, n, 4), ("t", "s", n, 4, 1), ("g", 1, rows, 4), ("f", "s")))[0]
         sim.drop(xf, r)
+        if self.a.rms_gain_first:  # OLMo 2: (weight * y) in fp32, then the cast back
+            g = sim.op("mul", [w, y], [(n, 4, "activations")], save_in=((1, (0,)),),
+                       bwd=(("t", "s", n, 4, 0), ("g", 0, dim, w.es), ("f", "s"), ("g", 1, n, 4)))[0]
+            sim.drop(y)
+            out = sim.alias(g) if x.es == 4 else sim.op("to_copy", [g], [(n, x.es, "activations")],
+                                                         bwd=(("g", 0, n, 4),))[0]
+            sim.drop(g)
+            return out
         yl = sim.alias(y) if x.es == 4 else sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
         sim.drop(y)
         oes = max(w.es, x.es)  # type promotion: an fp32 gain times bf16 is fp32
@@ -425,15 +450,35 @@ class Replay:
         return out
 
     def rope_tables(self) -> tuple[Ten, Ten]:
-        """models.transformer.rope_cos_sin: positions, inverse frequencies, (T, head_dim) fp32 cos and sin."""
-        sim, T, d = self.sim, self.s.seq_len, self.a.head_dim
+        """models.transformer.rope_cos_sin: positions, inverse frequencies, (T, rotary_dim) fp32 cos and sin
+        (LongRoPE: both × its attention factor)."""
+        sim, T, d = self.sim, self.s.seq_len, self.a.rotary_dim
         tmp = [sim.new(T, 4, "activations", "positions"), sim.new(d // 2, 4, "activations", "inv_freq"),
                sim.new(T * d // 2, 4, "activations", "freqs"), sim.new(T * d, 4, "activations", "emb")]
         cos, sin = sim.new(T * d, 4, "activations", "cos"), sim.new(T * d, 4, "activations", "sin")
+        lr = self.a.longrope
+        if lr is not None and lr.attention_factor != 1.0:
+            scaled = sim.new(T * d, 4, "activations", "cos * factor"), sim.new(T * d, 4, "activations", "sin * factor")
+            sim.drop(cos, sin)
+            cos, sin = scaled
         sim.drop(*tmp)
         return cos, sin
 
     def rope(self, t: Ten, cos: Ten, sin: Ten) -> Ten:
+        """apply_rope; a partial rotary (Phi-4-mini) turns the slice t[..., :rotary_dim] and concatenates the
+        rest: each slice's backward makes a gradient of t's whole size (slice_backward)."""
+        a, sim = self.a, self.sim
+        if a.rotary_dim == a.head_dim:
+            return self.rope_full(t, cos, sin)
+        n_rot = t.numel // a.head_dim * a.rotary_dim
+        (head,) = sim.views("slice", t, [n_rot])
+        turned = self.rope_full(head, cos, sin)
+        (rest,) = sim.views("slice", t, [t.numel - n_rot])
+        out = sim.op("cat", [turned, rest], [(t.numel, t.es, "activations")], bwd=(("p", 0), ("p", 1)))[0]
+        sim.drop(head, turned, rest)
+        return out
+
+    def rope_full(self, t: Ten, cos: Ten, sin: Ten) -> Ten:
         """apply_rope: x * cos + cat(-x2, x1) * sin; the muls save the tables."""
         sim, n, es = self.sim, t.numel, t.es
         xc = sim.op("mul", [t, cos], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
@@ -480,6 +525,10 @@ class Replay:
             sim.drop(tok, pe, pos)
         else:
             x = tok
+        if a.embedding_multiplier != 1.0:  # Granite: a new tensor; a scalar product saves nothing
+            x2 = self.elementwise("mul", x, save_input=False)
+            sim.drop(x)
+            x = x2
         if a.dropout > 0:
             x2 = self.dropout(x)
             sim.drop(x)
@@ -491,9 +540,9 @@ class Replay:
         for i, blk in enumerate(m.blocks):
             sim.tag = f"block {i}"
             if s.grad_ckpt and i % s.ckpt_every == 0:
-                nxt = sim.checkpoint(lambda x=x, blk=blk: self.block(x, blk), x)
+                nxt = sim.checkpoint(lambda x=x, blk=blk, i=i: self.block(x, blk, i), x)
             else:
-                nxt = self.block(x, blk)
+                nxt = self.block(x, blk, i)
             sim.drop(x)
             x = nxt
         self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
@@ -597,6 +646,10 @@ class Replay:
         sim.cache = {} if s.mixed else None
         h = self.forward(x)
         sim.mark(f"{at}, loss", "loss")
+        if self.a.logits_scaling != 1.0:  # Granite: h / s before the head (Transformer.forward), after ln_f
+            h2 = sim.op("div", [h], [(h.numel, h.es, "loss (fused cross-entropy)")], bwd=(("g", 0, h.numel, h.es),))[0]
+            sim.drop(h)
+            h = h2
         loss = self.loss(h)
         sim.drop(h)
         if sim.cache is not None:  # autocast exit clears the cast cache
@@ -919,7 +972,7 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
     "rope_tables": ("aten.arange.start_step", "aten.div.Scalar", "aten.pow.Scalar",
                     "aten.where.self", "aten.sub.Tensor", "aten.cat.default", "aten.cos.default", "aten.sin.default",
                     "aten.bitwise_and.Tensor", "aten.gt.Tensor", "aten.le.Tensor", "aten.mul.Scalar"),
-    "rope": ("aten.neg.default", "aten.slice.Tensor"),
+    "rope": ("aten.neg.default", "aten.slice.Tensor", "aten.slice_backward.default"),
     "window_mask": ("aten.scalar_tensor.default",),
     "matmul": ("aten.mm.default", "aten.addmm.default", "aten.t.default", "aten._unsafe_view.default",
                "aten.view.default", "aten.sum.dim_IntList", "aten._to_copy.default", "aten.clone.default"),

@@ -1,7 +1,7 @@
 """One `ModelConfig` for every family: the switches the transformer reads, presets, HF config.json in/out.
 
 GPT-2, Llama (SmolLM2 too), Mistral, Qwen2 and Qwen3 are configurations of one implementation
-(`models/transformer.py`). `model_type` names the family's entry in `models/families.py` (its HF
+(`models/transformer.py`), as are Phi-3 / Phi-4-mini, SmolLM3, OLMo 2 and Granite 3. `model_type` names the family's entry in `models/families.py` (its HF
 config keys, tensor names, LoRA targets and presets); everything the forward pass does is a switch
 here. No torch import: the memory estimator reads these shapes without building a model.
 """
@@ -56,6 +56,19 @@ class RopeScaling(BaseModel):
     original_max_position_embeddings: int = Field(gt=0)
 
 
+class LongRope(BaseModel):
+    """Phi-3's LongRoPE (`rope_type: longrope`, older `su`): each RoPE frequency divided by its own factor,
+    the short factors up to `original_max_position_embeddings` positions and the long ones past them (chosen
+    per forward by its furthest position, as transformers does), cos and sin × `attention_factor`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    short_factor: list[float]
+    long_factor: list[float]
+    original_max_position_embeddings: int = Field(gt=0)
+    attention_factor: float = Field(gt=0)
+
+
 class ModelConfig(BaseModel):
     """Shape and switches of a decoder-only transformer. Defaults are GPT-2's.
 
@@ -92,6 +105,17 @@ class ModelConfig(BaseModel):
     intermediate_size: int | None = Field(None, gt=0)
     mlp_bias: bool = True
     tie_embeddings: bool = True
+    # Phi-3 / Phi-4-mini, SmolLM3, OLMo 2, Granite 3 (families `phi3`, `smollm3`, `olmo2`, `granite`)
+    partial_rotary_factor: float = Field(1.0, gt=0, le=1)  # RoPE on the first head_dim × this dims of q, k
+    longrope: LongRope | None = None  # Phi-3's LongRoPE scaling
+    rope_layers: list[bool] | None = None  # per layer: whether it applies RoPE (SmolLM3's NoPE layers); None: all
+    norm_after: bool = False  # OLMo 2: the block norms act on the attention's / MLP's outputs, not their inputs
+    rms_gain_first: bool = False  # OLMo 2: RMSNorm multiplies its gain in fp32, before the cast back
+    qk_norm_full: bool = False  # OLMo 2: the q/k RMSNorm spans the whole projection (all heads), not one head
+    embedding_multiplier: float = Field(1.0, gt=0)  # Granite: token embeddings × this
+    attention_multiplier: float | None = Field(None, gt=0)  # Granite: the attention scale (else head_dim^-1/2)
+    residual_multiplier: float = Field(1.0, gt=0)  # Granite: attention and MLP outputs × this before the residual
+    logits_scaling: float = Field(1.0, gt=0)  # Granite: logits divided by this
     # special tokens the checkpoint declares (None: GPT-2's <|endoftext|> for gpt2)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -116,7 +140,27 @@ class ModelConfig(BaseModel):
             raise ValueError("rope_scaling needs positions='rope'")
         if self.qk_norm and self.model_type == "gpt2":
             raise ValueError("qk_norm needs a model_type with separate q/k/v projections (not gpt2)")
+        self._check_rope_switches()
         return self
+
+    def _check_rope_switches(self) -> None:
+        """Partial rotary, LongRoPE and per-layer RoPE (phi3, smollm3) fit the shapes."""
+        if self.positions == "rope" and self.rotary_dim % 2:
+            raise ValueError(f"RoPE needs an even rotary dimension, got {self.rotary_dim} "
+                             f"(head_dim {self.head_dim} × partial_rotary_factor {self.partial_rotary_factor})")
+        if self.longrope is not None:
+            if self.positions != "rope" or self.rope_scaling is not None:
+                raise ValueError("longrope needs positions='rope' and no llama3 rope_scaling")
+            for name in ("short_factor", "long_factor"):
+                if len(getattr(self.longrope, name)) != self.rotary_dim // 2:
+                    raise ValueError(f"longrope {name} has {len(getattr(self.longrope, name))} values, the "
+                                     f"rotary dimension {self.rotary_dim} needs {self.rotary_dim // 2}")
+        if self.rope_layers is not None and len(self.rope_layers) != self.n_layer:
+            raise ValueError(f"rope_layers lists {len(self.rope_layers)} layers, the model has {self.n_layer}")
+
+    def layer_rope(self, i: int) -> bool:
+        """Whether layer `i` rotates q and k (RoPE models; SmolLM3 leaves some layers without positions)."""
+        return self.rotary and (self.rope_layers is None or self.rope_layers[i])
 
     # --- derived shapes ---------------------------------------------------------------------
     @property
@@ -142,6 +186,10 @@ class ModelConfig(BaseModel):
         return self.positions == "rope"
 
     @property
+    def rotary_dim(self) -> int:  # the leading dims of each head RoPE turns (Phi-4-mini: 3/4 of them)
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def kv_dim(self) -> int:
         return self.n_kv_head * self.head_dim
 
@@ -165,7 +213,8 @@ class ModelConfig(BaseModel):
         norm = C * (2 if self.norm == "layernorm" else 1)
         attn_bias = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + C * self.attn_out_bias
         mlp_bias = ((2 * hidden if self.mlp == "swiglu" else hidden) + C) * self.mlp_bias
-        per_block = 2 * norm + attn_bias + 2 * self.head_dim * self.qk_norm + mlp_bias
+        qk_norm = (self.q_dim + self.kv_dim) if self.qk_norm_full else 2 * self.head_dim
+        per_block = 2 * norm + attn_bias + qk_norm * self.qk_norm + mlp_bias
         embed = self.vocab_size * C * (1 if self.tie_embeddings else 2)
         pos = self.n_positions * C if self.positions == "learned" else 0
         return self.matmul_params() - self.vocab_size * C + embed + pos + L * per_block + norm

@@ -13,6 +13,7 @@ No torch, and no import of `models.config` (which reads this registry): entries 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ class Family:
     peft_names: dict[str, str] | None = None  # LoRA target -> PEFT target_modules name, where they differ
     bare_keys: bool = False  # old uploads may lack the HF prefix (GPT-2's `h.0...`)
     gguf: Gguf | None = None  # None: no GGUF export for this family yet
+    # HF tensors holding several microft linears stacked by rows (Phi-3's qkv_proj, gate_up_proj): fused block
+    # module -> its parts in order, each (block module, the ModelConfig field giving its rows); split on load,
+    # fused on export, LoRA adapters on the parts exported as one PEFT adapter on the fused module (lora.py)
+    fused: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
 
 
 # --- GPT-2 -------------------------------------------------------------------------------------
@@ -170,8 +175,9 @@ def _llama_write(model_type: str, architecture: str, fixed: Callable[[dict[str, 
     """config.json of a Llama-layout family: `fixed(c)` are the switches its config cannot change,
     `extra(c)` its own keys."""
     def write(c: dict[str, Any]) -> dict[str, Any]:
-        window = ("sliding_window",) if c["sliding_window"] and model_type != "mistral" else ()
-        _refuse_off(c, model_type, dict(norm="rmsnorm", positions="rope", mlp="swiglu", **fixed(c)), window)
+        window = ("sliding_window",) if c["sliding_window"] and model_type not in ("mistral", "phi3") else ()
+        want = dict(norm="rmsnorm", positions="rope", mlp="swiglu", **{**_LLAMA_PLAIN, **fixed(c)})
+        _refuse_off(c, model_type, want, window)
         scaling = c["rope_scaling"]
         return {
             "architectures": [architecture], "model_type": model_type, "vocab_size": c["vocab_size"],
@@ -186,6 +192,12 @@ def _llama_write(model_type: str, architecture: str, fixed: Callable[[dict[str, 
         }
     return write
 
+
+# the switches of phi3, smollm3, olmo2 and granite at their Llama values: a family's config.json that has no
+# key for one refuses a model with it set (its `fixed` lets its own through)
+_LLAMA_PLAIN: dict[str, Any] = dict(partial_rotary_factor=1.0, longrope=None, rope_layers=None, norm_after=False,
+                                    rms_gain_first=False, qk_norm_full=False, embedding_multiplier=1.0,
+                                    attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
 
 _LLAMA_BLOCK = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn": "self_attn", "mlp": "mlp"}
 _LLAMA_TOP = {"wte": "model.embed_tokens", "ln_f": "model.norm", "lm_head": "lm_head"}
@@ -243,6 +255,130 @@ def _llama_family(model_type: str, architecture: str, fixed: Callable[[dict[str,
                   presets: dict[str, dict[str, Any]], gguf: Gguf) -> Family:
     return Family(model_type, architecture, _llama_read(model_type), _llama_write(model_type, architecture, fixed, extra),
                   _llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, tiny, presets, gguf=gguf)
+
+
+# --- Phi-3 / Phi-4-mini, SmolLM3, OLMo 2, Granite 3: the Llama layout plus their own switches ------------------
+def _rope_source(hf: dict[str, Any]) -> tuple[float, dict[str, Any], str]:
+    """(theta, the scaling dict, its type) from either layout (`rope_parameters`, or the older top-level keys)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = params or hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return theta, scaling, scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _longrope(hf: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's LongRoPE as transformers reads it: the original context from the top-level key (Phi3Config's
+    default 4096), `factor` from the context ratio where absent, the attention factor from `factor`."""
+    orig = int(hf.get("original_max_position_embeddings", 4096))
+    factor = scaling.get("factor")
+    if factor is None:
+        factor = int(hf.get("max_position_embeddings", 4096)) / orig
+    attn = scaling.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    return dict(short_factor=[float(x) for x in scaling["short_factor"]],
+                long_factor=[float(x) for x in scaling["long_factor"]],
+                original_max_position_embeddings=orig, attention_factor=float(attn))
+
+
+# transformers' defaults of the keys a family's config.json may leave out, where they are not Llama's
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "phi3": dict(max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=32000),
+    "smollm3": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=2e6, tie_word_embeddings=True,
+                    bos_token_id=128000, eos_token_id=128001),
+    "olmo2": dict(max_position_embeddings=2048, rms_norm_eps=1e-5, eos_token_id=50279),
+    "granite": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2),
+}
+
+
+def _switches_read(model_type: str, own: Callable[[dict[str, Any]], dict[str, Any]]
+                   ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The Llama reader (biases as Llama reads them) with the family's defaults for absent keys, then the
+    family's `own(hf)` fields on top; RoPE: the default or llama3, longrope for phi3, `partial_rotary_factor`
+    from either layout."""
+    def read(hf: dict[str, Any]) -> dict[str, Any]:
+        hf = {**_DEFAULTS[model_type], **hf}
+        theta, scaling, kind = _rope_source(hf)
+        longrope = None
+        if model_type == "phi3" and kind in ("longrope", "su", "yarn"):  # Phi3Config reads all three as longrope
+            longrope, kind = _longrope(hf, scaling), "default"
+        if kind not in ("default", "llama3"):
+            raise ConfigError(f"RoPE scaling {kind!r} is not supported for {model_type}")
+        plain = {**hf, "rope_scaling": None, "use_sliding_window": False,
+                 "rope_parameters": {**(scaling if kind == "llama3" else {}), "rope_type": kind, "rope_theta": theta}}
+        out = _llama_read("llama")(plain)
+        partial = scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        return {**out, "model_type": model_type, "partial_rotary_factor": float(partial), "longrope": longrope,
+                **own(hf)}
+    return read
+
+
+def _smollm3_own(hf: dict[str, Any]) -> dict[str, Any]:
+    if hf.get("use_sliding_window"):
+        raise ConfigError("smollm3 with use_sliding_window=true (windows on its NoPE layers) is not supported")
+    n = int(hf["num_hidden_layers"])
+    flags = hf.get("no_rope_layers")  # 1: the layer uses RoPE (transformers' default: every interval-th not)
+    if flags is None:
+        every = int(hf.get("no_rope_layer_interval", 4))
+        flags = [int((i + 1) % every != 0) for i in range(n)]
+    return dict(rope_layers=[bool(f) for f in flags])
+
+
+def _granite_own(hf: dict[str, Any]) -> dict[str, Any]:
+    return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+                attention_multiplier=float(hf.get("attention_multiplier", 1.0)),
+                residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+                logits_scaling=float(hf.get("logits_scaling", 1.0)))
+
+
+def _phi3_extra(c: dict[str, Any]) -> dict[str, Any]:
+    lr = c["longrope"]
+    scaling = None if lr is None else {
+        "rope_type": "longrope", "short_factor": lr["short_factor"], "long_factor": lr["long_factor"],
+        "attention_factor": lr["attention_factor"]}
+    return {"rope_scaling": scaling, "partial_rotary_factor": c["partial_rotary_factor"],
+            "original_max_position_embeddings": lr["original_max_position_embeddings"] if lr else c["n_positions"],
+            "sliding_window": c["sliding_window"], "resid_pdrop": c["dropout"], "embd_pdrop": 0.0,
+            "pad_token_id": None}
+
+
+def _smollm3_extra(c: dict[str, Any]) -> dict[str, Any]:
+    flags = c["rope_layers"] or [True] * c["n_layer"]
+    return {"no_rope_layers": [int(f) for f in flags], "use_sliding_window": False, "sliding_window": None,
+            "attention_bias": c["attn_out_bias"], "mlp_bias": c["mlp_bias"], "pad_token_id": None}
+
+
+def _granite_extra(c: dict[str, Any]) -> dict[str, Any]:
+    scale = c["attention_multiplier"] or c["head_dim"] ** -0.5
+    return {"attention_bias": c["attn_out_bias"], "mlp_bias": c["mlp_bias"], "pad_token_id": None,
+            "embedding_multiplier": c["embedding_multiplier"], "attention_multiplier": scale,
+            "residual_multiplier": c["residual_multiplier"], "logits_scaling": c["logits_scaling"]}
+
+
+_OLMO2_BLOCK = {**_LLAMA_BLOCK, "ln_1": "post_attention_layernorm", "ln_2": "post_feedforward_layernorm"}
+
+
+def _olmo2_key(name: str) -> str:
+    """Llama's names, but OLMo 2's two block norms follow the attention and the MLP."""
+    m = re.fullmatch(r"h\.(\d+)\.(ln_[12])(.*)", name)
+    return f"model.layers.{m[1]}.{_OLMO2_BLOCK[m[2]]}{m[3]}" if m else _llama_key(name)
+
+
+PHI3_FUSED = {"attn.qkv_proj": (("attn.q_proj", "q_dim"), ("attn.k_proj", "kv_dim"), ("attn.v_proj", "kv_dim")),
+              "mlp.gate_up_proj": (("mlp.gate_proj", "intermediate_size"), ("mlp.up_proj", "intermediate_size"))}
+PHI3_LORA_GROUPS: LoraGroups = {**LLAMA_LORA_GROUPS, "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+                                "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _ones_longrope(rotary_dim: int, n_positions: int, original: int = 4096) -> dict[str, Any]:
+    """A preset's LongRoPE: the hub models' context and attention factor, every frequency factor 1 (presets are
+    random-init shapes; a checkpoint's config.json brings its own factors)."""
+    return dict(short_factor=[1.0] * (rotary_dim // 2), long_factor=[1.0] * (rotary_dim // 2),
+                original_max_position_embeddings=original,
+                attention_factor=math.sqrt(1 + math.log(n_positions / original) / math.log(original)))
+
+
+_NEW_TINY = dict(_TINY, vocab_size=384)
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -311,6 +447,72 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                 tie_embeddings=False),
             "qwen3-tiny": _preset("qwen3", **_TINY, head_dim=32, tie_embeddings=True),
         }, Gguf("qwen3", "qwen2", False, GGUF_LLAMA_BLOCK)),
+    # Phi-3 / Phi-4-mini, SmolLM3, OLMo 2, Granite 3
+    Family("phi3", "Phi3ForCausalLM", _switches_read("phi3", lambda hf: dict(
+               qkv_bias=False, attn_out_bias=False, mlp_bias=False, sliding_window=hf.get("sliding_window"))),
+           _llama_write("phi3", "Phi3ForCausalLM", lambda c: dict(
+               qkv_bias=False, attn_out_bias=False, mlp_bias=False, qk_norm=False,
+               partial_rotary_factor=c["partial_rotary_factor"], longrope=c["longrope"]), _phi3_extra),
+           _llama_key, LLAMA_LORA, PHI3_LORA_GROUPS, "phi3-tiny", presets={
+               "phi-4-mini": _preset("phi3", vocab_size=200064, n_positions=131072, n_embd=3072,
+                                     intermediate_size=8192, n_layer=32, n_head=24, n_kv_head=8,
+                                     partial_rotary_factor=0.75, longrope=_ones_longrope(96, 131072),
+                                     sliding_window=262144, tie_embeddings=True, layer_norm_eps=1e-5,
+                                     bos_token_id=199999, eos_token_id=199999),
+               "phi-3.5-mini": _preset("phi3", vocab_size=32064, n_positions=131072, n_embd=3072,
+                                       intermediate_size=8192, n_layer=32, n_head=32, n_kv_head=32,
+                                       longrope=_ones_longrope(96, 131072), sliding_window=262144,
+                                       tie_embeddings=False, layer_norm_eps=1e-5, bos_token_id=1,
+                                       eos_token_id=32000),
+               "phi3-tiny": _preset("phi3", **_NEW_TINY, partial_rotary_factor=0.5, tie_embeddings=True,
+                                    sliding_window=24,
+                                    longrope=_ones_longrope(8, 256, original=32) | dict(
+                                        short_factor=[1.0, 1.5, 2.0, 4.0], long_factor=[2.0, 3.0, 5.0, 9.0])),
+           },
+           peft_names={"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
+           fused=PHI3_FUSED),
+    Family("smollm3", "SmolLM3ForCausalLM", _switches_read("smollm3", _smollm3_own),
+           _llama_write("smollm3", "SmolLM3ForCausalLM", lambda c: dict(
+               qkv_bias=c["attn_out_bias"], qk_norm=False, rope_layers=c["rope_layers"]), _smollm3_extra),
+           _llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, "smollm3-tiny", presets={
+               "smollm3-3b": _preset("smollm3", vocab_size=128256, n_positions=65536, n_embd=2048,
+                                     intermediate_size=11008, n_layer=36, n_head=16, n_kv_head=4,
+                                     rope_theta=5e6, layer_norm_eps=1e-6, tie_embeddings=True,
+                                     rope_layers=[(i + 1) % 4 != 0 for i in range(36)],
+                                     bos_token_id=128000, eos_token_id=128012),
+               "smollm3-tiny": _preset("smollm3", **_NEW_TINY, tie_embeddings=True, rope_theta=5e6,
+                                       rope_layers=[True, False]),
+           }),
+    Family("olmo2", "Olmo2ForCausalLM", _switches_read("olmo2", lambda hf: dict(
+               qk_norm=True, qk_norm_full=True, norm_after=True, rms_gain_first=True, mlp_bias=False)),
+           _llama_write("olmo2", "Olmo2ForCausalLM", lambda c: dict(
+               qkv_bias=c["attn_out_bias"], mlp_bias=False, qk_norm=True, qk_norm_full=True, norm_after=True,
+               rms_gain_first=True), lambda c: {"attention_bias": c["attn_out_bias"], "pad_token_id": None}),
+           _olmo2_key, LLAMA_LORA, LLAMA_LORA_GROUPS, "olmo2-tiny", presets={
+               "olmo-2-1b": _preset("olmo2", vocab_size=100352, n_positions=4096, n_embd=2048,
+                                    intermediate_size=8192, n_layer=16, n_head=16, n_kv_head=16, rope_theta=500000.0,
+                                    layer_norm_eps=1e-6, tie_embeddings=False, qk_norm=True, qk_norm_full=True,
+                                    norm_after=True, rms_gain_first=True, bos_token_id=None,
+                                    eos_token_id=100257),
+               "olmo2-tiny": _preset("olmo2", **_NEW_TINY, tie_embeddings=False, qk_norm=True, qk_norm_full=True,
+                                     norm_after=True, rms_gain_first=True),
+           }),
+    Family("granite", "GraniteForCausalLM", _switches_read("granite", _granite_own),
+           _llama_write("granite", "GraniteForCausalLM", lambda c: dict(
+               qkv_bias=c["attn_out_bias"], qk_norm=False, **{k: c[k] for k in (
+                   "embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")}),
+               _granite_extra),
+           _llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, "granite-tiny", presets={
+               "granite-3.3-2b": _preset("granite", vocab_size=49159, n_positions=131072, n_embd=2048,
+                                         intermediate_size=8192, n_layer=40, n_head=32, n_kv_head=8,
+                                         rope_theta=10000000.0, layer_norm_eps=1e-5, tie_embeddings=True,
+                                         embedding_multiplier=12.0, attention_multiplier=0.015625,
+                                         residual_multiplier=0.22, logits_scaling=8.0, bos_token_id=0,
+                                         eos_token_id=0),
+               "granite-tiny": _preset("granite", **_NEW_TINY, tie_embeddings=True, embedding_multiplier=6.0,
+                                       attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
+           }),
 )}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,9 +36,27 @@ MAX_SHARD_BYTES = 2 * 2**30
 VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # padded in the model, unpadded in files
 
 
+def fused_part(cfg: ModelConfig, name: str) -> tuple[str, int, int, int] | None:
+    """Where HF keeps a microft linear (or its weight/bias) inside a fused tensor (Phi-3's qkv_proj): (the
+    fused module's microft path, with the same suffix, first row, rows, all rows), else None."""
+    fused = family(cfg.model_type).fused
+    m = re.fullmatch(r"(h\.\d+)\.([^.]+\.[^.]+)(\..+)?", name) if fused else None
+    if m is None:
+        return None
+    block, module, suffix = m[1], m[2], m[3] or ""
+    for whole, parts in fused.items():
+        rows = [getattr(cfg, size) for _, size in parts]
+        for i, (part, _) in enumerate(parts):
+            if part == module:
+                return f"{block}.{whole}{suffix}", sum(rows[:i]), rows[i], sum(rows)
+    return None
+
+
 def hf_name(cfg: ModelConfig, name: str) -> str:
-    """The HF name of a microft parameter or module path (`h.0.attn.q_proj.weight` -> `model.layers.0...`)."""
-    return family(cfg.model_type).hf_key(name)
+    """The HF name of a microft parameter or module path (`h.0.attn.q_proj.weight` -> `model.layers.0...`; a
+    part of a fused tensor: the fused one's, `...self_attn.qkv_proj.weight` for phi3)."""
+    part = fused_part(cfg, name)
+    return family(cfg.model_type).hf_key(part[0] if part else name)
 
 
 def is_transposed(cfg: ModelConfig, name: str) -> bool:
@@ -187,6 +206,7 @@ class HFReader:
     def __init__(self, cfg: ModelConfig, files: TensorFiles):
         self.cfg, self.files, self.keys = cfg, files, set(files.keys())
         self.bare = family(cfg.model_type).bare_keys
+        self._fused: tuple[str, torch.Tensor] | None = None  # the last fused tensor read: its parts come in turn
         if cfg.model_type == "gpt2":
             _check_gpt2_head(files, self.keys)
 
@@ -201,6 +221,16 @@ class HFReader:
 
     def __call__(self, name: str) -> torch.Tensor:
         key = self.key(name)
+        part = fused_part(self.cfg, name)
+        if part is not None:
+            if self._fused is None or self._fused[0] != key:
+                self._fused = (key, self.files.get(key))
+            t = self._fused[1]
+            if t.shape[0] != part[3]:
+                raise CheckpointError(f"{self.files.source}: {key} has {t.shape[0]} rows, the model expects {part[3]}")
+            if part[1] + part[2] == part[3]:  # its last part: nothing holds the fused tensor any longer
+                self._fused = None
+            return t[part[1] : part[1] + part[2]].clone()  # its own storage, not a view of the fused tensor
         t = self.files.get(key)
         if is_transposed(self.cfg, name):
             if t.dim() != 2:
@@ -223,21 +253,37 @@ def _check_gpt2_head(files: TensorFiles, keys: set[str]) -> None:
 
 
 # --- writing -----------------------------------------------------------------------------------
-def hf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, CPU tensor) of each weight, one at a time, as `save_pretrained` names and lays them out.
-
-    Vocabulary rows are unpadded; a tied head is left out (transformers ties it on load).
-    """
+def hf_layout(model: torch.nn.Module) -> list[tuple[str, list[str], int]]:
+    """(HF key, the microft parameters it holds in row order, bytes) of each tensor `save_pretrained` writes:
+    one parameter each, or the parts of a fused tensor (Phi-3's q/k/v_proj in qkv_proj). Vocabulary rows
+    unpadded; a tied head is left out (transformers ties it on load)."""
     cfg = model.config
+    out: dict[str, tuple[list[tuple[int, str]], int]] = {}
     for name, p in model.named_parameters(remove_duplicate=True):
         if "lora_" in name:
             raise CheckpointError("the model has unmerged LoRA adapters; merge them before exporting")
-        t = p.detach()
-        if name in VOCAB_ROWS:
-            t = t[: cfg.vocab_size]
-        if is_transposed(cfg, name):
-            t = t.t()
-        yield hf_name(cfg, name), t.to("cpu").contiguous()
+        rows = cfg.vocab_size if name in VOCAB_ROWS else p.shape[0]
+        size = p[:rows].numel() * p.element_size()
+        part = fused_part(cfg, name)
+        names, total = out.get(hf_name(cfg, name), ([], 0))
+        out[hf_name(cfg, name)] = ([*names, (part[1] if part else 0, name)], total + size)
+    return [(key, [n for _, n in sorted(names)], size) for key, (names, size) in out.items()]
+
+
+def hf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, CPU tensor) of each tensor of `hf_layout`, one at a time, as `save_pretrained` lays them out."""
+    cfg = model.config
+    params = dict(model.named_parameters())
+    for key, names, _ in hf_layout(model):
+        parts = []
+        for name in names:
+            t = params[name].detach()
+            if name in VOCAB_ROWS:
+                t = t[: cfg.vocab_size]
+            if is_transposed(cfg, name):
+                t = t.t()
+            parts.append(t.to("cpu"))
+        yield key, (parts[0] if len(parts) == 1 else torch.cat(parts)).contiguous()
 
 
 def write_hf(directory: Path, model: torch.nn.Module, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
@@ -248,18 +294,16 @@ def write_hf(directory: Path, model: torch.nn.Module, max_shard_bytes: int = MAX
     tensors is held on the CPU at a time.
     """
     config = model.config.to_hf()  # refuses switches the family's config.json cannot express
-    names = [n for n, _ in model.named_parameters()]
-    shapes = {n: p for n, p in model.named_parameters()}
-    sizes = {n: shapes[n][: model.config.vocab_size].numel() * shapes[n].element_size() if n in VOCAB_ROWS
-             else shapes[n].numel() * shapes[n].element_size() for n in names}
+    layout = hf_layout(model)
+    sizes = {key: size for key, _, size in layout}
     groups: list[list[str]] = [[]]
     filled = 0
-    for n in names:
-        if groups[-1] and filled + sizes[n] > max_shard_bytes:
+    for key, _, size in layout:
+        if groups[-1] and filled + size > max_shard_bytes:
             groups.append([])
             filled = 0
-        groups[-1].append(n)
-        filled += sizes[n]
+        groups[-1].append(key)
+        filled += size
     files = [SAFETENSORS] if len(groups) == 1 else [
         f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     weight_map: dict[str, str] = {}

@@ -5,6 +5,9 @@ and a tied head; Llama, Mistral, Qwen2 and Qwen3 use RMSNorm, RoPE (optionally L
 scaled), grouped-query attention, SwiGLU and HF's module names inside blocks (q_proj ... down_proj).
 Module containers are the same for every family (`wte`, `wpe`, `h.{i}.ln_1/attn/ln_2/mlp`,
 `ln_f`, `lm_head` when untied); `models/hf.py` maps them to each family's HF keys.
+Phi-3 / Phi-4-mini (partial rotary, LongRoPE; HF's fused projections split in `models/hf.py`), SmolLM3
+(layers without RoPE), OLMo 2 (norms after the sublayers, full-width q/k norms) and Granite 3 (multipliers,
+logits scaling) are more switches on the Llama layout.
 
 The token embedding (and an untied head) is padded to a multiple of 64 rows (aligned LM-head
 matmuls); the padded rows are zero, never a target, masked out of every softmax, never saved.
@@ -77,27 +80,38 @@ class KVCache:
 
 # --- norms and positions -----------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """x / rms(x) × weight, computed in fp32 and cast back before the gain (as HF Llama does)."""
+    """x / rms(x) × weight, computed in fp32 and cast back before the gain (as HF Llama does), or after it
+    (`gain_first`: OLMo 2)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gain_first: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.gain_first = gain_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gain_first:
+            return (self.weight * xf).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.layer_norm_eps)
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+    return RMSNorm(dim, cfg.layer_norm_eps, cfg.rms_gain_first)
 
 
-def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,) in fp32, with Llama 3's scaling when configured."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+def rope_inv_freq(cfg: ModelConfig, device=None, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies (rotary_dim / 2,) in fp32, with Llama 3's scaling or LongRoPE's factors (the long
+    ones if `long`) when configured."""
+    d = cfg.rotary_dim
+    base = cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    if cfg.longrope is not None:
+        lr = cfg.longrope
+        return 1.0 / (torch.tensor(lr.long_factor if long else lr.short_factor, device=device) * base)
+    inv = 1.0 / base
     s = cfg.rope_scaling
     if s is None:
         return inv
@@ -114,27 +128,45 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
 
 def rope_cos_sin(cfg: ModelConfig, start: int, T: int, device, positions: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (T, head_dim) in fp32 for positions start .. start + T - 1, or (B, 1, T, head_dim)
-    for explicit (B, T) `positions` (packed rows: positions restart at every sample)."""
+    """cos and sin (T, rotary_dim) in fp32 for positions start .. start + T - 1, or (B, 1, T, rotary_dim)
+    for explicit (B, T) `positions` (packed rows: positions restart at every sample).
+
+    LongRoPE takes its long factors when this forward's furthest position passes the original context (as
+    transformers decides, per forward) and scales cos and sin by its attention factor.
+    """
+    lr = cfg.longrope
     if positions is not None:
-        freqs = positions.float()[:, None, :, None] * rope_inv_freq(cfg, device)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-    pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
-    freqs = pos[:, None] * rope_inv_freq(cfg, device)[None, :]
+        inv = rope_inv_freq(cfg, device)
+        if lr is not None:  # decided on the device: no host sync
+            far = positions.max() + 1 > lr.original_max_position_embeddings
+            inv = torch.where(far, rope_inv_freq(cfg, device, long=True), inv)
+        freqs = positions.float()[:, None, :, None] * inv
+    else:
+        pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+        long = lr is not None and start + T > lr.original_max_position_embeddings
+        freqs = pos[:, None] * rope_inv_freq(cfg, device, long)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    cos, sin = emb.cos(), emb.sin()
+    if lr is not None and lr.attention_factor != 1.0:
+        cos, sin = cos * lr.attention_factor, sin * lr.attention_factor
+    return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs) by position, halves layout (HF's `rotate_half`)."""
+    """Rotate (B, nh, T, hs) by position, halves layout (HF's `rotate_half`); with tables narrower than hs
+    (partial rotary) only the leading dims turn, the rest pass through."""
+    rd = cos.size(-1)
+    if rd < x.size(-1):  # joined in the (B, T, nh, hs) order of the projection x views, as the full rotation's
+        # output is: the attention's output then keeps that order and its reshape for o_proj copies nothing
+        turned = apply_rope(x[..., :rd], cos, sin)
+        return torch.cat((turned.transpose(1, 2), x[..., rd:].transpose(1, 2)), dim=-1).transpose(1, 2)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 # --- attention ---------------------------------------------------------------------------------
 def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          allowed: torch.Tensor | None = None) -> torch.Tensor:
+                          allowed: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal attention as three plain ops in q's dtype (bf16: the softmax accumulates in fp32).
 
     On CPU in bf16, up to ~512 positions, this runs forward + backward in 0.4-0.7× the time of
@@ -142,6 +174,7 @@ def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CPU_MATH_ATTN_MAX_LEN = 256 positions is no more than the MLP's hidden activation per token.
     k and v may have fewer (key/value) heads than q: each serves a group of query heads.
     `allowed` (B, 1, T, T), when given, replaces the causal mask (packed rows: block-diagonal causal).
+    `scale` multiplies the scores (None: head_dim^-1/2).
     """
     T, groups = q.size(2), q.size(1) // k.size(1)
     if groups > 1:
@@ -152,7 +185,7 @@ def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # add and needs a second masked pass in backward (an add passes its gradient through)
     bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     with autocast_off(q):  # q, k, v are already in the compute dtype
-        att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+        att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)) if scale is None else scale)
         return att.add_(bias).softmax(-1) @ v
 
 
@@ -217,6 +250,7 @@ class Attention(nn.Module):
         super().__init__()
         self.kernels = kernels
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale = cfg.attention_multiplier  # Granite: the scores' scale (None: SDPA's head_dim^-1/2)
         C, qd, kvd = cfg.n_embd, cfg.q_dim, cfg.kv_dim
         self.fused = cfg.fused_qkv
         if self.fused:
@@ -227,10 +261,10 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(C, kvd, bias=cfg.qkv_bias)
             self.v_proj = nn.Linear(C, kvd, bias=cfg.qkv_bias)
             self.o_proj = nn.Linear(qd, C, bias=cfg.attn_out_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.layer_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.layer_norm_eps)
-        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # per head (Qwen3), or over the whole projection (OLMo 2)
+            self.q_norm = make_norm(cfg, qd if cfg.qk_norm_full else cfg.head_dim)
+            self.k_norm = make_norm(cfg, kvd if cfg.qk_norm_full else cfg.head_dim)
+        self.qk_norm, self.qk_norm_full = cfg.qk_norm, cfg.qk_norm_full
         self.sliding_window = cfg.sliding_window
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
@@ -242,9 +276,9 @@ class Attention(nn.Module):
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Causal attention of fresh sequences (q, k, v all of the same positions)."""
         if dropout_p == 0.0 and self.use_short_math(q):
-            return causal_attention_math(q, k, v)
+            return causal_attention_math(q, k, v, scale=self.scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=dropout_p,
-                                              enable_gqa=k.size(1) != q.size(1))
+                                              enable_gqa=k.size(1) != q.size(1), scale=self.scale)
 
     def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, packed: torch.Tensor | None,
                fresh: bool, dropout_p: float) -> torch.Tensor:
@@ -257,9 +291,9 @@ class Attention(nn.Module):
         # causal for a fresh sequence; a single new query (or a masked one) needs no causal flag
         causal = mask is None and start == 0 and T > 1
         if fresh and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q):
-            return causal_attention_math(q, k, v, mask)
+            return causal_attention_math(q, k, v, mask, self.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
-                                              enable_gqa=k.size(1) != q.size(1))
+                                              enable_gqa=k.size(1) != q.size(1), scale=self.scale)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0, packed: Packed = None) -> torch.Tensor:
@@ -271,8 +305,10 @@ class Attention(nn.Module):
             q, k, v = run_linear(self.c_attn, x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
         else:
             q, k, v = run_linear(self.q_proj, x), run_linear(self.k_proj, x), run_linear(self.v_proj, x)
+        if self.qk_norm_full:  # over every head at once, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.view(B, T, nh, hs), k.view(B, T, nkv, hs), v.view(B, T, nkv, hs)
-        if self.qk_norm:  # per head, before RoPE
+        if self.qk_norm and not self.qk_norm_full:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh | nkv, T, hs)
         if rope is not None:
@@ -376,11 +412,19 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
         self.grad_ckpt = False  # recompute this block's activations in backward
+        self.norm_after = cfg.norm_after  # OLMo 2: ln_1 / ln_2 norm the sublayers' outputs
+        self.residual_multiplier = cfg.residual_multiplier  # Granite
 
     def _forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
                  packed: Packed = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer, packed)
-        return x + self.mlp(self.ln_2(x))
+        if self.norm_after:
+            x = x + self._scaled(self.ln_1(self.attn(x, rope, cache, layer, packed)))
+            return x + self._scaled(self.ln_2(self.mlp(x)))
+        x = x + self._scaled(self.attn(self.ln_1(x), rope, cache, layer, packed))
+        return x + self._scaled(self.mlp(self.ln_2(x)))
+
+    def _scaled(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
 
     def forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
                 packed: Packed = None) -> torch.Tensor:
@@ -443,6 +487,8 @@ class Transformer(nn.Module):
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
         x = tied_embedding(idx, self.wte.weight, link)
+        if self.config.embedding_multiplier != 1.0:  # Granite
+            x = x * self.config.embedding_multiplier
         rope, packed = None, None
         if position_ids is not None:
             if cache is not None:
@@ -458,14 +504,19 @@ class Transformer(nn.Module):
             rope = rope_cos_sin(self.config, start, T, idx.device, position_ids)
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, rope, cache, i, packed)
+            x = block(x, rope if self.config.layer_rope(i) else None, cache, i, packed)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """(…, vocab) logits of final hidden states (the padded rows left out)."""
-        return F.linear(h, self.head_weight[: self.config.vocab_size].to(h.dtype))
+        """(…, vocab) logits of final hidden states (the padded rows left out; Granite's divided by its
+        logits_scaling)."""
+        return self._unscale(F.linear(h, self.head_weight[: self.config.vocab_size].to(h.dtype)))
+
+    def _unscale(self, logits: torch.Tensor) -> torch.Tensor:
+        s = self.config.logits_scaling
+        return logits if s == 1.0 else logits / s
 
     def forward(
         self,
@@ -484,7 +535,8 @@ class Transformer(nn.Module):
         `position_ids` (B, T): packed rows of several samples each (see `hidden`).
         """
         if labels is None:
-            return F.linear(self.hidden(idx, cache, position_ids=position_ids), self.head_weight[: self.config.vocab_size])
+            h = self.hidden(idx, cache, position_ids=position_ids)
+            return self._unscale(F.linear(h, self.head_weight[: self.config.vocab_size]))
         # torch.compile traces the two functions apart and would drop the hand-over: plain autograd there
         tied = self.config.tie_embeddings
         link = HeadGradLink() if tied and not torch.compiler.is_compiling() else None
@@ -494,6 +546,8 @@ class Transformer(nn.Module):
         if target_pos is not None:
             h, labels = h.index_select(0, target_pos), labels.index_select(0, target_pos)
             w = None if w is None else w.index_select(0, target_pos)
+        if self.config.logits_scaling != 1.0:  # (h / s) W^T: Granite's logits / s, without the logits
+            h = h / self.config.logits_scaling
         return fused_cross_entropy(h, self.head_weight, labels, w, self.config.vocab_size, link)
 
     def num_params(self, trainable_only: bool = False) -> int:
