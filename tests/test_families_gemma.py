@@ -1,0 +1,173 @@
+"""Gemma 2 and Gemma 3 text against transformers: tiny random models with every Gemma switch away from its
+default (soft-caps, query_pre_attn_scalar, head_dim != hidden / heads, windows shorter than the sequences,
+Gemma 3's local RoPE base and linear scaling, non-zero (1 + w) norm gains), in transformers 5's config layout
+and in the older one Hub checkpoints carry (top-level rope keys, no layer_types)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from microft.errors import ConfigError  # noqa: E402
+from microft.generate import generate  # noqa: E402
+from microft.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+from microft.models.config import ModelConfig  # noqa: E402
+from microft.models.hf import export_hf, hf_name  # noqa: E402
+from microft.models.load import load_model, read_model_config  # noqa: E402
+from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+COMMON = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, max_position_embeddings=128, initializer_range=0.2,
+              query_pre_attn_scalar=20, sliding_window=6, rms_norm_eps=1e-5,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+GEMMA3_ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 100.0},
+               FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}
+CASES = {  # name: (config class, model class, switches, old layout)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), False),
+    "gemma2-old": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), True),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        final_logit_softcapping=5.0, layer_types=[SLIDING, SLIDING, FULL, SLIDING], rope_parameters=GEMMA3_ROPE),
+        False),
+    "gemma3-old": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        final_logit_softcapping=5.0, layer_types=[SLIDING, FULL, SLIDING, FULL], rope_parameters=GEMMA3_ROPE), True),
+}
+
+
+def to_old_layout(path) -> None:
+    """Rewrite a transformers-5 config.json the way older Hub Gemma checkpoints carry it."""
+    raw = json.loads(path.read_text())
+    params = raw.pop("rope_parameters")
+    types = raw.pop("layer_types")
+    raw.pop("_sliding_window_pattern", None)
+    if raw["model_type"] == "gemma2":
+        assert types == [SLIDING if i % 2 == 0 else FULL for i in range(len(types))]  # the even/odd rule
+        raw["rope_theta"] = params["rope_theta"]
+    else:
+        assert types == [SLIDING, FULL] * (len(types) // 2)
+        raw["sliding_window_pattern"] = 2
+        raw["rope_theta"], raw["rope_local_base_freq"] = params[FULL]["rope_theta"], params[SLIDING]["rope_theta"]
+        raw["rope_scaling"] = {"rope_type": "linear", "factor": params[FULL]["factor"]}
+    path.write_text(json.dumps(raw))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family(request, tmp_path_factory):
+    """(case, HF model with non-trivial norm gains, its sharded save_pretrained directory)."""
+    name = request.param
+    cfg_cls, model_cls, extra, old = CASES[name]
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**COMMON, **extra)).eval()
+    with torch.no_grad():  # transformers initialises the (1 + w) gains at w = 0: move them away from it
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.normal_(0.0, 0.3)
+    d = tmp_path_factory.mktemp(name) / "hf"
+    hf.save_pretrained(d, max_shard_size="200KB")
+    assert (d / "model.safetensors.index.json").exists()
+    if old:
+        to_old_layout(d / "config.json")
+    return name, hf, d
+
+
+def tokens(n: int = 20, batch: int = 2, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, 250, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(hf, ours, x) -> float:
+    with torch.no_grad():
+        return (hf(x).logits - ours.eval()(x)).abs().max().item()
+
+
+def test_config_reads_every_gemma_switch(family):
+    name, hf, d = family
+    cfg = read_model_config(d)
+    g3 = name.startswith("gemma3")
+    assert cfg.model_type == ("gemma3_text" if g3 else "gemma2")
+    assert cfg.norm_unit_offset and cfg.scale_embeddings and cfg.post_norms and cfg.glu_act == "gelu_tanh"
+    assert cfg.head_dim == 32 and cfg.query_pre_attn_scalar == 20 and cfg.sliding_window == 6
+    assert cfg.layer_types == list(hf.config.layer_types)
+    assert cfg.final_softcap == 5.0 and cfg.attn_softcap == (None if g3 else 3.0) and cfg.qk_norm == g3
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_linear_factor) == (
+        (10000.0, 100.0, 4.0) if g3 else (1000.0, None, None))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) == Transformer(cfg).num_params()
+
+
+def test_logits_match_transformers(family):
+    name, hf, d = family
+    assert max_diff(hf, load_model(d), tokens()) <= 1e-5
+
+
+def test_greedy_generation_with_kv_cache_matches(family):
+    name, hf, d = family
+    ours = load_model(d)
+    prompt = tokens(6, batch=1)
+    with torch.no_grad():
+        want = hf.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    assert list(generate(ours, prompt[0].tolist(), 30, stop_at_eot=False)) == want
+
+
+def test_training_loss_and_gradients_match_transformers(family):
+    """The final soft-cap cannot change a greedy token: the fused loss (soft-capped inside its chunks) and its
+    gradients show it. transformers' loss is the mean; microft's the sum."""
+    name, hf, d = family
+    ours = load_model(d).train()
+    hf.train()
+    x = tokens(24)
+    labels = x[:, 1:].clone()
+    labels[:, :3] = -100
+    hf_loss = F.cross_entropy(hf(x[:, :-1]).logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    got = ours(x[:, :-1], labels) / (labels != -100).sum()
+    assert abs(got.item() - hf_loss.item()) <= 1e-4 * abs(hf_loss.item())
+    hf.zero_grad()
+    hf_loss.backward()
+    got.backward()
+    hf_grads = dict(hf.named_parameters())
+    for n, p in ours.named_parameters():
+        ref = hf_grads[hf_name(ours.config, n)].grad
+        torch.testing.assert_close(p.grad[: ref.size(0)], ref, atol=1e-5, rtol=1e-4, msg=n)
+    hf.eval()
+
+
+def test_export_round_trips_through_transformers(family, tmp_path):
+    name, hf, d = family
+    ours = load_model(d)
+    out = export_hf(ours, tmp_path / "out", max_shard_bytes=100_000)
+    back, info = type(hf).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert list(back.config.layer_types) == list(hf.config.layer_types)
+    assert max_diff(back.eval(), ours, tokens()) <= 1e-5
+    assert max_diff(hf, load_model(out), tokens()) <= 1e-5
+
+
+def test_lora_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    name, hf, d = family
+    ours = load_model(d)
+    apply_lora(ours, r=4, alpha=8, targets="all")
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    save_adapter(tmp_path / "adapter", ours, str(d))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    peft_model = peft.PeftModel.from_pretrained(type(hf).from_pretrained(d), tmp_path / "adapter").eval()
+    x = tokens()
+    assert max_diff(peft_model, ours, x) <= 1e-5
+    assert max_diff(peft_model, load_adapter(load_model(d), tmp_path / "adapter"), x) <= 1e-5
+    with torch.no_grad():
+        before = ours(x)
+    merge_lora(ours)
+    assert not any("lora_" in n for n, _ in ours.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(ours(x), before, atol=1e-4, rtol=0)
