@@ -94,6 +94,9 @@ class Blk:
     ln_2: Norm
     q_norm: Par | None = None
     k_norm: Par | None = None
+    layer: int = 0
+    post_attn: Norm | None = None  # Gemma's norms on the attention's and the MLP's outputs
+    post_mlp: Norm | None = None
 
 
 @dataclass
@@ -146,6 +149,7 @@ def build_model(arch: ModelConfig, s: Setup) -> Model:
         qn = kn = None
         if a.qk_norm:
             qn, kn = par(f"{h}.attn.q_norm.weight", a.head_dim), par(f"{h}.attn.k_norm.weight", a.head_dim)
+        post_attn = norm(f"{h}.post_attn_norm", C) if a.post_norms else None
         ln2 = norm(f"{h}.ln_2", C)
         if a.mlp == "swiglu":
             lins += [lin(f"{h}.mlp.gate_proj", "gate_proj", C, a.intermediate_size, a.mlp_bias),
@@ -154,7 +158,8 @@ def build_model(arch: ModelConfig, s: Setup) -> Model:
         else:
             lins += [lin(f"{h}.mlp.c_fc", "fc", C, a.intermediate_size, a.mlp_bias),
                      lin(f"{h}.mlp.c_proj", "mlp_proj", a.intermediate_size, C, a.mlp_bias)]
-        blocks.append(Blk(ln1, dict(lins), ln2, qn, kn))
+        post_mlp = norm(f"{h}.post_mlp_norm", C) if a.post_norms else None
+        blocks.append(Blk(ln1, dict(lins), ln2, qn, kn, i, post_attn, post_mlp))
     ln_f = norm("ln_f", C)
     head = wte if a.tie_embeddings else par("lm_head.weight", a.padded_vocab_size, C)
     return Model(arch, wte, wpe, blocks, ln_f, head, params)
@@ -340,7 +345,7 @@ class Replay:
     def block(self, x: Ten, blk: Blk) -> Ten:
         """model.Block: attention then MLP, each on a normed input added to the residual stream."""
         a, sim, N = self.a, self.sim, self.N
-        norm = self.norm if a.norm == "layernorm" else self.rms_norm
+        norm = self.norm_of(a)
         h = norm(x, blk.ln_1)
         if a.fused_qkv:
             qkv = self.linear(h, blk.lin["qkv"])
@@ -349,15 +354,16 @@ class Replay:
         else:
             q, k, v = (self.linear(h, blk.lin[n]) for n in ("q_proj", "k_proj", "v_proj"))
         if blk.q_norm is not None:  # per head, before RoPE
-            q2, k2 = self.rms_norm(q, (blk.q_norm, None)), self.rms_norm(k, (blk.k_norm, None))
+            q2, k2 = norm(q, (blk.q_norm, None)), norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
         if a.rotary:  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
-            cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in self.tables[:2])
+            tables = self.local_tables if a.local_rope(blk.layer) else self.tables[:2]
+            cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in tables)
             q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
             sim.drop(q, k, cos, sin)
             q, k = q2, k2
-        mask = self.window_mask()
+        mask = self.window_mask(blk.layer)
         y = self.sdpa(q, k, v, mask)
         sim.drop(mask)
         p = self.linear(y, blk.lin["proj" if a.fused_qkv else "o_proj"])
@@ -366,12 +372,16 @@ class Replay:
             sim.drop(p)
             p = p2
         sim.drop(q, k, v, y, h)  # the attention's locals
+        if blk.post_attn is not None:
+            pn = norm(p, blk.post_attn)
+            sim.drop(p)
+            p = pn
         x1 = self.add(x, p)
         sim.drop(p)
         h2 = norm(x1, blk.ln_2)
         if a.mlp == "swiglu":  # down_proj(silu(gate_proj(x)) * up_proj(x))
             gate = self.linear(h2, blk.lin["gate_proj"])
-            sg = self.elementwise("silu", gate)
+            sg = self.elementwise("silu" if a.glu_act == "silu" else "gelu", gate)
             sim.drop(gate)  # a temporary: only silu's saved input (when a gradient needs it) outlives the call
             up = self.linear(h2, blk.lin["up_proj"])
             g = sim.op("mul", [sg, up], [(sg.numel, max(sg.es, up.es), "activations")],
@@ -394,6 +404,10 @@ class Replay:
             sim.drop(mo)
             mo = m2
         sim.drop(h2)
+        if blk.post_mlp is not None:
+            mn = norm(mo, blk.post_mlp)
+            sim.drop(mo)
+            mo = mn
         out = self.add(x1, mo)
         sim.drop(x1, mo)
         return out
@@ -402,6 +416,41 @@ class Replay:
         """model.RMSNorm, op by op: x.float(), pow, mean, +eps, rsqrt, mul, .to(x.dtype), weight * (.)."""
         sim, w = self.sim, ln[0]
         n, dim = x.numel, w.numel
+        y = self.rms_stats(x, dim)
+        yl = sim.alias(y) if x.es == 4 else sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
+        sim.drop(y)
+        oes = max(w.es, x.es)  # type promotion: an fp32 gain times bf16 is fp32
+        out = sim.op("mul", [w, yl], [(n, oes, "activations")], save_in=((1, (0,)),),
+                     bwd=(("t", "s", n, oes, 0), ("g", 0, dim, w.es), ("f", "s"), ("g", 1, n, oes)))[0]
+        sim.drop(yl)
+        return out
+
+    def norm_of(self, a: ModelConfig):
+        """The replay of the family's norm: LayerNorm, RMSNorm, or Gemma's (1 + w) RMSNorm."""
+        return self.norm if a.norm == "layernorm" else self.offset_rms_norm if a.norm_unit_offset else self.rms_norm
+
+    def offset_rms_norm(self, x: Ten, ln: Norm) -> Ten:
+        """model.OffsetRMSNorm (Gemma), op by op: x.float(), the statistics as RMSNorm, then
+        × (1 + weight.float()) in fp32 and .to(x.dtype)."""
+        sim, w = self.sim, ln[0]
+        n, dim = x.numel, w.numel
+        y = self.rms_stats(x, dim)
+        wf = w if w.es == 4 else sim.op("to_copy", [w], [(dim, 4, "activations")], bwd=(("g", 0, dim, w.es),))[0]
+        w1 = sim.op("add", [wf], [(dim, 4, "activations")], bwd=(("p", 0),))[0]
+        if wf is not w:
+            sim.drop(wf)
+        out = sim.op("mul", [y, w1], [(n, 4, "activations")], save_in=((0, (1,)), (1, (0,))),
+                     bwd=(("g", 0, n, 4), ("t", "s", n, 4, 1), ("g", 1, dim, 4), ("f", "s")))[0]
+        sim.drop(y, w1)
+        if x.es == 4:
+            return out
+        low = sim.op("to_copy", [out], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
+        sim.drop(out)
+        return low
+
+    def rms_stats(self, x: Ten, dim: int) -> Ten:
+        """x.float() × rsqrt(mean(x²) + eps), in fp32: the part both RMSNorms share."""
+        sim, n = self.sim, x.numel
         rows = n // dim
         xf = sim.alias(x) if x.es == 4 else sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
         sq = sim.op("pow", [xf], [(n, 4, "activations")], save_in=((0, (0,)),),
@@ -416,17 +465,14 @@ class Replay:
         y = sim.op("mul", [xf, r], [(n, 4, "activations")], save_in=((0, (1,)), (1, (0,))),
                    bwd=(("g", 0, n, 4), ("t", "s", n, 4, 1), ("g", 1, rows, 4), ("f", "s")))[0]
         sim.drop(xf, r)
-        yl = sim.alias(y) if x.es == 4 else sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
-        sim.drop(y)
-        oes = max(w.es, x.es)  # type promotion: an fp32 gain times bf16 is fp32
-        out = sim.op("mul", [w, yl], [(n, oes, "activations")], save_in=((1, (0,)),),
-                     bwd=(("t", "s", n, oes, 0), ("g", 0, dim, w.es), ("f", "s"), ("g", 1, n, oes)))[0]
-        sim.drop(yl)
-        return out
+        return y
 
-    def rope_tables(self) -> tuple[Ten, Ten]:
-        """models.transformer.rope_cos_sin: positions, inverse frequencies, (T, head_dim) fp32 cos and sin."""
+    def rope_tables(self, linear: bool = False) -> tuple[Ten, Ten]:
+        """models.transformer.rope_cos_sin: positions, inverse frequencies, (T, head_dim) fp32 cos and sin.
+        `linear`: the inverse frequencies divided by Gemma 3's linear factor (one more small tensor)."""
         sim, T, d = self.sim, self.s.seq_len, self.a.head_dim
+        if linear:
+            sim.transient(d // 2 * 4, "activations", "inv_freq")
         tmp = [sim.new(T, 4, "activations", "positions"), sim.new(d // 2, 4, "activations", "inv_freq"),
                sim.new(T * d // 2, 4, "activations", "freqs"), sim.new(T * d, 4, "activations", "emb")]
         cos, sin = sim.new(T * d, 4, "activations", "cos"), sim.new(T * d, 4, "activations", "sin")
@@ -446,10 +492,10 @@ class Replay:
         sim.drop(xc, xs)
         return out
 
-    def window_mask(self) -> Ten | None:
+    def window_mask(self, layer: int) -> Ten | None:
         """attention_mask: a (T, T) boolean mask, built per layer, when the sequence exceeds the window."""
         a, sim, T = self.a, self.sim, self.s.seq_len
-        if a.sliding_window is None or T <= a.sliding_window:
+        if a.layer_window(layer) is None or T <= a.sliding_window:
             return None
         qpos, kpos = sim.new(T, 8, "activations", "arange"), sim.new(T, 8, "activations", "arange")
         allowed = sim.new(T * T, 1, "activations", "kv <= q")
@@ -480,26 +526,38 @@ class Replay:
             sim.drop(tok, pe, pos)
         else:
             x = tok
+        if a.scale_embeddings:  # x * tensor(sqrt(C)).to(dtype): the factor is saved for the embedding's gradient
+            f = sim.new(1, 4, "activations", "sqrt(C)")
+            if pes != 4:
+                f2 = sim.new(1, pes, "activations", "sqrt(C).to")
+                sim.drop(f)
+                f = f2
+            x2 = sim.op("mul", [x, f], [(N * C, pes, "activations")], save_in=((1, (0,)),),
+                        bwd=(("g", 0, N * C, pes),))[0]
+            sim.drop(x, f)
+            x = x2
         if a.dropout > 0:
             x2 = self.dropout(x)
             sim.drop(x)
             x = x2
-        self.tables = self.rope_tables() if a.rotary else (None, None)
-        if s.grad_ckpt and a.rotary:
-            self.tables = tuple(sim.alias(t) for t in self.tables) + self.tables
+        self.tables = self.rope_tables(bool(a.rope_linear_factor)) if a.rotary else (None, None)
+        two = a.rotary and bool(a.rope_local_theta or a.rope_linear_factor)  # Gemma 3: the sliding layers' own
+        self.local_tables = self.rope_tables() if two else ()
         start = sim.live
         for i, blk in enumerate(m.blocks):
             sim.tag = f"block {i}"
             if s.grad_ckpt and i % s.ckpt_every == 0:
-                nxt = sim.checkpoint(lambda x=x, blk=blk: self.block(x, blk), x)
+                # the checkpoint holds the RoPE tables its block takes until its backward is done
+                tables = () if not a.rotary else self.local_tables if a.local_rope(i) else self.tables
+                nxt = sim.checkpoint(lambda x=x, blk=blk: self.block(x, blk), x, tuple(tables))
             else:
                 nxt = self.block(x, blk)
             sim.drop(x)
             x = nxt
         self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
         sim.tag = "loss"
-        h = (self.norm if a.norm == "layernorm" else self.rms_norm)(x, m.ln_f)
-        sim.drop(x, *self.tables[:2])
+        h = self.norm_of(a)(x, m.ln_f)
+        sim.drop(x, *self.tables[:2], *self.local_tables)
         return h
 
     # --- the fused chunked cross-entropy (model._FusedCrossEntropy) -------------------------
@@ -623,8 +681,6 @@ class Replay:
             return f"{at}, backward of the loss", "start of backward"
 
         sim.backward(scaled, where=where)
-        if s.grad_ckpt:  # the checkpoints held the RoPE tables for their recomputes
-            sim.drop(*self.tables[2:])
         sim.drop(scaled, loss, x, y, *packed)
         self.packed = None
 
