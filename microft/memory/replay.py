@@ -337,6 +337,47 @@ class Replay:
         sim.drop(lse, bias, *casts)
         return o
 
+    def softcap_attention(self, q: Ten, k: Ten, v: Ten, layer: int) -> Ten:
+        """model._SoftcapAttention (Gemma 2) as `Attention.masked` calls it: the boolean mask (causal, or
+        the window's), its 0 / -inf bias; key/value heads repeated for the query heads, q copied for the
+        batched matmul, the tanh and the probabilities saved; backward (written out in the model)
+        repeats them again, copies the incoming gradient twice and sums the repeated heads' gradients.
+        Then the (B, T, H, hs) copy of the output. (With one key/value head per query head the copies
+        of k and v differ; the presets all group their heads.)"""
+        a, s, sim = self.a, self.s, self.sim
+        B, T, H, es = s.micro_bs, s.seq_len, a.n_head, q.es
+        qn, P, kv_full = q.numel, B * H * T * T, q.numel // a.q_dim * a.n_head * a.head_dim
+        window = a.layer_window(layer)
+        if window is not None and T > window:  # attention_mask: aranges, kv <= q, q - window, kv > ..., &
+            tmp = [sim.new(T, 8, "activations", "arange"), sim.new(T, 8, "activations", "arange"),
+                   sim.new(T * T, 1, "activations", "kv <= q"), sim.new(T, 8, "activations", "q - window"),
+                   sim.new(T * T, 1, "activations", "kv > q - window")]
+            allowed = sim.new(T * T, 1, "activations", "mask")
+            sim.drop(*tmp)
+        else:
+            allowed = sim.new(T * T, 1, "activations", "tril")
+        consts = [sim.new(1, es, "activations", "0"), sim.new(1, es, "activations", "-inf")]
+        bias = sim.new(T * T, es, "activations", "additive mask")
+        sim.drop(*consts)
+        grouped = a.n_head != a.n_kv_head
+        kk, vv = (sim.new(kv_full, es, "activations", "repeat"), sim.new(kv_full, es, "activations", "repeat")) \
+            if grouped else (None, None)
+        qc = sim.new(qn, es, "activations", "q.contiguous")
+        t = sim.new(P, es, "activations", "tanh")
+        sim.drop(qc)
+        p = sim.new(P, es, "activations", "probs")
+        rep = (("t", "kk", kv_full, es), ("t", "vv", kv_full, es)) if grouped else ()
+        bwd = rep + (("t", "dy", qn, es), ("t", "dv", qn, es), ("f", "dy"), ("t", "dy2", qn, es), ("t", "dp", P, es),
+                     ("f", "dy2"), ("f", "vv"), ("t", "ds", P, es), ("f", "dp"), ("t", "sq", P, es), ("f", "sq"),
+                     ("g", 0, qn, es), ("t", "qc", qn, es), ("t", "dk", qn, es), ("f", "qc"),
+                     ("g", 1, k.numel, es), ("g", 2, v.numel, es))
+        saved = tuple((i, (0, 1, 2)) for i in range(5))
+        y = sim.op("softcap_attention", [q, k, v, t, p], [(qn, es, "activations")], save_in=saved, bwd=bwd)[0]
+        sim.drop(kk, vv, t, p, bias, allowed)
+        yc = sim.op("clone", [y], [(qn, es, "activations")], bwd=(("p", 0),))[0]  # .transpose(1, 2).contiguous()
+        sim.drop(y)
+        return yc
+
     def elementwise(self, name: str, x: Ten, save_input: bool = True) -> Ten:
         return self.sim.op(name, [x], [(x.numel, x.es, "activations")], save_in=((0, (0,)),) if save_input else (),
                            bwd=(("g", 0, x.numel, x.es),))[0]
@@ -363,9 +404,12 @@ class Replay:
             q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
             sim.drop(q, k, cos, sin)
             q, k = q2, k2
-        mask = self.window_mask(blk.layer)
-        y = self.sdpa(q, k, v, mask)
-        sim.drop(mask)
+        if a.attn_softcap:
+            y = self.softcap_attention(q, k, v, blk.layer)
+        else:
+            mask = self.window_mask(blk.layer)
+            y = self.sdpa(q, k, v, mask)
+            sim.drop(mask)
         p = self.linear(y, blk.lin["proj" if a.fused_qkv else "o_proj"])
         if a.dropout > 0:
             p2 = self.dropout(p)
@@ -582,29 +626,35 @@ class Replay:
         if len(starts) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
             starts = [starts[0], starts[1], starts[-1]]
         chunks = [(s0, min(size, N - s0)) for s0 in starts]
-        probs = z_max = z_t = wcol = hw = None
+        probs = z_max = z_t = wcol = hw = t_cap = None
         for _, n in chunks:
             hc_new = sim.new(n * C, dt, cat, "hc") if h.es != dt else None
             sim.drop(hc)
             hc = hc_new
             z = sim.new(n * Vp, dt, cat, "logits")
+            zdt = dt
+            if a.final_softcap:  # t = tanh(z.float() / cap) kept for the gradient; z = t × cap, in fp32
+                sim.drop(t_cap)
+                t_cap = sim.new(n * Vp, 4, cat, "tanh") if dt != 4 else sim.alias(z)
+                sim.drop(z)
+                z, zdt = sim.new(n * Vp, 4, cat, "capped logits"), 4
             if Vp > V:
                 sim.transient(4, cat, "-inf")
-            zm_new, zt_new = sim.new(n, dt, cat, "max"), sim.new(n, dt, cat, "z_t")
+            zm_new, zt_new = sim.new(n, zdt, cat, "max"), sim.new(n, zdt, cat, "z_t")
             sim.drop(z_max, z_t)
             z_max, z_t = zm_new, zt_new
-            p_new = sim.new(n * Vp, 4, cat, "logits.float()") if dt != 4 else sim.alias(z)  # softmax in place
+            p_new = sim.new(n * Vp, 4, cat, "logits.float()") if zdt != 4 else sim.alias(z)  # softmax in place
             sim.drop(probs)  # still alive here only when no gradient is needed (no `del`)
             probs = p_new
             sim.drop(z)
-            zm32 = sim.new(n, 4, cat, "max.float()") if dt != 4 else None  # lse = z_max - log p_max
+            zm32 = sim.new(n, 4, cat, "max.float()") if zdt != 4 else None  # lse = z_max - log p_max
             p_max = sim.new(n, 4, cat, "p_max")
             log_p = sim.new(n, 4, cat, "log p_max")
             sim.drop(p_max)
             lse_new = sim.new(n, 4, cat, "lse")
             sim.drop(zm32, log_p, lse)
             lse = lse_new
-            zt32 = sim.new(n, 4, cat, "z_t.float()") if dt != 4 else None  # the token losses, weighted, summed
+            zt32 = sim.new(n, 4, cat, "z_t.float()") if zdt != 4 else None  # the token losses, weighted, summed
             diff = sim.new(n, 4, cat, "token loss")
             sim.drop(zt32)
             weighted = sim.new(n, 4, cat, "weighted loss")
@@ -614,6 +664,8 @@ class Replay:
             if not (need_h or need_w):
                 continue
             sim.transient(n * 4, cat, "-1 at the targets")
+            sim.drop(t_cap)  # the cap's derivative 1 - t² multiplied in place, then `del t`
+            t_cap = None
             g_new = sim.new(n * Vp, dt, cat, "probs.to") if dt != 4 else sim.alias(probs)
             sim.drop(g)
             g = g_new
@@ -630,7 +682,7 @@ class Replay:
                 hw = hw_new
                 if grad_w is None:
                     grad_w = sim.new(Vp * C, dt, cat, "grad_w")
-        sim.drop(hc, probs, z_max, z_t, g, lse, wcol, hw, Wc, valid, tw, safe_t)
+        sim.drop(hc, probs, z_max, z_t, g, lse, wcol, hw, Wc, valid, tw, safe_t, t_cap)
         # backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor either way),
         # handed to the tied embedding's backward when the head is the embedding (HeadGradLink)
         if self.linked:
@@ -977,6 +1029,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
                     "aten.bitwise_and.Tensor", "aten.gt.Tensor", "aten.le.Tensor", "aten.mul.Scalar"),
     "rope": ("aten.neg.default", "aten.slice.Tensor"),
     "window_mask": ("aten.scalar_tensor.default",),
+    "softcap_attention": ("aten.ones.default", "aten.tril_.default", "aten.bmm.default", "aten.tanh_.default",
+                          "aten._softmax_backward_data.default", "aten.neg_.default", "aten.div_.Tensor"),
     "matmul": ("aten.mm.default", "aten.addmm.default", "aten.t.default", "aten._unsafe_view.default",
                "aten.view.default", "aten.sum.dim_IntList", "aten._to_copy.default", "aten.clone.default"),
     "linear": ("aten.mul.Tensor", "aten.add.Tensor"),
