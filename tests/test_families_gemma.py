@@ -203,3 +203,25 @@ def test_packing_and_grad_checkpointing_keep_soft_caps_and_windows_exact(preset)
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
         for n, g in ref.items():
             torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4, msg=n)
+
+
+ATTENTION_PEAK = {  # the peak in a block's backward (long rows, a small vocabulary): the soft-capped attention's
+    # own copies and scratch decide it; grouped heads and one key/value head per query head
+    "grouped": {"vocab_size": 128, "n_layer": 1},
+    "ungrouped-uncapped-logits": {"vocab_size": 128, "n_layer": 1, "n_kv_head": 4, "final_softcap": None},
+}
+
+
+@pytest.mark.parametrize("shape", list(ATTENTION_PEAK))
+@pytest.mark.parametrize("variant", ["fp32", "grad-ckpt", "lora"])
+def test_replay_of_soft_capped_attention_matches_the_trace_at_its_peak(shape, variant):
+    from microft.config import RunConfig
+    from microft.memory.estimate import estimate, load_shape, setup_for
+    from tests.test_memory_sync import VARIANTS, assert_replay_is_the_trace
+
+    precision, kw, accum = VARIANTS[variant]
+    cfg = RunConfig(precision=precision, max_seq_len=256, **kw)
+    arch = load_shape("gemma2-tiny").model_copy(update=ATTENTION_PEAK[shape])
+    s = setup_for(cfg, arch, 2, accum=accum)
+    assert "backward of block 0" in estimate(arch, s).peak_where
+    assert_replay_is_the_trace(arch, s, cfg)

@@ -342,11 +342,10 @@ class Replay:
         the window's), its 0 / -inf bias; key/value heads repeated for the query heads, q copied for the
         batched matmul, the tanh and the probabilities saved; backward (written out in the model)
         repeats them again, copies the incoming gradient twice and sums the repeated heads' gradients.
-        Then the (B, T, H, hs) copy of the output. (With one key/value head per query head the copies
-        of k and v differ; the presets all group their heads.)"""
+        Then the (B, T, H, hs) copy of the output."""
         a, s, sim = self.a, self.s, self.sim
         B, T, H, es = s.micro_bs, s.seq_len, a.n_head, q.es
-        qn, P, kv_full = q.numel, B * H * T * T, q.numel // a.q_dim * a.n_head * a.head_dim
+        qn, P, kv_full = q.numel, B * H * T * T, q.numel
         window = a.layer_window(layer)
         if window is not None and T > window:  # attention_mask: aranges, kv <= q, q - window, kv > ..., &
             tmp = [sim.new(T, 8, "activations", "arange"), sim.new(T, 8, "activations", "arange"),
@@ -355,22 +354,33 @@ class Replay:
             allowed = sim.new(T * T, 1, "activations", "mask")
             sim.drop(*tmp)
         else:
+            allowed = None
+        rows = 1
+        if self.packed is not None:  # the packed rows' (B, 1, T, T) mask, and-ed with the window's
+            rows = B
+            both = sim.new(B * T * T, 1, "activations", "packed & window") if allowed else sim.alias(self.packed)
+            sim.drop(allowed)
+            allowed = both
+        elif allowed is None:
             allowed = sim.new(T * T, 1, "activations", "tril")
         consts = [sim.new(1, es, "activations", "0"), sim.new(1, es, "activations", "-inf")]
-        bias = sim.new(T * T, es, "activations", "additive mask")
+        bias = sim.new(rows * T * T, es, "activations", "additive mask")
         sim.drop(*consts)
-        grouped = a.n_head != a.n_kv_head
-        kk, vv = (sim.new(kv_full, es, "activations", "repeat"), sim.new(kv_full, es, "activations", "repeat")) \
-            if grouped else (None, None)
+        grouped = a.n_head != a.n_kv_head  # repeat_interleave, else .contiguous(): one copy of k and of v
+        kk, vv = sim.new(kv_full, es, "activations", "k heads"), sim.new(kv_full, es, "activations", "v heads")
         qc = sim.new(qn, es, "activations", "q.contiguous")
         t = sim.new(P, es, "activations", "tanh")
         sim.drop(qc)
         p = sim.new(P, es, "activations", "probs")
-        rep = (("t", "kk", kv_full, es), ("t", "vv", kv_full, es)) if grouped else ()
-        bwd = rep + (("t", "dy", qn, es), ("t", "dv", qn, es), ("f", "dy"), ("t", "dy2", qn, es), ("t", "dp", P, es),
-                     ("f", "dy2"), ("f", "vv"), ("t", "ds", P, es), ("f", "dp"), ("t", "sq", P, es), ("f", "sq"),
-                     ("g", 0, qn, es), ("t", "qc", qn, es), ("t", "dk", qn, es), ("f", "qc"),
-                     ("g", 1, k.numel, es), ("g", 2, v.numel, es))
+        # backward: dv = p^T dy, dp = dy v^T (each copying dy), the softmax's and the cap's gradient, dq = ds k,
+        # dk = ds^T q (copying q); grouped heads' dk and dv are then summed into their key/value heads
+        dv = ("t", "dv", qn, es) if grouped else ("g", 2, v.numel, es)
+        dk = ("t", "dk", qn, es) if grouped else ("g", 1, k.numel, es)
+        bwd = (("t", "kk", kv_full, es), ("t", "vv", kv_full, es), ("t", "dy", qn, es), dv, ("f", "dy"),
+               ("t", "dy2", qn, es), ("t", "dp", P, es), ("f", "dy2"), ("f", "vv"), ("t", "ds", P, es), ("f", "dp"),
+               ("t", "sq", P, es), ("f", "sq"), ("g", 0, qn, es), ("t", "qc", qn, es), dk, ("f", "qc"))
+        if grouped:
+            bwd += (("g", 1, k.numel, es), ("g", 2, v.numel, es))
         saved = tuple((i, (0, 1, 2)) for i in range(5))
         y = sim.op("softcap_attention", [q, k, v, t, p], [(qn, es, "activations")], save_in=saved, bwd=bwd)[0]
         sim.drop(kk, vv, t, p, bias, allowed)

@@ -197,7 +197,9 @@ def _softcap_probs(q: torch.Tensor, k: torch.Tensor, scale: float, cap: float, b
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+    """Keys or values with a head per query head, contiguous (one copy either way: the batched matmuls
+    would copy the transposed heads themselves, and the memory replay counts one)."""
+    return x.contiguous() if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 class _SoftcapAttention(torch.autograd.Function):
