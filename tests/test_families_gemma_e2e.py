@@ -172,3 +172,19 @@ def test_qlora_trains_and_its_adapter_loads_in_peft(gemma, tmp_path):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model), adapter)
+
+
+def test_the_gemma_recipes_estimate_mem_lines_say_what_estimate_mem_says():
+    """Its peak and fit (the shared recipe check), and the batch split each line says the planner suggests."""
+    import shlex
+
+    from tests.test_families_e2e import test_the_recipes_estimate_mem_lines_say_what_estimate_mem_says as check
+
+    check("gemma-3-1b-lora.toml")
+    path = Path(__file__).parent.parent / "recipes" / "gemma-3-1b-lora.toml"
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("#   microft estimate-mem")]
+    for line in lines:
+        cmd, claim = line.removeprefix("#   microft ").split("#", 1)
+        res = runner.invoke(app, shlex.split(cmd.replace("recipes/", f"{path.parent}/")))
+        split = claim.split("suggests ")[1].split(" (")[0]
+        assert f"recommended: your settings: {split}" in res.output
