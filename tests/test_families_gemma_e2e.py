@@ -178,7 +178,9 @@ def test_the_gemma_recipes_estimate_mem_lines_say_what_estimate_mem_says():
     """Its peak and fit (the shared recipe check), and the batch split each line says the planner suggests."""
     import shlex
 
-    from tests.test_families_e2e import test_the_recipes_estimate_mem_lines_say_what_estimate_mem_says as check
+    from tests.test_families_e2e import (
+        test_the_recipes_estimate_mem_lines_say_what_estimate_mem_says as check,
+    )
 
     check("gemma-3-1b-lora.toml")
     path = Path(__file__).parent.parent / "recipes" / "gemma-3-1b-lora.toml"
