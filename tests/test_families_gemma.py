@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from microft.errors import ConfigError  # noqa: E402
 from microft.generate import generate  # noqa: E402
 from microft.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from microft.models.config import ModelConfig  # noqa: E402
@@ -225,3 +226,39 @@ def test_replay_of_soft_capped_attention_matches_the_trace_at_its_peak(shape, va
     s = setup_for(cfg, arch, 2, accum=accum)
     assert "backward of block 0" in estimate(arch, s).peak_where
     assert_replay_is_the_trace(arch, s, cfg)
+
+
+def test_the_embedding_normalizer_is_rounded_in_the_model_dtype_as_transformers_does():
+    """sqrt(72) = 8.485... is 8.5 in bf16: a bf16 Gemma scales its embeddings by 8.5, as transformers' does."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(**{**COMMON, "hidden_size": 72, "num_attention_heads": 4})
+    hf = transformers.Gemma3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    ours = Transformer(ModelConfig.from_hf(cfg.to_dict())).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        ours.wte.weight[: cfg.vocab_size].copy_(hf.model.embed_tokens.weight)
+    seen = {}
+    ours.h[0].register_forward_pre_hook(lambda m, args: seen.setdefault("ours", args[0]))
+    hf.model.layers[0].register_forward_pre_hook(lambda m, args: seen.setdefault("hf", args[0]))
+    x = tokens(8)
+    with torch.no_grad():
+        ours(x)
+        hf(x)
+    assert seen["ours"].dtype == torch.bfloat16 and torch.equal(seen["ours"], seen["hf"])
+    assert torch.equal(seen["ours"], ours.wte.weight[x] * 8.5)
+
+
+def test_configs_transformers_would_run_differently_are_refused_in_one_line():
+    base = {**COMMON, "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh"}
+    with pytest.raises(ConfigError, match="hidden_activation 'gelu'"):
+        ModelConfig.from_hf({**base, "hidden_activation": "gelu"})
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        ModelConfig.from_hf({**base, "model_type": "gemma3_text", "use_bidirectional_attention": True})
+    with pytest.raises(ConfigError, match="'yarn' on the global layers"):
+        ModelConfig.from_hf({**base, "model_type": "gemma3_text",
+                             "rope_parameters": {FULL: {"rope_type": "yarn", "factor": 2.0}}})
+    with pytest.raises(ConfigError, match="'linear' on gemma2"):
+        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    g2 = ModelConfig.from_hf(base)  # transformers' Gemma 2 defaults: both caps, alternating windows
+    assert (g2.attn_softcap, g2.final_softcap, g2.layer_types[:2]) == (50.0, 30.0, [SLIDING, FULL])
+    with pytest.raises(ConfigError, match="cannot express this model's qk_norm"):
+        g2.model_copy(update={"qk_norm": True}).to_hf()
