@@ -22,9 +22,10 @@ from microft.models.load import load_model, read_model_config  # noqa: E402
 from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
 
 SLIDING, FULL = "sliding_attention", "full_attention"
-COMMON = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=32, max_position_embeddings=128, initializer_range=0.2,
-              query_pre_attn_scalar=20, sliding_window=6, rms_norm_eps=1e-5,
+LORA_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+COMMON = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+              initializer_range=0.2, query_pre_attn_scalar=20, sliding_window=6, rms_norm_eps=1e-5,
               bos_token_id=None, eos_token_id=None, pad_token_id=None)
 GEMMA3_ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 100.0},
                FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}}
@@ -36,10 +37,11 @@ CASES = {  # name: (config class, model class, switches, old layout)
         attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
         rope_parameters={"rope_type": "default", "rope_theta": 1000.0}), True),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        final_logit_softcapping=5.0, layer_types=[SLIDING, SLIDING, FULL, SLIDING], rope_parameters=GEMMA3_ROPE),
-        False),
+        final_logit_softcapping=5.0, layer_types=[SLIDING, SLIDING, FULL, SLIDING],
+        rope_parameters=GEMMA3_ROPE), False),
     "gemma3-old": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        final_logit_softcapping=5.0, layer_types=[SLIDING, FULL, SLIDING, FULL], rope_parameters=GEMMA3_ROPE), True),
+        final_logit_softcapping=5.0, layer_types=[SLIDING, FULL, SLIDING, FULL],
+        rope_parameters=GEMMA3_ROPE), True),
 }
 
 
@@ -55,7 +57,8 @@ def to_old_layout(path) -> None:
     else:
         assert types == [SLIDING, FULL] * (len(types) // 2)
         raw["sliding_window_pattern"] = 2
-        raw["rope_theta"], raw["rope_local_base_freq"] = params[FULL]["rope_theta"], params[SLIDING]["rope_theta"]
+        raw["rope_theta"] = params[FULL]["rope_theta"]
+        raw["rope_local_base_freq"] = params[SLIDING]["rope_theta"]
         raw["rope_scaling"] = {"rope_type": "linear", "factor": params[FULL]["factor"]}
     path.write_text(json.dumps(raw))
 
@@ -160,7 +163,7 @@ def test_lora_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
                 p.normal_(0, 0.1)
     save_adapter(tmp_path / "adapter", ours, str(d))
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(cfg["target_modules"]) == LORA_NAMES
     peft_model = peft.PeftModel.from_pretrained(type(hf).from_pretrained(d), tmp_path / "adapter").eval()
     x = tokens()
     assert max_diff(peft_model, ours, x) <= 1e-5
@@ -206,8 +209,9 @@ def test_packing_and_grad_checkpointing_keep_soft_caps_and_windows_exact(preset)
             torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4, msg=n)
 
 
-ATTENTION_PEAK = {  # the peak in a block's backward (long rows, a small vocabulary): the soft-capped attention's
-    # own copies and scratch decide it; grouped heads and one key/value head per query head
+# the peak in a block's backward (long rows, a small vocabulary): the soft-capped attention's own copies and
+# scratch decide it; grouped heads, and one key/value head per query head
+ATTENTION_PEAK = {
     "grouped": {"vocab_size": 128, "n_layer": 1},
     "ungrouped-uncapped-logits": {"vocab_size": 128, "n_layer": 1, "n_kv_head": 4, "final_softcap": None},
 }
@@ -229,7 +233,7 @@ def test_replay_of_soft_capped_attention_matches_the_trace_at_its_peak(shape, va
 
 
 def test_the_embedding_normalizer_is_rounded_in_the_model_dtype_as_transformers_does():
-    """sqrt(72) = 8.485... is 8.5 in bf16: a bf16 Gemma scales its embeddings by 8.5, as transformers' does."""
+    """sqrt(72) = 8.485... is 8.5 in bf16: a bf16 Gemma scales its embeddings by 8.5, as transformers does."""
     torch.manual_seed(0)
     cfg = transformers.Gemma3TextConfig(**{**COMMON, "hidden_size": 72, "num_attention_heads": 4})
     hf = transformers.Gemma3ForCausalLM(cfg).to(torch.bfloat16).eval()
@@ -262,3 +266,14 @@ def test_configs_transformers_would_run_differently_are_refused_in_one_line():
     assert (g2.attn_softcap, g2.final_softcap, g2.layer_types[:2]) == (50.0, 30.0, [SLIDING, FULL])
     with pytest.raises(ConfigError, match="cannot express this model's qk_norm"):
         g2.model_copy(update={"qk_norm": True}).to_hf()
+
+
+def test_the_cpu_short_attention_path_takes_the_query_pre_attn_scale():
+    """bf16 on a CPU attends through plain ops up to 256 positions: with Gemma's scale, as SDPA does."""
+    from microft.models.transformer import causal_attention_math
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 12, 32, generator=g) for _ in range(3))
+    for scale in (None, 20**-0.5):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        torch.testing.assert_close(causal_attention_math(q, k, v, scale=scale), want, atol=1e-6, rtol=1e-5)

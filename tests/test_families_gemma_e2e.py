@@ -23,6 +23,7 @@ from microft.models.config import IGNORE_INDEX  # noqa: E402
 from microft.runs import run_finetune, tokenizer_for  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.test_families_e2e import chat_file  # noqa: E402
+from tests.test_families_gemma import LORA_NAMES  # noqa: E402
 from tests.tokdirs import CORPUS  # noqa: E402
 
 runner = CliRunner()
@@ -35,17 +36,20 @@ GEMMA_TEMPLATE_GEN = (
     "{%- set turns = messages[1:] %}{%- else %}{%- set prefix = '' %}{%- set turns = messages %}{%- endif %}"
     "{%- for m in turns %}"
     "{%- if m.role == 'assistant' %}"
-    "{{- '<start_of_turn>model\\n' }}{% generation %}{{- m.content | trim + '<end_of_turn>' }}{% endgeneration %}"
+    "{{- '<start_of_turn>model\\n' }}"
+    "{% generation %}{{- m.content | trim + '<end_of_turn>' }}{% endgeneration %}"
     "{{- '\\n' }}"
     "{%- else %}"
-    "{{- '<start_of_turn>' + m.role + '\\n' + (prefix if loop.first else '') + m.content | trim + '<end_of_turn>\\n' }}"
+    "{{- '<start_of_turn>' + m.role + '\\n' + (prefix if loop.first else '') }}"
+    "{{- m.content | trim + '<end_of_turn>\\n' }}"
     "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
 )
 SHAPE = dict(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.2,
-             query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=3, final_logit_softcapping=8.0,
+             query_pre_attn_scalar=24, sliding_window=8, sliding_window_pattern=3,
+             final_logit_softcapping=8.0,
              pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
@@ -72,7 +76,8 @@ def write_gemma_tokenizer(d: Path) -> dict[str, int]:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
         "pad_token": "<pad>", "chat_template": GEMMA_TEMPLATE_GEN}), encoding="utf-8")
     (d / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": ids["<bos>"], "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]]}), encoding="utf-8")
+        {"bos_token_id": ids["<bos>"], "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]]}),
+        encoding="utf-8")
     return ids
 
 
@@ -84,7 +89,7 @@ def gemma(tmp_path_factory):
     torch.manual_seed(0)
     transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**SHAPE)).save_pretrained(d)
     ids = write_gemma_tokenizer(d)
-    assert (ids["<pad>"], ids["<eos>"], ids["<bos>"]) == (0, 1, 2)  # the config's ids, as in Gemma's vocabulary
+    assert (ids["<pad>"], ids["<eos>"], ids["<bos>"]) == (0, 1, 2)  # the config's ids, as in Gemma's
     return d, chat_file(root / "chat.jsonl", n=16), ids
 
 
@@ -109,13 +114,15 @@ def test_assistant_masks_equal_transformers_and_the_stop_ids_include_end_of_turn
     records = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
     assert len(samples) == len(records)
     for s, msgs in zip(samples, records, strict=True):
-        enc = hf_tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        enc = hf_tok.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                         return_assistant_tokens_mask=True)
         ids_, mask = enc["input_ids"], enc["assistant_masks"]
         assert ids_[0] == ids["<bos>"] and ids_.count(ids["<bos>"]) == 1
         last = max(i for i, m in enumerate(mask) if m)
         assert ids_[last] == ids["<end_of_turn>"]  # each turn's target ends with its stop token
         assert s["input_ids"] == ids_[:last]
-        assert s["labels"] == [t if m else IGNORE_INDEX for t, m in zip(ids_[1 : last + 1], mask[1 : last + 1])]
+        want = [t if m else IGNORE_INDEX for t, m in zip(ids_[1 : last + 1], mask[1 : last + 1])]
+        assert s["labels"] == want
 
 
 def test_generate_chat_renders_gemma_turns_and_generates_what_transformers_does(gemma):
@@ -130,7 +137,8 @@ def test_generate_chat_renders_gemma_turns_and_generates_what_transformers_does(
     x = hf_tok(got["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
     stops = [ids["<eos>"], ids["<end_of_turn>"]]
     with torch.no_grad():
-        new = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=0)[0, x.shape[1]:]
+        new = hf.generate(x, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=0)
+    new = new[0, x.shape[1]:]
     assert got["completion"] == hf_tok.decode([t for t in new.tolist() if t not in stops]).strip()
 
 
@@ -142,7 +150,8 @@ def test_splits_of_the_global_batch_give_the_same_weights(gemma, tmp_path):
         finals[(mb, acc)] = read_safetensors(tmp_path / f"{mb}x{acc}" / "final" / "model.safetensors")
     ref, other = finals[(4, 1)], finals[(1, 4)]
     start = read_safetensors(gemma[0] / "model.safetensors")
-    assert not torch.equal(ref["wte.weight"], start["model.embed_tokens.weight"][: ref["wte.weight"].shape[0]])
+    rows = ref["wte.weight"].shape[0]
+    assert not torch.equal(ref["wte.weight"], start["model.embed_tokens.weight"][:rows])
     for name, t in ref.items():
         assert (other[name] - t).abs().max().item() <= 1e-6, name
 
@@ -166,11 +175,11 @@ def test_resume_after_sigint_is_bit_exact_with_checkpointed_blocks(gemma, tmp_pa
 def test_qlora_trains_and_its_adapter_loads_in_peft(gemma, tmp_path):
     peft = pytest.importorskip("peft")
     model, _, _ = gemma
-    run_finetune(cfg_for(gemma, tmp_path / "q", 2, 1, max_steps=2, lora=True, quantize="nf4", lora_targets="all",
-                         lr=1e-3), lambda e: None)
+    run_finetune(cfg_for(gemma, tmp_path / "q", 2, 1, max_steps=2, lora=True, quantize="nf4",
+                         lora_targets="all", lr=1e-3), lambda e: None)
     adapter = tmp_path / "q" / "final"
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(cfg["target_modules"]) == LORA_NAMES
     peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model), adapter)
 
 

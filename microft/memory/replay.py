@@ -358,7 +358,8 @@ class Replay:
         rows = 1
         if self.packed is not None:  # the packed rows' (B, 1, T, T) mask, and-ed with the window's
             rows = B
-            both = sim.new(B * T * T, 1, "activations", "packed & window") if allowed else sim.alias(self.packed)
+            both = sim.new(B * T * T, 1, "activations", "packed & window") if allowed \
+                else sim.alias(self.packed)
             sim.drop(allowed)
             allowed = both
         elif allowed is None:
@@ -367,24 +368,27 @@ class Replay:
         bias = sim.new(rows * T * T, es, "activations", "additive mask")
         sim.drop(*consts)
         grouped = a.n_head != a.n_kv_head  # repeat_interleave, else .contiguous(): one copy of k and of v
-        kk, vv = sim.new(kv_full, es, "activations", "k heads"), sim.new(kv_full, es, "activations", "v heads")
+        kk = sim.new(kv_full, es, "activations", "k heads")
+        vv = sim.new(kv_full, es, "activations", "v heads")
         qc = sim.new(qn, es, "activations", "q.contiguous")
         t = sim.new(P, es, "activations", "tanh")
         sim.drop(qc)
         p = sim.new(P, es, "activations", "probs")
-        # backward: dv = p^T dy, dp = dy v^T (each copying dy), the softmax's and the cap's gradient, dq = ds k,
-        # dk = ds^T q (copying q); grouped heads' dk and dv are then summed into their key/value heads
+        # backward: dv = p^T dy, dp = dy v^T (each copying dy), the softmax's and the cap's gradient,
+        # dq = ds k, dk = ds^T q (copying q); grouped heads' dk and dv are summed into their key/value heads
         dv = ("t", "dv", qn, es) if grouped else ("g", 2, v.numel, es)
         dk = ("t", "dk", qn, es) if grouped else ("g", 1, k.numel, es)
         bwd = (("t", "kk", kv_full, es), ("t", "vv", kv_full, es), ("t", "dy", qn, es), dv, ("f", "dy"),
-               ("t", "dy2", qn, es), ("t", "dp", P, es), ("f", "dy2"), ("f", "vv"), ("t", "ds", P, es), ("f", "dp"),
-               ("t", "sq", P, es), ("f", "sq"), ("g", 0, qn, es), ("t", "qc", qn, es), dk, ("f", "qc"))
+               ("t", "dy2", qn, es), ("t", "dp", P, es), ("f", "dy2"), ("f", "vv"), ("t", "ds", P, es),
+               ("f", "dp"), ("t", "sq", P, es), ("f", "sq"), ("g", 0, qn, es), ("t", "qc", qn, es), dk,
+               ("f", "qc"))
         if grouped:
             bwd += (("g", 1, k.numel, es), ("g", 2, v.numel, es))
         saved = tuple((i, (0, 1, 2)) for i in range(5))
         y = sim.op("softcap_attention", [q, k, v, t, p], [(qn, es, "activations")], save_in=saved, bwd=bwd)[0]
         sim.drop(kk, vv, t, p, bias, allowed)
-        yc = sim.op("clone", [y], [(qn, es, "activations")], bwd=(("p", 0),))[0]  # .transpose(1, 2).contiguous()
+        # y.transpose(1, 2).contiguous()
+        yc = sim.op("clone", [y], [(qn, es, "activations")], bwd=(("p", 0),))[0]
         sim.drop(y)
         return yc
 
@@ -481,7 +485,9 @@ class Replay:
 
     def norm_of(self, a: ModelConfig):
         """The replay of the family's norm: LayerNorm, RMSNorm, or Gemma's (1 + w) RMSNorm."""
-        return self.norm if a.norm == "layernorm" else self.offset_rms_norm if a.norm_unit_offset else self.rms_norm
+        if a.norm == "layernorm":
+            return self.norm
+        return self.offset_rms_norm if a.norm_unit_offset else self.rms_norm
 
     def offset_rms_norm(self, x: Ten, ln: Norm) -> Ten:
         """model.OffsetRMSNorm (Gemma), op by op: x.float(), the statistics as RMSNorm, then
@@ -489,7 +495,8 @@ class Replay:
         sim, w = self.sim, ln[0]
         n, dim = x.numel, w.numel
         y = self.rms_stats(x, dim)
-        wf = w if w.es == 4 else sim.op("to_copy", [w], [(dim, 4, "activations")], bwd=(("g", 0, dim, w.es),))[0]
+        wf = w if w.es == 4 else \
+            sim.op("to_copy", [w], [(dim, 4, "activations")], bwd=(("g", 0, dim, w.es),))[0]
         w1 = sim.op("add", [wf], [(dim, 4, "activations")], bwd=(("p", 0),))[0]
         if wf is not w:
             sim.drop(wf)
@@ -580,7 +587,7 @@ class Replay:
             sim.drop(tok, pe, pos)
         else:
             x = tok
-        if a.scale_embeddings:  # x * tensor(sqrt(C)).to(dtype): the factor is saved for the embedding's gradient
+        if a.scale_embeddings:  # x * tensor(sqrt(C)).to(dtype): the factor saved for the embedding's gradient
             f = sim.new(1, 4, "activations", "sqrt(C)")
             if pes != 4:
                 f2 = sim.new(1, pes, "activations", "sqrt(C).to")
@@ -595,8 +602,8 @@ class Replay:
             sim.drop(x)
             x = x2
         self.tables = self.rope_tables(bool(a.rope_linear_factor)) if a.rotary else (None, None)
-        two = a.rotary and bool(a.rope_local_theta or a.rope_linear_factor)  # Gemma 3: the sliding layers' own
-        self.local_tables = self.rope_tables() if two else ()
+        two = a.rotary and bool(a.rope_local_theta or a.rope_linear_factor)
+        self.local_tables = self.rope_tables() if two else ()  # Gemma 3: the sliding layers' own
         start = sim.live
         for i, blk in enumerate(m.blocks):
             sim.tag = f"block {i}"
@@ -631,13 +638,8 @@ class Replay:
         grad_w = None  # made by the first chunk's product, then accumulated in place
         loss = sim.new(1, 4, cat, "loss")
         hc = g = lse = None
-        size = ce_chunk_rows(N, Vp)
-        starts = range(0, N, size)  # models.config.ce_chunks, not listed: a planner's batch may be huge
-        if len(starts) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
-            starts = [starts[0], starts[1], starts[-1]]
-        chunks = [(s0, min(size, N - s0)) for s0 in starts]
         probs = z_max = z_t = wcol = hw = t_cap = None
-        for _, n in chunks:
+        for n in self.ce_chunk_sizes(N, Vp):
             hc_new = sim.new(n * C, dt, cat, "hc") if h.es != dt else None
             sim.drop(hc)
             hc = hc_new
@@ -653,7 +655,8 @@ class Replay:
             zm_new, zt_new = sim.new(n, zdt, cat, "max"), sim.new(n, zdt, cat, "z_t")
             sim.drop(z_max, z_t)
             z_max, z_t = zm_new, zt_new
-            p_new = sim.new(n * Vp, 4, cat, "logits.float()") if zdt != 4 else sim.alias(z)  # softmax in place
+            # softmax in place
+            p_new = sim.new(n * Vp, 4, cat, "logits.float()") if zdt != 4 else sim.alias(z)
             sim.drop(probs)  # still alive here only when no gradient is needed (no `del`)
             probs = p_new
             sim.drop(z)
@@ -664,7 +667,8 @@ class Replay:
             lse_new = sim.new(n, 4, cat, "lse")
             sim.drop(zm32, log_p, lse)
             lse = lse_new
-            zt32 = sim.new(n, 4, cat, "z_t.float()") if zdt != 4 else None  # the token losses, weighted, summed
+            # the token losses, weighted, summed
+            zt32 = sim.new(n, 4, cat, "z_t.float()") if zdt != 4 else None
             diff = sim.new(n, 4, cat, "token loss")
             sim.drop(zt32)
             weighted = sim.new(n, 4, cat, "weighted loss")
@@ -693,8 +697,23 @@ class Replay:
                 if grad_w is None:
                     grad_w = sim.new(Vp * C, dt, cat, "grad_w")
         sim.drop(hc, probs, z_max, z_t, g, lse, wcol, hw, Wc, valid, tw, safe_t, t_cap)
-        # backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor either way),
-        # handed to the tied embedding's backward when the head is the embedding (HeadGradLink)
+        self.attach_loss(h, loss, grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def ce_chunk_sizes(N: int, Vp: int) -> list[int]:
+        """Rows of the chunks the fused loss walks (models.config.ce_chunks, not listed: a planner's batch may
+        be huge); full chunks after the second repeat it exactly: replay 2 and the last."""
+        size = ce_chunk_rows(N, Vp)
+        starts = range(0, N, size)
+        if len(starts) > 3:
+            starts = [starts[0], starts[1], starts[-1]]
+        return [min(size, N - s0) for s0 in starts]
+
+    def attach_loss(self, h: Ten, loss: Ten, grad_h: Ten | None, grad_w: Ten | None) -> None:
+        """The fused loss's backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor
+        either way), handed to the tied embedding's backward when the head is the embedding (HeadGradLink)."""
+        sim, N, C, Vp, W = self.sim, self.N, self.a.n_embd, self.a.padded_vocab_size, self.m.head
         if self.linked:
             bwd = (("g", 0, N * C, h.es), ("k", "head", Vp * C, W.es, W))
             sim.custom("fused_ce", [h, None], loss, [grad_h, grad_w], bwd)
@@ -702,7 +721,6 @@ class Replay:
             bwd = (("g", 0, N * C, h.es), ("g", 1, Vp * C, W.es))
             sim.custom("fused_ce", [h, W], loss, [grad_h, grad_w], bwd)
         sim.drop(grad_h, grad_w)
-        return loss
 
     # --- one micro-step, clipping, the optimizer --------------------------------------------
     def micro_step(self, at: str) -> None:

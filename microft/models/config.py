@@ -93,13 +93,14 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = True
     # Gemma 2 / Gemma 3 text (families `gemma2`, `gemma3_text`)
     norm_unit_offset: bool = False  # RMSNorm gains are (1 + weight), applied in fp32 before the cast back
-    scale_embeddings: bool = False  # token embeddings × sqrt(n_embd), the factor rounded to the weights' dtype
+    scale_embeddings: bool = False  # token embeddings × sqrt(n_embd), rounded to the weights' dtype first
     post_norms: bool = False  # RMSNorm on the attention's and the MLP's outputs too (four norms a block)
     glu_act: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation: SwiGLU, or GeGLU (tanh-GELU)
-    query_pre_attn_scalar: float | None = Field(None, gt=0)  # attention scores × this^-1/2 (else head_dim^-1/2)
+    query_pre_attn_scalar: float | None = Field(None, gt=0)  # scores × this^-1/2 (else head_dim^-1/2)
     attn_softcap: float | None = Field(None, gt=0)  # attention scores -> cap × tanh(scores / cap)
     final_softcap: float | None = Field(None, gt=0)  # logits -> cap × tanh(logits / cap)
-    layer_types: list[Literal["sliding_attention", "full_attention"]] | None = None  # None: every layer slides
+    # per layer; None: every layer takes sliding_window (Mistral)
+    layer_types: list[Literal["sliding_attention", "full_attention"]] | None = None
     rope_local_theta: float | None = Field(None, gt=0)  # RoPE base of the sliding layers (else rope_theta)
     rope_linear_factor: float | None = Field(None, gt=0)  # full-attention layers' positions / factor
     # special tokens the checkpoint declares (None: GPT-2's <|endoftext|> for gpt2)
@@ -128,11 +129,13 @@ class ModelConfig(BaseModel):
             raise ValueError("qk_norm needs a model_type with separate q/k/v projections (not gpt2)")
         if self.layer_types is not None:
             if len(self.layer_types) != self.n_layer:
-                raise ValueError(f"layer_types lists {len(self.layer_types)} layers, the model has {self.n_layer}")
+                raise ValueError(f"layer_types lists {len(self.layer_types)} layers, "
+                                 f"the model has {self.n_layer}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("sliding_attention layers need a sliding_window")
         if (self.rope_local_theta or self.rope_linear_factor) and self.rope_scaling is not None:
-            raise ValueError("rope_scaling (llama3) does not combine with rope_local_theta / rope_linear_factor")
+            raise ValueError("rope_scaling (llama3) does not combine with rope_local_theta or "
+                             "rope_linear_factor")
         return self
 
     def layer_window(self, i: int) -> int | None:
@@ -192,7 +195,8 @@ class ModelConfig(BaseModel):
         norm = C * (2 if self.norm == "layernorm" else 1)
         attn_bias = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + C * self.attn_out_bias
         mlp_bias = ((2 * hidden if self.mlp == "swiglu" else hidden) + C) * self.mlp_bias
-        per_block = (4 if self.post_norms else 2) * norm + attn_bias + 2 * self.head_dim * self.qk_norm + mlp_bias
+        norms = (4 if self.post_norms else 2) * norm
+        per_block = norms + attn_bias + 2 * self.head_dim * self.qk_norm + mlp_bias
         embed = self.vocab_size * C * (1 if self.tie_embeddings else 2)
         pos = self.n_positions * C if self.positions == "learned" else 0
         return self.matmul_params() - self.vocab_size * C + embed + pos + L * per_block + norm

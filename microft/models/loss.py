@@ -82,7 +82,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 hc, tc, wc = h[s : s + n].to(dt), safe_t[s : s + n], tw[s : s + n]
                 z = head_logits(hc, W)  # (n, Vp) logits in the compute dtype
                 t = None
-                if cap is not None:  # soft-capped logits cap × tanh(z / cap), in fp32; t kept for the gradient
+                if cap is not None:  # soft-capped logits cap × tanh(z / cap) in fp32; t kept for the gradient
                     t = z.float().div_(cap).tanh_()
                     del z
                     z = t * cap
@@ -141,4 +141,5 @@ def fused_cross_entropy(h, weight, targets, token_w=None, vocab_size: int | None
         weight = weight.detach()
     else:
         link = None
-    return _FusedCrossEntropy.apply(h, weight, targets, token_w, vocab_size or weight.size(0), need, link, cap)
+    V = vocab_size or weight.size(0)
+    return _FusedCrossEntropy.apply(h, weight, targets, token_w, V, need, link, cap)

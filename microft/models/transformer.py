@@ -6,6 +6,11 @@ scaled), grouped-query attention, SwiGLU and HF's module names inside blocks (q_
 Module containers are the same for every family (`wte`, `wpe`, `h.{i}.ln_1/attn/ln_2/mlp`,
 `ln_f`, `lm_head` when untied); `models/hf.py` maps them to each family's HF keys.
 
+Gemma 2 and Gemma 3 add (1 + w) RMSNorms in fp32 (`OffsetRMSNorm`), norms on the attention's and the
+MLP's outputs, scaled embeddings, GeGLU, per-layer sliding windows, a second RoPE table for Gemma 3's
+sliding layers, and soft-capping: of the attention scores (`_SoftcapAttention`, SDPA has none) and of the
+logits (in `logits`, and inside the fused loss).
+
 The token embedding (and an untied head) is padded to a multiple of 64 rows (aligned LM-head
 matmuls); the padded rows are zero, never a target, masked out of every softmax, never saved.
 """
@@ -156,7 +161,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --- attention ---------------------------------------------------------------------------------
 def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          allowed: torch.Tensor | None = None) -> torch.Tensor:
+                          allowed: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Causal attention as three plain ops in q's dtype (bf16: the softmax accumulates in fp32).
 
     On CPU in bf16, up to ~512 positions, this runs forward + backward in 0.4-0.7× the time of
@@ -164,6 +169,7 @@ def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CPU_MATH_ATTN_MAX_LEN = 256 positions is no more than the MLP's hidden activation per token.
     k and v may have fewer (key/value) heads than q: each serves a group of query heads.
     `allowed` (B, 1, T, T), when given, replaces the causal mask (packed rows: block-diagonal causal).
+    `scale` multiplies the scores (None: head_dim^-1/2).
     """
     T, groups = q.size(2), q.size(1) // k.size(1)
     if groups > 1:
@@ -174,7 +180,7 @@ def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # add and needs a second masked pass in backward (an add passes its gradient through)
     bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
     with autocast_off(q):  # q, k, v are already in the compute dtype
-        att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)))
+        att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)) if scale is None else scale)
         return att.add_(bias).softmax(-1) @ v
 
 
@@ -345,8 +351,8 @@ class Attention(nn.Module):
             T = q.size(2)
             allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_() if T > 1 else None
             return softcap_attention(q, k, v, self._scale(q), self.softcap, allowed, dropout_p)
-        if dropout_p == 0.0 and self.use_short_math(q) and self.scale is None:
-            return causal_attention_math(q, k, v)
+        if dropout_p == 0.0 and self.use_short_math(q):
+            return causal_attention_math(q, k, v, scale=self.scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=dropout_p,
                                               enable_gqa=k.size(1) != q.size(1), scale=self.scale)
 
@@ -367,9 +373,8 @@ class Attention(nn.Module):
             if causal:
                 mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()
             return softcap_attention(q, k, v, self._scale(q), self.softcap, mask, dropout_p)
-        if fresh and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q) \
-                and self.scale is None:
-            return causal_attention_math(q, k, v, mask)
+        if fresh and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q):
+            return causal_attention_math(q, k, v, mask, self.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                               enable_gqa=k.size(1) != q.size(1), scale=self.scale)
 
@@ -429,7 +434,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.drop(run_linear(self.down_proj, self.act(run_linear(self.gate_proj, x)) * run_linear(self.up_proj, x)))
+            gated = self.act(run_linear(self.gate_proj, x)) * run_linear(self.up_proj, x)
+            return self.drop(run_linear(self.down_proj, gated))
         z = run_linear(self.c_fc, x)
         if type(self.c_proj) is not nn.Linear:  # an adapted (LoRA) or quantised projection runs its own forward
             return self.drop(self.c_proj(F.gelu(z, approximate="tanh")))
@@ -579,7 +585,7 @@ class Transformer(nn.Module):
             x = x + self.wpe(position_ids if position_ids is not None else torch.arange(start, start + T, device=idx.device))
         else:
             rope = rope_cos_sin(self.config, start, T, idx.device, position_ids)
-            if self.config.rope_local_theta or self.config.rope_linear_factor:  # Gemma 3's sliding layers' table
+            if self.config.rope_local_theta or self.config.rope_linear_factor:  # Gemma 3: the sliding layers'
                 rope_local = rope_cos_sin(self.config, start, T, idx.device, position_ids, local=True)
         x = self.drop(x)
         for i, block in enumerate(self.h):
