@@ -180,8 +180,8 @@ def test_lora_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
 @pytest.mark.parametrize("preset", ["gemma2-tiny", "gemma3-tiny"])
 def test_packing_and_grad_checkpointing_keep_soft_caps_and_windows_exact(preset, lengths):
     """Two samples packed into one row and/or run with checkpointed blocks: the same loss and gradients as the
-    samples run apart (soft-capped attention and logits, sliding layers). Rows longer than the window (16) take
-    the packed mask and the window's; shorter ones attend sample by sample on a CPU."""
+    samples run apart (soft-capped attention and logits, sliding layers). Rows longer than the window (16)
+    take the packed mask and the window's; shorter ones attend sample by sample on a CPU."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset)
     model = Transformer(cfg).train()
@@ -283,29 +283,30 @@ def test_the_cpu_short_attention_path_takes_the_query_pre_attn_scale():
 
 # config.json as the Hub's checkpoints carry it (the older layout; keys transformers 5 no longer writes kept)
 HUB = {
-    "gemma-2-2b": {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attention_bias": False,
-                   "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
-                   "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0,
-                   "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
-                   "hidden_size": 2304, "initializer_range": 0.02, "intermediate_size": 9216,
-                   "max_position_embeddings": 8192, "num_attention_heads": 8, "num_hidden_layers": 26,
-                   "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
-                   "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "vocab_size": 256000},
-    "gemma-3-1b": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
-                   "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2,
-                   "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": None,
-                   "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
-                   "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
-                   "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
-                   "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
-                   "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512,
-                   "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "vocab_size": 262144},
+    "gemma-2-2b": {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "attention_bias": False,
+        "attention_dropout": 0.0, "attn_logit_softcapping": 50.0, "bos_token_id": 2,
+        "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+        "initializer_range": 0.02, "intermediate_size": 9216, "max_position_embeddings": 8192,
+        "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0,
+        "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+        "torch_dtype": "float32", "vocab_size": 256000},
+    "gemma-3-1b": {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "attention_bias": False,
+        "attention_dropout": 0.0, "attn_logit_softcapping": None, "bos_token_id": 2,
+        "cache_implementation": "hybrid", "eos_token_id": 1, "final_logit_softcapping": None, "head_dim": 256,
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "initializer_range": 0.02,
+        "intermediate_size": 6912, "max_position_embeddings": 32768, "num_attention_heads": 4,
+        "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+        "sliding_window": 512, "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "vocab_size": 262144},
 }
 
 
 @pytest.mark.parametrize("preset", list(HUB))
 def test_presets_are_the_hub_configs(preset):
-    """The presets read back from the Hub's config.json; their parameter counts are the checkpoints' totals."""
+    """The presets read back from the Hub's config.json; their parameter counts are the checkpoints'."""
     assert ModelConfig.from_hf(HUB[preset], name=preset) == ModelConfig.from_preset(preset)
     counts = {"gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952}
     for name, n in counts.items():
