@@ -313,3 +313,13 @@ def test_presets_are_the_hub_configs(preset):
         assert ModelConfig.from_preset(name).num_params() == n
     g3 = ModelConfig.from_preset("gemma-3-1b")
     assert g3.layer_types.count(FULL) == 4 and g3.layer_types[5] == FULL  # every sixth layer is global
+
+
+@pytest.mark.parametrize("preset", ["gemma2-tiny", "gemma3-tiny"])
+def test_gains_start_at_one_built_whole_or_drawn_by_load_model(preset):
+    """(1 + w) gains start at w = 0, as transformers initialises them, whether the model is built whole or a
+    preset is drawn tensor by tensor by `load_model`."""
+    for model in (Transformer(ModelConfig.from_preset(preset)), load_model(preset)):
+        gains = {n: p for n, p in model.named_parameters() if p.dim() == 1}
+        assert len(gains) == model.config.n_layer * (6 if model.config.qk_norm else 4) + 1
+        assert not any(p.any() for p in gains.values())
