@@ -323,3 +323,16 @@ def test_gains_start_at_one_built_whole_or_drawn_by_load_model(preset):
         gains = {n: p for n, p in model.named_parameters() if p.dim() == 1}
         assert len(gains) == model.config.n_layer * (6 if model.config.qk_norm else 4) + 1
         assert not any(p.any() for p in gains.values())
+
+
+@pytest.mark.parametrize("preset", ["gemma-2-2b", "gemma-3-1b"])
+def test_replay_matches_the_trace_on_the_real_shapes(preset):
+    """The hub shapes (262k / 256k vocabularies, 256-wide heads, windows of 4096 / 512 under 1024 positions),
+    as the recipe runs them: LoRA on every linear, bf16-mixed, checkpointed blocks."""
+    from microft.config import RunConfig
+    from microft.memory.estimate import load_shape, setup_for
+    from tests.test_memory_sync import assert_replay_is_the_trace
+
+    cfg = RunConfig(precision="bf16-mixed", max_seq_len=1024, lora=True, lora_targets="all", grad_ckpt=True)
+    arch = load_shape(preset)
+    assert_replay_is_the_trace(arch, setup_for(cfg, arch, 1), cfg)
