@@ -346,7 +346,8 @@ def test_soft_capped_attention_backward_is_autograd_of_its_forward(kv_heads):
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 12, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    k, v = (torch.randn(2, kv_heads, 12, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in "kv")
+    k, v = (torch.randn(2, kv_heads, 12, 8, dtype=torch.float64, generator=g, requires_grad=True)
+            for _ in "kv")
     allowed = attention_mask(12, 0, 5, "cpu")
     y = softcap_attention(q, k, v, 0.3, 2.0, allowed)
     kk, vv = (x.repeat_interleave(4 // kv_heads, 1) for x in (k, v))
@@ -354,7 +355,8 @@ def test_soft_capped_attention_backward_is_autograd_of_its_forward(kv_heads):
     ref = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     dy = torch.randn(y.shape, dtype=torch.float64, generator=g)
-    for a, b in zip(torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy), strict=True):
+    got, want = torch.autograd.grad(y, (q, k, v), dy), torch.autograd.grad(ref, (q, k, v), dy)
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
