@@ -600,6 +600,7 @@ class Transformer(nn.Module):
         return self.softcap(F.linear(h, self.head_weight[: self.config.vocab_size].to(h.dtype)))
 
     def softcap(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits soft-capped as transformers' Gemma 2 does: cap × tanh(z / cap) (unchanged without a cap)."""
         cap = self.config.final_softcap
         return z if cap is None else torch.tanh(z / cap) * cap
 
