@@ -320,9 +320,13 @@ def _fsdp_adjust(est: Estimate, r: Replay) -> None:
 
 def _notes(arch: ModelConfig, s: Setup) -> list[str]:
     notes = [f"every sample is taken to fill all {s.seq_len} positions (packed or the longest batch)"]
-    if arch.sliding_window and s.seq_len > arch.sliding_window:
-        notes.append(f"sliding window {arch.sliding_window} < {s.seq_len} positions: SDPA gets a (T, T) mask per "
-                     f"block; CUDA then runs the memory-efficient kernel (flash takes no mask), sized here as flash")
+    if arch.attn_softcap:
+        notes.append("soft-capped attention (Gemma 2): microft's own kernel (no flash), which keeps the "
+                     "(T, T) tanh and probabilities of every head for backward")
+    elif arch.sliding_window and s.seq_len > arch.sliding_window:
+        notes.append(f"sliding window {arch.sliding_window} < {s.seq_len} positions: SDPA gets a (T, T) mask "
+                     f"per sliding layer; CUDA then runs the memory-efficient kernel (flash takes no mask), "
+                     f"sized here as flash")
     if s.optimizer == "adamw-8bit":
         notes.append("adamw-8bit: microft's AdamW8bit (uint8 moments, fp32 absmax per 256 values)")
     return notes

@@ -213,8 +213,8 @@ def step_cost(arch: ModelConfig, row: StrategyFit) -> float:
     (TF32 off), plus a fixed cost per micro-step worth 512 tokens."""
     s, mc = row.setup, arch
     ckpt_frac = (len(range(0, arch.n_layer, s.ckpt_every)) / arch.n_layer) if s.grad_ckpt else 0.0
-    keys = min(s.seq_len, arch.sliding_window) if arch.sliding_window else s.seq_len
-    block_forward = 2 * (mc.matmul_params() - mc.vocab_size * mc.n_embd) + 4 * arch.n_layer * mc.q_dim * keys
+    keys = sum(min(s.seq_len, w) if (w := arch.layer_window(i)) else s.seq_len for i in range(arch.n_layer))
+    block_forward = 2 * (mc.matmul_params() - mc.vocab_size * mc.n_embd) + 4 * mc.q_dim * keys
     flops = mc.flops_per_token(s.seq_len, 0.02 if s.lora else 1.0) + ckpt_frac * block_forward
     speed = 0.5 if s.precision == "fp32" else 1.0
     tokens = max(1, row.micro_bs) * s.seq_len

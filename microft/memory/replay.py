@@ -94,6 +94,9 @@ class Blk:
     ln_2: Norm
     q_norm: Par | None = None
     k_norm: Par | None = None
+    layer: int = 0
+    post_attn: Norm | None = None  # Gemma's norms on the attention's and the MLP's outputs
+    post_mlp: Norm | None = None
 
 
 @dataclass
@@ -147,6 +150,7 @@ def build_model(arch: ModelConfig, s: Setup) -> Model:
         if a.qk_norm:  # per head, or over the whole projection (OLMo 2)
             qw, kw = (a.q_dim, a.kv_dim) if a.qk_norm_full else (a.head_dim, a.head_dim)
             qn, kn = par(f"{h}.attn.q_norm.weight", qw), par(f"{h}.attn.k_norm.weight", kw)
+        post_attn = norm(f"{h}.post_attn_norm", C) if a.post_norms else None
         ln2 = norm(f"{h}.ln_2", C)
         if a.mlp == "swiglu":
             lins += [lin(f"{h}.mlp.gate_proj", "gate_proj", C, a.intermediate_size, a.mlp_bias),
@@ -155,7 +159,8 @@ def build_model(arch: ModelConfig, s: Setup) -> Model:
         else:
             lins += [lin(f"{h}.mlp.c_fc", "fc", C, a.intermediate_size, a.mlp_bias),
                      lin(f"{h}.mlp.c_proj", "mlp_proj", a.intermediate_size, C, a.mlp_bias)]
-        blocks.append(Blk(ln1, dict(lins), ln2, qn, kn))
+        post_mlp = norm(f"{h}.post_mlp_norm", C) if a.post_norms else None
+        blocks.append(Blk(ln1, dict(lins), ln2, qn, kn, i, post_attn, post_mlp))
     ln_f = norm("ln_f", C)
     head = wte if a.tie_embeddings else par("lm_head.weight", a.padded_vocab_size, C)
     return Model(arch, wte, wpe, blocks, ln_f, head, params)
@@ -333,16 +338,71 @@ class Replay:
         sim.drop(lse, bias, *casts)
         return o
 
+    def softcap_attention(self, q: Ten, k: Ten, v: Ten, layer: int) -> Ten:
+        """model._SoftcapAttention (Gemma 2) as `Attention.masked` calls it: the boolean mask (causal, or
+        the window's), its 0 / -inf bias; key/value heads repeated for the query heads, q copied for the
+        batched matmul, the tanh and the probabilities saved; backward (written out in the model)
+        repeats them again, copies the incoming gradient twice and sums the repeated heads' gradients.
+        Then the (B, T, H, hs) copy of the output."""
+        a, s, sim = self.a, self.s, self.sim
+        B, T, H, es = s.micro_bs, s.seq_len, a.n_head, q.es
+        qn, P, kv_full = q.numel, B * H * T * T, q.numel
+        window = a.layer_window(layer)
+        if window is not None and T > window:  # attention_mask: aranges, kv <= q, q - window, kv > ..., &
+            tmp = [sim.new(T, 8, "activations", "arange"), sim.new(T, 8, "activations", "arange"),
+                   sim.new(T * T, 1, "activations", "kv <= q"), sim.new(T, 8, "activations", "q - window"),
+                   sim.new(T * T, 1, "activations", "kv > q - window")]
+            allowed = sim.new(T * T, 1, "activations", "mask")
+            sim.drop(*tmp)
+        else:
+            allowed = None
+        rows = 1
+        if self.packed is not None:  # the packed rows' (B, 1, T, T) mask, and-ed with the window's
+            rows = B
+            both = sim.new(B * T * T, 1, "activations", "packed & window") if allowed \
+                else sim.alias(self.packed)
+            sim.drop(allowed)
+            allowed = both
+        elif allowed is None:
+            allowed = sim.new(T * T, 1, "activations", "tril")
+        consts = [sim.new(1, es, "activations", "0"), sim.new(1, es, "activations", "-inf")]
+        bias = sim.new(rows * T * T, es, "activations", "additive mask")
+        sim.drop(*consts)
+        grouped = a.n_head != a.n_kv_head  # repeat_interleave, else .contiguous(): one copy of k and of v
+        kk = sim.new(kv_full, es, "activations", "k heads")
+        vv = sim.new(kv_full, es, "activations", "v heads")
+        qc = sim.new(qn, es, "activations", "q.contiguous")
+        t = sim.new(P, es, "activations", "tanh")
+        sim.drop(qc)
+        p = sim.new(P, es, "activations", "probs")
+        # backward: dv = p^T dy, dp = dy v^T (each copying dy), the softmax's and the cap's gradient,
+        # dq = ds k, dk = ds^T q (copying q); grouped heads' dk and dv are summed into their key/value heads
+        dv = ("t", "dv", qn, es) if grouped else ("g", 2, v.numel, es)
+        dk = ("t", "dk", qn, es) if grouped else ("g", 1, k.numel, es)
+        bwd = (("t", "kk", kv_full, es), ("t", "vv", kv_full, es), ("t", "dy", qn, es), dv, ("f", "dy"),
+               ("t", "dy2", qn, es), ("t", "dp", P, es), ("f", "dy2"), ("f", "vv"), ("t", "ds", P, es),
+               ("f", "dp"), ("t", "sq", P, es), ("f", "sq"), ("g", 0, qn, es), ("t", "qc", qn, es), dk,
+               ("f", "qc"))
+        if grouped:
+            bwd += (("g", 1, k.numel, es), ("g", 2, v.numel, es))
+        saved = tuple((i, (0, 1, 2)) for i in range(5))
+        y = sim.op("softcap_attention", [q, k, v, t, p], [(qn, es, "activations")], save_in=saved, bwd=bwd)[0]
+        sim.drop(kk, vv, t, p, bias, allowed)
+        # y.transpose(1, 2).contiguous()
+        yc = sim.op("clone", [y], [(qn, es, "activations")], bwd=(("p", 0),))[0]
+        sim.drop(y)
+        return yc
+
     def elementwise(self, name: str, x: Ten, save_input: bool = True) -> Ten:
         return self.sim.op(name, [x], [(x.numel, x.es, "activations")], save_in=((0, (0,)),) if save_input else (),
                            bwd=(("g", 0, x.numel, x.es),))[0]
 
     # --- blocks ---------------------------------------------------------------------------
-    def block(self, x: Ten, blk: Blk, i: int = 0) -> Ten:
+    def block(self, x: Ten, blk: Blk) -> Ten:
         """model.Block: attention then MLP, each on a normed input added to the residual stream (OLMo 2: on
         the input itself, the norm on the output); Granite scales each output before the add."""
         a, sim, N = self.a, self.sim, self.N
-        norm = self.norm if a.norm == "layernorm" else self.rms_norm
+        norm = self.norm_of(a)
         h = sim.alias(x) if a.norm_after else norm(x, blk.ln_1)
         if a.fused_qkv:
             qkv = self.linear(h, blk.lin["qkv"])
@@ -351,17 +411,21 @@ class Replay:
         else:
             q, k, v = (self.linear(h, blk.lin[n]) for n in ("q_proj", "k_proj", "v_proj"))
         if blk.q_norm is not None:  # per head, before RoPE
-            q2, k2 = self.rms_norm(q, (blk.q_norm, None)), self.rms_norm(k, (blk.k_norm, None))
+            q2, k2 = norm(q, (blk.q_norm, None)), norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
-        if a.layer_rope(i):  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
-            cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in self.tables[:2])
+        if a.layer_rope(blk.layer):  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
+            tables = self.local_tables if a.local_rope(blk.layer) else self.tables[:2]
+            cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in tables)
             q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
             sim.drop(q, k, cos, sin)
             q, k = q2, k2
-        mask = self.window_mask()
-        y = self.sdpa(q, k, v, mask)
-        sim.drop(mask)
+        if a.attn_softcap:
+            y = self.softcap_attention(q, k, v, blk.layer)
+        else:
+            mask = self.window_mask(blk.layer)
+            y = self.sdpa(q, k, v, mask)
+            sim.drop(mask)
         p = self.linear(y, blk.lin["proj" if a.fused_qkv else "o_proj"])
         if a.dropout > 0:
             p2 = self.dropout(p)
@@ -369,12 +433,16 @@ class Replay:
             p = p2
         sim.drop(q, k, v, y, h)  # the attention's locals
         p = self.after(p, blk.ln_1)
+        if blk.post_attn is not None:
+            pn = norm(p, blk.post_attn)
+            sim.drop(p)
+            p = pn
         x1 = self.add(x, p)
         sim.drop(p)
         h2 = sim.alias(x1) if a.norm_after else norm(x1, blk.ln_2)
         if a.mlp == "swiglu":  # down_proj(silu(gate_proj(x)) * up_proj(x))
             gate = self.linear(h2, blk.lin["gate_proj"])
-            sg = self.elementwise("silu", gate)
+            sg = self.elementwise("silu" if a.glu_act == "silu" else "gelu", gate)
             sim.drop(gate)  # a temporary: only silu's saved input (when a gradient needs it) outlives the call
             up = self.linear(h2, blk.lin["up_proj"])
             g = sim.op("mul", [sg, up], [(sg.numel, max(sg.es, up.es), "activations")],
@@ -398,6 +466,10 @@ class Replay:
             mo = m2
         sim.drop(h2)
         mo = self.after(mo, blk.ln_2)
+        if blk.post_mlp is not None:
+            mn = norm(mo, blk.post_mlp)
+            sim.drop(mo)
+            mo = mn
         out = self.add(x1, mo)
         sim.drop(x1, mo)
         return out
@@ -419,20 +491,7 @@ class Replay:
         """model.RMSNorm, op by op: x.float(), pow, mean, +eps, rsqrt, mul, .to(x.dtype), weight * (.)."""
         sim, w = self.sim, ln[0]
         n, dim = x.numel, w.numel
-        rows = n // dim
-        xf = sim.alias(x) if x.es == 4 else sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
-        sq = sim.op("pow", [xf], [(n, 4, "activations")], save_in=((0, (0,)),),
-                    bwd=(("t", "a", n, 4), ("t", "b", n, 4), ("g", 0, n, 4)))[0]  # x^1, 2 x^1, grad * (.)
-        ms = sim.op("mean", [sq], [(rows, 4, "activations")], bwd=(("g", 0, n, 4),))[0]
-        sim.drop(sq)
-        ad = sim.op("add", [ms], [(rows, 4, "activations")], bwd=(("p", 0),))[0]
-        sim.drop(ms)
-        r = sim.op("rsqrt", [ad], [(rows, 4, "activations")], save_out=((0, (0,)),),
-                   bwd=(("t", "a", rows, 4), ("t", "b", rows, 4), ("f", "a"), ("g", 0, rows, 4)))[0]
-        sim.drop(ad)
-        y = sim.op("mul", [xf, r], [(n, 4, "activations")], save_in=((0, (1,)), (1, (0,))),
-                   bwd=(("g", 0, n, 4), ("t", "s", n, 4, 1), ("g", 1, rows, 4), ("f", "s")))[0]
-        sim.drop(xf, r)
+        y = self.rms_stats(x, dim)
         if self.a.rms_gain_first:  # OLMo 2: (weight * y) in fp32, then the cast back
             g = sim.op("mul", [w, y], [(n, 4, "activations")], save_in=((1, (0,)),),
                        bwd=(("t", "s", n, 4, 0), ("g", 0, dim, w.es), ("f", "s"), ("g", 1, n, 4)))[0]
@@ -449,10 +508,58 @@ class Replay:
         sim.drop(yl)
         return out
 
-    def rope_tables(self) -> tuple[Ten, Ten]:
+    def norm_of(self, a: ModelConfig):
+        """The replay of the family's norm: LayerNorm, RMSNorm, or Gemma's (1 + w) RMSNorm."""
+        if a.norm == "layernorm":
+            return self.norm
+        return self.offset_rms_norm if a.norm_unit_offset else self.rms_norm
+
+    def offset_rms_norm(self, x: Ten, ln: Norm) -> Ten:
+        """model.OffsetRMSNorm (Gemma), op by op: x.float(), the statistics as RMSNorm, then
+        × (1 + weight.float()) in fp32 and .to(x.dtype)."""
+        sim, w = self.sim, ln[0]
+        n, dim = x.numel, w.numel
+        y = self.rms_stats(x, dim)
+        wf = w if w.es == 4 else \
+            sim.op("to_copy", [w], [(dim, 4, "activations")], bwd=(("g", 0, dim, w.es),))[0]
+        w1 = sim.op("add", [wf], [(dim, 4, "activations")], bwd=(("p", 0),))[0]
+        if wf is not w:
+            sim.drop(wf)
+        out = sim.op("mul", [y, w1], [(n, 4, "activations")], save_in=((0, (1,)), (1, (0,))),
+                     bwd=(("g", 0, n, 4), ("t", "s", n, 4, 1), ("g", 1, dim, 4), ("f", "s")))[0]
+        sim.drop(y, w1)
+        if x.es == 4:
+            return out
+        low = sim.op("to_copy", [out], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
+        sim.drop(out)
+        return low
+
+    def rms_stats(self, x: Ten, dim: int) -> Ten:
+        """x.float() × rsqrt(mean(x²) + eps), in fp32: the part both RMSNorms share."""
+        sim, n = self.sim, x.numel
+        rows = n // dim
+        xf = sim.alias(x) if x.es == 4 else sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
+        sq = sim.op("pow", [xf], [(n, 4, "activations")], save_in=((0, (0,)),),
+                    bwd=(("t", "a", n, 4), ("t", "b", n, 4), ("g", 0, n, 4)))[0]  # x^1, 2 x^1, grad * (.)
+        ms = sim.op("mean", [sq], [(rows, 4, "activations")], bwd=(("g", 0, n, 4),))[0]
+        sim.drop(sq)
+        ad = sim.op("add", [ms], [(rows, 4, "activations")], bwd=(("p", 0),))[0]
+        sim.drop(ms)
+        r = sim.op("rsqrt", [ad], [(rows, 4, "activations")], save_out=((0, (0,)),),
+                   bwd=(("t", "a", rows, 4), ("t", "b", rows, 4), ("f", "a"), ("g", 0, rows, 4)))[0]
+        sim.drop(ad)
+        y = sim.op("mul", [xf, r], [(n, 4, "activations")], save_in=((0, (1,)), (1, (0,))),
+                   bwd=(("g", 0, n, 4), ("t", "s", n, 4, 1), ("g", 1, rows, 4), ("f", "s")))[0]
+        sim.drop(xf, r)
+        return y
+
+    def rope_tables(self, linear: bool = False) -> tuple[Ten, Ten]:
         """models.transformer.rope_cos_sin: positions, inverse frequencies, (T, rotary_dim) fp32 cos and sin
-        (LongRoPE: both × its attention factor)."""
+        (LongRoPE: both × its attention factor). `linear`: the inverse frequencies divided by Gemma 3's
+        linear factor (one more small tensor)."""
         sim, T, d = self.sim, self.s.seq_len, self.a.rotary_dim
+        if linear:
+            sim.transient(d // 2 * 4, "activations", "inv_freq")
         tmp = [sim.new(T, 4, "activations", "positions"), sim.new(d // 2, 4, "activations", "inv_freq"),
                sim.new(T * d // 2, 4, "activations", "freqs"), sim.new(T * d, 4, "activations", "emb")]
         cos, sin = sim.new(T * d, 4, "activations", "cos"), sim.new(T * d, 4, "activations", "sin")
@@ -491,10 +598,10 @@ class Replay:
         sim.drop(xc, xs)
         return out
 
-    def window_mask(self) -> Ten | None:
+    def window_mask(self, layer: int) -> Ten | None:
         """attention_mask: a (T, T) boolean mask, built per layer, when the sequence exceeds the window."""
         a, sim, T = self.a, self.sim, self.s.seq_len
-        if a.sliding_window is None or T <= a.sliding_window:
+        if a.layer_window(layer) is None or T <= a.sliding_window:
             return None
         qpos, kpos = sim.new(T, 8, "activations", "arange"), sim.new(T, 8, "activations", "arange")
         allowed = sim.new(T * T, 1, "activations", "kv <= q")
@@ -529,26 +636,38 @@ class Replay:
             x2 = self.elementwise("mul", x, save_input=False)
             sim.drop(x)
             x = x2
+        if a.scale_embeddings:  # x * tensor(sqrt(C)).to(dtype): the factor saved for the embedding's gradient
+            f = sim.new(1, 4, "activations", "sqrt(C)")
+            if pes != 4:
+                f2 = sim.new(1, pes, "activations", "sqrt(C).to")
+                sim.drop(f)
+                f = f2
+            x2 = sim.op("mul", [x, f], [(N * C, pes, "activations")], save_in=((1, (0,)),),
+                        bwd=(("g", 0, N * C, pes),))[0]
+            sim.drop(x, f)
+            x = x2
         if a.dropout > 0:
             x2 = self.dropout(x)
             sim.drop(x)
             x = x2
-        self.tables = self.rope_tables() if a.rotary else (None, None)
-        if s.grad_ckpt and a.rotary:
-            self.tables = tuple(sim.alias(t) for t in self.tables) + self.tables
+        self.tables = self.rope_tables(bool(a.rope_linear_factor)) if a.rotary else (None, None)
+        two = a.rotary and bool(a.rope_local_theta or a.rope_linear_factor)
+        self.local_tables = self.rope_tables() if two else ()  # Gemma 3: the sliding layers' own
         start = sim.live
         for i, blk in enumerate(m.blocks):
             sim.tag = f"block {i}"
             if s.grad_ckpt and i % s.ckpt_every == 0:
-                nxt = sim.checkpoint(lambda x=x, blk=blk, i=i: self.block(x, blk, i), x)
+                # the checkpoint holds the RoPE tables its block takes until its backward is done
+                tables = () if not a.layer_rope(i) else self.local_tables if a.local_rope(i) else self.tables
+                nxt = sim.checkpoint(lambda x=x, blk=blk: self.block(x, blk), x, tuple(tables))
             else:
-                nxt = self.block(x, blk, i)
+                nxt = self.block(x, blk)
             sim.drop(x)
             x = nxt
         self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
         sim.tag = "loss"
-        h = (self.norm if a.norm == "layernorm" else self.rms_norm)(x, m.ln_f)
-        sim.drop(x, *self.tables[:2])
+        h = self.norm_of(a)(x, m.ln_f)
+        sim.drop(x, *self.tables[:2], *self.local_tables)
         return h
 
     # --- the fused chunked cross-entropy (model._FusedCrossEntropy) -------------------------
@@ -568,34 +687,37 @@ class Replay:
         grad_w = None  # made by the first chunk's product, then accumulated in place
         loss = sim.new(1, 4, cat, "loss")
         hc = g = lse = None
-        size = ce_chunk_rows(N, Vp)
-        starts = range(0, N, size)  # models.config.ce_chunks, not listed: a planner's batch may be huge
-        if len(starts) > 3:  # full chunks after the second repeat it exactly: replay 2 and the last
-            starts = [starts[0], starts[1], starts[-1]]
-        chunks = [(s0, min(size, N - s0)) for s0 in starts]
-        probs = z_max = z_t = wcol = hw = None
-        for _, n in chunks:
+        probs = z_max = z_t = wcol = hw = t_cap = None
+        for n in self.ce_chunk_sizes(N, Vp):
             hc_new = sim.new(n * C, dt, cat, "hc") if h.es != dt else None
             sim.drop(hc)
             hc = hc_new
             z = sim.new(n * Vp, dt, cat, "logits")
+            zdt = dt
+            if a.final_softcap:  # t = tanh(z.float() / cap) kept for the gradient; z = t × cap, in fp32
+                sim.drop(t_cap)
+                t_cap = sim.new(n * Vp, 4, cat, "tanh") if dt != 4 else sim.alias(z)
+                sim.drop(z)
+                z, zdt = sim.new(n * Vp, 4, cat, "capped logits"), 4
             if Vp > V:
                 sim.transient(4, cat, "-inf")
-            zm_new, zt_new = sim.new(n, dt, cat, "max"), sim.new(n, dt, cat, "z_t")
+            zm_new, zt_new = sim.new(n, zdt, cat, "max"), sim.new(n, zdt, cat, "z_t")
             sim.drop(z_max, z_t)
             z_max, z_t = zm_new, zt_new
-            p_new = sim.new(n * Vp, 4, cat, "logits.float()") if dt != 4 else sim.alias(z)  # softmax in place
+            # softmax in place
+            p_new = sim.new(n * Vp, 4, cat, "logits.float()") if zdt != 4 else sim.alias(z)
             sim.drop(probs)  # still alive here only when no gradient is needed (no `del`)
             probs = p_new
             sim.drop(z)
-            zm32 = sim.new(n, 4, cat, "max.float()") if dt != 4 else None  # lse = z_max - log p_max
+            zm32 = sim.new(n, 4, cat, "max.float()") if zdt != 4 else None  # lse = z_max - log p_max
             p_max = sim.new(n, 4, cat, "p_max")
             log_p = sim.new(n, 4, cat, "log p_max")
             sim.drop(p_max)
             lse_new = sim.new(n, 4, cat, "lse")
             sim.drop(zm32, log_p, lse)
             lse = lse_new
-            zt32 = sim.new(n, 4, cat, "z_t.float()") if dt != 4 else None  # the token losses, weighted, summed
+            # the token losses, weighted, summed
+            zt32 = sim.new(n, 4, cat, "z_t.float()") if zdt != 4 else None
             diff = sim.new(n, 4, cat, "token loss")
             sim.drop(zt32)
             weighted = sim.new(n, 4, cat, "weighted loss")
@@ -605,6 +727,8 @@ class Replay:
             if not (need_h or need_w):
                 continue
             sim.transient(n * 4, cat, "-1 at the targets")
+            sim.drop(t_cap)  # the cap's derivative 1 - t² multiplied in place, then `del t`
+            t_cap = None
             g_new = sim.new(n * Vp, dt, cat, "probs.to") if dt != 4 else sim.alias(probs)
             sim.drop(g)
             g = g_new
@@ -621,9 +745,24 @@ class Replay:
                 hw = hw_new
                 if grad_w is None:
                     grad_w = sim.new(Vp * C, dt, cat, "grad_w")
-        sim.drop(hc, probs, z_max, z_t, g, lse, wcol, hw, Wc, valid, tw, safe_t)
-        # backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor either way),
-        # handed to the tied embedding's backward when the head is the embedding (HeadGradLink)
+        sim.drop(hc, probs, z_max, z_t, g, lse, wcol, hw, Wc, valid, tw, safe_t, t_cap)
+        self.attach_loss(h, loss, grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def ce_chunk_sizes(N: int, Vp: int) -> list[int]:
+        """Rows of the chunks the fused loss walks (models.config.ce_chunks, not listed: a planner's batch may
+        be huge); full chunks after the second repeat it exactly: replay 2 and the last."""
+        size = ce_chunk_rows(N, Vp)
+        starts = range(0, N, size)
+        if len(starts) > 3:
+            starts = [starts[0], starts[1], starts[-1]]
+        return [min(size, N - s0) for s0 in starts]
+
+    def attach_loss(self, h: Ten, loss: Ten, grad_h: Ten | None, grad_w: Ten | None) -> None:
+        """The fused loss's backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor
+        either way), handed to the tied embedding's backward when the head is the embedding (HeadGradLink)."""
+        sim, N, C, Vp, W = self.sim, self.N, self.a.n_embd, self.a.padded_vocab_size, self.m.head
         if self.linked:
             bwd = (("g", 0, N * C, h.es), ("k", "head", Vp * C, W.es, W))
             sim.custom("fused_ce", [h, None], loss, [grad_h, grad_w], bwd)
@@ -631,7 +770,6 @@ class Replay:
             bwd = (("g", 0, N * C, h.es), ("g", 1, Vp * C, W.es))
             sim.custom("fused_ce", [h, W], loss, [grad_h, grad_w], bwd)
         sim.drop(grad_h, grad_w)
-        return loss
 
     # --- one micro-step, clipping, the optimizer --------------------------------------------
     def micro_step(self, at: str) -> None:
@@ -676,8 +814,6 @@ class Replay:
             return f"{at}, backward of the loss", "start of backward"
 
         sim.backward(scaled, where=where)
-        if s.grad_ckpt:  # the checkpoints held the RoPE tables for their recomputes
-            sim.drop(*self.tables[2:])
         sim.drop(scaled, loss, x, y, *packed)
         self.packed = None
 
@@ -974,6 +1110,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
                     "aten.bitwise_and.Tensor", "aten.gt.Tensor", "aten.le.Tensor", "aten.mul.Scalar"),
     "rope": ("aten.neg.default", "aten.slice.Tensor", "aten.slice_backward.default"),
     "window_mask": ("aten.scalar_tensor.default",),
+    "softcap_attention": ("aten.ones.default", "aten.tril_.default", "aten.bmm.default", "aten.tanh_.default",
+                          "aten._softmax_backward_data.default", "aten.neg_.default", "aten.div_.Tensor"),
     "matmul": ("aten.mm.default", "aten.addmm.default", "aten.t.default", "aten._unsafe_view.default",
                "aten.view.default", "aten.sum.dim_IntList", "aten._to_copy.default", "aten.clone.default"),
     "linear": ("aten.mul.Tensor", "aten.add.Tensor"),

@@ -84,6 +84,7 @@ class Group:
     nsaved: int = 0
     done: bool = False
     keep: St | None = None  # the block input, held for the recompute
+    extra: tuple[St, ...] = ()  # further inputs it holds (the RoPE tables its block takes)
     autocast: bool = False  # the recompute restores the forward's autocast state
     left: int = 0  # nodes not yet run in backward
 
@@ -272,10 +273,12 @@ class Sim:
             node.saved.append(st)
 
     # --- checkpointing -------------------------------------------------------------------
-    def checkpoint(self, fn: Callable[[], Ten], inp: Ten) -> Ten:
-        """Non-reentrant activation checkpointing of `fn` (which reads `inp`)."""
+    def checkpoint(self, fn: Callable[[], Ten], inp: Ten, extra: tuple[Ten, ...] = ()) -> Ten:
+        """Non-reentrant activation checkpointing of `fn` (which reads `inp`, and `extra`)."""
         self.ref(inp.st)  # the checkpoint keeps its inputs for the recompute
-        group = Group(fn=fn, nodes=[], autocast=self.cache is not None)
+        for t in extra:
+            self.ref(t.st)
+        group = Group(fn=fn, nodes=[], autocast=self.cache is not None, extra=tuple(t.st for t in extra))
         outer, self.group = self.group, group
         try:
             out = fn()
@@ -284,7 +287,8 @@ class Sim:
         group.keep = inp.st
         group.left = len(group.nodes)
         if not group.nodes:
-            self.unref(inp.st)
+            for st in (inp.st, *group.extra):
+                self.unref(st)
         return out
 
     def _recompute(self, group: Group) -> None:
@@ -377,7 +381,8 @@ class Sim:
         if node.group is not None:
             node.group.left -= 1
             if node.group.left == 0:  # the last holder of the checkpoint's inputs is gone
-                self.unref(node.group.keep)
+                for st in (node.group.keep, *node.group.extra):
+                    self.unref(st)
 
     def _route(self, x, g: St) -> None:
         if isinstance(x, Par):

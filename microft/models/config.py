@@ -116,6 +116,18 @@ class ModelConfig(BaseModel):
     attention_multiplier: float | None = Field(None, gt=0)  # Granite: the attention scale (else head_dim^-1/2)
     residual_multiplier: float = Field(1.0, gt=0)  # Granite: attention and MLP outputs × this before the residual
     logits_scaling: float = Field(1.0, gt=0)  # Granite: logits divided by this
+    # Gemma 2 / Gemma 3 text (families `gemma2`, `gemma3_text`)
+    norm_unit_offset: bool = False  # RMSNorm gains are (1 + weight), applied in fp32 before the cast back
+    scale_embeddings: bool = False  # token embeddings × sqrt(n_embd), rounded to the weights' dtype first
+    post_norms: bool = False  # RMSNorm on the attention's and the MLP's outputs too (four norms a block)
+    glu_act: Literal["silu", "gelu_tanh"] = "silu"  # the gated MLP's activation: SwiGLU, or GeGLU (tanh-GELU)
+    query_pre_attn_scalar: float | None = Field(None, gt=0)  # scores × this^-1/2 (else head_dim^-1/2)
+    attn_softcap: float | None = Field(None, gt=0)  # attention scores -> cap × tanh(scores / cap)
+    final_softcap: float | None = Field(None, gt=0)  # logits -> cap × tanh(logits / cap)
+    # per layer; None: every layer takes sliding_window (Mistral)
+    layer_types: list[Literal["sliding_attention", "full_attention"]] | None = None
+    rope_local_theta: float | None = Field(None, gt=0)  # RoPE base of the sliding layers (else rope_theta)
+    rope_linear_factor: float | None = Field(None, gt=0)  # full-attention layers' positions / factor
     # special tokens the checkpoint declares (None: GPT-2's <|endoftext|> for gpt2)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -140,6 +152,15 @@ class ModelConfig(BaseModel):
             raise ValueError("rope_scaling needs positions='rope'")
         if self.qk_norm and self.model_type == "gpt2":
             raise ValueError("qk_norm needs a model_type with separate q/k/v projections (not gpt2)")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer:
+                raise ValueError(f"layer_types lists {len(self.layer_types)} layers, "
+                                 f"the model has {self.n_layer}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("sliding_attention layers need a sliding_window")
+        if (self.rope_local_theta or self.rope_linear_factor) and self.rope_scaling is not None:
+            raise ValueError("rope_scaling (llama3) does not combine with rope_local_theta or "
+                             "rope_linear_factor")
         self._check_rope_switches()
         return self
 
@@ -161,6 +182,16 @@ class ModelConfig(BaseModel):
     def layer_rope(self, i: int) -> bool:
         """Whether layer `i` rotates q and k (RoPE models; SmolLM3 leaves some layers without positions)."""
         return self.rotary and (self.rope_layers is None or self.rope_layers[i])
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer `i` (None: it attends to every earlier position)."""
+        if self.layer_types is not None and self.layer_types[i] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def local_rope(self, i: int) -> bool:
+        """Whether layer `i` takes the sliding layers' own RoPE table (Gemma 3's local base, no scaling)."""
+        return bool(self.rope_local_theta or self.rope_linear_factor) and self.layer_window(i) is not None
 
     # --- derived shapes ---------------------------------------------------------------------
     @property
@@ -214,7 +245,8 @@ class ModelConfig(BaseModel):
         attn_bias = (self.q_dim + 2 * self.kv_dim) * self.qkv_bias + C * self.attn_out_bias
         mlp_bias = ((2 * hidden if self.mlp == "swiglu" else hidden) + C) * self.mlp_bias
         qk_norm = (self.q_dim + self.kv_dim) if self.qk_norm_full else 2 * self.head_dim
-        per_block = 2 * norm + attn_bias + qk_norm * self.qk_norm + mlp_bias
+        norms = (4 if self.post_norms else 2) * norm
+        per_block = norms + attn_bias + qk_norm * self.qk_norm + mlp_bias
         embed = self.vocab_size * C * (1 if self.tie_embeddings else 2)
         pos = self.n_positions * C if self.positions == "learned" else 0
         return self.matmul_params() - self.vocab_size * C + embed + pos + L * per_block + norm
@@ -225,8 +257,8 @@ class ModelConfig(BaseModel):
         Frozen weights (LoRA) need no weight gradient: 4 instead of 6 each. A sliding window caps
         the keys each query sees.
         """
-        keys = min(seq_len, self.sliding_window) if self.sliding_window else seq_len
-        attn = 12 * self.n_layer * self.q_dim * keys  # QK^T and AV, forward + backward
+        keys = sum(min(seq_len, w) if (w := self.layer_window(i)) else seq_len for i in range(self.n_layer))
+        attn = 12 * self.q_dim * keys  # QK^T and AV, forward + backward
         return (4 + 2 * trainable_fraction) * self.matmul_params() + attn
 
     # --- constructors ---------------------------------------------------------------------

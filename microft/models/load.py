@@ -86,7 +86,7 @@ def init_reader(cfg: ModelConfig, model: nn.Module) -> Callable[[str], torch.Ten
 
     def read(name: str) -> torch.Tensor:
         t = torch.empty(shapes[name])
-        init_weight_(name, t, cfg.n_layer)
+        init_weight_(name, t, cfg.n_layer, cfg.norm_unit_offset)
         if name in VOCAB_ROWS:
             t[cfg.vocab_size:].zero_()
         return t

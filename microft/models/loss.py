@@ -67,7 +67,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, token_w, vocab_size, need_grads, link):
+    def forward(ctx, h, weight, targets, token_w, vocab_size, need_grads, link, cap):
         need_h, need_w = need_grads
         dt = compute_dtype(h)
         with autocast_off(h):
@@ -81,6 +81,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
             for s, n in ce_chunks(h.size(0), W.size(0)):
                 hc, tc, wc = h[s : s + n].to(dt), safe_t[s : s + n], tw[s : s + n]
                 z = head_logits(hc, W)  # (n, Vp) logits in the compute dtype
+                t = None
+                if cap is not None:  # soft-capped logits cap × tanh(z / cap) in fp32; t kept for the gradient
+                    t = z.float().div_(cap).tanh_()
+                    del z
+                    z = t * cap
                 if W.size(0) > vocab_size:
                     z[:, vocab_size:] = float("-inf")
                 z_max, z_t = z.amax(dim=1, keepdim=True), z.gather(1, tc)
@@ -93,6 +98,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 if not (need_h or need_w):
                     continue
                 probs.scatter_add_(1, tc, torch.full_like(lse, -1.0))  # softmax minus one-hot: d CE / d logits
+                if t is not None:  # through the cap: d(cap × tanh(z / cap)) / dz = 1 - tanh²
+                    probs.mul_(t.mul_(t).neg_().add_(1.0))
+                    del t
                 g = probs.to(dt)
                 del probs
                 wcol = wc.to(dt).unsqueeze(1)
@@ -116,12 +124,13 @@ class _FusedCrossEntropy(torch.autograd.Function):
             gw = gw * scale if gw is grad_w else gw.mul_(scale)
         if ctx.link is not None and gw is not None:  # the tied embedding's backward adds its rows to it
             ctx.link.grad, gw = gw, None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def fused_cross_entropy(h, weight, targets, token_w=None, vocab_size: int | None = None,
-                        link: HeadGradLink | None = None) -> torch.Tensor:
+                        link: HeadGradLink | None = None, cap: float | None = None) -> torch.Tensor:
     """fp32 sum over tokens of weight × CE(h @ weight.T, target); targets of -100 are ignored.
+    `cap`: the logits are soft-capped first, cap × tanh(logits / cap) (Gemma 2's final soft-capping).
 
     With `link` (the tied embedding's, see HeadGradLink) the weight's gradient reaches it
     through the embedding's backward, so `weight` gets no autograd edge from here.
@@ -132,4 +141,5 @@ def fused_cross_entropy(h, weight, targets, token_w=None, vocab_size: int | None
         weight = weight.detach()
     else:
         link = None
-    return _FusedCrossEntropy.apply(h, weight, targets, token_w, vocab_size or weight.size(0), need, link)
+    V = vocab_size or weight.size(0)
+    return _FusedCrossEntropy.apply(h, weight, targets, token_w, V, need, link, cap)

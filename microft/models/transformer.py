@@ -9,6 +9,11 @@ Phi-3 / Phi-4-mini (partial rotary, LongRoPE; HF's fused projections split in `m
 (layers without RoPE), OLMo 2 (norms after the sublayers, full-width q/k norms) and Granite 3 (multipliers,
 logits scaling) are more switches on the Llama layout.
 
+Gemma 2 and Gemma 3 add (1 + w) RMSNorms in fp32 (`OffsetRMSNorm`), norms on the attention's and the
+MLP's outputs, scaled embeddings, GeGLU, per-layer sliding windows, a second RoPE table for Gemma 3's
+sliding layers, and soft-capping: of the attention scores (`_SoftcapAttention`, SDPA has none) and of the
+logits (in `logits`, and inside the fused loss).
+
 The token embedding (and an untied head) is padded to a multiple of 64 rows (aligned LM-head
 matmuls); the padded rows are zero, never a target, masked out of every softmax, never saved.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -52,12 +58,13 @@ class Kernels:
 
 
 @torch.no_grad()
-def init_weight_(name: str, p: torch.Tensor, n_layer: int) -> None:
-    """GPT-2's init of one named tensor (what `Transformer.reset_parameters` does to each, in order)."""
+def init_weight_(name: str, p: torch.Tensor, n_layer: int, unit_offset: bool = False) -> None:
+    """GPT-2's init of one named tensor (what `Transformer.reset_parameters` does to each, in order).
+    `unit_offset`: norm gains are 1 + weight (Gemma), so their weights start at 0."""
     if name.endswith("bias"):
         p.zero_()
     elif p.dim() == 1:  # norm gains
-        p.fill_(1.0)
+        p.fill_(0.0 if unit_offset else 1.0)
     elif name.endswith(RESIDUAL_PROJ):
         p.normal_(0.0, 0.02 / math.sqrt(2 * n_layer))
     else:
@@ -97,21 +104,41 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) × (1 + weight), all in fp32, cast back to x's dtype at the end."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+    if cfg.norm_unit_offset:  # Gemma
+        return OffsetRMSNorm(dim, cfg.layer_norm_eps)
     return RMSNorm(dim, cfg.layer_norm_eps, cfg.rms_gain_first)
 
 
-def rope_inv_freq(cfg: ModelConfig, device=None, long: bool = False) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, device=None, long: bool = False, local: bool = False) -> torch.Tensor:
     """Inverse frequencies (rotary_dim / 2,) in fp32, with Llama 3's scaling or LongRoPE's factors (the long
-    ones if `long`) when configured."""
+    ones if `long`) when configured. `local`: the sliding layers' table (Gemma 3: its own base, no scaling);
+    else a linear factor divides them."""
     d = cfg.rotary_dim
-    base = cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
+    base = theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
     if cfg.longrope is not None:
         lr = cfg.longrope
         return 1.0 / (torch.tensor(lr.long_factor if long else lr.short_factor, device=device) * base)
     inv = 1.0 / base
+    if cfg.rope_linear_factor and not local:
+        return inv / cfg.rope_linear_factor
     s = cfg.rope_scaling
     if s is None:
         return inv
@@ -126,25 +153,26 @@ def rope_inv_freq(cfg: ModelConfig, device=None, long: bool = False) -> torch.Te
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(cfg: ModelConfig, start: int, T: int, device, positions: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(cfg: ModelConfig, start: int, T: int, device, positions: torch.Tensor | None = None,
+                 local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (T, rotary_dim) in fp32 for positions start .. start + T - 1, or (B, 1, T, rotary_dim)
-    for explicit (B, T) `positions` (packed rows: positions restart at every sample).
+    for explicit (B, T) `positions` (packed rows: positions restart at every sample); `local`: the sliding
+    layers' table (Gemma 3).
 
     LongRoPE takes its long factors when this forward's furthest position passes the original context (as
     transformers decides, per forward) and scales cos and sin by its attention factor.
     """
     lr = cfg.longrope
     if positions is not None:
-        inv = rope_inv_freq(cfg, device)
+        inv = rope_inv_freq(cfg, device, local=local)
         if lr is not None:  # decided on the device: no host sync
             far = positions.max() + 1 > lr.original_max_position_embeddings
-            inv = torch.where(far, rope_inv_freq(cfg, device, long=True), inv)
+            inv = torch.where(far, rope_inv_freq(cfg, device, long=True, local=local), inv)
         freqs = positions.float()[:, None, :, None] * inv
     else:
         pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
         long = lr is not None and start + T > lr.original_max_position_embeddings
-        freqs = pos[:, None] * rope_inv_freq(cfg, device, long)[None, :]
+        freqs = pos[:, None] * rope_inv_freq(cfg, device, long, local)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     if lr is not None and lr.attention_factor != 1.0:
@@ -187,6 +215,81 @@ def causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with autocast_off(q):  # q, k, v are already in the compute dtype
         att = (q @ k.transpose(-2, -1)).mul_(1.0 / math.sqrt(q.size(-1)) if scale is None else scale)
         return att.add_(bias).softmax(-1) @ v
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask of allowed keys as 0 / -inf in `dtype` (what SDPA makes of a boolean mask)."""
+    return torch.where(allowed, torch.tensor(0.0, dtype=dtype, device=allowed.device),
+                       torch.tensor(float("-inf"), dtype=dtype, device=allowed.device))
+
+
+def _softcap_probs(q: torch.Tensor, k: torch.Tensor, scale: float, cap: float, bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tanh(q k^T × scale / cap), softmax of cap × that + bias): Gemma 2's soft-capped attention
+    probabilities, and the tanh its backward needs. k has q's heads already."""
+    t = torch.matmul(q, k.transpose(-2, -1)).mul_(scale / cap).tanh_()
+    p = t * cap
+    if bias is not None:
+        p.add_(bias)
+    torch._softmax(p, -1, False, out=p)  # in place: no third (B, H, T, S) tensor
+    return t, p
+
+
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Keys or values with a head per query head, contiguous (one copy either way: the batched matmuls
+    would copy the transposed heads themselves, and the memory replay counts one)."""
+    return x.contiguous() if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+class _SoftcapAttention(torch.autograd.Function):
+    """Attention with tanh soft-capped scores (Gemma 2): softmax(cap × tanh(q k^T × scale / cap) + bias) v.
+
+    SDPA has no soft-capping; autograd over the plain ops would keep ~4 (B, H, T, S) tensors a layer.
+    This keeps two (the tanh and the probabilities) and its backward writes the score gradient in place.
+    k and v may have fewer (key/value) heads than q; `bias` is the additive mask (0 / -inf) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, cap, bias):
+        groups = q.size(1) // k.size(1)
+        kk, vv = _expand_kv(k, groups), _expand_kv(v, groups)
+        t, p = _softcap_probs(q, kk, scale, cap, bias)
+        y = torch.matmul(p, vv)
+        ctx.save_for_backward(q, k, v, t, p)
+        ctx.scale, ctx.groups = scale, groups
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, t, p = ctx.saved_tensors
+        groups, (B, Hk, S, hs) = ctx.groups, k.shape
+        kk, vv = _expand_kv(k, groups), _expand_kv(v, groups)
+        dv = torch.matmul(p.transpose(-2, -1), dy)
+        dp = torch.matmul(dy, vv.transpose(-2, -1))
+        del vv
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # d loss / d (capped scores + bias)
+        del dp
+        ds.mul_(t.square().neg_().add_(1.0)).mul_(ctx.scale)  # through cap × tanh(. / cap), then the scale
+        dq = torch.matmul(ds, kk)
+        dk = torch.matmul(ds.transpose(-2, -1), q)
+        if groups > 1:  # each key/value head served `groups` query heads: their gradients sum
+            dk, dv = dk.view(B, Hk, groups, S, hs).sum(2), dv.view(B, Hk, groups, S, hs).sum(2)
+        return dq, dk, dv, None, None, None
+
+
+def softcap_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cap: float,
+                      allowed: torch.Tensor | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Soft-capped attention (see `_SoftcapAttention`); `allowed` is a boolean mask of the keys each query
+    sees (None: all). With dropout, plain autograd ops (dropout on the probabilities, as transformers)."""
+    bias = None if allowed is None else additive_mask(allowed, q.dtype)
+    with autocast_off(q):
+        if dropout_p == 0.0 and torch.is_grad_enabled():
+            return _SoftcapAttention.apply(q, k, v, scale, cap, bias)
+        groups = q.size(1) // k.size(1)
+        t = torch.matmul(q, _expand_kv(k, groups).transpose(-2, -1)).mul(scale / cap).tanh()
+        p = t.mul(cap) if bias is None else t.mul(cap).add(bias)
+        p = F.dropout(p.softmax(-1), dropout_p, training=dropout_p > 0)
+        return torch.matmul(p, _expand_kv(v, groups))
 
 
 def packed_attention_mask(positions: torch.Tensor) -> torch.Tensor:
@@ -246,11 +349,15 @@ def attention_mask(T: int, start: int, window: int | None, device) -> torch.Tens
 class Attention(nn.Module):
     """Multi-head or grouped-query self-attention; GPT-2 keeps a fused `c_attn` and `c_proj`."""
 
-    def __init__(self, cfg: ModelConfig, kernels: Kernels):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, layer: int = 0):
         super().__init__()
         self.kernels = kernels
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.scale = cfg.attention_multiplier  # Granite: the scores' scale (None: SDPA's head_dim^-1/2)
+        # the scores' scale: Granite's attention_multiplier, Gemma's query_pre_attn_scalar^-1/2 (None: SDPA's
+        # head_dim^-1/2); soft-capped scores (Gemma 2)
+        self.scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else (
+            cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar else None)
+        self.softcap = cfg.attn_softcap
         C, qd, kvd = cfg.n_embd, cfg.q_dim, cfg.kv_dim
         self.fused = cfg.fused_qkv
         if self.fused:
@@ -261,11 +368,11 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(C, kvd, bias=cfg.qkv_bias)
             self.v_proj = nn.Linear(C, kvd, bias=cfg.qkv_bias)
             self.o_proj = nn.Linear(qd, C, bias=cfg.attn_out_bias)
-        if cfg.qk_norm:  # per head (Qwen3), or over the whole projection (OLMo 2)
+        if cfg.qk_norm:  # per head (Qwen3, Gemma 3), or over the whole projection (OLMo 2)
             self.q_norm = make_norm(cfg, qd if cfg.qk_norm_full else cfg.head_dim)
             self.k_norm = make_norm(cfg, kvd if cfg.qk_norm_full else cfg.head_dim)
         self.qk_norm, self.qk_norm_full = cfg.qk_norm, cfg.qk_norm_full
-        self.sliding_window = cfg.sliding_window
+        self.sliding_window = cfg.layer_window(layer)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -275,10 +382,17 @@ class Attention(nn.Module):
 
     def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         """Causal attention of fresh sequences (q, k, v all of the same positions)."""
+        if self.softcap:
+            T = q.size(2)
+            allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_() if T > 1 else None
+            return softcap_attention(q, k, v, self._scale(q), self.softcap, allowed, dropout_p)
         if dropout_p == 0.0 and self.use_short_math(q):
             return causal_attention_math(q, k, v, scale=self.scale)
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, dropout_p=dropout_p,
                                               enable_gqa=k.size(1) != q.size(1), scale=self.scale)
+
+    def _scale(self, q: torch.Tensor) -> float:
+        return self.scale if self.scale is not None else q.size(-1) ** -0.5
 
     def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, packed: torch.Tensor | None,
                fresh: bool, dropout_p: float) -> torch.Tensor:
@@ -290,6 +404,10 @@ class Attention(nn.Module):
             mask = packed if mask is None else packed & mask
         # causal for a fresh sequence; a single new query (or a masked one) needs no causal flag
         causal = mask is None and start == 0 and T > 1
+        if self.softcap:
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril_()
+            return softcap_attention(q, k, v, self._scale(q), self.softcap, mask, dropout_p)
         if fresh and (causal or packed is not None) and dropout_p == 0.0 and self.use_short_math(q):
             return causal_attention_math(q, k, v, mask, self.scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
@@ -341,6 +459,7 @@ class MLP(nn.Module):
         super().__init__()
         C, hidden = cfg.n_embd, cfg.intermediate_size
         self.swiglu = cfg.mlp == "swiglu"
+        self.act = F.silu if cfg.glu_act == "silu" else partial(F.gelu, approximate="tanh")  # SwiGLU / GeGLU
         if self.swiglu:
             self.gate_proj = nn.Linear(C, hidden, bias=cfg.mlp_bias)
             self.up_proj = nn.Linear(C, hidden, bias=cfg.mlp_bias)
@@ -352,7 +471,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            return self.drop(run_linear(self.down_proj, F.silu(run_linear(self.gate_proj, x)) * run_linear(self.up_proj, x)))
+            gated = self.act(run_linear(self.gate_proj, x)) * run_linear(self.up_proj, x)
+            return self.drop(run_linear(self.down_proj, gated))
         z = run_linear(self.c_fc, x)
         if type(self.c_proj) is not nn.Linear:  # an adapted (LoRA) or quantised projection runs its own forward
             return self.drop(self.c_proj(F.gelu(z, approximate="tanh")))
@@ -404,22 +524,30 @@ def gelu_linear(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 # --- the model ---------------------------------------------------------------------------------
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernels: Kernels):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, layer: int = 0):
         super().__init__()
         self.kernels = kernels
         self.ln_1 = make_norm(cfg, cfg.n_embd)
-        self.attn = Attention(cfg, kernels)
+        self.attn = Attention(cfg, kernels, layer)
+        if cfg.post_norms:  # Gemma: the attention's output is normed before it joins the residual stream
+            self.post_attn_norm = make_norm(cfg, cfg.n_embd)
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
+        if cfg.post_norms:
+            self.post_mlp_norm = make_norm(cfg, cfg.n_embd)
+        self.post_norms = cfg.post_norms
         self.grad_ckpt = False  # recompute this block's activations in backward
         self.norm_after = cfg.norm_after  # OLMo 2: ln_1 / ln_2 norm the sublayers' outputs
         self.residual_multiplier = cfg.residual_multiplier  # Granite
 
     def _forward(self, x: torch.Tensor, rope=None, cache: KVCache | None = None, layer: int = 0,
                  packed: Packed = None) -> torch.Tensor:
-        if self.norm_after:
+        if self.norm_after:  # OLMo 2: the norms act on the sublayers' outputs
             x = x + self._scaled(self.ln_1(self.attn(x, rope, cache, layer, packed)))
             return x + self._scaled(self.ln_2(self.mlp(x)))
+        if self.post_norms:  # Gemma: pre- and post-norms around both sublayers
+            x = x + self.post_attn_norm(self.attn(self.ln_1(x), rope, cache, layer, packed))
+            return x + self.post_mlp_norm(self.mlp(self.ln_2(x)))
         x = x + self._scaled(self.attn(self.ln_1(x), rope, cache, layer, packed))
         return x + self._scaled(self.mlp(self.ln_2(x)))
 
@@ -444,7 +572,7 @@ class Transformer(nn.Module):
         if cfg.positions == "learned":
             self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg, self.kernels) for _ in range(cfg.n_layer))
+        self.h = nn.ModuleList(Block(cfg, self.kernels, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg, cfg.n_embd)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
@@ -465,7 +593,7 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 × n_layer)."""
         for name, p in self.named_parameters():
-            init_weight_(name, p, self.config.n_layer)
+            init_weight_(name, p, self.config.n_layer, self.config.norm_unit_offset)
         self.zero_padded_rows()
 
     @torch.no_grad()
@@ -489,7 +617,9 @@ class Transformer(nn.Module):
         x = tied_embedding(idx, self.wte.weight, link)
         if self.config.embedding_multiplier != 1.0:  # Granite
             x = x * self.config.embedding_multiplier
-        rope, packed = None, None
+        if self.config.scale_embeddings:  # Gemma: × sqrt(C), the factor rounded to the weights' dtype first
+            x = x * torch.tensor(self.config.n_embd**0.5, device=x.device).to(x.dtype)
+        rope, rope_local, packed = None, None, None
         if position_ids is not None:
             if cache is not None:
                 raise ValueError("packed rows (position_ids) are for training, not cached generation")
@@ -502,21 +632,29 @@ class Transformer(nn.Module):
             x = x + self.wpe(position_ids if position_ids is not None else torch.arange(start, start + T, device=idx.device))
         else:
             rope = rope_cos_sin(self.config, start, T, idx.device, position_ids)
+            if self.config.rope_local_theta or self.config.rope_linear_factor:  # Gemma 3: the sliding layers'
+                rope_local = rope_cos_sin(self.config, start, T, idx.device, position_ids, local=True)
         x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, rope if self.config.layer_rope(i) else None, cache, i, packed)
+            r = rope_local if self.config.local_rope(i) else rope
+            x = block(x, r if self.config.layer_rope(i) else None, cache, i, packed)
         if cache is not None:
             cache.length += T
         return self.ln_f(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(…, vocab) logits of final hidden states (the padded rows left out; Granite's divided by its
-        logits_scaling)."""
-        return self._unscale(F.linear(h, self.head_weight[: self.config.vocab_size].to(h.dtype)))
+        logits_scaling, soft-capped where the family caps them: Gemma 2)."""
+        return self.softcap(self._unscale(F.linear(h, self.head_weight[: self.config.vocab_size].to(h.dtype))))
 
     def _unscale(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.config.logits_scaling
         return logits if s == 1.0 else logits / s
+
+    def softcap(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits soft-capped as transformers' Gemma 2 does: cap × tanh(z / cap) (unchanged without a cap)."""
+        cap = self.config.final_softcap
+        return z if cap is None else torch.tanh(z / cap) * cap
 
     def forward(
         self,
@@ -536,7 +674,7 @@ class Transformer(nn.Module):
         """
         if labels is None:
             h = self.hidden(idx, cache, position_ids=position_ids)
-            return self._unscale(F.linear(h, self.head_weight[: self.config.vocab_size]))
+            return self.softcap(self._unscale(F.linear(h, self.head_weight[: self.config.vocab_size])))
         # torch.compile traces the two functions apart and would drop the hand-over: plain autograd there
         tied = self.config.tie_embeddings
         link = HeadGradLink() if tied and not torch.compiler.is_compiling() else None
@@ -548,7 +686,8 @@ class Transformer(nn.Module):
             w = None if w is None else w.index_select(0, target_pos)
         if self.config.logits_scaling != 1.0:  # (h / s) W^T: Granite's logits / s, without the logits
             h = h / self.config.logits_scaling
-        return fused_cross_entropy(h, self.head_weight, labels, w, self.config.vocab_size, link)
+        return fused_cross_entropy(h, self.head_weight, labels, w, self.config.vocab_size, link,
+                                   self.config.final_softcap)
 
     def num_params(self, trainable_only: bool = False) -> int:
         """Parameters as the family reports them (padded vocabulary rows excluded)."""
