@@ -198,4 +198,4 @@ def test_the_gemma_recipes_estimate_mem_lines_say_what_estimate_mem_says():
         cmd, claim = line.removeprefix("#   microft ").split("#", 1)
         res = runner.invoke(app, shlex.split(cmd.replace("recipes/", f"{path.parent}/")))
         split = claim.split("suggests ")[1].split(" (")[0]
-        assert f"recommended: your settings: {split}" in res.output
+        assert f"recommended: your settings: change {split}" in res.output
