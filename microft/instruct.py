@@ -262,11 +262,23 @@ def _read_file(path: Path, name: str, problems: list[str], columns: Mapping[str,
     return out
 
 
-def data_files(path: str | Path) -> list[Path]:
-    """The files `read_records` reads for `path`: the file itself, or a directory's files of every format
-    (`formats.SUFFIXES`: .json, .jsonl, .csv, .tsv, .parquet), in name order."""
+def data_files(path: str | Path, split: str | None = None, patterns: list[str] | None = None) -> list[Path]:
+    """The files `read_records` reads for `path`: the file itself, a directory's files of every format
+    (`formats.SUFFIXES`: .json, .jsonl, .csv, .tsv, .parquet) in name order, or, for a hub dataset repo id
+    (`hubdata`) or a directory given `split` / `patterns` (--data-split, --data-files), the files those
+    pick."""
+    from microft.hubdata import dataset_root, pick_files
+
+    root = dataset_root(str(path), patterns)
+    if root is not None:
+        return pick_files(root, str(path), split, patterns)
     p = Path(path)
     check_data_path(p, f"{p}: no such file or directory")
+    if split or patterns:
+        if not p.is_dir():
+            raise DataError(f"--data-split and --data-files pick files in a dataset directory or hub repo; "
+                            f"{p} is one file")
+        return pick_files(p, str(p), split, patterns)
     if p.is_dir():
         try:
             files = sorted(
@@ -283,8 +295,8 @@ def data_files(path: str | Path) -> list[Path]:
     return [p]
 
 
-def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str, str] | None = None
-                 ) -> ReadResult:
+def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str, str] | None = None,
+                 split: str | None = None, patterns: list[str] | None = None) -> ReadResult:
     """Read and validate every record under `path`, in any format of `formats.FORMATS`.
 
     `columns` (--columns) maps microft's fields to the data's own keys or columns ({"instruction":
@@ -296,7 +308,7 @@ def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str,
     problems: list[str] = []
     records: list[Record] = []
     notes: list[str] = []
-    for f in data_files(path):
+    for f in data_files(path, split, patterns):
         records.extend(_read_file(f, str(f), problems, columns, notes))
     if problems and not skip_bad:
         n_more = len(problems) - 1
@@ -564,7 +576,7 @@ def read_instruct_records(cfg: RunConfig, demo: tuple[list[Record], list[Record]
         if demo is None:
             raise DataError("no --data given")
         return InstructRecords(Split(demo[0], demo[1], []))
-    read = read_records(cfg.data, cfg.skip_bad, cfg.columns)
+    read = read_records(cfg.data, cfg.skip_bad, cfg.columns, cfg.data_split, cfg.data_files)
     got = InstructRecords(Split([], [], []), read.n_skipped, list(read.problems), list(read.notes))
     if cfg.val_data is None:
         got.parts = split_records(read.records, cfg.val_frac, cfg.test_frac, cfg.seed)

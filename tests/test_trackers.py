@@ -99,7 +99,9 @@ import json, sys
 from pathlib import Path
 from tests.test_trackers import _train
 out = Path(sys.argv[1])
-_train(out, ["trackio"], experiment="proj")
+events = []
+_train(out, ["trackio"], experiment="proj", events=events)
+assert not [e for e in events if e["kind"] == "note" and "report-to" in e["text"]], events
 from trackio.sqlite_storage import SQLiteStorage
 print("LOGS", json.dumps({log["step"]: log["train/loss"] for log in SQLiteStorage.get_logs("proj", "t")
                   if "train/loss" in log}))
@@ -113,8 +115,8 @@ def test_trackio_logs_locally(tmp_path):
 
     # trackio reads TRACKIO_DIR when imported: a process of its own keeps it off the user's store
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(tmp_path / "o")], env=env, capture_output=True,
-                         text=True, cwd=Path(__file__).parent.parent, timeout=300)
+    res = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(tmp_path / "o")], env=env,
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("LOGS "))
     logged = {int(k): v for k, v in json.loads(line.removeprefix("LOGS ")).items()}
@@ -143,7 +145,7 @@ def test_a_resumed_run_continues_the_tracker_run_with_each_step_once(tmp_path, m
     client = MlflowClient(tracking_uri=first["mlflow"]["ref"]["uri"])
     history = client.get_metric_history(first["mlflow"]["ref"]["run_id"], "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
-    assert dict(tb) == pytest.approx(_jsonl_losses(tmp_path), rel=1e-6)  # the recomputed steps are the same numbers
+    assert dict(tb) == pytest.approx(_jsonl_losses(tmp_path), rel=1e-6)  # recomputed steps: the same numbers
 
 
 class Broken:
@@ -212,5 +214,6 @@ def test_report_to_in_a_recipe_and_as_flags(tmp_path):
 
 
 def test_flatten_names_nested_params():
-    flat = trackers.flatten({"config": {"lr": 0.1, "columns": None, "report_to": ["a"]}, "plan": {"accum": 2}})
+    nested = {"config": {"lr": 0.1, "columns": None, "report_to": ["a"]}, "plan": {"accum": 2}}
+    flat = trackers.flatten(nested)
     assert flat == {"config.lr": 0.1, "config.columns": "null", "config.report_to": '["a"]', "plan.accum": 2}

@@ -202,8 +202,9 @@ class Trackio:
         self.trackio = trackio
         project, name = (saved["project"], saved["name"]) if saved else (experiment(ctx), run_name(ctx))
         # no dashboard launched, no system sampler threads: the run's own numbers only
-        self.run = trackio.init(project=project, name=name, config=params, resume="allow" if saved else "never",
-                                embed=False, auto_log_gpu=False, auto_log_cpu=False)
+        self.run = trackio.init(project=project, name=name, config=params,
+                                resume="allow" if saved else "never", embed=False, auto_log_gpu=False,
+                                auto_log_cpu=False)
         self.ref = {"project": project, "name": name}
 
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -235,7 +236,8 @@ def check_trackers(names: list[str]) -> None:
             raise ConfigError(f"--report-to {name}: choose from {', '.join(TRACKERS)} (comma-separated)")
         t = TRACKERS[name]
         if importlib.util.find_spec(t.module) is None:
-            raise ConfigError(f"--report-to {name} needs the {t.module} package: pip install 'microft[{t.extra}]'")
+            raise ConfigError(f"--report-to {name} needs the {t.module} package: "
+                              f"pip install 'microft[{t.extra}]'")
 
 
 class Ledger:
@@ -257,7 +259,7 @@ class Ledger:
 
 
 class TrackerSink:
-    """One tracker on the event stream: what it is sent, when, and its failure contained (one note, then off)."""
+    """One tracker on the event stream: what it is sent and when; a failure contained (one note, then off)."""
 
     def __init__(self, name: str, ctx: SinkContext, ledger: Ledger):
         self.name, self.ctx, self.ledger = name, ctx, ledger
