@@ -85,7 +85,7 @@ class RunConfig(BaseModel):
     log_every: int = Field(1, ge=1)
     # experiment trackers (train.trackers.TRACKERS): "tensorboard,mlflow" or a recipe's list
     report_to: list[str] = Field(default_factory=list)
-    report_dir: str | None = None  # where a tracker writing local files puts them (default: under --out)
+    report_dir: str | None = None  # TensorBoard's log directory (default: OUT/tensorboard)
     run_name: str | None = None  # the tracker run's name (default: --out's name)
     experiment: str | None = None  # MLflow's experiment, W&B's and Trackio's project (default: microft)
     # fine-tuning

@@ -73,7 +73,7 @@ SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help="
 LogEvery = Annotated[int | None, typer.Option("--log-every", help="Write every N-th step to metrics.jsonl (and always the last).")]
 Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help="Shuffle the training data each epoch (default), or take it in file order: consecutive records form each step, no length grouping.")]
 ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers that also get the run, comma-separated: tensorboard, mlflow, wandb, trackio (each an extra: pip install 'microft[mlflow]') (default: none).")]
-ReportDir = Annotated[str | None, typer.Option("--report-dir", help="Where TensorBoard's event files (and W&B's / MLflow's local files) go (default: OUT/tensorboard, OUT/wandb, OUT/mlruns).")]
+ReportDir = Annotated[str | None, typer.Option("--report-dir", help="Where --report-to tensorboard writes its event files (default: OUT/tensorboard).")]
 RunName = Annotated[str | None, typer.Option("--run-name", help="The tracker run's name (default: --out's directory name).")]
 Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment, W&B and Trackio project (default: WANDB_PROJECT for W&B, else microft).")]
 DataSplit = Annotated[str | None, typer.Option("--data-split", help="With a dataset directory or hub repo id: read the files of this split (train, validation, …; named for it) (default: train, where the files name splits).")]

@@ -217,3 +217,27 @@ def test_flatten_names_nested_params():
     nested = {"config": {"lr": 0.1, "columns": None, "report_to": ["a"]}, "plan": {"accum": 2}}
     flat = trackers.flatten(nested)
     assert flat == {"config.lr": 0.1, "config.columns": "null", "config.report_to": '["a"]', "plan.accum": 2}
+
+
+def test_pretrain_reports_through_the_cli(tmp_path):
+    pytest.importorskip("tensorboard")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 50}" for i in range(3000)))
+    out, board = tmp_path / "o", tmp_path / "board"
+    res = runner.invoke(app, ["pretrain", "--data", str(text), "--model", "gpt2-tiny", "--out", str(out),
+                              "--max-steps", "3", "--max-seq-len", "32", "--micro-bs", "2", "--accum", "1",
+                              "--report-to", "tensorboard", "--report-dir", str(board), "--log-format", "plain"])
+    assert res.exit_code == 0, res.output
+    assert [s for s, _ in _tb_scalars(board, "train/loss")] == [1, 2, 3]
+    assert not (out / "tensorboard").exists()
+
+
+def test_only_the_main_process_reports(tmp_path):
+    from types import SimpleNamespace
+
+    from microft.train.loop import open_stream
+
+    cfg = run_config(tmp_path, report_to=["tensorboard"])
+    worker = SimpleNamespace(dist=SimpleNamespace(is_main=False), cfg=cfg, out=tmp_path)
+    assert open_stream(worker, lambda e: None, None).sinks == []  # no sink, no tracker on rank > 0
+    assert not (tmp_path / "trackers.json").exists()

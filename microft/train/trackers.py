@@ -74,10 +74,10 @@ def experiment(ctx: SinkContext) -> str:
     return ctx.config.get("config", {}).get("experiment") or "microft"
 
 
-def report_dir(ctx: SinkContext, default: str) -> Path:
-    """`--report-dir`, else OUT/`default`: where a tracker that writes local files puts them."""
+def report_dir(ctx: SinkContext) -> Path:
+    """`--report-dir`, else OUT/tensorboard: TensorBoard's log directory."""
     given = ctx.config.get("config", {}).get("report_dir")
-    return Path(given) if given else ctx.out / default
+    return Path(given) if given else ctx.out / "tensorboard"
 
 
 class TensorBoard:
@@ -86,7 +86,7 @@ class TensorBoard:
     def __init__(self, ctx: SinkContext, saved: dict[str, Any] | None, params: dict[str, Any] | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = Path(saved["log_dir"]) if saved else report_dir(ctx, "tensorboard")
+        self.dir = Path(saved["log_dir"]) if saved else report_dir(ctx)
         self.writer = SummaryWriter(str(self.dir))
         self.ref = {"log_dir": str(self.dir)}
         if params:  # TensorBoard's text tab renders markdown
@@ -121,7 +121,7 @@ class MLflow:
     def __init__(self, ctx: SinkContext, saved: dict[str, Any] | None, params: dict[str, Any] | None):
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (saved or {}).get("uri")
         if not uri:
-            uri = (report_dir(ctx, "mlruns")).resolve().as_uri()
+            uri = (ctx.out / "mlruns").resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         # a server that is down costs seconds, not MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -165,13 +165,13 @@ class MLflow:
 
 class WandB:
     """A W&B run: project WANDB_PROJECT (else --experiment, else "microft"), named --run-name; files under
-    OUT/wandb (or --report-dir); WANDB_MODE=offline keeps it there until `wandb sync`."""
+    WANDB_DIR, else OUT/wandb; WANDB_MODE=offline keeps it there until `wandb sync`."""
 
     def __init__(self, ctx: SinkContext, saved: dict[str, Any] | None, params: dict[str, Any] | None):
         import wandb
 
         project = os.environ.get("WANDB_PROJECT") or experiment(ctx)
-        where = report_dir(ctx, "wandb")
+        where = Path(os.environ.get("WANDB_DIR") or ctx.out / "wandb")
         where.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=project, name=run_name(ctx), dir=str(where),
                               id=(saved or {}).get("id"), resume="allow" if saved else None, config=params)
