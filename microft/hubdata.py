@@ -86,8 +86,10 @@ def names_split(rel: str, split: str) -> bool:
     return re.search(rf"(^|[/_.-]){re.escape(split.lower())}([/_.-]|$)", stem) is not None
 
 
-def pick_files(root: Path, name: str, split: str | None, patterns: list[str] | None) -> list[Path]:
-    """The record files of dataset `name` (at `root`) that `--data-files` patterns or `--data-split` pick."""
+def pick_files(root: Path, name: str, split: str | None, patterns: list[str] | None,
+               default_split: str = DEFAULT_SPLIT) -> list[Path]:
+    """The record files of dataset `name` (at `root`) that `--data-files` patterns or `--data-split` pick
+    (`default_split` when neither is given: `validation` for --val-data)."""
     files = record_files(root)
     if not files:
         raise DataError(f"{name}: no {', '.join(SUFFIXES)} files in it")
@@ -98,7 +100,7 @@ def pick_files(root: Path, name: str, split: str | None, patterns: list[str] | N
         if not chosen:
             raise DataError(f"{name}: no file matches --data-files {','.join(patterns)} (its files: {shown})")
         return chosen
-    want = split or DEFAULT_SPLIT
+    want = split or default_split
     chosen = [f for f, r in rels.items() if names_split(r, want)]
     if chosen:
         return chosen

@@ -81,6 +81,17 @@ def test_a_parquet_dataset_in_the_hf_cache_trains(tmp_path, cache):
     assert [r.instruction for r in test.records] == [r["question"] for r in rows(7, "test")]
 
 
+def test_val_data_from_the_hub_reads_its_validation_split(tmp_path, cache):
+    from microft.config import RunConfig
+    from microft.instruct import read_instruct_records
+
+    train = b"".join(json.dumps(r).encode() + b"\n" for r in rows(9, "t"))
+    cache_dataset(cache, "org/v", {"train.jsonl": train, "validation.jsonl": json.dumps(rows(1, "v")[0]).encode()})
+    cfg = RunConfig(data="org/v", val_data="org/v", columns={"instruction": "question", "output": "answer"})
+    parts = read_instruct_records(cfg).parts
+    assert (len(parts.train), [r.instruction for r in parts.val]) == (9, ["v 0: say 0 twice"])
+
+
 def test_files_are_picked_by_split_or_pattern(tmp_path):
     names = ["README.md", "train.jsonl", "validation.jsonl", "data/train-00000-of-00002.parquet",
              "data/train-00001-of-00002.parquet", "data/test-00000-of-00001.csv", "extra/trainer_notes.json"]
