@@ -86,7 +86,8 @@ def test_val_data_from_the_hub_reads_its_validation_split(tmp_path, cache):
     from microft.instruct import read_instruct_records
 
     train = b"".join(json.dumps(r).encode() + b"\n" for r in rows(9, "t"))
-    cache_dataset(cache, "org/v", {"train.jsonl": train, "validation.jsonl": json.dumps(rows(1, "v")[0]).encode()})
+    val = json.dumps(rows(1, "v")[0]).encode()
+    cache_dataset(cache, "org/v", {"train.jsonl": train, "validation.jsonl": val})
     cfg = RunConfig(data="org/v", val_data="org/v", columns={"instruction": "question", "output": "answer"})
     parts = read_instruct_records(cfg).parts
     assert (len(parts.train), [r.instruction for r in parts.val]) == (9, ["v 0: say 0 twice"])
