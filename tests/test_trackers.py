@@ -226,7 +226,8 @@ def test_pretrain_reports_through_the_cli(tmp_path):
     out, board = tmp_path / "o", tmp_path / "board"
     res = runner.invoke(app, ["pretrain", "--data", str(text), "--model", "gpt2-tiny", "--out", str(out),
                               "--max-steps", "3", "--max-seq-len", "32", "--micro-bs", "2", "--accum", "1",
-                              "--report-to", "tensorboard", "--report-dir", str(board), "--log-format", "plain"])
+                              "--report-to", "tensorboard", "--report-dir", str(board),
+                              "--log-format", "plain"])
     assert res.exit_code == 0, res.output
     assert [s for s, _ in _tb_scalars(board, "train/loss")] == [1, 2, 3]
     assert not (out / "tensorboard").exists()
