@@ -8,8 +8,9 @@ events into those calls and keeps the rules every tracker shares:
 - hyper-parameters: the resolved config, batch plan and precision, flattened (`config.lr`, `plan.accum`), sent
   once when the tracker's run is new;
 - per logged step (the `--log-every` cadence of metrics.jsonl) loss, lr, grad norm, tokens/s, step time and
-  memory as `train/...`; per evaluation `eval/val_loss`; at the end the summary's numbers as `summary/...` and
-  learning_curve.png where the tracker keeps images;
+  memory as `train/...`; per evaluation its numbers (`eval/val_loss`); at the end the summary's numbers as
+  `summary/...` and learning_curve.png where the tracker keeps images;
+- what a tracker prints goes to stderr (stdout is the console's: `--log-format json`);
 - OUT/trackers.json records each tracker's run and the last step it was sent, so a resumed run continues the
   same tracker run and sends each step once (steps between the checkpoint and the crash are not sent again:
   the resumed run recomputes the same values);
@@ -21,10 +22,12 @@ Trackers run where the sinks run: on the main process only (rank 0 under torchru
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,7 +220,11 @@ class Trackio:
         self.run.log({tag: self.trackio.Image(str(png))}, step=step)
 
     def close(self, finished: bool) -> None:
-        self.run.finish()
+        current = getattr(getattr(self.trackio, "context_vars", None), "current_run", None)
+        if current is not None and current.get() is self.run:
+            self.trackio.finish()  # also forgets the run, so trackio's exit hook doesn't finish it again
+        else:
+            self.run.finish()
 
 
 TRACKERS: dict[str, Tracker] = {
@@ -226,6 +233,12 @@ TRACKERS: dict[str, Tracker] = {
     "wandb": Tracker("wandb", "wandb", WandB),
     "trackio": Tracker("trackio", "trackio", Trackio),
 }
+
+
+def quiet_stdout() -> contextlib.AbstractContextManager:
+    """What a tracker prints goes to stderr: stdout is the console's (`--log-format json` is one event a
+    line there)."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def check_trackers(names: list[str]) -> None:
@@ -268,8 +281,9 @@ class TrackerSink:
         saved = ledger.entries.get(name)
         self.entry = {"ref": None, "step": 0, "eval": -1, **(saved or {})}
         try:
-            self.backend = TRACKERS[name].open(ctx, saved["ref"] if saved else None,
-                                               None if saved else flatten(ctx.config))
+            with quiet_stdout():
+                self.backend = TRACKERS[name].open(ctx, saved["ref"] if saved else None,
+                                                   None if saved else flatten(ctx.config))
             self.entry["ref"] = self.backend.ref
             ledger.entries[name] = self.entry
             ledger.save()
@@ -290,7 +304,8 @@ class TrackerSink:
         if self.backend is None:
             return
         try:
-            self.send(e)
+            with quiet_stdout():
+                self.send(e)
         except Exception as err:
             self.fail(err)
 
@@ -306,7 +321,7 @@ class TrackerSink:
         elif kind == "eval":
             if e["step"] <= self.entry["eval"]:
                 return
-            b.metrics({"eval/val_loss": float(e["val_loss"])}, e["step"])
+            b.metrics({f"eval/{k}": v for k, v in numbers(e).items()}, e["step"])  # val_loss, and any other
             self.entry["eval"] = e["step"]
         elif kind == "summary":
             b.summary({f"summary/{k}": v for k, v in numbers(e, {"kind"}).items()}, e["steps"])
@@ -321,7 +336,8 @@ class TrackerSink:
         backend, self.backend = self.backend, None
         if backend is not None:
             try:
-                backend.close(self.finished)
+                with quiet_stdout():
+                    backend.close(self.finished)
             except Exception as e:
                 self.ctx.note(f"--report-to {self.name}: closing its run failed ({one_line(e, 160)})")
 
