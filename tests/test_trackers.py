@@ -242,3 +242,14 @@ def test_only_the_main_process_reports(tmp_path):
     worker = SimpleNamespace(dist=SimpleNamespace(is_main=False), cfg=cfg, out=tmp_path)
     assert open_stream(worker, lambda e: None, None).sinks == []  # no sink, no tracker on rank > 0
     assert not (tmp_path / "trackers.json").exists()
+
+
+def test_an_mlflow_server_that_is_down_costs_one_note(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    events: list[dict] = []
+    summary = _train(tmp_path, ["mlflow"], events=events)
+    notes = [e["text"] for e in events if e["kind"] == "note" and "--report-to" in e["text"]]
+    assert len(notes) == 1 and notes[0].startswith("--report-to mlflow failed ("), notes
+    assert summary["steps"] == 4 and sorted(_jsonl_losses(tmp_path)) == [1, 2, 3, 4]
