@@ -26,6 +26,11 @@ def _train(tmp_path: Path, report_to: list[str], steps: int = 4, events: list | 
                  cfg, BatchPlan(micro_bs=1, accum=2), (events if events is not None else []).append)
 
 
+def _failures(events: list[dict]) -> list[str]:
+    return [e["text"] for e in events if e["kind"] == "note" and e["text"].startswith("--report-to")
+            and " failed (" in e["text"]]
+
+
 def _jsonl_losses(out: Path) -> dict[int, float]:
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
@@ -43,7 +48,7 @@ def test_tensorboard_reads_the_losses_of_metrics_jsonl(tmp_path):
     pytest.importorskip("tensorboard")
     events: list[dict] = []
     _train(tmp_path, ["tensorboard"], events=events)
-    assert not [e for e in events if e["kind"] == "note" and "report-to" in e["text"]]
+    assert not _failures(events)
     losses = _tb_scalars(tmp_path / "tensorboard", "train/loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     assert dict(losses) == pytest.approx(_jsonl_losses(tmp_path), rel=1e-6)  # float32 in event files
@@ -86,7 +91,7 @@ def test_wandb_offline_writes_a_run_directory(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("WANDB_PROJECT", "microft-test")
     events: list[dict] = []
     _train(tmp_path, ["wandb"], events=events)
-    assert not [e for e in events if e["kind"] == "note" and "report-to" in e["text"]], events
+    assert not _failures(events), events
     ref = json.loads((tmp_path / "trackers.json").read_text())["wandb"]["ref"]
     runs = list((tmp_path / "wandb" / "wandb").glob(f"offline-run-*-{ref['id']}"))
     assert ref["project"] == "microft-test" and len(runs) == 1
@@ -97,11 +102,11 @@ def test_wandb_offline_writes_a_run_directory(tmp_path, monkeypatch, capfd):
 TRACKIO_RUN = """
 import json, sys
 from pathlib import Path
-from tests.test_trackers import _train
+from tests.test_trackers import _failures, _train
 out = Path(sys.argv[1])
 events = []
 _train(out, ["trackio"], experiment="proj", events=events)
-assert not [e for e in events if e["kind"] == "note" and "report-to" in e["text"]], events
+assert not _failures(events), events
 from trackio.sqlite_storage import SQLiteStorage
 print("LOGS", json.dumps({log["step"]: log["train/loss"] for log in SQLiteStorage.get_logs("proj", "t")
                   if "train/loss" in log}))
@@ -135,7 +140,12 @@ def test_a_resumed_run_continues_the_tracker_run_with_each_step_once(tmp_path, m
 
     for d in ("final", "checkpoints/step-0000004"):
         shutil.rmtree(tmp_path / d, ignore_errors=True)
-    _train(tmp_path, ["tensorboard", "mlflow"], steps=6, save_every=2, resume="auto")
+    events: list[dict] = []
+    _train(tmp_path, ["tensorboard", "mlflow"], steps=6, save_every=2, resume="auto", events=events)
+    said = [e["text"] for e in events if e["kind"] == "note" and e["text"].startswith("--report-to")]
+    assert said == [f"--report-to tensorboard: continuing run (log_dir {tmp_path / 'tensorboard'})",
+                    f"--report-to mlflow: continuing run (uri {first['mlflow']['ref']['uri']}, "
+                    f"run_id {first['mlflow']['ref']['run_id']})"]
     again = json.loads((tmp_path / "trackers.json").read_text())
     assert again["mlflow"]["ref"] == first["mlflow"]["ref"] and again["mlflow"]["step"] == 6
     tb = _tb_scalars(tmp_path / "tensorboard", "train/loss")
@@ -178,7 +188,7 @@ def test_a_failing_tracker_leaves_the_run_finishing_with_one_warning(tmp_path, m
     monkeypatch.setitem(trackers.TRACKERS, "down", trackers.Tracker("os", "none", cannot_start))
     events: list[dict] = []
     summary = _train(tmp_path, ["broken", "down"], events=events)
-    notes = sorted(e["text"] for e in events if e["kind"] == "note" and "--report-to" in e["text"])
+    notes = sorted(_failures(events))
     assert len(notes) == 2, notes  # one each: the broken one is not called again after its failure
     assert "--report-to broken failed" in notes[0] and "No space left" in notes[0]
     assert "--report-to down failed" in notes[1] and "training goes on" in notes[1]
@@ -250,6 +260,6 @@ def test_an_mlflow_server_that_is_down_costs_one_note(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     events: list[dict] = []
     summary = _train(tmp_path, ["mlflow"], events=events)
-    notes = [e["text"] for e in events if e["kind"] == "note" and "--report-to" in e["text"]]
+    notes = _failures(events)
     assert len(notes) == 1 and notes[0].startswith("--report-to mlflow failed ("), notes
     assert summary["steps"] == 4 and sorted(_jsonl_losses(tmp_path)) == [1, 2, 3, 4]

@@ -89,7 +89,7 @@ class TensorBoard:
     def __init__(self, ctx: SinkContext, saved: dict[str, Any] | None, params: dict[str, Any] | None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = Path(saved["log_dir"]) if saved else report_dir(ctx)
+        self.dir = Path(saved["log_dir"]) if saved else report_dir(ctx).resolve()
         self.writer = SummaryWriter(str(self.dir))
         self.ref = {"log_dir": str(self.dir)}
         if params:  # TensorBoard's text tab renders markdown
@@ -287,6 +287,8 @@ class TrackerSink:
             self.entry["ref"] = self.backend.ref
             ledger.entries[name] = self.entry
             ledger.save()
+            where = ", ".join(f"{k} {v}" for k, v in self.backend.ref.items())
+            ctx.note(f"--report-to {name}: {'continuing' if saved else 'new'} run ({where})")
         except Exception as e:  # a tracker never stops the run
             self.fail(e)
 
