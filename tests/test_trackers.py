@@ -97,6 +97,9 @@ def test_wandb_offline_writes_a_run_directory(tmp_path, monkeypatch, capfd):
     assert ref["project"] == "microft-test" and len(runs) == 1
     assert list(runs[0].glob("*.wandb"))  # the run's record, for `wandb sync`
     assert capfd.readouterr().out == ""  # W&B's lines go to stderr: stdout is the console's
+    _train(tmp_path, ["wandb"], steps=6, events=events, resume="auto")  # resumed: the same W&B run id
+    assert not _failures(events)
+    assert json.loads((tmp_path / "trackers.json").read_text())["wandb"] == {"ref": ref, "step": 6, "eval": 6}
 
 
 TRACKIO_RUN = """
@@ -105,15 +108,19 @@ from pathlib import Path
 from tests.test_trackers import _failures, _train
 out = Path(sys.argv[1])
 events = []
-_train(out, ["trackio"], experiment="proj", events=events)
+_train(out, ["trackio"], experiment="proj", events=events, save_every=2)
+import shutil
+for d in ("final", "checkpoints/step-0000004"):  # stopped after reporting step 4, its checkpoint lost
+    shutil.rmtree(out / d)
+_train(out, ["trackio"], experiment="proj", events=events, save_every=2, steps=6, resume="auto")
 assert not _failures(events), events
 from trackio.sqlite_storage import SQLiteStorage
-print("LOGS", json.dumps({log["step"]: log["train/loss"] for log in SQLiteStorage.get_logs("proj", "t")
-                  if "train/loss" in log}))
+print("LOGS", json.dumps([(log["step"], log["train/loss"]) for log in SQLiteStorage.get_logs("proj", "t")
+                          if "train/loss" in log]))
 """
 
 
-def test_trackio_logs_locally(tmp_path):
+def test_trackio_logs_locally_and_a_resumed_run_continues_it(tmp_path):
     pytest.importorskip("trackio")
     import subprocess
     import sys
@@ -124,8 +131,9 @@ def test_trackio_logs_locally(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     (line,) = res.stdout.splitlines()  # what trackio prints went to stderr: stdout is the console's
-    logged = {int(k): v for k, v in json.loads(line.removeprefix("LOGS ")).items()}
-    assert logged == pytest.approx(_jsonl_losses(tmp_path / "o"))
+    logged = json.loads(line.removeprefix("LOGS "))
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]  # each step once, in one run
+    assert dict(logged) == pytest.approx(_jsonl_losses(tmp_path / "o"))
     assert (tmp_path / "trackio" / "proj.db").is_file()
 
 
