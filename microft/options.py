@@ -72,7 +72,7 @@ EvalBatches = Annotated[int | None, typer.Option("--eval-batches", help="Micro-b
 SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help="Validation prompts answered and shown at each evaluation (0: none).")]
 LogEvery = Annotated[int | None, typer.Option("--log-every", help="Write every N-th step to metrics.jsonl (and always the last).")]
 Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help="Shuffle the training data each epoch (default), or take it in file order: consecutive records form each step, no length grouping.")]
-ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers that also get the run, comma-separated: tensorboard, mlflow, wandb, trackio (each an extra: pip install 'microft[mlflow]') (default: none).")]
+ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers that also get the run, comma-separated: tensorboard, mlflow, wandb, trackio (each an extra: pip install 'microft\\[mlflow]') (default: none).")]
 ReportDir = Annotated[str | None, typer.Option("--report-dir", help="Where --report-to tensorboard writes its event files (default: OUT/tensorboard).")]
 RunName = Annotated[str | None, typer.Option("--run-name", help="The tracker run's name (default: --out's directory name).")]
 Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment, W&B and Trackio project (default: WANDB_PROJECT for W&B, else microft).")]

@@ -271,3 +271,17 @@ def test_an_mlflow_server_that_is_down_costs_one_note(tmp_path, monkeypatch):
     notes = _failures(events)
     assert len(notes) == 1 and notes[0].startswith("--report-to mlflow failed ("), notes
     assert summary["steps"] == 4 and sorted(_jsonl_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_a_tracker_new_to_a_resumed_run_gets_the_steps_before_it(tmp_path):
+    pytest.importorskip("tensorboard")
+    _train(tmp_path, [], steps=4, save_every=2, log_every=2)
+    import shutil
+
+    for d in ("final", "checkpoints/step-0000004"):
+        shutil.rmtree(tmp_path / d)
+    events: list[dict] = []
+    _train(tmp_path, ["tensorboard"], steps=6, save_every=2, log_every=2, resume="auto", events=events)
+    assert not _failures(events)
+    assert [s for s, _ in _tb_scalars(tmp_path / "tensorboard", "train/loss")] == [2, 4, 6]  # 2 from metrics.jsonl
+    assert [s for s, _ in _tb_scalars(tmp_path / "tensorboard", "eval/val_loss")] == [0, 2, 4, 6]

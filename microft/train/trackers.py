@@ -13,7 +13,8 @@ events into those calls and keeps the rules every tracker shares:
 - what a tracker prints goes to stderr (stdout is the console's: `--log-format json`);
 - OUT/trackers.json records each tracker's run and the last step it was sent, so a resumed run continues the
   same tracker run and sends each step once (steps between the checkpoint and the crash are not sent again:
-  the resumed run recomputes the same values);
+  the resumed run recomputes the same values); a tracker new to a resumed run is first sent metrics.jsonl's
+  steps;
 - a tracker that fails (server down, disk full, package broken) costs one note line and is switched off;
   training goes on, and metrics.jsonl stays the record.
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from microft.errors import ConfigError, one_line
-from microft.train.sinks import Event, SinkContext
+from microft.train.sinks import Event, SinkContext, read_metrics
 
 LEDGER = "trackers.json"
 # the step record's fields that are not metrics
@@ -122,9 +123,10 @@ class MLflow:
     MLflow 3 opens a file store only with MLFLOW_ALLOW_FILE_STORE=true, set for this process when unset)."""
 
     def __init__(self, ctx: SinkContext, saved: dict[str, Any] | None, params: dict[str, Any] | None):
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (saved or {}).get("uri")
-        if not uri:
-            uri = (ctx.out / "mlruns").resolve().as_uri()
+        # a resumed run stays in the store its run is in, whatever MLFLOW_TRACKING_URI says now
+        uri = ((saved or {}).get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+               or (ctx.out / "mlruns").resolve().as_uri())
+        if uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         # a server that is down costs seconds, not MLflow's default minutes of retries
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -285,12 +287,25 @@ class TrackerSink:
                 self.backend = TRACKERS[name].open(ctx, saved["ref"] if saved else None,
                                                    None if saved else flatten(ctx.config))
             self.entry["ref"] = self.backend.ref
+            if saved is None and ctx.resume_step:  # a tracker new to a resumed run: the steps before it too
+                with quiet_stdout():
+                    self.backfill()
             ledger.entries[name] = self.entry
             ledger.save()
             where = ", ".join(f"{k} {v}" for k, v in self.backend.ref.items())
             ctx.note(f"--report-to {name}: {'continuing' if saved else 'new'} run ({where})")
         except Exception as e:  # a tracker never stops the run
             self.fail(e)
+
+    def backfill(self) -> None:
+        """Send what metrics.jsonl holds (up to the checkpoint's step: MetricsFile has cut it there)."""
+        path = self.ctx.out / "metrics.jsonl"
+        for r in read_metrics(path)[0] if path.is_file() else []:
+            kind = "eval" if "val_loss" in r else "step" if "loss" in r else None
+            if kind is not None:
+                self.backend.metrics({f"{'train' if kind == 'step' else kind}/{k}": v
+                                      for k, v in numbers(r).items()}, r["step"])
+                self.entry[kind] = r["step"]
 
     def fail(self, e: BaseException) -> None:
         self.ctx.note(f"--report-to {self.name} failed ({one_line(e, 160)}); reporting to {self.name} is off "
