@@ -159,3 +159,12 @@ def test_a_dataset_missing_from_the_cache_is_downloaded(tmp_path, monkeypatch):
     assert len(got.records) == 5
     snap = tmp_path / "hub" / "datasets--org--dl" / "snapshots" / server.repos["datasets/org/dl"].commit
     assert sorted(p.name for p in snap.iterdir()) == ["train.jsonl"]  # record files only
+
+
+def test_estimate_mem_measures_a_hub_dataset(cache):
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in rows(20, "train"))
+    cache_dataset(cache, "org/est", {"data/train-00000-of-00001.jsonl": lines, "data/test.jsonl": lines[:80]})
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--data", "org/est", "--micro-bs", "2",
+                              "--columns", "instruction=question,output=answer"])
+    assert res.exit_code == 0, res.output
+    assert "from --data: 18 training samples" in res.output  # the train split's 20, less the 10 % held out
