@@ -56,8 +56,12 @@ def fetch_dataset(repo_id: str, patterns: list[str] | None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
+        from microft.download import resolve_endpoint
+
+        # HF_ENDPOINT read now: huggingface_hub reads it once, at import
         allow = patterns or [f"*{s}" for s in SUFFIXES]
-        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=allow, cache_dir=cache))
+        return Path(snapshot_download(repo_id, repo_type="dataset", allow_patterns=allow, cache_dir=cache,
+                                      endpoint=resolve_endpoint()))
     except Exception as e:  # offline, no such repo, gated: huggingface_hub's many error types
         raise DataError(f"{missing}, and downloading it failed ({one_line(e, 160)})") from None
 
