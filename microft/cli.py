@@ -154,6 +154,14 @@ def dry_run_output(cfg: RunConfig, names: tuple[str, ...], world: int = 1) -> No
     print(f"Effective batch: {plan.describe()}")
 
 
+def check_trackers(cfg: RunConfig) -> None:
+    """Each `--report-to` tracker known and its package installed, before torchrun or the model starts."""
+    if cfg.report_to:
+        from microft.train.trackers import check_trackers as check
+
+        check(cfg.report_to)
+
+
 def relaunch_under_torchrun(cfg: RunConfig) -> None:
     """`--devices N` outside torchrun: run this command again under torchrun and exit with its code."""
     import os
@@ -181,6 +189,7 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
         if dry_run:
             dry_run_output(cfg, options.PRETRAIN)
             return
+        check_trackers(cfg)
         relaunch_under_torchrun(cfg)
         if not cfg.data:
             from microft.errors import ConfigError
@@ -217,6 +226,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
         if dry_run:
             dry_run_output(cfg, options.FINETUNE)
             return
+        check_trackers(cfg)
         relaunch_under_torchrun(cfg)
         from microft.runs import run_finetune
 

@@ -83,6 +83,11 @@ class RunConfig(BaseModel):
     resume: str | None = None
     log_format: LogFormat = "auto"
     log_every: int = Field(1, ge=1)
+    # experiment trackers (train.trackers.TRACKERS): "tensorboard,mlflow" or a recipe's list
+    report_to: list[str] = Field(default_factory=list)
+    report_dir: str | None = None  # TensorBoard's log directory (default: OUT/tensorboard)
+    run_name: str | None = None  # the tracker run's name (default: --out's name)
+    experiment: str | None = None  # MLflow's experiment, W&B's and Trackio's project (default: microft)
     # fine-tuning
     template: str = "auto"  # the model's chat template when it has one, else alpaca
     mask_prompt: bool = True
@@ -90,6 +95,8 @@ class RunConfig(BaseModel):
     skip_bad: bool = False
     # the data's own key or column for each of microft's fields: "instruction=question,output=answer"
     columns: dict[str, str] | None = None
+    data_split: str | None = None  # a dataset directory's (or hub repo's) split: its files named for it
+    data_files: list[str] | None = None  # glob patterns of the files to read, relative to the dataset's root
     group_by_length: bool = True
     shuffle: bool = True  # False: steps take the training records in file order
     packing: bool = False  # whole samples packed into rows of max_seq_len; attention stays within each
@@ -110,6 +117,19 @@ class RunConfig(BaseModel):
     @classmethod
     def _columns(cls, v: Any) -> Any:
         return parse_columns(v) if isinstance(v, str) else v
+
+    @field_validator("report_to", "data_files", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        if isinstance(v, str):  # the flag's "tensorboard,mlflow"
+            v = [p.strip() for p in v.split(",")]
+        return [p.strip() for p in v if isinstance(p, str) and p.strip()] if isinstance(v, list) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v: list[str]) -> list[str]:
+        v = list(dict.fromkeys(n.lower() for n in v))
+        return [] if v == ["none"] else v
 
     @field_validator("columns")
     @classmethod

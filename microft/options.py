@@ -72,6 +72,12 @@ EvalBatches = Annotated[int | None, typer.Option("--eval-batches", help="Micro-b
 SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help="Validation prompts answered and shown at each evaluation (0: none).")]
 LogEvery = Annotated[int | None, typer.Option("--log-every", help="Write every N-th step to metrics.jsonl (and always the last).")]
 Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help="Shuffle the training data each epoch (default), or take it in file order: consecutive records form each step, no length grouping.")]
+ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers that also get the run, comma-separated: tensorboard, mlflow, wandb, trackio (each an extra: pip install 'microft\\[mlflow]') (default: none).")]
+ReportDir = Annotated[str | None, typer.Option("--report-dir", help="Where --report-to tensorboard writes its event files (default: OUT/tensorboard).")]
+RunName = Annotated[str | None, typer.Option("--run-name", help="The tracker run's name (default: --out's directory name).")]
+Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment, W&B and Trackio project (default: WANDB_PROJECT for W&B, else microft).")]
+DataSplit = Annotated[str | None, typer.Option("--data-split", help="With a dataset directory or hub repo id: read the files of this split (train, validation, …; named for it) (default: train, where the files name splits).")]
+DataFiles = Annotated[str | None, typer.Option("--data-files", help="With a dataset directory or hub repo id: comma-separated glob patterns of the files to read, e.g. 'data/train-*.parquet' (default: the --data-split's files).")]
 SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
 
 # every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
@@ -88,18 +94,20 @@ RUN_OPTIONS: dict[str, Any] = {
     "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
     "quantize": Quantize, "double_quant": DoubleQuant, "beta1": Beta1, "beta2": Beta2, "eps": Eps,
     "momentum": Momentum, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval,
-    "log_every": LogEvery, "shuffle": Shuffle,
+    "log_every": LogEvery, "shuffle": Shuffle, "report_to": ReportTo, "report_dir": ReportDir,
+    "run_name": RunName, "experiment": Experiment, "data_split": DataSplit, "data_files": DataFiles,
 }
 PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
             "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
             "log_format", "optimizer", "schedule", "warmup", "min_lr_ratio", "max_grad_norm", "weight_decay",
             "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard",
-            "beta1", "beta2", "eps", "momentum", "eval_batches", "log_every", "shuffle")
+            "beta1", "beta2", "eps", "momentum", "eval_batches", "log_every", "shuffle", "report_to", "report_dir",
+            "run_name", "experiment")
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
-FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
+FINETUNE = (*PRETRAIN, "data_split", "data_files", "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
             "packing", "predict", "samples_per_eval", *LORA)
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
-ESTIMATE = ("model", "data", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
+ESTIMATE = ("model", "data", "data_split", "data_files", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
             "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm",
             "momentum", "dropout", *LORA, "devices", "shard", "compile", "packing")
 # pretrain's own words where finetune's help speaks of the demo

@@ -1,10 +1,11 @@
 """A local stand-in for the Hugging Face Hub's download endpoints, for the download tests.
 
 It answers what `huggingface_hub` asks: `GET /api/models/{repo}/revision/{rev}` (siblings with
-sizes, git blob ids and LFS sha256s), `HEAD`/`GET /{repo}/resolve/{rev}/{file}` (regular files
-directly with a git-sha1 ETag; LFS files as a 302 to `/cdn/{sha256}` carrying X-Linked-Etag and
-X-Linked-Size) and the CDN with Range support. Knobs let a test cut a transfer short, corrupt a
-file, gate a repo, or log every request.
+sizes, git blob ids and LFS sha256s) and `.../tree/{rev}` (the same as a file listing),
+`HEAD`/`GET /{repo}/resolve/{rev}/{file}` (regular files directly with a git-sha1 ETag; LFS files as a 302
+to `/cdn/{sha256}` carrying X-Linked-Etag and X-Linked-Size) and the CDN with Range support; a dataset repo
+is `repos["datasets/ORG/NAME"]`. Knobs let a test cut a transfer short, corrupt a file, gate a repo, or log
+every request.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             hub.requests.append((self.command, self.path, self.headers.get("Range")))
             if self.headers.get("Authorization"):
                 hub.authorized.append(path)
+        if path.startswith("/api/datasets/"):  # a dataset repo is served as the repo "datasets/ORG/NAME"
+            path = "/api/models/datasets/" + path.removeprefix("/api/datasets/")
+        if path.startswith("/api/models/") and "/tree/" in path:  # snapshot_download's file listing
+            repo_id, rev = path.removeprefix("/api/models/").split("/tree/", 1)
+            return self._tree(repo_id, urllib.parse.unquote(rev), body)
         if path.startswith("/api/models/") and "/revision/" in path:
             repo_id, rev = path.removeprefix("/api/models/").split("/revision/", 1)
             return self._api(repo_id, urllib.parse.unquote(rev), body)
@@ -129,6 +135,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         info = {"_id": "x", "id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
                 "gated": "manual" if repo.token else False, "siblings": siblings, "tags": [], "downloads": 0, "likes": 0}
         self._send_data(json.dumps(info).encode(), body, headers={"Content-Type": "application/json"})
+
+    def _tree(self, repo_id: str, rev: str, body: bool) -> None:
+        repo = self._repo(repo_id, rev)
+        if repo is None:
+            return
+        entries = []
+        for name, data in repo.files.items():
+            e = {"type": "file", "path": name, "size": len(data), "oid": git_blob_sha1(data)}
+            if repo.is_lfs(name):
+                e["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(e)
+        self._send_data(json.dumps(entries).encode(), body, headers={"Content-Type": "application/json"})
 
     def _resolve(self, repo_id: str, rev: str, name: str, body: bool) -> None:
         repo = self._repo(repo_id, rev)

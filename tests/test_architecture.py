@@ -12,7 +12,8 @@ MAX_LINES = 80  # a function a reader takes in at once
 
 # what models/ sits above: the model core may import only itself, config, weights and errors
 ABOVE_MODELS = ("cli", "options", "ui", "runs", "train", "memory", "generate", "data", "instruct", "chat", "export",
-                "templates", "formats", "demo", "tokenizer", "lora", "quant", "optim8bit", "download", "perf")
+                "templates", "formats", "demo", "tokenizer", "lora", "quant", "optim8bit", "download", "perf",
+                "hubdata")
 
 
 def _module(path: Path) -> str:

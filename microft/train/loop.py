@@ -69,6 +69,7 @@ from microft.train.step import (
     resolve_device,
     resolve_precision,
 )
+from microft.train.trackers import open_trackers
 from microft.train.verdict import verdict
 
 Event = dict[str, Any]
@@ -392,7 +393,8 @@ def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra:
 
 
 def open_stream(run: Run, on_event: Callable[[Event], None], resume_step: int | None) -> Fanout:
-    """The run's event stream: `SINKS` (on the main process) then `on_event` (the console)."""
+    """The run's event stream: `SINKS` and the `--report-to` trackers (on the main process), then `on_event`
+    (the console)."""
     if not run.dist.is_main:
         return Fanout([], on_event)
     ctx = SinkContext(out=run.out, log_every=run.cfg.log_every,
@@ -401,7 +403,8 @@ def open_stream(run: Run, on_event: Callable[[Event], None], resume_step: int | 
                       failed=lambda e, what: save_failed(e, what, run.out),
                       config={"config": run.cfg.model_dump(mode="json"), "plan": run.plan.model_dump(),
                               "precision": run.precision})
-    return Fanout([make(ctx) for make in SINKS.values()], on_event)
+    # the trackers after the files: metrics.jsonl is written first, and the summary carries the plot's path
+    return Fanout([make(ctx) for make in SINKS.values()] + open_trackers(ctx, run.cfg.report_to), on_event)
 
 
 def start_outputs(run: Run) -> None:
