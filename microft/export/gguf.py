@@ -7,7 +7,10 @@ stop id) and the chat template the model was tuned with. Beside it, an Ollama `M
 
 Each family's llama.cpp side is its `Gguf` in the family registry (`models/families.py`): llama.cpp's
 architecture name, the pre-tokenizer it falls back to, whether q/k rows are permuted for llama.cpp's
-pairwise RoPE, and the tensor-name map. Tensors are streamed: the file's header is written from shapes
+pairwise RoPE, the tensor-name map, the tensors llama.cpp keeps fused (Phi-3's), the family's own
+hyper-parameters (and the checks refusing what llama.cpp's graph would run differently) and a per-tensor
+transform (Gemma's norms). The switches several families share (partial rotary, LongRoPE, sliding-layer
+patterns, local RoPE base, soft-caps) are written here from `ModelConfig`. Tensors are streamed: the file's header is written from shapes
 alone, then each tensor is converted and written on its own, so the export holds the model plus one
 converted tensor, never a second copy of the model. The tokenizer is `gguf_vocab.py`, the chat templates
 and the Modelfile's `gguf_templates.py`.

@@ -4,7 +4,8 @@ An entry holds the HF `model_type` and architecture name, how its `config.json` 
 fields and back (refusing what the family's config cannot express), how microft's parameter names map to
 the family's HF tensor names (and which are stored transposed), its LoRA target names (and PEFT's names
 for them), its presets (the hub checkpoints' shapes, random init; one tiny CPU model for tests), and how
-llama.cpp runs it (`Gguf`: architecture, pre-tokenizer, tensor names, the q/k row order).
+llama.cpp runs it (`Gguf`: architecture, pre-tokenizer, tensor names, the q/k row order, fused tensors, its own
+hyper-parameters and checks, a tensor transform).
 Adding a family is one entry in `FAMILIES` (plus the switches the transformer needs, in `ModelConfig`);
 the tests that parametrise over `FAMILIES` pick it up.
 
