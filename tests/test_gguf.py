@@ -476,7 +476,7 @@ def test_the_files_chat_template_renders_the_text_microft_trains_on(family_dir, 
     assert prompt == ours.render(chat[:-1], add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3", "granite", "gemma3"])
 def test_rounded_files_give_the_logits_of_their_rounded_weights(family_dir, name, tmp_path):
     d = family_dir(name)
     model = load_any(str(d)).eval()
