@@ -84,6 +84,7 @@ FAMILY_TOKENIZERS = {
     "mistral": ("spm", ["<unk>", "<s>", "</s>"], "<s>", "</s>", [], MISTRAL, True),  # Mistral 7B's kind
     # the newer families: Phi-3.5's SentencePiece vocabulary, Gemma's (no space put before the text)
     "phi3": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
+    "phi3.5": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
     "smollm3": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "olmo2": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "granite": ("gpt-2", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], "<|end_of_text|>",
@@ -248,9 +249,9 @@ def hf_config(name: str, ids: dict):
 
 def newer_family_config(name: str, common: dict):
     """Tiny Phi-3, SmolLM3, OLMo 2, Granite, Gemma 2 and Gemma 3 configs with each switch llama.cpp reads set
-    away from its default: Phi-4-mini's partial rotary and tied head with LongRoPE (the short factors: the
-    prompt stays within the original context, as llama.cpp's context of 128, rounded up to 256, does),
-    SmolLM3's NoPE every 4th layer, Granite's multipliers and biases, Gemma 2's soft-caps and window, Gemma
+    away from its default: Phi-4-mini's partial rotary and tied head with LongRoPE, Phi-3.5's LongRoPE over
+    the whole head with its own LM head (the short factors: the prompt stays within the original context,
+    as llama.cpp's context of 128, rounded up to 256, does), SmolLM3's NoPE every 4th layer, Granite's multipliers and biases, Gemma 2's soft-caps and window, Gemma
     3's local RoPE base, linear scaling and 2:1 pattern; both with `query_pre_attn_scalar` != head_dim."""
     import transformers as tf
 
@@ -259,6 +260,12 @@ def newer_family_config(name: str, common: dict):
                              partial_rotary_factor=0.5, tie_word_embeddings=True, pad_token_id=None, rope_parameters={
                                  "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                  "short_factor": [1.0, 1.5, 2.0, 4.0], "long_factor": [2.0, 3.0, 5.0, 9.0]})
+    if name == "phi3.5":  # Phi-3.5-mini: LongRoPE over the whole head, its own LM head
+        return tf.Phi3Config(**{**common, "max_position_embeddings": 1024}, original_max_position_embeddings=256,
+                             tie_word_embeddings=False, pad_token_id=None, rope_parameters={
+                                 "rope_type": "longrope", "rope_theta": 10000.0,
+                                 "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                                 "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]})
     if name == "smollm3":
         return tf.SmolLM3Config(**{**common, "num_hidden_layers": 4}, no_rope_layer_interval=4, pad_token_id=None,
                                 tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e6})

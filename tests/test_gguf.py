@@ -308,7 +308,7 @@ def test_the_readme_states_the_tested_tolerances():
 
 def test_every_family_has_a_gguf_entry_and_a_tested_checkpoint():
     assert all(f.gguf is not None for f in FAMILIES.values())
-    tested = {"smollm2": "llama", "gemma3": "gemma3_text"}
+    tested = {"smollm2": "llama", "gemma3": "gemma3_text", "phi3.5": "phi3"}
     assert {tested.get(n, n) for n in NAMES} == set(FAMILIES)
 
 
