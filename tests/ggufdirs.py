@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from microft.export.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
+from microft.export.gguf_vocab import GPT4O_REGEX, LLAMA3_REGEX, QWEN2_REGEX
 
 CORPUS = [
     "Hello world, how are you? I am fine, thank you. The quick brown fox jumps over the lazy dog.",
@@ -85,6 +85,8 @@ FAMILY_TOKENIZERS = {
     # the newer families: Phi-3.5's SentencePiece vocabulary, Gemma's (no space put before the text)
     "phi3": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
     "phi3.5": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
+    "phi4": ("gpt-4o", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|endoftext|>",
+             "<|endoftext|>", ["<|end|>"], PHI3, False),  # Phi-4-mini's byte-level BPE
     "smollm3": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "olmo2": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "granite": ("gpt-2", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], "<|end_of_text|>",
@@ -154,7 +156,7 @@ def tokenizer_json(pre: str, specials: tuple[str, ...], bos: str | None) -> str:
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
     else:
-        regex = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[pre]
+        regex = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "gpt-4o": GPT4O_REGEX}[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(regex), "isolated"), byte_level]
         )
@@ -255,7 +257,7 @@ def newer_family_config(name: str, common: dict):
     3's local RoPE base, linear scaling and 2:1 pattern; both with `query_pre_attn_scalar` != head_dim."""
     import transformers as tf
 
-    if name == "phi3":
+    if name in ("phi3", "phi4"):
         return tf.Phi3Config(**{**common, "max_position_embeddings": 1024}, original_max_position_embeddings=256,
                              partial_rotary_factor=0.5, tie_word_embeddings=True, pad_token_id=None, rope_parameters={
                                  "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,

@@ -308,7 +308,7 @@ def test_the_readme_states_the_tested_tolerances():
 
 def test_every_family_has_a_gguf_entry_and_a_tested_checkpoint():
     assert all(f.gguf is not None for f in FAMILIES.values())
-    tested = {"smollm2": "llama", "gemma3": "gemma3_text", "phi3.5": "phi3"}
+    tested = {"smollm2": "llama", "gemma3": "gemma3_text", "phi3.5": "phi3", "phi4": "phi3"}
     assert {tested.get(n, n) for n in NAMES} == set(FAMILIES)
 
 
@@ -338,7 +338,7 @@ def test_a_model_llama_cpp_would_run_differently_is_refused_in_one_line(preset, 
 
 def test_the_newer_families_hyper_parameters_and_tensors(family_dir, tmp_path):
     """What llama.cpp reads beyond the shared keys: Phi-3's fused q/k/v and gate/up, LongRoPE factors and
-    partial rotary; Gemma 3's per-layer window pattern, local base, linear scaling and (1 + w) norms."""
+    partial rotary, Phi-4-mini's split regex named; Gemma 3's per-layer window pattern, local base, linear scaling and (1 + w) norms."""
     phi = export(str(family_dir("phi3")), tmp_path / "phi", "--quant", "f32")
     f, r = read_fields(phi), gguf.GGUFReader(str(phi))
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
@@ -348,6 +348,7 @@ def test_the_newer_families_hyper_parameters_and_tensors(family_dir, tmp_path):
     factors = {t.name: t.data.tolist() for t in r.tensors if t.name.startswith("rope_factors")}
     assert factors == {"rope_factors_long.weight": [2.0, 3.0, 5.0, 9.0],
                        "rope_factors_short.weight": [1.0, 1.5, 2.0, 4.0]}
+    assert read_fields(export(str(family_dir("phi4")), tmp_path / "phi4"))["tokenizer.ggml.pre"] == "gpt-4o"
     d = family_dir("gemma3")
     f = read_fields(export(str(d), tmp_path / "gemma", "--quant", "f32"))
     assert f["gemma3.attention.sliding_window_pattern"] == [True, True, False]
