@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from microft.export.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
+from microft.export.gguf_vocab import GPT4O_REGEX, LLAMA3_REGEX, QWEN2_REGEX
 
 CORPUS = [
     "Hello world, how are you? I am fine, thank you. The quick brown fox jumps over the lazy dog.",
@@ -38,6 +38,24 @@ MISTRAL = (
     "{%- if m.role == 'user' %}{{- '[INST] ' + m.content + ' [/INST]' }}"
     "{%- else %}{{- ' ' + m.content + eos_token }}{%- endif %}{%- endfor %}"
 )
+PHI3 = (
+    "{%- for m in messages %}{{- '<|' + m.role + '|>\\n' + m.content + '<|end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+GEMMA = (
+    "{{- bos_token }}{%- for m in messages %}"
+    "{{- '<start_of_turn>' + ('model' if m.role == 'assistant' else m.role) + '\\n' + m.content | trim"
+    " + '<end_of_turn>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}"
+)
+GRANITE = (
+    "{%- for m in messages %}{{- '<|start_of_role|>' + m.role + '<|end_of_role|>' + m.content"
+    " + '<|end_of_text|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
+PHI3_SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+PHI3_RSTRIP = ("</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+GEMMA_SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
 LLAMA_SPECIALS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -64,13 +82,24 @@ FAMILY_TOKENIZERS = {
     "qwen3": ("qwen2", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "smollm2": ("smollm", CHATML_SPECIALS, "<|im_start|>", "<|im_end|>", [], CHATML, False),
     "mistral": ("spm", ["<unk>", "<s>", "</s>"], "<s>", "</s>", [], MISTRAL, True),  # Mistral 7B's kind
+    # the newer families: Phi-3.5's SentencePiece vocabulary, Gemma's (no space put before the text)
+    "phi3": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
+    "phi3.5": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
+    "phi4": ("gpt-4o", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|endoftext|>",
+             "<|endoftext|>", ["<|end|>"], PHI3, False),  # Phi-4-mini's byte-level BPE
+    "smollm3": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
+    "olmo2": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
+    "granite": ("gpt-2", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], "<|end_of_text|>",
+                "<|end_of_text|>", [], GRANITE, False),
+    "gemma2": ("spm-bare", GEMMA_SPECIALS, "<bos>", "<eos>", ["<end_of_turn>"], GEMMA, True),
+    "gemma3": ("spm-bare", GEMMA_SPECIALS, "<bos>", "<eos>", ["<end_of_turn>"], GEMMA, True),
 }
 
 
-def spm_tokenizer(specials: tuple[str, ...]):
+def spm_tokenizer(specials: tuple[str, ...], prefix: bool = True):
     """A SentencePiece-style BPE as Mistral 7B's and Llama 2's tokenizer.json have it: "▁" for spaces put
-    before the text by a normalizer, no pre-tokenizer, the 256 `<0xNN>` byte-fallback pieces after the
-    specials, then the learned pieces."""
+    before the text by a normalizer (not with `prefix=False`, as Gemma's), no pre-tokenizer, the 256
+    `<0xNN>` byte-fallback pieces after the specials, then the learned pieces."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=specials[0]))
@@ -93,11 +122,14 @@ def spm_tokenizer(specials: tuple[str, ...]):
             fuse_unk=True,
         )
     )
-    out.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    out.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    out.add_special_tokens(list(specials))
+    space = [normalizers.Prepend("▁")] if prefix else []
+    out.normalizer = normalizers.Sequence([*space, normalizers.Replace(" ", "▁")])
+    strip = [decoders.Strip(" ", 1, 0)] if prefix else []
+    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    from tokenizers import AddedToken
+
+    # Phi-3's turn markers swallow the whitespace after them (rstrip), as in its tokenizer.json
+    out.add_special_tokens([AddedToken(t, special=True, rstrip=t in PHI3_RSTRIP) for t in specials])
     return out
 
 
@@ -107,11 +139,12 @@ def tokenizer_json(pre: str, specials: tuple[str, ...], bos: str | None) -> str:
     put first when `bos` is given."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    if pre == "spm":
-        tok = spm_tokenizer(specials)
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-        )
+    if pre in ("spm", "spm-bare"):
+        tok = spm_tokenizer(specials, prefix=pre == "spm")
+        if bos is not None:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+            )
         return tok.to_str()
 
     tok = Tokenizer(models.BPE())
@@ -123,7 +156,7 @@ def tokenizer_json(pre: str, specials: tuple[str, ...], bos: str | None) -> str:
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
     else:
-        regex = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}[pre]
+        regex = {"llama-bpe": LLAMA3_REGEX, "qwen2": QWEN2_REGEX, "gpt-4o": GPT4O_REGEX}[pre]
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(regex), "isolated"), byte_level]
         )
@@ -211,7 +244,49 @@ def hf_config(name: str, ids: dict):
         return tf.Qwen2Config(**common, tie_word_embeddings=False)  # Qwen2.5-7B; smaller ones tie
     if name == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)  # Qwen3 0.6B-4B tie
-    return tf.MistralConfig(**common, sliding_window=64, tie_word_embeddings=False)  # see test_gguf: window
+    if name == "mistral":
+        return tf.MistralConfig(**common, sliding_window=64, tie_word_embeddings=False)  # see test_gguf: window
+    return newer_family_config(name, common)
+
+
+def newer_family_config(name: str, common: dict):
+    """Tiny Phi-3, SmolLM3, OLMo 2, Granite, Gemma 2 and Gemma 3 configs with each switch llama.cpp reads set
+    away from its default: Phi-4-mini's partial rotary and tied head with LongRoPE, Phi-3.5's LongRoPE over
+    the whole head with its own LM head (the short factors: the prompt stays within the original context,
+    as llama.cpp's context of 128, rounded up to 256, does), SmolLM3's NoPE every 4th layer, Granite's multipliers and biases, Gemma 2's soft-caps and window, Gemma
+    3's local RoPE base, linear scaling and 2:1 pattern; both with `query_pre_attn_scalar` != head_dim."""
+    import transformers as tf
+
+    if name in ("phi3", "phi4"):
+        return tf.Phi3Config(**{**common, "max_position_embeddings": 1024}, original_max_position_embeddings=256,
+                             partial_rotary_factor=0.5, tie_word_embeddings=True, pad_token_id=None, rope_parameters={
+                                 "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "short_factor": [1.0, 1.5, 2.0, 4.0], "long_factor": [2.0, 3.0, 5.0, 9.0]})
+    if name == "phi3.5":  # Phi-3.5-mini: LongRoPE over the whole head, its own LM head
+        return tf.Phi3Config(**{**common, "max_position_embeddings": 1024}, original_max_position_embeddings=256,
+                             tie_word_embeddings=False, pad_token_id=None, rope_parameters={
+                                 "rope_type": "longrope", "rope_theta": 10000.0,
+                                 "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                                 "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]})
+    if name == "smollm3":
+        return tf.SmolLM3Config(**{**common, "num_hidden_layers": 4}, no_rope_layer_interval=4, pad_token_id=None,
+                                tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e6})
+    if name == "olmo2":
+        return tf.Olmo2Config(**common, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=None,
+                              rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    if name == "granite":
+        return tf.GraniteConfig(**common, embedding_multiplier=6.0, attention_multiplier=0.09, residual_multiplier=0.4,
+                                logits_scaling=3.0, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                pad_token_id=None)
+    gemma = dict(common, head_dim=32, query_pre_attn_scalar=24, sliding_window=8, pad_token_id=None,
+                 hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    if name == "gemma2":
+        return tf.Gemma2Config(**gemma, attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    return tf.Gemma3TextConfig(**{**gemma, "num_hidden_layers": 3}, layer_types=[
+        "sliding_attention", "sliding_attention", "full_attention"], rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}})
 
 
 def write_family_dir(d: Path, name: str, seed: int = 0) -> Path:
@@ -225,7 +300,7 @@ def write_family_dir(d: Path, name: str, seed: int = 0) -> Path:
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(("norm.weight", "ln_f.weight")) and "layers" not in n and ".h." not in n:
-                p.mul_(6.0)  # the final norm: wide logits
+                p.mul_(6.0).add_(5.0 if not p.any() else 0.0)  # the final norm: wide logits (Gemma's: 1 + w)
             elif "norm" in n or "ln_" in n:
                 p.add_(torch.randn_like(p) * 0.1)  # norm weights that are not all ones test their mapping
     model.save_pretrained(d)

@@ -2,8 +2,8 @@
 
 The llama.cpp checks skip when `llama_cpp` is not importable; the rest needs only the `gguf` package.
 Tolerances, on these models' logits (spread over about ±30; docs/benchmarks.md has the measured numbers):
-an f32 file with an f32 KV cache gives llama.cpp's logits within F32_ATOL of microft's (GPT-2's GELU goes
-through ggml's f16 lookup table; the other families agree to 1e-4); an f16 file (llama.cpp's default f16 KV
+an f32 file with an f32 KV cache gives llama.cpp's logits within F32_ATOL of microft's (GPT-2's GELU and
+Gemma's GeGLU go through ggml's f16 lookup table: 0.008-0.014 here; the other families agree to 1e-4); an f16 file (llama.cpp's default f16 KV
 cache) within F16_ATOL. bf16, q8_0 and q4_0 files are compared with microft running the same rounded weights
 (dequantized from the very blocks written), within ROUNDED_ATOL: what is left is llama.cpp rounding its
 activations for those matmuls; against the unrounded model q4_0 is off by ~15 here, so a misplaced block
@@ -29,6 +29,7 @@ import gguf  # noqa: E402
 
 from microft.chat import ChatTemplate, render_chat  # noqa: E402
 from microft.cli import app  # noqa: E402
+from microft.errors import ConfigError  # noqa: E402
 from microft.export.gguf import permute_rows  # noqa: E402
 from microft.export.gguf_templates import template_jinja  # noqa: E402
 from microft.export.gguf_vocab import tiktoken_vocab  # noqa: E402
@@ -39,7 +40,8 @@ from microft.templates import BUILTIN_TEMPLATES, load_template  # noqa: E402
 from tests.ggufdirs import FAMILY_TOKENIZERS, rounded_model, write_family_dir  # noqa: E402
 
 runner = CliRunner()
-NAMES = list(FAMILY_TOKENIZERS)  # gpt2, llama (Llama 3.1 rope scaling), qwen2, qwen3, smollm2, mistral
+NAMES = list(FAMILY_TOKENIZERS)  # gpt2, llama (Llama 3.1 rope scaling), qwen2, qwen3, smollm2, mistral, phi3,
+# smollm3, olmo2, granite, gemma2, gemma3 (ggufdirs.newer_family_config: each switch away from its default)
 F32_ATOL, F16_ATOL, ROUNDED_ATOL = 0.02, 0.1, {"bf16": 0.5, "q8_0": 1.5, "q4_0": 1.5}
 TEXTS = [
     "Hello world, how are you?",
@@ -304,8 +306,71 @@ def test_the_readme_states_the_tested_tolerances():
     assert f"bf16, q8_0 and q4_0 files within {r['bf16']}, {r['q8_0']} and {r['q4_0']} of microft" in text
 
 
-def test_the_first_families_have_a_gguf_entry():
-    assert all(FAMILIES[t].gguf is not None for t in ("gpt2", "llama", "mistral", "qwen2", "qwen3"))
+def test_every_family_has_a_gguf_entry_and_a_tested_checkpoint():
+    assert all(f.gguf is not None for f in FAMILIES.values())
+    tested = {"smollm2": "llama", "gemma3": "gemma3_text", "phi3.5": "phi3", "phi4": "phi3"}
+    assert {tested.get(n, n) for n in NAMES} == set(FAMILIES)
+
+
+@pytest.mark.parametrize(
+    "preset, update, message",
+    [
+        ("smollm3-tiny", {}, "llama.cpp's smollm3 leaves RoPE out of every 4th layer only; this model's no-RoPE "
+         "layers are [1]"),
+        ("olmo2-tiny", {"qkv_bias": True}, "llama.cpp's olmo2 adds no attention or MLP biases"),
+        ("gemma2-tiny", {"tie_embeddings": False}, "llama.cpp's gemma2 ties the LM head to the embeddings"),
+        ("gemma2-tiny", {"final_softcap": None}, "llama.cpp's gemma2 always soft-caps attention and logits"),
+        ("gemma3-tiny", {"final_softcap": 5.0}, "llama.cpp's gemma3 applies no soft-capping"),
+    ],
+)
+def test_a_model_llama_cpp_would_run_differently_is_refused_in_one_line(preset, update, message, tmp_path):
+    from microft.export.gguf import export_gguf
+    from microft.models.config import ModelConfig
+    from microft.models.transformer import Transformer
+    from microft.tokenizer import gpt2_tokenizer
+
+    cfg = ModelConfig.from_preset(preset).model_copy(update=update)
+    with pytest.raises(ConfigError, match="GGUF export is refused") as err:
+        export_gguf(Transformer(cfg), gpt2_tokenizer(), tmp_path / "o")
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_newer_families_hyper_parameters_and_tensors(family_dir, tmp_path):
+    """What llama.cpp reads beyond the shared keys: Phi-3's fused q/k/v and gate/up, LongRoPE factors and
+    partial rotary, Phi-4-mini's split regex named; Gemma 3's per-layer window pattern, local base, linear scaling and (1 + w) norms."""
+    phi = export(str(family_dir("phi3")), tmp_path / "phi", "--quant", "f32")
+    f, r = read_fields(phi), gguf.GGUFReader(str(phi))
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}
+    assert shapes["blk.0.attn_qkv.weight"] == (64, 64 + 2 * 32) and shapes["blk.0.ffn_up.weight"] == (64, 256)
+    assert "blk.0.attn_q.weight" not in shapes and "output.weight" not in shapes  # tied: token_embd
+    assert f["phi3.rope.dimension_count"] == 8 and f["phi3.rope.scaling.original_context_length"] == 256
+    factors = {t.name: t.data.tolist() for t in r.tensors if t.name.startswith("rope_factors")}
+    assert factors == {"rope_factors_long.weight": [2.0, 3.0, 5.0, 9.0],
+                       "rope_factors_short.weight": [1.0, 1.5, 2.0, 4.0]}
+    assert read_fields(export(str(family_dir("phi4")), tmp_path / "phi4"))["tokenizer.ggml.pre"] == "gpt-4o"
+    d = family_dir("gemma3")
+    f = read_fields(export(str(d), tmp_path / "gemma", "--quant", "f32"))
+    assert f["gemma3.attention.sliding_window_pattern"] == [True, True, False]
+    assert f["gemma3.rope.freq_base_swa"] == 20000.0 and f["gemma3.rope.freq_base"] == 1e6
+    assert f["gemma3.rope.scaling.type"] == "linear" and f["gemma3.rope.scaling.factor"] == 2.0
+    norm = next(t for t in gguf.GGUFReader(str(next((tmp_path / "gemma").glob("*.gguf")))).tensors
+                if t.name == "blk.0.ffn_norm.weight")
+    ours = load_any(str(d)).h[0].ln_2.weight.detach().numpy()
+    assert np.allclose(norm.data, ours + 1.0)
+
+
+def test_a_phi3_file_tells_llama_cpp_to_strip_after_phis_turn_markers(family_dir, tmp_path):
+    """llama.cpp strips the whitespace after Phi-3's special tokens, as its tokenizer.json does, only when
+    general.name says phi3: a run named otherwise gets it added, and tokenizes its chat as microft does."""
+    run = tmp_path / "mine"
+    shutil.copytree(family_dir("phi3"), run)
+    path = export(str(run), tmp_path / "o")
+    assert read_fields(path)["general.name"] == "mine (phi3)"
+    tok = tokenizer_for(str(run), load_any(str(run)).config)
+    ids, _ = ChatTemplate(tok).encode_chat(CHAT)
+    text = ChatTemplate(tok).render(CHAT)
+    assert "<|user|>\n" in text and llama(path).tokenize(text.encode(), add_bos=False, special=True) == ids
 
 
 # --------------------------------------------------------------------------- llama.cpp runs the file
@@ -412,7 +477,7 @@ def test_the_files_chat_template_renders_the_text_microft_trains_on(family_dir, 
     assert prompt == ours.render(chat[:-1], add_generation_prompt=True)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen3", "granite", "gemma3"])
 def test_rounded_files_give_the_logits_of_their_rounded_weights(family_dir, name, tmp_path):
     d = family_dir(name)
     model = load_any(str(d)).eval()

@@ -7,7 +7,10 @@ stop id) and the chat template the model was tuned with. Beside it, an Ollama `M
 
 Each family's llama.cpp side is its `Gguf` in the family registry (`models/families.py`): llama.cpp's
 architecture name, the pre-tokenizer it falls back to, whether q/k rows are permuted for llama.cpp's
-pairwise RoPE, and the tensor-name map. Tensors are streamed: the file's header is written from shapes
+pairwise RoPE, the tensor-name map, the tensors llama.cpp keeps fused (Phi-3's), the family's own
+hyper-parameters (and the checks refusing what llama.cpp's graph would run differently) and a per-tensor
+transform (Gemma's norms). The switches several families share (partial rotary, LongRoPE, sliding-layer
+patterns, local RoPE base, soft-caps) are written here from `ModelConfig`. Tensors are streamed: the file's header is written from shapes
 alone, then each tensor is converted and written on its own, so the export holds the model plus one
 converted tensor, never a second copy of the model. The tokenizer is `gguf_vocab.py`, the chat templates
 and the Modelfile's `gguf_templates.py`.
@@ -68,7 +71,8 @@ def gguf_name(cfg: ModelConfig, name: str) -> str:
         return TOP_NAMES[name]
     head, i, rest = name.split(".", 2)
     module, _, kind = rest.rpartition(".")
-    block = family(cfg).block
+    fam = family(cfg)
+    block = {**fam.block, **{part: fused for fused, parts in fam.fused.items() for part in parts}}
     if head != "h" or module not in block or kind not in ("weight", "bias"):
         raise ConfigError(f"GGUF export has no llama.cpp name for {name}")
     return f"blk.{i}.{block[module]}.{kind}"
@@ -90,9 +94,34 @@ def write_hparams(w: Any, cfg: ModelConfig) -> None:
     w.add_value_length(cfg.head_dim)
     w.add_layer_norm_rms_eps(cfg.layer_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.rotary_dim)  # Phi-4-mini: RoPE on the leading 3/4 of each head
     if cfg.sliding_window:  # recorded; llama.cpp's llama graph attends to the whole context (see README)
         w.add_sliding_window(cfg.sliding_window)
+    _write_rope_and_caps(w, cfg)
+    hparams = family(cfg).hparams
+    for method, value in (hparams(cfg) if hparams else {}).items():
+        getattr(w, method)(value)
+
+
+def _write_rope_and_caps(w: Any, cfg: ModelConfig) -> None:
+    """The switches of the newer families under llama.cpp's keys: which layers slide (Gemma), the sliding
+    layers' RoPE base and the others' linear scaling (Gemma 3), LongRoPE's attention factor and original
+    context (Phi-3; the factors are tensors), attention and final soft-capping (Gemma 2)."""
+    gg = require_gguf()
+    if cfg.layer_types is not None:
+        w.add_sliding_window_pattern([cfg.layer_window(i) is not None for i in range(cfg.n_layer)])
+    if cfg.rope_local_theta or cfg.rope_linear_factor:
+        w.add_rope_freq_base_swa(cfg.rope_local_theta or cfg.rope_theta)
+    if cfg.rope_linear_factor:
+        w.add_rope_scaling_type(gg.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_linear_factor)
+    if cfg.longrope is not None:
+        w.add_rope_scaling_attn_factors(cfg.longrope.attention_factor)
+        w.add_rope_scaling_orig_ctx_len(cfg.longrope.original_max_position_embeddings)
+    if cfg.attn_softcap is not None:
+        w.add_attn_logit_softcapping(cfg.attn_softcap)
+    if cfg.final_softcap is not None:
+        w.add_final_logit_softcapping(cfg.final_softcap)
 
 
 # --------------------------------------------------------------------------- tensors
@@ -127,15 +156,41 @@ def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     freqs = rope_freqs(cfg)
     if freqs is not None:
         yield "rope_freqs.weight", freqs
-    for name, p in model.named_parameters(remove_duplicate=True):
+    if cfg.longrope is not None:  # Phi-3's LongRoPE: llama.cpp divides each frequency by these
+        yield "rope_factors_long.weight", torch.tensor(cfg.longrope.long_factor, dtype=torch.float32)
+        yield "rope_factors_short.weight", torch.tensor(cfg.longrope.short_factor, dtype=torch.float32)
+    params = dict(model.named_parameters(remove_duplicate=True))
+    for name, p in params.items():
         if "lora_" in name:
             raise ConfigError("the model has unmerged LoRA adapters; merge them before exporting")
-        t = p.detach()
-        if name in ("wte.weight", "lm_head.weight"):
-            t = t[: cfg.vocab_size]
-        if fam.rope_pairs and (".attn.q_proj." in name or ".attn.k_proj." in name):
-            t = permute_rows(t, cfg.n_head if ".q_proj." in name else cfg.n_kv_head)
-        yield gguf_name(cfg, name), t.to("cpu", torch.float32).contiguous()
+        parts = _fused_parts(fam, name)
+        if parts is not None and parts[0] != name:
+            continue  # written with the first part of its fused tensor
+        t = torch.cat([_converted(cfg, fam, n, params[n]) for n in parts]) if parts else _converted(cfg, fam, name, p)
+        yield gguf_name(cfg, name), t.contiguous()
+
+
+def _fused_parts(fam: Gguf, name: str) -> list[str] | None:
+    """The microft parameters stacked into the llama.cpp tensor that `name` belongs to (None: its own)."""
+    head, i, rest = name.split(".", 2) if name.startswith("h.") else ("", "", name)
+    module, _, kind = rest.rpartition(".")
+    for parts in fam.fused.values():
+        if module in parts:
+            return [f"{head}.{i}.{part}.{kind}" for part in parts]
+    return None
+
+
+def _converted(cfg: ModelConfig, fam: Gguf, name: str, p: torch.Tensor) -> torch.Tensor:
+    """One parameter as fp32 in llama.cpp's layout: vocabulary rows unpadded, the family's transform, q/k
+    rows permuted for pairwise RoPE."""
+    t = p.detach().to("cpu", torch.float32)
+    if name in ("wte.weight", "lm_head.weight"):
+        t = t[: cfg.vocab_size]
+    if fam.transform is not None:
+        t = fam.transform(cfg, name, t)
+    if fam.rope_pairs and (".attn.q_proj." in name or ".attn.k_proj." in name):
+        t = permute_rows(t, cfg.n_head if ".q_proj." in name else cfg.n_kv_head)
+    return t
 
 
 def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
@@ -214,6 +269,16 @@ def _modelfile(gguf_file: str, v: Vocab, tmpl: Template | ChatTemplate | None) -
     return "\n".join(lines) + "\n"
 
 
+def general_name(name: str, fam: Gguf, tok: Tokenizer) -> str:
+    """The file's general.name: `name`, with the family's `rstrip_name` added where llama.cpp needs it to
+    strip whitespace after special tokens as the tokenizer does (Phi-3's turn markers)."""
+    tag = fam.rstrip_name
+    if tag is None or tag in name.lower().replace("-", "") or not hasattr(tok, "raw"):
+        return name
+    added = json.loads(tok.raw.to_str()).get("added_tokens", [])
+    return f"{name} ({tag})" if any(a.get("special") and a.get("rstrip") for a in added) else name
+
+
 def write_gguf(
     path: Path, model: torch.nn.Module, v: Vocab, quant: str, chat_template: str | None, name: str
 ) -> int:
@@ -274,6 +339,9 @@ def export_gguf(
     if quant not in QUANTS:
         raise ConfigError(f"unknown --quant {quant!r}; choose one of: {', '.join(QUANTS)}")
     require_gguf()
+    hparams = family(model.config).hparams
+    if hparams is not None:  # a model llama.cpp cannot run as microft does is refused before any file
+        hparams(model.config)
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir} is not empty; pass --force to overwrite it")
@@ -281,8 +349,9 @@ def export_gguf(
     v.notes += plain_text_specials(tok, template)
     jinja = chat_template_of(template)
     fname = f"{name}-{quant}.gguf"
+    general = general_name(name, family(model.config), tok)
     with atomic_dir(out_dir) as tmp:
-        n = write_gguf(tmp / fname, model, v, quant, jinja, name)
+        n = write_gguf(tmp / fname, model, v, quant, jinja, general)
         (tmp / MODELFILE).write_text(_modelfile(fname, v, template), encoding="utf-8")
     return GGUFExport(
         out_dir / fname, out_dir / MODELFILE, quant, n, getattr(template, "name", None), v.notes

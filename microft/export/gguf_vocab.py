@@ -23,7 +23,12 @@ QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-SPLIT_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+GPT4O_REGEX = (  # tiktoken's o200k split: Phi-4-mini's
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLIT_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT4O_REGEX: "gpt-4o"}
 
 
 @dataclass
@@ -103,7 +108,8 @@ def tiktoken_vocab(ranks: dict[bytes, int]) -> tuple[list[str], list[str]]:
 
 def _pre_of(tj: dict[str, Any]) -> str | None:
     """llama.cpp's pre-tokenizer name for a tokenizer.json's pre_tokenizer, when its structure is one
-    llama.cpp knows (GPT-2's byte level, SmolLM's single digits + byte level, Llama 3's and Qwen2's split)."""
+    llama.cpp knows (GPT-2's byte level, SmolLM's single digits + byte level, Llama 3's, Qwen2's and
+    GPT-4o's split)."""
     pre = tj.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]

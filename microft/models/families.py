@@ -4,7 +4,8 @@ An entry holds the HF `model_type` and architecture name, how its `config.json` 
 fields and back (refusing what the family's config cannot express), how microft's parameter names map to
 the family's HF tensor names (and which are stored transposed), its LoRA target names (and PEFT's names
 for them), its presets (the hub checkpoints' shapes, random init; one tiny CPU model for tests), and how
-llama.cpp runs it (`Gguf`: architecture, pre-tokenizer, tensor names, the q/k row order).
+llama.cpp runs it (`Gguf`: architecture, pre-tokenizer, tensor names, the q/k row order, fused tensors, its own
+hyper-parameters and checks, a tensor transform).
 Adding a family is one entry in `FAMILIES` (plus the switches the transformer needs, in `ModelConfig`);
 the tests that parametrise over `FAMILIES` pick it up.
 
@@ -37,6 +38,17 @@ class Gguf:
     rope_pairs: bool  # llama.cpp rotates adjacent pairs (not halves): q/k rows are permuted to match
     block: dict[str, str]  # microft block module (after `h.{i}.`) -> llama.cpp tensor (after `blk.{i}.`)
     rotary: bool = True  # RoPE hyper-parameters (GQA, head size, RMSNorm eps, base, window); else LayerNorm's eps
+    # llama.cpp block tensors holding several microft linears stacked by rows, in order (Phi-3's attn_qkv, and
+    # its ffn_up = gate then up, which llama.cpp splits in halves)
+    fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the family's own hyper-parameters: ModelConfig -> {gguf.GGUFWriter method: value}; raises ConfigError
+    # (one line) for a model llama.cpp's graph of the family cannot run as microft does
+    hparams: Callable[[Any], dict[str, Any]] | None = None
+    # (ModelConfig, microft parameter name, fp32 tensor) -> the tensor as llama.cpp's graph wants it
+    transform: Callable[[Any, str, Any], Any] | None = None
+    # llama.cpp strips the whitespace after special tokens (as a tokenizer whose added tokens rstrip does)
+    # only when the file's general.name contains this (Phi-3's): written into the name where needed
+    rstrip_name: str | None = None
 
 
 GGUF_GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
@@ -45,6 +57,82 @@ GGUF_LLAMA_BLOCK = {"ln_1": "attn_norm", "attn.q_proj": "attn_q", "attn.k_proj":
                     "attn.o_proj": "attn_output", "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm",
                     "ln_2": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                     "mlp.down_proj": "ffn_down"}
+
+GGUF_PHI3_BLOCK = {k: v for k, v in GGUF_LLAMA_BLOCK.items() if k not in (
+    "attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+GGUF_PHI3_FUSED = {"attn_qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+                   "ffn_up": ("mlp.gate_proj", "mlp.up_proj")}
+GGUF_OLMO2_BLOCK = {**GGUF_LLAMA_BLOCK, "ln_1": "post_attention_norm", "ln_2": "post_ffw_norm"}
+GGUF_GEMMA_BLOCK = {**GGUF_LLAMA_BLOCK, "post_attn_norm": "post_attention_norm", "post_mlp_norm": "post_ffw_norm"}
+
+
+def _gguf_granite(c: Any) -> dict[str, Any]:
+    """Granite's multipliers under llama.cpp's keys (its logits are divided by `logit_scale`)."""
+    return {"add_embedding_scale": c.embedding_multiplier, "add_residual_scale": c.residual_multiplier,
+            "add_attention_scale": c.attention_multiplier or c.head_dim ** -0.5, "add_logit_scale": c.logits_scaling}
+
+
+def _gguf_no_bias(c: Any) -> dict[str, Any]:
+    """llama.cpp's olmo2 and gemma graphs add no attention or MLP biases."""
+    if c.qkv_bias or c.attn_out_bias or c.mlp_bias:
+        raise ConfigError(f"llama.cpp's {_gguf_arch(c)} adds no attention or MLP biases; this model has them, "
+                          "so GGUF export is refused")
+    return {}
+
+
+def _gguf_arch(c: Any) -> str:
+    return "gemma3" if c.model_type == "gemma3_text" else c.model_type
+
+
+def _gguf_smollm3(c: Any) -> dict[str, Any]:
+    """llama.cpp's smollm3 leaves RoPE out of every 4th layer, a constant no GGUF key changes."""
+    want = [(i + 1) % 4 != 0 for i in range(c.n_layer)]
+    have = list(c.rope_layers) if c.rope_layers is not None else [True] * c.n_layer
+    if have != want:
+        nope = [i for i, r in enumerate(have) if not r]
+        raise ConfigError(f"llama.cpp's smollm3 leaves RoPE out of every 4th layer only; this model's no-RoPE "
+                          f"layers are {nope}, so GGUF export is refused")
+    return {}
+
+
+_GEMMA_NORMS = ("ln_1", "ln_2", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm", "ln_f")
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}  # llama.cpp's "27B" by layer count: its own q scale
+
+
+def _gguf_gemma_q_factor(c: Any) -> float:
+    """llama.cpp scales Gemma's queries by 1/sqrt(head_dim) (1/sqrt(n_embd / n_head) for what it takes for the
+    27B), not by `query_pre_attn_scalar`^-1/2: the difference is folded into the q weights (Gemma 2) or the q
+    norm's gain (Gemma 3), which RoPE and the norm carry through linearly."""
+    theirs = c.n_embd / c.n_head if c.n_layer == _GEMMA_27B_LAYERS[c.model_type] else c.head_dim
+    return math.sqrt(theirs / (c.query_pre_attn_scalar or c.head_dim))
+
+
+def _gguf_gemma_tensor(c: Any, name: str, t: Any) -> Any:
+    """Gemma's RMSNorm gains with the 1 of (1 + w) added, as llama.cpp's converter writes them; the q scale."""
+    if name.split(".")[-2] in _GEMMA_NORMS and name.endswith(".weight"):
+        t = t + 1.0
+    if name.endswith(".attn.q_norm.weight" if c.qk_norm else ".attn.q_proj.weight"):
+        t = t * _gguf_gemma_q_factor(c)
+    return t
+
+
+def _gguf_gemma(c: Any) -> dict[str, Any]:
+    """What llama.cpp's gemma2 / gemma3 graphs apply unconditionally, checked against the model."""
+    _gguf_no_bias(c)
+    if c.model_type == "gemma2":
+        if c.attn_softcap is None or c.final_softcap is None:
+            raise ConfigError("llama.cpp's gemma2 always soft-caps attention and logits; this model leaves "
+                              "one uncapped, so GGUF export is refused")
+        if not c.tie_embeddings:
+            raise ConfigError("llama.cpp's gemma2 ties the LM head to the embeddings; this model's head is "
+                              "its own, so GGUF export is refused")
+    elif c.attn_softcap is not None or c.final_softcap is not None:
+        raise ConfigError("llama.cpp's gemma3 applies no soft-capping with sliding layers; this model "
+                          "soft-caps, so GGUF export is refused")
+    elif all(c.layer_window(i) is None for i in range(c.n_layer)):
+        raise ConfigError("llama.cpp's gemma3 without sliding layers soft-caps its logits; this model has "
+                          "none, so GGUF export is refused")
+    return {}
 
 
 @dataclass(frozen=True)
@@ -537,6 +625,11 @@ _GEMMA_TINY = dict(vocab_size=512, n_positions=256, n_embd=64, intermediate_size
                    head_dim=32, query_pre_attn_scalar=24, sliding_window=16)
 
 
+def _gemma_gguf(arch: str) -> Gguf:
+    """Gemma 2 / Gemma 3 in llama.cpp: SentencePiece vocabularies, rotate-halves RoPE, four norms a block."""
+    return Gguf(arch, "default", False, GGUF_GEMMA_BLOCK, hparams=_gguf_gemma, transform=_gguf_gemma_tensor)
+
+
 # --- the registry ------------------------------------------------------------------------------
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gpt2", "GPT2LMHeadModel", _gpt2_read, _gpt2_write, _gpt2_key, GPT2_LORA, GPT2_LORA_GROUPS, "gpt2-tiny",
@@ -627,7 +720,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            },
            peft_names={"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                        "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
-           fused=PHI3_FUSED),
+           fused=PHI3_FUSED, gguf=Gguf("phi3", "gpt-4o", False, GGUF_PHI3_BLOCK, fused=GGUF_PHI3_FUSED,
+                                            rstrip_name="phi3")),
     Family("smollm3", "SmolLM3ForCausalLM", _switches_read("smollm3", _smollm3_own),
            _llama_write("smollm3", "SmolLM3ForCausalLM", lambda c: dict(
                qkv_bias=c["attn_out_bias"], qk_norm=False, rope_layers=c["rope_layers"]), _smollm3_extra),
@@ -639,7 +733,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                      bos_token_id=128000, eos_token_id=128012),
                "smollm3-tiny": _preset("smollm3", **_NEW_TINY, tie_embeddings=True, rope_theta=5e6,
                                        rope_layers=[True, False]),
-           }),
+           }, gguf=Gguf("smollm3", "llama-bpe", True, GGUF_LLAMA_BLOCK, hparams=_gguf_smollm3)),
     Family("olmo2", "Olmo2ForCausalLM", _switches_read("olmo2", lambda hf: dict(
                qk_norm=True, qk_norm_full=True, norm_after=True, rms_gain_first=True, mlp_bias=False)),
            _llama_write("olmo2", "Olmo2ForCausalLM", lambda c: dict(
@@ -653,7 +747,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                     eos_token_id=100257),
                "olmo2-tiny": _preset("olmo2", **_NEW_TINY, tie_embeddings=False, qk_norm=True, qk_norm_full=True,
                                      norm_after=True, rms_gain_first=True),
-           }),
+           }, gguf=Gguf("olmo2", "dbrx", False, GGUF_OLMO2_BLOCK, hparams=_gguf_no_bias)),
     Family("granite", "GraniteForCausalLM", _switches_read("granite", _granite_own),
            _llama_write("granite", "GraniteForCausalLM", lambda c: dict(
                qkv_bias=c["attn_out_bias"], qk_norm=False, **{k: c[k] for k in (
@@ -668,7 +762,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                          eos_token_id=0),
                "granite-tiny": _preset("granite", **_NEW_TINY, tie_embeddings=True, embedding_multiplier=6.0,
                                        attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
-           }),
+           }, gguf=Gguf("granite", "gpt-2", True, GGUF_LLAMA_BLOCK, hparams=_gguf_granite)),
     # Gemma 2 and Gemma 3 text (their switches: ModelConfig's Gemma block)
     Family("gemma2", "Gemma2ForCausalLM", _gemma_read("gemma2"),
            _gemma_write("gemma2", "Gemma2ForCausalLM"), _gemma_key, LLAMA_LORA, LLAMA_LORA_GROUPS,
@@ -677,7 +771,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                            n_head=8, n_kv_head=4),
                "gemma2-tiny": _gemma_preset("gemma2", **_GEMMA_TINY, n_layer=2, attn_softcap=20.0,
                                             final_softcap=10.0),
-           }),
+           }, gguf=_gemma_gguf("gemma2")),
     Family("gemma3_text", "Gemma3ForCausalLM", _gemma_read("gemma3_text"),
            _gemma_write("gemma3_text", "Gemma3ForCausalLM"), _gemma_key, LLAMA_LORA, LLAMA_LORA_GROUPS,
            "gemma3-tiny", presets={
@@ -688,7 +782,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                            n_positions=131072, sliding_window=1024, rope_linear_factor=8.0),
                "gemma3-tiny": _gemma_preset("gemma3_text", **_GEMMA_TINY, n_layer=3, rope_linear_factor=2.0,
                                             layer_types=[_SLIDING, _SLIDING, _FULL]),
-           }),
+           }, gguf=_gemma_gguf("gemma3")),
 )}
 
 
