@@ -224,6 +224,27 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
 
 
 @app.command()
+@run_options(options.DPO)
+def dpo(dry_run: DryRun = False, **flags: Any) -> None:
+    """Preference tuning on chosen/rejected pairs: DPO (default), IPO, SimPO or ORPO (--loss).
+
+    Data: {instruction, input, chosen, rejected}, {prompt, chosen, rejected} or chosen/rejected message lists
+    after a shared prompt, in JSON/JSONL, CSV/TSV or Parquet. Usually after `finetune` (--model its output).
+    """
+    with user_errors():
+        recipe = flags.pop("recipe")
+        from microft.config import resolve_config
+
+        cfg = resolve_config(str(recipe) if recipe else None, **run_flags(flags))
+        if dry_run:
+            dry_run_output(cfg, options.DPO)
+            return
+        from microft.runs import run_dpo
+
+        _run_reporting(cfg, run_dpo)
+
+
+@app.command()
 def generate(
     model: Annotated[str, typer.Option("--model", help="HF model directory, cached hub repo id, microft checkpoint, LoRA adapter directory, or GPT-2 preset.")],
     prompt: Annotated[str | None, typer.Option("--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,

@@ -72,6 +72,11 @@ EvalBatches = Annotated[int | None, typer.Option("--eval-batches", help="Micro-b
 SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help="Validation prompts answered and shown at each evaluation (0: none).")]
 LogEvery = Annotated[int | None, typer.Option("--log-every", help="Write every N-th step to metrics.jsonl (and always the last).")]
 Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help="Shuffle the training data each epoch (default), or take it in file order: consecutive records form each step, no length grouping.")]
+PrefLoss = Annotated[str | None, typer.Option("--loss", help="dpo (sigmoid) | ipo | simpo | orpo: dpo and ipo compare to a frozen reference policy, simpo and orpo need none.")]
+Beta = Annotated[float | None, typer.Option("--beta", help="DPO/IPO/SimPO's beta: how far the policy may move from the reference (dpo, ipo) or the reward scale (simpo).")]
+Gamma = Annotated[float | None, typer.Option("--gamma", help="SimPO's target reward margin gamma.")]
+OrpoLambda = Annotated[float | None, typer.Option("--orpo-lambda", help="ORPO's lambda: the weight of the odds-ratio term beside the chosen response's NLL.")]
+PrecomputeRef = Annotated[bool | None, typer.Option("--precompute-ref/--no-precompute-ref", help="dpo/ipo: compute the reference log-probs once before training (full fine-tuning then keeps no reference copy in memory).")]
 SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
 
 # every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
@@ -88,7 +93,8 @@ RUN_OPTIONS: dict[str, Any] = {
     "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
     "quantize": Quantize, "double_quant": DoubleQuant, "beta1": Beta1, "beta2": Beta2, "eps": Eps,
     "momentum": Momentum, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval,
-    "log_every": LogEvery, "shuffle": Shuffle,
+    "log_every": LogEvery, "shuffle": Shuffle, "loss": PrefLoss, "beta": Beta, "gamma": Gamma,
+    "orpo_lambda": OrpoLambda, "precompute_ref": PrecomputeRef,
 }
 PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
             "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
@@ -98,6 +104,11 @@ PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
 FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
             "packing", "predict", "samples_per_eval", *LORA)
+# `dpo`: finetune's options but those of SFT samples (packing, prompt masking, predictions, generated samples),
+# the column mapping and the multi-device/compiled runs it does not support yet; then the loss and its constants
+DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "test_frac", "samples_per_eval",
+                                         "columns", "devices", "shard", "compile")),
+       "loss", "beta", "gamma", "orpo_lambda", "precompute_ref")
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
 ESTIMATE = ("model", "data", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
             "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm",

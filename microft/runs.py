@@ -409,6 +409,71 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     return summary
 
 
+def refuse_for_dpo(cfg: RunConfig) -> None:
+    """What `dpo` does not do (yet), each refused in one line before anything is read."""
+    if cfg.data is None:
+        raise ConfigError("dpo needs --data: preference pairs ({prompt|instruction, chosen, rejected} records)")
+    refused = {"packing": "--packing (a pair's two sides are scored row by row)",
+               "compile": "--compile", "predict": "--predict", "columns": "--columns"}
+    for name, what in refused.items():
+        if getattr(cfg, name):
+            raise ConfigError(f"dpo does not support {what}; leave it out (or out of the recipe)")
+    if cfg.devices > 1 or cfg.shard != "none":
+        raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning yet")
+    if cfg.micro_bs == "auto":
+        raise ConfigError("dpo: --micro-bs auto is not supported yet (the memory planner models SFT steps); "
+                          "give --micro-bs N")
+    if cfg.precompute_ref and cfg.loss not in ("dpo", "ipo"):
+        raise ConfigError(f"--precompute-ref: --loss {cfg.loss} has no reference policy to precompute")
+
+
+def pair_data(cfg: RunConfig, max_len: int, tok: Any, read: tuple, on_event: Callable[[Event], None]):
+    """The run's pair samples (`preference.load_pairs`), each skipped bad pair noted."""
+    from microft.preference import load_pairs
+
+    data = load_pairs(cfg, max_len, tok, read)
+    for problem in data.problems:
+        on_event({"kind": "note", "text": f"skipped bad pair: {problem}"})
+    return data
+
+
+@owns_out
+def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
+    """Preference tuning on chosen/rejected pairs (DPO, IPO, SimPO, ORPO): finetune's model, LoRA/QLoRA,
+    batch plan, precision and checkpoints, with `train.preference`'s objective in place of the LM loss."""
+    from microft.preference import read_pairs
+    from microft.train.loop import MemoryHooks, train
+    from microft.train.preference import PreferenceLoss, PreferenceObjective
+
+    refuse_for_dpo(cfg)
+    read = (read_pairs(cfg.data, cfg.skip_bad),  # data errors come before the model is loaded
+            read_pairs(cfg.val_data, cfg.skip_bad) if cfg.val_data else None)
+    seed_init(cfg.seed)
+    model = load_base(cfg)
+    tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
+    max_len = seq_len_for(cfg, model.config.n_positions)
+    data = pair_data(cfg, max_len, tok, read, on_event)
+    if cfg.lora:
+        add_lora(cfg, model, on_event)
+    loss = PreferenceLoss(cfg.loss, cfg.beta, cfg.gamma, cfg.orpo_lambda)
+    objective = PreferenceObjective(loss, cfg.lora, cfg.precompute_ref)
+    plan = batch_plan(cfg, 1, None, on_event, len(data.train))
+    reference = ("none" if not loss.needs_reference else "precomputed log-probs" if cfg.precompute_ref
+                 else "the base (LoRA adapters off)" if cfg.lora else "a frozen copy of the starting model")
+    banner = {"data_stats": f"{len(data.train)} train / {len(data.val)} val pairs; {data.n_skipped} bad pairs "
+                            "skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
+              **batch_banner(cfg, plan)}
+    return train(model, data.train, data.val or None, cfg, plan, on_event, save_extra=saved_files(cfg, model, False),
+                 banner_extra=banner, memory=MemoryHooks(), objective=objective)
+
+
+def describe_loss(loss: Any) -> str:
+    """The banner's words for the loss and its constants."""
+    consts = {"dpo": f"beta {loss.beta}", "ipo": f"beta {loss.beta}", "simpo": f"beta {loss.beta}, gamma {loss.gamma}",
+              "orpo": f"lambda {loss.lam}"}
+    return f"{loss.kind} ({consts[loss.kind]})"
+
+
 def longrope_note(model_cfg: Any, max_len: int) -> str | None:
     """LongRoPE (Phi-3.5, Phi-4-mini) picks its long factors per forward, so past the original context the
     split of a global batch changes the result: say so when the run's length reaches there."""
