@@ -73,21 +73,26 @@ def pair_losses(loss: PreferenceLoss, policy: torch.Tensor, ref: torch.Tensor | 
     return losses, loss.lam * pc.detach(), loss.lam * pr.detach()
 
 
-def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target_pos: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 log-prob of each row's targets summed, target count per row) for inputs `x` and shifted labels `y`
-    (N, T); only the target positions' logits are formed."""
-    mask = y != IGNORE_INDEX
-    h = model.hidden(x)
-    rows = mask.nonzero()[:, 0]
-    logits = model.logits(h[mask]).float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(1, y[mask].unsqueeze(1)).squeeze(1)
-    sums = torch.zeros(x.size(0), dtype=torch.float32, device=x.device).index_add(0, rows, token_logps)
-    return sums, mask.sum(1).to(torch.float32)
+    (N, T); only the target positions' logits are formed. `target_pos`: the targets' flat positions, found on
+    the host by `collate_pairs` (else here, at the cost of a device sync)."""
+    N, T = y.shape
+    if target_pos is None:
+        target_pos = (y != IGNORE_INDEX).view(-1).nonzero().squeeze(1)
+    h = model.hidden(x).reshape(N * T, -1).index_select(0, target_pos)
+    targets = y.reshape(-1).index_select(0, target_pos)
+    logits = model.logits(h).float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(N, dtype=torch.float32, device=x.device).index_add(0, target_pos // T, token_logps)
+    return sums, (y != IGNORE_INDEX).sum(1).to(torch.float32)
 
 
 def collate_pairs(samples: list[dict[str, Any]], pad_id: int = 0) -> Batch:
     """A micro-batch of pairs as one `Batch` of 2B rows (chosen sides, then rejected), right-padded. Its
-    `weights` slot carries the cached reference log-probs (B, 2) when the samples have them."""
+    `weights` slot carries the cached reference log-probs (B, 2) when the samples have them; `target_pos` the
+    response tokens' flat positions."""
     rows = [(s["chosen_ids"], s["chosen_labels"]) for s in samples]
     rows += [(s["rejected_ids"], s["rejected_labels"]) for s in samples]
     T = max(len(ids) for ids, _ in rows)
@@ -99,7 +104,7 @@ def collate_pairs(samples: list[dict[str, Any]], pad_id: int = 0) -> Batch:
     ref = None
     if all("ref_logps" in s for s in samples):
         ref = torch.tensor([s["ref_logps"] for s in samples], dtype=torch.float32)
-    return Batch(x, y, ref, None)
+    return Batch(x, y, ref, (y != IGNORE_INDEX).view(-1).nonzero().squeeze(1))
 
 
 def pair_count(samples: list[dict[str, Any]]) -> float:
@@ -118,14 +123,13 @@ class PreferenceRunner(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, cached_ref: torch.Tensor | None = None,
                 target_pos: torch.Tensor | None = None) -> torch.Tensor:
-        del target_pos  # pair batches score their responses through `sequence_logps`
         B = x.size(0) // 2
-        logps, n = sequence_logps(self.model, x, y)
+        logps, n = sequence_logps(self.model, x, y, target_pos)
         ref = None
         if self.loss.needs_reference:
             if cached_ref is None:
                 with torch.no_grad():
-                    ref = self.reference(x, y).view(2, B).t()
+                    ref = self.reference(x, y, target_pos).view(2, B).t()
             else:
                 ref = cached_ref
         losses, chosen, rejected = pair_losses(self.loss, logps.view(2, B).t(), ref, n.view(2, B).t())
@@ -153,12 +157,12 @@ def reference_of(model: torch.nn.Module, loss: PreferenceLoss, lora: bool, copy_
     if lora:
         from microft.lora import adapters_disabled
 
-        def off(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def off(x: torch.Tensor, y: torch.Tensor, target_pos: torch.Tensor | None = None) -> torch.Tensor:
             with adapters_disabled(model):
-                return sequence_logps(model, x, y)[0]
+                return sequence_logps(model, x, y, target_pos)[0]
         return off
     frozen = copy.deepcopy(model).requires_grad_(False).eval() if copy_model else model
-    return lambda x, y: sequence_logps(frozen, x, y)[0]
+    return lambda x, y, target_pos=None: sequence_logps(frozen, x, y, target_pos)[0]
 
 
 @torch.no_grad()
@@ -170,7 +174,7 @@ def precompute_reference(reference: Callable, samples: Sequence[dict[str, Any]],
         part = [samples[i] for i in range(s, min(len(samples), s + micro_bs))]
         b = collate_pairs(part).to(device)
         with autocast():
-            ref = reference(b.input_ids, b.labels).view(2, len(part)).t().cpu()
+            ref = reference(b.input_ids, b.labels, b.target_pos).view(2, len(part)).t().cpu()
         for sample, (c, r) in zip(part, ref.tolist(), strict=True):
             sample["ref_logps"] = (c, r)
 
@@ -223,6 +227,6 @@ class PreferenceObjective:
         for s in range(0, n, micro_bs):
             b = collate_pairs([val[i] for i in range(s, min(n, s + micro_bs))]).to(device)
             with autocast():
-                total += float(runner(b.input_ids, b.labels, b.weights))
+                total += float(runner(b.input_ids, b.labels, b.weights, b.target_pos))
         runner.model.train(was)
         return total / max(n, 1), runner.take_stats()
