@@ -296,3 +296,38 @@ def test_cli_runs_dpo_and_refuses_bad_data_and_a_long_prompt_in_one_line(setup, 
                               "--val-frac", "0", "--skip-bad"])
     assert res.exit_code == 0, res.output
     assert "5 train / 0 val pairs; 1 bad pairs skipped" in res.output
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(precision="bf16-mixed"), dict(lora=True),
+                                dict(lora=True, precision="bf16-mixed"),
+                                dict(lora=True, quantize="nf4", precision="bf16-mixed")],
+                         ids=["full", "full-bf16", "lora", "lora-bf16", "qlora-bf16"])
+def test_the_reference_is_the_starting_model_so_step_one_prefers_nothing(setup, tmp_path, kw):
+    """Before the first update the policy is its reference (a frozen copy, or the base with the adapters off,
+    whose B = 0): every log-ratio is exactly 0, the loss exactly ln 2, in any precision."""
+    events: list[dict] = []
+    run_dpo(dpo_cfg(setup, tmp_path / "run", max_steps=2, eval_every=1, val_frac=0.25, **kw), events.append)
+    first = next(e for e in events if e["kind"] == "step")
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert evals[0]["rewards/margins"] == 0.0 and evals[-1]["rewards/margins"] != 0.0
+    assert all(math.isfinite(e["loss"]) for e in events if e["kind"] == "step")
+
+
+def test_conversational_pairs_with_the_chat_template_and_a_validation_file(setup, tmp_path):
+    def conv(i: int) -> dict:
+        a, b = WORDS[i % 8], WORDS[(5 * i + 2) % 8]
+        return {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {a}."}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": f"{b} {b}"}]}
+
+    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.json"
+    train_file.write_text("".join(json.dumps(conv(i)) + "\n" for i in range(8)))
+    val_file.write_text(json.dumps([conv(i) for i in range(8, 12)]))
+    events: list[dict] = []
+    run_dpo(dpo_cfg(setup, tmp_path / "run", data=str(train_file), val_data=str(val_file), template="auto",
+                    eval_every=2, max_steps=2), events.append)
+    banner = next(e for e in events if e["kind"] == "banner")
+    assert banner["data_stats"].startswith("8 train / 4 val pairs")
+    assert [e["step"] for e in events if e["kind"] == "eval"] == [0, 2]
