@@ -112,7 +112,7 @@ DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
 ESTIMATE = ("model", "data", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
             "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm",
-            "momentum", "dropout", *LORA, "devices", "shard", "compile", "packing")
+            "momentum", "dropout", *LORA, "devices", "shard", "compile", "packing", "loss", "precompute_ref")
 # pretrain's own words where finetune's help speaks of the demo
 PRETRAIN_HELP = {
     "model": "Preset to train from scratch (gpt2-tiny, gpt2, llama-3.2-1b, …), or an HF model directory, "

@@ -103,8 +103,9 @@ def memory_budget(cfg: RunConfig) -> tuple[int, str]:
     return avail, f"this machine's free memory ({avail / 2**30:.1f} GiB)"
 
 
-def memory_hooks(cfg: RunConfig, model_cfg: Any):
-    """The estimator's answers for the loop (banner peak, CPU traced peak, OOM advice), as callbacks."""
+def memory_hooks(cfg: RunConfig, model_cfg: Any, method: str = "sft"):
+    """The estimator's answers for the loop (banner peak, CPU traced peak, OOM advice), as callbacks.
+    `method` "dpo": the preference step, which only the trace engine models (no banner peak or advice)."""
     from microft.errors import MicroftError
     from microft.memory.plan import estimate_for_run, plan_advice
     from microft.train.loop import MemoryHooks
@@ -117,6 +118,9 @@ def memory_hooks(cfg: RunConfig, model_cfg: Any):
                 return None
         return call
 
+    if method != "sft":
+        return MemoryHooks(traced_peak=quietly(lambda precision, plan: estimate_for_run(
+            cfg, model_cfg, plan, precision, engine="trace", method=method)["peak_bytes"]))
     return MemoryHooks(
         banner_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision)["summary"]),
         traced_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision,
@@ -442,7 +446,7 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
     """Preference tuning on chosen/rejected pairs (DPO, IPO, SimPO, ORPO): finetune's model, LoRA/QLoRA,
     batch plan, precision and checkpoints, with `train.preference`'s objective in place of the LM loss."""
     from microft.preference import read_pairs
-    from microft.train.loop import MemoryHooks, train
+    from microft.train.loop import train
     from microft.train.preference import PreferenceLoss, PreferenceObjective
 
     refuse_for_dpo(cfg)
@@ -464,7 +468,7 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
                             "skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
               **batch_banner(cfg, plan)}
     return train(model, data.train, data.val or None, cfg, plan, on_event, save_extra=saved_files(cfg, model, False),
-                 banner_extra=banner, memory=MemoryHooks(), objective=objective)
+                 banner_extra=banner, memory=memory_hooks(cfg, model.config, "dpo"), objective=objective)
 
 
 def describe_loss(loss: Any) -> str:

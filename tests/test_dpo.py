@@ -331,3 +331,39 @@ def test_conversational_pairs_with_the_chat_template_and_a_validation_file(setup
     banner = next(e for e in events if e["kind"] == "banner")
     assert banner["data_stats"].startswith("8 train / 4 val pairs")
     assert [e["step"] for e in events if e["kind"] == "eval"] == [0, 2]
+
+
+def estimate(*flags: str) -> dict:
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--micro-bs", "2", "--seq-len", "64",
+                              "--precision", "fp32", "--json", *flags])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output)
+
+
+def test_estimate_mem_traces_the_preference_step_with_its_reference():
+    sft = estimate("--trace")
+    full, cached = estimate("--method", "dpo"), estimate("--method", "dpo", "--precompute-ref")
+    orpo, lora = estimate("--method", "dpo", "--loss", "orpo"), estimate("--method", "dpo", "--lora")
+    assert full["engine"] == "trace" and "microft dpo --loss dpo" in full["notes"][0]
+    weights = sft["components"]["weights"]
+    assert full["components"]["weights"] == 2 * weights  # the frozen reference copy
+    assert cached["components"]["weights"] == weights == orpo["components"]["weights"]  # no reference model
+    assert full["peak_bytes"] > cached["peak_bytes"] > sft["peak_bytes"]  # two sequences a pair
+    assert lora["components"]["weights"] < 1.1 * weights  # the base with the adapters off: no copy
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--method", "dpo", "--micro-bs", "auto",
+                              "--gpu-mem", "8GiB"])
+    assert res.exit_code == 2 and "--micro-bs auto" in res.output
+
+
+def test_a_cpu_dpo_run_reports_the_traced_peak_estimate_mem_gives(setup, tmp_path):
+    """The run's summary (CPU) carries the trace of its own step at its --max-seq-len (here the model's
+    context): the very number `estimate-mem --method dpo` prints for the same flags."""
+    events: list[dict] = []
+    run_dpo(dpo_cfg(setup, tmp_path / "run", max_steps=1, lora=True, lora_targets="q_proj,v_proj"), events.append)
+    summary = next(e for e in events if e["kind"] == "summary")
+    res = runner.invoke(app, ["estimate-mem", "--model", str(setup["model"]), "--method", "dpo", "--lora",
+                              "--lora-targets", "q_proj,v_proj", "--micro-bs", "2", "--accum", "2",
+                              "--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0",
+                              "--max-grad-norm", "0", "--precision", "fp32", "--json"])
+    assert res.exit_code == 0, res.output
+    assert summary["traced_peak"] == json.loads(res.output)["peak_bytes"] > 0

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from microft.data import Batch
-from microft.models.config import IGNORE_INDEX
+from microft.models.config import IGNORE_INDEX, ce_chunk_rows
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
@@ -73,6 +74,12 @@ def pair_losses(loss: PreferenceLoss, policy: torch.Tensor, ref: torch.Tensor | 
     return losses, loss.lam * pc.detach(), loss.lam * pr.detach()
 
 
+def _token_logps(model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probability of each target under the logits of its hidden state (one chunk of rows)."""
+    logits = model.logits(h).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
 def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target_pos: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 log-prob of each row's targets summed, target count per row) for inputs `x` and shifted labels `y`
@@ -83,8 +90,12 @@ def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, tar
         target_pos = (y != IGNORE_INDEX).view(-1).nonzero().squeeze(1)
     h = model.hidden(x).reshape(N * T, -1).index_select(0, target_pos)
     targets = y.reshape(-1).index_select(0, target_pos)
-    logits = model.logits(h).float()
-    token_logps = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    rows = ce_chunk_rows(h.size(0), model.config.padded_vocab_size)
+    recompute = torch.is_grad_enabled() and h.requires_grad
+    # chunks of rows, their logits recomputed in backward: (rows × vocab) at a time, never (all × vocab)
+    token_logps = torch.cat([
+        checkpoint(_token_logps, model, h[s:s + rows], targets[s:s + rows], use_reentrant=False) if recompute
+        else _token_logps(model, h[s:s + rows], targets[s:s + rows]) for s in range(0, h.size(0), rows)])
     sums = torch.zeros(N, dtype=torch.float32, device=x.device).index_add(0, target_pos // T, token_logps)
     return sums, (y != IGNORE_INDEX).sum(1).to(torch.float32)
 
@@ -161,8 +172,18 @@ def reference_of(model: torch.nn.Module, loss: PreferenceLoss, lora: bool, copy_
             with adapters_disabled(model):
                 return sequence_logps(model, x, y, target_pos)[0]
         return off
-    frozen = copy.deepcopy(model).requires_grad_(False).eval() if copy_model else model
-    return lambda x, y, target_pos=None: sequence_logps(frozen, x, y, target_pos)[0]
+    return FrozenReference(copy.deepcopy(model).requires_grad_(False).eval() if copy_model else model)
+
+
+class FrozenReference:
+    """A full fine-tune's reference policy: summed log-probs per row under `model`, a frozen copy of the
+    starting weights (or the model itself, before it trains, for precomputed log-probs)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, target_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return sequence_logps(self.model, x, y, target_pos)[0]
 
 
 @torch.no_grad()
