@@ -224,7 +224,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
 
 
 @app.command()
-@run_options(options.DPO)
+@run_options(options.DPO, options.DPO_HELP)
 def dpo(dry_run: DryRun = False, **flags: Any) -> None:
     """Preference tuning on chosen/rejected pairs: DPO (default), IPO, SimPO or ORPO (--loss).
 

@@ -109,6 +109,12 @@ FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip
 DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "test_frac", "samples_per_eval",
                                          "columns", "devices", "shard", "compile")),
        "loss", "beta", "gamma", "orpo_lambda", "precompute_ref")
+# dpo's own words where finetune's help speaks of the demo
+DPO_HELP = {
+    "model": "The model to tune, usually finetune's output (a microft checkpoint, or merged LoRA), an HF model "
+             "directory or cached repo id, or a preset (default: gpt2-tiny).",
+    "data": "Preference pairs, a file or a directory of JSON/JSONL, CSV/TSV or Parquet records (required).",
+}
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
 ESTIMATE = ("model", "data", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
             "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm",
