@@ -367,3 +367,52 @@ def test_a_cpu_dpo_run_reports_the_traced_peak_estimate_mem_gives(setup, tmp_pat
                               "--max-grad-norm", "0", "--precision", "fp32", "--json"])
     assert res.exit_code == 0, res.output
     assert summary["traced_peak"] == json.loads(res.output)["peak_bytes"] > 0
+
+
+def trl_reference_free(setup, out: Path, kind: str) -> list[dict]:
+    """TRL's CPOTrainer as SimPO (loss_type simpo, cpo_alpha 0), or its ORPOTrainer (lambda: its beta), on the
+    same model, data in file order, SGD; one pair a micro-step × 4 (the mean over pairs); its step logs."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line) for line in setup["data"].read_text().splitlines()]
+    common = dict(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=4,
+                  learning_rate=0.05, lr_scheduler_type="constant", warmup_steps=0, optim="sgd", weight_decay=0.0,
+                  max_grad_norm=0.0, beta=0.1, bf16=False, gradient_checkpointing=False, report_to="none",
+                  logging_steps=1, save_strategy="no", use_cpu=True, seed=3, train_sampling_strategy="sequential")
+    if kind == "simpo":
+        from trl.experimental.cpo import CPOConfig as Config
+        from trl.experimental.cpo import CPOTrainer as Trainer
+
+        common.update(loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.5)
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    model = transformers.AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(setup["model"])
+    trainer = Trainer(model=model, args=Config(**common), train_dataset=datasets.Dataset.from_list(rows),
+                      processing_class=tok)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_simpo_equals_trls_cpo_trainer_as_simpo_step_for_step(setup, tmp_path):
+    events: list[dict] = []
+    run_dpo(dpo_cfg(setup, tmp_path / "mft", loss="simpo", beta=0.1, gamma=0.5), events.append)
+    logs = trl_reference_free(setup, tmp_path / "trl", "simpo")
+    assert step_losses(events) == pytest.approx([h["loss"] for h in logs], rel=1e-5, abs=1e-6)
+    ours = [e["rewards/margins"] for e in events if e["kind"] == "step"]
+    assert ours == pytest.approx([h["rewards/margins"] for h in logs], rel=1e-4, abs=1e-6)
+    assert len(set(step_losses(events))) == 4
+
+
+def test_orpo_odds_ratio_term_equals_trls_orpo_trainer(setup, tmp_path):
+    """ORPO's rewards (lambda × the mean log-probs) and so its odds ratio agree with TRL's ORPOTrainer at the
+    first step; its loss does not, by design: TRL's NLL term also counts the prompt's tokens, microft's the
+    chosen response's only (the tokens every other preference loss scores)."""
+    events: list[dict] = []
+    run_dpo(dpo_cfg(setup, tmp_path / "mft", loss="orpo", orpo_lambda=0.1, max_steps=1), events.append)
+    first = trl_reference_free(setup, tmp_path / "trl", "orpo")[0]
+    step = next(e for e in events if e["kind"] == "step")
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert step[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
+    assert step["loss"] != pytest.approx(first["loss"], rel=1e-3)  # the NLL terms count different tokens

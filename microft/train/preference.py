@@ -13,8 +13,8 @@ reference's; nc, nr: the responses' token counts; ac, ar: pc / nc, pr / nr):
   simpo  -logsigmoid(beta × (ac - ar) - gamma)                       rewards beta × ac, beta × ar
   orpo   -ac - lambda × logsigmoid(log odds(ac) - log odds(ar))      rewards lambda × ac, lambda × ar
 with log odds(a) = a - log(1 - exp(a)). ORPO's NLL term is the chosen response's mean token NLL per pair
-(the paper's per-example SFT loss), so every pair weighs the same; TRL's ORPOTrainer takes it as a token
-mean over the batch instead. The reference policy (dpo, ipo) is the model with its LoRA adapters switched
+(the paper's per-example SFT loss, on the tokens every loss here scores), so every pair weighs the same;
+TRL's ORPOTrainer takes it over the prompt's tokens too, as a token mean over each micro-batch. The reference policy (dpo, ipo) is the model with its LoRA adapters switched
 off (no copy), a frozen copy of the starting model for full fine-tuning, or log-probs computed once before
 training (`precompute`): then no reference runs while training.
 """
