@@ -566,15 +566,15 @@ def _data_lengths(cfg: Any, arch: Any, method: str) -> tuple[Any, str | None]:
 
     if not cfg.data:
         return cfg, None
-    if method != "sft":
-        from microft.errors import ConfigError
-
-        raise ConfigError(f"estimate-mem --method {method} does not read --data yet; give --seq-len (the longer "
-                          "side of your longest pair, prompt included)")
-    from microft.runs import finetune_lengths
+    from microft.runs import finetune_lengths, pair_lengths
 
     context = cfg.max_seq_len or arch.n_positions
     memory.setup_for(cfg, arch, 1)  # refuses a --max-seq-len past the model's context
+    if method == "dpo":  # each pair: two sequences padded to the micro-batch's longest side
+        lengths = pair_lengths(cfg, context, arch)
+        return cfg.model_copy(update={"max_seq_len": max(lengths)}), (
+            f"from --data: {len(lengths) // 2} training pairs, longest side {max(lengths)} tokens (cut at "
+            f"{context}), mean {sum(lengths) / len(lengths):.0f}")
     lengths = finetune_lengths(cfg, context)
     # packed rows fill up to the context with whole samples; unpacked ones are as long as the longest
     cfg = cfg.model_copy(update={"max_seq_len": context if cfg.packing else max(lengths)})

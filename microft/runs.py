@@ -313,6 +313,22 @@ def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
     return [sample_length(s) for s in load_instruct_data(cfg, max_len, encode).train]
 
 
+def pair_lengths(cfg: RunConfig, max_len: int, model_cfg: Any) -> list[int]:
+    """Tokens of each side of every training pair of `cfg.data`, built as `run_dpo` builds them (template, cut
+    at `max_len`), with the model's tokenizer where it has one (else GPT-2's): what `estimate-mem --method
+    dpo --data` measures."""
+    from microft.preference import load_pairs, read_pairs
+
+    try:
+        tok = tokenizer_for(cfg.model or "gpt2-tiny", model_cfg)
+    except ConfigError:  # a preset of another family has no tokenizer: GPT-2's, as finetune_lengths counts
+        from microft.tokenizer import gpt2_tokenizer
+
+        tok = gpt2_tokenizer()
+    data = load_pairs(cfg, max_len, tok, (read_pairs(cfg.data, cfg.skip_bad), None))
+    return [len(s[side]) for s in data.train for side in ("chosen_ids", "rejected_ids")]
+
+
 def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
     """The run's records, validated and split (the demo's own with no --data); notes where other column
     names were read as ours."""

@@ -416,3 +416,19 @@ def test_orpo_odds_ratio_term_equals_trls_orpo_trainer(setup, tmp_path):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert step[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
     assert step["loss"] != pytest.approx(first["loss"], rel=1e-3)  # the NLL terms count different tokens
+
+
+def test_estimate_mem_reads_the_pairs_longest_side_from_data(setup):
+    from microft.instruct import split_records
+
+    tok = transformers.AutoTokenizer.from_pretrained(setup["model"])
+    rows = [json.loads(line) for line in setup["data"].read_text().splitlines()]
+    rows = split_records(rows, RunConfig().val_frac, 0.0, RunConfig().seed).train  # the run's training pairs
+    # a side's input ids: prompt and response, and the EOS whose target the last id predicts (shifted away)
+    longest = max(len(tok(r["prompt"] + r[side])["input_ids"]) for r in rows for side in ("chosen", "rejected"))
+    res = runner.invoke(app, ["estimate-mem", "--model", str(setup["model"]), "--data", str(setup["data"]),
+                              "--template", str(setup["template"]), "--method", "dpo",
+                              "--micro-bs", "2", "--lora", "--json"])
+    assert res.exit_code == 0, res.output
+    note = json.loads(res.output)["notes"][0]
+    assert f"from --data: {len(rows)} training pairs, longest side {longest} tokens" in note, note
