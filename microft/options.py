@@ -105,9 +105,10 @@ LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantiz
 FINETUNE = (*PRETRAIN, "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
             "packing", "predict", "samples_per_eval", *LORA)
 # `dpo`: finetune's options but those of SFT samples (packing, prompt masking, predictions, generated samples),
-# the column mapping and the multi-device/compiled runs it does not support yet; then the loss and its constants
+# the column mapping, dataset-repo file selection and the multi-device/compiled runs it does not support yet;
+# then the loss and its constants
 DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "test_frac", "samples_per_eval",
-                                         "columns", "devices", "shard", "compile")),
+                                         "columns", "data_split", "data_files", "devices", "shard", "compile")),
        "loss", "beta", "gamma", "orpo_lambda", "precompute_ref")
 # dpo's own words where finetune's help speaks of the demo
 DPO_HELP = {
