@@ -8,8 +8,8 @@ where this one has native bf16; its GPU part only when CUDA is available), bench
 and transformers stepping in turn in one process: the ratio on a host whose speed drifts),
 bench/trainer_matrix.py (precision × gradient checkpointing) and bench/families.py (a Qwen3-0.6B shape
 against transformers, and loading a 1B checkpoint). Each rewrites only its own section. bench/qlora.py,
-bench/packing.py, bench/linear_kernels.py, bench/memory_accuracy.py and bench/gemma3.py (a Gemma 3 1B LoRA
-step against transformers + PEFT, ~7 GiB a process) run on their own (they need more memory or time).
+bench/packing.py, bench/linear_kernels.py, bench/memory_accuracy.py, bench/dpo.py and bench/gemma3.py (a Gemma 3
+1B LoRA step against transformers + PEFT, ~7 GiB a process) run on their own (they need more memory or time).
 """
 
 from __future__ import annotations

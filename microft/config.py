@@ -109,6 +109,12 @@ class RunConfig(BaseModel):
     lora_targets: str = "qkv,proj"
     quantize: Literal["nf4"] | None = None  # QLoRA: frozen block linears in NF4 (microft.quant)
     double_quant: bool = False
+    # preference tuning (`microft dpo`; train.preference has the formulas)
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    beta: float = Field(0.1, gt=0.0)  # dpo, ipo, simpo: the inverse temperature (TRL's default)
+    gamma: float = Field(0.5, ge=0.0)  # simpo: the target margin (TRL's simpo_gamma default)
+    orpo_lambda: float = Field(0.1, ge=0.0)  # orpo: the odds-ratio term's weight (the paper's lambda)
+    precompute_ref: bool = False  # dpo, ipo: reference log-probs computed once before training
     # scale-out
     devices: int = Field(1, ge=1)
     shard: Literal["none", "ddp", "fsdp"] = "none"

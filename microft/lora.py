@@ -29,9 +29,11 @@ lora_B are ordinary linears in PEFT too, so adapter tensors need no transpose.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,12 @@ def parse_targets(spec: str | list[str], model_type: str = "gpt2") -> list[str]:
 
 
 class LoRALinear(nn.Linear):
-    """An `nn.Linear` (the base weight and bias, shared, not copied) plus a rank-r update B @ A × alpha / r."""
+    """An `nn.Linear` (the base weight and bias, shared, not copied) plus a rank-r update B @ A × alpha / r.
+
+    `adapters_off` (see `adapters_disabled`) makes it the base linear alone: preference tuning's reference.
+    """
+
+    adapters_off = False
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype | None = None):
@@ -94,6 +101,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self._modules.get("base_layer")
         out = base(x) if base is not None else linear(x, self.weight, self.bias)
+        if self.adapters_off:
+            return out
         a = self.lora_A.weight
         if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
             x = x.to(a.dtype)
@@ -142,6 +151,20 @@ def _target_linears(model: GPT, targets: list[str]) -> list[tuple[str, nn.Module
 def lora_modules(model: GPT) -> list[tuple[str, LoRALinear]]:
     """(microft path, module) of every block linear that currently carries an adapter."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: GPT) -> Iterator[GPT]:
+    """`model` computing as its frozen base (every adapter skipped) inside the block: the reference policy of
+    DPO/IPO with LoRA, with no second copy of the model in memory."""
+    mods = [m for _, m in lora_modules(model)]
+    for m in mods:
+        m.adapters_off = True
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.adapters_off = False
 
 
 @torch.no_grad()

@@ -78,6 +78,11 @@ RunName = Annotated[str | None, typer.Option("--run-name", help="The tracker run
 Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment, W&B and Trackio project (default: WANDB_PROJECT for W&B, else microft).")]
 DataSplit = Annotated[str | None, typer.Option("--data-split", help="With a dataset directory or hub repo id: read the files of this split (train, validation, …; named for it) (default: train, where the files name splits).")]
 DataFiles = Annotated[str | None, typer.Option("--data-files", help="With a dataset directory or hub repo id: comma-separated glob patterns of the files to read, e.g. 'data/train-*.parquet' (default: the --data-split's files).")]
+PrefLoss = Annotated[str | None, typer.Option("--loss", help="dpo (sigmoid) | ipo | simpo | orpo: dpo and ipo compare to a frozen reference policy, simpo and orpo need none.")]
+Beta = Annotated[float | None, typer.Option("--beta", help="DPO/IPO/SimPO's beta: how far the policy may move from the reference (dpo, ipo) or the reward scale (simpo).")]
+Gamma = Annotated[float | None, typer.Option("--gamma", help="SimPO's target reward margin gamma.")]
+OrpoLambda = Annotated[float | None, typer.Option("--orpo-lambda", help="ORPO's lambda: the weight of the odds-ratio term beside the chosen response's NLL.")]
+PrecomputeRef = Annotated[bool | None, typer.Option("--precompute-ref/--no-precompute-ref", help="dpo/ipo: compute the reference log-probs once before training (full fine-tuning then keeps no reference copy in memory).")]
 SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
 
 # every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
@@ -96,6 +101,8 @@ RUN_OPTIONS: dict[str, Any] = {
     "momentum": Momentum, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval,
     "log_every": LogEvery, "shuffle": Shuffle, "report_to": ReportTo, "report_dir": ReportDir,
     "run_name": RunName, "experiment": Experiment, "data_split": DataSplit, "data_files": DataFiles,
+    "loss": PrefLoss, "beta": Beta, "gamma": Gamma,
+    "orpo_lambda": OrpoLambda, "precompute_ref": PrecomputeRef,
 }
 PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
             "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
@@ -106,10 +113,22 @@ PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
 FINETUNE = (*PRETRAIN, "data_split", "data_files", "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
             "packing", "predict", "samples_per_eval", *LORA)
+# `dpo`: finetune's options but those of SFT samples (packing, prompt masking, predictions, generated samples),
+# the column mapping, dataset-repo file selection and the multi-device/compiled runs it does not support yet;
+# then the loss and its constants
+DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "test_frac", "samples_per_eval",
+                                         "columns", "data_split", "data_files", "devices", "shard", "compile")),
+       "loss", "beta", "gamma", "orpo_lambda", "precompute_ref")
+# dpo's own words where finetune's help speaks of the demo
+DPO_HELP = {
+    "model": "The model to tune, usually finetune's output (a microft checkpoint, or merged LoRA), an HF model "
+             "directory or cached repo id, or a preset (default: gpt2-tiny).",
+    "data": "Preference pairs, a file or a directory of JSON/JSONL, CSV/TSV or Parquet records (required).",
+}
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
 ESTIMATE = ("model", "data", "data_split", "data_files", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
             "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm",
-            "momentum", "dropout", *LORA, "devices", "shard", "compile", "packing")
+            "momentum", "dropout", *LORA, "devices", "shard", "compile", "packing", "loss", "precompute_ref")
 # pretrain's own words where finetune's help speaks of the demo
 PRETRAIN_HELP = {
     "model": "Preset to train from scratch (gpt2-tiny, gpt2, llama-3.2-1b, …), or an HF model directory, "

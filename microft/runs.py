@@ -103,8 +103,9 @@ def memory_budget(cfg: RunConfig) -> tuple[int, str]:
     return avail, f"this machine's free memory ({avail / 2**30:.1f} GiB)"
 
 
-def memory_hooks(cfg: RunConfig, model_cfg: Any):
-    """The estimator's answers for the loop (banner peak, CPU traced peak, OOM advice), as callbacks."""
+def memory_hooks(cfg: RunConfig, model_cfg: Any, method: str = "sft"):
+    """The estimator's answers for the loop (banner peak, CPU traced peak, OOM advice), as callbacks.
+    `method` "dpo": the preference step, which only the trace engine models (no banner peak or advice)."""
     from microft.errors import MicroftError
     from microft.memory.plan import estimate_for_run, plan_advice
     from microft.train.loop import MemoryHooks
@@ -117,6 +118,9 @@ def memory_hooks(cfg: RunConfig, model_cfg: Any):
                 return None
         return call
 
+    if method != "sft":
+        return MemoryHooks(traced_peak=quietly(lambda precision, plan: estimate_for_run(
+            cfg, model_cfg, plan, precision, engine="trace", method=method)["peak_bytes"]))
     return MemoryHooks(
         banner_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision)["summary"]),
         traced_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision,
@@ -309,6 +313,22 @@ def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
     return [sample_length(s) for s in load_instruct_data(cfg, max_len, encode).train]
 
 
+def pair_lengths(cfg: RunConfig, max_len: int, model_cfg: Any) -> list[int]:
+    """Tokens of each side of every training pair of `cfg.data`, built as `run_dpo` builds them (template, cut
+    at `max_len`), with the model's tokenizer where it has one (else GPT-2's): what `estimate-mem --method
+    dpo --data` measures."""
+    from microft.preference import load_pairs, read_pairs
+
+    try:
+        tok = tokenizer_for(cfg.model or "gpt2-tiny", model_cfg)
+    except ConfigError:  # a preset of another family has no tokenizer: GPT-2's, as finetune_lengths counts
+        from microft.tokenizer import gpt2_tokenizer
+
+        tok = gpt2_tokenizer()
+    data = load_pairs(cfg, max_len, tok, (read_pairs(cfg.data, cfg.skip_bad), None))
+    return [len(s[side]) for s in data.train for side in ("chosen_ids", "rejected_ids")]
+
+
 def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
     """The run's records, validated and split (the demo's own with no --data); notes where other column
     names were read as ours."""
@@ -407,6 +427,71 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
             for line in summary["next_steps"]:
                 emit({"kind": "note", "text": line})
     return summary
+
+
+def refuse_for_dpo(cfg: RunConfig) -> None:
+    """What `dpo` does not do (yet), each refused in one line before anything is read."""
+    if cfg.data is None:
+        raise ConfigError("dpo needs --data: preference pairs ({prompt|instruction, chosen, rejected} records)")
+    refused = {"packing": "--packing (a pair's two sides are scored row by row)",
+               "compile": "--compile", "predict": "--predict", "columns": "--columns"}
+    for name, what in refused.items():
+        if getattr(cfg, name):
+            raise ConfigError(f"dpo does not support {what}; leave it out (or out of the recipe)")
+    if cfg.devices > 1 or cfg.shard != "none":
+        raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning yet")
+    if cfg.micro_bs == "auto":
+        raise ConfigError("dpo: --micro-bs auto is not supported yet (the memory planner models SFT steps); "
+                          "give --micro-bs N")
+    if cfg.precompute_ref and cfg.loss not in ("dpo", "ipo"):
+        raise ConfigError(f"--precompute-ref: --loss {cfg.loss} has no reference policy to precompute")
+
+
+def pair_data(cfg: RunConfig, max_len: int, tok: Any, read: tuple, on_event: Callable[[Event], None]):
+    """The run's pair samples (`preference.load_pairs`), each skipped bad pair noted."""
+    from microft.preference import load_pairs
+
+    data = load_pairs(cfg, max_len, tok, read)
+    for problem in data.problems:
+        on_event({"kind": "note", "text": f"skipped bad pair: {problem}"})
+    return data
+
+
+@owns_out
+def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
+    """Preference tuning on chosen/rejected pairs (DPO, IPO, SimPO, ORPO): finetune's model, LoRA/QLoRA,
+    batch plan, precision and checkpoints, with `train.preference`'s objective in place of the LM loss."""
+    from microft.preference import read_pairs
+    from microft.train.loop import train
+    from microft.train.preference import PreferenceLoss, PreferenceObjective
+
+    refuse_for_dpo(cfg)
+    read = (read_pairs(cfg.data, cfg.skip_bad),  # data errors come before the model is loaded
+            read_pairs(cfg.val_data, cfg.skip_bad) if cfg.val_data else None)
+    seed_init(cfg.seed)
+    model = load_base(cfg)
+    tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
+    max_len = seq_len_for(cfg, model.config.n_positions)
+    data = pair_data(cfg, max_len, tok, read, on_event)
+    if cfg.lora:
+        add_lora(cfg, model, on_event)
+    loss = PreferenceLoss(cfg.loss, cfg.beta, cfg.gamma, cfg.orpo_lambda)
+    objective = PreferenceObjective(loss, cfg.lora, cfg.precompute_ref)
+    plan = batch_plan(cfg, 1, None, on_event, len(data.train))
+    reference = ("none" if not loss.needs_reference else "precomputed log-probs" if cfg.precompute_ref
+                 else "the base (LoRA adapters off)" if cfg.lora else "a frozen copy of the starting model")
+    banner = {"data_stats": f"{len(data.train)} train / {len(data.val)} val pairs; {data.n_skipped} bad pairs "
+                            "skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
+              **batch_banner(cfg, plan)}
+    return train(model, data.train, data.val or None, cfg, plan, on_event, save_extra=saved_files(cfg, model, False),
+                 banner_extra=banner, memory=memory_hooks(cfg, model.config, "dpo"), objective=objective)
+
+
+def describe_loss(loss: Any) -> str:
+    """The banner's words for the loss and its constants."""
+    consts = {"dpo": f"beta {loss.beta}", "ipo": f"beta {loss.beta}", "simpo": f"beta {loss.beta}, gamma {loss.gamma}",
+              "orpo": f"lambda {loss.lam}"}
+    return f"{loss.kind} ({consts[loss.kind]})"
 
 
 def longrope_note(model_cfg: Any, max_len: int) -> str | None:

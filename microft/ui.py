@@ -66,6 +66,13 @@ def _mem(e: Event) -> str:
     return f"{fmt_bytes(e.get('peak_rss'))} rss"
 
 
+def rewards(e: Event) -> str:
+    """Preference tuning's margin and accuracy (TRL's rewards/margins, rewards/accuracies), or nothing."""
+    if "rewards/margins" not in e:
+        return ""
+    return f"  margin {e['rewards/margins']:+.3f}  acc {e['rewards/accuracies']:.2f}"
+
+
 def banner_lines(e: Event) -> list[tuple[str, str]]:
     rows = [
         ("model", f"{e['model']}  ({e['params_trainable']:,} trainable / {e['params_total']:,} total parameters)"),
@@ -77,7 +84,7 @@ def banner_lines(e: Event) -> list[tuple[str, str]]:
                   f"{e['train_samples']} train / {e['val_samples']} val samples"),
         ("output", e["out"]),
     ]
-    for key in ("estimated_peak", "demo", "data_stats"):
+    for key in ("estimated_peak", "demo", "data_stats", "preference"):
         if e.get(key):
             rows.append((key.replace("_", " "), str(e[key])))
     if e.get("resumed_from"):
@@ -160,7 +167,7 @@ class TrainReporter:
 
     def _step(self, e: Event) -> None:
         stats = (f"loss {e['loss']:.4f} (avg {self.smooth or float('nan'):.4f})  lr {e['lr']:.2e}  "
-                 f"gnorm {e['grad_norm']:.2f}  {e['tokens_per_sec']:,.0f} tok/s  {_mem(e)}")
+                 f"gnorm {e['grad_norm']:.2f}{rewards(e)}  {e['tokens_per_sec']:,.0f} tok/s  {_mem(e)}")
         if self.progress is not None:
             self.progress.update(self.task, completed=e["step"], stats=stats)
             return
@@ -169,7 +176,7 @@ class TrainReporter:
               + ("  (skipped: fp16 overflow)" if e.get("skipped") else ""), flush=True)
 
     def _eval(self, e: Event) -> None:
-        self._print(f"eval  step {e['step']}  val loss {e['val_loss']:.4f}")
+        self._print(f"eval  step {e['step']}  val loss {e['val_loss']:.4f}{rewards(e)}")
 
     def _sample(self, e: Event) -> None:
         self._print(f"sample  step {e['step']}  {shorten_left(e['prompt'])!r} → {e['output']!r}")

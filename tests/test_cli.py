@@ -154,7 +154,7 @@ def test_every_recipe_loads_and_dry_runs():
     for r in recipes:
         first = r.read_text().splitlines()[0]
         assert first.startswith("# microft "), r
-        cmd = "pretrain" if " pretrain " in first else "finetune"
+        cmd = next((c for c in ("pretrain", "dpo") if f" {c} " in first), "finetune")
         res = invoke(cmd, "--recipe", str(r), "--dry-run", "--max-steps", "7")
         assert res.exit_code == 0, (r, res.output)
         cfg = json.loads(res.output[: res.output.index("\nEffective batch")])

@@ -51,7 +51,7 @@ def command_flags(command: str) -> set[str]:
 
 
 # --- item 6: every key --dry-run prints is a flag -----------------------------------------------------
-@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "dpo"])
 def test_every_key_the_dry_run_prints_is_a_flag_of_that_command(command):
     res = invoke(command, "--dry-run")
     assert res.exit_code == 0, res.output
@@ -66,7 +66,7 @@ def test_every_key_the_dry_run_prints_is_a_flag_of_that_command(command):
 
 
 def test_every_run_config_field_is_a_flag_of_some_command():
-    flags = command_flags("finetune") | command_flags("pretrain")
+    flags = command_flags("finetune") | command_flags("pretrain") | command_flags("dpo")
     assert {f for f in RunConfig.model_fields if "--" + f.replace("_", "-") not in flags} == set()
 
 

@@ -20,7 +20,7 @@ CLI renders what it returns. The planner built on it is plan.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from microft.config import RunConfig
@@ -279,6 +279,9 @@ def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, worl
     the budget is exceeded (then `peak_bytes` is only a lower bound and `fits` is False)."""
     import time
 
+    if setup.method == "dpo":
+        raise ConfigError("the analytical engine models SFT steps only; --method dpo is estimated with --trace "
+                          "(microft's preference step on fake tensors)")
     t0 = time.perf_counter()
     r = Replay(arch, setup, grad_buckets=world > 1 and shard == "ddp")
     if fast and budget is not None and not (world > 1 and shard == "fsdp"):
@@ -332,6 +335,17 @@ def _notes(arch: ModelConfig, s: Setup) -> list[str]:
     return notes
 
 
+def preference_note(setup: Setup) -> str:
+    """What a traced `microft dpo` step holds beside an SFT step's."""
+    ref = ("no reference (reference-free loss)" if setup.pref_loss not in ("dpo", "ipo")
+           else "cached reference log-probs (no reference forward)" if setup.precompute_ref
+           else "the reference: the base with the adapters off (a forward without gradients)" if setup.lora
+           else "the reference: a frozen copy of the weights and its forward without gradients")
+    return (f"microft dpo --loss {setup.pref_loss}: {setup.micro_bs} pairs a micro-step, {2 * setup.micro_bs} "
+            f"sequences of {setup.seq_len} tokens in one forward, every position scored as a response token (the "
+            f"most the loss head holds); {ref}")
+
+
 def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
           max_grad_norm: float | None = 1.0, steps: int = 2) -> Estimate:
     """The traced peak: microft's real step on fake tensors (any family; imports torch)."""
@@ -344,13 +358,16 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
                     **sgd, grad_ckpt=setup.grad_ckpt, grad_ckpt_every=setup.ckpt_every,
                     lora=setup.lora, lora_r=setup.lora_r, lora_dropout=setup.lora_dropout,
                     lora_targets=",".join(setup.lora_targets), quantize=setup.quantize,
-                    double_quant=setup.double_quant, max_grad_norm=max_grad_norm)
+                    double_quant=setup.double_quant, max_grad_norm=max_grad_norm, loss=setup.pref_loss,
+                    precompute_ref=setup.precompute_ref)
     # RoPE frequencies (theta, llama3 scaling) change no memory; the tables are made at init, outside the step
     mc = arch.model_copy(update={"rope_scaling": None})
-    t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum, steps=steps)
+    preference = setup.method == "dpo"
+    t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum, steps=steps,
+                       preference=preference)
     comp = dict(t.components)
     peak = t.peak_bytes
-    r = Replay(arch, setup)
+    r = Replay(arch, replace(setup, method="sft"))  # the details (weights, states): the same model
     r.run()
     if world > 1 and shard == "ddp":
         buckets = sum(p.numel * p.es for p in r.m.params if p.train)
@@ -361,5 +378,7 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
                    budget=budget, world=world, shard=shard, seconds=t.seconds, ops=t.ops)
     est.details = _details(arch, setup, r)
     est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
+    if preference:
+        est.notes.insert(0, preference_note(setup))
     est.overhead = runtime_overhead(peak, budget)
     return est

@@ -333,13 +333,15 @@ def _advice(cfg: RunConfig, arch: ModelConfig, budget: Budget) -> str:
 
 
 def estimate_for_run(cfg: RunConfig, model_cfg: ModelConfig, plan: BatchPlan, precision: str | None = None,
-                     engine: str = "analytical") -> dict[str, Any]:
+                     engine: str = "analytical", method: str = "sft") -> dict[str, Any]:
     """The estimate for a run about to start, as a dict (`Estimate.to_dict()` plus `summary`).
 
     `precision`: the trainer's resolved precision (else `cfg.precision`, auto -> bf16-mixed).
-    `engine`: "analytical" (instant) or "trace" (the measured peak on CPU, a few seconds)."""
+    `engine`: "analytical" (instant) or "trace" (the measured peak on CPU, a few seconds); `method`: "dpo"
+    for `microft dpo`'s step (the trace engine only)."""
     arch = with_dropout(model_cfg, cfg.dropout)
-    s = replace(_base(cfg, arch, precision), micro_bs=plan.micro_bs, accum=min(plan.accum, 2))
+    s = replace(_base(cfg, arch, precision), micro_bs=plan.micro_bs, accum=min(plan.accum, 2), method=method,
+                pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref)
     fn = trace if engine == "trace" else estimate
     e = fn(arch, s, world=plan.world_size, shard=scale_out(cfg)[1] if plan.world_size > 1 else "none")
     return {**e.to_dict(), "summary": e.summary()}

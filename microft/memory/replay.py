@@ -57,6 +57,9 @@ class Setup:
     double_quant: bool = False
     steps: int = 2
     packing: bool = False  # packed rows: position ids and a block-diagonal (B, 1, T, T) attention mask
+    method: str = "sft"  # "dpo": `microft dpo`'s step (micro_bs pairs; traced only, see memory.estimate)
+    pref_loss: str = "dpo"  # the preference loss (dpo, ipo: a reference forward; simpo, orpo: none)
+    precompute_ref: bool = False  # dpo, ipo: cached reference log-probs, no reference forward or copy
 
     @property
     def mixed(self) -> bool:

@@ -268,19 +268,25 @@ def _observe(model: GPT, tracker: LiveBytes) -> None:
             mod.observe_dequantize = lambda: _Dequantizing(tracker)
 
 
+def _step_hooks(top: nn.Module, tracker: LiveBytes, state: dict[str, str]) -> list:
+    """Hooks on the module the micro-step calls (the model, or `microft dpo`'s runner): its forward starts the
+    activations, its end the backward."""
+    def fwd_pre(_m, _a):
+        tracker.mark(f"{state['at']}, forward", "forward", "activations")
+
+    def fwd_post(_m, _a, _out):
+        tracker.mark(f"{state['at']}, backward of the loss", "start of backward", "backward transients")
+
+    return [top.register_forward_pre_hook(fwd_pre), top.register_forward_hook(fwd_post)]
+
+
 def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) -> list:
     """Forward/backward hooks that tell the tracker where in the step it is."""
     handles = []
     n = len(model.h)
 
-    def fwd_pre(_m, _a):
-        tracker.mark(f"{state['at']}, forward", "forward", "activations")
-
     def ln_f_post(_m, _a, _out):
         tracker.mark(f"{state['at']}, loss", "loss", "loss (fused cross-entropy)")
-
-    def fwd_post(_m, _a, _out):
-        tracker.mark(f"{state['at']}, backward of the loss", "start of backward", "backward transients")
 
     def block_post(i):
         def hook(_m, _a, out):
@@ -297,9 +303,8 @@ def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) 
             x.register_hook(lambda _g: tracker.mark(f"{state['at']}, backward of the embeddings",
                                                     "end of backward", "backward transients"))
 
-    handles.append(model.register_forward_pre_hook(fwd_pre))
+    handles += _step_hooks(model, tracker, state)
     handles.append(model.ln_f.register_forward_hook(ln_f_post))
-    handles.append(model.register_forward_hook(fwd_post))
     handles.append(model.h[0].register_forward_pre_hook(block0_pre))
     for i, block in enumerate(model.h):
         handles.append(block.register_forward_hook(block_post(i)))
@@ -336,10 +341,50 @@ def _cuda_sizes(precision: str, tracker: LiveBytes, cpu_steps: bool):
 
 
 def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
-                   accum: int = 1, steps: int = 2) -> TraceResult:
-    """Trace `steps` optimizer steps of microft's training step on fake tensors; see the module doc."""
+                   accum: int = 1, steps: int = 2, preference: bool = False) -> TraceResult:
+    """Trace `steps` optimizer steps of microft's training step on fake tensors; see the module doc.
+    `preference`: the step of `microft dpo` (`cfg.loss`, `cfg.precompute_ref`), `micro_bs` pairs of two
+    `seq_len`-token sequences each, every position a response token (the most the loss head can take)."""
     with native_half_matmuls():  # CUDA multiplies bf16 natively: no fp32 copies of a CPU that emulates it
-        return _trace_training(model_cfg, cfg, precision, micro_bs, seq_len, accum, steps)
+        return _trace_training(model_cfg, cfg, precision, micro_bs, seq_len, accum, steps, preference)
+
+
+def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mode) -> GPT | None:
+    """A full fine-tune's frozen reference (`reference_of` deep-copies the model; here a second fake model of
+    the same shape, as a deep copy can't leave its fake mode), or None where the run keeps none."""
+    from microft.train.preference import PreferenceLoss
+    from microft.train.step import place_model
+
+    if cfg.lora or cfg.precompute_ref or not PreferenceLoss(cfg.loss).needs_reference:
+        return None
+    with torch.device("meta"):
+        frozen = GPT(model_cfg.model_copy(update={"dropout": 0.0}))
+    place_model(frozen, precision, torch.device("meta"))
+    _materialise_fake(frozen, fake_mode, torch.device("cpu"))
+    return frozen.requires_grad_(False).eval()
+
+
+def _preference_step(model: GPT, frozen: GPT | None, cfg: RunConfig, tracker: LiveBytes
+                     ) -> tuple[nn.Module, Callable]:
+    """(the runner `microft dpo` steps through, a batch maker (B, T) -> (x, y, cached reference log-probs or
+    None, target positions)) on the fake `model`; the `frozen` reference copy counts as weights."""
+    from microft.train.preference import FrozenReference, PreferenceLoss, PreferenceRunner, reference_of
+
+    loss = PreferenceLoss(cfg.loss)
+    cached = cfg.precompute_ref and loss.needs_reference
+    reference = None if cached else reference_of(model, loss, cfg.lora, copy_model=False)
+    if frozen is not None:
+        reference = FrozenReference(frozen)
+        for t in [*frozen.parameters(), *frozen.buffers()]:
+            tracker.track(t, "weights")
+
+    def batch(B: int, T: int):
+        x = torch.zeros(2 * B, T, dtype=torch.long)
+        y = torch.zeros(2 * B, T, dtype=torch.long)
+        ref = torch.zeros(B, 2, dtype=torch.float32) if cached else None
+        return x, y, ref, torch.arange(2 * B * T)
+
+    return PreferenceRunner(model, loss, reference), batch
 
 
 def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
@@ -377,7 +422,7 @@ def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
 
 
 def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
-                    accum: int, steps: int) -> TraceResult:
+                    accum: int, steps: int, preference: bool = False) -> TraceResult:
     from microft.train.step import autocast_context, finish_step, micro_step
 
     t0 = time.perf_counter()
@@ -402,8 +447,14 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     step_peaks = []
     tracker.workspaces[sdpa_bwd] = workspace
     _observe(model, tracker)
+    runner, pairs = model, None
+    frozen = _frozen_copy(model_cfg, cfg, precision, fake_mode) if preference else None
     try:
         with fake_mode:
+            if preference:
+                runner, pairs = _preference_step(model, frozen, cfg, tracker)
+                handles += _step_hooks(runner, tracker, state)
+                tracker.workspaces[sdpa_bwd] = sdpa_workspace(2 * micro_bs, model_cfg.n_head, seq_len, hs, low)
             scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
             optimizer = _trace_optimizer(model, cfg)
             with tracker:
@@ -413,6 +464,11 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
                     for m in range(1, accum + 1):
                         state["at"] = f"step {step}, micro-step {m}"
                         tracker.mark(f"{state['at']}, batch", "forward", "batch")
+                        if pairs is not None:
+                            x, y, ref, pos = pairs(micro_bs, seq_len)
+                            micro_step(runner, x, y, ref, float(micro_bs * accum), autocast, scaler, pos)
+                            del x, y, ref, pos
+                            continue
                         x = torch.zeros(micro_bs, seq_len, dtype=torch.long, device=device)
                         y = torch.zeros(micro_bs, seq_len, dtype=torch.long, device=device)
                         micro_step(model, x, y, None, float(micro_bs * seq_len * accum), autocast, scaler)

@@ -134,6 +134,7 @@ class Run:
     save_extra: Callable[[Path], None] | None = None
     on_eval: Callable[[torch.nn.Module, int], list[Event]] | None = None
     state: TrainState = field(default_factory=TrainState)
+    objective: Any = None  # preference tuning's (train.preference.PreferenceObjective); None: the LM loss
 
     @property
     def out(self) -> Path:
@@ -250,16 +251,18 @@ def train(
     on_eval: Callable[[torch.nn.Module, int], list[Event]] | None = None,
     banner_extra: dict[str, Any] | None = None,
     memory: MemoryHooks | None = None,
+    objective: Any = None,
 ) -> dict[str, Any]:
     """Train `model` on `train_set` with `plan`; write checkpoints under `cfg.out`; return the summary.
 
     `on_event` receives plain dicts (`kind`: banner, step, eval, sample, save, summary, note).
     `save_extra(dir)` adds files to every saved model directory (LoRA adapters);
     `on_eval(model, step)` returns extra events at each evaluation (generated samples);
-    `memory`: the estimator's answers for the banner, the summary and out-of-memory errors.
+    `memory`: the estimator's answers for the banner, the summary and out-of-memory errors;
+    `objective`: what the steps minimise when it is not the token-mean LM loss (preference pairs).
     """
     memory = memory or MemoryHooks()
-    run = set_up(model, train_set, val_set, cfg, plan, dist or Dist(), on_event, save_extra, on_eval)
+    run = set_up(model, train_set, val_set, cfg, plan, dist or Dist(), on_event, save_extra, on_eval, objective)
     resume_dir = resume_dir_for(cfg.resume, run.out)
     if resume_dir is not None:
         asked = dict(run.schedule)
@@ -332,8 +335,9 @@ def _due(every: int, step: int, total_steps: int) -> bool:
 
 def set_up(model: GPT, train_set: Sequence, val_set: Sequence | None, cfg: RunConfig, plan: BatchPlan, dist: Dist,
            on_event: Callable[[Event], None], save_extra: Callable[[Path], None] | None,
-           on_eval: Callable[[torch.nn.Module, int], list[Event]] | None) -> Run:
-    """Seed, place and wrap the model; build the optimizer, the schedule and the precision policy."""
+           on_eval: Callable[[torch.nn.Module, int], list[Event]] | None, objective: Any = None) -> Run:
+    """Seed, place and wrap the model; build the optimizer, the schedule and the precision policy. An
+    `objective` binds its runner here, before a resume loads trained weights (its reference is the start)."""
     device = dist.device or resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     if device.type == "cpu":
@@ -354,12 +358,15 @@ def set_up(model: GPT, train_set: Sequence, val_set: Sequence | None, cfg: RunCo
     schedule = {"schedule": cfg.schedule, "total_steps": total_steps, "warmup": warm,
                 "min_ratio": cfg.min_lr_ratio, "lr": cfg.lr}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_multiplier(schedule))
+    autocast = autocast_context(precision, device)
+    if objective is not None:
+        runner = objective.bind(model, train_set, val_set, plan.micro_bs, device, autocast)
     return Run(model=model, runner=runner, train_set=train_set, val_set=val_set, cfg=cfg, plan=plan, dist=dist,
                device=device, precision=precision, optimizer=optimizer, scheduler=scheduler,
                schedule=schedule,
-               scaler=make_scaler(precision, device), autocast=autocast_context(precision, device), lengths=lengths,
+               scaler=make_scaler(precision, device), autocast=autocast, lengths=lengths,
                steps_per_epoch=spe, total_steps=total_steps, warmup=warm, n_ckpt=n_ckpt, on_event=on_event,
-               save_extra=save_extra, on_eval=on_eval)
+               save_extra=save_extra, on_eval=on_eval, objective=objective)
 
 
 def emulated_precision_note(precision: str, device: torch.device) -> str | None:
@@ -424,6 +431,7 @@ def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], lis
     epoch_cache: dict[int, list[list[int]]] = {}
     cfg, train_set = run.cfg, run.train_set
     pack_len = (cfg.max_seq_len or run.model.config.n_positions) if cfg.packing else None
+    make_batch = run.objective.collate if run.objective is not None else collate
 
     def build(step: int, plan: BatchPlan) -> tuple[list[Batch], list[int]]:
         mbs, step_idx = step_batches(step, len(train_set), run.lengths, plan, cfg.seed, cfg.group_by_length,
@@ -431,7 +439,7 @@ def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], lis
         if pack_len is not None:
             batches = [collate_packed([[train_set[i] for i in row] for row in mb]) for mb in mbs]
         else:
-            batches = [collate([train_set[i] for i in mb]) for mb in mbs]
+            batches = [make_batch([train_set[i] for i in mb]) for mb in mbs]
         return [b.pin() for b in batches] if run.device.type == "cuda" else batches, step_idx
 
     return build
@@ -449,7 +457,8 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
     t0 = time.perf_counter()
     rng_at_step_start = capture_rng()  # an interrupted step is redone from here on resume
     batches, step_idx = feed.get(state.step, run.plan, last=state.step + 1 == run.total_steps)
-    denom = target_weight([run.train_set[i] for i in step_idx]) / dist.world_size  # DDP averages over ranks
+    weigh = run.objective.weight if run.objective is not None else target_weight
+    denom = weigh([run.train_set[i] for i in step_idx]) / dist.world_size  # DDP averages over ranks
     step_tokens = sum(run.lengths[i] for i in step_idx)
     loss_sum = torch.zeros((), dtype=torch.float32, device=run.device)
     phase = "forward"
@@ -497,7 +506,8 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
     state.train_time += dt
     return {"kind": "step", "step": state.step, "total_steps": run.total_steps, "loss": loss, "lr": lr,
             "grad_norm": float(grad_norm), "tokens": state.tokens, "tokens_per_sec": step_tokens / dt,
-            "step_time": dt, "skipped": bool(skipped), "elapsed": 0.0, **memory_stats(run.device)}
+            "step_time": dt, "skipped": bool(skipped), "elapsed": 0.0, **memory_stats(run.device),
+            **(run.objective.step_metrics() if run.objective is not None else {})}
 
 
 def checked_loss(run: Run, loss_sum: torch.Tensor, denom: float) -> float:
@@ -522,9 +532,14 @@ def evaluate_now(run: Run) -> None:
     cfg, state = run.cfg, run.state
     if not run.val_set or run.eval_every <= 0:
         return
-    val_loss = rank0_float(evaluate(run.runner, run.val_set, run.plan.micro_bs, cfg.eval_batches, run.device,
-                                    run.autocast), run.dist)
-    rec = {"kind": "eval", "step": state.step, "val_loss": val_loss}
+    extra: dict[str, float] = {}
+    if run.objective is not None:  # preference pairs: the mean pair loss and the rewards on held-out pairs
+        val_loss, extra = run.objective.evaluate(run.val_set, run.plan.micro_bs, cfg.eval_batches, run.device,
+                                                 run.autocast)
+    else:
+        val_loss = rank0_float(evaluate(run.runner, run.val_set, run.plan.micro_bs, cfg.eval_batches, run.device,
+                                        run.autocast), run.dist)
+    rec = {"kind": "eval", "step": state.step, "val_loss": val_loss, **extra}
     state.history.append({"step": state.step, "val_loss": val_loss})
     if val_loss < state.best_val:
         state.best_val, state.best_step, state.evals_since_best = val_loss, state.step, 0
@@ -568,7 +583,9 @@ def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, tr
         "final_loss": last_loss, "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
         "best_step": state.best_step if state.best_step >= 0 else None, "skipped_steps": state.skipped_steps,
         "mfu": tps * fpt / (peak_flops * run.dist.world_size), "peak_flops": peak_flops,
-        "peak_flops_source": peak_src, "verdict": verdict(state.history, model.config.vocab_size), "final_dir": str(final),
+        "peak_flops_source": peak_src,
+        "verdict": verdict(state.history, model.config.vocab_size if run.objective is None
+                           else run.objective.chance_vocab), "final_dir": str(final),
         **memory_stats(run.device),
     }
     return summary  # summary.json and the plot: sinks.SummaryFiles

@@ -145,6 +145,23 @@ def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
+def plot_rewards(ax: Any, recs: list[dict[str, Any]]) -> None:
+    """Preference tuning's panel: the reward margin (train per step, val markers) and the reward accuracy."""
+    for kind, style, color in (("step", "-", "tab:green"), ("eval", "o--", "tab:red")):
+        pts = [(r["step"], r["rewards/margins"], r["rewards/accuracies"]) for r in recs
+               if "rewards/margins" in r and ("val_loss" in r) == (kind == "eval")]
+        if pts:
+            steps, margins, accs = zip(*pts)
+            name = "train" if kind == "step" else "val"
+            ax.plot(steps, margins, style, color=color, label=f"{name} reward margin")
+            ax.plot(steps, accs, style, color=color, alpha=0.4, label=f"{name} reward accuracy")
+    ax.axhline(0.0, color="gray", linewidth=0.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("rewards/margins, accuracies")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+
+
 def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> Path | None:
     """Train loss (per step, faint, and smoothed), val loss markers and the lr (right axis) against step,
     titled with the run; when matplotlib (the `plot` extra) is installed."""
@@ -159,7 +176,9 @@ def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> Path
     tr = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
     va = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     lr = [(r["step"], r["lr"]) for r in recs if "lr" in r]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    preference = any("rewards/margins" in r for r in recs)
+    fig, axes = plt.subplots(2 if preference else 1, 1, figsize=(8, 7 if preference else 4.5), squeeze=False)
+    ax = axes[0][0]
     if tr:
         steps, losses = zip(*tr)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="train (per step)")
@@ -167,7 +186,7 @@ def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> Path
     if va:
         ax.plot(*zip(*va), "o--", color="tab:orange", label="val")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (token mean)")
+    ax.set_ylabel("loss (mean over pairs)" if preference else "loss (token mean)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if lr:
@@ -178,6 +197,8 @@ def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> Path
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="upper right")
     ax.set_title(title or str(metrics_path.parent))
+    if preference:
+        plot_rewards(axes[1][0], recs)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
