@@ -94,6 +94,23 @@ def _json_type(v: object) -> str:
     return {str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
 
 
+def parse_messages(value: object, key: str) -> list[Message]:
+    """The role/content messages of a record's `key` (chat records' `messages`, preference pairs' sides)."""
+    if not isinstance(value, list) or not value:
+        raise _Bad(f"{key!r} must be a non-empty array of messages, got {_json_type(value)}"
+                   + (" (empty)" if isinstance(value, list) else ""))
+    out = []
+    for i, m in enumerate(value):
+        where = f"{key}[{i}]."
+        if not isinstance(m, dict):
+            raise _Bad(f"{key}[{i}] must be an object with 'role' and 'content', got {_json_type(m)}")
+        role, content = _get_str(m, "role", where), _get_str(m, "content", where)
+        if role not in ROLES:
+            raise _Bad(f"{key}[{i}]: unknown role {role!r} (expected system, user or assistant)")
+        out.append(Message(role, content))
+    return out
+
+
 def _get_str(obj: Mapping[str, Any], key: str, where: str = "", optional: bool = False) -> str:
     if key not in obj:
         if optional:
@@ -150,19 +167,7 @@ def _parse(obj: object, source: str) -> Record:
         raise _Bad(f"a record must be a JSON object, got {_json_type(obj)}")
     weight = _weight(obj)
     if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise _Bad(f"'messages' must be a non-empty array, got {_json_type(msgs)}"
-                       + (" (empty)" if isinstance(msgs, list) else ""))
-        parsed = []
-        for i, m in enumerate(msgs):
-            where = f"messages[{i}]."
-            if not isinstance(m, dict):
-                raise _Bad(f"messages[{i}] must be an object with 'role' and 'content', got {_json_type(m)}")
-            role, content = _get_str(m, "role", where), _get_str(m, "content", where)
-            if role not in ROLES:
-                raise _Bad(f"messages[{i}]: unknown role {role!r} (expected system, user or assistant)")
-            parsed.append(Message(role, content))
+        parsed = parse_messages(obj["messages"], "messages")
         if parsed[-1].role != "assistant":
             raise _Bad("the last message must be from the assistant (it is the response to learn)")
         if not parsed[-1].content.strip():

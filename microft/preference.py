@@ -35,10 +35,10 @@ from microft.instruct import (
     _resolve,
     build_sample,
     data_files,
+    parse_messages,
     split_records,
 )
 from microft.models.config import IGNORE_INDEX
-from microft.templates import ROLES
 
 if TYPE_CHECKING:
     from microft.config import RunConfig
@@ -56,19 +56,7 @@ class Pair:
 
 
 def _messages(value: object, key: str) -> tuple[Message, ...]:
-    if not isinstance(value, list) or not value:
-        raise _Bad(f"{key!r} must be a non-empty array of messages, got {_json_type(value)}"
-                   + (" (empty)" if isinstance(value, list) else ""))
-    out = []
-    for i, m in enumerate(value):
-        where = f"{key}[{i}]."
-        if not isinstance(m, dict):
-            raise _Bad(f"{key}[{i}] must be an object with 'role' and 'content', got {_json_type(m)}")
-        role, content = _get_str(m, "role", where), _get_str(m, "content", where)
-        if role not in ROLES:
-            raise _Bad(f"{key}[{i}]: unknown role {role!r} (expected system, user or assistant)")
-        out.append(Message(role, content))
-    return tuple(out)
+    return tuple(parse_messages(value, key))
 
 
 def _side(obj: dict, key: str) -> str | tuple[Message, ...]:
