@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from microft.errors import ConfigError
 from microft.models.config import EOT_TOKEN, ModelConfig
 from microft.models.precision import compute_dtype
-from microft.models.transformer import GPT, KVCache
+from microft.models.transformer import KVCache, Transformer
 from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
 
 
@@ -66,7 +66,7 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def generate(
-    model: GPT,
+    model: Transformer,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -110,7 +110,7 @@ def generate(
 
 
 @torch.inference_mode()  # on a generator function torch enters the mode around each step only
-def _decode(model: GPT, ids: list[int], steps: int, temperature: float, top_k: int | None,
+def _decode(model: Transformer, ids: list[int], steps: int, temperature: float, top_k: int | None,
             top_p: float | None, gen: torch.Generator, stops: frozenset[int]) -> Iterator[int]:
     if steps <= 0:
         return
@@ -158,7 +158,7 @@ def stream_text(token_ids: Iterable[int], tokenizer: Tokenizer | None = None) ->
     return decode_stream(tokenizer or gpt2_tokenizer(), token_ids)
 
 
-def generate_text(model: GPT, prompt: str, max_new_tokens: int, tokenizer: Tokenizer | None = None,
+def generate_text(model: Transformer, prompt: str, max_new_tokens: int, tokenizer: Tokenizer | None = None,
                   **kwargs) -> str:
     """The completion of `prompt` as one string; `kwargs` go to `generate`. With a `tokenizer` other
     than GPT-2's, its BOS is put first when it adds one."""

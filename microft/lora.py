@@ -47,7 +47,7 @@ from microft.models.families import family
 from microft.models.hf import fused_part, hf_name
 from microft.models.linear import linear, run_linear
 from microft.models.precision import autocasting
-from microft.models.transformer import GPT
+from microft.models.transformer import Transformer
 from microft.quant import NF4Linear, dequantize_model_
 from microft.weights import atomic_dir, read_json, read_safetensors
 
@@ -130,13 +130,13 @@ class LoRALinear(nn.Linear):
         return plain
 
 
-def _block_linears(model: GPT) -> list[tuple[str, str, str]]:
+def _block_linears(model: Transformer) -> list[tuple[str, str, str]]:
     """(target, block submodule, linear name) of every target name this family has."""
     targets, _ = lora_target_table(model.config.model_type)
     return [(t, parent, name) for t, (parent, name) in targets.items()]
 
 
-def _target_linears(model: GPT, targets: list[str]) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+def _target_linears(model: Transformer, targets: list[str]) -> list[tuple[str, nn.Module, str, nn.Linear]]:
     """(microft path, parent module, attribute, linear) for every targeted linear, layer by layer."""
     table, _ = lora_target_table(model.config.model_type)
     out = []
@@ -148,13 +148,13 @@ def _target_linears(model: GPT, targets: list[str]) -> list[tuple[str, nn.Module
     return out
 
 
-def lora_modules(model: GPT) -> list[tuple[str, LoRALinear]]:
+def lora_modules(model: Transformer) -> list[tuple[str, LoRALinear]]:
     """(microft path, module) of every block linear that currently carries an adapter."""
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: GPT) -> Iterator[GPT]:
+def adapters_disabled(model: Transformer) -> Iterator[Transformer]:
     """`model` computing as its frozen base (every adapter skipped) inside the block: the reference policy of
     DPO/IPO with LoRA, with no second copy of the model in memory."""
     mods = [m for _, m in lora_modules(model)]
@@ -168,14 +168,14 @@ def adapters_disabled(model: GPT) -> Iterator[GPT]:
 
 
 @torch.no_grad()
-def reset_lora_parameters(model: GPT) -> None:
+def reset_lora_parameters(model: Transformer) -> None:
     """A <- kaiming-uniform(a=sqrt(5)) (as PEFT and nn.Linear do), B <- 0. Needed after `to_empty`."""
     for _, m in lora_modules(model):
         m.reset_lora_parameters()
 
 
 def apply_lora(
-    model: GPT,
+    model: Transformer,
     r: int,
     alpha: float,
     dropout: float = 0.0,
@@ -211,7 +211,7 @@ def apply_lora(
 
 
 @torch.no_grad()
-def merge_lora(model: GPT) -> GPT:
+def merge_lora(model: Transformer) -> Transformer:
     """Fold B @ A × scale into each base weight and remove the adapters; returns `model`.
 
     NF4 bases are dequantized (adapted or not). The result is a plain model with the normal state dict. Gradients stay disabled on the base
@@ -224,12 +224,12 @@ def merge_lora(model: GPT) -> GPT:
     return model
 
 
-def _peft_key(model: GPT, path: str, which: str) -> str:
+def _peft_key(model: Transformer, path: str, which: str) -> str:
     """PEFT's key of an adapter matrix: the HF module path of the linear under `base_model.model.`."""
     return f"{PEFT_PREFIX}{hf_name(model.config, path)}.lora_{which}.weight"
 
 
-def _fused_adapters(model: GPT) -> dict[str, list[tuple[int, int, int, LoRALinear]]]:
+def _fused_adapters(model: Transformer) -> dict[str, list[tuple[int, int, int, LoRALinear]]]:
     """The adapters on parts of fused HF tensors (Phi-3), by the fused module's microft path:
     (first row, rows, all rows, adapted linear) each, in row order."""
     out: dict[str, list[tuple[int, int, int, LoRALinear]]] = {}
@@ -254,7 +254,7 @@ def _fused_pair(parts: list[tuple[int, int, int, LoRALinear]]) -> tuple[torch.Te
     return a, b, scale
 
 
-def lora_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Adapter weights in PEFT's layout, contiguous, on CPU (lora_A (r, in), lora_B (out, r)); the parts of a
     fused HF tensor as one adapter on it (see the module docstring)."""
     out = {}
@@ -267,7 +267,7 @@ def lora_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rank_patterns(model: GPT, r: int, alpha: float) -> tuple[dict[str, int], dict[str, float]]:
+def _rank_patterns(model: Transformer, r: int, alpha: float) -> tuple[dict[str, int], dict[str, float]]:
     """PEFT's rank_pattern / alpha_pattern for the modules whose rank or alpha differ from (r, alpha): a
     fused module's summed rank, and adapters loaded with their own ranks. Keyed by the HF module name's last
     part (PEFT matches a pattern against the module name's dotted suffix)."""
@@ -283,7 +283,7 @@ def _rank_patterns(model: GPT, r: int, alpha: float) -> tuple[dict[str, int], di
     return ranks, alphas
 
 
-def lora_settings(model: GPT) -> dict[str, Any]:
+def lora_settings(model: Transformer) -> dict[str, Any]:
     """{"r", "lora_alpha", "lora_dropout", "targets"} of the adapters on `model`."""
     mods = lora_modules(model)
     if not mods:
@@ -300,7 +300,7 @@ def lora_settings(model: GPT) -> dict[str, Any]:
     }
 
 
-def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str, Any]:
+def adapter_config(model: Transformer, base_model_name_or_path: str | None) -> dict[str, Any]:
     """The PEFT `adapter_config.json` describing the adapters on `model`."""
     s = lora_settings(model)
     fam = family(model.config.model_type)
@@ -328,14 +328,14 @@ def adapter_config(model: GPT, base_model_name_or_path: str | None) -> dict[str,
     }
 
 
-def write_adapter_files(directory: Path, model: GPT, base_model_name_or_path: str | None = None) -> None:
+def write_adapter_files(directory: Path, model: Transformer, base_model_name_or_path: str | None = None) -> None:
     """Write the adapter files into an existing directory (a checkpoint being assembled)."""
     cfg = adapter_config(model, base_model_name_or_path)
     save_file(lora_state_dict(model), str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (Path(directory) / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
 
 
-def save_adapter(directory: str | Path, model: GPT, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(directory: str | Path, model: Transformer, base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` atomically into `directory`."""
     with atomic_dir(directory) as tmp:
         write_adapter_files(tmp, model, base_model_name_or_path)
@@ -359,7 +359,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def _targets_from_config(model: GPT, cfg: dict[str, Any], source: Path) -> list[str]:
+def _targets_from_config(model: Transformer, cfg: dict[str, Any], source: Path) -> list[str]:
     """Apply PEFT's matching rule (regex fullmatch, exact name or dotted suffix) to block linears."""
     spec = cfg.get("target_modules")
     if not spec:
@@ -393,14 +393,14 @@ def _check_supported(cfg: dict[str, Any], source: Path) -> None:
         )
 
 
-def _site_target(model: GPT, path: str) -> str:
+def _site_target(model: Transformer, path: str) -> str:
     """The target name of an adapted linear's path (`h.3.attn.q_proj` -> `q_proj`)."""
     table, _ = lora_target_table(model.config.model_type)
     site = tuple(path.split(".")[2:])
     return next(t for t, s in table.items() if s == site)
 
 
-def _ranks_from_config(model: GPT, cfg: dict[str, Any], targets: list[str], r: int, alpha: float,
+def _ranks_from_config(model: Transformer, cfg: dict[str, Any], targets: list[str], r: int, alpha: float,
                        source: Path) -> dict[str, tuple[int, float]]:
     """(r, alpha) of each target: the config's r / lora_alpha, or its rank_pattern / alpha_pattern entry that
     matches the target's HF module (PEFT's rule: the pattern matches the name's dotted suffix). A pattern
@@ -424,7 +424,7 @@ def _ranks_from_config(model: GPT, cfg: dict[str, Any], targets: list[str], r: i
     return out
 
 
-def load_adapter(model: GPT, directory: str | Path) -> GPT:
+def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
     """Add the adapters described by `directory` to `model` and load their weights; returns `model`.
 
     Everything is checked (config, key names, shapes) before the model is touched, so a

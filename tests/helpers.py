@@ -8,14 +8,14 @@ import torch
 
 from microft.config import RunConfig
 from microft.models.config import IGNORE_INDEX, ModelConfig
-from microft.models.transformer import GPT
+from microft.models.transformer import Transformer
 
 TINY = ModelConfig(name="test-tiny", vocab_size=512, n_layer=2, n_head=2, n_embd=32, n_positions=64)
 
 
-def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> GPT:
+def tiny_model(seed: int = 0, cfg: ModelConfig = TINY) -> Transformer:
     torch.manual_seed(seed)
-    return GPT(cfg)
+    return Transformer(cfg)
 
 
 def masked_samples(n: int, seed: int = 0, min_len: int = 6, max_len: int = 40, vocab: int = 500,

@@ -11,7 +11,7 @@ import torch
 from microft.config import BatchPlan, RunConfig
 from microft.memory.estimate import estimate, setup_for, with_dropout
 from microft.models.config import ModelConfig
-from microft.models.transformer import GPT
+from microft.models.transformer import Transformer
 from microft.train.loop import train
 from microft.train.optim import build_optimizer
 from microft.train.step import autocast_context, finish_step, make_scaler, micro_step
@@ -44,7 +44,7 @@ def test_estimate_is_within_5_percent_of_max_memory_allocated(precision, grad_ck
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
-    model = GPT(mcfg).to(device).train()
+    model = Transformer(mcfg).to(device).train()
     if grad_ckpt:
         from microft.models.transformer import set_grad_checkpointing
 

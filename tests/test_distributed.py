@@ -23,7 +23,7 @@ import torch
 from microft.config import RunConfig
 from microft.models.config import ModelConfig
 from microft.models.load import load_model, save_model
-from microft.models.transformer import GPT
+from microft.models.transformer import Transformer
 from microft.runs import run_pretrain
 from microft.train.distributed import Dist, grad_sync, reduce_step, strip_devices
 from microft.weights import read_safetensors
@@ -42,10 +42,10 @@ def make_inputs(root: Path) -> None:
     words = "the a cat dog sat on mat and ran to park with ball under tree over hill red blue big".split()
     (root / "corpus.txt").write_text(" ".join(rng.choice(words) for _ in range(1500)))
     torch.manual_seed(0)
-    save_model(root / "init", GPT(SHAPE))
+    save_model(root / "init", Transformer(SHAPE))
     from tests.tokdirs import write_llama_dir
 
-    save_model(root / "llama", GPT(LLAMA))
+    save_model(root / "llama", Transformer(LLAMA))
     write_llama_dir(root / "llama")
 
 

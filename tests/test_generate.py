@@ -8,7 +8,7 @@ import torch
 from microft.errors import ConfigError
 from microft.generate import generate, generate_text, next_token, stream_text
 from microft.models.config import EOT_TOKEN, ModelConfig
-from microft.models.transformer import GPT
+from microft.models.transformer import Transformer
 from microft.tokenizer import decode, encode, get_encoding
 
 SHAPE = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -16,9 +16,9 @@ PROMPT = [464, 2068, 7586, 21831, 18045, 625]  # "The quick brown fox jumps over
 
 
 @pytest.fixture(scope="module")
-def model() -> GPT:
+def model() -> Transformer:
     torch.manual_seed(0)
-    return GPT(ModelConfig(**SHAPE)).eval()
+    return Transformer(ModelConfig(**SHAPE)).eval()
 
 
 def test_greedy_matches_transformers(tmp_path):
@@ -78,7 +78,7 @@ def test_stops_when_context_is_full(model):
 
 def test_stop_at_eot():
     torch.manual_seed(0)
-    m = GPT(ModelConfig(**SHAPE)).eval()
+    m = Transformer(ModelConfig(**SHAPE)).eval()
     with torch.no_grad():  # make <|endoftext|> the argmax everywhere
         m.ln_f.weight.zero_()
         m.ln_f.bias.fill_(1.0)
@@ -153,7 +153,7 @@ def test_runs_under_bf16_autocast_and_in_bf16(model):
         for _ in range(4):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert greedy == ids[len(PROMPT):]
-    bf16 = GPT(ModelConfig(**SHAPE)).to(torch.bfloat16).eval()
+    bf16 = Transformer(ModelConfig(**SHAPE)).to(torch.bfloat16).eval()
     sampled = [list(generate(bf16, PROMPT, 4, temperature=1.0, seed=0, stop_at_eot=False)) for _ in range(2)]
     assert sampled[0] == sampled[1] and len(sampled[0]) == 4  # seeded sampling repeats in bf16
     assert all(0 <= t < SHAPE["vocab_size"] for t in sampled[0])

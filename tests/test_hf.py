@@ -14,7 +14,7 @@ from microft.errors import CheckpointError  # noqa: E402
 from microft.models.config import ModelConfig  # noqa: E402
 from microft.models.hf import export_hf  # noqa: E402
 from microft.models.load import load_hf_state, load_model, model_state_dict  # noqa: E402
-from microft.models.transformer import GPT  # noqa: E402
+from microft.models.transformer import Transformer  # noqa: E402
 
 SHAPE = dict(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
@@ -122,7 +122,7 @@ def test_missing_tensor_raises_checkpoint_error(hf):
 
 def test_export_loads_in_transformers_with_identical_logits(tmp_path):
     torch.manual_seed(1)
-    ours = GPT(ModelConfig(**SHAPE)).eval()
+    ours = Transformer(ModelConfig(**SHAPE)).eval()
     out = export_hf(ours, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     saved = load_file(str(out / "model.safetensors"))
@@ -137,7 +137,7 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path):
 
 def test_export_roundtrip_is_exact(tmp_path):
     torch.manual_seed(2)
-    ours = GPT(ModelConfig(**SHAPE))
+    ours = Transformer(ModelConfig(**SHAPE))
     export_hf(ours, tmp_path / "x")
     assert json.loads((tmp_path / "x" / "config.json").read_text())["model_type"] == "gpt2"
     back = model_state_dict(load_model(tmp_path / "x"))
@@ -146,7 +146,7 @@ def test_export_roundtrip_is_exact(tmp_path):
 
 
 def test_export_refuses_non_empty_dir_unless_overwrite(tmp_path):
-    ours = GPT(ModelConfig(**SHAPE))
+    ours = Transformer(ModelConfig(**SHAPE))
     out = tmp_path / "out"
     out.mkdir()
     export_hf(ours, out)  # an empty directory is fine
@@ -159,7 +159,7 @@ def test_export_refuses_non_empty_dir_unless_overwrite(tmp_path):
 
 
 def test_export_refuses_unmerged_lora(tmp_path):
-    ours = GPT(ModelConfig(**SHAPE))
+    ours = Transformer(ModelConfig(**SHAPE))
     ours.h[0].attn.c_attn.lora_A = torch.nn.Parameter(torch.zeros(4, 32))  # stands in for an adapter
     with pytest.raises(CheckpointError, match="merge"):
         export_hf(ours, tmp_path / "out")

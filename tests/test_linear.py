@@ -297,12 +297,12 @@ def test_bf16_model_on_an_emulating_cpu_agrees_with_torch_kernels(monkeypatch, p
     through the fp32 route agree with torch's bf16 kernels to bf16's precision."""
     from microft.models import linear as L
     from microft.models.config import ModelConfig
-    from microft.models.transformer import GPT
+    from microft.models.transformer import Transformer
 
     monkeypatch.setenv("MICROFT_CPU_BF16", "0")
     cfg = ModelConfig.from_preset("qwen3-tiny")
     torch.manual_seed(3)
-    model = GPT(cfg).bfloat16() if precision == "bf16-true" else GPT(cfg)
+    model = Transformer(cfg).bfloat16() if precision == "bf16-true" else Transformer(cfg)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     idx = torch.randint(0, cfg.vocab_size, (2, 48))
 
@@ -332,12 +332,12 @@ def test_compiled_model_with_onednn_linears_traces_and_matches_eager(monkeypatch
         pytest.skip("inductor needs a C compiler")
     from microft.models import linear as L
     from microft.models.config import ModelConfig
-    from microft.models.transformer import GPT
+    from microft.models.transformer import Transformer
 
     monkeypatch.setattr(L, "_fp32_onednn", True)  # the linears and the LM head's logits
     shape = dict(name="t", vocab_size=16384, n_positions=128, n_embd=256, n_layer=1, n_head=4)
     torch.manual_seed(0)
-    model, ref = GPT(ModelConfig(**shape)), GPT(ModelConfig(**shape))
+    model, ref = Transformer(ModelConfig(**shape)), Transformer(ModelConfig(**shape))
     ref.load_state_dict(model.state_dict())
     idx = torch.randint(0, 16384, (2, 64))
     torch._dynamo.reset()
@@ -356,10 +356,10 @@ def test_compiling_under_bf16_autocast_traces_the_cpu_probe_as_a_constant():
     import warnings
 
     from microft.models.config import ModelConfig
-    from microft.models.transformer import GPT
+    from microft.models.transformer import Transformer
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(name="t", vocab_size=512, n_positions=32, n_embd=32, n_layer=1, n_head=4))
+    model = Transformer(ModelConfig(name="t", vocab_size=512, n_positions=32, n_embd=32, n_layer=1, n_head=4))
     idx = torch.randint(0, 512, (2, 16))
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as seen, torch.autocast("cpu", dtype=torch.bfloat16):

@@ -24,14 +24,14 @@ from microft.lora import (
 )
 from microft.models.config import ModelConfig
 from microft.models.load import model_state_dict
-from microft.models.transformer import GPT, set_grad_checkpointing
+from microft.models.transformer import Transformer, set_grad_checkpointing
 
 CFG = ModelConfig(name="t", vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)
 
 
-def make_model(seed: int = 0, cfg: ModelConfig = CFG) -> GPT:
+def make_model(seed: int = 0, cfg: ModelConfig = CFG) -> Transformer:
     torch.manual_seed(seed)
-    return GPT(cfg)
+    return Transformer(cfg)
 
 
 def batch(seed: int = 1, b: int = 2, t: int = 12) -> torch.Tensor:
@@ -39,14 +39,14 @@ def batch(seed: int = 1, b: int = 2, t: int = 12) -> torch.Tensor:
     return torch.randint(0, CFG.vocab_size, (b, t), generator=g)
 
 
-def randomize_adapters(model: GPT, seed: int = 2) -> None:
+def randomize_adapters(model: Transformer, seed: int = 2) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, lin in lora_modules(model):
             lin.lora_B.weight.copy_(torch.randn(lin.lora_B.weight.shape, generator=g) * 0.1)
 
 
-def sgd_steps(model: GPT, steps: int = 3, lr: float = 0.5) -> None:
+def sgd_steps(model: Transformer, steps: int = 3, lr: float = 0.5) -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for s in range(steps):
@@ -268,13 +268,13 @@ def test_load_errors_leave_model_untouched(tmp_path):
     apply_lora(model, 4, 8.0, 0.0, "all")
     d = save_adapter(tmp_path / "a", model)
 
-    wider = GPT(CFG.model_copy(update={"n_embd": 64}))
+    wider = Transformer(CFG.model_copy(update={"n_embd": 64}))
     with pytest.raises(CheckpointError, match="shape"):
         load_adapter(wider, d)
     assert not lora_modules(wider)
     assert all(p.requires_grad for p in wider.parameters())
 
-    deeper = GPT(CFG.model_copy(update={"n_layer": 3}))
+    deeper = Transformer(CFG.model_copy(update={"n_layer": 3}))
     with pytest.raises(CheckpointError, match="missing"):
         load_adapter(deeper, d)
     assert not lora_modules(deeper)
@@ -327,7 +327,7 @@ def test_bf16_autocast_and_fp32_adapters_on_bf16_model():
 def test_fake_tensors_and_meta_device():
     """The memory planner traces models on fake tensors: no data-dependent control flow."""
     with FakeTensorMode():
-        model = GPT(CFG)
+        model = Transformer(CFG)
         apply_lora(model, 4, 8.0, 0.1, "all")
         set_grad_checkpointing(model)
         model.train()
@@ -335,7 +335,7 @@ def test_fake_tensors_and_meta_device():
         model(idx, idx).backward()
         assert model.h[0].attn.c_attn.lora_A.weight.grad.shape == (4, CFG.n_embd)
     with torch.device("meta"):
-        model = GPT(CFG)
+        model = Transformer(CFG)
         apply_lora(model, 4, 8.0, 0.0, "qkv,proj")
         assert model(torch.zeros(2, 12, dtype=torch.long)).shape == (2, 12, CFG.vocab_size)
         merge_lora(model)

@@ -307,7 +307,7 @@ def test_constants_mirror_the_torch_modules():
     from microft.memory import estimate as memory
     from microft.memory import replay
     from microft.models.families import GPT2_LORA
-    from microft.models.transformer import GPT
+    from microft.models.transformer import Transformer
     from microft.train import optim
 
     # one constant, read by both (microft.layouts)
@@ -316,7 +316,7 @@ def test_constants_mirror_the_torch_modules():
     for spec, names in [("qkv,proj", {"attn.c_attn", "attn.c_proj"}), ("attn", {"attn.c_attn", "attn.c_proj"}),
                         ("mlp", {"mlp.c_fc", "mlp.c_proj"}), ("fc,qkv", {"attn.c_attn", "mlp.c_fc"}),
                         ("all", {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"})]:
-        model = GPT(ModelConfig(name="t", vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+        model = Transformer(ModelConfig(name="t", vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
         lora.apply_lora(model, 2, 4.0, 0.0, spec)
         wrapped = {n.removeprefix("h.0.").rsplit(".lora_", 1)[0] for n, _ in model.named_parameters()
                    if n.startswith("h.0.") and ".lora_" in n}

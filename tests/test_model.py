@@ -1,4 +1,4 @@
-"""GPT against transformers' GPT2LMHeadModel: logits, parameter counts, the KV cache."""
+"""Transformer (GPT-2) against transformers' GPT2LMHeadModel: logits, parameter counts, the KV cache."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from microft.generate import generate  # noqa: E402
 from microft.models.config import ModelConfig  # noqa: E402
 from microft.models.load import load_model  # noqa: E402
-from microft.models.transformer import GPT, KVCache  # noqa: E402
+from microft.models.transformer import KVCache, Transformer  # noqa: E402
 
 TINY = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
 
@@ -39,7 +39,7 @@ def gpt2_124m(tmp_path_factory):
 def test_preset_param_count():
     cfg = ModelConfig.from_preset("gpt2")
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = Transformer(cfg)
     assert cfg.num_params() == model.num_params() == 124_439_808
 
 
@@ -75,7 +75,7 @@ def test_greedy_generation_matches_transformers_124m(gpt2_124m):
 
 def test_kv_cache_matches_full_forward():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**TINY)).eval()
+    model = Transformer(ModelConfig(**TINY)).eval()
     x = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         full = model(x)
@@ -88,12 +88,12 @@ def test_kv_cache_matches_full_forward():
 
 
 def test_context_overflow_raises():
-    model = GPT(ModelConfig(**{**TINY, "n_positions": 8}))
+    model = Transformer(ModelConfig(**{**TINY, "n_positions": 8}))
     with pytest.raises(ValueError, match="exceeds the context"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
-def _reference_loss(model: GPT, idx, labels, weights):
+def _reference_loss(model: Transformer, idx, labels, weights):
     """The textbook head: full fp64 logits and F.cross_entropy, through plain autograd."""
     V = model.config.vocab_size
     logits = torch.nn.functional.linear(model.hidden(idx), model.wte.weight[:V])
@@ -108,7 +108,7 @@ def test_fused_loss_and_every_gradient_match_the_textbook_head(monkeypatch, use_
 
     monkeypatch.setattr(microft.models.config, "CE_CHUNK_BYTES", 128 * 50304 * 4)  # 128-row chunks, a ragged tail
     torch.manual_seed(0)
-    model = GPT(ModelConfig(name="t", **TINY)).double()
+    model = Transformer(ModelConfig(name="t", **TINY)).double()
     idx = torch.randint(0, 50257, (5, 60))
     labels = torch.randint(0, 50257, (5, 60))
     labels[0, :9] = -100
@@ -133,7 +133,7 @@ def test_fused_loss_and_every_gradient_match_the_textbook_head(monkeypatch, use_
 
 def test_frozen_tied_weight_gets_no_gradient_and_inputs_still_do():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(name="t", **TINY))
+    model = Transformer(ModelConfig(name="t", **TINY))
     model.wte.weight.requires_grad_(False)
     idx = torch.randint(0, 50257, (2, 16))
     model(idx, idx).backward()
@@ -144,8 +144,8 @@ def test_frozen_tied_weight_gets_no_gradient_and_inputs_still_do():
 def test_compiled_model_gets_the_same_gradients():
     """torch.compile (dynamo; the eager backend needs no compiler) keeps the tied gradient whole."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(name="t", **TINY))
-    ref = GPT(ModelConfig(name="t", **TINY))
+    model = Transformer(ModelConfig(name="t", **TINY))
+    ref = Transformer(ModelConfig(name="t", **TINY))
     ref.load_state_dict(model.state_dict())
     idx = torch.randint(0, 50257, (2, 16))
     torch.compile(model, backend="eager")(idx, idx).backward()
@@ -200,7 +200,7 @@ def test_short_cpu_attention_adds_its_mask_with_masked_fills_bits(dtype, packed)
 def test_bf16_model_takes_the_short_path_and_agrees_with_sdpa(monkeypatch):
     monkeypatch.setenv("MICROFT_CPU_BF16", "1")  # a CPU with native bf16 (where bf16 is emulated, it runs in fp32)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(name="t", **TINY)).to(torch.bfloat16)
+    model = Transformer(ModelConfig(name="t", **TINY)).to(torch.bfloat16)
     idx = torch.randint(0, 50257, (2, 24))
     calls = []
     sdpa_fn = torch.nn.functional.scaled_dot_product_attention

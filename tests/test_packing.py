@@ -14,7 +14,7 @@ from microft.data import collate, collate_packed, pack_rows, packed_micro_batche
 from microft.errors import DataError, Interrupted
 from microft.models.config import ModelConfig
 from microft.models.transformer import (
-    GPT,
+    Transformer,
     packed_attention_mask,
     packed_segments,
     rope_cos_sin,
@@ -52,7 +52,7 @@ def test_packed_loss_and_gradients_equal_the_unpacked_batch(cfg, ckpt, segments,
     monkeypatch.setattr(tr, "segment_attention", lambda *a: calls.append(1) or segment_attention(*a))
     samples = masked_samples(12, seed=11, min_len=4, max_len=30, weights=True)
     torch.manual_seed(0)
-    model = GPT(cfg).train()
+    model = Transformer(cfg).train()
     model.kernels.cpu_packed_segments = segments
     set_grad_checkpointing(model, ckpt)
     ref_loss, ref_grads = _loss_and_grads(model, collate(samples), positions=False)
@@ -78,7 +78,7 @@ def test_per_sample_attention_in_bf16_equals_the_masked_call():
     """bf16 on a CPU: short samples take the plain-op attention, as unpacked rows do; same values as the mask."""
     torch.manual_seed(0)
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]])
-    model = GPT(LLAMA).to(torch.bfloat16)
+    model = Transformer(LLAMA).to(torch.bfloat16)
     attn = model.h[0].attn
     x = torch.randn(2, 12, LLAMA.n_embd, dtype=torch.bfloat16)
     rope = tr_rope(pos)

@@ -619,7 +619,7 @@ class Replay:
         return add
 
     def forward(self, x_ids: Ten) -> Ten:
-        """GPT.hidden: embeddings, blocks (checkpointed every N-th), final norm."""
+        """Transformer.hidden: embeddings, blocks (checkpointed every N-th), final norm."""
         a, s, sim, N = self.a, self.s, self.sim, self.N
         C, T, pes = a.n_embd, s.seq_len, s.param_bytes
         m = self.m

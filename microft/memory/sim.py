@@ -1,7 +1,7 @@
 """The analytical engine's core: a byte-level replay of one training step, from shapes alone.
 
 Every tensor microft's step allocates is described by its size, and every autograd node by
-what it saves and what its backward allocates, exactly as `model.GPT`, the fused loss and the
+what it saves and what its backward allocates, exactly as `models.transformer.Transformer`, the fused loss and the
 optimizers do under each precision policy. The replay keeps reference counts the way Python
 and the autograd engine do (a tensor lives while a variable, a saved-tensor slot or a gradient
 buffer holds it), runs backward in reverse creation order, recomputes checkpointed blocks with

@@ -37,7 +37,7 @@ from microft.memory.replay import sdpa_workspace
 from microft.memory.sim import cuda_bytes
 from microft.models.config import ModelConfig
 from microft.models.linear import native_half_matmuls
-from microft.models.transformer import GPT, Kernels, set_grad_checkpointing
+from microft.models.transformer import Kernels, Transformer, set_grad_checkpointing
 
 CUDA_EMULATION = [
     "allocations rounded up to 512-byte blocks, as the CUDA caching allocator does",
@@ -257,7 +257,7 @@ class _Dequantizing:
         return False
 
 
-def _observe(model: GPT, tracker: LiveBytes) -> None:
+def _observe(model: Transformer, tracker: LiveBytes) -> None:
     """The model's hooks for the trace: CUDA's kernels on this CPU, block recomputes labelled, NF4
     dequantization labelled (explicit hooks of the model and its layers; nothing is patched)."""
     from microft.quant import NF4Linear
@@ -280,7 +280,7 @@ def _step_hooks(top: nn.Module, tracker: LiveBytes, state: dict[str, str]) -> li
     return [top.register_forward_pre_hook(fwd_pre), top.register_forward_hook(fwd_post)]
 
 
-def _install_phase_hooks(model: GPT, tracker: LiveBytes, state: dict[str, str]) -> list:
+def _install_phase_hooks(model: Transformer, tracker: LiveBytes, state: dict[str, str]) -> list:
     """Forward/backward hooks that tell the tracker where in the step it is."""
     handles = []
     n = len(model.h)
@@ -349,7 +349,7 @@ def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro
         return _trace_training(model_cfg, cfg, precision, micro_bs, seq_len, accum, steps, preference)
 
 
-def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mode) -> GPT | None:
+def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mode) -> Transformer | None:
     """A full fine-tune's frozen reference (`reference_of` deep-copies the model; here a second fake model of
     the same shape, as a deep copy can't leave its fake mode), or None where the run keeps none."""
     from microft.train.preference import PreferenceLoss
@@ -358,13 +358,13 @@ def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mo
     if cfg.lora or cfg.precompute_ref or not PreferenceLoss(cfg.loss).needs_reference:
         return None
     with torch.device("meta"):
-        frozen = GPT(model_cfg.model_copy(update={"dropout": 0.0}))
+        frozen = Transformer(model_cfg.model_copy(update={"dropout": 0.0}))
     place_model(frozen, precision, torch.device("meta"))
     _materialise_fake(frozen, fake_mode, torch.device("cpu"))
     return frozen.requires_grad_(False).eval()
 
 
-def _preference_step(model: GPT, frozen: GPT | None, cfg: RunConfig, tracker: LiveBytes
+def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunConfig, tracker: LiveBytes
                      ) -> tuple[nn.Module, Callable]:
     """(the runner `microft dpo` steps through, a batch maker (B, T) -> (x, y, cached reference log-probs or
     None, target positions)) on the fake `model`; the `frozen` reference copy counts as weights."""
@@ -397,7 +397,7 @@ def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
     if cfg.dropout is not None:
         model_cfg = model_cfg.model_copy(update={"dropout": cfg.dropout})
     with torch.device("meta"):
-        model = GPT(model_cfg)
+        model = Transformer(model_cfg)
     for block in model.h:
         block.attn.dropout = 0.0  # CUDA's flash kernel keeps no attention mask; the CPU one would
     if cfg.quantize:  # QLoRA: the block linears become the NF4Linear the run loads (quant.nf4_meta_blocks_)

@@ -700,7 +700,6 @@ class Transformer(nn.Module):
         return total
 
 
-GPT = Transformer  # the name callers and type hints have used since GPT-2 was the only family
 
 
 def set_grad_checkpointing(model: Transformer, enabled: bool = True, every: int = 1) -> int:

@@ -40,7 +40,7 @@ from microft.data import (
     target_weight,
 )
 from microft.errors import ConfigError, Interrupted, TrainingError
-from microft.models.transformer import GPT, set_grad_checkpointing
+from microft.models.transformer import Transformer, set_grad_checkpointing
 from microft.perf import device_peak_flops, flops_per_token, memory_stats
 from microft.train.checkpoint import (
     capture_rng,
@@ -111,7 +111,7 @@ class MemoryHooks:
 class Run:
     """What the parts of one training run share; built by `set_up`."""
 
-    model: GPT
+    model: Transformer
     runner: torch.nn.Module  # what forward/backward go through: the model, wrapped (DDP/FSDP) or compiled
     train_set: Sequence
     val_set: Sequence | None
@@ -239,7 +239,7 @@ def _signal_flag() -> tuple[dict[str, int], Callable[[], None]]:
 
 
 def train(
-    model: GPT,
+    model: Transformer,
     train_set: Sequence,
     val_set: Sequence | None,
     cfg: RunConfig,
@@ -333,7 +333,7 @@ def _due(every: int, step: int, total_steps: int) -> bool:
     return bool(every) and step % every == 0 and step < total_steps
 
 
-def set_up(model: GPT, train_set: Sequence, val_set: Sequence | None, cfg: RunConfig, plan: BatchPlan, dist: Dist,
+def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cfg: RunConfig, plan: BatchPlan, dist: Dist,
            on_event: Callable[[Event], None], save_extra: Callable[[Path], None] | None,
            on_eval: Callable[[torch.nn.Module, int], list[Event]] | None, objective: Any = None) -> Run:
     """Seed, place and wrap the model; build the optimizer, the schedule and the precision policy. An
