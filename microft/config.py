@@ -256,6 +256,9 @@ def _fmt_error(field: str, errs: list[dict[str, Any]], recipe: str | None) -> st
         words = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
         near = did_you_mean(str(value), choices) if isinstance(value, str) else None
         return f"{where}: choose {words}" + (f"; did you mean {near}?" if near else "")
+    own = [e["msg"].removeprefix("Value error, ") for e in errs if e["msg"].startswith("Value error, ")]
+    if own:  # a field validator's own sentence
+        return f"{where}: {'; '.join(own)}"
     musts = " or ".join(dict.fromkeys(e["msg"].removeprefix("Input should be ") for e in errs))
     return f"{where}: must be {musts}"
 

@@ -190,8 +190,9 @@ def test_columns_option_is_checked_with_the_flags():
     assert RunConfig(columns={"input": "context"}).columns == {"input": "context"}  # a recipe's inline table
     for bad, message in [("instruction", "not FIELD=COLUMN"), ("prompt=question", "unknown field 'prompt'"),
                          ("output=", "no column named for 'output'"), ("output=a,output=b", "given twice")]:
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(ConfigError, match=message) as e:
             resolve_config(columns=bad)
+        assert str(e.value).startswith(f"--columns {bad}: ") and "Value error" not in str(e.value)
 
 
 def test_a_recipe_sets_columns(tmp_path):
