@@ -20,8 +20,6 @@ from microft.models.families import EOT_TOKEN, FAMILIES, GPT2_VOCAB_SIZE, family
 IGNORE_INDEX = -100
 CE_CHUNK_BYTES = 64 * 2**20  # fp32 logits the fused loss holds at once (models/loss.py)
 
-HF_TYPES: tuple[str, ...] = tuple(FAMILIES)
-ARCHITECTURES = {t: f.architecture for t, f in FAMILIES.items()}
 PRESETS: dict[str, dict[str, Any]] = {name: {"model_type": f.model_type, **kw}
                                       for f in FAMILIES.values() for name, kw in f.presets.items()}
 

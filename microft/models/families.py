@@ -208,12 +208,17 @@ GPT2_LORA_GROUPS: LoraGroups = {"attn": ("qkv", "proj"), "mlp": ("fc", "mlp_proj
 
 
 # --- the Llama layout (Llama 3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3) ----------------------------------
-def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, llama3 scaling) from either layout: `rope_parameters`, or `rope_theta` + `rope_scaling`."""
+def _rope_source(hf: dict[str, Any]) -> tuple[float, dict[str, Any], str]:
+    """(theta, the scaling dict, its type) from either layout (`rope_parameters`, or the older top-level keys)."""
     params = hf.get("rope_parameters") or {}  # transformers 5 writes this; it wins where both are present
     scaling = params or hf.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return theta, scaling, scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, llama3 scaling) from either layout: `rope_parameters`, or `rope_theta` + `rope_scaling`."""
+    theta, scaling, kind = _rope_source(hf)
     if kind == "default":
         return theta, None
     if kind != "llama3":
@@ -346,14 +351,6 @@ def _llama_family(model_type: str, architecture: str, fixed: Callable[[dict[str,
 
 
 # --- Phi-3 / Phi-4-mini, SmolLM3, OLMo 2, Granite 3: the Llama layout plus their own switches ------------------
-def _rope_source(hf: dict[str, Any]) -> tuple[float, dict[str, Any], str]:
-    """(theta, the scaling dict, its type) from either layout (`rope_parameters`, or the older top-level keys)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = params or hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    return theta, scaling, scaling.get("rope_type", scaling.get("type", "default"))
-
-
 def _longrope(hf: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
     """Phi-3's LongRoPE as transformers reads it: the original context from the top-level key (Phi3Config's
     default 4096), `factor` from the context ratio where absent, the attention factor from `factor`."""
