@@ -63,7 +63,8 @@ def chat_env() -> jinja2.Environment:
     def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
                sort_keys: bool = False) -> str:
         # not jinja's own tojson, which HTML-escapes: templates expect plain JSON
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
 
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
@@ -103,7 +104,7 @@ def render_chat(source: str, messages: Messages, *, add_generation_prompt: bool 
         raise DataError(f"chat template failed on the conversation: {type(e).__name__}: {e}") from None
 
 
-# --------------------------------------------------------------------------- the template as a microft template
+# ------------------------------------------------------------------------ the template as a microft template
 
 
 def record_messages(record: Any) -> list[dict[str, str]]:
@@ -186,7 +187,8 @@ class ChatTemplate:
         while common < min(len(a), len(full)) and a[common] == full[common]:
             common += 1
         if common <= start:
-            raise DataError(f"chat template: can't find where assistant message {i} ends in the rendered text")
+            raise DataError(f"chat template: can't find where assistant message {i} ends in the "
+                            "rendered text")
         return common
 
     def encode_chat(self, messages: Messages, train_all: bool = True) -> tuple[list[int], list[bool]]:
@@ -216,7 +218,8 @@ class ChatTemplate:
         return ids, target
 
 
-def resolve_template(spec: str | Template | ChatTemplate | None, tokenizer: Tokenizer) -> Template | ChatTemplate:
+def resolve_template(spec: str | Template | ChatTemplate | None,
+                     tokenizer: Tokenizer) -> Template | ChatTemplate:
     """The template a run formats data with.
 
     None or "auto": the model's chat template when it has one, else `alpaca`. "chat" / "model": the
@@ -236,7 +239,8 @@ def resolve_template(spec: str | Template | ChatTemplate | None, tokenizer: Toke
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read chat template {path}: {getattr(e, 'strerror', None) or e}") from None
+            raise ConfigError(f"cannot read chat template {path}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
         if not source.strip():
             raise ConfigError(f"chat template file {path} is empty")
         return ChatTemplate(tokenizer, source, name=path.stem)

@@ -117,7 +117,8 @@ def _upper(rng: random.Random) -> Item:
 
 
 TASKS: dict[str, Callable[[random.Random], Item]] = {
-    "count": _count, "largest": _largest, "reverse": _reverse, "sort": _sort, "passive": _passive, "upper": _upper,
+    "count": _count, "largest": _largest, "reverse": _reverse, "sort": _sort, "passive": _passive,
+    "upper": _upper,
 }
 
 
@@ -282,7 +283,8 @@ def pick_example(records: Sequence[Record], predictions: Sequence[str]) -> tuple
     return best, len(right)
 
 
-def next_steps(final_dir: str, template: str, example: Record | None, n_right: int, n_items: int) -> list[str]:
+def next_steps(final_dir: str, template: str, example: Record | None, n_right: int,
+               n_items: int) -> list[str]:
     """What the demo prints last: how to talk to the model it trained (in the prompt `template` it trained
     with) on a held-out `example` it answered right (`n_right` of `n_items`; with none right it says so
     instead of suggesting a command that answers wrongly), then how to train a real one."""
@@ -295,11 +297,12 @@ def next_steps(final_dir: str, template: str, example: Record | None, n_right: i
         first = (f"try it: {cmd}   (a held-out item it answered right: {example.response!r}; "
                  f"{n_right} of {n_items} right)")
     else:
-        first = (f"it answered none of the {n_items} held-out items right, so there is no answer to show yet: "
-                 "train longer (--max-steps) or try another --seed")
+        first = (f"it answered none of the {n_items} held-out items right, so there is no answer to "
+                 "show yet: train longer (--max-steps) or try another --seed")
     return [
         first,
-        "your data: microft download gpt2, then microft finetune --model openai-community/gpt2 --data my.jsonl "
-        "--lora --out runs/mine   (Alpaca or chat JSONL; see README)",
-        "a recipe: microft finetune --recipe recipes/gpt2-medium-lora.toml   (each recipe starts with its command)",
+        "your data: microft download gpt2, then microft finetune --model openai-community/gpt2 --data "
+        "my.jsonl --lora --out runs/mine   (Alpaca or chat JSONL; see README)",
+        "a recipe: microft finetune --recipe recipes/gpt2-medium-lora.toml"
+        "   (each recipe starts with its command)",
     ]

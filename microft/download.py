@@ -32,7 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from microft.errors import DownloadError, one_line
-from microft.models.source import REPO_ID_RE, hub_cache_dir, is_repo_id, repo_dir, resolve_model_dir  # noqa: F401
+from microft.models.source import (  # noqa: F401  (is_repo_id, resolve_model_dir: re-exported)
+    REPO_ID_RE,
+    hub_cache_dir,
+    is_repo_id,
+    repo_dir,
+    resolve_model_dir,
+)
 
 ALIASES = {
     "gpt2": "openai-community/gpt2",
@@ -43,9 +49,11 @@ ALIASES = {
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # what a model needs besides its weights; each is fetched when the repo has it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json", "original/tokenizer.model")
+                   "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+                   "original/tokenizer.model")
 # weights in order of preference: the first kind the repo has is the only one fetched
-WEIGHT_KINDS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_KINDS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 RETRIES = 5  # automatic resumes of one file within a run, while each attempt makes progress
@@ -78,7 +86,8 @@ def config_cache_dir() -> Path:
     return Path(root) / "hub-configs"
 
 
-def fetch_config(spec: str, revision: str = "main", endpoint: str | None = None, token: str | None = None) -> Path:
+def fetch_config(spec: str, revision: str = "main", endpoint: str | None = None,
+                 token: str | None = None) -> Path:
     """A hub repo's `config.json` alone, through huggingface_hub (what planning needs: a few KB, not the
     weights); returns its path. Fetched once, then found offline; with HF_HUB_OFFLINE set only the copy
     fetched before is used. Failures are one-line DownloadErrors."""
@@ -89,11 +98,13 @@ def fetch_config(spec: str, revision: str = "main", endpoint: str | None = None,
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub import errors as hf
 
-        if not offline:  # one API call first: it fails at once offline, where the file request retries for ~20 s
+        # one API call first: it fails at once offline, where the file request retries for ~20 s
+        if not offline:
             HfApi(endpoint=base).model_info(repo_id, revision=revision, token=token)
         try:
             path = hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=config_cache_dir(),
-                                   endpoint=base, token=token, local_files_only=offline, etag_timeout=TIMEOUT_S)
+                                   endpoint=base, token=token, local_files_only=offline,
+                                   etag_timeout=TIMEOUT_S)
         except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
             if offline:
                 raise DownloadError("HF_HUB_OFFLINE is set and its config.json was never fetched") from None
@@ -158,7 +169,8 @@ def _select(repo_id: str, sizes: dict[str, int | None]) -> tuple[list[str], str 
         raise DownloadError(f"{repo_id} has no config.json: not a transformers model repo")
     kind = next((k for k in WEIGHT_KINDS if k in sizes), None)
     if kind is None:
-        raise DownloadError(f"{repo_id} has no model.safetensors or pytorch_model.bin weights microft can read")
+        raise DownloadError(f"{repo_id} has no model.safetensors or pytorch_model.bin weights microft "
+                            "can read")
     files = [kind] if not kind.endswith(".index.json") else []
     files += [f for f in TOKENIZER_FILES + ("generation_config.json",) if f in sizes]
     return files, kind if kind.endswith(".index.json") else None
@@ -216,8 +228,9 @@ class _Fetcher:
         blob = repo_dir(self.repo_id, self.cache) / "blobs" / meta.etag
         if not blob.exists():
             # the bearer token goes to the hub only, never to the CDN a file redirects to
-            same_host = urllib.parse.urlsplit(meta.location).netloc == urllib.parse.urlsplit(self.endpoint).netloc
-            auth = {k: v for k, v in build_hf_headers(token=self.token).items() if k.lower() == "authorization"}
+            same_host = _netloc(meta.location) == _netloc(self.endpoint)
+            auth = {k: v for k, v in build_hf_headers(token=self.token).items()
+                    if k.lower() == "authorization"}
             self.downloaded += fetch_file(meta.location, blob, meta.size, meta.etag, name,
                                           auth if same_host else {}, self.progress)
         # the blob is there and verified: huggingface_hub links snapshots/<commit>/<name> to it
@@ -264,8 +277,8 @@ def fetch_file(url: str, dest: Path, size: int, etag: str, name: str, headers: d
                 attempts += 1
                 if e.progressed and attempts <= RETRIES:
                     continue
-                raise DownloadError(f"download of {name} interrupted at {part.stat().st_size} of {size} bytes "
-                                    f"({e}); run again to resume") from None
+                raise DownloadError(f"download of {name} interrupted at {part.stat().st_size} of "
+                                    f"{size} bytes ({e}); run again to resume") from None
         bad = _check_hash(part, etag)
         if bad is not None:
             part.unlink(missing_ok=True)
@@ -281,12 +294,16 @@ class _Interrupted(Exception):
         self.progressed = progressed
 
 
+def _netloc(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc
+
+
 class _AuthOnSameHost(urllib.request.HTTPRedirectHandler):
     """Follows redirects, dropping Authorization when the host changes."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+        if new is not None and _netloc(newurl) != _netloc(req.full_url):
             new.remove_header("Authorization")
         return new
 
@@ -294,7 +311,8 @@ class _AuthOnSameHost(urllib.request.HTTPRedirectHandler):
 def _transfer(url: str, part: Path, have: int, size: int, name: str, headers: dict[str, str],
               progress: Progress | None) -> int:
     """Append bytes `have..size` of `url` to `part`; raises _Interrupted when the connection drops."""
-    req = urllib.request.Request(url, headers={"User-Agent": "microft", "Accept-Encoding": "identity", **headers})
+    req = urllib.request.Request(url, headers={"User-Agent": "microft", "Accept-Encoding": "identity",
+                                               **headers})
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
@@ -335,7 +353,8 @@ def _transfer(url: str, part: Path, have: int, size: int, name: str, headers: di
         raise _Interrupted(f"got {done} of {size} bytes", progressed=done > have)
     if done > size:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"{name}: the server sent {done} bytes, {size} expected; the partial file was deleted")
+        raise DownloadError(f"{name}: the server sent {done} bytes, {size} expected; the partial file "
+                            "was deleted")
     return done - have
 
 
@@ -348,7 +367,8 @@ def _reason(e: BaseException) -> str:
 def _transport_errors() -> tuple[type[BaseException], ...]:
     """The connection errors of whichever HTTP client this huggingface_hub uses."""
     found: list[type[BaseException]] = [OSError, TimeoutError]
-    for module, attr in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException")):
+    for module, attr in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "RequestException")):
         try:
             found.append(getattr(__import__(module), attr))
         except (ImportError, AttributeError):
@@ -363,8 +383,8 @@ def _hub_errors(repo_id: str, endpoint: str, revision: str, token: str | None) -
 
     access = (f"{repo_id} is gated or private: accept its licence on {endpoint}/{repo_id} with the account "
               "whose token is in HF_TOKEN" if token or os.environ.get("HF_TOKEN") else
-              f"{repo_id} is gated or private: set HF_TOKEN to a token of an account that accepted its licence "
-              f"on {endpoint}/{repo_id}")
+              f"{repo_id} is gated or private: set HF_TOKEN to a token of an account that accepted its "
+              f"licence on {endpoint}/{repo_id}")
     try:
         yield
     except DownloadError:
@@ -378,7 +398,8 @@ def _hub_errors(repo_id: str, endpoint: str, revision: str, token: str | None) -
     except hf.RevisionNotFoundError:
         raise DownloadError(f"{repo_id}: no revision {revision!r} on {endpoint}") from None
     except hf.LocalEntryNotFoundError as e:  # huggingface_hub's wrapper for a failed metadata request
-        raise DownloadError(f"cannot reach {endpoint}: {one_line(e.__cause__ or e)}; {OFFLINE_HINT}") from None
+        raise DownloadError(f"cannot reach {endpoint}: {one_line(e.__cause__ or e)}; "
+                            f"{OFFLINE_HINT}") from None
     except hf.EntryNotFoundError as e:  # (after its subclass LocalEntryNotFoundError)
         raise DownloadError(f"{repo_id}: a listed file is missing on {endpoint} ({one_line(e)})") from None
     except hf.OfflineModeIsEnabled:
@@ -396,7 +417,8 @@ def _hub_errors(repo_id: str, endpoint: str, revision: str, token: str | None) -
         raise DownloadError(f"{repo_id}: {one_line(e)}") from None
     except _transport_errors() as e:
         raise DownloadError(f"cannot reach {endpoint}: {one_line(e)}; {OFFLINE_HINT}") from None
-    except hf.HFValidationError as e:  # an id huggingface_hub refuses that REPO_ID_RE let through (`--`, `..`)
+    # an id huggingface_hub refuses that REPO_ID_RE let through (`--`, `..`)
+    except hf.HFValidationError as e:
         raise DownloadError(f"{repo_id!r} is not a repo id: {one_line(e)}") from None
     except (ValueError, TypeError, KeyError) as e:  # a 200 that is not the hub's JSON (a proxy's HTML page)
         raise DownloadError(f"{endpoint} did not answer like a Hugging Face hub for {repo_id} "

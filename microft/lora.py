@@ -77,7 +77,8 @@ class LoRALinear(nn.Linear):
                  dtype: torch.dtype | None = None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the base's Parameters are reused as they are
         self.in_features, self.out_features = base.in_features, base.out_features
-        if isinstance(base, NF4Linear):  # QLoRA: the NF4 base computes itself; only its shape/dtype/device are read
+        # QLoRA: the NF4 base computes itself; only its shape/dtype/device are read
+        if isinstance(base, NF4Linear):
             self.base_layer = base
         else:
             self.weight = base.weight
@@ -106,7 +107,8 @@ class LoRALinear(nn.Linear):
         a = self.lora_A.weight
         if x.dtype != a.dtype and not autocasting(x.device.type):  # autocast casts both operands itself
             x = x.to(a.dtype)
-        delta = run_linear(self.lora_B, run_linear(self.lora_A, self.lora_dropout(x)))  # bf16 via fp32 where emulated
+        # bf16 via fp32 where emulated
+        delta = run_linear(self.lora_B, run_linear(self.lora_A, self.lora_dropout(x)))
         return out + (delta * self.lora_scale).to(out.dtype)
 
     @torch.no_grad()
@@ -116,13 +118,15 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """Fold B @ A × scale into the weight (in place) and return a plain nn.Linear with the same Parameters."""
+        """Fold B @ A × scale into the weight in place; return a plain nn.Linear sharing its Parameters."""
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.lora_scale  # (out, in)
         with torch.device("meta"):
             plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        if "base_layer" in self._modules:  # NF4: dequantize (fp32), fold, store in the weight's original dtype
+        # NF4: dequantize (fp32), fold, store in the weight's original dtype
+        if "base_layer" in self._modules:
             w = self.weight
-            plain.weight = nn.Parameter((w.dequantize(torch.float32) + delta).to(w.dtype), requires_grad=False)
+            plain.weight = nn.Parameter((w.dequantize(torch.float32) + delta).to(w.dtype),
+                                        requires_grad=False)
             plain.bias = self.bias
             return plain
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
@@ -214,8 +218,9 @@ def apply_lora(
 def merge_lora(model: Transformer) -> Transformer:
     """Fold B @ A × scale into each base weight and remove the adapters; returns `model`.
 
-    NF4 bases are dequantized (adapted or not). The result is a plain model with the normal state dict. Gradients stay disabled on the base
-    parameters (as `apply_lora` left them); call `model.requires_grad_(True)` to train it fully.
+    NF4 bases are dequantized (adapted or not). The result is a plain model with the normal state dict.
+    Gradients stay disabled on the base parameters (as `apply_lora` left them); call
+    `model.requires_grad_(True)` to train it fully.
     """
     for path, lin in lora_modules(model):
         parent_path, _, attr = path.rpartition(".")
@@ -249,7 +254,8 @@ def _fused_pair(parts: list[tuple[int, int, int, LoRALinear]]) -> tuple[torch.Te
     b = torch.zeros(parts[0][2], a.shape[0], dtype=a.dtype)
     col = 0
     for row, rows, _, lin in parts:
-        b[row : row + rows, col : col + lin.r] = lin.lora_B.weight.detach().to("cpu") * (lin.lora_scale / scale)
+        b_part = lin.lora_B.weight.detach().to("cpu") * (lin.lora_scale / scale)
+        b[row : row + rows, col : col + lin.r] = b_part
         col += lin.r
     return a, b, scale
 
@@ -328,14 +334,16 @@ def adapter_config(model: Transformer, base_model_name_or_path: str | None) -> d
     }
 
 
-def write_adapter_files(directory: Path, model: Transformer, base_model_name_or_path: str | None = None) -> None:
+def write_adapter_files(directory: Path, model: Transformer,
+                        base_model_name_or_path: str | None = None) -> None:
     """Write the adapter files into an existing directory (a checkpoint being assembled)."""
     cfg = adapter_config(model, base_model_name_or_path)
     save_file(lora_state_dict(model), str(Path(directory) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (Path(directory) / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2))
 
 
-def save_adapter(directory: str | Path, model: Transformer, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(directory: str | Path, model: Transformer,
+                 base_model_name_or_path: str | None = None) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` atomically into `directory`."""
     with atomic_dir(directory) as tmp:
         write_adapter_files(tmp, model, base_model_name_or_path)
@@ -374,7 +382,8 @@ def _targets_from_config(model: Transformer, cfg: dict[str, Any], source: Path) 
         if hit:
             found.append(t)
     if not found:
-        raise CheckpointError(f"{source}: target_modules {spec!r} name no {model.config.model_type} block linear")
+        raise CheckpointError(f"{source}: target_modules {spec!r} name no {model.config.model_type} "
+                              "block linear")
     return found
 
 
@@ -419,8 +428,8 @@ def _ranks_from_config(model: Transformer, cfg: dict[str, Any], targets: list[st
         got = (int(lookup("rank", key, r)), float(lookup("alpha", key, alpha)))
         t = _site_target(model, path)
         if out.setdefault(t, got) != got:
-            raise CheckpointError(f"{source}: rank_pattern / alpha_pattern give {t} different ranks in different "
-                                  "layers, which microft does not support")
+            raise CheckpointError(f"{source}: rank_pattern / alpha_pattern give {t} different ranks in "
+                                  "different layers, which microft does not support")
     return out
 
 

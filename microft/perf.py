@@ -45,7 +45,8 @@ def _probe_key(device_type: str, dtype_name: str, threads: int | None = None) ->
         where = f"mps|{cpu_model()}"
     else:  # the instruction sets the kernels may use: the variables that hold them below the CPU's own
         held = "".join(f" {k}={os.environ[k]}" for k in KERNEL_ISA_ENVS if os.environ.get(k))
-        where = f"{cpu_model()}|{threads or torch.get_num_threads()} threads|{torch.backends.cpu.get_cpu_capability()}{held}"
+        where = (f"{cpu_model()}|{threads or torch.get_num_threads()} threads|"
+                 f"{torch.backends.cpu.get_cpu_capability()}{held}")
     return f"{where}|torch {torch.__version__}|{dtype_name}|probe {PROBE_VERSION}"
 
 
@@ -54,7 +55,8 @@ def probe_engines(device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
     `F.linear` (a linear's layout, `x @ W.T`: emulated there, it ran 20x faster than a plain `@` held to
     AVX2), oneDNN's linear (what microft's fp32 forwards run) where it runs `dtype` (held to AVX2 it has no
     bf16 or fp16 linear) and, in fp32, numpy's BLAS (OpenBLAS in numpy's wheels): on an AVX2 EPYC the three
-    differed by up to 1.3x on the same 2048² product, and the peak is the hardware's best, not one library's."""
+    differed by up to 1.3x on the same 2048² product, and the peak is the hardware's best, not one library's.
+    """
     if device_type != "cpu":
         return ("torch",)
     engines = ["torch"]
@@ -84,9 +86,11 @@ def _matmul(engine: str, a: torch.Tensor, b: torch.Tensor):
     return lambda: a @ b
 
 
-def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float, engine: str = "torch") -> float:
-    """FLOP/s of back-to-back n×n matmuls through `engine`: the best of PROBE_BURSTS short timed bursts after one
-    that warms caches, threads and clocks, about `seconds` in all (at least one matmul a burst, two bursts).
+def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float,
+                    engine: str = "torch") -> float:
+    """FLOP/s of back-to-back n×n matmuls through `engine`: the best of PROBE_BURSTS short timed bursts
+    after one that warms caches, threads and clocks, about `seconds` in all (at least one matmul a burst,
+    two bursts).
 
     The best short burst, not one long average: other jobs' load lowers an average, while a burst that ran
     in a quiet moment measures the hardware (a peak probed on a busy machine read half a later one).
@@ -117,7 +121,8 @@ def _sustained_rate(n: int, dtype: torch.dtype, device_type: str, seconds: float
 _PEAKS: dict[str, float] = {}  # this process's peaks, by probe key (the cache file is read once per key)
 
 
-def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 9.0, at_least: float = 0.0) -> float:
+def measured_peak_flops(device_type: str, dtype_name: str, seconds: float = 9.0,
+                        at_least: float = 0.0) -> float:
     """The best sustained matmul rate (FLOP/s) on this device in this dtype: the peak MFU divides by.
 
     Large square matmuls (PROBE_SHAPES) through each engine of `probe_engines`, each warmed up and
@@ -161,8 +166,10 @@ def probe_rates(device_type: str, dtype_name: str, seconds: float = 9.0) -> dict
     rates = dict.fromkeys(engines, 0.0)
     for n in shapes:
         best = max(rates.values())
-        if best and 2 * n**3 / best > share / 2:  # a slow (e.g. emulated bf16) dtype: bigger shapes would take
-            break  # minutes and show nothing new, since the rate is far below any matmul unit's peak there
+        # a slow (e.g. emulated bf16) dtype: bigger shapes would take minutes and show nothing new, since
+        # the rate is far below any matmul unit's peak there
+        if best and 2 * n**3 / best > share / 2:
+            break
         for engine in engines:
             rates[engine] = max(rates[engine], _sustained_rate(n, dtype, device_type, share, engine))
     return rates
@@ -244,7 +251,7 @@ def peak_rss_bytes() -> int:
 
 
 def memory_stats(device: torch.device) -> dict[str, int]:
-    """Peak memory so far: CUDA allocated/reserved, MPS now (torch.mps keeps no peak), or the process RSS on CPU."""
+    """Peak memory so far: CUDA allocated/reserved, MPS now (torch.mps keeps no peak), or on CPU the RSS."""
     if device.type == "cuda":
         return {
             "cuda_max_allocated": torch.cuda.max_memory_allocated(device),

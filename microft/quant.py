@@ -127,7 +127,8 @@ def _check_finite(w: torch.Tensor, name: str) -> None:
 
 
 def _blockwise_scale(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """x (rows of a block) times 1/absmax as bitsandbytes does; 0 for all-zero rows, x/absmax where 1/absmax overflows."""
+    """x (rows of a block) times 1/absmax as bitsandbytes does; 0 for all-zero rows, x/absmax where
+    1/absmax overflows."""
     inv = 1.0 / absmax
     safe = torch.where(absmax == 0, torch.ones_like(absmax), absmax)
     return torch.where(torch.isfinite(inv)[:, None], x * inv[:, None], x / safe[:, None])
@@ -135,7 +136,8 @@ def _blockwise_scale(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class NF4Weight:
-    """A weight in NF4: packed codes, per-block absmax (fp32, or uint8 + `absmax2`/`offset` when double-quantized)."""
+    """A weight in NF4: packed codes, per-block absmax (fp32, or uint8 + `absmax2`/`offset` when
+    double-quantized)."""
 
     codes: torch.Tensor            # uint8 ((numel + 1) // 2,), first element in the high nibble
     absmax: torch.Tensor           # fp32 (n_blocks,) or uint8 (n_blocks,) with double quantization
@@ -168,7 +170,8 @@ class NF4Weight:
 
 
 @torch.no_grad()
-def quantize_nf4(w: torch.Tensor, block: int = BLOCK, double_quant: bool = False, name: str = "weight") -> NF4Weight:
+def quantize_nf4(w: torch.Tensor, block: int = BLOCK, double_quant: bool = False,
+                 name: str = "weight") -> NF4Weight:
     """NF4-quantize `w` (any shape, any float dtype, any device incl. meta/fake) in blocks of `block` values.
 
     Works through `QUANT_CHUNK` elements at a time, so its transients stay ~10 MB on top of the output.
@@ -189,7 +192,8 @@ def quantize_nf4(w: torch.Tensor, block: int = BLOCK, double_quant: bool = False
             x = F.pad(x, (0, block - x.numel() % block))
         x = x.view(-1, block)
         am = x.abs().amax(dim=1)
-        c = torch.bucketize(_blockwise_scale(x, am), pivots).to(torch.uint8).view(-1, 2)  # count of pivots < x
+        # count of pivots < x
+        c = torch.bucketize(_blockwise_scale(x, am), pivots).to(torch.uint8).view(-1, 2)
         codes[start // 2:start // 2 + c.shape[0]] = (c[:, 0] << 4) | c[:, 1]
         absmax[start // block:start // block + am.numel()] = am
     if codes.numel() != (numel + 1) // 2:
@@ -210,7 +214,8 @@ def _double_quantize(q: NF4Weight) -> NF4Weight:
     return NF4Weight(q.codes, idx.clone(), q.shape, q.dtype, q.block, absmax2, offset)
 
 
-def _absmax_fp32(absmax: torch.Tensor, absmax2: torch.Tensor | None, offset: torch.Tensor | None) -> torch.Tensor:
+def _absmax_fp32(absmax: torch.Tensor, absmax2: torch.Tensor | None,
+                 offset: torch.Tensor | None) -> torch.Tensor:
     if absmax2 is None:
         return absmax
     n = absmax.numel()
@@ -235,14 +240,15 @@ def _dequantize(codes, absmax, absmax2, offset, shape, block, dtype) -> torch.Te
     if vals.numel() != n_blocks * block:
         vals = F.pad(vals, (0, n_blocks * block - vals.numel()))
     scale = _absmax_fp32(absmax, absmax2, offset)
-    out = vals.view(n_blocks, block).mul_(scale[:, None]).view(-1)  # fp32 product, then one cast (as bitsandbytes)
+    # fp32 product, then one cast (as bitsandbytes)
+    out = vals.view(n_blocks, block).mul_(scale[:, None]).view(-1)
     if out.numel() != numel:
         out = out[:numel]
     return out.to(dtype).view(shape)
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight `q` stands for, in `dtype` (default: its original dtype): level * absmax in fp32, then cast."""
+    """The weight `q` stands for, in `dtype` (default: its original dtype): level * absmax in fp32, cast."""
     return _dequantize(q.codes, q.absmax, q.absmax2, q.offset, tuple(q.shape), q.block, dtype or q.dtype)
 
 
@@ -302,7 +308,8 @@ class NF4Linear(nn.Module):
         self.register_buffer("weight_nf4", torch.zeros((numel + 1) // 2, dtype=torch.uint8, device=device))
         if double_quant:
             self.register_buffer("weight_absmax", torch.zeros(n_blocks, dtype=torch.uint8, device=device))
-            self.register_buffer("weight_absmax2", torch.zeros(-(-n_blocks // DOUBLE_QUANT_BLOCK), device=device))
+            self.register_buffer("weight_absmax2",
+                                 torch.zeros(-(-n_blocks // DOUBLE_QUANT_BLOCK), device=device))
             self.register_buffer("weight_offset", torch.zeros((), device=device))
         else:
             self.register_buffer("weight_absmax", torch.zeros(n_blocks, device=device))
@@ -326,15 +333,15 @@ class NF4Linear(nn.Module):
         """Take `q` as this layer's weight (its tensors become the buffers; no copy)."""
         if tuple(q.shape) != (self.out_features, self.in_features) or q.block != self.block \
                 or q.double_quant != self.double_quant:
-            raise ConfigError(f"NF4 weight {tuple(q.shape)} (block {q.block}, double_quant {q.double_quant}) doesn't "
-                              f"fit NF4Linear({self.in_features}, {self.out_features}, block={self.block}, "
-                              f"double_quant={self.double_quant})")
+            raise ConfigError(f"NF4 weight {tuple(q.shape)} (block {q.block}, double_quant {q.double_quant}) "
+                              f"doesn't fit NF4Linear({self.in_features}, {self.out_features}, "
+                              f"block={self.block}, double_quant={self.double_quant})")
         self.weight_nf4, self.weight_absmax = q.codes, q.absmax
         self.weight_absmax2, self.weight_offset = q.absmax2, q.offset
         self.weight_dtype = q.dtype
 
     def load_full_weight(self, w: torch.Tensor, name: str = "weight") -> None:
-        """Quantize a full-precision (out, in) weight into this layer (on w's device); w can be dropped after."""
+        """Quantize a full-precision (out, in) weight into this layer (on w's device); drop w after."""
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ConfigError(f"{name} has shape {tuple(w.shape)}, NF4Linear expects "
                               f"{(self.out_features, self.in_features)}")
@@ -342,8 +349,9 @@ class NF4Linear(nn.Module):
 
     @property
     def weight(self) -> NF4Weight:
-        return NF4Weight(self.weight_nf4, self.weight_absmax, torch.Size((self.out_features, self.in_features)),
-                         self.weight_dtype, self.block, self.weight_absmax2, self.weight_offset)
+        return NF4Weight(self.weight_nf4, self.weight_absmax,
+                         torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.block,
+                         self.weight_absmax2, self.weight_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
@@ -360,8 +368,8 @@ class NF4Linear(nn.Module):
                 w = w.to(self.weight_nf4.device)
             state_dict.update(quantize_tensor_for_load(prefix + "weight", w, self.block, self.double_quant))
             self.weight_dtype = w.dtype
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
         # `.to(bf16)` / `.half()` must move the fp32 block scales, never round them.
@@ -373,8 +381,8 @@ class NF4Linear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"block={self.block}, double_quant={self.double_quant}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block={self.block}, double_quant={self.double_quant}")
 
 
 def quantize_tensor_for_load(name: str, tensor: torch.Tensor, block: int = BLOCK,
@@ -409,9 +417,11 @@ def quantize_model_(model: nn.Module, should_quantize: Callable[[str, nn.Module]
     chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and should_quantize(n, m)]
     for name, lin in chosen:
         if uses.get(id(lin.weight), 0) > 1:
-            raise ConfigError(f"can't quantize {name} to NF4: its weight is shared with another module (tied)")
+            raise ConfigError(f"can't quantize {name} to NF4: its weight is shared with another "
+                              "module (tied)")
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, NF4Linear.from_linear(lin, block, double_quant, name + ".weight"))
+        setattr(model.get_submodule(parent), attr,
+                NF4Linear.from_linear(lin, block, double_quant, name + ".weight"))
         lin.weight = None  # drop our reference now; the old module may still be referenced elsewhere
     return [n for n, _ in chosen]
 
@@ -431,12 +441,16 @@ def is_block_linear(name: str, module: nn.Module) -> bool:
     return name.startswith("h.") and type(module) is nn.Linear
 
 
+def _no_block_linears(model: nn.Module) -> ConfigError:
+    name = getattr(getattr(model, "config", None), "name", "the model")
+    return ConfigError(f"--quantize nf4: {name} has no block linears to quantize")
+
+
 def quantize_blocks_(model: nn.Module, block: int = BLOCK, double_quant: bool = False) -> list[str]:
     """NF4-quantize every block linear of an allocated model in place; ConfigError if it has none."""
     names = quantize_model_(model, is_block_linear, block, double_quant)
     if not names:
-        raise ConfigError(f"--quantize nf4: {getattr(getattr(model, 'config', None), 'name', 'the model')} has "
-                          "no block linears to quantize")
+        raise _no_block_linears(model)
     return names
 
 
@@ -448,8 +462,7 @@ def nf4_meta_blocks_(model: nn.Module, block: int = BLOCK, double_quant: bool = 
     """
     chosen = [(n, m) for n, m in model.named_modules() if is_block_linear(n, m)]
     if not chosen:
-        raise ConfigError(f"--quantize nf4: {getattr(getattr(model, 'config', None), 'name', 'the model')} has "
-                          "no block linears to quantize")
+        raise _no_block_linears(model)
     for name, lin in chosen:
         parent, _, attr = name.rpartition(".")
         q = NF4Linear(lin.in_features, lin.out_features, lin.bias is not None, block, double_quant, "meta",
@@ -484,7 +497,8 @@ def write_quant_record(directory, model: nn.Module, extra: dict | None = None) -
     import json
     from pathlib import Path
 
-    rec = {"format": "microft-qlora", **model.quantization, "model": model.config.model_dump(), **(extra or {})}
+    rec = {"format": "microft-qlora", **model.quantization, "model": model.config.model_dump(),
+           **(extra or {})}
     (Path(directory) / QUANT_RECORD).write_text(json.dumps(rec, indent=2))
 
 

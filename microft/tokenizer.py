@@ -35,7 +35,8 @@ RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = "<|endoftext|>"
 # Llama 3's split pattern (the cl100k one) and its 256 special tokens, numbered from the base vocabulary size
-LLAMA3_PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+LLAMA3_PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_NUM_SPECIAL = 256
 # Llama 3.0's named specials by offset; 3.1+ renamed offsets 4, 8 and 10 (see _llama3_specials)
@@ -77,7 +78,7 @@ def get_encoding() -> tiktoken.Encoding:
 
 
 def encode(text: str) -> list[int]:
-    """Encode ordinary text; a literal '<|endoftext|>' in the text is treated as text, not the special token."""
+    """Encode ordinary text; a literal '<|endoftext|>' in it is treated as text, not the special token."""
     return get_encoding().encode_ordinary(text)
 
 
@@ -397,8 +398,9 @@ def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
     model_type = _read_json(d / "config.json").get("model_type", "gpt2")
     if model_type == "gpt2":
         if (d / "vocab.json").is_file() and _read_json(d / "vocab.json") != gpt2_vocab():
-            raise ConfigError(f"{d}: vocab.json is not GPT-2's vocabulary, and microft reads any other byte-level "
-                              "BPE only from tokenizer.json (transformers' save_pretrained writes it)")
+            raise ConfigError(f"{d}: vocab.json is not GPT-2's vocabulary, and microft reads any other "
+                              "byte-level BPE only from tokenizer.json (transformers' save_pretrained "
+                              "writes it)")
         return gpt2_tokenizer()
     raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model for this {model_type} model")
 

@@ -45,7 +45,8 @@ def fmt_duration(s: float) -> str:
 
 def error(message: str) -> None:
     """One line on stderr; the caller sets the exit code."""
-    err.print(f"[bold red]error:[/] {message}" if err.is_terminal else f"error: {message}", markup=err.is_terminal)
+    err.print(f"[bold red]error:[/] {message}" if err.is_terminal else f"error: {message}",
+              markup=err.is_terminal)
 
 
 def stopped(message: str) -> None:
@@ -75,7 +76,8 @@ def rewards(e: Event) -> str:
 
 def banner_lines(e: Event) -> list[tuple[str, str]]:
     rows = [
-        ("model", f"{e['model']}  ({e['params_trainable']:,} trainable / {e['params_total']:,} total parameters)"),
+        ("model", f"{e['model']}  ({e['params_trainable']:,} trainable / {e['params_total']:,} total "
+                  "parameters)"),
         ("device", f"{e['device']}  precision {e['precision']}  grad checkpointing {e['grad_ckpt']}"),
         ("optimizer", f"{e['optimizer']}  lr {e['lr']:g}  schedule {e['schedule']}"),
         ("Effective batch", e["effective_batch"]),
@@ -95,12 +97,15 @@ def banner_lines(e: Event) -> list[tuple[str, str]]:
 def summary_lines(e: Event) -> list[tuple[str, str]]:
     rows = [
         ("steps", f"{e['steps']} in {fmt_duration(e['time_s'])}"),
-        ("tokens", f"{e['tokens']:,}: {e['train_tokens_per_sec']:,.0f} tokens/s while training (the live figure), "
-                   f"{e['tokens_per_sec']:,.0f} tokens/s over the wall time (evaluations and saves included)"
+        ("tokens", f"{e['tokens']:,}: {e['train_tokens_per_sec']:,.0f} tokens/s while training (the live "
+                   f"figure), {e['tokens_per_sec']:,.0f} tokens/s over the wall time (evaluations and saves "
+                   "included)"
          if e.get("train_tokens_per_sec") else f"{e['tokens']:,} ({e['tokens_per_sec']:,.0f} tokens/s)"),
         ("final step loss", f"{e['final_loss']:.4f}" if e.get("final_loss") is not None else "-"),
-        ("best val loss", f"{e['best_val_loss']:.4f} at step {e['best_step']}" if e.get("best_val_loss") else "-"),
-        ("peak memory", _mem(e) + (f"; traced {fmt_bytes(e['traced_peak'])}" if e.get("traced_peak") else "")),
+        ("best val loss",
+         f"{e['best_val_loss']:.4f} at step {e['best_step']}" if e.get("best_val_loss") else "-"),
+        ("peak memory",
+         _mem(e) + (f"; traced {fmt_bytes(e['traced_peak'])}" if e.get("traced_peak") else "")),
         ("MFU", f"{100 * e['mfu']:.1f}% of {e['peak_flops'] / 1e12:.2f} TFLOP/s ({e['peak_flops_source']})"),
         ("verdict", e["verdict"]),
         ("weights", e["final_dir"]),
@@ -156,10 +161,12 @@ class TrainReporter:
         if self.fmt == "rich":
             out.print(kv_table("microft run", banner_lines(e)))
             self.progress = Progress(
-                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=out, transient=False,
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TextColumn("eta"),
+                TimeRemainingColumn(), console=out, transient=False,
             )
-            self.task = self.progress.add_task("train", total=e["total_steps"], completed=e["start_step"], stats="")
+            self.task = self.progress.add_task("train", total=e["total_steps"], completed=e["start_step"],
+                                               stats="")
             self.progress.start()
         else:
             for k, v in banner_lines(e):

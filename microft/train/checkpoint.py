@@ -112,8 +112,9 @@ def resume_dir_for(resume: str | None, out: Path) -> Path | None:
             raise CheckpointError(f"no checkpoint at {resume}")
         kept = [n for n in ("final", "best") if (out / n).exists()]
         if found is None and kept:  # starting over would replace them
-            raise ConfigError(f"{out} holds a run's {' and '.join(kept)} weights but no complete checkpoint to "
-                              f"resume from; choose a new --out, or move them away to start over")
+            raise ConfigError(f"{out} holds a run's {' and '.join(kept)} weights but no complete "
+                              "checkpoint to resume from; choose a new --out, or move them away to "
+                              "start over")
         return found
     if (out / "final").exists() or find_latest_checkpoint(out):  # on every rank, or the others would wait
         raise ConfigError(f"{out} already holds a run; continue it with --resume auto, or choose a new --out")
@@ -126,7 +127,8 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
     Under FSDP every rank takes part in gathering the full state; only rank 0 writes.
     """
     model, dist, state, out = run.model, run.dist, run.state, run.out
-    target = out / ("final" if kind == "final" else "best" if kind == "best" else f"checkpoints/step-{state.step:07d}")
+    target = out / ("final" if kind == "final" else "best" if kind == "best"
+                    else f"checkpoints/step-{state.step:07d}")
     weights = full_model_state(model, dist)
     optim_state = full_optim_state(model, run.optimizer, dist) if kind == "step" else None
     if not dist.is_main:
@@ -134,7 +136,9 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
     quantized = getattr(model, "quantization", None) is not None
     try:
         with atomic_dir(target) as tmp:
-            if quantized:  # QLoRA: the frozen NF4 base is rebuilt from its record, never saved; the adapters are all
+            # QLoRA: the frozen NF4 base is rebuilt from its record, never saved: the adapters are all
+            # there is to keep
+            if quantized:
                 write_quant_record(tmp, model, {"step": state.step})
                 if not run.save_extra:
                     write_adapter_files(tmp, model, model.quantization["base_model"])
@@ -178,15 +182,17 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
     then = {"optimizer": ts.get("config", {}).get("optimizer"), "precision": ts.get("precision")}
     for flag, now in (("optimizer", run.cfg.optimizer), ("precision", run.precision)):
         was = then[flag]
-        if was is not None and was != now and (flag == "optimizer" or {was, now} & {"bf16-true", "fp16-mixed"}):
-            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with --{flag} {was}, now {now}")
+        own_state = flag == "optimizer" or {was, now} & {"bf16-true", "fp16-mixed"}
+        if was is not None and was != now and own_state:
+            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with --{flag} {was}, "
+                                  f"now {now}")
     if getattr(model, "quantization", None) is None:
         load_weights(model, read_safetensors(resume_dir / WEIGHTS), run.dist, str(resume_dir))
     else:
         rec = read_quant_record(resume_dir) or {}
         if any(rec.get(k) != v for k, v in model.quantization.items()):
-            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained on another quantized base "
-                                  f"({ {k: rec.get(k) for k in model.quantization} })")
+            raise CheckpointError(f"cannot resume from {resume_dir}: it was trained on another "
+                                  f"quantized base ({ {k: rec.get(k) for k in model.quantization} })")
     if ts.get("adapter") is not None:
         model.load_state_dict(ts["adapter"], strict=False)
     load_optim_state(model, run.optimizer, ts["optimizer"], run.dist)
@@ -195,9 +201,10 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
         run.schedule = ts["schedule"]
         run.scheduler.lr_lambdas = [schedule_multiplier(run.schedule) for _ in run.optimizer.param_groups]
     else:  # an older microft's checkpoint: its schedule is not known, so say which one the lr follows now
-        run.on_event({"kind": "note", "text": f"{resume_dir} does not record its lr schedule (an older microft "
-                      f"wrote it): from step {ts['state']['step']} the lr follows {run.schedule['schedule']} over "
-                      f"{run.schedule['total_steps']} steps, as for a run of this length"})
+        run.on_event({"kind": "note", "text": f"{resume_dir} does not record its lr schedule (an older "
+                      f"microft wrote it): from step {ts['state']['step']} the lr follows "
+                      f"{run.schedule['schedule']} over {run.schedule['total_steps']} steps, as for a run of "
+                      "this length"})
     run.scaler.load_state_dict(ts["scaler"])
     restore_rng(ts["rng"])
     return ts["state"]

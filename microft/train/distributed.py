@@ -81,7 +81,8 @@ def launch(n: int, argv: list[str]) -> int:
         try:
             code = proc.wait()
             return 130 if interrupted and code else code
-        except KeyboardInterrupt:  # torchrun forwards it to the ranks: wait while they finish the step and save
+        # torchrun forwards it to the ranks: wait while they finish the step and save
+        except KeyboardInterrupt:
             interrupted = True
 
 
@@ -143,8 +144,8 @@ def setup_distributed(cfg: RunConfig, model: torch.nn.Module) -> Dist:
         # DDP broadcasts rank 0's weights at construction; gradients live in its buckets (no second copy)
         wrapped = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                           gradient_as_bucket_view=True)
-    return Dist(rank=rank, world_size=world, wrapped=wrapped, local_rank=local_rank, device=device, shard=shard,
-                owns_group=owns_group)
+    return Dist(rank=rank, world_size=world, wrapped=wrapped, local_rank=local_rank, device=device,
+                shard=shard, owns_group=owns_group)
 
 
 def teardown(dist: Dist) -> None:
@@ -257,9 +258,11 @@ def load_optim_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
 
     order = _param_order(model, optimizer)
     named = {"state": {order[i]: s for i, s in state["state"].items()},
-             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+             "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                              for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):  # exact types (betas)
+    # exact types (betas)
+    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
         group.update({k: v for k, v in saved.items() if k != "params"})
 
 
@@ -279,6 +282,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], dist: D
         if name == "wte.weight" and src.shape[0] < dst.shape[0]:  # re-pad the vocabulary
             src = torch.cat([src, src.new_zeros(dst.shape[0] - src.shape[0], src.shape[1])])
         if src.shape != dst.shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+            raise CheckpointError(f"{source}: {name} has shape {tuple(src.shape)}, model expects "
+                                  f"{tuple(dst.shape)}")
         full[k] = src.to(dst.dtype)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))

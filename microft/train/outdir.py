@@ -84,14 +84,16 @@ def take_lock(out: Path, note: Callable[[str], None]) -> Path:
                 continue  # its owner just finished: try again
             if info is not None and (info.get("host") != me["host"] or _alive(int(info.get("pid", -1)),
                                                                              info.get("proc_start"))):
-                where = "" if info.get("host") == me["host"] else " (another host: if that run is gone, delete the lock)"
+                where = ("" if info.get("host") == me["host"]
+                         else " (another host: if that run is gone, delete the lock)")
                 raise ConfigError(f"{out} is in use by another microft run ({_owner(info)}){where}; "
                                   f"wait for it or choose another --out") from None
             aside = out / f"{LOCK}.stale-{os.getpid()}"
             with contextlib.suppress(FileNotFoundError):
                 os.replace(path, aside)  # one rename: of two reclaimers, only one moves the stale lock
                 aside.unlink()
-                note(f"reclaimed the lock of a run that is gone ({_owner(info) if info else 'lock file torn'})")
+                note("reclaimed the lock of a run that is gone "
+                     f"({_owner(info) if info else 'lock file torn'})")
             continue
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me) + "\n")
@@ -158,7 +160,7 @@ def check_written_dir(out: str | Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def writing(out: str | Path) -> Iterator[None]:
-    """A directory's write: a place it cannot write (permissions, a full disk) is one line, not a traceback."""
+    """A directory's write: a place it cannot write (permissions, a full disk) is one line, no traceback."""
     try:
         yield
     except OSError as e:
@@ -178,7 +180,8 @@ def tidy(out: Path, note: Callable[[str], None]) -> None:
         for p in sorted(d.iterdir()):
             if not p.name.startswith(TEMP_PREFIXES):
                 continue
-            if p.name.startswith(".old-"):  # atomic_dir moved `name` aside and was killed before the new one landed
+            # atomic_dir moved `name` aside and was killed before the new one landed
+            if p.name.startswith(".old-"):
                 name = p.name[len(".old-"):].rsplit("-", 1)[0]
                 if not (d / name).exists():
                     os.replace(p, d / name)
@@ -219,7 +222,8 @@ def _startup_signals(got: dict[str, int]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[Callable[[dict[str, Any]], None]]:
+def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]
+              ) -> Iterator[Callable[[dict[str, Any]], None]]:
     """Own `cfg.out` for the run inside; yields the event sink to use (it notes when step 1 is done)."""
     out = Path(cfg.out)
     progress = {"step": False}
@@ -240,7 +244,8 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
     _check_path(out)
     if not _is_main():  # rank 0 owns the directory; the others only refuse an earlier run, as it does
         if not cfg.resume and earlier_run(out):
-            raise ConfigError(f"{out} already holds a run; continue it with --resume auto, or choose a new --out")
+            raise ConfigError(f"{out} already holds a run; continue it with --resume auto, or choose a "
+                              "new --out")
         yield emit
         return
     with _startup_signals(got):
@@ -255,13 +260,14 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
                 raise ConfigError(f"cannot write to --out {out}: {e.strerror or one_line(e)}") from None
             found = earlier_run(out)
             if found and not cfg.resume:
-                raise ConfigError(f"{out} already holds a run ({', '.join(found)}); continue it with --resume auto, "
-                                  f"or choose a new --out")
+                raise ConfigError(f"{out} already holds a run ({', '.join(found)}); continue it with "
+                                  f"--resume auto, or choose a new --out")
             tidy(out, note)
             yield emit
         except BaseException as e:
             if not progress["step"] and lock is not None:  # nothing trained: leave --out as it was found
-                _roll_back(out, made, before, lock)  # (never without the lock: the files may be another run's)
+                # (never without the lock: the files may be another run's)
+                _roll_back(out, made, before, lock)
             elif not progress["step"] and made is not None:
                 _remove_empty(out, made)
             # after a signal, whatever breaks (a half-imported module) is the interrupt's doing, not a bug
@@ -269,7 +275,8 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]) -> Iterator[
                                                                 and isinstance(e, Exception))
             if interrupted and not progress["step"]:
                 code = 143 if got.get("sig") == signal.SIGTERM else 130
-                raise Interrupted(f"interrupted before step 1; nothing was saved and {out} is as it was", code) from None
+                raise Interrupted(f"interrupted before step 1; nothing was saved and {out} is as it was",
+                                  code) from None
             if isinstance(e, KeyboardInterrupt):
                 raise Interrupted(f"interrupted; continue with --resume auto (--out {out})",
                                   143 if got.get("sig") == signal.SIGTERM else 130) from None

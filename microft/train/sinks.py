@@ -69,7 +69,8 @@ class MetricsFile:
         if ctx.resume_step is not None and self.path.exists():
             recs, bad = read_metrics(self.path)
             if bad:
-                ctx.note(f"dropped {bad} torn line{'s' if bad > 1 else ''} of {self.path} (a run killed while writing)")
+                ctx.note(f"dropped {bad} torn line{'s' if bad > 1 else ''} of {self.path} (a run killed "
+                         "while writing)")
             tmp = self.path.with_name(f".tmp-metrics-{os.getpid()}")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in recs if r.get("step", 0) <= ctx.resume_step))
             os.replace(tmp, self.path)
@@ -101,7 +102,8 @@ class SummaryFiles:
             return
         out = self.ctx.out
         try:
-            (out / "summary.json").write_text(json.dumps({k: v for k, v in e.items() if k != "kind"}, indent=2))
+            summary = {k: v for k, v in e.items() if k != "kind"}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
             plot = plot_curves(out / "metrics.jsonl", out / "learning_curve.png", self.ctx.title)
         except OSError as err:
             raise self.ctx.failed(err, "summary.json") from None

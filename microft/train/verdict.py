@@ -40,8 +40,8 @@ def verdict(history: Sequence[dict[str, Any]], vocab_size: int) -> str:
         return (f"not learning: {curve}, {where} chance (ln {vocab_size} = {chance:.2f}); "
                 "raise --lr, train longer or check the data")
     if best["val_loss"] > first * (1 - MIN_DROP):
-        return (f"not learning: {curve}, its best ({best['val_loss']:.3f}) not {100 * MIN_DROP:.0f}% below the "
-                "start; raise --lr or check the data")
+        return (f"not learning: {curve}, its best ({best['val_loss']:.3f}) not {100 * MIN_DROP:.0f}% "
+                "below the start; raise --lr or check the data")
     if best is not evals[-1] and last > best["val_loss"] * (1 + OVERFIT_RISE):
         return (f"overfitting from step {best['step']} (val loss {best['val_loss']:.3f} → {last:.3f}; "
                 "best weights kept)")
