@@ -27,7 +27,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from microft.errors import DataError, check_data_path
 from microft.formats import SUFFIXES, Bad, Table, format_for, looks_like_text, read_json, read_table
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 Sample = dict[str, Any]
 Encode = Callable[[str], list[int]]
+_T = TypeVar("_T")
 
 
 class Message(NamedTuple):
@@ -156,15 +157,26 @@ def _weight(obj: Mapping[str, Any]) -> float:
 
 def parse_record(obj: object, source: str = "") -> Record:
     """Validate one decoded JSON value as a record; raises DataError (message without location)."""
+    return as_data_error(_parse, obj, source)
+
+
+def as_data_error(parse: Callable[[object, str], _T], obj: object, source: str) -> _T:
+    """`parse(obj, source)`, its `_Bad` raised as DataError (the message without a location)."""
     try:
-        return _parse(obj, source)
+        return parse(obj, source)
     except _Bad as e:
         raise DataError(str(e)) from None
 
 
-def _parse(obj: object, source: str) -> Record:
+def _record_object(obj: object) -> dict:
+    """`obj` if it is a JSON object (a dict), else `_Bad`: every record format is one."""
     if not isinstance(obj, dict):
         raise _Bad(f"a record must be a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def _parse(obj: object, source: str) -> Record:
+    obj = _record_object(obj)
     weight = _weight(obj)
     if "messages" in obj:
         parsed = parse_messages(obj["messages"], "messages")
@@ -318,13 +330,18 @@ def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str,
     notes: list[str] = []
     for f in data_files(path, split, patterns, default_split):
         records.extend(_read_file(f, str(f), problems, columns, notes))
+    refuse_bad_records(problems, skip_bad)
+    if not records:
+        raise DataError(f"{path}: no usable records ({len(problems)} bad record(s) skipped)")
+    return ReadResult(records, len(problems), problems, notes)
+
+
+def refuse_bad_records(problems: list[str], skip_bad: bool) -> None:
+    """finetune's rule: a bad record is refused (the first named, the rest counted) unless skipped."""
     if problems and not skip_bad:
         n_more = len(problems) - 1
         more = f" (and {n_more} more bad record{'s' if n_more > 1 else ''})" if n_more else ""
         raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad to skip bad records")
-    if not records:
-        raise DataError(f"{path}: no usable records ({len(problems)} bad record(s) skipped)")
-    return ReadResult(records, len(problems), problems, notes)
 
 
 def record_kind(path: str | Path) -> tuple[int, str] | None:
@@ -384,12 +401,14 @@ def _encoder(tok: Tokenizer | Encode | None) -> tuple[Encode, list[int], list[in
         from microft.tokenizer import gpt2_tokenizer
 
         tok = gpt2_tokenizer()
-    if not hasattr(tok, "eos_ids"):  # a plain function: GPT-2's conventions, as before tokenizers were objects
+    # a plain function: GPT-2's conventions, as before tokenizers were objects
+    if not hasattr(tok, "eos_ids"):
         return tok, [], [EOT_TOKEN]
     if tok.eos_id is None:
         from microft.errors import ConfigError
 
-        raise ConfigError(f"{tok.name}: the tokenizer has no EOS token (set eos_token in tokenizer_config.json)")
+        raise ConfigError(f"{tok.name}: the tokenizer has no EOS token (set eos_token in "
+                          "tokenizer_config.json)")
     return tok.encode, tok.prefix, [tok.eos_id]
 
 
@@ -447,8 +466,9 @@ def build_sample(record: Record, template: Template | ChatTemplate, encode: Toke
     return sample, truncated
 
 
-def build_samples(records: Iterable[Record], template: Template | ChatTemplate | str, encode: Tokenizer | Encode | None,
-                  max_seq_len: int, mask_prompt: bool = True) -> tuple[list[Sample], BuildStats]:
+def build_samples(records: Iterable[Record], template: Template | ChatTemplate | str,
+                  encode: Tokenizer | Encode | None, max_seq_len: int,
+                  mask_prompt: bool = True) -> tuple[list[Sample], BuildStats]:
     """Tokenise records into training samples with the prompt masked (labels IGNORE_INDEX).
 
     Inputs longer than `max_seq_len` are cut at the right; a sample whose response is cut away
@@ -623,7 +643,7 @@ def load_instruct_data(cfg: RunConfig, max_seq_len: int, tokenizer: Tokenizer | 
         raise DataError(f"no training samples left: all {stats['train'].n_dropped} were cut away by "
                         f"max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")
     if cfg.val_data is not None and not out["val"]:  # asked-for validation must not vanish without a word
-        raise DataError(f"no validation samples left in {cfg.val_data}: all {stats['val'].n_dropped} were cut away "
-                        f"by max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")
+        raise DataError(f"no validation samples left in {cfg.val_data}: all {stats['val'].n_dropped} were "
+                        f"cut away by max_seq_len={max_seq_len}; raise --max-seq-len or shorten the prompts")
     return InstructData(out["train"], out["val"], out["test"], stats, template, got.n_skipped, got.problems,
                         demo=cfg.data is None, notes=got.notes)

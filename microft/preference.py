@@ -31,11 +31,13 @@ from microft.instruct import (
     Record,
     _Bad,
     _get_str,
-    _json_type,
+    _record_object,
     _resolve,
+    as_data_error,
     build_sample,
     data_files,
     parse_messages,
+    refuse_bad_records,
     split_records,
 )
 from microft.models.config import IGNORE_INDEX
@@ -79,15 +81,11 @@ def _side(obj: dict, key: str) -> str | tuple[Message, ...]:
 
 def parse_pair(obj: object, source: str = "") -> Pair:
     """Validate one decoded record as a preference pair; raises DataError (message without location)."""
-    try:
-        return _parse_pair(obj, source)
-    except _Bad as e:
-        raise DataError(str(e)) from None
+    return as_data_error(_parse_pair, obj, source)
 
 
 def _parse_pair(obj: object, source: str) -> Pair:
-    if not isinstance(obj, dict):
-        raise _Bad(f"a record must be a JSON object, got {_json_type(obj)}")
+    obj = _record_object(obj)
     if "chosen" not in obj or "rejected" not in obj:
         keys = ", ".join(sorted(obj)) or "none"
         raise _Bad(f"expected 'chosen' and 'rejected' (with 'prompt' or 'instruction'); keys found: {keys}")
@@ -162,10 +160,7 @@ def read_pairs(path: str, skip_bad: bool = False) -> PairRead:
 
 def _refuse_bad(path: str, pairs: list, problems: list[str], skip_bad: bool) -> None:
     """finetune's rule: a bad record is refused (the first named, the rest counted) unless skipped."""
-    if problems and not skip_bad:
-        n_more = len(problems) - 1
-        more = f" (and {n_more} more bad record{'s' if n_more > 1 else ''})" if n_more else ""
-        raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad to skip bad records")
+    refuse_bad_records(problems, skip_bad)
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs ({len(problems)} bad record(s) skipped)")
 
