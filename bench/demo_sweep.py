@@ -1,7 +1,7 @@
 """The demo, per seed: held-out exact match (overall and per task), training time, machine load.
 
-    PYTHONPATH=. python bench/demo_sweep.py                        # the built-in demo, seeds 0 1 2
-    PYTHONPATH=. python bench/demo_sweep.py --short --seeds 0       # the shortened run tests/test_demo.py runs
+    PYTHONPATH=. python bench/demo_sweep.py                    # the built-in demo, seeds 0 1 2
+    PYTHONPATH=. python bench/demo_sweep.py --short --seeds 0   # the shortened run tests/test_demo.py runs
     PYTHONPATH=. python bench/demo_sweep.py --set n_layer=2 lr=3e-3 --threads 2
 
 Each seed is `runs.run_finetune` on the demo's settings (DEMO_RUN: what a bare `microft finetune` runs),
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,21 +25,11 @@ import torch
 import microft.demo as demo
 from microft.config import RunConfig
 from microft.models.config import ModelConfig
+from microft.perf import cpu_model
 from microft.runs import run_finetune
 
 # tests/test_demo.py's shortened demo (keep the two in step)
 SHORT = {"max_steps": 400, "train_size": 4000, "heldout_size": 60}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_one(seed: int, settings: dict, train_size: int, heldout_size: int) -> dict:
@@ -63,8 +52,9 @@ def run_one(seed: int, settings: dict, train_size: int, heldout_size: int) -> di
     scores = demo.exact_match_by_task(preds, demo.demo_heldout(heldout_size, seed))
     return {
         "seed": seed, "before": summary["demo_accuracy_before"], "after": summary["demo_accuracy_after"],
-        "by_task": {k: v for k, v in scores.items() if k != "all"}, "train_s": summary["time_s"], "wall_s": wall,
-        "steps": summary["steps"], "final_loss": summary["final_loss"], "load": (load0, os.getloadavg()[0]),
+        "by_task": {k: v for k, v in scores.items() if k != "all"}, "train_s": summary["time_s"],
+        "wall_s": wall, "steps": summary["steps"], "final_loss": summary["final_loss"],
+        "load": (load0, os.getloadavg()[0]),
     }
 
 
@@ -85,7 +75,8 @@ def main() -> None:
                    help="override a DEMO_RUN setting or a DEMO_MODEL field")
     p.add_argument("--train-size", type=int, default=demo.DEMO_TRAIN_SIZE)
     p.add_argument("--heldout-size", type=int, default=demo.DEMO_HELDOUT_SIZE)
-    p.add_argument("--threads", type=int, help="torch threads (sets OMP_NUM_THREADS; default: the demo's one thread)")
+    p.add_argument("--threads", type=int, help="torch threads (sets OMP_NUM_THREADS; default: the demo's "
+                                               "one thread)")
     p.add_argument("--json", help="append the rows to this JSONL file")
     args = p.parse_args()
     settings = dict(demo.DEMO_RUN)
@@ -101,19 +92,22 @@ def main() -> None:
     if args.threads:  # the demo keeps torch's thread count when OMP_NUM_THREADS is set
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
-    print(f"cpu: {cpu_name()}, {os.cpu_count()} cores; settings {settings}; model {demo.DEMO_MODEL}", flush=True)
+    print(f"cpu: {cpu_model()}, {os.cpu_count()} cores; settings {settings}; model {demo.DEMO_MODEL}",
+          flush=True)
     rows = []
     for seed in args.seeds:
         r = run_one(seed, settings, args.train_size, args.heldout_size)
         r["threads"] = torch.get_num_threads()
         rows.append(r)
         tasks_s = " ".join(f"{k} {100 * v:.0f}" for k, v in sorted(r["by_task"].items()))
-        print(f"seed {seed}: held-out exact match {100 * r['before']:.1f}% -> {100 * r['after']:.1f}% [{tasks_s}]  "
-              f"train {r['train_s']:.1f}s, whole run {r['wall_s']:.1f}s, {r['threads']} torch thread(s), "
-              f"final loss {r['final_loss']:.3f}, load {r['load'][0]:.2f}->{r['load'][1]:.2f}", flush=True)
+        print(f"seed {seed}: held-out exact match {100 * r['before']:.1f}% -> {100 * r['after']:.1f}% "
+              f"[{tasks_s}]  train {r['train_s']:.1f}s, whole run {r['wall_s']:.1f}s, {r['threads']} torch "
+              f"thread(s), final loss {r['final_loss']:.3f}, load {r['load'][0]:.2f}->{r['load'][1]:.2f}",
+              flush=True)
         if args.json:
             with open(args.json, "a") as f:
-                f.write(json.dumps({**r, "settings": settings, "model": demo.DEMO_MODEL, "cpu": cpu_name()}) + "\n")
+                f.write(json.dumps({**r, "settings": settings, "model": demo.DEMO_MODEL,
+                                    "cpu": cpu_model()}) + "\n")
     accs = [r["after"] for r in rows]
     print(f"summary: after {' '.join(f'{100 * a:.1f}%' for a in accs)}; min {100 * min(accs):.1f}%, "
           f"mean {100 * statistics.mean(accs):.1f}%, spread {100 * (max(accs) - min(accs)):.1f} pts; "

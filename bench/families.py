@@ -110,8 +110,8 @@ def section(a, runs: dict[str, dict], load: dict | None, started: str, load_befo
     text = [f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
             f"{load_before}, after: {load_average()}.", "",
             f"Shape: `{a.model}` (random init, real shape), micro-batch {a.micro_bs} × seq {a.seq}, "
-            f"{a.warmup} warm-up and {a.steps} timed steps per run, each run a fresh process (peak RSS of the "
-            "whole process). One step = forward, backward, clipping at 1.0, AdamW.", "",
+            f"{a.warmup} warm-up and {a.steps} timed steps per run, each run a fresh process (peak "
+            "RSS of the whole process). One step = forward, backward, clipping at 1.0, AdamW.", "",
             table(["run", "precision", "s / step", "tokens/s", "peak RSS"], rows), "",
             f"- microft `auto` vs transformers' faster run ({best}): **{speedup:.2f}×** its tokens/s "
             f"(target ≥ {TARGET_SPEEDUP}×), **{mem:.2f}×** its peak memory (target ≤ 1×)."]
@@ -119,8 +119,9 @@ def section(a, runs: dict[str, dict], load: dict | None, started: str, load_befo
     if load:
         ratio = load["rise"] / load["weights"]
         text.append(f"- Loading a `{a.load_model}`-shaped bf16 checkpoint ({gib(load['files'])} of sharded "
-                    f"safetensors) with `load_model`: RSS rose {gib(load['rise'])} for {gib(load['weights'])} of "
-                    f"weights, **{ratio:.2f}×** (target ≤ {TARGET_LOAD_RATIO}×), in {load['seconds']:.1f} s.")
+                    f"safetensors) with `load_model`: RSS rose {gib(load['rise'])} for "
+                    f"{gib(load['weights'])} of weights, **{ratio:.2f}×** (target ≤ "
+                    f"{TARGET_LOAD_RATIO}×), in {load['seconds']:.1f} s.")
         nums["load_ratio"] = ratio
     return "\n".join(text) + "\n", nums
 

@@ -1,4 +1,4 @@
-"""Gemma 3 1B against transformers: tokens/s and peak memory of a LoRA training step, same shape and precision.
+"""Gemma 3 1B against transformers: tokens/s and peak memory of a LoRA training step, same shape, precision.
 
     .venv/bin/python bench/gemma3.py                  # writes the `## Gemma 3 1B vs transformers` section
     .venv/bin/python bench/gemma3.py --no-write --rounds 1 --steps 1 --seq 32   # a quick check, printed only
@@ -33,7 +33,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="processes per side, alternating")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
-    p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true", help="print the section instead of writing "
+                                                           "docs/benchmarks.md")
     return p.parse_args(argv)
 
 
@@ -66,13 +67,15 @@ def section(a, runs: dict[str, list[dict]], precision: str, started: str, load: 
         f"Command: {command_line()} ({started}). {machine('cpu')}. {cpu_description()}. Load average "
         f"(1/5/15 min) before: {load[0]}, after: {load[1]}.",
         "",
-        f"Shape: {model_label(MODEL)}, random init; LoRA rank {a.lora} (alpha {2 * a.lora}) on every block linear, "
-        f"micro-batch {a.micro_bs} × seq {a.seq}; both sides `{precision}` (bf16 autocast on a CPU with native bf16, "
-        f"else fp32), fused AdamW, clipping at 1.0. {a.rounds} fresh process{'es' * (a.rounds != 1)} per side, "
-        f"alternating, each {a.warmup} warm-up step{'s' * (a.warmup != 1)} then {a.steps} timed; tokens/s from "
+        f"Shape: {model_label(MODEL)}, random init; LoRA rank {a.lora} (alpha {2 * a.lora}) on every block "
+        f"linear, micro-batch {a.micro_bs} × seq {a.seq}; both sides `{precision}` (bf16 autocast on a CPU "
+        f"with native bf16, else fp32), fused AdamW, clipping at 1.0. {a.rounds} fresh "
+        f"process{'es' * (a.rounds != 1)} per side, alternating, each {a.warmup} warm-up "
+        f"step{'s' * (a.warmup != 1)} then {a.steps} timed; tokens/s from "
         "the median of all timed steps of a side, peak RSS the largest of its processes.",
         "",
-        table(["", "tokens/s", "step times (s)", "peak RSS", "peak RSS building the model", "trainable"], rows),
+        table(["", "tokens/s", "step times (s)", "peak RSS", "peak RSS building the model", "trainable"],
+              rows),
         "",
         f"- microft: **{mf['tps'] / hf['tps']:.2f}×** transformers' tokens/s; peak RSS "
         f"{gib(mf['peak'])} against {gib(hf['peak'])} ({mf['peak'] / hf['peak']:.2f}×).",

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,20 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from microft.perf import cpu_model  # noqa: E402
 from tests.ggufdirs import rounded_model, write_family_dir, write_tokenizer  # noqa: E402
 
 SHAPE = "qwen2.5-0.5b"
 QUANTS = ("f16", "q8_0")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def big_checkpoint(d: Path) -> Path:
@@ -114,7 +104,7 @@ def main() -> None:
         src = big_checkpoint(work / "ckpt")
         runs = [(q, *timed_export(src, work / f"out-{q}", q)) for q in QUANTS]
         errors = logit_errors(work / "tiny")
-    day, cpu, threads = date.today().isoformat(), cpu_name(), torch.get_num_threads()
+    day, cpu, threads = date.today().isoformat(), cpu_model(), torch.get_num_threads()
     print(f"## GGUF export\n\nCommand: `python bench/gguf_export.py` ({day}, {cpu}, {threads} torch threads, "
           f"torch {torch.__version__}).\n")
     print(f"A random-init `{SHAPE}` checkpoint (494 M parameters, fp32 on disk) exported by `microft export "

@@ -30,7 +30,8 @@ def run_config(args: list[str], env: dict[str, str] | None = None, timeout: floa
     """Run `steploop.py ARGS` in a fresh Python process; return its JSON record."""
     cmd = [sys.executable, str(STEPLOOP), *args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
@@ -55,7 +56,8 @@ def best_rates(*probes: dict[str, float]) -> dict[str, float]:
 
 
 def rates_text(rates: dict[str, float]) -> str:
-    """`torch's `@` 124, oneDNN's linear 121, numpy's BLAS 156 GFLOP/s`: every engine the peak was the best of."""
+    """`torch's `@` 124, oneDNN's linear 121, numpy's BLAS 156 GFLOP/s`: every engine the peak was the best
+    of."""
     parts = [f"{ENGINE_NAMES.get(e, e)} {r / 1e9:.0f}" for e, r in rates.items()]
     return ", ".join(parts) + " GFLOP/s"
 

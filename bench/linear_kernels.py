@@ -54,14 +54,17 @@ def per_shape(rounds: int, rows: tuple[int, ...], dtype: torch.dtype = torch.flo
     g = torch.Generator().manual_seed(0)
     for name, (K, N) in SHAPES.items():
         for M in rows:
-            x, W, b, dy = (torch.randn(*shape, generator=g).to(dtype) for shape in ((M, K), (N, K), (N,), (M, N)))
+            shapes = ((M, K), (N, K), (N,), (M, N))
+            x, W, b, dy = (torch.randn(*shape, generator=g).to(dtype) for shape in shapes)
             cases[(name, M)] = {"forward, torch": lambda x=x, W=W, b=b: torch.addmm(b, x, W.t()),
                                 "forward, oneDNN": lambda x=x, W=W, b=b: lp(x, W, b, "none", [None], ""),
                                 "dy @ W, torch": lambda dy=dy, W=W: dy @ W,
-                                "dy @ W, oneDNN": lambda dy=dy, W=W: lp(dy, W.t().contiguous(), None, "none", [None], ""),
+                                "dy @ W, oneDNN":
+                                    lambda dy=dy, W=W: lp(dy, W.t().contiguous(), None, "none", [None], ""),
                                 "dy.T @ x, torch": lambda dy=dy, x=x: dy.t() @ x,
-                                "dy.T @ x, oneDNN": lambda dy=dy, x=x: lp(dy.t().contiguous(), x.t().contiguous(), None,
-                                                                          "none", [None], "")}, 2 * M * K * N
+                                "dy.T @ x, oneDNN":
+                                    lambda dy=dy, x=x: lp(dy.t().contiguous(), x.t().contiguous(), None,
+                                                          "none", [None], "")}, 2 * M * K * N
     got: dict = {}
     for r in range(rounds + 1):  # round 0 warms up (oneDNN builds its kernels per shape)
         for key, (fns, flop) in cases.items():
@@ -74,15 +77,18 @@ def per_shape(rounds: int, rows: tuple[int, ...], dtype: torch.dtype = torch.flo
         m = {kind: statistics.median(got[(key, kind)]) for kind in cases[key][0]}
         out.append([key[0], str(key[1]), f"{m['forward, torch']:.0f}", f"{m['forward, oneDNN']:.0f}",
                     f"{m['forward, oneDNN'] / m['forward, torch']:.2f}×", f"{m['dy @ W, torch']:.0f}",
-                    f"{m['dy @ W, oneDNN']:.0f}", f"{m['dy.T @ x, torch']:.0f}", f"{m['dy.T @ x, oneDNN']:.0f}"])
+                    f"{m['dy @ W, oneDNN']:.0f}", f"{m['dy.T @ x, torch']:.0f}",
+                    f"{m['dy.T @ x, oneDNN']:.0f}"])
     return out
 
 
-BF16_SHAPE = ("gpt2 c_fc", 768, 3072, 256)  # (name, in, out, rows): torch's slowest bf16 product takes seconds
+# (name, in, out, rows): torch's slowest bf16 product takes seconds
+BF16_SHAPE = ("gpt2 c_fc", 768, 3072, 256)
 
 
 def bf16_products(rounds: int) -> list[list[str]]:
-    """GFLOP/s of a bf16 linear's forward, dy @ W and dy.T @ x: torch's bf16 kernels vs microft's fp32 route."""
+    """GFLOP/s of a bf16 linear's forward, dy @ W and dy.T @ x: torch's bf16 kernels vs microft's fp32
+    route."""
     name, K, N, M = BF16_SHAPE
     g = torch.Generator().manual_seed(0)
     x, W, dy = (torch.randn(*s, generator=g).bfloat16() for s in ((M, K), (N, K), (M, N)))
@@ -104,8 +110,8 @@ def bf16_products(rounds: int) -> list[list[str]]:
 
 
 def step_ab(rounds: int, env: dict[str, str] | None = None) -> dict[str, list[float]]:
-    args = ["--impl", "microft", "--precision", "auto", "--model", "gpt2", "--device", "cpu", "--micro-bs", "4",
-            "--seq", "256", "--warmup", "2", "--steps", "3"]
+    args = ["--impl", "microft", "--precision", "auto", "--model", "gpt2", "--device", "cpu", "--micro-bs",
+            "4", "--seq", "256", "--warmup", "2", "--steps", "3"]
     times: dict[str, list[float]] = {"oneDNN forwards (MICROFT_ONEDNN=1)": [],
                                      "torch's own linears (MICROFT_ONEDNN=0)": []}
     for r in range(rounds):
@@ -131,34 +137,47 @@ def main(argv=None) -> None:
         sys.exit(f"this torch has no oneDNN linear (or {ONEDNN_ENV}=0 is set)")
     started, load_before = datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), load_average()
     native = cpu_supports_bf16()
-    headers = ["linear", "rows", "forward, torch addmm", "forward, oneDNN", "oneDNN / addmm", "dy @ W, torch mm",
-               "dy @ W, oneDNN (W.T copied)", "dy.T @ x, torch mm", "dy.T @ x, oneDNN (dy.T, x.T copied)"]
+    headers = ["linear", "rows", "forward, torch addmm", "forward, oneDNN", "oneDNN / addmm",
+               "dy @ W, torch mm", "dy @ W, oneDNN (W.T copied)", "dy.T @ x, torch mm",
+               "dy.T @ x, oneDNN (dy.T, x.T copied)"]
     shapes = {dt: per_shape(a.rounds, (256, 1024), dt) for dt in ((torch.float32, torch.bfloat16) if native
                                                                    else (torch.float32,))}
     steps = step_ab(a.step_rounds)
     med = {k: statistics.median(v) for k, v in steps.items()}
     on, off = med.values()
-    body = f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}."
+    body = (f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
+            f"{load_before}, after: {load_average()}.")
     for dt, rows in shapes.items():
-        body += (f"\n\n{str(dt).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')} "
-                 f"GFLOP/s per shape (median of {a.rounds} interleaved rounds; rows = tokens in the micro-batch; "
-                 "torch's fp32 `addmm`/`mm` call MKL, its bf16 ones oneDNN's matmul):\n\n" + table(headers, rows))
+        short = str(dt).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+        body += (f"\n\n{short} "
+                 f"GFLOP/s per shape (median of {a.rounds} interleaved rounds; rows = tokens in the "
+                 "micro-batch; torch's fp32 `addmm`/`mm` call MKL, its bf16 ones oneDNN's "
+                 "matmul):\n\n" + table(headers, rows))
     precision = "bf16-mixed" if native else "fp32"
-    body += (f"\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch 4 × seq 256, {precision}: the default "
-             f"here; {a.step_rounds} fresh processes per side, alternating, 3 timed steps each after 2 warm-up steps):\n\n"
-             + table(["linears", "step time (s, median)", "steps"],
-                     [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
-             + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of torch's own linears. microft runs the "
-             "forwards (the blocks' linears, LoRA's and NF4's bases; in fp32 the LM head's logits too) through oneDNN "
-             "on an AMD x86 CPU in fp32 (on Intel CPUs MKL's own path was as fast or faster; `MICROFT_ONEDNN=1` "
-             "takes it on any CPU), and in bf16 where the CPU has it natively (under autocast after autocast's "
-             "casts), and keeps the backward's matmuls in torch's `mm`; `MICROFT_ONEDNN=0` turns it off.")
+    body += (f"\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch 4 × seq 256, {precision}: the "
+             f"default here; {a.step_rounds} fresh processes per side, alternating, 3 timed steps each after "
+             "2 warm-up steps):\n\n"
+             + step_table(steps, med)
+             + f"\n\n- oneDNN forwards: {off / on:.2f}× the step rate of torch's own linears. microft "
+             "runs the forwards (the blocks' linears, LoRA's and NF4's bases; in fp32 the LM head's logits "
+             "too) through oneDNN on an AMD x86 CPU in fp32 (on Intel CPUs MKL's own path was as fast or "
+             "faster; `MICROFT_ONEDNN=1` takes it on any CPU), and in bf16 where the CPU has it natively "
+             "(under autocast after autocast's casts), and keeps the backward's matmuls in torch's `mm`; "
+             "`MICROFT_ONEDNN=0` turns it off.")
     if not native:  # the emulated case only: where bf16 is native, its products are torch's (or oneDNN's) own
-        body += ("\n\nbf16 on this CPU, which emulates it (no AVX-512 BF16 / AMX): GFLOP/s of one bf16 linear's "
-                 f"products (median of {a.bf16_rounds} rounds), torch's bf16 kernels against microft's route "
-                 "(`models.linear`: the bf16 values multiplied in fp32, the result rounded to bf16 once):\n\n"
-                 + table(["product", "torch bf16", "microft (fp32 route)", "speed-up"], bf16_products(a.bf16_rounds)))
+        body += ("\n\nbf16 on this CPU, which emulates it (no AVX-512 BF16 / AMX): GFLOP/s of one bf16 "
+                 f"linear's products (median of {a.bf16_rounds} rounds), torch's bf16 kernels against "
+                 "microft's route (`models.linear`: the bf16 values multiplied in fp32, the result rounded "
+                 "to bf16 once):\n\n"
+                 + table(["product", "torch bf16", "microft (fp32 route)", "speed-up"],
+                         bf16_products(a.bf16_rounds)))
     publish(DOC, HEADING_BF16 if native else HEADING, body, not a.no_write, "linear")
+
+
+def step_table(steps: dict[str, list[float]], med: dict[str, float]) -> str:
+    """Each side's median step time and every step time."""
+    return table(["linears", "step time (s, median)", "steps"],
+                 [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
 
 
 def intel_avx2(a) -> None:
@@ -172,15 +191,14 @@ def intel_avx2(a) -> None:
     med = {k: statistics.median(v) for k, v in steps.items()}
     on, off = med.values()
     body = (f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
-            f"{load_before}, after: {load_average()}.\n\nThe GPT-2 training step (`bench/steploop.py`, micro-batch "
-            f"4 × seq 256, precision auto: fp32 here) with {AVX2_HELD}, as on an Intel laptop CPU without "
-            f"AVX-512; {a.step_rounds} fresh processes per side, alternating, 3 timed steps each after 2 warm-up "
-            "steps:\n\n"
-            + table(["linears", "step time (s, median)", "steps"],
-                    [[k, f"{med[k]:.2f}", ", ".join(f"{t:.2f}" for t in v)] for k, v in steps.items()])
-            + f"\n\n- torch's own linears (MKL): {on / off:.2f}× the step rate of oneDNN's forwards here, so on "
-            "Intel CPUs microft's fp32 linears and head keep torch's products (`models.linear`: oneDNN in fp32 "
-            "on AMD x86 CPUs only; `MICROFT_ONEDNN=1` takes it anywhere).")
+            f"{load_before}, after: {load_average()}.\n\nThe GPT-2 training step (`bench/steploop.py`, "
+            f"micro-batch 4 × seq 256, precision auto: fp32 here) with {AVX2_HELD}, as on an Intel laptop "
+            f"CPU without AVX-512; {a.step_rounds} fresh processes per side, alternating, 3 timed steps each "
+            "after 2 warm-up steps:\n\n"
+            + step_table(steps, med)
+            + f"\n\n- torch's own linears (MKL): {on / off:.2f}× the step rate of oneDNN's forwards "
+            "here, so on Intel CPUs microft's fp32 linears and head keep torch's products (`models.linear`: "
+            "oneDNN in fp32 on AMD x86 CPUs only; `MICROFT_ONEDNN=1` takes it anywhere).")
     publish(DOC, HEADING_INTEL_AVX2, body, not a.no_write, "linear")
 
 

@@ -1,4 +1,6 @@
-"""Memory estimate accuracy on real shapes of every family (GPT-2 124M/355M, SmolLM2, Qwen2.5, Qwen3, Llama 3.2): analytical vs traced peak.
+"""Memory estimate accuracy on real shapes of every family: analytical vs traced peak.
+
+Shapes: GPT-2 124M/355M, SmolLM2, Qwen2.5, Qwen3, Llama 3.2.
 
     .venv/bin/python bench/memory_accuracy.py            # writes the table into docs/benchmarks.md
     .venv/bin/python bench/memory_accuracy.py --cuda     # also measures torch.cuda.max_memory_allocated
@@ -128,8 +130,8 @@ def run(cuda: bool) -> tuple[list[str], float]:
         err = (a.peak_bytes - t.peak_bytes) / t.peak_bytes
         worst = max(worst, abs(err))
         row = (f"| {model} | {mb} × {seq} | {acc} | {prec} | {switches(kw)} | {gib(a.peak_bytes)} | "
-               f"{gib(t.peak_bytes)} | {a.peak_bytes - t.peak_bytes:+,} B ({100 * err:+.4f} %) | {t.peak_phase} | "
-               f"{1000 * ta:.0f} ms | {t.seconds:.1f} s |")
+               f"{gib(t.peak_bytes)} | {a.peak_bytes - t.peak_bytes:+,} B ({100 * err:+.4f} %) | "
+               f"{t.peak_phase} | {1000 * ta:.0f} ms | {t.seconds:.1f} s |")
         if cuda:
             import torch
 
@@ -161,9 +163,10 @@ def write_section(rows: list[str], worst: float, cuda: bool, argv: list[str]) ->
     cmd = " ".join(["python bench/memory_accuracy.py", *argv])
     body = "\n".join([
         f"Command: `{cmd}` (torch {torch.__version__}, {platform.machine()}, "
-        f"{time.strftime('%Y-%m-%d')}). Peak of live tensor bytes over two optimizer steps of microft's training "
-        f"step (CUDA's 512-byte rounding included, runtime overhead excluded): the analytical replay against "
-        f"the trace of the real step on fake tensors. Largest difference: {100 * worst:.4f} %.",
+        f"{time.strftime('%Y-%m-%d')}). Peak of live tensor bytes over two optimizer steps of microft's "
+        "training step (CUDA's 512-byte rounding included, runtime overhead excluded): the analytical "
+        "replay against the trace of the real step on fake tensors. Largest difference: "
+        f"{100 * worst:.4f} %.",
         "", head, sep, *rows,
     ])
     return replace_section(ROOT / "docs" / "benchmarks.md", HEADING, body)

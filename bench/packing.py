@@ -44,7 +44,8 @@ WORDS = ("the model data train answer question explain list write describe give 
 
 
 def synthetic_alpaca(n: int, seed: int) -> list[dict]:
-    """Alpaca-shaped records: instruction ~ 8-40 words, an input on 40 %, log-normal outputs (median ~60 words)."""
+    """Alpaca-shaped records: instruction ~ 8-40 words, an input on 40 %, log-normal outputs (median ~60
+    words)."""
     rng = random.Random(seed)
 
     def words(k: int) -> str:
@@ -70,9 +71,9 @@ def run_microft(samples, model_name: str, packing: bool, a) -> dict:
     torch.manual_seed(0)
     model = load_model(model_name)
     with tempfile.TemporaryDirectory() as out:
-        cfg = RunConfig(out=out, precision=a.precision, device="cpu", seed=a.seed, lr=3e-4, warmup=0, eval_every=0,
-                        log_format="plain", max_steps=a.warmup + a.steps, max_seq_len=a.max_seq_len,
-                        group_by_length=True, packing=packing)
+        cfg = RunConfig(out=out, precision=a.precision, device="cpu", seed=a.seed, lr=3e-4, warmup=0,
+                        eval_every=0, log_format="plain", max_steps=a.warmup + a.steps,
+                        max_seq_len=a.max_seq_len, group_by_length=True, packing=packing)
         events: list[dict] = []
         marks: list[float] = []
 
@@ -81,7 +82,8 @@ def run_microft(samples, model_name: str, packing: bool, a) -> dict:
                 events.append(e)
                 marks.append(cpu_seconds())
 
-        train(model, samples, None, cfg, BatchPlan(micro_bs=a.micro_bs, accum=a.global_bs // a.micro_bs), on_event)
+        train(model, samples, None, cfg, BatchPlan(micro_bs=a.micro_bs, accum=a.global_bs // a.micro_bs),
+              on_event)
     timed = events[a.warmup :]
     tokens = sum(e["tokens_per_sec"] * e["step_time"] for e in timed)
     wall = sum(e["step_time"] for e in timed)
@@ -171,9 +173,11 @@ def segment_attention_ratio(samples, a, repeats: int = 3) -> tuple[float, float]
     segs = [r + ([T - sum(r)] if T > sum(r) else []) for r in rows]  # a row's tail padding: one more segment
     pos = torch.cat([torch.cat([torch.arange(n) for n in r])[None] for r in segs])
     mask = packed_attention_mask(pos)
-    dtype = torch.bfloat16 if resolve_precision(a.precision, torch.device("cpu")).startswith("bf16") else torch.float32
+    bf16 = resolve_precision(a.precision, torch.device("cpu")).startswith("bf16")
+    dtype = torch.bfloat16 if bf16 else torch.float32
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(len(rows), cfg.n_head, T, cfg.head_dim, generator=g, dtype=dtype, requires_grad=True)
+    q, k, v = (torch.randn(len(rows), cfg.n_head, T, cfg.head_dim, generator=g, dtype=dtype,
+                           requires_grad=True)
                for _ in range(3))
     dy = torch.randn(q.shape, generator=g, dtype=dtype)
 
@@ -182,7 +186,8 @@ def segment_attention_ratio(samples, a, repeats: int = 3) -> tuple[float, float]
 
     def per_segment():  # what the model runs on a CPU
         segment_attention(q, k, v, tuple(segs),
-                          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)).backward(dy)
+                          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                          ).backward(dy)
 
     def cpu_time(fn) -> float:
         fn()
@@ -229,11 +234,14 @@ def main(argv=None) -> dict:
             for k in pooled[name]:
                 pooled[name][k] += res[k] or 0.0
     base = pooled["microft length-grouped"]
-    pad = {"microft packed": padding_share(samples, a, True), "microft length-grouped": padding_share(samples, a, False)}
+    pad = {"microft packed": padding_share(samples, a, True),
+           "microft length-grouped": padding_share(samples, a, False)}
     rows = [[name, f"{p['tokens'] / p['wall']:.0f}", f"{p['tokens'] / p['cpu']:.0f}" if p["cpu"] else "-",
-             f"{100 * pad[name][0]:.1f} %, {pad[name][1]:.1f} micro-steps/step, {pad[name][2] / 1e6:.2f} M attention "
-             "scores/step per head and layer" if name in pad else "random order, padded to the longest",
-             f"{(p['tokens'] / p['wall']) / (base['tokens'] / base['wall']):.2f}×"] for name, p in pooled.items()]
+             f"{100 * pad[name][0]:.1f} %, {pad[name][1]:.1f} micro-steps/step, {pad[name][2] / 1e6:.2f} M "
+             "attention scores/step per head and layer" if name in pad
+             else "random order, padded to the longest",
+             f"{(p['tokens'] / p['wall']) / (base['tokens'] / base['wall']):.2f}×"]
+            for name, p in pooled.items()]
     packed, hf = pooled["microft packed"], pooled["transformers padded collate"]
     t_mask, seg_ratio = segment_attention_ratio(samples, a)
     speedup = (packed["tokens"] / packed["wall"]) / (base["tokens"] / base["wall"])
@@ -241,23 +249,26 @@ def main(argv=None) -> dict:
     body = (f"Command: {command_line()} ({started}). {machine('cpu')}. Load average (1/5/15 min) before: "
             f"{load_before}, after: {load_average()}.\n\n"
             f"Data: {len(samples)} synthetic Alpaca-format records (log-normal lengths: median "
-            f"{lengths[len(lengths) // 2]} tokens, 90th percentile {lengths[int(0.9 * len(lengths))]}, longest "
-            f"{lengths[-1]}; prompt masked). {model_label(a.model)}, precision {a.precision} "
-            f"({resolve_precision(a.precision, torch.device('cpu'))}), global batch {a.global_bs} samples, micro-batch "
-            f"{a.micro_bs} (rows of up to {a.max_seq_len} tokens when packed), {a.warmup} warm-up step(s) then "
-            f"{a.steps} timed per run, {a.rounds} interleaved round(s). Tokens/s counts real tokens only.\n\n"
-            + table(["run", "real tokens/s (wall)", "real tokens/s (CPU time)", "padding", "vs length-grouped"], rows)
-            + f"\n\n- packed vs length-grouped: {speedup:.2f}× real tokens/s ({cpu_speedup:.2f}× on CPU time); "
-            f"target ≥ 1.3×: {'met' if speedup >= 1.3 else '**not met**'}. Packed vs transformers: "
-            f"{(packed['tokens'] / packed['wall']) / (hf['tokens'] / hf['wall']):.2f}×."
+            f"{lengths[len(lengths) // 2]} tokens, 90th percentile {lengths[int(0.9 * len(lengths))]}, "
+            f"longest {lengths[-1]}; prompt masked). {model_label(a.model)}, precision {a.precision} "
+            f"({resolve_precision(a.precision, torch.device('cpu'))}), global batch {a.global_bs} samples, "
+            f"micro-batch {a.micro_bs} (rows of up to {a.max_seq_len} tokens when packed), {a.warmup} "
+            f"warm-up step(s) then {a.steps} timed per run, {a.rounds} interleaved round(s). Tokens/s counts "
+            "real tokens only.\n\n"
+            + table(["run", "real tokens/s (wall)", "real tokens/s (CPU time)", "padding",
+                     "vs length-grouped"], rows)
+            + f"\n\n- packed vs length-grouped: {speedup:.2f}× real tokens/s ({cpu_speedup:.2f}× on "
+            f"CPU time); target ≥ 1.3×: {'met' if speedup >= 1.3 else '**not met**'}. Packed vs "
+            f"transformers: {(packed['tokens'] / packed['wall']) / (hf['tokens'] / hf['wall']):.2f}×."
             f"\n- Why so close: length grouping sorts each global batch by length before cutting it into "
-            f"micro-batches, so it pads only {100 * pad['microft length-grouped'][0]:.1f} % of the positions it "
-            "computes, and packing can save at most that. What packing changes is the shape of the work: "
-            f"{pad['microft packed'][1]:.1f} micro-steps per step instead of {pad['microft length-grouped'][1]:.1f}, "
-            f"of rows up to {a.max_seq_len} tokens. On a CPU its rows attend sample by sample "
-            "(`transformer.segment_attention`: each row split at its samples' boundaries, causal attention per "
-            f"sample, exact), which took {seg_ratio:.2f}× the CPU time of SDPA with the block-diagonal mask for "
-            f"one layer's forward + backward on the first packed micro-batch ({1e3 * t_mask:.0f} ms masked, "
+            f"micro-batches, so it pads only {100 * pad['microft length-grouped'][0]:.1f} % of the "
+            "positions it computes, and packing can save at most that. What packing changes is the shape of "
+            f"the work: {pad['microft packed'][1]:.1f} micro-steps per step instead of "
+            f"{pad['microft length-grouped'][1]:.1f}, of rows up to {a.max_seq_len} tokens. On a CPU its "
+            "rows attend sample by sample (`transformer.segment_attention`: each row split at its samples' "
+            f"boundaries, causal attention per sample, exact), which took {seg_ratio:.2f}× the CPU time of "
+            "SDPA with the block-diagonal mask for one layer's forward + backward on the first packed "
+            f"micro-batch ({1e3 * t_mask:.0f} ms masked, "
             "`segment_attention_ratio`); the mask, which CUDA uses, attends over "
             f"{pad['microft packed'][3] / pad['microft packed'][2]:.1f}× the scores.")
     publish(DOC, HEADING, body, not a.no_write, "packing")

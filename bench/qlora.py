@@ -1,6 +1,6 @@
-"""QLoRA on a CPU: peak RSS and tokens/s of full bf16, LoRA on a bf16 base and QLoRA, against transformers + peft.
+"""QLoRA on a CPU: peak RSS and tokens/s of full bf16, LoRA on bf16 and QLoRA, against transformers + peft.
 
-    .venv/bin/python bench/qlora.py                      # qwen3-1.7b shape, micro-bs 1 x seq 512 (the measurement)
+    .venv/bin/python bench/qlora.py                      # the measurement: qwen3-1.7b, micro-bs 1 x seq 512
     .venv/bin/python bench/qlora.py --model qwen3-tiny --seq 64 --no-doc   # a smoke run of the script
 
 Every training configuration runs in a fresh subprocess (`bench/steploop.py`: microft's own step functions,
@@ -30,8 +30,8 @@ from docs_section import replace_section  # noqa: E402
 from harness import DOC, cpu_name, gib, load_average, machine, run_config, table  # noqa: E402
 
 HEADING = "## QLoRA on a CPU"
-EMULATED_COMPUTE = ("; this CPU emulates bf16, so microft multiplies the bf16 operands in fp32 and rounds each "
-                    "product to bf16 once, `models.linear`")
+EMULATED_COMPUTE = ("; this CPU emulates bf16, so microft multiplies the bf16 operands in fp32 and "
+                    "rounds each product to bf16 once, `models.linear`")
 EMULATED_NOTE = ("not run: this CPU emulates bf16, and torch's bf16 kernels, which transformers runs, reach "
                  "0.3-19 GFLOP/s here (hours per step of this shape)")
 
@@ -68,7 +68,8 @@ def child_load(directory: str, double_quant: bool) -> dict:
     import torch
     from steploop import current_rss_bytes
 
-    import microft.models.hf  # noqa: F401  (imported before the baseline: loading, not importing, is measured)
+    # imported before the baseline: loading, not importing, is measured
+    import microft.models.hf  # noqa: F401
     import microft.models.load  # noqa: F401
     from microft.perf import peak_rss_bytes
     from microft.quant import NF4Linear
@@ -84,8 +85,9 @@ def child_load(directory: str, double_quant: bool) -> dict:
     block0 = [m for n, m in model.named_modules() if n.startswith("h.0.") and isinstance(m, NF4Linear)]
     layer = sum(m.in_features * m.out_features * 2 for m in block0)  # block 0's linears in bf16
     largest = max(m.in_features * m.out_features * 2 for m in block0)
-    return {"rss_before": before, "peak_rss": peak, "added": peak - before, "model_bytes": sum(storages.values()),
-            "layer_bytes": layer, "largest_linear_bytes": largest, "seconds": seconds}
+    return {"rss_before": before, "peak_rss": peak, "added": peak - before,
+            "model_bytes": sum(storages.values()), "layer_bytes": layer, "largest_linear_bytes": largest,
+            "seconds": seconds}
 
 
 def run_child(args: list[str], timeout: float = 3600) -> dict:
@@ -118,14 +120,14 @@ def training_rows(a) -> list[tuple[str, list[str] | None, str, str]]:
         rows.append(("transformers + peft + bitsandbytes QLoRA", None, "bitsandbytes is importable, but this "
                      "script does not build its 4-bit model yet", "plain"))
     except ImportError:
-        rows.append(("transformers + peft + bitsandbytes QLoRA", None, "not run: bitsandbytes is not installed",
-                     "plain"))
+        rows.append(("transformers + peft + bitsandbytes QLoRA", None,
+                     "not run: bitsandbytes is not installed", "plain"))
     if not a.skip_full:
         rows.append(("microft full fine-tuning (bf16-true)", common, "", "plain"))
     if not a.skip_smallest and not a.grad_ckpt:
         ck = common + ["--grad-ckpt"]
-        rows += [("microft QLoRA, grad ckpt, double-quant", ck + lora + ["--quantize", "nf4", "--double-quant"], "",
-                  "smallest"),
+        nf4 = ["--quantize", "nf4", "--double-quant"]
+        rows += [("microft QLoRA, grad ckpt, double-quant", ck + lora + nf4, "", "smallest"),
                  ("microft LoRA, grad ckpt", ck + lora, "", "smallest"),
                  ("transformers + peft LoRA, grad ckpt", hf and ck + lora + hf, hf_note, "smallest")]
     return rows
@@ -140,7 +142,8 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--double-quant", action="store_true")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every configuration")
-    p.add_argument("--skip-full", action="store_true", help="leave out full fine-tuning (the largest footprint)")
+    p.add_argument("--skip-full", action="store_true", help="leave out full fine-tuning (the largest "
+                                                            "footprint)")
     p.add_argument("--skip-load", action="store_true", help="leave out the loading benchmark")
     p.add_argument("--skip-smallest", action="store_true",
                    help="leave out the rows with gradient checkpointing (and double quantization for QLoRA)")
@@ -191,7 +194,8 @@ def main() -> None:
             print("writing a bf16 checkpoint with transformers ...", flush=True)
             run_child(["--model", a.model, "--child-save", d])
             print("loading it with --quantize nf4 ...", flush=True)
-            ld = run_child(["--model", a.model, "--child-load", d] + (["--double-quant"] if a.double_quant else []))
+            ld = run_child(["--model", a.model, "--child-load", d]
+                           + (["--double-quant"] if a.double_quant else []))
         bound = ld["model_bytes"] + ld["layer_bytes"]
         load_table = table(
             ["peak RSS added by loading", "NF4 model (codes, scales, bf16 embeddings/norms)",
@@ -204,13 +208,14 @@ def main() -> None:
         f"{cpu_name()} · load average at the end {load_average()}",
         f"Machine: {machine('cpu')}",
         f"`{a.model}`-shaped random model, micro-batch 1 × {a.seq} tokens, every configuration bf16-true "
-        f"(QLoRA computes in bf16 from NF4 codes{EMULATED_COMPUTE if not cpu_supports_bf16() else ''}), LoRA r={a.lora_r} on every linear of the blocks, "
-        f"{'gradient checkpointing, ' if a.grad_ckpt else ''}{a.warmup} warm-up + {a.steps} timed steps, each "
-        "configuration in a fresh process, its model built as the CLI builds it (bf16 weights read, here drawn, "
-        "straight into bf16; transformers' with `dtype=torch.bfloat16`). Peak RSS is the process's maximum "
-        "resident set (ru_maxrss), including Python and torch themselves; \"while training\" restarts the "
-        "high-water mark after the model is built (Linux `clear_refs`); the next column subtracts the RSS "
-        "before the model was built.",
+        f"(QLoRA computes in bf16 from NF4 codes{EMULATED_COMPUTE if not cpu_supports_bf16() else ''}), LoRA "
+        f"r={a.lora_r} on every linear of the blocks, "
+        f"{'gradient checkpointing, ' if a.grad_ckpt else ''}{a.warmup} warm-up + {a.steps} timed "
+        "steps, each configuration in a fresh process, its model built as the CLI builds it (bf16 weights "
+        "read, here drawn, straight into bf16; transformers' with `dtype=torch.bfloat16`). Peak RSS is the "
+        "process's maximum resident set (ru_maxrss), including Python and torch themselves; \"while "
+        "training\" restarts the high-water mark after the model is built (Linux `clear_refs`); the next "
+        "column subtracts the RSS before the model was built.",
         train_table,
         "### Loading a bf16 checkpoint with `--quantize nf4`" if load_table else "",
         load_table,

@@ -1,6 +1,6 @@
 """microft against a plain transformers GPT2LMHeadModel training loop: same shape, data and steps.
 
-    .venv/bin/python bench/speed.py                       # CPU 124M, micro-bs 4 × seq 256; writes the doc section
+    .venv/bin/python bench/speed.py                       # CPU 124M, micro-bs 4 × seq 256: the section
     .venv/bin/python bench/speed.py --rounds 1 --no-write # a quick check, prints the section only
     .venv/bin/python bench/speed.py --emulate-avx2        # adds the fp32 table of an emulated AVX2-only CPU
 
@@ -55,7 +55,8 @@ def shape_args(a, device: str, seq: int, micro_bs: int, warmup: int, steps: int)
             "--seq", str(seq), "--warmup", str(warmup), "--steps", str(steps)]
 
 
-GLIBC_KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}  # = keep_freed_memory()
+# = keep_freed_memory()
+GLIBC_KEEP_FREED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 EMULATION_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
                  "MICROFT_CPU_BF16")
@@ -86,7 +87,8 @@ def emulated_avx2():
 
 
 def child_peak_rates(dtype: str) -> dict[str, float]:
-    """`peak_rates` in a fresh process: torch, oneDNN, MKL and OpenBLAS read the emulation variables only at start."""
+    """`peak_rates` in a fresh process: torch, oneDNN, MKL and OpenBLAS read the emulation variables only at
+    start."""
     code = f"import json; from harness import peak_rates; print(json.dumps(peak_rates('cpu', {dtype!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ))
@@ -94,7 +96,8 @@ def child_peak_rates(dtype: str) -> dict[str, float]:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether bf16 is a fair candidate here: on CPU only with AVX-512 BF16 / AMX kernels (else it is emulated)."""
+    """Whether bf16 is a fair candidate here: on CPU only with AVX-512 BF16 / AMX kernels (else it is
+    emulated)."""
     if device != "cpu":
         return True
     from microft.train.step import cpu_supports_bf16
@@ -103,7 +106,8 @@ def native_bf16(device: str) -> bool:
 
 
 def cpu_description() -> str:
-    """The CPU's model, its SIMD flags that matter for training, torch's kernel level and any emulation set."""
+    """The CPU's model, its SIMD flags that matter for training, torch's kernel level and any emulation
+    set."""
     from microft.perf import cpu_model
 
     flags: set[str] = set()
@@ -117,7 +121,8 @@ def cpu_description() -> str:
         pass
     have = ", ".join(f for f in CPU_FLAGS if f in flags) or "unknown"
     env = ", ".join(f"{k}={os.environ[k]}" for k in EMULATION_ENV if k in os.environ)
-    kernels = os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()  # as children see
+    # as children see
+    kernels = os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
     return (f"CPU {cpu_model()}; flags: {have}; torch kernels: {kernels}; "
             f"native bf16: {'yes' if native_bf16('cpu') else 'no (bf16 is emulated, so not a candidate)'}"
             + (f"; emulating a smaller CPU with {env}" if env else ""))
@@ -138,13 +143,14 @@ def configs(a, device: str, first_round: bool) -> dict[str, list[str]]:
     if bf16:
         runs = {"transformers bf16": ["--impl", "hf", "--precision", "bf16-mixed", *profile], **runs,
                 "microft bf16-true": ["--impl", "microft", "--precision", "bf16-true"],
-                "microft bf16-true, grad ckpt": ["--impl", "microft", "--precision", "bf16-true", "--grad-ckpt"]}
+                "microft bf16-true, grad ckpt": ["--impl", "microft", "--precision", "bf16-true",
+                                                 "--grad-ckpt"]}
     if first_round or not bf16:
         runs["transformers fp32"] = ["--impl", "hf", "--precision", "fp32", *([] if bf16 else profile)]
     hf_prec = "bf16-mixed" if bf16 else "fp32"
     if a.hf_default_adamw:
-        runs[f"transformers {hf_prec[:4]}, default AdamW"] = ["--impl", "hf", "--precision", hf_prec, "--hf-optim",
-                                                             "default"]
+        runs[f"transformers {hf_prec[:4]}, default AdamW"] = ["--impl", "hf", "--precision", hf_prec,
+                                                              "--hf-optim", "default"]
     if a.hf_malloc and device == "cpu":
         runs[f"transformers {hf_prec[:4]}, glibc as microft"] = ["--impl", "hf", "--precision", hf_prec]
     if a.compile:
@@ -217,17 +223,18 @@ def breakdown_table(runs: dict[str, dict]) -> str:
         if not b:
             continue
         total = sum(b.values()) or 1.0
-        rows.append([name] + [f"{100 * b[k] / total:.0f} %" for k in ("matmul", "attention", "optimizer", "other")]
-                    + [f"{total:.2f}"])
-    header = ["run", "matmuls (mm/addmm, oneDNN linear)", "attention (SDPA, bmm)", "fused AdamW", "everything else",
-              "profiled step (s)"]
+        kinds = ("matmul", "attention", "optimizer", "other")
+        rows.append([name] + [f"{100 * b[k] / total:.0f} %" for k in kinds] + [f"{total:.2f}"])
+    header = ["run", "matmuls (mm/addmm, oneDNN linear)", "attention (SDPA, bmm)", "fused AdamW",
+              "everything else", "profiled step (s)"]
     return table(header, rows) if rows else ""
 
 
 def verdicts(runs: dict[str, dict], fpt: float, peak: float, best_hf: str,
              mfu_target: float = TARGET_MFU) -> tuple[str, dict]:
     mf, hf = runs["microft auto"], runs[best_hf]
-    hf_same = runs.get("transformers bf16") if mf["precision"].startswith("bf16") else runs["transformers fp32"]
+    hf_same = (runs.get("transformers bf16") if mf["precision"].startswith("bf16")
+               else runs["transformers fp32"])
     speedup = mf["tokens_per_sec"] / hf["tokens_per_sec"]
     cpu_speedup = hf["cpu_time"] / mf["cpu_time"] if mf.get("cpu_time") else None
     mfu = mf["tokens_per_sec"] * fpt / peak
@@ -244,27 +251,27 @@ def verdicts(runs: dict[str, dict], fpt: float, peak: float, best_hf: str,
         return "met" if good else "**not met**"
 
     lines = [
-        f"- tokens/s: microft {speedup:.2f}× transformers' fastest ({best_hf}); target ≥ {TARGET_SPEEDUP}×: "
-        f"{ok(speedup >= TARGET_SPEEDUP)}."
+        f"- tokens/s: microft {speedup:.2f}× transformers' fastest ({best_hf}); target ≥ "
+        f"{TARGET_SPEEDUP}×: {ok(speedup >= TARGET_SPEEDUP)}."
         + (f" On CPU time per step, which other jobs on the machine disturb less: {cpu_speedup:.2f}×."
            if cpu_speedup and mf["device"] == "cpu" else ""),
         f"- MFU: microft {100 * mfu:.0f} % of the measured {peak_dtype(mf['precision'])} matmul peak, "
         f"{peak / 1e9:.0f} GFLOP/s (the probe it divides by); target ≥ {100 * mfu_target:.0f} %: "
         f"{ok(mfu >= mfu_target)}.",
-        f"- peak memory: microft auto {mem:.2f}× transformers' at the same precision ({hf_same['precision']}); "
-        f"target ≤ {TARGET_MEMORY}×: {ok(mem <= TARGET_MEMORY)}."
-        + (f" microft bf16-true, which keeps exact fp32 master weights too (bf16 weights + 16 more bits per weight "
-           f"in the optimizer, bf16 moments: 10 bytes per parameter with its gradient instead of 16): "
-           f"{lean_mem:.2f}×, {ok(lean_mem <= TARGET_MEMORY)}; its tokens/s: "
+        f"- peak memory: microft auto {mem:.2f}× transformers' at the same precision "
+        f"({hf_same['precision']}); target ≤ {TARGET_MEMORY}×: {ok(mem <= TARGET_MEMORY)}."
+        + (" microft bf16-true, which keeps exact fp32 master weights too (bf16 weights + 16 more bits "
+           "per weight in the optimizer, bf16 moments: 10 bytes per parameter with its gradient instead "
+           f"of 16): {lean_mem:.2f}×, {ok(lean_mem <= TARGET_MEMORY)}; its tokens/s: "
            f"{lean['tokens_per_sec'] / hf['tokens_per_sec']:.2f}× transformers'." if lean else "")
         + (f" With gradient checkpointing as well: {ck_mem:.2f}×, {ok(ck_mem <= TARGET_MEMORY)}, at "
            f"{ck['tokens_per_sec'] / hf['tokens_per_sec']:.2f}× transformers' tokens/s." if ck else ""),
     ]
     if t_hf > 0:
         lines.append(
-            f"- peak memory above the process baseline (CPU: RSS before the model is built) and the 16 bytes per "
-            f"parameter of fp32 weights, gradients and AdamW moments ({gib(16 * mf['n_params'])}, the same on "
-            f"both sides): microft {gib(t_mf)}, transformers {gib(t_hf)} ({t_mf / t_hf:.2f}×).")
+            "- peak memory above the process baseline (CPU: RSS before the model is built) and the 16 "
+            f"bytes per parameter of fp32 weights, gradients and AdamW moments ({gib(16 * mf['n_params'])}, "
+            f"the same on both sides): microft {gib(t_mf)}, transformers {gib(t_hf)} ({t_mf / t_hf:.2f}×).")
     return "\n".join(lines), {"speedup": speedup, "cpu_speedup": cpu_speedup, "mfu": mfu, "memory_ratio": mem,
                               "memory_ratio_bf16_true": lean_mem, "memory_ratio_bf16_true_ckpt": ck_mem}
 
@@ -278,7 +285,8 @@ def cpu_section(a, started: str, command: str, emulated: bool = False) -> tuple[
     load_before = load_average()
     from microft.train.step import resolve_precision
 
-    dtype = peak_dtype(resolve_precision("auto", torch.device("cpu")))  # the MFU of microft auto divides by this
+    # the MFU of microft auto divides by this
+    dtype = peak_dtype(resolve_precision("auto", torch.device("cpu")))
     probe = child_peak_rates if emulated else (lambda d: peak_rates("cpu", d))
     before = probe(dtype)
     runs = measure(a, "cpu", a.seq, a.micro_bs, a.warmup, a.steps)
@@ -290,20 +298,49 @@ def cpu_section(a, started: str, command: str, emulated: bool = False) -> tuple[
     summary, nums = verdicts(runs, fpt, peak, best_hf)
     mf = runs["microft auto"]
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
-    text = f"""Command: {command} ({started}). {machine("cpu")}. {cpu_description()}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}.
-
-Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same random tokens for every run; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved (transformers fp32, which only decides transformers' faster precision, in the first round only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its own high-water mark (Python and torch included). One step = forward, backward, grad-norm clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, `perf.flops_per_token`) ÷ the measured {dtype} matmul peak, {peak / 1e9:.0f} GFLOP/s: the best sustained rate of large warmed matmuls ({"², ".join(map(str, PROBE_SHAPES["cpu"]))}²) through any of the matmul engines at hand, probed before and after the runs (`perf.probe_rates`; per engine: {rates_text(rates)}). "CPU s / step" is the process's CPU time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU time grows too, as waiting threads spin).
-
-{result_table(runs, fpt, peak, best_hf, "cpu")}
-
-{summary}
-
-Where the time goes (op self time in one extra step under `torch.profiler`, after the timed steps):
-
-{breakdown_table(runs)}"""
-    notes = """- transformers: `GPT2LMHeadModel` (SDPA attention, tied LM head, its built-in loss with `labels=input_ids`) and `torch.optim.AdamW(fused=True)`, which is also what transformers' `Trainer` uses by default with torch ≥ 2.8. torch's plain `AdamW()` default on CPU is the per-parameter for-loop, several times slower; `--hf-default-adamw` adds that run.
-- microft: `Transformer` with the vocabulary padded to a multiple of 64, the chunked fused cross-entropy (no full-batch fp32 logits; softmax in place; the tied head hands its gradient to the embedding, so no vocabulary-sized gradient is zero-filled or summed out of place), causal attention as plain bf16 ops up to 256 positions on CPU (0.4-0.7× the time of SDPA's flash kernel there), in fp32 on an AMD CPU the linears' forwards and the head's logits through oneDNN (MKL's own path on Intel) (`models.linear`, `bench/linear_kernels.py`), the trainer's own `micro_step` / `clip_gradients` / `optimizer_step` with fused AdamW (the clip handed to its kernel as the divisor it applies to each gradient it reads, not a pass of its own), and `trainer.keep_freed_memory()` as `train()` does on CPU. "microft bf16-true" runs the same step on bf16 weights with `optim.MasterAdamW` (fused AdamW on fp32 working copies of the exact master weights, 2^20 at a time). The first 2 steps fault in the optimizer state and the allocator's heap, so they are warm-up.
-- `trainer.keep_freed_memory()` is a glibc allocator setting (`mallopt`: no per-allocation mmap, no trimming) that spares every step the kernel's page faults for its large temporaries; any PyTorch program could set it, so the run "transformers bf16, glibc as microft" gives transformers the same setting (through `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_`) as a control; it is not a candidate for transformers' fastest configuration."""
+    text = (f"Command: {command} ({started}). {machine('cpu')}. {cpu_description()}. Load average (1/5/15 "
+            f"min) before: {load_before}, after: {load_average()}.\n\n"
+            f"Shape: {model_label(a.model)}, random init, no download; micro-batch {a.micro_bs} × seq "
+            f"{a.seq} × accum {a.accum} ({mf['tokens_per_step']} tokens per optimizer step); the same "
+            f"random tokens for every run; {plural(a.warmup, 'warm-up step')}, then "
+            f"{plural(a.steps, 'timed step')} per run; {plural(a.rounds, 'round')} of runs, interleaved "
+            "(transformers fp32, which only decides transformers' faster precision, in the first round "
+            "only); step times pooled over the rounds. Every run is a fresh process, so its peak RSS is its "
+            "own high-water mark (Python and torch included). One step = forward, backward, grad-norm "
+            "clipping at 1.0, AdamW (lr 3e-4, betas 0.9/0.95, weight decay 0.1 on matrices) and reading the "
+            f"loss back. MFU = tokens/s × {fpt / 1e6:.0f} MFLOP/token (6 × matmul parameters + attention, "
+            f"`perf.flops_per_token`) ÷ the measured {dtype} matmul peak, {peak / 1e9:.0f} GFLOP/s: the "
+            f"best sustained rate of large warmed matmuls ({'², '.join(map(str, PROBE_SHAPES['cpu']))}²) "
+            "through any of the matmul engines at hand, probed before and after the runs "
+            f"(`perf.probe_rates`; per engine: {rates_text(rates)}). \"CPU s / step\" is the process's CPU "
+            "time per step: other jobs on the machine stretch the wall time more than the CPU time (the CPU "
+            "time grows too, as waiting threads spin).\n\n"
+            f"{result_table(runs, fpt, peak, best_hf, 'cpu')}\n\n"
+            f"{summary}\n\n"
+            "Where the time goes (op self time in one extra step under `torch.profiler`, after the timed "
+            "steps):\n\n"
+            f"{breakdown_table(runs)}")
+    notes = ("- transformers: `GPT2LMHeadModel` (SDPA attention, tied LM head, its built-in loss with "
+             "`labels=input_ids`) and `torch.optim.AdamW(fused=True)`, which is also what transformers' "
+             "`Trainer` uses by default with torch ≥ 2.8. torch's plain `AdamW()` default on CPU is the "
+             "per-parameter for-loop, several times slower; `--hf-default-adamw` adds that run.\n- microft: "
+             "`Transformer` with the vocabulary padded to a multiple of 64, the chunked fused cross-entropy "
+             "(no full-batch fp32 logits; softmax in place; the tied head hands its gradient to the "
+             "embedding, so no vocabulary-sized gradient is zero-filled or summed out of place), causal "
+             "attention as plain bf16 ops up to 256 positions on CPU (0.4-0.7× the time of SDPA's flash "
+             "kernel there), in fp32 on an AMD CPU the linears' forwards and the head's logits through "
+             "oneDNN (MKL's own path on Intel) (`models.linear`, `bench/linear_kernels.py`), the trainer's "
+             "own `micro_step` / `clip_gradients` / `optimizer_step` with fused AdamW (the clip handed to "
+             "its kernel as the divisor it applies to each gradient it reads, not a pass of its own), and "
+             "`trainer.keep_freed_memory()` as `train()` does on CPU. \"microft bf16-true\" runs the same "
+             "step on bf16 weights with `optim.MasterAdamW` (fused AdamW on fp32 working copies of the "
+             "exact master weights, 2^20 at a time). The first 2 steps fault in the optimizer state and the "
+             "allocator's heap, so they are warm-up.\n- `trainer.keep_freed_memory()` is a glibc allocator "
+             "setting (`mallopt`: no per-allocation mmap, no trimming) that spares every step the kernel's "
+             "page faults for its large temporaries; any PyTorch program could set it, so the run "
+             "\"transformers bf16, glibc as microft\" gives transformers the same setting (through "
+             "`MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_`) as a control; it is not a candidate for "
+             "transformers' fastest configuration.")
     if not emulated:  # the notes on both implementations: once, under the main table
         text += "\n\n" + notes
     return text, {"runs": runs, "peak_flops": peak, "peak_rates": rates, "peak_dtype": dtype, **nums}
@@ -317,24 +354,26 @@ def avx2_section(a, started: str, command: str) -> tuple[str, dict | None]:
     with emulated_avx2():
         body, nums = cpu_section(a, started, command, emulated=True)
     return (f"{AVX2_HEADING}\n\nThe same runs with {AVX2_HELD}: the AVX2-only laptop CPU most users "
-            "have, where bf16 is emulated, so microft's `auto` is fp32 and transformers' candidate is fp32. The "
-            "matmuls are the machine's own at AVX2 width, so the ratios, not the absolute rates, carry over.\n\n"
+            "have, where bf16 is emulated, so microft's `auto` is fp32 and transformers' candidate is "
+            "fp32. The matmuls are the machine's own at AVX2 width, so the ratios, not the absolute rates, "
+            "carry over.\n\n"
             + body), nums
 
 
 def gpu_section(a) -> str:
     if not torch.cuda.is_available():
-        return ("### GPU (seq 1024)\n\nSkipped: no CUDA device in this session. On a GPU the same command adds this "
-                f"table: micro-batch {a.gpu_micro_bs} × seq 1024, `max_memory_allocated` as peak memory, MFU "
-                "against the measured bf16 matmul peak.")
+        return ("### GPU (seq 1024)\n\nSkipped: no CUDA device in this session. On a GPU the same command "
+                f"adds this table: micro-batch {a.gpu_micro_bs} × seq 1024, `max_memory_allocated` as peak "
+                "memory, MFU against the measured bf16 matmul peak.")
     peak = max(peak_rates("cuda", "bfloat16").values())
     runs = measure(a, "cuda", 1024, a.gpu_micro_bs, max(a.warmup, 3), max(a.steps, 10))
     fpt = model_flops_per_token(a.model, 1024)
     hf = stock_transformers(runs)
     best_hf = max(hf, key=lambda k: hf[k]["tokens_per_sec"])
     summary, _ = verdicts(runs, fpt, peak, best_hf, mfu_target=0.45)
-    return (f"### GPU (seq 1024)\n\n{machine('cuda')}. Micro-batch {a.gpu_micro_bs} × seq 1024; measured bf16 "
-            f"matmul peak {peak / 1e12:.0f} TFLOP/s (the best sustained rate of large warmed matmuls, `perf.probe_rates`).\n\n"
+    return (f"### GPU (seq 1024)\n\n{machine('cuda')}. Micro-batch {a.gpu_micro_bs} × seq 1024; "
+            f"measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s (the best sustained rate of large warmed "
+            "matmuls, `perf.probe_rates`).\n\n"
             f"{result_table(runs, fpt, peak, best_hf, 'cuda')}\n\n{summary}\n\n{breakdown_table(runs)}")
 
 
@@ -346,17 +385,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="runs per configuration, interleaved (fp32: first round only)")
+    p.add_argument("--rounds", type=int, default=2, help="runs per configuration, interleaved (fp32: first "
+                                                         "round only)")
     p.add_argument("--gpu-micro-bs", type=int, default=8)
-    p.add_argument("--hf-default-adamw", action="store_true", help="also run transformers with torch's default AdamW")
+    p.add_argument("--hf-default-adamw", action="store_true",
+                   help="also run transformers with torch's default AdamW")
     p.add_argument("--no-hf-malloc", dest="hf_malloc", action="store_false",
                    help="skip the transformers bf16 run with microft's glibc allocator settings")
-    p.add_argument("--compile", action="store_true", help="also run microft with torch.compile (slow to compile)")
+    p.add_argument("--compile", action="store_true", help="also run microft with torch.compile (slow to "
+                                                          "compile)")
     p.add_argument("--no-gpu", action="store_true")
     p.add_argument("--emulate-avx2", action="store_true",
                    help="also run the CPU table as an AVX2-only CPU (fp32): its own subsection")
     p.add_argument("--only-avx2", action="store_true", help="run and print the emulated AVX2 subsection only")
-    p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true", help="print the section instead of writing "
+                                                           "docs/benchmarks.md")
     return p.parse_args(argv)
 
 

@@ -1,15 +1,16 @@
-"""One benchmark configuration, run in this process: build a model (any preset), train a few steps, print JSON.
+r"""One benchmark configuration in this process: build a model (any preset), train a few steps, print JSON.
 
     .venv/bin/python bench/steploop.py --impl microft --precision auto --steps 3
     .venv/bin/python bench/steploop.py --impl hf --precision bf16-mixed --steps 3 --profile 30
     .venv/bin/python bench/steploop.py --threads 1 --no-mallopt --steps 3   # A/B of keep_freed_memory()
-    .venv/bin/python bench/steploop.py --model qwen3-1.7b --precision bf16-true --lora 16 --quantize nf4 --seq 512
+    .venv/bin/python bench/steploop.py --model qwen3-1.7b --precision bf16-true --lora 16 --quantize nf4 \
+        --seq 512
 
 `bench/harness.py` runs every configuration in a fresh subprocess, so each peak RSS belongs to
 one configuration alone. `--impl microft` composes the trainer's own step functions
 (`micro_step`, `clip_gradients`, `optimizer_step`) exactly as `train()` does; `--impl hf` is a
-plain training loop over transformers' model of the same family (`AutoModelForCausalLM`; its built-in loss, `loss.backward()`,
-`clip_grad_norm_`, torch AdamW). Both see the same random tokens, random init, no download.
+plain training loop over transformers' model of the same family (`AutoModelForCausalLM`; its built-in loss,
+`loss.backward()`, `clip_grad_norm_`, torch AdamW). Both see the same random tokens, random init, no download.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def make_tokens(steps: int, micro_bs: int, accum: int, seq: int, vocab: int, see
 def hwm_bytes() -> int | None:
     """The process's resident high-water mark (Linux VmHWM), or None elsewhere."""
     with contextlib.suppress(OSError, ValueError, StopIteration):
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+        status = Path("/proc/self/status").read_text().splitlines()
+        line = next(ln for ln in status if ln.startswith("VmHWM:"))
         return int(line.split()[1]) * 1024
     return None
 
@@ -101,7 +103,8 @@ def microft_stepper(cfg: ModelConfig, args, device: torch.device):
 
     precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
-    if args.quantize:  # QLoRA: the block linears quantized to NF4 one layer at a time while building (runs.load_base)
+    # QLoRA: the block linears quantized to NF4 one layer at a time while building (runs.load_base)
+    if args.quantize:
         from microft.runs import load_quantized
 
         dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
@@ -150,13 +153,15 @@ def hf_stepper(cfg: ModelConfig, args, device: torch.device):
     raw = {k: v for k, v in cfg.to_hf().items() if k != "architectures"}
     hf_cfg = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32  # built in it, as from_pretrained(dtype=)
+    # built in it, as from_pretrained(dtype=)
+    dtype = torch.bfloat16 if args.precision == "bf16-true" else torch.float32
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=dtype)
     model.to(device).train()
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.quantize:
-        raise SystemExit("--impl hf --quantize needs bitsandbytes' 4-bit layers; run it where they are installed")
+        raise SystemExit("--impl hf --quantize needs bitsandbytes' 4-bit layers; run it where they are "
+                         "installed")
     if args.lora:  # peft's LoRA on every linear of the blocks, as microft's --lora-targets all
         import peft
 
@@ -198,7 +203,8 @@ def hf_stepper(cfg: ModelConfig, args, device: torch.device):
     return model, step, precision
 
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::_weight_int8pack_mm",
+              "mkldnn::_linear_pointwise"}
 ATTENTION_MATMULS = {"aten::bmm", "aten::baddbmm"}  # only attention multiplies batches of matrices here
 
 
@@ -206,7 +212,8 @@ def breakdown(prof) -> dict[str, float]:
     """Seconds of the profiled step by kind of op (self time, so nothing is counted twice)."""
     out = {"matmul": 0.0, "attention": 0.0, "optimizer": 0.0, "other": 0.0}
     for e in prof.key_averages():
-        t = (e.self_device_time_total if getattr(e, "self_device_time_total", 0) else e.self_cpu_time_total) / 1e6
+        own = e.self_device_time_total if getattr(e, "self_device_time_total", 0) else e.self_cpu_time_total
+        t = own / 1e6
         if e.key in MATMUL_OPS or "gemm" in e.key.lower():
             out["matmul"] += t
         elif "scaled_dot_product" in e.key or "flash" in e.key.lower() or e.key in ATTENTION_MATMULS:
@@ -224,8 +231,8 @@ def print_profile(prof, rows: int) -> None:
     total = sum(e.self_cpu_time_total for e in events) or 1
     print(f"{'op':60s} {'self ms':>9s} {'%':>5s} {'calls':>6s}", file=sys.stderr)
     for e in events[:rows]:
-        print(f"{e.key[:60]:60s} {e.self_cpu_time_total / 1e3:9.1f} {100 * e.self_cpu_time_total / total:5.1f} "
-              f"{e.count:6d}", file=sys.stderr)
+        print(f"{e.key[:60]:60s} {e.self_cpu_time_total / 1e3:9.1f} "
+              f"{100 * e.self_cpu_time_total / total:5.1f} {e.count:6d}", file=sys.stderr)
     print(f"{'total':60s} {total / 1e3:9.1f}", file=sys.stderr)
 
 
@@ -270,15 +277,16 @@ def run(args) -> dict:
     median = statistics.median(times)
     return {
         "impl": args.impl, "precision": precision, "grad_ckpt": args.grad_ckpt, "compile": args.compile,
-        "hf_optim": args.hf_optim if args.impl == "hf" else "fused", "model": args.model, "device": str(device),
-        "micro_bs": args.micro_bs, "accum": args.accum, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
-        "tokens_per_step": tokens_per_step, "n_params": sum(p.numel() for p in model.parameters()),
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "lora": args.lora, "quantize": args.quantize, "double_quant": args.double_quant,
-        "step_times": times, "step_time": median, "cpu_times": cpu_times,
-        "tokens_per_sec": tokens_per_step / median, "losses": losses, "threads": torch.get_num_threads(),
-        "rss_before_model": rss_before, "baseline_bytes": rss_before if device.type == "cpu" else 0,
-        "breakdown": split, "peak_build_bytes": peak_build, "peak_train_bytes": peak_train, **peak,
+        "hf_optim": args.hf_optim if args.impl == "hf" else "fused", "model": args.model,
+        "device": str(device), "micro_bs": args.micro_bs, "accum": args.accum, "seq": args.seq,
+        "warmup": args.warmup, "steps": args.steps, "tokens_per_step": tokens_per_step,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "lora": args.lora,
+        "quantize": args.quantize, "double_quant": args.double_quant, "step_times": times,
+        "step_time": median, "cpu_times": cpu_times, "tokens_per_sec": tokens_per_step / median,
+        "losses": losses, "threads": torch.get_num_threads(), "rss_before_model": rss_before,
+        "baseline_bytes": rss_before if device.type == "cpu" else 0, "breakdown": split,
+        "peak_build_bytes": peak_build, "peak_train_bytes": peak_train, **peak,
     }
 
 
@@ -296,14 +304,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--lora", type=int, default=0, metavar="R", help="LoRA rank (0: full fine-tuning); hf: peft")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="LoRA rank (0: full fine-tuning); hf: peft")
     p.add_argument("--lora-targets", default="all", help="microft: which block linears get adapters")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="microft: NF4 base (QLoRA; with --lora)")
-    p.add_argument("--double-quant", action="store_true", help="microft: with --quantize, quantize the scales too")
+    p.add_argument("--double-quant", action="store_true", help="microft: with --quantize, quantize the "
+                                                               "scales too")
     p.add_argument("--no-mallopt", action="store_true", help="microft: skip trainer.keep_freed_memory()")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--breakdown", action="store_true", help="profile one extra step: time in matmul/attention/...")
-    p.add_argument("--profile", type=int, default=0, metavar="ROWS", help="print a profiler table of the first timed step")
+    p.add_argument("--breakdown", action="store_true", help="profile one extra step: time in "
+                                                            "matmul/attention/...")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="print a profiler table of the first timed step")
     return p.parse_args(argv)
 
 

@@ -31,7 +31,8 @@ def measure(a, device: str) -> list[dict]:
     for precision in PRECISIONS:
         for ckpt in (False, True):
             if precision == "fp16-mixed" and device != "cuda":
-                rows.append({"precision": precision, "grad_ckpt": ckpt, "skipped": "GPU precision (no fast fp16 kernels on CPU)"})
+                rows.append({"precision": precision, "grad_ckpt": ckpt,
+                             "skipped": "GPU precision (no fast fp16 kernels on CPU)"})
                 continue
             name = f"{precision}, grad ckpt {'on' if ckpt else 'off'}"
             print(f"[matrix] {device}: {name} ...", file=sys.stderr, flush=True)
@@ -57,17 +58,28 @@ def section(a, rows: list[dict], device: str, started: str, load_before: str) ->
             f"{ref['step_time'] / r['step_time']:.2f}×", gib(r["peak_bytes"]),
             f"{r['peak_bytes'] / ref['peak_bytes']:.2f}×", f"{r['losses'][-1]:.4f}",
         ])
-    mem = "peak allocated (`torch.cuda.max_memory_allocated`)" if device == "cuda" else "peak RSS of the process"
+    mem = ("peak allocated (`torch.cuda.max_memory_allocated`)" if device == "cuda"
+           else "peak RSS of the process")
     header = ["precision", "grad ckpt", "step time (s, median)", "CPU s / step", "tokens/s", "speed vs fp32",
               "peak memory", "memory vs fp32", "loss after the last step"]
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
-    return f"""Command: {command_line()} ({started}). {machine(device)}. Load average (1/5/15 min) before: {load_before}, after: {load_average()}.
-
-Shape: {model_label(a.model)}, random init; micro-batch {a.micro_bs} × seq {a.seq} × accum {a.accum}; the same random tokens for every cell; {plural(a.warmup, 'warm-up step')}, then {plural(a.steps, 'timed step')}. Each cell is a fresh process running the trainer's own step functions (forward/backward, clipping, fused AdamW). Memory: {mem}. Checkpointing recomputes every block in backward (`set_grad_checkpointing`, non-reentrant).
-
-{table(header, out)}
-
-At micro-batch {a.micro_bs} × seq {a.seq} the fp32 weights, gradients and AdamW moments (16 bytes per parameter: {gib(16 * ref['n_params'])}) dominate the peak, so checkpointing saves little here and costs a recomputed forward; it pays off at longer sequences and larger micro-batches (see `microft estimate-mem`). bf16-true keeps bf16 weights, gradients and AdamW moments plus 16 more bits of every fp32 master weight (`optim.MasterAdamW`): 10 bytes per parameter instead of 16, and no update lost to bf16 rounding. With {plural(a.steps, 'timed step')} per cell and other jobs on the machine, step-time differences under about 25 % are noise: the bf16-mixed, checkpointing-off cell is the same configuration as "microft auto" in the speed table above."""
+    return (f"Command: {command_line()} ({started}). {machine(device)}. Load average (1/5/15 min) before: "
+            f"{load_before}, after: {load_average()}.\n\n"
+            f"Shape: {model_label(a.model)}, random init; micro-batch {a.micro_bs} × seq {a.seq} × accum "
+            f"{a.accum}; the same random tokens for every cell; {plural(a.warmup, 'warm-up step')}, then "
+            f"{plural(a.steps, 'timed step')}. Each cell is a fresh process running the trainer's own step "
+            f"functions (forward/backward, clipping, fused AdamW). Memory: {mem}. Checkpointing recomputes "
+            "every block in backward (`set_grad_checkpointing`, non-reentrant).\n\n"
+            f"{table(header, out)}\n\n"
+            f"At micro-batch {a.micro_bs} × seq {a.seq} the fp32 weights, gradients and AdamW moments (16 "
+            f"bytes per parameter: {gib(16 * ref['n_params'])}) dominate the peak, so checkpointing saves "
+            "little here and costs a recomputed forward; it pays off at longer sequences and larger "
+            "micro-batches (see `microft estimate-mem`). bf16-true keeps bf16 weights, gradients and AdamW "
+            "moments plus 16 more bits of every fp32 master weight (`optim.MasterAdamW`): 10 bytes per "
+            "parameter instead of 16, and no update lost to bf16 rounding. With "
+            f"{plural(a.steps, 'timed step')} per cell and other jobs on the machine, step-time differences "
+            "under about 25 % are noise: the bf16-mixed, checkpointing-off cell is the same configuration "
+            "as \"microft auto\" in the speed table above.")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +91,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true", help="print the section instead of writing "
+                                                           "docs/benchmarks.md")
     return p.parse_args(argv)
 
 
