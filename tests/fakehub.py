@@ -97,7 +97,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._api(repo_id, urllib.parse.unquote(rev), body)
         if path.startswith("/cdn/"):
             data = hub.blob(path.removeprefix("/cdn/"))
-            return self._send_data(data, body, cdn=True) if data is not None else self._error(404, "EntryNotFound")
+            if data is None:
+                return self._error(404, "EntryNotFound")
+            return self._send_data(data, body, cdn=True)
         if "/resolve/" in path:
             repo_id, rest = path.lstrip("/").split("/resolve/", 1)
             rev, _, name = rest.partition("/")
@@ -112,10 +114,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if repo.token is not None:
             auth = self.headers.get("Authorization")
             if auth is None:
-                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in.")
+                self._error(401, "GatedRepo", f"Access to model {repo_id} is restricted. You must have "
+                                              "access to it and be authenticated to access it. "
+                                              "Please log in.")
                 return None
             if auth != f"Bearer {repo.token}":
-                self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in the authorized list.")
+                self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in "
+                                              "the authorized list.")
                 return None
         if rev not in ("main", repo.commit):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
@@ -133,7 +138,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
             siblings.append(s)
         info = {"_id": "x", "id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
-                "gated": "manual" if repo.token else False, "siblings": siblings, "tags": [], "downloads": 0, "likes": 0}
+                "gated": "manual" if repo.token else False, "siblings": siblings, "tags": [], "downloads": 0,
+                "likes": 0}
         self._send_data(json.dumps(info).encode(), body, headers={"Content-Type": "application/json"})
 
     def _tree(self, repo_id: str, rev: str, body: bool) -> None:
@@ -154,20 +160,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         data = repo.files.get(name)
         if data is None:
-            return self._error(404, "EntryNotFound", f"{name} does not exist on \"{rev}\"", commit=repo.commit)
+            return self._error(404, "EntryNotFound", f"{name} does not exist on \"{rev}\"",
+                               commit=repo.commit)
         headers = {"X-Repo-Commit": repo.commit}
         if repo.is_lfs(name):
             sha = hashlib.sha256(data).hexdigest()
             self.send_response(302)
             for k, v in {**headers, "Location": f"{self.server.cdn_url}/{sha}", "ETag": f'"{sha}"',
-                         "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)), "Content-Length": "0"}.items():
+                         "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data)),
+                         "Content-Length": "0"}.items():
                 self.send_header(k, v)
             self.end_headers()
             return
         served = _flip(data) if name in repo.corrupt else data
         self._send_data(served, body, headers={**headers, "ETag": f'"{git_blob_sha1(data)}"'})
 
-    def _send_data(self, data: bytes, body: bool, headers: dict[str, str] | None = None, cdn: bool = False) -> None:
+    def _send_data(self, data: bytes, body: bool, headers: dict[str, str] | None = None,
+                   cdn: bool = False) -> None:
         hub = self.server
         rng = self.headers.get("Range")
         start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
@@ -183,7 +192,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         chunk = data[start:]
         with hub.lock:
-            cut, hub.cut_after = (hub.cut_after, None) if cdn and hub.cut_after is not None else (None, hub.cut_after)
+            cuts_here = cdn and hub.cut_after is not None
+            cut, hub.cut_after = (hub.cut_after, None) if cuts_here else (None, hub.cut_after)
         if cut is not None:
             self.wfile.write(chunk[:cut])
             self.wfile.flush()

@@ -1,8 +1,12 @@
-"""Small shared builders for the tests: seeded tiny models, synthetic data."""
+"""Small shared builders for the tests: seeded tiny models, synthetic data, an interrupting callback."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,3 +46,13 @@ def run_config(tmp_path, **kw) -> RunConfig:
 
 def flat_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def sigint_at_step(step: int) -> Callable[[dict[str, Any]], None]:
+    """An event callback that sends this process SIGINT once `step` is done (Ctrl-C mid-run)."""
+
+    def on_event(e: dict[str, Any]) -> None:
+        if e["kind"] == "step" and e["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return on_event

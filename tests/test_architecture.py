@@ -11,9 +11,9 @@ PKG = Path(microft.__file__).resolve().parent  # the package under test (a check
 MAX_LINES = 80  # a function a reader takes in at once
 
 # what models/ sits above: the model core may import only itself, config, weights and errors
-ABOVE_MODELS = ("cli", "options", "ui", "runs", "train", "memory", "generate", "data", "instruct", "chat", "export",
-                "templates", "formats", "demo", "tokenizer", "lora", "quant", "optim8bit", "download", "perf",
-                "hubdata")
+ABOVE_MODELS = ("cli", "options", "ui", "runs", "train", "memory", "generate", "data", "instruct", "chat",
+                "export", "templates", "formats", "demo", "tokenizer", "lora", "quant", "optim8bit",
+                "download", "perf", "hubdata")
 
 
 def _module(path: Path) -> str:
@@ -33,7 +33,8 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: resolve against the package
-                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names}  # `from microft.memory import estimate`
     return {m for m in found if m in modules and m != name}
@@ -79,13 +80,15 @@ def test_no_import_cycles():
 
 def test_the_loop_never_imports_the_estimator():
     g = _graph()
-    bad = {m: sorted(d for d in deps if _layer(d) == "memory") for m, deps in g.items() if _layer(m) == "train"}
+    bad = {m: sorted(d for d in deps if _layer(d) == "memory")
+           for m, deps in g.items() if _layer(m) == "train"}
     assert not any(bad.values()), bad
 
 
 def test_models_import_nothing_above_them():
     g = _graph()
-    bad = {m: sorted(d for d in deps if _layer(d) in ABOVE_MODELS) for m, deps in g.items() if _layer(m) == "models"}
+    bad = {m: sorted(d for d in deps if _layer(d) in ABOVE_MODELS)
+           for m, deps in g.items() if _layer(m) == "models"}
     assert not any(bad.values()), bad
     # and the run config (below models) does not reach up into them
     assert not {d for d in g["microft.config"] if _layer(d) == "models"}
@@ -114,10 +117,11 @@ def test_the_trace_runs_the_loops_step_and_patches_nothing():
     trace, loop = PKG / "memory" / "trace.py", PKG / "train" / "loop.py"
     assert {"micro_step", "finish_step"} <= _calls(trace) & _calls(loop)
     tree = ast.parse(trace.read_text())
-    modules = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules = {a.asname or a.name.split(".")[0]
+               for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    package_files = {str(p.relative_to(PKG.parent).with_suffix("")) for p in PKG.rglob("*.py")}
     modules |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
-                if n.module and f"{n.module}.{a.name}".replace(".", "/") in {str(p.relative_to(PKG.parent).with_suffix(""))
-                                                                            for p in PKG.rglob("*.py")}}
+                if n.module and f"{n.module}.{a.name}".replace(".", "/") in package_files}
     patched = [ast.unparse(t) for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules]
     assert not patched, patched

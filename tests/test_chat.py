@@ -1,4 +1,5 @@
-"""Chat templates: rendering as transformers renders, loss on assistant turns to the token, data integration."""
+"""Chat templates: rendering as transformers renders, loss on assistant turns to the token, data
+integration."""
 
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def test_render_and_ids_match_transformers(toks, auto, name, chat):
     tmpl, ref = ChatTemplate(toks[name]), auto[name]
     for agp in (False, True):
         msgs = chat if not agp else chat[:-1]
-        assert tmpl.render(msgs, agp) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp)
+        assert tmpl.render(msgs, agp) == ref.apply_chat_template(msgs, tokenize=False,
+                                                                 add_generation_prompt=agp)
     ids, _ = tmpl.encode_chat(chat)
     assert ids == list(ref.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
 
@@ -146,13 +148,16 @@ def test_samples_from_chat_and_alpaca_records(toks):
     kept = [t for t in s2["labels"] if t != IGNORE_INDEX]
     assert tok.decode(kept) == "Le chat.<|im_end|>"
     prompt_ids = encode_prompt(tmpl, tok, s2["prompt"])
-    assert s2["input_ids"][: len(prompt_ids)] == prompt_ids and s2["labels"][len(prompt_ids) - 2] == IGNORE_INDEX
+    assert s2["input_ids"][: len(prompt_ids)] == prompt_ids
+    assert s2["labels"][len(prompt_ids) - 2] == IGNORE_INDEX
     assert s2["labels"][len(prompt_ids) - 1] != IGNORE_INDEX  # the first answer token follows the prompt
-    assert stats.n_samples == 2 and stats.n_target_tokens == sum(t != IGNORE_INDEX for t in s1["labels"] + s2["labels"])
+    assert stats.n_samples == 2
+    assert stats.n_target_tokens == sum(t != IGNORE_INDEX for t in s1["labels"] + s2["labels"])
 
 
 def test_text_templates_with_a_model_tokenizer(toks):
-    """alpaca & co. stay selectable: BOS first when the tokenizer adds one, its EOS last (not GPT-2's 50256)."""
+    """alpaca & co. stay selectable: BOS first when the tokenizer adds one, its EOS last (not GPT-2's
+    50256)."""
     tok = toks["llama"]
     rec = Record(instruction="Say hi.", output="hi")
     (s,), _ = build_samples([rec], "alpaca", tok, 512)
@@ -168,7 +173,8 @@ def test_resolve_template(toks, tmp_path):
     assert isinstance(resolve_template(None, toks["qwen"]), ChatTemplate)
     assert isinstance(resolve_template("chat", toks["llama"]), ChatTemplate)
     gpt2 = gpt2_tokenizer()
-    assert resolve_template("auto", gpt2).name == "alpaca" and resolve_template("chatml", toks["qwen"]).name == "chatml"
+    assert resolve_template("auto", gpt2).name == "alpaca"
+    assert resolve_template("chatml", toks["qwen"]).name == "chatml"
     with pytest.raises(ConfigError, match="no chat template"):
         resolve_template("chat", gpt2)
     f = tmp_path / "mine.jinja"
@@ -197,7 +203,8 @@ def test_jinja_environment_features():
            "{% generation %}{{ add_generation_prompt }}{% endgeneration %}")
     out = render_chat(src, [{"role": "user", "content": "é<"}, {"role": "assistant", "content": "b"}],
                       add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
-    assert out == '[{"role": "user", "content": "é<"}, {"role": "assistant", "content": "b"}]|4|<s></s>|é<|True'
+    assert out == ('[{"role": "user", "content": "é<"}, {"role": "assistant", "content": "b"}]'
+                   '|4|<s></s>|é<|True')
     # trim_blocks / lstrip_blocks, as transformers renders
     assert render_chat("  {% if true %}\nx\n  {% endif %}\ny", []) == "x\ny"
 

@@ -17,7 +17,8 @@ from microft.train.optim import build_optimizer
 from microft.train.step import autocast_context, finish_step, make_scaler, micro_step
 from tests.helpers import masked_samples, run_config, tiny_model
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device")]
 
 
 def test_fp16_mixed_trains_with_a_live_scaler_and_tf32_follows_the_flag(tmp_path):
@@ -30,12 +31,13 @@ def test_fp16_mixed_trains_with_a_live_scaler_and_tf32_follows_the_flag(tmp_path
     assert torch.backends.cuda.matmul.allow_tf32 is False
     state = torch.load(tmp_path / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)
     assert state["scaler"]["scale"] > 0
-    train(tiny_model(), masked_samples(32, seed=5), None, run_config(tmp_path / "b", device="cuda", max_steps=1),
-          BatchPlan(micro_bs=4, accum=1))
+    train(tiny_model(), masked_samples(32, seed=5), None,
+          run_config(tmp_path / "b", device="cuda", max_steps=1), BatchPlan(micro_bs=4, accum=1))
     assert torch.backends.cuda.matmul.allow_tf32 is True
 
 
-@pytest.mark.parametrize("precision,grad_ckpt", [("fp32", False), ("bf16-mixed", False), ("bf16-mixed", True)])
+@pytest.mark.parametrize("precision,grad_ckpt",
+                         [("fp32", False), ("bf16-mixed", False), ("bf16-mixed", True)])
 def test_estimate_is_within_5_percent_of_max_memory_allocated(precision, grad_ckpt):
     """Two real optimizer steps of GPT-2 124M on the GPU against the analytical replay of the same step."""
     micro_bs, seq = 4, 512

@@ -118,7 +118,8 @@ def test_demo_tokenizer_is_deterministic_small_and_lossless():
         assert TOK.decode(encode(text)) == text
     for word in WORDS:  # every demo word (after a space) and its capitals (starting a line) is one token
         assert len(encode(" " + word)) == 1 and len(encode(word.upper())) == 1
-    assert TOK.decode(encode("Any text, even ünïcode 🙂")) == "Any text, even ünïcode 🙂"  # bytes fall back
+    # bytes fall back
+    assert TOK.decode(encode("Any text, even ünïcode 🙂")) == "Any text, even ünïcode 🙂"
 
 
 def test_saved_tokenizer_files_load_as_the_demo_tokenizer(tmp_path):
@@ -130,7 +131,8 @@ def test_saved_tokenizer_files_load_as_the_demo_tokenizer(tmp_path):
     assert write_demo_tokenizer(tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
     assert write_demo_tokenizer(tmp_path) == []  # files already there are kept
     ours, theirs = load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
-    assert ours.eos_ids == [0] and ours.bos_id == 0 and ours.prefix == [] and ours.vocab_size == TOK.get_vocab_size()
+    assert ours.eos_ids == [0] and ours.bos_id == 0 and ours.prefix == []
+    assert ours.vocab_size == TOK.get_vocab_size()
     assert theirs.eos_token_id == 0 and theirs.bos_token_id == 0
     text = "Sort these numbers from smallest to largest.\n42 7 19\n7 19 42"
     assert ours.encode(text) == encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
@@ -172,9 +174,11 @@ def test_next_steps_name_the_run_and_an_item_it_got_right_or_say_it_got_none():
     args = shlex.split(lines[0].removeprefix("try it: ").split("   (")[0])
     assert args[:4] == ["microft", "generate", "--model", "runs/demo x/final"]
     assert args[args.index("--template") + 1] == "plain"  # the demo's own template
-    assert args[args.index("--prompt") + 1] == example.instruction and args[args.index("--input") + 1] == example.input
+    assert args[args.index("--prompt") + 1] == example.instruction
+    assert args[args.index("--input") + 1] == example.input
     assert "2 of 12 right" in lines[0] and repr(example.output) in lines[0]
-    assert "--template alpaca " in next_steps("runs/x/final", "alpaca", example, n, 12)[0]  # --model gpt2-tiny
+    # --model gpt2-tiny
+    assert "--template alpaca " in next_steps("runs/x/final", "alpaca", example, n, 12)[0]
 
 
 # A shortened demo (the same model, tokenizer and settings; fewer steps and items), run once for the
@@ -242,9 +246,9 @@ def test_final_dir_generates_through_the_cli(short_demo):
     answer = json.loads(res.output)["completion"]
     assert repr(answer.strip()) in line and answer.strip() in {r.output for r in held}
     for rec, row in list(zip(held, rows, strict=True))[:4]:
-        res = CliRunner().invoke(app, ["generate", "--model", str(final), "--template", "plain", "--temperature", "0",
-                                       "--prompt", rec.instruction, "--input", rec.input, "--max-new-tokens", "128",
-                                       "--json"])
+        res = CliRunner().invoke(app, ["generate", "--model", str(final), "--template", "plain",
+                                       "--temperature", "0", "--prompt", rec.instruction, "--input",
+                                       rec.input, "--max-new-tokens", "128", "--json"])
         assert res.exit_code == 0, res.output
         assert json.loads(res.output)["completion"] == row["prediction"]
 
@@ -278,7 +282,8 @@ def test_estimate_mem_of_the_demo_recipe(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"format": "microft", "model": demo_model_config(TOK.get_vocab_size()).model_dump()}))
     peaks = []
-    for args in (["--recipe", str(recipe)], ["--model", str(tmp_path), "--micro-bs", "32", "--global-bs", "32",
+    for args in (["--recipe", str(recipe)],
+                 ["--model", str(tmp_path), "--micro-bs", "32", "--global-bs", "32",
                                              "--max-seq-len", "48", "--precision", "fp32"]):
         res = CliRunner().invoke(app, ["estimate-mem", *args, "--json"])
         assert res.exit_code == 0, res.output

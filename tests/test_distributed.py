@@ -28,8 +28,9 @@ from microft.runs import run_pretrain
 from microft.train.distributed import Dist, grad_sync, reduce_step, strip_devices
 from microft.weights import read_safetensors
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo")
 SHAPE = ModelConfig(name="dist-tiny", n_layer=2, n_head=2, n_embd=16, n_positions=32)
 # a Llama block (RMSNorm, RoPE, GQA, SwiGLU) for FSDP2's per-block wrap, with a tokenizer of its own
 LLAMA = ModelConfig.from_preset("llama-tiny").model_copy(update={"vocab_size": 640, "n_positions": 32})
@@ -50,9 +51,9 @@ def make_inputs(root: Path) -> None:
 
 
 def flags(root: Path, out: str, micro_bs: int, accum: int) -> dict:
-    return dict(model=str(root / "init"), data=str(root / "corpus.txt"), out=str(root / out), micro_bs=micro_bs,
-                accum=accum, max_steps=STEPS, max_seq_len=16, precision="fp32", device="cpu", lr=1e-3,
-                warmup=1, val_frac=0.1, eval_every=2, save_every=3, log_format="plain")
+    return dict(model=str(root / "init"), data=str(root / "corpus.txt"), out=str(root / out),
+                micro_bs=micro_bs, accum=accum, max_steps=STEPS, max_seq_len=16, precision="fp32",
+                device="cpu", lr=1e-3, warmup=1, val_frac=0.1, eval_every=2, save_every=3, log_format="plain")
 
 
 def run_config(root: Path, out: str, micro_bs: int, accum: int, **kw) -> RunConfig:
@@ -101,7 +102,8 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
 
     run([sys.executable, "-m", "microft", "pretrain", *cli_args(flags(root, "ddp", 2, 2)), "--devices", "2"])
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__, str(root)])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+         str(root)])
     return root
 
 
@@ -140,10 +142,12 @@ def test_fsdp2_on_cpu_resumes_exactly_and_its_checkpoint_loads_on_one_process(ru
     x = torch.randint(0, SHAPE.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(loaded(x), single(x), atol=1e-4, rtol=0)
-        assert torch.allclose(loaded(x), torch.load(fsdp / "logits.pt"), atol=1e-5, rtol=0)  # the sharded model's
+        sharded = torch.load(fsdp / "logits.pt")  # the sharded model's
+        assert torch.allclose(loaded(x), sharded, atol=1e-5, rtol=0)
     # the optimizer state was gathered into the single-device layout: a 1-process run can resume it
     a = torch.load(fsdp / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)["optimizer"]
-    b = torch.load(runs / "single" / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)["optimizer"]
+    b = torch.load(runs / "single" / "checkpoints" / "step-0000006" / "train_state.pt",
+                   weights_only=False)["optimizer"]
     assert a["param_groups"] == b["param_groups"]
     for i, s in b["state"].items():
         for name, t in s.items():
@@ -161,7 +165,8 @@ def test_one_process_helpers_are_no_ops():
         pass
     loss, stop = reduce_step(torch.tensor(3.0), True, dist)
     assert float(loss) == 3.0 and stop
-    assert strip_devices(["pretrain", "--devices", "2", "--out", "x", "--devices=4"]) == ["pretrain", "--out", "x"]
+    argv = ["pretrain", "--devices", "2", "--out", "x", "--devices=4"]
+    assert strip_devices(argv) == ["pretrain", "--out", "x"]
 
 
 # --- the torchrun driver (each rank runs this) --------------------------------------------------
@@ -208,5 +213,6 @@ if __name__ == "__main__":
     _interrupted_then_resumed(root, "ddp-resumed")
     _interrupted_then_resumed(root, "fsdp", shard="fsdp")
     _fsdp_logits(root)
-    run_pretrain(run_config(root, "fsdp-llama", 2, 2, shard="fsdp", model=str(root / "llama")), lambda e: None)
+    run_pretrain(run_config(root, "fsdp-llama", 2, 2, shard="fsdp", model=str(root / "llama")),
+                 lambda e: None)
     torch.distributed.destroy_process_group()

@@ -40,7 +40,8 @@ def tiny_files(tmp_path_factory) -> dict[str, bytes]:
     model.save_pretrained(d / "single")
     files = {p.name: p.read_bytes() for p in (d / "sharded").iterdir()}
     files["single/model.safetensors"] = (d / "single" / "model.safetensors").read_bytes()
-    assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) >= 3
+    assert "model.safetensors.index.json" in files
+    assert len([f for f in files if f.endswith(".safetensors")]) >= 3
     files["tokenizer_config.json"] = b'{"model_max_length": 32}'
     files["pytorch_model.bin"] = b"pickled weights, never fetched"
     files["onnx/model.onnx"] = b"onnx, never fetched"
@@ -70,7 +71,8 @@ def hub(tiny_files, tmp_path, monkeypatch):
 
 def expected_files(files: dict[str, bytes]) -> set[str]:
     shards = set(json.loads(files["model.safetensors.index.json"])["weight_map"].values())
-    return shards | {"model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer_config.json"}
+    return shards | {"model.safetensors.index.json", "config.json", "generation_config.json",
+                     "tokenizer_config.json"}
 
 
 def blobs(repo: str = REPO) -> Path:
@@ -93,7 +95,8 @@ def test_sharded_download_fills_the_hf_cache(hub, tiny_files):
         assert link.read_bytes() == tiny_files[name]
     assert not list(root.rglob("*.part")) and not list(root.rglob("*.incomplete"))
     assert snap.downloaded_bytes == sum(len(tiny_files[f]) for f in got)
-    assert not any("pytorch_model.bin" in p or "onnx" in p or "README" in p or "single" in p for _, p, _ in hub.requests)
+    assert not any("pytorch_model.bin" in p or "onnx" in p or "README" in p or "single" in p
+                   for _, p, _ in hub.requests)
     assert seen and all(done <= total for _, done, total in seen)
 
     hub.requests.clear()
@@ -131,7 +134,8 @@ def test_hash_mismatch_is_refused_and_leaves_nothing(hub, tiny_files, victim):
     root = hub_cache_dir() / "models--tiny-org--tiny-gpt2"
     assert not (root / "refs" / "main").exists()
     assert not (root / "snapshots" / hub.repos[REPO].commit / name).exists()
-    assert all(p.read_bytes() != tiny_files[name][:-1] + bytes([tiny_files[name][-1] ^ 0xFF]) for p in blobs().iterdir())
+    flipped = tiny_files[name][:-1] + bytes([tiny_files[name][-1] ^ 0xFF])
+    assert all(p.read_bytes() != flipped for p in blobs().iterdir())
     assert not list(blobs().glob("*.part"))
     with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
         resolve_model_dir(REPO)
@@ -149,7 +153,8 @@ def test_gated_repo_needs_hf_token(hub, monkeypatch):
     hub.requests.clear()
     snap = download(REPO)
     assert (snap.path / "config.json").is_file()
-    assert hub.authorized and not any(p.startswith("/cdn/") for p in hub.authorized)  # the token stays on the hub
+    # the token stays on the hub
+    assert hub.authorized and not any(p.startswith("/cdn/") for p in hub.authorized)
 
 
 def test_missing_repo_and_revision(hub):
@@ -212,7 +217,8 @@ def test_transformers_reads_the_download_offline(hub, tiny_files, tmp_path):
         f"m = AutoModelForCausalLM.from_pretrained({REPO!r})\n"
         "print(sum(float(p.double().sum()) for p in m.parameters()))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_dir()), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache_dir()),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     from safetensors.numpy import load
@@ -225,7 +231,8 @@ def test_microft_loads_a_repo_id(hub, tiny_files):
     from microft.memory.estimate import load_shape
     from microft.models.load import load_model, read_model_config
 
-    single = {"config.json": tiny_files["config.json"], "model.safetensors": tiny_files["single/model.safetensors"]}
+    single = {"config.json": tiny_files["config.json"],
+              "model.safetensors": tiny_files["single/model.safetensors"]}
     hub.repos["tiny-org/single"] = Repo(single)
     with pytest.raises(ConfigError, match="microft download tiny-org/single"):
         load_shape("tiny-org/single")
@@ -299,7 +306,8 @@ def test_estimate_mem_of_an_uncached_repo_fetches_only_its_config(hub, tiny_file
     d = json.loads(r.stdout)
     assert d["estimated"].startswith(f"{REPO}: micro-bs 2 × seq 32")
     config = json.loads(tiny_files["config.json"])
-    assert d["details"]["parameters"] == config["vocab_size"] * 32 + 32 * 32 + 2 * (12 * 32 * 32 + 13 * 32) + 2 * 32
+    assert d["details"]["parameters"] == (config["vocab_size"] * 32 + 32 * 32 + 2 * (12 * 32 * 32 + 13 * 32)
+                                          + 2 * 32)
     fetched = {p.rsplit("/", 1)[-1] for m, p, _ in hub.requests if "/resolve/" in p}
     assert fetched == {"config.json"} and not any(p.startswith("/cdn/") for _, p, _ in hub.requests)
     with pytest.raises(ConfigError, match="microft download"):  # the shared cache still lacks the model
@@ -325,7 +333,8 @@ def test_estimate_mem_names_the_preset_when_the_config_cannot_be_fetched(hub, tm
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "Traceback" not in r.output, r.output
     assert r.output.rstrip().endswith("plan with the preset of its shapes: --model llama-3.1-8b"), r.output
     assert ("HF_HUB_OFFLINE is set" in r.output) == offline and ("gated" in r.output) != offline
-    assert not hub.requests if offline else all("config.json" in p or "/api/" in p for _, p, _ in hub.requests)
+    assert (not hub.requests if offline
+            else all("config.json" in p or "/api/" in p for _, p, _ in hub.requests))
     r = CliRunner().invoke(app, ["estimate-mem", "--model", "tiny-org/no-preset-like-it"])
     assert r.exit_code == 2 and "run `microft download tiny-org/no-preset-like-it`" in r.output, r.output
 
@@ -334,8 +343,8 @@ def test_estimate_mem_names_the_preset_when_the_config_cannot_be_fetched(hub, tm
     ("meta-llama/Llama-3.1-8B", "llama-3.1-8b"), ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b"),
     ("meta-llama/Meta-Llama-3.1-8B", "llama-3.1-8b"), ("meta-llama/Llama-3.2-1B-Instruct", "llama-3.2-1b"),
     ("Qwen/Qwen3-0.6B-Base", "qwen3-0.6b"), ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
-    ("HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2-360m"), ("mistralai/Mistral-7B-Instruct-v0.2", "mistral-7b"),
-    ("openai-community/gpt2-medium", "gpt2-medium"),
+    ("HuggingFaceTB/SmolLM2-360M-Instruct", "smollm2-360m"),
+    ("mistralai/Mistral-7B-Instruct-v0.2", "mistral-7b"), ("openai-community/gpt2-medium", "gpt2-medium"),
     ("mistralai/Mistral-7B-Instruct-v0.3", None),  # another vocabulary than the preset's
     ("meta-llama/Meta-Llama-3-8B", None), ("someone/gpt2-tiny", None), ("someone/my-model", None),
 ])

@@ -31,9 +31,9 @@ def alpaca_file(path: Path, n: int = 48, seed: int = 0) -> Path:
 
 def finetune(tmp_path: Path, *extra: str):
     data = alpaca_file(tmp_path / "data.json")
-    args = ["finetune", "--model", "gpt2-tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--micro-bs", "2",
-            "--accum", "2", "--max-steps", "4", "--eval-every", "2", "--lr", "3e-3", "--log-format", "plain",
-            "--max-seq-len", "64", *extra]
+    args = ["finetune", "--model", "gpt2-tiny", "--data", str(data), "--out", str(tmp_path / "out"),
+            "--micro-bs", "2", "--accum", "2", "--max-steps", "4", "--eval-every", "2", "--lr", "3e-3",
+            "--log-format", "plain", "--max-seq-len", "64", *extra]
     return runner.invoke(app, args)
 
 
@@ -81,7 +81,8 @@ def test_lora_finetune_keeps_base_bit_identical_and_adapters_load_for_generate_a
     # training from the LoRA run's weights would read the base beside the adapters and drop them: refused
     res = runner.invoke(app, ["finetune", "--model", str(final), "--data", str(tmp_path / "data.json"),
                               "--out", str(tmp_path / "again"), "--max-steps", "1"])
-    assert res.exit_code == 2 and "holds LoRA adapters: fold them into a model first" in res.output, res.output
+    assert res.exit_code == 2, res.output
+    assert "holds LoRA adapters: fold them into a model first" in res.output, res.output
     assert not (tmp_path / "again").exists()
     adapters_only = tmp_path / "adapters"
     adapters_only.mkdir()
@@ -108,5 +109,6 @@ def test_bad_data_is_refused_with_one_line_and_nothing_written(tmp_path, content
                               "--max-steps", "1"])
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message.lower() in lines[0].lower(), res.output
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert message.lower() in lines[0].lower(), res.output
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]

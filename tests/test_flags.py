@@ -22,7 +22,7 @@ from microft.config import BatchPlan, RunConfig, resolve_config
 from microft.data import epoch_batches
 from microft.errors import ConfigError, Interrupted
 from microft.train.loop import train
-from tests.helpers import masked_samples, run_config, tiny_model
+from tests.helpers import masked_samples, run_config, sigint_at_step, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -159,7 +159,8 @@ def test_extending_a_finished_run_keeps_its_schedule_and_says_so(tmp_path):
 
 
 def test_a_checkpoint_without_its_schedule_says_which_one_the_lr_follows(tmp_path):
-    """Checkpoints written before schedules were recorded: the lr follows the new run length, said in a line."""
+    """Checkpoints written before schedules were recorded: the lr follows the new run length, said in a
+    line."""
     samples, plan = masked_samples(32), BatchPlan(micro_bs=2, accum=2)
     cfg = run_config(tmp_path, max_steps=4)
     train(tiny_model(), samples, None, cfg, plan)
@@ -171,7 +172,8 @@ def test_a_checkpoint_without_its_schedule_says_which_one_the_lr_follows(tmp_pat
     train(tiny_model(), samples, None, cfg.model_copy(update={"resume": "auto", "max_steps": 8}), plan,
           events.append)
     notes = [e["text"] for e in events if e["kind"] == "note" and "schedule" in e["text"]]
-    assert len(notes) == 1 and "does not record its lr schedule" in notes[0] and "cosine over 8 steps" in notes[0]
+    assert len(notes) == 1
+    assert "does not record its lr schedule" in notes[0] and "cosine over 8 steps" in notes[0]
 
 
 def test_a_resume_with_the_same_flags_says_nothing_of_the_schedule(tmp_path):
@@ -179,12 +181,8 @@ def test_a_resume_with_the_same_flags_says_nothing_of_the_schedule(tmp_path):
     plan = BatchPlan(micro_bs=2, accum=2)
     cfg = run_config(tmp_path, max_steps=6, save_every=3)
 
-    def stop_at_3(e):
-        if e["kind"] == "step" and e["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(Interrupted):
-        train(tiny_model(), samples, None, cfg, plan, stop_at_3)
+        train(tiny_model(), samples, None, cfg, plan, sigint_at_step(3))
     events: list[dict] = []
     train(tiny_model(), samples, None, cfg.model_copy(update={"resume": "auto"}), plan, events.append)
     assert not [e for e in events if e["kind"] == "note" and "schedule" in e["text"]]
@@ -232,18 +230,15 @@ def test_a_flag_the_parser_refuses_is_one_line_too(monkeypatch, capsys, argv, wo
 
 def test_recipe_errors_name_the_recipe_and_its_key(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('precision = "bf16"\n')
-    with pytest.raises(ConfigError, match=rf"^recipe {recipe}: precision = 'bf16': choose .*bf16-mixed\?"):
-        resolve_config(str(recipe))
-    recipe.write_text("lora_rank = 8\n")
-    with pytest.raises(ConfigError, match="unknown key 'lora_rank' \\(did you mean 'lora_r'\\?\\)"):
-        resolve_config(str(recipe))
-    recipe.write_text('micro_bs = "x"\n')
-    with pytest.raises(ConfigError, match=r"micro_bs = 'x': must be a positive integer or 'auto'$"):
-        resolve_config(str(recipe))
-    recipe.write_text("micro_bs = 0\n")
-    with pytest.raises(ConfigError, match="^--micro-bs must be positive"):
-        resolve_config(str(recipe))
+    for text, message in [
+        ('precision = "bf16"\n', rf"^recipe {recipe}: precision = 'bf16': choose .*bf16-mixed\?"),
+        ("lora_rank = 8\n", "unknown key 'lora_rank' \\(did you mean 'lora_r'\\?\\)"),
+        ('micro_bs = "x"\n', r"micro_bs = 'x': must be a positive integer or 'auto'$"),
+        ("micro_bs = 0\n", "^--micro-bs must be positive"),
+    ]:
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            resolve_config(str(recipe))
     recipe.write_text("shuffle = false\nbeta2 = 0.98\n")  # the new keys are recipe keys too
     assert resolve_config(str(recipe)).shuffle is False and resolve_config(str(recipe)).beta2 == 0.98
 
@@ -319,7 +314,8 @@ def test_an_interrupt_that_c_code_swallowed_still_stops_the_run_with_nothing_wri
 
 def test_sigint_at_any_moment_of_start_up_exits_130_and_writes_nothing(tmp_path):
     """A real `python -m microft finetune`, interrupted at several moments of its start-up (imports, model and
-    data loading, the banner): exit 130, `interrupted …` on stderr and no traceback, `--out` never created."""
+    data loading, the banner): exit 130, `interrupted …` on stderr and no traceback, `--out` never
+    created."""
     data = alpaca(tmp_path / "d.json", 200)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Python's own start-up (the site module) runs before any code of ours can handle a signal: begin after it

@@ -88,25 +88,33 @@ def test_directory_sorted_and_filtered(tmp_path):
 # ------------------------------------------------------------------ errors
 
 BAD_CASES = {
-    "broken_jsonl": ("d.jsonl", jsonl(ALPACA[:1]) + '{"instruction": "x", "output": \n', "line 2: invalid JSON"),
-    "broken_array": ("d.json", '[{"instruction": "x",\n "output": "y"},\n {"instruction" "z"}]', "line 3 column"),
-    "missing_key": ("d.json", json.dumps([ALPACA[0], {"instruction": "x"}]), "record 1: missing key 'output'"),
+    "broken_jsonl": ("d.jsonl", jsonl(ALPACA[:1]) + '{"instruction": "x", "output": \n',
+                     "line 2: invalid JSON"),
+    "broken_array": ("d.json", '[{"instruction": "x",\n "output": "y"},\n {"instruction" "z"}]',
+                     "line 3 column"),
+    "missing_key": ("d.json", json.dumps([ALPACA[0], {"instruction": "x"}]),
+                    "record 1: missing key 'output'"),
     "wrong_type": ("d.jsonl", jsonl([ALPACA[0], {"instruction": "x", "output": 5}]),
                    "line 2: 'output' must be a string, got number"),
     "input_type": ("d.jsonl", jsonl([{"instruction": "x", "input": ["a"], "output": "y"}]),
                    "line 1: 'input' must be a string, got array"),
-    "not_object": ("d.json", json.dumps([ALPACA[0], "text"]), "record 1: a record must be a JSON object, got string"),
+    "not_object": ("d.json", json.dumps([ALPACA[0], "text"]),
+                   "record 1: a record must be a JSON object, got string"),
     "unknown_format": ("d.jsonl", jsonl([{"text": "hello"}]), "line 1: expected 'instruction' and 'output'"),
     "empty_output": ("d.jsonl", jsonl([{"instruction": "x", "output": "  "}]), "line 1: 'output' is empty"),
-    "bad_weight": ("d.jsonl", jsonl([{**ALPACA[0], "weight": -1}]), "line 1: 'weight' must be a positive number"),
+    "bad_weight": ("d.jsonl", jsonl([{**ALPACA[0], "weight": -1}]),
+                   "line 1: 'weight' must be a positive number"),
     "bool_weight": ("d.jsonl", jsonl([{**ALPACA[0], "weight": True}]), "got boolean"),
-    "bad_role": ("c.jsonl", jsonl([{"messages": [{"role": "bot", "content": "x"}]}]), "line 1: messages[0]: unknown role 'bot'"),
+    "bad_role": ("c.jsonl", jsonl([{"messages": [{"role": "bot", "content": "x"}]}]),
+                 "line 1: messages[0]: unknown role 'bot'"),
     "no_content": ("c.jsonl", jsonl([{"messages": [{"role": "user"}]}]), "missing key messages[0].'content'"),
-    "ends_with_user": ("c.jsonl", jsonl([{"messages": CHAT["messages"][:4]}]), "last message must be from the assistant"),
+    "ends_with_user": ("c.jsonl", jsonl([{"messages": CHAT["messages"][:4]}]),
+                       "last message must be from the assistant"),
     "empty_messages": ("c.jsonl", jsonl([{"messages": []}]), "'messages' must be a non-empty array"),
     "non_utf8_jsonl": ("d.jsonl", jsonl(ALPACA).encode() + b'{"instruction": "\xff", "output": "y"}\n',
                        "line 3: not valid UTF-8 (byte 0xff at column 18)"),
-    "non_utf8_array": ("d.json", b'[\n{"instruction": "a", "output": "\xe9t\xe9"}]', "line 2: not valid UTF-8 (byte 0xe9"),
+    "non_utf8_array": ("d.json", b'[\n{"instruction": "a", "output": "\xe9t\xe9"}]',
+                       "line 2: not valid UTF-8 (byte 0xe9"),
     "empty_file": ("d.jsonl", "", "file is empty"),
     "blank_file": ("d.json", " \n\n ", "file is empty"),
     "empty_array": ("d.json", "[]", "the JSON array is empty"),
@@ -188,10 +196,12 @@ def test_plain_and_chatml_prompts():
 
 
 def test_template_file_toml_and_json(tmp_path):
-    p = write(tmp_path / "qa.toml", 'prompt = "Q: {instruction}\\nC: {input}\\nA:"\nprompt_no_input = "Q: {instruction}\\nA:"\n'
+    p = write(tmp_path / "qa.toml", 'prompt = "Q: {instruction}\\nC: {input}\\nA:"\n'
+                                     'prompt_no_input = "Q: {instruction}\\nA:"\n'
                                      'turn = "<{role}> {content}\\n"\n[roles]\nassistant = "bot"\n')
     t = load_template(str(p))
-    assert t.name == "qa" and t.render_prompt("x") == "Q: x\nA:" and t.render_prompt("x", "y") == "Q: x\nC: y\nA:"
+    assert t.name == "qa" and t.render_prompt("x") == "Q: x\nA:"
+    assert t.render_prompt("x", "y") == "Q: x\nC: y\nA:"
     segs = t.chat_segments([("user", "hi"), ("assistant", "yo")])
     assert segs == [("<user> hi\n<bot> ", False), ("yo\n", True)]
     j = write(tmp_path / "t.json", json.dumps({"prompt": "{instruction} {input} =>"}))

@@ -97,7 +97,8 @@ def test_bf16_never_goes_to_onednn_where_it_cannot_run_bf16(monkeypatch, autocas
     monkeypatch.setattr(L, "_ONEDNN_BF16", False)
     monkeypatch.setattr(L, "_ONEDNN_DTYPES", L._ONEDNN_DTYPES - {torch.bfloat16})
     calls = []
-    monkeypatch.setattr(L, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].dtype) or pytest.fail("oneDNN called"))
+    monkeypatch.setattr(L, "_ONEDNN_LINEAR",
+                        lambda *a: calls.append(a[0].dtype) or pytest.fail("oneDNN called"))
     torch.manual_seed(0)
     dt = torch.float32 if autocast else torch.bfloat16
     x, w = torch.randn(2, 40, 256, dtype=dt), (torch.randn(288, 256) / 16).to(dt)
@@ -133,8 +134,10 @@ def test_the_onednn_isa_cap_is_read_from_either_name():
     from microft.models.precision import onednn_isa_without_bf16
 
     assert onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "avx2"})
-    assert onednn_isa_without_bf16({"DNNL_MAX_CPU_ISA": "AVX512_CORE"})  # AVX-512 without its bf16 instructions
-    assert onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "ALL"})  # the new name wins
+    # AVX-512 without its bf16 instructions
+    assert onednn_isa_without_bf16({"DNNL_MAX_CPU_ISA": "AVX512_CORE"})
+    # the new name wins
+    assert onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "ALL"})
     assert not onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})
     assert not onednn_isa_without_bf16({"ONEDNN_MAX_CPU_ISA": "ALL"}) and not onednn_isa_without_bf16({})
 
@@ -236,7 +239,8 @@ def test_autocast_linear_on_an_emulating_cpu_casts_then_runs_in_fp32(monkeypatch
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = L.linear(x, w, b)
     y.float().sum().backward()
-    ref = torch.nn.functional.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float()).bfloat16()
+    ref = torch.nn.functional.linear(x.bfloat16().float(), w.bfloat16().float(),
+                                     b.bfloat16().float()).bfloat16()
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), rtol=BF16_ULP, atol=1e-2)
     assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
@@ -254,12 +258,16 @@ def test_bf16_mm_and_addmm_match_the_fp32_product_rounded(monkeypatch):
     a, b = torch.randn(96, 64).bfloat16(), torch.randn(64, 80).bfloat16()
     assert torch.equal(L.mm(a, b), (a.float() @ b.float()).bfloat16())
     assert torch.equal(L.mm(a.t().contiguous().t(), b), L.mm(a, b))  # any layout, the same product
-    monkeypatch.setattr(L, "MM_SLICE_ELEMS", 64 * 7)  # a large b, widened in slices: columns, then summed rows
-    torch.testing.assert_close(L.mm(a, b).float(), (a.float() @ b.float()).bfloat16().float(), rtol=2**-7, atol=0)
+    # a large b, widened in slices: columns, then summed rows
+    monkeypatch.setattr(L, "MM_SLICE_ELEMS", 64 * 7)
+    torch.testing.assert_close(L.mm(a, b).float(), (a.float() @ b.float()).bfloat16().float(), rtol=2**-7,
+                               atol=0)
     tall = torch.randn(300, 20).bfloat16()
     g = torch.randn(96, 300).bfloat16()
-    torch.testing.assert_close(L.mm(g, tall).float(), (g.float() @ tall.float()).bfloat16().float(), rtol=2**-7, atol=0)
-    assert torch.equal(L.mm(g.t(), a[:, :20]), (g.t().float() @ a[:, :20].float()).bfloat16())  # rows of a tall output
+    torch.testing.assert_close(L.mm(g, tall).float(), (g.float() @ tall.float()).bfloat16().float(),
+                               rtol=2**-7, atol=0)
+    # rows of a tall output
+    assert torch.equal(L.mm(g.t(), a[:, :20]), (g.t().float() @ a[:, :20].float()).bfloat16())
     acc = torch.randn(96, 80).bfloat16()
     want = torch.addmm(acc.float(), a.float(), b.float()).bfloat16()
     whole = L.addmm_(acc.clone(), a, b)

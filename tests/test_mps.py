@@ -31,13 +31,15 @@ def _forbidden(name):
 def mac(monkeypatch):
     """An Apple-silicon Mac as torch sees it: MPS available, macOS 14, 16 GiB, no CUDA at all."""
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (14, 0) >= (major, minor))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer",
+                        lambda major, minor: (14, 0) >= (major, minor))
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 11 * GiB, raising=False)
     monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 123)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 456)
-    for name in ("is_available", "device_count", "get_device_capability", "get_device_properties", "get_device_name",
-                 "max_memory_allocated", "max_memory_reserved", "synchronize", "empty_cache", "set_device",
-                 "get_rng_state_all", "set_rng_state_all", "current_device", "mem_get_info"):
+    for name in ("is_available", "device_count", "get_device_capability", "get_device_properties",
+                 "get_device_name", "max_memory_allocated", "max_memory_reserved", "synchronize",
+                 "empty_cache", "set_device", "get_rng_state_all", "set_rng_state_all", "current_device",
+                 "mem_get_info"):
         monkeypatch.setattr(torch.cuda, name, _forbidden(name))
     monkeypatch.setattr(torch.Tensor, "pin_memory", _forbidden("pin_memory"))
     monkeypatch.setattr(torch.Tensor, "cuda", _forbidden("Tensor.cuda"))
@@ -83,8 +85,9 @@ def test_the_training_step_on_the_mps_path_makes_no_cuda_call(mac):
         model = tiny_model()
         samples = masked_samples(8, seed=1)
         cfg = run_config("/nonexistent", max_steps=1, packing=precision == "fp32", max_seq_len=64)
-        run = SimpleNamespace(cfg=cfg, train_set=samples, model=model, lengths=[sample_length(s) for s in samples],
-                              dist=SimpleNamespace(rank=0), device=device, objective=None)
+        run = SimpleNamespace(cfg=cfg, train_set=samples, model=model,
+                              lengths=[sample_length(s) for s in samples], dist=SimpleNamespace(rank=0),
+                              device=device, objective=None)
         batches, step_idx = batch_builder(run)(0, BatchPlan(micro_bs=2, accum=4))  # no pinning off CUDA
         autocast, scaler = step.autocast_context(precision, device), step.make_scaler(precision, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -3,9 +3,6 @@ sample, so loss and gradients equal the unpacked batch's; the step's samples nev
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 import torch
 
@@ -22,7 +19,7 @@ from microft.models.transformer import (
     set_grad_checkpointing,
 )
 from microft.train.loop import step_batches, train
-from tests.helpers import TINY, flat_params, masked_samples, run_config, tiny_model
+from tests.helpers import TINY, flat_params, masked_samples, run_config, sigint_at_step, tiny_model
 
 LLAMA = ModelConfig.from_preset("llama-tiny")
 SWA = ModelConfig.from_preset("mistral-tiny").model_copy(update={"sliding_window": 8})
@@ -75,7 +72,8 @@ def test_packed_segments_are_each_rows_sample_lengths():
 
 
 def test_per_sample_attention_in_bf16_equals_the_masked_call():
-    """bf16 on a CPU: short samples take the plain-op attention, as unpacked rows do; same values as the mask."""
+    """bf16 on a CPU: short samples take the plain-op attention, as unpacked rows do; same values as the
+    mask."""
     torch.manual_seed(0)
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]])
     model = Transformer(LLAMA).to(torch.bfloat16)
@@ -147,13 +145,9 @@ def test_packed_resume_after_sigint_matches_an_uninterrupted_run(tmp_path):
     ref_model, ref_loss = _train(tmp_path / "ref", samples, 2, 2, steps=6)
     out = tmp_path / "cut"
 
-    def interrupt_at_3(e):
-        if e["kind"] == "step" and e["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
     cfg = run_config(out, max_steps=6, packing=True, max_seq_len=64)
     with pytest.raises(Interrupted):
-        train(tiny_model(), samples, None, cfg, BatchPlan(micro_bs=2, accum=2), interrupt_at_3)
+        train(tiny_model(), samples, None, cfg, BatchPlan(micro_bs=2, accum=2), sigint_at_step(3))
     resumed = tiny_model(seed=99)
     events: list[dict] = []
     train(resumed, samples, None, cfg.model_copy(update={"resume": "auto"}), BatchPlan(micro_bs=2, accum=2),

@@ -18,14 +18,16 @@ def _fresh_peaks(monkeypatch):
 def test_probe_measures_sustained_large_matmuls(monkeypatch):
     seen = []
 
-    def fast(n, dtype, device_type, seconds, engine):  # 1 PFLOP/s: every shape is cheap, so every shape is probed
+    # 1 PFLOP/s: every shape is cheap, so every shape is probed
+    def fast(n, dtype, device_type, seconds, engine):
         seen.append((n, dtype, seconds, engine))
         return 1e15
 
     monkeypatch.setattr(perf, "_sustained_rate", fast)
     assert perf.probe_peak_flops("cpu", "float32", seconds=3.0) == 1e15
     engines = perf.probe_engines("cpu", torch.float32)
-    assert [(n, e) for n, _, _, e in seen] == [(n, e) for n in sorted(perf.PROBE_SHAPES["cpu"]) for e in engines]
+    assert [(n, e) for n, _, _, e in seen] == [(n, e) for n in sorted(perf.PROBE_SHAPES["cpu"])
+                                                for e in engines]
     assert all(d == torch.float32 for _, d, _, _ in seen)
     assert abs(sum(s for _, _, s, _ in seen) - 3.0) < 1e-9
 
@@ -142,7 +144,8 @@ def test_mfu_of_a_run_is_never_above_100_percent(monkeypatch, tmp_path):
     (tmp_path / "cache" / "peak-flops.json").write_text(json.dumps({key: 1e3}))
     monkeypatch.setattr(perf, "probe_peak_flops", lambda d, t, s: 2e3)
     cfg = run_config(tmp_path / "out", max_steps=2, precision="fp32")
-    summary = train(tiny_model(), masked_samples(8, seed=1), None, cfg, BatchPlan(micro_bs=2, accum=1), lambda e: None)
+    summary = train(tiny_model(), masked_samples(8, seed=1), None, cfg, BatchPlan(micro_bs=2, accum=1),
+                    lambda e: None)
     assert 0 < summary["mfu"] <= 1.0 and summary["peak_flops"] > 2e3
     assert "this run's own rate" in summary["peak_flops_source"]
     assert json.loads((tmp_path / "cache" / "peak-flops.json").read_text())[key] == summary["peak_flops"]

@@ -21,8 +21,8 @@ PRECISIONS = ["fp32", "bf16-mixed", "bf16-true", "fp16-mixed"]
 
 
 def _finetune(data, out, precision: str, steps: int, *extra: str):
-    args = ["finetune", "--model", "gpt2-mini", "--data", str(data), "--precision", precision, "--micro-bs", "2",
-            "--global-bs", "2", "--max-steps", str(steps), "--max-seq-len", "64", "--eval-every", "1",
+    args = ["finetune", "--model", "gpt2-mini", "--data", str(data), "--precision", precision, "--micro-bs",
+            "2", "--global-bs", "2", "--max-steps", str(steps), "--max-seq-len", "64", "--eval-every", "1",
             "--log-format", "plain", "--out", str(out), *extra]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output

@@ -4,8 +4,6 @@ bit-exactly, merge and generate from the record, 8-bit AdamW in the loop, and th
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from microft.models.load import load_model, save_model
 from microft.quant import NF4Linear, dequantize_model_, nf4_meta_blocks_, quantize_blocks_
 from microft.runs import load_any, load_quantized
 from microft.train.loop import train
-from tests.helpers import masked_samples, run_config
+from tests.helpers import masked_samples, run_config, sigint_at_step
 
 runner = CliRunner()
 
@@ -41,7 +39,8 @@ def test_quantize_while_loading_equals_quantizing_the_loaded_model(tmp_path):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-        assert a.head_weight.dtype == torch.float32 and not isinstance(a.wte, NF4Linear)  # head, embeddings stay
+        # head, embeddings stay
+        assert a.head_weight.dtype == torch.float32 and not isinstance(a.wte, NF4Linear)
 
 
 def test_lora_grads_on_nf4_base_equal_grads_on_the_dequantized_base():
@@ -54,7 +53,8 @@ def test_lora_grads_on_nf4_base_equal_grads_on_the_dequantized_base():
                         strict=False)
     for name, m in q.named_modules():
         if isinstance(m, NF4Linear):
-            ref.get_submodule(name.removesuffix(".base_layer")).weight.data.copy_(m.weight.dequantize(torch.float32))
+            full = m.weight.dequantize(torch.float32)
+            ref.get_submodule(name.removesuffix(".base_layer")).weight.data.copy_(full)
     apply_lora(ref, 4, 8.0, 0.0, "all")
     ref.load_state_dict({k: v for k, v in q.state_dict().items() if "lora_" in k}, strict=False)
     x = torch.randint(0, 500, (2, 24))
@@ -76,18 +76,15 @@ def test_qlora_with_adamw_8bit_resumes_bit_exactly_after_sigint(tmp_path):
     train(ref, samples, val, run_config(tmp_path / "ref", **kw), plan, ref_events.append)
     ref_losses = [e["loss"] for e in ref_events if e["kind"] == "step"]
     ckpt = tmp_path / "ref" / "checkpoints" / "step-0000006"
+    # no base weights
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                       "quantization.json", "train_state.pt"]  # no base weights
+                                                       "quantization.json", "train_state.pt"]
 
     out = tmp_path / "cut"
     cfg = run_config(out, **kw)
 
-    def interrupt_at_3(e):
-        if e["kind"] == "step" and e["step"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(Interrupted):
-        train(qlora_model(), samples, val, cfg, plan, interrupt_at_3)
+        train(qlora_model(), samples, val, cfg, plan, sigint_at_step(3))
     events: list[dict] = []
     resumed = qlora_model()
     with torch.no_grad():  # the adapters must come from the checkpoint
@@ -98,7 +95,8 @@ def test_qlora_with_adamw_8bit_resumes_bit_exactly_after_sigint(tmp_path):
     sr, sq = ref.state_dict(), resumed.state_dict()
     assert all(torch.equal(sr[k], sq[k]) for k in sr)
     a = torch.load(ckpt / "train_state.pt", weights_only=False)["optimizer"]["state"]
-    b = torch.load(out / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)["optimizer"]["state"]
+    b = torch.load(out / "checkpoints" / "step-0000006" / "train_state.pt",
+                   weights_only=False)["optimizer"]["state"]
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i] if torch.is_tensor(a[i][k]))
 
 
@@ -106,8 +104,8 @@ def test_qlora_finetune_of_a_tiny_llama_learns(tmp_path):
     samples = masked_samples(64, seed=5, vocab=16)  # a small vocabulary: learnable in a few steps
     val = masked_samples(16, seed=6, vocab=16)
     events: list[dict] = []
-    train(qlora_model(), samples, val, run_config(tmp_path, max_steps=8, lr=2e-2, lora=True, quantize="nf4",
-                                                  eval_every=4), BatchPlan(micro_bs=4, accum=1), events.append)
+    cfg = run_config(tmp_path, max_steps=8, lr=2e-2, lora=True, quantize="nf4", eval_every=4)
+    train(qlora_model(), samples, val, cfg, BatchPlan(micro_bs=4, accum=1), events.append)
     vals = [e["val_loss"] for e in events if e.get("kind") == "eval"]
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.1  # at step 0, 4 and 8
 
@@ -156,15 +154,15 @@ def test_model_without_block_linears_is_refused():
 def test_bad_quantize_flags_are_one_line_exit_2(tmp_path, extra, message):
     data = tmp_path / "d.json"
     data.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 4))
-    r = runner.invoke(app, ["finetune", "--model", "gpt2-tiny", "--data", str(data), "--out", str(tmp_path / "o"),
-                            "--max-steps", "1", *extra])
+    r = runner.invoke(app, ["finetune", "--model", "gpt2-tiny", "--data", str(data), "--out",
+                            str(tmp_path / "o"), "--max-steps", "1", *extra])
     assert r.exit_code == 2, r.output
     assert message in r.output and "Traceback" not in r.output and not (tmp_path / "o").exists()
 
 
 def test_planner_reaches_qlora_for_an_8b_model_on_an_18gb_card():
-    r = runner.invoke(app, ["estimate-mem", "--model", "llama-3.1-8b", "--global-bs", "8", "--gpu-mem", "18GB",
-                            "--seq-len", "1024"])
+    r = runner.invoke(app, ["estimate-mem", "--model", "llama-3.1-8b", "--global-bs", "8", "--gpu-mem",
+                            "18GB", "--seq-len", "1024"])
     assert r.exit_code == 4, r.output  # 4: the settings as given do not fit, the recommended plan does
     text = " ".join(r.output.split())
     assert "+ LoRA r=8: no → + QLoRA (nf4): micro-bs" in text  # the run's rank: --lora-r's default
@@ -172,7 +170,8 @@ def test_planner_reaches_qlora_for_an_8b_model_on_an_18gb_card():
     assert "8-bit AdamW + LoRA r=8 - - " in text and "8-bit AdamW + QLoRA (nf4) r=8 8 1 " in text
 
 
-@pytest.mark.parametrize("spec,double_quant", [("gpt2-tiny", False), ("gpt2-tiny", True), ("qwen2-tiny", True)])
+@pytest.mark.parametrize("spec,double_quant",
+                         [("gpt2-tiny", False), ("gpt2-tiny", True), ("qwen2-tiny", True)])
 def test_estimate_counts_nf4_weights_as_the_real_model_holds_them(spec, double_quant):
     """To the byte: every storage of the real QLoRA model (NF4 codes and scales, each its own buffer, biases,
     adapters, embeddings, norms) rounded as the CUDA allocator rounds it. (The "1 KiB gap on gpt2-tiny" seen
@@ -182,8 +181,8 @@ def test_estimate_counts_nf4_weights_as_the_real_model_holds_them(spec, double_q
     from microft.memory.sim import cuda_bytes
 
     arch = load_shape(spec)
-    cfg = RunConfig(model=spec, lora=True, lora_targets="all", lora_r=4, quantize="nf4", double_quant=double_quant,
-                    max_seq_len=16)
+    cfg = RunConfig(model=spec, lora=True, lora_targets="all", lora_r=4, quantize="nf4",
+                    double_quant=double_quant, max_seq_len=16)
     est = estimate(arch, setup_for(cfg, arch, 1))
     real = load_quantized(spec, "nf4", double_quant, seed=0)
     apply_lora(real, 4, 8.0, 0.0, "all")
@@ -197,7 +196,8 @@ def test_estimate_counts_nf4_weights_as_the_real_model_holds_them(spec, double_q
 
 def test_a_trace_leaves_the_dynamic_map_real():
     """The 8-bit map is cached per process; computed first under the trace's fake tensors it must still be
-    real values (fake tensors read back as placeholders), or every later quantization in the process breaks."""
+    real values (fake tensors read back as placeholders), or every later quantization in the process
+    breaks."""
     from microft.config import RunConfig
     from microft.memory.estimate import load_shape, setup_for, trace
     from microft.quant import _dynamic_map_values, dynamic_map
@@ -205,7 +205,8 @@ def test_a_trace_leaves_the_dynamic_map_real():
     want = dynamic_map(True).clone(), dynamic_map(False).clone()
     _dynamic_map_values.cache_clear()
     arch = load_shape("llama-tiny")
-    cfg = RunConfig(lora=True, lora_r=64, quantize="nf4", double_quant=True, optimizer="adamw-8bit", max_seq_len=8)
+    cfg = RunConfig(lora=True, lora_r=64, quantize="nf4", double_quant=True, optimizer="adamw-8bit",
+                    max_seq_len=8)
     trace(arch, setup_for(cfg, arch, 1))
     assert torch.equal(dynamic_map(True), want[0]) and torch.equal(dynamic_map(False), want[1])
     assert len(set(dynamic_map(True).tolist())) == 256

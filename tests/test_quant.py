@@ -1,4 +1,5 @@
-"""NF4: codes against a naive nearest-level reference, error bounds, NF4Linear against F.linear, fake/meta, state dicts."""
+"""NF4: codes against a naive nearest-level reference, error bounds, NF4Linear against F.linear, fake/meta,
+state dicts."""
 
 import importlib.util
 
@@ -23,7 +24,8 @@ from microft.quant import (
 )
 
 LEVELS64 = torch.tensor(NF4_LEVELS, dtype=torch.float64)
-MIDS32 = ((LEVELS64[:-1] + LEVELS64[1:]) / 2).float()  # the tie points, rounded to fp32 as the CUDA pivots are
+# the tie points, rounded to fp32 as the CUDA pivots are
+MIDS32 = ((LEVELS64[:-1] + LEVELS64[1:]) / 2).float()
 
 
 def unpack(codes: torch.Tensor, numel: int) -> torch.Tensor:
@@ -38,7 +40,8 @@ def reference_codes(w: torch.Tensor, block: int = 64) -> torch.Tensor:
     x = F.pad(flat, (0, -flat.numel() % block)).view(-1, block)
     absmax = x.abs().amax(1, keepdim=True)
     inv = 1 / absmax
-    scaled = x * inv if torch.isfinite(inv).all() else x / absmax  # documented: divide where 1/absmax overflows
+    # documented: divide where 1/absmax overflows
+    scaled = x * inv if torch.isfinite(inv).all() else x / absmax
     scaled = torch.where(absmax > 0, scaled, torch.zeros_like(x)).reshape(-1)
     ref = (scaled.double()[:, None] - LEVELS64).abs().argmin(1)  # argmin: the first (lower) level on a tie
     on_mid = scaled[:, None] == MIDS32
@@ -68,7 +71,8 @@ def test_constants_are_the_published_ones():
     assert len(NF4_LEVELS) == 16 and sorted(NF4_LEVELS) == list(NF4_LEVELS)
     assert torch.equal(torch.tensor(NF4_PIVOTS, dtype=torch.float32), MIDS32)
     code = dynamic_map(signed=True)
-    assert code.numel() == 256 and code[-1] == 1.0 and (code == 0).sum() == 1 and torch.all(code[1:] > code[:-1])
+    assert code.numel() == 256 and code[-1] == 1.0 and (code == 0).sum() == 1
+    assert torch.all(code[1:] > code[:-1])
 
 
 @pytest.mark.parametrize("case", list(adversarial_blocks()))
@@ -102,7 +106,8 @@ def test_dequantization_error_bounded():
     half_gap = (LEVELS64[1:] - LEVELS64[:-1]).max().item() / 2
     for dq in (False, True):
         d = quantize_nf4(w, double_quant=dq).dequantize(torch.float32).reshape(-1, 64)
-        stored = d.abs().amax(1, keepdim=True)  # each block's largest value sits on level +-1: the absmax used
+        # each block's largest value sits on level +-1: the absmax used
+        stored = d.abs().amax(1, keepdim=True)
         assert dq or torch.equal(stored, absmax)
         # d - w = (level - w/absmax) * absmax + level * (stored - absmax)
         bound = absmax * half_gap + (stored - absmax).abs()
@@ -135,7 +140,8 @@ def test_forward_equals_linear_on_dequantized(dtype, double_quant):
     x = torch.randn(3, 5, 96, dtype=dtype)
     w = m.weight.dequantize(dtype)
     assert torch.equal(m(x), linear(x, w, m.bias))  # microft's linear: F.linear, bf16 via fp32 where emulated
-    assert m.weight_absmax.dtype == (torch.uint8 if double_quant else torch.float32)  # .to(bf16) kept fp32 scales
+    # .to(bf16) kept fp32 scales
+    assert m.weight_absmax.dtype == (torch.uint8 if double_quant else torch.float32)
 
 
 def test_forward_under_autocast():
@@ -173,7 +179,8 @@ def test_backward_saves_no_dequantized_weight():
     x = torch.randn(4, 96, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = m(x)
-    assert all(t.dtype == torch.uint8 or t.numel() < 96 * 80 / 32 for t in saved), [(t.dtype, t.shape) for t in saved]
+    assert all(t.dtype == torch.uint8 or t.numel() < 96 * 80 / 32 for t in saved), \
+        [(t.dtype, t.shape) for t in saved]
     y.sum().backward()
     assert x.grad is not None
 
@@ -198,7 +205,8 @@ def test_fake_tensor_mode_and_meta():
 def test_state_dict_round_trip_and_load_hook(double_quant):
     lin, m = make_layer(double_quant=double_quant)
     sd = m.state_dict()
-    assert set(sd) == {"bias", "weight_nf4", "weight_absmax"} | ({"weight_absmax2", "weight_offset"} if double_quant else set())
+    assert set(sd) == ({"bias", "weight_nf4", "weight_absmax"}
+                       | ({"weight_absmax2", "weight_offset"} if double_quant else set()))
     fresh = NF4Linear(96, 80, double_quant=double_quant)
     fresh.load_state_dict(sd)
     x = torch.randn(3, 96)
@@ -209,7 +217,8 @@ def test_state_dict_round_trip_and_load_hook(double_quant):
         lazy.load_state_dict({name: t}, strict=False, assign=True)
     assert torch.equal(lazy(x), m(x))
     entries = quantize_tensor_for_load("h.0.fc.weight", lin.weight, double_quant=double_quant)
-    assert all(k.startswith("h.0.fc.weight_") for k in entries) and torch.equal(entries["h.0.fc.weight_nf4"], sd["weight_nf4"])
+    assert all(k.startswith("h.0.fc.weight_") for k in entries)
+    assert torch.equal(entries["h.0.fc.weight_nf4"], sd["weight_nf4"])
 
 
 def test_quantize_model_in_place():
@@ -236,7 +245,8 @@ def test_bitsandbytes_reads_our_codes(double_quant):
     w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
     q = quantize_nf4(w, double_quant=double_quant)
     ours = q.dequantize()
-    theirs_codes, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    theirs_codes, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                             compress_statistics=double_quant)
     assert torch.equal(theirs_codes.view(-1), q.codes)
     if double_quant:
         assert torch.equal(state.state2.code, dynamic_map(True, "cuda"))

@@ -34,6 +34,7 @@ def test_readme_estimates_match_the_tool():
         res = CliRunner().invoke(app, [*args, "--json"])
         assert res.exit_code == 0, res.output
         d = json.loads(res.output)
-        assert fmt_bytes(d["peak_bytes"]) == size, f"README says {size} for {args}; the tool says {fmt_bytes(d['peak_bytes'])}"
+        got = fmt_bytes(d["peak_bytes"])
+        assert got == size, f"README says {size} for {args}; the tool says {got}"
         if phase:
             assert d["peak_phase"] == phase, (phase, d["peak_phase"])

@@ -62,8 +62,10 @@ def test_lock_holds_pid_host_and_time_refuses_a_live_owner_and_is_released(tmp_p
 def test_a_live_owner_from_another_process_is_refused_by_owned_out(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        (tmp_path / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(), "started": "t"}))
-        with pytest.raises(ConfigError, match=f"pid {sleeper.pid}"), owned_out(run_config(tmp_path), lambda e: None):
+        (tmp_path / LOCK).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
+                                                 "started": "t"}))
+        with pytest.raises(ConfigError, match=f"pid {sleeper.pid}"), \
+                owned_out(run_config(tmp_path), lambda e: None):
             pass
         assert json.loads((tmp_path / LOCK).read_text())["pid"] == sleeper.pid  # not taken from its owner
     finally:
@@ -72,7 +74,8 @@ def test_a_live_owner_from_another_process_is_refused_by_owned_out(tmp_path):
 
 
 def test_a_dead_processs_lock_is_reclaimed_with_a_note_and_released_after(tmp_path):
-    (tmp_path / LOCK).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "started": "t"}))
+    (tmp_path / LOCK).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(),
+                                             "started": "t"}))
     events: list[dict] = []
     with owned_out(run_config(tmp_path), events.append):
         assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
@@ -83,9 +86,10 @@ def test_a_dead_processs_lock_is_reclaimed_with_a_note_and_released_after(tmp_pa
 def test_a_second_cli_run_into_a_busy_out_is_refused_naming_the_owner(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from microft.train.outdir import owned_out; from tests.helpers "
-         "import run_config\nwith owned_out(run_config(sys.argv[1]), print):\n print('held', flush=True); "
-         "time.sleep(60)", str(tmp_path / "out")], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        [sys.executable, "-c", "import sys, time; from microft.train.outdir import owned_out; from "
+         "tests.helpers import run_config\nwith owned_out(run_config(sys.argv[1]), print):\n print('held', "
+         "flush=True); time.sleep(60)", str(tmp_path / "out")], stdout=subprocess.PIPE, text=True, env=env,
+         cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = subprocess.run([sys.executable, "-m", "microft", "finetune", "--model", "gpt2-tiny", "--out",
@@ -140,7 +144,8 @@ def test_a_read_only_mount_is_one_line(tmp_path):
     if not _mount_tmpfs(ro, "size=1m,ro"):
         pytest.skip("cannot mount a tmpfs here")
     try:
-        with pytest.raises(ConfigError, match="Read-only file system"), owned_out(run_config(ro / "x"), print):
+        with pytest.raises(ConfigError, match="Read-only file system"), \
+                owned_out(run_config(ro / "x"), print):
             pass
         with pytest.raises(ConfigError, match="Read-only file system"), owned_out(run_config(ro), print):
             pass
@@ -190,7 +195,8 @@ def test_resume_after_a_torn_metrics_line_drops_it_with_a_note(tmp_path):
 
 
 def test_resume_auto_without_a_checkpoint_starts_metrics_afresh(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')  # a run stopped before its first save
+    # a run stopped before its first save
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     _train(tmp_path, tmp_path, max_steps=2, resume="auto")
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
@@ -208,7 +214,8 @@ def test_disk_full_while_saving_is_one_line_naming_the_last_good_checkpoint(tmp_
         real(directory, state)
 
     monkeypatch.setattr(checkpoint, "save_train_state", fill)
-    with pytest.raises(TrainingError, match=r"disk full while saving step 3; the last good checkpoint is .*step-0000002"):
+    with pytest.raises(TrainingError, match=r"disk full while saving step 3; the last good checkpoint is "
+                                            r".*step-0000002"):
         _train(tmp_path, tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000001", "step-0000002"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -249,7 +256,8 @@ def test_non_finite_and_out_of_range_options_are_refused_up_front(flags, message
 
 
 def test_fp16_scaler_skipping_every_step_stops_with_exit_1_and_no_final(tmp_path):
-    with pytest.raises(TrainingError, match=r"skipped 3 steps in a row \(steps \d+-\d+; loss nan, scale ") as e:
+    with pytest.raises(TrainingError,
+                       match=r"skipped 3 steps in a row \(steps \d+-\d+; loss nan, scale ") as e:
         _train(tmp_path, tmp_path, precision="fp16-mixed", lr=1e30, max_steps=8, save_every=0)
     assert e.value.exit_code == 1 and not (tmp_path / "final").exists()
 
@@ -294,9 +302,10 @@ def test_cli_bad_inputs_are_one_line_exit_2(tmp_path):
     for args in (["finetune", "--out", str(tmp_path / "f"), "--lr", "1e-3", "--data", str(tmp_path / "f")],
                  ["finetune", "--lr", "nan", "--data", str(tmp_path / "f")],
                  ["estimate-mem", "--model", "gpt2-tiny", "--gpu-mem", "1.5"]):
-        proc = subprocess.run([sys.executable, "-m", "microft", *args], capture_output=True, text=True, env=env,
-                              cwd=ROOT, timeout=120)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "microft", *args], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
 
 
 # --- resuming into a changed run, and what --resume auto may replace ---------------------------------------
@@ -340,17 +349,19 @@ def test_export_and_merge_refuse_an_out_they_cannot_write_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="not empty; pass --force"):
         check_written_dir(tmp_path / "full", force=False)
     check_written_dir(tmp_path / "full", force=True)
-    with pytest.raises(ConfigError, match="cannot write --out .*: Permission denied"), writing(tmp_path / "ro"):
+    with pytest.raises(ConfigError, match="cannot write --out .*: Permission denied"), \
+            writing(tmp_path / "ro"):
         raise PermissionError(13, "Permission denied")
     assert (tmp_path / "f").read_text() == "precious"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")  # --out is checked before anything is read
+    # --out is checked before anything is read
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     for cmd in ("export", "merge"):
         for out in (tmp_path / "f", tmp_path / "f" / "sub"):
             model = str(tmp_path / "adapter")
             proc = subprocess.run([sys.executable, "-m", "microft", cmd, "--model", model, "--out", str(out)],
                                   capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-            assert proc.returncode == 2 and proc.stderr.startswith("error: --out ") and proc.stderr.count("\n") == 1, \
-                proc.stderr
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.startswith("error: --out ") and proc.stderr.count("\n") == 1, proc.stderr
     assert (tmp_path / "f").read_text() == "precious"

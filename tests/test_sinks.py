@@ -32,8 +32,9 @@ def test_a_registered_sink_gets_the_stream_and_the_files_match_it(tmp_path, monk
     Recorder.seen, Recorder.closed = [], 0
     cfg = run_config(tmp_path, max_steps=6).model_copy(update={"eval_every": 3, "log_every": 2})
     console: list[dict] = []
-    summary = train(tiny_model(), masked_samples(12, seed=1, max_len=12), masked_samples(4, seed=2, max_len=12),
-                    cfg, BatchPlan(micro_bs=1, accum=2), console.append)
+    summary = train(tiny_model(), masked_samples(12, seed=1, max_len=12),
+                    masked_samples(4, seed=2, max_len=12), cfg, BatchPlan(micro_bs=1, accum=2),
+                    console.append)
     assert Recorder.closed == 1 and Recorder.ctx.config["plan"]["accum"] == 2  # hyper-parameters for trackers
     kinds = [e["kind"] for e in Recorder.seen]
     assert kinds.count("step") == 6 and kinds.count("eval") == 3 and kinds[-1] == "summary"

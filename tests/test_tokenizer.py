@@ -1,5 +1,5 @@
-"""Tokenizers: GPT-2's vendored encoding, tokenizer.json (checked against transformers), Llama 3 tiktoken files,
-special tokens from the config files, and streaming decode."""
+"""Tokenizers: GPT-2's vendored encoding, tokenizer.json (checked against transformers), Llama 3 tiktoken
+files, special tokens from the config files, and streaming decode."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def test_gpt2_for_no_model_presets_and_gpt2_dirs(tmp_path):
         (50257, EOT_TOKEN, [EOT_TOKEN], None, [], None)
     for text in TEXTS + ["a <|endoftext|> b"]:
         assert tok.encode(text) == encode(text) and tok.decode(tok.encode(text)) == text
-    assert EOT_TOKEN not in tok.encode("<|endoftext|>") and tok.encode("<|endoftext|>", special=True) == [EOT_TOKEN]
+    assert EOT_TOKEN not in tok.encode("<|endoftext|>")
+    assert tok.encode("<|endoftext|>", special=True) == [EOT_TOKEN]
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8}))
     assert load_tokenizer(tmp_path) is tok and load_tokenizer(tmp_path / "config.json") is tok
 
@@ -70,10 +71,12 @@ def test_missing_tokenizer_is_a_config_error(tmp_path):
 def test_tokenizer_json_matches_transformers(dirs, auto, name):
     tok, ref = load_tokenizer(dirs[name]), auto[name]
     assert isinstance(tok, HFTokenizer)
-    texts = TEXTS + ["<|im_start|>user\nhi<|im_end|>\n", "<|start_header_id|>x<|end_header_id|><think>y</think>"]
+    texts = TEXTS + ["<|im_start|>user\nhi<|im_end|>\n",
+                     "<|start_header_id|>x<|end_header_id|><think>y</think>"]
     for text in texts:
         assert tok.encode(text, special=True) == ref.encode(text, add_special_tokens=False), text
-        assert tok.prefix + tok.encode(text, special=True) == ref.encode(text), text  # BOS as transformers adds it
+        # BOS as transformers adds it
+        assert tok.prefix + tok.encode(text, special=True) == ref.encode(text), text
         ids = tok.encode(text, special=True)
         assert tok.decode(ids) == ref.decode(ids) and tok.decode(ids, skip_special=True) == \
             ref.decode(ids, skip_special_tokens=True)
@@ -116,11 +119,12 @@ def test_llama3_tiktoken_file(tmp_path):
     ids = {t: tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                            "<|end_header_id|>", "<|eot_id|>", "<|reserved_special_token_0|>",
                                            "<|reserved_special_token_4|>", "<|reserved_special_token_250|>")}
-    assert ids == {"<|begin_of_text|>": N_BASE, "<|end_of_text|>": N_BASE + 1, "<|start_header_id|>": N_BASE + 6,
-                   "<|end_header_id|>": N_BASE + 7, "<|eot_id|>": N_BASE + 9,
-                   "<|reserved_special_token_0|>": N_BASE + 2, "<|reserved_special_token_4|>": N_BASE + 8,
-                   "<|reserved_special_token_250|>": N_BASE + 255}
-    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.prefix) == (N_BASE, [N_BASE + 1, N_BASE + 9], True, [N_BASE])
+    assert ids == {"<|begin_of_text|>": N_BASE, "<|end_of_text|>": N_BASE + 1,
+                   "<|start_header_id|>": N_BASE + 6, "<|end_header_id|>": N_BASE + 7,
+                   "<|eot_id|>": N_BASE + 9, "<|reserved_special_token_0|>": N_BASE + 2,
+                   "<|reserved_special_token_4|>": N_BASE + 8, "<|reserved_special_token_250|>": N_BASE + 255}
+    assert (tok.bos_id, tok.eos_ids, tok.add_bos, tok.prefix) == (N_BASE, [N_BASE + 1, N_BASE + 9], True,
+                                                                  [N_BASE])
     text = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhello world é 😀<|eot_id|>"
     ids = tok.encode(text, special=True)
     assert ids[:2] == [N_BASE, N_BASE + 6] and ids[-1] == N_BASE + 9 and tok.decode(ids) == text
@@ -181,7 +185,8 @@ def test_stream_decode_sentencepiece_style(tmp_path):
     raw.pre_tokenizer = pre_tokenizers.Metaspace()
     raw.decoder = decoders.Metaspace()
     raw.train_from_iterator(["hello world how are you", "the quick brown fox"] * 10,
-                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"], show_progress=False))
+                            trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"],
+                                                show_progress=False))
     raw.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     tok = load_tokenizer(tmp_path)

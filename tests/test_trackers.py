@@ -283,5 +283,6 @@ def test_a_tracker_new_to_a_resumed_run_gets_the_steps_before_it(tmp_path):
     events: list[dict] = []
     _train(tmp_path, ["tensorboard"], steps=6, save_every=2, log_every=2, resume="auto", events=events)
     assert not _failures(events)
-    assert [s for s, _ in _tb_scalars(tmp_path / "tensorboard", "train/loss")] == [2, 4, 6]  # 2 from metrics.jsonl
+    # 2 from metrics.jsonl
+    assert [s for s, _ in _tb_scalars(tmp_path / "tensorboard", "train/loss")] == [2, 4, 6]
     assert [s for s, _ in _tb_scalars(tmp_path / "tensorboard", "eval/val_loss")] == [0, 2, 4, 6]

@@ -43,7 +43,8 @@ def test_step_loss_is_the_token_mean_not_the_mean_of_micro_batch_means(tmp_path)
     samples = masked_samples(8, seed=2)
     model = tiny_model()
     with torch.no_grad():
-        total = sum(float(model(torch.tensor([s["input_ids"]]), torch.tensor([s["labels"]]))) for s in samples)
+        total = sum(float(model(torch.tensor([s["input_ids"]]),
+                                torch.tensor([s["labels"]]))) for s in samples)
         n_tokens = sum(sum(t != -100 for t in s["labels"]) for s in samples)
     _, events = _train(tmp_path, samples, 2, 4, steps=1, lr=1e-9)
     step = next(e for e in events if e["kind"] == "step")
@@ -53,8 +54,10 @@ def test_step_loss_is_the_token_mean_not_the_mean_of_micro_batch_means(tmp_path)
 @pytest.mark.parametrize("precision", ["fp32", "bf16-true"])  # bf16-true: MasterAdamW's int16 master bits too
 def test_resume_after_sigint_matches_an_uninterrupted_run(tmp_path, precision):
     samples = masked_samples(48, seed=3)
-    ref_model, ref_events = _train(tmp_path / "ref", samples, 2, 2, steps=6, dropout=None, precision=precision)
-    ref_state = torch.load(tmp_path / "ref" / "checkpoints" / "step-0000006" / "train_state.pt", weights_only=False)
+    ref_model, ref_events = _train(tmp_path / "ref", samples, 2, 2, steps=6, dropout=None,
+                                   precision=precision)
+    ref_state = torch.load(tmp_path / "ref" / "checkpoints" / "step-0000006" / "train_state.pt",
+                           weights_only=False)
 
     out = tmp_path / "cut"
     model = tiny_model()
@@ -147,7 +150,8 @@ def test_half_precision_on_a_cpu_that_emulates_it_says_so_once(tmp_path, monkeyp
         notes[precision] = [e["text"] for e in events if e["kind"] == "note" and "emulated" in e["text"]]
     assert notes["fp32"] == []
     assert len(notes["bf16-true"]) == (1 if native == "0" else 0)
-    assert all("--precision bf16-true" in n and "auto picks fp32" in n and "multiplies the bf16 values in fp32" in n
+    assert all("--precision bf16-true" in n and "auto picks fp32" in n and "multiplies the bf16 "
+               "values in fp32" in n
                for n in notes["bf16-true"])
 
 
@@ -168,7 +172,8 @@ def test_outputs_land_where_scripts_expect_them(tmp_path):
     assert [r["step"] for r in recs if "val_loss" in r] == [0, 2, 4]
     assert summary["steps"] == 4 and summary["best_val_loss"] is not None and summary["verdict"]
     banner = events[0]
-    assert banner["kind"] == "banner" and banner["effective_batch"] == "4 = 2 (micro) × 2 (accum) × 1 (device)"
+    assert banner["kind"] == "banner"
+    assert banner["effective_batch"] == "4 = 2 (micro) × 2 (accum) × 1 (device)"
 
 
 def test_non_finite_loss_stops_with_the_step_named(tmp_path):
@@ -198,7 +203,8 @@ def test_fp16_overflow_steps_are_skipped_counted_and_the_scaler_is_checkpointed(
     steps = [e for e in events if e["kind"] == "step"]
     assert summary["skipped_steps"] == sum(e["skipped"] for e in steps) >= 1
     assert steps[0]["skipped"]
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) == all(e["skipped"] for e in steps)
+    unchanged = all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert unchanged == all(e["skipped"] for e in steps)
     state = torch.load(tmp_path / "checkpoints" / "step-0000003" / "train_state.pt", weights_only=False)
     assert state["scaler"]["scale"] < 2.0**120 and state["state"]["skipped_steps"] == summary["skipped_steps"]
 
@@ -229,7 +235,8 @@ def test_no_weight_decay_on_biases_norms_and_embeddings():
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("weight") and ("c_" in names[id(p)]) for p in decay["params"])
-    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight", "h.0.ln_1.bias"}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight",
+                                                          "h.0.ln_1.bias"}
 
 
 def test_schedules_warm_up_then_decay_to_the_minimum_ratio():
@@ -261,22 +268,24 @@ def test_verdict_reads_the_curves():
 
 
 def test_a_model_that_stays_near_chance_is_never_well_fit():
-    """The issue's runs on a random gpt2-tiny (chance ln 50257 = 10.825): 150 LoRA steps 10.841 → 10.683 (flat
-    at the end), 5 QLoRA steps 10.841 → 10.838; a curve that never falls below its start is not learning
-    either, whatever the vocabulary."""
+    """The issue's runs on a random gpt2-tiny (chance ln 50257 = 10.825): 150 LoRA steps 10.841 → 10.683
+    (flat at the end), 5 QLoRA steps 10.841 → 10.838; a curve that never falls below its start is not
+    learning either, whatever the vocabulary."""
     from microft.train.loop import verdict
 
     lora = _curve((0, 10.841), (15, 10.80), (30, 10.75), (45, 10.72), (60, 10.70), (75, 10.69), (90, 10.685),
                   (105, 10.684), (120, 10.683), (135, 10.683), (150, 10.683))
     got = verdict(lora, 50257)
-    assert got.startswith("not learning") and "chance" in got and "10.825" not in got and "ln 50257 = 10.82" in got
+    assert got.startswith("not learning") and "chance" in got
+    assert "10.825" not in got and "ln 50257 = 10.82" in got
     qlora = _curve((0, 10.841), (1, 10.840), (2, 10.840), (3, 10.839), (4, 10.839), (5, 10.838))
     assert verdict(qlora, 50257).startswith("too short to judge")
     stuck = _curve((0, 3.0), (20, 3.01), (40, 2.99), (60, 2.985), (80, 2.99))
     assert verdict(stuck, 50257).startswith("not learning") and "start" in verdict(stuck, 50257)
     for curve in (lora, qlora, stuck):
         assert "well fit" not in verdict(curve, 50257)
-    chance = math.log(50257)  # the README's thresholds: within 5 % of chance is not learning, 6 % below may be
+    # the README's thresholds: within 5 % of chance is not learning, 6 % below may be
+    chance = math.log(50257)
     for below, says in ((0.04, "not learning"), (0.06, "well fit")):
         end = chance * (1 - below)
         curve = _curve((0, chance), (10, end + 0.02), (20, end + 0.001), (30, end), (40, end))
@@ -298,8 +307,8 @@ def test_a_val_loss_still_falling_is_not_flat():
     through the last half of the curve still falls (a tail of two points read it as flat)."""
     from microft.train.loop import verdict
 
-    falling = _curve((0, 3.0), (10, 2.7), (20, 2.5), (30, 2.4), (40, 2.32), (50, 2.26), (60, 2.21), (70, 2.17),
-                     (80, 2.12), (90, 2.12))
+    falling = _curve((0, 3.0), (10, 2.7), (20, 2.5), (30, 2.4), (40, 2.32), (50, 2.26), (60, 2.21),
+                     (70, 2.17), (80, 2.12), (90, 2.12))
     got = verdict(falling, 50257)
     assert got.startswith("underfitting") and "flat" not in got
 

@@ -33,7 +33,8 @@ QWEN_TEMPLATE_GEN = (
     "{%- endif %}"
     "{%- for m in messages %}"
     "{%- if m.role == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- m.content + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
+    "{{- '<|im_start|>assistant\\n' }}{% generation %}{{- m.content + '<|im_end|>' }}{% endgeneration %}{{- "
+    "'\\n' }}"
     "{%- else %}"
     "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
     "{%- endif %}"
@@ -125,7 +126,8 @@ def write_llama_dir(d: Path, template: str = LLAMA3_TEMPLATE) -> Path:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eot_id|>",
         "chat_template": template}), encoding="utf-8")
     end_of_text = tok.token_to_id("<|end_of_text|>")
-    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text, tok.token_to_id("<|eot_id|>")]}),
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_text,
+                                                                           tok.token_to_id("<|eot_id|>")]}),
                                               encoding="utf-8")
     return d
 
