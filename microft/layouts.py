@@ -24,7 +24,7 @@ MASTER_CHUNK = 1 << 20
 
 
 def nf4_nbytes(numel: int, block: int = NF4_BLOCK, double_quant: bool = False) -> int:
-    """Bytes of `quant.quantize_nf4`'s output for a weight of `numel` elements: packed 4-bit codes + scales."""
+    """Bytes of `quant.quantize_nf4`'s output for `numel` weight elements: packed 4-bit codes + scales."""
     n_blocks = -(-numel // block)
     scales = n_blocks + 4 * -(-n_blocks // DOUBLE_QUANT_BLOCK) + 4 if double_quant else 4 * n_blocks
     return (numel + 1) // 2 + scales

@@ -2,7 +2,8 @@
 
 The leaf under every format: `load.py` (microft and HF model directories), `hf.py` (HF key
 layouts), `lora.py` (adapters) and `train/checkpoint.py` (training state) write through
-`atomic_dir` and read through `read_safetensors`. Imports no other microft module but errors, and torch only when reading tensors.
+`atomic_dir` and read through `read_safetensors`. Imports no other microft module but errors, and torch
+only when reading tensors.
 """
 
 from __future__ import annotations
@@ -92,5 +93,6 @@ def read_json(path: Path, what: str | None = None) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"cannot read {path}: {one_line(e)}") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: {what or path.name} must be a JSON object, not a {type(raw).__name__}")
+        raise CheckpointError(f"{path}: {what or path.name} must be a JSON object, "
+                              f"not a {type(raw).__name__}")
     return raw
