@@ -75,8 +75,8 @@ def main() -> None:
                    help="override a DEMO_RUN setting or a DEMO_MODEL field")
     p.add_argument("--train-size", type=int, default=demo.DEMO_TRAIN_SIZE)
     p.add_argument("--heldout-size", type=int, default=demo.DEMO_HELDOUT_SIZE)
-    p.add_argument("--threads", type=int, help="torch threads (sets OMP_NUM_THREADS; default: the demo's "
-                                               "one thread)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (sets OMP_NUM_THREADS; default: the demo's one thread)")
     p.add_argument("--json", help="append the rows to this JSONL file")
     args = p.parse_args()
     settings = dict(demo.DEMO_RUN)

@@ -33,8 +33,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="processes per side, alternating")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps per process")
-    p.add_argument("--no-write", action="store_true", help="print the section instead of writing "
-                                                           "docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true",
+                   help="print the section instead of writing docs/benchmarks.md")
     return p.parse_args(argv)
 
 

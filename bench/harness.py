@@ -56,8 +56,8 @@ def best_rates(*probes: dict[str, float]) -> dict[str, float]:
 
 
 def rates_text(rates: dict[str, float]) -> str:
-    """`torch's `@` 124, oneDNN's linear 121, numpy's BLAS 156 GFLOP/s`: every engine the peak was the best
-    of."""
+    """`torch's `@` 124, oneDNN's linear 121, numpy's BLAS 156 GFLOP/s`: every engine the peak was
+    the best of."""
     parts = [f"{ENGINE_NAMES.get(e, e)} {r / 1e9:.0f}" for e, r in rates.items()]
     return ", ".join(parts) + " GFLOP/s"
 

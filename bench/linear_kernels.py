@@ -87,8 +87,8 @@ BF16_SHAPE = ("gpt2 c_fc", 768, 3072, 256)
 
 
 def bf16_products(rounds: int) -> list[list[str]]:
-    """GFLOP/s of a bf16 linear's forward, dy @ W and dy.T @ x: torch's bf16 kernels vs microft's fp32
-    route."""
+    """GFLOP/s of a bf16 linear's forward, dy @ W and dy.T @ x: torch's bf16 kernels vs microft's fp32 route.
+    """
     name, K, N, M = BF16_SHAPE
     g = torch.Generator().manual_seed(0)
     x, W, dy = (torch.randn(*s, generator=g).bfloat16() for s in ((M, K), (N, K), (M, N)))

@@ -44,8 +44,8 @@ WORDS = ("the model data train answer question explain list write describe give 
 
 
 def synthetic_alpaca(n: int, seed: int) -> list[dict]:
-    """Alpaca-shaped records: instruction ~ 8-40 words, an input on 40 %, log-normal outputs (median ~60
-    words)."""
+    """Alpaca-shaped records: instruction ~ 8-40 words, an input on 40 %, log-normal outputs
+    (median ~60 words)."""
     rng = random.Random(seed)
 
     def words(k: int) -> str:

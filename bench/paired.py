@@ -151,18 +151,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="gpt2")
     p.add_argument("--micro-bs", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--precision", default="auto", help="microft's precision (transformers: its faster "
-                                                       "one here)")
+    p.add_argument("--precision", default="auto",
+                   help="microft's precision (transformers: its faster one here)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--rows", type=int, default=16, help="ops in the profile table")
-    p.add_argument("--no-write", action="store_true", help="print the section instead of writing "
-                                                           "docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true",
+                   help="print the section instead of writing docs/benchmarks.md")
     p.add_argument("--emulate-avx2", action="store_true",
                    help="also run the pairs as an AVX2-only CPU (fp32), in a child process: its own "
                         "subsection")
-    p.add_argument("--avx2-pairs", type=int, default=6, help="pairs of the emulated run (its fp32 steps "
-                                                             "are slower)")
+    p.add_argument("--avx2-pairs", type=int, default=6,
+                   help="pairs of the emulated run (its fp32 steps are slower)")
     # the child: print the body only
     p.add_argument("--body-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)

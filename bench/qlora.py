@@ -142,8 +142,8 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--double-quant", action="store_true")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every configuration")
-    p.add_argument("--skip-full", action="store_true", help="leave out full fine-tuning (the largest "
-                                                            "footprint)")
+    p.add_argument("--skip-full", action="store_true",
+                   help="leave out full fine-tuning (the largest footprint)")
     p.add_argument("--skip-load", action="store_true", help="leave out the loading benchmark")
     p.add_argument("--skip-smallest", action="store_true",
                    help="leave out the rows with gradient checkpointing (and double quantization for QLoRA)")

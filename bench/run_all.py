@@ -27,8 +27,8 @@ import trainer_matrix
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one round of the speed runs; print instead of "
-                                                        "writing the doc")
+    p.add_argument("--quick", action="store_true",
+                   help="one round of the speed runs; print instead of writing the doc")
     p.add_argument("--only", choices=["speed", "paired", "matrix", "families"],
                    help="run one of the benchmarks")
     a = p.parse_args()

@@ -87,8 +87,8 @@ def emulated_avx2():
 
 
 def child_peak_rates(dtype: str) -> dict[str, float]:
-    """`peak_rates` in a fresh process: torch, oneDNN, MKL and OpenBLAS read the emulation variables only at
-    start."""
+    """`peak_rates` in a fresh process: torch, oneDNN, MKL and OpenBLAS read the emulation variables
+    only at start."""
     code = f"import json; from harness import peak_rates; print(json.dumps(peak_rates('cpu', {dtype!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)), env=dict(os.environ))
@@ -96,8 +96,7 @@ def child_peak_rates(dtype: str) -> dict[str, float]:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether bf16 is a fair candidate here: on CPU only with AVX-512 BF16 / AMX kernels (else it is
-    emulated)."""
+    """Whether bf16 is a fair candidate here: on CPU only with AVX-512 BF16 / AMX kernels (else emulated)."""
     if device != "cpu":
         return True
     from microft.train.step import cpu_supports_bf16
@@ -106,8 +105,7 @@ def native_bf16(device: str) -> bool:
 
 
 def cpu_description() -> str:
-    """The CPU's model, its SIMD flags that matter for training, torch's kernel level and any emulation
-    set."""
+    """The CPU's model, its SIMD flags that matter for training, torch's kernel level, any emulation set."""
     from microft.perf import cpu_model
 
     flags: set[str] = set()
@@ -385,21 +383,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="runs per configuration, interleaved (fp32: first "
-                                                         "round only)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="runs per configuration, interleaved (fp32: first round only)")
     p.add_argument("--gpu-micro-bs", type=int, default=8)
     p.add_argument("--hf-default-adamw", action="store_true",
                    help="also run transformers with torch's default AdamW")
     p.add_argument("--no-hf-malloc", dest="hf_malloc", action="store_false",
                    help="skip the transformers bf16 run with microft's glibc allocator settings")
-    p.add_argument("--compile", action="store_true", help="also run microft with torch.compile (slow to "
-                                                          "compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run microft with torch.compile (slow to compile)")
     p.add_argument("--no-gpu", action="store_true")
     p.add_argument("--emulate-avx2", action="store_true",
                    help="also run the CPU table as an AVX2-only CPU (fp32): its own subsection")
     p.add_argument("--only-avx2", action="store_true", help="run and print the emulated AVX2 subsection only")
-    p.add_argument("--no-write", action="store_true", help="print the section instead of writing "
-                                                           "docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true",
+                   help="print the section instead of writing docs/benchmarks.md")
     return p.parse_args(argv)
 
 

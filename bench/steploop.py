@@ -308,12 +308,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA rank (0: full fine-tuning); hf: peft")
     p.add_argument("--lora-targets", default="all", help="microft: which block linears get adapters")
     p.add_argument("--quantize", choices=["nf4"], default=None, help="microft: NF4 base (QLoRA; with --lora)")
-    p.add_argument("--double-quant", action="store_true", help="microft: with --quantize, quantize the "
-                                                               "scales too")
+    p.add_argument("--double-quant", action="store_true",
+                   help="microft: with --quantize, quantize the scales too")
     p.add_argument("--no-mallopt", action="store_true", help="microft: skip trainer.keep_freed_memory()")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--breakdown", action="store_true", help="profile one extra step: time in "
-                                                            "matmul/attention/...")
+    p.add_argument("--breakdown", action="store_true",
+                   help="profile one extra step: time in matmul/attention/...")
     p.add_argument("--profile", type=int, default=0, metavar="ROWS",
                    help="print a profiler table of the first timed step")
     return p.parse_args(argv)

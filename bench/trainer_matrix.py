@@ -91,8 +91,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-write", action="store_true", help="print the section instead of writing "
-                                                           "docs/benchmarks.md")
+    p.add_argument("--no-write", action="store_true",
+                   help="print the section instead of writing docs/benchmarks.md")
     return p.parse_args(argv)
 
 

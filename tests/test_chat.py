@@ -156,8 +156,8 @@ def test_samples_from_chat_and_alpaca_records(toks):
 
 
 def test_text_templates_with_a_model_tokenizer(toks):
-    """alpaca & co. stay selectable: BOS first when the tokenizer adds one, its EOS last (not GPT-2's
-    50256)."""
+    """alpaca & co. stay selectable: BOS first when the tokenizer adds one, its EOS last
+    (not GPT-2's 50256)."""
     tok = toks["llama"]
     rec = Record(instruction="Say hi.", output="hi")
     (s,), _ = build_samples([rec], "alpaca", tok, 512)

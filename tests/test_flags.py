@@ -159,8 +159,8 @@ def test_extending_a_finished_run_keeps_its_schedule_and_says_so(tmp_path):
 
 
 def test_a_checkpoint_without_its_schedule_says_which_one_the_lr_follows(tmp_path):
-    """Checkpoints written before schedules were recorded: the lr follows the new run length, said in a
-    line."""
+    """Checkpoints written before schedules were recorded: the lr follows the new run length, said in
+    a line."""
     samples, plan = masked_samples(32), BatchPlan(micro_bs=2, accum=2)
     cfg = run_config(tmp_path, max_steps=4)
     train(tiny_model(), samples, None, cfg, plan)
@@ -313,8 +313,8 @@ def test_an_interrupt_that_c_code_swallowed_still_stops_the_run_with_nothing_wri
 
 
 def test_sigint_at_any_moment_of_start_up_exits_130_and_writes_nothing(tmp_path):
-    """A real `python -m microft finetune`, interrupted at several moments of its start-up (imports, model and
-    data loading, the banner): exit 130, `interrupted …` on stderr and no traceback, `--out` never
+    """A real `python -m microft finetune`, interrupted at several moments of its start-up (imports, model
+    and data loading, the banner): exit 130, `interrupted …` on stderr and no traceback, `--out` never
     created."""
     data = alpaca(tmp_path / "d.json", 200)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

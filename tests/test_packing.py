@@ -72,8 +72,8 @@ def test_packed_segments_are_each_rows_sample_lengths():
 
 
 def test_per_sample_attention_in_bf16_equals_the_masked_call():
-    """bf16 on a CPU: short samples take the plain-op attention, as unpacked rows do; same values as the
-    mask."""
+    """bf16 on a CPU: short samples take the plain-op attention, as unpacked rows do; same values as
+    the mask."""
     torch.manual_seed(0)
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]])
     model = Transformer(LLAMA).to(torch.bfloat16)

@@ -195,8 +195,8 @@ def test_estimate_counts_nf4_weights_as_the_real_model_holds_them(spec, double_q
 
 
 def test_a_trace_leaves_the_dynamic_map_real():
-    """The 8-bit map is cached per process; computed first under the trace's fake tensors it must still be
-    real values (fake tensors read back as placeholders), or every later quantization in the process
+    """The 8-bit map is cached per process; computed first under the trace's fake tensors it must still
+    be real values (fake tensors read back as placeholders), or every later quantization in the process
     breaks."""
     from microft.config import RunConfig
     from microft.memory.estimate import load_shape, setup_for, trace
