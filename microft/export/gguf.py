@@ -5,7 +5,7 @@ in its layout, the tokenizer (a byte-level BPE's vocabulary, merges, token types
 that picks llama.cpp's split regex, or a SentencePiece-style BPE's pieces and scores; bos/eos/pad and every
 stop id) and the chat template the model was tuned with. Beside it, an Ollama `Modelfile`.
 
-Each family's llama.cpp side is its `Gguf` in the family registry (`models/families.py`): llama.cpp's
+Each family's llama.cpp side is its `Gguf` in the family registry (`models/families/`): llama.cpp's
 architecture name, the pre-tokenizer it falls back to, whether q/k rows are permuted for llama.cpp's
 pairwise RoPE, the tensor-name map, the tensors llama.cpp keeps fused (Phi-3's), the family's own
 hyper-parameters (and the checks refusing what llama.cpp's graph would run differently) and a per-tensor
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from microft.errors import ConfigError
-from microft.export import require_gguf
+from microft.export import Exported, ExportJob, require_gguf
 from microft.export.gguf_templates import chat_template_of, plain_text_specials, template_go
 from microft.export.gguf_vocab import Vocab, vocab_of, write_vocab
 from microft.models import families
@@ -356,3 +356,43 @@ def export_gguf(
     return GGUFExport(
         out_dir / fname, out_dir / MODELFILE, quant, n, getattr(template, "name", None), v.notes
     )
+
+
+def write(job: ExportJob) -> Exported:
+    """`export --format gguf`: load (LoRA merged, NF4 dequantized), find the tuned template, write the file and
+    its Modelfile."""
+    import time
+
+    from microft.lora import merge_lora
+
+    t0 = time.perf_counter()
+    net = merge_lora(job.load())  # adapters folded in, an NF4 base dequantized; a no-op otherwise
+    tok = job.tokenizer(net.config)
+    tmpl = _job_template(job, tok)
+    quant = job.options["quant"] or DEFAULT_QUANT
+    with job.writing():
+        res = export_gguf(net, tok, job.out, quant, tmpl, overwrite=job.force,
+                          name=file_stem(job.model, job.model_dir()))
+    return Exported(res.path, f"(GGUF {quant}, {res.n_tensors} tensors, chat template {res.template or 'none'}, "
+                              f"{time.perf_counter() - t0:.1f} s); Ollama: ollama create NAME -f {res.modelfile}",
+                    notes=tuple(res.notes))
+
+
+def _job_template(job: ExportJob, tok: Tokenizer) -> Template | ChatTemplate | None:
+    """The chat template to write: --template, else the one the run trained with, else the tokenizer's own."""
+    from microft.chat import resolve_template
+    from microft.export.gguf_templates import trained_template_spec
+
+    template = job.options["template"]
+    spec = template if template is not None else trained_template_spec(job.model_dir())
+    if template is None and spec is not None:  # the run's own: a template file it named may be gone since
+        try:
+            return resolve_template(spec, tok)
+        except ConfigError as e:
+            raise ConfigError(f"the run trained with --template {spec}, which can't be read now ({e}); "
+                              "pass --template") from None
+    if spec is not None:
+        return resolve_template(spec, tok)
+    if tok.chat_template:
+        return resolve_template("chat", tok)
+    return None

@@ -1,7 +1,7 @@
 """One `ModelConfig` for every family: the switches the transformer reads, presets, HF config.json in/out.
 
 GPT-2, Llama (SmolLM2 too), Mistral, Qwen2 and Qwen3 are configurations of one implementation
-(`models/transformer.py`), as are Phi-3 / Phi-4-mini, SmolLM3, OLMo 2 and Granite 3. `model_type` names the family's entry in `models/families.py` (its HF
+(`models/transformer.py`), as are Phi-3 / Phi-4-mini, SmolLM3, OLMo 2 and Granite 3. `model_type` names the family's entry in `models/families/` (its HF
 config keys, tensor names, LoRA targets and presets); everything the forward pass does is a switch
 here. No torch import: the memory estimator reads these shapes without building a model.
 """
