@@ -79,17 +79,19 @@ def test_options_a_format_does_not_take_are_one_line(toy, tmp_path, fmt, args, m
 
 def test_a_missing_package_is_the_entrys_hint(monkeypatch, tmp_path):
     CALLS.clear()
-    needy = dataclasses.replace(TOY, name="needy", package="microft_no_such_package", hint="needy needs a package")
+    needy = dataclasses.replace(TOY, name="needy", package="microft_no_such_package",
+                                hint="needy needs a package")
     monkeypatch.setitem(exports.EXPORTS, "needy", needy)
     res = invoke(tmp_path, "--format", "needy")
     assert res.exit_code == 2 and res.output.strip() == "error: needy needs a package" and not CALLS
 
 
 def test_the_help_lists_every_format_and_option():
-    help_text = re.sub(r"[\s│]+", " ", runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"}).output)
+    res = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"})
+    help_text = re.sub(r"[\s│]+", " ", res.output)
     for fmt in exports.EXPORTS.values():
         assert f"{fmt.name}: {fmt.summary}" in exports.format_help()
         assert f"{fmt.name}:" in help_text
     assert "gguf: f16 (default), bf16, q8_0, q4_0 or f32." in help_text
-    assert exports.format_help() == ("hf: a transformers directory; gguf: one GGUF file for llama.cpp / Ollama / "
-                                     "LM Studio, and a Modelfile.")
+    assert exports.format_help() == ("hf: a transformers directory; gguf: one GGUF file for llama.cpp / "
+                                     "Ollama / LM Studio, and a Modelfile.")

@@ -73,8 +73,8 @@ class Exported:
 
 OPTIONS: dict[str, ExportOption] = {
     "quant": ExportOption("--quant", "", choices=("f16", "bf16", "q8_0", "q4_0", "f32"), default="f16"),
-    "template": ExportOption("--template", "the chat template to write (alpaca, chatml, plain, chat, a template or "
-                             ".jinja file); default: the one the run trained with."),
+    "template": ExportOption("--template", "the chat template to write (alpaca, chatml, plain, chat, a "
+                             "template or .jinja file); default: the one the run trained with."),
 }
 
 EXPORTS: dict[str, ExportFormat] = {f.name: f for f in (

@@ -10,10 +10,11 @@ architecture name, the pre-tokenizer it falls back to, whether q/k rows are perm
 pairwise RoPE, the tensor-name map, the tensors llama.cpp keeps fused (Phi-3's), the family's own
 hyper-parameters (and the checks refusing what llama.cpp's graph would run differently) and a per-tensor
 transform (Gemma's norms). The switches several families share (partial rotary, LongRoPE, sliding-layer
-patterns, local RoPE base, soft-caps) are written here from `ModelConfig`. Tensors are streamed: the file's header is written from shapes
-alone, then each tensor is converted and written on its own, so the export holds the model plus one
-converted tensor, never a second copy of the model. The tokenizer is `gguf_vocab.py`, the chat templates
-and the Modelfile's `gguf_templates.py`.
+patterns, local RoPE base, soft-caps) are written here from `ModelConfig`. Tensors are streamed: the file's
+header is written from shapes alone, then each tensor is converted and written on its own, so the export
+holds the model plus one converted tensor, never a second copy of the model. The tokenizer is
+`gguf_vocab.py`, the chat templates and the Modelfile's `gguf_templates.py`; `write` is the writer the
+export registry (`export/__init__.py`) names for `--format gguf`.
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         parts = _fused_parts(fam, name)
         if parts is not None and parts[0] != name:
             continue  # written with the first part of its fused tensor
-        t = torch.cat([_converted(cfg, fam, n, params[n]) for n in parts]) if parts else _converted(cfg, fam, name, p)
+        if parts:
+            t = torch.cat([_converted(cfg, fam, n, params[n]) for n in parts])
+        else:
+            t = _converted(cfg, fam, name, p)
         yield gguf_name(cfg, name), t.contiguous()
 
 
@@ -359,8 +363,8 @@ def export_gguf(
 
 
 def write(job: ExportJob) -> Exported:
-    """`export --format gguf`: load (LoRA merged, NF4 dequantized), find the tuned template, write the file and
-    its Modelfile."""
+    """`export --format gguf`: load (LoRA merged, NF4 dequantized), find the tuned template, write the file
+    and its Modelfile."""
     import time
 
     from microft.lora import merge_lora
@@ -373,9 +377,9 @@ def write(job: ExportJob) -> Exported:
     with job.writing():
         res = export_gguf(net, tok, job.out, quant, tmpl, overwrite=job.force,
                           name=file_stem(job.model, job.model_dir()))
-    return Exported(res.path, f"(GGUF {quant}, {res.n_tensors} tensors, chat template {res.template or 'none'}, "
-                              f"{time.perf_counter() - t0:.1f} s); Ollama: ollama create NAME -f {res.modelfile}",
-                    notes=tuple(res.notes))
+    summary = (f"(GGUF {quant}, {res.n_tensors} tensors, chat template {res.template or 'none'}, "
+               f"{time.perf_counter() - t0:.1f} s); Ollama: ollama create NAME -f {res.modelfile}")
+    return Exported(res.path, summary, notes=tuple(res.notes))
 
 
 def _job_template(job: ExportJob, tok: Tokenizer) -> Template | ChatTemplate | None:

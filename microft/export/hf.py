@@ -6,7 +6,8 @@ from microft.export import Exported, ExportJob
 
 
 def write(job: ExportJob) -> Exported:
-    """Load (LoRA merged), write the weights and config with `models.hf.export_hf`, copy the tokenizer files."""
+    """Load (LoRA merged), write the weights and config with `models.hf.export_hf`, copy the tokenizer
+    files."""
     from microft.lora import lora_modules, merge_lora
     from microft.models.hf import export_hf
 

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import microft.models.families.llama as llama
 from microft.models.families.base import Family, Gguf
-from microft.models.families.llama import (
-    GGUF_LLAMA_BLOCK,
-    LLAMA_LORA,
-    LLAMA_LORA_GROUPS,
-    NEW_TINY,
-    llama_key,
-    llama_preset,
-    llama_write,
-    switches_read,
-)
+from microft.models.families.llama import NEW_TINY, llama_preset, llama_write, switches_read
 
 
 def _gguf_granite(c: Any) -> dict[str, Any]:
@@ -48,7 +40,7 @@ GRANITE = Family(
         qkv_bias=c["attn_out_bias"], qk_norm=False, **{k: c[k] for k in (
             "embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")}),
         _granite_extra),
-    llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, "granite-tiny", presets={
+    llama.llama_key, llama.LLAMA_LORA, llama.LLAMA_LORA_GROUPS, "granite-tiny", presets={
         "granite-3.3-2b": llama_preset("granite", vocab_size=49159, n_positions=131072, n_embd=2048,
                                        intermediate_size=8192, n_layer=40, n_head=32, n_kv_head=8,
                                        rope_theta=10000000.0, layer_norm_eps=1e-5, tie_embeddings=True,
@@ -57,6 +49,6 @@ GRANITE = Family(
                                        eos_token_id=0),
         "granite-tiny": llama_preset("granite", **NEW_TINY, tie_embeddings=True, embedding_multiplier=6.0,
                                      attention_multiplier=0.1, residual_multiplier=0.5, logits_scaling=4.0),
-    }, gguf=Gguf("granite", "gpt-2", True, GGUF_LLAMA_BLOCK, hparams=_gguf_granite))
+    }, gguf=Gguf("granite", "gpt-2", True, llama.GGUF_LLAMA_BLOCK, hparams=_gguf_granite))
 
 ENTRIES = (GRANITE,)

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import re
 
+import microft.models.families.llama as llama
 from microft.models.families.base import Family, Gguf, gguf_no_bias
-from microft.models.families.llama import (
-    GGUF_LLAMA_BLOCK,
-    LLAMA_BLOCK,
-    LLAMA_LORA,
-    LLAMA_LORA_GROUPS,
-    NEW_TINY,
-    llama_key,
-    llama_preset,
-    llama_write,
-    switches_read,
-)
+from microft.models.families.llama import NEW_TINY, llama_preset, llama_write, switches_read
 
-GGUF_OLMO2_BLOCK = {**GGUF_LLAMA_BLOCK, "ln_1": "post_attention_norm", "ln_2": "post_ffw_norm"}
-_OLMO2_BLOCK = {**LLAMA_BLOCK, "ln_1": "post_attention_layernorm", "ln_2": "post_feedforward_layernorm"}
+GGUF_OLMO2_BLOCK = {**llama.GGUF_LLAMA_BLOCK, "ln_1": "post_attention_norm", "ln_2": "post_ffw_norm"}
+_OLMO2_BLOCK = {**llama.LLAMA_BLOCK, "ln_1": "post_attention_layernorm", "ln_2": "post_feedforward_layernorm"}
 
 
 def _olmo2_key(name: str) -> str:
     """Llama's names, but OLMo 2's two block norms follow the attention and the MLP."""
     m = re.fullmatch(r"h\.(\d+)\.(ln_[12])(.*)", name)
-    return f"model.layers.{m[1]}.{_OLMO2_BLOCK[m[2]]}{m[3]}" if m else llama_key(name)
+    return f"model.layers.{m[1]}.{_OLMO2_BLOCK[m[2]]}{m[3]}" if m else llama.llama_key(name)
 
 
 # transformers' defaults of the keys its config.json may leave out, where they are not Llama's
@@ -37,7 +28,7 @@ OLMO2 = Family(
     llama_write("olmo2", "Olmo2ForCausalLM", lambda c: dict(
         qkv_bias=c["attn_out_bias"], mlp_bias=False, qk_norm=True, qk_norm_full=True, norm_after=True,
         rms_gain_first=True), lambda c: {"attention_bias": c["attn_out_bias"], "pad_token_id": None}),
-    _olmo2_key, LLAMA_LORA, LLAMA_LORA_GROUPS, "olmo2-tiny", presets={
+    _olmo2_key, llama.LLAMA_LORA, llama.LLAMA_LORA_GROUPS, "olmo2-tiny", presets={
         "olmo-2-1b": llama_preset("olmo2", vocab_size=100352, n_positions=4096, n_embd=2048,
                                   intermediate_size=8192, n_layer=16, n_head=16, n_kv_head=16,
                                   rope_theta=500000.0,

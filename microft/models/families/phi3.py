@@ -6,19 +6,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import microft.models.families.llama as llama
 from microft.models.families.base import Family, Gguf, LoraGroups
-from microft.models.families.llama import (
-    GGUF_LLAMA_BLOCK,
-    LLAMA_LORA,
-    LLAMA_LORA_GROUPS,
-    NEW_TINY,
-    llama_key,
-    llama_preset,
-    llama_write,
-    switches_read,
-)
+from microft.models.families.llama import NEW_TINY, llama_preset, llama_write, switches_read
 
-GGUF_PHI3_BLOCK = {k: v for k, v in GGUF_LLAMA_BLOCK.items() if k not in (
+GGUF_PHI3_BLOCK = {k: v for k, v in llama.GGUF_LLAMA_BLOCK.items() if k not in (
     "attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
 GGUF_PHI3_FUSED = {"attn_qkv": ("attn.q_proj", "attn.k_proj", "attn.v_proj"),
                    "ffn_up": ("mlp.gate_proj", "mlp.up_proj")}
@@ -55,7 +47,7 @@ PHI3_FUSED = {"attn.qkv_proj": (("attn.q_proj", "q_dim"), ("attn.k_proj", "kv_di
                                 ("attn.v_proj", "kv_dim")),
               "mlp.gate_up_proj": (("mlp.gate_proj", "intermediate_size"),
                                    ("mlp.up_proj", "intermediate_size"))}
-PHI3_LORA_GROUPS: LoraGroups = {**LLAMA_LORA_GROUPS, "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+PHI3_LORA_GROUPS: LoraGroups = {**llama.LLAMA_LORA_GROUPS, "qkv_proj": ("q_proj", "k_proj", "v_proj"),
                                 "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -78,7 +70,7 @@ PHI3 = Family(
     llama_write("phi3", "Phi3ForCausalLM", lambda c: dict(
         qkv_bias=False, attn_out_bias=False, mlp_bias=False, qk_norm=False,
         partial_rotary_factor=c["partial_rotary_factor"], longrope=c["longrope"]), _phi3_extra),
-    llama_key, LLAMA_LORA, PHI3_LORA_GROUPS, "phi3-tiny", presets={
+    llama.llama_key, llama.LLAMA_LORA, PHI3_LORA_GROUPS, "phi3-tiny", presets={
         "phi-4-mini": llama_preset("phi3", vocab_size=200064, n_positions=131072, n_embd=3072,
                                    intermediate_size=8192, n_layer=32, n_head=24, n_kv_head=8,
                                    partial_rotary_factor=0.75, longrope=_ones_longrope(96, 131072),

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import microft.models.families.llama as llama
 from microft.errors import ConfigError
 from microft.models.families.base import Family, Gguf
-from microft.models.families.llama import (
-    GGUF_LLAMA_BLOCK,
-    LLAMA_LORA,
-    LLAMA_LORA_GROUPS,
-    NEW_TINY,
-    llama_key,
-    llama_preset,
-    llama_write,
-    switches_read,
-)
+from microft.models.families.llama import NEW_TINY, llama_preset, llama_write, switches_read
 
 
 def _gguf_smollm3(c: Any) -> dict[str, Any]:
@@ -56,7 +48,7 @@ SMOLLM3 = Family(
     "smollm3", "SmolLM3ForCausalLM", switches_read("smollm3", _SMOLLM3_DEFAULTS, _smollm3_own),
     llama_write("smollm3", "SmolLM3ForCausalLM", lambda c: dict(
         qkv_bias=c["attn_out_bias"], qk_norm=False, rope_layers=c["rope_layers"]), _smollm3_extra),
-    llama_key, LLAMA_LORA, LLAMA_LORA_GROUPS, "smollm3-tiny", presets={
+    llama.llama_key, llama.LLAMA_LORA, llama.LLAMA_LORA_GROUPS, "smollm3-tiny", presets={
         "smollm3-3b": llama_preset("smollm3", vocab_size=128256, n_positions=65536, n_embd=2048,
                                    intermediate_size=11008, n_layer=36, n_head=16, n_kv_head=4,
                                    rope_theta=5e6, layer_norm_eps=1e-6, tie_embeddings=True,
@@ -64,6 +56,6 @@ SMOLLM3 = Family(
                                    bos_token_id=128000, eos_token_id=128012),
         "smollm3-tiny": llama_preset("smollm3", **NEW_TINY, tie_embeddings=True, rope_theta=5e6,
                                      rope_layers=[True, False]),
-    }, gguf=Gguf("smollm3", "llama-bpe", True, GGUF_LLAMA_BLOCK, hparams=_gguf_smollm3))
+    }, gguf=Gguf("smollm3", "llama-bpe", True, llama.GGUF_LLAMA_BLOCK, hparams=_gguf_smollm3))
 
 ENTRIES = (SMOLLM3,)
