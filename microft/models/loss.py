@@ -97,7 +97,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 loss += ((lse - z_t.float()).squeeze(1) * wc).sum()
                 if not (need_h or need_w):
                     continue
-                probs.scatter_add_(1, tc, torch.full_like(lse, -1.0))  # softmax minus one-hot: d CE / d logits
+                # softmax minus one-hot: d CE / d logits
+                probs.scatter_add_(1, tc, torch.full_like(lse, -1.0))
                 if t is not None:  # through the cap: d(cap × tanh(z / cap)) / dz = 1 - tanh²
                     probs.mul_(t.mul_(t).neg_().add_(1.0))
                     del t
@@ -118,8 +119,9 @@ class _FusedCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_out
         gw = None
-        if grad_w is not None:  # widened to the weight's dtype, then scaled in place: two same-dtype passes ran
-            # faster than one mixed-dtype product (its promoting loop), with the same values
+        if grad_w is not None:
+            # widened to the weight's dtype, then scaled in place: two same-dtype passes ran faster than one
+            # mixed-dtype product (its promoting loop), with the same values
             gw, scale = grad_w.to(ctx.weight_dtype), grad_out.to(ctx.weight_dtype)
             gw = gw * scale if gw is grad_w else gw.mul_(scale)
         if ctx.link is not None and gw is not None:  # the tied embedding's backward adds its rows to it

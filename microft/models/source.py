@@ -78,7 +78,8 @@ def locate(spec: str) -> tuple[Path, dict[str, Any]]:
         raise CheckpointError(f"{spec} holds LoRA adapters, not a whole model: use the base model they were "
                               f"trained on, or fold them in first (microft merge)")
     if not cfg_path.exists():
-        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint")
+        raise CheckpointError(f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                              "checkpoint")
     raw = read_json(cfg_path, CONFIG)
     return cfg_path.parent, {**raw, CONFIG_SOURCE: str(cfg_path)} if isinstance(raw, dict) else raw
 
