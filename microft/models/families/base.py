@@ -36,8 +36,6 @@ class Gguf:
     rstrip_name: str | None = None
 
 
-
-
 @dataclass(frozen=True)
 class Family:
     """One HF model_type: config.json in and out, tensor names, LoRA targets, presets."""

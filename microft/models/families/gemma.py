@@ -55,7 +55,6 @@ def _gguf_gemma(c: Any) -> dict[str, Any]:
     return {}
 
 
-
 _GEMMA_DEFAULTS = {  # transformers' defaults for keys a Gemma config.json may leave out
     "gemma2": dict(max_position_embeddings=8192, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
                    sliding_window=4096, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
@@ -221,21 +220,21 @@ GEMMA2 = Family(
     _gemma_write("gemma2", "Gemma2ForCausalLM"), _gemma_key, LLAMA_LORA, LLAMA_LORA_GROUPS,
     "gemma2-tiny", presets={
         "gemma-2-2b": _gemma_preset("gemma2", n_embd=2304, intermediate_size=9216, n_layer=26,
-                                         n_head=8, n_kv_head=4),
+                                    n_head=8, n_kv_head=4),
         "gemma2-tiny": _gemma_preset("gemma2", **_GEMMA_TINY, n_layer=2, attn_softcap=20.0,
-                                          final_softcap=10.0),
+                                     final_softcap=10.0),
     }, gguf=_gemma_gguf("gemma2"))
 GEMMA3 = Family(
     "gemma3_text", "Gemma3ForCausalLM", _gemma_read("gemma3_text"),
     _gemma_write("gemma3_text", "Gemma3ForCausalLM"), _gemma_key, LLAMA_LORA, LLAMA_LORA_GROUPS,
     "gemma3-tiny", presets={
         "gemma-3-1b": _gemma_preset("gemma3_text", n_embd=1152, intermediate_size=6912, n_layer=26,
-                                         n_head=4, n_kv_head=1, n_positions=32768, sliding_window=512),
+                                    n_head=4, n_kv_head=1, n_positions=32768, sliding_window=512),
         "gemma-3-4b": _gemma_preset("gemma3_text", vocab_size=262208, n_embd=2560,
-                                         intermediate_size=10240, n_layer=34, n_head=8, n_kv_head=4,
-                                         n_positions=131072, sliding_window=1024, rope_linear_factor=8.0),
+                                    intermediate_size=10240, n_layer=34, n_head=8, n_kv_head=4,
+                                    n_positions=131072, sliding_window=1024, rope_linear_factor=8.0),
         "gemma3-tiny": _gemma_preset("gemma3_text", **_GEMMA_TINY, n_layer=3, rope_linear_factor=2.0,
-                                          layer_types=[_SLIDING, _SLIDING, _FULL]),
+                                     layer_types=[_SLIDING, _SLIDING, _FULL]),
     }, gguf=_gemma_gguf("gemma3"))
 
 ENTRIES = (GEMMA2, GEMMA3)
