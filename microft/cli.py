@@ -352,10 +352,10 @@ def export(
         given = {"quant": quant, "template": template}
         fmt = exports.export_format(format, given)  # the registry's entry: its options, package and writer
         check_written_dir(out, force)
-        options = exports.resolved_options(fmt, given)
+        chosen = exports.resolved_options(fmt, given)
         exports.require(fmt)  # before the model is read
         job = exports.ExportJob(
-            model, out, force, options, load=lambda: runs.load_any(model),
+            model, out, force, chosen, load=lambda: runs.load_any(model),
             tokenizer=lambda cfg: runs.tokenizer_for(model, cfg), model_dir=lambda: runs.model_dir(model),
             tokenizer_files=lambda path, cfg: runs.write_tokenizer_files(model, path, cfg),
             writing=lambda: writing(out))

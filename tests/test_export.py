@@ -67,7 +67,7 @@ def test_a_bad_format_names_the_registrys_formats(toy, tmp_path):
 
 @pytest.mark.parametrize("fmt, args, message", [
     ("hf", ["--template", "chatml"], "--quant and --template are for --format gguf"),
-    ("toy", ["--template", "chatml"], "--template are for --format gguf"),
+    ("toy", ["--template", "chatml"], "--template is for --format gguf"),
     ("toy", ["--quant", "q5_k"], "unknown --quant 'q5_k'; choose one of: f16, bf16, q8_0, q4_0, f32"),
 ])
 def test_options_a_format_does_not_take_are_one_line(toy, tmp_path, fmt, args, message):

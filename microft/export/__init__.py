@@ -112,7 +112,8 @@ def export_format(name: str, given: dict[str, str | None]) -> ExportFormat:
     foreign = [k for k in OPTIONS if k not in fmt.options]
     if any(given.get(k) is not None for k in foreign):
         takers = dict.fromkeys(t for k in foreign for t in _takers(k))
-        raise ConfigError(f"{' and '.join(OPTIONS[k].flag for k in foreign)} are for --format "
+        verb = "are" if len(foreign) > 1 else "is"
+        raise ConfigError(f"{' and '.join(OPTIONS[k].flag for k in foreign)} {verb} for --format "
                           f"{' or '.join(takers)}")
     return fmt
 
