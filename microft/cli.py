@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from microft import export as exports
 from microft import options
 from microft.errors import MicroftError
 from microft.options import Device, run_options
@@ -329,13 +330,9 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing direct
 
 ExportModel = Annotated[str, typer.Option(
     "--model", help="Run output (final/, best/, a checkpoint), LoRA or QLoRA run, HF directory or cached repo id.")]
-ExportFormat = Annotated[str, typer.Option(
-    "--format", help="hf: a transformers directory; gguf: one GGUF file for llama.cpp / Ollama / LM Studio, "
-    "and a Modelfile.")]
-ExportQuant = Annotated[str | None, typer.Option("--quant", help="gguf: f16 (default), bf16, q8_0, q4_0 or f32.")]
-ExportTemplate = Annotated[str | None, typer.Option(
-    "--template", help="gguf: the chat template to write (alpaca, chatml, plain, chat, a template or .jinja "
-    "file); default: the one the run trained with.")]
+ExportFormat = Annotated[str, typer.Option("--format", help=exports.format_help())]
+ExportQuant = Annotated[str | None, typer.Option("--quant", help=exports.option_help("quant"))]
+ExportTemplate = Annotated[str | None, typer.Option("--template", help=exports.option_help("template"))]
 
 
 @app.command()
@@ -349,73 +346,24 @@ def export(
 ) -> None:
     """Export weights and tokenizer files for other tools (LoRA merged first, NF4 bases dequantized)."""
     with user_errors():
-        from microft.errors import ConfigError
-
-        if format not in ("hf", "gguf"):
-            raise ConfigError(f"unknown export format {format!r}; supported: hf, gguf")
-        if format == "hf" and (quant is not None or template is not None):
-            raise ConfigError("--quant and --template are for --format gguf")
-        from microft.lora import lora_modules, merge_lora
-        from microft.models.hf import export_hf
-        from microft.runs import load_any, write_tokenizer_files
+        from microft import runs, ui
         from microft.train.outdir import check_written_dir, writing
 
+        given = {"quant": quant, "template": template}
+        fmt = exports.export_format(format, given)  # the registry's entry: its options, package and writer
         check_written_dir(out, force)
-        if format == "gguf":
-            _export_gguf(model, out, quant, template, force)
-            return
-
-        net = load_any(model)
-        if lora_modules(net):
-            merge_lora(net)
-        with writing(out):
-            path = export_hf(net, out, overwrite=force)
-            missing = write_tokenizer_files(model, path, net.config)
-        print(f"exported {model} -> {path} (transformers, model_type {net.config.model_type})")
-        _no_tokenizer_note(path, missing)
-
-
-def _export_gguf(model: str, out: str, quant: str | None, template: str | None, force: bool) -> None:
-    """`export --format gguf`: load (LoRA merged, NF4 dequantized), find the tuned template, write."""
-    import time
-
-    from microft import ui
-    from microft.chat import resolve_template
-    from microft.errors import ConfigError
-    from microft.export import require_gguf
-    from microft.export.gguf import DEFAULT_QUANT, QUANTS, export_gguf, file_stem
-    from microft.export.gguf_templates import trained_template_spec
-    from microft.lora import merge_lora
-    from microft.runs import load_any, model_dir, tokenizer_for
-    from microft.train.outdir import writing
-
-    quant = quant or DEFAULT_QUANT
-    if quant not in QUANTS:
-        raise ConfigError(f"unknown --quant {quant!r}; choose one of: {', '.join(QUANTS)}")
-    require_gguf()  # before the model is read
-    t0 = time.perf_counter()
-    net = merge_lora(load_any(model))  # adapters folded in, an NF4 base dequantized; a no-op otherwise
-    tok = tokenizer_for(model, net.config)
-    spec = template if template is not None else trained_template_spec(model_dir(model))
-    tmpl = None
-    if template is None and spec is not None:  # the run's own: a template file it named may be gone since
-        try:
-            tmpl = resolve_template(spec, tok)
-        except ConfigError as e:
-            raise ConfigError(f"the run trained with --template {spec}, which can't be read now ({e}); "
-                              "pass --template") from None
-    elif spec is not None:
-        tmpl = resolve_template(spec, tok)
-    elif tok.chat_template:
-        tmpl = resolve_template("chat", tok)
-    name = file_stem(model, model_dir(model))
-    with writing(out):
-        res = export_gguf(net, tok, out, quant, tmpl, overwrite=force, name=name)
-    for note in res.notes:
-        ui.err.print(f"note: {note}", markup=False)
-    print(f"exported {model} -> {res.path} (GGUF {quant}, {res.n_tensors} tensors, chat template "
-          f"{res.template or 'none'}, {time.perf_counter() - t0:.1f} s); "
-          f"Ollama: ollama create NAME -f {res.modelfile}")
+        chosen = exports.resolved_options(fmt, given)
+        exports.require(fmt)  # before the model is read
+        job = exports.ExportJob(
+            model, out, force, chosen, load=lambda: runs.load_any(model),
+            tokenizer=lambda cfg: runs.tokenizer_for(model, cfg), model_dir=lambda: runs.model_dir(model),
+            tokenizer_files=lambda path, cfg: runs.write_tokenizer_files(model, path, cfg),
+            writing=lambda: writing(out))
+        res = exports.writer(fmt)(job)
+        for note in res.notes:
+            ui.err.print(f"note: {note}", markup=False)
+        print(f"exported {model} -> {res.path} {res.summary}")
+        _no_tokenizer_note(res.path, res.no_tokenizer)
 
 
 @app.command()

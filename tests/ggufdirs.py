@@ -53,7 +53,8 @@ GRANITE = (
     " + '<|end_of_text|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
 )
-PHI3_SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+PHI3_SPECIALS = ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>",
+                 "<|end|>"]
 PHI3_RSTRIP = ("</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 GEMMA_SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
 LLAMA_SPECIALS = [
@@ -85,8 +86,8 @@ FAMILY_TOKENIZERS = {
     # the newer families: Phi-3.5's SentencePiece vocabulary, Gemma's (no space put before the text)
     "phi3": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
     "phi3.5": ("spm", PHI3_SPECIALS, "<s>", "<|endoftext|>", ["<|end|>"], PHI3, False),
-    "phi4": ("gpt-4o", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|endoftext|>",
-             "<|endoftext|>", ["<|end|>"], PHI3, False),  # Phi-4-mini's byte-level BPE
+    "phi4": ("gpt-4o", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+             "<|endoftext|>", "<|endoftext|>", ["<|end|>"], PHI3, False),  # Phi-4-mini's byte-level BPE
     "smollm3": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "olmo2": ("llama-bpe", CHATML_SPECIALS, None, "<|im_end|>", ["<|endoftext|>"], CHATML, False),
     "granite": ("gpt-2", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], "<|end_of_text|>",
@@ -125,7 +126,8 @@ def spm_tokenizer(specials: tuple[str, ...], prefix: bool = True):
     space = [normalizers.Prepend("▁")] if prefix else []
     out.normalizer = normalizers.Sequence([*space, normalizers.Replace(" ", "▁")])
     strip = [decoders.Strip(" ", 1, 0)] if prefix else []
-    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     *strip])
     from tokenizers import AddedToken
 
     # Phi-3's turn markers swallow the whitespace after them (rstrip), as in its tokenizer.json
@@ -245,7 +247,8 @@ def hf_config(name: str, ids: dict):
     if name == "qwen3":
         return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)  # Qwen3 0.6B-4B tie
     if name == "mistral":
-        return tf.MistralConfig(**common, sliding_window=64, tie_word_embeddings=False)  # see test_gguf: window
+        # the window: see test_gguf
+        return tf.MistralConfig(**common, sliding_window=64, tie_word_embeddings=False)
     return newer_family_config(name, common)
 
 
@@ -253,31 +256,35 @@ def newer_family_config(name: str, common: dict):
     """Tiny Phi-3, SmolLM3, OLMo 2, Granite, Gemma 2 and Gemma 3 configs with each switch llama.cpp reads set
     away from its default: Phi-4-mini's partial rotary and tied head with LongRoPE, Phi-3.5's LongRoPE over
     the whole head with its own LM head (the short factors: the prompt stays within the original context,
-    as llama.cpp's context of 128, rounded up to 256, does), SmolLM3's NoPE every 4th layer, Granite's multipliers and biases, Gemma 2's soft-caps and window, Gemma
-    3's local RoPE base, linear scaling and 2:1 pattern; both with `query_pre_attn_scalar` != head_dim."""
+    as llama.cpp's context of 128, rounded up to 256, does), SmolLM3's NoPE every 4th layer, Granite's
+    multipliers and biases, Gemma 2's soft-caps and window, Gemma 3's local RoPE base, linear scaling and 2:1
+    pattern; both with `query_pre_attn_scalar` != head_dim."""
     import transformers as tf
 
     if name in ("phi3", "phi4"):
-        return tf.Phi3Config(**{**common, "max_position_embeddings": 1024}, original_max_position_embeddings=256,
-                             partial_rotary_factor=0.5, tie_word_embeddings=True, pad_token_id=None, rope_parameters={
+        return tf.Phi3Config(**{**common, "max_position_embeddings": 1024},
+                             original_max_position_embeddings=256, partial_rotary_factor=0.5,
+                             tie_word_embeddings=True, pad_token_id=None, rope_parameters={
                                  "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                  "short_factor": [1.0, 1.5, 2.0, 4.0], "long_factor": [2.0, 3.0, 5.0, 9.0]})
     if name == "phi3.5":  # Phi-3.5-mini: LongRoPE over the whole head, its own LM head
-        return tf.Phi3Config(**{**common, "max_position_embeddings": 1024}, original_max_position_embeddings=256,
-                             tie_word_embeddings=False, pad_token_id=None, rope_parameters={
+        return tf.Phi3Config(**{**common, "max_position_embeddings": 1024},
+                             original_max_position_embeddings=256, tie_word_embeddings=False,
+                             pad_token_id=None, rope_parameters={
                                  "rope_type": "longrope", "rope_theta": 10000.0,
                                  "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
                                  "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]})
     if name == "smollm3":
-        return tf.SmolLM3Config(**{**common, "num_hidden_layers": 4}, no_rope_layer_interval=4, pad_token_id=None,
-                                tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 5e6})
+        return tf.SmolLM3Config(**{**common, "num_hidden_layers": 4}, no_rope_layer_interval=4,
+                                pad_token_id=None, tie_word_embeddings=True,
+                                rope_parameters={"rope_type": "default", "rope_theta": 5e6})
     if name == "olmo2":
         return tf.Olmo2Config(**common, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=None,
                               rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     if name == "granite":
-        return tf.GraniteConfig(**common, embedding_multiplier=6.0, attention_multiplier=0.09, residual_multiplier=0.4,
-                                logits_scaling=3.0, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                                pad_token_id=None)
+        return tf.GraniteConfig(**common, embedding_multiplier=6.0, attention_multiplier=0.09,
+                                residual_multiplier=0.4, logits_scaling=3.0, attention_bias=True,
+                                mlp_bias=True, tie_word_embeddings=True, pad_token_id=None)
     gemma = dict(common, head_dim=32, query_pre_attn_scalar=24, sliding_window=8, pad_token_id=None,
                  hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
     if name == "gemma2":

@@ -1,9 +1,11 @@
-"""Every directory microft writes for other tools loads in transformers with the tokenizer microft trained with.
+"""Every directory microft writes for other tools loads in transformers with the tokenizer microft trained
+with.
 
 `AutoTokenizer.from_pretrained` on an export, a merge or a run's `final/` must encode text to the same ids as
 microft's own tokenizer for that model: a preset (GPT-2's vendored BPE, written as vocab.json + merges.txt),
 an HF directory (its files copied), a checkpoint (old ones without tokenizer files too), a LoRA merge, and the
-demo's own tokenizer. An export with no tokenizer would let transformers build an empty one (`[]` for any text).
+demo's own tokenizer. An export with no tokenizer would let transformers build an empty one (`[]` for any
+text).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def preset_run(tmp_path_factory) -> Path:
     data = alpaca_file(tmp / "data.json", n=24)
     out = tmp / "run"
     run("finetune", "--model", "gpt2-tiny", "--data", str(data), "--out", str(out), "--micro-bs", "2",
-        "--accum", "1", "--max-steps", "2", "--save-every", "1", "--eval-every", "0", "--lora", "--lora-r", "2",
+        "--accum", "1", "--max-steps", "2", "--save-every", "1", "--eval-every", "0", "--lora",
+        "--lora-r", "2",
         "--max-seq-len", "48", "--log-format", "plain", "--device", "cpu")
     return out
 
@@ -98,7 +101,8 @@ def test_export_of_an_hf_directory_copies_its_own_tokenizer(tmp_path):
     transformers.Qwen3Config(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                              max_position_embeddings=64, tie_word_embeddings=True).save_pretrained(src)
-    transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(src)).save_pretrained(src)
+    config = transformers.AutoConfig.from_pretrained(src)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(src)
     run("export", "--model", str(src), "--out", str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert not (tmp_path / "hf" / "vocab.json").exists()  # never GPT-2's files for another tokenizer
@@ -158,16 +162,17 @@ def test_gpt2s_files_encode_like_the_vendored_bpe_on_random_text(tmp_path):
     write_gpt2_tokenizer(tmp_path)
     theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), gpt2_tokenizer()
     rng = random.Random(0)
-    pieces = ["the", " The", "ing", " tokenization", "'s", "'ll", "n't", " 1", "2024", "3.5", "--", "...", "!?",
-              " ", "  ", "\n", "\t", "\r\n", "é", "ß", "Ω", "中文", "ー", "😀", "👍🏽", "\u200b", "\x00", "~", "@#$%"]
+    pieces = ["the", " The", "ing", " tokenization", "'s", "'ll", "n't", " 1", "2024", "3.5", "--", "...",
+              "!?", " ", "  ", "\n", "\t", "\r\n", "é", "ß", "Ω", "中文", "ー", "😀", "👍🏽",
+              "\u200b", "\x00", "~", "@#$%"]
     for _ in range(300):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
         assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), repr(text)
 
 
 def test_a_gpt2_directory_with_another_vocab_json_is_refused_not_read_as_gpt2s(tmp_path):
-    """vocab.json + merges.txt of another vocabulary (no tokenizer.json) used to train with GPT-2's ids without
-    a word, and its export would now carry the other vocabulary: refused in one line instead."""
+    """vocab.json + merges.txt of another vocabulary (no tokenizer.json) used to train with GPT-2's ids
+    without a word, and its export would now carry the other vocabulary: refused in one line instead."""
     from microft.errors import ConfigError
     from microft.tokenizer import write_gpt2_tokenizer
 

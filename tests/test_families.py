@@ -1,4 +1,5 @@
-"""Llama, Qwen2, Qwen3 and Mistral against transformers: tiny random models, sharded files, both RoPE layouts."""
+"""Llama, Qwen2, Qwen3 and Mistral against transformers: tiny random models, sharded files, both RoPE
+layouts."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+import tests.familycheck as fc  # noqa: E402
 from microft.errors import CheckpointError, ConfigError  # noqa: E402
 from microft.generate import generate  # noqa: E402
-from microft.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+from microft.lora import apply_lora  # noqa: E402
 from microft.models.config import PRESETS, ModelConfig  # noqa: E402
 from microft.models.families import FAMILIES as REGISTRY  # noqa: E402
-from microft.models.hf import export_hf  # noqa: E402
 from microft.models.load import load_model, read_model_config  # noqa: E402
 from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
 
@@ -29,8 +30,9 @@ FAMILIES = {
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
     # qwen2: q/k/v bias, tied head, a vocabulary that is not a multiple of 64 (padded inside microft)
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(vocab_size=250, tie_word_embeddings=True,
-                                                     rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        vocab_size=250, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     # qwen3: q/k RMSNorm before RoPE, head_dim (32) != hidden / heads (16)
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(vocab_size=256, head_dim=32, tie_word_embeddings=True)),
     # mistral: a sliding window shorter than the test sequences
@@ -57,21 +59,10 @@ def family(request, tmp_path_factory):
     torch.manual_seed(0)
     cfg = getattr(transformers, cfg_cls)(**COMMON, **extra)
     hf = getattr(transformers, model_cls)(cfg).eval()
-    d = tmp_path_factory.mktemp(name) / "hf"
-    hf.save_pretrained(d, max_shard_size="200KB")
-    assert (d / "model.safetensors.index.json").exists()
+    d = fc.save_sharded(hf, tmp_path_factory.mktemp(name) / "hf")
     if name in OLD_LAYOUT:
         to_old_rope_layout(d / "config.json")
     return name, hf, d
-
-
-def tokens(n: int = 20, vocab: int = 250, batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(7))
-
-
-def max_diff(hf, ours, x) -> float:
-    with torch.no_grad():
-        return (hf(x).logits - ours.eval()(x)).abs().max().item()
 
 
 def test_config_reads_the_family_switches(family):
@@ -88,64 +79,32 @@ def test_config_reads_the_family_switches(family):
 def test_logits_match_transformers(family):
     name, hf, d = family
     ours = load_model(d)
-    assert max_diff(hf, ours, tokens()) <= 1e-5
+    assert fc.max_diff(hf, ours, fc.tokens()) <= 1e-5
 
 
 def test_greedy_generation_with_kv_cache_matches(family):
     name, hf, d = family
-    ours = load_model(d)
-    prompt = tokens(6, batch=1)
-    with torch.no_grad():
-        want = hf.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=0)[0, 6:].tolist()
-    got = list(generate(ours, prompt[0].tolist(), 30, stop_at_eot=False))
-    assert got == want
+    fc.assert_generates_like(hf, load_model(d))
 
 
 def test_export_round_trips_through_transformers(family, tmp_path):
     name, hf, d = family
-    ours = load_model(d)
-    out = export_hf(ours, tmp_path / "out", max_shard_bytes=100_000)
-    assert (out / "model.safetensors.index.json").exists()
-    back, info = type(hf).from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert max_diff(back.eval(), ours, tokens()) <= 1e-5
-    again = load_model(out)  # and microft reads its own export
-    assert max_diff(hf, again, tokens()) <= 1e-5
+    fc.assert_export_round_trips(hf, load_model(d), tmp_path / "out", fc.tokens())
 
 
 def test_lora_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
-    peft = pytest.importorskip("peft")
     name, hf, d = family
-    ours = load_model(d)
-    apply_lora(ours, r=4, alpha=8, targets="all")
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    save_adapter(tmp_path / "adapter", ours, str(d))
-    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    base = type(hf).from_pretrained(d)
-    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    x = tokens()
-    assert max_diff(peft_model, ours, x) <= 1e-5
-    reloaded = load_adapter(load_model(d), tmp_path / "adapter")
-    assert max_diff(peft_model, reloaded, x) <= 1e-5
-    with torch.no_grad():
-        before = ours(x)
-    merge_lora(ours)
-    assert not any("lora_" in n for n, _ in ours.named_parameters())
-    with torch.no_grad():  # folding B @ A into W rounds differently: fp32 noise on logits of size ~10
-        assert torch.allclose(ours(x), before, atol=1e-4, rtol=0)
+    fc.assert_peft_round_trip(hf, d, tmp_path / "adapter", want=fc.LORA_NAMES)
 
 
 def test_lora_targets_by_family():
     llama = Transformer(ModelConfig.from_preset("llama-tiny"))
-    assert apply_lora(llama, 2, 4, targets="q_proj,v_proj") == 2 * ((2 * 64 + 64 * 2) + (2 * 64 + 32 * 2))  # layers × (q: A + B, v: A + B)
+    # layers × (q: A + B, v: A + B)
+    assert apply_lora(llama, 2, 4, targets="q_proj,v_proj") == 2 * ((2 * 64 + 64 * 2) + (2 * 64 + 32 * 2))
     qwen = Transformer(ModelConfig.from_preset("qwen2-tiny"))
     apply_lora(qwen, 2, 4, targets="qkv,proj")  # GPT-2's names are groups on the other families
-    assert {n.split(".")[3] for n, p in qwen.named_parameters() if "lora_A" in n} == {"q_proj", "k_proj", "v_proj",
-                                                                                     "o_proj"}
+    adapted = {n.split(".")[3] for n, p in qwen.named_parameters() if "lora_A" in n}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}
     gpt2 = Transformer(ModelConfig.from_preset("gpt2-tiny"))
     with pytest.raises(ConfigError, match="q_proj"):
         apply_lora(gpt2, 2, 4, targets="q_proj")
@@ -162,21 +121,13 @@ def test_grad_checkpointing_and_fused_loss_give_reference_gradients(preset):
     y[:, :3] = -100
 
     def grads(ckpt: bool, fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
         set_grad_checkpointing(model, ckpt)
         if fused:
-            loss = model(x, y)
-        else:
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+            return fc.loss_and_grads(model, lambda: model(x, y))
+        return fc.loss_and_grads(model, lambda: F.cross_entropy(model(x).flatten(0, 1), y.flatten(),
+                                                                ignore_index=-100, reduction="sum"))
 
-    ref_loss, ref = grads(False, False)
-    for ckpt, fused in ((True, False), (False, True), (True, True)):
-        loss, got = grads(ckpt, fused)
-        assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
-        for n, g in ref.items():
-            torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4, msg=n)
+    fc.assert_variants_match(grads)
 
 
 def test_kv_cache_holds_only_key_value_heads_and_matches_full_forward():
@@ -205,8 +156,9 @@ def test_generate_stops_at_any_stop_id():
 def test_both_rope_layouts_give_one_config():
     new = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
            "num_attention_heads": 4, "vocab_size": 256,
-           "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+           "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 32}}
     old = {**{k: v for k, v in new.items() if k != "rope_parameters"}, "rope_theta": 5e5,
            "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 32}}
@@ -262,5 +214,6 @@ def test_every_family_entry_is_whole(model_type):
     model = Transformer(cfg)
     names = [n for n, _ in model.named_parameters()]
     assert len({fam.hf_key(n) for n in names}) == len(names)
-    linears = {n.rsplit(".", 1)[0].split(".", 2)[2] for n in names if n.startswith("h.0.") and n.endswith("weight")}
+    linears = {n.rsplit(".", 1)[0].split(".", 2)[2] for n in names
+               if n.startswith("h.0.") and n.endswith("weight")}
     assert {".".join(fam.lora_targets[t]) for t in fam.lora_targets} <= linears

@@ -1,12 +1,10 @@
-"""The new families end to end: a tiny Qwen3 reached by hub repo id in the local HF cache, fine-tuned with LoRA
-on chat JSONL through the CLI, checked with peft and transformers; a tiny Llama through `run_finetune` for exact
-accumulation, bit-exact resume and pretraining with its own BOS/EOS."""
+"""The new families end to end: a tiny Qwen3 reached by hub repo id in the local HF cache, fine-tuned with
+LoRA on chat JSONL through the CLI, checked with peft and transformers; a tiny Llama through `run_finetune`
+for exact accumulation, bit-exact resume and pretraining with its own BOS/EOS."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,11 +13,11 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
+import tests.familycheck as fc  # noqa: E402
 from microft.cli import app  # noqa: E402
 from microft.config import RunConfig  # noqa: E402
-from microft.errors import ConfigError, Interrupted  # noqa: E402
-from microft.models.config import IGNORE_INDEX  # noqa: E402
-from microft.runs import TOKENIZER_FILES, run_finetune, run_pretrain, tokenizer_for  # noqa: E402
+from microft.errors import ConfigError  # noqa: E402
+from microft.runs import TOKENIZER_FILES, run_pretrain, tokenizer_for  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.tokdirs import LLAMA3_TEMPLATE, QWEN_TEMPLATE_GEN, write_llama_dir, write_qwen_dir  # noqa: E402
 
@@ -36,26 +34,13 @@ def hf_dir(d: Path, family: str) -> Path:
     if family == "qwen3":
         cfg = transformers.Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True)
         transformers.Qwen3ForCausalLM(cfg).save_pretrained(d)
-        write_qwen_dir(d, QWEN_TEMPLATE_GEN)  # renders as QWEN_TEMPLATE; marks assistant text for transformers
+        # renders as QWEN_TEMPLATE; marks assistant text for transformers
+        write_qwen_dir(d, QWEN_TEMPLATE_GEN)
     else:
         cfg = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False)
         transformers.LlamaForCausalLM(cfg).save_pretrained(d)
         write_llama_dir(d, LLAMA3_TEMPLATE)
     return d  # the tokenizer's generation_config.json (a list of EOS ids) replaced save_pretrained's
-
-
-def chat_file(path: Path, n: int = 24) -> Path:
-    words = "red green blue cat dog sun moon tree".split()
-    lines = []
-    for i in range(n):
-        a, b = words[i % 8], words[(3 * i + 1) % 8]
-        msgs = [{"role": "user", "content": f"Say {a} and {b}."}, {"role": "assistant", "content": f"{a} {b}"}]
-        if i % 3 == 0:
-            msgs = [{"role": "system", "content": "Be brief."}, *msgs,
-                    {"role": "user", "content": "Again, reversed."}, {"role": "assistant", "content": f"{b} {a}"}]
-        lines.append(json.dumps({"messages": msgs}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +59,17 @@ def qwen_run(qwen_cache, tmp_path_factory):
     """`microft finetune --model tiny/qwen3 --lora` on chat JSONL, offline from the cache (template: auto)."""
     cache, snap = qwen_cache
     root = tmp_path_factory.mktemp("qwen-run")
-    data = chat_file(root / "chat.jsonl")
+    data = fc.chat_file(root / "chat.jsonl")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_CACHE", str(cache))
     mp.setenv("HF_HUB_OFFLINE", "1")
     try:
-        res = runner.invoke(app, ["finetune", "--model", "tiny/qwen3", "--data", str(data), "--out", str(root / "out"),
-                                  "--lora", "--lora-r", "4", "--lora-targets", "all", "--micro-bs", "2", "--accum", "2",
-                                  "--max-steps", "4", "--eval-every", "4", "--save-every", "2", "--lr", "1e-2",
-                                  "--device", "cpu", "--precision", "fp32", "--log-format", "plain",
-                                  "--max-seq-len", "96", "--val-frac", "0.2"])
+        res = runner.invoke(app, ["finetune", "--model", "tiny/qwen3", "--data", str(data),
+                                  "--out", str(root / "out"), "--lora", "--lora-r", "4",
+                                  "--lora-targets", "all", "--micro-bs", "2", "--accum", "2",
+                                  "--max-steps", "4", "--eval-every", "4", "--save-every", "2",
+                                  "--lr", "1e-2", "--device", "cpu", "--precision", "fp32",
+                                  "--log-format", "plain", "--max-seq-len", "96", "--val-frac", "0.2"])
     finally:
         mp.undo()
     assert res.exit_code == 0, res.output
@@ -125,27 +111,19 @@ def test_loss_masks_cover_exactly_the_assistant_tokens(qwen_cache, tmp_path):
     from microft.models.load import read_model_config
 
     _, snap = qwen_cache
-    data = chat_file(tmp_path / "chat.jsonl", n=6)
+    data = fc.chat_file(tmp_path / "chat.jsonl", n=6)
     cfg = RunConfig(model=str(snap), data=str(data), val_frac=0.0)
     tok = tokenizer_for(str(snap), read_model_config(snap))
     samples = load_instruct_data(cfg, 256, tok).train
-    hf_tok = transformers.AutoTokenizer.from_pretrained(snap)
-    records = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
-    assert len(samples) == len(records)
-    for s, msgs in zip(samples, records, strict=True):
-        enc = hf_tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids, mask = enc["input_ids"], enc["assistant_masks"]
-        last = max(i for i, m in enumerate(mask) if m)
-        assert s["input_ids"] == ids[:last]  # nothing after the final assistant token is trained
-        want = [t if m else IGNORE_INDEX for t, m in zip(ids[1 : last + 1], mask[1 : last + 1], strict=True)]
-        assert s["labels"] == want
+    fc.assert_masks_match(samples, transformers.AutoTokenizer.from_pretrained(snap), fc.records_of(data))
 
 
 def test_generate_chat_streams_what_transformers_generates(qwen_run):
     peft = pytest.importorskip("peft")
     out, snap, _ = qwen_run
-    res = runner.invoke(app, ["generate", "--model", str(out / "final"), "--chat", "--prompt", "Say red and blue.",
-                              "--temperature", "0", "--max-new-tokens", "12", "--device", "cpu", "--json"])
+    res = runner.invoke(app, ["generate", "--model", str(out / "final"), "--chat", "--prompt",
+                              "Say red and blue.", "--temperature", "0", "--max-new-tokens", "12", "--device",
+                              "cpu", "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
     hf_tok = transformers.AutoTokenizer.from_pretrained(snap)
@@ -153,13 +131,8 @@ def test_generate_chat_streams_what_transformers_generates(qwen_run):
                                                        tokenize=False, add_generation_prompt=True)
     model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(snap),
                                            out / "final").eval()
-    ids = hf_tok(got["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
-    gen = json.loads((snap / "generation_config.json").read_text())
-    with torch.no_grad():
-        new = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=gen["eos_token_id"],
-                             pad_token_id=0)[0, ids.shape[1]:].tolist()
-    new = [t for t in new if t not in gen["eos_token_id"]]  # transformers keeps the stop token; microft doesn't
-    assert got["completion"] == hf_tok.decode(new).strip()
+    stops = json.loads((snap / "generation_config.json").read_text())["eos_token_id"]
+    assert got["completion"] == fc.greedy_completion(model, hf_tok, got["prompt"], 12, stops)
 
 
 def test_export_and_merge_fold_the_adapter_in_and_keep_the_tokenizer(qwen_run, tmp_path):
@@ -171,73 +144,57 @@ def test_export_and_merge_fold_the_adapter_in_and_keep_the_tokenizer(qwen_run, t
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(exported).__name__ == "Qwen3ForCausalLM"
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|im_end|>"
-    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(snap), out / "final").eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(snap)
+    ref = peft.PeftModel.from_pretrained(base, out / "final").eval()
     x = torch.randint(0, 600, (1, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (exported(x).logits - ref(x).logits).abs().max().item() <= 1e-4
     res = runner.invoke(app, ["merge", "--model", str(out / "final"), "--out", str(tmp_path / "merged")])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "merged" / "tokenizer.json").is_file() and not (tmp_path / "merged" / "adapter_config.json").exists()
-    res = runner.invoke(app, ["generate", "--model", str(tmp_path / "merged"), "--prompt", "hello", "--temperature",
-                              "0", "--max-new-tokens", "4", "--device", "cpu"])
+    merged = tmp_path / "merged"
+    assert (merged / "tokenizer.json").is_file() and not (merged / "adapter_config.json").exists()
+    res = runner.invoke(app, ["generate", "--model", str(merged), "--prompt", "hello", "--temperature", "0",
+                              "--max-new-tokens", "4", "--device", "cpu"])
     assert res.exit_code == 0, res.output
 
 
 def test_a_random_preset_of_a_new_family_is_refused_in_one_line(tmp_path):
-    data = chat_file(tmp_path / "chat.jsonl", n=4)
-    res = runner.invoke(app, ["finetune", "--model", "llama-tiny", "--data", str(data), "--out", str(tmp_path / "o")])
+    data = fc.chat_file(tmp_path / "chat.jsonl", n=4)
+    res = runner.invoke(app, ["finetune", "--model", "llama-tiny", "--data", str(data),
+                              "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert "randomly initialised llama preset without a tokenizer" in res.output
     assert not (tmp_path / "o").exists()
 
 
-# --------------------------------------------------------------------------- a tiny Llama through run_finetune
+# ---------------------------------------------------------------------- a tiny Llama through run_finetune
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    return hf_dir(root / "model", "llama"), chat_file(root / "chat.jsonl", n=16)
+    return hf_dir(root / "model", "llama"), fc.chat_file(root / "chat.jsonl", n=16)
 
 
 def llama_cfg(llama, out: Path, micro_bs: int, accum: int, **kw) -> RunConfig:
-    model, data = llama
-    base = dict(model=str(model), data=str(data), out=str(out), micro_bs=micro_bs, accum=accum, max_steps=4,
-                max_seq_len=64, precision="fp32", device="cpu", lr=1e-2, warmup=0, val_frac=0.0,
-                log_format="plain", samples_per_eval=0, seed=5)
-    base.update(kw)
-    return RunConfig(**base)
+    return fc.run_config(*llama, out, micro_bs, accum, **kw)
 
 
 def test_llama_splits_of_the_global_batch_give_the_same_weights(llama, tmp_path):
-    finals = {}
-    for mb, acc in [(1, 4), (2, 2), (4, 1)]:
-        run_finetune(llama_cfg(llama, tmp_path / f"{mb}x{acc}", mb, acc, optimizer="sgd", momentum=0.0,
-                               max_grad_norm=None, group_by_length=False), lambda e: None)
-        finals[(mb, acc)] = read_safetensors(tmp_path / f"{mb}x{acc}" / "final" / "model.safetensors")
+    finals = fc.splits_finals(lambda *a, **kw: llama_cfg(llama, *a, **kw), tmp_path, [(1, 4), (2, 2), (4, 1)])
     ref = finals[(4, 1)]
     start = read_safetensors(llama[0] / "model.safetensors")
-    assert not torch.equal(ref["wte.weight"], start["model.embed_tokens.weight"][: ref["wte.weight"].shape[0]])
-    for key, w in finals.items():
-        for name, t in ref.items():
-            assert (w[name] - t).abs().max().item() <= 1e-6, (key, name)
+    rows = ref["wte.weight"].shape[0]
+    assert not torch.equal(ref["wte.weight"], start["model.embed_tokens.weight"][:rows])
+    fc.assert_same_weights(finals, (4, 1))
 
 
 def test_llama_resume_after_sigint_is_bit_exact(llama, tmp_path):
-    run_finetune(llama_cfg(llama, tmp_path / "ref", 2, 2, save_every=2), lambda e: None)
-    cfg = llama_cfg(llama, tmp_path / "cut", 2, 2, save_every=2)
+    def stopped_at_2() -> None:
+        assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-0000002"]
 
-    def interrupt_at_2(e):
-        if e["kind"] == "step" and e["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_finetune(cfg, interrupt_at_2)
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-0000002"]
-    run_finetune(cfg.model_copy(update={"resume": "auto"}), lambda e: None)
-    ref = read_safetensors(tmp_path / "ref" / "final" / "model.safetensors")
-    got = read_safetensors(tmp_path / "cut" / "final" / "model.safetensors")
-    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    fc.assert_resume_is_bit_exact(llama_cfg(llama, tmp_path / "ref", 2, 2, save_every=2),
+                                  llama_cfg(llama, tmp_path / "cut", 2, 2, save_every=2), stopped_at_2)
 
 
 def test_llama_pretrain_packs_with_its_bos_and_eos_and_generates(llama, tmp_path):
@@ -248,12 +205,15 @@ def test_llama_pretrain_packs_with_its_bos_and_eos_and_generates(llama, tmp_path
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("hello world, how are you?\n\nThe quick brown fox jumps over the lazy dog.\n\n" * 20)
     tok = tokenizer_for(str(model), read_model_config(model))
-    blocks = pack_documents(["hello world", "the cat"], lambda d: tok.prefix + tok.encode(d), 4, eos_id=tok.eos_id)
-    want = [tok.bos_id, *tok.encode("hello world"), tok.eos_id, tok.bos_id, *tok.encode("the cat"), tok.eos_id]
+    blocks = pack_documents(["hello world", "the cat"], lambda d: tok.prefix + tok.encode(d), 4,
+                            eos_id=tok.eos_id)
+    want = [tok.bos_id, *tok.encode("hello world"), tok.eos_id, tok.bos_id, *tok.encode("the cat"),
+            tok.eos_id]
     assert blocks.tokens.tolist() == want
     assert tok.bos_id == tok.token_to_id("<|begin_of_text|>") and tok.eos_id == tok.token_to_id("<|eot_id|>")
-    cfg = RunConfig(model=str(model), data=str(corpus), out=str(tmp_path / "pt"), micro_bs=2, accum=1, max_steps=2,
-                    max_seq_len=32, precision="fp32", device="cpu", log_format="plain", group_by_length=False)
+    cfg = RunConfig(model=str(model), data=str(corpus), out=str(tmp_path / "pt"), micro_bs=2, accum=1,
+                    max_steps=2, max_seq_len=32, precision="fp32", device="cpu", log_format="plain",
+                    group_by_length=False)
     run_pretrain(cfg, lambda e: None)
     assert (tmp_path / "pt" / "final" / "tokenizer.json").is_file()
     res = runner.invoke(app, ["generate", "--model", str(tmp_path / "pt" / "final"), "--prompt", "hello",
@@ -271,20 +231,7 @@ def test_a_tokenizer_bigger_than_the_model_is_refused(llama, tmp_path):
         tokenizer_for(str(model), small)
 
 
-@pytest.mark.parametrize("recipe", ["qwen3-0.6b-lora.toml", "llama-3.2-1b-lora.toml", "llama-3.2-1b-qlora.toml"])
+@pytest.mark.parametrize("recipe", ["qwen3-0.6b-lora.toml", "llama-3.2-1b-lora.toml",
+                                    "llama-3.2-1b-qlora.toml"])
 def test_the_recipes_estimate_mem_lines_say_what_estimate_mem_says(recipe):
-    import shlex
-
-    path = Path(__file__).parent.parent / "recipes" / recipe
-    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("#   microft estimate-mem")]
-    assert len(lines) == 2
-    for line in lines:
-        cmd, claim = line.removeprefix("#   microft ").split("#", 1)
-        args = shlex.split(cmd.replace("recipes/", f"{path.parent}/"))
-        res = runner.invoke(app, [*args, "--json"])
-        assert res.exit_code == 0, res.output  # 0: fits the budget
-        est = json.loads(res.output)
-        assert est["fits"] is True and "fits" in claim
-        peak = claim.split("peak ")[1].split(" GiB")[0] if "peak " in claim else None
-        if peak:
-            assert f"{est['peak_bytes'] / 2**30:.2f}" == peak
+    fc.assert_recipe_estimates_hold(recipe, runner, app)

@@ -13,16 +13,14 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+import tests.familycheck as fc  # noqa: E402
 from microft.errors import ConfigError  # noqa: E402
-from microft.generate import generate  # noqa: E402
-from microft.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from microft.models.config import ModelConfig  # noqa: E402
-from microft.models.hf import export_hf, hf_name  # noqa: E402
+from microft.models.hf import hf_name  # noqa: E402
 from microft.models.load import load_model, read_model_config  # noqa: E402
 from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
 
 SLIDING, FULL = "sliding_attention", "full_attention"
-LORA_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 COMMON = dict(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
               initializer_range=0.2, query_pre_attn_scalar=20, sliding_window=6, rms_norm_eps=1e-5,
@@ -70,25 +68,11 @@ def family(request, tmp_path_factory):
     cfg_cls, model_cls, extra, old = CASES[name]
     torch.manual_seed(0)
     hf = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**COMMON, **extra)).eval()
-    with torch.no_grad():  # transformers initialises the (1 + w) gains at w = 0: move them away from it
-        for n, p in hf.named_parameters():
-            if "norm" in n:
-                p.normal_(0.0, 0.3)
-    d = tmp_path_factory.mktemp(name) / "hf"
-    hf.save_pretrained(d, max_shard_size="200KB")
-    assert (d / "model.safetensors.index.json").exists()
+    fc.random_gains_(hf)  # transformers initialises the (1 + w) gains at w = 0: move them away from it
+    d = fc.save_sharded(hf, tmp_path_factory.mktemp(name) / "hf")
     if old:
         to_old_layout(d / "config.json")
     return name, hf, d
-
-
-def tokens(n: int = 20, batch: int = 2, seed: int = 7) -> torch.Tensor:
-    return torch.randint(0, 250, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(hf, ours, x) -> float:
-    with torch.no_grad():
-        return (hf(x).logits - ours.eval()(x)).abs().max().item()
 
 
 def test_config_reads_every_gemma_switch(family):
@@ -107,16 +91,12 @@ def test_config_reads_every_gemma_switch(family):
 
 def test_logits_match_transformers(family):
     name, hf, d = family
-    assert max_diff(hf, load_model(d), tokens()) <= 1e-5
+    assert fc.max_diff(hf, load_model(d), fc.tokens()) <= 1e-5
 
 
 def test_greedy_generation_with_kv_cache_matches(family):
     name, hf, d = family
-    ours = load_model(d)
-    prompt = tokens(6, batch=1)
-    with torch.no_grad():
-        want = hf.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=0)[0, 6:].tolist()
-    assert list(generate(ours, prompt[0].tolist(), 30, stop_at_eot=False)) == want
+    fc.assert_generates_like(hf, load_model(d))
 
 
 def test_training_loss_and_gradients_match_transformers(family):
@@ -125,7 +105,7 @@ def test_training_loss_and_gradients_match_transformers(family):
     name, hf, d = family
     ours = load_model(d).train()
     hf.train()
-    x = tokens(24)
+    x = fc.tokens(24)
     labels = x[:, 1:].clone()
     labels[:, :3] = -100
     hf_loss = F.cross_entropy(hf(x[:, :-1]).logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -143,37 +123,13 @@ def test_training_loss_and_gradients_match_transformers(family):
 
 def test_export_round_trips_through_transformers(family, tmp_path):
     name, hf, d = family
-    ours = load_model(d)
-    out = export_hf(ours, tmp_path / "out", max_shard_bytes=100_000)
-    back, info = type(hf).from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    back = fc.assert_export_round_trips(hf, load_model(d), tmp_path / "out", fc.tokens())
     assert list(back.config.layer_types) == list(hf.config.layer_types)
-    assert max_diff(back.eval(), ours, tokens()) <= 1e-5
-    assert max_diff(hf, load_model(out), tokens()) <= 1e-5
 
 
 def test_lora_adapter_loads_in_peft_with_equal_logits(family, tmp_path):
-    peft = pytest.importorskip("peft")
     name, hf, d = family
-    ours = load_model(d)
-    apply_lora(ours, r=4, alpha=8, targets="all")
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    save_adapter(tmp_path / "adapter", ours, str(d))
-    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert set(cfg["target_modules"]) == LORA_NAMES
-    peft_model = peft.PeftModel.from_pretrained(type(hf).from_pretrained(d), tmp_path / "adapter").eval()
-    x = tokens()
-    assert max_diff(peft_model, ours, x) <= 1e-5
-    assert max_diff(peft_model, load_adapter(load_model(d), tmp_path / "adapter"), x) <= 1e-5
-    with torch.no_grad():
-        before = ours(x)
-    merge_lora(ours)
-    assert not any("lora_" in n for n, _ in ours.named_parameters())
-    with torch.no_grad():
-        assert torch.allclose(ours(x), before, atol=1e-4, rtol=0)
+    fc.assert_peft_round_trip(hf, d, tmp_path / "adapter", want=fc.LORA_NAMES)
 
 
 @pytest.mark.parametrize("lengths", [(30, 26), (7, 5)], ids=["masked", "per-sample"])
@@ -185,30 +141,19 @@ def test_packing_and_grad_checkpointing_keep_soft_caps_and_windows_exact(preset,
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset)
     model = Transformer(cfg).train()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.normal_(0.0, 0.3)
+    fc.random_gains_(model)
     samples = [torch.randint(0, cfg.vocab_size, (1, n)) for n in lengths]
     labels = [torch.cat([x[:, 1:], torch.full((1, 1), -100)], 1) for x in samples]
 
     def run(ckpt: bool, packed: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
         set_grad_checkpointing(model, ckpt)
         if packed:
             pos = torch.cat([torch.arange(x.size(1)) for x in samples])[None]
-            loss = model(torch.cat(samples, 1), torch.cat(labels, 1), position_ids=pos)
-        else:
-            loss = sum(model(x, y) for x, y in zip(samples, labels))
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+            return fc.loss_and_grads(model, lambda: model(torch.cat(samples, 1), torch.cat(labels, 1),
+                                                          position_ids=pos))
+        return fc.loss_and_grads(model, lambda: sum(model(x, y) for x, y in zip(samples, labels)))
 
-    ref_loss, ref = run(False, False)
-    for ckpt, packed in ((True, False), (False, True), (True, True)):
-        loss, got = run(ckpt, packed)
-        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
-        for n, g in ref.items():
-            torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4, msg=n)
+    fc.assert_variants_match(run, loss_rtol=1e-5)
 
 
 # the peak in a block's backward (long rows, a small vocabulary): the soft-capped attention's own copies and
@@ -245,7 +190,7 @@ def test_the_embedding_normalizer_is_rounded_in_the_model_dtype_as_transformers_
     seen = {}
     ours.h[0].register_forward_pre_hook(lambda m, args: seen.setdefault("ours", args[0]))
     hf.model.layers[0].register_forward_pre_hook(lambda m, args: seen.setdefault("hf", args[0]))
-    x = tokens(8)
+    x = fc.tokens(8)
     with torch.no_grad():
         ours(x)
         hf(x)

@@ -1,14 +1,11 @@
-"""Phi-4-mini end to end on a tiny random model: its chat format (`<|user|> ... <|end|><|assistant|>`, stops at
-`<|end|>` and `<|endoftext|>`), LoRA and QLoRA fine-tuning through the CLI with adapters on the fused
+"""Phi-4-mini end to end on a tiny random model: its chat format (`<|user|> ... <|end|><|assistant|>`, stops
+at `<|end|>` and `<|endoftext|>`), LoRA and QLoRA fine-tuning through the CLI with adapters on the fused
 `qkv_proj` / `gate_up_proj` that peft loads, export and merge, exact accumulation splits and bit-exact resume;
 the Phi-4-mini QLoRA recipe's estimate lines."""
 
 from __future__ import annotations
 
 import json
-import os
-import shlex
-import signal
 from pathlib import Path
 
 import pytest
@@ -17,11 +14,10 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
+import tests.familycheck as fc  # noqa: E402
 from microft.cli import app  # noqa: E402
 from microft.config import RunConfig  # noqa: E402
-from microft.errors import Interrupted  # noqa: E402
-from microft.models.config import IGNORE_INDEX  # noqa: E402
-from microft.runs import run_finetune, tokenizer_for  # noqa: E402
+from microft.runs import tokenizer_for  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.tokdirs import QWEN_TEMPLATE, trained_tokenizer_json  # noqa: E402
 
@@ -70,30 +66,17 @@ def write_phi_dir(d: Path) -> Path:
     return d
 
 
-def chat_file(path: Path, n: int = 16) -> Path:
-    words = "red green blue cat dog sun moon tree".split()
-    lines = []
-    for i in range(n):
-        a, b = words[i % 8], words[(3 * i + 1) % 8]
-        msgs = [{"role": "user", "content": f"Say {a} and {b}."}, {"role": "assistant", "content": f"{a} {b}"}]
-        if i % 3 == 0:
-            msgs = [{"role": "system", "content": "Be brief."}, *msgs,
-                    {"role": "user", "content": "Again, reversed."}, {"role": "assistant", "content": f"{b} {a}"}]
-        lines.append(json.dumps({"messages": msgs}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def phi(tmp_path_factory):
     root = tmp_path_factory.mktemp("phi")
-    return write_phi_dir(root / "model"), chat_file(root / "chat.jsonl")
+    return write_phi_dir(root / "model"), fc.chat_file(root / "chat.jsonl", n=16)
 
 
 def finetune(phi, out: Path, *extra: str):
     model, data = phi
     res = runner.invoke(app, ["finetune", "--model", str(model), "--data", str(data), "--out", str(out),
-                              "--lora", "--lora-r", "4", "--lora-targets", "all", "--micro-bs", "2", "--accum", "2",
+                              "--lora", "--lora-r", "4", "--lora-targets", "all", "--micro-bs", "2",
+                              "--accum", "2",
                               "--max-steps", "3", "--eval-every", "0", "--lr", "1e-2", "--device", "cpu",
                               "--log-format", "plain", "--max-seq-len", "96", "--val-frac", "0", *extra])
     assert res.exit_code == 0, res.output
@@ -116,15 +99,7 @@ def test_loss_masks_cover_exactly_the_assistant_tokens(phi, tmp_path):
     cfg = RunConfig(model=str(model), data=str(data), val_frac=0.0)
     samples = load_instruct_data(cfg, 256, tokenizer_for(str(model), read_model_config(model))).train
     hf_tok = transformers.AutoTokenizer.from_pretrained(model)
-    records = [json.loads(line)["messages"] for line in data.read_text().splitlines()]
-    assert len(samples) == len(records)
-    for s, msgs in zip(samples, records, strict=True):
-        enc = hf_tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        ids, mask = enc["input_ids"], enc["assistant_masks"]
-        last = max(i for i, m in enumerate(mask) if m)
-        assert s["input_ids"] == ids[:last]
-        assert s["labels"] == [t if m else IGNORE_INDEX for t, m in zip(ids[1 : last + 1], mask[1 : last + 1])]
-        assert hf_tok.convert_ids_to_tokens(ids[last]) == "<|end|>"  # the turn's end token is trained
+    fc.assert_masks_match(samples, hf_tok, fc.records_of(data), "<|end|>")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +115,8 @@ def test_lora_adapter_on_fused_projections_loads_in_peft_and_generates_the_same(
     cfg = json.loads((lora_run / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     assert cfg["rank_pattern"] == {"qkv_proj": 12, "gate_up_proj": 8}
-    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model), lora_run).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    ref = peft.PeftModel.from_pretrained(base, lora_run).eval()
     x = torch.randint(0, 600, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (load_any(str(lora_run)).eval()(x) - ref(x).logits).abs().max().item() <= 1e-5
@@ -150,13 +126,9 @@ def test_lora_adapter_on_fused_projections_loads_in_peft_and_generates_the_same(
     got = json.loads(res.output)
     hf_tok = transformers.AutoTokenizer.from_pretrained(model)
     assert got["prompt"] == "<|user|>Say red and blue.<|end|><|assistant|>"
-    ids = hf_tok(got["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
     stops = json.loads((model / "generation_config.json").read_text())["eos_token_id"]
-    with torch.no_grad():  # 40 new tokens pass the original context of 32: the long factors, the cache rebuilt
-        new = ref.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=stops,
-                           pad_token_id=0)[0, ids.shape[1]:].tolist()
-    new = [t for t in new if t not in stops]  # transformers keeps the stop token; microft doesn't
-    assert got["completion"] == hf_tok.decode(new).strip()
+    # 40 new tokens pass the original context of 32: the long factors, the cache rebuilt
+    assert got["completion"] == fc.greedy_completion(ref, hf_tok, got["prompt"], 40, stops)
 
 
 def test_export_and_merge_fuse_the_projections_again(phi, lora_run, tmp_path):
@@ -166,7 +138,8 @@ def test_export_and_merge_fuse_the_projections_again(phi, lora_run, tmp_path):
     assert res.exit_code == 0, res.output
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(exported).__name__ == "Phi3ForCausalLM"
-    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model), lora_run).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(model)
+    ref = peft.PeftModel.from_pretrained(base, lora_run).eval()
     x = torch.randint(0, 600, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert (exported(x).logits - ref(x).logits).abs().max().item() <= 1e-4
@@ -189,71 +162,44 @@ def test_qlora_trains_adapters_peft_loads_on_the_fused_projections(phi, tmp_path
 
     x = torch.randint(0, 600, (1, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():  # the merged weights are the dequantized base plus B @ A
-        diff = (load_any(str(tmp_path / "merged")).eval()(x) - load_any(str(final)).eval()(x)).abs().max().item()
+        merged, adapted = load_any(str(tmp_path / "merged")).eval(), load_any(str(final)).eval()
+        diff = (merged(x) - adapted(x)).abs().max().item()
     assert diff <= 1e-4
 
 
 def run_cfg(phi, out: Path, micro_bs: int, accum: int, **kw) -> RunConfig:
-    model, data = phi
-    base = dict(model=str(model), data=str(data), out=str(out), micro_bs=micro_bs, accum=accum, max_steps=4,
-                max_seq_len=64, precision="fp32", device="cpu", lr=1e-2, warmup=0, val_frac=0.0,
-                log_format="plain", samples_per_eval=0, seed=5)
-    return RunConfig(**{**base, **kw})
+    return fc.run_config(*phi, out, micro_bs, accum, **kw)
 
 
 def test_splits_of_the_global_batch_give_the_same_weights(phi, tmp_path):
-    """Within the original context (32 here; 4096 for Phi-3.5/4-mini): past it LongRoPE's long factors apply to
-    a whole padded micro-batch, as in transformers, so the split would change which samples get them."""
-    finals = {}
-    for mb, acc in [(1, 4), (4, 1)]:
-        run_finetune(run_cfg(phi, tmp_path / f"{mb}x{acc}", mb, acc, max_seq_len=32, optimizer="sgd", momentum=0.0,
-                             max_grad_norm=None, group_by_length=False, grad_ckpt=mb == 1), lambda e: None)
-        finals[(mb, acc)] = read_safetensors(tmp_path / f"{mb}x{acc}" / "final" / "model.safetensors")
-    ref, other = finals[(4, 1)], finals[(1, 4)]
+    """Within the original context (32 here; 4096 for Phi-3.5/4-mini): past it LongRoPE's long factors apply
+    to a whole padded micro-batch, as in transformers, so the split would change which samples get them."""
+    def config(out: Path, mb: int, acc: int, **kw) -> RunConfig:
+        return run_cfg(phi, out, mb, acc, max_seq_len=32, grad_ckpt=mb == 1, **kw)
+
+    finals = fc.splits_finals(config, tmp_path, [(1, 4), (4, 1)])
+    ref = finals[(4, 1)]
     start = read_safetensors(phi[0] / "model.safetensors")["model.layers.0.self_attn.qkv_proj.weight"]
     assert not torch.equal(torch.cat([ref[f"h.0.attn.{p}_proj.weight"] for p in "qkv"]), start)
-    for name, t in ref.items():
-        assert (other[name] - t).abs().max().item() <= 1e-6, name
+    fc.assert_same_weights(finals, (4, 1))
 
 
 def test_resume_after_sigint_is_bit_exact(phi, tmp_path):
     events: list[dict] = []
-    run_finetune(run_cfg(phi, tmp_path / "ref", 2, 2, save_every=2), events.append)  # 64 positions > 32
-    assert any(e["kind"] == "note" and e["text"].startswith("LongRoPE: a micro-batch padded past 32") for e in events)
-    cfg = run_cfg(phi, tmp_path / "cut", 2, 2, save_every=2)
-
-    def interrupt_at_2(e):
-        if e["kind"] == "step" and e["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_finetune(cfg, interrupt_at_2)
-    run_finetune(cfg.model_copy(update={"resume": "auto"}), lambda e: None)
-    ref = read_safetensors(tmp_path / "ref" / "final" / "model.safetensors")
-    got = read_safetensors(tmp_path / "cut" / "final" / "model.safetensors")
-    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    fc.assert_resume_is_bit_exact(run_cfg(phi, tmp_path / "ref", 2, 2, save_every=2),  # 64 positions > 32
+                                  run_cfg(phi, tmp_path / "cut", 2, 2, save_every=2),
+                                  ref_events=events.append)
+    assert any(e["kind"] == "note" and e["text"].startswith("LongRoPE: a micro-batch padded past 32")
+               for e in events)
 
 
 def test_the_phi4_mini_qlora_recipe_estimate_lines_say_what_estimate_mem_says():
-    path = Path(__file__).parent.parent / "recipes" / "phi-4-mini-qlora.toml"
-    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("#   microft estimate-mem")]
-    assert len(lines) == 2
-    for line in lines:
-        cmd, claim = line.removeprefix("#   microft ").split("#", 1)
-        res = runner.invoke(app, [*shlex.split(cmd.replace("recipes/", f"{path.parent}/")), "--json"])
-        assert res.exit_code == 0, res.output
-        est = json.loads(res.output)
-        assert est["fits"] is True and "fits" in claim
-        if "peak " in claim:
-            assert f"{est['peak_bytes'] / 2**30:.2f}" == claim.split("peak ")[1].split(" GiB")[0]
-        spare = (est["budget_bytes"] - est["total_bytes"]) / 2**30 if "budget_bytes" in est else None
-        if spare is not None:
-            assert f"({spare:.1f} GiB spare)" in claim
+    fc.assert_recipe_estimates_hold("phi-4-mini-qlora.toml", runner, app, spare=True)
 
 
-# the chat formats of OLMo 2 (Tülu's tags, EOS after each answer) and Granite 3 (role markers, <|end_of_text|>
-# after every turn), written for these tests with transformers' generation marks; SmolLM3 speaks ChatML (its
-# masks: tests/test_families_e2e.py, with Qwen's)
+# the chat formats of OLMo 2 (Tülu's tags, EOS after each answer) and Granite 3 (role markers,
+# <|end_of_text|> after every turn), written for these tests with transformers' generation marks; SmolLM3
+# speaks ChatML (its masks: tests/test_families_e2e.py, with Qwen's)
 OTHER_FORMATS = {
     "smollm3": (["<|im_start|>", "<|im_end|>"], "<|im_end|>", QWEN_TEMPLATE),
     "olmo2": (["<|system|>", "<|user|>", "<|assistant|>"], "<|endoftext|>", (
@@ -267,7 +213,8 @@ OTHER_FORMATS = {
     "granite": (["<|start_of_role|>", "<|end_of_role|>"], "<|end_of_text|>", (
         "{%- for m in messages %}"
         "{{- '<|start_of_role|>' + m.role + '<|end_of_role|>' }}"
-        "{%- if m.role == 'assistant' %}{% generation %}{{- m.content + '<|end_of_text|>' }}{% endgeneration %}"
+        "{%- if m.role == 'assistant' %}"
+        "{% generation %}{{- m.content + '<|end_of_text|>' }}{% endgeneration %}"
         "{%- else %}{{- m.content + '<|end_of_text|>' }}{%- endif %}"
         "{{- '\\n' }}"
         "{%- endfor %}"
@@ -305,44 +252,21 @@ def test_chat_formats_mask_exactly_the_assistant_tokens_and_stop_at_their_end(fa
 
     _, eos, _ = OTHER_FORMATS[family]
     d = write_family_dir(tmp_path / family, family)
-    data = chat_file(tmp_path / "chat.jsonl", n=6)
+    data = fc.chat_file(tmp_path / "chat.jsonl", n=6)
     ours = tokenizer_for(str(d), read_model_config(d))
     assert ours.token_to_id(eos) in ours.eos_ids
     samples = load_instruct_data(RunConfig(model=str(d), data=str(data), val_frac=0.0), 256, ours).train
-    hf_tok = transformers.AutoTokenizer.from_pretrained(d)
-    for s, line in zip(samples, data.read_text().splitlines(), strict=True):
-        enc = hf_tok.apply_chat_template(json.loads(line)["messages"], tokenize=True, return_dict=True,
-                                         return_assistant_tokens_mask=True)
-        ids, mask = enc["input_ids"], enc["assistant_masks"]
-        last = max(i for i, m in enumerate(mask) if m)
-        assert hf_tok.convert_ids_to_tokens(ids[last]) == eos
-        assert s["input_ids"] == ids[:last]
-        assert s["labels"] == [t if m else IGNORE_INDEX for t, m in zip(ids[1 : last + 1], mask[1 : last + 1])]
+    fc.assert_masks_match(samples, transformers.AutoTokenizer.from_pretrained(d), fc.records_of(data), eos)
 
 
 @pytest.mark.parametrize("family", list(OTHER_FORMATS))
 def test_splits_and_resume_are_exact(family, tmp_path):
-    """SmolLM3, OLMo 2, Granite 3 through `run_finetune`: one global batch split 1 × 4 (checkpointed) or 4 × 1
-    gives the same weights, and a run stopped by SIGINT and resumed ends bit-exact."""
+    """SmolLM3, OLMo 2, Granite 3 through `run_finetune`: one global batch split 1 × 4 (checkpointed) or
+    4 × 1 gives the same weights, and a run stopped by SIGINT and resumed ends bit-exact."""
     model = write_family_dir(tmp_path / "model", family)
-    fam = (model, chat_file(tmp_path / "chat.jsonl"))
-    finals = {}
-    for mb, acc in [(1, 4), (4, 1)]:
-        run_finetune(run_cfg(fam, tmp_path / f"{mb}x{acc}", mb, acc, optimizer="sgd", momentum=0.0,
-                             max_grad_norm=None, group_by_length=False, grad_ckpt=mb == 1), lambda e: None)
-        finals[mb] = read_safetensors(tmp_path / f"{mb}x{acc}" / "final" / "model.safetensors")
-    for name, t in finals[4].items():
-        assert (finals[1][name] - t).abs().max().item() <= 1e-6, name
-    run_finetune(run_cfg(fam, tmp_path / "ref", 2, 2, save_every=2), lambda e: None)
-    cfg = run_cfg(fam, tmp_path / "cut", 2, 2, save_every=2)
-
-    def interrupt_at_2(e):
-        if e["kind"] == "step" and e["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        run_finetune(cfg, interrupt_at_2)
-    run_finetune(cfg.model_copy(update={"resume": "auto"}), lambda e: None)
-    ref = read_safetensors(tmp_path / "ref" / "final" / "model.safetensors")
-    got = read_safetensors(tmp_path / "cut" / "final" / "model.safetensors")
-    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    fam = (model, fc.chat_file(tmp_path / "chat.jsonl", n=16))
+    finals = fc.splits_finals(lambda out, mb, acc, **kw: run_cfg(fam, out, mb, acc, grad_ckpt=mb == 1, **kw),
+                              tmp_path, [(1, 4), (4, 1)])
+    fc.assert_same_weights(finals, (4, 1))
+    fc.assert_resume_is_bit_exact(run_cfg(fam, tmp_path / "ref", 2, 2, save_every=2),
+                                  run_cfg(fam, tmp_path / "cut", 2, 2, save_every=2))

@@ -1,6 +1,7 @@
-"""Phi-3 / Phi-4-mini, SmolLM3, OLMo 2 and Granite 3 against transformers: tiny random models with every family
-switch away from its default, saved sharded, read in both config layouts (transformers 5's `rope_parameters`
-and the older top-level `rope_theta` / `rope_scaling` / `partial_rotary_factor` of hub checkpoints)."""
+"""Phi-3 / Phi-4-mini, SmolLM3, OLMo 2 and Granite 3 against transformers: tiny random models with every
+family switch away from its default, saved sharded, read in both config layouts (transformers 5's
+`rope_parameters` and the older top-level `rope_theta` / `rope_scaling` / `partial_rotary_factor` of hub
+checkpoints)."""
 
 from __future__ import annotations
 
@@ -11,30 +12,29 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import tests.familycheck as fc  # noqa: E402
 from microft.errors import ConfigError  # noqa: E402
-from microft.generate import generate  # noqa: E402
-from microft.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+from microft.lora import apply_lora  # noqa: E402
 from microft.models.config import ModelConfig  # noqa: E402
-from microft.models.hf import export_hf  # noqa: E402
 from microft.models.load import load_model, read_model_config  # noqa: E402
 from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
 
-COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
-              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.5, 2.0, 4.0],
             "long_factor": [2.0, 3.0, 5.0, 9.0], "partial_rotary_factor": 0.5}
 FAMILIES = {
-    # phi3 as Phi-4-mini: fused qkv/gate_up tensors, partial rotary (1/2), LongRoPE whose original context (16)
-    # the 36-token generation passes (long factors from there on), tied embeddings, a sliding window
+    # phi3 as Phi-4-mini: fused qkv/gate_up tensors, partial rotary (1/2), LongRoPE whose original context
+    # (16) the 36-token generation passes (long factors from there on), tied embeddings, a sliding window
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         original_max_position_embeddings=16, partial_rotary_factor=0.5, rope_parameters=LONGROPE,
         sliding_window=12, tie_word_embeddings=True)),
     # phi3.5 as Phi-3/3.5-mini: LongRoPE over every head dim, untied head; its old layout says `type: su`
     "phi3.5": ("Phi3Config", "Phi3ForCausalLM", dict(
         original_max_position_embeddings=16, tie_word_embeddings=False,
-        rope_parameters={**LONGROPE, "partial_rotary_factor": 1.0, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5,
-                                                                                     3.0, 4.0],
+        rope_parameters={**LONGROPE, "partial_rotary_factor": 1.0,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
                          "long_factor": [1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0]})),
     # smollm3: layer 0 without RoPE (NoPE), biases on the attention and MLP, untied head
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
@@ -82,22 +82,11 @@ def family(request, tmp_path_factory):
     """(name, HF model, its save_pretrained directory: shards + index, in the given config layout)."""
     name, layout = request.param
     hf = build(name)
-    d = tmp_path_factory.mktemp(f"{name}-{layout}") / "hf"
-    hf.save_pretrained(d, max_shard_size="200KB")
-    assert (d / "model.safetensors.index.json").exists()
+    d = fc.save_sharded(hf, tmp_path_factory.mktemp(f"{name}-{layout}") / "hf")
     if layout == "old":
         to_old_layout(d / "config.json", "su" if name == "phi3.5" else "longrope")
         hf = type(hf).from_pretrained(d).eval()  # transformers reads the old layout as the same model
     return name, hf, d
-
-
-def tokens(n: int = 20, vocab: int = 250, batch: int = 2) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, n), generator=torch.Generator().manual_seed(7))
-
-
-def max_diff(hf, ours, x) -> float:
-    with torch.no_grad():
-        return (hf(x).logits - ours.eval()(x)).abs().max().item()
 
 
 def test_config_reads_every_switch(family):
@@ -126,27 +115,23 @@ def test_config_reads_every_switch(family):
 def test_logits_match_transformers(family):
     name, hf, d = family
     ours = load_model(d)
-    assert max_diff(hf, ours, tokens()) <= 1e-5
-    long = tokens(40, batch=1)  # past phi3's original context (16) and its window (12): the long factors
-    assert max_diff(hf, ours, long) <= 1e-5
+    assert fc.max_diff(hf, ours, fc.tokens()) <= 1e-5
+    long = fc.tokens(40, batch=1)  # past phi3's original context (16) and its window (12): the long factors
+    assert fc.max_diff(hf, ours, long) <= 1e-5
 
 
 def test_greedy_generation_with_kv_cache_matches(family):
     name, hf, d = family
-    ours = load_model(d)
-    prompt = tokens(6, batch=1)
-    with torch.no_grad():
-        want = hf.generate(prompt, max_new_tokens=30, do_sample=False, pad_token_id=0)[0, 6:].tolist()
-    got = list(generate(ours, prompt[0].tolist(), 30, stop_at_eot=False))
-    assert got == want
+    fc.assert_generates_like(hf, load_model(d))
 
 
 def test_training_loss_equals_transformers(family):
-    """The first step's loss (Granite's logits_scaling changes it, not the greedy tokens) and its gradients."""
+    """The first step's loss (Granite's logits_scaling changes it, not the greedy tokens) and its
+    gradients."""
     name, hf, d = family
     ours = load_model(d).train()
     hf = type(hf).from_pretrained(d).train()  # dropout is 0: train mode only switches the paths
-    x = tokens(24)
+    x = fc.tokens(24)
     y = torch.roll(x, -1, 1)
     y[:, -1] = -100
     want = hf(x, labels=x).loss  # transformers shifts the labels itself
@@ -161,14 +146,7 @@ def test_training_loss_equals_transformers(family):
 
 def test_export_round_trips_through_transformers(family, tmp_path):
     name, hf, d = family
-    ours = load_model(d)
-    out = export_hf(ours, tmp_path / "out", max_shard_bytes=100_000)
-    assert (out / "model.safetensors.index.json").exists()
-    back, info = type(hf).from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    x = tokens(40, batch=1)
-    assert max_diff(back.eval(), ours, x) <= 1e-5
-    assert max_diff(hf, load_model(out), x) <= 1e-5  # and microft reads its own export
+    fc.assert_export_round_trips(hf, load_model(d), tmp_path / "out", fc.tokens(40, batch=1))
 
 
 PEFT_TARGETS = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
@@ -177,31 +155,9 @@ PEFT_TARGETS["phi3.5"] = PEFT_TARGETS["phi3"]
 
 @pytest.mark.parametrize("targets", ["all", "q_proj,v_proj,up_proj"])
 def test_lora_adapter_loads_in_peft_with_equal_logits(family, tmp_path, targets):
-    peft = pytest.importorskip("peft")
     name, hf, d = family
-    ours = load_model(d)
-    apply_lora(ours, r=4, alpha=8, targets=targets)
-    with torch.no_grad():
-        for n, p in ours.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    save_adapter(tmp_path / "adapter", ours, str(d))
-    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    if targets == "all":
-        want = PEFT_TARGETS.get(name, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
-        assert set(cfg["target_modules"]) == want
-    base = type(hf).from_pretrained(d)
-    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    x = tokens()
-    assert max_diff(peft_model, ours, x) <= 1e-5
-    reloaded = load_adapter(load_model(d), tmp_path / "adapter")
-    assert max_diff(peft_model, reloaded, x) <= 1e-5
-    with torch.no_grad():
-        before = ours(x)
-    merge_lora(ours)
-    assert not any("lora_" in n for n, _ in ours.named_parameters())
-    with torch.no_grad():
-        assert torch.allclose(ours(x), before, atol=1e-4, rtol=0)
+    want = PEFT_TARGETS.get(name, fc.LORA_NAMES) if targets == "all" else None
+    fc.assert_peft_round_trip(hf, d, tmp_path / "adapter", targets, want)
 
 
 @pytest.mark.parametrize("preset", ["phi3-tiny", "smollm3-tiny", "olmo2-tiny", "granite-tiny"])
@@ -215,22 +171,14 @@ def test_grad_checkpointing_and_packing_give_reference_gradients(preset):
     y[:, -1] = -100
 
     def grads(ckpt: bool, packed: bool) -> tuple[float, dict[str, torch.Tensor]]:
-        model.zero_grad(set_to_none=True)
         set_grad_checkpointing(model, ckpt)
         if packed:  # both samples in one row of 80, positions restarting at the second
             pos = torch.cat([torch.arange(40), torch.arange(40)])[None]
-            loss = model(x.reshape(1, 80), y.reshape(1, 80), position_ids=pos)
-        else:
-            loss = model(x, y)
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+            return fc.loss_and_grads(model, lambda: model(x.reshape(1, 80), y.reshape(1, 80),
+                                                          position_ids=pos))
+        return fc.loss_and_grads(model, lambda: model(x, y))
 
-    ref_loss, ref = grads(False, False)
-    for ckpt, packed in ((True, False), (False, True), (True, True)):
-        loss, got = grads(ckpt, packed)
-        assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
-        for n, g in ref.items():
-            torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4, msg=n)
+    fc.assert_variants_match(grads)
 
 
 def test_presets_have_the_hub_shapes():
@@ -257,9 +205,9 @@ def test_unsupported_switches_are_refused_by_name():
         ModelConfig(**{**ModelConfig.from_preset("phi3-tiny").model_dump(), "partial_rotary_factor": 1.0})
 
 
-# the estimator against the traced step beyond tests/test_memory_sync.py's grid (which runs each tiny preset in
-# fp32, bf16-mixed, checkpointed and LoRA): NF4 bases under the partial rotary, bf16-true gains (OLMo 2 multiplies
-# them in fp32, Granite scales in bf16), 8-bit AdamW with accumulation
+# the estimator against the traced step beyond tests/test_memory_sync.py's grid (which runs each tiny preset
+# in fp32, bf16-mixed, checkpointed and LoRA): NF4 bases under the partial rotary, bf16-true gains (OLMo 2
+# multiplies them in fp32, Granite scales in bf16), 8-bit AdamW with accumulation
 REPLAY_GRID = {
     "phi3-qlora-ckpt": ("phi3-tiny", "bf16-mixed", {"lora": True, "lora_targets": "all", "quantize": "nf4",
                                                     "lora_r": 4, "grad_ckpt": True}, 1),
@@ -293,7 +241,8 @@ def test_phi3_takes_its_fused_modules_names_as_lora_targets():
 def test_a_minimal_config_json_reads_with_transformers_defaults(name):
     """Keys a config.json leaves out take the family's defaults in transformers, not Llama's."""
     cls = FAMILIES[name][0]
-    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=256)
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                 vocab_size=256)
     ours = ModelConfig.from_hf({"model_type": name, **shape})
     theirs = getattr(transformers, cls)(**shape)
     assert (ours.rope_theta, ours.tie_embeddings, ours.n_positions, ours.layer_norm_eps, ours.bos_token_id,

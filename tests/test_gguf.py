@@ -3,11 +3,11 @@
 The llama.cpp checks skip when `llama_cpp` is not importable; the rest needs only the `gguf` package.
 Tolerances, on these models' logits (spread over about ±30; docs/benchmarks.md has the measured numbers):
 an f32 file with an f32 KV cache gives llama.cpp's logits within F32_ATOL of microft's (GPT-2's GELU and
-Gemma's GeGLU go through ggml's f16 lookup table: 0.008-0.014 here; the other families agree to 1e-4); an f16 file (llama.cpp's default f16 KV
-cache) within F16_ATOL. bf16, q8_0 and q4_0 files are compared with microft running the same rounded weights
-(dequantized from the very blocks written), within ROUNDED_ATOL: what is left is llama.cpp rounding its
-activations for those matmuls; against the unrounded model q4_0 is off by ~15 here, so a misplaced block
-fails.
+Gemma's GeGLU go through ggml's f16 lookup table: 0.008-0.014 here; the other families agree to 1e-4); an f16
+file (llama.cpp's default f16 KV cache) within F16_ATOL. bf16, q8_0 and q4_0 files are compared with
+microft running the same rounded weights (dequantized from the very blocks written), within ROUNDED_ATOL:
+what is left is llama.cpp rounding its activations for those matmuls; against the unrounded model q4_0 is
+off by ~15 here, so a misplaced block fails.
 """
 
 from __future__ import annotations
@@ -315,8 +315,8 @@ def test_every_family_has_a_gguf_entry_and_a_tested_checkpoint():
 @pytest.mark.parametrize(
     "preset, update, message",
     [
-        ("smollm3-tiny", {}, "llama.cpp's smollm3 leaves RoPE out of every 4th layer only; this model's no-RoPE "
-         "layers are [1]"),
+        ("smollm3-tiny", {}, "llama.cpp's smollm3 leaves RoPE out of every 4th layer only; this model's "
+         "no-RoPE layers are [1]"),
         ("olmo2-tiny", {"qkv_bias": True}, "llama.cpp's olmo2 adds no attention or MLP biases"),
         ("gemma2-tiny", {"tie_embeddings": False}, "llama.cpp's gemma2 ties the LM head to the embeddings"),
         ("gemma2-tiny", {"final_softcap": None}, "llama.cpp's gemma2 always soft-caps attention and logits"),
@@ -338,7 +338,8 @@ def test_a_model_llama_cpp_would_run_differently_is_refused_in_one_line(preset, 
 
 def test_the_newer_families_hyper_parameters_and_tensors(family_dir, tmp_path):
     """What llama.cpp reads beyond the shared keys: Phi-3's fused q/k/v and gate/up, LongRoPE factors and
-    partial rotary, Phi-4-mini's split regex named; Gemma 3's per-layer window pattern, local base, linear scaling and (1 + w) norms."""
+    partial rotary, Phi-4-mini's split regex named; Gemma 3's per-layer window pattern, local base, linear
+    scaling and (1 + w) norms."""
     phi = export(str(family_dir("phi3")), tmp_path / "phi", "--quant", "f32")
     f, r = read_fields(phi), gguf.GGUFReader(str(phi))
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}

@@ -41,7 +41,8 @@ def assert_same_logits(hf_model, ours) -> None:
 
 def hub_layout(src_dir, dst_dir, lm_head: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The original openai-community/gpt2 upload's keys: no prefix, causal-mask buffers saved."""
-    state = {k.removeprefix("transformer."): v for k, v in load_file(str(src_dir / "model.safetensors")).items()}
+    saved = load_file(str(src_dir / "model.safetensors"))
+    state = {k.removeprefix("transformer."): v for k, v in saved.items()}
     ctx = SHAPE["n_positions"]
     for i in range(SHAPE["n_layer"]):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(ctx, ctx)).view(1, 1, ctx, ctx)
@@ -167,7 +168,8 @@ def test_export_refuses_unmerged_lora(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("activation_function", "relu"), ("activation_function", "gelu"),
-                                          ("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True)])
+                                          ("scale_attn_weights", False),
+                                          ("scale_attn_by_inverse_layer_idx", True)])
 def test_gpt2_switches_microft_does_not_run_are_refused_not_ignored(tmp_path, field, value):
     """These change transformers' logits (by 0.003-8 on a tiny model): loading them as plain GPT-2 would
     train and export a different model without a word."""
@@ -186,8 +188,8 @@ def test_gpt2_special_ids_survive_load_and_export(tmp_path):
     50256, outside its vocabulary); without ids, only a vocabulary that has <|endoftext|> gets 50256."""
     torch.manual_seed(0)
     small = dict(SHAPE, vocab_size=300)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(**small, bos_token_id=1, eos_token_id=0)).save_pretrained(
-        tmp_path / "src")
+    config = transformers.GPT2Config(**small, bos_token_id=1, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "src")
     ours = load_model(tmp_path / "src")
     assert (ours.config.bos_token_id, ours.config.eos_token_id) == (1, 0)
     cfg = json.loads((export_hf(ours, tmp_path / "out") / "config.json").read_text())
@@ -207,5 +209,6 @@ def test_bad_model_configs_name_the_file_and_the_reason(tmp_path):
     (tmp_path / "l0.json").write_text(json.dumps({
         "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 0,
         "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 128}))
-    with pytest.raises(ConfigError, match=r"l0\.json is not a valid llama config: n_layer input should be greater than 0$"):
+    want = r"l0\.json is not a valid llama config: n_layer input should be greater than 0$"
+    with pytest.raises(ConfigError, match=want):
         read_model_config(tmp_path / "l0.json")

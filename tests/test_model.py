@@ -106,7 +106,8 @@ def test_fused_loss_and_every_gradient_match_the_textbook_head(monkeypatch, use_
     """Chunked fused CE + the tied embedding's handed-over gradient == full logits + autograd (fp64)."""
     import microft.models.config
 
-    monkeypatch.setattr(microft.models.config, "CE_CHUNK_BYTES", 128 * 50304 * 4)  # 128-row chunks, a ragged tail
+    # 128-row chunks, a ragged tail
+    monkeypatch.setattr(microft.models.config, "CE_CHUNK_BYTES", 128 * 50304 * 4)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(name="t", **TINY)).double()
     idx = torch.randint(0, 50257, (5, 60))
@@ -117,8 +118,8 @@ def test_fused_loss_and_every_gradient_match_the_textbook_head(monkeypatch, use_
     kw = {}
     if use_target_pos:
         kw["target_pos"] = (labels.flatten() != -100).nonzero().squeeze(1)
-    assert microft.models.config.ce_chunks(idx.numel(), model.config.padded_vocab_size) == [(0, 128), (128, 128),
-                                                                                         (256, 44)]
+    chunks = microft.models.config.ce_chunks(idx.numel(), model.config.padded_vocab_size)
+    assert chunks == [(0, 128), (128, 128), (256, 44)]
     fused = model(idx, labels, weights, **kw)
     fused.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -198,7 +199,8 @@ def test_short_cpu_attention_adds_its_mask_with_masked_fills_bits(dtype, packed)
         assert torch.equal(a, b)
 
 def test_bf16_model_takes_the_short_path_and_agrees_with_sdpa(monkeypatch):
-    monkeypatch.setenv("MICROFT_CPU_BF16", "1")  # a CPU with native bf16 (where bf16 is emulated, it runs in fp32)
+    # a CPU with native bf16 (where bf16 is emulated, it runs in fp32)
+    monkeypatch.setenv("MICROFT_CPU_BF16", "1")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(name="t", **TINY)).to(torch.bfloat16)
     idx = torch.randint(0, 50257, (2, 24))
@@ -257,8 +259,8 @@ def test_bf16_preset_is_built_in_bf16_with_the_fp32_init_rounded(preset):
 
 
 def test_head_logits_take_onednn_for_a_real_vocabulary_and_equal_mm(monkeypatch):
-    """The LM head's logits on an AMD CPU in fp32: oneDNN for a tokenizer-sized vocabulary, `mm` for small heads
-    (the demo), and the same values either way (fp32 sums in another order)."""
+    """The LM head's logits on an AMD CPU in fp32: oneDNN for a tokenizer-sized vocabulary, `mm` for small
+    heads (the demo), and the same values either way (fp32 sums in another order)."""
     from microft.models import linear as loss
 
     torch.manual_seed(0)

@@ -5,15 +5,16 @@ in its layout, the tokenizer (a byte-level BPE's vocabulary, merges, token types
 that picks llama.cpp's split regex, or a SentencePiece-style BPE's pieces and scores; bos/eos/pad and every
 stop id) and the chat template the model was tuned with. Beside it, an Ollama `Modelfile`.
 
-Each family's llama.cpp side is its `Gguf` in the family registry (`models/families.py`): llama.cpp's
+Each family's llama.cpp side is its `Gguf` in the family registry (`models/families/`): llama.cpp's
 architecture name, the pre-tokenizer it falls back to, whether q/k rows are permuted for llama.cpp's
 pairwise RoPE, the tensor-name map, the tensors llama.cpp keeps fused (Phi-3's), the family's own
 hyper-parameters (and the checks refusing what llama.cpp's graph would run differently) and a per-tensor
 transform (Gemma's norms). The switches several families share (partial rotary, LongRoPE, sliding-layer
-patterns, local RoPE base, soft-caps) are written here from `ModelConfig`. Tensors are streamed: the file's header is written from shapes
-alone, then each tensor is converted and written on its own, so the export holds the model plus one
-converted tensor, never a second copy of the model. The tokenizer is `gguf_vocab.py`, the chat templates
-and the Modelfile's `gguf_templates.py`.
+patterns, local RoPE base, soft-caps) are written here from `ModelConfig`. Tensors are streamed: the file's
+header is written from shapes alone, then each tensor is converted and written on its own, so the export
+holds the model plus one converted tensor, never a second copy of the model. The tokenizer is
+`gguf_vocab.py`, the chat templates and the Modelfile's `gguf_templates.py`; `write` is the writer the
+export registry (`export/__init__.py`) names for `--format gguf`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from microft.errors import ConfigError
-from microft.export import require_gguf
+from microft.export import Exported, ExportJob, require_gguf
 from microft.export.gguf_templates import chat_template_of, plain_text_specials, template_go
 from microft.export.gguf_vocab import Vocab, vocab_of, write_vocab
 from microft.models import families
@@ -166,7 +167,10 @@ def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         parts = _fused_parts(fam, name)
         if parts is not None and parts[0] != name:
             continue  # written with the first part of its fused tensor
-        t = torch.cat([_converted(cfg, fam, n, params[n]) for n in parts]) if parts else _converted(cfg, fam, name, p)
+        if parts:
+            t = torch.cat([_converted(cfg, fam, n, params[n]) for n in parts])
+        else:
+            t = _converted(cfg, fam, name, p)
         yield gguf_name(cfg, name), t.contiguous()
 
 
@@ -356,3 +360,43 @@ def export_gguf(
     return GGUFExport(
         out_dir / fname, out_dir / MODELFILE, quant, n, getattr(template, "name", None), v.notes
     )
+
+
+def write(job: ExportJob) -> Exported:
+    """`export --format gguf`: load (LoRA merged, NF4 dequantized), find the tuned template, write the file
+    and its Modelfile."""
+    import time
+
+    from microft.lora import merge_lora
+
+    t0 = time.perf_counter()
+    net = merge_lora(job.load())  # adapters folded in, an NF4 base dequantized; a no-op otherwise
+    tok = job.tokenizer(net.config)
+    tmpl = _job_template(job, tok)
+    quant = job.options["quant"] or DEFAULT_QUANT
+    with job.writing():
+        res = export_gguf(net, tok, job.out, quant, tmpl, overwrite=job.force,
+                          name=file_stem(job.model, job.model_dir()))
+    summary = (f"(GGUF {quant}, {res.n_tensors} tensors, chat template {res.template or 'none'}, "
+               f"{time.perf_counter() - t0:.1f} s); Ollama: ollama create NAME -f {res.modelfile}")
+    return Exported(res.path, summary, notes=tuple(res.notes))
+
+
+def _job_template(job: ExportJob, tok: Tokenizer) -> Template | ChatTemplate | None:
+    """The chat template to write: --template, else the one the run trained with, else the tokenizer's own."""
+    from microft.chat import resolve_template
+    from microft.export.gguf_templates import trained_template_spec
+
+    template = job.options["template"]
+    spec = template if template is not None else trained_template_spec(job.model_dir())
+    if template is None and spec is not None:  # the run's own: a template file it named may be gone since
+        try:
+            return resolve_template(spec, tok)
+        except ConfigError as e:
+            raise ConfigError(f"the run trained with --template {spec}, which can't be read now ({e}); "
+                              "pass --template") from None
+    if spec is not None:
+        return resolve_template(spec, tok)
+    if tok.chat_template:
+        return resolve_template("chat", tok)
+    return None

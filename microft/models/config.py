@@ -1,9 +1,10 @@
 """One `ModelConfig` for every family: the switches the transformer reads, presets, HF config.json in/out.
 
 GPT-2, Llama (SmolLM2 too), Mistral, Qwen2 and Qwen3 are configurations of one implementation
-(`models/transformer.py`), as are Phi-3 / Phi-4-mini, SmolLM3, OLMo 2 and Granite 3. `model_type` names the family's entry in `models/families.py` (its HF
-config keys, tensor names, LoRA targets and presets); everything the forward pass does is a switch
-here. No torch import: the memory estimator reads these shapes without building a model.
+(`models/transformer.py`), as are Phi-3 / Phi-4-mini, SmolLM3, OLMo 2 and Granite 3. `model_type` names the
+family's entry in `models/families/` (its HF config keys, tensor names, LoRA targets and presets); everything
+the forward pass does is a switch here. No torch import: the memory estimator reads these shapes without
+building a model.
 """
 
 from __future__ import annotations
@@ -106,13 +107,17 @@ class ModelConfig(BaseModel):
     # Phi-3 / Phi-4-mini, SmolLM3, OLMo 2, Granite 3 (families `phi3`, `smollm3`, `olmo2`, `granite`)
     partial_rotary_factor: float = Field(1.0, gt=0, le=1)  # RoPE on the first head_dim × this dims of q, k
     longrope: LongRope | None = None  # Phi-3's LongRoPE scaling
-    rope_layers: list[bool] | None = None  # per layer: whether it applies RoPE (SmolLM3's NoPE layers); None: all
-    norm_after: bool = False  # OLMo 2: the block norms act on the attention's / MLP's outputs, not their inputs
+    # per layer: whether it applies RoPE (SmolLM3's NoPE layers); None: all
+    rope_layers: list[bool] | None = None
+    # OLMo 2: the block norms act on the attention's / MLP's outputs, not their inputs
+    norm_after: bool = False
     rms_gain_first: bool = False  # OLMo 2: RMSNorm multiplies its gain in fp32, before the cast back
     qk_norm_full: bool = False  # OLMo 2: the q/k RMSNorm spans the whole projection (all heads), not one head
     embedding_multiplier: float = Field(1.0, gt=0)  # Granite: token embeddings × this
-    attention_multiplier: float | None = Field(None, gt=0)  # Granite: the attention scale (else head_dim^-1/2)
-    residual_multiplier: float = Field(1.0, gt=0)  # Granite: attention and MLP outputs × this before the residual
+    # Granite: the attention scale (else head_dim^-1/2)
+    attention_multiplier: float | None = Field(None, gt=0)
+    # Granite: attention and MLP outputs × this before the residual
+    residual_multiplier: float = Field(1.0, gt=0)
     logits_scaling: float = Field(1.0, gt=0)  # Granite: logits divided by this
     # Gemma 2 / Gemma 3 text (families `gemma2`, `gemma3_text`)
     norm_unit_offset: bool = False  # RMSNorm gains are (1 + weight), applied in fp32 before the cast back
@@ -166,7 +171,8 @@ class ModelConfig(BaseModel):
         """Partial rotary, LongRoPE and per-layer RoPE (phi3, smollm3) fit the shapes."""
         if self.positions == "rope" and self.rotary_dim % 2:
             raise ValueError(f"RoPE needs an even rotary dimension, got {self.rotary_dim} "
-                             f"(head_dim {self.head_dim} × partial_rotary_factor {self.partial_rotary_factor})")
+                             f"(head_dim {self.head_dim} × partial_rotary_factor "
+                             f"{self.partial_rotary_factor})")
         if self.longrope is not None:
             if self.positions != "rope" or self.rope_scaling is not None:
                 raise ValueError("longrope needs positions='rope' and no llama3 rope_scaling")
@@ -175,7 +181,8 @@ class ModelConfig(BaseModel):
                     raise ValueError(f"longrope {name} has {len(getattr(self.longrope, name))} values, the "
                                      f"rotary dimension {self.rotary_dim} needs {self.rotary_dim // 2}")
         if self.rope_layers is not None and len(self.rope_layers) != self.n_layer:
-            raise ValueError(f"rope_layers lists {len(self.rope_layers)} layers, the model has {self.n_layer}")
+            raise ValueError(f"rope_layers lists {len(self.rope_layers)} layers, the model has "
+                             f"{self.n_layer}")
 
     def layer_rope(self, i: int) -> bool:
         """Whether layer `i` rotates q and k (RoPE models; SmolLM3 leaves some layers without positions)."""
@@ -277,12 +284,13 @@ class ModelConfig(BaseModel):
         try:
             return cls(name=name, **{"model_type": model_type, **fam.read_hf(hf)})
         except KeyError as e:
-            raise ConfigError(f"{where} is not a valid {model_type} config: it has no {e.args[0]!r}") from None
+            why = f"it has no {e.args[0]!r}"
         except ValidationError as e:
-            why = "; ".join(f"{'.'.join(map(str, err['loc']))} {err['msg'].lower()}" for err in e.errors())
-            raise ConfigError(f"{where} is not a valid {model_type} config: {_one_line(ValueError(why))}") from None
+            why = _one_line(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))} {err['msg'].lower()}"
+                                                 for err in e.errors())))
         except TypeError as e:
-            raise ConfigError(f"{where} is not a valid {model_type} config: {_one_line(e)}") from None
+            why = _one_line(e)
+        raise ConfigError(f"{where} is not a valid {model_type} config: {why}") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face `config.json` for this model (transformers loads it as the same model); a
@@ -300,13 +308,15 @@ def preset_for_repo(repo_id: str) -> str | None:
     None when no preset matches. Instruct/base/chat variants share their base model's shapes."""
     name = repo_id.rsplit("/", 1)[-1].lower()
     name = re.sub(r"^meta-", "", name)  # Meta-Llama-3.1-8B, the older repo name
-    for suffix in ("-instruct", "-base", "-chat", "-hf", "-v0.1", "-v0.2"):  # Mistral v0.3 has another vocabulary
+    # Mistral v0.3 has another vocabulary: no "-v0.3"
+    for suffix in ("-instruct", "-base", "-chat", "-hf", "-v0.1", "-v0.2"):
         name = name.replace(suffix, "")
     return name if name in PRESETS and not name.endswith("-tiny") else None
 
 
 # --- LoRA targets ------------------------------------------------------------------------------
-def lora_target_table(model_type: str = "gpt2") -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, ...]]]:
+def lora_target_table(model_type: str = "gpt2"
+                      ) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[str, ...]]]:
     """(targets, groups) for a family: target name -> (block submodule, linear), group -> targets."""
     fam = family(model_type)
     return fam.lora_targets, fam.lora_groups

@@ -106,7 +106,8 @@ class TensorFiles:
             raise CheckpointError(f"{d}: sharded pytorch_model.bin checkpoints are not supported; "
                                   "use the safetensors files")
         else:
-            raise CheckpointError(f"no weights in {d}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN}")
+            raise CheckpointError(f"no weights in {d}: expected {SAFETENSORS}, {SAFETENSORS_INDEX} or "
+                                  f"{PYTORCH_BIN}")
 
     def _open(self, path: Path) -> _SafetensorsFile:
         if path not in self._handles:
@@ -172,7 +173,8 @@ class _SafetensorsFile:
             for d in shape:
                 count *= int(d)
             if not 0 <= start <= end <= self.size - self.base or end - start != count * dtype.itemsize:
-                raise ValueError(f"{key}: offsets {start}..{end} do not hold a {e['dtype']} tensor of shape {shape}")
+                raise ValueError(f"{key}: offsets {start}..{end} do not hold a {e['dtype']} tensor of shape "
+                                 f"{shape}")
             buf = torch.empty(end - start, dtype=torch.uint8)
             self.f.seek(self.base + start)
             if self.f.readinto(buf.numpy()) != end - start:
@@ -192,7 +194,8 @@ def _load_bin(pt: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(pt, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message suggests weights_only=False, which runs pickled code
-        raise CheckpointError(f"corrupt weights file {pt}: not a plain PyTorch state dict of tensors") from None
+        raise CheckpointError(f"corrupt weights file {pt}: not a plain PyTorch state dict of "
+                              "tensors") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"corrupt weights file {pt}: {_one_line(e)}") from None
     if not isinstance(state, dict):
@@ -206,7 +209,8 @@ class HFReader:
     def __init__(self, cfg: ModelConfig, files: TensorFiles):
         self.cfg, self.files, self.keys = cfg, files, set(files.keys())
         self.bare = family(cfg.model_type).bare_keys
-        self._fused: tuple[str, torch.Tensor] | None = None  # the last fused tensor read: its parts come in turn
+        # the last fused tensor read: its parts come in turn
+        self._fused: tuple[str, torch.Tensor] | None = None
         if cfg.model_type == "gpt2":
             _check_gpt2_head(files, self.keys)
 
@@ -227,14 +231,16 @@ class HFReader:
                 self._fused = (key, self.files.get(key))
             t = self._fused[1]
             if t.shape[0] != part[3]:
-                raise CheckpointError(f"{self.files.source}: {key} has {t.shape[0]} rows, the model expects {part[3]}")
+                raise CheckpointError(f"{self.files.source}: {key} has {t.shape[0]} rows, the model expects "
+                                      f"{part[3]}")
             if part[1] + part[2] == part[3]:  # its last part: nothing holds the fused tensor any longer
                 self._fused = None
             return t[part[1] : part[1] + part[2]].clone()  # its own storage, not a view of the fused tensor
         t = self.files.get(key)
         if is_transposed(self.cfg, name):
             if t.dim() != 2:
-                raise CheckpointError(f"{self.files.source}: {key} should be a matrix, has shape {tuple(t.shape)}")
+                raise CheckpointError(f"{self.files.source}: {key} should be a matrix, has shape "
+                                      f"{tuple(t.shape)}")
             t = t.t()
         return t
 
@@ -271,7 +277,8 @@ def hf_layout(model: torch.nn.Module) -> list[tuple[str, list[str], int]]:
 
 
 def hf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, CPU tensor) of each tensor of `hf_layout`, one at a time, as `save_pretrained` lays them out."""
+    """(HF key, CPU tensor) of each tensor of `hf_layout`, one at a time, as `save_pretrained` lays them
+    out."""
     cfg = model.config
     params = dict(model.named_parameters())
     for key, names, _ in hf_layout(model):

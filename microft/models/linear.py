@@ -13,8 +13,9 @@ Both compute the same fp32 products and sum them in another order. On Intel CPUs
 bits as `F.linear` (which reaches oneDNN through `addmm`), 1.0-1.2x its rate on GPT-2's block shapes
 on a 2-core Xeon with AMX (`bench/linear_kernels.py`). Elsewhere (other dtypes, CUDA, a handful of
 rows as in token-by-token generation, layers narrower than 256) these are `F.linear`. A dtype goes to oneDNN
-only where its linear runs here (tried once at import): held to AVX2 (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2)
-oneDNN has no bf16 or fp16 linear ("could not create a primitive descriptor"), whatever MICROFT_CPU_BF16 says.
+only where its linear runs here (tried once at import): held to AVX2 (an AVX2-only CPU, or
+ONEDNN_MAX_CPU_ISA=AVX2) oneDNN has no bf16 or fp16 linear ("could not create a primitive descriptor"),
+whatever MICROFT_CPU_BF16 says.
 `MICROFT_ONEDNN=0` turns oneDNN off (`bench/linear_kernels.py` measures both ways).
 
 bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX): torch's kernels emulate it, at a speed that
@@ -42,7 +43,8 @@ import torch.nn.functional as F
 from microft.models.precision import autocast_off, autocasting, cpu_supports_bf16, native_cpu_bf16
 
 ONEDNN_ENV = "MICROFT_ONEDNN"  # set to 0: every linear and the head through torch's own F.linear / mm
-HALF_ENV = "MICROFT_HALF_VIA_FP32"  # set to 0: bf16 matmuls on a CPU without native bf16 run torch's emulation
+# set to 0: bf16 matmuls on a CPU without native bf16 run torch's emulation
+HALF_ENV = "MICROFT_HALF_VIA_FP32"
 _half_via_fp32 = os.environ.get(HALF_ENV) != "0"
 _own_half_routes = True  # False inside native_half_matmuls(): bf16 products as torch's own ops run them
 ADDMM_SLICE_ROWS = 8192  # addmm_'s fp32 working copy of the accumulator, in slices of this many rows
@@ -64,7 +66,8 @@ def native_half_matmuls():
 def emulated_half(*tensors: torch.Tensor) -> bool:
     """Whether these are bf16 CPU tensors whose products microft runs in fp32 here: a CPU that emulates
     bf16 (see the module doc)."""
-    return (_half_via_fp32 and _own_half_routes and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+    return (_half_via_fp32 and _own_half_routes
+            and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
             and not cpu_supports_bf16())
 
 
@@ -97,7 +100,8 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         b32 = b.float()
         if a.size(0) * b.size(1) <= MM_SLICE_ELEMS:
             return (a32 @ b32).to(a.dtype)
-        out = torch.empty(a.size(0), b.size(1), dtype=a.dtype, device=a.device)  # a tall output (W's gradient)
+        # a tall output (W's gradient)
+        out = torch.empty(a.size(0), b.size(1), dtype=a.dtype, device=a.device)
         step = max(1, MM_SLICE_ELEMS // b.size(1))
         for s in range(0, a.size(0), step):
             out[s : s + step] = a32[s : s + step] @ b32
@@ -147,7 +151,8 @@ class _HalfViaFp32(torch.autograd.Function):
             y = ctx.fn(*wide)
         grads = torch.autograd.grad(y, [w for w in wide if w.requires_grad], dy.float())
         it = iter(grads)
-        return (None, *(next(it).to(t.dtype) if need else None for t, need in zip(inputs, ctx.needs_input_grad[1:])))
+        return (None, *(next(it).to(t.dtype) if need else None
+                        for t, need in zip(inputs, ctx.needs_input_grad[1:])))
 
 
 def half_via_fp32(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
@@ -181,22 +186,25 @@ ONEDNN_MIN_FEATURES = 256  # in and out; smaller layers (the demo's 128-wide mod
 
 
 def _onednn_runs(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's linear runs `dtype` on this CPU, as the environment holds it, tried once on the smallest
-    product microft routes there: held to AVX2 (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) it has no bf16 or
-    fp16 linear and raises "could not create a primitive descriptor"."""
+    """Whether oneDNN's linear runs `dtype` on this CPU, as the environment holds it, tried once on the
+    smallest product microft routes there: held to AVX2 (an AVX2-only CPU, or ONEDNN_MAX_CPU_ISA=AVX2) it has
+    no bf16 or fp16 linear and raises "could not create a primitive descriptor"."""
     if _ONEDNN_LINEAR is None:
         return False
     x = torch.ones(ONEDNN_MIN_ROWS, ONEDNN_MIN_FEATURES, dtype=dtype)
     try:
-        _ONEDNN_LINEAR(x, torch.ones(ONEDNN_MIN_FEATURES, ONEDNN_MIN_FEATURES, dtype=dtype), None, "none", [None], "")
+        w = torch.ones(ONEDNN_MIN_FEATURES, ONEDNN_MIN_FEATURES, dtype=dtype)
+        _ONEDNN_LINEAR(x, w, None, "none", [None], "")
     except Exception:  # RuntimeError from oneDNN; any other failure (another platform's build) means no, too
         return False
     return True
 
 
-# asked once at import: constants are what torch.compile traces cleanly, and the answer cannot change in a process
+# asked once at import: constants are what torch.compile traces cleanly, and the answer cannot change in a
+# process
 _ONEDNN_DTYPES = frozenset(d for d in (torch.float32, torch.bfloat16, torch.float16) if _onednn_runs(d))
-# bf16 linears through oneDNN: where the CPU has bf16 natively (never by MICROFT_CPU_BF16 alone) and oneDNN runs it
+# bf16 linears through oneDNN: where the CPU has bf16 natively (never by MICROFT_CPU_BF16 alone) and oneDNN
+# runs it
 _ONEDNN_BF16 = native_cpu_bf16() and torch.bfloat16 in _ONEDNN_DTYPES
 
 
@@ -216,7 +224,8 @@ def amd_x86(cpuinfo: str | None = None) -> bool:
                 cpuinfo = f.read(4096)  # the first processor's fields
         except OSError:
             return "AuthenticAMD" in platform.processor()
-    return any(line.split(":", 1)[0].strip() == "vendor_id" and "AuthenticAMD" in line for line in cpuinfo.splitlines())
+    return any(line.split(":", 1)[0].strip() == "vendor_id" and "AuthenticAMD" in line
+               for line in cpuinfo.splitlines())
 
 
 def _fp32_onednn_default() -> bool:
@@ -254,8 +263,9 @@ def head_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     1.8x in the profiled step. Same fp32 products and sums, in another order; small heads (the demo's 1,088
     tokens) keep `mm`.
     """
-    if (_ONEDNN_LINEAR is not None and _fp32_onednn and h.device.type == "cpu" and not torch.compiler.is_compiling()
-            and h.dtype == weight.dtype == torch.float32 and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
+    if (_ONEDNN_LINEAR is not None and _fp32_onednn and h.device.type == "cpu"
+            and not torch.compiler.is_compiling() and h.dtype == weight.dtype == torch.float32
+            and weight.size(0) >= ONEDNN_HEAD_MIN_VOCAB):
         return _onednn(h.contiguous(), weight.contiguous(), None)
     return mm(h, weight.t())
 
@@ -330,7 +340,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def run_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`; a plain nn.Linear through `linear` (adapted or quantized linears run their own forward)."""
+    """`module(x)`; a plain nn.Linear through `linear` (adapted or quantized linears run their own
+    forward)."""
     if type(module) is nn.Linear:
         return linear(x, module.weight, module.bias)
     return module(x)

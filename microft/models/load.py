@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from microft.errors import CheckpointError
 from microft.models.config import PRESETS, ModelConfig
 from microft.models.hf import VOCAB_ROWS, HFReader, TensorFiles, hf_name
-from microft.models.source import config_of, locate, read_model_config  # noqa: F401  (read_model_config re-exported)
+from microft.models.source import config_of, locate, read_model_config  # noqa: F401  (re-exported)
 from microft.models.transformer import Transformer, init_weight_
 from microft.weights import CONFIG, WEIGHTS, atomic_dir
 
@@ -62,9 +62,10 @@ def materialize(model: nn.Module, has: Callable[[str], bool], read: Callable[[st
         if p is None:
             continue
         t = read(name)
-        rows_ok = name in VOCAB_ROWS and t.dim() == 2 and t.shape[1] == p.shape[1] and t.shape[0] <= p.shape[0]
+        rows_ok = (name in VOCAB_ROWS and t.dim() == 2 and t.shape[1] == p.shape[1]
+                   and t.shape[0] <= p.shape[0])
         if tuple(t.shape) != tuple(p.shape) and not rows_ok:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(t.shape)}, model expects {tuple(p.shape)}")
+            raise _shape_error(source, name, t, p)
         dt = dtype or t.dtype
         if t.shape != p.shape:
             new = torch.zeros(p.shape, device=device, dtype=dt)
@@ -95,7 +96,8 @@ def init_reader(cfg: ModelConfig, model: nn.Module) -> Callable[[str], torch.Ten
 
 
 def _draw_init(model: Transformer, cfg: ModelConfig, device, dtype: torch.dtype | None, source: str) -> None:
-    """A preset's random init drawn tensor by tensor, in `reset_parameters`' order (the same values for a seed)."""
+    """A preset's random init drawn tensor by tensor, in `reset_parameters`' order (the same values for a
+    seed)."""
     names = [n for n, _ in model.named_parameters()]
     names += [f"{n}.weight" for n, m in model.named_modules() if hasattr(m, "load_full_weight")]
     order = {n: i for i, n in enumerate(n for n, _ in meta_model(cfg).named_parameters())}
@@ -197,7 +199,14 @@ def load_hf_state(directory: str | Path, cfg: ModelConfig | None = None) -> dict
     return state
 
 
-def model_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def _shape_error(source: object, name: str, got: torch.Tensor, want: torch.Tensor) -> CheckpointError:
+    """The one line for a checkpoint tensor whose shape is not the model's."""
+    return CheckpointError(f"{source}: {name} has shape {tuple(got.shape)}, model expects "
+                           f"{tuple(want.shape)}")
+
+
+def model_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """Weights in microft naming with the vocabulary unpadded, contiguous, on CPU (LoRA adapters left out).
 
     `state`: the model's full state dict when gathered elsewhere (FSDP shards, see distributed.py).
@@ -219,18 +228,19 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: st
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        what = (f"missing {missing[:3]}" if missing else "") + (f" unexpected {unexpected[:3]}" if unexpected else "")
+        what = ((f"missing {missing[:3]}" if missing else "")
+                + (f" unexpected {unexpected[:3]}" if unexpected else ""))
         raise CheckpointError(f"{source} does not match the model: {what.strip()}")
     with torch.no_grad():
         for k, dst in params.items():
             src = state[k]
             if k in VOCAB_ROWS:
                 if src.shape[1] != dst.shape[1] or src.shape[0] > dst.shape[0]:
-                    raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+                    raise _shape_error(source, k, src, dst)
                 dst[: src.shape[0]].copy_(src)
                 dst[src.shape[0] :].zero_()
             elif src.shape != dst.shape:
-                raise CheckpointError(f"{source}: {k} has shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+                raise _shape_error(source, k, src, dst)
             else:
                 dst.copy_(src)
 

@@ -54,7 +54,8 @@ class Kernels:
     @classmethod
     def cuda_like(cls, recompute_context: Callable | None = None) -> Kernels:
         """SDPA at every length and the packed rows' mask, as on CUDA."""
-        return cls(cpu_math_attention_max_len=0, cpu_packed_segments=False, recompute_context=recompute_context)
+        return cls(cpu_math_attention_max_len=0, cpu_packed_segments=False,
+                   recompute_context=recompute_context)
 
 
 @torch.no_grad()
@@ -82,7 +83,8 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device, dtype) -> KVCache:
         shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return cls(torch.empty(shape, device=device, dtype=dtype),
+                   torch.empty(shape, device=device, dtype=dtype))
 
 
 # --- norms and positions -----------------------------------------------------------------------
@@ -147,7 +149,8 @@ def rope_inv_freq(cfg: ModelConfig, device=None, long: bool = False, local: bool
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
@@ -184,7 +187,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (B, nh, T, hs) by position, halves layout (HF's `rotate_half`); with tables narrower than hs
     (partial rotary) only the leading dims turn, the rest pass through."""
     rd = cos.size(-1)
-    if rd < x.size(-1):  # joined in the (B, T, nh, hs) order of the projection x views, as the full rotation's
+    if rd < x.size(-1):
+        # joined in the (B, T, nh, hs) order of the projection x views, as the full rotation's
         # output is: the attention's output then keeps that order and its reshape for o_proj copies nothing
         turned = apply_rope(x[..., :rd], cos, sin)
         return torch.cat((turned.transpose(1, 2), x[..., rd:].transpose(1, 2)), dim=-1).transpose(1, 2)
@@ -394,8 +398,8 @@ class Attention(nn.Module):
     def _scale(self, q: torch.Tensor) -> float:
         return self.scale if self.scale is not None else q.size(-1) ** -0.5
 
-    def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, packed: torch.Tensor | None,
-               fresh: bool, dropout_p: float) -> torch.Tensor:
+    def masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+               packed: torch.Tensor | None, fresh: bool, dropout_p: float) -> torch.Tensor:
         """Attention of new queries at `start` over the cached and new keys: causal, windowed and/or a
         packed rows' block-diagonal mask."""
         T = q.size(2)
@@ -474,7 +478,8 @@ class MLP(nn.Module):
             gated = self.act(run_linear(self.gate_proj, x)) * run_linear(self.up_proj, x)
             return self.drop(run_linear(self.down_proj, gated))
         z = run_linear(self.c_fc, x)
-        if type(self.c_proj) is not nn.Linear:  # an adapted (LoRA) or quantised projection runs its own forward
+        # an adapted (LoRA) or quantised projection runs its own forward
+        if type(self.c_proj) is not nn.Linear:
             return self.drop(self.c_proj(F.gelu(z, approximate="tanh")))
         return self.drop(gelu_linear(z, self.c_proj.weight, self.c_proj.bias))
 
@@ -613,7 +618,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.n_positions}")
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of "
+                             f"{self.config.n_positions}")
         x = tied_embedding(idx, self.wte.weight, link)
         if self.config.embedding_multiplier != 1.0:  # Granite
             x = x * self.config.embedding_multiplier
@@ -624,12 +630,15 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError("packed rows (position_ids) are for training, not cached generation")
             window = self.config.sliding_window
-            if self.kernels.cpu_packed_segments and idx.device.type == "cpu" and (window is None or T <= window):
+            if (self.kernels.cpu_packed_segments and idx.device.type == "cpu"
+                    and (window is None or T <= window)):
                 packed = packed_segments(position_ids)  # attention sample by sample: no masked scores
             else:
                 packed = packed_attention_mask(position_ids)
         if self.config.positions == "learned":
-            x = x + self.wpe(position_ids if position_ids is not None else torch.arange(start, start + T, device=idx.device))
+            pos = position_ids if position_ids is not None else torch.arange(start, start + T,
+                                                                             device=idx.device)
+            x = x + self.wpe(pos)
         else:
             rope = rope_cos_sin(self.config, start, T, idx.device, position_ids)
             if self.config.rope_local_theta or self.config.rope_linear_factor:  # Gemma 3: the sliding layers'
@@ -645,14 +654,16 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(…, vocab) logits of final hidden states (the padded rows left out; Granite's divided by its
         logits_scaling, soft-capped where the family caps them: Gemma 2)."""
-        return self.softcap(self._unscale(F.linear(h, self.head_weight[: self.config.vocab_size].to(h.dtype))))
+        head = self.head_weight[: self.config.vocab_size].to(h.dtype)
+        return self.softcap(self._unscale(F.linear(h, head)))
 
     def _unscale(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.config.logits_scaling
         return logits if s == 1.0 else logits / s
 
     def softcap(self, z: torch.Tensor) -> torch.Tensor:
-        """Logits soft-capped as transformers' Gemma 2 does: cap × tanh(z / cap) (unchanged without a cap)."""
+        """Logits soft-capped as transformers' Gemma 2 does: cap × tanh(z / cap) (unchanged without a
+        cap)."""
         cap = self.config.final_softcap
         return z if cap is None else torch.tanh(z / cap) * cap
 
