@@ -6,7 +6,8 @@ An entry (`Optimizer`) says, for one `--optimizer` word:
   The lr and the weight decay reach every optimizer through its parameter groups (`param_groups`);
 - `build`: the torch optimizer over those groups;
 - `state`: the tensors it keeps per parameter (key, bytes, dtype): the estimator's optimizer state, and what a
-  checkpoint must give back with the same dtypes;
+  checkpoint must give back with the same dtypes (torch's `load_state_dict` casts state to the parameter's
+  dtype; microft's own classes undo that with `train/optim8bit.load_keeping_dtypes`);
 - `replay`: its step's allocations in order, on the estimator's simulator (`memory.sim.Sim`), so that the
   analytical estimate equals the traced real step to the byte;
 - `host_state`: state keys torch keeps on the CPU whatever the device (no device memory);

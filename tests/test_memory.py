@@ -303,17 +303,14 @@ def test_cli_recipe(tmp_path):
 
 def test_constants_mirror_the_torch_modules():
     """The analytical modules avoid importing torch; their copies of model/optim/lora facts must agree."""
-    from microft import lora
+    from microft import lora, optimizers
     from microft.memory import estimate as memory
     from microft.memory import replay
     from microft.models.families import GPT2_LORA
     from microft.models.transformer import Transformer
-    from microft.train import optim
+    from microft.train import master_adamw, optim
 
     # one no-decay rule and one chunk constant, read by both (microft.optimizers, microft.layouts)
-    from microft import optimizers
-    from microft.train import master_adamw
-
     assert replay.decays is optim.decays and optimizers.MASTER_CHUNK is master_adamw.MASTER_CHUNK
     # the estimator adapts exactly the linears LoRA wraps
     for spec, names in [("qkv,proj", {"attn.c_attn", "attn.c_proj"}), ("attn", {"attn.c_attn", "attn.c_proj"}),

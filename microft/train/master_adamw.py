@@ -10,7 +10,7 @@ import torch
 
 from microft.errors import ConfigError
 from microft.layouts import MASTER_CHUNK
-from microft.train.optim8bit import closure_loss
+from microft.train.optim8bit import closure_loss, load_keeping_dtypes
 
 
 def split_fp32(master: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
@@ -97,10 +97,4 @@ class MasterAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch casts floating state to the parameter's dtype on load: keep the saved dtypes instead."""
-        saved = {k: {n: t for n, t in v.items() if n != "step"} for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params, strict=True):
-            for name, t in saved.get(i, {}).items():
-                self.state[p][name] = t.to(p.device, copy=True)
+        load_keeping_dtypes(self, state_dict, super().load_state_dict)

@@ -68,6 +68,21 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
+def load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict,
+                        load: Callable[[dict], None]) -> None:
+    """Load a saved optimizer state with `load` (torch's `load_state_dict`, which casts every state tensor but
+    `step` to its parameter's dtype), then give back each saved tensor its own dtype (uint8 codes, int16 master
+    bits, bf16 moments): a checkpoint resumes bit-exactly. Shared by AdamW8bit and MasterAdamW."""
+    saved = {i: {k: t for k, t in s.items() if torch.is_tensor(t) and k != "step"}
+             for i, s in state_dict["state"].items()}
+    load(state_dict)
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in zip(ids, params, strict=True):
+        for k, t in saved.get(i, {}).items():
+            optimizer.state[p][k] = t.to(p.device, copy=True)
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments are 8-bit blockwise-quantized (see the module docstring).
 
@@ -148,10 +163,4 @@ class AdamW8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but state tensors keep their dtypes (torch would cast uint8 codes to the param's
         dtype)."""
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for p, i in zip(params, ids):
-            if i in state_dict["state"]:
-                self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v
-                                 for k, v in state_dict["state"][i].items()}
+        load_keeping_dtypes(self, state_dict, super().load_state_dict)
