@@ -1,7 +1,8 @@
 """The training step as a byte-level replay: what microft's step allocates, op by op, from shapes.
 
 Each function mirrors the code it stands for: `Replay.block` is `model.Block`, `Replay.loss` is
-`model._FusedCrossEntropy`, `Replay.optimizer_step` the optimizers `optim.build_optimizer` makes,
+`model._FusedCrossEntropy`, `Replay.optimizer_step` runs the optimizer's own replay (its entry in
+`microft.optimizers`),
 `Replay.micro_step` / `clip` / `optimizer_step` those of train/step.py. Autocast's casts (and their
 cache), the tensors each op saves for backward (only those a needed gradient uses), Python's
 variable lifetimes, CUDA's kernels (SDPA flash / memory-efficient, fused dropout, fp32 norm
