@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from microft.errors import ConfigError
+from microft.optimizers import HYPERPARAMETERS, OPTIMIZERS, readers
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +30,7 @@ DEFAULT_GLOBAL_BS = 16
 EVALS_PER_RUN = 10  # default cadence: evaluations per run (plus one at the start and one at the end)
 
 Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
-OptimizerName = Literal["adamw", "sgd", "adafactor", "adamw-8bit"]
+OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]  # the registry's names, in its order
 Schedule = Literal["cosine", "linear", "constant"]
 LogFormat = Literal["auto", "rich", "plain", "json"]
 
@@ -59,10 +60,10 @@ class RunConfig(BaseModel):
     # optimizer
     optimizer: OptimizerName = "adamw"
     weight_decay: float = Field(0.1, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # adamw, adamw-8bit
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)  # these four: only the optimizers in OPTIMIZER_KEYS read them
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0)  # sgd
+    momentum: float = Field(0.9, ge=0.0)
     max_grad_norm: float | None = Field(1.0, ge=0.0)  # 0 or None: no clipping
     # numerics and memory
     precision: Precision = "auto"
@@ -197,9 +198,8 @@ def parse_columns(text: str) -> dict[str, str]:
     return out
 
 
-# the optimizer keys that only some optimizers read (adafactor has its own decay rule and epsilons)
-OPTIMIZER_KEYS = {"beta1": ("adamw", "adamw-8bit"), "beta2": ("adamw", "adamw-8bit"),
-                  "eps": ("adamw", "adamw-8bit"), "momentum": ("sgd",)}
+# the optimizer keys that only some optimizers read, and which (their entries' `reads` in microft.optimizers)
+OPTIMIZER_KEYS = {name: readers(name) for name in HYPERPARAMETERS}
 
 
 def flag_of(field: str) -> str:

@@ -14,76 +14,142 @@ from typing import Annotated, Any
 
 import typer
 
-Model = Annotated[str | None, typer.Option("--model", help="Preset (gpt2, gpt2-medium, llama-3.2-1b, qwen3-0.6b, …), HF model directory or cached repo id, or microft checkpoint (default: the demo's own model; with --data, gpt2-tiny).")]
-Data = Annotated[str | None, typer.Option("--data", help="Training data, a file or a directory: finetune reads JSON/JSONL, CSV/TSV or Parquet records (without it: the built-in demo); pretrain plain text.")]
+from microft.optimizers import HYPERPARAMETERS, OPTIMIZERS, hyperparameter_help
+
+Model = Annotated[str | None, typer.Option("--model", help=(
+    "Preset (gpt2, gpt2-medium, llama-3.2-1b, qwen3-0.6b, …), HF model directory or cached repo id, or "
+    "microft checkpoint (default: the demo's own model; with --data, gpt2-tiny)."))]
+Data = Annotated[str | None, typer.Option("--data", help=(
+    "Training data, a file or a directory: finetune reads JSON/JSONL, CSV/TSV or Parquet records "
+    "(without it: the built-in demo); pretrain plain text."))]
 Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
-MicroBS = Annotated[str | None, typer.Option("--micro-bs", help="Samples per forward/backward, or 'auto' (default: 1, or --global-bs / --accum; a training run given no batch flag: the largest that fits its default global batch of 16).")]
-Accum = Annotated[int | None, typer.Option("--accum", help="Micro-steps accumulated per optimizer step (default: 1, or --global-bs / --micro-bs).")]
-GlobalBS = Annotated[int | None, typer.Option("--global-bs", help="Samples per optimizer step (default: micro × accum × devices; a training run given no batch flag: 16, at most the training set).")]
-MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps to run (overrides --epochs) (default: from --epochs).")]
+MicroBS = Annotated[str | None, typer.Option("--micro-bs", help=(
+    "Samples per forward/backward, or 'auto' (default: 1, or --global-bs / --accum; a training run given "
+    "no batch flag: the largest that fits its default global batch of 16)."))]
+Accum = Annotated[int | None, typer.Option("--accum", help=(
+    "Micro-steps accumulated per optimizer step (default: 1, or --global-bs / --micro-bs)."))]
+GlobalBS = Annotated[int | None, typer.Option("--global-bs", help=(
+    "Samples per optimizer step (default: micro × accum × devices; a training run given no batch flag: "
+    "16, at most the training set)."))]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", help=(
+    "Optimizer steps to run (overrides --epochs) (default: from --epochs)."))]
 Epochs = Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (default 1).")]
 LR = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
-MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per sample (≤ the model's context) (default: the model's context).")]
-Precision = Annotated[str | None, typer.Option("--precision", help="auto | fp32 | bf16-mixed | fp16-mixed | bf16-true.")]
-GradCkpt = Annotated[bool | None, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Recompute block activations in backward.")]
-GradCkptEvery = Annotated[int | None, typer.Option("--grad-ckpt-every", help="Checkpoint every N-th block (with --grad-ckpt).")]
+MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help=(
+    "Tokens per sample (≤ the model's context) (default: the model's context)."))]
+Precision = Annotated[str | None, typer.Option("--precision", help=(
+    "auto | fp32 | bf16-mixed | fp16-mixed | bf16-true."))]
+GradCkpt = Annotated[bool | None, typer.Option("--grad-ckpt/--no-grad-ckpt", help=(
+    "Recompute block activations in backward."))]
+GradCkptEvery = Annotated[int | None, typer.Option("--grad-ckpt-every", help=(
+    "Checkpoint every N-th block (with --grad-ckpt)."))]
 Seed = Annotated[int | None, typer.Option("--seed", help="Seed for init, data order and the data split.")]
-Resume = Annotated[str | None, typer.Option("--resume", help="Checkpoint directory, or 'auto' for the latest under --out (default: a new run).")]
-Recipe = Annotated[Path | None, typer.Option("--recipe", help="A recipes/*.toml file; flags override its values (default: none).")]
-EvalEvery = Annotated[int | None, typer.Option("--eval-every", help="Validate every N steps (0: never) (default: about 10 times a run, and at the end).")]
-SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Checkpoint every N steps (0: only at the end).")]
+Resume = Annotated[str | None, typer.Option("--resume", help=(
+    "Checkpoint directory, or 'auto' for the latest under --out (default: a new run)."))]
+Recipe = Annotated[Path | None, typer.Option("--recipe", help=(
+    "A recipes/*.toml file; flags override its values (default: none)."))]
+EvalEvery = Annotated[int | None, typer.Option("--eval-every", help=(
+    "Validate every N steps (0: never) (default: about 10 times a run, and at the end)."))]
+SaveEvery = Annotated[int | None, typer.Option("--save-every", help=(
+    "Checkpoint every N steps (0: only at the end)."))]
 LogFormat = Annotated[str | None, typer.Option("--log-format", help="auto | rich | plain | json.")]
-Optim = Annotated[str | None, typer.Option("--optimizer", help="adamw | sgd | adafactor | adamw-8bit.")]
+Optim = Annotated[str | None, typer.Option("--optimizer", help=" | ".join(OPTIMIZERS) + ".")]
 Schedule = Annotated[str | None, typer.Option("--schedule", help="cosine | linear | constant.")]
-Warmup = Annotated[float | None, typer.Option("--warmup", help="Warmup steps (≥ 1) or fraction of the run (< 1).")]
+Warmup = Annotated[float | None, typer.Option("--warmup", help=(
+    "Warmup steps (≥ 1) or fraction of the run (< 1)."))]
 MinLR = Annotated[float | None, typer.Option("--min-lr-ratio", help="Final lr as a fraction of the peak.")]
-MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help="Clip the global grad norm (0: off).")]
-WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (matrices only).")]
-Device = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (auto: Apple silicon's GPU, else CUDA, else CPU).")]
+MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help=(
+    "Clip the global grad norm (0: off)."))]
+WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help=(
+    "AdamW weight decay (matrices only)."))]
+Device = Annotated[str | None, typer.Option("--device", help=(
+    "auto | cpu | cuda | cuda:N | mps (auto: Apple silicon's GPU, else CUDA, else CPU)."))]
 ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held out for validation.")]
-Patience = Annotated[int | None, typer.Option("--patience", help="Stop after N evaluations without improvement (default: never stop early).")]
+Patience = Annotated[int | None, typer.Option("--patience", help=(
+    "Stop after N evaluations without improvement (default: never stop early)."))]
 KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoints to keep.")]
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
-TF32 = Annotated[bool | None, typer.Option("--tf32/--no-tf32", help="TF32 for fp32 matmuls on CUDA (default: on).")]
+TF32 = Annotated[bool | None, typer.Option("--tf32/--no-tf32", help=(
+    "TF32 for fp32 matmuls on CUDA (default: on)."))]
 Dropout = Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")]
-Devices = Annotated[int | None, typer.Option("--devices", help="Processes to launch with torchrun (one per device).")]
+Devices = Annotated[int | None, typer.Option("--devices", help=(
+    "Processes to launch with torchrun (one per device)."))]
 Shard = Annotated[str | None, typer.Option("--shard", help="none | ddp | fsdp (with --devices > 1).")]
-ValData = Annotated[str | None, typer.Option("--val-data", help="Validation data (else a seeded split of --data).")]
-TestFrac = Annotated[float | None, typer.Option("--test-frac", help="Fraction held out as a test split (for --predict).")]
-Template = Annotated[str | None, typer.Option("--template", help="auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | plain | a template file (TOML/JSON) | a .jinja chat template.")]
-MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help="Train on response tokens only (default) or on everything.")]
-Columns = Annotated[str | None, typer.Option("--columns", help="The data's own names for instruction, input, output, messages, weight: e.g. instruction=question,output=answer (default: prompt/completion, question/answer, context/response are read as ours).")]
-SkipBad = Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help="Skip and count bad records instead of refusing the data.")]
-GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding).")]
-Packing = Annotated[bool | None, typer.Option("--packing/--no-packing", help="Pack whole samples into rows of --max-seq-len (no padding; attention stays within each sample).")]
-Predict = Annotated[bool | None, typer.Option("--predict/--no-predict", help="Write responses for the test split to OUT/predictions.jsonl.")]
-Lora = Annotated[bool | None, typer.Option("--lora/--no-lora", help="Train LoRA adapters; the base stays frozen.")]
+ValData = Annotated[str | None, typer.Option("--val-data", help=(
+    "Validation data (else a seeded split of --data)."))]
+TestFrac = Annotated[float | None, typer.Option("--test-frac", help=(
+    "Fraction held out as a test split (for --predict)."))]
+Template = Annotated[str | None, typer.Option("--template", help=(
+    "auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | plain | a "
+    "template file (TOML/JSON) | a .jinja chat template."))]
+MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help=(
+    "Train on response tokens only (default) or on everything."))]
+Columns = Annotated[str | None, typer.Option("--columns", help=(
+    "The data's own names for instruction, input, output, messages, weight: e.g. "
+    "instruction=question,output=answer (default: prompt/completion, question/answer, context/response "
+    "are read as ours)."))]
+SkipBad = Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help=(
+    "Skip and count bad records instead of refusing the data."))]
+GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help=(
+    "Batch samples of similar length (less padding)."))]
+Packing = Annotated[bool | None, typer.Option("--packing/--no-packing", help=(
+    "Pack whole samples into rows of --max-seq-len (no padding; attention stays within each sample)."))]
+Predict = Annotated[bool | None, typer.Option("--predict/--no-predict", help=(
+    "Write responses for the test split to OUT/predictions.jsonl."))]
+Lora = Annotated[bool | None, typer.Option("--lora/--no-lora", help=(
+    "Train LoRA adapters; the base stays frozen."))]
 LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
-LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help="LoRA scale numerator (scale = alpha / r).")]
+LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help=(
+    "LoRA scale numerator (scale = alpha / r)."))]
 LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
-LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help="Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all).")]
-Quantize = Annotated[str | None, typer.Option("--quantize", help="nf4: store the frozen block linears in 4 bits (QLoRA; needs --lora).")]
-DoubleQuant = Annotated[bool | None, typer.Option("--double-quant", help="With --quantize nf4: quantize the block scales too (~0.37 bit/weight less).")]
-Beta1 = Annotated[float | None, typer.Option("--beta1", help="AdamW's first-moment decay (adamw, adamw-8bit).")]
-Beta2 = Annotated[float | None, typer.Option("--beta2", help="AdamW's second-moment decay (adamw, adamw-8bit).")]
-Eps = Annotated[float | None, typer.Option("--eps", help="AdamW's epsilon, added to the root of the second moment (adamw, adamw-8bit).")]
-Momentum = Annotated[float | None, typer.Option("--momentum", help="SGD's momentum (--optimizer sgd).")]
-EvalBatches = Annotated[int | None, typer.Option("--eval-batches", help="Micro-batches of the validation set each evaluation reads (the first N, in order).")]
-SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help="Validation prompts answered and shown at each evaluation (0: none).")]
-LogEvery = Annotated[int | None, typer.Option("--log-every", help="Write every N-th step to metrics.jsonl (and always the last).")]
-Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help="Shuffle the training data each epoch (default), or take it in file order: consecutive records form each step, no length grouping.")]
-ReportTo = Annotated[str | None, typer.Option("--report-to", help="Experiment trackers that also get the run, comma-separated: tensorboard, mlflow, wandb, trackio (each an extra: pip install 'microft\\[mlflow]') (default: none).")]
-ReportDir = Annotated[str | None, typer.Option("--report-dir", help="Where --report-to tensorboard writes its event files (default: OUT/tensorboard).")]
-RunName = Annotated[str | None, typer.Option("--run-name", help="The tracker run's name (default: --out's directory name).")]
-Experiment = Annotated[str | None, typer.Option("--experiment", help="MLflow experiment, W&B and Trackio project (default: WANDB_PROJECT for W&B, else microft).")]
-DataSplit = Annotated[str | None, typer.Option("--data-split", help="With a dataset directory or hub repo id: read the files of this split (train, validation, …; named for it) (default: train, where the files name splits).")]
-DataFiles = Annotated[str | None, typer.Option("--data-files", help="With a dataset directory or hub repo id: comma-separated glob patterns of the files to read, e.g. 'data/train-*.parquet' (default: the --data-split's files).")]
-PrefLoss = Annotated[str | None, typer.Option("--loss", help="dpo (sigmoid) | ipo | simpo | orpo: dpo and ipo compare to a frozen reference policy, simpo and orpo need none.")]
-Beta = Annotated[float | None, typer.Option("--beta", help="DPO/IPO/SimPO's beta: how far the policy may move from the reference (dpo, ipo) or the reward scale (simpo).")]
+LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help=(
+    "Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all)."))]
+Quantize = Annotated[str | None, typer.Option("--quantize", help=(
+    "nf4: store the frozen block linears in 4 bits (QLoRA; needs --lora)."))]
+DoubleQuant = Annotated[bool | None, typer.Option("--double-quant", help=(
+    "With --quantize nf4: quantize the block scales too (~0.37 bit/weight less)."))]
+# the hyperparameters only some optimizers read: their flags and help from the registry (microft.optimizers)
+HYPERPARAMETER_OPTIONS: dict[str, Any] = {
+    name: Annotated[float | None, typer.Option("--" + name.replace("_", "-"), help=hyperparameter_help(name))]
+    for name in HYPERPARAMETERS}
+EvalBatches = Annotated[int | None, typer.Option("--eval-batches", help=(
+    "Micro-batches of the validation set each evaluation reads (the first N, in order)."))]
+SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help=(
+    "Validation prompts answered and shown at each evaluation (0: none)."))]
+LogEvery = Annotated[int | None, typer.Option("--log-every", help=(
+    "Write every N-th step to metrics.jsonl (and always the last)."))]
+Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help=(
+    "Shuffle the training data each epoch (default), or take it in file order: consecutive records form "
+    "each step, no length grouping."))]
+ReportTo = Annotated[str | None, typer.Option("--report-to", help=(
+    "Experiment trackers that also get the run, comma-separated: tensorboard, mlflow, wandb, trackio "
+    "(each an extra: pip install 'microft\\[mlflow]') (default: none)."))]
+ReportDir = Annotated[str | None, typer.Option("--report-dir", help=(
+    "Where --report-to tensorboard writes its event files (default: OUT/tensorboard)."))]
+RunName = Annotated[str | None, typer.Option("--run-name", help=(
+    "The tracker run's name (default: --out's directory name)."))]
+Experiment = Annotated[str | None, typer.Option("--experiment", help=(
+    "MLflow experiment, W&B and Trackio project (default: WANDB_PROJECT for W&B, else microft)."))]
+DataSplit = Annotated[str | None, typer.Option("--data-split", help=(
+    "With a dataset directory or hub repo id: read the files of this split (train, validation, …; named "
+    "for it) (default: train, where the files name splits)."))]
+DataFiles = Annotated[str | None, typer.Option("--data-files", help=(
+    "With a dataset directory or hub repo id: comma-separated glob patterns of the files to read, e.g. "
+    "'data/train-*.parquet' (default: the --data-split's files)."))]
+PrefLoss = Annotated[str | None, typer.Option("--loss", help=(
+    "dpo (sigmoid) | ipo | simpo | orpo: dpo and ipo compare to a frozen reference policy, simpo and "
+    "orpo need none."))]
+Beta = Annotated[float | None, typer.Option("--beta", help=(
+    "DPO/IPO/SimPO's beta: how far the policy may move from the reference (dpo, ipo) or the reward scale "
+    "(simpo)."))]
 Gamma = Annotated[float | None, typer.Option("--gamma", help="SimPO's target reward margin gamma.")]
-OrpoLambda = Annotated[float | None, typer.Option("--orpo-lambda", help="ORPO's lambda: the weight of the odds-ratio term beside the chosen response's NLL.")]
-PrecomputeRef = Annotated[bool | None, typer.Option("--precompute-ref/--no-precompute-ref", help="dpo/ipo: compute the reference log-probs once before training (full fine-tuning then keeps no reference copy in memory).")]
-SeqLen = Annotated[int | None, typer.Option("--seq-len", help="Tokens per sample (same as --max-seq-len; default: the model's context).")]
+OrpoLambda = Annotated[float | None, typer.Option("--orpo-lambda", help=(
+    "ORPO's lambda: the weight of the odds-ratio term beside the chosen response's NLL."))]
+PrecomputeRef = Annotated[bool | None, typer.Option("--precompute-ref/--no-precompute-ref", help=(
+    "dpo/ipo: compute the reference log-probs once before training (full fine-tuning then keeps no "
+    "reference copy in memory)."))]
+SeqLen = Annotated[int | None, typer.Option("--seq-len", help=(
+    "Tokens per sample (same as --max-seq-len; default: the model's context)."))]
 
 # every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
 RUN_OPTIONS: dict[str, Any] = {
@@ -92,43 +158,46 @@ RUN_OPTIONS: dict[str, Any] = {
     "grad_ckpt": GradCkpt, "grad_ckpt_every": GradCkptEvery, "seed": Seed, "resume": Resume, "recipe": Recipe,
     "eval_every": EvalEvery, "save_every": SaveEvery, "log_format": LogFormat, "optimizer": Optim,
     "schedule": Schedule, "warmup": Warmup, "min_lr_ratio": MinLR, "max_grad_norm": MaxGradNorm,
-    "weight_decay": WeightDecay, "device": Device, "val_frac": ValFrac, "patience": Patience, "keep_last": KeepLast,
-    "compile": Compile, "tf32": TF32, "dropout": Dropout, "devices": Devices, "shard": Shard,
-    "val_data": ValData, "test_frac": TestFrac, "template": Template, "mask_prompt": MaskPrompt,
-    "skip_bad": SkipBad, "columns": Columns, "group_by_length": GroupByLength, "packing": Packing, "predict": Predict, "lora": Lora, "lora_r": LoraR,
-    "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout, "lora_targets": LoraTargets, "seq_len": SeqLen,
-    "quantize": Quantize, "double_quant": DoubleQuant, "beta1": Beta1, "beta2": Beta2, "eps": Eps,
-    "momentum": Momentum, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval,
+    "weight_decay": WeightDecay, "device": Device, "val_frac": ValFrac, "patience": Patience,
+    "keep_last": KeepLast, "compile": Compile, "tf32": TF32, "dropout": Dropout, "devices": Devices,
+    "shard": Shard, "val_data": ValData, "test_frac": TestFrac, "template": Template,
+    "mask_prompt": MaskPrompt,
+    "skip_bad": SkipBad, "columns": Columns, "group_by_length": GroupByLength, "packing": Packing,
+    "predict": Predict, "lora": Lora, "lora_r": LoraR, "lora_alpha": LoraAlpha, "lora_dropout": LoraDropout,
+    "lora_targets": LoraTargets, "seq_len": SeqLen, "quantize": Quantize, "double_quant": DoubleQuant,
+    **HYPERPARAMETER_OPTIONS, "eval_batches": EvalBatches, "samples_per_eval": SamplesPerEval,
     "log_every": LogEvery, "shuffle": Shuffle, "report_to": ReportTo, "report_dir": ReportDir,
     "run_name": RunName, "experiment": Experiment, "data_split": DataSplit, "data_files": DataFiles,
     "loss": PrefLoss, "beta": Beta, "gamma": Gamma,
     "orpo_lambda": OrpoLambda, "precompute_ref": PrecomputeRef,
 }
-PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr", "max_seq_len",
-            "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe", "eval_every", "save_every",
-            "log_format", "optimizer", "schedule", "warmup", "min_lr_ratio", "max_grad_norm", "weight_decay",
-            "device", "val_frac", "patience", "keep_last", "compile", "tf32", "dropout", "devices", "shard",
-            "beta1", "beta2", "eps", "momentum", "eval_batches", "log_every", "shuffle", "report_to", "report_dir",
-            "run_name", "experiment")
+PRETRAIN = ("model", "data", "out", "micro_bs", "accum", "global_bs", "max_steps", "epochs", "lr",
+            "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "seed", "resume", "recipe",
+            "eval_every", "save_every", "log_format", "optimizer", "schedule", "warmup", "min_lr_ratio",
+            "max_grad_norm", "weight_decay", "device", "val_frac", "patience", "keep_last", "compile", "tf32",
+            "dropout", "devices", "shard", *HYPERPARAMETER_OPTIONS, "eval_batches", "log_every", "shuffle",
+            "report_to", "report_dir", "run_name", "experiment")
 LORA = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize", "double_quant")
-FINETUNE = (*PRETRAIN, "data_split", "data_files", "val_data", "test_frac", "template", "mask_prompt", "skip_bad", "columns", "group_by_length",
-            "packing", "predict", "samples_per_eval", *LORA)
-# `dpo`: finetune's options but those of SFT samples (packing, prompt masking, predictions, generated samples),
-# the column mapping, dataset-repo file selection and the multi-device/compiled runs it does not support yet;
-# then the loss and its constants
-DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "test_frac", "samples_per_eval",
-                                         "columns", "data_split", "data_files", "devices", "shard", "compile")),
+FINETUNE = (*PRETRAIN, "data_split", "data_files", "val_data", "test_frac", "template", "mask_prompt",
+            "skip_bad", "columns", "group_by_length", "packing", "predict", "samples_per_eval", *LORA)
+# `dpo`: finetune's options but those of SFT samples (packing, prompt masking, predictions, generated
+# samples), the column mapping, dataset-repo file selection and the multi-device/compiled runs it does not
+# support yet; then the loss and its constants
+DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "test_frac",
+                                         "samples_per_eval", "columns", "data_split", "data_files",
+                                         "devices", "shard", "compile")),
        "loss", "beta", "gamma", "orpo_lambda", "precompute_ref")
 # dpo's own words where finetune's help speaks of the demo
 DPO_HELP = {
-    "model": "The model to tune, usually finetune's output (a microft checkpoint, or merged LoRA), an HF model "
-             "directory or cached repo id, or a preset (default: gpt2-tiny).",
+    "model": "The model to tune, usually finetune's output (a microft checkpoint, or merged LoRA), an HF "
+             "model directory or cached repo id, or a preset (default: gpt2-tiny).",
     "data": "Preference pairs, a file or a directory of JSON/JSONL, CSV/TSV or Parquet records (required).",
 }
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
-ESTIMATE = ("model", "data", "data_split", "data_files", "template", "skip_bad", "columns", "recipe", "micro_bs", "accum", "global_bs", "seq_len",
-            "max_seq_len", "precision", "grad_ckpt", "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm",
-            "momentum", "dropout", *LORA, "devices", "shard", "compile", "packing", "loss", "precompute_ref")
+ESTIMATE = ("model", "data", "data_split", "data_files", "template", "skip_bad", "columns", "recipe",
+            "micro_bs", "accum", "global_bs", "seq_len", "max_seq_len", "precision", "grad_ckpt",
+            "grad_ckpt_every", "optimizer", "weight_decay", "max_grad_norm", "momentum", "dropout", *LORA,
+            "devices", "shard", "compile", "packing", "loss", "precompute_ref")
 # pretrain's own words where finetune's help speaks of the demo
 PRETRAIN_HELP = {
     "model": "Preset to train from scratch (gpt2-tiny, gpt2, llama-3.2-1b, …), or an HF model directory, "

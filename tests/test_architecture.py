@@ -12,7 +12,7 @@ MAX_LINES = 80  # a function a reader takes in at once
 
 # what models/ sits above: the model core may import only itself, config, weights and errors
 ABOVE_MODELS = ("cli", "options", "ui", "runs", "train", "memory", "generate", "data", "instruct", "chat",
-                "export", "templates", "formats", "demo", "tokenizer", "lora", "quant", "optim8bit",
+                "export", "templates", "formats", "demo", "tokenizer", "lora", "quant",
                 "download", "perf", "hubdata")
 
 
@@ -92,6 +92,21 @@ def test_models_import_nothing_above_them():
     assert not any(bad.values()), bad
     # and the run config (below models) does not reach up into them
     assert not {d for d in g["microft.config"] if _layer(d) == "models"}
+
+
+def test_the_optimizer_registry_sits_below_the_config():
+    """microft/optimizers.py: the config validates --optimizer against it, so at import it reaches nothing above
+    the config (errors, layouts; no torch). Its builders import microft's own optimizer classes from train/
+    inside the function: the one arrow up, from an entry to its implementation, taken only when a run builds
+    one; those modules import neither the config nor the registry (test_no_import_cycles)."""
+    tree = ast.parse((PKG / "optimizers.py").read_text())
+    top = {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
+    top = {m for m in top | {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+           if m.startswith("microft")}
+    assert top <= {"microft.errors", "microft.layouts"}, top
+    lazy = _graph()["microft.optimizers"] - top
+    assert lazy and all(_layer(m) == "train" for m in lazy), lazy
+    assert "microft.optimizers" in _graph()["microft.config"]
 
 
 def test_functions_are_short():

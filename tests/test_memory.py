@@ -303,15 +303,15 @@ def test_cli_recipe(tmp_path):
 
 def test_constants_mirror_the_torch_modules():
     """The analytical modules avoid importing torch; their copies of model/optim/lora facts must agree."""
-    from microft import lora
+    from microft import lora, optimizers
     from microft.memory import estimate as memory
     from microft.memory import replay
     from microft.models.families import GPT2_LORA
     from microft.models.transformer import Transformer
-    from microft.train import optim
+    from microft.train import master_adamw, optim
 
-    # one constant, read by both (microft.layouts)
-    assert replay.NO_DECAY_MARKERS is optim.NO_DECAY_MARKERS and replay.MASTER_CHUNK is optim.MASTER_CHUNK
+    # one no-decay rule and one chunk constant, read by both (microft.optimizers, microft.layouts)
+    assert replay.decays is optim.decays and optimizers.MASTER_CHUNK is master_adamw.MASTER_CHUNK
     # the estimator adapts exactly the linears LoRA wraps
     for spec, names in [("qkv,proj", {"attn.c_attn", "attn.c_proj"}), ("attn", {"attn.c_attn", "attn.c_proj"}),
                         ("mlp", {"mlp.c_fc", "mlp.c_proj"}), ("fc,qkv", {"attn.c_attn", "mlp.c_fc"}),
@@ -429,19 +429,19 @@ def test_the_analytical_path_imports_no_torch():
 def test_repeated_chunks_are_replayed_once():
     """The 8-bit AdamW replay walks two full chunks of a tensor and its short last one: the same peak as
     walking all of them (each further full chunk frees what it allocates over the same live set)."""
-    from microft.memory import replay
+    from microft import optimizers  # the 8-bit AdamW entry's replay
 
     arch = load_shape("qwen3-0.6b")
     s = setup_for(RunConfig(precision="bf16-true", optimizer="adamw-8bit", max_seq_len=64), arch, 1, accum=2)
     fast = estimate(arch, s)
-    every = replay._chunk_sizes
+    every = optimizers.chunk_sizes
     try:
-        replay._chunk_sizes = lambda n, chunk: [min(chunk, n - i) for i in range(0, n, chunk)]
+        optimizers.chunk_sizes = lambda n, chunk: [min(chunk, n - i) for i in range(0, n, chunk)]
         slow = estimate(arch, s)
     finally:
-        replay._chunk_sizes = every
+        optimizers.chunk_sizes = every
     assert fast.peak_bytes == slow.peak_bytes and fast.step_peaks == slow.step_peaks
-    assert replay._chunk_sizes(5 * 2**20 + 7, 2**20) == [2**20, 2**20, 7]
+    assert optimizers.chunk_sizes(5 * 2**20 + 7, 2**20) == [2**20, 2**20, 7]
 
 
 # --- what the answers mean: the run's own LoRA rank, what a plan keeps and changes, the exit codes ------------

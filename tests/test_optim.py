@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from microft.config import RunConfig
-from microft.train.optim import MasterAdamW, build_optimizer, join_fp32, split_fp32
+from microft.train.master_adamw import MasterAdamW, join_fp32, split_fp32
+from microft.train.optim import build_optimizer
 from tests.helpers import tiny_model
 
 
@@ -29,7 +30,8 @@ def test_with_fp32_moments_every_step_equals_fused_adamw_on_fp32_weights():
     ref = [torch.nn.Parameter(p.detach().float().clone()) for p in (a, b)]
     opt = MasterAdamW([{"params": [a], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0}],
                       lr=1e-3, betas=(0.9, 0.95), state_dtype=torch.float32)
-    ref_opt = torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.1}, {"params": [ref[1]], "weight_decay": 0.0}],
+    ref_opt = torch.optim.AdamW([{"params": [ref[0]], "weight_decay": 0.1},
+                                 {"params": [ref[1]], "weight_decay": 0.0}],
                                 lr=1e-3, betas=(0.9, 0.95), fused=True)
     for divisor in (None, 3.5, 1.0, 17.0):
         for p, r in zip((a, b), ref):
@@ -118,7 +120,8 @@ def test_a_clip_handed_to_fused_adamw_equals_clip_grad_norm_then_step(max_norm):
         for m in models:
             m(x).pow(2).sum().backward()
         fused = clip_gradients(models[0], max_norm, opts[0])
-        assert opts[0].grad_scale.item() == pytest.approx(max(1.0, (fused.item() + 1e-6) / max_norm), rel=1e-6)
+        divisor = max(1.0, (fused.item() + 1e-6) / max_norm)
+        assert opts[0].grad_scale.item() == pytest.approx(divisor, rel=1e-6)
         plain = clip_gradients(models[1], max_norm)
         assert torch.equal(fused, plain)
         for o in opts:

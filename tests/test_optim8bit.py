@@ -6,7 +6,7 @@ import io
 import torch
 import torch.nn as nn
 
-from microft.optim8bit import BLOCK, AdamW8bit, state_nbytes
+from microft.train.optim8bit import BLOCK, AdamW8bit, state_nbytes
 
 
 def regression(seed=0):
@@ -14,7 +14,8 @@ def regression(seed=0):
     x = torch.randn(512, 128, generator=g)
     y = x @ torch.randn(128, 64, generator=g) / 128 ** 0.5 + 0.1 * torch.randn(512, 64, generator=g)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(128, 96), nn.Tanh(), nn.Linear(96, 64))  # 12288 + 6144 weights, small biases
+    # 12288 + 6144 weights, small biases
+    model = nn.Sequential(nn.Linear(128, 96), nn.Tanh(), nn.Linear(96, 64))
     return model, x, y
 
 
@@ -87,7 +88,8 @@ def test_small_tensors_match_torch_adamw_exactly():
     torch.manual_seed(0)
     p1 = torch.randn(100, requires_grad=True)
     p2 = p1.detach().clone().requires_grad_()
-    o1, o2 = AdamW8bit([p1], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([p2], lr=1e-2, weight_decay=0.1, foreach=False)
+    o1 = AdamW8bit([p1], lr=1e-2, weight_decay=0.1)
+    o2 = torch.optim.AdamW([p2], lr=1e-2, weight_decay=0.1, foreach=False)
     for i in range(5):
         g = torch.randn(100, generator=torch.Generator().manual_seed(i))
         p1.grad, p2.grad = g.clone(), g.clone()
@@ -111,7 +113,8 @@ def test_state_is_about_two_bytes_per_param():
     model, x, y = regression()
     opt = AdamW8bit(groups(model), lr=1e-2)
     train(model, opt, x, y, 1)
-    held = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    held = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if torch.is_tensor(t))
     assert held == sum(state_nbytes(p.numel()) for p in model.parameters())
     big = sum(p.numel() for p in model.parameters() if p.numel() >= 4096)
     assert state_nbytes(big) / big < 2.04

@@ -218,7 +218,7 @@ def test_other_optimizers_train(tmp_path, optimizer):
 
 
 def test_adamw_8bit_trains_on_cpu_with_8bit_state(tmp_path):
-    from microft.optim8bit import AdamW8bit
+    from microft.train.optim8bit import AdamW8bit
 
     model, events = _train(tmp_path, masked_samples(16), 2, 1, steps=4, optimizer="adamw-8bit", lr=3e-3)
     state = torch.load(tmp_path / "checkpoints" / "step-0000004" / "train_state.pt", weights_only=False)

@@ -1,7 +1,8 @@
 """The training step as a byte-level replay: what microft's step allocates, op by op, from shapes.
 
 Each function mirrors the code it stands for: `Replay.block` is `model.Block`, `Replay.loss` is
-`model._FusedCrossEntropy`, `Replay.optimizer_step` the optimizers `optim.build_optimizer` makes,
+`model._FusedCrossEntropy`, `Replay.optimizer_step` runs the optimizer's own replay (its entry in
+`microft.optimizers`),
 `Replay.micro_step` / `clip` / `optimizer_step` those of train/step.py. Autocast's casts (and their
 cache), the tensors each op saves for backward (only those a needed gradient uses), Python's
 variable lifetimes, CUDA's kernels (SDPA flash / memory-efficient, fused dropout, fp32 norm
@@ -16,24 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from microft.layouts import (
-    ADAMW8_BLOCK as BLOCK_8BIT,
-)
-from microft.layouts import (
-    ADAMW8_CHUNK as CHUNK_8BIT,
-)
-from microft.layouts import (
-    ADAMW8_MIN_NUMEL as MIN_8BIT_NUMEL,
-)
-from microft.layouts import (
-    DOUBLE_QUANT_BLOCK,
-    MASTER_CHUNK,
-    NF4_BLOCK,
-    NO_DECAY_MARKERS,
-    nf4_nbytes,
-)
+from microft.layouts import DOUBLE_QUANT_BLOCK, NF4_BLOCK, nf4_nbytes
 from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
 from microft.models.config import ModelConfig, ce_chunk_rows
+from microft.optimizers import OPTIMIZERS, Settings, decays
 
 
 @dataclass(frozen=True)
@@ -850,44 +837,16 @@ class Replay:
 
     def groups(self) -> list[tuple[list[Par], float]]:
         """optim.param_groups: (matrices, weight decay), (biases/norms/embeddings, 0)."""
-        decay, no_decay = [], []
-        for p in self.trainable():
-            if p.ndim < 2 or any(mk in p.name for mk in NO_DECAY_MARKERS):
-                no_decay.append(p)
-            else:
-                decay.append(p)
+        decay = [p for p in self.trainable() if decays(p.name, p.ndim)]
+        no_decay = [p for p in self.trainable() if not decays(p.name, p.ndim)]
         return [(g, wd) for g, wd in ((decay, self.s.weight_decay), (no_decay, 0.0)) if g]
 
     def optimizer_step(self, at: str) -> None:
-        sim, opt = self.sim, self.s.optimizer
+        """The optimizer's step as its registry entry replays it (microft.optimizers), then zero_grad."""
+        sim = self.sim
         sim.mark(f"{at}, optimizer step", "optimizer step")
-        st_cat, tr = "optimizer state", "optimizer transients"
-        state = self.opt_state
-        locals_8bit: dict[str, St | None] = {}
-        for params, wd in self.groups():
-            if opt == "adamw" and self.s.precision == "bf16-true":
-                self._master_adamw(params, state)
-            elif opt == "adamw":  # fused: step, exp_avg, exp_avg_sq per parameter; no temporaries
-                for p in params:
-                    if p.name not in state:
-                        state[p.name] = [sim.alloc(4, st_cat, "step"), sim.alloc(p.numel * p.es, st_cat, "exp_avg"),
-                                         sim.alloc(p.numel * p.es, st_cat, "exp_avg_sq")]
-            elif opt == "sgd":  # foreach: weight decay makes new gradients; momentum buffers
-                tmp = [sim.alloc(p.numel * p.es, tr, "grad + wd * p") for p in params] if wd else []
-                if self.s.momentum:
-                    for p in params:
-                        if p.name not in state:
-                            state[p.name] = [sim.alloc(p.numel * p.es, st_cat, "momentum_buffer")]
-                for t in tmp:
-                    sim.unref(t)
-            elif opt == "adafactor":
-                self._adafactor(params, state)
-            elif opt == "adamw-8bit":
-                self._adamw_8bit(params, state, locals_8bit)
-            else:
-                raise ValueError(f"unknown optimizer {opt!r}")
-        for st in locals_8bit.values():  # AdamW8bit.step returns: its locals die
-            sim.unref(st)
+        settings = Settings(bf16_weights=self.s.precision == "bf16-true", momentum=self.s.momentum)
+        OPTIMIZERS[self.s.optimizer].replay(sim, self.groups(), self.opt_state, settings)
         if self.s.precision == "fp16-mixed":
             sim.unref(getattr(self, "found_inf", None))
             self.found_inf = None
@@ -897,120 +856,6 @@ class Replay:
             p.grad = None
         sim.drop(self.grad_norm)  # finish_step returns
         self.grad_norm = None
-
-    def _adamw_8bit(self, params: list[Par], state: dict[str, list[St]], loc: dict[str, St | None]) -> None:
-        """optim8bit.AdamW8bit.step, allocation by allocation. `loc` holds the step's Python locals (the maps,
-        g, m, v, w), which live across parameters and groups until step() returns: a rebound local is
-        freed only after its new value exists."""
-        sim, st_cat, tr = self.sim, "optimizer state", "optimizer transients"
-
-        def bind(name: str, st: St | None) -> None:
-            old, loc[name] = loc.get(name), st
-            sim.unref(old)
-
-        def run(events: list[tuple]) -> St:  # ("a", key, bytes) / ("f", key); returns the storage left
-            held: dict[str, St] = {}
-            for kind, key, *nbytes in events:
-                if kind == "a":
-                    held[key] = sim.alloc(nbytes[0], tr, key, held=False)
-                else:
-                    sim.unref(held.pop(key))
-            (out,) = held.values()
-            return out
-
-        for p in params:
-            n = p.numel
-            quantized = n >= MIN_8BIT_NUMEL
-            if p.name not in state:
-                if quantized:  # codes, absmax of each moment (state_nbytes)
-                    nb = -(-n // BLOCK_8BIT)
-                    state[p.name] = [sim.alloc(size, st_cat, what) for size, what in (
-                        (n, "exp_avg codes"), (nb * 4, "exp_avg absmax"), (n, "exp_avg_sq codes"),
-                        (nb * 4, "exp_avg_sq absmax"))]
-                else:
-                    state[p.name] = [sim.alloc(n * 4, st_cat, "exp_avg"), sim.alloc(n * 4, st_cat, "exp_avg_sq")]
-            if "maps" not in loc:  # both dynamic maps and their midpoints, for the device, once per step()
-                loc["maps"], loc["unsigned map"] = sim.alloc(1024, tr, "signed map"), sim.alloc(1024, tr, "unsigned map")
-                for what in ("signed midpoints", "unsigned midpoints"):
-                    loc[what] = run([("a", "sum", 1024), ("a", what, 1024), ("f", "sum")])
-            chunk = CHUNK_8BIT if quantized else n
-            for c in _chunk_sizes(n, chunk):
-                cp = -(-c // BLOCK_8BIT) * BLOCK_8BIT
-                bind("g", sim.alloc(c * 4, tr, "grad.float()", held=False) if p.es != 4 else None)
-                if quantized:
-                    for moment in ("m", "v"):
-                        bind(moment, run([("a", "codes.int()", c * 4), ("a", "code[codes]", c * 4), ("f", "codes.int()"),
-                                          ("a", "padded", cp * 4), ("f", "code[codes]"), ("a", "moment", cp * 4),
-                                          ("f", "padded")]))
-                else:
-                    bind("m", None)
-                    bind("v", None)
-                bind("w", sim.alloc(c * 4, tr, "param.float()", held=False) if p.es != 4 else None)
-                sim.unref(run([("a", "v.sqrt()", c * 4), ("a", "denom", c * 4), ("f", "v.sqrt()")]))
-                if quantized:
-                    nb = cp // BLOCK_8BIT
-                    for _ in ("m", "v"):  # optim8bit._quantize, then its (codes, absmax) copied into the state
-                        sim.unref(run([("a", "blocks", cp * 4), ("a", "abs", cp * 4), ("a", "absmax", nb * 4),
-                                       ("f", "abs"), ("a", "absmax > 0", nb), ("a", "reciprocal", nb * 4),
-                                       ("a", "1 / absmax", nb * 4), ("f", "reciprocal"), ("a", "zeros", nb * 4),
-                                       ("a", "scale", nb * 4), ("f", "absmax > 0"), ("f", "1 / absmax"),
-                                       ("f", "zeros"), ("a", "scaled", cp * 4), ("a", "bucketize", cp * 8),
-                                       ("f", "scaled"), ("a", "codes", cp), ("f", "bucketize"), ("f", "blocks"),
-                                       ("f", "scale"), ("f", "codes")]))
-
-    def _master_adamw(self, params: list[Par], state: dict[str, list[St]]) -> None:
-        """optim.MasterAdamW: bf16 moments + 16 low master bits; fp32 working copies one chunk at a time."""
-        sim, st_cat, tr = self.sim, "optimizer state", "optimizer transients"
-        for p in params:
-            if p.name not in state:
-                state[p.name] = [sim.alloc(4, st_cat, "step"), sim.alloc(p.numel * 2, st_cat, "exp_avg"),
-                                 sim.alloc(p.numel * 2, st_cat, "exp_avg_sq"), sim.alloc(p.numel * 2, st_cat, "master_lo")]
-            c = min(p.numel, MASTER_CHUNK)  # the first chunk is the largest; every chunk frees its copies
-            work = [sim.alloc(c * 4, tr, what) for what in ("master", "exp_avg.float()", "exp_avg_sq.float()")]
-            sim.transient(c * 4, tr, "grad.float()")
-            for t in work:
-                sim.unref(t)
-
-    def _adafactor(self, params: list[Par], state: dict[str, list[St]]) -> None:
-        """torch.optim.Adafactor(foreach=True): factored second moments; steps live on the CPU."""
-        sim, st_cat, tr = self.sim, "optimizer state", "optimizer transients"
-        for p in params:
-            if p.name not in state:
-                if p.ndim >= 2:
-                    rows, cols = p.numel // p.shape[-1], p.numel // (p.numel // p.shape[-1])
-                    state[p.name] = [sim.alloc(rows * p.es, st_cat, "row_var"), sim.alloc(cols * p.es, st_cat, "col_var")]
-                else:
-                    state[p.name] = [sim.alloc(p.numel * p.es, st_cat, "variance")]
-        sub: dict[bool, list[Par]] = {}
-        for p in params:
-            sub.setdefault(p.ndim >= 2, []).append(p)
-        prev: list[St] = []
-        for multidim, ps in sub.items():
-            for _ in ps:  # p.norm(2).item()
-                sim.transient(4, tr, "norm")
-            if multidim:
-                means = [sim.alloc(p.numel // p.shape[-1] * p.es, tr, "row_means") for p in ps]
-                for t in means:
-                    sim.unref(t)
-                means = [sim.alloc(p.shape[-1] * p.es, tr, "col_means") for p in ps]
-                for t in means:
-                    sim.unref(t)
-                est = [sim.alloc(p.numel * p.es, tr, "row_var @ col_var") for p in ps]
-                means = [sim.alloc(p.es, tr, "row_var_means") for p in ps]
-                for t in means:
-                    sim.unref(t)
-            else:
-                sq = [sim.alloc(p.numel * p.es, tr, "grad**2") for p in ps]
-                for t in sq:
-                    sim.unref(t)
-                est = [sim.alloc(p.numel * p.es, tr, "variance.clone") for p in ps]
-            for t in prev:  # the previous subgroup's estimates die when `updates` is rebound
-                sim.unref(t)
-            for _ in ps:  # update.norm(2).item()
-                sim.transient(4, tr, "norm")
-            prev = est
-        for t in prev:
-            sim.unref(t)
 
     def run(self, fast: bool = False) -> Sim:
         """Replay `steps` optimizer steps. `fast`: the same peak from less work (for the planner):
@@ -1038,15 +883,6 @@ class Replay:
             self.optimizer_step(f"step {step}")
             self.step_peaks.append(sim.step_peak)
         return sim
-
-
-def _chunk_sizes(n: int, chunk: int) -> list[int]:
-    """The chunk sizes a loop over `n` elements in `chunk`s meets, with the repeats that change nothing left
-    out: from the second full chunk on, the locals a chunk rebinds already hold that chunk's sizes, so every
-    further full chunk allocates and frees the same bytes over the same live set (an 8B model's 8-bit AdamW
-    step is ~8,000 chunks; the replay walks 2 per tensor, plus the short last one)."""
-    full, rest = divmod(n, chunk)
-    return [chunk] * min(full, 2) + ([rest] if rest else [])
 
 
 def nf4_buffers(numel: int, double_quant: bool) -> list[int]:
@@ -1136,14 +972,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
     "clip": ("aten._foreach_norm.Scalar", "aten.stack.default", "aten.linalg_vector_norm.default",
              "aten.reciprocal.default", "aten.clamp.default", "aten._foreach_mul_.Tensor",  # also rope_tables
              "aten._amp_foreach_non_finite_check_and_unscale_.default"),
-    "optimizer_step": ("aten._fused_adamw_.default", "aten._foreach_add.List", "aten._foreach_add_.List",
-                       "aten._foreach_add_.Scalar", "aten._foreach_add_.Tensor", "aten._foreach_mul_.List",
-                       "aten._foreach_mul_.Scalar", "aten._foreach_mul_.ScalarList", "aten._foreach_mul.List",
-                       "aten._foreach_sub_.List", "aten._foreach_div_.List", "aten._foreach_div_.ScalarList",
-                       "aten._foreach_lerp_.ScalarList", "aten._foreach_rsqrt_.default",
-                       "aten._foreach_clamp_min_.Scalar", "aten.zeros_like.default", "aten._amp_update_scale_.default"),
-    "_adamw_8bit": ("aten.lerp_.Scalar", "aten.addcmul_.default", "aten.addcdiv_.default", "aten.sqrt.default",
-                    "aten.abs.default", "aten.gt.Scalar", "aten.bucketize.Tensor", "aten.copy_.default"),
-    "_master_adamw": ("aten.select.int", "aten.sub_.Tensor", "aten.view.dtype"),
+    # the step's own (fp16's GradScaler.update); each optimizer's ops are in its entry (microft.optimizers)
+    "optimizer_step": ("aten._amp_update_scale_.default",),
 }
-TRACED_OPS: dict[str, str] = {op: method for method, ops in _MODELLED_BY.items() for op in ops}
+TRACED_OPS: dict[str, str] = {**{op: "optimizer_step" for o in OPTIMIZERS.values() for op in o.ops},
+                              **{op: method for method, ops in _MODELLED_BY.items() for op in ops}}

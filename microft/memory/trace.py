@@ -38,6 +38,7 @@ from microft.memory.sim import cuda_bytes
 from microft.models.config import ModelConfig
 from microft.models.linear import native_half_matmuls
 from microft.models.transformer import Kernels, Transformer, set_grad_checkpointing
+from microft.optimizers import OPTIMIZERS
 
 CUDA_EMULATION = [
     "allocations rounded up to 512-byte blocks, as the CUDA caching allocator does",
@@ -334,7 +335,7 @@ def _cuda_sizes(precision: str, tracker: LiveBytes, cpu_steps: bool):
             return [len(outs) * 4] + [0] * (len(outs) - 1)
         if cpu_steps and tracker.phase == "optimizer step" and func in (aten.lift_fresh_copy.default,
                                                                           aten.lift_fresh.default):
-            return [0] * len(outs)  # Adafactor's step counters are CPU tensors
+            return [0] * len(outs)  # state torch keeps on the CPU (Adafactor's step counters)
         return None
 
     return sizes
@@ -429,7 +430,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     model, fake_mode = _fake_model(model_cfg, cfg, precision)
     device = torch.device("cpu")
     tracker = LiveBytes()
-    tracker.size_override = _cuda_sizes(precision, tracker, cfg.optimizer == "adafactor")
+    tracker.size_override = _cuda_sizes(precision, tracker, bool(OPTIMIZERS[cfg.optimizer].host_state))
     low = precision != "fp32"
     hs = model_cfg.head_dim
     sdpa_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default

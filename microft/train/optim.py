@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules: small functions the loop composes (precision lives in step.py)."""
+"""The optimizer a run builds (its entry in microft.optimizers, over `param_groups`) and learning-rate
+schedules: small functions the loop composes (precision lives in step.py)."""
 
 from __future__ import annotations
 
@@ -10,144 +11,26 @@ import torch
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
-from microft.layouts import MASTER_CHUNK, NO_DECAY_MARKERS
-from microft.optim8bit import closure_loss
+from microft.optimizers import OPTIMIZERS, decays
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: matrices decay; biases, norms and embeddings don't. Frozen parameters are left out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2 or any(m in name for m in NO_DECAY_MARKERS):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            (decay if decays(name, p.dim()) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-def adamw_impl(device: torch.device) -> dict[str, bool]:
-    """Fused AdamW where this torch supports it on the device (CUDA, CPU), else foreach."""
-    if device.type in ("cuda", "cpu", "mps", "xpu"):
-        return {"fused": True}
-    return {"foreach": True}
-
-
-
-
-def split_fp32(master: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
-    """Store fp32 `master` as its bf16 rounding `hi` plus 16 more bits `lo` (int16); in place.
-
-    Adding half a bf16 unit (0x8000) to the bits rounds to nearest in the top half, which is
-    `hi`; the bottom half of that sum is `lo`. `master`'s storage is clobbered.
-    """
-    halves = master.view(torch.int32).add_(0x8000).view(torch.int16).view(-1, 2)  # little-endian: [low, high]
-    hi.view(torch.int16).view(-1).copy_(halves[:, 1])
-    lo.view(-1).copy_(halves[:, 0])
-
-
-def join_fp32(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
-    """The fp32 tensor `split_fp32` stored as `hi` and `lo` (a new tensor, bit-exact)."""
-    bits = torch.empty(hi.shape, dtype=torch.int32, device=hi.device)
-    halves = bits.view(torch.int16).view(-1, 2)
-    halves[:, 1] = hi.view(torch.int16).reshape(-1)
-    halves[:, 0] = lo.reshape(-1)
-    return bits.sub_(0x8000).view(torch.float32)
-
-
-class MasterAdamW(torch.optim.Optimizer):
-    """AdamW for bf16 parameters that updates their exact fp32 master weights.
-
-    An fp32 weight is its bf16 rounding (the parameter the model computes with) plus 16 more
-    bits (state `master_lo`, see `split_fp32`): 2 bytes per weight instead of a 4-byte fp32
-    copy, and no update is lost to bf16's 8-bit mantissa. The moments are kept in `state_dtype`
-    (bf16 by default; fp32 makes every step equal torch's fused AdamW on fp32 weights). The
-    update runs torch's fused AdamW kernel on fp32 working copies, 2^20 elements at a time; a
-    `grad_scale` attribute (a 1-element fp32 tensor: the gradient clip's divisor) goes to that kernel.
-    """
-
-    reads_grad_scale = True
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, state_dtype: torch.dtype = torch.bfloat16):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.state_dtype = state_dtype
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype != torch.bfloat16:
-                    raise ConfigError(f"MasterAdamW needs bf16 parameters, got {p.dtype}")
-
-    def _init_state(self, p: torch.Tensor) -> dict:
-        st = self.state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.contiguous_format)
-            st["master_lo"] = torch.full_like(p, -0x8000, dtype=torch.int16, memory_format=torch.contiguous_format)
-        return st
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure_loss(closure)
-        scale = getattr(self, "grad_scale", None)
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse or not p.is_contiguous():
-                    raise RuntimeError("MasterAdamW needs dense gradients and contiguous parameters")
-                st = self._init_state(p)
-                st["step"] += 1
-                w, g, lo = p.view(-1), p.grad.reshape(-1), st["master_lo"].view(-1)
-                m, v = st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1)
-                for s in range(0, w.numel(), MASTER_CHUNK):
-                    e = min(s + MASTER_CHUNK, w.numel())
-                    master = join_fp32(w[s:e], lo[s:e])
-                    m32, v32 = m[s:e].float(), v[s:e].float()  # the state itself when it is fp32
-                    torch._fused_adamw_([master], [g[s:e].float()], [m32], [v32], [], [st["step"]],
-                                        lr=group["lr"], beta1=b1, beta2=b2, weight_decay=group["weight_decay"],
-                                        eps=group["eps"], amsgrad=False, maximize=False, grad_scale=scale)
-                    if m.dtype != torch.float32:
-                        m[s:e].copy_(m32)
-                        v[s:e].copy_(v32)
-                    split_fp32(master, w[s:e], lo[s:e])
-                    del master, m32, v32  # at most one chunk's fp32 working copies at a time
-        return loss
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts floating state to the parameter's dtype on load: keep the saved dtypes instead."""
-        saved = {k: {n: t for n, t in v.items() if n != "step"} for k, v in state_dict["state"].items()}
-        super().load_state_dict(state_dict)
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params, strict=True):
-            for name, t in saved.get(i, {}).items():
-                self.state[p][name] = t.to(p.device, copy=True)
-
-
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """`cfg.optimizer`'s registry entry (microft.optimizers) built over the model's trainable parameters."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ConfigError("the model has no trainable parameters")
-    if cfg.optimizer == "adamw":
-        if all(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):  # bf16-true: exact fp32 masters
-            return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                 **adamw_impl(device))
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
-    if cfg.optimizer == "adafactor":
-        if not hasattr(torch.optim, "Adafactor"):
-            raise ConfigError("--optimizer adafactor needs torch >= 2.5")
-        return torch.optim.Adafactor(groups, lr=cfg.lr, foreach=True)
-    if cfg.optimizer == "adamw-8bit":  # microft's own blockwise 8-bit moments: same bits on every device
-        from microft.optim8bit import AdamW8bit
-
-        return AdamW8bit(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}")
+    bf16_weights = all(p.dtype == torch.bfloat16 for g in groups for p in g["params"])  # bf16-true
+    return OPTIMIZERS[cfg.optimizer].build(groups, cfg, device, bf16_weights)
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:

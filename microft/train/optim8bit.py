@@ -68,6 +68,21 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
         return closure()
 
 
+def load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict,
+                        load: Callable[[dict], None]) -> None:
+    """Load a saved optimizer state with `load` (torch's `load_state_dict`, which casts every state tensor but
+    `step` to its parameter's dtype), then give back each saved tensor its own dtype (uint8 codes, int16 master
+    bits, bf16 moments): a checkpoint resumes bit-exactly. Shared by AdamW8bit and MasterAdamW."""
+    saved = {i: {k: t for k, t in s.items() if torch.is_tensor(t) and k != "step"}
+             for i, s in state_dict["state"].items()}
+    load(state_dict)
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in zip(ids, params, strict=True):
+        for k, t in saved.get(i, {}).items():
+            optimizer.state[p][k] = t.to(p.device, copy=True)
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW whose moments are 8-bit blockwise-quantized (see the module docstring).
 
@@ -79,7 +94,8 @@ class AdamW8bit(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, min_8bit_numel: int = MIN_8BIT_NUMEL):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ConfigError(f"AdamW8bit: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
+            raise ConfigError(f"AdamW8bit: invalid lr={lr}, betas={betas}, eps={eps} or "
+                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.min_8bit_numel = min_8bit_numel
 
@@ -126,7 +142,8 @@ class AdamW8bit(torch.optim.Optimizer):
                     if quantized:
                         b0, b1 = s // BLOCK, -(-e // BLOCK)
                         m = _dequantize(state["exp_avg_codes"][s:e], state["exp_avg_absmax"][b0:b1], code_m)
-                        v = _dequantize(state["exp_avg_sq_codes"][s:e], state["exp_avg_sq_absmax"][b0:b1], code_v)
+                        v = _dequantize(state["exp_avg_sq_codes"][s:e], state["exp_avg_sq_absmax"][b0:b1],
+                                        code_v)
                     else:
                         m, v = state["exp_avg"], state["exp_avg_sq"]
                     m.lerp_(g, 1 - beta1)
@@ -139,15 +156,11 @@ class AdamW8bit(torch.optim.Optimizer):
                         flat[s:e].copy_(w)
                     if quantized:
                         state["exp_avg_codes"][s:e], state["exp_avg_absmax"][b0:b1] = _quantize(m, mids_m)
-                        state["exp_avg_sq_codes"][s:e], state["exp_avg_sq_absmax"][b0:b1] = _quantize(v, mids_v)
+                        state["exp_avg_sq_codes"][s:e], state["exp_avg_sq_absmax"][b0:b1] = _quantize(
+                            v, mids_v)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but state tensors keep their dtypes (torch would cast uint8 codes to the param's dtype)."""
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        for p, i in zip(params, ids):
-            if i in state_dict["state"]:
-                self.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v
-                                 for k, v in state_dict["state"][i].items()}
+        """As torch's, but state tensors keep their dtypes (torch would cast uint8 codes to the param's
+        dtype)."""
+        load_keeping_dtypes(self, state_dict, super().load_state_dict)
