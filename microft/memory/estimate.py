@@ -25,6 +25,7 @@ from typing import Any
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
+from microft.memory.preference import PairReplay
 from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
@@ -167,7 +168,7 @@ def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, 
 # --- estimates ---------------------------------------------------------------------------------
 COMPONENT_ORDER = (
     "weights", "gradients", "optimizer state", "activations", "autocast weight copies", "recomputed activations",
-    "NF4 dequantization", "loss (fused cross-entropy)", "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
+    "NF4 dequantization", "loss (fused cross-entropy)", "reference forward", "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
     "FSDP unsharded parameters", "other",
 )
 
@@ -279,11 +280,8 @@ def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, worl
     the budget is exceeded (then `peak_bytes` is only a lower bound and `fits` is False)."""
     import time
 
-    if setup.method == "dpo":
-        raise ConfigError("the analytical engine models SFT steps only; --method dpo is estimated with --trace "
-                          "(microft's preference step on fake tensors)")
     t0 = time.perf_counter()
-    r = Replay(arch, setup, grad_buckets=world > 1 and shard == "ddp")
+    r = replay_of(arch, setup, grad_buckets=world > 1 and shard == "ddp")
     if fast and budget is not None and not (world > 1 and shard == "fsdp"):
         r.sim.limit = max_tensor_peak(budget)
     try:
@@ -300,6 +298,13 @@ def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, worl
     est.overhead = runtime_overhead(est.peak_bytes, budget)
     est.seconds = time.perf_counter() - t0
     return est
+
+
+def replay_of(arch: ModelConfig, setup: Setup, grad_buckets: bool = False) -> Replay:
+    """The replay of the setup's step: SFT's (`Replay`), or `microft dpo`'s (`PairReplay`)."""
+    if setup.method == "dpo":
+        return PairReplay(arch, setup, grad_buckets)
+    return Replay(arch, setup, grad_buckets)
 
 
 def _fsdp_adjust(est: Estimate, r: Replay) -> None:

@@ -57,7 +57,7 @@ class Setup:
     double_quant: bool = False
     steps: int = 2
     packing: bool = False  # packed rows: position ids and a block-diagonal (B, 1, T, T) attention mask
-    method: str = "sft"  # "dpo": `microft dpo`'s step (micro_bs pairs; traced only, see memory.estimate)
+    method: str = "sft"  # "dpo": `microft dpo`'s step, micro_bs pairs (memory/preference.py replays it)
     pref_loss: str = "dpo"  # the preference loss (dpo, ipo: a reference forward; simpo, orpo: none)
     precompute_ref: bool = False  # dpo, ipo: cached reference log-probs, no reference forward or copy
 
@@ -176,7 +176,9 @@ class Replay:
         self.a, self.s = arch, setup
         self.sim = Sim()
         self.m = build_model(arch, setup)
-        self.N = setup.micro_bs * setup.seq_len
+        self.rows = setup.micro_bs * (2 if setup.method == "dpo" else 1)  # a pair's two sides in one forward
+        self.N = self.rows * setup.seq_len
+        self.adapters_off = False  # LoRA's adapters skipped (the preference step's reference forward)
         self.opt_state: dict[str, list[St]] = {}
         self.qmaps: list[St] = []
         self.scaler: list[St] = []
@@ -184,8 +186,9 @@ class Replay:
         self.step_peaks: list[int] = []
         self.grad_norm: Ten | None = None  # clip's total norm, alive until the step ends
         self.block_bytes = 0
-        # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward
-        self.linked = arch.tie_embeddings and self.m.head.train
+        # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward (the LM
+        # loss's; the preference step's log-probs take the head through plain autograd)
+        self.linked = arch.tie_embeddings and self.m.head.train and setup.method != "dpo"
         sim = self.sim
         sim.mark("setup", "setup")
         nf4 = {lo.W.name for b in self.m.blocks for lo in b.lin.values() if lo.nf4}
@@ -261,7 +264,7 @@ class Replay:
 
     def linear(self, x: Ten, lo: Lin) -> Ten:
         y = self.nf4_matmul(x, lo) if lo.nf4 else self.matmul(x, lo.W, lo.b, lo.out, lo.inp)
-        if lo.A is None:
+        if lo.A is None or self.adapters_off:
             return y
         sim, aes, r = self.sim, self.s.compute_bytes, self.s.lora_r
         n = x.numel // lo.inp
@@ -321,7 +324,7 @@ class Replay:
         """CUDA SDPA: flash (bf16/fp16) or memory-efficient (fp32) keep out + fp32 logsumexp; GQA native
         (k and v keep their n_kv_head heads); autocast casts fp32 inputs (after a q/k norm) to bf16."""
         a, s, sim = self.a, self.s, self.sim
-        B, T, H = s.micro_bs, s.seq_len, a.n_head
+        B, T, H = self.rows, s.seq_len, a.n_head
         low = s.compute_bytes == 2 and self.packed is None  # a packed mask rules out flash: the memory-efficient kernel runs
         casts = []
         if sim.cache is not None:
@@ -348,7 +351,7 @@ class Replay:
         repeats them again, copies the incoming gradient twice and sums the repeated heads' gradients.
         Then the (B, T, H, hs) copy of the output."""
         a, s, sim = self.a, self.s, self.sim
-        B, T, H, es = s.micro_bs, s.seq_len, a.n_head, q.es
+        B, T, H, es = self.rows, s.seq_len, a.n_head, q.es
         qn, P, kv_full = q.numel, B * H * T * T, q.numel
         window = a.layer_window(layer)
         if window is not None and T > window:  # attention_mask: aranges, kv <= q, q - window, kv > ..., &
@@ -659,7 +662,7 @@ class Replay:
         start = sim.live
         for i, blk in enumerate(m.blocks):
             sim.tag = f"block {i}"
-            if s.grad_ckpt and i % s.ckpt_every == 0:
+            if s.grad_ckpt and i % s.ckpt_every == 0 and sim.grad:  # no_grad: the block runs plainly
                 # the checkpoint holds the RoPE tables its block takes until its backward is done
                 tables = () if not a.layer_rope(i) else self.local_tables if a.local_rope(i) else self.tables
                 nxt = sim.checkpoint(lambda x=x, blk=blk: self.block(x, blk), x, tuple(tables))
@@ -667,7 +670,8 @@ class Replay:
                 nxt = self.block(x, blk)
             sim.drop(x)
             x = nxt
-        self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
+        if sim.grad:
+            self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
         sim.tag = "loss"
         h = self.norm_of(a)(x, m.ln_f)
         sim.drop(x, *self.tables[:2], *self.local_tables)
@@ -793,6 +797,14 @@ class Replay:
             h = h2
         loss = self.loss(h)
         sim.drop(h)
+        self.backward_of(loss, at)
+        sim.drop(loss, x, y, *packed)
+        self.packed = None
+
+    def backward_of(self, loss: Ten, at: str) -> None:
+        """The micro-step after its forward: autocast's exit (its cast cache cleared), the loss divided by
+        the global batch's count (× the GradScaler's scale in fp16), backward."""
+        s, sim = self.s, self.sim
         if sim.cache is not None:  # autocast exit clears the cast cache
             for t in sim.cache.values():
                 sim.unref(t.st)
@@ -817,8 +829,7 @@ class Replay:
             return f"{at}, backward of the loss", "start of backward"
 
         sim.backward(scaled, where=where)
-        sim.drop(scaled, loss, x, y, *packed)
-        self.packed = None
+        sim.drop(scaled)
 
     def _held_grads(self) -> None:
         for p in self.trainable():

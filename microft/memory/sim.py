@@ -125,10 +125,14 @@ class Sim:
         self.rec: dict | None = None  # recompute in progress
         self.cache: dict[Par, Ten] | None = None  # autocast cast cache (None: autocast off)
         self.limit = float("inf")
+        self.grad = True  # False: torch.no_grad() (no node is recorded, nothing saved)
+        self.override: str | None = None  # the category of every allocation while set (a no-grad forward's)
 
     # --- bytes ---------------------------------------------------------------------------
     def alloc(self, nbytes: int, cat: str, what: str = "", held: bool = True) -> St:
-        if self.rec is not None and cat == "activations":
+        if self.override is not None:
+            cat = self.override
+        elif self.rec is not None and cat == "activations":
             cat = "recomputed activations"
         st = St(cuda_bytes(nbytes), cat)
         self.live += st.nbytes
@@ -196,7 +200,7 @@ class Sim:
         in `needs` requires grad (autograd saves only what a needed gradient uses).
         `bwd`: backward steps, see `_run_backward`.
         """
-        rg = [bool(x is not None and x.rg) for x in ins]
+        rg = [bool(self.grad and x is not None and x.rg) for x in ins]
         node = None
         if any(rg):
             if self.rec is not None:
@@ -224,7 +228,7 @@ class Sim:
 
     def custom(self, name: str, ins: list, out: Ten, saved: list[Ten | None], bwd: tuple) -> None:
         """An autograd.Function: its forward already ran; attach the node to `out`, save `saved`."""
-        if not any(x is not None and x.rg for x in ins):
+        if not self.grad or not any(x is not None and x.rg for x in ins):
             return
         node = Node(name, ins, bwd, 1, self.tag)
         node.oes = out.es
@@ -240,22 +244,22 @@ class Sim:
 
     def views(self, name: str, t: Ten, parts: list[int]) -> list[Ten]:
         """`t.split(...)`: views sharing t's storage; backward concatenates their gradients."""
-        node = None
-        if t.rg and self.rec is None:
+        node, rg = None, t.rg and self.grad
+        if rg and self.rec is None:
             node = Node(name, [t], (("g", 0, t.numel, t.es),), len(parts), self.tag)
             node.oes = t.es
             self.graph.append(node)
             if self.group is not None:
                 node.group = self.group
                 self.group.nodes.append(node)
-        elif t.rg:
+        elif rg:
             node = next(self.rec["nodes"])
         out = []
         for k, n in enumerate(parts):
             self.ref(t.st)
             if self.rec is not None:
                 self.rec["held"].append(t.st)
-            out.append(Ten(t.st, n, t.es, node, k, t.rg))
+            out.append(Ten(t.st, n, t.es, node, k, rg))
         return out
 
     def _pack(self, node: Node, st: St) -> None:

@@ -58,8 +58,8 @@ CUDA_EMULATION = [
 # trace categories, in display order
 CATEGORIES = (
     "weights", "gradients", "optimizer state", "activations", "autocast weight copies",
-    "recomputed activations", "NF4 dequantization", "loss (fused cross-entropy)", "backward transients", "optimizer transients",
-    "batch", "other",
+    "recomputed activations", "NF4 dequantization", "loss (fused cross-entropy)", "reference forward",
+    "backward transients", "optimizer transients", "batch", "other",
 )
 
 
@@ -286,6 +286,8 @@ def _install_phase_hooks(model: Transformer, tracker: LiveBytes, state: dict[str
     n = len(model.h)
 
     def ln_f_post(_m, _a, _out):
+        if state.get("reference"):  # the LoRA reference's forward runs the same model: its label stays
+            return
         tracker.mark(f"{state['at']}, loss", "loss", "loss (fused cross-entropy)")
 
     def block_post(i):
@@ -364,8 +366,22 @@ def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mo
     return frozen.requires_grad_(False).eval()
 
 
-def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunConfig, tracker: LiveBytes
-                     ) -> tuple[nn.Module, Callable]:
+def _labelled(reference: Callable, tracker: LiveBytes, state: dict) -> Callable:
+    """The reference policy, what its forward allocates labelled "reference forward" (no gradient: it saves
+    nothing, each tensor dies as the forward moves on)."""
+    def run(*args):
+        state["reference"] = True
+        tracker.mark(f"{state['at']}, reference forward", "reference forward", "reference forward")
+        try:
+            return reference(*args)
+        finally:
+            state["reference"] = False
+            tracker.mark(f"{state['at']}, loss", "loss", "loss (fused cross-entropy)")
+    return run
+
+
+def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunConfig, tracker: LiveBytes,
+                     state: dict) -> tuple[nn.Module, Callable]:
     """(the runner `microft dpo` steps through, a batch maker (B, T) -> (x, y, cached reference log-probs or
     None, target positions)) on the fake `model`; the `frozen` reference copy counts as weights."""
     from microft.train.preference import FrozenReference, PreferenceLoss, PreferenceRunner, reference_of
@@ -377,6 +393,8 @@ def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunCon
         reference = FrozenReference(frozen)
         for t in [*frozen.parameters(), *frozen.buffers()]:
             tracker.track(t, "weights")
+    if reference is not None:
+        reference = _labelled(reference, tracker, state)
 
     def batch(B: int, T: int):
         x = torch.zeros(2 * B, T, dtype=torch.long)
@@ -452,7 +470,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     try:
         with fake_mode:
             if preference:
-                runner, pairs = _preference_step(model, frozen, cfg, tracker)
+                runner, pairs = _preference_step(model, frozen, cfg, tracker, state)
                 handles += _step_hooks(runner, tracker, state)
                 tracker.workspaces[sdpa_bwd] = sdpa_workspace(2 * micro_bs, model_cfg.n_head, seq_len, hs, low)
             scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
