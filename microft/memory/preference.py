@@ -75,7 +75,8 @@ class PairReplay(Replay):
         the frozen copy; everything it allocates is labelled "reference forward"."""
         sim = self.sim
         sim.mark(f"{at}, reference forward", "reference forward")
-        kept = self.a, self.m, self.adapters_off, self.block_bytes
+        # what the forward rebinds: a checkpointed policy block's recompute reads the policy's RoPE tables
+        kept = self.a, self.m, self.adapters_off, self.block_bytes, self.tables, self.local_tables
         if self.frozen is not None:
             self.a, self.m = self.frozen
         else:
@@ -86,7 +87,7 @@ class PairReplay(Replay):
             sim.drop(n)
         finally:
             sim.grad, sim.override = True, None
-            self.a, self.m, self.adapters_off, self.block_bytes = kept
+            self.a, self.m, self.adapters_off, self.block_bytes, self.tables, self.local_tables = kept
         sim.mark(f"{at}, loss", "loss")
         return sums
 
@@ -132,24 +133,17 @@ class PairReplay(Replay):
         a, s, sim = self.a, self.s, self.sim
         cat = "backward transients" if sim.rec is not None else LOSS
         C, V, W = a.n_embd, a.vocab_size, self.m.head
-        w = W if V == a.padded_vocab_size else \
-            sim.op("slice", [W], [(0, W.es, cat)], bwd=(("g", 0, W.numel, W.es),))[0]  # head_weight[:V], a view
+        # head_weight[:V]: a view (its gradient the whole weight's size), never the leaf autocast caches
+        w = sim.op("slice", [W], [(0, W.es, cat)], bwd=(("g", 0, W.numel, W.es),))[0]
         es = s.compute_bytes
-        if s.mixed:  # autocast: the weight's cast first (cached only for a trainable leaf), then the input's
-            if w is W and W.train and W in sim.cache:
-                wc = sim.alias(sim.cache[W])
-            else:
-                wc = sim.op("to_copy", [w], [(V * C, 2, cat)], bwd=(("g", 0, V * C, W.es),))[0]
-                if w is W and W.train:
-                    sim.cache[W] = sim.alias(wc)
-                    if sim.rec is not None:
-                        sim.rec["held"].remove(wc.st)
+        if s.mixed:  # autocast: the weight's cast first, then the input's
+            wc = sim.op("to_copy", [w], [(V * C, 2, cat)], bwd=(("g", 0, V * C, W.es),))[0]
             hc = sim.op("to_copy", [h], [(n * C, 2, cat)], bwd=(("g", 0, n * C, h.es),))[0]
         else:
-            wc, hc = w, sim.alias(h)
+            wc, hc = sim.alias(w), sim.alias(h)
         z = sim.op("mm", [hc, wc], [(n * V, es, cat)], save_in=((0, (1,)), (1, (0,))),
-                   bwd=(("g", 0, n * C, es), ("g", 1, V * C, es)))[0]
-        sim.drop(hc, wc if wc is not W else None, w if w is not W else None)
+                   bwd=(("g", 1, V * C, es), ("g", 0, n * C, es)))[0]  # mm's backward: the weight's first
+        sim.drop(hc, wc, w)
         if a.logits_scaling != 1.0:  # Granite: logits / s
             z = self._elementwise(z, "div", cat, save=False)
         if a.final_softcap:  # Gemma 2: tanh(z / cap) * cap, the tanh's output saved

@@ -86,7 +86,7 @@ class Group:
     keep: St | None = None  # the block input, held for the recompute
     extra: tuple[St, ...] = ()  # further inputs it holds (the RoPE tables its block takes)
     autocast: bool = False  # the recompute restores the forward's autocast state
-    left: int = 0  # nodes not yet run in backward
+    left: int = 0  # nodes with saved placeholders not yet run in backward
 
 
 class _StopRecompute(Exception):
@@ -289,8 +289,9 @@ class Sim:
         finally:
             self.group = outer
         group.keep = inp.st
-        group.left = len(group.nodes)
-        if not group.nodes:
+        # the checkpoint's frame (its inputs) lives while a node holds one of its saved-tensor placeholders
+        group.left = sum(1 for n in group.nodes if n.nsaved)
+        if not group.left:
             for st in (inp.st, *group.extra):
                 self.unref(st)
         return out
@@ -382,7 +383,7 @@ class Sim:
         node.saved = []
         for i, g in produced:
             self._route(node.ins[i], g)
-        if node.group is not None:
+        if node.group is not None and node.nsaved:
             node.group.left -= 1
             if node.group.left == 0:  # the last holder of the checkpoint's inputs is gone
                 for st in (node.group.keep, *node.group.extra):

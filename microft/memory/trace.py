@@ -491,6 +491,9 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
                         y = torch.zeros(micro_bs, seq_len, dtype=torch.long, device=device)
                         micro_step(model, x, y, None, float(micro_bs * seq_len * accum), autocast, scaler)
                         del x, y
+                    for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)):  # state
+                        if t is not None:
+                            tracker.relabel(t, "other")
                     tracker.mark(f"step {step}, clip", "clip", "optimizer transients")
                     finish_step(model, optimizer, scaler, cfg.max_grad_norm, before_step=functools.partial(
                         tracker.mark, f"step {step}, optimizer step", "optimizer step", "optimizer transients"))
