@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from microft.memory.replay import Model, Replay, Setup, build_model
-from microft.memory.sim import Ten
+from microft.memory.sim import Sim, Ten
 from microft.models.config import ModelConfig, ce_chunk_rows
 
 NEEDS_REFERENCE = ("dpo", "ipo")  # as train.preference.NEEDS_REFERENCE (torch-free here; a test holds them equal)
@@ -48,6 +48,13 @@ class PairReplay(Replay):
                 p.st = self.sim.alloc(p.numel * p.es, "weights", "reference " + p.name)
             self.frozen = (frozen_arch, frozen)
         self.stats: Ten | None = None  # PreferenceRunner.stats, rebuilt by every micro-step
+
+    def run(self, fast: bool = False) -> Sim:
+        """`Replay.run`; the fast replay (the planner's) starts with the rewards statistics an earlier
+        micro-step left, as the full one has them by then."""
+        if fast:
+            self.stats = self.sim.new(4, 8, LOSS, "stats")
+        return super().run(fast)
 
     def micro_step(self, at: str) -> None:
         """train.step.micro_step on PreferenceRunner.forward: the batch, the policy's log-probs, the reference's,

@@ -1156,5 +1156,12 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
     "_adamw_8bit": ("aten.lerp_.Scalar", "aten.addcmul_.default", "aten.addcdiv_.default", "aten.sqrt.default",
                     "aten.abs.default", "aten.gt.Scalar", "aten.bucketize.Tensor", "aten.copy_.default"),
     "_master_adamw": ("aten.select.int", "aten.sub_.Tensor", "aten.view.dtype"),
+    # microft dpo's step (memory/preference.py, PairReplay); the reference's no-grad Gemma 2 attention
+    "sequence_logps": ("aten.index_select.default", "aten.floor_divide.default", "aten.index_add.default",
+                       "aten.unbind.int", "aten._softmax.default"),
+    "token_logps": ("aten._log_softmax.default", "aten._log_softmax_backward_data.default",
+                    "aten.scatter_add.default", "aten.tanh.default", "aten.tanh_backward.default"),
+    "pair_losses": ("aten.log_sigmoid_forward.default", "aten.log_sigmoid_backward.default", "aten.exp.default",
+                    "aten.log1p.default", "aten.add.Scalar"),
 }
 TRACED_OPS: dict[str, str] = {op: method for method, ops in _MODELLED_BY.items() for op in ops}

@@ -363,6 +363,7 @@ def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mo
         frozen = Transformer(model_cfg.model_copy(update={"dropout": 0.0}))
     place_model(frozen, precision, torch.device("meta"))
     _materialise_fake(frozen, fake_mode, torch.device("cpu"))
+    frozen.set_kernels(Kernels.cuda_like())  # CUDA's kernels, as the policy's (the run's deep copy keeps them)
     return frozen.requires_grad_(False).eval()
 
 
