@@ -340,19 +340,70 @@ def estimate(*flags: str) -> dict:
     return json.loads(res.output)
 
 
-def test_estimate_mem_traces_the_preference_step_with_its_reference():
-    sft = estimate("--trace")
-    full, cached = estimate("--method", "dpo"), estimate("--method", "dpo", "--precompute-ref")
-    orpo, lora = estimate("--method", "dpo", "--loss", "orpo"), estimate("--method", "dpo", "--lora")
-    assert full["engine"] == "trace" and "microft dpo --loss dpo" in full["notes"][0]
+def test_estimate_mem_models_the_preference_step_and_its_reference_byte_exact_to_the_trace():
+    """`--method dpo` answers from the analytical replay by default, to the byte what `--trace` measures; the
+    reference is a second set of weights only where it is a frozen copy (full fine-tuning, not precomputed)."""
+    sft = estimate()
+    runs = {name: estimate("--method", "dpo", *flags) for name, flags in {
+        "full": (), "cached": ("--precompute-ref",), "orpo": ("--loss", "orpo"), "lora": ("--lora",),
+        "ipo-lora-ckpt": ("--loss", "ipo", "--lora", "--grad-ckpt", "--precision", "bf16-mixed")}.items()}
+    full, cached, orpo, lora = (runs[k] for k in ("full", "cached", "orpo", "lora"))
+    assert full["engine"] == "analytical" and "microft dpo --loss dpo" in full["notes"][0]
+    assert "microft dpo --loss dpo" in full["estimated"]
     weights = sft["components"]["weights"]
     assert full["components"]["weights"] == 2 * weights  # the frozen reference copy
     assert cached["components"]["weights"] == weights == orpo["components"]["weights"]  # no reference model
     assert full["peak_bytes"] > cached["peak_bytes"] > sft["peak_bytes"]  # two sequences a pair
     assert lora["components"]["weights"] < 1.1 * weights  # the base with the adapters off: no copy
-    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--method", "dpo", "--micro-bs", "auto",
-                              "--gpu-mem", "8GiB"])
-    assert res.exit_code == 2 and "--micro-bs auto" in res.output
+    for name, flags in {"full": (), "lora": ("--lora",), "ipo-lora-ckpt": ("--loss", "ipo", "--lora", "--grad-ckpt",
+                                                                           "--precision", "bf16-mixed")}.items():
+        traced = estimate("--method", "dpo", "--trace", *flags)
+        assert traced["engine"] == "trace"
+        assert (traced["peak_bytes"], traced["components"]) == (runs[name]["peak_bytes"], runs[name]["components"])
+
+
+def plan(*flags: str) -> tuple[int, dict]:
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--method", "dpo", "--seq-len", "64",
+                              "--precision", "fp32", "--json", *flags])
+    assert res.exit_code in (0, 3, 4), res.output
+    return res.exit_code, json.loads(res.output)
+
+
+def test_the_planner_plans_the_preference_step_with_exit_codes():
+    """With --gpu-mem: fits as asked (0), fits with the recommended change (4), nothing fits (3); the plan's
+    strategies are preference steps (a LoRA row drops the frozen copy: its reference is the base)."""
+    code, asked = plan("--micro-bs", "8", "--gpu-mem", "80GB")
+    assert code == 0 and asked["verdict"] == "fits as asked" and asked["plan"]["recommended"]["micro_bs"] == 8
+    code, tight = plan("--micro-bs", "8", "--gpu-mem", f"{asked['total_bytes'] - 1}b")
+    rec = tight["plan"]["recommended"]
+    assert code == 4 and tight["fits"] is False and rec["fits"] and rec["micro_bs"] * rec["accum"] == 8
+    code, small = plan("--micro-bs", f"{rec['micro_bs']}", "--accum", f"{rec['accum']}",
+                       "--gpu-mem", f"{asked['total_bytes'] - 1}b")
+    assert code == 0 and small["total_bytes"] == rec["total_bytes"]  # the plan's row is that run's estimate
+    code, none = plan("--micro-bs", "8", "--gpu-mem", "100MiB")
+    assert code == 3 and none["plan"]["recommended"] is None and none["verdict"] == "nothing fits"
+
+
+def test_micro_bs_auto_plans_the_largest_preference_micro_batch_that_fits():
+    budget = "740MiB"
+    code, auto = plan("--micro-bs", "auto", "--gpu-mem", budget, "--lora")
+    m = auto["run"]["micro_bs"]
+    assert code == 0 and m > 1
+    assert plan("--micro-bs", str(m), "--gpu-mem", budget, "--lora")[0] == 0
+    assert plan("--micro-bs", str(m + 1), "--gpu-mem", budget, "--lora")[1]["fits"] is False
+    sft = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--seq-len", "64", "--precision", "fp32",
+                              "--json", "--micro-bs", "auto", "--gpu-mem", budget, "--lora"])
+    assert json.loads(sft.output)["run"]["micro_bs"] > m  # a pair is two sequences, and the reference's forward
+
+
+def test_dpo_micro_bs_auto_runs_the_planned_micro_batch(setup, tmp_path):
+    """`microft dpo --micro-bs auto`: the planner's micro-batch of pairs for this machine's memory (here the
+    CPU's), at most the training pairs of one step; the run's banner estimate is the preference step's."""
+    events: list[dict] = []
+    run_dpo(dpo_cfg(setup, tmp_path / "run", micro_bs="auto", accum=1, max_steps=1), events.append)
+    note = next(e["text"] for e in events if e["kind"] == "note" and "--micro-bs auto" in e["text"])
+    assert "16 = 16 (micro) × 1 (accum)" in note, note
+    assert [e for e in events if e["kind"] == "step"]
 
 
 def test_a_cpu_dpo_run_reports_the_traced_peak_estimate_mem_gives(setup, tmp_path):

@@ -20,7 +20,7 @@ CLI renders what it returns. The planner built on it is plan.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from microft.config import RunConfig
@@ -328,6 +328,8 @@ def _fsdp_adjust(est: Estimate, r: Replay) -> None:
 
 def _notes(arch: ModelConfig, s: Setup) -> list[str]:
     notes = [f"every sample is taken to fill all {s.seq_len} positions (packed or the longest batch)"]
+    if s.method == "dpo":
+        notes.insert(0, preference_note(s))
     if arch.attn_softcap:
         notes.append("soft-capped attention (Gemma 2): microft's own kernel (no flash), which keeps the "
                      "(T, T) tanh and probabilities of every head for backward")
@@ -341,7 +343,7 @@ def _notes(arch: ModelConfig, s: Setup) -> list[str]:
 
 
 def preference_note(setup: Setup) -> str:
-    """What a traced `microft dpo` step holds beside an SFT step's."""
+    """What a `microft dpo` step holds beside an SFT step's."""
     ref = ("no reference (reference-free loss)" if setup.pref_loss not in ("dpo", "ipo")
            else "cached reference log-probs (no reference forward)" if setup.precompute_ref
            else "the reference: the base with the adapters off (a forward without gradients)" if setup.lora
@@ -372,7 +374,7 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
                        preference=preference)
     comp = dict(t.components)
     peak = t.peak_bytes
-    r = Replay(arch, replace(setup, method="sft"))  # the details (weights, states): the same model
+    r = replay_of(arch, setup)  # the details (weights, states): the same model
     r.run()
     if world > 1 and shard == "ddp":
         buckets = sum(p.numel * p.es for p in r.m.params if p.train)
@@ -383,7 +385,5 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
                    budget=budget, world=world, shard=shard, seconds=t.seconds, ops=t.ops)
     est.details = _details(arch, setup, r)
     est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
-    if preference:
-        est.notes.insert(0, preference_note(setup))
     est.overhead = runtime_overhead(peak, budget)
     return est

@@ -1,8 +1,9 @@
 """The batch planner: the largest micro-batch that fits a GPU, per strategy, and the OOM decision tree.
 
 Also what a run asks of the estimator (runs.py hands it to the loop): `auto_batch_plan` (`--micro-bs auto`, here
-only: finetune, pretrain and estimate-mem all ask it), `plan_advice`
-(the out-of-memory message) and `estimate_for_run` (the banner and the summary).
+only: finetune, pretrain, dpo and estimate-mem all ask it), `plan_advice`
+(the out-of-memory message) and `estimate_for_run` (the banner and the summary). Each plans the step of its
+`method`: "sft" (finetune's and pretrain's) or "dpo" (`microft dpo`'s preference step, `with_method`).
 """
 
 from __future__ import annotations
@@ -284,8 +285,23 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
 
 
 # --- for a run (runs.py) and estimate-mem -----------------------------------------------------------
-def _base(cfg: RunConfig, arch: ModelConfig, precision: str | None, budget: Budget | None = None) -> Setup:
-    return setup_for(cfg, arch, 1, precision=precision or resolve_precision(cfg.precision, budget))
+METHODS = ("sft", "dpo")
+
+
+def with_method(s: Setup, cfg: RunConfig, method: str = "sft") -> Setup:
+    """`s` as the step of `method`: SFT's, or `microft dpo`'s with the run's --loss and --precompute-ref (micro-
+    batches of pairs, the reference forward or none; memory/preference.py)."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method}: choose {' or '.join(METHODS)}")
+    if method == "sft":
+        return s
+    return replace(s, method=method, pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref)
+
+
+def _base(cfg: RunConfig, arch: ModelConfig, precision: str | None, budget: Budget | None = None,
+          method: str = "sft") -> Setup:
+    s = setup_for(cfg, arch, 1, precision=precision or resolve_precision(cfg.precision, budget))
+    return with_method(s, cfg, method)
 
 
 def _budget(budget_bytes: int) -> Budget:
@@ -297,31 +313,32 @@ class NothingFits(ConfigError):
 
 
 def auto_batch_plan(cfg: RunConfig, arch: ModelConfig, budget: Budget, world_size: int = 1,
-                    n_train: int | None = None) -> BatchPlan:
-    """`--micro-bs auto`, for finetune, pretrain and estimate-mem alike: the largest micro-batch
+                    n_train: int | None = None, method: str = "sft") -> BatchPlan:
+    """`--micro-bs auto`, for finetune, pretrain, dpo (`method` "dpo": micro-batches of pairs) and estimate-mem
+    alike: the largest micro-batch
     (dividing the per-device global batch when one is given; else at most a device's share of the
     `n_train` training samples, so one optimizer step's batch never outgrows the data) whose estimated
     peak plus runtime overhead fits `budget`, with the accumulation that keeps --global-bs (else --accum).
 
     Raises NothingFits (a ConfigError), with what would fit instead, when not even micro-batch 1 fits."""
     world, shard = scale_out(cfg)
-    base = _base(cfg, arch, None, budget)
+    base = _base(cfg, arch, None, budget, method)
     accum = cfg.accum or 1
     cap = MAX_AUTO_MICRO if n_train is None else n_train // (accum * world_size)
     row = _Fitter(arch, budget, cfg.global_bs, world, shard, accum, cap).fit("your settings", base)
     if not row.fits:
         raise NothingFits(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
-                          f"with runtime overhead); {_advice(cfg, arch, budget)}")
+                          f"with runtime overhead); {_advice(cfg, arch, budget, method)}")
     return resolve_batch_plan(row.micro_bs, None if cfg.global_bs else cfg.accum, cfg.global_bs, world_size)
 
 
-def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int) -> str:
+def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int, method: str = "sft") -> str:
     """One line for an out-of-memory message: what the decision tree recommends on this budget."""
-    return _advice(cfg, with_dropout(model_cfg, cfg.dropout), _budget(budget_bytes))
+    return _advice(cfg, with_dropout(model_cfg, cfg.dropout), _budget(budget_bytes), method)
 
 
-def _advice(cfg: RunConfig, arch: ModelConfig, budget: Budget) -> str:
-    base = _base(cfg, arch, None, budget)
+def _advice(cfg: RunConfig, arch: ModelConfig, budget: Budget, method: str = "sft") -> str:
+    base = _base(cfg, arch, None, budget, method)
     world, shard = scale_out(cfg)
     p = fit_budget(arch, base, budget, cfg.global_bs, world, shard, cfg.accum or 1)
     r = p.recommended
@@ -338,10 +355,9 @@ def estimate_for_run(cfg: RunConfig, model_cfg: ModelConfig, plan: BatchPlan, pr
 
     `precision`: the trainer's resolved precision (else `cfg.precision`, auto -> bf16-mixed).
     `engine`: "analytical" (instant) or "trace" (the measured peak on CPU, a few seconds); `method`: "dpo"
-    for `microft dpo`'s step (the trace engine only)."""
+    for `microft dpo`'s step."""
     arch = with_dropout(model_cfg, cfg.dropout)
-    s = replace(_base(cfg, arch, precision), micro_bs=plan.micro_bs, accum=min(plan.accum, 2), method=method,
-                pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref)
+    s = replace(_base(cfg, arch, precision, method=method), micro_bs=plan.micro_bs, accum=min(plan.accum, 2))
     fn = trace if engine == "trace" else estimate
     e = fn(arch, s, world=plan.world_size, shard=scale_out(cfg)[1] if plan.world_size > 1 else "none")
     return {**e.to_dict(), "summary": e.summary()}
