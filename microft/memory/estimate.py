@@ -240,7 +240,7 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
     """Itemised sizes that explain the peak (bytes; not all of them are live at once)."""
     params = r.m.params
     train = [p for p in params if p.train]
-    C, Vp, N = arch.n_embd, arch.padded_vocab_size, s.micro_bs * s.seq_len
+    C, Vp, N = arch.n_embd, arch.padded_vocab_size, r.N  # rows of one forward (a pair: two)
     dt = 4 if s.precision == "fp32" else 2
     rows = min(ce_chunk_rows(N, Vp), N)
     nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks for lo in b.lin.values()
@@ -259,6 +259,8 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
         # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
         "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tie_embeddings and r.m.wte.train) else 0,
         "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
+        # microft dpo, full fine-tuning: the reference policy is a frozen copy of the weights
+        "frozen reference copy": sum(p.numel * p.es for p in r.frozen[1].params) if getattr(r, "frozen", None) else 0,
     }
     return {k: v for k, v in d.items() if v}
 
