@@ -1,14 +1,14 @@
 """`microft dpo`'s training step as a byte-level replay: train/preference.py, op by op, on the SFT replay.
 
-A micro-step of B pairs is one forward of 2B rows (`Replay.rows`: the chosen sides, then the rejected ones).
-Its final hidden states feed the log-prob head (`sequence_logps`): the response positions' rows picked out,
-then chunks of rows (`ce_chunk_rows`) whose logits are formed, log-softmaxed and gathered at the targets under
-a checkpoint (recomputed in backward), summed per row. Then the reference policy's log-probs: the same head
-after a forward without gradients (the base with LoRA's adapters off, or a frozen copy of the starting weights,
-which the replay holds as further weights), or none (cached log-probs, a reference-free loss). Then the
-loss's own small tensors (`pair_losses`: per loss, as the code writes them) and the rewards statistics the
-runner keeps. Blocks, clipping and the optimizer are the SFT replay's. Every position of every row is taken
-as a response token (the most the head holds), as the trace does (memory/trace.py).
+A micro-step of B pairs is one forward of 2B rows (`Replay.rows`: the chosen sides, then the rejected
+ones). Its final hidden states feed the log-prob head (`sequence_logps`): the response positions' rows
+picked out, then chunks of rows (`ce_chunk_rows`) whose logits are formed, log-softmaxed and gathered at the
+targets under a checkpoint (recomputed in backward), summed per row. Then the reference policy's log-probs:
+the same head after a forward without gradients (the base with LoRA's adapters off, or a frozen copy of the
+starting weights, which the replay holds as further weights), or none (cached log-probs, a reference-free
+loss). Then the loss's own small tensors (`pair_losses`: per loss, as the code writes them) and the rewards
+statistics the runner keeps. Blocks, clipping and the optimizer are the SFT replay's. Every position of
+every row is taken as a response token (the most the head holds), as the trace does (memory/trace.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from microft.memory.replay import Model, Replay, Setup, build_model
 from microft.memory.sim import Sim, Ten
 from microft.models.config import ModelConfig, ce_chunk_rows
 
-NEEDS_REFERENCE = ("dpo", "ipo")  # as train.preference.NEEDS_REFERENCE (torch-free here; a test holds them equal)
+NEEDS_REFERENCE = ("dpo", "ipo")  # train.preference.NEEDS_REFERENCE, torch-free (a test holds them equal)
 LOSS = "loss (fused cross-entropy)"  # the trace's label from the final norm on: the head and the loss
 REFERENCE = "reference forward"
 
 
 def reference_kind(s: Setup) -> str | None:
-    """Where the step's reference log-probs come from: "adapters off" (LoRA/QLoRA: the base, one more forward),
-    "frozen copy" (full fine-tuning: a second model), "cached" (--precompute-ref) or None (simpo, orpo)."""
+    """Where the step's reference log-probs come from: "adapters off" (LoRA/QLoRA: the base, one more
+    forward), "frozen copy" (full fine-tuning: a second model), "cached" (--precompute-ref) or None (simpo,
+    orpo)."""
     if s.pref_loss not in NEEDS_REFERENCE:
         return None
     if s.precompute_ref:
@@ -57,12 +58,14 @@ class PairReplay(Replay):
         return super().run(fast)
 
     def micro_step(self, at: str) -> None:
-        """train.step.micro_step on PreferenceRunner.forward: the batch, the policy's log-probs, the reference's,
-        the per-pair losses and rewards, their sum; backward as for SFT."""
+        """train.step.micro_step on PreferenceRunner.forward: the batch, the policy's log-probs, the
+        reference's, the per-pair losses and rewards, their sum; backward as for SFT."""
         s, sim = self.s, self.sim
         sim.mark(f"{at}, batch", "forward")
         x, y = sim.new(self.N, 8, "batch", "x"), sim.new(self.N, 8, "batch", "y")
-        cached = sim.new(2 * s.micro_bs, 4, "batch", "reference log-probs") if self.reference == "cached" else None
+        cached = None
+        if self.reference == "cached":
+            cached = sim.new(2 * s.micro_bs, 4, "batch", "reference log-probs")
         pos = sim.new(self.N, 8, "batch", "target positions")
         sim.mark(f"{at}, forward", "forward")
         sim.cache = {} if s.mixed else None
@@ -114,7 +117,7 @@ class PairReplay(Replay):
         outs = []
         for s0 in range(0, N, rows):
             n = min(rows, N - s0)
-            hc = sim.views("slice", hs, [n * C])[0]  # h[s:s + rows]: its gradient is h's size (slice_backward)
+            hc = sim.views("slice", hs, [n * C])[0]  # h[s:s + rows]: its gradient is h-sized (slice_backward)
             if recompute:
                 out = sim.checkpoint(lambda hc=hc, n=n: self.token_logps(hc, targets, n), hc, (targets,))
             else:
@@ -136,7 +139,8 @@ class PairReplay(Replay):
 
     def token_logps(self, h: Ten, targets: Ten, n: int) -> Ten:
         """train.preference._token_logps on `n` rows: fp32 log-softmax of the head's logits, gathered at the
-        targets. A recompute's tensors carry the backward's label (the checkpoint has no context of its own)."""
+        targets. A recompute's tensors carry the backward's label (this checkpoint has no context of its
+        own)."""
         a, s, sim = self.a, self.s, self.sim
         cat = "backward transients" if sim.rec is not None else LOSS
         C, V, W = a.n_embd, a.vocab_size, self.m.head
@@ -155,12 +159,14 @@ class PairReplay(Replay):
             z = self._elementwise(z, "div", cat, save=False)
         if a.final_softcap:  # Gemma 2: tanh(z / cap) * cap, the tanh's output saved
             z = self._elementwise(z, "div", cat, save=False)
-            t = sim.op("tanh", [z], [(z.numel, z.es, cat)], save_out=((0, (0,)),), bwd=(("g", 0, z.numel, z.es),))[0]
+            t = sim.op("tanh", [z], [(z.numel, z.es, cat)], save_out=((0, (0,)),),
+                       bwd=(("g", 0, z.numel, z.es),))[0]
             sim.drop(z)
             z = self._elementwise(t, "mul", cat, save=False)
         if z.es != 4:  # .float()
             z = self._elementwise(z, "to_copy", cat, save=False, es=4)
-        lsm = sim.op("log_softmax", [z], [(z.numel, 4, cat)], save_out=((0, (0,)),), bwd=(("g", 0, z.numel, 4),))[0]
+        lsm = sim.op("log_softmax", [z], [(z.numel, 4, cat)], save_out=((0, (0,)),),
+                     bwd=(("g", 0, z.numel, 4),))[0]
         sim.drop(z)
         # gather saves the targets; its gradient: new_zeros, then an out-of-place scatter_add
         out = sim.op("gather", [lsm, targets], [(n, 4, cat)], save_in=((1, (0,)),),
@@ -187,8 +193,8 @@ class PairReplay(Replay):
 
     def log_sigmoid(self, z: Ten) -> Ten:
         """F.logsigmoid: the output and the buffer CPU's kernel returns (both saved with the input)."""
-        ls, buf = self.sim.op("log_sigmoid", [z], [(z.numel, 4, LOSS), (z.numel, 4, LOSS)], save_in=((0, (0,)),),
-                              save_out=((1, (0,)),), bwd=(("g", 0, z.numel, 4),))
+        ls, buf = self.sim.op("log_sigmoid", [z], [(z.numel, 4, LOSS), (z.numel, 4, LOSS)],
+                              save_in=((0, (0,)),), save_out=((1, (0,)),), bwd=(("g", 0, z.numel, 4),))
         self.sim.drop(z, buf)
         return ls
 
@@ -225,6 +231,7 @@ class PairReplay(Replay):
         return losses, chosen, rejected
 
     def orpo(self, pc: Ten, pr: Ten) -> Ten:
+        """ORPO's losses from the mean log-probs, in the code's order of evaluation."""
         sim, B = self.sim, self.s.micro_bs
         t1 = self.op1("sub", [pc, pr], B)
         logs = []
@@ -252,8 +259,8 @@ class PairReplay(Replay):
         return y
 
     def rewards(self, chosen: Ten, rejected: Ten) -> None:
-        """PreferenceRunner.forward's statistics: the rewards' sums and accuracy, stacked in float64 and added to
-        `stats`, which lives on (a new tensor each micro-step)."""
+        """PreferenceRunner.forward's statistics: the rewards' sums and accuracy, stacked in float64 and added
+        to `stats`, which lives on (a new tensor each micro-step)."""
         sim, B = self.sim, self.s.micro_bs
         sums = [sim.new(1, 4, LOSS, "chosen.sum()"), sim.new(1, 4, LOSS, "rejected.sum()")]
         better = sim.new(B, 1, LOSS, "chosen > rejected")

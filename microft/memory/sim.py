@@ -1,8 +1,8 @@
 """The analytical engine's core: a byte-level replay of one training step, from shapes alone.
 
 Every tensor microft's step allocates is described by its size, and every autograd node by
-what it saves and what its backward allocates, exactly as `models.transformer.Transformer`, the fused loss and the
-optimizers do under each precision policy. The replay keeps reference counts the way Python
+what it saves and what its backward allocates, exactly as `models.transformer.Transformer`, the
+fused loss and the optimizers do under each precision policy. The replay keeps reference counts the way Python
 and the autograd engine do (a tensor lives while a variable, a saved-tensor slot or a gradient
 buffer holds it), runs backward in reverse creation order, recomputes checkpointed blocks with
 early stop, and tracks live bytes (CUDA-rounded) with their category at every allocation. No
@@ -219,7 +219,8 @@ class Sim:
             for i, needs in save_in:
                 if any(rg[j] for j in needs) and isinstance(ins[i], Ten):
                     self._pack(node, ins[i].st)
-        res = [Ten(self.alloc(n * es, cat, name), n, es, node, k, node is not None) for k, (n, es, cat) in enumerate(outs)]
+        res = [Ten(self.alloc(n * es, cat, name), n, es, node, k, node is not None)
+               for k, (n, es, cat) in enumerate(outs)]
         if node is not None:
             for k, needs in save_out:
                 if any(rg[j] for j in needs):
@@ -316,7 +317,8 @@ class Sim:
         self.cache = cache
 
     # --- backward ------------------------------------------------------------------------
-    def backward(self, root: Ten, grad_bytes: int = 4, where: Callable[[Node], tuple[str, str]] | None = None) -> None:
+    def backward(self, root: Ten, grad_bytes: int = 4,
+                 where: Callable[[Node], tuple[str, str]] | None = None) -> None:
         """Backward from scalar `root`, nodes in reverse creation order (the engine's order here)."""
         ones = self.alloc(grad_bytes, "backward transients", "ones_like")  # held by backward() throughout
         self.ref(ones)
@@ -352,25 +354,29 @@ class Sim:
                     x = node.ins[step[1]]
                     if x is not None and x.rg:
                         if x.es != node.oes:  # the engine casts a gradient to its input's dtype
-                            produced.append((step[1], self.alloc(x.numel * x.es, "backward transients", "cast")))
+                            cast = self.alloc(x.numel * x.es, "backward transients", "cast")
+                            produced.append((step[1], cast))
                         else:
                             self.ref(g0)
                             produced.append((step[1], g0))
                 elif kind == "t":
                     if len(step) < 5 or (node.ins[step[4]] is not None and node.ins[step[4]].rg):
-                        tmp[step[1]] = self.alloc(step[2] * step[3], "backward transients", node.name + " scratch")
+                        tmp[step[1]] = self.alloc(step[2] * step[3], "backward transients",
+                                                  node.name + " scratch")
                 elif kind == "s":
                     if node.ins[step[1]] is not None and node.ins[step[1]].rg:
                         self.transient(step[2] * step[3], "backward transients", node.name + " workspace")
                 elif kind == "f":
                     self.unref(tmp.pop(step[1], None))
                 elif kind == "k":
-                    self.stash[step[1]] = self.alloc(step[2] * step[3], _grad_cat(step[4]), node.name + " grad")
+                    self.stash[step[1]] = self.alloc(step[2] * step[3], _grad_cat(step[4]),
+                                                     node.name + " grad")
                 elif kind == "u":
                     x = node.ins[step[1]]
                     st = self.stash.pop(step[2], None)
                     if x is not None and x.rg:
-                        produced.append((step[1], st or self.alloc(x.numel * x.es, _grad_cat(x), node.name + " grad")))
+                        st = st or self.alloc(x.numel * x.es, _grad_cat(x), node.name + " grad")
+                        produced.append((step[1], st))
                     elif st is not None:
                         self.unref(st)
             for st in tmp.values():

@@ -76,7 +76,9 @@ class TraceResult:
     """Peak of live tensor bytes over two traced optimizer steps, by category."""
 
     peak_bytes: int
-    peak_phase: str  # coarse: forward, loss, start of backward, backward, end of backward, clip, optimizer step
+    # coarse: forward, loss, reference forward, start of backward, backward, end of backward, clip,
+    # optimizer step
+    peak_phase: str
     peak_where: str  # fine: "step 2, micro-step 1, backward of block 11"
     components: dict[str, int]
     step_peaks: list[int]
@@ -212,7 +214,8 @@ def _materialise_fake(model: nn.Module, fake_mode, device: torch.device) -> None
                     mod._parameters[name] = nn.Parameter(fake, requires_grad=p.requires_grad)
             for name, b in list(mod._buffers.items()):
                 if b is not None:
-                    mod._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=device)
+                    mod._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype,
+                                                             device=device)
 
 
 class _TraceScaler(torch.amp.GradScaler):
@@ -363,7 +366,7 @@ def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mo
         frozen = Transformer(model_cfg.model_copy(update={"dropout": 0.0}))
     place_model(frozen, precision, torch.device("meta"))
     _materialise_fake(frozen, fake_mode, torch.device("cpu"))
-    frozen.set_kernels(Kernels.cuda_like())  # CUDA's kernels, as the policy's (the run's deep copy keeps them)
+    frozen.set_kernels(Kernels.cuda_like())  # CUDA's kernels, as the policy's (a run's deep copy keeps them)
     return frozen.requires_grad_(False).eval()
 
 
@@ -431,7 +434,7 @@ def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
         if isinstance(mod, nn.Dropout) and mod.p > 0:
             mod.forward = types.MethodType(_fused_dropout, mod)
     device = torch.device("cpu")
-    place_model(model, precision, torch.device("meta"))  # bf16-true casts; the weights stay on meta until faked
+    place_model(model, precision, torch.device("meta"))  # bf16-true casts; weights stay on meta until faked
     fake_mode = FakeTensorMode()
     _materialise_fake(model, fake_mode, device)
     model.train()
@@ -460,7 +463,8 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
         tracker.track(t, "weights")
     for p in params:
         if p.requires_grad:
-            handles.append(p.register_post_accumulate_grad_hook(lambda q: tracker.relabel(q.grad, "gradients")))
+            handles.append(p.register_post_accumulate_grad_hook(
+                lambda q: tracker.relabel(q.grad, "gradients")))
 
     autocast = autocast_context(precision, device)
     step_peaks = []
@@ -473,7 +477,8 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
             if preference:
                 runner, pairs = _preference_step(model, frozen, cfg, tracker, state)
                 handles += _step_hooks(runner, tracker, state)
-                tracker.workspaces[sdpa_bwd] = sdpa_workspace(2 * micro_bs, model_cfg.n_head, seq_len, hs, low)
+                rows = 2 * micro_bs  # a pair's two sides in one forward
+                tracker.workspaces[sdpa_bwd] = sdpa_workspace(rows, model_cfg.n_head, seq_len, hs, low)
             scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
             optimizer = _trace_optimizer(model, cfg)
             with tracker:
@@ -492,12 +497,14 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
                         y = torch.zeros(micro_bs, seq_len, dtype=torch.long, device=device)
                         micro_step(model, x, y, None, float(micro_bs * seq_len * accum), autocast, scaler)
                         del x, y
-                    for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)):  # state
+                    # the GradScaler's scale and growth tracker, made on first use: state, not transients
+                    for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)):
                         if t is not None:
                             tracker.relabel(t, "other")
                     tracker.mark(f"step {step}, clip", "clip", "optimizer transients")
                     finish_step(model, optimizer, scaler, cfg.max_grad_norm, before_step=functools.partial(
-                        tracker.mark, f"step {step}, optimizer step", "optimizer step", "optimizer transients"))
+                        tracker.mark, f"step {step}, optimizer step", "optimizer step",
+                        "optimizer transients"))
                     for st in optimizer.state.values():
                         for v in st.values():
                             if isinstance(v, torch.Tensor):
