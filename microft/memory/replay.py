@@ -219,7 +219,8 @@ class Replay:
             return p
         if p in sim.cache:
             return sim.alias(sim.cache[p])
-        t = sim.op("to_copy", [p], [(p.numel, 2, "autocast weight copies")], bwd=(("g", 0, p.numel, p.es),))[0]
+        t = sim.op("to_copy", [p], [(p.numel, 2, "autocast weight copies")],
+                   bwd=(("g", 0, p.numel, p.es),))[0]
         if p.train:
             sim.cache[p] = sim.alias(t)
             if sim.rec is not None:  # the cache's reference is not a local variable of the recompute
@@ -233,7 +234,8 @@ class Replay:
         bc = self.cast_param(bias)
         wc = self.cast_param(lin_w)
         xc = self.cast(x) if sim.cache is not None else x
-        bwd = (("g", 0, n * inp, aes), ("g", 1, out * inp, aes)) + ((("g", 2, out, aes),) if bias is not None else ())
+        bwd = (("g", 0, n * inp, aes), ("g", 1, out * inp, aes))
+        bwd += (("g", 2, out, aes),) if bias is not None else ()
         y = sim.op("addmm" if bias is not None else "mm", [xc, wc, bc], [(n * out, aes, "activations")],
                    save_in=((0, (1,)), (1, (0,))), bwd=bwd)[0]
         if sim.cache is not None:
@@ -241,12 +243,14 @@ class Replay:
         return y
 
     def nf4_matmul(self, x: Ten, lo: Lin) -> Ten:
-        """NF4Linear.forward: the frozen bias and the input cast to the compute dtype, then quant._NF4LinearFn,
-        which dequantizes the weight for this op only and saves nothing but the NF4 buffers; its backward
-        dequantizes again for grad_input (`nf4_dequantize_events`)."""
+        """NF4Linear.forward: the frozen bias and the input cast to the compute dtype, then
+        quant._NF4LinearFn, which dequantizes the weight for this op only and saves nothing but the NF4
+        buffers; its backward dequantizes again for grad_input (`nf4_dequantize_events`)."""
         sim, aes = self.sim, self.s.compute_bytes
         n, W, b = x.numel // lo.inp, lo.W, lo.b
-        bc = sim.new(b.numel, aes, "autocast weight copies", "bias.to") if b is not None and b.es != aes else None
+        bc = None
+        if b is not None and b.es != aes:
+            bc = sim.new(b.numel, aes, "autocast weight copies", "bias.to")
         xc = self.cast(x) if aes == 2 else sim.alias(x)  # x.to(compute dtype): a copy only under autocast
         events, w_key = nf4_dequantize_events(W.numel, self.s.double_quant, aes)
         held: dict[str, St] = {}
@@ -293,7 +297,8 @@ class Replay:
                + (("t", "da", f.numel, aes, 0), ("g", 0, f.numel, f.es), ("f", "da")))
         ins = [f, W, b] + ([wc] if wc is not None else [])
         save = ((0, (0, 1, 2)),) + (((3, (0, 1, 2)),) if wc is not None else ())
-        y = sim.op("gelu_linear", ins, [(f.numel // lo.inp * lo.out, aes, "activations")], save_in=save, bwd=bwd)[0]
+        y = sim.op("gelu_linear", ins, [(f.numel // lo.inp * lo.out, aes, "activations")], save_in=save,
+                   bwd=bwd)[0]
         sim.drop(act, bc, wc)
         return y
 
@@ -325,7 +330,8 @@ class Replay:
         (k and v keep their n_kv_head heads); autocast casts fp32 inputs (after a q/k norm) to bf16."""
         a, s, sim = self.a, self.s, self.sim
         B, T, H = self.rows, s.seq_len, a.n_head
-        low = s.compute_bytes == 2 and self.packed is None  # a packed mask rules out flash: the memory-efficient kernel runs
+        # a packed mask rules out flash: the memory-efficient kernel runs
+        low = s.compute_bytes == 2 and self.packed is None
         casts = []
         if sim.cache is not None:
             casts = [self.cast(t) if t.es != 2 else None for t in (q, k, v)]
@@ -333,7 +339,7 @@ class Replay:
         t_lse = T if low else -(-T // 32) * 32
         ws = sdpa_workspace(B, H, T, a.head_dim, low)
         bias = None
-        if self.packed is not None:  # SDPA turns the (B, 1, T, T) boolean mask into an additive bias, kept for backward
+        if self.packed is not None:  # SDPA makes the (B, 1, T, T) boolean mask an additive bias, kept
             bias = sim.new(B * T * T, s.compute_bytes, "activations", "attention mask bias")
         o, lse = sim.op("sdpa", [q, k, v, bias or mask],
                         [(q.numel, s.compute_bytes, "activations"), (B * H * t_lse, 4, "activations")],
@@ -400,7 +406,8 @@ class Replay:
         return yc
 
     def elementwise(self, name: str, x: Ten, save_input: bool = True) -> Ten:
-        return self.sim.op(name, [x], [(x.numel, x.es, "activations")], save_in=((0, (0,)),) if save_input else (),
+        return self.sim.op(name, [x], [(x.numel, x.es, "activations")],
+                           save_in=((0, (0,)),) if save_input else (),
                            bwd=(("g", 0, x.numel, x.es),))[0]
 
     # --- blocks ---------------------------------------------------------------------------
@@ -420,7 +427,7 @@ class Replay:
             q2, k2 = norm(q, (blk.q_norm, None)), norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
-        if a.layer_rope(blk.layer):  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
+        if a.layer_rope(blk.layer):  # rotated q and k; the tables, cast to q's dtype once a block, are saved
             tables = self.local_tables if a.local_rope(blk.layer) else self.tables[:2]
             cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in tables)
             q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
@@ -449,14 +456,15 @@ class Replay:
         if a.mlp == "swiglu":  # down_proj(silu(gate_proj(x)) * up_proj(x))
             gate = self.linear(h2, blk.lin["gate_proj"])
             sg = self.elementwise("silu" if a.glu_act == "silu" else "gelu", gate)
-            sim.drop(gate)  # a temporary: only silu's saved input (when a gradient needs it) outlives the call
+            sim.drop(gate)  # a temporary: only silu's saved input (if a gradient needs it) outlives the call
             up = self.linear(h2, blk.lin["up_proj"])
             g = sim.op("mul", [sg, up], [(sg.numel, max(sg.es, up.es), "activations")],
-                       save_in=((0, (1,)), (1, (0,))), bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
+                       save_in=((0, (1,)), (1, (0,))),
+                       bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
             sim.drop(up, sg)
             mo = self.linear(g, blk.lin["down_proj"])
             sim.drop(g)
-        elif blk.lin["mlp_proj"].A is None and not blk.lin["mlp_proj"].nf4:  # model._GeluLinear: gelu(f) not kept
+        elif blk.lin["mlp_proj"].A is None and not blk.lin["mlp_proj"].nf4:  # model._GeluLinear keeps no gelu
             f = self.linear(h2, blk.lin["fc"])
             mo = self.gelu_linear(f, blk.lin["mlp_proj"])
             sim.drop(f)
@@ -506,7 +514,8 @@ class Replay:
                                                          bwd=(("g", 0, n, 4),))[0]
             sim.drop(g)
             return out
-        yl = sim.alias(y) if x.es == 4 else sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
+        yl = sim.alias(y) if x.es == 4 else \
+            sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
         sim.drop(y)
         oes = max(w.es, x.es)  # type promotion: an fp32 gain times bf16 is fp32
         out = sim.op("mul", [w, yl], [(n, oes, "activations")], save_in=((1, (0,)),),
@@ -544,7 +553,8 @@ class Replay:
         """x.float() × rsqrt(mean(x²) + eps), in fp32: the part both RMSNorms share."""
         sim, n = self.sim, x.numel
         rows = n // dim
-        xf = sim.alias(x) if x.es == 4 else sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
+        xf = sim.alias(x) if x.es == 4 else \
+            sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
         sq = sim.op("pow", [xf], [(n, 4, "activations")], save_in=((0, (0,)),),
                     bwd=(("t", "a", n, 4), ("t", "b", n, 4), ("g", 0, n, 4)))[0]  # x^1, 2 x^1, grad * (.)
         ms = sim.op("mean", [sq], [(rows, 4, "activations")], bwd=(("g", 0, n, 4),))[0]
@@ -571,7 +581,8 @@ class Replay:
         cos, sin = sim.new(T * d, 4, "activations", "cos"), sim.new(T * d, 4, "activations", "sin")
         lr = self.a.longrope
         if lr is not None and lr.attention_factor != 1.0:
-            scaled = sim.new(T * d, 4, "activations", "cos * factor"), sim.new(T * d, 4, "activations", "sin * factor")
+            scaled = (sim.new(T * d, 4, "activations", "cos * factor"),
+                      sim.new(T * d, 4, "activations", "sin * factor"))
             sim.drop(cos, sin)
             cos, sin = scaled
         sim.drop(*tmp)
@@ -594,11 +605,14 @@ class Replay:
     def rope_full(self, t: Ten, cos: Ten, sin: Ten) -> Ten:
         """apply_rope: x * cos + cat(-x2, x1) * sin; the muls save the tables."""
         sim, n, es = self.sim, t.numel, t.es
-        xc = sim.op("mul", [t, cos], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
+        xc = sim.op("mul", [t, cos], [(n, es, "activations")], save_in=((1, (0,)),),
+                    bwd=(("g", 0, n, es),))[0]
         neg = sim.new(n // 2, es, "activations", "neg")
-        rot = sim.op("cat", [t], [(n, es, "activations")], bwd=(("t", "a", n // 2, es), ("g", 0, n, es), ("f", "a")))[0]
+        rot = sim.op("cat", [t], [(n, es, "activations")],
+                     bwd=(("t", "a", n // 2, es), ("g", 0, n, es), ("f", "a")))[0]
         sim.drop(neg)
-        xs = sim.op("mul", [rot, sin], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
+        xs = sim.op("mul", [rot, sin], [(n, es, "activations")], save_in=((1, (0,)),),
+                    bwd=(("g", 0, n, es),))[0]
         sim.drop(rot)
         out = sim.op("add", [xc, xs], [(n, es, "activations")], bwd=(("p", 0), ("p", 1)))[0]
         sim.drop(xc, xs)
@@ -634,7 +648,8 @@ class Replay:
             pos = sim.new(T, 8, "activations", "arange")
             pe = sim.op("embedding", [m.wpe, pos], [(T * C, pes, "activations")], save_in=((1, (0,)),),
                         bwd=(("g", 0, m.wpe.numel, pes),))[0]
-            x = sim.op("add", [tok, pe], [(N * C, pes, "activations")], bwd=(("p", 0), ("g", 1, T * C, pes)))[0]
+            x = sim.op("add", [tok, pe], [(N * C, pes, "activations")],
+                       bwd=(("p", 0), ("g", 1, T * C, pes)))[0]
             sim.drop(tok, pe, pos)
         else:
             x = tok
@@ -784,15 +799,18 @@ class Replay:
         sim.mark(f"{at}, batch", "forward")
         x = sim.new(self.N, 8, "batch", "x")
         y = sim.new(self.N, 8, "batch", "y")
-        packed = (sim.new(self.N, 8, "batch", "position ids"),
-                  sim.new(s.micro_bs * s.seq_len**2, 1, "batch", "packed attention mask")) if s.packing else ()
+        packed = ()
+        if s.packing:
+            packed = (sim.new(self.N, 8, "batch", "position ids"),
+                      sim.new(s.micro_bs * s.seq_len**2, 1, "batch", "packed attention mask"))
         self.packed = packed[1] if packed else None
         sim.mark(f"{at}, forward", "forward")
         sim.cache = {} if s.mixed else None
         h = self.forward(x)
         sim.mark(f"{at}, loss", "loss")
         if self.a.logits_scaling != 1.0:  # Granite: h / s before the head (Transformer.forward), after ln_f
-            h2 = sim.op("div", [h], [(h.numel, h.es, "loss (fused cross-entropy)")], bwd=(("g", 0, h.numel, h.es),))[0]
+            h2 = sim.op("div", [h], [(h.numel, h.es, "loss (fused cross-entropy)")],
+                        bwd=(("g", 0, h.numel, h.es),))[0]
             sim.drop(h)
             h = h2
         loss = self.loss(h)
@@ -1082,7 +1100,8 @@ def nf4_dequantize_events(numel: int, double_quant: bool, es: int) -> tuple[list
     if 2 * half != nb * NF4_BLOCK:  # F.pad to whole blocks
         ev += [("a", "padded values", nb * NF4_BLOCK * 4), ("f", "values")]
         vals = "padded values"
-    if double_quant:  # _absmax_fp32: dynamic map, absmax.int() (padded to whole blocks), code[idx] * absmax2, + offset
+    # _absmax_fp32: dynamic map, absmax.int() (padded to whole blocks), code[idx] * absmax2, + offset
+    if double_quant:
         padded = -(-nb // DOUBLE_QUANT_BLOCK) * DOUBLE_QUANT_BLOCK
         ev += [("a", "dynamic map", 1024), ("a", "absmax.int()", nb * 4)]
         idx = "absmax.int()"
@@ -1119,8 +1138,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
                    "profiler._record_function_exit._RecordFunction", "aten.lift_fresh.default"),
     "forward": ("aten.embedding.default", "aten.embedding_dense_backward.default", "aten.index_put_.default",
                 "aten.new_zeros.default", "aten.arange.default", "aten.arange.start", "aten.expand.default"),
-    "rope_tables": ("aten.arange.start_step", "aten.div.Scalar", "aten.pow.Scalar",
-                    "aten.where.self", "aten.sub.Tensor", "aten.cat.default", "aten.cos.default", "aten.sin.default",
+    "rope_tables": ("aten.arange.start_step", "aten.div.Scalar", "aten.pow.Scalar", "aten.where.self",
+                    "aten.sub.Tensor", "aten.cat.default", "aten.cos.default", "aten.sin.default",
                     "aten.bitwise_and.Tensor", "aten.gt.Tensor", "aten.le.Tensor", "aten.mul.Scalar"),
     "rope": ("aten.neg.default", "aten.slice.Tensor", "aten.slice_backward.default"),
     "window_mask": ("aten.scalar_tensor.default",),
@@ -1161,7 +1180,7 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
                        "aten.unbind.int", "aten._softmax.default"),
     "token_logps": ("aten._log_softmax.default", "aten._log_softmax_backward_data.default",
                     "aten.scatter_add.default", "aten.tanh.default", "aten.tanh_backward.default"),
-    "pair_losses": ("aten.log_sigmoid_forward.default", "aten.log_sigmoid_backward.default", "aten.exp.default",
-                    "aten.log1p.default", "aten.add.Scalar"),
+    "pair_losses": ("aten.log_sigmoid_forward.default", "aten.log_sigmoid_backward.default",
+                    "aten.exp.default", "aten.log1p.default", "aten.add.Scalar"),
 }
 TRACED_OPS: dict[str, str] = {op: method for method, ops in _MODELLED_BY.items() for op in ops}
