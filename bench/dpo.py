@@ -114,9 +114,9 @@ def trl_child(a) -> None:
     args = trl.DPOConfig(output_dir=a.out, per_device_train_batch_size=a.micro_bs,
                          gradient_accumulation_steps=1, max_steps=a.steps + 1, learning_rate=1e-3,
                          lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
-                         beta=0.1, bf16=False, gradient_checkpointing=False, report_to="none", logging_steps=1,
-                         save_strategy="no", use_cpu=True, train_sampling_strategy="sequential", max_length=None,
-                         disable_tqdm=True)
+                         beta=0.1, bf16=False, gradient_checkpointing=False, report_to="none",
+                         logging_steps=1, save_strategy="no", use_cpu=True,
+                         train_sampling_strategy="sequential", max_length=None, disable_tqdm=True)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tok, peft_config=peft_config, callbacks=[Timer()])
     ds = trainer.train_dataset
@@ -170,12 +170,12 @@ def main() -> None:
     body = (f"Command: {command_line()} · {time.strftime('%Y-%m-%d %H:%M')} · load average at the end "
             f"{load_average()}\n\nMachine: {machine('cpu')}; trl {trl.__version__}\n\n"
             f"Qwen3-shaped random model (hidden {SHAPE['hidden_size']}, {SHAPE['num_hidden_layers']} layers, "
-            f"vocab {SHAPE['vocab_size']}), {a.micro_bs} pairs a step ({per_side:.0f} tokens a side on average, "
-            f"prompt included), sigmoid DPO beta 0.1, SGD, fp32, 1 warm-up + {a.steps} timed steps, each "
-            "configuration in a fresh process; the reference policy is the base with the adapters off (LoRA) or "
-            "a frozen copy (full) for both. Peak RSS includes Python, torch and each tool's imports (TRL's: "
-            "datasets, accelerate). On a machine shared with other jobs (the load average above) the tokens/s "
-            "ratios move by tens of percent from run to run.\n\n"
+            f"vocab {SHAPE['vocab_size']}), {a.micro_bs} pairs a step ({per_side:.0f} tokens a side on "
+            f"average, prompt included), sigmoid DPO beta 0.1, SGD, fp32, 1 warm-up + {a.steps} timed steps, "
+            "each configuration in a fresh process; the reference policy is the base with the adapters off "
+            "(LoRA) or a frozen copy (full) for both. Peak RSS includes Python, torch and each tool's imports "
+            "(TRL's: datasets, accelerate). On a machine shared with other jobs (the load average above) the "
+            "tokens/s ratios move by tens of percent from run to run.\n\n"
             + table(["configuration", "trainable", "peak RSS", "tokens/s", "note"], rows))
     publish(DOC, HEADING, body, not a.no_write, "dpo")
 
