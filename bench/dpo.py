@@ -173,9 +173,9 @@ def main() -> None:
             f"vocab {SHAPE['vocab_size']}), {a.micro_bs} pairs a step ({per_side:.0f} tokens a side on "
             f"average, prompt included), sigmoid DPO beta 0.1, SGD, fp32, 1 warm-up + {a.steps} timed steps, "
             "each configuration in a fresh process; the reference policy is the base with the adapters off "
-            "(LoRA) or a frozen copy (full) for both. Peak RSS includes Python, torch and each tool's imports "
-            "(TRL's: datasets, accelerate). On a machine shared with other jobs (the load average above) the "
-            "tokens/s ratios move by tens of percent from run to run.\n\n"
+            "(LoRA) or a frozen copy (full) for both. Peak RSS includes Python, torch and each tool's "
+            "imports (TRL's: datasets, accelerate). On a machine shared with other jobs (the load average "
+            "above) the tokens/s ratios move by tens of percent from run to run.\n\n"
             + table(["configuration", "trainable", "peak RSS", "tokens/s", "note"], rows))
     publish(DOC, HEADING, body, not a.no_write, "dpo")
 
