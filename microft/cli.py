@@ -490,7 +490,9 @@ def download(
 
 Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (any family; seconds).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the estimate (and plan) as JSON.")]
-Method = Annotated[str, typer.Option("--method", help="sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batch pairs of two sequences, the reference forward or none; with --loss, --precompute-ref).")]
+Method = Annotated[str, typer.Option("--method", help=(
+    "sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batch pairs of two sequences, the "
+    "reference forward or none; with --loss, --precompute-ref)."))]
 GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a verdict and a plan.")]
 
 
@@ -649,8 +651,9 @@ def _planning_arch(spec: str, dropout: float | None) -> Any:
 def _what(est: Any, accum: int) -> str:
     """One line naming what was estimated (every output format carries it)."""
     s, a = est.setup, est.arch
-    pairs = f"microft dpo --loss {s.pref_loss}, " if s.method == "dpo" else ""  # micro-batches of pairs
-    return (f"{a.name}: {pairs}micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, {s.optimizer}"
+    step = f"microft dpo --loss {s.pref_loss}, " if s.method == "dpo" else ""  # micro-batches of pairs
+    return (f"{a.name}: {step}micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, "
+            f"{s.optimizer}"
             f"{', grad ckpt' if s.grad_ckpt else ''}{f', LoRA r={s.lora_r}' if s.lora else ''}"
             f"{f', {s.quantize} base' + (' (double-quant)' if s.double_quant else '') if s.quantize else ''}"
             f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")

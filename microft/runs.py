@@ -43,8 +43,8 @@ def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=Non
     from microft.memory.plan import auto_batch_plan
 
     budget, where = memory_budget(cfg)
-    plan = auto_batch_plan(cfg, with_dropout(model_cfg, cfg.dropout), Budget(budget, where), world_size, n_train,
-                           method)
+    plan = auto_batch_plan(cfg, with_dropout(model_cfg, cfg.dropout), Budget(budget, where), world_size,
+                           n_train, method)
     if on_event:
         on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
     return plan
@@ -119,11 +119,12 @@ def memory_hooks(cfg: RunConfig, model_cfg: Any, method: str = "sft"):
                 return None
         return call
 
+    def run_estimate(precision: str, plan: Any, engine: str = "analytical") -> dict:
+        return estimate_for_run(cfg, model_cfg, plan, precision, engine=engine, method=method)
+
     return MemoryHooks(
-        banner_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision,
-                                                                     method=method)["summary"]),
-        traced_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision,
-                                                                     engine="trace", method=method)["peak_bytes"]),
+        banner_peak=quietly(lambda precision, plan: run_estimate(precision, plan)["summary"]),
+        traced_peak=quietly(lambda precision, plan: run_estimate(precision, plan, "trace")["peak_bytes"]),
         oom_advice=quietly(lambda device_bytes: plan_advice(cfg, model_cfg, device_bytes, method)),
     )
 

@@ -168,8 +168,8 @@ def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, 
 # --- estimates ---------------------------------------------------------------------------------
 COMPONENT_ORDER = (
     "weights", "gradients", "optimizer state", "activations", "autocast weight copies", "recomputed activations",
-    "NF4 dequantization", "loss (fused cross-entropy)", "reference forward", "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
-    "FSDP unsharded parameters", "other",
+    "NF4 dequantization", "loss (fused cross-entropy)", "reference forward", "backward transients",
+    "optimizer transients", "batch", "DDP gradient buckets", "FSDP unsharded parameters", "other",
 )
 
 
@@ -260,7 +260,8 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
         "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tie_embeddings and r.m.wte.train) else 0,
         "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
         # microft dpo, full fine-tuning: the reference policy is a frozen copy of the weights
-        "frozen reference copy": sum(p.numel * p.es for p in r.frozen[1].params) if getattr(r, "frozen", None) else 0,
+        "frozen reference copy": sum(p.numel * p.es for p in r.frozen[1].params)
+        if getattr(r, "frozen", None) else 0,
     }
     return {k: v for k, v in d.items() if v}
 
