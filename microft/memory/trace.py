@@ -54,6 +54,11 @@ CUDA_EMULATION = [
     "not modelled: CUDA's embedding backward sorts indices and keeps partial sums (scratch up to "
     "micro-batch × seq × n_embd × 4 bytes at the end of backward)",
 ]
+# the preference step (microft dpo) only: appended to CUDA_EMULATION where it runs
+PREFERENCE_EMULATION = [
+    "not emulated: the preference losses' F.logsigmoid keeps the buffer the CPU kernel returns (the pairs' "
+    "size: one 512-byte block up to 128 pairs); CUDA's kernel returns an empty one",
+]
 
 # trace categories, in display order
 CATEGORIES = (
@@ -513,7 +518,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     finally:
         for h in handles:
             h.remove()
-    emulated = list(CUDA_EMULATION)
+    emulated = list(CUDA_EMULATION) + (PREFERENCE_EMULATION if preference else [])
     if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in tracker.seen:
         emulated.append("WARNING: SDPA fell back to the CPU math kernel, which saves the attention matrix; "
                         "CUDA's flash/memory-efficient kernels do not, so this trace overcounts")
