@@ -31,8 +31,9 @@ from docs_section import publish  # noqa: E402
 from harness import DOC, ROOT, command_line, gib, load_average, machine, table  # noqa: E402
 
 HEADING = "## DPO vs TRL"
-SHAPE = dict(vocab_size=640, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=64, max_position_embeddings=512, tie_word_embeddings=True)
+SHAPE = dict(vocab_size=640, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+             tie_word_embeddings=True)
 # runs argv[1:] as its only child and prints the child's peak RSS (KiB, Linux's ru_maxrss) on stderr
 MAXRSS_WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
                   "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -66,11 +67,11 @@ def build(root: Path, n_pairs: int) -> tuple[Path, Path, Path]:
 
 
 def run_microft(a, model_dir: Path, data: Path, template: Path, lora: bool, out: Path) -> dict:
-    cmd = [str(Path(sys.executable).with_name("microft")), "dpo", "--model", str(model_dir), "--data", str(data),
-           "--template", str(template), "--micro-bs", str(a.micro_bs), "--accum", "1", "--max-steps",
-           str(a.steps + 1), "--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0", "--schedule",
-           "constant", "--lr", "1e-3", "--precision", "fp32", "--device", "cpu", "--no-shuffle", "--val-frac", "0",
-           "--eval-every", "0", "--log-format", "json", "--out", str(out)]
+    cmd = [str(Path(sys.executable).with_name("microft")), "dpo", "--model", str(model_dir), "--data",
+           str(data), "--template", str(template), "--micro-bs", str(a.micro_bs), "--accum", "1",
+           "--max-steps", str(a.steps + 1), "--optimizer", "sgd", "--momentum", "0", "--weight-decay", "0",
+           "--schedule", "constant", "--lr", "1e-3", "--precision", "fp32", "--device", "cpu", "--no-shuffle",
+           "--val-frac", "0", "--eval-every", "0", "--log-format", "json", "--out", str(out)]
     if lora:
         cmd += ["--lora", "--lora-r", "16", "--lora-alpha", "32", "--lora-targets", "all"]
     proc = subprocess.run([sys.executable, "-c", MAXRSS_WRAPPER, *cmd], capture_output=True, text=True)
@@ -79,9 +80,10 @@ def run_microft(a, model_dir: Path, data: Path, template: Path, lora: bool, out:
     events = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     first, *steps = [e for e in events if e["kind"] == "step"]  # the first step is the warm-up
     rss = int(next(ln for ln in proc.stderr.splitlines() if ln.startswith("MAXRSS")).split()[1]) * 1024
+    banner = next(e for e in events if e["kind"] == "banner")
     return {"tokens_per_sec": sum(e["tokens"] - p["tokens"] for p, e in zip(steps, steps[1:])) /
             sum(e["step_time"] for e in steps[1:]) if len(steps) > 1 else steps[0]["tokens_per_sec"],
-            "peak_rss": rss, "trainable": next(e for e in events if e["kind"] == "banner")["params_trainable"],
+            "peak_rss": rss, "trainable": banner["params_trainable"],
             "tokens_per_side": first["tokens"] / (2 * a.micro_bs)}
 
 
@@ -109,10 +111,11 @@ def trl_child(a) -> None:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
 
-    args = trl.DPOConfig(output_dir=a.out, per_device_train_batch_size=a.micro_bs, gradient_accumulation_steps=1,
-                         max_steps=a.steps + 1, learning_rate=1e-3, lr_scheduler_type="constant", optim="sgd",
-                         weight_decay=0.0, max_grad_norm=0.0, beta=0.1, bf16=False, gradient_checkpointing=False,
-                         report_to="none", logging_steps=1, save_strategy="no", use_cpu=True,
+    args = trl.DPOConfig(output_dir=a.out, per_device_train_batch_size=a.micro_bs,
+                         gradient_accumulation_steps=1, max_steps=a.steps + 1, learning_rate=1e-3,
+                         lr_scheduler_type="constant", optim="sgd", weight_decay=0.0, max_grad_norm=0.0,
+                         beta=0.1, bf16=False, gradient_checkpointing=False, report_to="none",
+                         logging_steps=1, save_strategy="no", use_cpu=True,
                          train_sampling_strategy="sequential", max_length=None, disable_tqdm=True)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tok, peft_config=peft_config, callbacks=[Timer()])
@@ -167,11 +170,12 @@ def main() -> None:
     body = (f"Command: {command_line()} · {time.strftime('%Y-%m-%d %H:%M')} · load average at the end "
             f"{load_average()}\n\nMachine: {machine('cpu')}; trl {trl.__version__}\n\n"
             f"Qwen3-shaped random model (hidden {SHAPE['hidden_size']}, {SHAPE['num_hidden_layers']} layers, "
-            f"vocab {SHAPE['vocab_size']}), {a.micro_bs} pairs a step ({per_side:.0f} tokens a side on average, prompt included), sigmoid DPO beta 0.1, "
-            f"SGD, fp32, 1 warm-up + {a.steps} timed steps, each configuration in a fresh process; the reference "
-            "policy is the base with the adapters off (LoRA) or a frozen copy (full) for both. Peak RSS includes "
-            "Python, torch and each tool's imports (TRL's: datasets, accelerate). On a machine shared with other jobs "
-            "(the load average above) the tokens/s ratios move by tens of percent from run to run.\n\n"
+            f"vocab {SHAPE['vocab_size']}), {a.micro_bs} pairs a step ({per_side:.0f} tokens a side on "
+            f"average, prompt included), sigmoid DPO beta 0.1, SGD, fp32, 1 warm-up + {a.steps} timed steps, "
+            "each configuration in a fresh process; the reference policy is the base with the adapters off "
+            "(LoRA) or a frozen copy (full) for both. Peak RSS includes Python, torch and each tool's "
+            "imports (TRL's: datasets, accelerate). On a machine shared with other jobs (the load average "
+            "above) the tokens/s ratios move by tens of percent from run to run.\n\n"
             + table(["configuration", "trainable", "peak RSS", "tokens/s", "note"], rows))
     publish(DOC, HEADING, body, not a.no_write, "dpo")
 

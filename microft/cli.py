@@ -438,7 +438,9 @@ def download(
 
 Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (any family; seconds).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the estimate (and plan) as JSON.")]
-Method = Annotated[str, typer.Option("--method", help="sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batch pairs of two sequences, the reference forward or none; estimated by --trace).")]
+Method = Annotated[str, typer.Option("--method", help=(
+    "sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batch pairs of two sequences, the "
+    "reference forward or none; with --loss, --precompute-ref)."))]
 GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a verdict and a plan.")]
 
 
@@ -483,11 +485,11 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
         prec = memory.resolve_precision(cfg.precision, budget)
         base = memory.setup_for(cfg, arch, 1, precision=prec)
         base, trace = _with_method(base, cfg, method, trace)
-        bp = _asked_batch_plan(cfg, arch, budget, world)
+        bp = _asked_batch_plan(cfg, arch, budget, world, method)
         mb, acc = bp.micro_bs, bp.accum
         gbs = cfg.global_bs
         fit = None
-        if budget is not None and method == "sft":  # the planner models SFT steps
+        if budget is not None:
             if gbs is None and isinstance(cfg.micro_bs, int):  # the batch asked about is the one to keep
                 gbs = cfg.micro_bs * (cfg.accum or 1) * world
             fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc))
@@ -543,22 +545,13 @@ def _data_lengths(cfg: Any, arch: Any, method: str) -> tuple[Any, str | None]:
 
 def _with_method(base: Any, cfg: Any, method: str, trace: bool) -> tuple[Any, bool]:
     """The setup of --method (sft, or `microft dpo`'s preference step with --loss and --precompute-ref) and
-    whether to trace: the preference step is estimated by the trace engine only (so far)."""
-    from dataclasses import replace
+    whether to trace (both engines model both steps)."""
+    from microft.memory.plan import with_method
 
-    from microft.errors import ConfigError
-
-    if method not in ("sft", "dpo"):
-        raise ConfigError(f"--method {method}: choose sft or dpo")
-    if method == "sft":
-        return base, trace
-    if cfg.micro_bs == "auto":
-        raise ConfigError("estimate-mem --method dpo: --micro-bs auto is not planned for preference steps yet; "
-                          "give --micro-bs N")
-    return replace(base, method=method, pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref), True
+    return with_method(base, cfg, method), trace
 
 
-def _asked_batch_plan(cfg: Any, arch: Any, budget: Any, world: int) -> Any:
+def _asked_batch_plan(cfg: Any, arch: Any, budget: Any, world: int, method: str = "sft") -> Any:
     """The batch plan estimate-mem estimates: the flags' own, or `--micro-bs auto`'s choice (micro-batch 1
     when none fits: "does not fit" is an answer, not bad input)."""
     from microft.config import resolve_batch_plan
@@ -570,7 +563,7 @@ def _asked_batch_plan(cfg: Any, arch: Any, budget: Any, world: int) -> Any:
     if budget is None:
         raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
     try:
-        return auto_batch_plan(cfg, arch, budget, world)
+        return auto_batch_plan(cfg, arch, budget, world, method=method)
     except NothingFits:
         return resolve_batch_plan(1, None if cfg.global_bs else cfg.accum, cfg.global_bs, world)
 
@@ -606,7 +599,9 @@ def _planning_arch(spec: str, dropout: float | None) -> Any:
 def _what(est: Any, accum: int) -> str:
     """One line naming what was estimated (every output format carries it)."""
     s, a = est.setup, est.arch
-    return (f"{a.name}: micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, {s.optimizer}"
+    step = f"microft dpo --loss {s.pref_loss}, " if s.method == "dpo" else ""  # micro-batches of pairs
+    return (f"{a.name}: {step}micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, "
+            f"{s.optimizer}"
             f"{', grad ckpt' if s.grad_ckpt else ''}{f', LoRA r={s.lora_r}' if s.lora else ''}"
             f"{f', {s.quantize} base' + (' (double-quant)' if s.double_quant else '') if s.quantize else ''}"
             f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")

@@ -128,8 +128,8 @@ def _prompt_messages(obj: dict, chosen: Any, rejected: Any) -> tuple[Message, ..
 
 def _chat_pair(prompt: tuple[Message, ...], chosen: tuple[Message, ...], rejected: tuple[Message, ...],
                source: str) -> Pair:
-    return Pair(Record(messages=prompt + chosen, source=source), Record(messages=prompt + rejected, source=source),
-                source)
+    return Pair(Record(messages=prompt + chosen, source=source),
+                Record(messages=prompt + rejected, source=source), source)
 
 
 @dataclass
@@ -181,14 +181,14 @@ def build_pair(pair: Pair, template: Any, tok: Any, max_seq_len: int) -> Sample:
     for name, record in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         sample, _ = build_sample(record, template, tok, max_seq_len, mask_prompt=True)
         if sample is None:
-            raise _Bad(f"the prompt fills --max-seq-len {max_seq_len}, leaving no room for the {name} response; "
-                       "raise --max-seq-len or shorten the prompt")
+            raise _Bad(f"the prompt fills --max-seq-len {max_seq_len}, leaving no room for the {name} "
+                       "response; raise --max-seq-len or shorten the prompt")
         sides[name] = sample
     c, r = sides["chosen"], sides["rejected"]
     return {"chosen_ids": c["input_ids"], "chosen_labels": final_response_only(c["labels"]),
             "rejected_ids": r["input_ids"], "rejected_labels": final_response_only(r["labels"]),
-            "input_ids": c["input_ids"] + r["input_ids"], "prompt": c["prompt"], "chosen": pair.chosen.response,
-            "rejected": pair.rejected.response, "source": pair.source}
+            "input_ids": c["input_ids"] + r["input_ids"], "prompt": c["prompt"],
+            "chosen": pair.chosen.response, "rejected": pair.rejected.response, "source": pair.source}
 
 
 @dataclass
@@ -202,7 +202,8 @@ class PairData:
     problems: list[str] = field(default_factory=list)
 
 
-def load_pairs(cfg: RunConfig, max_seq_len: int, tok: Any, read: tuple[PairRead, PairRead | None]) -> PairData:
+def load_pairs(cfg: RunConfig, max_seq_len: int, tok: Any,
+               read: tuple[PairRead, PairRead | None]) -> PairData:
     """Split (a seeded --val-frac, or --val-data) and tokenise the pairs `read` (train, validation file)."""
     template = _resolve(cfg.template, tok)
     train_read, val_read = read

@@ -30,12 +30,12 @@ def owns_out(run: Callable[[RunConfig, Callable[[Event], None]], dict[str, Any]]
 
 
 def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None,
-               n_train: int | None = None) -> BatchPlan:
+               n_train: int | None = None, method: str = "sft") -> BatchPlan:
     """The run's batch plan; `--micro-bs auto` asks the memory planner for the largest micro-batch (one
-    optimizer step's batch no larger than the `n_train` training samples). With no batch flag at all:
-    `default_batch_plan`."""
+    optimizer step's batch no larger than the `n_train` training samples) of the `method`'s step (sft, dpo).
+    With no batch flag at all: `default_batch_plan`."""
     if default_batch(cfg):
-        return default_batch_plan(cfg, world_size, model_cfg, on_event, n_train)
+        return default_batch_plan(cfg, world_size, model_cfg, on_event, n_train, method)
     micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
     if cfg.micro_bs != "auto" or model_cfg is None:
         return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
@@ -43,7 +43,8 @@ def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=Non
     from microft.memory.plan import auto_batch_plan
 
     budget, where = memory_budget(cfg)
-    plan = auto_batch_plan(cfg, with_dropout(model_cfg, cfg.dropout), Budget(budget, where), world_size, n_train)
+    plan = auto_batch_plan(cfg, with_dropout(model_cfg, cfg.dropout), Budget(budget, where), world_size,
+                           n_train, method)
     if on_event:
         on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
     return plan
@@ -57,7 +58,7 @@ def default_global_bs(n_train: int | None, world_size: int = 1) -> int:
 
 
 def default_batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None,
-                       n_train: int | None = None) -> BatchPlan:
+                       n_train: int | None = None, method: str = "sft") -> BatchPlan:
     """No batch flag: `DEFAULT_GLOBAL_BS` samples a step (config.py says why), split into the largest
     micro-batch that fits (`--micro-bs auto`); micro-batch 1 where the planner can't answer (the loop
     still halves the micro-batch on out-of-memory)."""
@@ -70,7 +71,7 @@ def default_batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_e
                     "samples")
     try:
         auto = cfg.model_copy(update={"micro_bs": "auto", "global_bs": gbs})
-        plan = batch_plan(auto, world_size, model_cfg, None, n_train)
+        plan = batch_plan(auto, world_size, model_cfg, None, n_train, method)
     except MicroftError as e:  # the run goes on at micro-batch 1, as it did before there was a default
         plan = resolve_batch_plan(1, None, gbs, world_size)
         said.append(f"micro-batch 1, though the estimator says: {e}")
@@ -104,8 +105,8 @@ def memory_budget(cfg: RunConfig) -> tuple[int, str]:
 
 
 def memory_hooks(cfg: RunConfig, model_cfg: Any, method: str = "sft"):
-    """The estimator's answers for the loop (banner peak, CPU traced peak, OOM advice), as callbacks.
-    `method` "dpo": the preference step, which only the trace engine models (no banner peak or advice)."""
+    """The estimator's answers for the loop (banner peak, CPU traced peak, OOM advice), as callbacks, for the
+    step of `method` (sft, or dpo: the preference step)."""
     from microft.errors import MicroftError
     from microft.memory.plan import estimate_for_run, plan_advice
     from microft.train.loop import MemoryHooks
@@ -118,14 +119,13 @@ def memory_hooks(cfg: RunConfig, model_cfg: Any, method: str = "sft"):
                 return None
         return call
 
-    if method != "sft":
-        return MemoryHooks(traced_peak=quietly(lambda precision, plan: estimate_for_run(
-            cfg, model_cfg, plan, precision, engine="trace", method=method)["peak_bytes"]))
+    def run_estimate(precision: str, plan: Any, engine: str = "analytical") -> dict:
+        return estimate_for_run(cfg, model_cfg, plan, precision, engine=engine, method=method)
+
     return MemoryHooks(
-        banner_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision)["summary"]),
-        traced_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision,
-                                                                     engine="trace")["peak_bytes"]),
-        oom_advice=quietly(lambda device_bytes: plan_advice(cfg, model_cfg, device_bytes)),
+        banner_peak=quietly(lambda precision, plan: run_estimate(precision, plan)["summary"]),
+        traced_peak=quietly(lambda precision, plan: run_estimate(precision, plan, "trace")["peak_bytes"]),
+        oom_advice=quietly(lambda device_bytes: plan_advice(cfg, model_cfg, device_bytes, method)),
     )
 
 
@@ -440,9 +440,6 @@ def refuse_for_dpo(cfg: RunConfig) -> None:
             raise ConfigError(f"dpo does not support {what}; leave it out (or out of the recipe)")
     if cfg.devices > 1 or cfg.shard != "none":
         raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning yet")
-    if cfg.micro_bs == "auto":
-        raise ConfigError("dpo: --micro-bs auto is not supported yet (the memory planner models SFT steps); "
-                          "give --micro-bs N")
     if cfg.precompute_ref and cfg.loss not in ("dpo", "ipo"):
         raise ConfigError(f"--precompute-ref: --loss {cfg.loss} has no reference policy to precompute")
 
@@ -477,7 +474,7 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
         add_lora(cfg, model, on_event)
     loss = PreferenceLoss(cfg.loss, cfg.beta, cfg.gamma, cfg.orpo_lambda)
     objective = PreferenceObjective(loss, cfg.lora, cfg.precompute_ref)
-    plan = batch_plan(cfg, 1, None, on_event, len(data.train))
+    plan = batch_plan(cfg, 1, model.config, on_event, len(data.train), "dpo")
     reference = ("none" if not loss.needs_reference else "precomputed log-probs" if cfg.precompute_ref
                  else "the base (LoRA adapters off)" if cfg.lora else "a frozen copy of the starting model")
     banner = {"data_stats": f"{len(data.train)} train / {len(data.val)} val pairs; {data.n_skipped} bad pairs "

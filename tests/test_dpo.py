@@ -38,7 +38,8 @@ def pairs_file(path: Path, n: int = 16) -> Path:
     for i in range(n):
         a, b = WORDS[i % 8], WORDS[(3 * i + 1) % 8]
         rejected = f"{b} {a}" + (f" {a}" if i % 2 else "")  # unequal lengths: the mean is over pairs
-        lines.append(json.dumps({"prompt": f"Say {a} and {b}.\n", "chosen": f"{a} {b}", "rejected": rejected}))
+        lines.append(json.dumps({"prompt": f"Say {a} and {b}.\n", "chosen": f"{a} {b}",
+                                 "rejected": rejected}))
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -53,10 +54,11 @@ def setup(tmp_path_factory):
 
 
 def dpo_cfg(setup, out: Path, micro_bs: int = 2, accum: int = 2, **kw) -> RunConfig:
-    base = dict(model=str(setup["model"]), data=str(setup["data"]), out=str(out), micro_bs=micro_bs, accum=accum,
-                max_steps=4, lr=0.05, optimizer="sgd", momentum=0.0, weight_decay=0.0, schedule="constant",
-                warmup=0, max_grad_norm=0, precision="fp32", device="cpu", template=str(setup["template"]),
-                shuffle=False, val_frac=0.0, eval_every=0, log_format="plain", seed=3)
+    base = dict(model=str(setup["model"]), data=str(setup["data"]), out=str(out), micro_bs=micro_bs,
+                accum=accum, max_steps=4, lr=0.05, optimizer="sgd", momentum=0.0, weight_decay=0.0,
+                schedule="constant", warmup=0, max_grad_norm=0, precision="fp32", device="cpu",
+                template=str(setup["template"]), shuffle=False, val_frac=0.0, eval_every=0,
+                log_format="plain", seed=3)
     base.update(kw)
     if base["optimizer"] != "sgd":
         del base["momentum"]
@@ -67,18 +69,20 @@ def step_losses(events: list[dict]) -> list[float]:
     return [e["loss"] for e in events if e["kind"] == "step"]
 
 
-def trl_run(setup, out: Path, loss_type: str, micro_bs: int, accum: int, steps: int, adapter: Path | None = None):
+def trl_run(setup, out: Path, loss_type: str, micro_bs: int, accum: int, steps: int,
+            adapter: Path | None = None):
     """TRL's DPOTrainer on the same model, data (in file order), batch, SGD and constant lr, training the PEFT
     `adapter` (microft's initial one) when given; returns (per-step losses, per-step rewards/margins, the
     trained model)."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     rows = [json.loads(line) for line in setup["data"].read_text().splitlines()]
-    args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=micro_bs, gradient_accumulation_steps=accum,
-                         max_steps=steps, learning_rate=0.05, lr_scheduler_type="constant", warmup_steps=0,
-                         optim="sgd", weight_decay=0.0, max_grad_norm=0.0, beta=0.1, loss_type=[loss_type],
-                         bf16=False, gradient_checkpointing=False, report_to="none", logging_steps=1,
-                         save_strategy="no", use_cpu=True, seed=3, train_sampling_strategy="sequential",
+    args = trl.DPOConfig(output_dir=str(out), per_device_train_batch_size=micro_bs,
+                         gradient_accumulation_steps=accum, max_steps=steps, learning_rate=0.05,
+                         lr_scheduler_type="constant", warmup_steps=0, optim="sgd", weight_decay=0.0,
+                         max_grad_norm=0.0, beta=0.1, loss_type=[loss_type], bf16=False,
+                         gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
+                         use_cpu=True, seed=3, train_sampling_strategy="sequential",
                          max_length=None)
     model = transformers.AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(setup["model"])
@@ -108,7 +112,8 @@ def assert_same_model(mine, theirs) -> None:
     """The final weights agree: the same logits on a probe sequence (microft's and transformers' layouts
     differ), and not the starting model's."""
     x = torch.tensor([[5, 17, 99, 3, 250, 41, 8, 300]])
-    start = transformers.AutoModelForCausalLM.from_pretrained(theirs.config._name_or_path, dtype=torch.float32)
+    start = transformers.AutoModelForCausalLM.from_pretrained(theirs.config._name_or_path,
+                                                              dtype=torch.float32)
     with torch.no_grad():
         want = theirs.eval()(x).logits
         assert torch.allclose(mine.eval()(x), want, atol=1e-4, rtol=1e-4)
@@ -133,7 +138,8 @@ def test_lora_equals_trl_step_for_step_with_the_base_as_reference(setup, tmp_pat
 
 
 def initial_adapter(cfg: RunConfig, d: Path) -> Path:
-    """The adapters `run_dpo` starts from (B = 0; A drawn from the run's seed), as a PEFT adapter directory."""
+    """The adapters `run_dpo` starts from (B = 0; A drawn from the run's seed), as a PEFT adapter
+    directory."""
     from microft.lora import save_adapter
     from microft.runs import add_lora, load_base, seed_init
 
@@ -149,8 +155,9 @@ def test_any_split_of_the_global_batch_gives_the_same_weights(setup, tmp_path, l
     for mb, acc in [(1, 4), (4, 1), (2, 2)]:
         events: list[dict] = []
         run_dpo(dpo_cfg(setup, tmp_path / f"{mb}x{acc}", mb, acc, loss=loss, max_steps=3), events.append)
+        accuracies = [e["rewards/accuracies"] for e in events if e["kind"] == "step"]
         results[(mb, acc)] = (read_safetensors(tmp_path / f"{mb}x{acc}" / "final" / "model.safetensors"),
-                              step_losses(events), [e["rewards/accuracies"] for e in events if e["kind"] == "step"])
+                              step_losses(events), accuracies)
     ref_w, ref_loss, ref_acc = results[(4, 1)]
     for key, (w, losses, acc) in results.items():
         assert losses == pytest.approx(ref_loss, abs=1e-5), key
@@ -213,7 +220,8 @@ def test_the_losses_follow_their_formulas():
     losses, _, _ = pair_losses(PreferenceLoss("ipo", beta=0.2), policy, ref, n)
     assert torch.allclose(losses, ((pc - rc) / 3 - (pr - rr) / 5 - 1 / 0.4) ** 2)
     losses, c, _ = pair_losses(PreferenceLoss("simpo", beta=2.0, gamma=0.7), policy, None, n)
-    assert torch.allclose(losses, -F.logsigmoid(2.0 * (pc / 3 - pr / 5) - 0.7)) and torch.allclose(c, 2.0 * pc / 3)
+    assert torch.allclose(losses, -F.logsigmoid(2.0 * (pc / 3 - pr / 5) - 0.7))
+    assert torch.allclose(c, 2.0 * pc / 3)
     losses, _, _ = pair_losses(PreferenceLoss("orpo", lam=0.3), policy, None, n)
     ac, ar = pc / 3, pr / 5
     odds = (ac - torch.log(1 - ac.exp())) - (ar - torch.log(1 - ar.exp()))
@@ -230,8 +238,9 @@ def test_pair_formats_and_the_scored_tokens(setup, tmp_path):
                        "chosen": [{"role": "assistant", "content": "Hello"}],
                        "rejected": [{"role": "assistant", "content": "Go"}]})
     assert [m.role for m in conv.chosen.messages] == ["user", "assistant"]
-    shared = parse_pair({"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A"}],
-                         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "B"}]})
+    hi = {"role": "user", "content": "Hi"}
+    shared = parse_pair({"chosen": [hi, {"role": "assistant", "content": "A"}],
+                         "rejected": [hi, {"role": "assistant", "content": "B"}]})
     assert shared.rejected.messages[-1].content == "B"
     # an earlier assistant turn of the prompt is context: only the last run of targets is scored
     assert final_response_only([IGNORE_INDEX, 4, 5, IGNORE_INDEX, 6, 7]) == [IGNORE_INDEX] * 4 + [6, 7]
@@ -267,7 +276,8 @@ def test_bad_pairs_are_one_line_each(tmp_path, record, problem):
     with pytest.raises(DataError, match=problem):
         parse_pair(record)
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(record) + "\n" + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    plain = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path.write_text(json.dumps(record) + "\n" + json.dumps(plain) + "\n")
     with pytest.raises(DataError, match=f"line 1: .*{problem}.*--skip-bad"):
         read_pairs(str(path))
     got = read_pairs(str(path), skip_bad=True)
@@ -276,9 +286,10 @@ def test_bad_pairs_are_one_line_each(tmp_path, record, problem):
 
 def test_cli_runs_dpo_and_refuses_bad_data_and_a_long_prompt_in_one_line(setup, tmp_path):
     base = ["dpo", "--model", str(setup["model"]), "--template", str(setup["template"]), "--micro-bs", "2",
-            "--accum", "1", "--max-steps", "2", "--device", "cpu", "--precision", "fp32", "--log-format", "json"]
-    res = runner.invoke(app, [*base, "--data", str(setup["data"]), "--out", str(tmp_path / "ok"), "--loss", "simpo",
-                              "--gamma", "0.3"])
+            "--accum", "1", "--max-steps", "2", "--device", "cpu", "--precision", "fp32", "--log-format",
+            "json"]
+    res = runner.invoke(app, [*base, "--data", str(setup["data"]), "--out", str(tmp_path / "ok"), "--loss",
+                              "simpo", "--gamma", "0.3"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ok" / "summary.json").read_text())["steps"] == 2
     bad = tmp_path / "bad.jsonl"
@@ -289,11 +300,11 @@ def test_cli_runs_dpo_and_refuses_bad_data_and_a_long_prompt_in_one_line(setup, 
     rows = [{"prompt": "Say red and blue. " * 40 if i == 0 else "Hi.\n", "chosen": "red", "rejected": "blue"}
             for i in range(6)]
     long.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = runner.invoke(app, [*base, "--data", str(long), "--out", str(tmp_path / "long"), "--max-seq-len", "32",
-                              "--val-frac", "0"])
+    res = runner.invoke(app, [*base, "--data", str(long), "--out", str(tmp_path / "long"), "--max-seq-len",
+                              "32", "--val-frac", "0"])
     assert res.exit_code == 2 and "leaving no room" in res.output
-    res = runner.invoke(app, [*base, "--data", str(long), "--out", str(tmp_path / "skip"), "--max-seq-len", "32",
-                              "--val-frac", "0", "--skip-bad"])
+    res = runner.invoke(app, [*base, "--data", str(long), "--out", str(tmp_path / "skip"), "--max-seq-len",
+                              "32", "--val-frac", "0", "--skip-bad"])
     assert res.exit_code == 0, res.output
     assert "5 train / 0 val pairs; 1 bad pairs skipped" in res.output
 
@@ -318,7 +329,8 @@ def test_the_reference_is_the_starting_model_so_step_one_prefers_nothing(setup, 
 def test_conversational_pairs_with_the_chat_template_and_a_validation_file(setup, tmp_path):
     def conv(i: int) -> dict:
         a, b = WORDS[i % 8], WORDS[(5 * i + 2) % 8]
-        return {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {a}."}],
+        return {"prompt": [{"role": "system", "content": "Be brief."},
+                           {"role": "user", "content": f"Say {a}."}],
                 "chosen": [{"role": "assistant", "content": a}],
                 "rejected": [{"role": "assistant", "content": f"{b} {b}"}]}
 
@@ -340,26 +352,81 @@ def estimate(*flags: str) -> dict:
     return json.loads(res.output)
 
 
-def test_estimate_mem_traces_the_preference_step_with_its_reference():
-    sft = estimate("--trace")
-    full, cached = estimate("--method", "dpo"), estimate("--method", "dpo", "--precompute-ref")
-    orpo, lora = estimate("--method", "dpo", "--loss", "orpo"), estimate("--method", "dpo", "--lora")
-    assert full["engine"] == "trace" and "microft dpo --loss dpo" in full["notes"][0]
+def test_estimate_mem_models_the_preference_step_and_its_reference_byte_exact_to_the_trace():
+    """`--method dpo` answers from the analytical replay by default, to the byte what `--trace` measures; the
+    reference is a second set of weights only where it is a frozen copy (full fine-tuning, not
+    precomputed)."""
+    sft = estimate()
+    runs = {name: estimate("--method", "dpo", *flags) for name, flags in {
+        "full": (), "cached": ("--precompute-ref",), "orpo": ("--loss", "orpo"), "lora": ("--lora",),
+        "ipo-lora-ckpt": ("--loss", "ipo", "--lora", "--grad-ckpt", "--precision", "bf16-mixed"),
+    }.items()}
+    full, cached, orpo, lora = (runs[k] for k in ("full", "cached", "orpo", "lora"))
+    assert full["engine"] == "analytical" and "microft dpo --loss dpo" in full["notes"][0]
+    assert "microft dpo --loss dpo" in full["estimated"]
     weights = sft["components"]["weights"]
     assert full["components"]["weights"] == 2 * weights  # the frozen reference copy
     assert cached["components"]["weights"] == weights == orpo["components"]["weights"]  # no reference model
     assert full["peak_bytes"] > cached["peak_bytes"] > sft["peak_bytes"]  # two sequences a pair
     assert lora["components"]["weights"] < 1.1 * weights  # the base with the adapters off: no copy
-    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--method", "dpo", "--micro-bs", "auto",
-                              "--gpu-mem", "8GiB"])
-    assert res.exit_code == 2 and "--micro-bs auto" in res.output
+    ckpt = ("--loss", "ipo", "--lora", "--grad-ckpt", "--precision", "bf16-mixed")
+    for name, flags in {"full": (), "lora": ("--lora",), "ipo-lora-ckpt": ckpt}.items():
+        traced = estimate("--method", "dpo", "--trace", *flags)
+        assert traced["engine"] == "trace"
+        assert traced["peak_bytes"] == runs[name]["peak_bytes"]
+        assert traced["components"] == runs[name]["components"]
+
+
+def plan(*flags: str) -> tuple[int, dict]:
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--method", "dpo", "--seq-len", "64",
+                              "--precision", "fp32", "--json", *flags])
+    assert res.exit_code in (0, 3, 4), res.output
+    return res.exit_code, json.loads(res.output)
+
+
+def test_the_planner_plans_the_preference_step_with_exit_codes():
+    """With --gpu-mem: fits as asked (0), fits with the recommended change (4), nothing fits (3); the plan's
+    strategies are preference steps (a LoRA row drops the frozen copy: its reference is the base)."""
+    code, asked = plan("--micro-bs", "8", "--gpu-mem", "80GB")
+    assert code == 0 and asked["verdict"] == "fits as asked" and asked["plan"]["recommended"]["micro_bs"] == 8
+    code, tight = plan("--micro-bs", "8", "--gpu-mem", f"{asked['total_bytes'] - 1}b")
+    rec = tight["plan"]["recommended"]
+    assert code == 4 and tight["fits"] is False and rec["fits"] and rec["micro_bs"] * rec["accum"] == 8
+    code, small = plan("--micro-bs", f"{rec['micro_bs']}", "--accum", f"{rec['accum']}",
+                       "--gpu-mem", f"{asked['total_bytes'] - 1}b")
+    assert code == 0 and small["total_bytes"] == rec["total_bytes"]  # the plan's row is that run's estimate
+    code, none = plan("--micro-bs", "8", "--gpu-mem", "100MiB")
+    assert code == 3 and none["plan"]["recommended"] is None and none["verdict"] == "nothing fits"
+
+
+def test_micro_bs_auto_plans_the_largest_preference_micro_batch_that_fits():
+    budget = "740MiB"
+    code, auto = plan("--micro-bs", "auto", "--gpu-mem", budget, "--lora")
+    m = auto["run"]["micro_bs"]
+    assert code == 0 and m > 1
+    assert plan("--micro-bs", str(m), "--gpu-mem", budget, "--lora")[0] == 0
+    assert plan("--micro-bs", str(m + 1), "--gpu-mem", budget, "--lora")[1]["fits"] is False
+    sft = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--seq-len", "64", "--precision",
+                              "fp32", "--json", "--micro-bs", "auto", "--gpu-mem", budget, "--lora"])
+    assert json.loads(sft.output)["run"]["micro_bs"] > m  # a pair is two sequences (and a reference forward)
+
+
+def test_dpo_micro_bs_auto_runs_the_planned_micro_batch(setup, tmp_path):
+    """`microft dpo --micro-bs auto`: the planner's micro-batch of pairs for this machine's memory (here the
+    CPU's), at most the training pairs of one step; the run's banner estimate is the preference step's."""
+    events: list[dict] = []
+    run_dpo(dpo_cfg(setup, tmp_path / "run", micro_bs="auto", accum=1, max_steps=1), events.append)
+    note = next(e["text"] for e in events if e["kind"] == "note" and "--micro-bs auto" in e["text"])
+    assert "16 = 16 (micro) × 1 (accum)" in note, note
+    assert [e for e in events if e["kind"] == "step"]
 
 
 def test_a_cpu_dpo_run_reports_the_traced_peak_estimate_mem_gives(setup, tmp_path):
     """The run's summary (CPU) carries the trace of its own step at its --max-seq-len (here the model's
     context): the very number `estimate-mem --method dpo` prints for the same flags."""
     events: list[dict] = []
-    run_dpo(dpo_cfg(setup, tmp_path / "run", max_steps=1, lora=True, lora_targets="q_proj,v_proj"), events.append)
+    run_dpo(dpo_cfg(setup, tmp_path / "run", max_steps=1, lora=True, lora_targets="q_proj,v_proj"),
+            events.append)
     summary = next(e for e in events if e["kind"] == "summary")
     res = runner.invoke(app, ["estimate-mem", "--model", str(setup["model"]), "--method", "dpo", "--lora",
                               "--lora-targets", "q_proj,v_proj", "--micro-bs", "2", "--accum", "2",
@@ -375,10 +442,11 @@ def trl_reference_free(setup, out: Path, kind: str) -> list[dict]:
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     rows = [json.loads(line) for line in setup["data"].read_text().splitlines()]
-    common = dict(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=4,
-                  learning_rate=0.05, lr_scheduler_type="constant", warmup_steps=0, optim="sgd", weight_decay=0.0,
-                  max_grad_norm=0.0, beta=0.1, bf16=False, gradient_checkpointing=False, report_to="none",
-                  logging_steps=1, save_strategy="no", use_cpu=True, seed=3, train_sampling_strategy="sequential")
+    common = dict(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                  max_steps=4, learning_rate=0.05, lr_scheduler_type="constant", warmup_steps=0, optim="sgd",
+                  weight_decay=0.0, max_grad_norm=0.0, beta=0.1, bf16=False, gradient_checkpointing=False,
+                  report_to="none", logging_steps=1, save_strategy="no", use_cpu=True, seed=3,
+                  train_sampling_strategy="sequential")
     if kind == "simpo":
         from trl.experimental.cpo import CPOConfig as Config
         from trl.experimental.cpo import CPOTrainer as Trainer
@@ -425,7 +493,8 @@ def test_estimate_mem_reads_the_pairs_longest_side_from_data(setup):
     rows = [json.loads(line) for line in setup["data"].read_text().splitlines()]
     rows = split_records(rows, RunConfig().val_frac, 0.0, RunConfig().seed).train  # the run's training pairs
     # a side's input ids: prompt and response, and the EOS whose target the last id predicts (shifted away)
-    longest = max(len(tok(r["prompt"] + r[side])["input_ids"]) for r in rows for side in ("chosen", "rejected"))
+    longest = max(len(tok(r["prompt"] + r[side])["input_ids"]) for r in rows
+                  for side in ("chosen", "rejected"))
     res = runner.invoke(app, ["estimate-mem", "--model", str(setup["model"]), "--data", str(setup["data"]),
                               "--template", str(setup["template"]), "--method", "dpo",
                               "--micro-bs", "2", "--lora", "--json"])

@@ -61,7 +61,8 @@ GRID = [
     ("gpt2-mini", 1, 32, "fp32", {"optimizer": "sgd", "weight_decay": 0.0}, 1),
 ]
 # a small vocabulary moves the peak out of the loss: into backward and the optimizer step
-SMALL_VOCAB = ModelConfig(name="small-vocab", vocab_size=256, n_positions=256, n_embd=128, n_layer=3, n_head=4)
+SMALL_VOCAB = ModelConfig(name="small-vocab", vocab_size=256, n_positions=256, n_embd=128, n_layer=3,
+                          n_head=4)
 SMALL_GRID = [
     (8, 256, "fp32", {"grad_ckpt": True}, 1, "start of backward"),
     (16, 256, "bf16-mixed", {"grad_ckpt": True}, 2, "start of backward"),
@@ -77,7 +78,8 @@ def _both(arch, cfg: RunConfig, micro_bs: int, accum: int):
 
 def _check(a, t) -> None:
     err = (a.peak_bytes - t.peak_bytes) / t.peak_bytes
-    assert abs(err) <= TOLERANCE, f"analytical {a.peak_bytes:,} vs traced {t.peak_bytes:,} ({100 * err:+.2f}%)"
+    assert abs(err) <= TOLERANCE, \
+        f"analytical {a.peak_bytes:,} vs traced {t.peak_bytes:,} ({100 * err:+.2f}%)"
     for e in (a, t):
         assert sum(e.components.values()) == e.peak_bytes
         assert e.step_peaks and max(e.step_peaks) == e.peak_bytes
@@ -197,7 +199,8 @@ def test_llama_7b_config_gets_a_fast_answer_and_a_24gb_plan(tmp_path):
     # the tree reaches QLoRA (nf4 base, bf16-mixed) before bf16 weights; both strategies fit 24 GB
     assert p.recommended is not None and p.recommended.setup.lora and p.recommended.setup.quantize == "nf4"
     assert any(r.fits and r.setup.precision == "bf16-true" and r.setup.lora for r in p.strategies)
-    assert arch.model_type == "llama" and arch.norm == "rmsnorm" and arch.mlp == "swiglu" and not arch.tie_embeddings
+    assert arch.model_type == "llama" and arch.norm == "rmsnorm" and arch.mlp == "swiglu"
+    assert not arch.tie_embeddings
 
 
 def test_step_cost_counts_the_family_flops_and_the_recompute():
@@ -214,7 +217,7 @@ def test_step_cost_counts_the_family_flops_and_the_recompute():
 
 
 def test_llama_8b_preset_estimate_is_fast():
-    """llama-3.1-8b's analytical estimate (and its plan) answer in well under a few seconds (measured: see README)."""
+    """llama-3.1-8b's analytical estimate (and its plan) answer in well under a few seconds (see README)."""
     t0 = time.perf_counter()
     arch = load_shape("llama-3.1-8b")
     e = estimate(arch, setup_for(RunConfig(precision="bf16-mixed", max_seq_len=2048), arch, 1))
@@ -296,7 +299,8 @@ def test_cli_bad_input_exits_2(args):
 
 def test_cli_recipe(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('model = "gpt2-tiny"\nmicro_bs = 2\nmax_seq_len = 64\nprecision = "bf16-mixed"\nlora = true\n')
+    recipe.write_text('model = "gpt2-tiny"\nmicro_bs = 2\nmax_seq_len = 64\nprecision = "bf16-mixed"\n'
+                      'lora = true\n')
     d = _json(["estimate-mem", "--recipe", str(recipe)])
     assert d["run"]["lora"] and d["run"]["micro_bs"] == 2 and d["run"]["seq_len"] == 64
 
@@ -313,10 +317,12 @@ def test_constants_mirror_the_torch_modules():
     # one no-decay rule and one chunk constant, read by both (microft.optimizers, microft.layouts)
     assert replay.decays is optim.decays and optimizers.MASTER_CHUNK is master_adamw.MASTER_CHUNK
     # the estimator adapts exactly the linears LoRA wraps
-    for spec, names in [("qkv,proj", {"attn.c_attn", "attn.c_proj"}), ("attn", {"attn.c_attn", "attn.c_proj"}),
+    for spec, names in [("qkv,proj", {"attn.c_attn", "attn.c_proj"}),
+                        ("attn", {"attn.c_attn", "attn.c_proj"}),
                         ("mlp", {"mlp.c_fc", "mlp.c_proj"}), ("fc,qkv", {"attn.c_attn", "mlp.c_fc"}),
                         ("all", {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"})]:
-        model = Transformer(ModelConfig(name="t", vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+        model = Transformer(ModelConfig(name="t", vocab_size=64, n_positions=16, n_embd=16, n_layer=1,
+                                        n_head=2))
         lora.apply_lora(model, 2, 4.0, 0.0, spec)
         wrapped = {n.removeprefix("h.0.").rsplit(".lora_", 1)[0] for n, _ in model.named_parameters()
                    if n.startswith("h.0.") and ".lora_" in n}
@@ -357,7 +363,8 @@ def test_cli_data_measures_the_real_lengths(tmp_path):
     same = _json([*base, "--seq-len", str(longest)])  # the same step as asking for that length
     assert same["peak_bytes"] == d["peak_bytes"] < _json(base)["peak_bytes"]
     # a longer record raises it; --max-seq-len still cuts it
-    longer = _alpaca(tmp_path / "e.jsonl", [" ".join(["word"] * (5 + i % 40)) for i in range(59)] + ["word " * 300])
+    longer = _alpaca(tmp_path / "e.jsonl",
+                     [" ".join(["word"] * (5 + i % 40)) for i in range(59)] + ["word " * 300])
     assert _json([*base, "--data", longer])["run"]["seq_len"] > longest + 200
     assert _json([*base, "--data", longer, "--max-seq-len", "128"])["run"]["seq_len"] == 128
     res = runner.invoke(app, [*base, "--data", str(tmp_path / "missing.jsonl")])
@@ -383,7 +390,8 @@ def test_auto_micro_batch_never_outgrows_the_data_and_huge_batches_answer_fast()
     cfg = RunConfig(precision="fp32", max_seq_len=32, micro_bs="auto")
     big = Budget(2**50, "a petabyte")
     assert auto_batch_plan(cfg, with_dropout(mc), big, n_train=54).micro_bs == 54
-    assert auto_batch_plan(cfg.model_copy(update={"accum": 4}), with_dropout(mc), big, n_train=54).micro_bs == 13
+    accum4 = cfg.model_copy(update={"accum": 4})
+    assert auto_batch_plan(accum4, with_dropout(mc), big, n_train=54).micro_bs == 13
     assert auto_batch_plan(cfg, with_dropout(mc), big).micro_bs == 4096  # no data known: the planner's cap
     assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and divisors(1) == [1] and divisors(97) == [1, 97]
     for n in (0, 1, 300, 1024, 5000, 123457):
@@ -392,7 +400,8 @@ def test_auto_micro_batch_never_outgrows_the_data_and_huge_batches_answer_fast()
         assert not chunks or chunks[-1][1] <= ce_chunk_rows(n, 50304)
     arch = with_dropout(ModelConfig.from_preset("gpt2"))
     e = estimate(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 10**8), None)
-    p = fit_budget(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 1), Budget(24 * 2**30, "24 GiB"), 10**9)
+    p = fit_budget(arch, setup_for(RunConfig(precision="bf16-mixed"), arch, 1), Budget(24 * 2**30, "24 GiB"),
+                   10**9)
     assert e.peak_bytes > 10**15 and p.recommended is not None
 
 
@@ -417,13 +426,13 @@ def test_the_analytical_path_imports_no_torch():
 
     code = ("import sys\nimport microft.memory.estimate\nassert 'torch' not in sys.modules, 'import'\n"
             "from microft.cli import main\n"
-            "sys.argv = ['microft', 'estimate-mem', '--model', 'llama-3.1-8b', '--global-bs', '8', '--seq-len',"
-            " '1024', '--gpu-mem', '18GB', '--json']\n"
+            "sys.argv = ['microft', 'estimate-mem', '--model', 'llama-3.1-8b', '--global-bs', '8',"
+            " '--seq-len', '1024', '--gpu-mem', '18GB', '--json']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
             "assert 'torch' not in sys.modules, 'estimate-mem'\nprint('exit', code)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().endswith("exit 4")  # 8B full fine-tuning fits 18 GB only with the recommended change
+    assert out.stdout.strip().endswith("exit 4")  # 8B full fine-tuning fits 18 GB only as recommended
 
 
 def test_repeated_chunks_are_replayed_once():
@@ -444,14 +453,14 @@ def test_repeated_chunks_are_replayed_once():
     assert optimizers.chunk_sizes(5 * 2**20 + 7, 2**20) == [2**20, 2**20, 7]
 
 
-# --- what the answers mean: the run's own LoRA rank, what a plan keeps and changes, the exit codes ------------
-RECIPE = str(Path(__file__).parent.parent / "recipes" / "gpt2-medium-lora.toml")  # LoRA r=16, 1 × 8, grad ckpt
+# --- what the answers mean: the run's own LoRA rank, what a plan keeps and changes, the exit codes --------
+RECIPE = str(Path(__file__).parent.parent / "recipes" / "gpt2-medium-lora.toml")  # LoRA r=16, 1 × 8, ckpt
 MEDIUM_LORA = ["estimate-mem", "--recipe", RECIPE, "--model", "gpt2-medium"]
 
 
 @pytest.mark.parametrize("flags, rank", [([], 8), (["--lora-r", "4"], 4), (["--lora", "--lora-r", "32"], 32)])
 def test_the_plan_uses_the_runs_own_lora_rank(flags, rank):
-    """The plan's LoRA rows and tree step train the rank the run would (--lora-r, default 8), not a fixed 16."""
+    """The plan's LoRA rows and tree step train the rank the run would (--lora-r, default 8), not 16."""
     d = _json(["estimate-mem", "--model", "gpt2-medium", "--micro-bs", "4", "--seq-len", "256",
                "--gpu-mem", "3GiB", *flags])
     lora_rows = [r for r in d["plan"]["strategies"] + d["plan"]["decision_tree"] if r["lora"]]
@@ -477,13 +486,14 @@ def test_the_recommendation_says_what_it_keeps_and_what_it_changes():
     assert {"--precision fp32", "no --grad-ckpt", "no --lora"} <= set(full["changes"])
     res = runner.invoke(app, [*MEDIUM_LORA, "--gpu-mem", "8GiB"])
     text = " ".join(res.output.split())
-    assert ("recommended: your settings: change --micro-bs 8 --accum 1 (you asked --micro-bs 1 --accum 8); keeps "
-            "your bf16-mixed, adamw, grad ckpt, LoRA r=16") in text
+    assert ("recommended: your settings: change --micro-bs 8 --accum 1 (you asked --micro-bs 1 --accum 8); "
+            "keeps your bf16-mixed, adamw, grad ckpt, LoRA r=16") in text
     assert "changes" in res.output.splitlines()[next(i for i, x in enumerate(res.output.splitlines())
                                                      if x.startswith("strategy"))]
     # asked exactly as the plan would run it: nothing to change
     d = _json([*MEDIUM_LORA, "--micro-bs", "8", "--accum", "1", "--gpu-mem", "8GiB"])
-    assert d["plan"]["recommended"]["changes"] == [] and "micro-bs 8 × accum 1" in d["plan"]["recommended"]["keeps"]
+    rec = d["plan"]["recommended"]
+    assert rec["changes"] == [] and "micro-bs 8 × accum 1" in rec["keeps"]
 
 
 def test_every_plan_column_is_explained_once():

@@ -9,12 +9,17 @@ and every aten op the real step dispatches must be one the replay models (replay
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from microft.config import RunConfig
 from microft.memory.estimate import estimate, load_shape, setup_for, trace
+from microft.memory.preference import NEEDS_REFERENCE, PairReplay, reference_kind
 from microft.memory.replay import TRACED_OPS, Replay
+from microft.models.config import ce_chunk_rows
 from microft.models.families import FAMILIES
+from microft.train import preference as train_preference
 
 TINY = [f.tiny for f in FAMILIES.values()]  # every family's tiny model
 VARIANTS = {
@@ -53,28 +58,30 @@ def test_replay_matches_the_trace_to_the_byte(model, variant):
 
 
 def test_every_listed_op_names_a_replay_method():
-    assert all(hasattr(Replay, method) for method in TRACED_OPS.values())
+    assert all(hasattr(PairReplay, method) for method in TRACED_OPS.values())  # Replay's, or the dpo step's
 
 
 def test_an_unmodelled_op_fails_by_name(monkeypatch):
-    """A model change that dispatches a new op (here: an extra exp in the SwiGLU MLP) is caught by name."""
+    """A model change that dispatches a new op (here: an extra erfc in the SwiGLU MLP) is caught by name."""
     import torch
 
     from microft.models import transformer
 
     plain = transformer.F.silu
-    monkeypatch.setattr(transformer.F, "silu", lambda x: plain(x) * torch.exp(x * 0))
+    monkeypatch.setattr(transformer.F, "silu", lambda x: plain(x) * torch.erfc(x * 0))
     arch = load_shape("llama-tiny")
     s = setup_for(RunConfig(precision="fp32", max_seq_len=16), arch, 1)
     t = trace(arch, s)
-    assert "aten.exp.default" in set(t.ops) - set(TRACED_OPS)
+    assert "aten.erfc.default" in set(t.ops) - set(TRACED_OPS)
 
 
 @pytest.mark.parametrize("model", TINY)
 def test_lora_targets_follow_the_family(model):
     arch = load_shape(model)
-    s = setup_for(RunConfig(lora=True, lora_targets="q_proj,v_proj" if arch.model_type != "gpt2" else "qkv"), arch, 1)
-    adapted = {p.name.rsplit(".lora_", 1)[0].split(".", 2)[2] for p in Replay(arch, s).m.params if ".lora_" in p.name}
+    targets = "q_proj,v_proj" if arch.model_type != "gpt2" else "qkv"
+    s = setup_for(RunConfig(lora=True, lora_targets=targets), arch, 1)
+    adapted = {p.name.rsplit(".lora_", 1)[0].split(".", 2)[2] for p in Replay(arch, s).m.params
+               if ".lora_" in p.name}
     assert adapted == ({"attn.c_attn"} if arch.model_type == "gpt2" else {"attn.q_proj", "attn.v_proj"})
 
 
@@ -85,20 +92,22 @@ def test_lora_targets_follow_the_family(model):
 QLORA = {"lora": True, "lora_targets": "all", "quantize": "nf4"}
 WIDE = {"n_embd": 256, "intermediate_size": 1024}
 SMALL_VOCAB = {"vocab_size": 512, "padded_vocab": 512}
-QUANT_GRID = {  # name: (preset, precision, run options, micro-bs, seq, shape changes, accum) -> where the peak falls
-    "llama-qlora-fp32": ("llama-tiny", "fp32", {**QLORA, "lora_r": 4}, 1, 8, WIDE, 1),  # backward dequantization
+# name: (preset, precision, run options, micro-bs, seq, shape changes, accum) -> where the peak falls
+QUANT_GRID = {
+    "llama-qlora-fp32": ("llama-tiny", "fp32", {**QLORA, "lora_r": 4}, 1, 8, WIDE, 1),  # backward dequantize
     "llama-qlora-forward": ("llama-tiny", "fp32", {**QLORA, "lora_r": 4, "lora_targets": "down_proj"}, 1, 8,
-                            {**WIDE, "n_layer": 1}, 1),  # forward dequantization (no gradient reaches the input)
+                            {**WIDE, "n_layer": 1}, 1),  # forward dequantization (no gradient to the input)
     "llama-qlora-dq-8bit": ("llama-tiny", "bf16-mixed", {**QLORA, "double_quant": True, "lora_r": 64,
-                                                           "optimizer": "adamw-8bit"}, 1, 16, {}, 1),  # 8-bit step
+                                                           "optimizer": "adamw-8bit"}, 1, 16, {}, 1),  # 8-bit
     "gpt2-qlora-dq-bias": ("gpt2-tiny", "bf16-mixed", {**QLORA, "double_quant": True, "lora_r": 4}, 1, 8,
                            {**WIDE, **SMALL_VOCAB, "head_dim": 128}, 1),  # biases, padded absmax blocks
-    "qwen2-qlora-bf16-true-bias": ("qwen2-tiny", "bf16-true", {**QLORA, "lora_r": 4}, 1, 8, {"n_embd": 192}, 1),
+    "qwen2-qlora-bf16-true-bias": ("qwen2-tiny", "bf16-true", {**QLORA, "lora_r": 4}, 1, 8, {"n_embd": 192},
+                                   1),
     "qwen3-qlora-ckpt-padded": ("qwen3-tiny", "bf16-mixed", {**QLORA, "lora_r": 4, "grad_ckpt": True}, 1, 8,
-                                {"n_embd": 72, "intermediate_size": 600}, 1),  # recompute; weights not a multiple of 64
+                                {"n_embd": 72, "intermediate_size": 600}, 1),  # recompute; weights not 64k
     "mistral-qlora-8bit-window": ("mistral-tiny", "fp32", {**QLORA, "lora_r": 64, "optimizer": "adamw-8bit"},
-                                  1, 32, {"n_embd": 128, "intermediate_size": 512}, 2),  # sliding window, accumulation
-    "qwen2-8bit-bf16-true": ("qwen2-tiny", "bf16-true", {"optimizer": "adamw-8bit"}, 1, 8, {}, 1),  # 8-bit step
+                                  1, 32, {"n_embd": 128, "intermediate_size": 512}, 2),  # window, accum
+    "qwen2-8bit-bf16-true": ("qwen2-tiny", "bf16-true", {"optimizer": "adamw-8bit"}, 1, 8, {}, 1),  # 8-bit
     "gpt2-8bit-fp32-accum": ("gpt2-tiny", "fp32", {"optimizer": "adamw-8bit"}, 1, 8, {}, 2),
 }
 
@@ -111,3 +120,65 @@ def test_qlora_and_8bit_replay_matches_the_trace_to_the_byte(name):
     arch = load_shape(model).model_copy(update=widen)
     s = setup_for(cfg, arch, micro_bs, accum=accum)
     assert_replay_is_the_trace(arch, s, cfg)
+
+
+# `microft dpo`'s step (memory/preference.py): every family, each with two of the settings below in turn, so
+# that every loss, every kind of reference (a frozen copy, the base with the adapters off, cached log-probs,
+# none), LoRA and QLoRA, checkpointing and every precision meet several families. name: (precision, run
+# options, loss, --precompute-ref, accum)
+PREFERENCE = {
+    "dpo-frozen-copy-fp32": ("fp32", {}, "dpo", False, 1),
+    "ipo-frozen-copy-ckpt": ("bf16-mixed", {"grad_ckpt": True}, "ipo", False, 1),
+    "dpo-lora-adapters-off": ("bf16-mixed", {"lora": True, "lora_targets": "all", "lora_r": 4}, "dpo", False,
+                              2),
+    "dpo-cached-bf16-true": ("bf16-true", {}, "dpo", True, 1),
+    "simpo-lora-ckpt": ("bf16-mixed", {"lora": True, "lora_r": 4, "grad_ckpt": True}, "simpo", False, 1),
+    "orpo-fp16-mixed": ("fp16-mixed", {}, "orpo", False, 1),
+    "ipo-qlora-ckpt": ("bf16-mixed", {**QLORA, "lora_r": 4, "grad_ckpt": True}, "ipo", False, 1),
+}
+_NAMES = list(PREFERENCE)
+PREFERENCE_GRID = [(m, v) for i, m in enumerate(TINY) for v in (_NAMES[i % 7], _NAMES[(i + 3) % 7])]
+
+
+def preference_setup(cfg: RunConfig, arch, micro_bs: int, accum: int = 1):
+    return replace(setup_for(cfg, arch, micro_bs, accum=accum), method="dpo", pref_loss=cfg.loss,
+                   precompute_ref=cfg.precompute_ref)
+
+
+def test_the_preference_grid_covers_every_setting_and_family():
+    assert {v for _, v in PREFERENCE_GRID} == set(PREFERENCE) and {m for m, _ in PREFERENCE_GRID} == set(TINY)
+    cfgs = [RunConfig(lora=kw.get("lora", False), loss=loss, precompute_ref=pre)
+            for _, kw, loss, pre, _ in PREFERENCE.values()]
+    kinds = {reference_kind(preference_setup(cfg, load_shape("gpt2-tiny"), 1)) for cfg in cfgs}
+    assert kinds == {"frozen copy", "adapters off", "cached", None}
+    assert set(NEEDS_REFERENCE) == set(train_preference.NEEDS_REFERENCE)
+
+
+@pytest.mark.parametrize("model,variant", PREFERENCE_GRID, ids=[f"{m}-{v}" for m, v in PREFERENCE_GRID])
+def test_preference_replay_matches_the_trace_to_the_byte(model, variant):
+    precision, kw, loss, precompute, accum = PREFERENCE[variant]
+    cfg = RunConfig(precision=precision, max_seq_len=32, loss=loss, precompute_ref=precompute, **kw)
+    arch = load_shape(model, cfg.dropout)
+    assert_replay_is_the_trace(arch, preference_setup(cfg, arch, 2, accum), cfg)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_preference_replay_matches_the_trace_over_several_chunks_of_the_head(precision):
+    """More response rows than one chunk of the log-prob head holds (three chunks, the last short), padded
+    vocabulary rows sliced off the head, dropout (in the LoRA reference's forward too)."""
+    cfg = RunConfig(precision=precision, max_seq_len=160, dropout=0.1, lora=precision == "bf16-mixed",
+                    lora_r=4)
+    arch = load_shape("llama-tiny", cfg.dropout).model_copy(update={"vocab_size": 65000,
+                                                                    "padded_vocab": 65536})
+    s = preference_setup(cfg, arch, 2)
+    assert len(range(0, 2 * 2 * 160, ce_chunk_rows(2 * 2 * 160, arch.padded_vocab_size))) == 3
+    assert_replay_is_the_trace(arch, s, cfg)
+
+
+@pytest.mark.parametrize("variant", list(PREFERENCE))
+def test_the_planners_fast_preference_replay_gives_the_full_peak(variant):
+    precision, kw, loss, precompute, accum = PREFERENCE[variant]
+    cfg = RunConfig(precision=precision, max_seq_len=32, loss=loss, precompute_ref=precompute, **kw)
+    arch = load_shape("qwen2-tiny")
+    s = preference_setup(cfg, arch, 3, max(accum, 2))
+    assert PairReplay(arch, s).run().peak == PairReplay(arch, s).run(fast=True).peak

@@ -20,11 +20,12 @@ CLI renders what it returns. The planner built on it is plan.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
+from microft.memory.preference import PairReplay
 from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
@@ -167,8 +168,8 @@ def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, 
 # --- estimates ---------------------------------------------------------------------------------
 COMPONENT_ORDER = (
     "weights", "gradients", "optimizer state", "activations", "autocast weight copies", "recomputed activations",
-    "NF4 dequantization", "loss (fused cross-entropy)", "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
-    "FSDP unsharded parameters", "other",
+    "NF4 dequantization", "loss (fused cross-entropy)", "reference forward", "backward transients",
+    "optimizer transients", "batch", "DDP gradient buckets", "FSDP unsharded parameters", "other",
 )
 
 
@@ -239,7 +240,7 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
     """Itemised sizes that explain the peak (bytes; not all of them are live at once)."""
     params = r.m.params
     train = [p for p in params if p.train]
-    C, Vp, N = arch.n_embd, arch.padded_vocab_size, s.micro_bs * s.seq_len
+    C, Vp, N = arch.n_embd, arch.padded_vocab_size, r.N  # rows of one forward (a pair: two)
     dt = 4 if s.precision == "fp32" else 2
     rows = min(ce_chunk_rows(N, Vp), N)
     nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks for lo in b.lin.values()
@@ -258,6 +259,9 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
         # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
         "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tie_embeddings and r.m.wte.train) else 0,
         "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
+        # microft dpo, full fine-tuning: the reference policy is a frozen copy of the weights
+        "frozen reference copy": sum(p.numel * p.es for p in r.frozen[1].params)
+        if getattr(r, "frozen", None) else 0,
     }
     return {k: v for k, v in d.items() if v}
 
@@ -279,11 +283,8 @@ def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, worl
     the budget is exceeded (then `peak_bytes` is only a lower bound and `fits` is False)."""
     import time
 
-    if setup.method == "dpo":
-        raise ConfigError("the analytical engine models SFT steps only; --method dpo is estimated with --trace "
-                          "(microft's preference step on fake tensors)")
     t0 = time.perf_counter()
-    r = Replay(arch, setup, grad_buckets=world > 1 and shard == "ddp")
+    r = replay_of(arch, setup, grad_buckets=world > 1 and shard == "ddp")
     if fast and budget is not None and not (world > 1 and shard == "fsdp"):
         r.sim.limit = max_tensor_peak(budget)
     try:
@@ -300,6 +301,13 @@ def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, worl
     est.overhead = runtime_overhead(est.peak_bytes, budget)
     est.seconds = time.perf_counter() - t0
     return est
+
+
+def replay_of(arch: ModelConfig, setup: Setup, grad_buckets: bool = False) -> Replay:
+    """The replay of the setup's step: SFT's (`Replay`), or `microft dpo`'s (`PairReplay`)."""
+    if setup.method == "dpo":
+        return PairReplay(arch, setup, grad_buckets)
+    return Replay(arch, setup, grad_buckets)
 
 
 def _fsdp_adjust(est: Estimate, r: Replay) -> None:
@@ -323,6 +331,8 @@ def _fsdp_adjust(est: Estimate, r: Replay) -> None:
 
 def _notes(arch: ModelConfig, s: Setup) -> list[str]:
     notes = [f"every sample is taken to fill all {s.seq_len} positions (packed or the longest batch)"]
+    if s.method == "dpo":
+        notes.insert(0, preference_note(s))
     if arch.attn_softcap:
         notes.append("soft-capped attention (Gemma 2): microft's own kernel (no flash), which keeps the "
                      "(T, T) tanh and probabilities of every head for backward")
@@ -336,7 +346,7 @@ def _notes(arch: ModelConfig, s: Setup) -> list[str]:
 
 
 def preference_note(setup: Setup) -> str:
-    """What a traced `microft dpo` step holds beside an SFT step's."""
+    """What a `microft dpo` step holds beside an SFT step's."""
     ref = ("no reference (reference-free loss)" if setup.pref_loss not in ("dpo", "ipo")
            else "cached reference log-probs (no reference forward)" if setup.precompute_ref
            else "the reference: the base with the adapters off (a forward without gradients)" if setup.lora
@@ -367,7 +377,7 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
                        preference=preference)
     comp = dict(t.components)
     peak = t.peak_bytes
-    r = Replay(arch, replace(setup, method="sft"))  # the details (weights, states): the same model
+    r = replay_of(arch, setup)  # the details (weights, states): the same model
     r.run()
     if world > 1 and shard == "ddp":
         buckets = sum(p.numel * p.es for p in r.m.params if p.train)
@@ -378,7 +388,5 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
                    budget=budget, world=world, shard=shard, seconds=t.seconds, ops=t.ops)
     est.details = _details(arch, setup, r)
     est.notes = _notes(arch, setup) + [f"emulated CUDA: {e}" for e in t.emulated]
-    if preference:
-        est.notes.insert(0, preference_note(setup))
     est.overhead = runtime_overhead(peak, budget)
     return est

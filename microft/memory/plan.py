@@ -1,8 +1,9 @@
 """The batch planner: the largest micro-batch that fits a GPU, per strategy, and the OOM decision tree.
 
-Also what a run asks of the estimator (runs.py hands it to the loop): `auto_batch_plan` (`--micro-bs auto`, here
-only: finetune, pretrain and estimate-mem all ask it), `plan_advice`
-(the out-of-memory message) and `estimate_for_run` (the banner and the summary).
+Also what a run asks of the estimator (runs.py hands it to the loop): `auto_batch_plan` (`--micro-bs auto`,
+here only: finetune, pretrain, dpo and estimate-mem all ask it), `plan_advice` (the out-of-memory message)
+and `estimate_for_run` (the banner and the summary). Each plans the step of its `method`: "sft" (finetune's
+and pretrain's) or "dpo" (`microft dpo`'s preference step, `with_method`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class StrategyFit:
     def to_dict(self) -> dict[str, Any]:
         s = self.setup
         return {"strategy": self.strategy, "fits": self.fits, "micro_bs": self.micro_bs, "accum": self.accum,
-                "peak_bytes": self.peak_bytes, "total_bytes": self.total_bytes, "relative_step_cost": round(self.rel_cost, 2),
+                "peak_bytes": self.peak_bytes, "total_bytes": self.total_bytes,
+                "relative_step_cost": round(self.rel_cost, 2),
                 "precision": s.precision, "grad_ckpt": s.grad_ckpt, "optimizer": s.optimizer, "lora": s.lora,
                 "lora_r": s.lora_r if s.lora else None}
 
@@ -79,8 +81,8 @@ class BudgetFit:
             return []
         mine, theirs = settings(self.base), settings(row.setup)
         kept = [v for k, v in mine.items() if theirs.get(k) == v]
-        return kept + ([f"micro-bs {row.micro_bs} × accum {row.accum}"] if row.fits and not split_change(self.asked, row)
-                       else [])
+        as_asked = row.fits and not split_change(self.asked, row)
+        return kept + ([f"micro-bs {row.micro_bs} × accum {row.accum}"] if as_asked else [])
 
     def row_dict(self, row: StrategyFit) -> dict[str, Any]:
         """A row as JSON, with what it changes in the run and keeps of it (None where it does not fit)."""
@@ -114,8 +116,8 @@ def setting_changes(base: Setup, s: Setup) -> list[str]:
     if s.optimizer != base.optimizer:
         out.append(f"--optimizer {s.optimizer}")
     if s.grad_ckpt != base.grad_ckpt or (s.grad_ckpt and s.ckpt_every != base.ckpt_every):
-        out.append(("--grad-ckpt" if s.ckpt_every == 1 else f"--grad-ckpt-every {s.ckpt_every}") if s.grad_ckpt
-                   else "no --grad-ckpt")
+        flag = "--grad-ckpt" if s.ckpt_every == 1 else f"--grad-ckpt-every {s.ckpt_every}"
+        out.append(flag if s.grad_ckpt else "no --grad-ckpt")
     if s.lora != base.lora or (s.lora and s.lora_r != base.lora_r):
         out.append(f"--lora --lora-r {s.lora_r}" if s.lora else "no --lora")
     if s.quantize != base.quantize:
@@ -133,7 +135,8 @@ def split_change(asked: tuple[int, int] | None, row: StrategyFit) -> list[str]:
 # estimate-mem's answers with a budget, as exit codes (0 and 3 as before; 1 and 2 mean what they mean for
 # every command, 130/143 interrupted)
 FITS, NOTHING_FITS, FITS_WITH_CHANGE = 0, 3, 4
-VERDICTS = {FITS: "fits as asked", FITS_WITH_CHANGE: "fits with the recommended change", NOTHING_FITS: "nothing fits"}
+VERDICTS = {FITS: "fits as asked", FITS_WITH_CHANGE: "fits with the recommended change",
+            NOTHING_FITS: "nothing fits"}
 
 
 def verdict(fits_as_asked: bool | None, plan: BudgetFit | None) -> int:
@@ -156,8 +159,8 @@ def divisors(n: int) -> list[int]:
 class _Fitter:
     """Largest fitting micro-batch per setup, with every replay memoised."""
 
-    def __init__(self, arch: ModelConfig, budget: Budget, global_bs: int | None, world: int, shard: str, accum: int = 1,
-                 max_micro: int = MAX_AUTO_MICRO):
+    def __init__(self, arch: ModelConfig, budget: Budget, global_bs: int | None, world: int, shard: str,
+                 accum: int = 1, max_micro: int = MAX_AUTO_MICRO):
         self.arch, self.budget, self.global_bs, self.world, self.shard = arch, budget, global_bs, world, shard
         self.accum = accum  # without a global batch: the accumulation to keep
         self.max_micro = max(1, min(max_micro, MAX_AUTO_MICRO))  # without a global batch: the largest to try
@@ -247,7 +250,8 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
         (f"{mixed} + grad ckpt + 8-bit AdamW + LoRA r={rank}",
          replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit")),
         (f"{mixed} + grad ckpt + 8-bit AdamW + QLoRA (nf4) r={rank}",
-         replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit", quantize="nf4")),
+         replace(lora, precision=mixed, grad_ckpt=True, ckpt_every=1, optimizer="adamw-8bit",
+                 quantize="nf4")),
     ]
     if budget.bf16:  # past mixed precision: bf16 weights (the only way a 7B model trains on 24 GB)
         strategies.append((f"bf16-true + grad ckpt + LoRA r={rank}",
@@ -284,8 +288,23 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
 
 
 # --- for a run (runs.py) and estimate-mem -----------------------------------------------------------
-def _base(cfg: RunConfig, arch: ModelConfig, precision: str | None, budget: Budget | None = None) -> Setup:
-    return setup_for(cfg, arch, 1, precision=precision or resolve_precision(cfg.precision, budget))
+METHODS = ("sft", "dpo")
+
+
+def with_method(s: Setup, cfg: RunConfig, method: str = "sft") -> Setup:
+    """`s` as the step of `method`: SFT's, or `microft dpo`'s with the run's --loss and --precompute-ref
+    (micro-batches of pairs, the reference forward or none; memory/preference.py)."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method}: choose {' or '.join(METHODS)}")
+    if method == "sft":
+        return s
+    return replace(s, method=method, pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref)
+
+
+def _base(cfg: RunConfig, arch: ModelConfig, precision: str | None, budget: Budget | None = None,
+          method: str = "sft") -> Setup:
+    s = setup_for(cfg, arch, 1, precision=precision or resolve_precision(cfg.precision, budget))
+    return with_method(s, cfg, method)
 
 
 def _budget(budget_bytes: int) -> Budget:
@@ -297,31 +316,33 @@ class NothingFits(ConfigError):
 
 
 def auto_batch_plan(cfg: RunConfig, arch: ModelConfig, budget: Budget, world_size: int = 1,
-                    n_train: int | None = None) -> BatchPlan:
-    """`--micro-bs auto`, for finetune, pretrain and estimate-mem alike: the largest micro-batch
+                    n_train: int | None = None, method: str = "sft") -> BatchPlan:
+    """`--micro-bs auto`, for finetune, pretrain, dpo (`method` "dpo": micro-batches of pairs) and
+    estimate-mem alike: the largest micro-batch
     (dividing the per-device global batch when one is given; else at most a device's share of the
     `n_train` training samples, so one optimizer step's batch never outgrows the data) whose estimated
     peak plus runtime overhead fits `budget`, with the accumulation that keeps --global-bs (else --accum).
 
     Raises NothingFits (a ConfigError), with what would fit instead, when not even micro-batch 1 fits."""
     world, shard = scale_out(cfg)
-    base = _base(cfg, arch, None, budget)
+    base = _base(cfg, arch, None, budget, method)
     accum = cfg.accum or 1
     cap = MAX_AUTO_MICRO if n_train is None else n_train // (accum * world_size)
     row = _Fitter(arch, budget, cfg.global_bs, world, shard, accum, cap).fit("your settings", base)
     if not row.fits:
-        raise NothingFits(f"micro-batch 1 does not fit in {budget.label} (estimated {row.total_bytes / GiB:.2f} GiB "
-                          f"with runtime overhead); {_advice(cfg, arch, budget)}")
+        raise NothingFits(f"micro-batch 1 does not fit in {budget.label} (estimated "
+                          f"{row.total_bytes / GiB:.2f} GiB with runtime overhead); "
+                          f"{_advice(cfg, arch, budget, method)}")
     return resolve_batch_plan(row.micro_bs, None if cfg.global_bs else cfg.accum, cfg.global_bs, world_size)
 
 
-def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int) -> str:
+def plan_advice(cfg: RunConfig, model_cfg: ModelConfig, budget_bytes: int, method: str = "sft") -> str:
     """One line for an out-of-memory message: what the decision tree recommends on this budget."""
-    return _advice(cfg, with_dropout(model_cfg, cfg.dropout), _budget(budget_bytes))
+    return _advice(cfg, with_dropout(model_cfg, cfg.dropout), _budget(budget_bytes), method)
 
 
-def _advice(cfg: RunConfig, arch: ModelConfig, budget: Budget) -> str:
-    base = _base(cfg, arch, None, budget)
+def _advice(cfg: RunConfig, arch: ModelConfig, budget: Budget, method: str = "sft") -> str:
+    base = _base(cfg, arch, None, budget, method)
     world, shard = scale_out(cfg)
     p = fit_budget(arch, base, budget, cfg.global_bs, world, shard, cfg.accum or 1)
     r = p.recommended
@@ -338,10 +359,9 @@ def estimate_for_run(cfg: RunConfig, model_cfg: ModelConfig, plan: BatchPlan, pr
 
     `precision`: the trainer's resolved precision (else `cfg.precision`, auto -> bf16-mixed).
     `engine`: "analytical" (instant) or "trace" (the measured peak on CPU, a few seconds); `method`: "dpo"
-    for `microft dpo`'s step (the trace engine only)."""
+    for `microft dpo`'s step."""
     arch = with_dropout(model_cfg, cfg.dropout)
-    s = replace(_base(cfg, arch, precision), micro_bs=plan.micro_bs, accum=min(plan.accum, 2), method=method,
-                pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref)
+    s = replace(_base(cfg, arch, precision, method=method), micro_bs=plan.micro_bs, accum=min(plan.accum, 2))
     fn = trace if engine == "trace" else estimate
     e = fn(arch, s, world=plan.world_size, shard=scale_out(cfg)[1] if plan.world_size > 1 else "none")
     return {**e.to_dict(), "summary": e.summary()}

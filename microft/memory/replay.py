@@ -44,7 +44,7 @@ class Setup:
     double_quant: bool = False
     steps: int = 2
     packing: bool = False  # packed rows: position ids and a block-diagonal (B, 1, T, T) attention mask
-    method: str = "sft"  # "dpo": `microft dpo`'s step (micro_bs pairs; traced only, see memory.estimate)
+    method: str = "sft"  # "dpo": `microft dpo`'s step, micro_bs pairs (memory/preference.py replays it)
     pref_loss: str = "dpo"  # the preference loss (dpo, ipo: a reference forward; simpo, orpo: none)
     precompute_ref: bool = False  # dpo, ipo: cached reference log-probs, no reference forward or copy
 
@@ -163,7 +163,9 @@ class Replay:
         self.a, self.s = arch, setup
         self.sim = Sim()
         self.m = build_model(arch, setup)
-        self.N = setup.micro_bs * setup.seq_len
+        self.rows = setup.micro_bs * (2 if setup.method == "dpo" else 1)  # a pair's two sides in one forward
+        self.N = self.rows * setup.seq_len
+        self.adapters_off = False  # LoRA's adapters skipped (the preference step's reference forward)
         self.opt_state: dict[str, list[St]] = {}
         self.qmaps: list[St] = []
         self.scaler: list[St] = []
@@ -171,8 +173,9 @@ class Replay:
         self.step_peaks: list[int] = []
         self.grad_norm: Ten | None = None  # clip's total norm, alive until the step ends
         self.block_bytes = 0
-        # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward
-        self.linked = arch.tie_embeddings and self.m.head.train
+        # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward (the LM
+        # loss's; the preference step's log-probs take the head through plain autograd)
+        self.linked = arch.tie_embeddings and self.m.head.train and setup.method != "dpo"
         sim = self.sim
         sim.mark("setup", "setup")
         nf4 = {lo.W.name for b in self.m.blocks for lo in b.lin.values() if lo.nf4}
@@ -203,7 +206,8 @@ class Replay:
             return p
         if p in sim.cache:
             return sim.alias(sim.cache[p])
-        t = sim.op("to_copy", [p], [(p.numel, 2, "autocast weight copies")], bwd=(("g", 0, p.numel, p.es),))[0]
+        t = sim.op("to_copy", [p], [(p.numel, 2, "autocast weight copies")],
+                   bwd=(("g", 0, p.numel, p.es),))[0]
         if p.train:
             sim.cache[p] = sim.alias(t)
             if sim.rec is not None:  # the cache's reference is not a local variable of the recompute
@@ -217,7 +221,8 @@ class Replay:
         bc = self.cast_param(bias)
         wc = self.cast_param(lin_w)
         xc = self.cast(x) if sim.cache is not None else x
-        bwd = (("g", 0, n * inp, aes), ("g", 1, out * inp, aes)) + ((("g", 2, out, aes),) if bias is not None else ())
+        bwd = (("g", 0, n * inp, aes), ("g", 1, out * inp, aes))
+        bwd += (("g", 2, out, aes),) if bias is not None else ()
         y = sim.op("addmm" if bias is not None else "mm", [xc, wc, bc], [(n * out, aes, "activations")],
                    save_in=((0, (1,)), (1, (0,))), bwd=bwd)[0]
         if sim.cache is not None:
@@ -225,12 +230,14 @@ class Replay:
         return y
 
     def nf4_matmul(self, x: Ten, lo: Lin) -> Ten:
-        """NF4Linear.forward: the frozen bias and the input cast to the compute dtype, then quant._NF4LinearFn,
-        which dequantizes the weight for this op only and saves nothing but the NF4 buffers; its backward
-        dequantizes again for grad_input (`nf4_dequantize_events`)."""
+        """NF4Linear.forward: the frozen bias and the input cast to the compute dtype, then
+        quant._NF4LinearFn, which dequantizes the weight for this op only and saves nothing but the NF4
+        buffers; its backward dequantizes again for grad_input (`nf4_dequantize_events`)."""
         sim, aes = self.sim, self.s.compute_bytes
         n, W, b = x.numel // lo.inp, lo.W, lo.b
-        bc = sim.new(b.numel, aes, "autocast weight copies", "bias.to") if b is not None and b.es != aes else None
+        bc = None
+        if b is not None and b.es != aes:
+            bc = sim.new(b.numel, aes, "autocast weight copies", "bias.to")
         xc = self.cast(x) if aes == 2 else sim.alias(x)  # x.to(compute dtype): a copy only under autocast
         events, w_key = nf4_dequantize_events(W.numel, self.s.double_quant, aes)
         held: dict[str, St] = {}
@@ -248,7 +255,7 @@ class Replay:
 
     def linear(self, x: Ten, lo: Lin) -> Ten:
         y = self.nf4_matmul(x, lo) if lo.nf4 else self.matmul(x, lo.W, lo.b, lo.out, lo.inp)
-        if lo.A is None:
+        if lo.A is None or self.adapters_off:
             return y
         sim, aes, r = self.sim, self.s.compute_bytes, self.s.lora_r
         n = x.numel // lo.inp
@@ -277,7 +284,8 @@ class Replay:
                + (("t", "da", f.numel, aes, 0), ("g", 0, f.numel, f.es), ("f", "da")))
         ins = [f, W, b] + ([wc] if wc is not None else [])
         save = ((0, (0, 1, 2)),) + (((3, (0, 1, 2)),) if wc is not None else ())
-        y = sim.op("gelu_linear", ins, [(f.numel // lo.inp * lo.out, aes, "activations")], save_in=save, bwd=bwd)[0]
+        y = sim.op("gelu_linear", ins, [(f.numel // lo.inp * lo.out, aes, "activations")], save_in=save,
+                   bwd=bwd)[0]
         sim.drop(act, bc, wc)
         return y
 
@@ -308,8 +316,9 @@ class Replay:
         """CUDA SDPA: flash (bf16/fp16) or memory-efficient (fp32) keep out + fp32 logsumexp; GQA native
         (k and v keep their n_kv_head heads); autocast casts fp32 inputs (after a q/k norm) to bf16."""
         a, s, sim = self.a, self.s, self.sim
-        B, T, H = s.micro_bs, s.seq_len, a.n_head
-        low = s.compute_bytes == 2 and self.packed is None  # a packed mask rules out flash: the memory-efficient kernel runs
+        B, T, H = self.rows, s.seq_len, a.n_head
+        # a packed mask rules out flash: the memory-efficient kernel runs
+        low = s.compute_bytes == 2 and self.packed is None
         casts = []
         if sim.cache is not None:
             casts = [self.cast(t) if t.es != 2 else None for t in (q, k, v)]
@@ -317,7 +326,7 @@ class Replay:
         t_lse = T if low else -(-T // 32) * 32
         ws = sdpa_workspace(B, H, T, a.head_dim, low)
         bias = None
-        if self.packed is not None:  # SDPA turns the (B, 1, T, T) boolean mask into an additive bias, kept for backward
+        if self.packed is not None:  # SDPA makes the (B, 1, T, T) boolean mask an additive bias, kept
             bias = sim.new(B * T * T, s.compute_bytes, "activations", "attention mask bias")
         o, lse = sim.op("sdpa", [q, k, v, bias or mask],
                         [(q.numel, s.compute_bytes, "activations"), (B * H * t_lse, 4, "activations")],
@@ -335,7 +344,7 @@ class Replay:
         repeats them again, copies the incoming gradient twice and sums the repeated heads' gradients.
         Then the (B, T, H, hs) copy of the output."""
         a, s, sim = self.a, self.s, self.sim
-        B, T, H, es = s.micro_bs, s.seq_len, a.n_head, q.es
+        B, T, H, es = self.rows, s.seq_len, a.n_head, q.es
         qn, P, kv_full = q.numel, B * H * T * T, q.numel
         window = a.layer_window(layer)
         if window is not None and T > window:  # attention_mask: aranges, kv <= q, q - window, kv > ..., &
@@ -384,7 +393,8 @@ class Replay:
         return yc
 
     def elementwise(self, name: str, x: Ten, save_input: bool = True) -> Ten:
-        return self.sim.op(name, [x], [(x.numel, x.es, "activations")], save_in=((0, (0,)),) if save_input else (),
+        return self.sim.op(name, [x], [(x.numel, x.es, "activations")],
+                           save_in=((0, (0,)),) if save_input else (),
                            bwd=(("g", 0, x.numel, x.es),))[0]
 
     # --- blocks ---------------------------------------------------------------------------
@@ -404,7 +414,7 @@ class Replay:
             q2, k2 = norm(q, (blk.q_norm, None)), norm(k, (blk.k_norm, None))
             sim.drop(q, k)
             q, k = q2, k2
-        if a.layer_rope(blk.layer):  # new rotated q and k; the tables, cast to q's dtype once per block, are saved
+        if a.layer_rope(blk.layer):  # rotated q and k; the tables, cast to q's dtype once a block, are saved
             tables = self.local_tables if a.local_rope(blk.layer) else self.tables[:2]
             cos, sin = (sim.alias(c) if q.es == 4 else self.cast(c) for c in tables)
             q2, k2 = self.rope(q, cos, sin), self.rope(k, cos, sin)
@@ -433,14 +443,15 @@ class Replay:
         if a.mlp == "swiglu":  # down_proj(silu(gate_proj(x)) * up_proj(x))
             gate = self.linear(h2, blk.lin["gate_proj"])
             sg = self.elementwise("silu" if a.glu_act == "silu" else "gelu", gate)
-            sim.drop(gate)  # a temporary: only silu's saved input (when a gradient needs it) outlives the call
+            sim.drop(gate)  # a temporary: only silu's saved input (if a gradient needs it) outlives the call
             up = self.linear(h2, blk.lin["up_proj"])
             g = sim.op("mul", [sg, up], [(sg.numel, max(sg.es, up.es), "activations")],
-                       save_in=((0, (1,)), (1, (0,))), bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
+                       save_in=((0, (1,)), (1, (0,))),
+                       bwd=(("g", 0, sg.numel, sg.es), ("g", 1, up.numel, up.es)))[0]
             sim.drop(up, sg)
             mo = self.linear(g, blk.lin["down_proj"])
             sim.drop(g)
-        elif blk.lin["mlp_proj"].A is None and not blk.lin["mlp_proj"].nf4:  # model._GeluLinear: gelu(f) not kept
+        elif blk.lin["mlp_proj"].A is None and not blk.lin["mlp_proj"].nf4:  # model._GeluLinear keeps no gelu
             f = self.linear(h2, blk.lin["fc"])
             mo = self.gelu_linear(f, blk.lin["mlp_proj"])
             sim.drop(f)
@@ -490,7 +501,8 @@ class Replay:
                                                          bwd=(("g", 0, n, 4),))[0]
             sim.drop(g)
             return out
-        yl = sim.alias(y) if x.es == 4 else sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
+        yl = sim.alias(y) if x.es == 4 else \
+            sim.op("to_copy", [y], [(n, x.es, "activations")], bwd=(("g", 0, n, 4),))[0]
         sim.drop(y)
         oes = max(w.es, x.es)  # type promotion: an fp32 gain times bf16 is fp32
         out = sim.op("mul", [w, yl], [(n, oes, "activations")], save_in=((1, (0,)),),
@@ -528,7 +540,8 @@ class Replay:
         """x.float() × rsqrt(mean(x²) + eps), in fp32: the part both RMSNorms share."""
         sim, n = self.sim, x.numel
         rows = n // dim
-        xf = sim.alias(x) if x.es == 4 else sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
+        xf = sim.alias(x) if x.es == 4 else \
+            sim.op("to_copy", [x], [(n, 4, "activations")], bwd=(("g", 0, n, x.es),))[0]
         sq = sim.op("pow", [xf], [(n, 4, "activations")], save_in=((0, (0,)),),
                     bwd=(("t", "a", n, 4), ("t", "b", n, 4), ("g", 0, n, 4)))[0]  # x^1, 2 x^1, grad * (.)
         ms = sim.op("mean", [sq], [(rows, 4, "activations")], bwd=(("g", 0, n, 4),))[0]
@@ -555,7 +568,8 @@ class Replay:
         cos, sin = sim.new(T * d, 4, "activations", "cos"), sim.new(T * d, 4, "activations", "sin")
         lr = self.a.longrope
         if lr is not None and lr.attention_factor != 1.0:
-            scaled = sim.new(T * d, 4, "activations", "cos * factor"), sim.new(T * d, 4, "activations", "sin * factor")
+            scaled = (sim.new(T * d, 4, "activations", "cos * factor"),
+                      sim.new(T * d, 4, "activations", "sin * factor"))
             sim.drop(cos, sin)
             cos, sin = scaled
         sim.drop(*tmp)
@@ -578,11 +592,14 @@ class Replay:
     def rope_full(self, t: Ten, cos: Ten, sin: Ten) -> Ten:
         """apply_rope: x * cos + cat(-x2, x1) * sin; the muls save the tables."""
         sim, n, es = self.sim, t.numel, t.es
-        xc = sim.op("mul", [t, cos], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
+        xc = sim.op("mul", [t, cos], [(n, es, "activations")], save_in=((1, (0,)),),
+                    bwd=(("g", 0, n, es),))[0]
         neg = sim.new(n // 2, es, "activations", "neg")
-        rot = sim.op("cat", [t], [(n, es, "activations")], bwd=(("t", "a", n // 2, es), ("g", 0, n, es), ("f", "a")))[0]
+        rot = sim.op("cat", [t], [(n, es, "activations")],
+                     bwd=(("t", "a", n // 2, es), ("g", 0, n, es), ("f", "a")))[0]
         sim.drop(neg)
-        xs = sim.op("mul", [rot, sin], [(n, es, "activations")], save_in=((1, (0,)),), bwd=(("g", 0, n, es),))[0]
+        xs = sim.op("mul", [rot, sin], [(n, es, "activations")], save_in=((1, (0,)),),
+                    bwd=(("g", 0, n, es),))[0]
         sim.drop(rot)
         out = sim.op("add", [xc, xs], [(n, es, "activations")], bwd=(("p", 0), ("p", 1)))[0]
         sim.drop(xc, xs)
@@ -618,7 +635,8 @@ class Replay:
             pos = sim.new(T, 8, "activations", "arange")
             pe = sim.op("embedding", [m.wpe, pos], [(T * C, pes, "activations")], save_in=((1, (0,)),),
                         bwd=(("g", 0, m.wpe.numel, pes),))[0]
-            x = sim.op("add", [tok, pe], [(N * C, pes, "activations")], bwd=(("p", 0), ("g", 1, T * C, pes)))[0]
+            x = sim.op("add", [tok, pe], [(N * C, pes, "activations")],
+                       bwd=(("p", 0), ("g", 1, T * C, pes)))[0]
             sim.drop(tok, pe, pos)
         else:
             x = tok
@@ -646,7 +664,7 @@ class Replay:
         start = sim.live
         for i, blk in enumerate(m.blocks):
             sim.tag = f"block {i}"
-            if s.grad_ckpt and i % s.ckpt_every == 0:
+            if s.grad_ckpt and i % s.ckpt_every == 0 and sim.grad:  # no_grad: the block runs plainly
                 # the checkpoint holds the RoPE tables its block takes until its backward is done
                 tables = () if not a.layer_rope(i) else self.local_tables if a.local_rope(i) else self.tables
                 nxt = sim.checkpoint(lambda x=x, blk=blk: self.block(x, blk), x, tuple(tables))
@@ -654,7 +672,8 @@ class Replay:
                 nxt = self.block(x, blk)
             sim.drop(x)
             x = nxt
-        self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
+        if sim.grad:
+            self.block_bytes = (sim.live - start) // a.n_layer  # what each block leaves behind
         sim.tag = "loss"
         h = self.norm_of(a)(x, m.ln_f)
         sim.drop(x, *self.tables[:2], *self.local_tables)
@@ -767,19 +786,30 @@ class Replay:
         sim.mark(f"{at}, batch", "forward")
         x = sim.new(self.N, 8, "batch", "x")
         y = sim.new(self.N, 8, "batch", "y")
-        packed = (sim.new(self.N, 8, "batch", "position ids"),
-                  sim.new(s.micro_bs * s.seq_len**2, 1, "batch", "packed attention mask")) if s.packing else ()
+        packed = ()
+        if s.packing:
+            packed = (sim.new(self.N, 8, "batch", "position ids"),
+                      sim.new(s.micro_bs * s.seq_len**2, 1, "batch", "packed attention mask"))
         self.packed = packed[1] if packed else None
         sim.mark(f"{at}, forward", "forward")
         sim.cache = {} if s.mixed else None
         h = self.forward(x)
         sim.mark(f"{at}, loss", "loss")
         if self.a.logits_scaling != 1.0:  # Granite: h / s before the head (Transformer.forward), after ln_f
-            h2 = sim.op("div", [h], [(h.numel, h.es, "loss (fused cross-entropy)")], bwd=(("g", 0, h.numel, h.es),))[0]
+            h2 = sim.op("div", [h], [(h.numel, h.es, "loss (fused cross-entropy)")],
+                        bwd=(("g", 0, h.numel, h.es),))[0]
             sim.drop(h)
             h = h2
         loss = self.loss(h)
         sim.drop(h)
+        self.backward_of(loss, at)
+        sim.drop(loss, x, y, *packed)
+        self.packed = None
+
+    def backward_of(self, loss: Ten, at: str) -> None:
+        """The micro-step after its forward: autocast's exit (its cast cache cleared), the loss divided by
+        the global batch's count (× the GradScaler's scale in fp16), backward."""
+        s, sim = self.s, self.sim
         if sim.cache is not None:  # autocast exit clears the cast cache
             for t in sim.cache.values():
                 sim.unref(t.st)
@@ -804,8 +834,7 @@ class Replay:
             return f"{at}, backward of the loss", "start of backward"
 
         sim.backward(scaled, where=where)
-        sim.drop(scaled, loss, x, y, *packed)
-        self.packed = None
+        sim.drop(scaled)
 
     def _held_grads(self) -> None:
         for p in self.trainable():
@@ -907,7 +936,8 @@ def nf4_dequantize_events(numel: int, double_quant: bool, es: int) -> tuple[list
     if 2 * half != nb * NF4_BLOCK:  # F.pad to whole blocks
         ev += [("a", "padded values", nb * NF4_BLOCK * 4), ("f", "values")]
         vals = "padded values"
-    if double_quant:  # _absmax_fp32: dynamic map, absmax.int() (padded to whole blocks), code[idx] * absmax2, + offset
+    # _absmax_fp32: dynamic map, absmax.int() (padded to whole blocks), code[idx] * absmax2, + offset
+    if double_quant:
         padded = -(-nb // DOUBLE_QUANT_BLOCK) * DOUBLE_QUANT_BLOCK
         ev += [("a", "dynamic map", 1024), ("a", "absmax.int()", nb * 4)]
         idx = "absmax.int()"
@@ -944,8 +974,8 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
                    "profiler._record_function_exit._RecordFunction", "aten.lift_fresh.default"),
     "forward": ("aten.embedding.default", "aten.embedding_dense_backward.default", "aten.index_put_.default",
                 "aten.new_zeros.default", "aten.arange.default", "aten.arange.start", "aten.expand.default"),
-    "rope_tables": ("aten.arange.start_step", "aten.div.Scalar", "aten.pow.Scalar",
-                    "aten.where.self", "aten.sub.Tensor", "aten.cat.default", "aten.cos.default", "aten.sin.default",
+    "rope_tables": ("aten.arange.start_step", "aten.div.Scalar", "aten.pow.Scalar", "aten.where.self",
+                    "aten.sub.Tensor", "aten.cat.default", "aten.cos.default", "aten.sin.default",
                     "aten.bitwise_and.Tensor", "aten.gt.Tensor", "aten.le.Tensor", "aten.mul.Scalar"),
     "rope": ("aten.neg.default", "aten.slice.Tensor", "aten.slice_backward.default"),
     "window_mask": ("aten.scalar_tensor.default",),
@@ -974,6 +1004,13 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
              "aten._amp_foreach_non_finite_check_and_unscale_.default"),
     # the step's own (fp16's GradScaler.update); each optimizer's ops are in its entry (microft.optimizers)
     "optimizer_step": ("aten._amp_update_scale_.default",),
+    # microft dpo's step (memory/preference.py, PairReplay); the reference's no-grad Gemma 2 attention
+    "sequence_logps": ("aten.index_select.default", "aten.floor_divide.default", "aten.index_add.default",
+                       "aten.unbind.int", "aten._softmax.default"),
+    "token_logps": ("aten._log_softmax.default", "aten._log_softmax_backward_data.default",
+                    "aten.scatter_add.default", "aten.tanh.default", "aten.tanh_backward.default"),
+    "pair_losses": ("aten.log_sigmoid_forward.default", "aten.log_sigmoid_backward.default",
+                    "aten.exp.default", "aten.log1p.default", "aten.add.Scalar"),
 }
 TRACED_OPS: dict[str, str] = {**{op: "optimizer_step" for o in OPTIMIZERS.values() for op in o.ops},
                               **{op: method for method, ops in _MODELLED_BY.items() for op in ops}}

@@ -1,8 +1,8 @@
 """The analytical engine's core: a byte-level replay of one training step, from shapes alone.
 
 Every tensor microft's step allocates is described by its size, and every autograd node by
-what it saves and what its backward allocates, exactly as `models.transformer.Transformer`, the fused loss and the
-optimizers do under each precision policy. The replay keeps reference counts the way Python
+what it saves and what its backward allocates, exactly as `models.transformer.Transformer`, the
+fused loss and the optimizers do under each precision policy. The replay keeps reference counts the way Python
 and the autograd engine do (a tensor lives while a variable, a saved-tensor slot or a gradient
 buffer holds it), runs backward in reverse creation order, recomputes checkpointed blocks with
 early stop, and tracks live bytes (CUDA-rounded) with their category at every allocation. No
@@ -86,7 +86,7 @@ class Group:
     keep: St | None = None  # the block input, held for the recompute
     extra: tuple[St, ...] = ()  # further inputs it holds (the RoPE tables its block takes)
     autocast: bool = False  # the recompute restores the forward's autocast state
-    left: int = 0  # nodes not yet run in backward
+    left: int = 0  # nodes with saved placeholders not yet run in backward
 
 
 class _StopRecompute(Exception):
@@ -125,10 +125,14 @@ class Sim:
         self.rec: dict | None = None  # recompute in progress
         self.cache: dict[Par, Ten] | None = None  # autocast cast cache (None: autocast off)
         self.limit = float("inf")
+        self.grad = True  # False: torch.no_grad() (no node is recorded, nothing saved)
+        self.override: str | None = None  # the category of every allocation while set (a no-grad forward's)
 
     # --- bytes ---------------------------------------------------------------------------
     def alloc(self, nbytes: int, cat: str, what: str = "", held: bool = True) -> St:
-        if self.rec is not None and cat == "activations":
+        if self.override is not None:
+            cat = self.override
+        elif self.rec is not None and cat == "activations":
             cat = "recomputed activations"
         st = St(cuda_bytes(nbytes), cat)
         self.live += st.nbytes
@@ -196,7 +200,7 @@ class Sim:
         in `needs` requires grad (autograd saves only what a needed gradient uses).
         `bwd`: backward steps, see `_run_backward`.
         """
-        rg = [bool(x is not None and x.rg) for x in ins]
+        rg = [bool(self.grad and x is not None and x.rg) for x in ins]
         node = None
         if any(rg):
             if self.rec is not None:
@@ -215,7 +219,8 @@ class Sim:
             for i, needs in save_in:
                 if any(rg[j] for j in needs) and isinstance(ins[i], Ten):
                     self._pack(node, ins[i].st)
-        res = [Ten(self.alloc(n * es, cat, name), n, es, node, k, node is not None) for k, (n, es, cat) in enumerate(outs)]
+        res = [Ten(self.alloc(n * es, cat, name), n, es, node, k, node is not None)
+               for k, (n, es, cat) in enumerate(outs)]
         if node is not None:
             for k, needs in save_out:
                 if any(rg[j] for j in needs):
@@ -224,7 +229,7 @@ class Sim:
 
     def custom(self, name: str, ins: list, out: Ten, saved: list[Ten | None], bwd: tuple) -> None:
         """An autograd.Function: its forward already ran; attach the node to `out`, save `saved`."""
-        if not any(x is not None and x.rg for x in ins):
+        if not self.grad or not any(x is not None and x.rg for x in ins):
             return
         node = Node(name, ins, bwd, 1, self.tag)
         node.oes = out.es
@@ -240,22 +245,22 @@ class Sim:
 
     def views(self, name: str, t: Ten, parts: list[int]) -> list[Ten]:
         """`t.split(...)`: views sharing t's storage; backward concatenates their gradients."""
-        node = None
-        if t.rg and self.rec is None:
+        node, rg = None, t.rg and self.grad
+        if rg and self.rec is None:
             node = Node(name, [t], (("g", 0, t.numel, t.es),), len(parts), self.tag)
             node.oes = t.es
             self.graph.append(node)
             if self.group is not None:
                 node.group = self.group
                 self.group.nodes.append(node)
-        elif t.rg:
+        elif rg:
             node = next(self.rec["nodes"])
         out = []
         for k, n in enumerate(parts):
             self.ref(t.st)
             if self.rec is not None:
                 self.rec["held"].append(t.st)
-            out.append(Ten(t.st, n, t.es, node, k, t.rg))
+            out.append(Ten(t.st, n, t.es, node, k, rg))
         return out
 
     def _pack(self, node: Node, st: St) -> None:
@@ -285,8 +290,9 @@ class Sim:
         finally:
             self.group = outer
         group.keep = inp.st
-        group.left = len(group.nodes)
-        if not group.nodes:
+        # the checkpoint's frame (its inputs) lives while a node holds one of its saved-tensor placeholders
+        group.left = sum(1 for n in group.nodes if n.nsaved)
+        if not group.left:
             for st in (inp.st, *group.extra):
                 self.unref(st)
         return out
@@ -311,7 +317,8 @@ class Sim:
         self.cache = cache
 
     # --- backward ------------------------------------------------------------------------
-    def backward(self, root: Ten, grad_bytes: int = 4, where: Callable[[Node], tuple[str, str]] | None = None) -> None:
+    def backward(self, root: Ten, grad_bytes: int = 4,
+                 where: Callable[[Node], tuple[str, str]] | None = None) -> None:
         """Backward from scalar `root`, nodes in reverse creation order (the engine's order here)."""
         ones = self.alloc(grad_bytes, "backward transients", "ones_like")  # held by backward() throughout
         self.ref(ones)
@@ -347,25 +354,29 @@ class Sim:
                     x = node.ins[step[1]]
                     if x is not None and x.rg:
                         if x.es != node.oes:  # the engine casts a gradient to its input's dtype
-                            produced.append((step[1], self.alloc(x.numel * x.es, "backward transients", "cast")))
+                            cast = self.alloc(x.numel * x.es, "backward transients", "cast")
+                            produced.append((step[1], cast))
                         else:
                             self.ref(g0)
                             produced.append((step[1], g0))
                 elif kind == "t":
                     if len(step) < 5 or (node.ins[step[4]] is not None and node.ins[step[4]].rg):
-                        tmp[step[1]] = self.alloc(step[2] * step[3], "backward transients", node.name + " scratch")
+                        tmp[step[1]] = self.alloc(step[2] * step[3], "backward transients",
+                                                  node.name + " scratch")
                 elif kind == "s":
                     if node.ins[step[1]] is not None and node.ins[step[1]].rg:
                         self.transient(step[2] * step[3], "backward transients", node.name + " workspace")
                 elif kind == "f":
                     self.unref(tmp.pop(step[1], None))
                 elif kind == "k":
-                    self.stash[step[1]] = self.alloc(step[2] * step[3], _grad_cat(step[4]), node.name + " grad")
+                    self.stash[step[1]] = self.alloc(step[2] * step[3], _grad_cat(step[4]),
+                                                     node.name + " grad")
                 elif kind == "u":
                     x = node.ins[step[1]]
                     st = self.stash.pop(step[2], None)
                     if x is not None and x.rg:
-                        produced.append((step[1], st or self.alloc(x.numel * x.es, _grad_cat(x), node.name + " grad")))
+                        st = st or self.alloc(x.numel * x.es, _grad_cat(x), node.name + " grad")
+                        produced.append((step[1], st))
                     elif st is not None:
                         self.unref(st)
             for st in tmp.values():
@@ -378,7 +389,7 @@ class Sim:
         node.saved = []
         for i, g in produced:
             self._route(node.ins[i], g)
-        if node.group is not None:
+        if node.group is not None and node.nsaved:
             node.group.left -= 1
             if node.group.left == 0:  # the last holder of the checkpoint's inputs is gone
                 for st in (node.group.keep, *node.group.extra):

@@ -55,12 +55,17 @@ CUDA_EMULATION = [
     "not modelled: CUDA's embedding backward sorts indices and keeps partial sums (scratch up to "
     "micro-batch × seq × n_embd × 4 bytes at the end of backward)",
 ]
+# the preference step (microft dpo) only: appended to CUDA_EMULATION where it runs
+PREFERENCE_EMULATION = [
+    "not emulated: the preference losses' F.logsigmoid keeps the buffer the CPU kernel returns (the pairs' "
+    "size: one 512-byte block up to 128 pairs); CUDA's kernel returns an empty one",
+]
 
 # trace categories, in display order
 CATEGORIES = (
     "weights", "gradients", "optimizer state", "activations", "autocast weight copies",
-    "recomputed activations", "NF4 dequantization", "loss (fused cross-entropy)", "backward transients", "optimizer transients",
-    "batch", "other",
+    "recomputed activations", "NF4 dequantization", "loss (fused cross-entropy)", "reference forward",
+    "backward transients", "optimizer transients", "batch", "other",
 )
 
 
@@ -77,7 +82,9 @@ class TraceResult:
     """Peak of live tensor bytes over two traced optimizer steps, by category."""
 
     peak_bytes: int
-    peak_phase: str  # coarse: forward, loss, start of backward, backward, end of backward, clip, optimizer step
+    # coarse: forward, loss, reference forward, start of backward, backward, end of backward, clip,
+    # optimizer step
+    peak_phase: str
     peak_where: str  # fine: "step 2, micro-step 1, backward of block 11"
     components: dict[str, int]
     step_peaks: list[int]
@@ -213,7 +220,8 @@ def _materialise_fake(model: nn.Module, fake_mode, device: torch.device) -> None
                     mod._parameters[name] = nn.Parameter(fake, requires_grad=p.requires_grad)
             for name, b in list(mod._buffers.items()):
                 if b is not None:
-                    mod._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype, device=device)
+                    mod._buffers[name] = torch.empty_strided(b.shape, b.stride(), dtype=b.dtype,
+                                                             device=device)
 
 
 class _TraceScaler(torch.amp.GradScaler):
@@ -287,6 +295,8 @@ def _install_phase_hooks(model: Transformer, tracker: LiveBytes, state: dict[str
     n = len(model.h)
 
     def ln_f_post(_m, _a, _out):
+        if state.get("reference"):  # the LoRA reference's forward runs the same model: its label stays
+            return
         tracker.mark(f"{state['at']}, loss", "loss", "loss (fused cross-entropy)")
 
     def block_post(i):
@@ -362,11 +372,26 @@ def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mo
         frozen = Transformer(model_cfg.model_copy(update={"dropout": 0.0}))
     place_model(frozen, precision, torch.device("meta"))
     _materialise_fake(frozen, fake_mode, torch.device("cpu"))
+    frozen.set_kernels(Kernels.cuda_like())  # CUDA's kernels, as the policy's (a run's deep copy keeps them)
     return frozen.requires_grad_(False).eval()
 
 
-def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunConfig, tracker: LiveBytes
-                     ) -> tuple[nn.Module, Callable]:
+def _labelled(reference: Callable, tracker: LiveBytes, state: dict) -> Callable:
+    """The reference policy, what its forward allocates labelled "reference forward" (no gradient: it saves
+    nothing, each tensor dies as the forward moves on)."""
+    def run(*args):
+        state["reference"] = True
+        tracker.mark(f"{state['at']}, reference forward", "reference forward", "reference forward")
+        try:
+            return reference(*args)
+        finally:
+            state["reference"] = False
+            tracker.mark(f"{state['at']}, loss", "loss", "loss (fused cross-entropy)")
+    return run
+
+
+def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunConfig, tracker: LiveBytes,
+                     state: dict) -> tuple[nn.Module, Callable]:
     """(the runner `microft dpo` steps through, a batch maker (B, T) -> (x, y, cached reference log-probs or
     None, target positions)) on the fake `model`; the `frozen` reference copy counts as weights."""
     from microft.train.preference import FrozenReference, PreferenceLoss, PreferenceRunner, reference_of
@@ -378,6 +403,8 @@ def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunCon
         reference = FrozenReference(frozen)
         for t in [*frozen.parameters(), *frozen.buffers()]:
             tracker.track(t, "weights")
+    if reference is not None:
+        reference = _labelled(reference, tracker, state)
 
     def batch(B: int, T: int):
         x = torch.zeros(2 * B, T, dtype=torch.long)
@@ -413,7 +440,7 @@ def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
         if isinstance(mod, nn.Dropout) and mod.p > 0:
             mod.forward = types.MethodType(_fused_dropout, mod)
     device = torch.device("cpu")
-    place_model(model, precision, torch.device("meta"))  # bf16-true casts; the weights stay on meta until faked
+    place_model(model, precision, torch.device("meta"))  # bf16-true casts; weights stay on meta until faked
     fake_mode = FakeTensorMode()
     _materialise_fake(model, fake_mode, device)
     model.train()
@@ -442,7 +469,8 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
         tracker.track(t, "weights")
     for p in params:
         if p.requires_grad:
-            handles.append(p.register_post_accumulate_grad_hook(lambda q: tracker.relabel(q.grad, "gradients")))
+            handles.append(p.register_post_accumulate_grad_hook(
+                lambda q: tracker.relabel(q.grad, "gradients")))
 
     autocast = autocast_context(precision, device)
     step_peaks = []
@@ -453,9 +481,10 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     try:
         with fake_mode:
             if preference:
-                runner, pairs = _preference_step(model, frozen, cfg, tracker)
+                runner, pairs = _preference_step(model, frozen, cfg, tracker, state)
                 handles += _step_hooks(runner, tracker, state)
-                tracker.workspaces[sdpa_bwd] = sdpa_workspace(2 * micro_bs, model_cfg.n_head, seq_len, hs, low)
+                rows = 2 * micro_bs  # a pair's two sides in one forward
+                tracker.workspaces[sdpa_bwd] = sdpa_workspace(rows, model_cfg.n_head, seq_len, hs, low)
             scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
             optimizer = _trace_optimizer(model, cfg)
             with tracker:
@@ -474,9 +503,14 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
                         y = torch.zeros(micro_bs, seq_len, dtype=torch.long, device=device)
                         micro_step(model, x, y, None, float(micro_bs * seq_len * accum), autocast, scaler)
                         del x, y
+                    # the GradScaler's scale and growth tracker, made on first use: state, not transients
+                    for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)):
+                        if t is not None:
+                            tracker.relabel(t, "other")
                     tracker.mark(f"step {step}, clip", "clip", "optimizer transients")
                     finish_step(model, optimizer, scaler, cfg.max_grad_norm, before_step=functools.partial(
-                        tracker.mark, f"step {step}, optimizer step", "optimizer step", "optimizer transients"))
+                        tracker.mark, f"step {step}, optimizer step", "optimizer step",
+                        "optimizer transients"))
                     for st in optimizer.state.values():
                         for v in st.values():
                             if isinstance(v, torch.Tensor):
@@ -485,7 +519,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
     finally:
         for h in handles:
             h.remove()
-    emulated = list(CUDA_EMULATION)
+    emulated = list(CUDA_EMULATION) + (PREFERENCE_EMULATION if preference else [])
     if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in tracker.seen:
         emulated.append("WARNING: SDPA fell back to the CPU math kernel, which saves the attention matrix; "
                         "CUDA's flash/memory-efficient kernels do not, so this trace overcounts")

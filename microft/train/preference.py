@@ -8,15 +8,16 @@ gradient, as the token mean does for SFT.
 
 The losses, in TRL's terms (pc, pr: the policy's summed log-probs of chosen and rejected; rc, rr: the
 reference's; nc, nr: the responses' token counts; ac, ar: pc / nc, pr / nr):
-  dpo    -logsigmoid(beta × ((pc - rc) - (pr - rr)))                 rewards beta × (pc - rc), beta × (pr - rr)
-  ipo    ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 beta))²          rewards beta × (pc - rc), beta × (pr - rr)
-  simpo  -logsigmoid(beta × (ac - ar) - gamma)                       rewards beta × ac, beta × ar
-  orpo   -ac - lambda × logsigmoid(log odds(ac) - log odds(ar))      rewards lambda × ac, lambda × ar
+  dpo    -logsigmoid(beta × ((pc - rc) - (pr - rr)))              rewards beta × (pc - rc), beta × (pr - rr)
+  ipo    ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 beta))²       rewards beta × (pc - rc), beta × (pr - rr)
+  simpo  -logsigmoid(beta × (ac - ar) - gamma)                    rewards beta × ac, beta × ar
+  orpo   -ac - lambda × logsigmoid(log odds(ac) - log odds(ar))   rewards lambda × ac, lambda × ar
 with log odds(a) = a - log(1 - exp(a)). ORPO's NLL term is the chosen response's mean token NLL per pair
 (the paper's per-example SFT loss, on the tokens every loss here scores), so every pair weighs the same;
-TRL's ORPOTrainer takes it over the prompt's tokens too, as a token mean over each micro-batch. The reference policy (dpo, ipo) is the model with its LoRA adapters switched
-off (no copy), a frozen copy of the starting model for full fine-tuning, or log-probs computed once before
-training (`precompute`): then no reference runs while training.
+TRL's ORPOTrainer takes it over the prompt's tokens too, as a token mean over each micro-batch. The
+reference policy (dpo, ipo) is the model with its LoRA adapters switched off (no copy), a frozen copy of the
+starting model for full fine-tuning, or log-probs computed once before training (`precompute`): then no
+reference runs while training.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ def _token_logps(model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor)
     return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
-def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target_pos: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 log-prob of each row's targets summed, target count per row) for inputs `x` and shifted labels `y`
-    (N, T); only the target positions' logits are formed. `target_pos`: the targets' flat positions, found on
-    the host by `collate_pairs` (else here, at the cost of a device sync)."""
+def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   target_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 log-prob of each row's targets summed, target count per row) for inputs `x` and shifted labels
+    `y` (N, T); only the target positions' logits are formed. `target_pos`: the targets' flat positions, found
+    on the host by `collate_pairs` (else here, at the cost of a device sync)."""
     N, T = y.shape
     if target_pos is None:
         target_pos = (y != IGNORE_INDEX).view(-1).nonzero().squeeze(1)
@@ -161,8 +162,8 @@ class PreferenceRunner(torch.nn.Module):
 def reference_of(model: torch.nn.Module, loss: PreferenceLoss, lora: bool, copy_model: bool = True
                  ) -> Callable | None:
     """The reference policy's summed log-probs per row: the model with its adapters off (LoRA), else a frozen
-    copy of `model` as it is now (made once, before any step; `copy_model` False: `model` itself, for log-probs
-    taken before it trains); None where the loss needs none."""
+    copy of `model` as it is now (made once, before any step; `copy_model` False: `model` itself, for
+    log-probs taken before it trains); None where the loss needs none."""
     if not loss.needs_reference:
         return None
     if lora:
@@ -182,7 +183,8 @@ class FrozenReference:
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, target_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 target_pos: torch.Tensor | None = None) -> torch.Tensor:
         return sequence_logps(self.model, x, y, target_pos)[0]
 
 
