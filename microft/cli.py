@@ -507,167 +507,24 @@ def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut
     Exit codes: 0 the run fits as asked (or no budget given), 4 it does not but the recommended plan does, 3 nothing fits, 2 bad input.
     """
     with user_errors():
-        from microft.config import resolve_config
-        from microft.errors import ConfigError
-        from microft.memory import estimate as memory
-        from microft.memory.plan import VERDICTS, fit_budget, verdict
+        from microft.estimating import estimate_run
 
         recipe, seq_len = flags.pop("recipe"), flags.pop("seq_len")
-        flags = run_flags(flags)
-        if seq_len is not None:
-            flags["max_seq_len"] = seq_len
-        try:
-            cfg = resolve_config(str(recipe) if recipe else None, **flags)
-        except ConfigError as e:  # name the flag as typed
-            typed = str(e).replace("--max-seq-len", "--seq-len") if seq_len is not None else str(e)
-            raise ConfigError(typed) from None
-        if cfg.model:
-            arch = _planning_arch(cfg.model, cfg.dropout)
-        elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
-            from microft.demo import demo_model_config, demo_tokenizer
-
-            arch = memory.with_dropout(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)
-        else:
-            raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a recipe")
-        cfg, seq_note = _data_lengths(cfg, arch, method)
-        budget = memory.parse_budget(gpu_mem) if gpu_mem is not None else None  # "" too: an unset $VAR
-        world, world_shard = memory.scale_out(cfg)
-        prec = memory.resolve_precision(cfg.precision, budget)
-        base = memory.setup_for(cfg, arch, 1, precision=prec)
-        base, trace = _with_method(base, cfg, method, trace)
-        bp = _asked_batch_plan(cfg, arch, budget, world)
-        mb, acc = bp.micro_bs, bp.accum
-        gbs = cfg.global_bs
-        fit = None
-        if budget is not None and method == "sft":  # the planner models SFT steps
-            if gbs is None and isinstance(cfg.micro_bs, int):  # the batch asked about is the one to keep
-                gbs = cfg.micro_bs * (cfg.accum or 1) * world
-            fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc))
-        from dataclasses import replace
-
-        setup = replace(base, micro_bs=mb, accum=min(acc, 2))
-        engine = memory.trace if trace else memory.estimate
-        kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}
-        est = engine(arch, setup, budget, world, world_shard, **kw)
-        if seq_note:
-            est.notes.insert(0, f"sequence length {setup.seq_len} {seq_note}")
-        elif not cfg.max_seq_len:
-            est.notes.insert(0, f"sequence length {setup.seq_len}: the model's full context; --data measures your "
-                                "data's real lengths, --seq-len sets one")
-        if cfg.compile:
-            est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save less)")
-        code = verdict(est.fits, fit)
+        answer = estimate_run(run_flags(flags), gpu_mem, trace, method, str(recipe) if recipe else None, seq_len)
         if json_out:
             import json
 
-            print(json.dumps({"estimated": _what(est, acc), **est.to_dict(), "accum": acc,
-                              "plan": fit.to_dict() if fit else None, "exit_code": code,
-                              "verdict": VERDICTS[code] if budget is not None else None}, indent=2))
+            print(json.dumps(answer.to_dict(), indent=2))
         else:
-            _render_estimate(est, acc, fit, code)
-        if code:
-            raise typer.Exit(code)
+            _render_estimate(answer)
+        if answer.code:
+            raise typer.Exit(answer.code)
 
 
-def _data_lengths(cfg: Any, arch: Any, method: str) -> tuple[Any, str | None]:
-    """With --data: the config with its longest sample as the sequence length (micro-batches are padded to
-    their longest sample), and the note that says so; else the config as it is."""
-    from microft.memory import estimate as memory
-
-    if not cfg.data:
-        return cfg, None
-    from microft.runs import finetune_lengths, pair_lengths
-
-    context = cfg.max_seq_len or arch.n_positions
-    memory.setup_for(cfg, arch, 1)  # refuses a --max-seq-len past the model's context
-    if method == "dpo":  # each pair: two sequences padded to the micro-batch's longest side
-        lengths = pair_lengths(cfg, context, arch)
-        return cfg.model_copy(update={"max_seq_len": max(lengths)}), (
-            f"from --data: {len(lengths) // 2} training pairs, longest side {max(lengths)} tokens (cut at "
-            f"{context}), mean {sum(lengths) / len(lengths):.0f}")
-    lengths = finetune_lengths(cfg, context)
-    # packed rows fill up to the context with whole samples; unpacked ones are as long as the longest
-    cfg = cfg.model_copy(update={"max_seq_len": context if cfg.packing else max(lengths)})
-    return cfg, (f"from --data: {len(lengths)} training samples, longest {max(lengths)} tokens "
-                 f"(cut at {context}), mean {sum(lengths) / len(lengths):.0f}"
-                 + (f"; --packing fills rows of {context}" if cfg.packing else ""))
-
-
-def _with_method(base: Any, cfg: Any, method: str, trace: bool) -> tuple[Any, bool]:
-    """The setup of --method (sft, or `microft dpo`'s preference step with --loss and --precompute-ref) and
-    whether to trace: the preference step is estimated by the trace engine only (so far)."""
-    from dataclasses import replace
-
-    from microft.errors import ConfigError
-
-    if method not in ("sft", "dpo"):
-        raise ConfigError(f"--method {method}: choose sft or dpo")
-    if method == "sft":
-        return base, trace
-    if cfg.micro_bs == "auto":
-        raise ConfigError("estimate-mem --method dpo: --micro-bs auto is not planned for preference steps yet; "
-                          "give --micro-bs N")
-    return replace(base, method=method, pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref), True
-
-
-def _asked_batch_plan(cfg: Any, arch: Any, budget: Any, world: int) -> Any:
-    """The batch plan estimate-mem estimates: the flags' own, or `--micro-bs auto`'s choice (micro-batch 1
-    when none fits: "does not fit" is an answer, not bad input)."""
-    from microft.config import resolve_batch_plan
-    from microft.errors import ConfigError
-    from microft.memory.plan import NothingFits, auto_batch_plan
-
-    if cfg.micro_bs != "auto":
-        return resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
-    if budget is None:
-        raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
-    try:
-        return auto_batch_plan(cfg, arch, budget, world)
-    except NothingFits:
-        return resolve_batch_plan(1, None if cfg.global_bs else cfg.accum, cfg.global_bs, world)
-
-
-def _planning_arch(spec: str, dropout: float | None) -> Any:
-    """The shapes estimate-mem plans with. A hub repo id not in the local cache costs only its config.json
-    (fetched through huggingface_hub, not `microft download`'s weights); where that fails (offline, gated,
-    no network) the one-line error names the preset with the same shapes, when there is one."""
-    from microft.errors import ConfigError, DownloadError
-    from microft.memory import estimate as memory
-    from microft.models.source import config_of, is_repo_id, resolve_model_dir
-    from microft.weights import read_json
-
-    try:
-        resolve_model_dir(spec)
-    except ConfigError:  # a repo id that is not in the local cache
-        from microft.download import ALIASES, fetch_config
-        from microft.models.config import preset_for_repo
-
-        try:
-            path = fetch_config(spec)
-        except DownloadError as e:
-            preset = preset_for_repo(spec)
-            hint = (f"plan with the preset of its shapes: --model {preset}" if preset else
-                    f"run `microft download {spec}`, or pass a copy of its config.json to --model")
-            raise ConfigError(f"{spec}: no such directory, not in the local Hugging Face cache, and its config.json "
-                              f"could not be fetched ({e}); {hint}") from None
-        name = ALIASES.get(spec, spec) if is_repo_id(spec) else spec
-        return memory.with_dropout(config_of(path.parent, read_json(path, "config.json"), name=name), dropout)
-    return memory.load_shape(spec, dropout)
-
-
-def _what(est: Any, accum: int) -> str:
-    """One line naming what was estimated (every output format carries it)."""
-    s, a = est.setup, est.arch
-    return (f"{a.name}: micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, {s.optimizer}"
-            f"{', grad ckpt' if s.grad_ckpt else ''}{f', LoRA r={s.lora_r}' if s.lora else ''}"
-            f"{f', {s.quantize} base' + (' (double-quant)' if s.double_quant else '') if s.quantize else ''}"
-            f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
-
-
-def _render_estimate(est: Any, accum: int, fit: Any, code: int) -> None:
+def _render_estimate(answer: Any) -> None:
     from microft.ui import fmt_bytes, out, print_kv, print_table
 
-    what = _what(est, accum)
+    est, fit, code, what = answer.estimate, answer.fit, answer.code, answer.what
     if not out.is_terminal:  # piped: the table's title is not printed, so say what was estimated first
         print(f"estimated: {what}")
     rows = [[k, fmt_bytes(v), f"{100 * v / est.peak_bytes:.1f}%"] for k, v in est.components.items()]

@@ -162,9 +162,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"--quantize {self.quantize} stores the frozen base in 4 bits: it needs --lora")
         if self.double_quant and not self.quantize:
             raise ValueError("--double-quant needs --quantize nf4")
-        if self.quantize and self.precision == "fp16-mixed" and self.device == "cpu":
-            raise ValueError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
-                             "bf16-true or fp32")
+        if problem := quantized_fp16_problem(self.quantize, self.precision, self.device):  # --device cpu given
+            raise ValueError(problem)
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
         if self.shard == "fsdp" and self.lora:  # checked before torchrun starts any worker
@@ -178,6 +177,16 @@ class RunConfig(BaseModel):
                 raise ValueError(f"{flag_of(name)} applies to --optimizer {' and '.join(optimizers)}, not "
                                  f"{self.optimizer}")
         return self
+
+
+def quantized_fp16_problem(quantize: str | None, precision: str, device_kind: str) -> str | None:
+    """Why an NF4 base can't train under fp16 autocast on `device_kind` (a CPU has no fp16 kernels for the
+    dequantized matmuls), or None. The validator asks it of `--device cpu`, the run resolver of the device
+    `auto` finds."""
+    if quantize and precision == "fp16-mixed" and device_kind == "cpu":
+        return (f"--quantize {quantize} with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
+                "bf16-true or fp32")
+    return None
 
 
 RECORD_FIELDS = ("instruction", "input", "output", "messages", "weight")  # what --columns can map

@@ -29,6 +29,8 @@ from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
 from microft.models.source import read_model_config
+from microft.resolved import Device, resolve_seq_len
+from microft.resolved import resolve_precision as resolve
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
@@ -134,11 +136,19 @@ def lora_targets(spec: str, family: str = "gpt2") -> tuple[str, ...]:
     return tuple(parse_lora_targets(spec, family))
 
 
+def budget_device(budget: Budget | None) -> Device:
+    """The CUDA GPU a budget describes, as the run resolver reads a device (no budget: a GPU with bf16 and
+    memory unknown)."""
+    if budget is None:
+        return Device("cuda", "a GPU")
+    return Device("cuda", budget.label, budget.bf16, budget.bytes, f"{budget.label} ({budget.bytes / GiB:.1f} GiB)",
+                  budget.hopper)
+
+
 def resolve_precision(precision: str, budget: Budget | None = None) -> str:
-    """`auto` as the trainer resolves it on the target GPU: bf16-mixed, or fp16-mixed without bf16."""
-    if precision == "auto":
-        return "fp16-mixed" if budget is not None and not budget.bf16 else "bf16-mixed"
-    return precision
+    """`auto` as the trainer resolves it on the target GPU (`resolved.resolve_precision`): bf16-mixed, or
+    fp16-mixed without bf16. Returns the --precision word."""
+    return resolve(precision, budget_device(budget)).name
 
 
 def scale_out(cfg: RunConfig) -> tuple[int, str]:
@@ -150,9 +160,7 @@ def scale_out(cfg: RunConfig) -> tuple[int, str]:
 
 def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, precision: str | None = None) -> Setup:
     """The simulated setup of a run config (accumulation beyond 2 micro-steps repeats micro-step 2)."""
-    seq = cfg.max_seq_len or arch.n_positions
-    if seq > arch.n_positions:
-        raise ConfigError(f"--seq-len {seq} exceeds the model's context of {arch.n_positions}")
+    seq = resolve_seq_len(cfg.max_seq_len, arch.n_positions, "--seq-len")
     if micro_bs < 1:
         raise ConfigError(f"--micro-bs must be positive, got {micro_bs}")
     return Setup(

@@ -42,6 +42,7 @@ from microft.data import (
 from microft.errors import ConfigError, Interrupted, TrainingError
 from microft.models.transformer import Transformer, set_grad_checkpointing
 from microft.perf import device_peak_flops, flops_per_token, memory_stats
+from microft.resolved import Device, PrecisionPolicy, ResolvedRun, resolve_run
 from microft.train.checkpoint import (
     capture_rng,
     find_latest_checkpoint,
@@ -67,7 +68,7 @@ from microft.train.step import (
     micro_step,
     place_model,
     resolve_device,
-    resolve_precision,
+    supports_bf16,
 )
 from microft.train.trackers import open_trackers
 from microft.train.verdict import verdict
@@ -119,7 +120,7 @@ class Run:
     plan: BatchPlan  # changes only when an out-of-memory retry halves an auto micro-batch
     dist: Dist
     device: torch.device
-    precision: str
+    resolved: ResolvedRun  # the run as resolved once (runs.py), or here for a direct call
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -139,6 +140,15 @@ class Run:
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return self.resolved.precision
+
+    @property
+    def precision(self) -> str:
+        """The --precision word the run trains under (banner, run.json, checkpoints)."""
+        return self.resolved.precision.name
 
     @property
     def eval_every(self) -> int:
@@ -252,6 +262,7 @@ def train(
     banner_extra: dict[str, Any] | None = None,
     memory: MemoryHooks | None = None,
     objective: Any = None,
+    resolved: ResolvedRun | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `train_set` with `plan`; write checkpoints under `cfg.out`; return the summary.
 
@@ -259,10 +270,14 @@ def train(
     `save_extra(dir)` adds files to every saved model directory (LoRA adapters);
     `on_eval(model, step)` returns extra events at each evaluation (generated samples);
     `memory`: the estimator's answers for the banner, the summary and out-of-memory errors;
-    `objective`: what the steps minimise when it is not the token-mean LM loss (preference pairs).
+    `objective`: what the steps minimise when it is not the token-mean LM loss (preference pairs);
+    `resolved`: the run as `runs.py` resolved it (device, precision policy, sequence length); a direct call
+    resolves `cfg` here, on this process's device.
     """
     memory = memory or MemoryHooks()
-    run = set_up(model, train_set, val_set, cfg, plan, dist or Dist(), on_event, save_extra, on_eval, objective)
+    dist = dist or Dist()
+    resolved = resolved or resolve_for_loop(cfg, model, dist)
+    run = set_up(model, train_set, val_set, cfg, plan, dist, on_event, save_extra, on_eval, objective, resolved)
     resume_dir = resume_dir_for(cfg.resume, run.out)
     if resume_dir is not None:
         asked = dict(run.schedule)
@@ -283,7 +298,7 @@ def _train(run: Run, resume_dir: Path | None, memory: MemoryHooks, banner_extra:
     """`train` once the run is set up and its event stream open."""
     cfg, model, on_event = run.cfg, run.model, run.on_event
     on_event(banner(run, resume_dir, memory.banner_peak(run.precision, run.plan), banner_extra))
-    if note := emulated_precision_note(run.precision, run.device):
+    if note := emulated_precision_note(run.policy, run.device):
         on_event({"kind": "note", "text": note})
     flag, restore_signals = _signal_flag()
     model.train()
@@ -333,13 +348,21 @@ def _due(every: int, step: int, total_steps: int) -> bool:
     return bool(every) and step % every == 0 and step < total_steps
 
 
-def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cfg: RunConfig, plan: BatchPlan, dist: Dist,
-           on_event: Callable[[Event], None], save_extra: Callable[[Path], None] | None,
-           on_eval: Callable[[torch.nn.Module, int], list[Event]] | None, objective: Any = None) -> Run:
+def resolve_for_loop(cfg: RunConfig, model: Transformer, dist: Dist) -> ResolvedRun:
+    """`cfg` resolved on this process's device, for a `train` call that brings no resolved run."""
+    device = dist.device or resolve_device(cfg.device)
+    return resolve_run(cfg, model.config, Device(device.type, str(device), supports_bf16(device)),
+                       world_size=dist.world_size)
+
+
+def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cfg: RunConfig, plan: BatchPlan,
+           dist: Dist, on_event: Callable[[Event], None], save_extra: Callable[[Path], None] | None,
+           on_eval: Callable[[torch.nn.Module, int], list[Event]] | None, objective: Any,
+           resolved: ResolvedRun) -> Run:
     """Seed, place and wrap the model; build the optimizer, the schedule and the precision policy. An
     `objective` binds its runner here, before a resume loads trained weights (its reference is the start)."""
-    device = dist.device or resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    device = dist.device or torch.device(resolved.device.name or resolved.device.kind)
+    precision = resolved.precision
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
@@ -351,7 +374,7 @@ def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cf
     runner = dist.wrapped or model
     if cfg.compile:
         runner = torch.compile(runner)
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device, precision)
     lengths = [sample_length(train_set[i]) for i in range(len(train_set))]
     spe, total_steps = schedule_length(len(train_set), plan, cfg)
     warm = warmup_steps(cfg.warmup, total_steps)
@@ -362,19 +385,20 @@ def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cf
     if objective is not None:
         runner = objective.bind(model, train_set, val_set, plan.micro_bs, device, autocast)
     return Run(model=model, runner=runner, train_set=train_set, val_set=val_set, cfg=cfg, plan=plan, dist=dist,
-               device=device, precision=precision, optimizer=optimizer, scheduler=scheduler,
+               device=device, resolved=resolved, optimizer=optimizer, scheduler=scheduler,
                schedule=schedule,
                scaler=make_scaler(precision, device), autocast=autocast, lengths=lengths,
                steps_per_epoch=spe, total_steps=total_steps, warmup=warm, n_ckpt=n_ckpt, on_event=on_event,
                save_extra=save_extra, on_eval=on_eval, objective=objective)
 
 
-def emulated_precision_note(precision: str, device: torch.device) -> str | None:
+def emulated_precision_note(policy: PrecisionPolicy, device: torch.device) -> str | None:
     """One line when a half-precision run was asked for on a CPU that emulates it (no AVX-512 BF16 / AMX): what
     microft does about it (bf16: fp32 products, models.linear) and what `auto` would pick."""
-    if device.type != "cpu" or precision == "fp32" or cpu_supports_bf16():
+    if device.type != "cpu" or not policy.low_precision or cpu_supports_bf16():
         return None
-    if precision.startswith("bf16"):
+    precision = policy.name
+    if policy.compute_dtype == "bfloat16":
         return (f"--precision {precision} on a CPU without native bf16 matmuls (no AVX-512 BF16 or AMX): torch's "
                 "emulated bf16 kernels are 5-85x slower than fp32, so microft multiplies the bf16 values in fp32 "
                 "and rounds to bf16 (bf16's memory, about fp32's speed); --precision auto picks fp32 here")
@@ -430,7 +454,7 @@ def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], lis
     """`build(step, plan)`: this rank's collated micro-batches of `step` (pinned for CUDA) and all its samples."""
     epoch_cache: dict[int, list[list[int]]] = {}
     cfg, train_set = run.cfg, run.train_set
-    pack_len = (cfg.max_seq_len or run.model.config.n_positions) if cfg.packing else None
+    pack_len = run.resolved.seq_len if cfg.packing else None
     make_batch = run.objective.collate if run.objective is not None else collate
 
     def build(step: int, plan: BatchPlan) -> tuple[list[Batch], list[int]]:

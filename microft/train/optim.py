@@ -12,6 +12,7 @@ from microft.config import RunConfig
 from microft.errors import ConfigError
 from microft.layouts import MASTER_CHUNK, NO_DECAY_MARKERS
 from microft.optim8bit import closure_loss
+from microft.resolved import PrecisionPolicy, precision_policy
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -128,12 +129,16 @@ class MasterAdamW(torch.optim.Optimizer):
                 self.state[p][name] = t.to(p.device, copy=True)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
+                    precision: str | PrecisionPolicy | None = None) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names over the model's trainable parameters, under the run's resolved `precision`
+    (default: `cfg.precision`; `auto` never resolves to a policy with master weights)."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ConfigError("the model has no trainable parameters")
+    policy = precision or cfg.precision
     if cfg.optimizer == "adamw":
-        if all(p.dtype == torch.bfloat16 for g in groups for p in g["params"]):  # bf16-true: exact fp32 masters
+        if policy != "auto" and precision_policy(policy).master_weights:  # bf16-true: exact fp32 masters
             return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                  **adamw_impl(device))
