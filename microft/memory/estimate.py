@@ -140,8 +140,8 @@ def budget_device(budget: Budget | None) -> Device:
     """The CUDA GPU a budget describes, as the run resolver reads a device (no budget: a GPU with bf16 and
     memory unknown)."""
     if budget is None:
-        return Device("cuda", "a GPU")
-    return Device("cuda", budget.label, budget.bf16, budget.bytes, f"{budget.label} ({budget.bytes / GiB:.1f} GiB)",
+        return Device("cuda", "cuda")
+    return Device("cuda", "cuda", budget.bf16, budget.bytes, f"{budget.label} ({budget.bytes / GiB:.1f} GiB)",
                   budget.hopper)
 
 
