@@ -29,7 +29,7 @@ from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
 from microft.models.source import read_model_config
-from microft.resolved import Device, resolve_seq_len
+from microft.resolved import Device, precision_policy, resolve_seq_len
 from microft.resolved import resolve_precision as resolve
 
 MiB, GiB = 2**20, 2**30
@@ -248,7 +248,8 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
     params = r.m.params
     train = [p for p in params if p.train]
     C, Vp, N = arch.n_embd, arch.padded_vocab_size, s.micro_bs * s.seq_len
-    dt = 4 if s.precision == "fp32" else 2
+    policy = precision_policy(s.precision)
+    dt = policy.compute_bytes
     rows = min(ce_chunk_rows(N, Vp), N)
     nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks for lo in b.lin.values()
            if lo.nf4}
@@ -260,8 +261,8 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
         "optimizer state": sum(st.nbytes for sts in r.opt_state.values() for st in sts) + sum(q.nbytes for q in r.qmaps),
         "activations per block": r.block_bytes,
         "loss: logits per chunk (fp32)": rows * Vp * 4,
-        "loss: low-precision logits copies per chunk": 0 if dt == 4 else 2 * rows * Vp * dt,
-        "loss: saved grad_h + grad_w": N * C * (4 if s.precision != "bf16-true" else 2) + (Vp * C * dt if r.m.head.train else 0),
+        "loss: low-precision logits copies per chunk": 2 * rows * Vp * dt if policy.low_precision else 0,
+        "loss: saved grad_h + grad_w": N * C * policy.param_bytes + (Vp * C * dt if r.m.head.train else 0),
         # a tied, trainable head hands its gradient to the embedding's backward (model.HeadGradLink):
         # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
         "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tie_embeddings and r.m.wte.train) else 0,
