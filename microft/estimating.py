@@ -54,7 +54,8 @@ def describe_estimate(est: Any, accum: int) -> str:
 
 
 def estimate_config(recipe: str | None, seq_len: int | None, flags: dict[str, Any]) -> RunConfig:
-    """The run config of estimate-mem's flags (`--seq-len` is `--max-seq-len`; errors name the flag as typed)."""
+    """The run config of estimate-mem's flags (`--seq-len` is `--max-seq-len`; errors name the flag as
+    typed)."""
     if seq_len is not None:
         flags = {**flags, "max_seq_len": seq_len}
     try:
@@ -74,7 +75,8 @@ def estimate_shape(cfg: RunConfig, recipe: str | None) -> Any:
         from microft.memory.estimate import with_dropout
 
         return with_dropout(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)
-    raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a recipe")
+    raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a "
+                      "recipe")
 
 
 def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool = False, method: str = "sft",
@@ -98,7 +100,8 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     run = plan_batch(run, cfg, arch, None if lengths is None else len(lengths), answering(method), world,
                      max(lengths) if lengths else None)
     cfg = cfg.model_copy(update={"max_seq_len": run.plan_seq_len})
-    base, trace = with_method(memory.setup_for(cfg, arch, 1, precision=run.precision.name), cfg, method, trace)
+    base = memory.setup_for(cfg, arch, 1, precision=run.precision.name)
+    base, trace = with_method(base, cfg, method, trace)
     mb, acc = run.plan.micro_bs, run.plan.accum
     fit = None
     if budget is not None and method == "sft":  # the planner models SFT steps
@@ -109,11 +112,13 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}
     est = engine(arch, setup, budget, world, world_shard, **kw)
     if run.default_batch and budget is not None:
-        run = replace(run, notes=(*run.notes, f"no batch flags: a training run's default global batch, split as "
-                                  f"--micro-bs auto splits it for {budget.label}: {run.plan.describe()}"))
+        said = (f"no batch flags: a training run's default global batch, split as --micro-bs auto splits it "
+                f"for {budget.label}: {run.plan.describe()}")
+        run = replace(run, notes=(*run.notes, said))
     est.notes[:0] = [*sequence_notes(asked, seq_note, setup.seq_len), *run.notes]
     if cfg.compile:
-        est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save less)")
+        est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save "
+                         "less)")
     return MemoryAnswer(est, fit, acc, verdict(est.fits, fit), run)
 
 
@@ -123,8 +128,8 @@ def sequence_notes(asked: int | None, seq_note: str | None, seq_len: int) -> lis
     if seq_note:
         return [f"sequence length {seq_len} {seq_note}"]
     if not asked:
-        return [f"sequence length {seq_len}: the model's full context; --data measures your data's real lengths, "
-                "--seq-len sets one"]
+        return [f"sequence length {seq_len}: the model's full context; --data measures your data's real "
+                "lengths, --seq-len sets one"]
     return []
 
 
@@ -139,8 +144,8 @@ def data_lengths(cfg: RunConfig, arch: Any, run: ResolvedRun) -> tuple[list[int]
     if run.method == "dpo":  # each pair: two sequences padded to the micro-batch's longest side
         sides = pair_lengths(cfg, context, arch)
         lengths = [max(sides[i], sides[i + 1]) for i in range(0, len(sides), 2)]
-        return lengths, (f"from --data: {len(lengths)} training pairs, longest side {max(sides)} tokens (cut at "
-                         f"{context}), mean {sum(sides) / len(sides):.0f}")
+        return lengths, (f"from --data: {len(lengths)} training pairs, longest side {max(sides)} tokens "
+                         f"(cut at {context}), mean {sum(sides) / len(sides):.0f}")
     lengths = finetune_lengths(cfg, context)
     # packed rows fill up to the context with whole samples; unpacked ones are as long as the longest
     return lengths, (f"from --data: {len(lengths)} training samples, longest {max(lengths)} tokens "
@@ -151,8 +156,8 @@ def data_lengths(cfg: RunConfig, arch: Any, run: ResolvedRun) -> tuple[list[int]
 def with_method_checked(cfg: RunConfig, method: str) -> RunConfig:
     """What a method's estimate cannot do yet, refused before anything is planned."""
     if method == "dpo" and cfg.micro_bs == "auto":
-        raise ConfigError("estimate-mem --method dpo: --micro-bs auto is not planned for preference steps yet; "
-                          "give --micro-bs N")
+        raise ConfigError("estimate-mem --method dpo: --micro-bs auto is not planned for preference steps "
+                          "yet; give --micro-bs N")
     return cfg
 
 

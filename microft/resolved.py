@@ -67,7 +67,8 @@ POLICIES = {p.name: p for p in (
 
 
 def precision_policy(precision: str | PrecisionPolicy) -> PrecisionPolicy:
-    """The policy of a resolved `--precision` word (not `auto`: that needs the device, `resolve_precision`)."""
+    """The policy of a resolved `--precision` word (not `auto`: that needs the device,
+    `resolve_precision`)."""
     if isinstance(precision, PrecisionPolicy):
         return precision
     if precision not in POLICIES:
@@ -97,7 +98,8 @@ def auto_precision(device: Device) -> PrecisionPolicy:
 
 
 def resolve_precision(precision: str, device: Device) -> PrecisionPolicy:
-    """The policy a run on `device` trains under (fp16-mixed runs on CPUs too, slowly: it tests the scaler)."""
+    """The policy a run on `device` trains under (fp16-mixed runs on CPUs too, slowly: it tests the
+    scaler)."""
     return auto_precision(device) if precision == "auto" else precision_policy(precision)
 
 
@@ -126,7 +128,7 @@ class ResolvedRun:
     template: str  # the prompt template as asked (auto: the model's chat template, else alpaca)
     world_size: int = 1
     plan: BatchPlan | None = None
-    plan_seq_len: int | None = None  # the tokens a planned micro-batch row holds: the longest sample, if known
+    plan_seq_len: int | None = None  # the tokens a planned micro-batch row holds: the longest sample
     default_batch: bool = False  # the plan is microft's default (no batch flag nor recipe value)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -192,15 +194,17 @@ def plan_batch(run: ResolvedRun, cfg: RunConfig, shape: Any, n_train: int | None
     gbs = default_global_bs(n_train, world)
     said = []  # what the banner's "(default, ...)" can't say
     if gbs < DEFAULT_GLOBAL_BS:
-        said.append(f"global batch {gbs}: the default {DEFAULT_GLOBAL_BS} cut to the {n_train} training samples")
+        said.append(f"global batch {gbs}: the default {DEFAULT_GLOBAL_BS} cut to the {n_train} training "
+                    "samples")
     plan = None
     if planner is not None and run.device.memory_bytes is None:
         said.append(f"global batch {gbs} (the default), at micro-batch 1: a run splits it into the largest "
-                    "micro-batch that fits its device, and no device memory is given (--gpu-mem plans the split)")
+                    "micro-batch that fits its device, and no device memory is given (--gpu-mem plans the "
+                    "split)")
     elif planner is not None:
         try:
-            plan = planner(planned.model_copy(update={"micro_bs": "auto", "global_bs": gbs}), shape, run.device,
-                           world, n_train)
+            auto = planned.model_copy(update={"micro_bs": "auto", "global_bs": gbs})
+            plan = planner(auto, shape, run.device, world, n_train)
         except MicroftError as e:  # the run goes on at micro-batch 1, as it did before there was a default
             said.append(f"micro-batch 1, though the estimator says: {e}")
     plan = plan or resolve_batch_plan(1, None, gbs, world)

@@ -29,7 +29,8 @@ runner = CliRunner()
 
 
 def test_the_policies_say_what_each_precision_does():
-    fp32, bf16_mixed, fp16_mixed, bf16_true = (POLICIES[n] for n in ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true"))
+    names = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true")
+    fp32, bf16_mixed, fp16_mixed, bf16_true = (POLICIES[n] for n in names)
     assert not fp32.autocast and not fp32.low_precision and fp32.param_bytes == 4
     assert bf16_mixed.autocast and bf16_mixed.compute_dtype == "bfloat16" and bf16_mixed.param_bytes == 4
     assert fp16_mixed.grad_scaler and fp16_mixed.autocast and not fp16_mixed.master_weights
@@ -57,7 +58,8 @@ def test_the_trainer_and_the_estimator_resolve_auto_alike():
     from microft.models.precision import cpu_supports_bf16
     from microft.train.step import precision_for
 
-    assert precision_for("auto", torch.device("cpu")) is auto_precision(Device("cpu", bf16=cpu_supports_bf16()))
+    cpu = Device("cpu", bf16=cpu_supports_bf16())
+    assert precision_for("auto", torch.device("cpu")) is auto_precision(cpu)
     assert for_budget("auto", parse_budget("t4")) == "fp16-mixed"
     assert for_budget("auto", parse_budget("rtx3090")) == for_budget("auto") == "bf16-mixed"
     assert for_budget("bf16-true", parse_budget("t4")) == "bf16-true"
@@ -73,7 +75,8 @@ def test_sequence_length_and_its_one_message():
 
 
 def test_an_nf4_base_under_fp16_is_refused_on_the_device_auto_finds():
-    cfg = RunConfig(lora=True, quantize="nf4", precision="fp16-mixed")  # --device auto: the validator can't tell
+    # --device auto: the validator can't tell the device; the resolver refuses it on the one auto finds
+    cfg = RunConfig(lora=True, quantize="nf4", precision="fp16-mixed")
     shape = ModelConfig.from_preset("gpt2-tiny")
     with pytest.raises(ConfigError, match="needs a GPU"):
         resolve_run(cfg, shape, Device("cpu"))
@@ -83,7 +86,8 @@ def test_an_nf4_base_under_fp16_is_refused_on_the_device_auto_finds():
 def test_the_default_batch_without_a_planner_or_memory_is_micro_batch_one():
     shape = ModelConfig.from_preset("gpt2-tiny")
     run = resolve_run(RunConfig(), shape, Device("cuda"))
-    planned = plan_batch(run, RunConfig(), shape, n_train=100, planner=lambda *a: pytest.fail("no memory known"))
+    never = lambda *a: pytest.fail("planned without knowing the memory")  # noqa: E731
+    planned = plan_batch(run, RunConfig(), shape, n_train=100, planner=never)
     assert (planned.plan.micro_bs, planned.plan.accum, planned.default_batch) == (1, 16, True)
     assert "no device memory is given" in planned.notes[0]
     cut = plan_batch(run, RunConfig(), shape, n_train=7, planner=None, world_size=2)
@@ -93,7 +97,8 @@ def test_the_default_batch_without_a_planner_or_memory_is_micro_batch_one():
 # --- finetune and estimate-mem resolve the same run ------------------------------------------------------
 def alpaca(path, n: int = 60):
     rnd = random.Random(0)
-    recs = [{"instruction": "say " + " ".join(rnd.choice(["a", "bb", "ccc"]) for _ in range(rnd.randint(2, 20))),
+    words = ["a", "bb", "ccc"]
+    recs = [{"instruction": "say " + " ".join(rnd.choice(words) for _ in range(rnd.randint(2, 20))),
              "input": "", "output": "ok " * rnd.randint(1, 12)} for _ in range(n)]
     path.write_text(json.dumps(recs))
     return path
@@ -125,7 +130,8 @@ def estimate_resolved(gpu: str, flags: list[str]) -> dict:
     assert res.exit_code in (0, 3, 4), res.output
     d = json.loads(res.output)
     plan = d["resolved"]["plan"]
-    assert f"micro-bs {plan['micro_bs']} × seq {d['resolved']['plan_seq_len']}, accum {plan['accum']}" in d["estimated"]
+    seq = d["resolved"]["plan_seq_len"]
+    assert f"micro-bs {plan['micro_bs']} × seq {seq}, accum {plan['accum']}" in d["estimated"]
     return d["resolved"]
 
 
@@ -170,7 +176,8 @@ def test_estimate_mem_without_batch_flags_plans_finetunes_default_batch():
     d = json.loads(res.output)
     assert res.exit_code == 0 and "micro-bs 1 × seq 256, accum 16" in d["estimated"]
     assert any("global batch 16 (the default), at micro-batch 1" in n for n in d["notes"])
-    d = json.loads(runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--gpu-mem", "24GiB", "--json"]).output)
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--gpu-mem", "24GiB", "--json"])
+    d = json.loads(res.output)
     assert d["resolved"]["plan"] == {"micro_bs": 16, "accum": 1, "world_size": 1}
     assert d["plan"]["global_bs"] == 16 and any("no batch flags" in n for n in d["notes"])
     with_flags = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--micro-bs", "1", "--json"])

@@ -44,7 +44,8 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda given but no CUDA GPU is available")
     if dev.type == "mps" and not mps_available():
-        raise ConfigError("--device mps given but MPS is not available (it needs Apple silicon and macOS 12.3+)")
+        raise ConfigError("--device mps given but MPS is not available (it needs Apple silicon and macOS "
+                          "12.3+)")
     return dev
 
 
@@ -72,14 +73,15 @@ def precision_for(precision: str, device: torch.device) -> PrecisionPolicy:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The `--precision` word a run trains under on `device` (auto: bf16-mixed on CUDA ≥ 8.0, bf16-capable CPUs
-    or MPS on macOS 14+, fp16-mixed on older GPUs, else fp32): `precision_for`'s name."""
+    """The `--precision` word a run trains under on `device` (auto: bf16-mixed on CUDA ≥ 8.0, bf16-capable
+    CPUs or MPS on macOS 14+, fp16-mixed on older GPUs, else fp32): `precision_for`'s name."""
     return precision_for(precision, device).name
 
 
 def autocast_context(precision: str | PrecisionPolicy, device: torch.device
                      ) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the forward's autocast context (a no-op where the policy computes in its weights' dtype)."""
+    """A factory of the forward's autocast context (a no-op where the policy computes in its weights'
+    dtype)."""
     policy = precision_policy(precision)
     if policy.autocast:
         dtype = getattr(torch, policy.compute_dtype)
@@ -89,8 +91,10 @@ def autocast_context(precision: str | PrecisionPolicy, device: torch.device
 
 def make_scaler(precision: str | PrecisionPolicy, device: torch.device, init_scale: float = 2.0**16
                 ) -> torch.amp.GradScaler:
-    """A GradScaler that is live only where the policy scales the loss (fp16-mixed); else a no-op, same API."""
-    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision_policy(precision).grad_scaler)
+    """A GradScaler that is live only where the policy scales the loss (fp16-mixed); else a no-op, same
+    API."""
+    enabled = precision_policy(precision).grad_scaler
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=enabled)
 
 
 def place_model(model: torch.nn.Module, precision: str | PrecisionPolicy, device: torch.device) -> None:
@@ -101,9 +105,10 @@ def place_model(model: torch.nn.Module, precision: str | PrecisionPolicy, device
     model.to(device)
 
 
-def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, denom: float,
-               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
+               denom: float, autocast: Callable, scaler: torch.amp.GradScaler,
+               target_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum.
 
     `position_ids` marks packed rows (--packing); plain batches leave it out of the call.
@@ -162,7 +167,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 
 def finish_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                max_norm: float | None, before_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, bool]:
+                max_norm: float | None, before_step: Callable[[], None] | None = None
+                ) -> tuple[torch.Tensor, bool]:
     """The end of every optimizer step, in the loop and the memory trace alike: unscale (fp16), clip (handed
     to the optimizer where it reads a grad scale; not with the fp16 scaler, whose skipped steps must leave
     no divisor behind), `before_step()` (the loop checks the loss there, the trace marks the phase), step.
