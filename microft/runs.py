@@ -53,18 +53,21 @@ def local_device(cfg: RunConfig) -> Device:
         where = f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
         return Device("cuda", str(device), bf16, props.total_memory, where, props.major >= 9)
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return Device(device.type, str(device), bf16, avail, f"this machine's free memory ({avail / 2**30:.1f} GiB)")
+    where = f"this machine's free memory ({avail / 2**30:.1f} GiB)"
+    return Device(device.type, str(device), bf16, avail, where)
 
 
 def model_shape(cfg: RunConfig) -> Any:
-    """The ModelConfig of the run's model (`--dropout` applied), read from its config.json or preset before any
-    weight is (no torch); a LoRA adapter directory is refused first, in the words of what to do instead."""
+    """The ModelConfig of the run's model (`--dropout` applied), read from its config.json or preset before
+    any weight is (no torch); a LoRA adapter directory is refused first, in the words of what to do
+    instead."""
     from microft.lora import is_adapter_dir
     from microft.memory.estimate import load_shape
 
     if cfg.model and is_adapter_dir(cfg.model):  # load_model would read the base beside them and drop them
-        raise ConfigError(f"{cfg.model} holds LoRA adapters: fold them into a model first (microft merge --model "
-                          f"{cfg.model} --out DIR) and train from DIR, or continue that run with --resume")
+        raise ConfigError(f"{cfg.model} holds LoRA adapters: fold them into a model first (microft merge "
+                          f"--model {cfg.model} --out DIR) and train from DIR, or continue that run with "
+                          "--resume")
     return load_shape(cfg.model or "gpt2-tiny", cfg.dropout)
 
 
@@ -75,7 +78,8 @@ def resolve_here(cfg: RunConfig, method: str = "sft") -> tuple[ResolvedRun, Any]
     return resolve_run(cfg, shape, local_device(cfg), method), shape
 
 
-def memory_planner(cfg: RunConfig, shape: Any, device: Device, world_size: int, n_train: int | None) -> BatchPlan:
+def memory_planner(cfg: RunConfig, shape: Any, device: Device, world_size: int, n_train: int | None
+                   ) -> BatchPlan:
     """`--micro-bs auto`'s planner (memory.plan.auto_batch_plan) on the device's memory."""
     from microft.memory.estimate import Budget, with_dropout
     from microft.memory.plan import auto_batch_plan
@@ -123,7 +127,8 @@ def memory_hooks(cfg: RunConfig, model_cfg: Any, method: str = "sft"):
         return MemoryHooks(traced_peak=quietly(lambda precision, plan: estimate_for_run(
             cfg, model_cfg, plan, precision, engine="trace", method=method)["peak_bytes"]))
     return MemoryHooks(
-        banner_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision)["summary"]),
+        banner_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan,
+                                                                     precision)["summary"]),
         traced_peak=quietly(lambda precision, plan: estimate_for_run(cfg, model_cfg, plan, precision,
                                                                      engine="trace")["peak_bytes"]),
         oom_advice=quietly(lambda device_bytes: plan_advice(cfg, model_cfg, device_bytes)),
@@ -184,16 +189,17 @@ def tokenizer_for(spec: str | None, model_cfg: Any):
     family = model_cfg.model_type
     if d is None:
         if family != "gpt2":
-            raise ConfigError(f"{spec} is a randomly initialised {family} preset without a tokenizer; point --model "
-                              "at a model directory (or a cached hub repo id) that has tokenizer.json")
+            raise ConfigError(f"{spec} is a randomly initialised {family} preset without a tokenizer; point "
+                              "--model at a model directory (or a cached hub repo id) that has "
+                              "tokenizer.json")
         return gpt2_tokenizer()
     tok = load_tokenizer(d)
     if tok is gpt2_tokenizer() and family != "gpt2":  # a microft checkpoint dir without tokenizer files
         raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model for this {family} model; copy the base "
                           "model's tokenizer files into it")
     if tok.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"{d}: the tokenizer has {tok.vocab_size} ids but the model only {model_cfg.vocab_size} "
-                          "embeddings; they do not belong together")
+        raise ConfigError(f"{d}: the tokenizer has {tok.vocab_size} ids but the model only "
+                          f"{model_cfg.vocab_size} embeddings; they do not belong together")
     return tok
 
 
@@ -251,8 +257,9 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
         emit = main_only(on_event, dist)
         run = plan_run(run, cfg, shape, [run.seq_len] * len(train_idx), dist.world_size, emit)
-        return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, run.plan,
-                     emit, dist=dist, memory=memory_hooks(cfg, model.config), resolved=run,
+        val = Subset(blocks, val_idx) if val_idx else None
+        return train(model, Subset(blocks, train_idx), val, cfg, run.plan, emit, dist=dist,
+                     memory=memory_hooks(cfg, model.config), resolved=run,
                      save_extra=lambda d: write_tokenizer_files(run.tokenizer, d, model.config),
                      banner_extra=batch_banner(run))
 
@@ -279,7 +286,8 @@ def _respond(model, template, tok, prompt: str, max_new_tokens: int) -> str:
     from microft.generate import generate, stream_text
     from microft.instruct import encode_prompt
 
-    ids = generate(model, encode_prompt(template, tok, prompt), max_new_tokens, temperature=0.0, stop_ids=tok.eos_ids)
+    ids = generate(model, encode_prompt(template, tok, prompt), max_new_tokens, temperature=0.0,
+                   stop_ids=tok.eos_ids)
     return template.clean("".join(stream_text(ids, tok)))
 
 
@@ -298,7 +306,8 @@ def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64, 
 
 def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
     """Tokens per training sample of `cfg.data`, built as `run_finetune` builds them (template, cut at
-    `max_len`, split): what `estimate-mem --data` measures. Micro-batches are padded to their longest sample."""
+    `max_len`, split): what `estimate-mem --data` measures. Micro-batches are padded to their longest
+    sample."""
     from microft.data import sample_length
     from microft.instruct import load_instruct_data
     from microft.tokenizer import encode
@@ -418,8 +427,9 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         acc_before = accuracy("before training")[0] if demo and talk and not cfg.resume else None
         run = plan_run(run, cfg, shape, [sample_length(s) for s in data.train], dist.world_size, emit)
         banner.update(batch_banner(run))
-        summary = train(model, data.train, data.val or None, cfg, run.plan, emit, dist=dist, save_extra=save_extra,
-                        on_eval=on_eval if sample_prompts else None, banner_extra=banner,
+        summary = train(model, data.train, data.val or None, cfg, run.plan, emit, dist=dist,
+                        save_extra=save_extra, on_eval=on_eval if sample_prompts else None,
+                        banner_extra=banner,
                         memory=memory_hooks(cfg, model.config), resolved=run)
         if demo and talk:
             summary["demo_accuracy_before"] = acc_before
@@ -427,7 +437,8 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         if cfg.predict and data.eval_samples and talk:
             summary["predictions"] = predict(cfg, model, data, tok, emit)
         if demo and talk:  # what to do next comes last
-            summary["next_steps"] = demo_next_steps(cfg, data, records.parts.val, demo_preds, summary["final_dir"])
+            summary["next_steps"] = demo_next_steps(cfg, data, records.parts.val, demo_preds,
+                                                    summary["final_dir"])
             for line in summary["next_steps"]:
                 emit({"kind": "note", "text": line})
     return summary
@@ -436,14 +447,16 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 def refuse_for_dpo(cfg: RunConfig) -> None:
     """What `dpo` does not do (yet), each refused in one line before anything is read."""
     if cfg.data is None:
-        raise ConfigError("dpo needs --data: preference pairs ({prompt|instruction, chosen, rejected} records)")
+        raise ConfigError("dpo needs --data: preference pairs ({prompt|instruction, chosen, rejected} "
+                          "records)")
     refused = {"packing": "--packing (a pair's two sides are scored row by row)",
                "compile": "--compile", "predict": "--predict", "columns": "--columns"}
     for name, what in refused.items():
         if getattr(cfg, name):
             raise ConfigError(f"dpo does not support {what}; leave it out (or out of the recipe)")
     if cfg.devices > 1 or cfg.shard != "none":
-        raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning yet")
+        raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning "
+                          "yet")
     if cfg.micro_bs == "auto":
         raise ConfigError("dpo: --micro-bs auto is not supported yet (the memory planner models SFT steps); "
                           "give --micro-bs N")
@@ -484,8 +497,8 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
     run = plan_run(run, cfg, shape, pair_sides(data.train), 1, on_event)
     reference = ("none" if not loss.needs_reference else "precomputed log-probs" if cfg.precompute_ref
                  else "the base (LoRA adapters off)" if cfg.lora else "a frozen copy of the starting model")
-    banner = {"data_stats": f"{len(data.train)} train / {len(data.val)} val pairs; {data.n_skipped} bad pairs "
-                            "skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
+    banner = {"data_stats": f"{len(data.train)} train / {len(data.val)} val pairs; {data.n_skipped} bad "
+                            "pairs skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
               **batch_banner(run)}
     return train(model, data.train, data.val or None, cfg, run.plan, on_event,
                  save_extra=saved_files(cfg, model, False), banner_extra=banner,
@@ -494,8 +507,8 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
 
 def describe_loss(loss: Any) -> str:
     """The banner's words for the loss and its constants."""
-    consts = {"dpo": f"beta {loss.beta}", "ipo": f"beta {loss.beta}", "simpo": f"beta {loss.beta}, gamma {loss.gamma}",
-              "orpo": f"lambda {loss.lam}"}
+    consts = {"dpo": f"beta {loss.beta}", "ipo": f"beta {loss.beta}",
+              "simpo": f"beta {loss.beta}, gamma {loss.gamma}", "orpo": f"lambda {loss.lam}"}
     return f"{loss.kind} ({consts[loss.kind]})"
 
 
@@ -506,14 +519,15 @@ def longrope_note(model_cfg: Any, max_len: int) -> str | None:
     if longrope is None or max_len <= longrope.original_max_position_embeddings:
         return None
     orig = longrope.original_max_position_embeddings
-    return (f"LongRoPE: a micro-batch padded past {orig} positions takes the long RoPE factors for all its samples "
-            f"(as transformers does), so there the split of the global batch changes the result; --max-seq-len "
-            f"{orig} keeps it exact")
+    return (f"LongRoPE: a micro-batch padded past {orig} positions takes the long RoPE factors for all its "
+            f"samples (as transformers does), so there the split of the global batch changes the result; "
+            f"--max-seq-len {orig} keeps it exact")
 
 
 def data_stats_line(data: Any) -> str:
     """The banner's line on the data: samples per split, truncated and dropped, bad records skipped."""
-    truncated, dropped = (sum(getattr(st, k) for st in data.stats.values()) for k in ("n_truncated", "n_dropped"))
+    truncated, dropped = (sum(getattr(st, k) for st in data.stats.values())
+                          for k in ("n_truncated", "n_dropped"))
     return (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples; "
             f"{truncated} truncated, {dropped} dropped (response cut away; all splits), "
             f"{data.n_skipped} bad records skipped")
@@ -561,7 +575,8 @@ def predict(cfg: RunConfig, model: Any, data: Any, tok: Any, emit: Callable[[Eve
     return path
 
 
-def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[str], final_dir: str) -> list[str]:
+def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[str], final_dir: str
+                    ) -> list[str]:
     """The demo's closing lines: a `generate` command for a held-out item the model answered right (in the
     template it trained with), how many it got right, and where to go next."""
     from microft.demo import next_steps, pick_example
@@ -658,12 +673,14 @@ def load_any(spec: str, device: str = "cpu"):
 
     rec = read_quant_record(spec)
     if rec is not None:  # a QLoRA checkpoint: rebuild the NF4 base it records, then add the adapters
-        model = load_quantized(rec["base_model"], rec["scheme"], bool(rec.get("double_quant")), seed=rec.get("seed"))
+        model = load_quantized(rec["base_model"], rec["scheme"], bool(rec.get("double_quant")),
+                               seed=rec.get("seed"))
         return load_adapter(model, spec).to(device)
     if (Path(spec) / CONFIG).exists():
         base = spec
     else:
         base = read_adapter_config(spec).get("base_model_name_or_path")
         if not base:
-            raise CheckpointError(f"{spec}: adapter_config.json names no base model; pass the base with --model")
+            raise CheckpointError(f"{spec}: adapter_config.json names no base model; pass the base with "
+                                  "--model")
     return load_adapter(load_model(base, device), spec)
