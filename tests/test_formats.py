@@ -263,8 +263,8 @@ def test_dry_run_says_the_default_batch():
 
 def test_default_batch_plan_fits_the_data():
     from microft.models.config import ModelConfig
-    from microft.resolved import plan_batch
-    from microft.runs import local_device, memory_planner, resolve_run
+    from microft.resolved import plan_batch, resolve_run
+    from microft.runs import local_device, memory_planner
 
     def batch_plan(cfg, world, shape, on_event, n_train):
         run = resolve_run(cfg, mcfg, local_device(cfg))
