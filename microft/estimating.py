@@ -96,7 +96,7 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
                       seq_flag="--seq-len" if seq_len is not None else "--max-seq-len")
     lengths, seq_note = data_lengths(cfg, arch, run)
     asked = cfg.max_seq_len
-    cfg = with_method_checked(cfg, method)
+    refuse_for_method(cfg, method)
     run = plan_batch(run, cfg, arch, None if lengths is None else len(lengths), answering(method), world,
                      max(lengths) if lengths else None)
     cfg = cfg.model_copy(update={"max_seq_len": run.plan_seq_len})
@@ -105,7 +105,10 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     mb, acc = run.plan.micro_bs, run.plan.accum
     fit = None
     if budget is not None and method == "sft":  # the planner models SFT steps
-        gbs = None if cfg.micro_bs == "auto" and cfg.global_bs is None else run.plan.global_bs
+        # the global batch to keep: the one asked for (a global batch, or a micro-batch with its accumulation)
+        # or the default; --accum alone or --micro-bs auto without --global-bs keep only the accumulation
+        kept = cfg.global_bs or isinstance(cfg.micro_bs, int) or run.default_batch
+        gbs = run.plan.global_bs if kept else None
         fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc))
     setup = replace(base, micro_bs=mb, accum=min(acc, 2))
     engine = memory.trace if trace else memory.estimate
@@ -153,12 +156,11 @@ def data_lengths(cfg: RunConfig, arch: Any, run: ResolvedRun) -> tuple[list[int]
                      + (f"; --packing fills rows of {context}" if cfg.packing else ""))
 
 
-def with_method_checked(cfg: RunConfig, method: str) -> RunConfig:
+def refuse_for_method(cfg: RunConfig, method: str) -> None:
     """What a method's estimate cannot do yet, refused before anything is planned."""
     if method == "dpo" and cfg.micro_bs == "auto":
         raise ConfigError("estimate-mem --method dpo: --micro-bs auto is not planned for preference steps "
                           "yet; give --micro-bs N")
-    return cfg
 
 
 def with_method(base: Any, cfg: RunConfig, method: str, trace: bool) -> tuple[Any, bool]:
