@@ -182,3 +182,14 @@ def test_estimate_mem_without_batch_flags_plans_finetunes_default_batch():
     assert d["plan"]["global_bs"] == 16 and any("no batch flags" in n for n in d["notes"])
     with_flags = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--micro-bs", "1", "--json"])
     assert "accum 1," in json.loads(with_flags.output)["estimated"]
+
+
+@pytest.mark.parametrize(("flags", "kept"), [
+    ([], 16), (["--global-bs", "8"], 8), (["--micro-bs", "2"], 2), (["--accum", "4"], None),
+    (["--micro-bs", "auto", "--accum", "2"], None),
+])
+def test_the_budget_plan_keeps_the_global_batch_asked_for(flags, kept):
+    """The plan's strategies keep the run's global batch: the default, --global-bs, or a micro-batch with its
+    accumulation; --accum alone or --micro-bs auto without --global-bs keep only the accumulation."""
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--gpu-mem", "8GiB", "--json", *flags])
+    assert json.loads(res.output)["plan"]["global_bs"] == kept
