@@ -97,7 +97,8 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     lengths, seq_note = data_lengths(cfg, arch, run)
     asked = cfg.max_seq_len
     refuse_for_method(cfg, method)
-    run = plan_batch(run, cfg, arch, None if lengths is None else len(lengths), answering(method), world,
+    planner = answering(method)
+    run = plan_batch(run, cfg, arch, None if lengths is None else len(lengths), planner, world,
                      max(lengths) if lengths else None)
     cfg = cfg.model_copy(update={"max_seq_len": run.plan_seq_len})
     base = memory.setup_for(cfg, arch, 1, precision=run.precision.name)
@@ -114,9 +115,11 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     engine = memory.trace if trace else memory.estimate
     kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}
     est = engine(arch, setup, budget, world, world_shard, **kw)
-    if run.default_batch and budget is not None:
+    if run.default_batch and (planner is None or budget is not None):
         said = (f"no batch flags: a training run's default global batch, split as --micro-bs auto splits it "
-                f"for {budget.label}: {run.plan.describe()}")
+                f"for {budget.label}: {run.plan.describe()}" if planner is not None else
+                f"no batch flags: a {method} run's default global batch at micro-batch 1 (the planner does "
+                f"not split {method} steps yet): {run.plan.describe()}")
         run = replace(run, notes=(*run.notes, said))
     est.notes[:0] = [*sequence_notes(asked, seq_note, setup.seq_len), *run.notes]
     if cfg.compile:
