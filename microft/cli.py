@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="microft",
-    help="Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have: exact gradient accumulation, mixed precision, "
-    "gradient checkpointing, LoRA, and a memory planner.",
+    help="Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have: exact gradient "
+    "accumulation, mixed precision, gradient checkpointing, LoRA, and a memory planner.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -57,7 +57,8 @@ def _root() -> None:
     """Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have."""
 
 
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and batch plan, then exit.")]
+DryRun = Annotated[bool, typer.Option("--dry-run",
+                                      help="Print the resolved config and batch plan, then exit.")]
 
 
 _SAID_INTERRUPTED: list[str] = []  # what user_errors said of an interrupt (main says it where it did not)
@@ -147,9 +148,9 @@ def dry_run_output(cfg: RunConfig, names: tuple[str, ...], world: int = 1) -> No
         return
     if cfg.micro_bs == "auto":  # the planner needs the model, the data and the memory free at the start
         keep = f"global batch {cfg.global_bs} kept" if cfg.global_bs else f"--accum {cfg.accum or 1} kept"
-        print(f"Effective batch: --micro-bs auto, chosen at the start: the largest micro-batch whose estimated "
-              f"peak fits the memory then free ({keep}); estimate-mem --micro-bs auto --gpu-mem X shows the plan "
-              f"for a budget")
+        print(f"Effective batch: --micro-bs auto, chosen at the start: the largest micro-batch whose "
+              f"estimated peak fits the memory then free ({keep}); estimate-mem --micro-bs auto --gpu-mem X "
+              f"shows the plan for a budget")
         return
     plan = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
     print(f"Effective batch: {plan.describe()}")
@@ -255,39 +256,63 @@ def dpo(dry_run: DryRun = False, **flags: Any) -> None:
         _run_reporting(cfg, run_dpo)
 
 
-@app.command()
+# help strings (typer keeps a docstring's line breaks in --help): each paragraph one line of output
+def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
+    """`generate`'s prompt: --prompt-file's text, else --prompt's, else stdin's (--prompt - or none given)."""
+    from microft.errors import ConfigError
+
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read prompt file {prompt_file}: {e}") from None
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise ConfigError("give --prompt TEXT, --prompt-file FILE, or pipe the prompt on stdin")
+        return sys.stdin.read()
+    return prompt
+
+
+GENERATE_HELP = ("Generate text from a model, streaming it through the model's tokenizer (KV cache; stops at "
+                 "any EOS id).")
+
+
+@app.command(help=GENERATE_HELP)
 def generate(
-    model: Annotated[str, typer.Option("--model", help="HF model directory, cached hub repo id, microft checkpoint, LoRA adapter directory, or GPT-2 preset.")],
-    prompt: Annotated[str | None, typer.Option("--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,
-    prompt_file: Annotated[Path | None, typer.Option("--prompt-file", help="Read the prompt from a file.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")] = 100,
+    model: Annotated[str, typer.Option(
+        "--model", help="HF model directory, cached hub repo id, microft checkpoint, LoRA adapter directory, "
+        "or GPT-2 preset.")],
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(
+        "--prompt-file", help="Read the prompt from a file.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Tokens to generate at most.")] = 100,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Sample from the k most likely tokens.")] = None,
+    top_k: Annotated[int | None, typer.Option(
+        "--top-k", help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed for sampling (with --temperature > 0); unset: a fresh draw each time.")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt as a user turn in the model's chat template.")] = False,
-    template: Annotated[str | None, typer.Option("--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, chat, a template or .jinja file).")] = None,
-    input_text: Annotated[str | None, typer.Option("--input", help="The instruction's input field (Alpaca's `input`; with --template or --chat).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", help="Seed for sampling (with --temperature > 0); unset: a fresh draw each time.")] = None,
+    chat: Annotated[bool, typer.Option(
+        "--chat", help="Wrap the prompt as a user turn in the model's chat template.")] = False,
+    template: Annotated[str | None, typer.Option(
+        "--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, chat, a template or "
+        ".jinja file).")] = None,
+    input_text: Annotated[str | None, typer.Option(
+        "--input", help="The instruction's input field (Alpaca's `input`; with --template or "
+        "--chat).")] = None,
     device: Device = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print one JSON object instead of streaming text.")] = False,
 ) -> None:
-    """Generate text from a model, streaming it through the model's tokenizer (KV cache; stops at any EOS id)."""
+    """`microft generate`: GENERATE_HELP."""
     with user_errors():
         from microft.errors import ConfigError
 
         if chat and template:
             raise ConfigError("give --chat or --template, not both (--chat is --template chat)")
-        if prompt_file is not None:
-            try:
-                text = prompt_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError(f"cannot read prompt file {prompt_file}: {e}") from None
-        elif prompt is None or prompt == "-":
-            if sys.stdin.isatty():
-                raise ConfigError("give --prompt TEXT, --prompt-file FILE, or pipe the prompt on stdin")
-            text = sys.stdin.read()
-        else:
-            text = prompt
+        text = _prompt_text(prompt, prompt_file)
         from microft.instruct import is_unicode_text
 
         if not is_unicode_text(text) or not is_unicode_text(input_text or ""):
@@ -298,7 +323,8 @@ def generate(
         from microft.train.step import resolve_device
 
         if input_text is not None and not (template or chat):
-            raise ConfigError("--input is the instruction's input field: give it with --template (e.g. alpaca) or --chat")
+            raise ConfigError("--input is the instruction's input field: give it with --template (e.g. "
+                              "alpaca) or --chat")
         net = load_any(model, str(resolve_device(device or "auto")))
         tok = tokenizer_for(model, net.config)
         tmpl = None
@@ -366,14 +392,20 @@ def export(
         _no_tokenizer_note(res.path, res.no_tokenizer)
 
 
-@app.command()
+MERGE_HELP = ("Fold LoRA adapters into the base weights and save a plain microft checkpoint (with the "
+              "tokenizer files).")
+
+
+@app.command(help=MERGE_HELP)
 def merge(
-    model: Annotated[str, typer.Option("--model", help="LoRA adapter directory (or run dir with adapter files).")],
+    model: Annotated[str, typer.Option(
+        "--model", help="LoRA adapter directory (or run dir with adapter files).")],
     out: Annotated[str, typer.Option("--out", help="Directory for the merged microft checkpoint.")],
-    base: Annotated[str | None, typer.Option("--base", help="Base model, when the adapter doesn't name it.")] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", help="Base model, when the adapter doesn't name it.")] = None,
     force: Force = False,
 ) -> None:
-    """Fold LoRA adapters into the base weights and save a plain microft checkpoint (with the tokenizer files)."""
+    """`microft merge`: MERGE_HELP."""
     with user_errors():
         from microft.errors import ConfigError
         from microft.lora import is_adapter_dir, load_adapter, merge_lora
@@ -398,23 +430,29 @@ def merge(
 def _no_tokenizer_note(path: Any, why: str | None) -> None:
     """The one line saying a written model directory has no tokenizer (the weights are still usable)."""
     if why:
-        sys.stderr.write(f"note: {path} has no tokenizer files ({why}); copy the base model's tokenizer files "
-                         "into it before loading it with transformers\n")
+        sys.stderr.write(f"note: {path} has no tokenizer files ({why}); copy the base model's tokenizer "
+                         "files into it before loading it with transformers\n")
 
 
-@app.command()
+DOWNLOAD_HELP = (
+    "Fetch a model's config, tokenizer and weights into the Hugging Face cache (resumable, hash-checked).\n\n"
+    "The cache is $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub, shared with transformers; "
+    "safetensors\nare preferred (no .bin, .pth, .gguf or ONNX when they exist). Gated repos read HF_TOKEN. "
+    "Prints the snapshot\ndirectory, so `$(microft download X)` works; afterwards --model also takes the "
+    "repo id.")
+
+
+@app.command(help=DOWNLOAD_HELP)
 def download(
-    repo: Annotated[str, typer.Argument(help="Hub repo id (Qwen/Qwen3-0.6B) or gpt2 | gpt2-medium | gpt2-large | gpt2-xl.")],
+    repo: Annotated[str, typer.Argument(
+        help="Hub repo id (Qwen/Qwen3-0.6B) or gpt2 | gpt2-medium | gpt2-large | gpt2-xl.")],
     revision: Annotated[str, typer.Option("--revision", help="Branch, tag or commit.")] = "main",
-    endpoint: Annotated[str | None, typer.Option("--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print repo, commit, path and files as JSON.")] = False,
+    endpoint: Annotated[str | None, typer.Option(
+        "--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co).")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print repo, commit, path and files as JSON.")] = False,
 ) -> None:
-    """Fetch a model's config, tokenizer and weights into the Hugging Face cache (resumable, hash-checked).
-
-    The cache is $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub, shared with transformers; safetensors
-    are preferred (no .bin, .pth, .gguf or ONNX when they exist). Gated repos read HF_TOKEN. Prints the snapshot
-    directory, so `$(microft download X)` works; afterwards --model also takes the repo id.
-    """
+    """`microft download`: DOWNLOAD_HELP."""
     with user_errors():
         import json
 
@@ -436,190 +474,71 @@ def download(
         print(json.dumps(snap.to_json(), indent=2) if json_out else snap.path)
 
 
-Trace = Annotated[bool, typer.Option("--trace", help="Run microft's real step on fake tensors for the exact peak (any family; seconds).")]
+Trace = Annotated[bool, typer.Option(
+    "--trace", help="Run microft's real step on fake tensors for the exact peak (any family; seconds).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the estimate (and plan) as JSON.")]
-Method = Annotated[str, typer.Option("--method", help=(
-    "sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batch pairs of two sequences, the "
-    "reference forward or none; with --loss, --precompute-ref)."))]
-GpuMem = Annotated[str | None, typer.Option("--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a verdict and a plan.")]
+Method = Annotated[str, typer.Option(
+    "--method", help="sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batch pairs of two "
+    "sequences, the reference forward or none; with --loss, --precompute-ref).")]
+GpuMem = Annotated[str | None, typer.Option(
+    "--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a "
+    "verdict and a plan.")]
 
 
-@app.command("estimate-mem")
+ESTIMATE_HELP = (
+    "Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.\n\n"
+    "Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates "
+    "`finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and "
+    "--template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest "
+    "sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as "
+    "the global batch; with no batch flag it estimates finetune's default batch (global batch 16, split for "
+    "--gpu-mem as --micro-bs auto splits it; without --gpu-mem at micro-batch 1). --model takes a preset, "
+    "checkpoint, HF directory, config.json or hub repo id of any family (not downloaded: only its "
+    "config.json is fetched).\n\n"
+    "The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the "
+    "real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's "
+    "max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation "
+    "margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest "
+    "micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.\n\n"
+    "Exit codes: 0 the run fits as asked (or no budget given), 4 it does not but the recommended plan does, "
+    "3 nothing fits, 2 bad input.")
+
+
+@app.command("estimate-mem", help=ESTIMATE_HELP)
 @run_options(options.ESTIMATE)
-def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False, method: Method = "sft",
-                 **flags: Any) -> None:
-    """Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.
-
-    Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates `finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and --template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as the global batch. --model takes a preset, checkpoint, HF directory, config.json or hub repo id of any family (not downloaded: only its config.json is fetched).
-
-    The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation margin) is listed apart and added for the verdict. With --gpu-mem: for each strategy the largest micro-batch that fits with the accumulation that keeps --global-bs, and a recommendation.
-
-    Exit codes: 0 the run fits as asked (or no budget given), 4 it does not but the recommended plan does, 3 nothing fits, 2 bad input.
-    """
+def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False,
+                 method: Method = "sft", **flags: Any) -> None:
+    """`microft estimate-mem`: ESTIMATE_HELP; `estimating.estimate_run` answers, this renders."""
     with user_errors():
-        from microft.config import resolve_config
-        from microft.errors import ConfigError
-        from microft.memory import estimate as memory
-        from microft.memory.plan import VERDICTS, fit_budget, verdict
+        from microft.estimating import estimate_run
 
         recipe, seq_len = flags.pop("recipe"), flags.pop("seq_len")
-        flags = run_flags(flags)
-        if seq_len is not None:
-            flags["max_seq_len"] = seq_len
-        try:
-            cfg = resolve_config(str(recipe) if recipe else None, **flags)
-        except ConfigError as e:  # name the flag as typed
-            typed = str(e).replace("--max-seq-len", "--seq-len") if seq_len is not None else str(e)
-            raise ConfigError(typed) from None
-        if cfg.model:
-            arch = _planning_arch(cfg.model, cfg.dropout)
-        elif recipe is not None and not cfg.data:  # a recipe without model or data (recipes/demo.toml): the demo's model
-            from microft.demo import demo_model_config, demo_tokenizer
-
-            arch = memory.with_dropout(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)
-        else:
-            raise ConfigError("estimate-mem needs --model (a preset, checkpoint, HF directory or config.json) or a recipe")
-        cfg, seq_note = _data_lengths(cfg, arch, method)
-        budget = memory.parse_budget(gpu_mem) if gpu_mem is not None else None  # "" too: an unset $VAR
-        world, world_shard = memory.scale_out(cfg)
-        prec = memory.resolve_precision(cfg.precision, budget)
-        base = memory.setup_for(cfg, arch, 1, precision=prec)
-        base, trace = _with_method(base, cfg, method, trace)
-        bp = _asked_batch_plan(cfg, arch, budget, world, method)
-        mb, acc = bp.micro_bs, bp.accum
-        gbs = cfg.global_bs
-        fit = None
-        if budget is not None:
-            if gbs is None and isinstance(cfg.micro_bs, int):  # the batch asked about is the one to keep
-                gbs = cfg.micro_bs * (cfg.accum or 1) * world
-            fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc))
-        from dataclasses import replace
-
-        setup = replace(base, micro_bs=mb, accum=min(acc, 2))
-        engine = memory.trace if trace else memory.estimate
-        kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}
-        est = engine(arch, setup, budget, world, world_shard, **kw)
-        if seq_note:
-            est.notes.insert(0, f"sequence length {setup.seq_len} {seq_note}")
-        elif not cfg.max_seq_len:
-            est.notes.insert(0, f"sequence length {setup.seq_len}: the model's full context; --data measures your "
-                                "data's real lengths, --seq-len sets one")
-        if cfg.compile:
-            est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save less)")
-        code = verdict(est.fits, fit)
+        answer = estimate_run(run_flags(flags), gpu_mem, trace, method, str(recipe) if recipe else None,
+                              seq_len)
         if json_out:
             import json
 
-            print(json.dumps({"estimated": _what(est, acc), **est.to_dict(), "accum": acc,
-                              "plan": fit.to_dict() if fit else None, "exit_code": code,
-                              "verdict": VERDICTS[code] if budget is not None else None}, indent=2))
+            print(json.dumps(answer.to_dict(), indent=2))
         else:
-            _render_estimate(est, acc, fit, code)
-        if code:
-            raise typer.Exit(code)
+            _render_estimate(answer)
+        if answer.code:
+            raise typer.Exit(answer.code)
 
 
-def _data_lengths(cfg: Any, arch: Any, method: str) -> tuple[Any, str | None]:
-    """With --data: the config with its longest sample as the sequence length (micro-batches are padded to
-    their longest sample), and the note that says so; else the config as it is."""
-    from microft.memory import estimate as memory
-
-    if not cfg.data:
-        return cfg, None
-    from microft.runs import finetune_lengths, pair_lengths
-
-    context = cfg.max_seq_len or arch.n_positions
-    memory.setup_for(cfg, arch, 1)  # refuses a --max-seq-len past the model's context
-    if method == "dpo":  # each pair: two sequences padded to the micro-batch's longest side
-        lengths = pair_lengths(cfg, context, arch)
-        return cfg.model_copy(update={"max_seq_len": max(lengths)}), (
-            f"from --data: {len(lengths) // 2} training pairs, longest side {max(lengths)} tokens (cut at "
-            f"{context}), mean {sum(lengths) / len(lengths):.0f}")
-    lengths = finetune_lengths(cfg, context)
-    # packed rows fill up to the context with whole samples; unpacked ones are as long as the longest
-    cfg = cfg.model_copy(update={"max_seq_len": context if cfg.packing else max(lengths)})
-    return cfg, (f"from --data: {len(lengths)} training samples, longest {max(lengths)} tokens "
-                 f"(cut at {context}), mean {sum(lengths) / len(lengths):.0f}"
-                 + (f"; --packing fills rows of {context}" if cfg.packing else ""))
-
-
-def _with_method(base: Any, cfg: Any, method: str, trace: bool) -> tuple[Any, bool]:
-    """The setup of --method (sft, or `microft dpo`'s preference step with --loss and --precompute-ref) and
-    whether to trace (both engines model both steps)."""
-    from microft.memory.plan import with_method
-
-    return with_method(base, cfg, method), trace
-
-
-def _asked_batch_plan(cfg: Any, arch: Any, budget: Any, world: int, method: str = "sft") -> Any:
-    """The batch plan estimate-mem estimates: the flags' own, or `--micro-bs auto`'s choice (micro-batch 1
-    when none fits: "does not fit" is an answer, not bad input)."""
-    from microft.config import resolve_batch_plan
-    from microft.errors import ConfigError
-    from microft.memory.plan import NothingFits, auto_batch_plan
-
-    if cfg.micro_bs != "auto":
-        return resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
-    if budget is None:
-        raise ConfigError("--micro-bs auto needs a --gpu-mem budget")
-    try:
-        return auto_batch_plan(cfg, arch, budget, world, method=method)
-    except NothingFits:
-        return resolve_batch_plan(1, None if cfg.global_bs else cfg.accum, cfg.global_bs, world)
-
-
-def _planning_arch(spec: str, dropout: float | None) -> Any:
-    """The shapes estimate-mem plans with. A hub repo id not in the local cache costs only its config.json
-    (fetched through huggingface_hub, not `microft download`'s weights); where that fails (offline, gated,
-    no network) the one-line error names the preset with the same shapes, when there is one."""
-    from microft.errors import ConfigError, DownloadError
-    from microft.memory import estimate as memory
-    from microft.models.source import config_of, is_repo_id, resolve_model_dir
-    from microft.weights import read_json
-
-    try:
-        resolve_model_dir(spec)
-    except ConfigError:  # a repo id that is not in the local cache
-        from microft.download import ALIASES, fetch_config
-        from microft.models.config import preset_for_repo
-
-        try:
-            path = fetch_config(spec)
-        except DownloadError as e:
-            preset = preset_for_repo(spec)
-            hint = (f"plan with the preset of its shapes: --model {preset}" if preset else
-                    f"run `microft download {spec}`, or pass a copy of its config.json to --model")
-            raise ConfigError(f"{spec}: no such directory, not in the local Hugging Face cache, and its config.json "
-                              f"could not be fetched ({e}); {hint}") from None
-        name = ALIASES.get(spec, spec) if is_repo_id(spec) else spec
-        return memory.with_dropout(config_of(path.parent, read_json(path, "config.json"), name=name), dropout)
-    return memory.load_shape(spec, dropout)
-
-
-def _what(est: Any, accum: int) -> str:
-    """One line naming what was estimated (every output format carries it)."""
-    s, a = est.setup, est.arch
-    step = f"microft dpo --loss {s.pref_loss}, " if s.method == "dpo" else ""  # micro-batches of pairs
-    return (f"{a.name}: {step}micro-bs {s.micro_bs} × seq {s.seq_len}, accum {accum}, {s.precision}, "
-            f"{s.optimizer}"
-            f"{', grad ckpt' if s.grad_ckpt else ''}{f', LoRA r={s.lora_r}' if s.lora else ''}"
-            f"{f', {s.quantize} base' + (' (double-quant)' if s.double_quant else '') if s.quantize else ''}"
-            f"{f', {est.world} devices ({est.shard})' if est.world > 1 else ''}")
-
-
-def _render_estimate(est: Any, accum: int, fit: Any, code: int) -> None:
+def _render_estimate(answer: Any) -> None:
     from microft.ui import fmt_bytes, out, print_kv, print_table
 
-    what = _what(est, accum)
+    est, fit, code, what = answer.estimate, answer.fit, answer.code, answer.what
     if not out.is_terminal:  # piped: the table's title is not printed, so say what was estimated first
         print(f"estimated: {what}")
     rows = [[k, fmt_bytes(v), f"{100 * v / est.peak_bytes:.1f}%"] for k, v in est.components.items()]
     rows.append(["peak (tensors)", fmt_bytes(est.peak_bytes), "100%"])
-    print_table(f"Peak training memory ({est.engine}) — {what}", ["component", "bytes", "share of peak"], rows)
+    print_table(f"Peak training memory ({est.engine}) — {what}", ["component", "bytes", "share of peak"],
+                rows)
     info = [("peak phase", f"{est.peak_phase} ({est.peak_where})")]
     if len(est.step_peaks) > 1:
-        info.append(("per step", ", ".join(f"step {i + 1}: {fmt_bytes(p)}" for i, p in enumerate(est.step_peaks))
-                     + " (step 1 creates the optimizer state)"))
+        per_step = ", ".join(f"step {i + 1}: {fmt_bytes(p)}" for i, p in enumerate(est.step_peaks))
+        info.append(("per step", per_step + " (step 1 creates the optimizer state)"))
     info.append(("runtime overhead", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in est.overhead.items())
                  + " (not in the peak)"))
     info.append(("total", fmt_bytes(est.total_bytes)))
@@ -637,11 +556,12 @@ def _render_estimate(est: Any, accum: int, fit: Any, code: int) -> None:
         _render_plan(fit, code)
 
 
-PLAN_LEGEND = ("micro-bs, accum: the largest micro-batch that fits, with the accumulation that keeps the global "
-               "batch; total: peak tensors plus runtime overhead at that micro-batch; step cost: estimated training "
-               "time per token relative to the cheapest plan that fits (1.00×), from the training FLOPs "
-               "(checkpointing's recompute included, fp32 at half the speed of bf16/fp16) plus a fixed cost per "
-               "micro-step; changes: the flags that turn your run into that plan (none: it is your run)")
+PLAN_LEGEND = ("micro-bs, accum: the largest micro-batch that fits, with the accumulation that keeps the "
+               "global batch; total: peak tensors plus runtime overhead at that micro-batch; step cost: "
+               "estimated training time per token relative to the cheapest plan that fits (1.00×), from the "
+               "training FLOPs (checkpointing's recompute included, fp32 at half the speed of bf16/fp16) "
+               "plus a fixed cost per micro-step; changes: the flags that turn your run into that plan "
+               "(none: it is your run)")
 
 
 def _render_plan(fit: Any, code: int) -> None:
@@ -656,7 +576,7 @@ def _render_plan(fit: Any, code: int) -> None:
     print_table(f"Plan for {fit.budget.label} ({fmt_bytes(fit.budget.bytes)}, {gbs})",
                 ["strategy", "micro-bs", "accum", "total at that size", "step cost", "fits", "changes"], prow,
                 text=("changes",))
-    tree = " → ".join(f"{r.strategy}: {'micro-bs ' + str(r.micro_bs) + ' × accum ' + str(r.accum) if r.fits else 'no'}"
+    tree = " → ".join(f"{r.strategy}: " + (f"micro-bs {r.micro_bs} × accum {r.accum}" if r.fits else "no")
                       for r in fit.tree)
     rec = fit.recommended
     if rec is None:
@@ -669,8 +589,9 @@ def _render_plan(fit: Any, code: int) -> None:
                 + (f"; keeps your {', '.join(kept)}" if kept else ""))
     print_kv("Recommendation", [
         ("columns", PLAN_LEGEND),
-        ("decision tree", tree + "   (\"your settings\": your precision, optimizer, checkpointing and LoRA, at the "
-                                 "largest micro-batch that fits; then one memory saver added at a time)"),
+        ("decision tree", tree + "   (\"your settings\": your precision, optimizer, checkpointing and LoRA, "
+                                 "at the largest micro-batch that fits; then one memory saver added at a "
+                                 "time)"),
         ("recommended", said),
         ("answer", f"{VERDICTS[code]} (exit code {code})")])
 

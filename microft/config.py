@@ -163,22 +163,32 @@ class RunConfig(BaseModel):
             raise ValueError(f"--quantize {self.quantize} stores the frozen base in 4 bits: it needs --lora")
         if self.double_quant and not self.quantize:
             raise ValueError("--double-quant needs --quantize nf4")
-        if self.quantize and self.precision == "fp16-mixed" and self.device == "cpu":
-            raise ValueError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
-                             "bf16-true or fp32")
+        # with --device cpu given (auto's device: the run resolver asks the same question)
+        if problem := quantized_fp16_problem(self.quantize, self.precision, self.device):
+            raise ValueError(problem)
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"--epochs must be positive, got {self.epochs}")
         if self.shard == "fsdp" and self.lora:  # checked before torchrun starts any worker
             raise ValueError("--shard fsdp does not support --lora (adapters are small); use --shard ddp")
         if self.shard == "fsdp" and self.precision == "bf16-true":
-            raise ValueError("--shard fsdp does not support --precision bf16-true (its fp32 master bits are not "
-                             "sharded); use --precision bf16-mixed")
+            raise ValueError("--shard fsdp does not support --precision bf16-true (its fp32 master bits are "
+                             "not sharded); use --precision bf16-mixed")
         # an optimizer setting the chosen optimizer would ignore is refused, not dropped in silence
         for name, optimizers in OPTIMIZER_KEYS.items():
             if name in self.model_fields_set and self.optimizer not in optimizers:
                 raise ValueError(f"{flag_of(name)} applies to --optimizer {' and '.join(optimizers)}, not "
                                  f"{self.optimizer}")
         return self
+
+
+def quantized_fp16_problem(quantize: str | None, precision: str, device_kind: str) -> str | None:
+    """Why an NF4 base can't train under fp16 autocast on `device_kind` (a CPU has no fp16 kernels for the
+    dequantized matmuls), or None. The validator asks it of `--device cpu`, the run resolver of the device
+    `auto` finds."""
+    if quantize and precision == "fp16-mixed" and device_kind == "cpu":
+        return (f"--quantize {quantize} with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
+                "bf16-true or fp32")
+    return None
 
 
 RECORD_FIELDS = ("instruction", "input", "output", "messages", "weight")  # what --columns can map
@@ -298,7 +308,8 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return flat
 
 
-def resolve_config(recipe: str | None = None, defaults: dict[str, Any] | None = None, **flags: Any) -> RunConfig:
+def resolve_config(recipe: str | None = None, defaults: dict[str, Any] | None = None, **flags: Any
+                   ) -> RunConfig:
     """Merge recipe values (or `defaults`, the built-in demo's) with flags (flags win; None means 'not
     given') and validate once."""
     values: dict[str, Any] = load_recipe(recipe) if recipe else dict(defaults or {})
@@ -365,7 +376,8 @@ def resolve_batch_plan(
             return BatchPlan(micro_bs=micro_bs, accum=_divide(global_bs, "--micro-bs", micro_bs, world_size),
                              world_size=world_size)
         assert accum is not None
-        return BatchPlan(micro_bs=_divide(global_bs, "--accum", accum, world_size), accum=accum, world_size=world_size)
+        return BatchPlan(micro_bs=_divide(global_bs, "--accum", accum, world_size), accum=accum,
+                         world_size=world_size)
     return BatchPlan(micro_bs=micro_bs or 1, accum=accum or 1, world_size=world_size)
 
 
@@ -374,7 +386,7 @@ def _divide(global_bs: int, flag: str, value: int, world_size: int) -> int:
     unit = value * world_size
     if global_bs % unit:
         near = " or ".join(str(x) for x in _nearest_divisible(global_bs, unit))
-        raise ConfigError(f"--global-bs {global_bs} is not divisible by {flag} {value} × {world_size} device(s); "
-                          f"nearest valid global batch: {near}")
+        raise ConfigError(f"--global-bs {global_bs} is not divisible by {flag} {value} × {world_size} "
+                          f"device(s); nearest valid global batch: {near}")
     return global_bs // unit
 

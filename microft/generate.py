@@ -4,8 +4,9 @@ The prompt is run through the model once (prefill) and every new token costs one
 Generation stops after `max_new_tokens`, at a stop token (`stop_ids`, by default the model's
 EOS ids: GPT-2's `<|endoftext|>`; not yielded), or when prompt plus output fill the model's
 context: every token is produced with its full history (a model with a sliding window masks
-what lies beyond it, as it was trained). The cache holds only the key/value heads. Sampling happens on the CPU with its own seeded
-`torch.Generator`, so a seed gives the same text on every run (on the same device).
+what lies beyond it, as it was trained). The cache holds only the key/value heads. Sampling happens on
+the CPU with its own seeded `torch.Generator`, so a seed gives the same text on every run (on the same
+device).
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def generate(
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
     cfg = model.config
-    bos = cfg.bos_token_id if cfg.bos_token_id is not None else (EOT_TOKEN if cfg.model_type == "gpt2" else None)
+    gpt2_bos = EOT_TOKEN if cfg.model_type == "gpt2" else None
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else gpt2_bos
     if not prompt_ids and bos is None:
         raise ConfigError("an empty prompt needs a BOS token, and this model's config declares none")
     ids = list(prompt_ids) or [bos]
@@ -144,7 +146,8 @@ def _decode(model: Transformer, ids: list[int], steps: int, temperature: float, 
 
 def _longrope_switch(cfg: ModelConfig, cached: int, length: int) -> bool:
     """Whether LongRoPE's long factors take over at this step: the sequence has just grown past the original
-    context, so the cached keys (rotated with the short factors) are recomputed, as Phi-3's generation does."""
+    context, so the cached keys (rotated with the short factors) are recomputed, as Phi-3's generation
+    does."""
     lr = cfg.longrope
     return lr is not None and length > lr.original_max_position_embeddings >= cached
 
@@ -163,4 +166,5 @@ def generate_text(model: Transformer, prompt: str, max_new_tokens: int, tokenize
     """The completion of `prompt` as one string; `kwargs` go to `generate`. With a `tokenizer` other
     than GPT-2's, its BOS is put first when it adds one."""
     tok = tokenizer or gpt2_tokenizer()
-    return "".join(stream_text(generate(model, tok.prefix + tok.encode(prompt), max_new_tokens, **kwargs), tok))
+    ids = generate(model, tok.prefix + tok.encode(prompt), max_new_tokens, **kwargs)
+    return "".join(stream_text(ids, tok))

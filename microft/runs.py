@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microft.config import DEFAULT_GLOBAL_BS, BatchPlan, RunConfig, default_batch, resolve_batch_plan
+from microft.config import BatchPlan, RunConfig
 from microft.errors import ConfigError
+from microft.resolved import Device, ResolvedRun, plan_batch, resolve_run
 
 Event = dict[str, Any]
 
@@ -29,79 +30,85 @@ def owns_out(run: Callable[[RunConfig, Callable[[Event], None]], dict[str, Any]]
     return owned
 
 
-def batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None,
-               n_train: int | None = None, method: str = "sft") -> BatchPlan:
-    """The run's batch plan; `--micro-bs auto` asks the memory planner for the largest micro-batch (one
-    optimizer step's batch no larger than the `n_train` training samples) of the `method`'s step (sft, dpo).
-    With no batch flag at all: `default_batch_plan`."""
-    if default_batch(cfg):
-        return default_batch_plan(cfg, world_size, model_cfg, on_event, n_train, method)
-    micro = cfg.micro_bs if isinstance(cfg.micro_bs, int) else None
-    if cfg.micro_bs != "auto" or model_cfg is None:
-        return resolve_batch_plan(micro, cfg.accum, cfg.global_bs, world_size)
-    from microft.memory.estimate import Budget, with_dropout
-    from microft.memory.plan import auto_batch_plan
+def local_device(cfg: RunConfig) -> Device:
+    """The device `--device` names on this machine (auto: Apple silicon's GPU, else CUDA, else the CPU), what
+    it supports, and the memory a run may use there: the GPU's total memory, Apple silicon's share of unified
+    memory, or the memory available on this machine."""
+    import os
 
-    budget, where = memory_budget(cfg)
-    plan = auto_batch_plan(cfg, with_dropout(model_cfg, cfg.dropout), Budget(budget, where), world_size,
-                           n_train, method)
-    if on_event:
-        on_event({"kind": "note", "text": f"--micro-bs auto: {plan.describe()} fits {where}"})
-    return plan
-
-
-def default_global_bs(n_train: int | None, world_size: int = 1) -> int:
-    """`DEFAULT_GLOBAL_BS`, or the whole training set when it is smaller (in whole shares of the devices)."""
-    if n_train is None:
-        return DEFAULT_GLOBAL_BS
-    return max(world_size, min(DEFAULT_GLOBAL_BS, n_train // world_size * world_size))
-
-
-def default_batch_plan(cfg: RunConfig, world_size: int = 1, model_cfg=None, on_event=None,
-                       n_train: int | None = None, method: str = "sft") -> BatchPlan:
-    """No batch flag: `DEFAULT_GLOBAL_BS` samples a step (config.py says why), split into the largest
-    micro-batch that fits (`--micro-bs auto`); micro-batch 1 where the planner can't answer (the loop
-    still halves the micro-batch on out-of-memory)."""
-    from microft.errors import MicroftError
-
-    gbs = default_global_bs(n_train, world_size)
-    said = []  # what the banner's "(default, ...)" can't say
-    if gbs < DEFAULT_GLOBAL_BS:
-        said.append(f"global batch {gbs}: the default {DEFAULT_GLOBAL_BS} cut to the {n_train} training "
-                    "samples")
-    try:
-        auto = cfg.model_copy(update={"micro_bs": "auto", "global_bs": gbs})
-        plan = batch_plan(auto, world_size, model_cfg, None, n_train, method)
-    except MicroftError as e:  # the run goes on at micro-batch 1, as it did before there was a default
-        plan = resolve_batch_plan(1, None, gbs, world_size)
-        said.append(f"micro-batch 1, though the estimator says: {e}")
-    if on_event and said:
-        on_event({"kind": "note", "text": f"no batch flags: {'; '.join(said)}"})
-    return plan
-
-
-DEFAULT_BATCH_BANNER = " (default, given no batch flag; --global-bs, --micro-bs, --accum set it)"
-
-
-def memory_budget(cfg: RunConfig) -> tuple[int, str]:
-    """Bytes a run may use: the GPU's total memory, or the memory available on this machine."""
     import torch
 
-    from microft.train.step import resolve_device
+    from microft.train.step import resolve_device, supports_bf16
 
     device = resolve_device(cfg.device)
+    bf16 = supports_bf16(device)
     if device.type == "mps":
         from microft.perf import mps_memory_budget
 
         n, how = mps_memory_budget()
-        return n, f"the Apple GPU's share of unified memory ({how}, {n / 2**30:.1f} GiB)"
+        where = f"the Apple GPU's share of unified memory ({how}, {n / 2**30:.1f} GiB)"
+        return Device("mps", str(device), bf16, n, where)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return props.total_memory, f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
-    import os
-
+        where = f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
+        return Device("cuda", str(device), bf16, props.total_memory, where, props.major >= 9)
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return avail, f"this machine's free memory ({avail / 2**30:.1f} GiB)"
+    where = f"this machine's free memory ({avail / 2**30:.1f} GiB)"
+    return Device(device.type, str(device), bf16, avail, where)
+
+
+def model_shape(cfg: RunConfig) -> Any:
+    """The ModelConfig of the run's model (`--dropout` applied), read from its config.json or preset before
+    any weight is (no torch); a LoRA adapter directory is refused first, in the words of what to do
+    instead."""
+    from microft.lora import is_adapter_dir
+    from microft.memory.estimate import load_shape
+
+    if cfg.model and is_adapter_dir(cfg.model):  # load_model would read the base beside them and drop them
+        raise ConfigError(f"{cfg.model} holds LoRA adapters: fold them into a model first (microft merge "
+                          f"--model {cfg.model} --out DIR) and train from DIR, or continue that run with "
+                          "--resume")
+    return load_shape(cfg.model or "gpt2-tiny", cfg.dropout)
+
+
+def resolve_here(cfg: RunConfig, method: str = "sft") -> tuple[ResolvedRun, Any]:
+    """The run `cfg` asks for on this machine's device, and its model's shape: what a training run resolves
+    before it loads anything (`resolved.resolve_run`)."""
+    shape = model_shape(cfg)
+    return resolve_run(cfg, shape, local_device(cfg), method), shape
+
+
+def memory_planner(cfg: RunConfig, shape: Any, device: Device, world_size: int, n_train: int | None,
+                   method: str = "sft") -> BatchPlan:
+    """`--micro-bs auto`'s planner (memory.plan.auto_batch_plan) on the device's memory, for the step of
+    `method` (sft, or dpo: a micro-batch of pairs)."""
+    from microft.memory.estimate import Budget, with_dropout
+    from microft.memory.plan import auto_batch_plan
+
+    budget = Budget(device.memory_bytes or 0, device.memory_label, device.bf16, device.hopper)
+    return auto_batch_plan(cfg, with_dropout(shape, cfg.dropout), budget, world_size, n_train, method)
+
+
+def planner_for(method: str):
+    """The memory planner of a method's steps (`--micro-bs auto` and the default batch's split): the
+    estimator models both steps (sft and dpo)."""
+    from functools import partial
+
+    return partial(memory_planner, method=method)
+
+
+def plan_run(run: ResolvedRun, cfg: RunConfig, shape: Any, lengths: list[int], world_size: int = 1,
+             on_event: Callable[[Event], None] | None = None) -> ResolvedRun:
+    """`run` with its batch plan (`resolved.plan_batch`, with the method's planner) for training samples of
+    `lengths` tokens (a preference pair: its longer side); its notes emitted."""
+    planned = plan_batch(run, cfg, shape, len(lengths), planner_for(run.method), world_size,
+                         max(lengths, default=None))
+    for note in planned.notes[len(run.notes):] if on_event else ():
+        on_event({"kind": "note", "text": note})
+    return planned
+
+
+DEFAULT_BATCH_BANNER = " (default, given no batch flag; --global-bs, --micro-bs, --accum set it)"
 
 
 def memory_hooks(cfg: RunConfig, model_cfg: Any, method: str = "sft"):
@@ -183,16 +190,17 @@ def tokenizer_for(spec: str | None, model_cfg: Any):
     family = model_cfg.model_type
     if d is None:
         if family != "gpt2":
-            raise ConfigError(f"{spec} is a randomly initialised {family} preset without a tokenizer; point --model "
-                              "at a model directory (or a cached hub repo id) that has tokenizer.json")
+            raise ConfigError(f"{spec} is a randomly initialised {family} preset without a tokenizer; point "
+                              "--model at a model directory (or a cached hub repo id) that has "
+                              "tokenizer.json")
         return gpt2_tokenizer()
     tok = load_tokenizer(d)
     if tok is gpt2_tokenizer() and family != "gpt2":  # a microft checkpoint dir without tokenizer files
         raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model for this {family} model; copy the base "
                           "model's tokenizer files into it")
     if tok.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"{d}: the tokenizer has {tok.vocab_size} ids but the model only {model_cfg.vocab_size} "
-                          "embeddings; they do not belong together")
+        raise ConfigError(f"{d}: the tokenizer has {tok.vocab_size} ids but the model only "
+                          f"{model_cfg.vocab_size} embeddings; they do not belong together")
     return tok
 
 
@@ -230,14 +238,6 @@ def write_tokenizer_files(spec: str | None, directory: str | Path, model_cfg: An
     return None
 
 
-def seq_len_for(cfg: RunConfig, n_positions: int) -> int:
-    if cfg.max_seq_len is None:
-        return n_positions
-    if cfg.max_seq_len > n_positions:
-        raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's context of {n_positions}")
-    return cfg.max_seq_len
-
-
 @owns_out
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
@@ -247,21 +247,22 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 
     refuse_records(cfg.data)
     docs = read_text_corpus(cfg.data)  # data errors come before the model is loaded
+    run, shape = resolve_here(cfg)
     seed_init(cfg.seed)  # the same init on every rank
-    model = load_base(cfg)
-    tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
+    model = load_base(cfg, run)
+    tok = tokenizer_for(run.tokenizer, model.config)
     if tok.eos_id is None:
         raise ConfigError(f"{tok.name}: the tokenizer has no EOS token to separate documents with")
-    block = seq_len_for(cfg, model.config.n_positions)
-    blocks = pack_documents(docs, lambda doc: tok.prefix + tok.encode(doc), block, eos_id=tok.eos_id)
+    blocks = pack_documents(docs, lambda doc: tok.prefix + tok.encode(doc), run.seq_len, eos_id=tok.eos_id)
     train_idx, val_idx = split_indices(len(blocks), cfg.val_frac, cfg.seed)
     with distributed(cfg, model) as dist:  # under torchrun: process group, DDP/FSDP wrap; else a no-op
         emit = main_only(on_event, dist)
-        plan = batch_plan(cfg, dist.world_size, model.config, emit, len(train_idx))
-        return train(model, Subset(blocks, train_idx), Subset(blocks, val_idx) if val_idx else None, cfg, plan,
-                     emit, dist=dist, memory=memory_hooks(cfg, model.config),
-                     save_extra=lambda d: write_tokenizer_files(cfg.model or "gpt2-tiny", d, model.config),
-                     banner_extra=batch_banner(cfg, plan))
+        run = plan_run(run, cfg, shape, [run.seq_len] * len(train_idx), dist.world_size, emit)
+        val = Subset(blocks, val_idx) if val_idx else None
+        return train(model, Subset(blocks, train_idx), val, cfg, run.plan, emit, dist=dist,
+                     memory=memory_hooks(cfg, model.config), resolved=run,
+                     save_extra=lambda d: write_tokenizer_files(run.tokenizer, d, model.config),
+                     banner_extra=batch_banner(run))
 
 
 def refuse_records(path: str | None) -> None:
@@ -277,16 +278,17 @@ def refuse_records(path: str | None) -> None:
                           "(--no-mask-prompt trains on the prompts too)")
 
 
-def batch_banner(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
+def batch_banner(run: ResolvedRun) -> dict[str, Any]:
     """The banner's batch line says when the batch is microft's default rather than the user's."""
-    return {"effective_batch": plan.describe() + DEFAULT_BATCH_BANNER} if default_batch(cfg) else {}
+    return {"effective_batch": run.plan.describe() + DEFAULT_BATCH_BANNER} if run.default_batch else {}
 
 
 def _respond(model, template, tok, prompt: str, max_new_tokens: int) -> str:
     from microft.generate import generate, stream_text
     from microft.instruct import encode_prompt
 
-    ids = generate(model, encode_prompt(template, tok, prompt), max_new_tokens, temperature=0.0, stop_ids=tok.eos_ids)
+    ids = generate(model, encode_prompt(template, tok, prompt), max_new_tokens, temperature=0.0,
+                   stop_ids=tok.eos_ids)
     return template.clean("".join(stream_text(ids, tok)))
 
 
@@ -305,7 +307,8 @@ def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64, 
 
 def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
     """Tokens per training sample of `cfg.data`, built as `run_finetune` builds them (template, cut at
-    `max_len`, split): what `estimate-mem --data` measures. Micro-batches are padded to their longest sample."""
+    `max_len`, split): what `estimate-mem --data` measures. Micro-batches are padded to their longest
+    sample."""
     from microft.data import sample_length
     from microft.instruct import load_instruct_data
     from microft.tokenizer import encode
@@ -327,6 +330,11 @@ def pair_lengths(cfg: RunConfig, max_len: int, model_cfg: Any) -> list[int]:
         tok = gpt2_tokenizer()
     data = load_pairs(cfg, max_len, tok, (read_pairs(cfg.data, cfg.skip_bad), None))
     return [len(s[side]) for s in data.train for side in ("chosen_ids", "rejected_ids")]
+
+
+def pair_sides(pairs: list) -> list[int]:
+    """Each training pair's longer side in tokens: the row a micro-batch of pairs is padded to."""
+    return [max(len(s["chosen_ids"]), len(s["rejected_ids"])) for s in pairs]
 
 
 def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
@@ -360,23 +368,29 @@ def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None]) -> None:
 @owns_out
 def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
+    import torch
+
+    from microft.data import sample_length
     from microft.instruct import load_instruct_data
     from microft.train.loop import train
-    from microft.train.step import resolve_device
 
     demo = cfg.data is None
     records = finetune_records(cfg, on_event)  # data errors come before the model is loaded
-    seed_init(cfg.seed)
     demo_own_model = demo and cfg.model is None
     if demo_own_model:  # the demo's own small model and tokenizer (demo.DEMO_MODEL)
-        model, tok = demo_model(cfg)
+        device = local_device(cfg)
+        seed_init(cfg.seed)
+        model, tok = demo_model(cfg, device)
+        shape = model.config
+        run = resolve_run(cfg, shape, device, model="demo")
     else:  # with --data but no --model: gpt2-tiny (the demo's tokenizer only knows the demo's words)
-        model = load_base(cfg)
-        tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
-    max_len = seq_len_for(cfg, model.config.n_positions)
-    if note := longrope_note(model.config, max_len):
+        run, shape = resolve_here(cfg)
+        seed_init(cfg.seed)
+        model = load_base(cfg, run)
+        tok = tokenizer_for(run.tokenizer, model.config)
+    if note := longrope_note(model.config, run.seq_len):
         on_event({"kind": "note", "text": note})
-    data = load_instruct_data(cfg, max_len, tok, records=records)
+    data = load_instruct_data(cfg, run.seq_len, tok, records=records)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
     if cfg.lora:
@@ -386,7 +400,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     from microft.train.distributed import distributed, main_only
 
     with distributed(cfg, model) as dist:
-        device = dist.device or resolve_device(cfg.device)
+        device = dist.device or torch.device(run.device.name)
         # under FSDP every forward must run on all ranks alike: no per-eval generation there
         talk = dist.is_main and not dist.fsdp
         sample_prompts = data.val[: cfg.samples_per_eval] if talk else []
@@ -412,18 +426,20 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         if demo:
             banner["demo"] = demo_banner(cfg, model, tok, demo_own_model, device)
         acc_before = accuracy("before training")[0] if demo and talk and not cfg.resume else None
-        plan = batch_plan(cfg, dist.world_size, model.config, emit, len(data.train))
-        banner.update(batch_banner(cfg, plan))
-        summary = train(model, data.train, data.val or None, cfg, plan, emit, dist=dist, save_extra=save_extra,
-                        on_eval=on_eval if sample_prompts else None, banner_extra=banner,
-                        memory=memory_hooks(cfg, model.config))
+        run = plan_run(run, cfg, shape, [sample_length(s) for s in data.train], dist.world_size, emit)
+        banner.update(batch_banner(run))
+        summary = train(model, data.train, data.val or None, cfg, run.plan, emit, dist=dist,
+                        save_extra=save_extra, on_eval=on_eval if sample_prompts else None,
+                        banner_extra=banner,
+                        memory=memory_hooks(cfg, model.config), resolved=run)
         if demo and talk:
             summary["demo_accuracy_before"] = acc_before
             summary["demo_accuracy_after"], demo_preds = accuracy("after training")
         if cfg.predict and data.eval_samples and talk:
             summary["predictions"] = predict(cfg, model, data, tok, emit)
         if demo and talk:  # what to do next comes last
-            summary["next_steps"] = demo_next_steps(cfg, data, records.parts.val, demo_preds, summary["final_dir"])
+            summary["next_steps"] = demo_next_steps(cfg, data, records.parts.val, demo_preds,
+                                                    summary["final_dir"])
             for line in summary["next_steps"]:
                 emit({"kind": "note", "text": line})
     return summary
@@ -432,14 +448,16 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 def refuse_for_dpo(cfg: RunConfig) -> None:
     """What `dpo` does not do (yet), each refused in one line before anything is read."""
     if cfg.data is None:
-        raise ConfigError("dpo needs --data: preference pairs ({prompt|instruction, chosen, rejected} records)")
+        raise ConfigError("dpo needs --data: preference pairs ({prompt|instruction, chosen, rejected} "
+                          "records)")
     refused = {"packing": "--packing (a pair's two sides are scored row by row)",
                "compile": "--compile", "predict": "--predict", "columns": "--columns"}
     for name, what in refused.items():
         if getattr(cfg, name):
             raise ConfigError(f"dpo does not support {what}; leave it out (or out of the recipe)")
     if cfg.devices > 1 or cfg.shard != "none":
-        raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning yet")
+        raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning "
+                          "yet")
     if cfg.precompute_ref and cfg.loss not in ("dpo", "ipo"):
         raise ConfigError(f"--precompute-ref: --loss {cfg.loss} has no reference policy to precompute")
 
@@ -465,29 +483,30 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
     refuse_for_dpo(cfg)
     read = (read_pairs(cfg.data, cfg.skip_bad),  # data errors come before the model is loaded
             read_pairs(cfg.val_data, cfg.skip_bad) if cfg.val_data else None)
+    run, shape = resolve_here(cfg, "dpo")
     seed_init(cfg.seed)
-    model = load_base(cfg)
-    tok = tokenizer_for(cfg.model or "gpt2-tiny", model.config)
-    max_len = seq_len_for(cfg, model.config.n_positions)
-    data = pair_data(cfg, max_len, tok, read, on_event)
+    model = load_base(cfg, run)
+    tok = tokenizer_for(run.tokenizer, model.config)
+    data = pair_data(cfg, run.seq_len, tok, read, on_event)
     if cfg.lora:
         add_lora(cfg, model, on_event)
     loss = PreferenceLoss(cfg.loss, cfg.beta, cfg.gamma, cfg.orpo_lambda)
     objective = PreferenceObjective(loss, cfg.lora, cfg.precompute_ref)
-    plan = batch_plan(cfg, 1, model.config, on_event, len(data.train), "dpo")
+    run = plan_run(run, cfg, shape, pair_sides(data.train), 1, on_event)
     reference = ("none" if not loss.needs_reference else "precomputed log-probs" if cfg.precompute_ref
                  else "the base (LoRA adapters off)" if cfg.lora else "a frozen copy of the starting model")
-    banner = {"data_stats": f"{len(data.train)} train / {len(data.val)} val pairs; {data.n_skipped} bad pairs "
-                            "skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
-              **batch_banner(cfg, plan)}
-    return train(model, data.train, data.val or None, cfg, plan, on_event, save_extra=saved_files(cfg, model, False),
-                 banner_extra=banner, memory=memory_hooks(cfg, model.config, "dpo"), objective=objective)
+    banner = {"data_stats": f"{len(data.train)} train / {len(data.val)} val pairs; {data.n_skipped} bad "
+                            "pairs skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
+              **batch_banner(run)}
+    return train(model, data.train, data.val or None, cfg, run.plan, on_event,
+                 save_extra=saved_files(cfg, model, False), banner_extra=banner,
+                 memory=memory_hooks(cfg, model.config, "dpo"), objective=objective, resolved=run)
 
 
 def describe_loss(loss: Any) -> str:
     """The banner's words for the loss and its constants."""
-    consts = {"dpo": f"beta {loss.beta}", "ipo": f"beta {loss.beta}", "simpo": f"beta {loss.beta}, gamma {loss.gamma}",
-              "orpo": f"lambda {loss.lam}"}
+    consts = {"dpo": f"beta {loss.beta}", "ipo": f"beta {loss.beta}",
+              "simpo": f"beta {loss.beta}, gamma {loss.gamma}", "orpo": f"lambda {loss.lam}"}
     return f"{loss.kind} ({consts[loss.kind]})"
 
 
@@ -498,14 +517,15 @@ def longrope_note(model_cfg: Any, max_len: int) -> str | None:
     if longrope is None or max_len <= longrope.original_max_position_embeddings:
         return None
     orig = longrope.original_max_position_embeddings
-    return (f"LongRoPE: a micro-batch padded past {orig} positions takes the long RoPE factors for all its samples "
-            f"(as transformers does), so there the split of the global batch changes the result; --max-seq-len "
-            f"{orig} keeps it exact")
+    return (f"LongRoPE: a micro-batch padded past {orig} positions takes the long RoPE factors for all its "
+            f"samples (as transformers does), so there the split of the global batch changes the result; "
+            f"--max-seq-len {orig} keeps it exact")
 
 
 def data_stats_line(data: Any) -> str:
     """The banner's line on the data: samples per split, truncated and dropped, bad records skipped."""
-    truncated, dropped = (sum(getattr(st, k) for st in data.stats.values()) for k in ("n_truncated", "n_dropped"))
+    truncated, dropped = (sum(getattr(st, k) for st in data.stats.values())
+                          for k in ("n_truncated", "n_dropped"))
     return (f"{len(data.train)} train / {len(data.val)} val / {len(data.test)} test samples; "
             f"{truncated} truncated, {dropped} dropped (response cut away; all splits), "
             f"{data.n_skipped} bad records skipped")
@@ -553,7 +573,8 @@ def predict(cfg: RunConfig, model: Any, data: Any, tok: Any, emit: Callable[[Eve
     return path
 
 
-def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[str], final_dir: str) -> list[str]:
+def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[str], final_dir: str
+                    ) -> list[str]:
     """The demo's closing lines: a `generate` command for a held-out item the model answered right (in the
     template it trained with), how many it got right, and where to go next."""
     from microft.demo import next_steps, pick_example
@@ -566,7 +587,7 @@ def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[
     return next_steps(final_dir, used, example, n_right, len(predictions))
 
 
-def one_thread_demo(cfg: RunConfig) -> None:
+def one_thread_demo(device: Device) -> None:
     """The demo's model trains on one torch thread on a CPU unless OMP_NUM_THREADS says otherwise: its
     matrices are too small to gain from a second thread, and on a shared 2-core machine two spinning
     OpenMP threads ran it several times slower (bench/demo_sweep.py, README: the demo)."""
@@ -574,13 +595,11 @@ def one_thread_demo(cfg: RunConfig) -> None:
 
     import torch
 
-    from microft.train.step import resolve_device
-
-    if "OMP_NUM_THREADS" not in os.environ and resolve_device(cfg.device).type == "cpu":
+    if "OMP_NUM_THREADS" not in os.environ and device.kind == "cpu":
         torch.set_num_threads(1)
 
 
-def demo_model(cfg: RunConfig):
+def demo_model(cfg: RunConfig, device: Device):
     """The demo's model (random init from the current seed) and its tokenizer: what finetune trains
     when given no --model. `--quantize` needs a pretrained base to quantize, so it is refused here."""
     from microft.demo import demo_model_config, demo_tokenizer
@@ -589,7 +608,7 @@ def demo_model(cfg: RunConfig):
     if cfg.quantize:
         raise ConfigError("--quantize needs --model (a pretrained base to quantize); the demo's model is "
                           "trained from random init")
-    one_thread_demo(cfg)
+    one_thread_demo(device)
     tok = demo_tokenizer()
     mcfg = demo_model_config(tok.vocab_size)
     if cfg.dropout is not None:
@@ -617,31 +636,20 @@ def load_quantized(spec: str, scheme: str, double_quant: bool, dropout: float | 
     return model
 
 
-def load_dtype(cfg: RunConfig):
-    """The dtype a run's weights are read in: bf16 for bf16-true (never an fp32 copy of a bf16 model on the
-    way), else fp32 (mixed precision keeps fp32 weights)."""
+def load_base(cfg: RunConfig, run: ResolvedRun | None = None):
+    """A run's model, read in its precision policy's weight dtype (bf16 for bf16-true: never an fp32 copy of a
+    bf16 model on the way): with `--quantize` its NF4 base, else the plain model. `run`: `cfg` as resolved
+    (None: resolved here, on this machine's device)."""
     import torch
 
-    return torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
-
-
-def load_base(cfg: RunConfig):
-    """A run's model: with `--quantize` its NF4 base (refused for fp16-mixed on a CPU), else the plain
-    model; both read in `load_dtype`."""
-    from microft.lora import is_adapter_dir
     from microft.models.load import load_model
-    from microft.train.step import resolve_device
 
-    if cfg.model and is_adapter_dir(cfg.model):  # load_model would read the base beside them and drop them
-        raise ConfigError(f"{cfg.model} holds LoRA adapters: fold them into a model first (microft merge --model "
-                          f"{cfg.model} --out DIR) and train from DIR, or continue that run with --resume")
+    run = run or resolve_here(cfg)[0]
+
+    dtype = getattr(torch, run.precision.param_dtype)
     if not cfg.quantize:
-        return load_model(cfg.model or "gpt2-tiny", dropout=cfg.dropout, dtype=load_dtype(cfg))
-    if cfg.precision == "fp16-mixed" and resolve_device(cfg.device).type == "cpu":
-        raise ConfigError("--quantize nf4 with --precision fp16-mixed needs a GPU; on a CPU use bf16-mixed, "
-                          "bf16-true or fp32")
-    return load_quantized(cfg.model or "gpt2-tiny", cfg.quantize, cfg.double_quant, cfg.dropout, load_dtype(cfg),
-                          cfg.seed)
+        return load_model(run.model, dropout=cfg.dropout, dtype=dtype)
+    return load_quantized(run.model, cfg.quantize, cfg.double_quant, cfg.dropout, dtype, cfg.seed)
 
 
 def load_any(spec: str, device: str = "cpu"):
@@ -663,12 +671,14 @@ def load_any(spec: str, device: str = "cpu"):
 
     rec = read_quant_record(spec)
     if rec is not None:  # a QLoRA checkpoint: rebuild the NF4 base it records, then add the adapters
-        model = load_quantized(rec["base_model"], rec["scheme"], bool(rec.get("double_quant")), seed=rec.get("seed"))
+        model = load_quantized(rec["base_model"], rec["scheme"], bool(rec.get("double_quant")),
+                               seed=rec.get("seed"))
         return load_adapter(model, spec).to(device)
     if (Path(spec) / CONFIG).exists():
         base = spec
     else:
         base = read_adapter_config(spec).get("base_model_name_or_path")
         if not base:
-            raise CheckpointError(f"{spec}: adapter_config.json names no base model; pass the base with --model")
+            raise CheckpointError(f"{spec}: adapter_config.json names no base model; pass the base with "
+                                  "--model")
     return load_adapter(load_model(base, device), spec)

@@ -43,9 +43,9 @@ def test_help_is_fast_and_lists_every_command():
 def test_pretrain_then_generate_end_to_end(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "a" / "b" / "run"
-    res = invoke("pretrain", "--data", str(corpus), "--model", "gpt2-tiny", "--out", str(out), "--max-seq-len", "32",
-                 "--micro-bs", "4", "--accum", "2", "--max-steps", "6", "--eval-every", "3", "--lr", "3e-3",
-                 "--log-format", "plain", "--precision", "fp32")
+    res = invoke("pretrain", "--data", str(corpus), "--model", "gpt2-tiny", "--out", str(out),
+                 "--max-seq-len", "32", "--micro-bs", "4", "--accum", "2", "--max-steps", "6",
+                 "--eval-every", "3", "--lr", "3e-3", "--log-format", "plain", "--precision", "fp32")
     assert res.exit_code == 0, res.output
     assert "Effective batch: 8 = 4 (micro) × 2 (accum) × 1 (device)" in res.output
     assert (out / "final" / "model.safetensors").exists()
@@ -55,11 +55,13 @@ def test_pretrain_then_generate_end_to_end(tmp_path):
     from microft.generate import generate_text
     from microft.models.load import load_model
 
-    completion = json.loads(res.output)["completion"]  # what the library generates greedily from that checkpoint
+    # what the library generates greedily from that checkpoint
+    completion = json.loads(res.output)["completion"]
     assert completion == generate_text(load_model(out / "final"), "the king", 8, temperature=0.0)
     # continue training from the checkpoint as a new run
-    res = invoke("pretrain", "--data", str(corpus), "--model", str(out / "final"), "--out", str(tmp_path / "c"),
-                 "--max-seq-len", "32", "--micro-bs", "4", "--max-steps", "2", "--log-format", "plain")
+    res = invoke("pretrain", "--data", str(corpus), "--model", str(out / "final"),
+                 "--out", str(tmp_path / "c"), "--max-seq-len", "32", "--micro-bs", "4", "--max-steps", "2",
+                 "--log-format", "plain")
     assert res.exit_code == 0, res.output
 
 
@@ -75,12 +77,14 @@ def test_json_log_format_emits_parseable_events(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["pretrain", "--data", "/nonexistent/x.txt"], "data not found"),
     (["pretrain", "--data", "CORPUS", "--model", "gpt5"], "gpt5"),
-    (["pretrain", "--data", "CORPUS", "--global-bs", "10", "--micro-bs", "4"], "nearest valid global batch: 8 or 12"),
+    (["pretrain", "--data", "CORPUS", "--global-bs", "10", "--micro-bs", "4"],
+     "nearest valid global batch: 8 or 12"),
     (["pretrain", "--data", "CORPUS", "--micro-bs", "0"], "--micro-bs must be positive"),
     (["pretrain", "--data", "CORPUS", "--precision", "fp8"], "--precision fp8: choose auto, fp32"),
     (["pretrain", "--data", "BINARY"], "not UTF-8"),
     (["pretrain", "--data", "CORPUS", "--model", "CORRUPT"], "corrupt"),
-    (["pretrain", "--data", "CORPUS", "--max-seq-len", "4096", "--model", "gpt2-tiny"], "exceeds the model's context"),
+    (["pretrain", "--data", "CORPUS", "--max-seq-len", "4096", "--model", "gpt2-tiny"],
+     "exceeds the model's context"),
     (["generate", "--model", "/nonexistent", "--prompt", "hi"], "model not found"),
     (["pretrain", "--data", "CORPUS", "--recipe", "/nonexistent.toml"], "recipe not found"),
 ])
@@ -102,8 +106,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_errors_reach_stderr_as_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([*MICROFT, "pretrain", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([*MICROFT, "pretrain", "--data", str(tmp_path / "missing.txt"),
+                           "--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: data not found: {tmp_path / 'missing.txt'}"]
     assert proc.stdout == ""
@@ -112,8 +116,9 @@ def test_errors_reach_stderr_as_one_line_without_traceback(tmp_path):
 def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.txt", n_lines=1000)
     out = tmp_path / "run"
-    cmd = [*MICROFT, "pretrain", "--data", str(corpus), "--out", str(out), "--max-seq-len", "32", "--micro-bs", "4",
-           "--max-steps", "1000", "--save-every", "1", "--keep-last", "2", "--log-format", "plain"]
+    cmd = [*MICROFT, "pretrain", "--data", str(corpus), "--out", str(out), "--max-seq-len", "32",
+           "--micro-bs", "4", "--max-steps", "1000", "--save-every", "1", "--keep-last", "2",
+           "--log-format", "plain"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "checkpoints").glob("step-*"))) < 2:

@@ -25,7 +25,8 @@ runner = CliRunner()
 @pytest.mark.parametrize(("total", "every"), [(1, 1), (9, 1), (10, 1), (11, 2), (40, 4), (1500, 150)])
 def test_default_cadence_is_about_ten_evaluations(total, every):
     assert eval_cadence(None, total) == every
-    assert total // every <= EVALS_PER_RUN and (total <= EVALS_PER_RUN or total // every >= EVALS_PER_RUN // 2)
+    assert total // every <= EVALS_PER_RUN
+    assert total <= EVALS_PER_RUN or total // every >= EVALS_PER_RUN // 2
     assert eval_cadence(0, total) == 0 and eval_cadence(7, total) == 7  # given: kept
 
 
@@ -34,18 +35,20 @@ def test_a_default_run_evaluates_keeps_the_best_and_gives_a_verdict(tmp_path):
     cfg = cfg.model_copy(update={"eval_every": None})  # the RunConfig default
     assert type(cfg).model_fields["eval_every"].default is None
     events: list[dict] = []
-    summary = train(tiny_model(), masked_samples(24, seed=1, max_len=12), masked_samples(4, seed=2, max_len=12), cfg,
-                    BatchPlan(micro_bs=1, accum=1), events.append)
+    train_set, val_set = masked_samples(24, seed=1, max_len=12), masked_samples(4, seed=2, max_len=12)
+    summary = train(tiny_model(), train_set, val_set, cfg, BatchPlan(micro_bs=1, accum=1), events.append)
     assert [e["step"] for e in events if e["kind"] == "eval"] == [0, 3, 6, 9, 12, 15, 18, 21, 24]
     assert (tmp_path / "best" / "model.safetensors").exists()
-    assert not summary["verdict"].startswith(("not enough evaluations", "too short to judge"))  # 9 over 24 steps
+    # 9 over 24 steps
+    assert not summary["verdict"].startswith(("not enough evaluations", "too short to judge"))
     assert cfg.model_copy(update={"eval_every": 0}).eval_every == 0  # 0 still turns it off
 
 
 def test_finetune_cli_default_writes_best_and_a_verdict(tmp_path):
     data = alpaca_file(tmp_path / "data.json")
-    res = runner.invoke(app, ["finetune", "--model", "gpt2-tiny", "--data", str(data), "--out", str(tmp_path / "o"),
-                              "--micro-bs", "2", "--max-steps", "3", "--max-seq-len", "48", "--log-format", "plain"])
+    res = runner.invoke(app, ["finetune", "--model", "gpt2-tiny", "--data", str(data),
+                              "--out", str(tmp_path / "o"), "--micro-bs", "2", "--max-steps", "3",
+                              "--max-seq-len", "48", "--log-format", "plain"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "best" / "model.safetensors").exists()
     s = json.loads((tmp_path / "o" / "summary.json").read_text())
@@ -63,13 +66,15 @@ def test_finetune_cli_default_writes_best_and_a_verdict(tmp_path):
 def test_resume_command_names_the_output_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/x/bin/microft", "finetune", "--micro-bs", "1", "--accum", "8"])
     cmd = resume_command(tmp_path / "runs" / "demo-1")
-    assert cmd == f"microft finetune --micro-bs 1 --accum 8 --out {tmp_path / 'runs' / 'demo-1'} --resume auto"
+    out = tmp_path / "runs" / "demo-1"
+    assert cmd == f"microft finetune --micro-bs 1 --accum 8 --out {out} --resume auto"
     monkeypatch.setattr(sys, "argv", ["/x/bin/microft", "finetune", "--out", "mine"])
     assert resume_command(tmp_path) == "microft finetune --out mine --resume auto"
 
 
 def test_sample_prompts_are_cut_at_a_word():
-    text = "Below is an instruction that describes a task.\n\n### Instruction:\nName the three primary colours.\n"
+    text = ("Below is an instruction that describes a task.\n\n### Instruction:\nName the three primary "
+            "colours.\n")
     short = shorten_left(text, 40)
     assert short.startswith("…") and text.endswith(short[1:]) and len(short) <= 41
     assert text[-len(short[1:]) - 1].isspace()  # what was dropped ends at a word boundary
@@ -78,7 +83,8 @@ def test_sample_prompts_are_cut_at_a_word():
 
 def test_summary_names_both_throughputs():
     e = {"steps": 3, "time_s": 10.0, "tokens": 3000, "tokens_per_sec": 300.0, "train_tokens_per_sec": 900.0,
-         "final_loss": 1.0, "best_val_loss": 0.9, "best_step": 3, "peak_rss": 1, "mfu": 0.1, "peak_flops": 1e12,
+         "final_loss": 1.0, "best_val_loss": 0.9, "best_step": 3, "peak_rss": 1, "mfu": 0.1,
+         "peak_flops": 1e12,
          "peak_flops_source": "x", "verdict": "v", "final_dir": "d"}
     row = dict(summary_lines(e))["tokens"]
     assert "900 tokens/s while training" in row and "300 tokens/s over the wall time" in row

@@ -294,18 +294,18 @@ def test_an_interrupt_that_c_code_swallowed_still_stops_the_run_with_nothing_wri
     monkeypatch.setattr(microft.errors, "_SIGNALS", {})
     real = microft.runs.load_base
 
-    def swallowed(cfg, then_fail: bool):
+    def swallowed(cfg, run, then_fail: bool):
         try:
             microft.errors.record_signal(signal.SIGINT, None)
         except KeyboardInterrupt:
             pass  # what C code does with it
         if then_fail:
             raise AttributeError("module 'numpy' has no attribute 'void'")
-        return real(cfg)
+        return real(cfg, run)
 
     for then_fail in (False, True):
         monkeypatch.setattr(microft.errors, "_SIGNALS", {})
-        monkeypatch.setattr(microft.runs, "load_base", lambda cfg, f=then_fail: swallowed(cfg, f))
+        monkeypatch.setattr(microft.runs, "load_base", lambda cfg, run, f=then_fail: swallowed(cfg, run, f))
         res = finetune(tmp_path, "--global-bs", "4", "--max-steps", "2")
         assert res.exit_code == 130, res.output
         assert "Traceback" not in res.output and "interrupted" in res.output.splitlines()[-1]

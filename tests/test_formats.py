@@ -263,7 +263,15 @@ def test_dry_run_says_the_default_batch():
 
 def test_default_batch_plan_fits_the_data():
     from microft.models.config import ModelConfig
-    from microft.runs import batch_plan
+    from microft.resolved import plan_batch, resolve_run
+    from microft.runs import local_device, memory_planner
+
+    def batch_plan(cfg, world, shape, on_event, n_train):
+        run = resolve_run(cfg, mcfg, local_device(cfg))
+        planned = plan_batch(run, cfg, mcfg, n_train, memory_planner if shape else None, world)
+        for text in planned.notes if on_event else ():
+            on_event({"kind": "note", "text": text})
+        return planned.plan
 
     # what the README says of the default: 16, the global batch of the Qwen3 and Llama LoRA recipes
     assert DEFAULT_GLOBAL_BS == 16

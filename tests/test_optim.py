@@ -92,7 +92,7 @@ def test_bf16_true_models_get_master_weights_and_others_do_not():
     model = tiny_model()
     assert isinstance(build_optimizer(model, cfg, torch.device("cpu")), torch.optim.AdamW)
     model.to(torch.bfloat16)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.model_copy(update={"precision": "bf16-true"}), torch.device("cpu"))
     assert isinstance(opt, MasterAdamW)
     idx = torch.randint(0, 500, (2, 8))
     model(idx, idx).backward()

@@ -3,8 +3,8 @@
 Two engines answer "how many bytes does one training step of this run hold at its peak?":
 
 - `estimate(...)` (analytical, the default): replays microft's training step from shapes alone
-  (`replay.py` on the `sim.py` engine): weights, gradients, optimizer state, the tensors each block saves under the
-  precision policy, the fused loss, checkpoint recomputes, gradient accumulation and the first
+  (`replay.py` on the `sim.py` engine): weights, gradients, optimizer state, the tensors each block saves
+  under the precision policy, the fused loss, checkpoint recomputes, gradient accumulation and the first
   step's optimizer-state creation. No torch import (presets); milliseconds for any model size.
 - `trace(...)` (`--trace`): runs microft's real step twice on fake tensors (`trace.py`) and
   reports the exact peak of live tensors. Every family.
@@ -30,6 +30,8 @@ from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
 from microft.models.source import read_model_config
+from microft.resolved import Device, precision_policy, resolve_seq_len
+from microft.resolved import resolve_precision as resolve
 
 MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT = 500 * MiB  # driver context + kernels (lazy loading); varies 0.3-0.8 GiB by GPU and CUDA
@@ -82,7 +84,8 @@ def parse_budget(spec: str) -> Budget:
         return _local_budget()
     alias = s.replace("nvidia-", "").replace("geforce-", "").replace("tesla-", "")
     alias = {"a100": "a100-80gb", "a100-40g": "a100-40gb", "a100-80g": "a100-80gb", "v100": "v100-16gb",
-             "rtx-3090": "rtx3090", "rtx-4090": "rtx4090", "3090": "rtx3090", "4090": "rtx4090"}.get(alias, alias)
+             "rtx-3090": "rtx3090", "rtx-4090": "rtx4090", "3090": "rtx3090", "4090": "rtx4090"
+             }.get(alias, alias)
     if alias in DEVICES:
         mib, bf16, hopper = DEVICES[alias]
         return Budget(mib * MiB, alias, bf16, hopper)
@@ -131,15 +134,24 @@ def runtime_overhead(peak: int, budget: Budget | None = None) -> dict[str, int]:
 
 # --- the run being estimated -------------------------------------------------------------------
 def lora_targets(spec: str, family: str = "gpt2") -> tuple[str, ...]:
-    """`"qkv,proj"`, `"attn"`, `"q_proj,v_proj"`, `"all"` -> the family's target names, as the trainer reads them."""
+    """`"qkv,proj"`, `"attn"`, `"q_proj,v_proj"`, `"all"` -> the family's target names, as the trainer reads
+    them."""
     return tuple(parse_lora_targets(spec, family))
 
 
+def budget_device(budget: Budget | None) -> Device:
+    """The CUDA GPU a budget describes, as the run resolver reads a device (no budget: a GPU with bf16 and
+    memory unknown)."""
+    if budget is None:
+        return Device("cuda", "cuda")
+    return Device("cuda", "cuda", budget.bf16, budget.bytes, f"{budget.label} ({budget.bytes / GiB:.1f} GiB)",
+                  budget.hopper)
+
+
 def resolve_precision(precision: str, budget: Budget | None = None) -> str:
-    """`auto` as the trainer resolves it on the target GPU: bf16-mixed, or fp16-mixed without bf16."""
-    if precision == "auto":
-        return "fp16-mixed" if budget is not None and not budget.bf16 else "bf16-mixed"
-    return precision
+    """`auto` as the trainer resolves it on the target GPU (`resolved.resolve_precision`): bf16-mixed, or
+    fp16-mixed without bf16. Returns the --precision word."""
+    return resolve(precision, budget_device(budget)).name
 
 
 def scale_out(cfg: RunConfig) -> tuple[int, str]:
@@ -149,19 +161,20 @@ def scale_out(cfg: RunConfig) -> tuple[int, str]:
     return cfg.devices, "fsdp" if cfg.shard == "fsdp" else "ddp"
 
 
-def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, precision: str | None = None) -> Setup:
+def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, precision: str | None = None
+              ) -> Setup:
     """The simulated setup of a run config (accumulation beyond 2 micro-steps repeats micro-step 2)."""
-    seq = cfg.max_seq_len or arch.n_positions
-    if seq > arch.n_positions:
-        raise ConfigError(f"--seq-len {seq} exceeds the model's context of {arch.n_positions}")
+    seq = resolve_seq_len(cfg.max_seq_len, arch.n_positions, "--seq-len")
     if micro_bs < 1:
         raise ConfigError(f"--micro-bs must be positive, got {micro_bs}")
     return Setup(
-        micro_bs=micro_bs, seq_len=seq, precision=precision or resolve_precision(cfg.precision), accum=min(accum, 2),
+        micro_bs=micro_bs, seq_len=seq, precision=precision or resolve_precision(cfg.precision),
+        accum=min(accum, 2),
         grad_ckpt=cfg.grad_ckpt, ckpt_every=cfg.grad_ckpt_every, optimizer=cfg.optimizer,
         weight_decay=cfg.weight_decay, momentum=cfg.momentum, lora=cfg.lora, lora_r=cfg.lora_r,
         lora_targets=lora_targets(cfg.lora_targets if cfg.lora else "qkv,proj", arch.model_type),
-        lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, double_quant=cfg.double_quant, packing=cfg.packing,
+        lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, double_quant=cfg.double_quant,
+        packing=cfg.packing,
     )
 
 
@@ -241,23 +254,28 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
     params = r.m.params
     train = [p for p in params if p.train]
     C, Vp, N = arch.n_embd, arch.padded_vocab_size, r.N  # rows of one forward (a pair: two)
-    dt = 4 if s.precision == "fp32" else 2
+    policy = precision_policy(s.precision)
+    dt = policy.compute_bytes
     rows = min(ce_chunk_rows(N, Vp), N)
-    nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks for lo in b.lin.values()
-           if lo.nf4}
+    nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks
+           for lo in b.lin.values() if lo.nf4}
+    pad = (Vp - arch.vocab_size) * C  # the padded vocabulary's rows, not the model's parameters
     d = {
-        "parameters": sum(p.numel for p in params) - (Vp - arch.vocab_size) * C * (1 if arch.tie_embeddings else 2),
-        "trainable parameters": sum(p.numel for p in train) - (0 if s.lora else (Vp - arch.vocab_size) * C),
-        "weights": sum(nf4.get(p.name, p.numel * p.es) for p in params),  # NF4: codes + scales (replay.nf4_buffers)
+        "parameters": sum(p.numel for p in params) - pad * (1 if arch.tie_embeddings else 2),
+        "trainable parameters": sum(p.numel for p in train) - (0 if s.lora else pad),
+        # NF4: codes + scales (replay.nf4_buffers)
+        "weights": sum(nf4.get(p.name, p.numel * p.es) for p in params),
         "gradients": sum(p.numel * p.es for p in train),
-        "optimizer state": sum(st.nbytes for sts in r.opt_state.values() for st in sts) + sum(q.nbytes for q in r.qmaps),
+        "optimizer state": (sum(st.nbytes for sts in r.opt_state.values() for st in sts)
+                            + sum(q.nbytes for q in r.qmaps)),
         "activations per block": r.block_bytes,
         "loss: logits per chunk (fp32)": rows * Vp * 4,
-        "loss: low-precision logits copies per chunk": 0 if dt == 4 else 2 * rows * Vp * dt,
-        "loss: saved grad_h + grad_w": N * C * (4 if s.precision != "bf16-true" else 2) + (Vp * C * dt if r.m.head.train else 0),
+        "loss: low-precision logits copies per chunk": 2 * rows * Vp * dt if policy.low_precision else 0,
+        "loss: saved grad_h + grad_w": N * C * policy.param_bytes + (Vp * C * dt if r.m.head.train else 0),
         # a tied, trainable head hands its gradient to the embedding's backward (model.HeadGradLink):
         # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
-        "embedding gradient transient": Vp * C * s.param_bytes if (not arch.tie_embeddings and r.m.wte.train) else 0,
+        "embedding gradient transient": (Vp * C * s.param_bytes if not arch.tie_embeddings and r.m.wte.train
+                                         else 0),
         "gradients held across accumulation": sum(p.numel * p.es for p in train) if s.accum > 1 else 0,
         # microft dpo, full fine-tuning: the reference policy is a frozen copy of the weights
         "frozen reference copy": sum(p.numel * p.es for p in r.frozen[1].params)
@@ -275,8 +293,8 @@ def max_tensor_peak(budget: Budget) -> int:
     return max(0, p)
 
 
-def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
-             fast: bool = False) -> Estimate:
+def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: int = 1,
+             shard: str = "none", fast: bool = False) -> Estimate:
     """The analytical estimate: replay two optimizer steps of microft's step from shapes.
 
     `fast` (the planner): the same peak from a shorter replay, and a replay that stops as soon as
@@ -292,8 +310,9 @@ def estimate(arch: ModelConfig, setup: Setup, budget: Budget | None = None, worl
     except OverLimit:
         sim = r.sim
         sim.peak, sim.peak_phase = max(sim.peak, sim.live), sim.phase
-    est = Estimate(engine="analytical", arch=arch, setup=setup, peak_bytes=sim.peak, peak_phase=sim.peak_phase,
-                   peak_where=sim.peak_where, components=_ordered(sim.peak_cats), step_peaks=r.step_peaks,
+    est = Estimate(engine="analytical", arch=arch, setup=setup, peak_bytes=sim.peak,
+                   peak_phase=sim.peak_phase, peak_where=sim.peak_where, components=_ordered(sim.peak_cats),
+                   step_peaks=r.step_peaks,
                    details=_details(arch, setup, r), budget=budget, world=world, shard=shard)
     if world > 1 and shard == "fsdp":
         _fsdp_adjust(est, r)
@@ -325,8 +344,8 @@ def _fsdp_adjust(est: Estimate, r: Replay) -> None:
     comp["FSDP unsharded parameters"] = 2 * block
     est.peak_bytes += 2 * block - saved
     est.components = _ordered(comp)
-    est.notes.append(f"FSDP over {w} devices: weights, gradients and optimizer state divided by {w}, plus two "
-                     f"gathered blocks; approximate (the trace does not model FSDP)")
+    est.notes.append(f"FSDP over {w} devices: weights, gradients and optimizer state divided by {w}, plus "
+                     f"two gathered blocks; approximate (the trace does not model FSDP)")
 
 
 def _notes(arch: ModelConfig, s: Setup) -> list[str]:
@@ -351,9 +370,9 @@ def preference_note(setup: Setup) -> str:
            else "cached reference log-probs (no reference forward)" if setup.precompute_ref
            else "the reference: the base with the adapters off (a forward without gradients)" if setup.lora
            else "the reference: a frozen copy of the weights and its forward without gradients")
-    return (f"microft dpo --loss {setup.pref_loss}: {setup.micro_bs} pairs a micro-step, {2 * setup.micro_bs} "
-            f"sequences of {setup.seq_len} tokens in one forward, every position scored as a response token (the "
-            f"most the loss head holds); {ref}")
+    return (f"microft dpo --loss {setup.pref_loss}: {setup.micro_bs} pairs a micro-step, "
+            f"{2 * setup.micro_bs} sequences of {setup.seq_len} tokens in one forward, every position scored "
+            f"as a response token (the most the loss head holds); {ref}")
 
 
 def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: int = 1, shard: str = "none",
@@ -373,8 +392,8 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
     # RoPE frequencies (theta, llama3 scaling) change no memory; the tables are made at init, outside the step
     mc = arch.model_copy(update={"rope_scaling": None})
     preference = setup.method == "dpo"
-    t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum, steps=steps,
-                       preference=preference)
+    t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum,
+                       steps=steps, preference=preference)
     comp = dict(t.components)
     peak = t.peak_bytes
     r = replay_of(arch, setup)  # the details (weights, states): the same model

@@ -22,23 +22,26 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 def autocast_off(t: torch.Tensor) -> contextlib.AbstractContextManager:
     dev = t.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    if torch.amp.is_autocast_available(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
 
 
-# 0 or 1 overrides the detected answer for what microft does about bf16 (auto's pick, the fp32 route for bf16
-# products; benchmarking an AVX2-only CPU on a bigger one); kernels stay the ones the CPU can run (models.linear)
+# 0 or 1 overrides the detected answer for what microft does about bf16 (auto's pick, the fp32 route for
+# bf16 products; benchmarking an AVX2-only CPU on a bigger one); kernels stay the ones the CPU can run
+# (models.linear)
 CPU_BF16_ENV = "MICROFT_CPU_BF16"
-# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) without bf16 instructions: held to
-# one of these, oneDNN has no native bf16 kernel (and no bf16 linear at all below AVX-512)
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA) without bf16 instructions: held
+# to one of these, oneDNN has no native bf16 kernel (and no bf16 linear at all below AVX-512)
 ONEDNN_ISA_ENVS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
                                       "AVX512_CORE_VNNI"})
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether to treat this CPU as one with native bf16 matmuls (AVX-512 BF16 or AMX): the hardware's answer, off
-    where ATEN_CPU_CAPABILITY holds torch below AVX-512 or ONEDNN_MAX_CPU_ISA holds oneDNN below AVX-512 BF16;
-    MICROFT_CPU_BF16=0|1 overrides it. `native_cpu_bf16` is the answer no variable can force on."""
+    """Whether to treat this CPU as one with native bf16 matmuls (AVX-512 BF16 or AMX): the hardware's answer,
+    off where ATEN_CPU_CAPABILITY holds torch below AVX-512 or ONEDNN_MAX_CPU_ISA holds oneDNN below AVX-512
+    BF16; MICROFT_CPU_BF16=0|1 overrides it. `native_cpu_bf16` is the answer no variable can force on."""
     forced = os.environ.get(CPU_BF16_ENV)
     if forced in ("0", "1"):
         return forced == "1"
@@ -46,12 +49,14 @@ def cpu_supports_bf16() -> bool:
 
 
 def native_cpu_bf16() -> bool:
-    """Whether the kernels may use native bf16 here (the hardware, as the environment restricts it; never forced)."""
+    """Whether the kernels may use native bf16 here (the hardware, as the environment restricts it; never
+    forced)."""
     return _NATIVE_CPU_BF16
 
 
 def onednn_isa_without_bf16(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether the environment holds oneDNN to an instruction set without bf16 (ONEDNN_MAX_CPU_ISA=AVX2, say)."""
+    """Whether the environment holds oneDNN to an instruction set without bf16 (ONEDNN_MAX_CPU_ISA=AVX2,
+    say)."""
     isa = next((environ[k] for k in ONEDNN_ISA_ENVS if environ.get(k)), "")
     return isa.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16
 

@@ -42,6 +42,7 @@ from microft.data import (
 from microft.errors import ConfigError, Interrupted, TrainingError
 from microft.models.transformer import Transformer, set_grad_checkpointing
 from microft.perf import device_peak_flops, flops_per_token, memory_stats
+from microft.resolved import Device, PrecisionPolicy, ResolvedRun, resolve_run
 from microft.train.checkpoint import (
     capture_rng,
     find_latest_checkpoint,
@@ -67,7 +68,7 @@ from microft.train.step import (
     micro_step,
     place_model,
     resolve_device,
-    resolve_precision,
+    supports_bf16,
 )
 from microft.train.trackers import open_trackers
 from microft.train.verdict import verdict
@@ -76,8 +77,8 @@ Event = dict[str, Any]
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt() parameters
 SKIP_STREAK = 3  # fp16: consecutive steps the scaler may skip on a non-finite loss before the run stops
 SKIP_STREAK_FINITE = 16  # ... on overflowing gradients alone (by then the scale has fallen 2^16-fold)
-OOM_ADVICE = ("try a smaller --micro-bs with a larger --accum, --grad-ckpt, --precision bf16-mixed, or --lora "
-              "(see `microft estimate-mem`)")
+OOM_ADVICE = ("try a smaller --micro-bs with a larger --accum, --grad-ckpt, --precision bf16-mixed, or "
+              "--lora (see `microft estimate-mem`)")
 
 
 @dataclass
@@ -102,8 +103,10 @@ class MemoryHooks:
     Each returns None where the estimator cannot model the run.
     """
 
-    banner_peak: Callable[[str, BatchPlan], str | None] = lambda precision, plan: None  # one line, for the banner
-    traced_peak: Callable[[str, BatchPlan], int | None] = lambda precision, plan: None  # bytes, CPU runs' summary
+    # one line, for the banner
+    banner_peak: Callable[[str, BatchPlan], str | None] = lambda precision, plan: None
+    # bytes, CPU runs' summary
+    traced_peak: Callable[[str, BatchPlan], int | None] = lambda precision, plan: None
     oom_advice: Callable[[int], str | None] = lambda device_bytes: None  # what fits a GPU of that size
 
 
@@ -119,7 +122,7 @@ class Run:
     plan: BatchPlan  # changes only when an out-of-memory retry halves an auto micro-batch
     dist: Dist
     device: torch.device
-    precision: str
+    resolved: ResolvedRun  # the run as resolved once (runs.py), or here for a direct call
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -139,6 +142,15 @@ class Run:
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return self.resolved.precision
+
+    @property
+    def precision(self) -> str:
+        """The --precision word the run trains under (banner, run.json, checkpoints)."""
+        return self.resolved.precision.name
 
     @property
     def eval_every(self) -> int:
@@ -252,6 +264,7 @@ def train(
     banner_extra: dict[str, Any] | None = None,
     memory: MemoryHooks | None = None,
     objective: Any = None,
+    resolved: ResolvedRun | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `train_set` with `plan`; write checkpoints under `cfg.out`; return the summary.
 
@@ -259,10 +272,15 @@ def train(
     `save_extra(dir)` adds files to every saved model directory (LoRA adapters);
     `on_eval(model, step)` returns extra events at each evaluation (generated samples);
     `memory`: the estimator's answers for the banner, the summary and out-of-memory errors;
-    `objective`: what the steps minimise when it is not the token-mean LM loss (preference pairs).
+    `objective`: what the steps minimise when it is not the token-mean LM loss (preference pairs);
+    `resolved`: the run as `runs.py` resolved it (device, precision policy, sequence length); a direct call
+    resolves `cfg` here, on this process's device.
     """
     memory = memory or MemoryHooks()
-    run = set_up(model, train_set, val_set, cfg, plan, dist or Dist(), on_event, save_extra, on_eval, objective)
+    dist = dist or Dist()
+    resolved = resolved or resolve_for_loop(cfg, model, dist)
+    run = set_up(model, train_set, val_set, cfg, plan, dist, on_event, save_extra, on_eval, objective,
+                 resolved)
     resume_dir = resume_dir_for(cfg.resume, run.out)
     if resume_dir is not None:
         asked = dict(run.schedule)
@@ -283,7 +301,7 @@ def _train(run: Run, resume_dir: Path | None, memory: MemoryHooks, banner_extra:
     """`train` once the run is set up and its event stream open."""
     cfg, model, on_event = run.cfg, run.model, run.on_event
     on_event(banner(run, resume_dir, memory.banner_peak(run.precision, run.plan), banner_extra))
-    if note := emulated_precision_note(run.precision, run.device):
+    if note := emulated_precision_note(run.policy, run.device):
         on_event({"kind": "note", "text": note})
     flag, restore_signals = _signal_flag()
     model.train()
@@ -308,8 +326,8 @@ def _train(run: Run, resume_dir: Path | None, memory: MemoryHooks, banner_extra:
             if _due(run.eval_every, state.step, run.total_steps):
                 evaluate_now(run)
                 if cfg.patience is not None and state.evals_since_best > cfg.patience:
-                    on_event({"kind": "note", "text": f"early stop at step {state.step}: no val improvement in "
-                                                      f"{cfg.patience} evaluations"})
+                    on_event({"kind": "note", "text": f"early stop at step {state.step}: no val improvement "
+                                                      f"in {cfg.patience} evaluations"})
                     break
             if _due(cfg.save_every, state.step, run.total_steps):
                 save_checkpoint(run, "step")
@@ -333,13 +351,21 @@ def _due(every: int, step: int, total_steps: int) -> bool:
     return bool(every) and step % every == 0 and step < total_steps
 
 
-def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cfg: RunConfig, plan: BatchPlan, dist: Dist,
-           on_event: Callable[[Event], None], save_extra: Callable[[Path], None] | None,
-           on_eval: Callable[[torch.nn.Module, int], list[Event]] | None, objective: Any = None) -> Run:
+def resolve_for_loop(cfg: RunConfig, model: Transformer, dist: Dist) -> ResolvedRun:
+    """`cfg` resolved on this process's device, for a `train` call that brings no resolved run."""
+    device = dist.device or resolve_device(cfg.device)
+    return resolve_run(cfg, model.config, Device(device.type, str(device), supports_bf16(device)),
+                       world_size=dist.world_size)
+
+
+def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cfg: RunConfig, plan: BatchPlan,
+           dist: Dist, on_event: Callable[[Event], None], save_extra: Callable[[Path], None] | None,
+           on_eval: Callable[[torch.nn.Module, int], list[Event]] | None, objective: Any,
+           resolved: ResolvedRun) -> Run:
     """Seed, place and wrap the model; build the optimizer, the schedule and the precision policy. An
     `objective` binds its runner here, before a resume loads trained weights (its reference is the start)."""
-    device = dist.device or resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    device = dist.device or torch.device(resolved.device.name or resolved.device.kind)
+    precision = resolved.precision
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
@@ -351,7 +377,7 @@ def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cf
     runner = dist.wrapped or model
     if cfg.compile:
         runner = torch.compile(runner)
-    optimizer = build_optimizer(model, cfg, device)
+    optimizer = build_optimizer(model, cfg, device, precision)
     lengths = [sample_length(train_set[i]) for i in range(len(train_set))]
     spe, total_steps = schedule_length(len(train_set), plan, cfg)
     warm = warmup_steps(cfg.warmup, total_steps)
@@ -361,38 +387,43 @@ def set_up(model: Transformer, train_set: Sequence, val_set: Sequence | None, cf
     autocast = autocast_context(precision, device)
     if objective is not None:
         runner = objective.bind(model, train_set, val_set, plan.micro_bs, device, autocast)
-    return Run(model=model, runner=runner, train_set=train_set, val_set=val_set, cfg=cfg, plan=plan, dist=dist,
-               device=device, precision=precision, optimizer=optimizer, scheduler=scheduler,
+    return Run(model=model, runner=runner, train_set=train_set, val_set=val_set, cfg=cfg, plan=plan,
+               dist=dist, device=device, resolved=resolved, optimizer=optimizer, scheduler=scheduler,
                schedule=schedule,
                scaler=make_scaler(precision, device), autocast=autocast, lengths=lengths,
                steps_per_epoch=spe, total_steps=total_steps, warmup=warm, n_ckpt=n_ckpt, on_event=on_event,
                save_extra=save_extra, on_eval=on_eval, objective=objective)
 
 
-def emulated_precision_note(precision: str, device: torch.device) -> str | None:
-    """One line when a half-precision run was asked for on a CPU that emulates it (no AVX-512 BF16 / AMX): what
-    microft does about it (bf16: fp32 products, models.linear) and what `auto` would pick."""
-    if device.type != "cpu" or precision == "fp32" or cpu_supports_bf16():
+def emulated_precision_note(policy: PrecisionPolicy, device: torch.device) -> str | None:
+    """One line when a half-precision run was asked for on a CPU that emulates it (no AVX-512 BF16 / AMX):
+    what microft does about it (bf16: fp32 products, models.linear) and what `auto` would pick."""
+    if device.type != "cpu" or not policy.low_precision or cpu_supports_bf16():
         return None
-    if precision.startswith("bf16"):
-        return (f"--precision {precision} on a CPU without native bf16 matmuls (no AVX-512 BF16 or AMX): torch's "
-                "emulated bf16 kernels are 5-85x slower than fp32, so microft multiplies the bf16 values in fp32 "
-                "and rounds to bf16 (bf16's memory, about fp32's speed); --precision auto picks fp32 here")
-    return (f"--precision {precision} on a CPU without native fp16 matmuls (no AVX-512 FP16 or AMX): they are "
-            "emulated, often 20-100x slower than fp32; --precision auto picks fp32 here")
+    precision = policy.name
+    if policy.compute_dtype == "bfloat16":
+        return (f"--precision {precision} on a CPU without native bf16 matmuls (no AVX-512 BF16 or AMX): "
+                "torch's emulated bf16 kernels are 5-85x slower than fp32, so microft multiplies the bf16 "
+                "values in fp32 and rounds to bf16 (bf16's memory, about fp32's speed); --precision auto "
+                "picks fp32 here")
+    return (f"--precision {precision} on a CPU without native fp16 matmuls (no AVX-512 FP16 or AMX): they "
+            "are emulated, often 20-100x slower than fp32; --precision auto picks fp32 here")
 
 
-def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra: dict[str, Any] | None) -> Event:
+def banner(run: Run, resume_dir: Path | None, estimated_peak: str | None, extra: dict[str, Any] | None
+           ) -> Event:
     """The opening event: model, device, precision, batch plan, schedule, and the estimated peak."""
     model, cfg, plan = run.model, run.cfg, run.plan
     return {
         "kind": "banner", "model": model.config.name, "params_total": model.num_params(),
         "params_trainable": model.num_params(trainable_only=True), "device": str(run.device),
         "precision": run.precision,
-        "grad_ckpt": f"{run.n_ckpt}/{model.config.n_layer} blocks" if run.n_ckpt else "off", "optimizer": cfg.optimizer,
+        "grad_ckpt": f"{run.n_ckpt}/{model.config.n_layer} blocks" if run.n_ckpt else "off",
+        "optimizer": cfg.optimizer,
         "lr": run.schedule["lr"], "schedule": describe_schedule(run.schedule),
         "effective_batch": plan.describe(), "tokens_per_step": plan.global_bs * max(run.lengths),
-        "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps, "train_samples": len(run.train_set),
+        "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps,
+        "train_samples": len(run.train_set),
         "val_samples": len(run.val_set or []), "resumed_from": str(resume_dir) if resume_dir else None,
         "start_step": run.state.step, "out": str(run.out), "estimated_peak": estimated_peak,
         **(extra or {}),
@@ -419,18 +450,19 @@ def start_outputs(run: Run) -> None:
     if run.dist.is_main:
         try:
             run.out.mkdir(parents=True, exist_ok=True)
-            (run.out / "run.json").write_text(json.dumps({"config": run.cfg.model_dump(mode="json"),
-                                                          "plan": run.plan.model_dump(), "precision": run.precision},
-                                                         indent=2))
+            record = {"config": run.cfg.model_dump(mode="json"), "plan": run.plan.model_dump(),
+                      "precision": run.precision}
+            (run.out / "run.json").write_text(json.dumps(record, indent=2))
         except OSError as e:
             raise save_failed(e, "run.json", run.out) from None
 
 
 def batch_builder(run: Run) -> Callable[[int, BatchPlan], tuple[list[Batch], list[int]]]:
-    """`build(step, plan)`: this rank's collated micro-batches of `step` (pinned for CUDA) and all its samples."""
+    """`build(step, plan)`: this rank's collated micro-batches of `step` (pinned for CUDA) and all its
+    samples."""
     epoch_cache: dict[int, list[list[int]]] = {}
     cfg, train_set = run.cfg, run.train_set
-    pack_len = (cfg.max_seq_len or run.model.config.n_positions) if cfg.packing else None
+    pack_len = run.resolved.seq_len if cfg.packing else None
     make_batch = run.objective.collate if run.objective is not None else collate
 
     def build(step: int, plan: BatchPlan) -> tuple[list[Batch], list[int]]:
@@ -467,8 +499,8 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
             b = b.to(run.device)
             with grad_sync(dist, m == len(batches) - 1):
                 phase = "forward/backward"
-                loss_sum += micro_step(run.runner, b.input_ids, b.labels, b.weights, denom, run.autocast, run.scaler,
-                                       b.target_pos, b.position_ids)
+                loss_sum += micro_step(run.runner, b.input_ids, b.labels, b.weights, denom, run.autocast,
+                                       run.scaler, b.target_pos, b.position_ids)
             if flag and dist.world_size == 1:  # ranks finish the step together
                 break
         loss_sum, stop = reduce_step(loss_sum, bool(flag), dist)
@@ -480,12 +512,13 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
         if flag:
             run.optimizer.zero_grad(set_to_none=True)
             path = save_checkpoint(run, "step", rng=rng_at_step_start)
-            raise Interrupted(f"interrupted at step {state.step}; saved {path}. Resume with: {resume_command(run.out)}",
-                              130 if flag["sig"] == signal.SIGINT else 143)
+            raise Interrupted(f"interrupted at step {state.step}; saved {path}. Resume with: "
+                              f"{resume_command(run.out)}", 130 if flag["sig"] == signal.SIGINT else 143)
         phase = "optimizer step"
         losses: list[float] = []  # read once the clip is queued: the one host sync of the step
-        grad_norm, skipped = finish_step(run.model, run.optimizer, run.scaler, cfg.max_grad_norm, before_step=lambda:
-                                         losses.append(checked_loss(run, loss_sum, denom * dist.world_size)))
+        grad_norm, skipped = finish_step(
+            run.model, run.optimizer, run.scaler, cfg.max_grad_norm,
+            before_step=lambda: losses.append(checked_loss(run, loss_sum, denom * dist.world_size)))
         loss = losses[0]
     except torch.OutOfMemoryError:
         run.optimizer.zero_grad(set_to_none=True)
@@ -495,8 +528,8 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
             run.plan = halve_micro_batch(run.plan)  # same samples per step, so the retry is exact
             run.on_event({"kind": "note", "text": f"out of memory: retrying with {run.plan.describe()}"})
             return None
-        raise TrainingError(f"out of memory in the {phase} of step {state.step + 1} with {run.plan.describe()}; "
-                            f"{oom_advice(run, memory)}") from None
+        raise TrainingError(f"out of memory in the {phase} of step {state.step + 1} with "
+                            f"{run.plan.describe()}; {oom_advice(run, memory)}") from None
     state.skipped_steps += skipped
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
@@ -511,7 +544,8 @@ def optimizer_step_of(run: Run, feed: StepFeed, flag: dict[str, int], retry_oom:
 
 
 def checked_loss(run: Run, loss_sum: torch.Tensor, denom: float) -> float:
-    """The step's mean loss; a non-finite one stops the run before its update (the fp16 scaler skips those)."""
+    """The step's mean loss; a non-finite one stops the run before its update (the fp16 scaler skips
+    those)."""
     loss = float(loss_sum) / denom
     if not math.isfinite(loss) and not run.scaler.is_enabled():
         raise TrainingError(
@@ -537,8 +571,8 @@ def evaluate_now(run: Run) -> None:
         val_loss, extra = run.objective.evaluate(run.val_set, run.plan.micro_bs, cfg.eval_batches, run.device,
                                                  run.autocast)
     else:
-        val_loss = rank0_float(evaluate(run.runner, run.val_set, run.plan.micro_bs, cfg.eval_batches, run.device,
-                                        run.autocast), run.dist)
+        val_loss = rank0_float(evaluate(run.runner, run.val_set, run.plan.micro_bs, cfg.eval_batches,
+                                        run.device, run.autocast), run.dist)
     rec = {"kind": "eval", "step": state.step, "val_loss": val_loss, **extra}
     state.history.append({"step": state.step, "val_loss": val_loss})
     if val_loss < state.best_val:
@@ -561,24 +595,28 @@ def check_skips(run: Run, streak: list[Event]) -> None:
         return
     scale = run.scaler.get_scale() if run.scaler.is_enabled() else float("nan")
     raise TrainingError(
-        f"the fp16 loss scaler skipped {len(streak)} steps in a row (steps {streak[0]['step']}-{streak[-1]['step']}; "
-        f"loss {streak[-1]['loss']:.4g}, scale {scale:.3g}); stopped at step {streak[-1]['step']}. Last good "
-        f"checkpoint: {find_latest_checkpoint(run.out) or 'none'}. Try a lower --lr or --precision bf16-mixed/fp32")
+        f"the fp16 loss scaler skipped {len(streak)} steps in a row (steps "
+        f"{streak[0]['step']}-{streak[-1]['step']}; loss {streak[-1]['loss']:.4g}, scale {scale:.3g}); "
+        f"stopped at step {streak[-1]['step']}. Last good checkpoint: "
+        f"{find_latest_checkpoint(run.out) or 'none'}. Try a lower --lr or --precision bf16-mixed/fp32")
 
 
-def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, traced_peak: int | None) -> Event:
+def summarize(run: Run, elapsed: float, last_loss: float | None, final: Path, traced_peak: int | None
+              ) -> Event:
     """The closing event: time, throughput, MFU, losses, the verdict; written to OUT/summary.json."""
     state, model = run.state, run.model
     n_trainable = model.num_params(trainable_only=True)
     fpt = flops_per_token(model.config, max(run.lengths), n_trainable / max(1, model.num_params()))
     tps = state.tokens / max(elapsed, 1e-9)
     train_tps = state.tokens / max(state.train_time, 1e-9)
-    # the run's own rate while training bounds the device's peak from below: a cached probe under it is re-probed
+    # the run's own rate while training bounds the device's peak from below: a cached probe under it is
+    # re-probed
     observed = train_tps * fpt / run.dist.world_size if state.train_time > 0 else 0.0
     peak_flops, peak_src = device_peak_flops(run.device, run.precision, observed)
     summary = {
         "traced_peak": traced_peak,
-        "kind": "summary", "steps": state.step, "time_s": elapsed, "tokens": state.tokens, "tokens_per_sec": tps,
+        "kind": "summary", "steps": state.step, "time_s": elapsed, "tokens": state.tokens,
+        "tokens_per_sec": tps,
         "train_tokens_per_sec": train_tps,
         "final_loss": last_loss, "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
         "best_step": state.best_step if state.best_step >= 0 else None, "skipped_steps": state.skipped_steps,

@@ -12,6 +12,7 @@ import torch
 from microft.config import RunConfig
 from microft.errors import ConfigError
 from microft.optimizers import OPTIMIZERS, decays
+from microft.resolved import PrecisionPolicy, precision_policy
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -24,12 +25,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """`cfg.optimizer`'s registry entry (microft.optimizers) built over the model's trainable parameters."""
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
+                    precision: str | PrecisionPolicy | None = None) -> torch.optim.Optimizer:
+    """`cfg.optimizer`'s registry entry (microft.optimizers) built over the model's trainable parameters,
+    under the run's resolved `precision` (default: `cfg.precision`; `auto` never resolves to a policy with
+    master weights)."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise ConfigError("the model has no trainable parameters")
-    bf16_weights = all(p.dtype == torch.bfloat16 for g in groups for p in g["params"])  # bf16-true
+    policy = precision or cfg.precision
+    bf16_weights = policy != "auto" and precision_policy(policy).master_weights  # bf16-true
     return OPTIMIZERS[cfg.optimizer].build(groups, cfg, device, bf16_weights)
 
 

@@ -2,9 +2,10 @@
 
 `micro_step` (one forward/backward), `finish_step` (unscale, clip, step: `clip_gradients`, `optimizer_step`),
 and the precision policy
-they run under (`resolve_precision`, `autocast_context`, `make_scaler`, `place_model`). The loop
+they run under (`precision_for`, `autocast_context`, `make_scaler`, `place_model`). The loop
 (loop.py) composes them over real batches; memory/trace.py runs the very same functions on fake
-tensors to measure a step's peak. Of microft it imports only its errors and the CPU's bf16 detection.
+tensors to measure a step's peak. Of microft it imports only its errors, the CPU's bf16 detection and the
+precision policies (`resolved`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 
 from microft.errors import ConfigError
 from microft.models.precision import cpu_supports_bf16
+from microft.resolved import Device, PrecisionPolicy, precision_policy
+from microft.resolved import resolve_precision as resolve
 
 
 def mps_available() -> bool:
@@ -41,7 +44,8 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda given but no CUDA GPU is available")
     if dev.type == "mps" and not mps_available():
-        raise ConfigError("--device mps given but MPS is not available (it needs Apple silicon and macOS 12.3+)")
+        raise ConfigError("--device mps given but MPS is not available (it needs Apple silicon and macOS "
+                          "12.3+)")
     return dev
 
 
@@ -52,42 +56,59 @@ def mps_supports_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16-mixed on CUDA ≥ 8.0, bf16-capable CPUs or MPS on macOS 14+, fp16-mixed on older GPUs, else fp32."""
-    if precision != "auto":
-        return precision  # fp16-mixed runs on CPUs too (slowly): useful to test the scaler without a GPU
+def supports_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 natively: CUDA from compute capability 8.0 (Ampere), CPUs with
+    AVX-512 BF16 or AMX (`models.precision.cpu_supports_bf16`), MPS on macOS 14+."""
     if device.type == "cuda":
-        return "bf16-mixed" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16-mixed"
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
-        return "bf16-mixed" if cpu_supports_bf16() else "fp32"
-    if device.type == "mps":
-        return "bf16-mixed" if mps_supports_bf16() else "fp32"
-    return "fp32"
+        return cpu_supports_bf16()
+    return device.type == "mps" and mps_supports_bf16()
 
 
-def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the forward's autocast context (a no-op for fp32 and bf16-true)."""
-    if precision in ("bf16-mixed", "fp16-mixed"):
-        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
+def precision_for(precision: str, device: torch.device) -> PrecisionPolicy:
+    """The policy a run asking `--precision precision` trains under on `device` (`resolved.resolve_precision`,
+    told what the device supports)."""
+    return resolve(precision, Device(device.type, str(device), supports_bf16(device)))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The `--precision` word a run trains under on `device` (auto: bf16-mixed on CUDA ≥ 8.0, bf16-capable
+    CPUs or MPS on macOS 14+, fp16-mixed on older GPUs, else fp32): `precision_for`'s name."""
+    return precision_for(precision, device).name
+
+
+def autocast_context(precision: str | PrecisionPolicy, device: torch.device
+                     ) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward's autocast context (a no-op where the policy computes in its weights'
+    dtype)."""
+    policy = precision_policy(precision)
+    if policy.autocast:
+        dtype = getattr(torch, policy.compute_dtype)
         return lambda: torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext
 
 
-def make_scaler(precision: str, device: torch.device, init_scale: float = 2.0**16) -> torch.amp.GradScaler:
-    """A GradScaler that is live only for fp16-mixed; otherwise a no-op with the same API."""
-    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision == "fp16-mixed")
+def make_scaler(precision: str | PrecisionPolicy, device: torch.device, init_scale: float = 2.0**16
+                ) -> torch.amp.GradScaler:
+    """A GradScaler that is live only where the policy scales the loss (fp16-mixed); else a no-op, same
+    API."""
+    enabled = precision_policy(precision).grad_scaler
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=enabled)
 
 
-def place_model(model: torch.nn.Module, precision: str, device: torch.device) -> None:
-    """Cast the weights to bf16 for bf16-true, then move them to `device`."""
-    if precision == "bf16-true":
-        model.to(dtype=torch.bfloat16)
+def place_model(model: torch.nn.Module, precision: str | PrecisionPolicy, device: torch.device) -> None:
+    """Cast the weights to the policy's storage dtype (bf16 for bf16-true), then move them to `device`."""
+    policy = precision_policy(precision)
+    if policy.param_dtype != "float32":
+        model.to(dtype=getattr(torch, policy.param_dtype))
     model.to(device)
 
 
-def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, denom: float,
-               autocast: Callable, scaler: torch.amp.GradScaler, target_pos: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+def micro_step(runner: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None,
+               denom: float, autocast: Callable, scaler: torch.amp.GradScaler,
+               target_pos: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """One forward/backward; the loss is scaled by the global batch's target count. Returns the loss sum.
 
     `position_ids` marks packed rows (--packing); plain batches leave it out of the call.
@@ -146,7 +167,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 
 def finish_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                max_norm: float | None, before_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, bool]:
+                max_norm: float | None, before_step: Callable[[], None] | None = None
+                ) -> tuple[torch.Tensor, bool]:
     """The end of every optimizer step, in the loop and the memory trace alike: unscale (fp16), clip (handed
     to the optimizer where it reads a grad scale; not with the fp16 scaler, whose skipped steps must leave
     no divisor behind), `before_step()` (the loop checks the loss there, the trace marks the phase), step.
