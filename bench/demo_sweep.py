@@ -22,7 +22,7 @@ import time
 
 import torch
 
-import microft.demo as demo
+import microft.data.demo as demo
 from microft.config import RunConfig
 from microft.models.config import ModelConfig
 from microft.perf import cpu_model

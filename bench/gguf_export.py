@@ -70,8 +70,9 @@ def logit_errors(work: Path) -> list[tuple[str, str, float, float | None, float]
         import llama_cpp
     except ImportError:
         return []
+    from microft.data.tokenizer_files import tokenizer_for
     from microft.export.gguf import export_gguf
-    from microft.runs import load_any, tokenizer_for
+    from microft.models.artifacts import load_any
 
     rows = []
     for name in ("gpt2", "llama", "qwen3", "mistral"):

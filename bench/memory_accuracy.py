@@ -91,7 +91,7 @@ def cuda_peak(model: str, cfg: RunConfig, micro_bs: int, seq: int, accum: int, p
         torch.cuda.empty_cache()
     m = load_model(model, dropout=cfg.dropout)
     if cfg.lora:
-        from microft.lora import apply_lora
+        from microft.models.lora import apply_lora
 
         apply_lora(m, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if precision == "bf16-true":

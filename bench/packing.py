@@ -30,10 +30,10 @@ from docs_section import publish
 from harness import DOC, command_line, load_average, machine, model_label, table
 
 from microft.config import BatchPlan, RunConfig
-from microft.data import epoch_batches, micro_batches, sample_length
-from microft.instruct import build_samples, parse_record
+from microft.data.batches import epoch_batches, micro_batches, sample_length
+from microft.data.instruct import build_samples, parse_record
+from microft.data.tokenizer import encode
 from microft.models.config import ModelConfig
-from microft.tokenizer import encode
 from microft.train.loop import train
 from microft.train.step import resolve_precision
 
@@ -135,7 +135,7 @@ def padding_share(samples, a, packed: bool) -> tuple[float, float, float, float]
     """(padding as a share of the positions computed, micro-steps per step, attention scores per step,
     the same with a block-diagonal mask over the whole row) over the timed steps' micro-batches.
     On a CPU packed rows attend sample by sample (`segment_attention`); CUDA masks the whole row."""
-    from microft.data import packed_micro_batches
+    from microft.data.batches import packed_micro_batches
 
     lengths = [sample_length(s) for s in samples]
     batches = epoch_batches(len(samples), a.global_bs, a.seed, 0, lengths)
@@ -162,7 +162,7 @@ def segment_attention_ratio(samples, a, repeats: int = 3) -> tuple[float, float]
     mask (as CUDA does). Returns (masked seconds, ratio)."""
     import torch.nn.functional as F
 
-    from microft.data import packed_micro_batches
+    from microft.data.batches import packed_micro_batches
     from microft.models.transformer import packed_attention_mask, segment_attention
 
     cfg = ModelConfig.from_preset(a.model)

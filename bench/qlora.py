@@ -71,9 +71,9 @@ def child_load(directory: str, double_quant: bool) -> dict:
     # imported before the baseline: loading, not importing, is measured
     import microft.models.hf  # noqa: F401
     import microft.models.load  # noqa: F401
+    from microft.models.artifacts import load_quantized
+    from microft.models.quant import NF4Linear
     from microft.perf import peak_rss_bytes
-    from microft.quant import NF4Linear
-    from microft.runs import load_quantized
 
     before = current_rss_bytes()
     t0 = time.perf_counter()

@@ -105,7 +105,7 @@ def microft_stepper(cfg: ModelConfig, args, device: torch.device):
     torch.manual_seed(0)
     # QLoRA: the block linears quantized to NF4 one layer at a time while building (runs.load_base)
     if args.quantize:
-        from microft.runs import load_quantized
+        from microft.models.artifacts import load_quantized
 
         dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
         model = load_quantized(args.model, args.quantize, args.double_quant, dtype=dtype, seed=0)
@@ -118,7 +118,7 @@ def microft_stepper(cfg: ModelConfig, args, device: torch.device):
     if precision == "bf16-true":
         model.to(dtype=torch.bfloat16)
     if args.lora:
-        from microft.lora import apply_lora
+        from microft.models.lora import apply_lora
 
         apply_lora(model, args.lora, 2.0 * args.lora, 0.0, args.lora_targets)
     model.to(device).train()

@@ -218,7 +218,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
         if recipe is None and flags["model"] is None and flags["data"] is None:
             import time
 
-            from microft.demo import DEMO_RUN
+            from microft.data.demo import DEMO_RUN
 
             base = {**DEMO_RUN, "out": time.strftime("runs/demo-%Y%m%d-%H%M%S")}  # never an earlier run's dir
         from microft.config import resolve_config
@@ -313,13 +313,14 @@ def generate(
         if chat and template:
             raise ConfigError("give --chat or --template, not both (--chat is --template chat)")
         text = _prompt_text(prompt, prompt_file)
-        from microft.instruct import is_unicode_text
+        from microft.data.instruct import is_unicode_text
 
         if not is_unicode_text(text) or not is_unicode_text(input_text or ""):
             raise ConfigError("the prompt (or --input) is not valid UTF-8 text")
+        from microft.data.tokenizer_files import tokenizer_for
         from microft.generate import generate as gen_tokens
         from microft.generate import stream_text
-        from microft.runs import load_any, tokenizer_for
+        from microft.models.artifacts import load_any
         from microft.train.step import resolve_device
 
         if input_text is not None and not (template or chat):
@@ -329,8 +330,8 @@ def generate(
         tok = tokenizer_for(model, net.config)
         tmpl = None
         if chat or template:
-            from microft.chat import resolve_template
-            from microft.instruct import encode_prompt
+            from microft.data.chat import resolve_template
+            from microft.data.instruct import encode_prompt
 
             tmpl = resolve_template("chat" if chat else template, tok)
             text = tmpl.render_prompt(text.strip(), (input_text or "").strip())
@@ -372,7 +373,7 @@ def export(
 ) -> None:
     """Export weights and tokenizer files for other tools (LoRA merged first, NF4 bases dequantized)."""
     with user_errors():
-        from microft import runs, ui
+        from microft import ui
         from microft.train.outdir import check_written_dir, writing
 
         given = {"quant": quant, "template": template}
@@ -380,11 +381,7 @@ def export(
         check_written_dir(out, force)
         chosen = exports.resolved_options(fmt, given)
         exports.require(fmt)  # before the model is read
-        job = exports.ExportJob(
-            model, out, force, chosen, load=lambda: runs.load_any(model),
-            tokenizer=lambda cfg: runs.tokenizer_for(model, cfg), model_dir=lambda: runs.model_dir(model),
-            tokenizer_files=lambda path, cfg: runs.write_tokenizer_files(model, path, cfg),
-            writing=lambda: writing(out))
+        job = exports.ExportJob(model, out, force, chosen, writing=lambda: writing(out))
         res = exports.writer(fmt)(job)
         for note in res.notes:
             ui.err.print(f"note: {note}", markup=False)
@@ -407,10 +404,11 @@ def merge(
 ) -> None:
     """`microft merge`: MERGE_HELP."""
     with user_errors():
+        from microft.data.tokenizer_files import copy_tokenizer_files, write_tokenizer_files
         from microft.errors import ConfigError
-        from microft.lora import is_adapter_dir, load_adapter, merge_lora
+        from microft.models.artifacts import load_any
         from microft.models.load import load_model, save_model
-        from microft.runs import copy_tokenizer_files, load_any, write_tokenizer_files
+        from microft.models.lora import is_adapter_dir, load_adapter, merge_lora
         from microft.train.outdir import check_written_dir, writing
 
         if not is_adapter_dir(model):

@@ -108,7 +108,7 @@ class RunConfig(BaseModel):
     lora_alpha: float = Field(16.0, gt=0.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_targets: str = "qkv,proj"
-    quantize: Literal["nf4"] | None = None  # QLoRA: frozen block linears in NF4 (microft.quant)
+    quantize: Literal["nf4"] | None = None  # QLoRA: frozen block linears in NF4 (microft.models.quant)
     double_quant: bool = False
     # preference tuning (`microft dpo`; train.preference has the formulas)
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"

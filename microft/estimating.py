@@ -73,7 +73,7 @@ def estimate_shape(cfg: RunConfig, recipe: str | None) -> Any:
     if cfg.model:
         return planning_shape(cfg.model, cfg.dropout)
     if recipe is not None and not cfg.data:
-        from microft.demo import demo_model_config, demo_tokenizer
+        from microft.data.demo import demo_model_config, demo_tokenizer
         from microft.memory.estimate import with_dropout
 
         return with_dropout(demo_model_config(demo_tokenizer().vocab_size), cfg.dropout)

@@ -16,11 +16,11 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from microft.data.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
 from microft.errors import ConfigError
 from microft.models.config import EOT_TOKEN, ModelConfig
 from microft.models.precision import compute_dtype
 from microft.models.transformer import KVCache, Transformer
-from microft.tokenizer import Tokenizer, decode_stream, gpt2_tokenizer
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from microft.config import BatchPlan, RunConfig
+from microft.data.tokenizer_files import tokenizer_for, write_tokenizer_files
 from microft.errors import ConfigError
+from microft.models.artifacts import load_quantized, model_dir
 from microft.resolved import Device, ResolvedRun, plan_batch, resolve_run
 
 Event = dict[str, Any]
@@ -61,8 +63,8 @@ def model_shape(cfg: RunConfig) -> Any:
     """The ModelConfig of the run's model (`--dropout` applied), read from its config.json or preset before
     any weight is (no torch); a LoRA adapter directory is refused first, in the words of what to do
     instead."""
-    from microft.lora import is_adapter_dir
     from microft.memory.estimate import load_shape
+    from microft.models.lora import is_adapter_dir
 
     if cfg.model and is_adapter_dir(cfg.model):  # load_model would read the base beside them and drop them
         raise ConfigError(f"{cfg.model} holds LoRA adapters: fold them into a model first (microft merge "
@@ -143,105 +145,10 @@ def seed_init(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# what a saved model directory carries beside its weights so `generate` and transformers find the tokenizer
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
-# any one of these is a tokenizer transformers can build (tokenizer_config.json alone is not)
-TOKENIZER_MODELS = ("tokenizer.json", "vocab.json", "tokenizer.model")
-
-
-def model_dir(spec: str | None) -> Path | None:
-    """The directory a --model spec names (a hub repo id: its cached snapshot); None for a preset."""
-    from microft.models.config import PRESETS
-    from microft.models.source import resolve_model_dir
-
-    if spec is None or spec in PRESETS:
-        return None
-    p = resolve_model_dir(spec) or Path(spec).expanduser()
-    if p.is_dir():
-        return p
-    return p.parent if p.exists() else None
-
-
-def tokenizer_dir(spec: str | None) -> Path | None:
-    """Where the tokenizer of `spec` lives: its own directory, or for an adapter directory without
-    tokenizer files, its base model's (`base_model_name_or_path`)."""
-    d = model_dir(spec)
-    if d is None or any((d / f).is_file() for f in TOKENIZER_FILES[:2] + ("tokenizer.model",)):
-        return d
-    from microft.lora import is_adapter_dir, read_adapter_config
-    from microft.weights import CONFIG
-
-    if is_adapter_dir(d) and not (d / CONFIG).exists():
-        base = read_adapter_config(d).get("base_model_name_or_path")
-        return tokenizer_dir(base) if base else d
-    return d
-
-
-def tokenizer_for(spec: str | None, model_cfg: Any):
-    """The model's tokenizer: GPT-2's for a GPT-2 preset, else the tokenizer files of the model's directory.
-
-    A randomly initialised preset of another family has no tokenizer of its own: refused, as is a
-    tokenizer with more ids than the model has embeddings.
-    """
-    from microft.tokenizer import gpt2_tokenizer, load_tokenizer
-
-    d = tokenizer_dir(spec)
-    family = model_cfg.model_type
-    if d is None:
-        if family != "gpt2":
-            raise ConfigError(f"{spec} is a randomly initialised {family} preset without a tokenizer; point "
-                              "--model at a model directory (or a cached hub repo id) that has "
-                              "tokenizer.json")
-        return gpt2_tokenizer()
-    tok = load_tokenizer(d)
-    if tok is gpt2_tokenizer() and family != "gpt2":  # a microft checkpoint dir without tokenizer files
-        raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model for this {family} model; copy the base "
-                          "model's tokenizer files into it")
-    if tok.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"{d}: the tokenizer has {tok.vocab_size} ids but the model only "
-                          f"{model_cfg.vocab_size} embeddings; they do not belong together")
-    return tok
-
-
-def copy_tokenizer_files(spec: str | None, directory: str | Path) -> list[str]:
-    """Copy the tokenizer files of `spec`'s model directory into `directory`; returns the names copied."""
-    import shutil
-
-    src = tokenizer_dir(spec)
-    copied = []
-    for name in TOKENIZER_FILES if src is not None else ():
-        if (src / name).is_file() and not (Path(directory) / name).exists():
-            shutil.copyfile(src / name, Path(directory) / name)
-            copied.append(name)
-    return copied
-
-
-def write_tokenizer_files(spec: str | None, directory: str | Path, model_cfg: Any) -> str | None:
-    """Give a saved model directory the tokenizer of `spec` in files transformers reads: the source's own
-    files copied, or, where it has none (a GPT-2 preset, a checkpoint saved before microft wrote them),
-    GPT-2's vendored BPE as vocab.json + merges.txt. Returns None, or why the directory has no tokenizer
-    (a preset of another family, a source without files) for the caller to say."""
-    d = Path(directory)
-    copy_tokenizer_files(spec, d)
-    if any((d / f).is_file() for f in TOKENIZER_MODELS):
-        return None
-    from microft.tokenizer import gpt2_tokenizer, write_gpt2_tokenizer
-
-    try:
-        tok = tokenizer_for(spec, model_cfg)
-    except ConfigError as e:
-        return str(e)
-    if tok is not gpt2_tokenizer():
-        return f"{spec}: its tokenizer has no files to copy"
-    write_gpt2_tokenizer(d, model_cfg.n_positions)
-    return None
-
-
 @owns_out
 def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Language-model training on raw text packed into blocks."""
-    from microft.data import Subset, pack_documents, read_text_corpus, split_indices
+    from microft.data.batches import Subset, pack_documents, read_text_corpus, split_indices
     from microft.train.distributed import distributed, main_only
     from microft.train.loop import train
 
@@ -268,7 +175,7 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
 def refuse_records(path: str | None) -> None:
     """Pretraining on a file of instruction or chat records would train on their JSON (or CSV) syntax,
     prompts and all: refused in one line that names `finetune`, which reads them."""
-    from microft.instruct import record_kind
+    from microft.data.instruct import record_kind
 
     found = record_kind(path) if path else None
     if found:
@@ -284,8 +191,8 @@ def batch_banner(run: ResolvedRun) -> dict[str, Any]:
 
 
 def _respond(model, template, tok, prompt: str, max_new_tokens: int) -> str:
+    from microft.data.instruct import encode_prompt
     from microft.generate import generate, stream_text
-    from microft.instruct import encode_prompt
 
     ids = generate(model, encode_prompt(template, tok, prompt), max_new_tokens, temperature=0.0,
                    stop_ids=tok.eos_ids)
@@ -297,7 +204,7 @@ def respond_all(model, template, samples: list[dict], max_new_tokens: int = 64, 
     training encoded them and stopped at any of the tokenizer's EOS ids (`tok` None: GPT-2's)."""
     import torch
 
-    from microft.tokenizer import gpt2_tokenizer
+    from microft.data.tokenizer import gpt2_tokenizer
 
     tok = tok or gpt2_tokenizer()
     model.eval()
@@ -309,9 +216,9 @@ def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
     """Tokens per training sample of `cfg.data`, built as `run_finetune` builds them (template, cut at
     `max_len`, split): what `estimate-mem --data` measures. Micro-batches are padded to their longest
     sample."""
-    from microft.data import sample_length
-    from microft.instruct import load_instruct_data
-    from microft.tokenizer import encode
+    from microft.data.batches import sample_length
+    from microft.data.instruct import load_instruct_data
+    from microft.data.tokenizer import encode
 
     return [sample_length(s) for s in load_instruct_data(cfg, max_len, encode).train]
 
@@ -320,12 +227,12 @@ def pair_lengths(cfg: RunConfig, max_len: int, model_cfg: Any) -> list[int]:
     """Tokens of each side of every training pair of `cfg.data`, built as `run_dpo` builds them (template, cut
     at `max_len`), with the model's tokenizer where it has one (else GPT-2's): what `estimate-mem --method
     dpo --data` measures."""
-    from microft.preference import load_pairs, read_pairs
+    from microft.data.preference import load_pairs, read_pairs
 
     try:
         tok = tokenizer_for(cfg.model or "gpt2-tiny", model_cfg)
     except ConfigError:  # a preset of another family has no tokenizer: GPT-2's, as finetune_lengths counts
-        from microft.tokenizer import gpt2_tokenizer
+        from microft.data.tokenizer import gpt2_tokenizer
 
         tok = gpt2_tokenizer()
     data = load_pairs(cfg, max_len, tok, (read_pairs(cfg.data, cfg.skip_bad), None))
@@ -340,11 +247,11 @@ def pair_sides(pairs: list) -> list[int]:
 def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
     """The run's records, validated and split (the demo's own with no --data); notes where other column
     names were read as ours."""
-    from microft.instruct import read_instruct_records
+    from microft.data.instruct import read_instruct_records
 
     demo_sets = None
     if cfg.data is None:
-        from microft.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
+        from microft.data.demo import DEMO_HELDOUT_SIZE, DEMO_TRAIN_SIZE, demo_heldout, demo_records
 
         demo_sets = (demo_records(DEMO_TRAIN_SIZE, cfg.seed), demo_heldout(DEMO_HELDOUT_SIZE, cfg.seed))
     records = read_instruct_records(cfg, demo_sets)
@@ -355,7 +262,7 @@ def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
 
 def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None]) -> None:
     """LoRA adapters on `model`, with a note when its base is a random init (a preset or the demo's model)."""
-    from microft.lora import apply_lora
+    from microft.models.lora import apply_lora
 
     if model_dir(cfg.model) is None:
         what = cfg.model or model.config.name
@@ -370,8 +277,8 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     """Instruction fine-tuning: data validated up front, prompt masking, optional LoRA, samples at eval."""
     import torch
 
-    from microft.data import sample_length
-    from microft.instruct import load_instruct_data
+    from microft.data.batches import sample_length
+    from microft.data.instruct import load_instruct_data
     from microft.train.loop import train
 
     demo = cfg.data is None
@@ -413,7 +320,7 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
                     for s, o in zip(sample_prompts, outs, strict=True)]
 
         def accuracy(tag: str) -> tuple[float, list[str]]:
-            from microft.demo import exact_match
+            from microft.data.demo import exact_match
 
             model.to(device)
             preds = respond_all(model, data.template, data.eval_samples, 32, tok)
@@ -464,7 +371,7 @@ def refuse_for_dpo(cfg: RunConfig) -> None:
 
 def pair_data(cfg: RunConfig, max_len: int, tok: Any, read: tuple, on_event: Callable[[Event], None]):
     """The run's pair samples (`preference.load_pairs`), each skipped bad pair noted."""
-    from microft.preference import load_pairs
+    from microft.data.preference import load_pairs
 
     data = load_pairs(cfg, max_len, tok, read)
     for problem in data.problems:
@@ -476,7 +383,7 @@ def pair_data(cfg: RunConfig, max_len: int, tok: Any, read: tuple, on_event: Cal
 def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]:
     """Preference tuning on chosen/rejected pairs (DPO, IPO, SimPO, ORPO): finetune's model, LoRA/QLoRA,
     batch plan, precision and checkpoints, with `train.preference`'s objective in place of the LM loss."""
-    from microft.preference import read_pairs
+    from microft.data.preference import read_pairs
     from microft.train.loop import train
     from microft.train.preference import PreferenceLoss, PreferenceObjective
 
@@ -549,13 +456,13 @@ def saved_files(cfg: RunConfig, model: Any, demo_own_model: bool) -> Callable[[P
     beside the (unchanged) base weights."""
     def save_extra(d: Path) -> None:
         if demo_own_model:
-            from microft.demo import write_demo_tokenizer
+            from microft.data.demo import write_demo_tokenizer
 
             write_demo_tokenizer(d)
         else:
             write_tokenizer_files(cfg.model or "gpt2-tiny", d, model.config)
         if cfg.lora:
-            from microft.lora import write_adapter_files
+            from microft.models.lora import write_adapter_files
 
             write_adapter_files(d, model, None if demo_own_model else cfg.model or "gpt2-tiny")
     return save_extra
@@ -563,7 +470,7 @@ def saved_files(cfg: RunConfig, model: Any, demo_own_model: bool) -> Callable[[P
 
 def predict(cfg: RunConfig, model: Any, data: Any, tok: Any, emit: Callable[[Event], None]) -> str:
     """`--predict`: responses to the held-out samples in OUT/predictions.jsonl; returns its path."""
-    from microft.instruct import write_predictions
+    from microft.data.instruct import write_predictions
 
     preds = respond_all(model, data.template, data.eval_samples, 128, tok)
     path = f"{cfg.out}/predictions.jsonl"
@@ -577,8 +484,8 @@ def demo_next_steps(cfg: RunConfig, data: Any, heldout: list, predictions: list[
                     ) -> list[str]:
     """The demo's closing lines: a `generate` command for a held-out item the model answered right (in the
     template it trained with), how many it got right, and where to go next."""
-    from microft.demo import next_steps, pick_example
-    from microft.templates import Template
+    from microft.data.demo import next_steps, pick_example
+    from microft.data.templates import Template
 
     used = (cfg.template if cfg.template not in (None, "auto")  # as given (a file's path too)
             else data.template.name if isinstance(data.template, Template) else "chat")
@@ -602,7 +509,7 @@ def one_thread_demo(device: Device) -> None:
 def demo_model(cfg: RunConfig, device: Device):
     """The demo's model (random init from the current seed) and its tokenizer: what finetune trains
     when given no --model. `--quantize` needs a pretrained base to quantize, so it is refused here."""
-    from microft.demo import demo_model_config, demo_tokenizer
+    from microft.data.demo import demo_model_config, demo_tokenizer
     from microft.models.transformer import Transformer
 
     if cfg.quantize:
@@ -614,26 +521,6 @@ def demo_model(cfg: RunConfig, device: Device):
     if cfg.dropout is not None:
         mcfg = mcfg.model_copy(update={"dropout": cfg.dropout})
     return Transformer(mcfg), tok
-
-
-def load_quantized(spec: str, scheme: str, double_quant: bool, dropout: float | None = None, dtype=None,
-                   seed: int | None = None):
-    """The base `spec` with its block linears in NF4, quantized layer by layer while loading.
-
-    `quantization` on the model is the record a checkpoint keeps instead of base weights; a preset's random
-    init is drawn after seeding with `seed` (so the record rebuilds the same base).
-    """
-    import torch
-
-    from microft.models.load import load_model
-    from microft.quant import nf4_meta_blocks_, quant_record
-
-    if seed is not None:
-        seed_init(seed)
-    model = load_model(spec, dropout=dropout, dtype=dtype or torch.float32,
-                       prepare=lambda m: nf4_meta_blocks_(m, double_quant=double_quant))
-    model.quantization = quant_record(scheme, double_quant, str(spec)) | {"seed": seed}
-    return model
 
 
 def load_base(cfg: RunConfig, run: ResolvedRun | None = None):
@@ -652,33 +539,3 @@ def load_base(cfg: RunConfig, run: ResolvedRun | None = None):
     return load_quantized(run.model, cfg.quantize, cfg.double_quant, cfg.dropout, dtype, cfg.seed)
 
 
-def load_any(spec: str, device: str = "cpu"):
-    """A model for inference: preset, microft checkpoint, HF directory, or a LoRA adapter directory.
-
-    A directory with adapter files loads its base (the weights beside it, or the adapter's
-    `base_model_name_or_path`) and applies the adapter.
-    """
-    from pathlib import Path
-
-    from microft.errors import CheckpointError
-    from microft.lora import is_adapter_dir, load_adapter, read_adapter_config
-    from microft.models.load import load_model
-    from microft.weights import CONFIG
-
-    if not is_adapter_dir(spec):
-        return load_model(spec, device)
-    from microft.quant import read_quant_record
-
-    rec = read_quant_record(spec)
-    if rec is not None:  # a QLoRA checkpoint: rebuild the NF4 base it records, then add the adapters
-        model = load_quantized(rec["base_model"], rec["scheme"], bool(rec.get("double_quant")),
-                               seed=rec.get("seed"))
-        return load_adapter(model, spec).to(device)
-    if (Path(spec) / CONFIG).exists():
-        base = spec
-    else:
-        base = read_adapter_config(spec).get("base_model_name_or_path")
-        if not base:
-            raise CheckpointError(f"{spec}: adapter_config.json names no base model; pass the base with "
-                                  "--model")
-    return load_adapter(load_model(base, device), spec)

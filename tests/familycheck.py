@@ -18,10 +18,10 @@ import torch
 
 from microft.config import RunConfig
 from microft.errors import Interrupted
-from microft.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from microft.models.config import IGNORE_INDEX
 from microft.models.hf import export_hf
 from microft.models.load import load_model
+from microft.models.lora import apply_lora, load_adapter, merge_lora, save_adapter
 from microft.runs import run_finetune
 from microft.weights import read_safetensors
 

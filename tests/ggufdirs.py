@@ -321,7 +321,7 @@ def rounded_model(d: Path, gguf_path: Path):
     import gguf
 
     from microft.export.gguf import family, gguf_name
-    from microft.runs import load_any
+    from microft.models.artifacts import load_any
 
     model = load_any(str(d))
     blocks = {t.name: t for t in gguf.GGUFReader(str(gguf_path)).tensors}

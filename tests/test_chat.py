@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from microft.chat import ChatTemplate, record_messages, render_chat, resolve_template
 from microft.config import RunConfig
+from microft.data.chat import ChatTemplate, record_messages, render_chat, resolve_template
+from microft.data.instruct import Record, build_samples, encode_prompt, load_instruct_data, parse_record
+from microft.data.templates import Template
+from microft.data.tokenizer import gpt2_tokenizer, load_tokenizer
 from microft.errors import ConfigError, DataError
-from microft.instruct import Record, build_samples, encode_prompt, load_instruct_data, parse_record
 from microft.models.config import IGNORE_INDEX
-from microft.templates import Template
-from microft.tokenizer import gpt2_tokenizer, load_tokenizer
 from tests.tokdirs import (
     LLAMA3_TEMPLATE_GEN,
     QWEN_TEMPLATE_GEN,

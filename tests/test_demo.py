@@ -10,7 +10,7 @@ import shlex
 import pytest
 
 from microft.config import RunConfig
-from microft.demo import (
+from microft.data.demo import (
     DEMO_MODEL,
     DEMO_RUN,
     EOS,
@@ -28,8 +28,8 @@ from microft.demo import (
     task_of,
     write_demo_tokenizer,
 )
-from microft.instruct import Record, build_samples
-from microft.templates import BUILTIN_TEMPLATES
+from microft.data.instruct import Record, build_samples
+from microft.data.templates import BUILTIN_TEMPLATES
 
 TOK = build_demo_tokenizer()
 
@@ -126,7 +126,7 @@ def test_saved_tokenizer_files_load_as_the_demo_tokenizer(tmp_path):
     """What every saved demo model dir carries: microft and transformers both read EOS = 0 and TOK's ids."""
     AutoTokenizer = pytest.importorskip("transformers").AutoTokenizer
 
-    from microft.tokenizer import load_tokenizer
+    from microft.data.tokenizer import load_tokenizer
 
     assert write_demo_tokenizer(tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
     assert write_demo_tokenizer(tmp_path) == []  # files already there are kept
@@ -140,7 +140,7 @@ def test_saved_tokenizer_files_load_as_the_demo_tokenizer(tmp_path):
 
 
 def test_demo_items_feed_the_pipeline():
-    from microft.demo import demo_tokenizer
+    from microft.data.demo import demo_tokenizer
 
     samples, stats = build_samples(demo_records(60, seed=0), "plain", demo_tokenizer(), max_seq_len=48)
     assert stats.n_samples == 60 and stats.n_truncated == 0
@@ -191,7 +191,7 @@ SHORT_STEPS, SHORT_TRAIN, SHORT_HELDOUT, SHORT_MIN_ACCURACY = 400, 4000, 60, 0.1
 def short_demo(tmp_path_factory):
     import torch
 
-    import microft.demo as demo
+    import microft.data.demo as demo
     from microft.runs import run_finetune
 
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -228,7 +228,7 @@ def test_final_dir_generates_through_the_cli(short_demo):
     from typer.testing import CliRunner
 
     from microft.cli import app
-    from microft.tokenizer import load_tokenizer
+    from microft.data.tokenizer import load_tokenizer
 
     out, summary, _ = short_demo
     final = out / "final"

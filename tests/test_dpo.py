@@ -18,10 +18,11 @@ transformers = pytest.importorskip("transformers")
 
 from microft.cli import app  # noqa: E402
 from microft.config import RunConfig  # noqa: E402
+from microft.data.preference import final_response_only, parse_pair, read_pairs  # noqa: E402
 from microft.errors import DataError, Interrupted  # noqa: E402
+from microft.models.artifacts import load_any  # noqa: E402
 from microft.models.config import IGNORE_INDEX  # noqa: E402
-from microft.preference import final_response_only, parse_pair, read_pairs  # noqa: E402
-from microft.runs import load_any, run_dpo  # noqa: E402
+from microft.runs import run_dpo  # noqa: E402
 from microft.train.preference import PreferenceLoss, pair_losses  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.test_families_e2e import hf_dir  # noqa: E402
@@ -140,7 +141,7 @@ def test_lora_equals_trl_step_for_step_with_the_base_as_reference(setup, tmp_pat
 def initial_adapter(cfg: RunConfig, d: Path) -> Path:
     """The adapters `run_dpo` starts from (B = 0; A drawn from the run's seed), as a PEFT adapter
     directory."""
-    from microft.lora import save_adapter
+    from microft.models.lora import save_adapter
     from microft.runs import add_lora, load_base, seed_init
 
     seed_init(cfg.seed)
@@ -247,8 +248,8 @@ def test_pair_formats_and_the_scored_tokens(setup, tmp_path):
 
 
 def test_chat_template_pairs_score_the_response_and_end_of_turn_only(setup, tmp_path):
-    from microft.preference import PairRead, load_pairs
-    from microft.runs import tokenizer_for
+    from microft.data.preference import PairRead, load_pairs
+    from microft.data.tokenizer_files import tokenizer_for
     from microft.weights import read_json
 
     tok = tokenizer_for(str(setup["model"]), type("C", (), {"model_type": "qwen3", "vocab_size": 640})())
@@ -487,7 +488,7 @@ def test_orpo_odds_ratio_term_equals_trls_orpo_trainer(setup, tmp_path):
 
 
 def test_estimate_mem_reads_the_pairs_longest_side_from_data(setup):
-    from microft.instruct import split_records
+    from microft.data.instruct import split_records
 
     tok = transformers.AutoTokenizer.from_pretrained(setup["model"])
     rows = [json.loads(line) for line in setup["data"].read_text().splitlines()]

@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from microft.cli import app
-from microft.runs import TOKENIZER_MODELS
-from microft.tokenizer import gpt2_tokenizer, load_tokenizer
+from microft.data.tokenizer import gpt2_tokenizer, load_tokenizer
+from microft.data.tokenizer_files import TOKENIZER_MODELS
 from tests.test_finetune import alpaca_file
 
 transformers = pytest.importorskip("transformers")
@@ -128,7 +128,7 @@ def test_a_model_without_a_tokenizer_exports_with_a_note_not_an_empty_tokenizer(
 
 
 def test_the_demo_tokenizer_loads_in_transformers(tmp_path):
-    from microft.demo import demo_tokenizer, write_demo_tokenizer
+    from microft.data.demo import demo_tokenizer, write_demo_tokenizer
 
     write_demo_tokenizer(tmp_path)
     ours = demo_tokenizer()
@@ -139,7 +139,7 @@ def test_the_demo_tokenizer_loads_in_transformers(tmp_path):
 
 
 def test_gpt2_files_are_written_once_and_never_over_a_models_own(tmp_path):
-    from microft.tokenizer import write_gpt2_tokenizer
+    from microft.data.tokenizer import write_gpt2_tokenizer
 
     assert write_gpt2_tokenizer(tmp_path, 64) == ["vocab.json", "merges.txt", "tokenizer_config.json"]
     merges = (tmp_path / "merges.txt").read_text().splitlines()
@@ -157,7 +157,7 @@ def test_gpt2s_files_encode_like_the_vendored_bpe_on_random_text(tmp_path):
     digits, punctuation, whitespace runs, accented, CJK and emoji characters, and raw byte-level oddities."""
     import random
 
-    from microft.tokenizer import write_gpt2_tokenizer
+    from microft.data.tokenizer import write_gpt2_tokenizer
 
     write_gpt2_tokenizer(tmp_path)
     theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), gpt2_tokenizer()
@@ -173,8 +173,8 @@ def test_gpt2s_files_encode_like_the_vendored_bpe_on_random_text(tmp_path):
 def test_a_gpt2_directory_with_another_vocab_json_is_refused_not_read_as_gpt2s(tmp_path):
     """vocab.json + merges.txt of another vocabulary (no tokenizer.json) used to train with GPT-2's ids
     without a word, and its export would now carry the other vocabulary: refused in one line instead."""
+    from microft.data.tokenizer import write_gpt2_tokenizer
     from microft.errors import ConfigError
-    from microft.tokenizer import write_gpt2_tokenizer
 
     transformers.GPT2Config(n_positions=32, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path)
     write_gpt2_tokenizer(tmp_path)

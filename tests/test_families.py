@@ -14,10 +14,10 @@ transformers = pytest.importorskip("transformers")
 import tests.familycheck as fc  # noqa: E402
 from microft.errors import CheckpointError, ConfigError  # noqa: E402
 from microft.generate import generate  # noqa: E402
-from microft.lora import apply_lora  # noqa: E402
 from microft.models.config import PRESETS, ModelConfig  # noqa: E402
 from microft.models.families import FAMILIES as REGISTRY  # noqa: E402
 from microft.models.load import load_model, read_model_config  # noqa: E402
+from microft.models.lora import apply_lora  # noqa: E402
 from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
 
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -16,8 +16,9 @@ transformers = pytest.importorskip("transformers")
 import tests.familycheck as fc  # noqa: E402
 from microft.cli import app  # noqa: E402
 from microft.config import RunConfig  # noqa: E402
+from microft.data.tokenizer_files import TOKENIZER_FILES, tokenizer_for  # noqa: E402
 from microft.errors import ConfigError  # noqa: E402
-from microft.runs import TOKENIZER_FILES, run_pretrain, tokenizer_for  # noqa: E402
+from microft.runs import run_pretrain  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.tokdirs import LLAMA3_TEMPLATE, QWEN_TEMPLATE_GEN, write_llama_dir, write_qwen_dir  # noqa: E402
 
@@ -78,7 +79,7 @@ def qwen_run(qwen_cache, tmp_path_factory):
 
 def test_chat_finetune_by_repo_id_writes_an_adapter_peft_loads_with_equal_logits(qwen_run):
     peft = pytest.importorskip("peft")
-    from microft.runs import load_any
+    from microft.models.artifacts import load_any
 
     out, snap, output = qwen_run
     final = out / "final"
@@ -107,7 +108,7 @@ def test_every_saved_model_dir_carries_the_tokenizer_files(qwen_run):
 
 
 def test_loss_masks_cover_exactly_the_assistant_tokens(qwen_cache, tmp_path):
-    from microft.instruct import load_instruct_data
+    from microft.data.instruct import load_instruct_data
     from microft.models.load import read_model_config
 
     _, snap = qwen_cache
@@ -198,7 +199,7 @@ def test_llama_resume_after_sigint_is_bit_exact(llama, tmp_path):
 
 
 def test_llama_pretrain_packs_with_its_bos_and_eos_and_generates(llama, tmp_path):
-    from microft.data import pack_documents
+    from microft.data.batches import pack_documents
     from microft.models.load import read_model_config
 
     model, _ = llama

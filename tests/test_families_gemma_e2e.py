@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 import tests.familycheck as fc  # noqa: E402
 from microft.cli import app  # noqa: E402
 from microft.config import RunConfig  # noqa: E402
-from microft.runs import run_finetune, tokenizer_for  # noqa: E402
+from microft.data.tokenizer_files import tokenizer_for  # noqa: E402
+from microft.runs import run_finetune  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.tokdirs import CORPUS  # noqa: E402
 
@@ -94,7 +95,7 @@ def cfg_for(gemma, out: Path, micro_bs: int, accum: int, **kw) -> RunConfig:
 
 
 def test_assistant_masks_equal_transformers_and_the_stop_ids_include_end_of_turn(gemma, tmp_path):
-    from microft.instruct import load_instruct_data
+    from microft.data.instruct import load_instruct_data
     from microft.models.load import read_model_config
 
     model, data, ids = gemma

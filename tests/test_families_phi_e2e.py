@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 import tests.familycheck as fc  # noqa: E402
 from microft.cli import app  # noqa: E402
 from microft.config import RunConfig  # noqa: E402
-from microft.runs import tokenizer_for  # noqa: E402
+from microft.data.tokenizer_files import tokenizer_for  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
 from tests.tokdirs import QWEN_TEMPLATE, trained_tokenizer_json  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_the_tokenizer_stops_at_end_and_endoftext(phi):
 
 
 def test_loss_masks_cover_exactly_the_assistant_tokens(phi, tmp_path):
-    from microft.instruct import load_instruct_data
+    from microft.data.instruct import load_instruct_data
     from microft.models.load import read_model_config
 
     model, data = phi
@@ -109,7 +109,7 @@ def lora_run(phi, tmp_path_factory):
 
 def test_lora_adapter_on_fused_projections_loads_in_peft_and_generates_the_same(phi, lora_run):
     peft = pytest.importorskip("peft")
-    from microft.runs import load_any
+    from microft.models.artifacts import load_any
 
     model, _ = phi
     cfg = json.loads((lora_run / "adapter_config.json").read_text())
@@ -158,7 +158,7 @@ def test_qlora_trains_adapters_peft_loads_on_the_fused_projections(phi, tmp_path
     peft.PeftModel.from_pretrained(base, final)  # shapes and names fit the fused modules
     res = runner.invoke(app, ["merge", "--model", str(final), "--out", str(tmp_path / "merged")])
     assert res.exit_code == 0, res.output
-    from microft.runs import load_any
+    from microft.models.artifacts import load_any
 
     x = torch.randint(0, 600, (1, 24), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():  # the merged weights are the dequantized base plus B @ A
@@ -247,7 +247,7 @@ def write_family_dir(d: Path, family: str) -> Path:
 
 @pytest.mark.parametrize("family", ["olmo2", "granite"])
 def test_chat_formats_mask_exactly_the_assistant_tokens_and_stop_at_their_end(family, tmp_path):
-    from microft.instruct import load_instruct_data
+    from microft.data.instruct import load_instruct_data
     from microft.models.load import read_model_config
 
     _, eos, _ = OTHER_FORMATS[family]

@@ -14,9 +14,9 @@ transformers = pytest.importorskip("transformers")
 
 import tests.familycheck as fc  # noqa: E402
 from microft.errors import ConfigError  # noqa: E402
-from microft.lora import apply_lora  # noqa: E402
 from microft.models.config import ModelConfig  # noqa: E402
 from microft.models.load import load_model, read_model_config  # noqa: E402
+from microft.models.lora import apply_lora  # noqa: E402
 from microft.models.transformer import Transformer, set_grad_checkpointing  # noqa: E402
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

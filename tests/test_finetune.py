@@ -51,8 +51,8 @@ def test_full_finetune_writes_checkpoints_metrics_and_predictions(tmp_path):
 
 
 def test_lora_finetune_keeps_base_bit_identical_and_adapters_load_for_generate_and_merge(tmp_path):
+    from microft.models.artifacts import load_any
     from microft.models.load import load_model, model_state_dict
-    from microft.runs import load_any
 
     res = finetune(tmp_path, "--lora", "--lora-r", "4", "--lora-targets", "all", "--seed", "3")
     assert res.exit_code == 0, res.output

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from microft.cli import app
 from microft.config import BatchPlan, RunConfig, resolve_config
-from microft.data import epoch_batches
+from microft.data.batches import epoch_batches
 from microft.errors import ConfigError, Interrupted
 from microft.train.loop import train
 from tests.helpers import masked_samples, run_config, sigint_at_step, tiny_model

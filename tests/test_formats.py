@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 import microft.runs
 from microft.cli import app
 from microft.config import DEFAULT_GLOBAL_BS, RunConfig, resolve_config
+from microft.data.formats import FORMATS, SUFFIXES, format_for
+from microft.data.instruct import read_records, record_kind
 from microft.errors import ConfigError, DataError
-from microft.formats import FORMATS, SUFFIXES, format_for
-from microft.instruct import read_records, record_kind
 from tests.test_finetune import alpaca_file
 
 runner = CliRunner()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from microft.data.tokenizer import decode, encode, get_encoding
 from microft.errors import ConfigError
 from microft.generate import generate, generate_text, next_token, stream_text
 from microft.models.config import EOT_TOKEN, ModelConfig
 from microft.models.transformer import Transformer
-from microft.tokenizer import decode, encode, get_encoding
 
 SHAPE = dict(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
 PROMPT = [464, 2068, 7586, 21831, 18045, 625]  # "The quick brown fox jumps over"

@@ -27,16 +27,17 @@ pytest.importorskip("transformers")
 
 import gguf  # noqa: E402
 
-from microft.chat import ChatTemplate, render_chat  # noqa: E402
 from microft.cli import app  # noqa: E402
+from microft.data.chat import ChatTemplate, render_chat  # noqa: E402
+from microft.data.templates import BUILTIN_TEMPLATES, load_template  # noqa: E402
+from microft.data.tokenizer_files import tokenizer_for  # noqa: E402
 from microft.errors import ConfigError  # noqa: E402
 from microft.export.gguf import permute_rows  # noqa: E402
 from microft.export.gguf_templates import template_jinja  # noqa: E402
 from microft.export.gguf_vocab import tiktoken_vocab  # noqa: E402
 from microft.generate import generate  # noqa: E402
+from microft.models.artifacts import load_any  # noqa: E402
 from microft.models.families import FAMILIES  # noqa: E402
-from microft.runs import load_any, tokenizer_for  # noqa: E402
-from microft.templates import BUILTIN_TEMPLATES, load_template  # noqa: E402
 from tests.ggufdirs import FAMILY_TOKENIZERS, rounded_model, write_family_dir  # noqa: E402
 
 runner = CliRunner()
@@ -122,7 +123,7 @@ def test_permuted_rows_rotated_in_pairs_give_the_same_attention_scores():
 def test_merges_rebuilt_from_tiktoken_ranks_encode_like_tiktoken():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from microft.tokenizer import gpt2_tokenizer
+    from microft.data.tokenizer import gpt2_tokenizer
 
     enc = gpt2_tokenizer().enc
     tokens, merges = tiktoken_vocab(enc._mergeable_ranks)
@@ -324,10 +325,10 @@ def test_every_family_has_a_gguf_entry_and_a_tested_checkpoint():
     ],
 )
 def test_a_model_llama_cpp_would_run_differently_is_refused_in_one_line(preset, update, message, tmp_path):
+    from microft.data.tokenizer import gpt2_tokenizer
     from microft.export.gguf import export_gguf
     from microft.models.config import ModelConfig
     from microft.models.transformer import Transformer
-    from microft.tokenizer import gpt2_tokenizer
 
     cfg = ModelConfig.from_preset(preset).model_copy(update=update)
     with pytest.raises(ConfigError, match="GGUF export is refused") as err:
@@ -496,10 +497,10 @@ def test_rounded_files_give_the_logits_of_their_rounded_weights(family_dir, name
 
 def test_llama_cpp_reads_a_llama3_tiktoken_vocabulary(tmp_path):
     """A Llama 3 `tokenizer.model` (tiktoken ranks, no tokenizer.json): merges rebuilt, Llama 3's split."""
+    from microft.data.tokenizer import load_tokenizer
     from microft.export.gguf import export_gguf
     from microft.models.config import ModelConfig
     from microft.models.transformer import Transformer
-    from microft.tokenizer import load_tokenizer
     from tests.tokdirs import N_BASE, write_llama3_tiktoken
 
     cfg = ModelConfig.from_preset("llama-tiny").model_copy(update={"vocab_size": N_BASE + 256})
@@ -517,7 +518,7 @@ def test_llama_cpp_reads_a_llama3_tiktoken_vocabulary(tmp_path):
 
 def test_llama_cpp_reads_gpt2s_own_vocabulary(tmp_path):
     """The gpt2 presets' tokenizer (GPT-2's 50257 tokens, from tiktoken ranks) as llama.cpp splits text."""
-    from microft.tokenizer import gpt2_tokenizer
+    from microft.data.tokenizer import gpt2_tokenizer
 
     llm = llama(export("gpt2-tiny", tmp_path / "o"))
     for text in TEXTS + ["<|endoftext|> and text"]:
@@ -529,9 +530,9 @@ def test_llama_cpp_reads_gpt2s_own_vocabulary(tmp_path):
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_a_lora_or_qlora_run_is_merged_on_the_way(family_dir, quantized, tmp_path):
     """The adapters are folded in (an NF4 base dequantized): llama.cpp's logits are the adapted model's."""
-    from microft.lora import apply_lora, lora_modules, save_adapter
-    from microft.quant import write_quant_record
-    from microft.runs import load_quantized
+    from microft.models.artifacts import load_quantized
+    from microft.models.lora import apply_lora, lora_modules, save_adapter
+    from microft.models.quant import write_quant_record
 
     d = family_dir("llama")
     model = load_quantized(str(d), "nf4", False, seed=0) if quantized else load_any(str(d))

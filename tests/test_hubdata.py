@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 import microft.runs
 from microft.cli import app
+from microft.data.hubdata import names_split, pick_files
+from microft.data.instruct import read_records
 from microft.errors import DataError
-from microft.hubdata import names_split, pick_files
-from microft.instruct import read_records
 from tests.fakehub import FakeHub, Repo
 
 runner = CliRunner()
@@ -83,7 +83,7 @@ def test_a_parquet_dataset_in_the_hf_cache_trains(tmp_path, cache):
 
 def test_val_data_from_the_hub_reads_its_validation_split(tmp_path, cache):
     from microft.config import RunConfig
-    from microft.instruct import read_instruct_records
+    from microft.data.instruct import read_instruct_records
 
     train = b"".join(json.dumps(r).encode() + b"\n" for r in rows(9, "t"))
     val = json.dumps(rows(1, "v")[0]).encode()

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from microft.config import RunConfig
-from microft.errors import ConfigError, DataError
-from microft.instruct import (
+from microft.data.instruct import (
     Message,
     Record,
     build_samples,
@@ -18,9 +17,10 @@ from microft.instruct import (
     split_records,
     write_predictions,
 )
+from microft.data.templates import BUILTIN_TEMPLATES, load_template
+from microft.data.tokenizer import decode, encode
+from microft.errors import ConfigError, DataError
 from microft.models.config import EOT_TOKEN, IGNORE_INDEX
-from microft.templates import BUILTIN_TEMPLATES, load_template
-from microft.tokenizer import decode, encode
 
 ALPACA = [
     {"instruction": "Name a colour.", "output": "Blue."},

@@ -10,7 +10,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from microft.errors import CheckpointError, ConfigError
-from microft.lora import (
+from microft.models.config import ModelConfig
+from microft.models.load import model_state_dict
+from microft.models.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     apply_lora,
@@ -22,8 +24,6 @@ from microft.lora import (
     parse_targets,
     save_adapter,
 )
-from microft.models.config import ModelConfig
-from microft.models.load import model_state_dict
 from microft.models.transformer import Transformer, set_grad_checkpointing
 
 CFG = ModelConfig(name="t", vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=2)

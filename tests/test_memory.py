@@ -307,9 +307,10 @@ def test_cli_recipe(tmp_path):
 
 def test_constants_mirror_the_torch_modules():
     """The analytical modules avoid importing torch; their copies of model/optim/lora facts must agree."""
-    from microft import lora, optimizers
+    from microft import optimizers
     from microft.memory import estimate as memory
     from microft.memory import replay
+    from microft.models import lora
     from microft.models.families import GPT2_LORA
     from microft.models.transformer import Transformer
     from microft.train import master_adamw, optim

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from microft.config import BatchPlan
-from microft.data import sample_length
+from microft.data.batches import sample_length
 from microft.errors import ConfigError
 from microft.memory import estimate
 from microft.perf import MPS_WIRED_SHARE, memory_stats, mps_memory_budget

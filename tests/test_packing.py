@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from microft.config import BatchPlan
-from microft.data import collate, collate_packed, pack_rows, packed_micro_batches, sample_length
+from microft.data.batches import collate, collate_packed, pack_rows, packed_micro_batches, sample_length
 from microft.errors import DataError, Interrupted
 from microft.models.config import ModelConfig
 from microft.models.transformer import (

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from microft.cli import app
 from microft.config import BatchPlan
 from microft.errors import ConfigError, Interrupted
-from microft.lora import apply_lora, lora_modules, merge_lora, save_adapter
+from microft.models.artifacts import load_any, load_quantized
 from microft.models.load import load_model, save_model
-from microft.quant import NF4Linear, dequantize_model_, nf4_meta_blocks_, quantize_blocks_
-from microft.runs import load_any, load_quantized
+from microft.models.lora import apply_lora, lora_modules, merge_lora, save_adapter
+from microft.models.quant import NF4Linear, dequantize_model_, nf4_meta_blocks_, quantize_blocks_
 from microft.train.loop import train
 from tests.helpers import masked_samples, run_config, sigint_at_step
 
@@ -117,7 +117,7 @@ def test_final_dir_generates_and_merges_like_the_nf4_model(tmp_path):
             m.lora_B.weight.normal_(0, 0.05)
     d = tmp_path / "final"
     save_adapter(d, model, "llama-tiny")
-    from microft.quant import write_quant_record
+    from microft.models.quant import write_quant_record
 
     write_quant_record(d, model)
     x = torch.randint(0, 500, (1, 16))
@@ -200,7 +200,7 @@ def test_a_trace_leaves_the_dynamic_map_real():
     breaks."""
     from microft.config import RunConfig
     from microft.memory.estimate import load_shape, setup_for, trace
-    from microft.quant import _dynamic_map_values, dynamic_map
+    from microft.models.quant import _dynamic_map_values, dynamic_map
 
     want = dynamic_map(True).clone(), dynamic_map(False).clone()
     _dynamic_map_values.cache_clear()
@@ -219,7 +219,7 @@ def test_quantizing_load_maps_large_allocations_apart(monkeypatch):
     import sys
 
     from microft.models import load
-    from microft.runs import load_quantized
+    from microft.models.artifacts import load_quantized
 
     calls = []
     monkeypatch.setattr(load, "map_large_allocations", lambda: calls.append(1) or True)

@@ -11,7 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from microft.errors import ConfigError
 from microft.models.linear import linear
-from microft.quant import (
+from microft.models.quant import (
     NF4_LEVELS,
     NF4_PIVOTS,
     NF4Linear,

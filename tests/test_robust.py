@@ -264,7 +264,7 @@ def test_fp16_scaler_skipping_every_step_stops_with_exit_1_and_no_final(tmp_path
 
 # --- inputs ----------------------------------------------------------------------------------------------
 def test_data_and_model_inputs_that_used_to_raise_tracebacks(tmp_path, monkeypatch):
-    from microft.instruct import read_records
+    from microft.data.instruct import read_records
     from microft.memory.estimate import load_shape, parse_budget
     from microft.models.load import read_model_config
 

@@ -7,10 +7,7 @@ import json
 
 import pytest
 
-from microft.errors import ConfigError
-from microft.generate import stream_text
-from microft.models.config import EOT_TOKEN
-from microft.tokenizer import (
+from microft.data.tokenizer import (
     HFTokenizer,
     TiktokenTokenizer,
     decode_stream,
@@ -19,6 +16,9 @@ from microft.tokenizer import (
     load_tokenizer,
     read_chat_template,
 )
+from microft.errors import ConfigError
+from microft.generate import stream_text
+from microft.models.config import EOT_TOKEN
 from tests.tokdirs import N_BASE, QWEN_TEMPLATE, write_llama3_tiktoken, write_llama_dir, write_qwen_dir
 
 TEXTS = ["Hello world, how are you?", "héllo wörld 日本語 😀 12345", "  leading spaces\n\nand\ttabs  ",

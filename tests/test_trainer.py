@@ -326,7 +326,7 @@ def test_early_stopping_patience(tmp_path):
 def test_step_feed_builds_the_next_step_ahead_and_rebuilds_for_another_plan():
     import threading
 
-    from microft.data import StepFeed
+    from microft.data.batches import StepFeed
 
     calls = []
 

@@ -48,17 +48,15 @@ class ExportFormat:
 @dataclass(frozen=True)
 class ExportJob:
     """One `microft export` for a writer: what to read and where to write, the format's options (defaults
-    filled in), and the run-side helpers the CLI wires in (export/ sits below runs.py and train/)."""
+    filled in), and the output guard the CLI wires in (export/ sits below train/, whose `writing` turns an
+    OSError while writing --out into one line). Writers read the model with `models.artifacts.load_any` and
+    its tokenizer with `data.tokenizer_files`."""
 
     model: str  # --model as given
     out: str
     force: bool
     options: dict[str, str | None]
-    load: Callable[[], Any]  # the model as trained (LoRA adapters on, an NF4 base quantized)
-    tokenizer: Callable[[Any], Any]  # ModelConfig -> the run's Tokenizer
-    model_dir: Callable[[], Path | None]  # the directory --model names, if any
-    tokenizer_files: Callable[[Path, Any], str | None]  # copy them beside a written model: why none, or None
-    writing: Callable[[], AbstractContextManager[None]]  # an OSError while writing --out: one line
+    writing: Callable[[], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ from microft.models.config import ModelConfig
 from microft.models.families import Gguf
 
 if TYPE_CHECKING:
-    from microft.chat import ChatTemplate
-    from microft.templates import Template
-    from microft.tokenizer import Tokenizer
+    from microft.data.chat import ChatTemplate
+    from microft.data.templates import Template
+    from microft.data.tokenizer import Tokenizer
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 DEFAULT_QUANT = "f16"
@@ -258,7 +258,7 @@ class GGUFExport:
 
 
 def _modelfile(gguf_file: str, v: Vocab, tmpl: Template | ChatTemplate | None) -> str:
-    from microft.templates import Template
+    from microft.data.templates import Template
 
     lines = [f"FROM ./{gguf_file}"]
     if isinstance(tmpl, Template):
@@ -367,16 +367,18 @@ def write(job: ExportJob) -> Exported:
     and its Modelfile."""
     import time
 
-    from microft.lora import merge_lora
+    from microft.data.tokenizer_files import tokenizer_for
+    from microft.models.artifacts import load_any, model_dir
+    from microft.models.lora import merge_lora
 
     t0 = time.perf_counter()
-    net = merge_lora(job.load())  # adapters folded in, an NF4 base dequantized; a no-op otherwise
-    tok = job.tokenizer(net.config)
+    net = merge_lora(load_any(job.model))  # adapters folded in, an NF4 base dequantized; a no-op otherwise
+    tok = tokenizer_for(job.model, net.config)
     tmpl = _job_template(job, tok)
     quant = job.options["quant"] or DEFAULT_QUANT
     with job.writing():
         res = export_gguf(net, tok, job.out, quant, tmpl, overwrite=job.force,
-                          name=file_stem(job.model, job.model_dir()))
+                          name=file_stem(job.model, model_dir(job.model)))
     summary = (f"(GGUF {quant}, {res.n_tensors} tensors, chat template {res.template or 'none'}, "
                f"{time.perf_counter() - t0:.1f} s); Ollama: ollama create NAME -f {res.modelfile}")
     return Exported(res.path, summary, notes=tuple(res.notes))
@@ -384,11 +386,12 @@ def write(job: ExportJob) -> Exported:
 
 def _job_template(job: ExportJob, tok: Tokenizer) -> Template | ChatTemplate | None:
     """The chat template to write: --template, else the one the run trained with, else the tokenizer's own."""
-    from microft.chat import resolve_template
+    from microft.data.chat import resolve_template
     from microft.export.gguf_templates import trained_template_spec
+    from microft.models.artifacts import model_dir
 
     template = job.options["template"]
-    spec = template if template is not None else trained_template_spec(job.model_dir())
+    spec = template if template is not None else trained_template_spec(model_dir(job.model))
     if template is None and spec is not None:  # the run's own: a template file it named may be gone since
         try:
             return resolve_template(spec, tok)

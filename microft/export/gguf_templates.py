@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from microft.chat import ChatTemplate
-    from microft.templates import Template
-    from microft.tokenizer import Tokenizer
+    from microft.data.chat import ChatTemplate
+    from microft.data.templates import Template
+    from microft.data.tokenizer import Tokenizer
 
 
 def _jinja_str(text: str) -> str:
@@ -130,7 +130,7 @@ def template_go(t: Template) -> str:
 def plain_text_specials(tok: Tokenizer, tmpl: Template | ChatTemplate | None) -> list[str]:
     """Special-token strings in a microft template's text: microft encodes that text as plain text, while
     llama.cpp and Ollama read the string in a chat prompt as the control token."""
-    from microft.templates import Template
+    from microft.data.templates import Template
 
     if not isinstance(tmpl, Template):
         return []
@@ -145,7 +145,7 @@ def plain_text_specials(tok: Tokenizer, tmpl: Template | ChatTemplate | None) ->
 
 def chat_template_of(tmpl: Template | ChatTemplate | None) -> str | None:
     """The jinja chat template GGUF carries for the template a model was tuned with (None: none)."""
-    from microft.templates import Template
+    from microft.data.templates import Template
 
     if tmpl is None:
         return None

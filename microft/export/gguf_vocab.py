@@ -12,7 +12,7 @@ from microft.export import require_gguf
 from microft.models.config import ModelConfig
 
 if TYPE_CHECKING:
-    from microft.tokenizer import Tokenizer
+    from microft.data.tokenizer import Tokenizer
 
 # split regexes of the pre-tokenizers llama.cpp knows by name (as tokenizer.json writes them)
 LLAMA3_REGEX = (
@@ -208,7 +208,7 @@ def vocab_of(tok: Tokenizer, cfg: ModelConfig, fallback_pre: str) -> Vocab:
 
     `fallback_pre`: the family's pre-tokenizer name, for a byte-level BPE whose own is not one llama.cpp
     knows by its structure (a note says so)."""
-    from microft.tokenizer import HFTokenizer, TiktokenTokenizer
+    from microft.data.tokenizer import HFTokenizer, TiktokenTokenizer
 
     gg = require_gguf()
     notes: list[str] = []

@@ -8,13 +8,15 @@ from microft.export import Exported, ExportJob
 def write(job: ExportJob) -> Exported:
     """Load (LoRA merged), write the weights and config with `models.hf.export_hf`, copy the tokenizer
     files."""
-    from microft.lora import lora_modules, merge_lora
+    from microft.data.tokenizer_files import write_tokenizer_files
+    from microft.models.artifacts import load_any
     from microft.models.hf import export_hf
+    from microft.models.lora import lora_modules, merge_lora
 
-    net = job.load()
+    net = load_any(job.model)
     if lora_modules(net):
         merge_lora(net)
     with job.writing():
         path = export_hf(net, job.out, overwrite=job.force)
-        missing = job.tokenizer_files(path, net.config)
+        missing = write_tokenizer_files(job.model, path, net.config)
     return Exported(path, f"(transformers, model_type {net.config.model_type})", no_tokenizer=missing)

@@ -269,7 +269,7 @@ class _Dequantizing:
 def _observe(model: Transformer, tracker: LiveBytes) -> None:
     """The model's hooks for the trace: CUDA's kernels on this CPU, block recomputes labelled, NF4
     dequantization labelled (explicit hooks of the model and its layers; nothing is patched)."""
-    from microft.quant import NF4Linear
+    from microft.models.quant import NF4Linear
 
     model.set_kernels(Kernels.cuda_like(recompute_context=lambda: (nullcontext(), _Recomputing(tracker))))
     for mod in model.modules():
@@ -429,11 +429,11 @@ def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
     for block in model.h:
         block.attn.dropout = 0.0  # CUDA's flash kernel keeps no attention mask; the CPU one would
     if cfg.quantize:  # QLoRA: the block linears become the NF4Linear the run loads (quant.nf4_meta_blocks_)
-        from microft.quant import nf4_meta_blocks_
+        from microft.models.quant import nf4_meta_blocks_
 
         nf4_meta_blocks_(model, double_quant=cfg.double_quant)
     if cfg.lora:
-        from microft.lora import apply_lora
+        from microft.models.lora import apply_lora
 
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     for mod in model.modules():  # CUDA's fused dropout keeps a bool mask; the CPU path a float one

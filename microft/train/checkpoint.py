@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from microft.errors import CheckpointError, ConfigError, TrainingError, one_line
-from microft.lora import ADAPTER_WEIGHTS, write_adapter_files
 from microft.models.load import write_model_files
-from microft.quant import QUANT_RECORD, read_quant_record, write_quant_record
+from microft.models.lora import ADAPTER_WEIGHTS, write_adapter_files
+from microft.models.quant import QUANT_RECORD, read_quant_record, write_quant_record
 from microft.train.distributed import full_model_state, full_optim_state, load_optim_state, load_weights
 from microft.train.optim import schedule_multiplier
 from microft.weights import CONFIG, WEIGHTS, atomic_dir, read_safetensors

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from microft.config import EVALS_PER_RUN, BatchPlan, RunConfig
-from microft.data import (
+from microft.data.batches import (
     Batch,
     StepFeed,
     collate,

@@ -4,7 +4,7 @@ Each moment of a tensor with at least `min_8bit_numel` elements is stored as one
 plus one fp32 absmax per block of 256 elements (~2.03 bytes/param for both moments, against 8 for fp32
 AdamW). Smaller tensors (biases, norms) keep fp32 moments: they cost little and gain most from precision.
 
-Why a dynamic-exponent map (the 256-value map of `microft.quant.dynamic_map`) rather than linear int8:
+Why a dynamic-exponent map (the 256-value map of `microft.models.quant.dynamic_map`) rather than linear int8:
 the second moment spans many orders of magnitude inside a block; on a linear grid every entry below
 absmax/255 rounds to zero, and then m / (sqrt(v) + eps) blows up for exactly the entries whose
 gradients were small. The dynamic map keeps ~2 significant digits over seven decades (1e-6..1 of
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from microft.errors import ConfigError
 from microft.layouts import ADAMW8_BLOCK, ADAMW8_CHUNK, ADAMW8_MIN_NUMEL
-from microft.quant import dynamic_map
+from microft.models.quant import dynamic_map
 
 BLOCK, MIN_8BIT_NUMEL, CHUNK = ADAMW8_BLOCK, ADAMW8_MIN_NUMEL, ADAMW8_CHUNK
 

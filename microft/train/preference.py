@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from microft.data import Batch
+from microft.data.batches import Batch
 from microft.models.config import IGNORE_INDEX, ce_chunk_rows
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
@@ -167,7 +167,7 @@ def reference_of(model: torch.nn.Module, loss: PreferenceLoss, lora: bool, copy_
     if not loss.needs_reference:
         return None
     if lora:
-        from microft.lora import adapters_disabled
+        from microft.models.lora import adapters_disabled
 
         def off(x: torch.Tensor, y: torch.Tensor, target_pos: torch.Tensor | None = None) -> torch.Tensor:
             with adapters_disabled(model):

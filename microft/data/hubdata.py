@@ -16,8 +16,8 @@ import os
 import re
 from pathlib import Path
 
+from microft.data.formats import SUFFIXES
 from microft.errors import DataError, one_line
-from microft.formats import SUFFIXES
 from microft.models.source import REPO_ID_RE, hub_cache_dir
 
 DEFAULT_SPLIT = "train"

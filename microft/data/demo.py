@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from microft.instruct import Record
+from microft.data.instruct import Record
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from microft.data.tokenizer import Tokenizer as MicroftTokenizer
     from microft.models.config import ModelConfig
-    from microft.tokenizer import Tokenizer as MicroftTokenizer
 
 DEMO_TRAIN_SIZE = 10000
 DEMO_HELDOUT_SIZE = 120
@@ -213,8 +213,8 @@ def build_demo_tokenizer() -> Tokenizer:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from microft.instruct import record_segments
-    from microft.templates import load_template
+    from microft.data.instruct import record_segments
+    from microft.data.templates import load_template
 
     template = load_template(TOKENIZER_TEMPLATE)
     texts = ["".join(text for text, _ in record_segments(r, template))
@@ -253,7 +253,7 @@ def demo_tokenizer() -> MicroftTokenizer:
     saved demo model directory): EOS id 0 ends every sample and stops generation; no BOS is added."""
     import tempfile
 
-    from microft.tokenizer import load_tokenizer
+    from microft.data.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="microft-demo-tok-") as d:
         write_demo_tokenizer(d)

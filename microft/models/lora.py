@@ -47,8 +47,8 @@ from microft.models.families import family
 from microft.models.hf import fused_part, hf_name
 from microft.models.linear import linear, run_linear
 from microft.models.precision import autocasting
+from microft.models.quant import NF4Linear, dequantize_model_
 from microft.models.transformer import Transformer
-from microft.quant import NF4Linear, dequantize_model_
 from microft.weights import atomic_dir, read_json, read_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

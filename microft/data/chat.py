@@ -23,13 +23,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from microft.data.templates import Template, load_template
 from microft.errors import ConfigError, DataError
-from microft.templates import Template, load_template
 
 if TYPE_CHECKING:
     import jinja2
 
-    from microft.tokenizer import Tokenizer
+    from microft.data.tokenizer import Tokenizer
 
 Messages = Sequence[Mapping[str, Any]]
 Span = tuple[int, int]  # [start, end) characters of the rendered text

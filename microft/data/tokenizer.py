@@ -29,7 +29,7 @@ import tiktoken
 from microft.errors import ConfigError
 from microft.models.config import EOT_TOKEN, GPT2_VOCAB_SIZE
 
-RANKS_PATH = Path(__file__).parent / "assets" / "gpt2.tiktoken"
+RANKS_PATH = Path(__file__).parent.parent / "assets" / "gpt2.tiktoken"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # tiktoken's gpt2 / r50k_base split pattern
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -24,9 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from microft.errors import DataError
-from microft.formats import Bad, read_table
-from microft.instruct import (
+from microft.data.formats import Bad, read_table
+from microft.data.instruct import (
     Message,
     Record,
     _Bad,
@@ -40,6 +39,7 @@ from microft.instruct import (
     refuse_bad_records,
     split_records,
 )
+from microft.errors import DataError
 from microft.models.config import IGNORE_INDEX
 
 if TYPE_CHECKING:

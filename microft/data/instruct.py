@@ -13,7 +13,7 @@ record (line for JSONL and CSV, 0-based index for JSON arrays and Parquet rows) 
 A sample is {"input_ids", "labels", "weight", "prompt", "response", "source"}: labels[t] is the target
 for position t (already shifted), IGNORE_INDEX where no loss is taken.
 
-Samples are built with the model's tokenizer (`microft.tokenizer.load_tokenizer`) and either a text
+Samples are built with the model's tokenizer (`microft.data.tokenizer.load_tokenizer`) and either a text
 template (`templates.Template`: segments encoded one by one, BOS first when the tokenizer adds one, EOS
 last) or the model's own chat template (`chat.ChatTemplate`: the whole conversation rendered, assistant
 turns found in it). A plain `encode` function is still accepted and means GPT-2's conventions.
@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from microft.data.formats import SUFFIXES, Bad, Table, format_for, looks_like_text, read_json, read_table
+from microft.data.templates import ROLES, Segment, Template
 from microft.errors import DataError, check_data_path
-from microft.formats import SUFFIXES, Bad, Table, format_for, looks_like_text, read_json, read_table
 from microft.models.config import EOT_TOKEN, IGNORE_INDEX
-from microft.templates import ROLES, Segment, Template
 
 if TYPE_CHECKING:
-    from microft.chat import ChatTemplate
     from microft.config import RunConfig
-    from microft.tokenizer import Tokenizer
+    from microft.data.chat import ChatTemplate
+    from microft.data.tokenizer import Tokenizer
 
 Sample = dict[str, Any]
 Encode = Callable[[str], list[int]]
@@ -285,7 +285,7 @@ def data_files(path: str | Path, split: str | None = None, patterns: list[str] |
     (`formats.SUFFIXES`: .json, .jsonl, .csv, .tsv, .parquet) in name order, or, for a hub dataset repo id
     (`hubdata`) or a directory given `split` / `patterns` (--data-split, --data-files), the files those
     pick."""
-    from microft.hubdata import dataset_root, pick_files
+    from microft.data.hubdata import dataset_root, pick_files
 
     root = dataset_root(str(path), patterns)
     if root is not None:
@@ -398,7 +398,7 @@ def record_segments(record: Record, template: Template) -> list[Segment]:
 def _encoder(tok: Tokenizer | Encode | None) -> tuple[Encode, list[int], list[int]]:
     """(encode, ids put first, ids put last) for a tokenizer, a bare GPT-2-style encode function, or None."""
     if tok is None:
-        from microft.tokenizer import gpt2_tokenizer
+        from microft.data.tokenizer import gpt2_tokenizer
 
         tok = gpt2_tokenizer()
     # a plain function: GPT-2's conventions, as before tokenizers were objects
@@ -428,7 +428,7 @@ def _template_tokens(record: Record, template: Template, tok: Tokenizer | Encode
 
 
 def _chat_tokens(record: Record, template: ChatTemplate) -> tuple[list[int], list[bool], str]:
-    from microft.chat import record_messages
+    from microft.data.chat import record_messages
 
     messages = record_messages(record)
     tokens, is_target = template.encode_chat(messages)
@@ -499,8 +499,8 @@ def build_samples(records: Iterable[Record], template: Template | ChatTemplate |
 
 def _resolve(template: Template | ChatTemplate | str | None, tok: Tokenizer | Encode | None
              ) -> Template | ChatTemplate:
-    from microft.chat import resolve_template
-    from microft.tokenizer import gpt2_tokenizer
+    from microft.data.chat import resolve_template
+    from microft.data.tokenizer import gpt2_tokenizer
 
     return resolve_template(template, tok if hasattr(tok, "eos_ids") else gpt2_tokenizer())
 
@@ -630,7 +630,7 @@ def load_instruct_data(cfg: RunConfig, max_seq_len: int, tokenizer: Tokenizer | 
     split); runs.py passes the built-in demo's.
     """
     if tokenizer is None:
-        from microft.tokenizer import load_tokenizer
+        from microft.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     template = _resolve(cfg.template, tokenizer)
