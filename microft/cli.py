@@ -356,7 +356,8 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing direct
 
 
 ExportModel = Annotated[str, typer.Option(
-    "--model", help="Run output (final/, best/, a checkpoint), LoRA or QLoRA run, HF directory or cached repo id.")]
+    "--model", help="Run output (final/, best/, a checkpoint), LoRA or QLoRA run, HF directory or cached "
+    "repo id.")]
 ExportFormat = Annotated[str, typer.Option("--format", help=exports.format_help())]
 ExportQuant = Annotated[str | None, typer.Option("--quant", help=exports.option_help("quant"))]
 ExportTemplate = Annotated[str | None, typer.Option("--template", help=exports.option_help("template"))]

@@ -1,8 +1,8 @@
 """Byte layouts shared by the code that allocates tensors and the estimator that counts them (no torch).
 
-Each constant lives here once, so `memory/replay.py` and the optimizer entries (`optimizers.py`) count exactly
-what `quant.py`, `train/optim8bit.py` and `train/master_adamw.py` allocate, and the analytical estimator imports
-no torch.
+Each constant lives here once, so `memory/replay.py` and the optimizer entries (`optimizers.py`) count
+exactly what `models/quant.py`, `train/optim8bit.py` and `train/master_adamw.py` allocate, and the analytical
+estimator imports no torch.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ def test_the_training_step_on_the_mps_path_makes_no_cuda_call(mac):
         run = SimpleNamespace(cfg=cfg, train_set=samples, model=model,
                               lengths=[sample_length(s) for s in samples], dist=SimpleNamespace(rank=0),
                               device=device, objective=None,
-                              resolved=SimpleNamespace(seq_len=64))  # the run's resolved length: --packing's rows
+                              resolved=SimpleNamespace(seq_len=64))  # the resolved length: --packing's rows
         batches, step_idx = batch_builder(run)(0, BatchPlan(micro_bs=2, accum=4))  # no pinning off CUDA
         autocast, scaler = step.autocast_context(precision, device), step.make_scaler(precision, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

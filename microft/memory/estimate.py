@@ -180,9 +180,10 @@ def setup_for(cfg: RunConfig, arch: ModelConfig, micro_bs: int, accum: int = 1, 
 
 # --- estimates ---------------------------------------------------------------------------------
 COMPONENT_ORDER = (
-    "weights", "gradients", "optimizer state", "activations", "autocast weight copies", "recomputed activations",
-    "NF4 dequantization", "loss (fused cross-entropy)", "reference forward", "backward transients",
-    "optimizer transients", "batch", "DDP gradient buckets", "FSDP unsharded parameters", "other",
+    "weights", "gradients", "optimizer state", "activations", "autocast weight copies",
+    "recomputed activations", "NF4 dequantization", "loss (fused cross-entropy)", "reference forward",
+    "backward transients", "optimizer transients", "batch", "DDP gradient buckets",
+    "FSDP unsharded parameters", "other",
 )
 
 

@@ -71,8 +71,8 @@ def closure_loss(closure: Callable[[], Any] | None) -> Any:
 def load_keeping_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict,
                         load: Callable[[dict], None]) -> None:
     """Load a saved optimizer state with `load` (torch's `load_state_dict`, which casts every state tensor but
-    `step` to its parameter's dtype), then give back each saved tensor its own dtype (uint8 codes, int16 master
-    bits, bf16 moments): a checkpoint resumes bit-exactly. Shared by AdamW8bit and MasterAdamW."""
+    `step` to its parameter's dtype), then give back each saved tensor its own dtype (uint8 codes, int16
+    master bits, bf16 moments): a checkpoint resumes bit-exactly. Shared by AdamW8bit and MasterAdamW."""
     saved = {i: {k: t for k, t in s.items() if torch.is_tensor(t) and k != "step"}
              for i, s in state_dict["state"].items()}
     load(state_dict)
