@@ -17,15 +17,16 @@ import typer
 from microft import export as exports
 from microft import options
 from microft.errors import MicroftError
-from microft.options import Device, run_options
+from microft.options import run_options
 
 if TYPE_CHECKING:
     from microft.config import RunConfig
 
 app = typer.Typer(
     name="microft",
-    help="Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have: exact gradient "
-    "accumulation, mixed precision, gradient checkpointing, LoRA, and a memory planner.",
+    help="Fine-tune language models (GPT-2, Llama, Qwen, Mistral, Gemma, Phi, …) on the memory you have: "
+    "exact gradient accumulation, mixed precision, gradient checkpointing, LoRA and QLoRA, preference "
+    "tuning, and a memory planner.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -54,7 +55,7 @@ _switches_take_no_value()
 
 @app.callback()
 def _root() -> None:
-    """Fine-tune language models (GPT-2, Llama, Qwen, Mistral) on the memory you have."""
+    """`microft`: the commands below (the help is the app's)."""
 
 
 DryRun = Annotated[bool, typer.Option("--dry-run",
@@ -202,15 +203,17 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
         _run_reporting(cfg, run_pretrain)
 
 
-@app.command()
+# help strings (typer keeps a docstring's line breaks in --help): each paragraph one line of output
+FINETUNE_HELP = (
+    "Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo.\n\n"
+    "Data: Alpaca (instruction, input, output) or chat (messages) records in JSON/JSONL, CSV/TSV or Parquet. "
+    f"A record with none of those keys reads {options.aliases_help()}; --columns names any others.")
+
+
+@app.command(help=FINETUNE_HELP)
 @run_options(options.FINETUNE)
 def finetune(dry_run: DryRun = False, **flags: Any) -> None:
-    """Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo.
-
-    Data: Alpaca (instruction, input, output) or chat (messages) records in JSON/JSONL, CSV/TSV or Parquet.
-
-    --columns names other columns; question/answer and prompt/completion are read as they are.
-    """
+    """`microft finetune`: FINETUNE_HELP."""
     with user_errors():
         recipe = flags.pop("recipe")
         flags = run_flags(flags)
@@ -235,14 +238,17 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
         _run_reporting(cfg, run_finetune)
 
 
-@app.command()
+DPO_HELP = (
+    "Preference tuning on chosen/rejected pairs: DPO (default), IPO, SimPO or ORPO (--loss).\n\n"
+    "Data: {instruction, input, chosen, rejected}, {prompt, chosen, rejected} or chosen/rejected message "
+    "lists after a shared prompt, in JSON/JSONL, CSV/TSV or Parquet. Usually after `finetune` (--model its "
+    "output).")
+
+
+@app.command(help=DPO_HELP)
 @run_options(options.DPO, options.DPO_HELP)
 def dpo(dry_run: DryRun = False, **flags: Any) -> None:
-    """Preference tuning on chosen/rejected pairs: DPO (default), IPO, SimPO or ORPO (--loss).
-
-    Data: {instruction, input, chosen, rejected}, {prompt, chosen, rejected} or chosen/rejected message lists
-    after a shared prompt, in JSON/JSONL, CSV/TSV or Parquet. Usually after `finetune` (--model its output).
-    """
+    """`microft dpo`: DPO_HELP."""
     with user_errors():
         recipe = flags.pop("recipe")
         from microft.config import resolve_config
@@ -256,7 +262,6 @@ def dpo(dry_run: DryRun = False, **flags: Any) -> None:
         _run_reporting(cfg, run_dpo)
 
 
-# help strings (typer keeps a docstring's line breaks in --help): each paragraph one line of output
 def _prompt_text(prompt: str | None, prompt_file: Path | None) -> str:
     """`generate`'s prompt: --prompt-file's text, else --prompt's, else stdin's (--prompt - or none given)."""
     from microft.errors import ConfigError
@@ -281,19 +286,23 @@ GENERATE_HELP = ("Generate text from a model, streaming it through the model's t
 def generate(
     model: Annotated[str, typer.Option(
         "--model", help="HF model directory, cached hub repo id, microft checkpoint, LoRA adapter directory, "
-        "or GPT-2 preset.")],
+        "or a preset (random weights).")],
     prompt: Annotated[str | None, typer.Option(
         "--prompt", help="Prompt text ('-' or omitted: read stdin).")] = None,
     prompt_file: Annotated[Path | None, typer.Option(
         "--prompt-file", help="Read the prompt from a file.")] = None,
     max_new_tokens: Annotated[int, typer.Option(
-        "--max-new-tokens", help="Tokens to generate at most.")] = 100,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.8,
+        "--max-new-tokens", help="Tokens to generate at most (default: 100).", show_default=False)] = 100,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", help="Sampling temperature, 0: greedy (default: 0.8).", show_default=False)] = 0.8,
     top_k: Annotated[int | None, typer.Option(
-        "--top-k", help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold.")] = None,
+        "--top-k", help="Sample from the k most likely tokens (default: all).")] = None,
+    top_p: Annotated[float | None, typer.Option(
+        "--top-p", help="Sample from the most likely tokens whose probabilities add up to p (default: all)."
+    )] = None,
     seed: Annotated[int | None, typer.Option(
-        "--seed", help="Seed for sampling (with --temperature > 0); unset: a fresh draw each time.")] = None,
+        "--seed", help="Seed for sampling (with --temperature > 0) (default: a fresh draw each time)."
+    )] = None,
     chat: Annotated[bool, typer.Option(
         "--chat", help="Wrap the prompt as a user turn in the model's chat template.")] = False,
     template: Annotated[str | None, typer.Option(
@@ -302,7 +311,8 @@ def generate(
     input_text: Annotated[str | None, typer.Option(
         "--input", help="The instruction's input field (Alpaca's `input`; with --template or "
         "--chat).")] = None,
-    device: Device = None,
+    device: Annotated[str | None, typer.Option("--device", help=options.with_default(options.DEVICE_HELP,
+                                                                                   "auto"))] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object instead of streaming text.")] = False,
 ) -> None:
@@ -358,7 +368,8 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing direct
 ExportModel = Annotated[str, typer.Option(
     "--model", help="Run output (final/, best/, a checkpoint), LoRA or QLoRA run, HF directory or cached "
     "repo id.")]
-ExportFormat = Annotated[str, typer.Option("--format", help=exports.format_help())]
+ExportFormat = Annotated[str, typer.Option("--format", help=options.with_default(exports.format_help(), "hf"),
+                                           show_default=False)]
 ExportQuant = Annotated[str | None, typer.Option("--quant", help=exports.option_help("quant"))]
 ExportTemplate = Annotated[str | None, typer.Option("--template", help=exports.option_help("template"))]
 
@@ -436,18 +447,19 @@ def _no_tokenizer_note(path: Any, why: str | None) -> None:
 DOWNLOAD_HELP = (
     "Fetch a model's config, tokenizer and weights into the Hugging Face cache (resumable, hash-checked).\n\n"
     "The cache is $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub, shared with transformers; "
-    "safetensors\nare preferred (no .bin, .pth, .gguf or ONNX when they exist). Gated repos read HF_TOKEN. "
-    "Prints the snapshot\ndirectory, so `$(microft download X)` works; afterwards --model also takes the "
+    "safetensors are preferred (no .bin, .pth, .gguf or ONNX when they exist). Gated repos read HF_TOKEN. "
+    "Prints the snapshot directory, so `$(microft download X)` works; afterwards --model also takes the "
     "repo id.")
 
 
 @app.command(help=DOWNLOAD_HELP)
 def download(
     repo: Annotated[str, typer.Argument(
-        help="Hub repo id (Qwen/Qwen3-0.6B) or gpt2 | gpt2-medium | gpt2-large | gpt2-xl.")],
-    revision: Annotated[str, typer.Option("--revision", help="Branch, tag or commit.")] = "main",
+        help="Hub repo id (Qwen/Qwen3-0.6B) or gpt2 | gpt2-medium | gpt2-large | gpt2-xl.", metavar="REPO")],
+    revision: Annotated[str, typer.Option(
+        "--revision", help="Branch, tag or commit (default: main).", show_default=False)] = "main",
     endpoint: Annotated[str | None, typer.Option(
-        "--endpoint", help="Hub URL (default $HF_ENDPOINT or https://huggingface.co).")] = None,
+        "--endpoint", help="Hub URL (default: $HF_ENDPOINT, else https://huggingface.co).")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print repo, commit, path and files as JSON.")] = False,
 ) -> None:
@@ -477,23 +489,24 @@ Trace = Annotated[bool, typer.Option(
     "--trace", help="Run microft's real step on fake tensors for the exact peak (any family; seconds).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the estimate (and plan) as JSON.")]
 Method = Annotated[str, typer.Option(
-    "--method", help="sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batch pairs of two "
-    "sequences, the reference forward or none; with --loss, --precompute-ref).")]
+    "--method", help="sft (finetune's and pretrain's step) or dpo (`microft dpo`'s: micro-batches of pairs, "
+    "two sequences each, with the reference's forward or none, as --loss and --precompute-ref say) "
+    "(default: sft).", show_default=False)]
 GpuMem = Annotated[str | None, typer.Option(
     "--gpu-mem", help="Budget: 18GiB, 24GB, a device (rtx3090, a100-40gb, h100, t4, …) or auto; adds a "
-    "verdict and a plan.")]
+    "verdict and a plan (default: none, the estimate alone).")]
 
 
 ESTIMATE_HELP = (
     "Predict the peak training memory of a run, and plan micro-batch and accumulation for a GPU.\n\n"
-    "Takes the run options that change memory, and finetune's recipes: `estimate-mem --recipe X` estimates "
-    "`finetune --recipe X` (the recipe's other values, --lr, ..., are read and ignored). With --data (and "
-    "--template, --max-seq-len) the data is tokenised as finetune would and the estimate uses its longest "
-    "sample instead of the full context. --micro-bs and --accum without --global-bs keep their product as "
-    "the global batch; with no batch flag it estimates finetune's default batch (global batch 16, split for "
-    "--gpu-mem as --micro-bs auto splits it; without --gpu-mem at micro-batch 1). --model takes a preset, "
-    "checkpoint, HF directory, config.json or hub repo id of any family (not downloaded: only its "
-    "config.json is fetched).\n\n"
+    "Takes the run options that change memory, and the recipes: `estimate-mem --recipe X` estimates "
+    "`finetune --recipe X` (with --method dpo: `dpo --recipe X`; the recipe's other values, --lr, …, are "
+    "read and ignored). With --data (and --template, --max-seq-len) the data is tokenised as the run would "
+    "and the estimate uses its longest sample (or pair) instead of the full context. --micro-bs and --accum "
+    "without --global-bs keep their product as the global batch; with no batch flag it estimates a run's "
+    "default batch (global batch 16, split for --gpu-mem as --micro-bs auto splits it; without --gpu-mem at "
+    "micro-batch 1). --model takes a preset, checkpoint, HF directory, config.json or hub repo id of any "
+    "family (not downloaded: only its config.json is fetched).\n\n"
     "The analytical engine replays microft's training step from shapes (instant, any size); --trace runs the "
     "real step twice on fake tensors (exact; any family). Both report the tensor peak that CUDA's "
     "max_memory_allocated would show; runtime overhead (CUDA context, cuBLAS workspace, a fragmentation "
@@ -504,7 +517,7 @@ ESTIMATE_HELP = (
 
 
 @app.command("estimate-mem", help=ESTIMATE_HELP)
-@run_options(options.ESTIMATE)
+@run_options(options.ESTIMATE, options.ESTIMATE_HELP)
 def estimate_mem(gpu_mem: GpuMem = None, trace: Trace = False, json_out: JsonOut = False,
                  method: Method = "sft", **flags: Any) -> None:
     """`microft estimate-mem`: ESTIMATE_HELP; `estimating.estimate_run` answers, this renders."""

@@ -22,18 +22,39 @@ Model = Annotated[str | None, typer.Option("--model", help=(
 Data = Annotated[str | None, typer.Option("--data", help=(
     "Training data, a file or a directory: finetune reads JSON/JSONL, CSV/TSV or Parquet records "
     "(without it: the built-in demo); pretrain plain text."))]
-Out = Annotated[str | None, typer.Option("--out", help="Output directory (created with its parents).")]
-MicroBS = Annotated[str | None, typer.Option("--micro-bs", help=(
-    "Samples per forward/backward, or 'auto' (default: 1, or --global-bs / --accum; a training run given "
-    "no batch flag: the largest that fits its default global batch of 16)."))]
+
+
+def out_help(default: str) -> str:
+    """--out's help with the command's default."""
+    return (f"Output directory, created with its parents; one holding an earlier run is refused unless "
+            f"--resume (default: {default}).")
+
+
+Out = Annotated[str | None, typer.Option("--out", help=out_help(
+    "runs/microft; the demo: a new runs/demo-DATE-TIME"))]
+
+
+def micro_bs_help(unit: str) -> str:
+    """--micro-bs's help, counting `unit` (samples; dpo: pairs)."""
+    return (f"{unit[0].upper() + unit[1:]} per forward/backward, or 'auto': the largest that fits "
+            f"(default: 1, or --global-bs / --accum; given no batch flag: the largest that fits the default "
+            f"global batch of 16).")
+
+
+def global_bs_help(unit: str) -> str:
+    """--global-bs's help, counting `unit` (samples; dpo: pairs)."""
+    return (f"{unit[0].upper() + unit[1:]} per optimizer step (default: micro × accum × devices; given no "
+            f"batch flag: 16, at most the training set).")
+
+
+MicroBS = Annotated[str | None, typer.Option("--micro-bs", help=micro_bs_help("samples"))]
 Accum = Annotated[int | None, typer.Option("--accum", help=(
     "Micro-steps accumulated per optimizer step (default: 1, or --global-bs / --micro-bs)."))]
-GlobalBS = Annotated[int | None, typer.Option("--global-bs", help=(
-    "Samples per optimizer step (default: micro × accum × devices; a training run given no batch flag: "
-    "16, at most the training set)."))]
+GlobalBS = Annotated[int | None, typer.Option("--global-bs", help=global_bs_help("samples"))]
 MaxSteps = Annotated[int | None, typer.Option("--max-steps", help=(
     "Optimizer steps to run (overrides --epochs) (default: from --epochs)."))]
-Epochs = Annotated[float | None, typer.Option("--epochs", help="Passes over the training data (default 1).")]
+Epochs = Annotated[float | None, typer.Option("--epochs", help=(
+    "Passes over the training data (default: 1)."))]
 LR = Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")]
 MaxSeqLen = Annotated[int | None, typer.Option("--max-seq-len", help=(
     "Tokens per sample (≤ the model's context) (default: the model's context)."))]
@@ -62,8 +83,8 @@ MaxGradNorm = Annotated[float | None, typer.Option("--max-grad-norm", help=(
     "Clip the global grad norm (0: off)."))]
 WeightDecay = Annotated[float | None, typer.Option("--weight-decay", help=(
     "AdamW weight decay (matrices only)."))]
-Device = Annotated[str | None, typer.Option("--device", help=(
-    "auto | cpu | cuda | cuda:N | mps (auto: Apple silicon's GPU, else CUDA, else CPU)."))]
+DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps (auto: Apple silicon's GPU, else CUDA, else CPU)."
+Device = Annotated[str | None, typer.Option("--device", help=DEVICE_HELP)]
 ValFrac = Annotated[float | None, typer.Option("--val-frac", help="Fraction held out for validation.")]
 Patience = Annotated[int | None, typer.Option("--patience", help=(
     "Stop after N evaluations without improvement (default: never stop early)."))]
@@ -71,23 +92,36 @@ KeepLast = Annotated[int | None, typer.Option("--keep-last", help="Step checkpoi
 Compile = Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")]
 TF32 = Annotated[bool | None, typer.Option("--tf32/--no-tf32", help=(
     "TF32 for fp32 matmuls on CUDA (default: on)."))]
-Dropout = Annotated[float | None, typer.Option("--dropout", help="Dropout probability (default 0).")]
+Dropout = Annotated[float | None, typer.Option("--dropout", help=(
+    "Dropout probability (default: the model config's, 0 for presets)."))]
 Devices = Annotated[int | None, typer.Option("--devices", help=(
     "Processes to launch with torchrun (one per device)."))]
 Shard = Annotated[str | None, typer.Option("--shard", help="none | ddp | fsdp (with --devices > 1).")]
 ValData = Annotated[str | None, typer.Option("--val-data", help=(
-    "Validation data (else a seeded split of --data)."))]
+    "Validation data (default: a seeded split of --data, --val-frac of it)."))]
 TestFrac = Annotated[float | None, typer.Option("--test-frac", help=(
     "Fraction held out as a test split (for --predict)."))]
 Template = Annotated[str | None, typer.Option("--template", help=(
     "auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | plain | a "
     "template file (TOML/JSON) | a .jinja chat template."))]
 MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help=(
-    "Train on response tokens only (default) or on everything."))]
+    "Train on the response tokens only; --no-mask-prompt: on every token."))]
+
+
+def aliases_help() -> str:
+    """The other key names a record without any of ours is read by (`data.instruct.ALIASES`), in words."""
+    from microft.data.instruct import ALIASES  # no torch
+
+    def either(keys: tuple[str, ...]) -> str:
+        return " or ".join(keys) if len(keys) < 3 else f"{', '.join(keys[:-1])} or {keys[-1]}"
+
+    return ", ".join(f"{either(keys)} as the {name}" for name, keys in ALIASES.items())
+
+
 Columns = Annotated[str | None, typer.Option("--columns", help=(
     "The data's own names for instruction, input, output, messages, weight: e.g. "
-    "instruction=question,output=answer (default: prompt/completion, question/answer, context/response "
-    "are read as ours)."))]
+    f"instruction=question,output=answer (default: a record with none of instruction, output, messages reads "
+    f"{aliases_help()})."))]
 SkipBad = Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help=(
     "Skip and count bad records instead of refusing the data."))]
 GroupByLength = Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help=(
@@ -102,8 +136,35 @@ LoraR = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
 LoraAlpha = Annotated[float | None, typer.Option("--lora-alpha", help=(
     "LoRA scale numerator (scale = alpha / r)."))]
 LoraDropout = Annotated[float | None, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")]
-LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help=(
-    "Comma list: qkv, proj, fc, mlp_proj (or attn, mlp, all)."))]
+
+
+def lora_targets_help() -> str:
+    """--lora-targets' help: each name of the family registry's LoRA tables (targets and groups), with the
+    families that take it, so a new family's names show up here."""
+    from microft.models.families import FAMILIES  # no torch
+
+    takers: dict[str, list[str]] = {}
+    for fam in FAMILIES.values():
+        for name in (*fam.lora_targets, *fam.lora_groups):
+            takers.setdefault(name, []).append(fam.model_type)
+    by_takers: dict[tuple[str, ...], list[str]] = {}
+    for name, fams in takers.items():
+        by_takers.setdefault(tuple(fams), []).append(name)
+    everyone = set(FAMILIES)
+
+    def who(fams: tuple[str, ...]) -> str:
+        if set(fams) == everyone:
+            return "every family"
+        left = [f for f in FAMILIES if f not in fams]
+        return f"every family but {', '.join(left)}" if len(left) < len(fams) else ", ".join(fams)
+
+    parts = [f"{', '.join(names)} ({who(fams)})" for fams, names in by_takers.items()]
+    return ("Comma list of the linears to adapt: " + "; ".join(parts) + ". qkv and proj are attention's "
+            "input and output, fc and mlp_proj the MLP's; PEFT's names (q_proj …) name the same linears one "
+            "by one.")
+
+
+LoraTargets = Annotated[str | None, typer.Option("--lora-targets", help=lora_targets_help())]
 Quantize = Annotated[str | None, typer.Option("--quantize", help=(
     "nf4: store the frozen block linears in 4 bits (QLoRA; needs --lora)."))]
 DoubleQuant = Annotated[bool | None, typer.Option("--double-quant", help=(
@@ -119,8 +180,8 @@ SamplesPerEval = Annotated[int | None, typer.Option("--samples-per-eval", help=(
 LogEvery = Annotated[int | None, typer.Option("--log-every", help=(
     "Write every N-th step to metrics.jsonl (and always the last)."))]
 Shuffle = Annotated[bool | None, typer.Option("--shuffle/--no-shuffle", help=(
-    "Shuffle the training data each epoch (default), or take it in file order: consecutive records form "
-    "each step, no length grouping."))]
+    "Shuffle the training data each epoch; --no-shuffle: take it in file order (consecutive records form "
+    "each step, no length grouping)."))]
 ReportTo = Annotated[str | None, typer.Option("--report-to", help=(
     "Experiment trackers that also get the run, comma-separated: tensorboard, mlflow, wandb, trackio "
     "(each an extra: pip install 'microft\\[mlflow]') (default: none)."))]
@@ -137,8 +198,8 @@ DataFiles = Annotated[str | None, typer.Option("--data-files", help=(
     "With a dataset directory or hub repo id: comma-separated glob patterns of the files to read, e.g. "
     "'data/train-*.parquet' (default: the --data-split's files)."))]
 PrefLoss = Annotated[str | None, typer.Option("--loss", help=(
-    "dpo (sigmoid) | ipo | simpo | orpo: dpo and ipo compare to a frozen reference policy, simpo and "
-    "orpo need none."))]
+    "dpo (sigmoid) | ipo | simpo | orpo: dpo and ipo compare the policy to a reference (the starting model), "
+    "simpo and orpo need none."))]
 Beta = Annotated[float | None, typer.Option("--beta", help=(
     "DPO/IPO/SimPO's beta: how far the policy may move from the reference (dpo, ipo) or the reward scale "
     "(simpo)."))]
@@ -149,7 +210,7 @@ PrecomputeRef = Annotated[bool | None, typer.Option("--precompute-ref/--no-preco
     "dpo/ipo: compute the reference log-probs once before training (full fine-tuning then keeps no "
     "reference copy in memory)."))]
 SeqLen = Annotated[int | None, typer.Option("--seq-len", help=(
-    "Tokens per sample (same as --max-seq-len; default: the model's context)."))]
+    "Tokens per sample, as --max-seq-len (default: the model's context)."))]
 
 # every run option by its RunConfig field name (--seq-len is estimate-mem's name for max_seq_len)
 RUN_OPTIONS: dict[str, Any] = {
@@ -187,11 +248,17 @@ DPO = (*(n for n in FINETUNE if n not in ("packing", "mask_prompt", "predict", "
                                          "samples_per_eval", "columns", "data_split", "data_files",
                                          "devices", "shard", "compile")),
        "loss", "beta", "gamma", "orpo_lambda", "precompute_ref")
-# dpo's own words where finetune's help speaks of the demo
+# dpo's own words where finetune's help speaks of the demo, or of samples where dpo's unit is a pair
 DPO_HELP = {
     "model": "The model to tune, usually finetune's output (a microft checkpoint, or merged LoRA), an HF "
              "model directory or cached repo id, or a preset (default: gpt2-tiny).",
     "data": "Preference pairs, a file or a directory of JSON/JSONL, CSV/TSV or Parquet records (required).",
+    "out": out_help("runs/microft"),
+    "micro_bs": micro_bs_help("pairs") + " A micro-batch of N pairs is one forward of 2N sequences.",
+    "global_bs": global_bs_help("pairs"),
+    "max_seq_len": "Tokens per side of a pair, prompt and response (≤ the model's context) (default: the "
+                   "model's context).",
+    "group_by_length": "Batch pairs of similar length (less padding).",
 }
 # only what changes the estimate (--data: its real lengths); a recipe's other values are read and ignored
 ESTIMATE = ("model", "data", "data_split", "data_files", "template", "skip_bad", "columns", "recipe",
@@ -203,22 +270,51 @@ PRETRAIN_HELP = {
     "model": "Preset to train from scratch (gpt2-tiny, gpt2, llama-3.2-1b, …), or an HF model directory, "
              "cached repo id or microft checkpoint to continue from (default: gpt2-tiny).",
     "data": "Training text: a .txt file or a directory of .txt files (required).",
+    "out": out_help("runs/microft"),
 }
+# estimate-mem's own words: it trains nothing, and with --method dpo counts pairs
+ESTIMATE_HELP = {
+    "model": "The model whose run to estimate: a preset, microft checkpoint, HF model directory, its "
+             "config.json, or hub repo id (only its config.json is fetched) (required, unless a recipe "
+             "names one).",
+    "data": "The run's training data (finetune's records; with --method dpo, preference pairs), tokenised as "
+            "the run would: its longest sample (pair: longer side) sets the length (default: every sample "
+            "fills the model's context or --seq-len).",
+    "micro_bs": micro_bs_help("samples (--method dpo: pairs)"),
+    "global_bs": global_bs_help("samples (--method dpo: pairs)"),
+    "loss": "With --method dpo: dpo | ipo | simpo | orpo; dpo and ipo compare the policy to a reference (the "
+            "starting model: a frozen copy, or with LoRA the base), simpo and orpo need none.",
+    "precompute_ref": "With --method dpo, --loss dpo or ipo: the reference log-probs computed before "
+                      "training (full fine-tuning then keeps no reference copy in memory).",
+}
+
+
+def shown_default(value: Any) -> str:
+    """A default as --help writes it: on/off for a switch, 3e-4 as 0.0003 and 1e-08 as 1e-8, 16.0 as 16."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}".replace("e-0", "e-")
+    return str(value)
+
+
+def with_default(help_text: str, shown: str) -> str:
+    """`help_text` with "(default: shown)" before its final period: every command writes defaults so."""
+    body = help_text.removesuffix(".")
+    return f"{body} (default: {shown})."
 
 
 def _with_default(name: str, help_text: str | None = None) -> Any:
     """The option `name` (with `help_text` instead of its shared help), its help ending with RunConfig's
-    default (the flags default to None: 'not given')."""
+    default (the flags default to None: 'not given') unless the help says its default itself."""
     from microft.config import RunConfig  # pydantic only: no torch
 
     alias = RUN_OPTIONS[name]
     field = RunConfig.model_fields.get(name)
     info = copy.copy(alias.__metadata__[0])
     info.help = help_text or info.help
-    if not (field is None or field.default is None or "default" in (info.help or "")):
-        default = field.default
-        shown = ("on" if default else "off") if isinstance(default, bool) else default
-        info.help = f"{info.help} (default: {shown})"
+    if not (field is None or field.default is None or "(default" in (info.help or "")):
+        info.help = with_default(info.help or "", shown_default(field.default))
     return Annotated[alias.__origin__, info]  # type: ignore[name-defined]
 
 

@@ -92,6 +92,6 @@ def test_the_help_lists_every_format_and_option():
     for fmt in exports.EXPORTS.values():
         assert f"{fmt.name}: {fmt.summary}" in exports.format_help()
         assert f"{fmt.name}:" in help_text
-    assert "gguf: f16 (default), bf16, q8_0, q4_0 or f32." in help_text
+    assert "gguf: f16, bf16, q8_0, q4_0 or f32 (default: f16)." in help_text
     assert exports.format_help() == ("hf: a transformers directory; gguf: one GGUF file for llama.cpp / "
                                      "Ollama / LM Studio, and a Modelfile.")

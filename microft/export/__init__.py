@@ -72,7 +72,7 @@ class Exported:
 OPTIONS: dict[str, ExportOption] = {
     "quant": ExportOption("--quant", "", choices=("f16", "bf16", "q8_0", "q4_0", "f32"), default="f16"),
     "template": ExportOption("--template", "the chat template to write (alpaca, chatml, plain, chat, a "
-                             "template or .jinja file); default: the one the run trained with."),
+                             "template or .jinja file) (default: the one the run trained with)."),
 }
 
 EXPORTS: dict[str, ExportFormat] = {f.name: f for f in (
@@ -92,8 +92,7 @@ def option_help(key: str) -> str:
     opt = OPTIONS[key]
     text = opt.help
     if opt.choices:
-        first, *rest = opt.choices
-        text = f"{first} (default), {', '.join(rest[:-1])} or {rest[-1]}."
+        text = f"{', '.join(opt.choices[:-1])} or {opt.choices[-1]} (default: {opt.choices[0]})."
     return f"{'/'.join(_takers(key))}: {text}"
 
 
