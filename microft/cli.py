@@ -239,7 +239,7 @@ def finetune(dry_run: DryRun = False, **flags: Any) -> None:
 
 
 DPO_HELP = (
-    "Preference tuning on chosen/rejected pairs: DPO (default), IPO, SimPO or ORPO (--loss).\n\n"
+    "Preference tuning on chosen/rejected pairs: DPO, IPO, SimPO or ORPO (--loss, default: dpo).\n\n"
     "Data: {instruction, input, chosen, rejected}, {prompt, chosen, rejected} or chosen/rejected message "
     "lists after a shared prompt, in JSON/JSONL, CSV/TSV or Parquet. Usually after `finetune` (--model its "
     "output).")

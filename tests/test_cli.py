@@ -34,9 +34,9 @@ def test_help_is_fast_and_lists_every_command():
     t = time.perf_counter()
     out = subprocess.run([*MICROFT, "--help"], capture_output=True, text=True, check=True).stdout
     assert time.perf_counter() - t < 5  # generous on a loaded CI box; ~0.3 s idle
-    for cmd in ("pretrain", "finetune", "generate", "estimate-mem", "export", "merge", "download"):
+    for cmd in ("pretrain", "finetune", "dpo", "generate", "estimate-mem", "export", "merge", "download"):
         assert cmd in out
-    for cmd in ("pretrain", "finetune", "generate", "estimate-mem", "export", "merge", "download"):
+    for cmd in ("pretrain", "finetune", "dpo", "generate", "estimate-mem", "export", "merge", "download"):
         assert invoke(cmd, "--help").exit_code == 0, cmd
 
 
