@@ -205,7 +205,8 @@ def pretrain(dry_run: DryRun = False, **flags: Any) -> None:
 
 # help strings (typer keeps a docstring's line breaks in --help): each paragraph one line of output
 FINETUNE_HELP = (
-    "Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo.\n\n"
+    "Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo "
+    "(recipes/demo.toml's settings; flags override them).\n\n"
     "Data: Alpaca (instruction, input, output) or chat (messages) records in JSON/JSONL, CSV/TSV or Parquet. "
     f"A record with none of those keys reads {options.aliases_help()}; --columns names any others.")
 

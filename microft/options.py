@@ -271,6 +271,8 @@ PRETRAIN_HELP = {
              "cached repo id or microft checkpoint to continue from (default: gpt2-tiny).",
     "data": "Training text: a .txt file or a directory of .txt files (required).",
     "out": out_help("runs/microft"),
+    "max_seq_len": "Tokens per block the text is packed into (≤ the model's context) (default: the model's "
+                   "context).",
 }
 # estimate-mem's own words: it trains nothing, and with --method dpo counts pairs
 ESTIMATE_HELP = {
