@@ -249,9 +249,10 @@ def _check_columns(name: str, table: Table, columns: Mapping[str, str] | None) -
     except _Bad as e:
         raise DataError(f"{name}: {e}") from None
     if "messages" not in mapped and not {"instruction", "output"} <= mapped.keys():
+        others = " with ".join("/".join(ALIASES[k]) for k in ("instruction", "output"))
         raise DataError(f"{name}: columns {found}: expected instruction, output (optional input) or "
-                        "messages, or prompt/completion, question/answer; name yours with --columns "
-                        "instruction=A,output=B")
+                        f"messages, or {others} (optional {'/'.join(ALIASES['input'])}); name yours with "
+                        "--columns instruction=A,output=B")
     return renamed
 
 
