@@ -307,8 +307,8 @@ def generate(
     chat: Annotated[bool, typer.Option(
         "--chat", help="Wrap the prompt as a user turn in the model's chat template.")] = False,
     template: Annotated[str | None, typer.Option(
-        "--template", help="Wrap the prompt as an instruction (alpaca, chatml, plain, chat, a template or "
-        ".jinja file).")] = None,
+        "--template", help="Wrap the prompt as an instruction, as a run renders its records: "
+        + options.with_default(options.TEMPLATE_HELP, "none, the prompt as given"))] = None,
     input_text: Annotated[str | None, typer.Option(
         "--input", help="The instruction's input field (Alpaca's `input`; with --template or "
         "--chat).")] = None,

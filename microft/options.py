@@ -101,9 +101,9 @@ ValData = Annotated[str | None, typer.Option("--val-data", help=(
     "Validation data (default: a seeded split of --data, --val-frac of it)."))]
 TestFrac = Annotated[float | None, typer.Option("--test-frac", help=(
     "Fraction held out as a test split (for --predict)."))]
-Template = Annotated[str | None, typer.Option("--template", help=(
-    "auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | plain | a "
-    "template file (TOML/JSON) | a .jinja chat template."))]
+TEMPLATE_HELP = ("auto (the model's chat template if it has one, else alpaca) | chat | alpaca | chatml | "
+                 "plain | a template file (TOML/JSON) | a .jinja chat template.")
+Template = Annotated[str | None, typer.Option("--template", help=TEMPLATE_HELP)]
 MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt", help=(
     "Train on the response tokens only; --no-mask-prompt: on every token."))]
 
