@@ -20,8 +20,8 @@ Model = Annotated[str | None, typer.Option("--model", help=(
     "Preset (gpt2, gpt2-medium, llama-3.2-1b, qwen3-0.6b, …), HF model directory or cached repo id, or "
     "microft checkpoint (default: the demo's own model; with --data, gpt2-tiny)."))]
 Data = Annotated[str | None, typer.Option("--data", help=(
-    "Training data, a file or a directory: finetune reads JSON/JSONL, CSV/TSV or Parquet records "
-    "(without it: the built-in demo); pretrain plain text."))]
+    "Training data: a file or a directory of JSON/JSONL, CSV/TSV or Parquet records, or a hub dataset repo "
+    "id (default: the built-in demo)."))]
 
 
 def out_help(default: str) -> str:
