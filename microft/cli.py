@@ -133,9 +133,9 @@ def _run_reporting(cfg: RunConfig, run: Any) -> None:
         reporter.close()
 
 
-def dry_run_output(cfg: RunConfig, names: tuple[str, ...], world: int = 1) -> None:
+def dry_run_output(cfg: RunConfig, names: tuple[str, ...], world: int = 1, method: str = "sft") -> None:
     """The resolved values of the command's options `names` (each one a flag of the command, as the JSON
-    key with - for _) and the batch plan."""
+    key with - for _) and the batch plan; `method`: the estimate-mem --method that plans it."""
     import json
 
     from microft.config import DEFAULT_GLOBAL_BS, default_batch, resolve_batch_plan
@@ -149,8 +149,9 @@ def dry_run_output(cfg: RunConfig, names: tuple[str, ...], world: int = 1) -> No
         return
     if cfg.micro_bs == "auto":  # the planner needs the model, the data and the memory free at the start
         keep = f"global batch {cfg.global_bs} kept" if cfg.global_bs else f"--accum {cfg.accum or 1} kept"
+        planner = "estimate-mem" + (f" --method {method}" if method != "sft" else "")
         print(f"Effective batch: --micro-bs auto, chosen at the start: the largest micro-batch whose "
-              f"estimated peak fits the memory then free ({keep}); estimate-mem --micro-bs auto --gpu-mem X "
+              f"estimated peak fits the memory then free ({keep}); {planner} --micro-bs auto --gpu-mem X "
               f"shows the plan for a budget")
         return
     plan = resolve_batch_plan(cfg.micro_bs, cfg.accum, cfg.global_bs, world)
@@ -256,7 +257,7 @@ def dpo(dry_run: DryRun = False, **flags: Any) -> None:
 
         cfg = resolve_config(str(recipe) if recipe else None, **run_flags(flags))
         if dry_run:
-            dry_run_output(cfg, options.DPO)
+            dry_run_output(cfg, options.DPO, method="dpo")
             return
         from microft.runs import run_dpo
 

@@ -136,3 +136,13 @@ def test_descriptions_keep_their_paragraphs_whole():
     for command in ("finetune", "dpo", "download", "estimate-mem", "generate", "merge"):
         for paragraph in (COMMANDS[command].help or "").split("\n\n"):
             assert "\n" not in paragraph, (command, paragraph)
+
+
+def test_a_dry_run_of_auto_points_to_the_estimate_of_its_own_step():
+    said = {}
+    for command in ("finetune", "dpo"):
+        res = runner.invoke(app, [command, "--dry-run", "--micro-bs", "auto"])
+        assert res.exit_code == 0, res.output
+        said[command] = res.output.splitlines()[-1]
+    assert "estimate-mem --method dpo --micro-bs auto --gpu-mem X" in said["dpo"]
+    assert "estimate-mem --micro-bs auto --gpu-mem X" in said["finetune"]
