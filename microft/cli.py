@@ -209,7 +209,8 @@ FINETUNE_HELP = (
     "Instruction fine-tuning (the main job). With no --model, --data or --recipe: the built-in demo "
     "(recipes/demo.toml's settings; flags override them).\n\n"
     "Data: Alpaca (instruction, input, output) or chat (messages) records in JSON/JSONL, CSV/TSV or Parquet. "
-    f"A record with none of those keys reads {options.aliases_help()}; --columns names any others.")
+    f"A record without messages takes each field it lacks from {options.aliases_help()}; --columns names "
+    "any others.")
 
 
 @app.command(help=FINETUNE_HELP)

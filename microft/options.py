@@ -120,7 +120,7 @@ def aliases_help() -> str:
 
 Columns = Annotated[str | None, typer.Option("--columns", help=(
     "The data's own names for instruction, input, output, messages, weight: e.g. "
-    f"instruction=question,output=answer (default: a record with none of instruction, output, messages reads "
+    "instruction=question,output=answer (default: a record without messages takes each field it lacks from "
     f"{aliases_help()})."))]
 SkipBad = Annotated[bool | None, typer.Option("--skip-bad/--no-skip-bad", help=(
     "Skip and count bad records instead of refusing the data."))]

@@ -89,6 +89,15 @@ def test_other_column_names_read_as_ours(tmp_path):
     assert res.notes == [f"{qa}: read instruction from 'question', output from 'answer'"]
     pc = _jsonl(tmp_path / "pc.jsonl", [{"prompt": "Hi", "completion": "Hello"}])
     assert fields(read_records(pc)) == [("Hi", "", "Hello")]
+    # Dolly's own layout: our instruction beside its context and response
+    dolly = _jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Sum", "context": "2 and 2", "response": "4",
+                                               "category": "closed_qa"}])
+    res = read_records(dolly)
+    assert fields(res) == [("Sum", "2 and 2", "4")]
+    assert res.notes == [f"{dolly}: read input from 'context', output from 'response'"]
+    # a record with both of ours keeps them: a stray alias key is not read
+    both = _jsonl(tmp_path / "both.jsonl", [{"instruction": "A", "output": "B", "response": "C"}])
+    assert fields(read_records(both)) == [("A", "", "B")]
     # --columns names any others, and wins over an alias
     cells = [["Q1", "C1", "A1", "2.5"], ["Q2", "", "A2", ""]]
     odd = write_delimited(tmp_path / "odd.tsv", ["q", "ctx", "a", "w"], cells, "\t")

@@ -5,7 +5,8 @@ Accepted inputs (a file of any name, or a directory of such files read in name o
   - Alpaca: {"instruction": str, "input": str (optional), "output": str}
   - chat: {"messages": [{"role": "system|user|assistant", "content": str}, ...]}
   - other key names mapped to these by --columns (`columns`), or read by their usual `ALIASES`
-    (prompt/completion, question/answer, context/response) when a record has none of ours.
+    (prompt/completion, question/answer, context/response) for the fields a record without messages lacks
+    (Dolly's {instruction, context, response} reads as it is).
 Every record may carry `"weight": <positive number>`, a multiplier on its token losses. Other keys are
 ignored. Everything is validated before training starts; a problem is one line naming the file, the
 record (line for JSONL and CSV, 0-based index for JSON arrays and Parquet rows) and what is wrong.
@@ -199,21 +200,21 @@ def _parse(obj: object, source: str) -> Record:
     return Record(instruction=instruction, input=inp, output=output, weight=weight, source=source)
 
 
-# the column names of other schemas, read as ours when a record has none of ours (Dolly's context/response,
-# prompt/completion pairs, question/answer sets); --columns names any others
+# the column names of other schemas, read for the fields a record without messages lacks (Dolly's
+# context/response beside its instruction, prompt/completion pairs, question/answer sets); --columns names
+# any others
 ALIASES: dict[str, tuple[str, ...]] = {
     "instruction": ("prompt", "question"),
     "input": ("context",),
     "output": ("completion", "answer", "response"),
 }
-OURS = ("instruction", "output", "messages")
 
 
 def map_columns(obj: object, columns: Mapping[str, str] | None = None) -> tuple[object, dict[str, str]]:
     """`obj` with its keys renamed to microft's fields, and the renaming used ({field: key}).
 
-    `columns` (--columns) names the key of each field it lists; a record with none of instruction, output
-    or messages after that reads the `ALIASES` of the fields still missing.
+    `columns` (--columns) names the key of each field it lists; a record without messages that still lacks
+    instruction or output after that reads the `ALIASES` of each field it lacks.
     """
     if not isinstance(obj, dict):
         return obj, {}
@@ -224,8 +225,8 @@ def map_columns(obj: object, columns: Mapping[str, str] | None = None) -> tuple[
             keys = ", ".join(sorted(obj)) or "none"
             raise _Bad(f"no key {key!r} for --columns {name}={key}; keys found: {keys}")
         out[name] = obj[key]
-    if not any(k in out for k in OURS):
-        for name, keys in ALIASES.items():
+    if "messages" not in out and not {"instruction", "output"} <= out.keys():
+        for name, keys in ((n, ks) for n, ks in ALIASES.items() if n not in out):
             found = [k for k in keys if k in obj and k not in columns.values()]
             if len(found) > 1:
                 raise _Bad(f"both {found[0]!r} and {found[1]!r} could be the {name}; say which with "
@@ -320,9 +321,9 @@ def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str,
     """Read and validate every record under `path`, in any format of `formats.FORMATS`.
 
     `columns` (--columns) maps microft's fields to the data's own keys or columns ({"instruction":
-    "question"}); records with none of ours read the usual other names (`ALIASES`). Without `skip_bad`
-    any bad record raises DataError naming the first problem and how many more there are. With it, bad
-    records are dropped and counted. A file-level problem (empty file, broken JSON array, unreadable file,
+    "question"}); a record without messages reads the usual other names (`ALIASES`) for the fields it
+    lacks. Without `skip_bad` any bad record raises DataError naming the first problem and how many more
+    there are. With it, bad records are dropped and counted. A file-level problem (empty file, broken JSON array, unreadable file,
     a header without the columns needed) is always an error, as is ending up with no records. `split`,
     `patterns` and `default_split` pick the files of a dataset directory or hub repo (`data_files`).
     """
