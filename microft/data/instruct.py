@@ -323,9 +323,10 @@ def read_records(path: str | Path, skip_bad: bool = False, columns: Mapping[str,
     `columns` (--columns) maps microft's fields to the data's own keys or columns ({"instruction":
     "question"}); a record without messages reads the usual other names (`ALIASES`) for the fields it
     lacks. Without `skip_bad` any bad record raises DataError naming the first problem and how many more
-    there are. With it, bad records are dropped and counted. A file-level problem (empty file, broken JSON array, unreadable file,
-    a header without the columns needed) is always an error, as is ending up with no records. `split`,
-    `patterns` and `default_split` pick the files of a dataset directory or hub repo (`data_files`).
+    there are. With it, bad records are dropped and counted. A file-level problem (empty file, broken JSON
+    array, unreadable file, a header without the columns needed) is always an error, as is ending up with no
+    records. `split`, `patterns` and `default_split` pick the files of a dataset directory or hub repo
+    (`data_files`).
     """
     problems: list[str] = []
     records: list[Record] = []
