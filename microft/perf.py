@@ -232,18 +232,19 @@ def device_peak_flops(device: torch.device, precision: str | PrecisionPolicy, ob
     """(peak FLOP/s, where the number comes from): a table for known GPUs, a probe otherwise. `observed`:
     the run's own model FLOP/s per device; a probed peak below it is re-probed (`measured_peak_flops`), so
     the MFU it gives is never above 100 %."""
-    low = precision_policy(precision).low_precision
+    policy = precision_policy(precision)
+    low = policy.low_precision
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         for key, tf in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return (tf if low else tf / 2) * 1e12, f"table ({key})"
-    dtype = peak_dtype(device, precision)
+    dtype = peak_dtype(device, policy)
     shapes = "/".join(f"{n}²" for n in PROBE_SHAPES.get(device.type, PROBE_SHAPES["cpu"]))
     engines = "/".join(probe_engines(device.type, getattr(torch, dtype)))
     peak, how = _peak(device.type, dtype, 9.0, observed)
     src = f"best sustained {dtype} matmul, {shapes}, {engines}"
-    if dtype == "float32" and precision.startswith("bf16"):
+    if dtype != policy.compute_dtype:  # bf16 where microft multiplies it in fp32 (peak_dtype)
         src += "; bf16 is multiplied in fp32 on this CPU"
     return peak, f"{src}; {how}" if how else src
 
