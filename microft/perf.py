@@ -17,6 +17,7 @@ import torch
 from microft.models.config import ModelConfig
 from microft.models.linear import bf16_products_in_fp32, onednn_runs
 from microft.models.precision import ONEDNN_ISA_ENVS
+from microft.resolved import PrecisionPolicy, precision_policy
 
 # dense bf16/fp16 tensor-core peaks (no sparsity), TFLOP/s; fp32 uses TF32 peak where it applies
 GPU_PEAK_TFLOPS: dict[str, float] = {
@@ -216,30 +217,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def peak_dtype(device: torch.device, precision: str) -> str:
-    """The dtype a run's matmuls run in: its precision's, but fp32 for bf16 on a CPU where microft multiplies
-    bf16 values in fp32 (no native bf16: models.linear), whose rate a bf16 probe would understate ~20x."""
-    if precision.startswith("bf16"):
-        return "float32" if device.type == "cpu" and bf16_products_in_fp32() else "bfloat16"
-    return "float16" if precision == "fp16-mixed" else "float32"
+def peak_dtype(device: torch.device, precision: str | PrecisionPolicy) -> str:
+    """The dtype a run's matmuls run in: its policy's compute dtype, but fp32 for bf16 on a CPU where microft
+    multiplies bf16 values in fp32 (no native bf16: models.linear), whose rate a bf16 probe would understate
+    ~20x."""
+    dtype = precision_policy(precision).compute_dtype
+    if dtype == "bfloat16" and device.type == "cpu" and bf16_products_in_fp32():
+        return "float32"
+    return dtype
 
 
-def device_peak_flops(device: torch.device, precision: str, observed: float = 0.0) -> tuple[float, str]:
+def device_peak_flops(device: torch.device, precision: str | PrecisionPolicy, observed: float = 0.0
+                      ) -> tuple[float, str]:
     """(peak FLOP/s, where the number comes from): a table for known GPUs, a probe otherwise. `observed`:
     the run's own model FLOP/s per device; a probed peak below it is re-probed (`measured_peak_flops`), so
     the MFU it gives is never above 100 %."""
-    low = precision in ("bf16-mixed", "bf16-true", "fp16-mixed")
+    policy = precision_policy(precision)
+    low = policy.low_precision
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device).lower()
         for key, tf in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return (tf if low else tf / 2) * 1e12, f"table ({key})"
-    dtype = peak_dtype(device, precision)
+    dtype = peak_dtype(device, policy)
     shapes = "/".join(f"{n}²" for n in PROBE_SHAPES.get(device.type, PROBE_SHAPES["cpu"]))
     engines = "/".join(probe_engines(device.type, getattr(torch, dtype)))
     peak, how = _peak(device.type, dtype, 9.0, observed)
     src = f"best sustained {dtype} matmul, {shapes}, {engines}"
-    if dtype == "float32" and precision.startswith("bf16"):
+    if dtype != policy.compute_dtype:  # bf16 where microft multiplies it in fp32 (peak_dtype)
         src += "; bf16 is multiplied in fp32 on this CPU"
     return peak, f"{src}; {how}" if how else src
 

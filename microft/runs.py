@@ -80,6 +80,14 @@ def resolve_here(cfg: RunConfig, method: str = "sft") -> tuple[ResolvedRun, Any]
     return resolve_run(cfg, shape, local_device(cfg), method), shape
 
 
+def model_files(run: ResolvedRun) -> str | None:
+    """The directory the run's model comes from (a hub repo id: its cached snapshot), looked up once for what
+    reads its files (the tokenizer, every save's tokenizer files, the LoRA note); None: a preset (random
+    init) or the demo's own model."""
+    d = None if run.model == "demo" else model_dir(run.model)
+    return None if d is None else str(d)
+
+
 def memory_planner(cfg: RunConfig, shape: Any, device: Device, world_size: int, n_train: int | None,
                    method: str = "sft") -> BatchPlan:
     """`--micro-bs auto`'s planner (memory.plan.auto_batch_plan) on the device's memory, for the step of
@@ -157,7 +165,8 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
     run, shape = resolve_here(cfg)
     seed_init(cfg.seed)  # the same init on every rank
     model = load_base(cfg, run)
-    tok = tokenizer_for(run.tokenizer, model.config)
+    source = model_files(run) or run.tokenizer
+    tok = tokenizer_for(source, model.config)
     if tok.eos_id is None:
         raise ConfigError(f"{tok.name}: the tokenizer has no EOS token to separate documents with")
     blocks = pack_documents(docs, lambda doc: tok.prefix + tok.encode(doc), run.seq_len, eos_id=tok.eos_id)
@@ -168,7 +177,7 @@ def run_pretrain(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         val = Subset(blocks, val_idx) if val_idx else None
         return train(model, Subset(blocks, train_idx), val, cfg, run.plan, emit, dist=dist,
                      memory=memory_hooks(cfg, model.config), resolved=run,
-                     save_extra=lambda d: write_tokenizer_files(run.tokenizer, d, model.config),
+                     save_extra=lambda d: write_tokenizer_files(source, d, model.config),
                      banner_extra=batch_banner(run))
 
 
@@ -260,11 +269,15 @@ def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
     return records
 
 
-def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None]) -> None:
-    """LoRA adapters on `model`, with a note when its base is a random init (a preset or the demo's model)."""
+def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None], pretrained: bool | None = None
+             ) -> None:
+    """LoRA adapters on `model`, with a note when its base is a random init (a preset or the demo's model).
+    `pretrained`: whether the base was read from files (the run's `model_files`); None: looked up here."""
     from microft.models.lora import apply_lora
 
-    if model_dir(cfg.model) is None:
+    if pretrained is None:
+        pretrained = model_dir(cfg.model) is not None
+    if not pretrained:
         what = cfg.model or model.config.name
         on_event({"kind": "note", "text": f"LoRA on {what}, a randomly initialised model: the frozen base "
                   "knows nothing, so the adapters learn little; LoRA adapts a pretrained model (microft "
@@ -290,19 +303,21 @@ def run_finetune(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str,
         model, tok = demo_model(cfg, device)
         shape = model.config
         run = resolve_run(cfg, shape, device, model="demo")
+        files = None
     else:  # with --data but no --model: gpt2-tiny (the demo's tokenizer only knows the demo's words)
         run, shape = resolve_here(cfg)
         seed_init(cfg.seed)
         model = load_base(cfg, run)
-        tok = tokenizer_for(run.tokenizer, model.config)
+        files = model_files(run)
+        tok = tokenizer_for(files or run.tokenizer, model.config)
     if note := longrope_note(model.config, run.seq_len):
         on_event({"kind": "note", "text": note})
     data = load_instruct_data(cfg, run.seq_len, tok, records=records)
     for problem in data.problems:
         on_event({"kind": "note", "text": f"skipped bad record: {problem}"})
     if cfg.lora:
-        add_lora(cfg, model, on_event)
-    save_extra = saved_files(cfg, model, demo_own_model)
+        add_lora(cfg, model, on_event, files is not None)
+    save_extra = saved_files(cfg, model, demo_own_model, files)
 
     from microft.train.distributed import distributed, main_only
 
@@ -393,10 +408,11 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
     run, shape = resolve_here(cfg, "dpo")
     seed_init(cfg.seed)
     model = load_base(cfg, run)
-    tok = tokenizer_for(run.tokenizer, model.config)
+    files = model_files(run)
+    tok = tokenizer_for(files or run.tokenizer, model.config)
     data = pair_data(cfg, run.seq_len, tok, read, on_event)
     if cfg.lora:
-        add_lora(cfg, model, on_event)
+        add_lora(cfg, model, on_event, files is not None)
     loss = PreferenceLoss(cfg.loss, cfg.beta, cfg.gamma, cfg.orpo_lambda)
     objective = PreferenceObjective(loss, cfg.lora, cfg.precompute_ref)
     run = plan_run(run, cfg, shape, pair_sides(data.train), 1, on_event)
@@ -406,7 +422,7 @@ def run_dpo(cfg: RunConfig, on_event: Callable[[Event], None]) -> dict[str, Any]
                             "pairs skipped", "preference": f"{describe_loss(loss)}; reference: {reference}",
               **batch_banner(run)}
     return train(model, data.train, data.val or None, cfg, run.plan, on_event,
-                 save_extra=saved_files(cfg, model, False), banner_extra=banner,
+                 save_extra=saved_files(cfg, model, False, files), banner_extra=banner,
                  memory=memory_hooks(cfg, model.config, "dpo"), objective=objective, resolved=run)
 
 
@@ -451,16 +467,18 @@ def demo_banner(cfg: RunConfig, model: Any, tok: Any, own_model: bool, device: A
             "upper-casing); held-out exact match is scored before and after training")
 
 
-def saved_files(cfg: RunConfig, model: Any, demo_own_model: bool) -> Callable[[Path], None]:
-    """What every saved model directory gets beside the weights: the tokenizer files, and the LoRA adapters
-    beside the (unchanged) base weights."""
+def saved_files(cfg: RunConfig, model: Any, demo_own_model: bool, files: str | None = None
+                ) -> Callable[[Path], None]:
+    """What every saved model directory gets beside the weights: the tokenizer files (from `files`, the base's
+    directory as the run looked it up, else its preset), and the LoRA adapters beside the (unchanged) base
+    weights."""
     def save_extra(d: Path) -> None:
         if demo_own_model:
             from microft.data.demo import write_demo_tokenizer
 
             write_demo_tokenizer(d)
         else:
-            write_tokenizer_files(cfg.model or "gpt2-tiny", d, model.config)
+            write_tokenizer_files(files or cfg.model or "gpt2-tiny", d, model.config)
         if cfg.lora:
             from microft.models.lora import write_adapter_files
 

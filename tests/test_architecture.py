@@ -140,3 +140,33 @@ def test_the_trace_runs_the_loops_step_and_patches_nothing():
     patched = [ast.unparse(t) for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in modules]
     assert not patched, patched
+
+
+PRECISION_WORDS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16-true", "bf16", "fp16")
+
+
+def _precision_words(node: ast.AST) -> bool:
+    """Whether `node` is a --precision word, or a tuple/list/set of them (or a prefix: "bf16")."""
+    if isinstance(node, ast.Constant):
+        return node.value in PRECISION_WORDS
+    return isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(_precision_words(e) for e in node.elts)
+
+
+def test_precision_is_a_policy_not_a_word_compared():
+    """Code branches on `resolved.PrecisionPolicy`'s attributes (autocast, grad_scaler, master_weights, ...),
+    never on the --precision word: no `precision == "fp16-mixed"`, `in ("bf16-mixed", ...)`, set algebra
+    with them or `.startswith("bf16")` outside resolved.py (the policies themselves) and config.py (the flag
+    as typed, checked before any policy is resolved)."""
+    words = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path.relative_to(PKG).as_posix() in ("resolved.py", "config.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            compared = [node.left, *node.comparators] if isinstance(node, ast.Compare) else (
+                [node.left, node.right] if isinstance(node, ast.BinOp) else [])  # {was, now} & {"bf16-true"}
+            if any(map(_precision_words, compared)):
+                words.append(f"{path.relative_to(PKG)}:{node.lineno} {ast.unparse(node)}")
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("startswith", "endswith")
+                  and any(map(_precision_words, node.args))):
+                words.append(f"{path.relative_to(PKG)}:{node.lineno} {ast.unparse(node)}")
+    assert not words, words

@@ -169,6 +169,24 @@ def test_bf16_multiplied_in_fp32_divides_by_the_fp32_peak(monkeypatch):
     assert perf.peak_dtype(cpu, "bf16-mixed") == "bfloat16"
 
 
+def test_the_peak_reads_the_precision_policy(monkeypatch, tmp_path):
+    """The MFU's peak takes a policy as well as its word, and gives the same answer: the policy's compute
+    dtype decides the probe (fp32 where this CPU multiplies bf16 in fp32, and the source says so)."""
+    from microft.resolved import POLICIES
+
+    monkeypatch.setenv("MICROFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("MICROFT_CPU_BF16", "0")
+    monkeypatch.setattr(perf, "_PEAKS", {})
+    monkeypatch.setattr(perf, "probe_peak_flops", lambda d, t, s: {"float32": 5e9}.get(t, 1e9))
+    cpu = torch.device("cpu")
+    for name, policy in POLICIES.items():
+        by_word, by_policy = perf.device_peak_flops(cpu, name), perf.device_peak_flops(cpu, policy)
+        assert by_word == by_policy
+        emulated = policy.compute_dtype == "bfloat16"
+        assert by_policy[0] == (1e9 if policy.compute_dtype == "float16" else 5e9), name
+        assert ("bf16 is multiplied in fp32" in by_policy[1]) == emulated, name
+
+
 def test_a_cpu_held_to_fewer_instructions_has_its_own_cached_peak(monkeypatch):
     """The peak of kernels held to AVX2 (make test-avx2, a benchmark of an AVX2-only CPU) is not the machine's
     own: each gets its own cache entry (a held run used to divide by the full-width AMX peak)."""

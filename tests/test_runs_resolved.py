@@ -193,3 +193,37 @@ def test_the_budget_plan_keeps_the_global_batch_asked_for(flags, kept):
     accumulation; --accum alone or --micro-bs auto without --global-bs keep only the accumulation."""
     res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--gpu-mem", "8GiB", "--json", *flags])
     assert json.loads(res.output)["plan"]["global_bs"] == kept
+
+
+def test_a_run_looks_its_hub_model_up_once_for_its_files(monkeypatch, tmp_path):
+    """`finetune --model ORG/NAME` finds the repo's cached snapshot for the model's shape, for its weights and
+    once for its files (the tokenizer, the LoRA note, every save's tokenizer files): three lookups, however
+    often the run saves (a lookup per save before)."""
+    pytest.importorskip("transformers")
+    import microft.models.source as source
+    from tests.test_families_e2e import COMMIT, hf_dir
+
+    repo = tmp_path / "hub" / "models--tiny--llama"
+    hf_dir(repo / "snapshots" / COMMIT, "llama")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    lookups, real = [], source.resolve_model_dir
+
+    def counted(spec, *a, **k):
+        if source.is_repo_id(spec):
+            lookups.append(spec)
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(source, "resolve_model_dir", counted)
+    out, data = tmp_path / "out", alpaca(tmp_path / "d.json", 20)
+    res = runner.invoke(app, ["finetune", "--model", "tiny/llama", "--data", str(data), "--lora",
+                              "--max-steps", "3", "--save-every", "1", "--keep-last", "5",
+                              "--eval-every", "100", "--micro-bs", "1", "--accum", "1", "--device", "cpu",
+                              "--precision", "fp32", "--max-seq-len", "64", "--out", str(out),
+                              "--log-format", "plain"])
+    assert res.exit_code == 0, res.output
+    saved = [out / "final", *sorted((out / "checkpoints").iterdir())]
+    assert len(saved) >= 3 and all((d / "tokenizer.json").is_file() for d in saved)
+    assert "randomly initialised" not in res.output  # the LoRA note knows the base was read from files
+    assert lookups == ["tiny/llama"] * 3

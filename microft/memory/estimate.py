@@ -30,7 +30,7 @@ from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
 from microft.models.source import read_model_config
-from microft.resolved import Device, precision_policy, resolve_seq_len
+from microft.resolved import Device, resolve_seq_len
 from microft.resolved import resolve_precision as resolve
 
 MiB, GiB = 2**20, 2**30
@@ -255,7 +255,7 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
     params = r.m.params
     train = [p for p in params if p.train]
     C, Vp, N = arch.n_embd, arch.padded_vocab_size, r.N  # rows of one forward (a pair: two)
-    policy = precision_policy(s.precision)
+    policy = s.policy
     dt = policy.compute_bytes
     rows = min(ce_chunk_rows(N, Vp), N)
     nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks
@@ -393,7 +393,7 @@ def trace(arch: ModelConfig, setup: Setup, budget: Budget | None = None, world: 
     # RoPE frequencies (theta, llama3 scaling) change no memory; the tables are made at init, outside the step
     mc = arch.model_copy(update={"rope_scaling": None})
     preference = setup.method == "dpo"
-    t = trace_training(mc, cfg, setup.precision, setup.micro_bs, setup.seq_len, accum=setup.accum,
+    t = trace_training(mc, cfg, setup.policy, setup.micro_bs, setup.seq_len, accum=setup.accum,
                        steps=steps, preference=preference)
     comp = dict(t.components)
     peak = t.peak_bytes

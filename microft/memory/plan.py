@@ -219,7 +219,7 @@ def step_cost(arch: ModelConfig, row: StrategyFit) -> float:
     keys = sum(min(s.seq_len, w) if (w := arch.layer_window(i)) else s.seq_len for i in range(arch.n_layer))
     block_forward = 2 * (mc.matmul_params() - mc.vocab_size * mc.n_embd) + 4 * mc.q_dim * keys
     flops = mc.flops_per_token(s.seq_len, 0.02 if s.lora else 1.0) + ckpt_frac * block_forward
-    speed = 0.5 if s.precision == "fp32" else 1.0
+    speed = 1.0 if s.policy.low_precision else 0.5
     tokens = max(1, row.micro_bs) * s.seq_len
     return flops / speed * (1 + 512 / tokens)
 
@@ -264,7 +264,7 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
     if cur.optimizer == "adamw":
         cur = replace(cur, optimizer="adamw-8bit")
         steps.append(("+ 8-bit AdamW", cur))
-    if cur.precision == "fp32":
+    if not cur.policy.low_precision:
         cur = replace(cur, precision=mixed)
         steps.append((f"+ mixed precision ({mixed})", cur))
     if not cur.lora:
@@ -273,7 +273,7 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
     if not cur.quantize:
         cur = replace(cur, quantize="nf4")
         steps.append(("+ QLoRA (nf4)", cur))
-    if budget.bf16 and cur.precision != "bf16-true":
+    if budget.bf16 and cur.policy.param_dtype != "bfloat16":
         steps.append(("+ bf16 weights (bf16-true)", replace(cur, precision="bf16-true")))
     tree: list[StrategyFit] = []
     for name, s in steps:

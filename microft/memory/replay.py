@@ -16,11 +16,13 @@ planning: fused qkv and gate/up projections, a fused RMSNorm, SDPA with native G
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from microft.layouts import DOUBLE_QUANT_BLOCK, NF4_BLOCK, nf4_nbytes
 from microft.memory.sim import Node, Par, Sim, St, Ten, cuda_bytes
 from microft.models.config import ModelConfig, ce_chunk_rows
 from microft.optimizers import OPTIMIZERS, Settings, decays
+from microft.resolved import PrecisionPolicy, precision_policy
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Setup:
 
     micro_bs: int
     seq_len: int
-    precision: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed | bf16-true
+    precision: str = "fp32"  # the --precision word (resolved.POLICIES); the replay reads its `policy`
     accum: int = 1
     grad_ckpt: bool = False
     ckpt_every: int = 1
@@ -48,17 +50,22 @@ class Setup:
     pref_loss: str = "dpo"  # the preference loss (dpo, ipo: a reference forward; simpo, orpo: none)
     precompute_ref: bool = False  # dpo, ipo: cached reference log-probs, no reference forward or copy
 
+    @cached_property  # read per simulated op: looked up once (a frozen dataclass's __dict__ still takes it)
+    def policy(self) -> PrecisionPolicy:
+        """The precision policy the setup runs under (what train/step.py branches on)."""
+        return precision_policy(self.precision)
+
     @property
-    def mixed(self) -> bool:
-        return self.precision in ("bf16-mixed", "fp16-mixed")
+    def mixed(self) -> bool:  # autocast: 16-bit matmuls over fp32 weights, with a cast cache
+        return self.policy.autocast
 
     @property
     def param_bytes(self) -> int:  # bytes per parameter element
-        return 2 if self.precision == "bf16-true" else 4
+        return self.policy.param_bytes
 
     @property
     def compute_bytes(self) -> int:  # bytes per element of a matmul output (the compute dtype)
-        return 4 if self.precision == "fp32" else 2
+        return self.policy.compute_bytes
 
 
 
@@ -685,7 +692,7 @@ class Replay:
         C, Vp, V = a.n_embd, a.padded_vocab_size, a.vocab_size
         W = self.m.head
         cat = "loss (fused cross-entropy)"
-        dt = 2 if s.precision != "fp32" else 4  # autocast dtype, or h's dtype
+        dt = s.compute_bytes  # autocast dtype, or h's dtype
         need_h, need_w = h.rg, W.train
         Wc = sim.new(Vp * C, dt, cat, "weight.to") if W.es != dt else None
         valid = sim.new(N, 1, cat, "valid")
@@ -816,7 +823,7 @@ class Replay:
         sim.cache = None
         sim.mark(f"{at}, backward of the loss", "start of backward")
         scaled = sim.op("div", [loss], [(1, 4, "backward transients")], bwd=(("g", 0, 1, 4),))[0]
-        if s.precision == "fp16-mixed":
+        if s.policy.grad_scaler:
             if not self.scaler:  # the GradScaler's scale and growth tracker, created on first use
                 self.scaler = [sim.alloc(4, "other", "scale"), sim.alloc(4, "other", "growth")]
             sc2 = sim.op("mul", [scaled], [(1, 4, "backward transients")], bwd=(("g", 0, 1, 4),))[0]
@@ -848,7 +855,7 @@ class Replay:
         sim = self.sim
         sim.mark(f"{at}, clip", "clip")
         cat = "optimizer transients"
-        if self.s.precision == "fp16-mixed":  # scaler.unscale_: inv_scale, found_inf
+        if self.s.policy.grad_scaler:  # scaler.unscale_: inv_scale, found_inf
             sim.transient(4, cat, "inv_scale")
             self.found_inf = sim.alloc(4, cat, "found_inf")
         n = len(self.trainable())
@@ -874,9 +881,9 @@ class Replay:
         """The optimizer's step as its registry entry replays it (microft.optimizers), then zero_grad."""
         sim = self.sim
         sim.mark(f"{at}, optimizer step", "optimizer step")
-        settings = Settings(bf16_weights=self.s.precision == "bf16-true", momentum=self.s.momentum)
+        settings = Settings(bf16_weights=self.s.policy.master_weights, momentum=self.s.momentum)
         OPTIMIZERS[self.s.optimizer].replay(sim, self.groups(), self.opt_state, settings)
-        if self.s.precision == "fp16-mixed":
+        if self.s.policy.grad_scaler:
             sim.unref(getattr(self, "found_inf", None))
             self.found_inf = None
         sim.mark(f"{at}, zero_grad", "optimizer step")

@@ -39,6 +39,7 @@ from microft.models.config import ModelConfig
 from microft.models.linear import native_half_matmuls
 from microft.models.transformer import Kernels, Transformer, set_grad_checkpointing
 from microft.optimizers import OPTIMIZERS
+from microft.resolved import PrecisionPolicy, precision_policy
 
 CUDA_EMULATION = [
     "allocations rounded up to 512-byte blocks, as the CUDA caching allocator does",
@@ -329,11 +330,11 @@ def _trace_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return build_optimizer(model, cfg, torch.device("cpu"))
 
 
-def _cuda_sizes(precision: str, tracker: LiveBytes, cpu_steps: bool):
+def _cuda_sizes(policy: PrecisionPolicy, tracker: LiveBytes, cpu_steps: bool):
     """Storage sizes CUDA would allocate where the CPU kernels differ (see CUDA_EMULATION)."""
     aten = torch.ops.aten
     sdpa = aten._scaled_dot_product_flash_attention_for_cpu.default
-    low = precision != "fp32"
+    low = policy.low_precision
 
     def sizes(func, outs: list[torch.Tensor]) -> list[int | None] | None:
         if func is sdpa:  # (out, logsumexp (B, nh, T))
@@ -351,16 +352,18 @@ def _cuda_sizes(precision: str, tracker: LiveBytes, cpu_steps: bool):
     return sizes
 
 
-def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
-                   accum: int = 1, steps: int = 2, preference: bool = False) -> TraceResult:
+def trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str | PrecisionPolicy, micro_bs: int,
+                   seq_len: int, accum: int = 1, steps: int = 2, preference: bool = False) -> TraceResult:
     """Trace `steps` optimizer steps of microft's training step on fake tensors; see the module doc.
     `preference`: the step of `microft dpo` (`cfg.loss`, `cfg.precompute_ref`), `micro_bs` pairs of two
     `seq_len`-token sequences each, every position a response token (the most the loss head can take)."""
     with native_half_matmuls():  # CUDA multiplies bf16 natively: no fp32 copies of a CPU that emulates it
-        return _trace_training(model_cfg, cfg, precision, micro_bs, seq_len, accum, steps, preference)
+        return _trace_training(model_cfg, cfg, precision_policy(precision), micro_bs, seq_len, accum, steps,
+                               preference)
 
 
-def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mode) -> Transformer | None:
+def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, policy: PrecisionPolicy, fake_mode
+                 ) -> Transformer | None:
     """A full fine-tune's frozen reference (`reference_of` deep-copies the model; here a second fake model of
     the same shape, as a deep copy can't leave its fake mode), or None where the run keeps none."""
     from microft.train.preference import PreferenceLoss
@@ -370,7 +373,7 @@ def _frozen_copy(model_cfg: ModelConfig, cfg: RunConfig, precision: str, fake_mo
         return None
     with torch.device("meta"):
         frozen = Transformer(model_cfg.model_copy(update={"dropout": 0.0}))
-    place_model(frozen, precision, torch.device("meta"))
+    place_model(frozen, policy, torch.device("meta"))
     _materialise_fake(frozen, fake_mode, torch.device("cpu"))
     frozen.set_kernels(Kernels.cuda_like())  # CUDA's kernels, as the policy's (a run's deep copy keeps them)
     return frozen.requires_grad_(False).eval()
@@ -415,7 +418,7 @@ def _preference_step(model: Transformer, frozen: Transformer | None, cfg: RunCon
     return PreferenceRunner(model, loss, reference), batch
 
 
-def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
+def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, policy: PrecisionPolicy):
     """The run's model (LoRA, NF4 base, checkpointing as configured) as fake tensors that behave as on CUDA;
     returns (model, its FakeTensorMode)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -440,7 +443,7 @@ def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
         if isinstance(mod, nn.Dropout) and mod.p > 0:
             mod.forward = types.MethodType(_fused_dropout, mod)
     device = torch.device("cpu")
-    place_model(model, precision, torch.device("meta"))  # bf16-true casts; weights stay on meta until faked
+    place_model(model, policy, torch.device("meta"))  # bf16-true casts; weights stay on meta until faked
     fake_mode = FakeTensorMode()
     _materialise_fake(model, fake_mode, device)
     model.train()
@@ -449,16 +452,16 @@ def _fake_model(model_cfg: ModelConfig, cfg: RunConfig, precision: str):
     return model, fake_mode
 
 
-def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micro_bs: int, seq_len: int,
-                    accum: int, steps: int, preference: bool = False) -> TraceResult:
+def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, policy: PrecisionPolicy, micro_bs: int,
+                    seq_len: int, accum: int, steps: int, preference: bool = False) -> TraceResult:
     from microft.train.step import autocast_context, finish_step, micro_step
 
     t0 = time.perf_counter()
-    model, fake_mode = _fake_model(model_cfg, cfg, precision)
+    model, fake_mode = _fake_model(model_cfg, cfg, policy)
     device = torch.device("cpu")
     tracker = LiveBytes()
-    tracker.size_override = _cuda_sizes(precision, tracker, bool(OPTIMIZERS[cfg.optimizer].host_state))
-    low = precision != "fp32"
+    tracker.size_override = _cuda_sizes(policy, tracker, bool(OPTIMIZERS[cfg.optimizer].host_state))
+    low = policy.low_precision
     hs = model_cfg.head_dim
     sdpa_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
     workspace = sdpa_workspace(micro_bs, model_cfg.n_head, seq_len, hs, low)
@@ -472,12 +475,12 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
             handles.append(p.register_post_accumulate_grad_hook(
                 lambda q: tracker.relabel(q.grad, "gradients")))
 
-    autocast = autocast_context(precision, device)
+    autocast = autocast_context(policy, device)
     step_peaks = []
     tracker.workspaces[sdpa_bwd] = workspace
     _observe(model, tracker)
     runner, pairs = model, None
-    frozen = _frozen_copy(model_cfg, cfg, precision, fake_mode) if preference else None
+    frozen = _frozen_copy(model_cfg, cfg, policy, fake_mode) if preference else None
     try:
         with fake_mode:
             if preference:
@@ -485,7 +488,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, precision: str, micr
                 handles += _step_hooks(runner, tracker, state)
                 rows = 2 * micro_bs  # a pair's two sides in one forward
                 tracker.workspaces[sdpa_bwd] = sdpa_workspace(rows, model_cfg.n_head, seq_len, hs, low)
-            scaler = _TraceScaler("cpu", enabled=precision == "fp16-mixed")
+            scaler = _TraceScaler("cpu", enabled=policy.grad_scaler)
             optimizer = _trace_optimizer(model, cfg)
             with tracker:
                 for step in range(1, steps + 1):

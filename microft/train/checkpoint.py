@@ -21,6 +21,7 @@ from microft.errors import CheckpointError, ConfigError, TrainingError, one_line
 from microft.models.load import write_model_files
 from microft.models.lora import ADAPTER_WEIGHTS, write_adapter_files
 from microft.models.quant import QUANT_RECORD, read_quant_record, write_quant_record
+from microft.resolved import POLICIES
 from microft.train.distributed import full_model_state, full_optim_state, load_optim_state, load_weights
 from microft.train.optim import schedule_multiplier
 from microft.weights import CONFIG, WEIGHTS, atomic_dir, read_safetensors
@@ -168,6 +169,13 @@ def save_checkpoint(run: Any, kind: str, rng: dict[str, Any] | None = None) -> P
     return target
 
 
+def _own_precision_state(name: str | None) -> bool:
+    """Whether the policy named `name` keeps optimizer state of its own: bf16-true's fp32 master bits,
+    fp16-mixed's loss scale (None or a word no policy has: a checkpoint that doesn't say)."""
+    policy = POLICIES.get(str(name))
+    return policy is not None and (policy.master_weights or policy.grad_scaler)
+
+
 def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
     """Load `resume_dir` into `run`'s model, optimizer, scheduler, scaler and RNG; return its counters."""
     ts = load_train_state(resume_dir)
@@ -182,7 +190,7 @@ def restore(run: Any, resume_dir: Path) -> dict[str, Any]:
     then = {"optimizer": ts.get("config", {}).get("optimizer"), "precision": ts.get("precision")}
     for flag, now in (("optimizer", run.cfg.optimizer), ("precision", run.precision)):
         was = then[flag]
-        own_state = flag == "optimizer" or {was, now} & {"bf16-true", "fp16-mixed"}
+        own_state = flag == "optimizer" or _own_precision_state(was) or _own_precision_state(now)
         if was is not None and was != now and own_state:
             raise CheckpointError(f"cannot resume from {resume_dir}: it was trained with --{flag} {was}, "
                                   f"now {now}")
