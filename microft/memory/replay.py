@@ -434,16 +434,7 @@ class Replay:
             y = self.sdpa(q, k, v, mask)
             sim.drop(mask)
         p = self.linear(y, blk.lin["proj" if a.fused_qkv else "o_proj"])
-        if a.dropout > 0:
-            p2 = self.dropout(p)
-            sim.drop(p)
-            p = p2
-        sim.drop(q, k, v, y, h)  # the attention's locals
-        p = self.after(p, blk.ln_1)
-        if blk.post_attn is not None:
-            pn = norm(p, blk.post_attn)
-            sim.drop(p)
-            p = pn
+        p = self.sublayer_out(p, blk.ln_1, blk.post_attn, (q, k, v, y, h))  # and the attention's locals
         x1 = self.add(x, p)
         sim.drop(p)
         h2 = sim.alias(x1) if a.norm_after else norm(x1, blk.ln_2)
@@ -468,19 +459,26 @@ class Replay:
             sim.drop(f)
             mo = self.linear(g, blk.lin["mlp_proj"])
             sim.drop(g)
-        if a.dropout > 0:
-            m2 = self.dropout(mo)
-            sim.drop(mo)
-            mo = m2
-        sim.drop(h2)
-        mo = self.after(mo, blk.ln_2)
-        if blk.post_mlp is not None:
-            mn = norm(mo, blk.post_mlp)
-            sim.drop(mo)
-            mo = mn
+        mo = self.sublayer_out(mo, blk.ln_2, blk.post_mlp, (h2,))
         out = self.add(x1, mo)
         sim.drop(x1, mo)
         return out
+
+    def sublayer_out(self, y: Ten, ln: Norm, post: Norm | None, done: tuple[Ten, ...]) -> Ten:
+        """A sublayer's output on its way to the residual add, as Block runs it: dropout, then the sublayer's
+        locals (`done`) freed, OLMo 2's norm or Granite's multiplier (`after`), Gemma's post-norm."""
+        sim = self.sim
+        if self.a.dropout > 0:
+            y2 = self.dropout(y)
+            sim.drop(y)
+            y = y2
+        sim.drop(*done)
+        y = self.after(y, ln)
+        if post is not None:
+            yn = self.norm_of(self.a)(y, post)
+            sim.drop(y)
+            y = yn
+        return y
 
     def after(self, y: Ten, ln: Norm) -> Ten:
         """Block._forward's treatment of a sublayer's output: OLMo 2's norm, Granite's residual multiplier."""
