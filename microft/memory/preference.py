@@ -200,6 +200,9 @@ class PairReplay(Replay):
             nv = n * V
             hc = ev.new(n * C * es) if h.es != es else None
             lsm, t = self.log_softmax(ev, n, (), keep_tanh=True)
+            if not W.train:  # the cast dies: only the head's gradient reads it again
+                ev.free(hc)
+                hc = None
             g = ev.replace(ev.new(nv * 4), ev.new(nv * 4))  # zeros + scatter_add_, _log_softmax_backward_data
             ev.free(lsm)
             if es != 4:  # g.to(dt)

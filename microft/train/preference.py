@@ -138,6 +138,8 @@ class _ResponseLogps(torch.autograd.Function):
             for s in reversed(range(0, h.size(0), rows)):
                 hc = h[s : s + rows].to(dt)
                 lsm, t = _log_softmax(hc, W, cfg, keep_tanh=True)
+                if not need_w:
+                    hc = None  # only the head's gradient reads it again
                 # gather's backward, then log_softmax's: d log p(target) / d logits, times the row's gradient
                 g = torch.zeros_like(lsm).scatter_add_(1, targets[s : s + rows].unsqueeze(1),
                                                        grad_out[s : s + rows].unsqueeze(1))
