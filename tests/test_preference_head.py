@@ -18,6 +18,7 @@ from microft.memory.estimate import load_shape
 from microft.memory.sim import cuda_bytes
 from microft.memory.trace import LiveBytes
 from microft.models.config import IGNORE_INDEX, ce_chunk_rows
+from microft.models.families import FAMILIES
 from microft.models.transformer import Transformer
 from microft.train.preference import sequence_logps
 
@@ -93,6 +94,23 @@ def test_the_head_gives_autograds_log_probs_and_gradients(preset, precision):
         # fp32, bf16-true: chunks 2 and 3 summed in by addmm_ (the same rounding as mm + add on some CPUs)
         tol = 1e-2 if precision == "bf16-true" else 1e-6
         assert torch.allclose(got_g[name], g, rtol=1e-4 if tol < 1e-2 else tol, atol=tol), name
+
+
+@pytest.mark.parametrize("preset", [f.tiny for f in FAMILIES.values()])
+def test_every_family_gets_its_own_logits(preset):
+    """The head forms the logits as Transformer.logits does for each family (Granite's scaling, Gemma 2's cap,
+    whatever a new family adds): the same log-probs and gradients as autograd through `model.logits`."""
+    torch.manual_seed(0)
+    model = Transformer(load_shape(preset))
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    y = torch.randint(0, model.config.vocab_size, (2, 12))
+    y[:, :4] = IGNORE_INDEX
+    want, want_g = run(autograd_logps, model, x, y, "fp32")
+    got, got_g = run(logps, model, x, y, "fp32")
+    assert torch.equal(got, want)
+    for name, g in want_g.items():  # one chunk: the head's gradient too, but a tied embedding's batch rows
+        assert torch.allclose(got_g[name], g, rtol=1e-5, atol=1e-7) if name == "wte.weight" else \
+            torch.equal(got_g[name], g), name
 
 
 def test_with_lora_the_frozen_head_passes_autograds_gradient_to_the_adapters():
