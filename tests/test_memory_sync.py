@@ -180,8 +180,7 @@ def test_preference_replay_matches_the_trace_over_several_chunks_of_the_head(nam
     model, precision, kw = MULTI_CHUNK[name]
     cfg = RunConfig(precision=precision, max_seq_len=160, dropout=0.1, **kw)
     # a head (vocab × C) several times a chunk's logits (rows × vocab): making its gradient sets the peak
-    arch = load_shape(model, cfg.dropout).model_copy(update={"vocab_size": 65000, "padded_vocab": 65536,
-                                                              "n_embd": 1536})
+    arch = load_shape(model, cfg.dropout).model_copy(update={"vocab_size": 65000, "n_embd": 1536})  # 65,024 rows
     s = preference_setup(cfg, arch, 2)
     assert len(range(0, 2 * 2 * 160, ce_chunk_rows(2 * 2 * 160, arch.padded_vocab_size))) == 3
     assert_replay_is_the_trace(arch, s, cfg)
