@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from microft.models.config import IGNORE_INDEX  # noqa: E402
 from microft.runs import run_dpo  # noqa: E402
 from microft.train.preference import PreferenceLoss, pair_losses  # noqa: E402
 from microft.weights import read_safetensors  # noqa: E402
+from tests.helpers import sigint_at_step  # noqa: E402
 from tests.test_families_e2e import hf_dir  # noqa: E402
 
 runner = CliRunner()
@@ -180,13 +179,8 @@ def test_resume_after_sigint_is_bit_exact(setup, tmp_path):
     ref: list[dict] = []
     run_dpo(dpo_cfg(setup, tmp_path / "ref", max_steps=4, optimizer="adamw"), ref.append)
     out = tmp_path / "cut"
-
-    def interrupt_at_2(e):
-        if e["kind"] == "step" and e["step"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(Interrupted):
-        run_dpo(dpo_cfg(setup, out, max_steps=4, optimizer="adamw"), interrupt_at_2)
+        run_dpo(dpo_cfg(setup, out, max_steps=4, optimizer="adamw"), sigint_at_step(2))
     events: list[dict] = []
     run_dpo(dpo_cfg(setup, out, max_steps=4, optimizer="adamw", resume="auto"), events.append)
     assert [e["step"] for e in events if e["kind"] == "step"] == [3, 4]

@@ -162,14 +162,28 @@ def test_preference_replay_matches_the_trace_to_the_byte(model, variant):
     assert_replay_is_the_trace(arch, preference_setup(cfg, arch, 2, accum), cfg)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-def test_preference_replay_matches_the_trace_over_several_chunks_of_the_head(precision):
+# the log-prob head over several chunks: name: (preset, precision, run options)
+MULTI_CHUNK = {
+    # untied head: from the second chunk on, addmm_ into its gradient
+    "llama-fp32": ("llama-tiny", "fp32", {}),
+    "llama-lora": ("llama-tiny", "bf16-mixed", {"lora": True, "lora_r": 4}),  # frozen head: h's gradient only
+    # tied: the head's gradient to the embedding's backward
+    "qwen2-tied-bf16": ("qwen2-tiny", "bf16-mixed", {}),
+    "gemma2-softcap-bf16-true": ("gemma2-tiny", "bf16-true", {}),  # soft-capped logits, tied
+    "granite-scaled-ckpt": ("granite-tiny", "bf16-mixed", {"grad_ckpt": True}),  # logits / s
+}
+
+
+@pytest.mark.parametrize("name", list(MULTI_CHUNK))
+def test_preference_replay_matches_the_trace_over_several_chunks_of_the_head(name):
     """More response rows than one chunk of the log-prob head holds (three chunks, the last short), padded
-    vocabulary rows sliced off the head, dropout (in the LoRA reference's forward too)."""
-    cfg = RunConfig(precision=precision, max_seq_len=160, dropout=0.1, lora=precision == "bf16-mixed",
-                    lora_r=4)
-    arch = load_shape("llama-tiny", cfg.dropout).model_copy(update={"vocab_size": 65000,
-                                                                    "padded_vocab": 65536})
+    vocabulary rows sliced off the head, dropout (in the LoRA reference's forward too); every way the head's
+    gradient is made (into place, through a widened product, handed to a tied embedding, none)."""
+    model, precision, kw = MULTI_CHUNK[name]
+    cfg = RunConfig(precision=precision, max_seq_len=160, dropout=0.1, **kw)
+    # a head (vocab × C) several times a chunk's logits (rows × vocab): making its gradient sets the peak
+    # 65,024 rows
+    arch = load_shape(model, cfg.dropout).model_copy(update={"vocab_size": 65000, "n_embd": 1536})
     s = preference_setup(cfg, arch, 2)
     assert len(range(0, 2 * 2 * 160, ce_chunk_rows(2 * 2 * 160, arch.padded_vocab_size))) == 3
     assert_replay_is_the_trace(arch, s, cfg)

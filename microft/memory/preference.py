@@ -3,8 +3,9 @@
 A micro-step of B pairs is one forward of 2B rows (`Replay.rows`: the chosen sides, then the rejected
 ones). Its final hidden states feed the log-prob head (`sequence_logps`): the response positions' rows
 picked out, then chunks of rows (`ce_chunk_rows`) whose logits are formed, log-softmaxed and gathered at the
-targets under a checkpoint (recomputed in backward), summed per row. Then the reference policy's log-probs:
-the same head after a forward without gradients (the base with LoRA's adapters off, or a frozen copy of the
+targets (`_ResponseLogps`: one node, whose backward forms each chunk's logits again and sums the head's
+gradient in one tensor, handed to a tied embedding's backward), summed per row. Then the reference policy's
+log-probs: the same head after a forward without gradients (the base with LoRA's adapters off, or a frozen copy of the
 starting weights, which the replay holds as further weights), or none (cached log-probs, a reference-free
 loss). Then the loss's own small tensors (`pair_losses`: per loss, as the code writes them) and the rewards
 statistics the runner keeps. Blocks, clipping and the optimizer are the SFT replay's. Every position of
@@ -112,20 +113,7 @@ class PairReplay(Replay):
                     bwd=(("g", 0, N * C, h.es),))[0]
         sim.drop(h)
         targets = sim.new(N, 8, LOSS, "targets")
-        rows = ce_chunk_rows(N, a.padded_vocab_size)
-        recompute = sim.grad and hs.rg
-        outs = []
-        for s0 in range(0, N, rows):
-            n = min(rows, N - s0)
-            hc = sim.views("slice", hs, [n * C])[0]  # h[s:s + rows]: its gradient is h-sized (slice_backward)
-            if recompute:
-                out = sim.checkpoint(lambda hc=hc, n=n: self.token_logps(hc, targets, n), hc, (targets,))
-            else:
-                out = self.token_logps(hc, targets, n)
-            sim.drop(hc)
-            outs.append(out)
-        lp = sim.op("cat", outs, [(N, 4, LOSS)], bwd=tuple(("p", i) for i in range(len(outs))))[0]
-        sim.drop(*outs)
+        lp = self.response_logps(hs, targets)
         zeros, row_of = sim.new(self.rows, 4, LOSS, "zeros"), sim.new(N, 8, LOSS, "target_pos // T")
         sums = sim.op("index_add", [zeros, row_of, lp], [(self.rows, 4, LOSS)], save_in=((1, (2,)),),
                       bwd=(("g", 2, N, 4),))[0]
@@ -137,49 +125,106 @@ class PairReplay(Replay):
         sim.drop(count, hs, targets, lp)  # the function's locals die as it returns
         return sums, n_tokens
 
-    def token_logps(self, h: Ten, targets: Ten, n: int) -> Ten:
-        """train.preference._token_logps on `n` rows: fp32 log-softmax of the head's logits, gathered at the
-        targets. A recompute's tensors carry the backward's label (this checkpoint has no context of its
-        own)."""
-        a, s, sim = self.a, self.s, self.sim
-        cat = "backward transients" if sim.rec is not None else LOSS
-        C, V, W = a.n_embd, a.vocab_size, self.m.head
-        # head_weight[:V]: a view (its gradient the whole weight's size), never the leaf autocast caches
-        w = sim.op("slice", [W], [(0, W.es, cat)], bwd=(("g", 0, W.numel, W.es),))[0]
-        es = s.compute_bytes
-        if s.mixed:  # autocast: the weight's cast first, then the input's
-            wc = sim.op("to_copy", [w], [(V * C, 2, cat)], bwd=(("g", 0, V * C, W.es),))[0]
-            hc = sim.op("to_copy", [h], [(n * C, 2, cat)], bwd=(("g", 0, n * C, h.es),))[0]
-        else:
-            wc, hc = sim.alias(w), sim.alias(h)
-        z = sim.op("mm", [hc, wc], [(n * V, es, cat)], save_in=((0, (1,)), (1, (0,))),
-                   bwd=(("g", 1, V * C, es), ("g", 0, n * C, es)))[0]  # mm's backward: the weight's first
-        sim.drop(hc, wc, w)
-        if a.logits_scaling != 1.0:  # Granite: logits / s
-            z = self._elementwise(z, "div", cat, save=False)
-        if a.final_softcap:  # Gemma 2: tanh(z / cap) * cap, the tanh's output saved
-            z = self._elementwise(z, "div", cat, save=False)
-            t = sim.op("tanh", [z], [(z.numel, z.es, cat)], save_out=((0, (0,)),),
-                       bwd=(("g", 0, z.numel, z.es),))[0]
-            sim.drop(z)
-            z = self._elementwise(t, "mul", cat, save=False)
-        if z.es != 4:  # .float()
-            z = self._elementwise(z, "to_copy", cat, save=False, es=4)
-        lsm = sim.op("log_softmax", [z], [(z.numel, 4, cat)], save_out=((0, (0,)),),
-                     bwd=(("g", 0, z.numel, 4),))[0]
-        sim.drop(z)
-        # gather saves the targets; its gradient: new_zeros, then an out-of-place scatter_add
-        out = sim.op("gather", [lsm, targets], [(n, 4, cat)], save_in=((1, (0,)),),
-                     bwd=(("t", "zeros", n * V, 4), ("g", 0, n * V, 4), ("f", "zeros")))[0]
-        sim.drop(lsm)
-        return out
+    def chunks(self) -> list[int]:
+        """Rows of each chunk of the log-prob head, in order (models.config.ce_chunk_rows)."""
+        N = self.N
+        rows = ce_chunk_rows(N, self.a.padded_vocab_size)
+        return [min(rows, N - s0) for s0 in range(0, N, rows)]
 
-    def _elementwise(self, x: Ten, name: str, cat: str, save: bool, es: int | None = None) -> Ten:
-        """A one-input op that replaces `x` (dropped); its gradient is a new tensor of x's size and dtype."""
-        y = self.sim.op(name, [x], [(x.numel, es or x.es, cat)], save_in=((0, (0,)),) if save else (),
-                        bwd=(("g", 0, x.numel, x.es),))[0]
-        self.sim.drop(x)
-        return y
+    def response_logps(self, h: Ten, targets: Ten) -> Ten:
+        """train.preference._ResponseLogps's forward: chunk by chunk, the logits' log-softmax gathered at the
+        targets, then the (N,) log-probs concatenated; its node saves h and the targets, and its backward
+        forms each chunk's logits again (`response_logps_backward`)."""
+        a, sim, W = self.a, self.sim, self.m.head
+        C, V, dt = a.n_embd, a.vocab_size, self.s.compute_bytes
+        ev, parts = _Steps(), []
+        for n in self.chunks():
+            hc = ev.new(n * C * dt) if h.es != dt else None  # h[s:s + rows].to(dt), then the head's cast
+            w = ev.new(V * C * dt) if W.es != dt else None
+            lsm, _ = self.log_softmax(ev, n, (hc, w), keep_tanh=False)
+            parts.append(ev.new(n * 4))  # gather
+            ev.free(lsm)
+        held = {}
+        for step in ev.steps:  # no_grad inside an autograd.Function's forward: plain allocations
+            if step[0] == "t":
+                held[step[1]] = sim.alloc(step[2], LOSS, "log-prob head")
+            else:
+                sim.unref(held.pop(step[1]))
+        lp = sim.new(self.N, 4, LOSS, "cat")
+        for st in held.values():  # the chunks' gathered log-probs: the forward's `parts`
+            sim.unref(st)
+        linked = self.linked and sim.grad
+        bwd = self.response_logps_backward(h, linked)
+        sim.custom("response_logps", [h, None if linked else W], lp, [h, targets], bwd)
+        return lp
+
+    def log_softmax(self, ev: _Steps, n: int, casts: tuple[str | None, ...], keep_tanh: bool
+                    ) -> tuple[str, str | None]:
+        """train.preference._log_softmax on `n` rows, as steps: the (n, V) logits in the compute dtype (then
+        `casts` die: the forward's), Granite's scaling, Gemma 2's soft-cap, the fp32 log-softmax. Returns the
+        keys of the log-softmax and of the cap's tanh (if kept)."""
+        a, es = self.a, self.s.compute_bytes
+        nv = n * a.vocab_size * es
+        z = ev.new(nv)
+        ev.free(*casts)
+        if a.logits_scaling != 1.0:  # z = z / s
+            z = ev.replace(z, ev.new(nv))
+        t = None
+        if a.final_softcap:  # t = tanh(z / cap) (its input a temporary); z = t * cap
+            zc = ev.new(nv)
+            t = ev.new(nv)
+            ev.free(zc)
+            capped = ev.new(nv)
+            if not keep_tanh:
+                ev.free(t)
+                t = None
+            z = ev.replace(z, capped)
+        zf = ev.new(n * a.vocab_size * 4) if es != 4 else None  # z.float()
+        lsm = ev.new(n * a.vocab_size * 4)
+        ev.free(zf, z)
+        return lsm, t
+
+    def response_logps_backward(self, h: Ten, linked: bool) -> tuple:
+        """_ResponseLogps.backward as the engine's steps: the head's cast, h's gradient, then each chunk
+        from the last: its logits again, gather's and log-softmax's gradients, back through the cap and the
+        scaling, its rows of h's gradient, its product into the head's gradient (made by the first chunk
+        done; through a (V, C) temporary where the product's dtype is not the weight's)."""
+        a, s, W = self.a, self.s, self.m.head
+        C, V, Vp, es = a.n_embd, a.vocab_size, a.padded_vocab_size, s.compute_bytes
+        ev = _Steps()
+        if W.es != es:
+            ev.new(V * C * es)  # held to the end
+        ev.steps.append(("g", 0, h.numel, h.es))
+        first = True
+        for n in reversed(self.chunks()):
+            nv = n * V
+            hc = ev.new(n * C * es) if h.es != es else None
+            lsm, t = self.log_softmax(ev, n, (), keep_tanh=True)
+            if not W.train:  # the cast dies: only the head's gradient reads it again
+                ev.free(hc)
+                hc = None
+            g = ev.replace(ev.new(nv * 4), ev.new(nv * 4))  # zeros + scatter_add_, _log_softmax_backward_data
+            ev.free(lsm)
+            if es != 4:  # g.to(dt)
+                g = ev.replace(g, ev.new(nv * es))
+            if t is not None:  # tanh_backward(g * cap, t) / cap
+                gc = ev.new(nv * es)
+                gt = ev.new(nv * es)
+                ev.free(gc)
+                g = ev.replace(g, ev.new(nv * es), gt)
+                ev.free(t)
+            if a.logits_scaling != 1.0:
+                g = ev.replace(g, ev.new(nv * es))
+            if h.rg:  # grad_h[s:s + rows] = g @ W
+                ev.free(ev.new(n * C * es))
+            if W.train:
+                if first:  # the head's gradient: handed to the tied embedding's backward, or the weight's
+                    ev.steps.append(("k", "head", Vp * C, W.es, W) if linked else ("g", 1, Vp * C, W.es))
+                if es != W.es:
+                    ev.free(ev.new(V * C * es))  # the chunk's product, widened as it is added
+                first = False
+            ev.free(g, hc)
+        return tuple(ev.steps)
 
     # --- the losses (train.preference.pair_losses) and the runner's rewards ------------------------
     def op1(self, name: str, ins: list, numel: int, save_in: tuple = (), save_out: tuple = (),
@@ -276,3 +321,25 @@ class PairReplay(Replay):
         stats = sim.new(4, 8, LOSS, "stats")
         sim.drop(self.stats, got)
         self.stats = stats
+
+
+class _Steps:
+    """A list of `Sim` backward steps being written: allocations ("t", key, bytes, 1) under fresh keys, frees
+    ("f", key), and any other step appended as it is."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple] = []
+        self.n = 0
+
+    def new(self, nbytes: int) -> str:
+        self.n += 1
+        self.steps.append(("t", str(self.n), nbytes, 1))
+        return str(self.n)
+
+    def free(self, *keys: str | None) -> None:
+        self.steps += [("f", k) for k in keys if k is not None]
+
+    def replace(self, old: str, new: str, *temps: str) -> str:
+        """`x = f(x)`: `new` made, the call's temporaries then the old `x` freed; returns `new`."""
+        self.free(*temps, old)
+        return new

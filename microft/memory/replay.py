@@ -181,8 +181,8 @@ class Replay:
         self.grad_norm: Ten | None = None  # clip's total norm, alive until the step ends
         self.block_bytes = 0
         # model.HeadGradLink: a trainable tied head hands its gradient to the embedding's backward (the LM
-        # loss's; the preference step's log-probs take the head through plain autograd)
-        self.linked = arch.tie_embeddings and self.m.head.train and setup.method != "dpo"
+        # loss's, and the preference step's log-prob head's)
+        self.linked = arch.tie_embeddings and self.m.head.train
         sim = self.sim
         sim.mark("setup", "setup")
         nf4 = {lo.W.name for b in self.m.blocks for lo in b.lin.values() if lo.nf4}
@@ -1012,8 +1012,9 @@ _MODELLED_BY: dict[str, tuple[str, ...]] = {
     # microft dpo's step (memory/preference.py, PairReplay); the reference's no-grad Gemma 2 attention
     "sequence_logps": ("aten.index_select.default", "aten.floor_divide.default", "aten.index_add.default",
                        "aten.unbind.int", "aten._softmax.default"),
-    "token_logps": ("aten._log_softmax.default", "aten._log_softmax_backward_data.default",
-                    "aten.scatter_add.default", "aten.tanh.default", "aten.tanh_backward.default"),
+    "response_logps": ("aten._log_softmax.default", "aten._log_softmax_backward_data.default",
+                       "aten.tanh.default", "aten.tanh_backward.default", "aten.addmm_.default",
+                       "aten.empty_like.default", "aten.zero_.default", "aten.mm.out"),
     "pair_losses": ("aten.log_sigmoid_forward.default", "aten.log_sigmoid_backward.default",
                     "aten.exp.default", "aten.log1p.default", "aten.add.Scalar"),
 }

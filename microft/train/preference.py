@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from microft.data.batches import Batch
-from microft.models.config import IGNORE_INDEX, ce_chunk_rows
+from microft.models.config import IGNORE_INDEX, ModelConfig, ce_chunk_rows
+from microft.models.loss import HeadGradLink
+from microft.models.precision import autocast_off, compute_dtype
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
@@ -75,28 +76,130 @@ def pair_losses(loss: PreferenceLoss, policy: torch.Tensor, ref: torch.Tensor | 
     return losses, loss.lam * pc.detach(), loss.lam * pr.detach()
 
 
-def _token_logps(model: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """fp32 log-probability of each target under the logits of its hidden state (one chunk of rows)."""
-    logits = model.logits(h).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+def _log_softmax(hc: torch.Tensor, W: torch.Tensor, cfg: ModelConfig, keep_tanh: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp32 log-softmax of the logits of rows `hc`, formed as Transformer.logits forms them; the soft-cap's
+    tanh when `keep_tanh`, else None) from `hc` and the head `W` (vocab, C) in the compute dtype."""
+    z = torch.mm(hc, W.t())  # (n, V), what F.linear dispatches
+    del hc, W  # the forward's casts die here (backward's caller keeps its own)
+    if cfg.logits_scaling != 1.0:  # Granite
+        z = z / cfg.logits_scaling
+    t = None
+    if cfg.final_softcap is not None:  # Gemma 2: cap × tanh(z / cap)
+        if keep_tanh:
+            t = torch.tanh(z / cfg.final_softcap)
+            z = t * cfg.final_softcap
+        else:
+            z = torch.tanh(z / cfg.final_softcap) * cfg.final_softcap
+    return torch.log_softmax(z.float(), dim=-1), t
+
+
+def _head(weight: torch.Tensor, cfg: ModelConfig, h: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """The head's unpadded rows in the compute dtype: `head_weight[:V].to(h.dtype)`, then autocast's cast."""
+    return weight[: cfg.vocab_size].to(h.dtype).to(dt)
+
+
+class _ResponseLogps(torch.autograd.Function):
+    """fp32 log-probability of each row's target under the head's logits, a chunk of rows at a time.
+
+    Only one chunk's (rows × vocab) logits exist at once, and none is kept for backward: backward forms each
+    chunk's logits again (last chunk first, the order autograd runs per-chunk graphs in), writes the chunk's
+    rows of h's gradient into one (N, C) tensor and adds the head's gradient into one weight-sized tensor,
+    where autograd would make a full-size gradient for every chunk's slice of h and of the weight. The values
+    are autograd's (the same ops, the chunks summed in the same order), but for the head's gradient from
+    the second chunk on in fp32 and bf16-true (`_add_head_grad`). With a tied head `link` (HeadGradLink) takes
+    that gradient to the embedding's backward, which adds its rows in place, as for the LM loss.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, cfg, rows, link):
+        dt = compute_dtype(h)
+        with autocast_off(h):
+            parts = []
+            for s in range(0, h.size(0), rows):
+                lsm, _ = _log_softmax(h[s : s + rows].to(dt), _head(weight, cfg, h, dt), cfg)
+                parts.append(lsm.gather(1, targets[s : s + rows].unsqueeze(1)).squeeze(1))
+                del lsm
+            logps = torch.cat(parts)
+        ctx.save_for_backward(h, weight, targets)
+        ctx.cfg, ctx.rows, ctx.dt, ctx.link = cfg, rows, dt, link
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, targets = ctx.saved_tensors
+        cfg, rows, dt, link = ctx.cfg, ctx.rows, ctx.dt, ctx.link
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or link is not None
+        cap, scale = cfg.final_softcap, cfg.logits_scaling
+        with autocast_off(h):
+            W = _head(weight, cfg, h, dt)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = None
+            for s in reversed(range(0, h.size(0), rows)):
+                hc = h[s : s + rows].to(dt)
+                lsm, t = _log_softmax(hc, W, cfg, keep_tanh=True)
+                if not need_w:
+                    hc = None  # only the head's gradient reads it again
+                # gather's backward, then log_softmax's: d log p(target) / d logits, times the row's gradient
+                g = torch.zeros_like(lsm).scatter_add_(1, targets[s : s + rows].unsqueeze(1),
+                                                       grad_out[s : s + rows].unsqueeze(1))
+                g = torch._log_softmax_backward_data(g, lsm, 1, torch.float32)
+                del lsm
+                g = g.to(dt)
+                if t is not None:  # through cap × tanh(z / cap)
+                    g = torch.ops.aten.tanh_backward(g * cap, t) / cap
+                    del t
+                if scale != 1.0:
+                    g = g / scale
+                if need_h:
+                    grad_h[s : s + rows] = torch.mm(g, W)
+                if need_w:
+                    grad_w = _add_head_grad(grad_w, g, hc, weight)
+                del g, hc
+        if link is not None and grad_w is not None:  # the tied embedding's backward adds its rows to it
+            link.grad, grad_w = grad_w, None
+        return grad_h, grad_w, None, None, None, None
+
+
+def _add_head_grad(grad_w: torch.Tensor | None, g: torch.Tensor, hc: torch.Tensor,
+                   weight: torch.Tensor) -> torch.Tensor:
+    """grad_w (weight's shape and dtype; made by the first chunk, its padded rows zero) += g.T @ hc, mm's
+    weight gradient. In the weight's dtype (fp32, bf16-true) the product goes straight into place: the first
+    chunk's as autograd's, the next ones' summed in by addmm_ (another summation order, no (V, C)
+    temporary); in another (mixed precision) it is made, then widened as it is added, as autograd does."""
+    V = g.size(1)
+    same = g.dtype == weight.dtype
+    if grad_w is None:
+        grad_w = torch.empty_like(weight)
+        grad_w[V:].zero_()
+        if same:
+            torch.mm(g.t(), hc, out=grad_w[:V])
+        else:
+            grad_w[:V] = torch.mm(g.t(), hc)
+    elif same:
+        grad_w[:V].addmm_(g.t(), hc)
+    else:
+        grad_w[:V] += torch.mm(g.t(), hc)
+    return grad_w
 
 
 def sequence_logps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                    target_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 log-prob of each row's targets summed, target count per row) for inputs `x` and shifted labels
-    `y` (N, T); only the target positions' logits are formed. `target_pos`: the targets' flat positions, found
-    on the host by `collate_pairs` (else here, at the cost of a device sync)."""
+    `y` (N, T); only the target positions' logits are formed, in chunks of rows (_ResponseLogps).
+    `target_pos`: the targets' flat positions, found on the host by `collate_pairs` (else here, at the cost
+    of a device sync)."""
     N, T = y.shape
     if target_pos is None:
         target_pos = (y != IGNORE_INDEX).view(-1).nonzero().squeeze(1)
-    h = model.hidden(x).reshape(N * T, -1).index_select(0, target_pos)
+    cfg, weight = model.config, model.head_weight
+    link = None
+    if cfg.tie_embeddings and torch.is_grad_enabled() and weight.requires_grad:
+        link, weight = HeadGradLink(), weight.detach()  # the embedding's backward takes the head's gradient
+    h = model.hidden(x, link=link).reshape(N * T, -1).index_select(0, target_pos)
     targets = y.reshape(-1).index_select(0, target_pos)
-    rows = ce_chunk_rows(h.size(0), model.config.padded_vocab_size)
-    recompute = torch.is_grad_enabled() and h.requires_grad
-    # chunks of rows, their logits recomputed in backward: (rows × vocab) at a time, never (all × vocab)
-    token_logps = torch.cat([
-        checkpoint(_token_logps, model, h[s:s + rows], targets[s:s + rows], use_reentrant=False) if recompute
-        else _token_logps(model, h[s:s + rows], targets[s:s + rows]) for s in range(0, h.size(0), rows)])
+    rows = ce_chunk_rows(h.size(0), cfg.padded_vocab_size)
+    token_logps = _ResponseLogps.apply(h, weight, targets, cfg, rows, link)
     sums = torch.zeros(N, dtype=torch.float32, device=x.device).index_add(0, target_pos // T, token_logps)
     return sums, (y != IGNORE_INDEX).sum(1).to(torch.float32)
 
