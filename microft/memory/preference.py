@@ -5,11 +5,12 @@ ones). Its final hidden states feed the log-prob head (`sequence_logps`): the re
 picked out, then chunks of rows (`ce_chunk_rows`) whose logits are formed, log-softmaxed and gathered at the
 targets (`_ResponseLogps`: one node, whose backward forms each chunk's logits again and sums the head's
 gradient in one tensor, handed to a tied embedding's backward), summed per row. Then the reference policy's
-log-probs: the same head after a forward without gradients (the base with LoRA's adapters off, or a frozen copy of the
-starting weights, which the replay holds as further weights), or none (cached log-probs, a reference-free
-loss). Then the loss's own small tensors (`pair_losses`: per loss, as the code writes them) and the rewards
-statistics the runner keeps. Blocks, clipping and the optimizer are the SFT replay's. Every position of
-every row is taken as a response token (the most the head holds), as the trace does (memory/trace.py).
+log-probs: the same head after a forward without gradients (the base with LoRA's adapters off, or a frozen
+copy of the starting weights, which the replay holds as further weights), or none (cached log-probs, a
+reference-free loss). Then the loss's own small tensors (`pair_losses`: per loss, as the code writes them)
+and the rewards statistics the runner keeps. Blocks, clipping and the optimizer are the SFT replay's. Every
+position of every row is taken as a response token (the most the head holds), as the trace does
+(memory/trace.py).
 """
 
 from __future__ import annotations
