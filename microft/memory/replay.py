@@ -24,6 +24,11 @@ from microft.models.config import ModelConfig, ce_chunk_rows
 from microft.optimizers import OPTIMIZERS, Settings, decays
 from microft.resolved import PrecisionPolicy, precision_policy
 
+# The optimizers whose step reads the fp16 GradScaler's overflow flag itself (torch's fused AdamW sets
+# `_step_supports_amp_scaling`): scaler.step hands them a flag of their own (tests/test_memory_sync.py
+# holds this to the optimizers `train.optim.build_optimizer` makes).
+AMP_SCALING_STEP = ("adamw",)
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -775,13 +780,15 @@ class Replay:
 
     def attach_loss(self, h: Ten, loss: Ten, grad_h: Ten | None, grad_w: Ten | None) -> None:
         """The fused loss's backward: grad_h * g_out; grad_w widened to the weight's dtype (a new tensor
-        either way), handed to the tied embedding's backward when the head is the embedding (HeadGradLink)."""
+        either way), handed to the tied embedding's backward when the head is the embedding (HeadGradLink).
+        A low-precision head (bf16-true) also casts the fp32 g_out to its dtype, a scalar held to the end."""
         sim, N, C, Vp, W = self.sim, self.N, self.a.n_embd, self.a.padded_vocab_size, self.m.head
+        scale = (("t", "g_out.to", 1, W.es),) if grad_w is not None and W.es != 4 else ()
         if self.linked:
-            bwd = (("g", 0, N * C, h.es), ("k", "head", Vp * C, W.es, W))
+            bwd = (("g", 0, N * C, h.es), *scale, ("k", "head", Vp * C, W.es, W))
             sim.custom("fused_ce", [h, None], loss, [grad_h, grad_w], bwd)
         else:
-            bwd = (("g", 0, N * C, h.es), ("g", 1, Vp * C, W.es))
+            bwd = (("g", 0, N * C, h.es), *scale, ("g", 1, Vp * C, W.es))
             sim.custom("fused_ce", [h, W], loss, [grad_h, grad_w], bwd)
         sim.drop(grad_h, grad_w)
 
@@ -853,9 +860,8 @@ class Replay:
         sim = self.sim
         sim.mark(f"{at}, clip", "clip")
         cat = "optimizer transients"
-        if self.s.policy.grad_scaler:  # scaler.unscale_: inv_scale, found_inf
-            sim.transient(4, cat, "inv_scale")
-            self.found_inf = sim.alloc(4, cat, "found_inf")
+        if self.s.policy.grad_scaler:  # scaler.unscale_
+            self.found_inf = self.unscale(cat)
         n = len(self.trainable())
         norms = sim.new(n, 4, cat, "norms")
         stacked = sim.new(n, 4, cat, "stack")
@@ -869,6 +875,23 @@ class Replay:
         sim.drop(t3, t4)
         self.grad_norm = total  # returned: step.finish_step holds it through the optimizer step
 
+    def unscale(self, cat: str) -> St:
+        """GradScaler.unscale_: inv_scale = scale.double().reciprocal().float(), found_inf = full(0.), then
+        each copied to the gradients' device (`copy=True`: a copy on the same device too) for the in-place
+        unscale; only found_inf's copy outlives it (the optimizer state's found_inf_per_device, until
+        update). Never the peak (the optimizer step after it holds more), but replayed as it runs."""
+        sim = self.sim
+        double = sim.alloc(8, cat, "scale.double()")
+        reciprocal = sim.alloc(8, cat, "reciprocal")
+        sim.unref(double)
+        inv_scale = sim.alloc(4, cat, "inv_scale")
+        sim.unref(reciprocal)
+        found_inf = sim.alloc(4, cat, "found_inf")
+        found_copy, inv_copy = sim.alloc(4, cat, "found_inf copy"), sim.alloc(4, cat, "inv_scale copy")
+        for st in (inv_copy, inv_scale, found_inf):
+            sim.unref(st)
+        return found_copy
+
     def groups(self) -> list[tuple[list[Par], float]]:
         """optim.param_groups: (matrices, weight decay), (biases/norms/embeddings, 0)."""
         decay = [p for p in self.trainable() if decays(p.name, p.ndim)]
@@ -880,7 +903,12 @@ class Replay:
         sim = self.sim
         sim.mark(f"{at}, optimizer step", "optimizer step")
         settings = Settings(bf16_weights=self.s.policy.master_weights, momentum=self.s.momentum)
+        # scaler.step on an optimizer that takes the overflow flag itself: found_inf = sum(the per-device
+        # flags) is a new tensor (0 + flag), set as optimizer.found_inf for the step, deleted after it
+        summed = (sim.alloc(4, "optimizer transients", "found_inf sum")
+                  if self.s.policy.grad_scaler and self.s.optimizer in AMP_SCALING_STEP else None)
         OPTIMIZERS[self.s.optimizer].replay(sim, self.groups(), self.opt_state, settings)
+        sim.unref(summed)
         if self.s.policy.grad_scaler:
             sim.unref(getattr(self, "found_inf", None))
             self.found_inf = None
