@@ -5,6 +5,8 @@ bf16-mixed + grad ckpt, LoRA on every linear}, so a new family's tiny preset is 
 construction. The sequence (64) exceeds mistral-tiny's sliding window (16), so its mask is
 exercised. Every component at the peak and every optimizer step's peak must agree to the byte,
 and every aten op the real step dispatches must be one the replay models (replay.TRACED_OPS).
+Further grids place the peak where quantized code, the preference step, or a single scalar the step
+makes (fp16's GradScaler, a bf16 head's loss backward) decides it.
 """
 
 from __future__ import annotations

@@ -879,7 +879,8 @@ class Replay:
         """GradScaler.unscale_: inv_scale = scale.double().reciprocal().float(), found_inf = full(0.), then
         each copied to the gradients' device (`copy=True`: a copy on the same device too) for the in-place
         unscale; only found_inf's copy outlives it (the optimizer state's found_inf_per_device, until
-        update). Never the peak (the optimizer step after it holds more), but replayed as it runs."""
+        update). Not a peak in practice (the optimizer step after it holds more: new state or temporaries
+        the size of a gradient), but replayed as it runs, byte for byte with the trace's ops."""
         sim = self.sim
         double = sim.alloc(8, cat, "scale.double()")
         reciprocal = sim.alloc(8, cat, "reciprocal")
