@@ -100,6 +100,9 @@ class Optimizer:
     state: StateModel
     replay: Replay
     host_state: tuple[str, ...]  # state keys torch keeps on the CPU (not device memory)
+    # fp16's GradScaler: the built optimizer reads the overflow flag itself (`_step_supports_amp_scaling`, as
+    # torch's fused AdamW), so scaler.step hands it a flag of its own: one more small tensor in the step
+    amp_scaling: bool
     ops: tuple[str, ...]  # aten ops its step dispatches that the rest of the step does not
 
     def __post_init__(self) -> None:
@@ -312,22 +315,23 @@ def chunk_sizes(n: int, chunk: int) -> list[int]:
 
 OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
     Optimizer("adamw", reads=("beta1", "beta2", "eps"), build=_adamw_build, state=_adamw_state,
-              replay=_adamw_replay, host_state=(),
+              replay=_adamw_replay, host_state=(), amp_scaling=True,
               ops=("aten._fused_adamw_.default", "aten._foreach_add_.Scalar", "aten._foreach_sub_.List",
                    "aten.zeros_like.default", "aten.copy_.default",
                    "aten.select.int", "aten.sub_.Tensor", "aten.view.dtype")),  # these 3: MasterAdamW's
     Optimizer("sgd", reads=("momentum",), build=_sgd_build, state=_sgd_state, replay=_sgd_replay,
-              host_state=(),
+              host_state=(), amp_scaling=False,
               ops=("aten._foreach_add.List", "aten._foreach_add_.List", "aten._foreach_mul_.Scalar")),
     Optimizer("adafactor", reads=(), build=_adafactor_build, state=_adafactor_state, replay=_adafactor_replay,
-              host_state=("step",),  # its own decay rule and epsilons; its step counters live on the CPU
+              # its own decay rule and epsilons; its step counters live on the CPU
+              host_state=("step",), amp_scaling=False,
               ops=("aten._foreach_add_.List", "aten._foreach_add_.Tensor", "aten._foreach_clamp_min_.Scalar",
                    "aten._foreach_div_.List", "aten._foreach_div_.ScalarList",
                    "aten._foreach_lerp_.ScalarList", "aten._foreach_mul.List", "aten._foreach_mul_.List",
                    "aten._foreach_mul_.Scalar", "aten._foreach_mul_.ScalarList",
                    "aten._foreach_rsqrt_.default", "aten.zeros_like.default")),
     Optimizer("adamw-8bit", reads=("beta1", "beta2", "eps"), build=_adamw_8bit_build, state=_adamw_8bit_state,
-              replay=_adamw_8bit_replay, host_state=(),
+              replay=_adamw_8bit_replay, host_state=(), amp_scaling=False,
               ops=("aten.lerp_.Scalar", "aten.addcmul_.default", "aten.addcdiv_.default", "aten.sqrt.default",
                    "aten.abs.default", "aten.gt.Scalar", "aten.bucketize.Tensor", "aten.copy_.default",
                    "aten.zeros_like.default")),

@@ -18,7 +18,7 @@ import pytest
 from microft.config import RunConfig
 from microft.memory.estimate import estimate, load_shape, setup_for, trace
 from microft.memory.preference import NEEDS_REFERENCE, PairReplay, reference_kind
-from microft.memory.replay import AMP_SCALING_STEP, TRACED_OPS, Replay
+from microft.memory.replay import TRACED_OPS, Replay
 from microft.models.config import ce_chunk_rows
 from microft.models.families import FAMILIES
 from microft.optimizers import OPTIMIZERS
@@ -94,7 +94,8 @@ def test_replay_matches_the_trace_where_a_scalar_sets_the_peak(name):
 
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_the_optimizers_that_take_the_scalers_flag_are_the_ones_the_replay_names(optimizer):
-    """scaler.step gives an optimizer with `_step_supports_amp_scaling` a flag of its own (replayed)."""
+    """scaler.step gives an optimizer with `_step_supports_amp_scaling` a flag of its own (replayed): the
+    registry entry's `amp_scaling` says which build one."""
     import torch
     from torch import nn
 
@@ -102,7 +103,7 @@ def test_the_optimizers_that_take_the_scalers_flag_are_the_ones_the_replay_names
 
     opt = build_optimizer(nn.Linear(4, 4), RunConfig(precision="fp16-mixed", optimizer=optimizer),
                           torch.device("cpu"))
-    assert getattr(opt, "_step_supports_amp_scaling", False) == (optimizer in AMP_SCALING_STEP)
+    assert getattr(opt, "_step_supports_amp_scaling", False) == OPTIMIZERS[optimizer].amp_scaling
 
 
 def test_every_listed_op_names_a_replay_method():

@@ -24,11 +24,6 @@ from microft.models.config import ModelConfig, ce_chunk_rows
 from microft.optimizers import OPTIMIZERS, Settings, decays
 from microft.resolved import PrecisionPolicy, precision_policy
 
-# The optimizers whose step reads the fp16 GradScaler's overflow flag itself (torch's fused AdamW sets
-# `_step_supports_amp_scaling`): scaler.step hands them a flag of their own (tests/test_memory_sync.py
-# holds this to the optimizers `train.optim.build_optimizer` makes).
-AMP_SCALING_STEP = ("adamw",)
-
 
 @dataclass(frozen=True)
 class Setup:
@@ -907,7 +902,7 @@ class Replay:
         # scaler.step on an optimizer that takes the overflow flag itself: found_inf = sum(the per-device
         # flags) is a new tensor (0 + flag), set as optimizer.found_inf for the step, deleted after it
         summed = (sim.alloc(4, "optimizer transients", "found_inf sum")
-                  if self.s.policy.grad_scaler and self.s.optimizer in AMP_SCALING_STEP else None)
+                  if self.s.policy.grad_scaler and OPTIMIZERS[self.s.optimizer].amp_scaling else None)
         OPTIMIZERS[self.s.optimizer].replay(sim, self.groups(), self.opt_state, settings)
         sim.unref(summed)
         if self.s.policy.grad_scaler:
