@@ -254,10 +254,7 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
     """Itemised sizes that explain the peak (bytes; not all of them are live at once)."""
     params = r.m.params
     train = [p for p in params if p.train]
-    C, Vp, N = arch.n_embd, arch.padded_vocab_size, r.N  # rows of one forward (a pair: two)
-    policy = s.policy
-    dt = policy.compute_bytes
-    rows = min(ce_chunk_rows(N, Vp), N)
+    C, Vp = arch.n_embd, arch.padded_vocab_size
     nf4 = {lo.W.name: sum(nf4_buffers(lo.W.numel, s.double_quant)) for b in r.m.blocks
            for lo in b.lin.values() if lo.nf4}
     pad = (Vp - arch.vocab_size) * C  # the padded vocabulary's rows, not the model's parameters
@@ -270,9 +267,7 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
         "optimizer state": (sum(st.nbytes for sts in r.opt_state.values() for st in sts)
                             + sum(q.nbytes for q in r.qmaps)),
         "activations per block": r.block_bytes,
-        "loss: logits per chunk (fp32)": rows * Vp * 4,
-        "loss: low-precision logits copies per chunk": 2 * rows * Vp * dt if policy.low_precision else 0,
-        "loss: saved grad_h + grad_w": N * C * policy.param_bytes + (Vp * C * dt if r.m.head.train else 0),
+        **(_head_details(arch, s, r) if isinstance(r, PairReplay) else _loss_details(arch, s, r)),
         # a tied, trainable head hands its gradient to the embedding's backward (model.HeadGradLink):
         # only an untied trainable embedding pays the zero-filled (vocab, C) gradient of its lookup
         "embedding gradient transient": (Vp * C * s.param_bytes if not arch.tie_embeddings and r.m.wte.train
@@ -283,6 +278,31 @@ def _details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
         if getattr(r, "frozen", None) else 0,
     }
     return {k: v for k, v in d.items() if v}
+
+
+def _loss_details(arch: ModelConfig, s: Setup, r: Replay) -> dict[str, int]:
+    """SFT's fused cross-entropy (model._FusedCrossEntropy): its logits per chunk, and what it saves."""
+    C, Vp, N, dt = arch.n_embd, arch.padded_vocab_size, r.N, s.compute_bytes
+    rows = min(ce_chunk_rows(N, Vp), N)
+    return {
+        "loss: logits per chunk (fp32)": rows * Vp * 4,
+        "loss: low-precision logits copies per chunk": 2 * rows * Vp * dt if s.policy.low_precision else 0,
+        "loss: saved grad_h + grad_w": N * C * s.policy.param_bytes + (Vp * C * dt if r.m.head.train else 0),
+    }
+
+
+def _head_details(arch: ModelConfig, s: Setup, r: PairReplay) -> dict[str, int]:
+    """The preference step's log-prob head (memory/preference.py): per chunk of response rows, the logits
+    over the vocabulary in the compute dtype and their fp32 log-softmax (formed again in the backward); the
+    response rows' hidden states and targets its node saves; the head's gradient in the weight's dtype."""
+    C, V, Vp, N, W = arch.n_embd, arch.vocab_size, arch.padded_vocab_size, r.N, r.m.head
+    rows, dt = min(ce_chunk_rows(N, Vp), N), s.compute_bytes
+    return {
+        "log-prob head: log-softmax per chunk (fp32)": rows * V * 4,
+        "log-prob head: low-precision logits per chunk": rows * V * dt if s.policy.low_precision else 0,
+        "log-prob head: saved response rows + targets": N * C * s.policy.param_bytes + N * 8,
+        "log-prob head: head gradient": Vp * C * W.es if W.train else 0,
+    }
 
 
 def max_tensor_peak(budget: Budget) -> int:

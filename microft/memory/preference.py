@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from microft.memory.replay import Model, Replay, Setup, build_model
-from microft.memory.sim import Sim, Ten
+from microft.memory.sim import Sim, Ten, cuda_bytes
 from microft.models.config import ModelConfig, ce_chunk_rows
 
 NEEDS_REFERENCE = ("dpo", "ipo")  # train.preference.NEEDS_REFERENCE, torch-free (a test holds them equal)
@@ -126,11 +126,26 @@ class PairReplay(Replay):
         sim.drop(count, hs, targets, lp)  # the function's locals die as it returns
         return sums, n_tokens
 
+    every_chunk = False  # True: replay every chunk of the head (what `chunks` shortens; a test compares)
+
     def chunks(self) -> list[int]:
-        """Rows of each chunk of the log-prob head, in order (models.config.ce_chunk_rows)."""
+        """Rows of the chunks of the log-prob head the replay walks, in order (models.config.ce_chunk_rows):
+        every chunk up to three; beyond, the first, the last full one and the last, as the SFT loss's
+        `ce_chunk_sizes` (a planner's batch may hold thousands). The full chunks between repeat the first
+        exactly but for the gathered log-probs they leave behind (`skipped_parts`): each chunk's peak is
+        the same on more such parts, so the last full chunk's is the highest, and the backward (which
+        keeps nothing from chunk to chunk past the first done) repeats them exactly."""
         N = self.N
         rows = ce_chunk_rows(N, self.a.padded_vocab_size)
-        return [min(rows, N - s0) for s0 in range(0, N, rows)]
+        sizes = [min(rows, N - s0) for s0 in range(0, N, rows)]
+        return sizes if self.every_chunk or len(sizes) <= 3 else [sizes[0], sizes[-2], sizes[-1]]
+
+    def skipped_parts(self) -> int:
+        """Bytes of the gathered log-probs the full chunks `chunks` leaves out hold until the concatenation
+        (each its own allocation: a multiple of 128 rows of fp32, whole 512-byte blocks)."""
+        rows = ce_chunk_rows(self.N, self.a.padded_vocab_size)
+        listed = self.chunks()
+        return (-(-self.N // rows) - len(listed)) * cuda_bytes(rows * 4)
 
     def response_logps(self, h: Ten, targets: Ten) -> Ten:
         """train.preference._ResponseLogps's forward: chunk by chunk, the logits' log-softmax gathered at the
@@ -139,12 +154,14 @@ class PairReplay(Replay):
         a, sim, W = self.a, self.sim, self.m.head
         C, V, dt = a.n_embd, a.vocab_size, self.s.compute_bytes
         ev, parts = _Steps(), []
-        for n in self.chunks():
+        for i, n in enumerate(self.chunks()):
             hc = ev.new(n * C * dt) if h.es != dt else None  # h[s:s + rows].to(dt), then the head's cast
             w = ev.new(V * C * dt) if W.es != dt else None
             lsm, _ = self.log_softmax(ev, n, (hc, w), keep_tanh=False)
             parts.append(ev.new(n * 4))  # gather
             ev.free(lsm)
+            if i == 0 and (skipped := self.skipped_parts()):  # the chunks `chunks` leaves out: their parts
+                parts.append(ev.new(skipped))
         held = {}
         for step in ev.steps:  # no_grad inside an autograd.Function's forward: plain allocations
             if step[0] == "t":
