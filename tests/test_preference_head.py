@@ -46,7 +46,7 @@ def model_and_batch(preset: str, precision: str, lora: bool = False, n_embd: int
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     if lora:
-        from microft.lora import apply_lora
+        from microft.models.lora import apply_lora
 
         apply_lora(model, 4, 8, 0.0, "all")
         for name, p in model.named_parameters():
