@@ -15,8 +15,6 @@ from microft.config import RunConfig, resolve_config
 from microft.errors import ConfigError
 from microft.resolved import ResolvedRun, plan_batch, resolve_run
 
-METHODS = ("sft", "dpo")
-
 
 @dataclass
 class MemoryAnswer:
@@ -86,7 +84,7 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     """estimate-mem: resolve the run of `flags` (RunConfig fields) on the `gpu_mem` budget's GPU, measure
     `--data`, plan its batch as a training run would, estimate its peak and, with a budget, plan it."""
     from microft.memory import estimate as memory
-    from microft.memory.plan import fit_budget, verdict, with_method
+    from microft.memory.plan import METHODS, fit_budget, verdict, with_method
 
     cfg = estimate_config(recipe, seq_len, flags)
     arch = estimate_shape(cfg, recipe)
@@ -111,7 +109,8 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
         # or the default; --accum alone or --micro-bs auto without --global-bs keep only the accumulation
         kept = cfg.global_bs or isinstance(cfg.micro_bs, int) or run.default_batch
         gbs = run.plan.global_bs if kept else None
-        fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc))
+        fit = fit_budget(arch, base, budget, gbs, world, world_shard, cfg.accum or 1, asked=(mb, acc),
+                         n_train=len(lengths) if lengths else None)
     setup = replace(base, micro_bs=mb, accum=min(acc, 2))
     engine = memory.trace if trace else memory.estimate
     kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}

@@ -156,6 +156,21 @@ def test_finetune_and_estimate_mem_resolve_the_same_run(monkeypatch, tmp_path, g
         assert mine["precision"] == "fp16-mixed"
 
 
+def test_the_budget_plan_caps_a_micro_batch_at_the_data_as_auto_does(tmp_path):
+    """With --data and no global batch, the --gpu-mem plan's micro-batches are a step's share of the
+    training samples at most, as --micro-bs auto's: it never recommends more rows than the data has."""
+    data = alpaca(tmp_path / "d.json", 12)
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--data", str(data), "--micro-bs",
+                              "auto", "--gpu-mem", "1GiB", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    n_train = d["resolved"]["plan"]["micro_bs"]  # auto's cap: the training samples of a step
+    assert n_train < 12  # a held-out share is not trained on
+    rows = [d["plan"]["recommended"], *d["plan"]["strategies"], *d["plan"]["decision_tree"]]
+    assert all(r["micro_bs"] <= n_train for r in rows if r["fits"])
+    assert d["plan"]["recommended"]["micro_bs"] == n_train
+
+
 def test_a_recipe_and_estimate_mems_seq_len_resolve_alike(monkeypatch, tmp_path):
     data = alpaca(tmp_path / "d.json")
     recipe = tmp_path / "r.toml"

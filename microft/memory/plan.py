@@ -225,16 +225,18 @@ def step_cost(arch: ModelConfig, row: StrategyFit) -> float:
 
 
 def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | None = None, world: int = 1,
-               shard: str = "none", accum: int = 1, asked: tuple[int, int] | None = None) -> BudgetFit:
+               shard: str = "none", accum: int = 1, asked: tuple[int, int] | None = None,
+               n_train: int | None = None) -> BudgetFit:
     """For each strategy the largest micro-batch that fits `budget` (runtime overhead included)
     with the accumulation that keeps `global_bs`; then the OOM decision tree, walked exactly:
     your settings (the largest micro-batch that fits) -> + gradient checkpointing -> + 8-bit
     AdamW -> + mixed precision -> + LoRA -> + QLoRA (nf4) -> + bf16 weights. The first step that fits is
     recommended. LoRA rows use the run's own rank (`base.lora_r`: --lora-r, whose default applies without
-    --lora too); `asked` is the run's (micro-batch, accumulation), for saying what a plan changes."""
+    --lora too); `asked` is the run's (micro-batch, accumulation), for saying what a plan changes;
+    `n_train` (with --data) caps a micro-batch as `auto_batch_plan` does."""
     if global_bs is not None and global_bs % world:
         raise ConfigError(f"--global-bs {global_bs} is not divisible by {world} devices")
-    f = _Fitter(arch, budget, global_bs, world, shard, accum)
+    f = _Fitter(arch, budget, global_bs, world, shard, accum, micro_cap(n_train, accum, world))
     mixed = "bf16-mixed" if budget.bf16 else "fp16-mixed"
     rank = base.lora_r
     plain = replace(base, grad_ckpt=False, lora=False, precision="fp32", quantize=None, double_quant=False,
@@ -315,6 +317,12 @@ class NothingFits(ConfigError):
     """`--micro-bs auto` found no micro-batch that fits (estimate-mem answers it as "does not fit")."""
 
 
+def micro_cap(n_train: int | None, accum: int, world: int) -> int:
+    """The largest micro-batch worth planning without a global batch: a device's share of one optimizer
+    step over the `n_train` training samples (any size up to MAX_AUTO_MICRO when unknown)."""
+    return MAX_AUTO_MICRO if n_train is None else n_train // (accum * world)
+
+
 def auto_batch_plan(cfg: RunConfig, arch: ModelConfig, budget: Budget, world_size: int = 1,
                     n_train: int | None = None, method: str = "sft") -> BatchPlan:
     """`--micro-bs auto`, for finetune, pretrain, dpo (`method` "dpo": micro-batches of pairs) and
@@ -327,7 +335,7 @@ def auto_batch_plan(cfg: RunConfig, arch: ModelConfig, budget: Budget, world_siz
     world, shard = scale_out(cfg)
     base = _base(cfg, arch, None, budget, method)
     accum = cfg.accum or 1
-    cap = MAX_AUTO_MICRO if n_train is None else n_train // (accum * world_size)
+    cap = micro_cap(n_train, accum, world_size)
     row = _Fitter(arch, budget, cfg.global_bs, world, shard, accum, cap).fit("your settings", base)
     if not row.fits:
         raise NothingFits(f"micro-batch 1 does not fit in {budget.label} (estimated "
