@@ -1,6 +1,8 @@
 """User-facing error types. The CLI turns each into one line on stderr and its exit code."""
 
 import os
+import threading
+from types import FrameType
 
 
 class MicroftError(Exception):
@@ -44,12 +46,31 @@ class Interrupted(MicroftError):
 _SIGNALS: dict[str, int] = {}
 
 
-def record_signal(num: int, _frame: object) -> None:
+def record_signal(num: int, frame: FrameType | None) -> None:
     """The CLI's SIGINT handler until a run installs its own: remember the signal, then raise
-    KeyboardInterrupt as Python's handler does. The record outlives a KeyboardInterrupt that C code
-    swallows (torch's numpy bridge clears the error of an interrupted `import numpy` and goes on)."""
+    KeyboardInterrupt as Python's handler does (once no module is being imported: see `defer_in_import`).
+    The record outlives a KeyboardInterrupt that C code swallows (torch's numpy bridge clears the error of
+    an interrupted `import numpy` and goes on)."""
     _SIGNALS.setdefault("sig", num)
-    raise KeyboardInterrupt
+    if not defer_in_import(num, frame):
+        raise KeyboardInterrupt
+
+
+def defer_in_import(num: int, frame: FrameType | None, every: float = 0.05) -> bool:
+    """True, and the signal sent again in `every` seconds, while a module is being imported below `frame`.
+
+    An exception raised in Python code that C++ called while an extension initialises (torch's pybind11
+    start-up calls back into Python) can't unwind through it: the process aborts (exit -6, `terminate
+    called after throwing pybind11::error_already_set`). So a signal handler that would raise waits until
+    the import is done; the signal comes back to whichever handler is in place then."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            timer = threading.Timer(every, os.kill, (os.getpid(), num))
+            timer.daemon = True
+            timer.start()
+            return True
+        frame = frame.f_back
+    return False
 
 
 def signal_received() -> int | None:

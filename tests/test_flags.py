@@ -312,6 +312,31 @@ def test_an_interrupt_that_c_code_swallowed_still_stops_the_run_with_nothing_wri
         assert not (tmp_path / "out").exists()
 
 
+def test_a_signal_during_an_import_waits_for_the_import_to_finish(tmp_path):
+    """Ctrl-C inside a module's import (where torch's C++ start-up would abort on the KeyboardInterrupt:
+    exit -6) is held until the import is done, then raised in the code after it."""
+    (tmp_path / "slow_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "t = time.perf_counter()\n"
+        "while time.perf_counter() - t < 0.3:\n"
+        "    pass\n"
+        "print('import finished', flush=True)\n")
+    script = ("import signal, sys, time\n"
+              "from microft.errors import record_signal, signal_received\n"
+              "signal.signal(signal.SIGINT, record_signal)\n"
+              "try:\n"
+              "    import slow_module\n"
+              "    print('after import', signal_received() == signal.SIGINT, flush=True)\n"
+              "    time.sleep(5)\n"
+              "except KeyboardInterrupt:\n"
+              "    print('interrupted after the import', 'slow_module' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert res.stdout.splitlines() == ["import finished", "after import True",
+                                       "interrupted after the import True"], (res.stdout, res.stderr)
+
+
 def test_sigint_at_any_moment_of_start_up_exits_130_and_writes_nothing(tmp_path):
     """A real `python -m microft finetune`, interrupted at several moments of its start-up (imports, model
     and data loading, the banner): exit 130, `interrupted …` on stderr and no traceback, `--out` never

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from microft.errors import ConfigError, Interrupted, one_line, signal_received
+from microft.errors import ConfigError, Interrupted, defer_in_import, one_line, signal_received
 
 LOCK = ".microft.lock"
 # what a microft run writes into --out: any of them means the directory holds a run
@@ -203,9 +203,10 @@ def _is_main() -> bool:
 @contextlib.contextmanager
 def _startup_signals(got: dict[str, int]) -> Iterator[None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt (also where the shell started us with SIGINT ignored)."""
-    def handler(num: int, _frame: Any) -> None:
+    def handler(num: int, frame: Any) -> None:
         got.setdefault("sig", num)
-        raise KeyboardInterrupt
+        if not defer_in_import(num, frame):
+            raise KeyboardInterrupt
 
     try:
         prev = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
