@@ -21,6 +21,10 @@ def main() -> None:
             pass
         from microft.cli import main as cli_main
     except KeyboardInterrupt:  # Ctrl-C while the CLI's modules load
+        try:  # going down: a second Ctrl-C (or a deferred one sent again) must not raise again
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
         sys.stderr.write("interrupted\n")
         sys.stderr.flush()
         os._exit(130)  # not sys.exit: see cli.exit_interrupted

@@ -611,6 +611,16 @@ def _render_plan(fit: Any, code: int) -> None:
         ("answer", f"{VERDICTS[code]} (exit code {code})")])
 
 
+def quiet_signals() -> None:
+    """Going down after an interrupt: a further SIGINT/SIGTERM (a second Ctrl-C, a deferred one sent
+    again) must not cut the last words short with a traceback."""
+    import signal
+
+    with contextlib.suppress(ValueError):  # not the main thread
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+
 def exit_interrupted(code: int = 130) -> None:
     """Exit with `code` (130, 143) now that the run has cleaned up. Not through Python's own exit: CPython
     marks a KeyboardInterrupt that passed through exec'd source (dataclasses builds its methods so, while
@@ -661,6 +671,7 @@ def main() -> None:
         code = usage_error(e)
     code = code if isinstance(code, int) else 0
     if code in (130, 143):  # typer turns a Ctrl-C while it parses the flags into a silent 130
+        quiet_signals()
         if not _SAID_INTERRUPTED:
             sys.stderr.write("interrupted\n")
         exit_interrupted(code)

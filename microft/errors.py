@@ -62,20 +62,40 @@ def defer_in_import(num: int, frame: FrameType | None, every: float = 0.05) -> b
     An exception raised in Python code that C++ called while an extension initialises (torch's pybind11
     start-up calls back into Python) can't unwind through it: the process aborts (exit -6, `terminate
     called after throwing pybind11::error_already_set`). So a signal handler that would raise waits until
-    the import is done; the signal comes back to whichever handler is in place then."""
+    the import is done; the signal comes back to whichever handler is in place then, unless code that saw
+    it recorded (`signal_received`, `drop_deferred`) has acted on it first."""
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
-            timer = threading.Timer(every, os.kill, (os.getpid(), num))
+            _DEFERRED.add(num)
+            timer = threading.Timer(every, _send_again, (num,))
             timer.daemon = True
             timer.start()
             return True
         frame = frame.f_back
+    _DEFERRED.discard(num)
     return False
 
 
+_DEFERRED: set[int] = set()  # signals `defer_in_import` will send again
+
+
+def _send_again(num: int) -> None:
+    if num in _DEFERRED:
+        os.kill(os.getpid(), num)
+
+
+def drop_deferred() -> None:
+    """The code acting on a recorded signal: a deferred one is not sent again."""
+    _DEFERRED.clear()
+
+
 def signal_received() -> int | None:
-    """The signal `record_signal` saw in this process, if any."""
-    return _SIGNALS.get("sig")
+    """The signal `record_signal` saw in this process, if any. Whoever asks acts on it (stops): a deferred
+    copy is not sent again."""
+    num = _SIGNALS.get("sig")
+    if num:
+        drop_deferred()
+    return num
 
 
 def one_line(e: BaseException, limit: int | None = 160) -> str:

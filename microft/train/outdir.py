@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from microft.errors import ConfigError, Interrupted, defer_in_import, one_line, signal_received
+from microft.errors import ConfigError, Interrupted, defer_in_import, drop_deferred, one_line, signal_received
 
 LOCK = ".microft.lock"
 # what a microft run writes into --out: any of them means the directory holds a run
@@ -234,6 +234,7 @@ def owned_out(cfg: Any, on_event: Callable[[dict[str, Any]], None]
 
     def emit(e: dict[str, Any]) -> None:
         if not progress["step"] and (got or signal_received()):  # an interrupt that C code swallowed
+            drop_deferred()
             raise KeyboardInterrupt
         if e.get("kind") == "step":
             progress["step"] = True
