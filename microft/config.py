@@ -33,6 +33,7 @@ Precision = Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
 OptimizerName = Literal[tuple(OPTIMIZERS)]  # type: ignore[valid-type]  # the registry's names, in its order
 Schedule = Literal["cosine", "linear", "constant"]
 LogFormat = Literal["auto", "rich", "plain", "json"]
+NEEDS_REFERENCE = ("dpo", "ipo")  # the `dpo --loss` values that compare the policy to a reference
 
 
 class RunConfig(BaseModel):
@@ -111,7 +112,7 @@ class RunConfig(BaseModel):
     quantize: Literal["nf4"] | None = None  # QLoRA: frozen block linears in NF4 (microft.models.quant)
     double_quant: bool = False
     # preference tuning (`microft dpo`; train.preference has the formulas)
-    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"  # NEEDS_REFERENCE: those with a reference policy
     beta: float = Field(0.1, gt=0.0)  # dpo, ipo, simpo: the inverse temperature (TRL's default)
     gamma: float = Field(0.5, ge=0.0)  # simpo: the target margin (TRL's simpo_gamma default)
     orpo_lambda: float = Field(0.1, ge=0.0)  # orpo: the odds-ratio term's weight (the paper's lambda)

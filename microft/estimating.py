@@ -84,13 +84,12 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     """estimate-mem: resolve the run of `flags` (RunConfig fields) on the `gpu_mem` budget's GPU, measure
     `--data`, plan its batch as a training run would, estimate its peak and, with a budget, plan it."""
     from microft.memory import estimate as memory
-    from microft.memory.plan import METHODS, fit_budget, verdict, with_method
+    from microft.memory.plan import check_method, fit_budget, verdict, with_method
 
+    check_method(method)  # before the model's shape is read (perhaps from the hub)
     cfg = estimate_config(recipe, seq_len, flags)
     arch = estimate_shape(cfg, recipe)
     budget = memory.parse_budget(gpu_mem) if gpu_mem is not None else None  # "" too: an unset $VAR
-    if method not in METHODS:
-        raise ConfigError(f"--method {method}: choose {' or '.join(METHODS)}")
     world, world_shard = memory.scale_out(cfg)
     run = resolve_run(cfg, arch, memory.budget_device(budget), method,
                       seq_flag="--seq-len" if seq_len is not None else "--max-seq-len")
@@ -115,10 +114,13 @@ def estimate_run(flags: dict[str, Any], gpu_mem: str | None = None, trace: bool 
     engine = memory.trace if trace else memory.estimate
     kw = {"max_grad_norm": cfg.max_grad_norm} if trace else {}
     est = engine(arch, setup, budget, world, world_shard, **kw)
-    if run.default_batch and budget is not None:
-        said = (f"no batch flags: a training run's default global batch, split as --micro-bs auto splits it "
-                f"for {budget.label}: {run.plan.describe()}")
-        run = replace(run, notes=(*run.notes, said))
+    if run.default_batch and budget is not None:  # one note on the default batch: the split, then the rest
+        head = "no batch flags: "
+        said = [n.removeprefix(head) for n in run.notes if n.startswith(head)]
+        split = (f"a training run's default global batch, split as --micro-bs auto splits it for "
+                 f"{budget.label}: {run.plan.describe()}")
+        notes = [n for n in run.notes if not n.startswith(head)]
+        run = replace(run, notes=(*notes, head + "; ".join([split, *said])))
     est.notes[:0] = [*sequence_notes(asked, seq_note, setup.seq_len), *run.notes]
     if cfg.compile:
         est.notes.append("--compile is not modelled: this is the eager step (compiled steps usually save "
@@ -146,10 +148,9 @@ def data_lengths(cfg: RunConfig, arch: Any, run: ResolvedRun) -> tuple[list[int]
 
     context = run.seq_len
     if run.method == "dpo":  # each pair: two sequences padded to the micro-batch's longest side
-        sides = pair_lengths(cfg, context, arch)
-        lengths = [max(sides[i], sides[i + 1]) for i in range(0, len(sides), 2)]
-        return lengths, (f"from --data: {len(lengths)} training pairs, longest side {max(sides)} tokens "
-                         f"(cut at {context}), mean {sum(sides) / len(sides):.0f}")
+        lengths = pair_lengths(cfg, context, arch)
+        return lengths, (f"from --data: {len(lengths)} training pairs, longest side {max(lengths)} tokens "
+                         f"(cut at {context}), mean of the longer sides {sum(lengths) / len(lengths):.0f}")
     lengths = finetune_lengths(cfg, context)
     # packed rows fill up to the context with whole samples; unpacked ones are as long as the longest
     return lengths, (f"from --data: {len(lengths)} training samples, longest {max(lengths)} tokens "

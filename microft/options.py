@@ -109,8 +109,9 @@ MaskPrompt = Annotated[bool | None, typer.Option("--mask-prompt/--no-mask-prompt
 
 
 def aliases_help() -> str:
-    """The other key names a record without any of ours is read by (`data.instruct.ALIASES`), in words."""
-    from microft.data.instruct import ALIASES  # no torch
+    """The other key names a record without messages is read by for the fields it lacks
+    (`data.formats.ALIASES`), in words."""
+    from microft.data.formats import ALIASES  # light: no torch, no pydantic models
 
     def either(keys: tuple[str, ...]) -> str:
         return " or ".join(keys) if len(keys) < 3 else f"{', '.join(keys[:-1])} or {keys[-1]}"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from microft.config import BatchPlan, RunConfig
+from microft.config import NEEDS_REFERENCE, BatchPlan, RunConfig
 from microft.data.tokenizer_files import tokenizer_for, write_tokenizer_files
 from microft.errors import ConfigError
 from microft.models.artifacts import load_quantized, model_dir
@@ -54,7 +54,10 @@ def local_device(cfg: RunConfig) -> Device:
         props = torch.cuda.get_device_properties(device)
         where = f"{props.name} ({props.total_memory / 2**30:.1f} GiB)"
         return Device("cuda", str(device), bf16, props.total_memory, where, props.major >= 9)
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # macOS has no SC_AVPHYS_PAGES, Windows no sysconf
+        return Device(device.type, str(device), bf16)  # memory not known: the default batch at micro-batch 1
     where = f"this machine's free memory ({avail / 2**30:.1f} GiB)"
     return Device(device.type, str(device), bf16, avail, where)
 
@@ -233,9 +236,9 @@ def finetune_lengths(cfg: RunConfig, max_len: int) -> list[int]:
 
 
 def pair_lengths(cfg: RunConfig, max_len: int, model_cfg: Any) -> list[int]:
-    """Tokens of each side of every training pair of `cfg.data`, built as `run_dpo` builds them (template, cut
-    at `max_len`), with the model's tokenizer where it has one (else GPT-2's): what `estimate-mem --method
-    dpo --data` measures."""
+    """Each training pair's longer side in tokens (`pair_sides`), the pairs of `cfg.data` built as `run_dpo`
+    builds them (template, cut at `max_len`), with the model's tokenizer where it has one (else GPT-2's):
+    what `estimate-mem --method dpo --data` measures."""
     from microft.data.preference import load_pairs, read_pairs
 
     try:
@@ -245,7 +248,7 @@ def pair_lengths(cfg: RunConfig, max_len: int, model_cfg: Any) -> list[int]:
 
         tok = gpt2_tokenizer()
     data = load_pairs(cfg, max_len, tok, (read_pairs(cfg.data, cfg.skip_bad), None))
-    return [len(s[side]) for s in data.train for side in ("chosen_ids", "rejected_ids")]
+    return pair_sides(data.train)
 
 
 def pair_sides(pairs: list) -> list[int]:
@@ -269,14 +272,11 @@ def finetune_records(cfg: RunConfig, on_event: Callable[[Event], None]):
     return records
 
 
-def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None], pretrained: bool | None = None
-             ) -> None:
+def add_lora(cfg: RunConfig, model, on_event: Callable[[Event], None], pretrained: bool) -> None:
     """LoRA adapters on `model`, with a note when its base is a random init (a preset or the demo's model).
-    `pretrained`: whether the base was read from files (the run's `model_files`); None: looked up here."""
+    `pretrained`: whether the base was read from files (the run's `model_files`)."""
     from microft.models.lora import apply_lora
 
-    if pretrained is None:
-        pretrained = model_dir(cfg.model) is not None
     if not pretrained:
         what = cfg.model or model.config.name
         on_event({"kind": "note", "text": f"LoRA on {what}, a randomly initialised model: the frozen base "
@@ -380,7 +380,7 @@ def refuse_for_dpo(cfg: RunConfig) -> None:
     if cfg.devices > 1 or cfg.shard != "none":
         raise ConfigError("dpo runs on one device: --devices/--shard are not supported for preference tuning "
                           "yet")
-    if cfg.precompute_ref and cfg.loss not in ("dpo", "ipo"):
+    if cfg.precompute_ref and cfg.loss not in NEEDS_REFERENCE:
         raise ConfigError(f"--precompute-ref: --loss {cfg.loss} has no reference policy to precompute")
 
 
@@ -541,15 +541,12 @@ def demo_model(cfg: RunConfig, device: Device):
     return Transformer(mcfg), tok
 
 
-def load_base(cfg: RunConfig, run: ResolvedRun | None = None):
+def load_base(cfg: RunConfig, run: ResolvedRun):
     """A run's model, read in its precision policy's weight dtype (bf16 for bf16-true: never an fp32 copy of a
-    bf16 model on the way): with `--quantize` its NF4 base, else the plain model. `run`: `cfg` as resolved
-    (None: resolved here, on this machine's device)."""
+    bf16 model on the way): with `--quantize` its NF4 base, else the plain model. `run`: `cfg` as resolved."""
     import torch
 
     from microft.models.load import load_model
-
-    run = run or resolve_here(cfg)[0]
 
     dtype = getattr(torch, run.precision.param_dtype)
     if not cfg.quantize:

@@ -170,3 +170,16 @@ def test_precision_is_a_policy_not_a_word_compared():
                   and any(map(_precision_words, node.args))):
                 words.append(f"{path.relative_to(PKG)}:{node.lineno} {ast.unparse(node)}")
     assert not words, words
+
+
+def test_the_command_line_starts_without_torch_or_the_model_and_data_layers():
+    """`import microft.cli` (every command's start-up, `--help` and `download` all of theirs) loads neither
+    torch nor the modules a flag's help could pull in by reading a registry (the model config's pydantic
+    models, the instruction-data module): those cost ~50 ms a start."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "numpy", "microft.models.config", "microft.data.instruct")
+    code = f"import sys, microft.cli\nprint([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)

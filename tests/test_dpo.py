@@ -141,11 +141,12 @@ def initial_adapter(cfg: RunConfig, d: Path) -> Path:
     """The adapters `run_dpo` starts from (B = 0; A drawn from the run's seed), as a PEFT adapter
     directory."""
     from microft.models.lora import save_adapter
-    from microft.runs import add_lora, load_base, seed_init
+    from microft.runs import add_lora, load_base, model_files, resolve_here, seed_init
 
     seed_init(cfg.seed)
-    model = load_base(cfg)
-    add_lora(cfg, model, lambda e: None)
+    run = resolve_here(cfg)[0]
+    model = load_base(cfg, run)
+    add_lora(cfg, model, lambda e: None, model_files(run) is not None)
     return save_adapter(d, model, cfg.model)
 
 

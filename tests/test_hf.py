@@ -212,3 +212,10 @@ def test_bad_model_configs_name_the_file_and_the_reason(tmp_path):
     want = r"l0\.json is not a valid llama config: n_layer input should be greater than 0$"
     with pytest.raises(ConfigError, match=want):
         read_model_config(tmp_path / "l0.json")
+    llama = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+             "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 128}
+    for key, bad in [("num_hidden_layers", "abc"), ("rms_norm_eps", "x"), ("rope_scaling", "x"),
+                     ("num_attention_heads", 0)]:
+        (tmp_path / "bad.json").write_text(json.dumps({**llama, key: bad}))
+        with pytest.raises(ConfigError, match=r"bad\.json is not a valid llama config: \S"):
+            read_model_config(tmp_path / "bad.json")

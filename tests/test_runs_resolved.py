@@ -94,6 +94,29 @@ def test_the_default_batch_without_a_planner_or_memory_is_micro_batch_one():
     assert cut.plan.global_bs == 6 and cut.world_size == 2 and "cut to the 7 training samples" in cut.notes[0]
 
 
+
+def test_a_cpu_whose_free_memory_is_unknown_trains_the_default_batch_at_micro_batch_one(monkeypatch):
+    """macOS has no SC_AVPHYS_PAGES (and Windows no sysconf): the run's device then has no memory, not a
+    traceback."""
+    import os
+
+    from microft.runs import local_device
+
+    real = os.sysconf
+
+    def sysconf(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return real(name)
+
+    monkeypatch.setattr(os, "sysconf", sysconf)
+    device = local_device(RunConfig(device="cpu"))
+    assert device.kind == "cpu" and device.memory_bytes is None
+    shape = ModelConfig.from_preset("gpt2-tiny")
+    planned = plan_batch(resolve_run(RunConfig(device="cpu"), shape, device), RunConfig(device="cpu"), shape,
+                         n_train=100, planner=lambda *a: pytest.fail("planned without knowing the memory"))
+    assert (planned.plan.micro_bs, planned.plan.accum) == (1, 16)
+
 # --- finetune and estimate-mem resolve the same run ------------------------------------------------------
 def alpaca(path, n: int = 60):
     rnd = random.Random(0)
@@ -197,6 +220,15 @@ def test_estimate_mem_without_batch_flags_plans_finetunes_default_batch():
     assert d["plan"]["global_bs"] == 16 and any("no batch flags" in n for n in d["notes"])
     with_flags = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--micro-bs", "1", "--json"])
     assert "accum 1," in json.loads(with_flags.output)["estimated"]
+
+
+
+def test_the_default_batch_cut_to_the_data_is_one_note(tmp_path):
+    data = alpaca(tmp_path / "d.json", 9)
+    res = runner.invoke(app, ["estimate-mem", "--model", "gpt2-tiny", "--data", str(data),
+                              "--gpu-mem", "24GB", "--json"])
+    notes = [n for n in json.loads(res.output)["notes"] if n.startswith("no batch flags")]
+    assert len(notes) == 1 and "split as --micro-bs auto" in notes[0] and "cut to the 8" in notes[0], notes
 
 
 @pytest.mark.parametrize(("flags", "kept"), [

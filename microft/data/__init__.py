@@ -7,6 +7,7 @@ preference.py   preference pairs (chosen and rejected responses to one prompt) f
 templates.py    prompt templates: how a record becomes text and which part of it is trained on
 chat.py         a model's own jinja chat template
 tokenizer.py    one interface over GPT-2's vendored BPE, `tokenizer.json` and tiktoken files
+tokenizer_files.py  a model's tokenizer: found beside its weights, copied into what a run or export writes
 batches.py      text packing, the step sampler, micro-batch splitting and collation
 demo.py         the built-in demo dataset, its tokenizer and model
 """

@@ -23,6 +23,15 @@ from typing import Any, NamedTuple
 
 from microft.errors import DataError, one_line
 
+# the column names of other schemas, read for the fields a record without messages lacks (Dolly's
+# context/response beside its instruction, prompt/completion pairs, question/answer sets); --columns names
+# any others
+ALIASES: dict[str, tuple[str, ...]] = {
+    "instruction": ("prompt", "question"),
+    "input": ("context",),
+    "output": ("completion", "answer", "response"),
+}
+
 _BOM = b"\xef\xbb\xbf"
 PARQUET_MAGIC = b"PAR1"
 

@@ -4,7 +4,7 @@ Accepted inputs (a file of any name, or a directory of such files read in name o
 `formats.FORMATS` (JSON array or JSONL, CSV/TSV with a header, Parquet), each record being
   - Alpaca: {"instruction": str, "input": str (optional), "output": str}
   - chat: {"messages": [{"role": "system|user|assistant", "content": str}, ...]}
-  - other key names mapped to these by --columns (`columns`), or read by their usual `ALIASES`
+  - other key names mapped to these by --columns (`columns`), or read by their usual `formats.ALIASES`
     (prompt/completion, question/answer, context/response) for the fields a record without messages lacks
     (Dolly's {instruction, context, response} reads as it is).
 Every record may carry `"weight": <positive number>`, a multiplier on its token losses. Other keys are
@@ -30,7 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from microft.data.formats import SUFFIXES, Bad, Table, format_for, looks_like_text, read_json, read_table
+from microft.data.formats import (
+    ALIASES,
+    SUFFIXES,
+    Bad,
+    Table,
+    format_for,
+    looks_like_text,
+    read_json,
+    read_table,
+)
 from microft.data.templates import ROLES, Segment, Template
 from microft.errors import DataError, check_data_path
 from microft.models.config import EOT_TOKEN, IGNORE_INDEX
@@ -200,16 +209,6 @@ def _parse(obj: object, source: str) -> Record:
     return Record(instruction=instruction, input=inp, output=output, weight=weight, source=source)
 
 
-# the column names of other schemas, read for the fields a record without messages lacks (Dolly's
-# context/response beside its instruction, prompt/completion pairs, question/answer sets); --columns names
-# any others
-ALIASES: dict[str, tuple[str, ...]] = {
-    "instruction": ("prompt", "question"),
-    "input": ("context",),
-    "output": ("completion", "answer", "response"),
-}
-
-
 def map_columns(obj: object, columns: Mapping[str, str] | None = None) -> tuple[object, dict[str, str]]:
     """`obj` with its keys renamed to microft's fields, and the renaming used ({field: key}).
 
@@ -231,7 +230,7 @@ def map_columns(obj: object, columns: Mapping[str, str] | None = None) -> tuple[
             if len(found) > 1:
                 raise _Bad(f"both {found[0]!r} and {found[1]!r} could be the {name}; say which with "
                            f"--columns {name}={found[0]}")
-            if found and name not in columns:
+            if found:
                 out[name] = obj[found[0]]
                 columns[name] = found[0]
     return out, {k: v for k, v in columns.items() if k != v}

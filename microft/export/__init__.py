@@ -30,7 +30,10 @@ class ExportOption:
     flag: str
     help: str  # what it sets, after the names of the formats that take it
     choices: tuple[str, ...] | None = None  # the default first
-    default: str | None = None
+
+    @property
+    def default(self) -> str | None:
+        return self.choices[0] if self.choices else None
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Exported:
 
 
 OPTIONS: dict[str, ExportOption] = {
-    "quant": ExportOption("--quant", "", choices=("f16", "bf16", "q8_0", "q4_0", "f32"), default="f16"),
+    "quant": ExportOption("--quant", "", choices=("f16", "bf16", "q8_0", "q4_0", "f32")),
     "template": ExportOption("--template", "the chat template to write (alpaca, chatml, plain, chat, a "
                              "template or .jinja file) (default: the one the run trained with)."),
 }
@@ -92,7 +95,7 @@ def option_help(key: str) -> str:
     opt = OPTIONS[key]
     text = opt.help
     if opt.choices:
-        text = f"{', '.join(opt.choices[:-1])} or {opt.choices[-1]} (default: {opt.choices[0]})."
+        text = f"{', '.join(opt.choices[:-1])} or {opt.choices[-1]} (default: {opt.default})."
     return f"{'/'.join(_takers(key))}: {text}"
 
 

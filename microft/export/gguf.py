@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from microft.errors import ConfigError
-from microft.export import Exported, ExportJob, require_gguf
+from microft.export import OPTIONS, Exported, ExportJob, require_gguf
 from microft.export.gguf_templates import chat_template_of, plain_text_specials, template_go
 from microft.export.gguf_vocab import Vocab, vocab_of, write_vocab
 from microft.models import families
@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from microft.data.templates import Template
     from microft.data.tokenizer import Tokenizer
 
-QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-DEFAULT_QUANT = "f16"
+QUANTS = OPTIONS["quant"].choices  # `--quant`'s registry entry: the default first
+DEFAULT_QUANT = OPTIONS["quant"].default
 MODELFILE = "Modelfile"
 QK = 32  # ggml's block size for q8_0 / q4_0: rows must be a multiple of it
 
@@ -375,7 +375,7 @@ def write(job: ExportJob) -> Exported:
     net = merge_lora(load_any(job.model))  # adapters folded in, an NF4 base dequantized; a no-op otherwise
     tok = tokenizer_for(job.model, net.config)
     tmpl = _job_template(job, tok)
-    quant = job.options["quant"] or DEFAULT_QUANT
+    quant = job.options["quant"]
     with job.writing():
         res = export_gguf(net, tok, job.out, quant, tmpl, overwrite=job.force,
                           name=file_stem(job.model, model_dir(job.model)))

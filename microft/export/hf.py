@@ -11,11 +11,9 @@ def write(job: ExportJob) -> Exported:
     from microft.data.tokenizer_files import write_tokenizer_files
     from microft.models.artifacts import load_any
     from microft.models.hf import export_hf
-    from microft.models.lora import lora_modules, merge_lora
+    from microft.models.lora import merge_lora
 
-    net = load_any(job.model)
-    if lora_modules(net):
-        merge_lora(net)
+    net = merge_lora(load_any(job.model))  # adapters folded in, an NF4 base dequantized
     with job.writing():
         path = export_hf(net, job.out, overwrite=job.force)
         missing = write_tokenizer_files(job.model, path, net.config)

@@ -25,7 +25,7 @@ from typing import Any
 
 from microft.config import RunConfig
 from microft.errors import ConfigError
-from microft.memory.preference import PairReplay
+from microft.memory.preference import PairReplay, reference_kind
 from microft.memory.replay import Replay, Setup, nf4_buffers
 from microft.memory.sim import OverLimit
 from microft.models.config import ModelConfig, ce_chunk_rows, parse_lora_targets
@@ -385,12 +385,17 @@ def _notes(arch: ModelConfig, s: Setup) -> list[str]:
     return notes
 
 
+REFERENCE_NOTES = {  # by memory.preference.reference_kind
+    None: "no reference (reference-free loss)",
+    "cached": "cached reference log-probs (no reference forward)",
+    "adapters off": "the reference: the base with the adapters off (a forward without gradients)",
+    "frozen copy": "the reference: a frozen copy of the weights and its forward without gradients",
+}
+
+
 def preference_note(setup: Setup) -> str:
     """What a `microft dpo` step holds beside an SFT step's."""
-    ref = ("no reference (reference-free loss)" if setup.pref_loss not in ("dpo", "ipo")
-           else "cached reference log-probs (no reference forward)" if setup.precompute_ref
-           else "the reference: the base with the adapters off (a forward without gradients)" if setup.lora
-           else "the reference: a frozen copy of the weights and its forward without gradients")
+    ref = REFERENCE_NOTES[reference_kind(setup)]
     return (f"microft dpo --loss {setup.pref_loss}: {setup.micro_bs} pairs a micro-step, "
             f"{2 * setup.micro_bs} sequences of {setup.seq_len} tokens in one forward, every position scored "
             f"as a response token (the most the loss head holds); {ref}")

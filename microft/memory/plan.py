@@ -293,11 +293,16 @@ def fit_budget(arch: ModelConfig, base: Setup, budget: Budget, global_bs: int | 
 METHODS = ("sft", "dpo")
 
 
+def check_method(method: str) -> None:
+    """One line for an --method the planner does not know."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method}: choose {' or '.join(METHODS)}")
+
+
 def with_method(s: Setup, cfg: RunConfig, method: str = "sft") -> Setup:
     """`s` as the step of `method`: SFT's, or `microft dpo`'s with the run's --loss and --precompute-ref
     (micro-batches of pairs, the reference forward or none; memory/preference.py)."""
-    if method not in METHODS:
-        raise ConfigError(f"--method {method}: choose {' or '.join(METHODS)}")
+    check_method(method)
     if method == "sft":
         return s
     return replace(s, method=method, pref_loss=cfg.loss, precompute_ref=cfg.precompute_ref)

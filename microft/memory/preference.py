@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from microft.config import NEEDS_REFERENCE
 from microft.memory.replay import Model, Replay, Setup, build_model
 from microft.memory.sim import Sim, Ten, cuda_bytes
 from microft.models.config import ModelConfig, ce_chunk_rows
 
-NEEDS_REFERENCE = ("dpo", "ipo")  # train.preference.NEEDS_REFERENCE, torch-free (a test holds them equal)
 LOSS = "loss (fused cross-entropy)"  # the trace's label from the final norm on: the head and the loss
 REFERENCE = "reference forward"
 

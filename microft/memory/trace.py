@@ -323,11 +323,12 @@ def _install_phase_hooks(model: Transformer, tracker: LiveBytes, state: dict[str
     return handles
 
 
-def _trace_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """The optimizer the run builds (adamw-8bit: microft's own AdamW8bit, the same on every device)."""
+def _trace_optimizer(model: nn.Module, cfg: RunConfig, policy: PrecisionPolicy) -> torch.optim.Optimizer:
+    """The optimizer the run builds under the traced precision policy (adamw-8bit: microft's own AdamW8bit,
+    the same on every device)."""
     from microft.train.optim import build_optimizer
 
-    return build_optimizer(model, cfg, torch.device("cpu"))
+    return build_optimizer(model, cfg, torch.device("cpu"), policy)
 
 
 def _cuda_sizes(policy: PrecisionPolicy, tracker: LiveBytes, cpu_steps: bool):
@@ -489,7 +490,7 @@ def _trace_training(model_cfg: ModelConfig, cfg: RunConfig, policy: PrecisionPol
                 rows = 2 * micro_bs  # a pair's two sides in one forward
                 tracker.workspaces[sdpa_bwd] = sdpa_workspace(rows, model_cfg.n_head, seq_len, hs, low)
             scaler = _TraceScaler("cpu", enabled=policy.grad_scaler)
-            optimizer = _trace_optimizer(model, cfg)
+            optimizer = _trace_optimizer(model, cfg, policy)
             with tracker:
                 for step in range(1, steps + 1):
                     tracker._sweep()

@@ -288,7 +288,7 @@ class ModelConfig(BaseModel):
         except ValidationError as e:
             why = _one_line(ValueError("; ".join(f"{'.'.join(map(str, err['loc']))} {err['msg'].lower()}"
                                                  for err in e.errors())))
-        except TypeError as e:
+        except (ValueError, TypeError, AttributeError, ArithmeticError) as e:  # a value of the wrong kind
             why = _one_line(e)
         raise ConfigError(f"{where} is not a valid {model_type} config: {why}") from None
 

@@ -31,13 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from microft.config import NEEDS_REFERENCE
 from microft.data.batches import Batch
 from microft.models.config import IGNORE_INDEX, ModelConfig, ce_chunk_rows
 from microft.models.loss import HeadGradLink
 from microft.models.precision import autocast_off, compute_dtype
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
-NEEDS_REFERENCE = ("dpo", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 

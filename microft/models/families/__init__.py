@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from microft.errors import ConfigError
 from microft.models.families import gemma, gpt2, granite, llama, olmo2, phi3, smollm3
-from microft.models.families.base import Family, Gguf, LoraGroups, LoraTable
-from microft.models.families.gpt2 import EOT_TOKEN, GPT2_LORA, GPT2_LORA_GROUPS, GPT2_VOCAB_SIZE
-from microft.models.families.llama import LLAMA_LORA, LLAMA_LORA_GROUPS
+from microft.models.families.base import Family, Gguf
+from microft.models.families.gpt2 import EOT_TOKEN, GPT2_LORA, GPT2_VOCAB_SIZE
 
-__all__ = ["EOT_TOKEN", "FAMILIES", "GPT2_LORA", "GPT2_LORA_GROUPS", "GPT2_VOCAB_SIZE", "LLAMA_LORA",
-           "LLAMA_LORA_GROUPS", "Family", "Gguf", "LoraGroups", "LoraTable", "family"]
+__all__ = ["EOT_TOKEN", "FAMILIES", "GPT2_LORA", "GPT2_VOCAB_SIZE", "Family", "Gguf", "family"]
 
 MODULES = (gpt2, llama, phi3, smollm3, olmo2, granite, gemma)  # in the order the supported list names them
 
